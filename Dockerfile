@@ -1,0 +1,18 @@
+# Headwater services (worker, learner, serving) for the production-like compose stack.
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY headwater headwater
+COPY streams streams
+COPY features features
+COPY learner learner
+COPY detection detection
+COPY serving serving
+# The CPU build of torch: the default index would pull several GB of CUDA wheels.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+ && pip install '.[content]'
+RUN useradd --create-home --uid 10001 headwater && mkdir -p /data && chown headwater /data
+USER headwater
+ENV HEADWATER_STATE_DIR=/data HEADWATER_MODEL_STORE=/data/models
+ENTRYPOINT ["headwater"]

@@ -1,0 +1,610 @@
+"""The provenance graph of one host: processes, files and sockets joined by timed edges.
+
+:meth:`ProvenanceGraph.apply` turns one :class:`~detection.events.AuditEvent` into
+zero or more :class:`Edge` objects (after reduction), updating nodes and
+transferring labels along the information flow (:mod:`detection.tags`).
+
+State is bounded: nodes idle for ``idle_seconds`` (log time) or beyond
+``max_nodes`` (least recently active first) are evicted, and each node keeps at
+most ``max_edges_per_node`` recent edges for explanations. Alerts keep their own
+snapshot of the chain, so eviction never loses what an alert explains.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os.path
+from collections import OrderedDict, deque
+
+from . import tags as T
+from .events import UNSET, AuditEvent
+from .reduction import SKIPPABLE, RedundancyFilter, is_non_viable
+
+#: measured with tracemalloc on the corpus (bench/detection_throughput.py); used for
+#: the cheap per-host memory estimate exposed in stats
+BYTES_PER_PROC = 1400
+BYTES_PER_FILE = 700
+BYTES_PER_SOCK = 600
+BYTES_PER_EDGE = 90
+
+_WRITE_FLAGS = 0o3  # O_WRONLY | O_RDWR
+_O_CREAT = 0o100
+_O_TRUNC = 0o1000
+_FORKS = frozenset({"fork", "vfork", "clone", "clone3"})
+_EXECS = frozenset({"execve", "execveat"})
+_OPENS = frozenset({"open", "openat", "openat2", "creat"})
+_UNLINKS = frozenset({"unlink", "unlinkat", "rmdir"})
+_RENAMES = frozenset({"rename", "renameat", "renameat2"})
+_LINKS = frozenset({"link", "linkat", "symlink", "symlinkat"})
+_CHMODS = frozenset({"chmod", "fchmod", "fchmodat", "fchmodat2"})
+_CHOWNS = frozenset({"chown", "fchown", "lchown", "fchownat"})
+_SETIDS = frozenset({"setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
+                     "setfsuid", "setfsgid"})
+_UTIMES = frozenset({"utimensat", "utimes", "utime", "futimesat"})
+_TRUNCS = frozenset({"truncate", "ftruncate"})
+_NETOUT = frozenset({"connect", "sendto", "sendmsg"})
+_NETIN = frozenset({"accept", "accept4", "recvfrom", "recvmsg"})
+_EINPROGRESS = -115
+_FD_OPS = frozenset({"ftruncate", "fchmod", "fchown", "utimensat", "futimesat"})
+_MODULES = frozenset({"init_module", "finit_module", "delete_module"})
+_MISC = {"ptrace": "ptrace", "mount": "mount", "umount2": "mount", "memfd_create": "memfd",
+         "kexec_load": "kexec", "kexec_file_load": "kexec", "process_vm_readv": "ptrace",
+         "process_vm_writev": "ptrace", "mknod": "mknod", "mknodat": "mknod"}
+
+
+class Node:
+    """Base graph node: id, kind, labels, activity times, bounded recent edges."""
+
+    __slots__ = ("nid", "kind", "labels", "first_ts", "last_ts", "edges", "__weakref__")
+
+    def __init__(self, nid: str, kind: str, ts: float, max_edges: int):
+        self.nid = nid
+        self.kind = kind
+        self.labels = 0
+        self.first_ts = ts
+        self.last_ts = ts
+        self.edges: deque = deque(maxlen=max_edges)
+
+
+class ProcNode(Node):
+    """A process, identified by pid and start (first-seen) time."""
+
+    __slots__ = ("pid", "ppid", "parent", "root", "exe", "comm", "argv", "uid", "euid",
+                 "auid", "ses", "cwd", "service", "login", "ports", "last_file", "written")
+
+    def __init__(self, pid: int, ts: float, max_edges: int):
+        super().__init__(f"proc:{pid}:{ts:.3f}", "process", ts, max_edges)
+        self.pid = pid
+        self.ppid = None
+        self.parent: ProcNode | None = None
+        self.root: ProcNode = self
+        self.exe = None
+        self.comm = None
+        self.argv: list[str] = []
+        self.uid = self.euid = self.auid = self.ses = None
+        self.cwd = None
+        self.service = False
+        self.login = False
+        self.ports: set | None = None
+        self.last_file: tuple | None = None
+        self.written: list | None = None
+
+    def describe(self) -> dict:
+        """JSON-ready summary used in alert chains."""
+        return {"type": "process", "id": self.nid, "pid": self.pid, "ppid": self.ppid,
+                "exe": self.exe, "argv": self.argv[:16], "uid": self.uid, "euid": self.euid,
+                "auid": self.auid if self.auid != UNSET else None, "first_ts": self.first_ts}
+
+
+class FileNode(Node):
+    """A file (by path, with inode); ``version`` grows with every write."""
+
+    __slots__ = ("path", "inode", "version", "mode", "existed", "writer")
+
+    def __init__(self, path: str, ts: float, max_edges: int):
+        super().__init__(f"file:{path}", "file", ts, max_edges)
+        self.path = path
+        self.inode = None
+        self.version = 0
+        self.mode = None
+        self.existed = False
+        self.writer = None
+        self.labels = T.initial_file_labels(path)
+
+    def describe(self) -> dict:
+        return {"type": "file", "id": self.nid, "path": self.path, "version": self.version,
+                "first_ts": self.first_ts}
+
+
+class SockNode(Node):
+    """A remote socket endpoint (ip:port or unix path)."""
+
+    __slots__ = ("family", "addr", "port", "trusted")
+
+    def __init__(self, family: str, addr: str, port, ts: float, max_edges: int, trusted: bool):
+        super().__init__(f"sock:{addr}:{port}" if port is not None else f"sock:{addr}",
+                         "socket", ts, max_edges)
+        self.family = family
+        self.addr = addr
+        self.port = port
+        self.trusted = trusted
+        if not trusted:
+            self.labels = T.UNTRUSTED
+
+    def describe(self) -> dict:
+        return {"type": "socket", "id": self.nid, "family": self.family, "addr": self.addr,
+                "port": self.port, "trusted": self.trusted, "first_ts": self.first_ts}
+
+
+class Edge:
+    """One kept edge: ``proc`` did ``op`` on ``obj`` at ``ts`` (``obj`` may be a process)."""
+
+    __slots__ = ("ts", "op", "proc", "obj", "detail", "inferred")
+
+    def __init__(self, ts: float, op: str, proc: ProcNode, obj: Node | None,
+                 detail: dict | None = None, inferred: bool = False):
+        self.ts = ts
+        self.op = op
+        self.proc = proc
+        self.obj = obj
+        self.detail = detail or {}
+        self.inferred = inferred
+
+    def key(self) -> tuple:
+        """Identity of the edge without its time: (process, op, object)."""
+        return (self.proc.nid, self.op, self.obj.nid if self.obj is not None else None)
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"Edge({self.ts} {self.proc.nid} {self.op} {self.obj.nid if self.obj else None})"
+
+
+def _basename(path) -> str:
+    return path.rsplit("/", 1)[-1] if path else ""
+
+
+class ProvenanceGraph:
+    """Per-host provenance graph with label transfer, reduction and bounded state.
+
+    Parameters
+    ----------
+    policy : GraphPolicy-like
+        Object with ``auth_programs``, ``trusted_installers``, ``wrappers``,
+        ``metadata_tools`` (sets of exe basenames) and ``trusted_networks``.
+    reduce : bool
+        Apply non-viable pruning and redundant-edge skipping.
+    """
+
+    def __init__(self, policy, reduce: bool = True, max_nodes: int = 100_000,
+                 idle_seconds: float = 3600.0, max_edges_per_node: int = 64,
+                 infer_argv_reads: bool = True):
+        self.policy = policy
+        self.reduce = reduce
+        self.max_nodes = max_nodes
+        self.idle_seconds = idle_seconds
+        self.max_edges = max_edges_per_node
+        self.infer_argv_reads = infer_argv_reads
+        self.procs: dict[int, ProcNode] = {}
+        self.files: dict[str, FileNode] = {}
+        self.inodes: dict[str, FileNode] = {}
+        self.socks: dict[str, SockNode] = {}
+        self._lru: OrderedDict[str, Node] = OrderedDict()
+        self.local_ports: set[int] = set()
+        self.redundant = RedundancyFilter()
+        self.now = 0.0
+        self.stats = {"events": 0, "edges": 0, "edges_skipped": 0, "edges_pruned": 0,
+                      "nodes_created": 0, "nodes_pruned": 0, "nodes_evicted": 0,
+                      "edge_candidates": 0}
+        self._trusted_nets = [ipaddress.ip_network(n, strict=False)
+                              for n in getattr(policy, "trusted_networks", ())]
+
+    # ------------------------------------------------------------------ nodes
+    def _touch(self, node: Node, ts: float) -> None:
+        if ts > node.last_ts:
+            node.last_ts = ts
+        lru = self._lru
+        if node.nid in lru:
+            lru.move_to_end(node.nid)
+        else:
+            lru[node.nid] = node
+
+    def _new_proc(self, pid: int, ts: float, parent: ProcNode | None, ev: AuditEvent | None):
+        p = ProcNode(pid, ts, self.max_edges)
+        self.stats["nodes_created"] += 1
+        if parent is not None:
+            p.parent = parent
+            p.ppid = parent.pid
+            p.exe, p.comm, p.argv = parent.exe, parent.comm, parent.argv
+            p.uid, p.euid, p.auid, p.ses, p.cwd = (parent.uid, parent.euid, parent.auid,
+                                                   parent.ses, parent.cwd)
+            p.labels = T.on_fork(parent.labels)
+        if ev is not None:
+            self._update_proc(p, ev)
+        p.root = self._root_of(p)
+        self.procs[pid] = p
+        self._touch(p, ts)
+        return p
+
+    def _root_of(self, p: ProcNode) -> ProcNode:
+        """Chain root: login session boundary, exploited service, or oldest known ancestor."""
+        parent = p.parent
+        if parent is None:
+            return p
+        if parent.service:
+            return parent
+        if p.ses not in (None, UNSET) and parent.ses != p.ses:
+            return p
+        return parent.root
+
+    def _update_proc(self, p: ProcNode, ev: AuditEvent) -> None:
+        if ev.ppid is not None:
+            p.ppid = ev.ppid
+        if ev.exe:
+            p.exe = ev.exe
+        if ev.comm:
+            p.comm = ev.comm
+        if ev.uid is not None:
+            p.uid, p.euid, p.auid, p.ses = ev.uid, ev.euid, ev.auid, ev.ses
+        if ev.cwd:
+            p.cwd = ev.cwd
+
+    def process(self, ev: AuditEvent) -> ProcNode | None:
+        """The process node of *ev*'s pid (created on first sight)."""
+        pid = ev.pid
+        if pid is None:
+            return None
+        p = self.procs.get(pid)
+        if p is None:
+            parent = self.procs.get(ev.ppid) if ev.ppid is not None else None
+            p = self._new_proc(pid, ev.ts, parent, None)
+            p.labels = T.on_fork(parent.labels) if parent else 0
+            self._update_proc(p, ev)
+            p.root = self._root_of(p)
+            if parent is None:
+                p.ppid = ev.ppid
+        else:
+            self._update_proc(p, ev)
+            self._touch(p, ev.ts)
+        return p
+
+    def file(self, path: str, ts: float, item: dict | None = None) -> FileNode:
+        f = self.files.get(path)
+        if f is None:
+            f = FileNode(path, ts, self.max_edges)
+            self.files[path] = f
+            self.stats["nodes_created"] += 1
+        if item is not None:
+            ino = item.get("inode")
+            if ino:
+                key = f"{item.get('dev', '')}:{ino}"
+                f.inode = key
+                self.inodes[key] = f
+            if item.get("mode"):
+                f.mode = item["mode"]
+            if item.get("nametype") not in ("CREATE", None):
+                f.existed = True
+        self._touch(f, ts)
+        return f
+
+    def socket(self, sa: dict, ts: float) -> SockNode | None:
+        fam = sa.get("family")
+        if fam in ("inet", "inet6"):
+            key = f"{sa['addr']}:{sa['port']}"
+        elif fam == "unix":
+            key = sa.get("path", "")
+        else:
+            return None
+        s = self.socks.get(key)
+        if s is None:
+            trusted = self._is_trusted(sa)
+            s = SockNode(fam, sa.get("addr") or sa.get("path", ""), sa.get("port"), ts,
+                         self.max_edges, trusted)
+            self.socks[key] = s
+            self.stats["nodes_created"] += 1
+        self._touch(s, ts)
+        return s
+
+    def _is_trusted(self, sa: dict) -> bool:
+        if sa.get("family") == "unix":
+            return True
+        try:
+            ip = ipaddress.ip_address(sa["addr"])
+        except ValueError:
+            return False
+        if ip.is_loopback and sa.get("port") in self.local_ports:
+            return True  # a service this host's audited processes bound themselves
+        return any(ip in net for net in self._trusted_nets) or sa.get("port") in getattr(
+            self.policy, "trusted_ports", ())
+
+    # ------------------------------------------------------------------ paths
+    def _resolve(self, ev: AuditEvent, item: dict, parent_dir: str | None) -> str | None:
+        name = item.get("name")
+        if not name or name in ("(null)", "?"):
+            return None
+        if name[0] == "/":
+            return os.path.normpath(name) if ("/." in name or "//" in name) else name
+        ino = item.get("inode")
+        if ino:
+            f = self.inodes.get(f"{item.get('dev', '')}:{ino}")
+            if f is not None:
+                return f.path
+        base = parent_dir or ev.cwd or "/"
+        return os.path.normpath(os.path.join(base, name))
+
+    def _items(self, ev: AuditEvent) -> list[tuple[str, dict]]:
+        out, parent = [], None
+        for it in ev.paths:
+            if it.get("nametype") == "PARENT":
+                n = it.get("name", "")
+                parent = n if n.startswith("/") else parent
+                continue
+            path = self._resolve(ev, it, parent)
+            if path:
+                out.append((path, it))
+        return out
+
+    # ------------------------------------------------------------------ edges
+    def _edge(self, out: list, ts: float, op: str, proc: ProcNode, obj: Node | None,
+              state=None, detail: dict | None = None, inferred: bool = False) -> Edge | None:
+        self.stats["edge_candidates"] += 1
+        if self.reduce and op in SKIPPABLE and obj is not None:
+            if self.redundant.is_redundant((proc.nid, op, obj.nid), state):
+                self.stats["edges_skipped"] += 1
+                return None
+        e = Edge(ts, op, proc, obj, detail, inferred)
+        proc.edges.append((ts, op, obj.nid if obj is not None else None))
+        if obj is not None and obj is not proc:
+            obj.edges.append((ts, op, proc.nid))
+        self.stats["edges"] += 1
+        out.append(e)
+        return e
+
+    def _file_op(self, out, ev, proc, path, item, op, detail=None, inferred=False):
+        """Read-like or write-like flow between *proc* and the file at *path*."""
+        if self.reduce and is_non_viable(path, op):
+            self.stats["edges_pruned"] += 1
+            self.stats["edge_candidates"] += 1
+            if path not in self.files:
+                self.stats["nodes_pruned"] += 1
+            return None
+        f = self.file(path, ev.ts, item)
+        if op in ("read", "load", "exec_load"):
+            e = self._edge(out, ev.ts, op, proc, f, (f.version, f.labels), detail, inferred)
+            if e is not None:
+                proc.labels = T.on_read(proc.labels, f.labels,
+                                        _basename(proc.exe) in self.policy.auth_programs)
+            return e
+        state = (proc.labels, detail.get("flags", detail.get("mode")) if detail else None)
+        e = self._edge(out, ev.ts, op, proc, f, state, detail, inferred)
+        if e is not None and op in ("write", "create", "truncate"):
+            f.version += 1
+            f.writer = proc.nid
+            if proc.written is None:
+                proc.written = []
+            if len(proc.written) < 16 and f not in proc.written:
+                proc.written.append(f)
+            f.labels = T.on_write(f.labels, proc.labels,
+                                  _basename(proc.exe) in self.policy.trusted_installers)
+        return e
+
+    def _relabel_written(self, out, ts: float, proc: ProcNode) -> None:
+        """Files written before the download's connect (``wget -O f`` opens f first)."""
+        trusted = _basename(proc.exe) in self.policy.trusted_installers
+        for f in proc.written:
+            before = f.labels
+            f.labels = T.on_write(f.labels, proc.labels, trusted)
+            if f.labels != before:
+                self.stats["edge_candidates"] += 1
+                self.stats["edges"] += 1
+                out.append(Edge(ts, "write", proc, f, {"retro": True}, inferred=True))
+
+    def _argv_reads(self, out, ev, proc) -> None:
+        """Infer reads of files named on the command line (reads are rarely audited)."""
+        exe = _basename(proc.exe)
+        if exe in self.policy.wrappers or exe in self.policy.metadata_tools:
+            return
+        cwd = ev.cwd or proc.cwd or "/"
+        dirs = [cwd]
+        argv = proc.argv
+        for i, tok in enumerate(argv[1:], 1):
+            if tok in ("-C", "--directory") and i + 1 < len(argv):
+                d = argv[i + 1]
+                dirs.append(d if d.startswith("/") else os.path.join(cwd, d))
+        seen = set()
+        for tok in argv[1:]:
+            if not tok or len(tok) > 512:
+                continue
+            cand = tok
+            if "=@" in cand:
+                cand = cand.split("=@", 1)[1]
+            elif cand[0] == "@":
+                cand = cand[1:]
+            elif cand[0] == "-" and "=" in cand:
+                cand = cand.split("=", 1)[1]
+            if not cand or cand[0] == "-":
+                continue
+            for d in dirs if cand[0] != "/" else ("",):
+                path = os.path.normpath(os.path.join(d, cand)) if d else os.path.normpath(cand)
+                if path in seen:
+                    continue
+                f = self.files.get(path)
+                if f is None and not T.initial_file_labels(path):
+                    continue
+                seen.add(path)
+                self._file_op(out, ev, proc, path, None, "read", {"argv": True}, inferred=True)
+
+    def apply(self, ev: AuditEvent) -> list[Edge]:
+        """Apply one event; return the edges it produced after reduction."""
+        self.stats["events"] += 1
+        if ev.ts > self.now:
+            self.now = ev.ts
+        out: list[Edge] = []
+        proc = self.process(ev)
+        if proc is None:
+            return out
+        if "LOGIN" in ev.types:
+            proc.login = True
+            auid = ev.other.get("auid")
+            if auid is not None and auid.isdigit():
+                proc.auid = int(auid)
+            ses = ev.other.get("ses")
+            if ses is not None and ses.isdigit():
+                proc.ses = int(ses)
+            proc.root = proc
+            self._edge(out, ev.ts, "login", proc, None, detail={"auid": proc.auid})
+            return out
+        sc = ev.syscall
+        if not sc:
+            return out
+        items = self._items(ev) if ev.paths else []
+        if not items and proc.last_file is not None and sc in _FD_OPS:
+            items = [proc.last_file]  # fd-based call: the file this process opened last
+        ok = ev.success
+        if sc in _FORKS:
+            if ok and ev.exit and ev.exit > 0:
+                child = self.procs.get(ev.exit)
+                if child is None or child.parent is not proc or child.first_ts < ev.ts - 1.0:
+                    child = self._new_proc(ev.exit, ev.ts, proc, None)
+                self._edge(out, ev.ts, "fork", proc, child)
+        elif sc in _EXECS:
+            if not ok:
+                return out
+            proc.argv = ev.argv or proc.argv
+            if ev.exe:
+                proc.exe = ev.exe
+            self._edge(out, ev.ts, "exec", proc, None, detail={"argv": proc.argv})
+            for idx, (path, it) in enumerate(items):
+                op = "exec_load" if idx == 0 else "load"
+                self._file_op(out, ev, proc, path, it, op, {"image": idx == 0})
+            if self.infer_argv_reads:
+                self._argv_reads(out, ev, proc)
+        elif sc in _OPENS:
+            flags = ev.args[1] if sc == "open" else (_O_CREAT | _O_TRUNC | 1 if sc == "creat"
+                                                     else ev.args[2])
+            for path, it in items:
+                if not ok:
+                    self._file_op(out, ev, proc, path, it, "denied", {"exit": ev.exit})
+                elif flags & _WRITE_FLAGS:
+                    existed = it.get("nametype") != "CREATE"
+                    op = "truncate" if (flags & _O_TRUNC and existed) else (
+                        "write" if existed else "create")
+                    self._file_op(out, ev, proc, path, it, op, {"flags": flags})
+                    proc.last_file = (path, it)
+                else:
+                    self._file_op(out, ev, proc, path, it, "read")
+        elif sc in _TRUNCS:
+            for path, it in items:
+                self._file_op(out, ev, proc, path, it, "truncate", {"flags": "truncate"})
+        elif sc in _UNLINKS:
+            for path, it in items:
+                if it.get("nametype") in ("DELETE", None, "NORMAL"):
+                    self._file_op(out, ev, proc, path, it, "unlink", {"ok": ok})
+        elif sc in _RENAMES:
+            if ok and len(items) >= 2:
+                (src, sit), (dst, dit) = items[0], items[1]
+                old = self.files.get(src)
+                e = self._file_op(out, ev, proc, dst, dit, "rename",
+                                  {"from": src, "replaced": dit.get("nametype") == "DELETE"})
+                if e is not None and old is not None:
+                    e.obj.labels |= old.labels
+        elif sc in _LINKS:
+            for path, it in items:
+                if it.get("nametype") == "CREATE":
+                    argv = proc.argv
+                    target = argv[-2] if sc.startswith("sym") and len(argv) >= 3 else None
+                    self._file_op(out, ev, proc, path, it, "link", {"target": target})
+        elif sc in _CHMODS:
+            mode = ev.args[2] if sc.startswith("fchmodat") else ev.args[1]
+            for path, it in items:
+                self._file_op(out, ev, proc, path, it, "chmod", {"mode": mode})
+        elif sc in _CHOWNS:
+            for path, it in items:
+                self._file_op(out, ev, proc, path, it, "chown")
+        elif sc in _UTIMES:
+            for path, it in items:
+                self._file_op(out, ev, proc, path, it, "utime")
+        elif sc in _SETIDS:
+            self._edge(out, ev.ts, "setuid", proc, None, detail={"uid": ev.uid, "euid": ev.euid})
+        elif sc == "bind":
+            sa = ev.sockaddr
+            if ok and sa and sa.get("port"):
+                self.local_ports.add(sa["port"])
+                proc.service = True
+                self._edge(out, ev.ts, "bind", proc, None, detail={"port": sa["port"]})
+        elif sc in _NETOUT or sc in _NETIN:
+            sa = ev.sockaddr
+            s = self.socket(sa, ev.ts) if sa else None
+            if s is not None:
+                ok = ok or ev.exit == _EINPROGRESS  # non-blocking connect (curl) is a connection
+                inbound = sc in _NETIN
+                op = "accept" if sc.startswith("accept") else ("connect" if sc == "connect" else (
+                    "recv" if inbound else "send"))
+                if inbound and op == "accept":
+                    proc.service = True
+                if s.port is not None:
+                    # scanners fan out over children (one subshell per port): count at the parent too
+                    for holder in (proc, proc.parent):
+                        if holder is None:
+                            continue
+                        if holder.ports is None:
+                            holder.ports = set()
+                        if len(holder.ports) < 4096:
+                            holder.ports.add((s.addr, s.port))
+                e = self._edge(out, ev.ts, op, proc, s, (proc.labels, ok),
+                               {"ok": ok, "exit": ev.exit})
+                if e is not None and ok and not s.trusted and op != "accept":
+                    first = not proc.labels & T.NET_IN
+                    proc.labels |= T.UNTRUSTED | T.NET_IN
+                    if first and proc.written:
+                        self._relabel_written(out, ev.ts, proc)
+        elif sc in _MODULES:
+            path = items[0][0] if items else None
+            obj = self.file(path, ev.ts) if path else None
+            self._edge(out, ev.ts, "module", proc, obj, detail={"syscall": sc})
+        elif sc in _MISC:
+            op = _MISC[sc]
+            target = None
+            if op == "ptrace" and ev.args[1]:
+                target = self.procs.get(ev.args[1])
+            self._edge(out, ev.ts, op, proc, target, detail={"syscall": sc, "request": ev.args[0]})
+        return out
+
+    # ------------------------------------------------------------------ aging
+    def expire(self, now: float | None = None) -> int:
+        """Evict idle nodes and enforce ``max_nodes``; returns how many were evicted."""
+        now = self.now if now is None else now
+        horizon = now - self.idle_seconds
+        lru = self._lru
+        n = 0
+        while lru:
+            nid, node = next(iter(lru.items()))
+            if node.last_ts >= horizon and len(lru) <= self.max_nodes:
+                break
+            lru.popitem(last=False)
+            self._drop(node)
+            n += 1
+        self.stats["nodes_evicted"] += n
+        return n
+
+    def _drop(self, node: Node) -> None:
+        if isinstance(node, ProcNode):
+            if self.procs.get(node.pid) is node:
+                del self.procs[node.pid]
+        elif isinstance(node, FileNode):
+            if self.files.get(node.path) is node:
+                del self.files[node.path]
+            if node.inode and self.inodes.get(node.inode) is node:
+                del self.inodes[node.inode]
+        elif isinstance(node, SockNode):
+            key = node.nid[5:]
+            if self.socks.get(key) is node:
+                del self.socks[key]
+
+    # ------------------------------------------------------------------ sizes
+    def counts(self) -> dict:
+        """Live node and edge counts and an approximate memory footprint in bytes."""
+        nedges = sum(len(n.edges) for n in self._lru.values())
+        mem = (len(self.procs) * BYTES_PER_PROC + len(self.files) * BYTES_PER_FILE
+               + len(self.socks) * BYTES_PER_SOCK + nedges * BYTES_PER_EDGE
+               + len(self.redundant) * 120)
+        return {"nodes": len(self._lru), "processes": len(self.procs), "files": len(self.files),
+                "sockets": len(self.socks), "edges_live": nedges, "memory_bytes": mem}

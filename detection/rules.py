@@ -1,0 +1,358 @@
+"""Compile ATT&CK tagging rules (YAML data) and match them against graph edges.
+
+Rules live in ``detection/rules/*.yaml`` (see the header of ``linux.yaml`` for
+the schema). Each is compiled once into a list of small predicate closures and
+indexed by edge op, so matching an edge only runs the rules for its op.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import tags as T
+from .graph import Edge, FileNode, ProcNode, SockNode
+
+RULES_DIR = Path(__file__).parent / "rules"
+
+TACTIC_ORDER = ("initial-access", "execution", "persistence", "privilege-escalation",
+                "defense-evasion", "credential-access", "discovery", "lateral-movement",
+                "collection", "command-and-control", "exfiltration", "impact")
+
+
+@dataclass(frozen=True)
+class Match:
+    """A rule that fired on an edge: the ATT&CK tag to aggregate into an alert."""
+
+    rule: str
+    technique: str
+    name: str
+    tactic: str
+    weight: int
+    edge: Edge
+
+
+@dataclass
+class Rule:
+    """One compiled rule."""
+
+    id: str
+    technique: str
+    name: str
+    tactic: str
+    weight: int
+    ops: tuple
+    preds: list = field(default_factory=list)
+    check: object = None
+    mark_proc: int = 0
+    mark_obj: int = 0
+
+
+def _base(path) -> str:
+    return path.rsplit("/", 1)[-1] if path else ""
+
+
+# ---------------------------------------------------------------- named checks
+DISCOVERY_TOOLS = {
+    "id": ("T1033", "System Owner/User Discovery"),
+    "whoami": ("T1033", "System Owner/User Discovery"),
+    "logname": ("T1033", "System Owner/User Discovery"),
+    "who": ("T1033", "System Owner/User Discovery"),
+    "w": ("T1033", "System Owner/User Discovery"),
+    "users": ("T1033", "System Owner/User Discovery"),
+    "last": ("T1033", "System Owner/User Discovery"),
+    "uname": ("T1082", "System Information Discovery"),
+    "hostname": ("T1082", "System Information Discovery"),
+    "hostnamectl": ("T1082", "System Information Discovery"),
+    "lsb_release": ("T1082", "System Information Discovery"),
+    "lscpu": ("T1082", "System Information Discovery"),
+    "lshw": ("T1082", "System Information Discovery"),
+    "dmidecode": ("T1082", "System Information Discovery"),
+    "ps": ("T1057", "Process Discovery"),
+    "pgrep": ("T1057", "Process Discovery"),
+    "pstree": ("T1057", "Process Discovery"),
+    "top": ("T1057", "Process Discovery"),
+    "ss": ("T1049", "System Network Connections Discovery"),
+    "netstat": ("T1049", "System Network Connections Discovery"),
+    "lsof": ("T1049", "System Network Connections Discovery"),
+    "ifconfig": ("T1016", "System Network Configuration Discovery"),
+    "ip": ("T1016", "System Network Configuration Discovery"),
+    "route": ("T1016", "System Network Configuration Discovery"),
+    "arp": ("T1016", "System Network Configuration Discovery"),
+    "find": ("T1083", "File and Directory Discovery"),
+    "locate": ("T1083", "File and Directory Discovery"),
+    "tree": ("T1083", "File and Directory Discovery"),
+    "groups": ("T1069.001", "Permission Groups Discovery: Local Groups"),
+    "lastlog": ("T1087.001", "Account Discovery: Local Account"),
+}
+_READERS = frozenset({"cat", "head", "tail", "less", "more", "grep", "cut", "awk", "sort",
+                      "strings", "tac", "nl", "od", "xxd", "base64"})
+_FILE_DISCOVERY = (
+    (re.compile(r"/etc/(passwd)(\s|$)"), "T1087.001", "Account Discovery: Local Account"),
+    (re.compile(r"/etc/group(\s|$)"), "T1069.001", "Permission Groups Discovery: Local Groups"),
+    (re.compile(r"/etc/(os-release|issue|lsb-release|[\w-]+-release|machine-id)|/proc/(version|cpuinfo)"),
+     "T1082", "System Information Discovery"),
+    (re.compile(r"/proc/net/|/etc/(hosts|resolv\.conf)"), "T1016", "System Network Configuration Discovery"),
+)
+_GETENT = {"passwd": ("T1087.001", "Account Discovery: Local Account"),
+           "group": ("T1069.001", "Permission Groups Discovery: Local Groups")}
+_LS_SENSITIVE_DIRS = re.compile(r"(^|\s)/(home|root|var/www|srv|opt|tmp|etc)(/|\s|$)")
+
+
+def discovery_tool(e: Edge):
+    """ATT&CK discovery technique of an exec'd command line, or ``None``."""
+    p = e.proc
+    exe = _base(p.exe)
+    hit = DISCOVERY_TOOLS.get(exe)
+    if hit:
+        return hit
+    args = " ".join(p.argv[1:]) if len(p.argv) > 1 else ""
+    if exe in _READERS and args:
+        for rx, tid, name in _FILE_DISCOVERY:
+            if rx.search(args):
+                return (tid, name)
+    if exe == "getent" and len(p.argv) > 1:
+        return _GETENT.get(p.argv[1])
+    if exe == "ls" and _LS_SENSITIVE_DIRS.search(args):
+        return ("T1083", "File and Directory Discovery")
+    return None
+
+
+KNOWN_DOTDIRS = frozenset({
+    ".git", ".cache", ".config", ".local", ".venv", "venv", ".pytest_cache", ".mypy_cache",
+    ".ruff_cache", ".tox", ".nox", ".npm", ".yarn", ".pnpm-store", ".cargo", ".rustup",
+    ".ssh", ".gnupg", ".vscode", ".vscode-server", ".idea", ".ipython", ".jupyter", ".m2",
+    ".gradle", ".nvm", ".pyenv", ".github", ".gitlab", ".docker", ".kube", ".terraform",
+    ".ansible", ".hg", ".svn", ".bundle", ".gem", ".conda", ".dotnet", ".eggs", ".hypothesis",
+    ".coverage", ".next", ".nuxt", ".angular", ".mozilla", ".thunderbird", ".pki", ".dbus-keyrings",
+    ".java", ".composer", ".go", ".deno", ".bun", ".husky", ".devcontainer", ".circleci",
+    ".aws", ".azure", ".gcloud", ".minikube", ".helm", ".android", ".vim", ".emacs.d",
+    ".oh-my-zsh", ".tmux", ".fonts", ".themes", ".icons", ".sdkman", ".poetry", ".pdm",
+})
+_HIDDEN_ROOTS = ("/home/", "/root/", "/var/www/", "/srv/", "/opt/", "/usr/", "/etc/", "/var/")
+
+
+def hidden_unusual(e: Edge):
+    """A path with an unusual hidden component below a top-level home dotfile."""
+    obj = e.obj
+    path = obj.path if isinstance(obj, FileNode) else None
+    if not path or "/." not in path or not path.startswith(_HIDDEN_ROOTS):
+        return False
+    parts = path.split("/")
+    start = 3 if path.startswith("/home/") else 2
+    comps = parts[start:-1] if path.startswith(("/home/", "/root/")) else parts[1:-1]
+    leaf = parts[-1]
+    for c in comps:
+        if c.startswith(".") and c not in KNOWN_DOTDIRS and c not in (".", ".."):
+            return True
+    # a hidden file deep inside a tree (a top-level dotfile in $HOME is normal)
+    return (leaf.startswith(".") and len(comps) >= 1 and e.op == "exec_load"
+            and all(c not in KNOWN_DOTDIRS for c in comps))
+
+
+_MASQ_NAMES = re.compile(
+    r"^\.?(sshd|systemd[\w-]*|dbus[\w-]*|kworker[\w/:-]*|kthreadd|ksoftirqd|crond?|udevd?|"
+    r"rsyslogd|syslogd|x11[\w-]*|xorg|polkitd?|gvfsd[\w-]*|pulseaudio|networkmanager|"
+    r"accounts-daemon|irqbalance|agetty|atd|containerd|dockerd|snapd|init|getty|"
+    r"journald|auditd|cupsd|avahi-daemon|acpid|chronyd|ntpd|nscd|sssd|rpcbind|"
+    r"lib[\w-]+\.so(\.\d+)*|ld-linux[\w.-]*)$", re.IGNORECASE)
+_SYSTEM_DIRS = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/", "/snap/", "/etc/")
+
+
+def masquerade(e: Edge):
+    """An executable or new file outside system dirs named like a system component."""
+    obj = e.obj
+    path = obj.path if isinstance(obj, FileNode) else None
+    if not path or path.startswith(_SYSTEM_DIRS):
+        return False
+    parts = path.split("/")
+    if _MASQ_NAMES.match(parts[-1]):
+        return True
+    # masquerading location: a dot-dir named after a system component holding the file
+    return any(c.startswith(".") and _MASQ_NAMES.match(c) and c.lower() not in (".dbus-keyrings",)
+               for c in parts[1:-1])
+
+
+def mode_exec(e: Edge):
+    mode = e.detail.get("mode")
+    return isinstance(mode, int) and bool(mode & 0o111)
+
+
+def port_scan(e: Edge, threshold: int = 5):
+    """One process touching ``threshold`` or more ports of the same host."""
+    s = e.obj
+    if not isinstance(s, SockNode):
+        return False
+    for holder in (e.proc, e.proc.parent):
+        ports = holder.ports if holder is not None else None
+        if ports and len(ports) >= threshold and sum(
+                1 for a, _ in ports if a == s.addr) >= threshold:
+            return True
+    return False
+
+
+CHECKS = {"discovery_tool": discovery_tool, "hidden_unusual": hidden_unusual,
+          "masquerade": masquerade, "mode_exec": mode_exec, "port_scan": port_scan}
+
+
+# ---------------------------------------------------------------- compilation
+class RuleSet:
+    """All rules of the rule files, indexed by edge op.
+
+    Examples
+    --------
+    >>> rs = RuleSet.load()
+    >>> "T1053.003" in rs.techniques()
+    True
+    """
+
+    def __init__(self, doc: dict):
+        self.lists = {k: tuple(str(x) for x in v) for k, v in (doc.get("lists") or {}).items()}
+        self.patterns = {k: re.compile(v) for k, v in (doc.get("patterns") or {}).items()}
+        self.rules: list[Rule] = [self._compile(r) for r in doc.get("rules") or ()]
+        self.by_op: dict[str, list[Rule]] = {}
+        for r in self.rules:
+            for op in r.ops:
+                self.by_op.setdefault(op, []).append(r)
+
+    @classmethod
+    def load(cls, paths=None) -> RuleSet:
+        """Load and merge YAML rule files (default: every ``detection/rules/*.yaml``)."""
+        merged: dict = {"lists": {}, "patterns": {}, "rules": []}
+        for path in paths or sorted(RULES_DIR.glob("*.yaml")):
+            doc = yaml.safe_load(Path(path).read_text()) or {}
+            merged["lists"].update(doc.get("lists") or {})
+            merged["patterns"].update(doc.get("patterns") or {})
+            merged["rules"].extend(doc.get("rules") or [])
+        return cls(merged)
+
+    def techniques(self) -> set[str]:
+        """Every technique id the rules can emit."""
+        out = {r.technique for r in self.rules if not r.technique.startswith("_")}
+        out.update(t for t, _ in DISCOVERY_TOOLS.values())
+        return out
+
+    def names(self, key: str) -> frozenset:
+        """A named list (``@shells`` ...) as a frozenset."""
+        return frozenset(self.lists.get(key, ()))
+
+    def _names(self, v) -> frozenset:
+        if isinstance(v, str) and v.startswith("@"):
+            if v[1:] not in self.lists:
+                raise ValueError(f"rule list {v!r} is not defined under 'lists:'")
+            return frozenset(self.lists[v[1:]])
+        return frozenset(str(x) for x in (v if isinstance(v, list) else [v]))
+
+    def _rx(self, v: str):
+        if v.startswith("%"):
+            if v[1:] not in self.patterns:
+                raise ValueError(f"rule pattern {v!r} is not defined under 'patterns:'")
+            return self.patterns[v[1:]]
+        return re.compile(v)
+
+    def _compile(self, d: dict) -> Rule:
+        rid = d.get("id", "?")
+        for req in ("technique", "tactic", "op"):
+            if req not in d:
+                raise ValueError(f"rule {rid!r}: missing required key {req!r}")
+        if d["tactic"] not in TACTIC_ORDER:
+            raise ValueError(f"rule {rid!r}: unknown tactic {d['tactic']!r}; use one of {TACTIC_ORDER}")
+        preds = []
+        if "exe" in d:
+            s = self._names(d["exe"])
+            preds.append(lambda e, s=s: _base(e.proc.exe) in s)
+        if "exe_not" in d:
+            s = self._names(d["exe_not"])
+            preds.append(lambda e, s=s: _base(e.proc.exe) not in s)
+        if "proc_labels" in d:
+            m = _mask(d["proc_labels"])
+            preds.append(lambda e, m=m: bool(e.proc.labels & m))
+        if "proc_labels_not" in d:
+            m = _mask(d["proc_labels_not"])
+            preds.append(lambda e, m=m: not e.proc.labels & m)
+        if "obj_labels" in d:
+            m = _mask(d["obj_labels"])
+            preds.append(lambda e, m=m: e.obj is not None and bool(e.obj.labels & m))
+        if "parent_service" in d:
+            want = bool(d["parent_service"])
+            preds.append(lambda e, w=want: (e.proc.parent is not None and e.proc.parent.service) == w)
+        if "path" in d:
+            rx = self._rx(d["path"])
+            preds.append(lambda e, rx=rx: isinstance(e.obj, FileNode) and rx.search(e.obj.path) is not None)
+        if "path_not" in d:
+            rx = self._rx(d["path_not"])
+            preds.append(lambda e, rx=rx: not (isinstance(e.obj, FileNode) and rx.search(e.obj.path)))
+        if "argv" in d:
+            rx = self._rx(d["argv"])
+            preds.append(lambda e, rx=rx: rx.search(" ".join(e.proc.argv[1:])) is not None)
+        if "argv_not" in d:
+            rx = self._rx(d["argv_not"])
+            preds.append(lambda e, rx=rx: rx.search(" ".join(e.proc.argv[1:])) is None)
+        if "trusted" in d:
+            want = bool(d["trusted"])
+            preds.append(lambda e, w=want: isinstance(e.obj, SockNode) and e.obj.trusted == w)
+        if "port" in d:
+            s = {int(x) for x in self._names(d["port"])}
+            preds.append(lambda e, s=s: isinstance(e.obj, SockNode) and e.obj.port in s)
+        if "port_not" in d:
+            s = {int(x) for x in self._names(d["port_not"])}
+            preds.append(lambda e, s=s: isinstance(e.obj, SockNode) and e.obj.port not in s)
+        if "success" in d:
+            want = bool(d["success"])
+            preds.append(lambda e, w=want: bool(e.detail.get("ok", True)) == w)
+        if "inferred" in d:
+            want = bool(d["inferred"])
+            preds.append(lambda e, w=want: e.inferred == w)
+        if d.get("auid_set"):
+            preds.append(lambda e: e.proc.auid not in (None, 4294967295))
+        check = None
+        if "check" in d:
+            if d["check"] not in CHECKS:
+                raise ValueError(f"rule {rid!r}: unknown check {d['check']!r}; known: {sorted(CHECKS)}")
+            check = CHECKS[d["check"]]
+        ops = tuple(d["op"]) if isinstance(d["op"], list) else (d["op"],)
+        return Rule(rid, str(d["technique"]), d.get("name", str(d["technique"])), d["tactic"],
+                    int(d.get("weight", 1)), ops, preds, check,
+                    _mask(d.get("mark_proc", [])), _mask(d.get("mark_obj", [])))
+
+    def match(self, edge: Edge) -> list[Match]:
+        """Rules that fire on *edge*; applies their ``mark_*`` labels."""
+        rules = self.by_op.get(edge.op)
+        if not rules:
+            return []
+        out = []
+        for r in rules:
+            for pred in r.preds:
+                if not pred(edge):
+                    break
+            else:
+                tid, name = r.technique, r.name
+                if r.check is not None:
+                    res = r.check(edge)
+                    if not res:
+                        continue
+                    if isinstance(res, tuple):
+                        if tid.startswith("_"):
+                            tid, name = res
+                if r.mark_proc:
+                    edge.proc.labels |= r.mark_proc
+                if r.mark_obj and edge.obj is not None:
+                    edge.obj.labels |= r.mark_obj
+                out.append(Match(r.id, tid, name, r.tactic, r.weight, edge))
+        return out
+
+
+def _mask(names) -> int:
+    m = 0
+    for n in names or ():
+        if n not in T.NAME_TO_LABEL:
+            raise ValueError(f"unknown label {n!r}; known: {sorted(T.NAME_TO_LABEL)}")
+        m |= T.NAME_TO_LABEL[n]
+    return m
+
+
+def is_proc(node) -> bool:
+    return isinstance(node, ProcNode)

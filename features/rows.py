@@ -1,0 +1,269 @@
+"""Training and scoring rows: one code path from events and features to model columns.
+
+:meth:`RowBuilder.build` turns a batch of click events plus their *pre-event* counter
+features (from :meth:`features.store.OnlineStore.apply_batch`) into exactly the
+``columns`` of the train-batch contract (docs/contracts.md): ``event_id, ts, label,
+offset, sub``, one int64 ``c:<field>`` per categorical field and one float32
+``d:<name>`` per dense feature. :meth:`RowBuilder.build_for_scoring` builds the same
+columns, minus the fixed ones, for one user and many candidate items from
+:meth:`~features.store.OnlineStore.get_online_features`. Both go through
+``_feature_columns``, so training and serving cannot drift apart.
+
+Categorical fields (all hashed with :func:`features.hashing.hash_tokens`, 0 = missing):
+
+- ``user_id``, ``item_id``;
+- user attributes from the click's ``user`` object: ``age`` (bucketed as in
+  MovieLens-1M: <18, 18, 25, 35, 45, 50, 56+), ``zip3`` (first 3 chars of ``zip_code``),
+  any other name verbatim (``gender``, ``occupation``);
+- item attributes: ``genre`` (the first of ``genres``/``tags``), ``year``, any other name
+  (first element if a list);
+- context: ``hour`` and ``weekday`` derived from the event time (UTC), any other name
+  from the click's ``context``;
+- bucketized counters: ``<counter>_imp_bucket`` (log2 of all-time impressions) and
+  ``<counter>_ctr_bucket`` (smoothed all-time CTR in fixed edges; cold entities get a
+  bucket of their own rather than the prior's);
+- item quantized codes: ``rq0``…``rq5``, ``vq`` or ``vq3`` = element 3 of code ``vq``.
+
+Dense features: ``log1p`` of impressions (all-time and per half-life) and smoothed CTRs.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from features.counters import CounterConfig, as_columns, half_life_label
+from features.hashing import canonical, hash_tokens
+from features.schema import FeatureSchema
+
+__all__ = ["RowBuilder", "RowConfig"]
+
+_AGE_EDGES = np.array([18, 25, 35, 45, 50, 56])
+_AGE_LABELS = np.array(["1", "18", "25", "35", "45", "50", "56"], dtype=object)
+_CODE = re.compile(r"^([A-Za-z_]+?)(\d*)$")
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    """Which fields a row carries; the :class:`FeatureSchema` follows from it."""
+
+    counters: CounterConfig = field(default_factory=CounterConfig)
+    user_fields: tuple[str, ...] = ("age", "gender", "occupation", "zip3")
+    item_fields: tuple[str, ...] = ("year", "genre")
+    context_fields: tuple[str, ...] = ("hour", "weekday")
+    code_fields: tuple[str, ...] = ()
+    bucket_counters: tuple[str, ...] | None = None
+    ctr_edges: tuple[float, ...] = tuple(round(x, 2) for x in np.arange(0.1, 1.0, 0.1))
+    max_imp_bucket: int = 20
+    version: int = 1
+
+
+class RowBuilder:
+    """Build train-batch columns (and scoring columns) for a :class:`RowConfig`.
+
+    Examples
+    --------
+    >>> from features.counters import CounterConfig, CounterSpec
+    >>> cfg = RowConfig(counters=CounterConfig(specs=(CounterSpec("item", key=("item_id",)),),
+    ...                                        half_lives=(3600,)))
+    >>> rb = RowBuilder(cfg)
+    >>> rb.schema.categorical
+    ['user_id', 'item_id', 'age', 'gender', 'occupation', 'zip3', 'year', 'genre', 'hour', 'weekday', 'item_imp_bucket', 'item_ctr_bucket']
+    >>> rb.schema.dense
+    ['log1p_item_impressions_total', 'item_ctr_total', 'log1p_item_impressions_1h', 'item_ctr_1h']
+    """
+
+    def __init__(self, config: RowConfig | None = None) -> None:
+        self.config = config or RowConfig()
+        c = self.config
+        names = [s.name for s in c.counters.specs]
+        self._buckets = names if c.bucket_counters is None else list(c.bucket_counters)
+        unknown = set(self._buckets) - set(names)
+        if unknown:
+            raise ValueError(f"RowConfig.bucket_counters: unknown counters {sorted(unknown)}")
+        self._codes = []
+        for f in c.code_fields:
+            m = _CODE.match(f)
+            if not m:
+                raise ValueError(f"RowConfig.code_fields: {f!r} is not like 'rq0' or 'vq'")
+            self._codes.append((f, m.group(1), int(m.group(2) or 0)))
+        categorical = ["user_id", "item_id", *c.user_fields, *c.item_fields, *c.context_fields]
+        for b in self._buckets:
+            categorical += [f"{b}_imp_bucket", f"{b}_ctr_bucket"]
+        categorical += list(c.code_fields)
+        self._dense: list[tuple[str, str, bool]] = []  # (dense name, source feature, log1p?)
+        for s in names:
+            for lab in ["total", *(half_life_label(h) for h in c.counters.half_lives)]:
+                self._dense.append((f"log1p_{s}_impressions_{lab}", f"{s}_impressions_{lab}", True))
+                self._dense.append((f"{s}_ctr_{lab}", f"{s}_ctr_{lab}", False))
+        self.schema = FeatureSchema(categorical, [d for d, _, _ in self._dense], c.version)
+
+    # -- public -----------------------------------------------------------------------
+    def build(
+        self,
+        events: Any,
+        pre_features: Mapping[str, np.ndarray],
+        item_attrs: Mapping[Any, Mapping[str, Any]] | None = None,
+        codes: Mapping[Any, Mapping[str, Sequence[int]]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Train-batch ``columns`` for click events and their pre-event features.
+
+        ``item_attrs`` and ``codes`` map item id → attributes / codes (as in
+        ``BatchResult.item_attrs`` / ``.codes``); missing items give token 0.
+        """
+        cols = as_columns(events)
+        for need in ("event_id", "label", "offset"):
+            if need not in cols:
+                raise ValueError(f"RowBuilder.build: events need an {need!r} column")
+        items = cols["item_id"]
+        attrs_map = {canonical(k): v for k, v in (item_attrs or {}).items()}
+        codes_map = {canonical(k): v for k, v in (codes or {}).items()}
+        uniq, inverse = np.unique(items.astype(str), return_inverse=True)
+        row_attrs = [attrs_map.get(i) for i in uniq]
+        row_codes = [codes_map.get(i) for i in uniq]
+        out: dict[str, np.ndarray] = {
+            "event_id": cols["event_id"].astype(str),
+            "ts": cols["ts"],
+            "label": cols["label"].astype(np.int8),
+            "offset": cols["offset"],
+            "sub": cols["sub"].astype(np.int32),
+        }
+        out.update(self._feature_columns(cols, pre_features, row_attrs, row_codes, inverse))
+        return out
+
+    def build_for_scoring(
+        self,
+        user_id: Any,
+        user_attrs: Mapping[str, Any] | None,
+        context: Mapping[str, Any] | None,
+        candidate_item_ids: Sequence[Any],
+        features: Mapping[str, Any],
+        now: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The same ``c:``/``d:`` columns for one user and many candidates.
+
+        ``features`` is what ``get_online_features`` returned for rows
+        ``{"user_id": user_id, "item_id": c}`` in candidate order; ``user_attrs`` None
+        falls back to the stored ones in ``features["user_attrs"]``.
+        """
+        n = len(candidate_item_ids)
+        ts = time.time() if now is None else float(now)
+        if user_attrs is None and features.get("user_attrs"):
+            user_attrs = features["user_attrs"][0]
+        cols = as_columns(
+            {
+                "ts": np.full(n, ts),
+                "user_id": [user_id] * n,
+                "item_id": list(candidate_item_ids),
+                "user": [user_attrs] * n,
+                "context": [context] * n,
+            }
+        )
+        row_attrs = list(features.get("item_attrs") or [None] * n)
+        row_codes = list(features.get("codes") or [None] * n)
+        return self._feature_columns(cols, features, row_attrs, row_codes, np.arange(n))
+
+    # -- shared path ------------------------------------------------------------------
+    def _feature_columns(
+        self,
+        cols: Mapping[str, Any],
+        feats: Mapping[str, Any],
+        item_attrs: list[Mapping[str, Any] | None],
+        item_codes: list[Mapping[str, Sequence[int]] | None],
+        item_index: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """``item_attrs``/``item_codes`` are per distinct item; ``item_index`` maps rows to them."""
+        c = self.config
+        n = len(cols["ts"])
+        out: dict[str, np.ndarray] = {}
+        out["c:user_id"] = hash_tokens("user_id", cols["user_id"])
+        out["c:item_id"] = hash_tokens("item_id", cols["item_id"])
+        users = cols["user"]
+        for f in c.user_fields:
+            out[f"c:{f}"] = hash_tokens(f, _user_values(f, users))
+        for f in c.item_fields:
+            per_item = np.asarray([_item_value(f, a) for a in item_attrs] or [None], dtype=object)
+            out[f"c:{f}"] = hash_tokens(f, per_item[item_index] if n else per_item[:0])
+        for f in c.context_fields:
+            if f == "hour":
+                out[f"c:{f}"] = hash_tokens(f, (np.floor(cols["ts"] / 3600) % 24).astype(np.int64))
+            elif f == "weekday":
+                out[f"c:{f}"] = hash_tokens(
+                    f, ((np.floor(cols["ts"] / 86400) + 3) % 7).astype(np.int64)
+                )
+            else:
+                ctx = cols["context"]
+                out[f"c:{f}"] = hash_tokens(f, [d.get(f) if d else None for d in ctx])
+        for b in self._buckets:
+            n_tot = _feature(feats, f"{b}_impressions_total", n)
+            ctr = _feature(feats, f"{b}_ctr_total", n)
+            imp_b = np.minimum(np.floor(np.log2(1.0 + n_tot)), c.max_imp_bucket).astype(np.int64)
+            ctr_b = np.where(n_tot > 0, np.searchsorted(np.asarray(c.ctr_edges), ctr), -1)
+            out[f"c:{b}_imp_bucket"] = hash_tokens(f"{b}_imp_bucket", imp_b)
+            out[f"c:{b}_ctr_bucket"] = hash_tokens(f"{b}_ctr_bucket", ctr_b.astype(np.int64))
+        for name, kind, idx in self._codes:
+            per_item = np.asarray(
+                [_code(cd, kind, idx) for cd in item_codes] or [None], dtype=object
+            )
+            out[f"c:{name}"] = hash_tokens(name, per_item[item_index] if n else per_item[:0])
+        for dname, src, log in self._dense:
+            v = _feature(feats, src, n)
+            out[f"d:{dname}"] = (np.log1p(v) if log else v).astype(np.float32)
+        return out
+
+
+def _feature(feats: Mapping[str, Any], name: str, n: int) -> np.ndarray:
+    if name not in feats:
+        raise KeyError(
+            f"pre-event features lack {name!r}: build the store and rows from one CounterConfig"
+        )
+    v = np.asarray(feats[name], dtype=np.float64)
+    if v.shape != (n,):
+        raise ValueError(f"feature {name!r} has shape {v.shape}, expected ({n},)")
+    return v
+
+
+def _user_values(f: str, users: list[Mapping[str, Any] | None]) -> np.ndarray:
+    if f == "age":
+        age = np.asarray(
+            [_num(u.get("age")) if u else np.nan for u in users], dtype=np.float64
+        ).reshape(-1)
+        labels = _AGE_LABELS[np.searchsorted(_AGE_EDGES, np.nan_to_num(age), side="right")]
+        return np.where(np.isnan(age), None, labels)
+    if f == "zip3":
+        zips = (canonical(u.get("zip_code", u.get("zip"))) if u else "" for u in users)
+        return np.asarray([z[:3] for z in zips], dtype=object)
+    return np.asarray([u.get(f) if u else None for u in users], dtype=object)
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return np.nan
+
+
+def _item_value(f: str, attrs: Mapping[str, Any] | None) -> Any:
+    if not attrs:
+        return None
+    if f == "genre":
+        v = attrs.get("genres") or attrs.get("tags")
+    elif f == "year":
+        v = attrs.get("year", attrs.get("release_year"))
+    else:
+        v = attrs.get(f)
+    if isinstance(v, (list, tuple)):
+        return v[0] if v else None
+    return v
+
+
+def _code(codes: Mapping[str, Sequence[int]] | None, kind: str, idx: int) -> Any:
+    if not codes:
+        return None
+    seq = codes.get(kind)
+    return seq[idx] if seq is not None and idx < len(seq) else None

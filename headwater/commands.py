@@ -1,0 +1,250 @@
+"""Implementations of the ``headwater`` commands (registered into :mod:`headwater.cli`)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+
+from headwater.cli import command, print_json
+from headwater.servers import StackError
+from headwater.settings import Settings, settings_table
+from headwater.stack import SERVICES, down, resolve_addresses, up
+
+
+@command("up")
+def cmd_up(args, settings: Settings) -> int:
+    services = tuple(s for s in (args.only.split(",") if args.only else SERVICES) if s)
+    state = up(settings, services)
+    print(f"broker    {state.kafka}{'  (embedded Tansu)' if 'broker' in state.embedded else ''}")
+    print(f"redis     {state.redis}{'  (embedded)' if 'redis' in state.embedded else ''}")
+    print(f"serving   {state.http}   (dashboard: {state.http}/)")
+    print(f"worker    http://{settings.bind_host}:{settings.worker_port}/metrics")
+    print(f"learner   http://{settings.bind_host}:{settings.learner_port}/metrics")
+    print(f"logs      {settings.log_dir}/")
+    return 0
+
+
+@command("down")
+def cmd_down(args, settings: Settings) -> int:
+    down(settings)
+    return 0
+
+
+@command("settings")
+def cmd_settings(args, settings: Settings) -> int:
+    for name, env, default, doc in settings_table():
+        print(f"{name:24s} {env:34s} {default:20s} {doc}")
+    return 0
+
+
+def collect_status(settings: Settings) -> dict:
+    """Everything ``headwater status`` shows, as one JSON-able document."""
+    import redis
+
+    from headwater.health import read_all_sync
+    from headwater.servers import port_open
+
+    kafka, redis_url = resolve_addresses(settings)
+    host, _, port = kafka.split(",")[0].rpartition(":")
+    doc: dict = {"kafka": {"address": kafka, "reachable": port_open(host, int(port))},
+                 "redis": {"address": redis_url}, "services": {}}
+    try:
+        client = redis.Redis.from_url(redis_url, socket_timeout=2)
+        client.ping()
+        doc["redis"]["reachable"] = True
+        services = read_all_sync(client)
+        client.close()
+    except Exception as exc:  # noqa: BLE001 - status reports, never raises
+        doc["redis"]["reachable"] = False
+        doc["redis"]["error"] = str(exc)
+        services = []
+    for s in services:
+        doc["services"].setdefault(s["service"], []).append(s)
+    return doc
+
+
+def _fmt_service(s: dict) -> str:
+    keys = [k for k in ("events_in_total", "events_valid_total", "dead_letter_total", "rows_out_total",
+                        "alerts_total", "model_version", "rows_trained", "prequential_auc",
+                        "requests_total", "placeholder") if s.get(k) is not None]
+    extra = "  ".join(f"{k}={s[k]}" for k in keys)
+    err = f"  last_error={s['last_error']!r}" if s.get("last_error") else ""
+    return f"{'healthy' if s.get('healthy') else 'UNHEALTHY':9s} pid={s.get('pid')} up={s.get('uptime_s')}s  {extra}{err}"
+
+
+@command("status")
+def cmd_status(args, settings: Settings) -> int:
+    doc = collect_status(settings)
+    if args.json:
+        print_json(doc)
+        return 0
+    print(f"broker   {doc['kafka']['address']}  {'reachable' if doc['kafka']['reachable'] else 'UNREACHABLE'}")
+    print(f"redis    {doc['redis']['address']}  {'reachable' if doc['redis'].get('reachable') else 'UNREACHABLE'}")
+    for name in ("worker", "learner", "serving"):
+        instances = doc["services"].get(name, [])
+        if not instances:
+            print(f"{name:8s} DOWN (no heartbeat)")
+        for s in instances:
+            print(f"{name:8s} {_fmt_service(s)}")
+    return 0
+
+
+@command("worker")
+def cmd_worker(args, settings: Settings) -> int:
+    from streams.worker import run_worker
+
+    kafka, redis_url = resolve_addresses(settings)
+    return run_worker(settings, kafka, redis_url)
+
+
+@command("learner")
+def cmd_learner(args, settings: Settings) -> int:
+    from streams.learner_runner import run_learner
+
+    kafka, redis_url = resolve_addresses(settings)
+    return run_learner(settings, kafka, redis_url)
+
+
+@command("serve")
+def cmd_serve(args, settings: Settings) -> int:
+    from serving.app import run_serving
+
+    kafka, redis_url = resolve_addresses(settings)
+    return run_serving(settings, kafka, redis_url)
+
+
+@command("replay")
+def cmd_replay(args, settings: Settings) -> int:
+    from streams.replay import replay_movielens
+
+    kafka, _ = resolve_addresses(settings)
+    path = args.path or settings.data_dir / "ml-100k"
+    stats = replay_movielens(settings, kafka, path, rate=args.rate, limit=args.limit,
+                             batch=args.batch, progress=not args.no_progress)
+    print(f"replayed {stats['items']} items and {stats['clicks']} click events "
+          f"in {stats['seconds']:.1f}s ({stats['clicks_per_s']:.0f} events/s)")
+    return 0
+
+
+@command("produce")
+def cmd_produce(args, settings: Settings) -> int:
+    from streams.producer import make_producer
+
+    kafka, _ = resolve_addresses(settings)
+    topic = settings.topics[args.kind]
+    producer = make_producer(kafka)
+    data = args.file.read_bytes()
+    n = 0
+    if args.kind == "audit":
+        host = (args.host or socket.gethostname()).encode()
+        lines = data.splitlines(keepends=True)
+        for i in range(0, len(lines), 500):
+            producer.send(topic, key=host, value=b"".join(lines[i:i + 500]))
+            n += 1
+    else:
+        text = data.strip()
+        if text.startswith(b"["):
+            producer.send(topic, value=text)
+            n = 1
+        else:
+            for line in text.splitlines():
+                if line.strip():
+                    producer.send(topic, value=line.strip())
+                    n += 1
+    producer.flush()
+    producer.close()
+    print(f"produced {n} messages to {topic}")
+    return 0
+
+
+@command("ship-audit")
+def cmd_ship_audit(args, settings: Settings) -> int:
+    from streams.audit_shipper import ship_audit
+
+    kafka, _ = resolve_addresses(settings)
+    host = args.host or socket.gethostname()
+    state = args.state or settings.state_dir / "ship-audit" / f"{host}.pos"
+    n = ship_audit(settings, kafka, args.path, host, state, follow=args.follow)
+    print(f"shipped {n} audit lines from {args.path} as host {host}")
+    return 0
+
+
+@command("features")
+def cmd_features(args, settings: Settings) -> int:
+    import redis
+
+    from features.store import entity_features
+
+    _, redis_url = resolve_addresses(settings)
+    if ":" not in args.entity or args.entity.split(":", 1)[0] not in ("user", "item"):
+        raise StackError(f"entity must be user:ID or item:ID, got {args.entity!r}")
+    client = redis.Redis.from_url(redis_url)
+    doc = entity_features(client, args.entity, partitions=settings.partitions)
+    client.close()
+    if args.json:
+        print_json(doc)
+    else:
+        for k, v in doc.items():
+            print(f"{k:32s} {v}")
+    return 0
+
+
+@command("lag")
+def cmd_lag(args, settings: Settings) -> int:
+    from serving.lag import LagMonitor, format_lag_table
+
+    kafka, _ = resolve_addresses(settings)
+    monitor = LagMonitor(kafka)
+    try:
+        while True:
+            report = monitor.sample()
+            if args.json:
+                print(json.dumps(report, default=str))
+            else:
+                if args.watch:
+                    sys.stdout.write("\x1b[2J\x1b[H")
+                print(format_lag_table(report))
+            sys.stdout.flush()
+            if not args.watch:
+                return 0
+            time.sleep(args.interval)
+    finally:
+        monitor.close()
+
+
+@command("models")
+def cmd_models(args, settings: Settings) -> int:
+    import urllib.error
+    import urllib.request
+
+    base = f"http://{settings.bind_host}:{settings.http_port}"
+    headers = {"Content-Type": "application/json"}
+    token = settings.admin_token_value()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if args.action == "list":
+        req = urllib.request.Request(f"{base}/v1/models")
+    elif args.action == "pin":
+        if not args.version:
+            raise StackError("models pin needs a VERSION")
+        req = urllib.request.Request(f"{base}/v1/models/{args.version}/pin", data=b"{}",
+                                     headers=headers, method="POST")
+    else:
+        req = urllib.request.Request(f"{base}/v1/models/rollback", data=b"{}", headers=headers,
+                                     method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise StackError(f"serving answered {exc.code}: {exc.read().decode(errors='replace')}") from exc
+    except urllib.error.URLError as exc:
+        raise StackError(f"serving at {base} unreachable: {exc.reason}") from exc
+    if args.json or args.action != "list":
+        print_json(body)
+    else:
+        for m in body.get("models", []):
+            print(f"{m['version']:>8s}  {m['state']:10s} {'pinned' if m.get('pinned') else '':6s} "
+                  f"{'SERVING' if m.get('serving') else '':7s} {m.get('error') or ''}")
+    return 0

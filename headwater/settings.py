@@ -1,0 +1,116 @@
+"""Headwater settings, declared once.
+
+Each setting has one default, one environment variable (``HEADWATER_<NAME>``), one
+doc string and, through :func:`headwater.cli`, one ``--<name>`` flag. Every process of
+the stack reads the same object, so the worker, the learner and serving cannot
+disagree about a topic name or a port.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TOPIC_NAMES = ("clicks", "items", "audit", "train-batches", "model-updates", "alerts", "dead-letter")
+
+
+def repo_root() -> Path:
+    """The directory holding ``pyproject.toml`` (the source checkout)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def default_data_dir() -> Path:
+    """Where the shared datasets are: ``$HEADWATER_DATA_DIR`` or ``../shared/datasets``."""
+    env = os.environ.get("HEADWATER_DATA_DIR")
+    return Path(env) if env else repo_root().parent / "shared" / "datasets"
+
+
+class Settings(BaseSettings):
+    """Every knob of the stack; environment variables are ``HEADWATER_`` + upper name."""
+
+    model_config = SettingsConfigDict(env_prefix="HEADWATER_", extra="ignore")
+
+    kafka: str | None = Field(
+        None, description="Kafka bootstrap servers (host:port,...). Empty: the embedded broker."
+    )
+    redis: str | None = Field(None, description="Redis URL. Empty: the embedded Redis server.")
+    topic_prefix: str = Field("", description="Prepended to every topic name.")
+    partitions: int = Field(4, ge=1, description="Partitions per topic created on start.")
+    state_dir: Path = Field(
+        Path(".headwater"), description="Run state: pids, logs, embedded Redis data."
+    )
+    model_store: Path = Field(
+        Path(".headwater/models"), description="Model store directory (checkpoints + manifests)."
+    )
+    model_name: str = Field("ranker", description="Name of the ranking model in the store.")
+    data_dir: Path = Field(default_factory=default_data_dir, description="Datasets directory.")
+    bind_host: str = Field("127.0.0.1", description="Interface every service binds to.")
+    http_port: int = Field(8000, description="Serving HTTP port (scoring, ops API, dashboard).")
+    worker_port: int = Field(8010, description="Worker HTTP port (/metrics, /healthz).")
+    learner_port: int = Field(8020, description="Learner HTTP port (/metrics, /healthz).")
+    kafka_port: int = Field(19092, description="Embedded broker port (0: pick a free one).")
+    redis_port: int = Field(16379, description="Embedded Redis port (0: pick a free one).")
+    admin_token: SecretStr | None = Field(
+        None, description="Token for admin endpoints; unset disables them (never open)."
+    )
+    click_batch_size: int = Field(2000, ge=1, description="Max click events per agent batch.")
+    click_batch_within: float = Field(
+        0.02, gt=0, description="Seconds the click agent waits to fill a batch."
+    )
+    audit_batch_size: int = Field(2000, ge=1, description="Max audit messages per agent batch.")
+    train_batch_rows: int = Field(256, ge=1, description="Rows per learner step.")
+    publish_every_seconds: float = Field(5.0, gt=0, description="Learner publication period.")
+    publish_every_rows: int = Field(
+        50_000, ge=1, description="Learner also publishes after this many new rows."
+    )
+    keep_versions: int = Field(10, ge=2, description="Model versions kept (plus pinned ones).")
+    session_timeout: float = Field(
+        6.0,
+        gt=0,
+        description="Consumer-group session timeout (s). Tansu holds a join for half of it.",
+    )
+    fetch_max_wait_ms: int = Field(
+        20, ge=1, description="Fetch long-poll wait; Tansu does not wake early on new data."
+    )
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, description="Largest accepted event message (bigger: dead-letter)."
+    )
+    max_candidates: int = Field(1000, ge=1, description="Largest candidate list /v1/score takes.")
+    max_body_bytes: int = Field(1024 * 1024, description="Largest HTTP body serving accepts.")
+    content_encoder: str = Field(
+        "minilm", description="Item text encoder: minilm (offline sentence model) or hashing."
+    )
+    code_levels: int = Field(3, ge=1, le=6, description="RQ-Kmeans levels (QARM: up to 6).")
+    codebook_size: int = Field(64, ge=2, description="Codes per RQ level (64 suits ~2k items).")
+    vq_k: int = Field(8, ge=1, description="VQ code: nearest items kept (QARM: 25).")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads for the learner.")
+    log_level: str = Field("INFO", description="Log level for every service.")
+
+    @cached_property
+    def topics(self) -> dict[str, str]:
+        """Logical topic name -> real topic name (prefix applied)."""
+        return {name: f"{self.topic_prefix}{name}" for name in TOPIC_NAMES}
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state_dir / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    def admin_token_value(self) -> str | None:
+        return self.admin_token.get_secret_value() if self.admin_token else None
+
+
+def settings_table() -> list[tuple[str, str, str, str]]:
+    """(name, env var, default, doc) for every setting: the docs and ``--help`` use it."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        rows.append((name, f"HEADWATER_{name.upper()}", str(default), field.description or ""))
+    return rows

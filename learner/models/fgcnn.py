@@ -1,0 +1,194 @@
+"""FGCNN (Liu et al., WWW 2019): CNN feature generation followed by an IPNN classifier.
+
+Input is the N x k matrix of field embeddings. Each generation layer i applies a
+``(h_i x 1)`` convolution with "same" padding (mixing neighbouring fields, one embedding
+dimension at a time), optional BatchNorm, tanh, ``(p x 1)`` max pooling, and a
+recombination layer (fully connected + tanh) emitting ``pooled_height x rc_i`` new
+k-dim features. The new features of every layer are concatenated with the raw
+embeddings (T fields), and IPNN takes all T(T-1)/2 pairwise inner products plus the
+flattened embeddings into an MLP.
+
+Our choices where the paper is silent (all configurable): pooling uses ``ceil_mode`` so
+a layer never pools a short field axis down to zero height; dense features, which the
+paper has none of, join the MLP input beside the flattened embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FGCNN", "FGCNNConfig", "PRESETS", "pairwise_inner_products"]
+
+
+@dataclass
+class FGCNNConfig:
+    """Sizes of the FGCNN generator and the IPNN classifier.
+
+    ``kernels``, ``channels`` and ``recombination`` have one entry per generation layer
+    (all three empty = plain IPNN). ``conv_batchnorm`` is off by default: on MovieLens the
+    conv BatchNorm costs AUC (docs/measurements.md) and batch statistics make train-mode
+    and eval-mode scores differ, which test-then-train would have to pay for twice.
+    """
+
+    embedding_dim: int = 16
+    kernels: list[int] = field(default_factory=lambda: [7, 7, 7, 7])
+    channels: list[int] = field(default_factory=lambda: [14, 16, 18, 20])
+    pooling: int = 2
+    recombination: list[int] = field(default_factory=lambda: [3, 3, 3, 3])
+    conv_batchnorm: bool = False
+    mlp: list[int] = field(default_factory=lambda: [400, 400])
+    mlp_batchnorm: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        n = len(self.kernels)
+        if len(self.channels) != n or len(self.recombination) != n:
+            raise ValueError(
+                f"FGCNN kernels {self.kernels}, channels {self.channels} and recombination "
+                f"{self.recombination} must have the same length"
+            )
+        if self.pooling < 1:
+            raise ValueError(f"FGCNN pooling must be >= 1, got {self.pooling}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FGCNNConfig:
+        return cls(**data)
+
+
+# The paper's Criteo setting (Table 2 of arXiv 1904.04447, MLP as we read it) and the
+# smaller preset that docs/measurements.md benchmarks.
+PRESETS: dict[str, dict[str, Any]] = {
+    "criteo": dict(
+        embedding_dim=20,
+        kernels=[9, 9, 9, 9],
+        channels=[38, 40, 42, 44],
+        pooling=2,
+        recombination=[3, 3, 3, 3],
+        mlp=[4096, 2048, 1024, 512],
+    ),
+    "compact": dict(
+        embedding_dim=16,
+        kernels=[7, 7, 7, 7],
+        channels=[14, 16, 18, 20],
+        pooling=2,
+        recombination=[3, 3, 3, 3],
+        mlp=[400, 400],
+    ),
+}
+
+
+def pairwise_inner_products(emb: torch.Tensor) -> torch.Tensor:
+    """All ``T(T-1)/2`` inner products ``<e_i, e_j>, i < j`` of ``emb [B, T, k]``.
+
+    One batched matmul gives the Gram matrix; its strict upper triangle is the answer.
+
+    >>> e = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]]])
+    >>> pairwise_inner_products(e).tolist()
+    [[0.0, 3.0, 2.0]]
+    """
+    t = emb.shape[1]
+    gram = torch.bmm(emb, emb.transpose(1, 2))
+    i, j = torch.triu_indices(t, t, offset=1, device=emb.device)
+    return gram[:, i, j]
+
+
+def _mlp(sizes: list[int], in_dim: int, batchnorm: bool, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in sizes:
+        layers.append(nn.Linear(in_dim, width))
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(width))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        in_dim = width
+    layers.append(nn.Linear(in_dim, 1))
+    return nn.Sequential(*layers)
+
+
+class _GenerationLayer(nn.Module):
+    """Conv (h x 1, same) -> [BN] -> tanh -> MaxPool (p x 1) -> FC + tanh recombination."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        height: int,
+        dim: int,
+        kernel: int,
+        pooling: int,
+        rc: int,
+        batchnorm: bool,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size=(kernel, 1), padding="same")
+        self.bn = nn.BatchNorm2d(out_ch) if batchnorm else nn.Identity()
+        self.pool = nn.MaxPool2d(kernel_size=(pooling, 1), ceil_mode=True)
+        self.pooled_height = math.ceil(height / pooling)
+        self.new_fields = self.pooled_height * rc
+        self.dim = dim
+        self.recombine = nn.Linear(out_ch * self.pooled_height * dim, self.new_fields * dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.pool(torch.tanh(self.bn(self.conv(x))))
+        new = torch.tanh(self.recombine(pooled.flatten(1)))
+        return pooled, new.view(x.shape[0], self.new_fields, self.dim)
+
+
+class FGCNN(nn.Module):
+    """FGCNN head over field embeddings ``[B, N, k]`` (+ dense ``[B, D]``) -> logits ``[B]``.
+
+    >>> m = FGCNN(FGCNNConfig(embedding_dim=4, mlp=[8]), n_fields=5, n_dense=0)
+    >>> m.total_fields          # 5 raw + (3 + 2 + 1 + 1) * 3 generated
+    26
+    >>> m(torch.randn(2, 5, 4), torch.zeros(2, 0)).shape
+    torch.Size([2])
+    """
+
+    def __init__(self, config: FGCNNConfig, n_fields: int, n_dense: int = 0) -> None:
+        super().__init__()
+        if n_fields < 1:
+            raise ValueError("FGCNN needs at least one categorical field")
+        self.config = config
+        k = config.embedding_dim
+        layers = []
+        height, in_ch, total = n_fields, 1, n_fields
+        for kernel, ch, rc in zip(
+            config.kernels, config.channels, config.recombination, strict=True
+        ):
+            layer = _GenerationLayer(
+                in_ch, ch, height, k, kernel, config.pooling, rc, config.conv_batchnorm
+            )
+            layers.append(layer)
+            height, in_ch = layer.pooled_height, ch
+            total += layer.new_fields
+        self.generators = nn.ModuleList(layers)
+        self.total_fields = total
+        n_pairs = total * (total - 1) // 2
+        self.mlp = _mlp(
+            config.mlp, n_pairs + total * k + n_dense, config.mlp_batchnorm, config.dropout
+        )
+
+    def forward(self, emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        x = emb.unsqueeze(1)  # [B, 1, N, k]: fields are the image height
+        feats = [emb]
+        for layer in self.generators:
+            x, new = layer(x)
+            feats.append(new)
+        all_emb = torch.cat(feats, dim=1)
+        z = torch.cat([pairwise_inner_products(all_emb), all_emb.flatten(1), dense], dim=1)
+        return self.mlp(z).squeeze(-1)
+
+    @property
+    def train_equals_eval(self) -> bool:
+        """True when a train-mode forward scores exactly like eval mode (no BN, no dropout)."""
+        c = self.config
+        return not (c.conv_batchnorm or c.mlp_batchnorm or c.dropout > 0)

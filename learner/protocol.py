@@ -1,0 +1,172 @@
+"""The learner protocol (River's ``learn_many`` / ``predict_proba_many``) and adapters.
+
+A *batch* is anything with ``categorical`` (int64 ``[n, F]``), ``dense`` (float32
+``[n, D]``) and ``labels`` (``[n]``) — a :class:`~learner.batch.TrainBatch` or the
+light :class:`Rows`. The trainer drives every model through this protocol, so FGCNN,
+the torch baselines and River models are scored by exactly the same loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from learner.models import Ranker
+
+__all__ = ["Batch", "Learner", "RiverLearner", "Rows", "TorchLearner", "take"]
+
+
+class Batch(Protocol):
+    categorical: np.ndarray
+    dense: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class Rows:
+    """A light batch: the three arrays a learner needs, plus optional event times."""
+
+    categorical: np.ndarray
+    dense: np.ndarray
+    labels: np.ndarray
+    ts: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def take(batch: Batch, index: np.ndarray) -> Rows:
+    """Rows ``index`` (a boolean mask or integer positions) of any batch, as :class:`Rows`.
+
+    >>> r = Rows(np.array([[1], [2], [3]]), np.zeros((3, 0), np.float32), np.array([0, 1, 0]))
+    >>> take(r, np.array([False, True, True])).categorical.ravel().tolist()
+    [2, 3]
+    """
+    ts = getattr(batch, "ts", None)
+    return Rows(
+        categorical=batch.categorical[index],
+        dense=batch.dense[index],
+        labels=batch.labels[index],
+        ts=None if ts is None else ts[index],
+    )
+
+
+@runtime_checkable
+class Learner(Protocol):
+    """What the trainer needs from a model."""
+
+    def learn_many(self, batch: Batch) -> None: ...
+
+    def predict_proba_many(self, batch: Batch) -> np.ndarray: ...
+
+
+class TorchLearner:
+    """A :class:`~learner.models.Ranker` trained by Adam (or SGD/Adagrad) on log-loss.
+
+    ``logit_offset`` in :meth:`learn_many` shifts the training logit (``-log r`` when
+    negatives were kept with rate ``r``) so the model itself stays calibrated on the
+    full distribution and served scores need no correction.
+    """
+
+    def __init__(
+        self, model: Ranker, lr: float = 1e-3, optimizer: str = "adam", weight_decay: float = 0.0
+    ) -> None:
+        self.model = model
+        opts = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
+        if optimizer not in opts:
+            raise ValueError(f"optimizer must be one of {sorted(opts)}, got {optimizer!r}")
+        self.optimizer = opts[optimizer](model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.model.embedding.attach_optimizer(self.optimizer)
+
+    @staticmethod
+    def _dense(batch: Batch) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(batch.dense, dtype=np.float32))
+
+    def predict_proba_many(self, batch: Batch) -> np.ndarray:
+        """P(label = 1) per row, without touching weights or table state."""
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.model.logits(batch.categorical, batch.dense)
+        return torch.sigmoid(logits).numpy().astype(np.float64)
+
+    def _step(self, batch: Batch, logit_offset: float) -> torch.Tensor:
+        self.model.train()
+        rows = self.model.embedding.lookup(batch.categorical)
+        logits = self.model(rows, self._dense(batch))
+        y = torch.from_numpy(np.asarray(batch.labels, dtype=np.float32))
+        loss = F.binary_cross_entropy_with_logits(logits + logit_offset, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.model.embedding.observe(batch.categorical, getattr(batch, "ts", None))
+        return logits.detach()
+
+    def learn_many(self, batch: Batch, logit_offset: float = 0.0) -> None:
+        """One optimizer step on the batch's mean log-loss; then update table admission."""
+        if len(batch.labels):
+            self._step(batch, logit_offset)
+
+    def score_and_learn(self, batch: Batch) -> np.ndarray:
+        """Test-then-train in one forward pass when train mode scores like eval mode.
+
+        The logits of the training forward are computed before the optimizer step, so
+        they are honest prequential scores; with BatchNorm or dropout we score separately.
+        """
+        if not len(batch.labels):
+            return np.zeros(0)
+        if not self.model.train_equals_eval:
+            probs = self.predict_proba_many(batch)
+            self.learn_many(batch)
+            return probs
+        logits = self._step(batch, 0.0)
+        return torch.sigmoid(logits).numpy().astype(np.float64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+
+class RiverLearner:
+    """Adapter running a River classifier over the same token rows, one row at a time.
+
+    With ``one_hot`` (linear models) field ``f`` with token ``t`` becomes feature
+    ``"f=t": 1.0``; without it (River's factorization machines, which one-hot string
+    values themselves and need the field name) it becomes ``f: "t"``. Dense features
+    pass through as floats. Not checkpointable: it exists for the benchmark.
+    """
+
+    def __init__(
+        self, model: Any, fields: list[str], dense: list[str] | None = None, one_hot: bool = True
+    ) -> None:
+        self.model = model
+        self.fields = list(fields)
+        self.dense_names = list(dense or [])
+        self.one_hot = one_hot
+
+    def _dicts(self, batch: Batch) -> list[dict[str, Any]]:
+        out = []
+        for cat, den in zip(batch.categorical.tolist(), batch.dense.tolist(), strict=True):
+            if self.one_hot:
+                x: dict[str, Any] = {f"{f}={t}": 1.0 for f, t in zip(self.fields, cat, strict=True)}
+            else:
+                x = {f: str(t) for f, t in zip(self.fields, cat, strict=True)}
+            x.update(zip(self.dense_names, den, strict=True))
+            out.append(x)
+        return out
+
+    def predict_proba_many(self, batch: Batch) -> np.ndarray:
+        return np.array(
+            [self.model.predict_proba_one(x).get(True, 0.0) for x in self._dicts(batch)]
+        )
+
+    def learn_many(self, batch: Batch) -> None:
+        for x, y in zip(self._dicts(batch), batch.labels.tolist(), strict=True):
+            self.model.learn_one(x, bool(y))

@@ -1,0 +1,309 @@
+"""The learner service: payloads in, test-then-train, periodic publication, metrics.
+
+I/O stays behind seams: bytes come in through :meth:`LearnerService.process` (a Kafka
+loop, a test, a benchmark), checkpoints go out through a :class:`~learner.store.ModelStore`
+and an ``on_publish`` callback (the Kafka loop sends the manifest to ``model-updates``).
+Every method is synchronous and blocking (torch steps): call it from a thread or its
+own process, or use the ``a*`` wrappers, never directly on an event loop.
+
+Restart contract: a new service over the same store resumes from the latest good
+checkpoint — weights, Adam state, watermarks, counters and cumulative metrics — so
+rows published before the kill are neither skipped nor trained twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from learner.batch import decode_batch
+from learner.protocol import TorchLearner
+from learner.store import CheckpointError, ModelStore
+from learner.trainer import PrequentialTrainer, SchemaMismatchError, StepResult
+
+__all__ = ["LearnerService", "TrainerFactory"]
+
+log = logging.getLogger(__name__)
+
+TrainerFactory = Callable[[str], PrequentialTrainer]
+"""Builds a fresh trainer (model included) for a feature-schema JSON."""
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rows_trained = Counter(
+            "headwater_learner_rows_trained", "Rows the learner trained on.", registry=registry
+        )
+        self.rows_dropped = Counter(
+            "headwater_learner_rows_dropped",
+            "Rows not trained on, by reason (duplicate, downsampled, schema; "
+            "invalid_batch counts undecodable messages).",
+            ["reason"],
+            registry=registry,
+        )
+        self.auc = Gauge(
+            "headwater_learner_prequential_auc",
+            "Cumulative test-then-train ROC AUC.",
+            registry=registry,
+        )
+        self.logloss = Gauge(
+            "headwater_learner_prequential_logloss",
+            "Cumulative test-then-train log-loss.",
+            registry=registry,
+        )
+        self.backlog = Gauge(
+            "headwater_learner_backlog_rows", "Rows waiting on train-batches.", registry=registry
+        )
+        self.drift = Counter(
+            "headwater_learner_drift",
+            "ADWIN drift detections on the per-row loss.",
+            registry=registry,
+        )
+        self.publications = Counter(
+            "headwater_learner_publications", "Model versions published.", registry=registry
+        )
+        self.publish_seconds = Histogram(
+            "headwater_learner_publish_seconds",
+            "Time to publish a version.",
+            registry=registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.version = Gauge(
+            "headwater_model_version",
+            "Latest published model version.",
+            ["model"],
+            registry=registry,
+        )
+
+
+class LearnerService:
+    """Decode -> dedup -> score -> train, and publish every N seconds or rows.
+
+    ``on_publish(manifest_with_path)`` runs after each publication (errors are logged,
+    never lost silently: they land in ``status()["last_error"]``).
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        trainer_factory: TrainerFactory,
+        publish_every_seconds: float | None = 5.0,
+        publish_every_rows: int | None = None,
+        on_publish: Callable[[dict[str, Any]], None] | None = None,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        resume: bool = True,
+    ) -> None:
+        self.store = store
+        self.trainer_factory = trainer_factory
+        self.publish_every_seconds = publish_every_seconds
+        self.publish_every_rows = publish_every_rows
+        self.on_publish = on_publish
+        self.clock = clock
+        self.metrics = _Metrics(registry if registry is not None else CollectorRegistry())
+        self.trainer: PrequentialTrainer | None = None
+        self.version: str | None = None
+        self.consumer_positions: dict[str, int] = {}
+        self.last_error: str | None = None
+        self.invalid_batches = 0
+        self.publications = 0
+        self._rows_since_publish = 0
+        self._started = clock()
+        self._last_publish = clock()
+        self._lock = threading.RLock()
+        if resume:
+            self._resume()
+
+    # ---- lifecycle ---------------------------------------------------------------
+    def _resume(self) -> None:
+        version = self.store.latest_good()
+        if version is None:
+            return
+        ck = self.store.load(version)
+        state = ck.state
+        schema_json = state["trainer"]["schema_json"]
+        trainer = self.trainer_factory(schema_json)
+        try:
+            trainer.load_state(state["trainer"])
+            if isinstance(trainer.learner, TorchLearner):
+                trainer.learner.load_state_dict(
+                    {"model": state["model"], "optimizer": state.get("optimizer")}
+                )
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{self.store.model} version {version}: the trainer factory builds a model that does "
+                f"not match the checkpoint ({exc}); publish under a new model name to change it"
+            ) from None
+        self.trainer = trainer
+        self.version = version
+        self.consumer_positions = {
+            str(k): int(v) for k, v in state.get("consumer_positions", {}).items()
+        }
+        self.metrics.version.labels(self.store.model).set(int(version))
+        self._update_gauges()
+        log.info(
+            "learner resumed %s version %s at %s",
+            self.store.model,
+            version,
+            trainer.watermarks_json(),
+        )
+
+    # ---- the work ------------------------------------------------------------------
+    def process(
+        self,
+        payload: bytes,
+        backlog: int | None = None,
+        position: tuple[str, int, int] | None = None,
+    ) -> StepResult | None:
+        """Handle one train-batch message; return what the step did, or ``None`` if refused.
+
+        ``backlog`` (rows still waiting) drives negative down-sampling; ``position``
+        ``(topic, partition, next_offset)`` of the *train-batches* message is stored in
+        checkpoints so a Kafka loop can seek there on restart.
+        """
+        with self._lock:
+            if position is not None:
+                self.consumer_positions[f"{position[0]}:{position[1]}"] = int(position[2])
+            if backlog is not None:
+                self.metrics.backlog.set(backlog)
+            try:
+                batch = decode_batch(payload)
+            except ValueError as exc:
+                self.invalid_batches += 1
+                self.metrics.rows_dropped.labels("invalid_batch").inc()
+                self.last_error = f"invalid train batch: {exc}"
+                log.warning(self.last_error)
+                return None
+            if self.trainer is None:
+                self.trainer = self.trainer_factory(batch.schema_json)
+            try:
+                result = self.trainer.step(batch, backlog=backlog or 0)
+            except SchemaMismatchError as exc:
+                self.metrics.rows_dropped.labels("schema").inc(len(batch))
+                self.last_error = str(exc)
+                log.warning(self.last_error)
+                return None
+            self._rows_since_publish += result.rows_scored
+            self.metrics.rows_trained.inc(result.rows_trained)
+            if result.rows_duplicate:
+                self.metrics.rows_dropped.labels("duplicate").inc(result.rows_duplicate)
+            if result.rows_downsampled:
+                self.metrics.rows_dropped.labels("downsampled").inc(result.rows_downsampled)
+            if result.drifts:
+                self.metrics.drift.inc(result.drifts)
+            self._update_gauges()
+            return result
+
+    def _update_gauges(self) -> None:
+        if self.trainer is None:
+            return
+        snap = self.trainer.metrics.snapshot()
+        if snap["auc"] == snap["auc"]:
+            self.metrics.auc.set(snap["auc"])
+        if snap["logloss"] == snap["logloss"]:
+            self.metrics.logloss.set(snap["logloss"])
+
+    def due(self) -> bool:
+        """True when new rows exist and the time or row budget since the last publication ran out."""
+        if self.trainer is None or self._rows_since_publish == 0:
+            return False
+        if (
+            self.publish_every_rows is not None
+            and self._rows_since_publish >= self.publish_every_rows
+        ):
+            return True
+        return (
+            self.publish_every_seconds is not None
+            and self.clock() - self._last_publish >= self.publish_every_seconds
+        )
+
+    def maybe_publish(self, force: bool = False) -> dict[str, Any] | None:
+        """Publish if :meth:`due` (or ``force`` and there is a model); return the manifest."""
+        with self._lock:
+            if self.trainer is None or not (self.due() or (force and self._rows_since_publish)):
+                return None
+            return self.publish()
+
+    def publish(self) -> dict[str, Any]:
+        """Checkpoint the trainer into the store now and notify ``on_publish``."""
+        with self._lock:
+            trainer = self.trainer
+            if trainer is None or trainer.schema_hash is None or trainer.schema_json is None:
+                raise RuntimeError("nothing to publish: no batch has been processed yet")
+            if not isinstance(trainer.learner, TorchLearner):
+                raise RuntimeError("only torch learners can be published")
+            t0 = time.perf_counter()
+            # Layout (see learner.store): weights at "model" so serving needs nothing else.
+            learner_state = trainer.learner.state_dict()
+            state = {
+                "model": learner_state["model"],
+                "optimizer": learner_state["optimizer"],
+                "trainer": trainer.state(include_learner=False),
+                "consumer_positions": dict(self.consumer_positions),
+            }
+            config = {
+                "model": trainer.learner.model.spec.to_dict(),
+                "item_field": trainer.item_field,
+                "downsample": state["trainer"]["downsample"],
+            }
+            manifest = self.store.publish(
+                state,
+                config=config,
+                feature_schema_json=trainer.schema_json,
+                feature_schema_hash=trainer.schema_hash,
+                rows_trained=trainer.rows_trained,
+                watermarks=trainer.watermarks_json(),
+                metrics=trainer.snapshot(),
+                parent=self.version,
+            )
+            self.metrics.publish_seconds.observe(time.perf_counter() - t0)
+            self.metrics.publications.inc()
+            self.publications += 1
+            self.version = manifest["version"]
+            self.metrics.version.labels(self.store.model).set(int(self.version))
+            self._rows_since_publish = 0
+            self._last_publish = self.clock()
+        if self.on_publish is not None:
+            try:
+                self.on_publish(manifest)
+            except Exception as exc:  # a failed notification must not kill training
+                self.last_error = f"on_publish failed for version {manifest['version']}: {exc!r}"
+                log.exception("on_publish failed")
+        return manifest
+
+    def status(self) -> dict[str, Any]:
+        """Health summary for ``headwater status`` and the ops API."""
+        with self._lock:
+            t = self.trainer
+            snap = t.metrics.snapshot() if t else {}
+            return {
+                "model": self.store.model,
+                "version": self.version,
+                "rows_trained": t.rows_trained if t else 0,
+                "rows_dropped": dict(t.rows_dropped, invalid_batch=self.invalid_batches)
+                if t
+                else {"invalid_batch": self.invalid_batches},
+                "auc": snap.get("auc"),
+                "logloss": snap.get("logloss"),
+                "rolling_auc": snap.get("rolling_auc"),
+                "drift_total": t.metrics.drift_total if t else 0,
+                "backlog": t.last_backlog if t else 0,
+                "watermarks": t.watermarks_json() if t else {},
+                "publications": self.publications,
+                "last_error": self.last_error,
+                "uptime": self.clock() - self._started,
+            }
+
+    # ---- asyncio seams ---------------------------------------------------------------
+    async def aprocess(self, payload: bytes, backlog: int | None = None) -> StepResult | None:
+        """:meth:`process` in a worker thread, for callers living on an event loop."""
+        return await asyncio.to_thread(self.process, payload, backlog)
+
+    async def amaybe_publish(self) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.maybe_publish)

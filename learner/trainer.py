@@ -1,0 +1,289 @@
+"""Test-then-train over train batches: dedup by watermark, score, update metrics, learn.
+
+Invariants:
+
+* Per ``(source_topic, source_partition)`` the trainer keeps the watermark ``(offset,
+  sub)`` of the *next* row it has not handled; rows below it are dropped as duplicates,
+  so replaying a batch (at-least-once delivery, a restart) never trains a row twice.
+* Every row is scored before the model learns from it (prequential evaluation).
+* When the backlog exceeds a threshold, negatives are kept with rate ``r`` and the
+  training logit is shifted by ``-log r`` so the model stays calibrated on the full
+  distribution (the log-odds correction of Monolith / He et al. 2014): served
+  probabilities need no correction. Dropped negatives are still scored and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from learner.batch import TrainBatch
+from learner.metrics import ColdItemTracker, PrequentialMetrics
+from learner.protocol import Learner, TorchLearner, take
+
+__all__ = [
+    "DownsampleConfig",
+    "PrequentialTrainer",
+    "SchemaMismatchError",
+    "StepResult",
+    "TrainerSettings",
+]
+
+
+class SchemaMismatchError(ValueError):
+    """A batch's feature-schema hash differs from the model's (a new schema = a new model)."""
+
+
+@dataclass
+class DownsampleConfig:
+    """Negative down-sampling while falling behind.
+
+    ``backlog_threshold`` is in rows (``None`` disables it); negatives are kept with
+    probability ``negative_rate`` while the backlog is above it.
+    """
+
+    backlog_threshold: int | None = None
+    negative_rate: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.negative_rate <= 1.0:
+            raise ValueError(f"negative_rate must be in (0, 1], got {self.negative_rate}")
+
+
+@dataclass
+class StepResult:
+    """What one :meth:`PrequentialTrainer.step` did."""
+
+    rows_in: int
+    rows_duplicate: int = 0
+    rows_scored: int = 0
+    rows_trained: int = 0
+    rows_downsampled: int = 0
+    drifts: int = 0
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    kept: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+
+def _at_or_above(offsets: np.ndarray, subs: np.ndarray, mark: tuple[int, int]) -> np.ndarray:
+    off, sub = mark
+    return (offsets > off) | ((offsets == off) & (subs >= sub))
+
+
+class PrequentialTrainer:
+    """Drives any :class:`~learner.protocol.Learner` over decoded train batches.
+
+    ``schema_hash`` pins the feature schema (taken from the first batch if ``None``).
+    ``item_field`` names the categorical field whose first ``cold_k`` labelled rows
+    per item feed the cold-item AUC. ``num_threads`` sets torch's intra-op threads
+    (process-wide; default 1 because the learner shares a 2-core box with the worker).
+    """
+
+    def __init__(
+        self,
+        learner: Learner,
+        *,
+        schema_hash: str | None = None,
+        schema_json: str | None = None,
+        metrics: PrequentialMetrics | None = None,
+        downsample: DownsampleConfig | None = None,
+        item_field: str | None = None,
+        cold_k: int = 10,
+        num_threads: int | None = 1,
+    ) -> None:
+        self.learner = learner
+        self.schema_hash = schema_hash
+        self.schema_json = schema_json
+        self.metrics = metrics or PrequentialMetrics()
+        self.downsample = downsample or DownsampleConfig()
+        self.item_field = item_field
+        self.cold = ColdItemTracker(cold_k)
+        self.watermarks: dict[tuple[str, int], tuple[int, int]] = {}
+        self.rows_trained = 0
+        self.rows_dropped: dict[str, int] = {"duplicate": 0, "downsampled": 0, "schema": 0}
+        self.batches = 0
+        self.last_backlog = 0
+        self._rng = np.random.default_rng(self.downsample.seed)
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+
+    def check_schema(self, batch: TrainBatch) -> None:
+        """Adopt the first batch's schema; raise :class:`SchemaMismatchError` on a change."""
+        if self.schema_hash is None:
+            self.schema_hash, self.schema_json = batch.schema_hash, batch.schema_json
+        elif batch.schema_hash != self.schema_hash:
+            self.rows_dropped["schema"] += len(batch)
+            raise SchemaMismatchError(
+                f"batch from {batch.source_topic}:{batch.source_partition} has feature schema "
+                f"{batch.schema_hash[:12]}…, the model was built for {self.schema_hash[:12]}…; "
+                "a schema change needs a new model (new model name or empty store)"
+            )
+
+    def step(self, batch: TrainBatch, backlog: int = 0, record_cold: bool = True) -> StepResult:
+        """Dedup, score, update metrics, then train on one batch."""
+        self.check_schema(batch)
+        self.last_backlog = int(backlog)
+        key = (batch.source_topic, int(batch.source_partition))
+        n = len(batch)
+        mark = self.watermarks.get(key)
+        keep = (
+            np.ones(n, dtype=bool)
+            if mark is None
+            else _at_or_above(batch.offsets, batch.subs, mark)
+        )
+        result = StepResult(rows_in=n, rows_duplicate=int(n - keep.sum()))
+        self.rows_dropped["duplicate"] += result.rows_duplicate
+        if not keep.any():
+            return result
+        rows = batch if keep.all() else take(batch, keep)
+        labels = np.asarray(rows.labels)
+
+        ds = self.downsample
+        sampling = (
+            ds.backlog_threshold is not None
+            and backlog > ds.backlog_threshold
+            and ds.negative_rate < 1
+        )
+        if sampling:
+            probs = self.learner.predict_proba_many(rows)
+            train_mask = (labels == 1) | (self._rng.random(labels.size) < ds.negative_rate)
+            sub = take(rows, train_mask)
+            if isinstance(self.learner, TorchLearner):
+                self.learner.learn_many(sub, logit_offset=-math.log(ds.negative_rate))
+            else:
+                self.learner.learn_many(sub)
+            result.rows_downsampled = int((~train_mask).sum())
+            result.rows_trained = int(train_mask.sum())
+        else:
+            if isinstance(self.learner, TorchLearner):
+                probs = self.learner.score_and_learn(rows)
+            else:
+                probs = self.learner.predict_proba_many(rows)
+                self.learner.learn_many(rows)
+            result.rows_trained = len(labels)
+
+        result.rows_scored = len(labels)
+        result.scores, result.kept = probs, keep
+        result.drifts = self.metrics.update(labels, probs)
+        if self.item_field is not None:
+            j = batch.categorical_fields.index(self.item_field)
+            self.cold.update(rows.categorical[:, j], labels, probs, record=record_cold)
+
+        offs, subs = batch.offsets[keep], batch.subs[keep]
+        last = int(np.lexsort((subs, offs))[-1])
+        self.watermarks[key] = (int(offs[last]), int(subs[last]) + 1)
+        self.rows_trained += result.rows_trained
+        self.rows_dropped["downsampled"] += result.rows_downsampled
+        self.batches += 1
+        return result
+
+    def snapshot(self) -> dict[str, float]:
+        """Metrics for a manifest / status page (plain floats)."""
+        out = self.metrics.snapshot()
+        out["rows_trained"] = float(self.rows_trained)
+        out["backlog_rows"] = float(self.last_backlog)
+        for reason, count in self.rows_dropped.items():
+            out[f"rows_dropped_{reason}"] = float(count)
+        if self.item_field is not None:
+            out["cold_item_auc"] = self.cold.auc()
+        stats = getattr(
+            getattr(getattr(self.learner, "model", None), "embedding", None), "stats", None
+        )
+        if stats is not None:
+            out.update({f"embedding_{k}": v for k, v in stats().items()})
+        return out
+
+    def watermarks_json(self) -> dict[str, dict[str, int]]:
+        """Watermarks as ``{"topic:partition": {"offset": o, "sub": s}}`` (next row to handle)."""
+        return {
+            f"{t}:{p}": {"offset": o, "sub": s}
+            for (t, p), (o, s) in sorted(self.watermarks.items())
+        }
+
+    def state(self, include_learner: bool = True) -> dict[str, Any]:
+        """Everything a restart needs, as tensors and plain containers."""
+        out: dict[str, Any] = {
+            "watermarks": [[t, p, o, s] for (t, p), (o, s) in sorted(self.watermarks.items())],
+            "rows_trained": self.rows_trained,
+            "rows_dropped": dict(self.rows_dropped),
+            "batches": self.batches,
+            "metrics": self.metrics.state(),
+            "schema_hash": self.schema_hash,
+            "schema_json": self.schema_json,
+            "downsample": asdict(self.downsample),
+        }
+        if include_learner and isinstance(self.learner, TorchLearner):
+            out["learner"] = self.learner.state_dict()
+        return out
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.watermarks = {(str(t), int(p)): (int(o), int(s)) for t, p, o, s in state["watermarks"]}
+        self.rows_trained = int(state["rows_trained"])
+        self.rows_dropped = {k: int(v) for k, v in state["rows_dropped"].items()}
+        self.batches = int(state.get("batches", 0))
+        self.metrics.load_state(state["metrics"])
+        self.schema_hash = state.get("schema_hash")
+        self.schema_json = state.get("schema_json")
+        if "learner" in state and isinstance(self.learner, TorchLearner):
+            self.learner.load_state_dict(state["learner"])
+
+
+@dataclass
+class TrainerSettings:
+    """Plain-data recipe for a trainer; :meth:`factory` gives a service's ``trainer_factory``.
+
+    ``head`` overrides the preset's sizes (e.g. ``{"conv_batchnorm": True}``);
+    ``embedding`` is an :class:`~learner.embeddings.EmbeddingConfig` as a dict.
+    """
+
+    kind: str = "fgcnn"
+    preset: str = "compact"
+    head: dict[str, Any] = field(default_factory=dict)
+    embedding: dict[str, Any] = field(default_factory=dict)
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    downsample: dict[str, Any] = field(default_factory=dict)
+    item_field: str | None = None
+    cold_k: int = 10
+    window: int = 1000
+    n_thresholds: int = 10
+    num_threads: int | None = 1
+    seed: int = 0
+
+    def build(self, schema_json: str) -> PrequentialTrainer:
+        """A fresh trainer for a feature schema (the model's fields come from it)."""
+        import hashlib
+
+        from learner.batch import schema_fields
+        from learner.embeddings import EmbeddingConfig
+        from learner.models import ModelSpec, build_model, preset_head
+
+        categorical, dense = schema_fields(schema_json)
+        emb = EmbeddingConfig.from_dict(self.embedding) if self.embedding else EmbeddingConfig()
+        head = {**preset_head(self.kind, self.preset), **self.head}
+        spec = ModelSpec(self.kind, categorical, dense, head, emb.to_dict())
+        torch.manual_seed(self.seed)
+        model = build_model(spec)
+        learner = TorchLearner(model, lr=self.lr, optimizer=self.optimizer)
+        if self.item_field is not None and self.item_field not in categorical:
+            raise ValueError(
+                f"item_field {self.item_field!r} is not a categorical field of {categorical}"
+            )
+        return PrequentialTrainer(
+            learner,
+            schema_hash=hashlib.sha256(schema_json.encode("utf-8")).hexdigest(),
+            schema_json=schema_json,
+            metrics=PrequentialMetrics(window=self.window, n_thresholds=self.n_thresholds),
+            downsample=DownsampleConfig(**self.downsample),
+            item_field=self.item_field,
+            cold_k=self.cold_k,
+            num_threads=self.num_threads,
+        )
+
+    def factory(self) -> Callable[[str], PrequentialTrainer]:
+        return self.build

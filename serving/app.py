@@ -1,0 +1,348 @@
+"""The serving HTTP application: scoring, model admin, health, readiness, metrics.
+
+``create_app(settings, ctx)`` builds the aiohttp application from an :class:`AppContext`
+(holder, scorer, Redis client, metrics registry); ``run_serving`` wires the real parts
+(model store, Redis, the ``model-updates`` watcher, the status heartbeat) and runs it.
+The operator routes (``/``, ``/v1/lag``, ``/v1/status``, ``/v1/alerts``) come from
+:func:`serving.ops.add_ops_routes` when that module is present; it receives the same
+context.
+
+Every handler runs under one middleware: an unexpected exception becomes a logged 500
+carrying an ``error_id`` that is also in the log line, never a stack trace to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import importlib.util
+import logging
+import signal
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from headwater.settings import Settings
+from serving.holder import HolderError, ModelHolder
+from serving.metrics import CONTENT_TYPE_LATEST, ServingMetrics
+from serving.scoring import RequestError, Scorer, parse_score_request
+
+__all__ = ["AppContext", "build_context", "create_app", "run_serving"]
+
+log = logging.getLogger(__name__)
+
+ADMIN_DISABLED = "admin endpoints disabled: set HEADWATER_ADMIN_TOKEN"
+
+
+@dataclass
+class AppContext:
+    """Everything the handlers (ours and the ops routes) share.
+
+    ``redis`` is a ``redis.asyncio`` client (bytes responses); ``registry`` the
+    Prometheus registry ``/metrics`` exports (ops metrics may register on it too).
+    """
+
+    settings: Settings
+    holder: ModelHolder
+    scorer: Scorer
+    redis: Any
+    metrics: ServingMetrics
+    registry: CollectorRegistry
+    kafka: str | None = None
+    watcher: Any = None
+    started_at: float = field(default_factory=time.time)
+    last_error: str | None = None
+
+    def status_fields(self) -> dict[str, Any]:
+        """The serving heartbeat's own fields (see :mod:`headwater.health`)."""
+        cur = self.holder.current
+        errors = [e for e in (self.holder.last_error, self.last_error,
+                              getattr(self.watcher, "last_error", None)) if e]
+        return {
+            "model": self.holder.store.model,
+            "model_version": cur.version if cur else None,
+            "model_created_at": cur.created_at if cur else None,
+            "pinned": self.holder.pinned,
+            "requests_total": self.metrics.requests_total,
+            "swaps": self.holder.swaps,
+            "http": f"http://{self.settings.bind_host}:{self.settings.http_port}",
+            "last_error": errors[0] if errors else None,
+        }
+
+
+def _json_error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # aiohttp's own errors (404, 405, 413 from client_max_size) as JSON too.
+        resp = _json_error(exc.status, exc.reason, path=request.path)
+        if "Allow" in exc.headers:
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("internal error %s on %s %s", error_id, request.method, request.path)
+        ctx: AppContext | None = request.app.get(CTX_KEY)
+        if ctx is not None:
+            ctx.last_error = f"internal error {error_id} on {request.method} {request.path}"
+        return _json_error(500, "internal error; the server log has the details", error_id=error_id)
+
+
+CTX_KEY: web.AppKey[AppContext] = web.AppKey("headwater_ctx", AppContext)
+
+
+def _ctx(request: web.Request) -> AppContext:
+    return request.app[CTX_KEY]
+
+
+# ---- scoring ---------------------------------------------------------------------------
+async def score(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    t0 = time.perf_counter()
+    code, n = 500, None
+    try:
+        limit = ctx.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            code = 413
+            return _json_error(413, f"body has {request.content_length} bytes; at most {limit} "
+                                    "are accepted (HEADWATER_MAX_BODY_BYTES)", field="body")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            code = 413
+            return _json_error(413, f"body is larger than {limit} bytes (HEADWATER_MAX_BODY_BYTES)",
+                               field="body")
+        try:
+            req = parse_score_request(body, ctx.settings.max_candidates)
+        except RequestError as exc:
+            code = exc.status
+            return web.json_response(exc.to_json(), status=exc.status)
+        n = len(req.candidates)
+        served = ctx.holder.current  # read once: this request scores on this model to the end
+        if served is None:
+            code = 503
+            return _json_error(503, "no model is loaded yet: the learner has not published a "
+                                    "version that passed the checks (see GET /v1/models)")
+        scores = await ctx.scorer.score(served, req)
+        code = 200
+        return web.json_response({"model_version": served.version, "scores": scores.tolist()})
+    finally:
+        ctx.metrics.observe_request(code, time.perf_counter() - t0, n)
+
+
+# ---- health ------------------------------------------------------------------------------
+async def healthz(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    return web.json_response({"alive": True, "uptime_s": round(time.time() - ctx.started_at, 1)})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    cur = ctx.holder.current
+    redis_ok, redis_error = True, None
+    try:
+        await asyncio.wait_for(ctx.redis.ping(), timeout=1.0)
+    except Exception as exc:  # noqa: BLE001 - readiness reports, never raises
+        redis_ok, redis_error = False, f"{type(exc).__name__}: {exc}"
+    reasons = []
+    if cur is None:
+        reasons.append("no model AVAILABLE yet")
+    if not redis_ok:
+        reasons.append(f"redis unreachable ({redis_error})")
+    ready = not reasons
+    return web.json_response(
+        {"ready": ready, "model_version": cur.version if cur else None, "redis": redis_ok,
+         "reasons": reasons},
+        status=200 if ready else 503,
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    return web.Response(body=ctx.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# ---- models --------------------------------------------------------------------------------
+def _admin_check(request: web.Request) -> web.Response | None:
+    token = _ctx(request).settings.admin_token_value()
+    if not token:
+        return _json_error(403, ADMIN_DISABLED)
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("X-Admin-Token", "")
+    if not given or not hmac.compare_digest(given.encode(), token.encode()):
+        resp = _json_error(401, "admin token missing or wrong: send 'Authorization: Bearer <token>' "
+                                "or 'X-Admin-Token'")
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="headwater-admin"'
+        return resp
+    return None
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response(_ctx(request).holder.listing())
+
+
+async def _admin_action(request: web.Request, action) -> web.Response:
+    denied = _admin_check(request)
+    if denied is not None:
+        return denied
+    ctx = _ctx(request)
+    try:
+        await action(ctx.holder)
+    except HolderError as exc:
+        return _json_error(exc.status, str(exc))
+    cur = ctx.holder.current
+    log.info("admin %s %s: serving %s", request.method, request.path, cur.version if cur else None)
+    return web.json_response({**ctx.holder.listing(), "ok": True})
+
+
+async def pin_model(request: web.Request) -> web.Response:
+    version = request.match_info["version"]
+    return await _admin_action(request, lambda h: h.apin(version))
+
+
+async def unpin_model(request: web.Request) -> web.Response:
+    return await _admin_action(request, lambda h: h.aunpin())
+
+
+async def rollback_model(request: web.Request) -> web.Response:
+    return await _admin_action(request, lambda h: h.arollback())
+
+
+def create_app(settings: Settings, ctx: AppContext) -> web.Application:
+    """The serving application: our routes, plus the ops routes when ``serving.ops`` exists."""
+    # Headroom over max_body_bytes so our own check answers first, with a clear message.
+    app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes + 1)
+    app[CTX_KEY] = ctx
+    app.router.add_post("/v1/score", score)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/models/unpin", unpin_model)
+    app.router.add_post("/v1/models/rollback", rollback_model)
+    app.router.add_post("/v1/models/{version}/pin", pin_model)
+    if importlib.util.find_spec("serving.ops") is not None:
+        from serving.ops import add_ops_routes
+
+        add_ops_routes(app, ctx)
+    return app
+
+
+# ---- wiring ----------------------------------------------------------------------------------
+def default_row_builder(settings: Settings):
+    """The row builder the worker uses (``features.defaults.row_builder``), so schemas agree."""
+    try:
+        from features.defaults import row_builder
+    except ImportError:
+        from features.rows import RowBuilder
+
+        log.warning("features.defaults.row_builder is missing: using RowBuilder() defaults")
+        return RowBuilder()
+    return row_builder(settings)
+
+
+def build_context(
+    settings: Settings,
+    redis_client: Any,
+    *,
+    kafka: str | None = None,
+    builder: Any = None,
+    registry: CollectorRegistry | None = None,
+    quality_margin: float | None = None,
+    keep_loaded: int = 2,
+    inference_threads: int = 1,
+) -> AppContext:
+    """Holder, scorer and metrics over a model store and an async Redis client."""
+    from features.store import OnlineStore
+    from learner.store import ModelStore
+
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics_ = ServingMetrics(registry)
+    builder = builder if builder is not None else default_row_builder(settings)
+    store = ModelStore(settings.model_store, settings.model_name, keep=settings.keep_versions)
+    holder = ModelHolder(store, builder.schema, metrics=metrics_, keep_loaded=keep_loaded,
+                         quality_margin=quality_margin)
+    online = OnlineStore(redis_client, partitions=settings.partitions, registry=registry)
+    executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="inference")
+    scorer = Scorer(online, builder, executor)
+    return AppContext(settings, holder, scorer, redis_client, metrics_, registry, kafka=kafka)
+
+
+async def _heartbeat(ctx: AppContext, stop: asyncio.Event) -> None:
+    from headwater.health import PERIOD_S, make_status, publish_async
+
+    while not stop.is_set():
+        try:
+            await publish_async(ctx.redis, make_status("serving", ctx.started_at, **ctx.status_fields()))
+        except Exception as exc:  # noqa: BLE001 - Redis may be down; /readyz says so
+            log.warning("serving heartbeat failed: %r", exc)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), PERIOD_S)
+
+
+async def serve(settings: Settings, kafka: str | None, redis_url: str, stop: asyncio.Event,
+                ready: asyncio.Event | None = None, **context_kwargs: Any) -> None:
+    """Run serving until ``stop`` is set (the body of :func:`run_serving`, reusable in tests)."""
+    import redis.asyncio as aioredis
+    import torch
+
+    from serving.watcher import ModelWatcher
+
+    torch.set_num_threads(settings.torch_threads)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=False)
+    ctx = build_context(settings, client, kafka=kafka, **context_kwargs)
+    served = await ctx.holder.astart()  # newest good (or pinned) version, before the topic
+    log.info("serving %s version %s at start", settings.model_name, served)
+    ctx.watcher = ModelWatcher(kafka, settings.topics["model-updates"], settings.model_name,
+                               ctx.holder.aoffer, ctx.holder.arescan,
+                               fetch_max_wait_ms=settings.fetch_max_wait_ms)
+    app = create_app(settings, ctx)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.bind_host, settings.http_port, reuse_address=True)
+    await site.start()
+    ctx.watcher.start()
+    beat = asyncio.create_task(_heartbeat(ctx, stop))
+    log.info("serving listens on http://%s:%s", settings.bind_host, settings.http_port)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await ctx.watcher.stop()
+        await beat
+        await runner.cleanup()
+        ctx.holder.close()
+        ctx.scorer.executor.shutdown(wait=False, cancel_futures=True)
+        await client.aclose()
+
+
+def run_serving(settings: Settings, kafka: str | None, redis_url: str) -> int:
+    """``headwater serve``: serve until SIGTERM or SIGINT; return the exit code."""
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, kafka, redis_url, stop)
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,552 @@
+"""The model holder: versions with TF-Serving-like states, verified loads, atomic swaps.
+
+A new version is loaded **beside** the serving one, on the holder's own loader thread
+(never the event loop): manifest and feature-schema hash, sha256 of ``model.pt``,
+``torch.load(weights_only=True)`` through :class:`learner.store.ModelStore`, rebuild from
+the manifest's config, then checks — every parameter finite, a warm-up batch whose
+outputs are finite probabilities, and optionally a quality gate against the serving
+model's publication metrics. Only then is it swapped in by one reference assignment
+(``self._current = served``). A request reads :attr:`ModelHolder.current` once and
+scores on that object to the end, so in-flight requests finish on the model they began
+with and a refused checkpoint never serves.
+
+States (``GET /v1/models``):
+
+``LOADING``   being verified / loaded / warmed on the loader thread;
+``AVAILABLE`` loaded in memory and good (serving, or kept for rollback / after a pin);
+``FAILED``    refused; ``error`` says why (it is never retried: versions are immutable);
+``RETIRED``   good (or never tried) but not in memory; pin or rollback reload it.
+
+All state changes run on one loader thread, so loads, pins and rollbacks are
+serialized without further locking; readers only take immutable snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import torch
+
+from features.schema import FeatureSchema
+from learner.store import CheckpointError, ModelStore
+from serving.metrics import ServingMetrics
+
+__all__ = ["HolderError", "LoadFailure", "ModelHolder", "ServedModel", "VersionInfo", "VersionState"]
+
+log = logging.getLogger(__name__)
+
+
+class VersionState(str, Enum):
+    LOADING = "LOADING"
+    AVAILABLE = "AVAILABLE"
+    FAILED = "FAILED"
+    RETIRED = "RETIRED"
+
+
+class LoadFailure(Exception):
+    """A checkpoint refused for ``reason`` (a metric label) with a message for operators."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class HolderError(Exception):
+    """An admin action that cannot be done; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, eq=False)
+class ServedModel:
+    """One loaded, checked model version. Immutable: swapping replaces the whole object."""
+
+    version: str
+    model: torch.nn.Module
+    manifest: dict[str, Any]
+    n_categorical: int
+    n_dense: int
+
+    @property
+    def created_at(self) -> float | None:
+        return self.manifest.get("created_at")
+
+    def predict(self, categorical: np.ndarray, dense: np.ndarray) -> np.ndarray:
+        """P(click) per row for tokens ``[n, F]`` and dense ``[n, D]``, one forward pass."""
+        with torch.inference_mode():
+            logits = self.model.logits(categorical, dense)
+            return torch.sigmoid(logits).reshape(-1).to(torch.float64).numpy()
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What the holder knows about one version (a snapshot; replaced on every change)."""
+
+    version: str
+    state: VersionState
+    error: str | None = None
+    created_at: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    served: ServedModel | None = None
+    load_seconds: float | None = None
+
+    def to_json(self, serving: str | None, pinned: str | None) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "state": self.state.value,
+            "error": self.error,
+            "pinned": self.version == pinned,
+            "serving": self.version == serving,
+            "created_at": self.created_at,
+            "metrics": _json_safe(self.metrics),
+            "load_seconds": self.load_seconds,
+        }
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The model's ``state_dict`` inside a checkpoint, wherever the learner nests it."""
+    for path in (("model",), ("learner", "model"), ("trainer", "learner", "model")):
+        node: Any = state
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            return node
+    raise KeyError("no model weights under 'model', 'learner.model' or 'trainer.learner.model'")
+
+
+def _build_model(config: dict[str, Any]) -> torch.nn.Module:
+    from learner.models import build_model
+
+    return build_model(config["model"] if "model" in config else config)
+
+
+class ModelHolder:
+    """Load, check, swap, pin and roll back versions of one model from a :class:`ModelStore`.
+
+    Parameters
+    ----------
+    store
+        The model store (``<root>/<model>/<version>/``); its ``pins.json`` holds the
+        serving pin, so a pin survives restarts and is protected from retention.
+    schema
+        The feature schema of the rows this process builds; a checkpoint whose
+        ``feature_schema_hash`` differs is refused.
+    keep_loaded
+        Models kept in memory: the serving one plus ``keep_loaded - 1`` others
+        (the previous version first, for an instant rollback).
+    quality_metric, quality_margin
+        Quality gate: refuse a version whose publication ``metrics[quality_metric]``
+        is lower than the serving model's by more than ``quality_margin``
+        (``None``: gate off). Missing or non-finite metrics pass.
+    warmup_rows
+        Rows of the warm-up batch (random tokens, a cold-start row of zeros).
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        schema: FeatureSchema,
+        *,
+        metrics: ServingMetrics | None = None,
+        keep_loaded: int = 2,
+        quality_metric: str = "auc",
+        quality_margin: float | None = None,
+        warmup_rows: int = 64,
+        max_failed_listed: int = 20,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if keep_loaded < 1:
+            raise ValueError(f"keep_loaded must be >= 1, got {keep_loaded}")
+        self.store = store
+        self.schema = schema
+        self.metrics = metrics if metrics is not None else ServingMetrics()
+        self.keep_loaded = keep_loaded
+        self.quality_metric = quality_metric
+        self.quality_margin = quality_margin
+        self.warmup_rows = warmup_rows
+        self.max_failed_listed = max_failed_listed
+        self.clock = clock
+        self.last_error: str | None = None
+        self.swaps = 0
+        self._current: ServedModel | None = None
+        self._pinned: str | None = None
+        self._versions: dict[str, VersionInfo] = {}
+        self._lock = threading.Lock()  # guards _versions for readers on other threads
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+
+    # ---- reading (any thread) --------------------------------------------------------
+    @property
+    def current(self) -> ServedModel | None:
+        """The serving model; read it once per request and use that object throughout."""
+        return self._current
+
+    @property
+    def pinned(self) -> str | None:
+        return self._pinned
+
+    def info(self, version: str) -> VersionInfo | None:
+        with self._lock:
+            return self._versions.get(version)
+
+    def listing(self) -> dict[str, Any]:
+        """The ``GET /v1/models`` document, newest version first."""
+        cur = self._current
+        serving = cur.version if cur else None
+        with self._lock:
+            infos = sorted(self._versions.values(), key=lambda i: int(i.version), reverse=True)
+        return {
+            "model": self.store.model,
+            "serving": serving,
+            "pinned": self._pinned,
+            "models": [i.to_json(serving, self._pinned) for i in infos],
+        }
+
+    # ---- async seams (the event loop never blocks on a load) --------------------------
+    async def _on_loader(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
+
+    async def astart(self) -> str | None:
+        return await self._on_loader(self.start)
+
+    async def aoffer(self, version: str) -> bool:
+        return await self._on_loader(self.offer, version)
+
+    async def apin(self, version: str) -> str:
+        return await self._on_loader(self.pin, version)
+
+    async def aunpin(self) -> str | None:
+        return await self._on_loader(self.unpin)
+
+    async def arollback(self) -> str:
+        return await self._on_loader(self.rollback)
+
+    async def arescan(self) -> None:
+        await self._on_loader(self.rescan)
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=True, cancel_futures=True)
+
+    # ---- state changes (loader thread, or synchronously before serving starts) -------
+    def start(self) -> str | None:
+        """Serve the pinned version, else the newest good one; return it (None: none yet).
+
+        Called once before the update topic is consumed, so a restart serves at once.
+        """
+        try:
+            pins = self.store.pins()
+        except CheckpointError as exc:
+            self._record_error(f"ignoring the serving pin: {exc}")
+            pins = []
+        pinned = pins[-1] if pins else None
+        versions = self.store.versions()
+        if pinned is not None and pinned in versions:
+            self._pinned = pinned
+            if self._load_and_register(pinned) is not None:
+                self._swap(pinned)
+            else:
+                self._record_error(
+                    f"pinned version {pinned} is not loadable; serving the newest good version "
+                    "instead (unpin or pin another version)"
+                )
+        elif pinned is not None:
+            self._record_error(f"pinned version {pinned} is not in the store; pin ignored")
+        if self._current is None:
+            for v in reversed(versions):
+                if self._load_and_register(v) is not None:
+                    self._swap(v)
+                    break
+        served = self._current.version if self._current else None
+        for v in versions:
+            if v not in self._versions:
+                self._register_unloaded(v)
+        self._evict()
+        return served
+
+    def offer(self, version: str) -> bool:
+        """A version was published: load and check it, swap if it is the one to serve.
+
+        Idempotent: a version already known is not loaded again. Returns True if it swapped.
+        """
+        version = _norm(version)
+        if self.info(version) is not None:
+            return False
+        cur = self._current
+        if self._pinned is None and cur is not None and int(version) < int(cur.version):
+            self._register_unloaded(version)  # an old message (topic replay): nothing to do
+            return False
+        if self._load_and_register(version) is None:
+            return False
+        cur = self._current
+        swapped = False
+        if self._pinned is None and (cur is None or int(version) > int(cur.version)):
+            self._swap(version)
+            swapped = True
+        self._evict()
+        return swapped
+
+    def rescan(self) -> None:
+        """Fallback for a missed update message: offer every store version newer than known."""
+        versions = self.store.versions()
+        newest_known = max((int(v) for v in self._versions), default=0)
+        for v in versions:
+            if int(v) > newest_known and self.info(v) is None:
+                self.offer(v)
+        present = set(versions)
+        with self._lock:
+            for v, i in list(self._versions.items()):
+                # Retention deleted it; a loaded copy stays usable until evicted.
+                if v not in present and i.served is None and i.state is VersionState.RETIRED:
+                    del self._versions[v]
+
+    def pin(self, version: str) -> str:
+        """Serve ``version`` and ignore newer ones until :meth:`unpin`; persist the pin."""
+        version = _norm(version)
+        info = self.info(version)
+        if info is None and version not in self.store.versions():
+            raise HolderError(404, f"model {self.store.model} has no version {version}")
+        if info is not None and info.state is VersionState.FAILED:
+            raise HolderError(409, f"version {version} failed its checks and cannot serve: {info.error}")
+        served = info.served if info is not None else None
+        if served is None:
+            served = self._load_and_register(version)
+            if served is None:
+                raise HolderError(409, f"version {version} cannot serve: {self.info(version).error}")
+        self._persist_pin(version)
+        self._pinned = version
+        if self._current is None or self._current.version != version:
+            self._swap(version)
+        self._evict()
+        return version
+
+    def unpin(self) -> str | None:
+        """Drop the pin and serve the newest good version again; return the serving version."""
+        self._persist_pin(None)
+        self._pinned = None
+        cur = self._current
+        for v in reversed(self.store.versions()):
+            if cur is not None and int(v) <= int(cur.version):
+                break
+            info = self.info(v)
+            if info is not None and info.state is VersionState.FAILED:
+                continue
+            served = info.served if info is not None else None
+            if served is None and self._load_and_register(v) is None:
+                continue
+            self._swap(v)
+            break
+        self._evict()
+        return self._current.version if self._current else None
+
+    def rollback(self) -> str:
+        """Serve the newest good version older than the serving one, and pin it."""
+        cur = self._current
+        if cur is None:
+            raise HolderError(409, "no model is serving: nothing to roll back from")
+        with self._lock:
+            older = sorted(
+                (i for i in self._versions.values()
+                 if int(i.version) < int(cur.version)
+                 and i.state in (VersionState.AVAILABLE, VersionState.RETIRED)),
+                key=lambda i: int(i.version), reverse=True,
+            )
+        for info in older:
+            if info.served is None and self._load_and_register(info.version) is None:
+                continue
+            self._persist_pin(info.version)
+            self._pinned = info.version
+            self._swap(info.version)
+            self._evict()
+            return info.version
+        raise HolderError(409, f"no good version older than {cur.version} to roll back to")
+
+    # ---- internals ------------------------------------------------------------------
+    def _set(self, info: VersionInfo) -> None:
+        with self._lock:
+            self._versions[info.version] = info
+            failed = sorted((v for v, i in self._versions.items() if i.state is VersionState.FAILED), key=int)
+            for v in failed[: max(0, len(failed) - self.max_failed_listed)]:
+                del self._versions[v]
+
+    def _record_error(self, message: str) -> None:
+        self.last_error = message
+        log.warning(message)
+
+    def _register_unloaded(self, version: str) -> None:
+        try:
+            m = self.store.manifest(version)
+            self._set(VersionInfo(version, VersionState.RETIRED, created_at=m.get("created_at"),
+                                  metrics=m.get("metrics") or {}))
+        except CheckpointError as exc:
+            self._set(VersionInfo(version, VersionState.FAILED, error=str(exc)))
+
+    def _load_and_register(self, version: str) -> ServedModel | None:
+        """Load + check on this thread; register the outcome; never raises for a bad checkpoint."""
+        t0 = time.perf_counter()
+        prev = self.info(version)
+        self._set(VersionInfo(version, VersionState.LOADING,
+                              created_at=prev.created_at if prev else None,
+                              metrics=prev.metrics if prev else {}))
+        try:
+            served = self.load(version)
+        except LoadFailure as exc:
+            self.metrics.load_failures.labels(exc.reason).inc()
+            self._set(VersionInfo(version, VersionState.FAILED, error=str(exc),
+                                  created_at=prev.created_at if prev else None,
+                                  metrics=prev.metrics if prev else {}))
+            self._record_error(f"refused {self.store.model} version {version}: {exc}")
+            return None
+        except Exception as exc:  # noqa: BLE001 - an unexpected bug must not kill the loader
+            log.exception("unexpected error loading version %s", version)
+            self.metrics.load_failures.labels("error").inc()
+            self._set(VersionInfo(version, VersionState.FAILED, error=f"unexpected error: {exc!r}"))
+            self._record_error(f"refused {self.store.model} version {version}: unexpected error {exc!r}")
+            return None
+        self._set(VersionInfo(version, VersionState.AVAILABLE, created_at=served.created_at,
+                              metrics=served.manifest.get("metrics") or {}, served=served,
+                              load_seconds=round(time.perf_counter() - t0, 4)))
+        return served
+
+    def _swap(self, version: str) -> None:
+        info = self.info(version)
+        assert info is not None and info.served is not None, version
+        self._current = info.served  # the swap: one reference assignment
+        self.swaps += 1
+        self.metrics.swaps.inc()
+        self.metrics.serving_changed(version, info.served.created_at)
+        if info.load_seconds is not None:
+            self.metrics.swap_seconds.observe(info.load_seconds)
+        log.info("serving %s version %s", self.store.model, version)
+
+    def _persist_pin(self, version: str | None) -> None:
+        try:
+            for v in self.store.pins():
+                if v != version:
+                    self.store.unpin(v)
+            if version is not None:
+                self.store.pin(version)
+        except (CheckpointError, OSError) as exc:
+            raise HolderError(500, f"could not write the pin to the model store: {exc}") from None
+
+    def _evict(self) -> None:
+        """Keep the serving model plus the ``keep_loaded - 1`` most useful others in memory."""
+        cur = self._current
+        with self._lock:
+            loaded = [i for i in self._versions.values() if i.served is not None]
+        if len(loaded) <= self.keep_loaded:
+            return
+        serving = cur.version if cur else None
+        others = [i for i in loaded if i.version != serving]
+        below = sorted((i for i in others if serving and int(i.version) < int(serving)),
+                       key=lambda i: int(i.version), reverse=True)
+        below_v = {i.version for i in below}
+        rest = sorted((i for i in others if i.version not in below_v), key=lambda i: int(i.version),
+                      reverse=True)
+        # The previous version first (instant rollback), then the newest standby.
+        ranked = below[:1] + rest + below[1:]
+        keep = self.keep_loaded - (1 if serving else 0)
+        for info in ranked[keep:]:
+            self._set(replace(info, state=VersionState.RETIRED, served=None))
+
+    # ---- the load itself ----------------------------------------------------------------
+    def load(self, version: str) -> ServedModel:
+        """Verify, load, rebuild and check one version; raise :class:`LoadFailure`."""
+        store = self.store
+        try:
+            manifest = store.manifest(version)
+        except CheckpointError as exc:
+            raise LoadFailure("manifest", str(exc)) from None
+        expected = self.schema.hash
+        if manifest.get("feature_schema_hash") != expected:
+            raise LoadFailure(
+                "schema",
+                f"feature schema hash {str(manifest.get('feature_schema_hash'))[:12]}… differs from "
+                f"the rows this server builds ({expected[:12]}…): the model was trained on another "
+                "feature schema",
+            )
+        try:
+            ck = store.load(version, expected_schema_hash=expected)  # sha256 + weights_only
+        except CheckpointError as exc:
+            msg = str(exc)
+            raise LoadFailure("checksum" if ("sha256" in msg or "bytes" in msg) else "load", msg) from None
+        try:
+            model = _build_model(ck.manifest["config"])
+            model.load_state_dict(_weights(ck.state))
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise LoadFailure("load", f"weights do not fit the manifest config: {exc}") from None
+        model.eval()
+        spec = getattr(model, "spec", None)
+        if spec is not None and (list(spec.categorical) != self.schema.categorical
+                                 or list(spec.dense) != self.schema.dense):
+            raise LoadFailure("schema", "the model's input fields differ from the feature schema")
+        served = ServedModel(version, model, ck.manifest, len(self.schema.categorical), len(self.schema.dense))
+        self._sanity(served)
+        self._quality_gate(served)
+        return served
+
+    def _sanity(self, served: ServedModel) -> None:
+        for name, p in served.model.state_dict().items():
+            if torch.is_tensor(p) and p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise LoadFailure("sanity", f"parameter {name!r} holds NaN or infinite values")
+        rng = np.random.default_rng(int(served.version))
+        n, f, d = max(2, self.warmup_rows), served.n_categorical, served.n_dense
+        cat = rng.integers(1, 2**62, size=(n, f), dtype=np.int64)
+        cat[0] = 0  # the cold-start row: every field missing
+        dense = rng.uniform(0.0, 5.0, size=(n, d)).astype(np.float32)
+        dense[0] = 0.0
+        try:
+            probs = served.predict(cat, dense)
+        except Exception as exc:  # noqa: BLE001 - any failure here means "do not serve"
+            raise LoadFailure("sanity", f"warm-up batch failed: {exc!r}") from None
+        if probs.shape != (n,):
+            raise LoadFailure("sanity", f"warm-up output has shape {probs.shape}, expected ({n},)")
+        if not np.isfinite(probs).all():
+            raise LoadFailure("sanity", "warm-up batch produced NaN or infinite scores")
+        if (probs < 0).any() or (probs > 1).any():
+            raise LoadFailure("sanity", "warm-up batch produced scores outside [0, 1]")
+
+    def _quality_gate(self, served: ServedModel) -> None:
+        cur = self._current
+        if self.quality_margin is None or cur is None:
+            return
+        new = (served.manifest.get("metrics") or {}).get(self.quality_metric)
+        old = (cur.manifest.get("metrics") or {}).get(self.quality_metric)
+        if not isinstance(new, (int, float)) or not isinstance(old, (int, float)):
+            return
+        if not (math.isfinite(new) and math.isfinite(old)):
+            return
+        if new < old - self.quality_margin:
+            raise LoadFailure(
+                "quality",
+                f"quality gate: {self.quality_metric} {new:.4f} is below the serving version "
+                f"{cur.version}'s {old:.4f} by more than {self.quality_margin}",
+            )
+
+
+def _norm(version: str | int) -> str:
+    """``7``, ``"7"`` and ``"000007"`` all name version ``000007``."""
+    text = str(version).strip()
+    if not text.isdigit() or not text.isascii():
+        raise HolderError(400, f"version must be digits like 000007, got {str(version)[:40]!r}")
+    return f"{int(text):06d}"

@@ -1,0 +1,170 @@
+"""Scoring: request validation, then features → rows → one forward pass.
+
+The row path is the training one (DESIGN.md principle 4): counters, attributes and item
+codes come from :meth:`features.store.OnlineStore.get_online_features` for all
+candidates at once (one pipelined round trip, plus one for item attributes missing from
+the store's short cache), and :meth:`features.rows.RowBuilder.build_for_scoring`
+encodes them exactly as the worker encodes training rows. Unknown users and items are
+not errors: their counters read as zero and their tokens take the model's cold-start
+rows.
+
+Validation never trusts the body: every failure is a :class:`RequestError` naming the
+field, which the app answers with 400 (or 413 for too many candidates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from serving.holder import ServedModel
+
+__all__ = ["RequestError", "ScoreRequest", "Scorer", "parse_score_request"]
+
+MAX_ID_CHARS = 256
+MAX_OBJECT_KEYS = 64
+
+
+class RequestError(Exception):
+    """A request the client must fix; ``field`` names the offending input."""
+
+    def __init__(self, message: str, field: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.field = field
+        self.status = status
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": str(self), "field": self.field}
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """A validated ``POST /v1/score`` body."""
+
+    user_id: str | int
+    candidates: list[str | int]
+    context: dict[str, Any] | None = None
+    user: dict[str, Any] | None = None
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_id(value: Any, field: str) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RequestError(f"{field} must be a string or an integer, got {type(value).__name__}", field)
+    if isinstance(value, str) and not (0 < len(value) <= MAX_ID_CHARS):
+        raise RequestError(f"{field} must have 1 to {MAX_ID_CHARS} characters", field)
+    if isinstance(value, int) and not (-(2**63) <= value < 2**63):
+        raise RequestError(f"{field} is out of the 64-bit integer range", field)
+    return value
+
+
+def _check_object(value: Any, field: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError(f"{field} must be an object of field: value, got {type(value).__name__}", field)
+    if len(value) > MAX_OBJECT_KEYS:
+        raise RequestError(f"{field} has {len(value)} keys; at most {MAX_OBJECT_KEYS} are accepted", field)
+    for k, v in value.items():
+        if v is not None and (isinstance(v, (dict, list)) or not isinstance(v, (str, int, float, bool))):
+            raise RequestError(f"{field}.{k} must be a string, number, boolean or null", f"{field}.{k}")
+        if isinstance(v, str) and len(v) > MAX_ID_CHARS:
+            raise RequestError(f"{field}.{k} is longer than {MAX_ID_CHARS} characters", f"{field}.{k}")
+    return dict(value)
+
+
+def parse_score_request(body: bytes, max_candidates: int) -> ScoreRequest:
+    """Validate a ``/v1/score`` body.
+
+    >>> parse_score_request(b'{"user_id": 7, "candidates": ["a", 2]}', 10).candidates
+    ['a', 2]
+    >>> parse_score_request(b'{"user_id": 7}', 10)
+    Traceback (most recent call last):
+    ...
+    serving.scoring.RequestError: candidates is required: a list of item ids
+    """
+    try:
+        doc = json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise RequestError("body is nested too deeply", "body") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RequestError(f"body is not valid JSON: {exc}", "body") from None
+    if not isinstance(doc, dict):
+        raise RequestError(f"body must be a JSON object, got {type(doc).__name__}", "body")
+    if "user_id" not in doc:
+        raise RequestError("user_id is required", "user_id")
+    user_id = _check_id(doc["user_id"], "user_id")
+    if "candidates" not in doc:
+        raise RequestError("candidates is required: a list of item ids", "candidates")
+    cands = doc["candidates"]
+    if not isinstance(cands, list):
+        raise RequestError(f"candidates must be a list of item ids, got {type(cands).__name__}", "candidates")
+    if len(cands) > max_candidates:
+        raise RequestError(
+            f"candidates has {len(cands)} items; at most {max_candidates} are accepted per request "
+            "(HEADWATER_MAX_CANDIDATES): split the list",
+            "candidates",
+            status=413,
+        )
+    candidates = [_check_id(c, f"candidates[{i}]") for i, c in enumerate(cands)]
+    context = _check_object(doc.get("context"), "context")
+    user = _check_object(doc.get("user"), "user")
+    return ScoreRequest(user_id, candidates, context, user)
+
+
+class Scorer:
+    """Features for all candidates in one read, rows by the shared builder, one forward pass.
+
+    ``store`` is an async :class:`features.store.OnlineStore`; ``builder`` a
+    :class:`features.rows.RowBuilder` (its ``schema`` is what checkpoints must match).
+    Row encoding and the forward pass run together on ``executor`` (a small thread
+    pool): torch releases the GIL, and the event loop keeps serving I/O meanwhile.
+    """
+
+    def __init__(self, store: Any, builder: Any, executor: Executor | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.builder = builder
+        self.schema = builder.schema
+        self.executor = executor
+        self.clock = clock
+        self._cat_cols = [f"c:{f}" for f in self.schema.categorical]
+        self._dense_cols = [f"d:{d}" for d in self.schema.dense]
+
+    async def features(self, req: ScoreRequest, now: float) -> Mapping[str, Any]:
+        rows = [{"user_id": req.user_id, "item_id": c, "context": req.context} for c in req.candidates]
+        return await self.store.get_online_features(rows, now=now)
+
+    def encode(self, req: ScoreRequest, feats: Mapping[str, Any], now: float) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens ``[n, F]`` int64 and dense ``[n, D]`` float32, in schema order."""
+        cols = self.builder.build_for_scoring(req.user_id, req.user, req.context, req.candidates, feats, now=now)
+        n = len(req.candidates)
+        cat = (np.stack([np.asarray(cols[c], dtype=np.int64) for c in self._cat_cols], axis=1)
+               if self._cat_cols else np.zeros((n, 0), np.int64))
+        dense = (np.stack([np.asarray(cols[c], dtype=np.float32) for c in self._dense_cols], axis=1)
+                 if self._dense_cols else np.zeros((n, 0), np.float32))
+        return cat, dense
+
+    def _encode_and_predict(self, served: ServedModel, req: ScoreRequest, feats: Mapping[str, Any],
+                            now: float) -> np.ndarray:
+        cat, dense = self.encode(req, feats, now)
+        return served.predict(cat, dense)
+
+    async def score(self, served: ServedModel, req: ScoreRequest) -> np.ndarray:
+        """Scores in candidate order, all from ``served`` (the model the request started with)."""
+        if not req.candidates:
+            return np.zeros(0)
+        now = self.clock()
+        feats = await self.features(req, now)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._encode_and_predict, served, req, feats, now)

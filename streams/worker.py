@@ -1,0 +1,110 @@
+"""``headwater worker``: the Faust worker process with the clicks, items and audit agents."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import redis.asyncio as aioredis
+
+from detection.alert_store import save_alerts
+from headwater.health import PERIOD_S, make_status, publish_async
+from headwater.settings import Settings
+from streams.app import add_web_pages, batched_agent, create_app
+from streams.audit_path import AuditHandler
+from streams.click_path import ClickHandler
+from streams.item_path import ItemHandler
+from streams.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class WorkerState:
+    """What the worker reports in its heartbeat and ``/healthz``."""
+
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self.metrics = metrics
+        self.started_at = time.time()
+        self.last_error: str | None = None
+        self.redis_ok = True
+
+    def on_error(self, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def _total(self, counter) -> int:
+        return int(sum(s.value for m in counter.collect() for s in m.samples
+                       if s.name.endswith("_total")))
+
+    def status(self) -> dict:
+        m = self.metrics
+        return {
+            "events_in_total": self._total(m.events_in),
+            "events_valid_total": self._total(m.events_valid),
+            "dead_letter_total": self._total(m.dead_letters),
+            "duplicates_total": self._total(m.duplicates),
+            "rows_out_total": int(sum(s.value for mm in m.events_out.collect() for s in mm.samples
+                                      if s.name.endswith("_total") and s.labels.get("topic", "").endswith("train-batches"))),
+            "alerts_total": self._total(m.alerts),
+            "items_coded_total": self._total(m.items_coded),
+            "redis_ok": self.redis_ok,
+        }
+
+
+def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = True):
+    """The worker's Faust app with its three agents and heartbeat timer."""
+    metrics = WorkerMetrics()
+    state = WorkerState(metrics)
+    app = create_app(settings, bootstrap, app_id=f"{settings.topic_prefix}headwater-worker",
+                     web_port=settings.worker_port if web else None)
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
+    topics = settings.topics
+    audit_pool = ThreadPoolExecutor(1, thread_name_prefix="audit")
+
+    clicks = ClickHandler(settings, client, metrics, state)
+    items = ItemHandler(settings, client, metrics, state)
+    audit = AuditHandler(topics, metrics, alert_sink=lambda alerts: save_alerts(client, alerts),
+                         executor=audit_pool)
+    n = settings.partitions
+    batched_agent(app, topics["clicks"], n, clicks, settings.click_batch_size,
+                  settings.click_batch_within, "clicks", state.on_error)
+    batched_agent(app, topics["items"], n, items, 256, 0.05, "items", state.on_error)
+    batched_agent(app, topics["audit"], n, audit, settings.audit_batch_size, 0.05, "audit",
+                  state.on_error)
+    add_web_pages(app, metrics.registry, state.status)
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app_, assigned, **kwargs):
+        # The offsets recorded beside the counter state are the truth: seek there so a
+        # Redis that lost its last writes is caught up by replay.
+        await clicks.on_assigned(app, [tp for tp in assigned if tp.topic == topics["clicks"]])
+
+    @app.timer(PERIOD_S)
+    async def heartbeat():
+        doc = make_status("worker", state.started_at, **state.status())
+        doc["healthy"] = state.redis_ok
+        doc["last_error"] = state.last_error
+        try:
+            await publish_async(client, doc)
+            state.redis_ok = True
+        except Exception as exc:  # noqa: BLE001 - a Redis outage is reported, not fatal
+            state.redis_ok = False
+            state.on_error(exc)
+
+    app.headwater = {"metrics": metrics, "state": state, "clicks": clicks, "items": items,
+                     "audit": audit, "redis": client}
+    return app
+
+
+def run_worker(settings: Settings, bootstrap: str, redis_url: str) -> int:
+    from faust import Worker
+
+    from streams.topics import ensure_topics
+
+    ensure_topics(settings, bootstrap, timeout=120)
+    app = build_app(settings, bootstrap, redis_url)
+    worker = Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    asyncio.set_event_loop(worker.loop)
+    worker.execute_from_commandline()
+    return 0

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from features.counters import (
+    CounterConfig,
+    CounterSpec,
+    aggregate,
+    as_columns,
+    decay_state,
+    derive_features,
+    resolve_refs,
+)
+
+
+def test_spec_validation_and_context_shorthand():
+    assert CounterSpec("device", key_from_context="device").key == ("context.device",)
+    with pytest.raises(ValueError, match="unknown key field"):
+        CounterSpec("x", key=("nope",))
+    with pytest.raises(ValueError, match="duplicate"):
+        CounterConfig(specs=(CounterSpec("a"), CounterSpec("a")))
+
+
+def test_state_fields_and_feature_names_follow_half_lives():
+    cfg = CounterConfig(specs=(CounterSpec("user", key=("user_id",)),), half_lives=(60, 7200))
+    assert cfg.state_fields == ["n", "c", "n@60", "c@60", "n@7200", "c@7200", "t"]
+    assert "user_ctr_2h" in cfg.feature_names() and "user_impressions_1m" in cfg.feature_names()
+
+
+def test_refs_cover_products_of_multi_valued_keys_and_skip_missing_keys():
+    cfg = CounterConfig(
+        specs=(
+            CounterSpec("user_genre", key=("user_id", "genre")),
+            CounterSpec("device", key_from_context="device"),
+            CounterSpec("all"),
+        )
+    )
+    cols = as_columns(
+        {
+            "ts": [0.0, 1.0],
+            "user_id": [1, 2],
+            "item_id": [10, 11],
+            "context": [{"device": "ios"}, None],
+        }
+    )
+    refs = resolve_refs(cfg, cols, {"10": {"genres": ["A", "B"]}, "11": {"tags": ["C"]}})
+    got = [(int(e), refs.entities[k]) for e, k in zip(refs.event, refs.entity, strict=True)]
+    assert got == [
+        (0, "user_genre:1|A"),
+        (0, "user_genre:1|B"),
+        (0, "device:ios"),
+        (0, "all"),
+        (1, "user_genre:2|C"),
+        (1, "all"),
+    ]
+
+
+def test_hour_and_weekday_are_utc_calendar_values():
+    ts = [0.0, 1_700_000_000.0, 881_250_949.0]
+    cfg = CounterConfig(specs=(CounterSpec("h", key=("hour", "weekday")),))
+    refs = resolve_refs(cfg, as_columns({"ts": ts}))
+    for name, t in zip(refs.entities, ts, strict=True):
+        d = dt.datetime.fromtimestamp(t, dt.UTC)
+        assert name == f"h:{d.hour}|{d.weekday()}"
+
+
+def test_decay_matches_half_life_definition_and_never_goes_backwards():
+    cfg = CounterConfig(specs=(CounterSpec("x"),), half_lives=(100.0,))
+    state = np.array([[4.0, 2.0, 8.0, 6.0, 1000.0], [1.0, 1.0, 1.0, 1.0, np.nan]])
+    after = decay_state(cfg, state, np.array([1100.0, 5.0]))
+    assert after[0].tolist() == [4.0, 2.0, 4.0, 3.0]  # one half-life: halved, totals kept
+    assert after[1].tolist() == [1.0, 1.0, 1.0, 1.0]
+    before = decay_state(cfg, state[:1], 900.0)  # asked for a time before t: as stored
+    assert before[0].tolist() == [4.0, 2.0, 8.0, 6.0]
+
+
+def test_smoothed_ctr_formula_and_pooling():
+    cfg = CounterConfig(
+        specs=(CounterSpec("genre", key=("genre",)),), half_lives=(3600,), alpha=4.0, prior=0.25
+    )
+    cols = as_columns({"ts": [0.0], "item_id": [1]})
+    refs = resolve_refs(cfg, cols, {"1": {"genres": ["A", "B"]}})
+    per_ref = np.array([[10.0, 3.0, 5.0, 1.0], [6.0, 1.0, 2.0, 2.0]])
+    f = derive_features(cfg, aggregate(refs, per_ref))
+    assert f["genre_impressions_total"][0] == 16.0
+    assert math.isclose(f["genre_ctr_total"][0], (4 + 4 * 0.25) / (16 + 4))
+    assert math.isclose(f["genre_ctr_1h"][0], (3 + 1.0) / (7 + 4))
+
+
+def test_as_columns_accepts_rows_arrow_and_flattened_context():
+    rows = [{"ts": 1, "user_id": 3, "item_id": "9", "label": 1, "context.device": "web"}]
+    c = as_columns(rows)
+    assert c["context"] == [{"device": "web"}] and c["user_id"].tolist() == ["3"]
+    t = pa.table(
+        {
+            "ts": [1.0, 2.0],
+            "user_id": [1, 2],
+            "item_id": [5, 6],
+            "offset": [3, 3],
+            "sub": [0, 1],
+            "label": [0, 1],
+        }
+    )
+    c = as_columns(t)
+    assert c["offset"].tolist() == [3, 3] and c["sub"].dtype == np.int32
+    with pytest.raises(ValueError, match="'ts'"):
+        as_columns({"user_id": [1]})

@@ -1,0 +1,297 @@
+"""The Redis online store against a real redis-server (the session's, flushed per test)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from features.counters import (
+    CounterConfig,
+    CounterSpec,
+    aggregate,
+    as_columns,
+    derive_features,
+    resolve_refs,
+)
+from features.store import OnlineStore
+
+CFG = CounterConfig(
+    specs=(
+        CounterSpec("user", key=("user_id",)),
+        CounterSpec("item", key=("item_id",)),
+        CounterSpec("genre", key=("genre",)),
+        CounterSpec("user_genre", key=("user_id", "genre")),
+    ),
+    half_lives=(3600.0, 86400.0),
+)
+
+
+def _events(ml, start, stop, per_message=1):
+    """MovieLens clicks start:stop as columns; ``per_message`` events share one offset."""
+    c = ml.clicks
+    idx = np.arange(start, stop)
+    return {
+        "event_id": c["event_id"][idx],
+        "ts": c["ts"][idx],
+        "user_id": c["user_id"][idx],
+        "item_id": c["item_id"][idx],
+        "label": c["label"][idx],
+        "offset": idx // per_message,
+        "sub": idx % per_message,
+        "user": [ml.users[u] for u in c["user_id"][idx]],
+    }
+
+
+def _slice(cols, sl):
+    out = {}
+    for k, v in cols.items():
+        out[k] = v[sl] if isinstance(v, np.ndarray) else [v[i] for i in np.arange(len(v))[sl]]
+    return out
+
+
+def _reference_features(cfg, cols, item_attrs, ref):
+    refs = resolve_refs(cfg, as_columns(cols), item_attrs)
+    pre = np.zeros((len(refs.event), cfg.width))
+    for e in range(refs.n_events):
+        rows = np.flatnonzero(refs.event == e)
+        names = [refs.entities[k] for k in refs.entity[rows]]
+        pre[rows] = ref.apply(names, float(cols["ts"][e]), int(cols["label"][e]))
+    return derive_features(cfg, aggregate(refs, pre)), ref
+
+
+def _assert_features_equal(got, want, mask=None):
+    for k, v in want.items():
+        g = got[k] if mask is None else got[k][mask]
+        np.testing.assert_allclose(
+            g, v if mask is None else v[mask], rtol=1e-9, atol=1e-9, err_msg=k
+        )
+
+
+@pytest.fixture
+def ml_items(ml):
+    return {i: {k: v for k, v in a.items() if k != "title"} for i, a in ml.items.items()}
+
+
+def test_point_in_time_features_match_event_by_event_reference(
+    make_store, ml, ml_items, reference_counters
+):
+    store = make_store(partitions=1, counters=CFG)
+    store.put_item_attributes(ml_items, ts=0)
+    cols = _events(ml, 0, 600, per_message=3)
+    ref = reference_counters(CFG.half_lives)
+    for start in range(0, 600, 150):
+        batch = _slice(cols, slice(start, start + 150))
+        res = store.apply_batch("clicks", 0, batch)
+        want, ref = _reference_features(CFG, batch, ml_items, ref)
+        assert res.valid.all() and res.late_count == 0 and res.duplicate_count == 0
+        _assert_features_equal(res.features, want)
+    assert res.next_offset == 200
+    assert store.next_offsets(0) == {"clicks": 200}
+
+
+def test_shuffled_input_order_is_applied_in_offset_order(make_store, ml, ml_items):
+    a, b = make_store(counters=CFG), make_store(counters=CFG, prefix="other")
+    for s in (a, b):
+        s.put_item_attributes(ml_items, ts=0)
+    cols = _events(ml, 0, 200, per_message=4)
+    perm = np.random.default_rng(0).permutation(200)
+    ra = a.apply_batch("clicks", 0, cols)
+    rb = b.apply_batch("clicks", 0, _slice(cols, perm))
+    _assert_features_equal({k: v[np.argsort(perm)] for k, v in rb.features.items()}, ra.features)
+
+
+def test_reapplying_a_batch_changes_nothing_and_returns_the_same_features(
+    make_store, dump_state, ml, ml_items
+):
+    store = make_store(counters=CFG)
+    store.put_item_attributes(ml_items, ts=0)
+    batch = _events(ml, 0, 300, per_message=2)
+    first = store.apply_batch("clicks", 0, batch)
+    state = dump_state()
+    again = store.apply_batch("clicks", 0, batch)
+    assert dump_state() == state
+    assert again.duplicate_count == 300 and again.valid.all() and again.replayed.all()
+    _assert_features_equal(again.features, first.features)
+
+
+def test_partial_overlap_and_crash_replay_leave_the_clean_run_state(
+    make_store, dump_state, ml, ml_items
+):
+    cols = _events(ml, 0, 400, per_message=2)
+    clean = make_store(counters=CFG, prefix="clean")
+    clean.put_item_attributes(ml_items, ts=0)
+    clean_res = clean.apply_batch("clicks", 0, cols)
+
+    store = make_store(counters=CFG)
+    store.put_item_attributes(ml_items, ts=0)
+    parts = [slice(0, 100), slice(50, 250), slice(250, 400)]  # second overlaps the first
+    for sl in parts:
+        store.apply_batch("clicks", 0, _slice(cols, sl))
+    # "Crash": the worker restarts from an earlier committed offset and replays.
+    replay = store.apply_batch("clicks", 0, _slice(cols, slice(100, 400)))
+    assert replay.duplicate_count == 300 and replay.valid.all()
+    _assert_features_equal(replay.features, {k: v[100:] for k, v in clean_res.features.items()})
+    strip = lambda d, p: {k.replace(p, "", 1): v for k, v in d.items()}  # noqa: E731
+    assert strip(dump_state("{hw:*"), "{hw:") == strip(dump_state("{clean:*"), "{clean:")
+
+
+def test_events_older_than_the_replay_cache_are_marked_invalid(make_store, ml, ml_items):
+    store = make_store(counters=CFG, replay_batches=1)
+    store.put_item_attributes(ml_items, ts=0)
+    cols = _events(ml, 0, 200)
+    store.apply_batch("clicks", 0, _slice(cols, slice(0, 100)))
+    store.apply_batch("clicks", 0, _slice(cols, slice(100, 200)))
+    res = store.apply_batch("clicks", 0, cols)
+    assert res.duplicate_count == 200
+    assert not res.valid[:100].any() and res.valid[100:].all()
+
+
+def test_late_events_are_counted_exact_and_never_move_time_back(make_store, redis_db):
+    cfg = CounterConfig(specs=(CounterSpec("item", key=("item_id",)),), half_lives=(100.0,))
+    registry = CollectorRegistry()
+    store = make_store(counters=cfg, registry=registry)
+    in_order = make_store(counters=cfg, prefix="ordered")
+    ts, labels = [1000.0, 1200.0, 900.0, 1300.0], [1, 0, 1, 1]
+    ev = {"ts": ts, "item_id": [5] * 4, "label": labels, "offset": [0, 1, 2, 3], "sub": [0] * 4}
+    res = store.apply_batch("clicks", 0, ev)
+    assert res.late.tolist() == [False, False, True, False] and res.late_count == 1
+    # The late event sees the state kept at t=1200, not a state decayed backwards.
+    assert res.features["item_impressions_total"].tolist() == [0, 1, 2, 3]
+    assert res.features["item_impressions_100s"][2] == pytest.approx(1 * 2**-2 + 1)
+    order = np.argsort(ts)
+    in_order.apply_batch(
+        "clicks",
+        0,
+        {k: np.asarray(v)[order] for k, v in ev.items() if k != "offset"}
+        | {"offset": [0, 1, 2, 3]},
+    )
+    now = 1300.0
+    late_view, ordered_view = (
+        store.entity_features("item:5", now),
+        in_order.entity_features("item:5", now),
+    )
+    for k in ("impressions_total", "clicks_total", "impressions_100s", "clicks_100s", "ctr_100s"):
+        assert late_view[k] == pytest.approx(ordered_view[k], rel=1e-12), k
+    client = redis.Redis.from_url(redis_db)
+    assert float(client.hget("{hw:p0}:item:5", "t")) == 1300.0
+    assert (
+        registry.get_sample_value("headwater_features_late_events_total", {"topic": "clicks"}) == 1
+    )
+    store.apply_batch("clicks", 0, ev)
+    assert (
+        registry.get_sample_value("headwater_features_duplicate_events_total", {"topic": "clicks"})
+        == 4
+    )
+    client.close()
+
+
+def test_reads_sum_partition_shards_and_batches_see_other_shards(make_store):
+    cfg = CounterConfig(specs=(CounterSpec("item", key=("item_id",)),), half_lives=(3600.0,))
+    store = make_store(partitions=3, counters=cfg)
+    store.apply_batch(
+        "clicks", 0, {"ts": [10.0, 20.0], "item_id": [7, 7], "label": [1, 1], "offset": [0, 1]}
+    )
+    res = store.apply_batch(
+        "clicks", 2, {"ts": [30.0], "item_id": [7], "label": [0], "offset": [0]}
+    )
+    assert res.features["item_impressions_total"].tolist() == [2.0]
+    assert res.features["item_impressions_1h"][0] == pytest.approx(
+        2 ** (-20 / 3600) + 2 ** (-10 / 3600)
+    )
+    got = store.get_online_features(
+        {"item_id": [7, 8]}, ["item_impressions_total", "item_clicks_total"], now=30.0
+    )
+    assert got["item_impressions_total"].tolist() == [3.0, 0.0]
+    assert got["item_clicks_total"].tolist() == [2.0, 0.0]
+    ent = store.entity_features("item:7", now=30.0)
+    assert ent["impressions_by_partition"] == {0: 2, 2: 1}
+    assert store.next_offsets(0) == {"clicks": 2} and store.next_offsets(1) == {}
+
+
+def test_get_online_features_is_one_round_trip_and_decays_to_now(make_store, redis_db):
+    store = make_store(partitions=4, counters=CFG)
+    store.put_item_attributes({i: {"genres": ["Drama"]} for i in range(100)}, ts=0)
+    store.apply_batch(
+        "clicks",
+        1,
+        {"ts": [0.0, 0.0], "user_id": [1, 1], "item_id": [3, 4], "label": [1, 0], "offset": [0, 1]},
+    )
+    rows = [{"user_id": 1, "item_id": i} for i in range(100)]
+    store.get_online_features(rows, now=0.0)  # warms the item-attribute cache
+    client = redis.Redis.from_url(redis_db)
+    client.config_resetstat()
+    before = store.round_trips
+    got = store.get_online_features(rows, now=3600.0)
+    assert store.round_trips - before == 1
+    stats = client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 4  # one read script per partition shard
+    assert got["user_impressions_total"][0] == 2.0
+    assert got["user_impressions_1h"][0] == pytest.approx(1.0)  # 2 impressions, one half-life
+    assert got["user_clicks_1d"][0] == pytest.approx(2 ** (-1 / 24))
+    assert got["genre_impressions_total"].tolist() == [2.0] * 100
+    assert got["item_impressions_total"][3:5].tolist() == [1.0, 1.0]
+    assert got["item_attrs"][3] == {"genres": ["Drama"]} and got["codes"][3] is None
+    client.close()
+
+
+def test_attributes_codes_and_entity_view(make_store):
+    store = make_store(counters=CFG)
+    assert store.put_item_attributes({242: {"genres": ["Comedy"], "year": 1996, "ts": 50}}) == 1
+    assert store.put_item_attributes({242: {"genres": ["Old"], "ts": 10}}) == 0  # older: ignored
+    store.set_item_codes(242, {"rq": [3, 1, 4], "vq": [9]}, version="cb-1")
+    assert store.get_item_codes_many([242, 999]) == [{"rq": [3, 1, 4], "vq": [9]}, None]
+    store.apply_batch(
+        "clicks",
+        0,
+        {
+            "ts": [100.0],
+            "user_id": [42],
+            "item_id": [242],
+            "label": [1],
+            "offset": [0],
+            "user": [{"age": 30, "gender": "F"}],
+        },
+    )
+    item = store.entity_features("item:242", now=100.0)
+    assert item["impressions_total"] == 1 and item["clicks_total"] == 1
+    assert item["attributes"] == {"genres": ["Comedy"], "year": 1996}
+    assert item["codes"] == {"rq": [3, 1, 4], "vq": [9]} and item["codes_version"] == "cb-1"
+    assert item["ctr_total"] == pytest.approx((1 + 5 * 0.5) / 6)
+    user = store.entity_features("user:42", now=100.0)
+    assert user["attributes"] == {"age": 30, "gender": "F"}
+    assert store.entity_features("user_genre:42|Comedy")["impressions_total"] == 1
+    with pytest.raises(ValueError, match="expected"):
+        store.entity_features("nobody:1")
+
+
+def test_scripts_are_reloaded_after_a_flush(make_store, redis_db):
+    store = make_store(counters=CFG)
+    client = redis.Redis.from_url(redis_db)
+    client.script_flush()
+    res = store.apply_batch(
+        "clicks", 0, {"ts": [1.0], "user_id": [1], "item_id": [2], "label": [1], "offset": [0]}
+    )
+    assert res.next_offset == 1
+    client.close()
+
+
+async def test_async_store_runs_the_same_plans(redis_db):
+    store = OnlineStore.from_url(redis_db, partitions=2, counters=CFG)
+    try:
+        ev = {
+            "ts": [1.0, 2.0],
+            "user_id": [1, 1],
+            "item_id": [2, 2],
+            "label": [1, 0],
+            "offset": [5, 6],
+        }
+        res = await store.apply_batch("clicks", 1, ev)
+        assert res.features["user_impressions_total"].tolist() == [0.0, 1.0]
+        assert await store.next_offsets(1) == {"clicks": 7}
+        got = await store.get_online_features([{"user_id": 1}], ["user_clicks_total"], now=2.0)
+        assert got["user_clicks_total"].tolist() == [1.0] and set(got) == {"user_clicks_total"}
+        assert (await store.entity_features("user:1"))["impressions_total"] == 2
+    finally:
+        await store.aclose()

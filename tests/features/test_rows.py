@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from features.counters import CounterConfig, CounterSpec
+from features.hashing import hash_token
+from features.rows import RowBuilder, RowConfig
+
+CFG = CounterConfig(
+    specs=(
+        CounterSpec("user", key=("user_id",)),
+        CounterSpec("item", key=("item_id",)),
+        CounterSpec("genre", key=("genre",)),
+    ),
+    half_lives=(3600.0,),
+)
+ROWS = RowConfig(
+    counters=CFG, context_fields=("hour", "weekday", "device"), code_fields=("rq0", "rq1", "vq")
+)
+ITEMS = {"10": {"genres": ["Comedy", "Drama"], "year": 1995}, "11": {"tags": ["Horror"]}}
+
+
+def _events():
+    return {
+        "event_id": ["a", "b", "c"],
+        "ts": [3600.0 * 25 + 5, 7200.0, 7300.0],
+        "user_id": [1, 2, 1],
+        "item_id": [10, 11, 12],
+        "label": [1, 0, 1],
+        "offset": [4, 4, 5],
+        "sub": [0, 1, 0],
+        "user": [{"age": 24, "gender": "M", "zip_code": "85711"}, {"age": 60}, None],
+        "context": [{"device": "ios"}, None, None],
+    }
+
+
+def _features(n, cfg=CFG, seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: rng.uniform(0, 50, n) for k in cfg.feature_names()}
+
+
+def test_columns_match_the_train_batch_contract():
+    rb = RowBuilder(ROWS)
+    cols = rb.build(_events(), _features(3), ITEMS, {"10": {"rq": [7, 8], "vq": [3]}})
+    fixed = ["event_id", "ts", "label", "offset", "sub"]
+    assert list(cols) == fixed + rb.schema.columns
+    assert cols["label"].dtype == np.int8 and cols["sub"].dtype == np.int32
+    for name in rb.schema.columns:
+        assert cols[name].dtype == (np.int64 if name.startswith("c:") else np.float32), name
+        assert cols[name].shape == (3,)
+
+
+def test_tokens_carry_attributes_context_and_codes_with_zero_for_missing():
+    rb = RowBuilder(ROWS)
+    cols = rb.build(_events(), _features(3), ITEMS, {"10": {"rq": [7, 8], "vq": [3]}})
+    assert cols["c:user_id"].tolist() == [hash_token("user_id", u) for u in (1, 2, 1)]
+    assert cols["c:age"].tolist() == [hash_token("age", "18"), hash_token("age", "56"), 0]
+    assert cols["c:zip3"].tolist() == [hash_token("zip3", "857"), 0, 0]
+    assert cols["c:genre"].tolist() == [
+        hash_token("genre", "Comedy"),
+        hash_token("genre", "Horror"),
+        0,
+    ]
+    assert cols["c:year"].tolist() == [hash_token("year", 1995), 0, 0]
+    assert cols["c:hour"].tolist() == [hash_token("hour", h) for h in (1, 2, 2)]
+    assert cols["c:weekday"][0] == hash_token("weekday", 4)  # 1970-01-02 was a Friday
+    assert cols["c:device"].tolist() == [hash_token("device", "ios"), 0, 0]
+    assert cols["c:rq1"].tolist() == [hash_token("rq1", 8), 0, 0]
+    assert cols["c:vq"].tolist() == [hash_token("vq", 3), 0, 0]
+
+
+def test_counter_buckets_and_dense_values():
+    feats = {k: np.zeros(3) for k in CFG.feature_names()}
+    feats["item_impressions_total"] = np.array([0.0, 1.0, 1000.0])
+    feats["item_ctr_total"] = np.array([0.5, 0.05, 0.95])
+    cols = RowBuilder(ROWS).build(_events(), feats, ITEMS)
+    assert cols["c:item_imp_bucket"].tolist() == [
+        hash_token("item_imp_bucket", b) for b in (0, 1, 9)
+    ]
+    assert cols["c:item_ctr_bucket"].tolist() == [
+        hash_token("item_ctr_bucket", b) for b in (-1, 0, 9)
+    ]
+    np.testing.assert_allclose(
+        cols["d:log1p_item_impressions_total"], np.log1p([0, 1, 1000]), rtol=1e-6
+    )
+    np.testing.assert_allclose(cols["d:item_ctr_total"], [0.5, 0.05, 0.95], rtol=1e-6)
+
+
+def test_scoring_builds_the_same_columns_as_training():
+    rb = RowBuilder(ROWS)
+    user = {"age": 24, "gender": "M", "zip_code": "85711"}
+    items = [10, 11, 12]
+    feats = _features(3, seed=1)
+    train = rb.build(
+        {
+            "event_id": ["x"] * 3,
+            "ts": [7200.0] * 3,
+            "user_id": [1] * 3,
+            "item_id": items,
+            "label": [0] * 3,
+            "offset": [0] * 3,
+            "user": [user] * 3,
+            "context": [{"device": "web"}] * 3,
+        },
+        feats,
+        ITEMS,
+        {"10": {"rq": [1]}},
+    )
+    serve_feats = {
+        **feats,
+        "item_attrs": [ITEMS.get(str(i)) for i in items],
+        "codes": [{"rq": [1]}, None, None],
+        "user_attrs": [user] * 3,
+    }
+    score = rb.build_for_scoring(1, None, {"device": "web"}, items, serve_feats, now=7200.0)
+    assert list(score) == rb.schema.columns
+    for name in rb.schema.columns:
+        np.testing.assert_array_equal(score[name], train[name], err_msg=name)
+
+
+def test_round_trip_through_the_learner_codec():
+    batch = pytest.importorskip("learner.batch")
+    rb = RowBuilder(ROWS)
+    cols = rb.build(_events(), _features(3), ITEMS)
+    payload = batch.encode_batch(cols, rb.schema.to_json(), rb.schema.hash, "clicks", 0, 4, 6)
+    out = batch.decode_batch(payload)
+    assert out.categorical_fields == rb.schema.categorical and out.dense_names == rb.schema.dense
+    np.testing.assert_array_equal(out.categorical[:, 0], cols["c:user_id"])
+    np.testing.assert_array_equal(out.dense[:, -1], cols[f"d:{rb.schema.dense[-1]}"])
+    assert out.offsets.tolist() == [4, 4, 5] and out.subs.tolist() == [0, 1, 0]
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="bucket_counters"):
+        RowBuilder(RowConfig(counters=CFG, bucket_counters=("nope",)))
+    with pytest.raises(KeyError, match="pre-event features lack"):
+        RowBuilder(ROWS).build(_events(), {}, ITEMS)

@@ -1,0 +1,144 @@
+import numpy as np
+import pytest
+import torch
+
+from learner.embeddings import DynamicEmbedding, EmbeddingConfig, HashedEmbedding
+from learner.metrics import exact_auc
+from learner.models import ModelSpec, build_model, fgcnn_spec
+from learner.models.fgcnn import FGCNN, PRESETS, FGCNNConfig, pairwise_inner_products
+from learner.protocol import Rows, TorchLearner
+
+
+@pytest.mark.parametrize("preset, n_fields", [("criteo", 10), ("compact", 14)])
+def test_fgcnn_shapes_for_presets(preset, n_fields):
+    cfg = FGCNNConfig(**PRESETS[preset])
+    model = FGCNN(cfg, n_fields=n_fields, n_dense=2)
+    heights, h = [], n_fields
+    for _ in cfg.kernels:
+        h = -(-h // cfg.pooling)
+        heights.append(h)
+    expected_t = n_fields + sum(hh * rc for hh, rc in zip(heights, cfg.recombination, strict=True))
+    assert model.total_fields == expected_t
+    first = model.mlp[0]
+    k = cfg.embedding_dim
+    assert first.in_features == expected_t * (expected_t - 1) // 2 + expected_t * k + 2
+    assert [m.out_features for m in model.mlp if isinstance(m, torch.nn.Linear)] == cfg.mlp + [1]
+    out = model(torch.randn(3, n_fields, k), torch.randn(3, 2))
+    assert out.shape == (3,)
+
+
+def test_pairwise_inner_products_match_loops():
+    e = torch.randn(2, 5, 3)
+    got = pairwise_inner_products(e)
+    want = torch.stack(
+        [
+            torch.stack([e[b, i] @ e[b, j] for i in range(5) for j in range(i + 1, 5)])
+            for b in range(2)
+        ]
+    )
+    torch.testing.assert_close(got, want)
+
+
+def test_conv_batchnorm_flag_changes_layers():
+    with_bn = FGCNN(FGCNNConfig(embedding_dim=4, conv_batchnorm=True, mlp=[8]), 6)
+    without = FGCNN(FGCNNConfig(embedding_dim=4, mlp=[8]), 6)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in with_bn.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in without.modules())
+    assert without.train_equals_eval and not with_bn.train_equals_eval
+
+
+def test_config_lengths_must_agree():
+    with pytest.raises(ValueError, match="same length"):
+        FGCNNConfig(kernels=[3], channels=[2, 3], recombination=[1])
+
+
+def _signal_rows(n, seed):
+    rng = np.random.default_rng(seed)
+    items = rng.integers(1, 40, n)
+    y = (rng.random(n) < np.where(items % 2 == 0, 0.85, 0.15)).astype(np.int8)
+    cat = np.stack([rng.integers(1, 30, n), items * 101, rng.integers(0, 3, n)], axis=1)
+    return Rows(cat, np.zeros((n, 0), np.float32), y)
+
+
+@pytest.mark.parametrize("kind", ["hashed", "dynamic"])
+def test_tiny_fgcnn_learns_synthetic_signal(kind):
+    emb = EmbeddingConfig(kind=kind, buckets=64, capacity=64, min_count=1)
+    spec = fgcnn_spec(
+        ["u", "i", "c"],
+        preset="compact",
+        embedding=emb,
+        embedding_dim=4,
+        kernels=[3, 3],
+        channels=[2, 3],
+        recombination=[1, 1],
+        mlp=[16],
+    )
+    learner = TorchLearner(build_model(spec), lr=1e-2)
+    for seed in range(30):
+        learner.learn_many(_signal_rows(128, seed))
+    test = _signal_rows(1000, 999)
+    assert exact_auc(test.labels, learner.predict_proba_many(test)) > 0.75
+
+
+@pytest.mark.parametrize("kind", ["lr", "deepfm", "ipnn"])
+def test_baselines_learn_the_same_signal(kind):
+    head = {
+        "lr": {},
+        "deepfm": {"embedding_dim": 4, "mlp": [16]},
+        "ipnn": {
+            "embedding_dim": 4,
+            "kernels": [],
+            "channels": [],
+            "recombination": [],
+            "mlp": [16],
+        },
+    }[kind]
+    spec = ModelSpec(kind, ["u", "i", "c"], [], head, EmbeddingConfig(buckets=64).to_dict())
+    learner = TorchLearner(build_model(spec), lr=3e-2)
+    for seed in range(30):
+        learner.learn_many(_signal_rows(128, seed))
+    test = _signal_rows(1000, 999)
+    assert exact_auc(test.labels, learner.predict_proba_many(test)) > 0.75
+
+
+def test_hashed_embedding_padding_and_collisions():
+    emb = HashedEmbedding(["a", "b"], EmbeddingConfig(dim=2, buckets=5, per_field={"b": 3}))
+    rows = emb.lookup(np.array([[0, 0], [5, 3], [10, 6]]))
+    assert rows[0].tolist() == [0, 6]  # token 0 -> each field's padding row
+    assert rows[1, 0] == rows[2, 0] == 1  # 5 and 10 collide in 5 buckets
+    assert emb.table.num_embeddings == 6 + 4
+
+
+def test_dynamic_admission_expiry_and_capacity():
+    cfg = EmbeddingConfig(kind="dynamic", dim=2, capacity=2, min_count=2, idle_rows=3)
+    emb = DynamicEmbedding(["f"], cfg)
+    emb.observe(np.array([[7], [8]]))
+    assert emb.lookup(np.array([[7]])).item() == 1  # one sighting: unadmitted
+    emb.observe(np.array([[7], [8]]))
+    assert emb.lookup(np.array([[7], [8]])).ravel().tolist() == [2, 3]
+    emb.observe(np.array([[9], [9]]))  # full: evicts the LRU id
+    assert emb.evicted_total == 1 and emb.lookup(np.array([[9]])).item() in (2, 3)
+    emb.observe(np.array([[9]]))
+    emb.observe(np.array([[9]]))
+    emb.observe(np.array([[9]]))
+    emb.observe(np.array([[9]]))  # 7/8 idle > 3 rows: expired
+    assert emb.expired_total >= 1
+    assert sorted(emb.lookup(np.array([[7], [8]])).ravel().tolist()) == [1, 1]
+
+
+def test_dynamic_state_survives_state_dict_round_trip():
+    spec = fgcnn_spec(
+        ["f"],
+        embedding=EmbeddingConfig(kind="dynamic", capacity=8),
+        embedding_dim=2,
+        kernels=[],
+        channels=[],
+        recombination=[],
+        mlp=[4],
+    )
+    a = build_model(spec)
+    a.embedding.observe(np.array([[11], [12]]))
+    b = build_model(spec)
+    b.load_state_dict(a.state_dict())
+    toks = np.array([[11], [12], [13]])
+    assert b.embedding.lookup(toks).tolist() == a.embedding.lookup(toks).tolist()
