@@ -500,7 +500,7 @@ class ProvenanceGraph:
                     self._file_op(out, ev, proc, path, it, "unlink", {"ok": ok})
         elif sc in _RENAMES:
             if ok and len(items) >= 2:
-                (src, sit), (dst, dit) = items[0], items[1]
+                (src, _), (dst, dit) = items[0], items[1]
                 old = self.files.get(src)
                 e = self._file_op(out, ev, proc, dst, dit, "rename",
                                   {"from": src, "replaced": dit.get("nametype") == "DELETE"})

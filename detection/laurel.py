@@ -17,7 +17,6 @@ from urllib.parse import unquote
 from .events import SYSCALLS_X86_64, AuditEvent
 from .records import ParseError, decode_sockaddr
 
-
 _KNOWN = frozenset({"ID", "NODE", "SYSCALL", "EXECVE", "CWD", "PATH", "PROCTITLE", "SOCKADDR",
                     "PARENT_INFO", "PPID", "EOE", "BPRM_FCAPS", "ENV", "CONTAINER_INFO"})
 

@@ -85,9 +85,6 @@ class RedundancyFilter:
             seen.popitem(last=False)
         return False
 
-    def forget(self, nid) -> None:  # pragma: no cover - eviction hook kept cheap on purpose
-        """No-op: stale keys age out through the LRU bound."""
-
     def __len__(self) -> int:
         return len(self._seen)
 

@@ -107,19 +107,20 @@ class AuditTailer:
             return self._open(self.path, 0)
         return self._open(self.path, 0)
 
-    def _rotated(self) -> bool:
-        """True when the path now names another file, or ours was truncated."""
+    def _rotated(self) -> str | None:
+        """``"rotated"`` when the path names another file, ``"truncated"`` after copytruncate."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            return False
+            return None
         if (st.st_ino, st.st_dev) != (self._ino, self._dev):
-            return True
+            return "rotated"
         if st.st_size < self._offset:  # copytruncate
             self._fh.seek(0)
             self._offset = 0
             self._buf = b""
-        return False
+            return "truncated"
+        return None
 
     def _read_lines(self, max_lines: int) -> list[str]:
         out: list[str] = []
@@ -165,10 +166,14 @@ class AuditTailer:
                 idle_since = time.monotonic()
                 yield lines
                 continue
-            if self._rotated():
+            change = self._rotated()
+            if change == "rotated":
                 # old file fully drained (we just hit its EOF): switch to the new one
                 self._open(self.path, 0)
                 self._commit_pos = (self._dev, self._ino, self._offset)
+                continue
+            if change == "truncated":
+                self._commit_pos = (self._dev, self._ino, 0)
                 continue
             if not follow:
                 return

@@ -124,9 +124,9 @@ def _read_grouplens(d: Path) -> tuple[np.ndarray, dict, dict]:
 def load_movielens(path: str | os.PathLike | None = None) -> MovieLens:
     """Load MovieLens-100K from either layout into labelled click events.
 
-    >>> ml = load_movielens()  # doctest: +SKIP
-    >>> len(ml), ml.ratings  # doctest: +SKIP
-    (72855, 100000)
+    >>> ml = load_movielens()
+    >>> len(ml), ml.ratings, int(ml.clicks["label"].sum())
+    (72855, 100000, 55375)
     """
     d, layout = find_movielens(path)
     inter, items, users = _read_recbole(d) if layout == "recbole" else _read_grouplens(d)

@@ -55,6 +55,7 @@ class AppContext:
     metrics: ServingMetrics
     registry: CollectorRegistry
     kafka: str | None = None
+    redis_url: str | None = None
     watcher: Any = None
     started_at: float = field(default_factory=time.time)
     last_error: str | None = None
@@ -223,8 +224,12 @@ async def rollback_model(request: web.Request) -> web.Response:
     return await _admin_action(request, lambda h: h.arollback())
 
 
-def create_app(settings: Settings, ctx: AppContext) -> web.Application:
-    """The serving application: our routes, plus the ops routes when ``serving.ops`` exists."""
+def create_app(settings: Settings, ctx: AppContext, *, ops: bool | None = None) -> web.Application:
+    """The serving application: our routes, plus the operator routes of ``serving.ops``.
+
+    ``ops`` None mounts the operator routes when ``serving.ops`` exists and the context
+    knows a broker (``ctx.kafka``: lag needs one); True requires them, False leaves them out.
+    """
     # Headroom over max_body_bytes so our own check answers first, with a clear message.
     app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes + 1)
     app[CTX_KEY] = ctx
@@ -236,7 +241,11 @@ def create_app(settings: Settings, ctx: AppContext) -> web.Application:
     app.router.add_post("/v1/models/unpin", unpin_model)
     app.router.add_post("/v1/models/rollback", rollback_model)
     app.router.add_post("/v1/models/{version}/pin", pin_model)
-    if importlib.util.find_spec("serving.ops") is not None:
+    if ops is None:
+        ops = bool(ctx.kafka) and importlib.util.find_spec("serving.ops") is not None
+        if not ops:
+            log.info("operator routes (/, /v1/lag, /v1/status, /v1/alerts) not mounted: no broker")
+    if ops:
         from serving.ops import add_ops_routes
 
         add_ops_routes(app, ctx)
@@ -261,6 +270,7 @@ def build_context(
     redis_client: Any,
     *,
     kafka: str | None = None,
+    redis_url: str | None = None,
     builder: Any = None,
     registry: CollectorRegistry | None = None,
     quality_margin: float | None = None,
@@ -280,7 +290,8 @@ def build_context(
     online = OnlineStore(redis_client, partitions=settings.partitions, registry=registry)
     executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="inference")
     scorer = Scorer(online, builder, executor)
-    return AppContext(settings, holder, scorer, redis_client, metrics_, registry, kafka=kafka)
+    return AppContext(settings, holder, scorer, redis_client, metrics_, registry, kafka=kafka,
+                      redis_url=redis_url)
 
 
 async def _heartbeat(ctx: AppContext, stop: asyncio.Event) -> None:
@@ -305,7 +316,7 @@ async def serve(settings: Settings, kafka: str | None, redis_url: str, stop: asy
 
     torch.set_num_threads(settings.torch_threads)
     client = aioredis.Redis.from_url(redis_url, decode_responses=False)
-    ctx = build_context(settings, client, kafka=kafka, **context_kwargs)
+    ctx = build_context(settings, client, kafka=kafka, redis_url=redis_url, **context_kwargs)
     served = await ctx.holder.astart()  # newest good (or pinned) version, before the topic
     log.info("serving %s version %s at start", settings.model_name, served)
     ctx.watcher = ModelWatcher(kafka, settings.topics["model-updates"], settings.model_name,

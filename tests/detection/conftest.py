@@ -1,0 +1,49 @@
+"""Fixtures for the detection tests: the audit corpus, run once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from detection.engine import DetectionEngine, EngineConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def datasets_dir() -> Path:
+    env = os.environ.get("HEADWATER_DATA_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "datasets"
+
+
+def corpus_files() -> list[Path]:
+    d = datasets_dir() / "audit"
+    return sorted(d.glob("*.log")) if d.is_dir() else []
+
+
+@pytest.fixture(scope="session")
+def audit_dir() -> Path:
+    d = datasets_dir() / "audit"
+    if not d.is_dir():
+        pytest.skip(f"audit corpus not found at {d}: set HEADWATER_DATA_DIR")
+    return d
+
+
+def run_log(path: Path, reduce: bool = True, sink=None) -> DetectionEngine:
+    eng = DetectionEngine(host="vm", config=EngineConfig(reduce=reduce))
+    eng.edge_sink = sink
+    eng.process_lines(path.read_text(encoding="utf-8").splitlines())
+    eng.flush()
+    return eng
+
+
+@pytest.fixture(scope="session")
+def corpus_runs(audit_dir):
+    """{scenario: (labels, engine)} for every log, processed once with reduction on."""
+    out = {}
+    for log in sorted(audit_dir.glob("*.log")):
+        labels = json.loads((log.parent / (log.stem + ".labels.json")).read_text())
+        out[labels["scenario"]] = (labels, run_log(log))
+    return out

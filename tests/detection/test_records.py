@@ -1,0 +1,151 @@
+"""Parser paths: raw, enriched, hex, quoted/unquoted, split args, sockaddr, errors."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detection.coalesce import Coalescer
+from detection.events import event_from_records
+from detection.records import ParseError, Record, decode_sockaddr, parse_line
+
+RAW = ('type=SYSCALL msg=audit(1795820577.532:25462): arch=c000003e syscall=59 success=yes '
+       'exit=0 a0=7fc3328dc790 a1=7fc3324a50f0 a2=7ffd1f61e4e8 a3=8 items=2 ppid=23641 '
+       'pid=23720 auid=4294967295 uid=33 gid=33 euid=33 suid=33 fsuid=33 egid=33 sgid=33 '
+       'fsgid=33 tty=(none) ses=4294967295 comm="sh" exe="/usr/bin/dash" key="www_exec"')
+
+
+def test_raw_syscall_fields():
+    r = parse_line(RAW)
+    assert isinstance(r, Record)
+    assert (r.rtype, r.ts, r.serial) == ("SYSCALL", 1795820577.532, 25462)
+    assert r.fields["exe"] == "/usr/bin/dash"
+    assert r.fields["comm"] == "sh"
+    assert r.fields["a0"] == "7fc3328dc790"  # syscall args stay hex numbers, not decoded text
+    assert r.fields["tty"] == "(none)"
+    assert r.enriched == {}
+
+
+def test_enriched_fields_after_gs():
+    line = RAW + '\x1dARCH=x86_64 SYSCALL=execve AUID="unset" UID="www-data"'
+    r = parse_line(line)
+    assert r.enriched["SYSCALL"] == "execve"
+    assert r.enriched["UID"] == "www-data"
+    assert r.fields["key"] == "www_exec"
+
+
+def test_bytes_input_and_crlf():
+    r = parse_line((RAW + "\r\n").encode())
+    assert isinstance(r, Record) and r.fields["key"] == "www_exec"
+
+
+def test_hex_proctitle_and_quoted_proctitle():
+    r = parse_line("type=PROCTITLE msg=audit(1.0:1): proctitle=2F62696E2F7368002D63006964")
+    assert r.fields["proctitle"] == "/bin/sh\x00-c\x00id"
+    r2 = parse_line('type=PROCTITLE msg=audit(1.0:1): proctitle="id"')
+    assert r2.fields["proctitle"] == "id"
+
+
+def test_execve_hex_and_quoted_args():
+    r = parse_line('type=EXECVE msg=audit(1.0:2): argc=3 a0="/bin/sh" a1="-c" '
+                   'a2=7461696C202D6E203230206C6F67732F6170702E6C6F673B6964')
+    ev = event_from_records([r])
+    assert ev.argv == ["/bin/sh", "-c", "tail -n 20 logs/app.log;id"]
+
+
+def test_execve_numeric_looking_quoted_arg_is_literal():
+    r = parse_line('type=EXECVE msg=audit(1.0:2): argc=2 a0="tail" a1="20"')
+    assert event_from_records([r]).argv == ["tail", "20"]
+
+
+def test_execve_split_long_argument():
+    r = parse_line('type=EXECVE msg=audit(1.0:3): argc=2 a0="echo" a1_len=10 '
+                   'a1[0]=6162636465 a1[1]=6667686970')
+    assert event_from_records([r]).argv == ["echo", "abcdefghip"]
+
+
+def test_execve_args_over_two_records():
+    c = Coalescer()
+    c.add(parse_line('type=EXECVE msg=audit(1.0:4): argc=3 a0="a"'))
+    c.add(parse_line('type=EXECVE msg=audit(1.0:4): a1="b" a2="c"'))
+    ev = c.add(parse_line('type=EOE msg=audit(1.0:4): '))[0]
+    assert ev.argv == ["a", "b", "c"]
+
+
+def test_path_hex_name_with_space():
+    r = parse_line("type=PATH msg=audit(1.0:5): item=0 name=2F746D702F6120622E747874 "
+                   "inode=12 dev=fe:00 mode=0100644 nametype=CREATE")
+    assert r.fields["name"] == "/tmp/a b.txt"
+    assert r.fields["nametype"] == "CREATE"
+
+
+def test_user_record_nested_msg_is_flattened():
+    r = parse_line("type=USER_CMD msg=audit(1.0:6): pid=1 uid=1501 auid=1501 ses=51 "
+                   "msg='cwd=\"/home/d\" cmd=7461696C202D6E2033 exe=\"/usr/bin/sudo\" "
+                   "terminal=pts/0 res=success'")
+    assert r.fields["cmd"] == "tail -n 3"
+    assert r.fields["exe"] == "/usr/bin/sudo"
+    assert r.fields["res"] == "success"
+
+
+def test_sockaddr_families():
+    assert decode_sockaddr("020011517F0000010000000000000000") == {
+        "family": "inet", "addr": "127.0.0.1", "port": 4433}
+    v6 = decode_sockaddr("0A001F9000000000" + "00000000000000000000000000000001" + "00000000")
+    assert v6 == {"family": "inet6", "addr": "::1", "port": 8080}
+    assert decode_sockaddr("01002F72756E2F782E736F636B00") == {"family": "unix", "path": "/run/x.sock"}
+    assert decode_sockaddr("0100006162") == {"family": "unix", "path": "@ab"}
+    assert decode_sockaddr("100000000000000000000000")["family"] == "netlink"
+    assert decode_sockaddr("zz")["family"] == "invalid"
+
+
+def test_sockaddr_in_event():
+    c = Coalescer()
+    c.add(parse_line(RAW.replace("syscall=59", "syscall=42").replace("items=2", "items=0")))
+    c.add(parse_line("type=SOCKADDR msg=audit(1795820577.532:25462): saddr=0200115C7F0000010000000000000000"))
+    (ev,) = c.add(parse_line('type=PROCTITLE msg=audit(1795820577.532:25462): proctitle="bash"'))
+    assert ev.syscall == "connect"
+    assert ev.sockaddr == {"family": "inet", "addr": "127.0.0.1", "port": 4444}
+
+
+def _reason(line):
+    r = parse_line(line)
+    assert isinstance(r, ParseError), r
+    return r.reason
+
+
+def test_errors_have_reasons():
+    assert "empty" in _reason("")
+    assert "type=" in _reason("garbage line")
+    assert "msg=audit(" in _reason("type=SYSCALL foo=bar")
+    assert "unterminated header" in _reason("type=SYSCALL msg=audit(1795820577.532:2546")
+    assert "timestamp/serial" in _reason("type=CWD msg=audit(abc:12): cwd=\"/\"")
+    assert "garbled field" in _reason(RAW[:200] + " succ")
+    assert "unterminated quoted" in _reason('type=CWD msg=audit(1.0:1): cwd="/tm')
+    assert "neither quoted nor valid hex" in _reason("type=PROCTITLE msg=audit(1.0:1): proctitle=2F62696")
+    assert "pid" in _reason("type=SYSCALL msg=audit(1.0:1): arch=c000003e syscall=59")
+    assert "UTF-8" in _reason(b"type=CWD msg=audit(1.0:1): cwd=\"\xff\xfe\"")
+    assert "NUL" in _reason("type=CWD msg=audit(1.0:1): cwd=\"/\x00\"")
+
+
+def test_truncated_corpus_line_is_error(audit_dir):
+    line = (audit_dir / "dev03_ingress_revshell.log").read_text().splitlines()[1]
+    assert isinstance(parse_line(line), Record)
+    bad = line[: len(line) // 2]
+    r = parse_line(bad)
+    # cut mid-value: either a garbled token or a truncated quoted value
+    assert isinstance(r, ParseError) or r.fields.get("pid") is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_parser_never_raises_on_text(s):
+    parse_line(s)
+    parse_line("type=SYSCALL msg=audit(1.0:1): " + s)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_parser_never_raises_on_bytes(b):
+    parse_line(b)
+    parse_line(b"type=PATH msg=audit(1.0:1): " + b)

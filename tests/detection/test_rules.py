@@ -1,0 +1,52 @@
+"""Rule data: schema validation, ATT&CK ids, doctests of the package."""
+
+from __future__ import annotations
+
+import doctest
+import re
+
+import pytest
+
+import detection.alerts
+import detection.coalesce
+import detection.engine
+import detection.laurel
+import detection.records
+import detection.reduction
+import detection.rules
+import detection.tags
+import detection.tail
+from detection.rules import TACTIC_ORDER, RuleSet
+
+
+def test_every_rule_has_attack_id_and_tactic():
+    rs = RuleSet.load()
+    assert len(rs.rules) > 40
+    for r in rs.rules:
+        assert r.technique == "_from_check" or re.fullmatch(r"T\d{4}(\.\d{3})?", r.technique), r.id
+        assert r.tactic in TACTIC_ORDER
+        assert 1 <= r.weight <= 3
+    assert len({r.id for r in rs.rules}) == len(rs.rules)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"id": "x", "technique": "T1", "tactic": "execution"}, "missing required key 'op'"),
+    ({"id": "x", "technique": "T1", "tactic": "nope", "op": ["exec"]}, "unknown tactic"),
+    ({"id": "x", "technique": "T1", "tactic": "execution", "op": ["exec"], "exe": "@none"},
+     "not defined"),
+    ({"id": "x", "technique": "T1", "tactic": "execution", "op": ["exec"], "check": "zz"},
+     "unknown check"),
+    ({"id": "x", "technique": "T1", "tactic": "execution", "op": ["exec"],
+      "proc_labels": ["zz"]}, "unknown label"),
+])
+def test_bad_rules_are_rejected_with_reason(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        RuleSet({"rules": [bad]})
+
+
+@pytest.mark.parametrize("mod", [detection.records, detection.coalesce, detection.laurel,
+                                 detection.tags, detection.reduction, detection.alerts,
+                                 detection.rules, detection.engine, detection.tail])
+def test_doctests(mod):
+    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert res.failed == 0

@@ -1,0 +1,212 @@
+"""POST /v1/score against real Redis features and a real published checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings as hsettings, strategies as st
+
+
+async def test_scores_are_finite_in_candidate_order_and_match_offline_rows(
+        settings, seeded_redis, publish, make_app, builder, h):
+    publish(0, kind="deepfm")
+    client, ctx = await make_app(settings, seeded_redis)
+    cands = ["i1", "i2", "i3", "i1"]
+    resp = await client.post("/v1/score", data=h.score_body("u1", cands))
+    assert resp.status == 200, await resp.text()
+    doc = await resp.json()
+    assert doc["model_version"] == "000001"
+    scores = np.array(doc["scores"])
+    assert scores.shape == (4,) and np.isfinite(scores).all() and ((scores > 0) & (scores < 1)).all()
+    assert scores[0] == pytest.approx(scores[3])
+    # Same features, same rows, same model computed outside the app: training/serving parity.
+    want = h.expected_scores(ctx.holder.current, builder, seeded_redis, settings.partitions, "u1", cands)
+    np.testing.assert_allclose(scores, want, rtol=1e-6)
+    # Order follows the candidates.
+    resp = await client.post("/v1/score", data=h.score_body("u1", cands[::-1]))
+    np.testing.assert_allclose((await resp.json())["scores"], scores[::-1], rtol=1e-6)
+
+
+async def test_counters_reach_the_model(settings, seeded_redis, publish, make_app, h):
+    """A popular item and a never-seen one get different dense features, hence scores."""
+    publish(3)
+    client, _ = await make_app(settings, seeded_redis)
+    resp = await client.post("/v1/score", data=h.score_body("u1", ["i1", "i1"], context={"device": "tv"}))
+    a = (await resp.json())["scores"]
+    # Redis flushed of counters: the same ids now read as cold.
+    await _flush(seeded_redis)
+    resp = await client.post("/v1/score", data=h.score_body("u1", ["i1", "i1"], context={"device": "tv"}))
+    b = (await resp.json())["scores"]
+    assert a[0] != pytest.approx(b[0])
+
+
+async def _flush(url: str) -> None:
+    import redis.asyncio as aioredis
+
+    c = aioredis.Redis.from_url(url)
+    await c.flushdb()
+    await c.aclose()
+
+
+async def test_unknown_users_and_items_score_cold(settings, seeded_redis, publish, make_app, h):
+    publish(1)
+    client, _ = await make_app(settings, seeded_redis)
+    resp = await client.post("/v1/score", data=json.dumps(
+        {"user_id": 987654, "candidates": ["never-seen", 42, "i1"], "context": {"device": "phone"}}))
+    assert resp.status == 200, await resp.text()
+    scores = (await resp.json())["scores"]
+    assert len(scores) == 3 and all(0.0 < s < 1.0 for s in scores)
+
+
+async def test_empty_candidate_list_scores_nothing(settings, seeded_redis, publish, make_app, h):
+    publish(1)
+    client, _ = await make_app(settings, seeded_redis)
+    resp = await client.post("/v1/score", data=h.score_body("u1", []))
+    assert resp.status == 200
+    assert (await resp.json())["scores"] == []
+
+
+async def test_no_model_yet_is_503_and_not_ready(settings, seeded_redis, make_app, h):
+    client, _ = await make_app(settings, seeded_redis)
+    resp = await client.post("/v1/score", data=h.score_body())
+    assert resp.status == 503
+    assert "no model" in (await resp.json())["error"]
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    assert "no model AVAILABLE yet" in (await ready.json())["reasons"]
+
+
+async def test_ready_with_model_and_redis(settings, seeded_redis, publish, make_app):
+    publish(0)
+    client, _ = await make_app(settings, seeded_redis)
+    ready = await client.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json()) == {"ready": True, "model_version": "000001", "redis": True, "reasons": []}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field", "words"),
+    [
+        (b"{not json", 400, "body", "not valid JSON"),
+        (b"[1, 2]", 400, "body", "JSON object"),
+        (b'{"candidates": ["a"]}', 400, "user_id", "user_id is required"),
+        (b'{"user_id": "u", "candidates": "a"}', 400, "candidates", "must be a list"),
+        (b'{"user_id": "u"}', 400, "candidates", "candidates is required"),
+        (b'{"user_id": true, "candidates": []}', 400, "user_id", "string or an integer"),
+        (b'{"user_id": 1.5, "candidates": []}', 400, "user_id", "string or an integer"),
+        (b'{"user_id": "u", "candidates": ["a", null]}', 400, "candidates[1]", "candidates[1]"),
+        (b'{"user_id": "u", "candidates": [], "context": [1]}', 400, "context", "object"),
+        (b'{"user_id": "u", "candidates": [], "context": {"d": {"x": 1}}}', 400, "context.d", "context.d"),
+        (b'{"user_id": NaN, "candidates": []}', 400, "body", "NaN"),
+        (b"\xff\xfe\x00garbage", 400, "body", "not valid JSON"),
+        (b"[" * 5000 + b"]" * 5000, 400, "body", None),
+    ],
+)
+async def test_bad_requests_are_400_naming_the_field(settings, seeded_redis, publish, make_app,
+                                                     body, status, field, words):
+    publish(0)
+    client, _ = await make_app(settings, seeded_redis)
+    resp = await client.post("/v1/score", data=body)
+    assert resp.status == status, await resp.text()
+    doc = await resp.json()
+    assert doc["field"] == field
+    if words:
+        assert words in doc["error"]
+
+
+async def test_limits_are_413_with_the_setting_named(settings, seeded_redis, publish, make_app, h):
+    publish(0)
+    client, _ = await make_app(settings, seeded_redis)
+    too_many = [f"i{k}" for k in range(settings.max_candidates + 1)]
+    resp = await client.post("/v1/score", data=h.score_body("u1", too_many))
+    assert resp.status == 413
+    assert "HEADWATER_MAX_CANDIDATES" in (await resp.json())["error"]
+    big = json.dumps({"user_id": "u", "candidates": ["x" * 200] * 400}).encode()
+    assert len(big) > settings.max_body_bytes
+    resp = await client.post("/v1/score", data=big)
+    assert resp.status == 413
+    assert "HEADWATER_MAX_BODY_BYTES" in (await resp.json())["error"]
+    # Chunked (no Content-Length): the limit still holds while reading.
+    async def chunks():
+        for k in range(0, len(big), 4096):
+            yield big[k:k + 4096]
+    resp = await client.post("/v1/score", data=chunks())
+    assert resp.status == 413
+
+
+async def test_unknown_route_and_method_are_json_errors(settings, seeded_redis, make_app):
+    client, _ = await make_app(settings, seeded_redis)
+    resp = await client.get("/v1/nope")
+    assert resp.status == 404 and "error" in await resp.json()
+    resp = await client.get("/v1/score")
+    assert resp.status == 405 and "error" in await resp.json()
+
+
+async def test_unexpected_exception_is_logged_500_with_error_id(settings, seeded_redis, publish,
+                                                                make_app, h, caplog):
+    publish(0)
+    client, ctx = await make_app(settings, seeded_redis)
+
+    async def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    ctx.scorer.features = broken
+    resp = await client.post("/v1/score", data=h.score_body())
+    assert resp.status == 500
+    doc = await resp.json()
+    assert "boom" not in json.dumps(doc) and len(doc["error_id"]) == 12
+    assert any(doc["error_id"] in r.getMessage() for r in caplog.records)
+    text = await (await client.get("/metrics")).text()
+    assert h.metric(text, "headwater_score_requests_total", 'code="500"') == 1
+
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+ids = st.one_of(st.text(max_size=300), st.integers(min_value=-(2**70), max_value=2**70), json_values)
+good_ids = st.text(min_size=1, max_size=20) | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+bodies = st.one_of(
+    st.binary(max_size=200),
+    st.fixed_dictionaries(
+        {"user_id": good_ids, "candidates": st.lists(good_ids, max_size=8)},
+        optional={"context": st.dictionaries(st.text(max_size=8), json_scalars, max_size=5)},
+    ).map(lambda d: json.dumps(d).encode()),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {"user_id": ids, "candidates": st.one_of(st.lists(ids, max_size=8), json_values)},
+        optional={"context": st.one_of(json_values, st.dictionaries(st.text(max_size=8), json_scalars,
+                                                                    max_size=5)),
+                  "user": json_values},
+    ).map(lambda d: json.dumps(d).encode()),
+)
+
+
+@hsettings(max_examples=150, deadline=None,
+           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=bodies)
+async def test_fuzzed_bodies_never_5xx(settings, seeded_redis, publish, make_app, body):
+    client, _ = await _shared_app(settings, seeded_redis, make_app, publish)
+    resp = await client.post("/v1/score", data=body)
+    assert resp.status < 500, (body, await resp.text())
+    event(f"HTTP {resp.status}")
+    doc = await resp.json()
+    if resp.status == 200:
+        assert len(doc["scores"]) == len(json.loads(body)["candidates"])
+    else:
+        assert doc["error"]
+
+
+_APPS: dict[int, tuple] = {}
+
+
+async def _shared_app(settings, redis_url, make_app, publish):
+    """One app per test run (Hypothesis calls the test body many times with one fixture set)."""
+    key = id(settings)
+    if key not in _APPS:
+        _APPS.clear()
+        publish(0)
+        _APPS[key] = await make_app(settings, redis_url)
+    return _APPS[key]
