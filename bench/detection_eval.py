@@ -43,64 +43,100 @@ def evaluate(log: Path) -> dict:
     st = eng.stats()
     attacker = set(labels["attacker_pids"])
     want = {t["id"] for t in labels["attack_techniques"]}
-    row = {"scenario": labels["scenario"], "label": labels["label"], "records": st["records"],
-           "events": st["events"], "node_red": st["node_reduction_ratio"],
-           "edge_red": st["edge_reduction_ratio"], "mem_est": st["memory_bytes"],
-           "mem_peak": peak, "errors": st["errors"]}
+    row = {
+        "scenario": labels["scenario"],
+        "label": labels["label"],
+        "records": st["records"],
+        "events": st["events"],
+        "node_red": st["node_reduction_ratio"],
+        "edge_red": st["edge_reduction_ratio"],
+        "mem_est": st["memory_bytes"],
+        "mem_peak": peak,
+        "errors": st["errors"],
+    }
     medium = eng.alerts("medium")
     if not attacker:
-        row.update(detected=None, medium_alerts=len(medium), got="-", want="-", recall=None,
-                   in_chain=None, latency=None)
+        row.update(
+            detected=None,
+            medium_alerts=len(medium),
+            got="-",
+            want="-",
+            recall=None,
+            in_chain=None,
+            latency=None,
+        )
         return row
-    hits = [a for a in medium
-            if {c["pid"] for c in a["chain"] if c["type"] == "process"} & attacker]
+    hits = [
+        a for a in medium if {c["pid"] for c in a["chain"] if c["type"] == "process"} & attacker
+    ]
     best = max(hits, key=lambda a: len(set(a["techniques"]) & want), default=None)
     got = set(best["techniques"]) if best else set()
     start = labels["attack_time_window"]["start_epoch"]
-    alert = eng.aggregator.alerts.get(next(
-        (k for k, v in eng.aggregator.alerts.items() if best and v.id == best["id"]), None))
+    alert = eng.aggregator.alerts.get(
+        next((k for k, v in eng.aggregator.alerts.items() if best and v.id == best["id"]), None)
+    )
     latency = (alert.first_medium_ts - start) if alert and alert.first_medium_ts else None
     benign = set(labels.get("benign_pids") or ())
-    benign_medium = [a for a in medium
-                     if {c["pid"] for c in a["chain"] if c["type"] == "process"} & benign
-                     and not {c["pid"] for c in a["chain"] if c["type"] == "process"} & attacker]
-    row.update(detected=best is not None, severity=best["severity"] if best else "-",
-               got=len(got & want), want=len(want), recall=len(got & want) / len(want),
-               missing=sorted(want - got), extra=sorted(got - want),
-               in_chain=bool(best and SEVERITY_RANK[best["severity"]] >= 1),
-               latency=latency, benign_medium=len(benign_medium))
+    benign_medium = [
+        a
+        for a in medium
+        if {c["pid"] for c in a["chain"] if c["type"] == "process"} & benign
+        and not {c["pid"] for c in a["chain"] if c["type"] == "process"} & attacker
+    ]
+    row.update(
+        detected=best is not None,
+        severity=best["severity"] if best else "-",
+        got=len(got & want),
+        want=len(want),
+        recall=len(got & want) / len(want),
+        missing=sorted(want - got),
+        extra=sorted(got - want),
+        in_chain=bool(best and SEVERITY_RANK[best["severity"]] >= 1),
+        latency=latency,
+        benign_medium=len(benign_medium),
+    )
     return row
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", help="datasets dir (default: $HEADWATER_DATA_DIR or ../shared/datasets)")
+    ap.add_argument(
+        "--data", help="datasets dir (default: $HEADWATER_DATA_DIR or ../shared/datasets)"
+    )
     args = ap.parse_args(argv)
     logs = sorted((data_dir(args.data) / "audit").glob("*.log"))
     if not logs:
         print(f"no audit logs under {data_dir(args.data) / 'audit'}", file=sys.stderr)
         return 2
     rows = [evaluate(p) for p in logs]
-    print("| scenario | detected | severity | techniques found/labelled | recall | attacker in chain "
-          "| latency s | benign medium+ | node red. | edge red. | records | mem est KB | mem peak KB |")
+    print(
+        "| scenario | detected | severity | techniques found/labelled | recall | attacker in chain "
+        "| latency s | benign medium+ | node red. | edge red. | records | mem est KB | mem peak KB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["detected"] is None:
-            print(f"| {r['scenario']} | (benign) medium+ alerts: {r['medium_alerts']} | - | - | - | - | - "
-                  f"| {r['medium_alerts']} | {r['node_red']:.1%} | {r['edge_red']:.1%} | {r['records']} "
-                  f"| {r['mem_est'] / 1024:.0f} | {r['mem_peak'] / 1024:.0f} |")
+            print(
+                f"| {r['scenario']} | (benign) medium+ alerts: {r['medium_alerts']} | - | - | - | - | - "
+                f"| {r['medium_alerts']} | {r['node_red']:.1%} | {r['edge_red']:.1%} | {r['records']} "
+                f"| {r['mem_est'] / 1024:.0f} | {r['mem_peak'] / 1024:.0f} |"
+            )
             continue
         lat = f"{r['latency']:.1f}" if r["latency"] is not None else "-"
-        print(f"| {r['scenario']} | {'yes' if r['detected'] else 'NO'} | {r['severity']} "
-              f"| {r['got']}/{r['want']} | {r['recall']:.2f} | {'yes' if r['in_chain'] else 'no'} "
-              f"| {lat} | {r['benign_medium']} | {r['node_red']:.1%} | {r['edge_red']:.1%} "
-              f"| {r['records']} | {r['mem_est'] / 1024:.0f} | {r['mem_peak'] / 1024:.0f} |")
+        print(
+            f"| {r['scenario']} | {'yes' if r['detected'] else 'NO'} | {r['severity']} "
+            f"| {r['got']}/{r['want']} | {r['recall']:.2f} | {'yes' if r['in_chain'] else 'no'} "
+            f"| {lat} | {r['benign_medium']} | {r['node_red']:.1%} | {r['edge_red']:.1%} "
+            f"| {r['records']} | {r['mem_est'] / 1024:.0f} | {r['mem_peak'] / 1024:.0f} |"
+        )
     attacks = [r for r in rows if r["detected"] is not None]
     if attacks:
         mean = sum(r["recall"] for r in attacks) / len(attacks)
-        print(f"\nmean technique recall {mean:.3f}; detected {sum(r['detected'] for r in attacks)}"
-              f"/{len(attacks)}; extra techniques per scenario: "
-              + "; ".join(f"{r['scenario'][:5]} {','.join(r['extra']) or '-'}" for r in attacks))
+        print(
+            f"\nmean technique recall {mean:.3f}; detected {sum(r['detected'] for r in attacks)}"
+            f"/{len(attacks)}; extra techniques per scenario: "
+            + "; ".join(f"{r['scenario'][:5]} {','.join(r['extra']) or '-'}" for r in attacks)
+        )
     return 0
 
 

@@ -43,8 +43,21 @@ def severity_for(max_weight: int, strong_tactics: int, stages: int) -> str:
 class Alert:
     """One chain's alert; :meth:`to_dict` is the JSON contract."""
 
-    __slots__ = ("id", "host", "root", "first_ts", "last_ts", "techniques", "chain",
-                 "version", "severity", "max_weight", "max_chain", "evidence", "first_medium_ts")
+    __slots__ = (
+        "id",
+        "host",
+        "root",
+        "first_ts",
+        "last_ts",
+        "techniques",
+        "chain",
+        "version",
+        "severity",
+        "max_weight",
+        "max_chain",
+        "evidence",
+        "first_medium_ts",
+    )
 
     def __init__(self, host: str, root: ProcNode, ts: float, max_chain: int):
         self.id = hashlib.sha1(f"{host}|{root.nid}".encode()).hexdigest()[:16]
@@ -87,9 +100,15 @@ class Alert:
         grew = False
         t = self.techniques.get(m.technique)
         if t is None:
-            self.techniques[m.technique] = {"id": m.technique, "name": m.name, "tactic": m.tactic,
-                                            "weight": m.weight, "first_ts": e.ts, "count": 1,
-                                            "rule": m.rule}
+            self.techniques[m.technique] = {
+                "id": m.technique,
+                "name": m.name,
+                "tactic": m.tactic,
+                "weight": m.weight,
+                "first_ts": e.ts,
+                "count": 1,
+                "rule": m.rule,
+            }
             grew = True
         else:
             t["count"] += 1
@@ -110,9 +129,16 @@ class Alert:
         if isinstance(e.obj, (FileNode, SockNode, ProcNode)):
             grew |= self._add_entity(e.obj, e.ts, m.technique)
         if len(self.evidence) < 200:
-            self.evidence.append({"ts": e.ts, "rule": m.rule, "technique": m.technique,
-                                  "pid": p.pid, "op": e.op,
-                                  "object": e.obj.nid if e.obj is not None else None})
+            self.evidence.append(
+                {
+                    "ts": e.ts,
+                    "rule": m.rule,
+                    "technique": m.technique,
+                    "pid": p.pid,
+                    "op": e.op,
+                    "object": e.obj.nid if e.obj is not None else None,
+                }
+            )
         if e.ts > self.last_ts:
             self.last_ts = e.ts
         self.max_weight = max(self.max_weight, m.weight)
@@ -162,8 +188,9 @@ class Alert:
 class AlertAggregator:
     """Keeps one :class:`Alert` per chain root; bounded by ``max_alerts`` (oldest dropped)."""
 
-    def __init__(self, host: str, min_severity: str = "low", max_alerts: int = 10_000,
-                 max_chain: int = 256):
+    def __init__(
+        self, host: str, min_severity: str = "low", max_alerts: int = 10_000, max_chain: int = 256
+    ):
         if min_severity not in SEVERITY_RANK:
             raise ValueError(f"min_severity must be one of {SEVERITIES}, got {min_severity!r}")
         self.host = host

@@ -24,9 +24,26 @@ from collections import deque
 from .events import AuditEvent, event_from_records
 from .records import Record
 
-_STANDALONE_PREFIXES = ("USER_", "CRED_", "DAEMON_", "SERVICE_", "SYSTEM_", "ANOM_LOGIN",
-                        "USYS_", "AVC_USER", "ACCT_", "GRP_", "ADD_", "DEL_", "CHGRP_",
-                        "CHUSER_", "ROLE_", "LABEL_", "SOFTWARE_UPDATE", "TRUSTED_APP")
+_STANDALONE_PREFIXES = (
+    "USER_",
+    "CRED_",
+    "DAEMON_",
+    "SERVICE_",
+    "SYSTEM_",
+    "ANOM_LOGIN",
+    "USYS_",
+    "AVC_USER",
+    "ACCT_",
+    "GRP_",
+    "ADD_",
+    "DEL_",
+    "CHGRP_",
+    "CHUSER_",
+    "ROLE_",
+    "LABEL_",
+    "SOFTWARE_UPDATE",
+    "TRUSTED_APP",
+)
 
 
 def is_standalone(rtype: str) -> bool:

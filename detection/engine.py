@@ -119,10 +119,14 @@ class DetectionEngine:
         self.host = host
         self.config = cfg = config or EngineConfig()
         self.rules = rules or _load_rules(cfg.rule_files)
-        self.graph = ProvenanceGraph(_Policy(self.rules, cfg), reduce=cfg.reduce,
-                                     max_nodes=cfg.max_nodes, idle_seconds=cfg.idle_seconds,
-                                     max_edges_per_node=cfg.max_edges_per_node,
-                                     infer_argv_reads=cfg.infer_argv_reads)
+        self.graph = ProvenanceGraph(
+            _Policy(self.rules, cfg),
+            reduce=cfg.reduce,
+            max_nodes=cfg.max_nodes,
+            idle_seconds=cfg.idle_seconds,
+            max_edges_per_node=cfg.max_edges_per_node,
+            infer_argv_reads=cfg.infer_argv_reads,
+        )
         self.coalescer = Coalescer(max_pending=cfg.max_pending, max_age=cfg.max_age)
         self.aggregator = AlertAggregator(host, cfg.min_severity, cfg.max_alerts)
         self.edge_sink = None  # optional callable(edge) for tests/benchmarks
@@ -182,8 +186,9 @@ class DetectionEngine:
         """Detect on already-coalesced events (e.g. from another reader)."""
         changed: dict = {}
         self._detect(events, changed)
-        return Result([a.to_dict() for a in changed.values()], [],
-                      self._batch_stats(0, len(events), 0))
+        return Result(
+            [a.to_dict() for a in changed.values()], [], self._batch_stats(0, len(events), 0)
+        )
 
     def flush(self) -> Result:
         """Emit events still open in the coalescing window (end of file / shutdown)."""
@@ -215,10 +220,17 @@ class DetectionEngine:
     def _batch_stats(self, nrec: int, nev: int, nerr: int) -> dict:
         c = self.graph.counts()
         gs = self.graph.stats
-        return {"records": nrec, "events": nev, "errors": nerr, "nodes": c["nodes"],
-                "edges": gs["edges"], "edges_skipped": gs["edges_skipped"],
-                "nodes_pruned": gs["nodes_pruned"], "memory_bytes": c["memory_bytes"],
-                "pending_events": len(self.coalescer)}
+        return {
+            "records": nrec,
+            "events": nev,
+            "errors": nerr,
+            "nodes": c["nodes"],
+            "edges": gs["edges"],
+            "edges_skipped": gs["edges_skipped"],
+            "nodes_pruned": gs["nodes_pruned"],
+            "memory_bytes": c["memory_bytes"],
+            "pending_events": len(self.coalescer),
+        }
 
     def alerts(self, min_severity: str = "low") -> list[dict]:
         """Current state of every alert at or above *min_severity*."""
@@ -236,12 +248,14 @@ class DetectionEngine:
         out = dict(self._totals)
         out.update(gs)
         out.update(c)
-        out.update({
-            "edge_reduction_ratio": (gs["edges_skipped"] + gs["edges_pruned"]) / cand,
-            "node_reduction_ratio": gs["nodes_pruned"] / created,
-            "late_records": self.coalescer.late_records,
-            "incomplete_events": self.coalescer.incomplete_events,
-            "pending_events": len(self.coalescer),
-            "alerts": len(self.aggregator.alerts),
-        })
+        out.update(
+            {
+                "edge_reduction_ratio": (gs["edges_skipped"] + gs["edges_pruned"]) / cand,
+                "node_reduction_ratio": gs["nodes_pruned"] / created,
+                "late_records": self.coalescer.late_records,
+                "incomplete_events": self.coalescer.incomplete_events,
+                "pending_events": len(self.coalescer),
+                "alerts": len(self.aggregator.alerts),
+            }
+        )
         return out

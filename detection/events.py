@@ -12,23 +12,89 @@ from .records import Record, decode_sockaddr
 #: x86_64 syscall numbers of the calls the graph understands (the ENRICHED
 #: ``SYSCALL=`` field or LAUREL's name wins when present)
 SYSCALLS_X86_64 = {
-    0: "read", 1: "write", 2: "open", 9: "mmap", 17: "pread64", 40: "sendfile",
-    41: "socket", 42: "connect", 43: "accept", 44: "sendto", 45: "recvfrom",
-    46: "sendmsg", 47: "recvmsg", 49: "bind", 50: "listen", 56: "clone", 57: "fork",
-    58: "vfork", 59: "execve", 62: "kill", 76: "truncate", 77: "ftruncate", 82: "rename",
-    83: "mkdir", 84: "rmdir", 85: "creat", 86: "link", 87: "unlink", 88: "symlink",
-    90: "chmod", 91: "fchmod", 92: "chown", 93: "fchown", 94: "lchown", 101: "ptrace",
-    105: "setuid", 106: "setgid", 113: "setreuid", 114: "setregid", 117: "setresuid",
-    119: "setresgid", 122: "setfsuid", 123: "setfsgid", 132: "utime", 133: "mknod",
-    164: "settimeofday", 165: "mount", 166: "umount2", 170: "sethostname",
-    171: "setdomainname", 175: "init_module", 176: "delete_module", 188: "setxattr",
-    189: "lsetxattr", 190: "fsetxattr", 197: "removexattr", 198: "lremovexattr",
-    199: "fremovexattr", 227: "clock_settime", 235: "utimes", 246: "kexec_load",
-    257: "openat", 258: "mkdirat", 259: "mknodat", 260: "fchownat", 261: "futimesat",
-    263: "unlinkat", 264: "renameat", 265: "linkat", 266: "symlinkat", 268: "fchmodat",
-    280: "utimensat", 288: "accept4", 310: "process_vm_readv", 311: "process_vm_writev",
-    313: "finit_module", 316: "renameat2", 319: "memfd_create", 320: "kexec_file_load",
-    322: "execveat", 435: "clone3", 437: "openat2", 452: "fchmodat2",
+    0: "read",
+    1: "write",
+    2: "open",
+    9: "mmap",
+    17: "pread64",
+    40: "sendfile",
+    41: "socket",
+    42: "connect",
+    43: "accept",
+    44: "sendto",
+    45: "recvfrom",
+    46: "sendmsg",
+    47: "recvmsg",
+    49: "bind",
+    50: "listen",
+    56: "clone",
+    57: "fork",
+    58: "vfork",
+    59: "execve",
+    62: "kill",
+    76: "truncate",
+    77: "ftruncate",
+    82: "rename",
+    83: "mkdir",
+    84: "rmdir",
+    85: "creat",
+    86: "link",
+    87: "unlink",
+    88: "symlink",
+    90: "chmod",
+    91: "fchmod",
+    92: "chown",
+    93: "fchown",
+    94: "lchown",
+    101: "ptrace",
+    105: "setuid",
+    106: "setgid",
+    113: "setreuid",
+    114: "setregid",
+    117: "setresuid",
+    119: "setresgid",
+    122: "setfsuid",
+    123: "setfsgid",
+    132: "utime",
+    133: "mknod",
+    164: "settimeofday",
+    165: "mount",
+    166: "umount2",
+    170: "sethostname",
+    171: "setdomainname",
+    175: "init_module",
+    176: "delete_module",
+    188: "setxattr",
+    189: "lsetxattr",
+    190: "fsetxattr",
+    197: "removexattr",
+    198: "lremovexattr",
+    199: "fremovexattr",
+    227: "clock_settime",
+    235: "utimes",
+    246: "kexec_load",
+    257: "openat",
+    258: "mkdirat",
+    259: "mknodat",
+    260: "fchownat",
+    261: "futimesat",
+    263: "unlinkat",
+    264: "renameat",
+    265: "linkat",
+    266: "symlinkat",
+    268: "fchmodat",
+    280: "utimensat",
+    288: "accept4",
+    310: "process_vm_readv",
+    311: "process_vm_writev",
+    313: "finit_module",
+    316: "renameat2",
+    319: "memfd_create",
+    320: "kexec_file_load",
+    322: "execveat",
+    435: "clone3",
+    437: "openat2",
+    452: "fchmodat2",
 }
 _ARCH_X86_64 = "c000003e"
 UNSET = 4294967295
@@ -67,9 +133,29 @@ class AuditEvent:
     """
 
     __slots__ = (
-        "serial", "ts", "syscall", "success", "exit", "pid", "ppid", "uid", "euid", "auid",
-        "ses", "comm", "exe", "key", "args", "cwd", "argv", "execve", "paths", "sockaddr",
-        "types", "other", "nrecords",
+        "serial",
+        "ts",
+        "syscall",
+        "success",
+        "exit",
+        "pid",
+        "ppid",
+        "uid",
+        "euid",
+        "auid",
+        "ses",
+        "comm",
+        "exe",
+        "key",
+        "args",
+        "cwd",
+        "argv",
+        "execve",
+        "paths",
+        "sockaddr",
+        "types",
+        "other",
+        "nrecords",
     )
 
     def __init__(self, serial: int, ts: float):
@@ -136,7 +222,11 @@ def event_from_records(records: list[Record]) -> AuditEvent:
             nr = _int(f.get("syscall"), -1)
             if not name:
                 arch = f.get("arch", _ARCH_X86_64)
-                name = SYSCALLS_X86_64.get(nr, f"syscall_{nr}") if arch == _ARCH_X86_64 else f"syscall_{nr}"
+                name = (
+                    SYSCALLS_X86_64.get(nr, f"syscall_{nr}")
+                    if arch == _ARCH_X86_64
+                    else f"syscall_{nr}"
+                )
             ev.syscall = name
             ev.success = f.get("success", "yes") == "yes"
             ev.exit = _int(f.get("exit"))
@@ -150,8 +240,12 @@ def event_from_records(records: list[Record]) -> AuditEvent:
             ev.exe = f.get("exe")
             key = f.get("key")
             ev.key = None if key in (None, "(null)") else key
-            ev.args = (_hexint(f.get("a0", 0)), _hexint(f.get("a1", 0)),
-                       _hexint(f.get("a2", 0)), _hexint(f.get("a3", 0)))
+            ev.args = (
+                _hexint(f.get("a0", 0)),
+                _hexint(f.get("a1", 0)),
+                _hexint(f.get("a2", 0)),
+                _hexint(f.get("a3", 0)),
+            )
         elif t == "EXECVE":
             ev.execve = True
             execve_fields.update(f)

@@ -20,12 +20,12 @@ from . import tags as T
 from .events import UNSET, AuditEvent
 from .reduction import SKIPPABLE, RedundancyFilter, is_non_viable
 
-#: measured with tracemalloc on the corpus (bench/detection_throughput.py); used for
-#: the cheap per-host memory estimate exposed in stats
-BYTES_PER_PROC = 1400
-BYTES_PER_FILE = 700
-BYTES_PER_SOCK = 600
-BYTES_PER_EDGE = 90
+#: approximate bytes per object, calibrated against tracemalloc over the dev corpus
+#: (bench/detection_throughput.py prints both); used for the cheap per-host estimate
+BYTES_PER_PROC = 2400
+BYTES_PER_FILE = 1200
+BYTES_PER_SOCK = 1000
+BYTES_PER_EDGE = 150
 
 _WRITE_FLAGS = 0o3  # O_WRONLY | O_RDWR
 _O_CREAT = 0o100
@@ -38,8 +38,9 @@ _RENAMES = frozenset({"rename", "renameat", "renameat2"})
 _LINKS = frozenset({"link", "linkat", "symlink", "symlinkat"})
 _CHMODS = frozenset({"chmod", "fchmod", "fchmodat", "fchmodat2"})
 _CHOWNS = frozenset({"chown", "fchown", "lchown", "fchownat"})
-_SETIDS = frozenset({"setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
-                     "setfsuid", "setfsgid"})
+_SETIDS = frozenset(
+    {"setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setfsuid", "setfsgid"}
+)
 _UTIMES = frozenset({"utimensat", "utimes", "utime", "futimesat"})
 _TRUNCS = frozenset({"truncate", "ftruncate"})
 _NETOUT = frozenset({"connect", "sendto", "sendmsg"})
@@ -47,9 +48,18 @@ _NETIN = frozenset({"accept", "accept4", "recvfrom", "recvmsg"})
 _EINPROGRESS = -115
 _FD_OPS = frozenset({"ftruncate", "fchmod", "fchown", "utimensat", "futimesat"})
 _MODULES = frozenset({"init_module", "finit_module", "delete_module"})
-_MISC = {"ptrace": "ptrace", "mount": "mount", "umount2": "mount", "memfd_create": "memfd",
-         "kexec_load": "kexec", "kexec_file_load": "kexec", "process_vm_readv": "ptrace",
-         "process_vm_writev": "ptrace", "mknod": "mknod", "mknodat": "mknod"}
+_MISC = {
+    "ptrace": "ptrace",
+    "mount": "mount",
+    "umount2": "mount",
+    "memfd_create": "memfd",
+    "kexec_load": "kexec",
+    "kexec_file_load": "kexec",
+    "process_vm_readv": "ptrace",
+    "process_vm_writev": "ptrace",
+    "mknod": "mknod",
+    "mknodat": "mknod",
+}
 
 
 class Node:
@@ -69,8 +79,25 @@ class Node:
 class ProcNode(Node):
     """A process, identified by pid and start (first-seen) time."""
 
-    __slots__ = ("pid", "ppid", "parent", "root", "exe", "comm", "argv", "uid", "euid",
-                 "auid", "ses", "cwd", "service", "login", "ports", "last_file", "written")
+    __slots__ = (
+        "pid",
+        "ppid",
+        "parent",
+        "root",
+        "exe",
+        "comm",
+        "argv",
+        "uid",
+        "euid",
+        "auid",
+        "ses",
+        "cwd",
+        "service",
+        "login",
+        "ports",
+        "last_file",
+        "written",
+    )
 
     def __init__(self, pid: int, ts: float, max_edges: int):
         super().__init__(f"proc:{pid}:{ts:.3f}", "process", ts, max_edges)
@@ -91,9 +118,18 @@ class ProcNode(Node):
 
     def describe(self) -> dict:
         """JSON-ready summary used in alert chains."""
-        return {"type": "process", "id": self.nid, "pid": self.pid, "ppid": self.ppid,
-                "exe": self.exe, "argv": self.argv[:16], "uid": self.uid, "euid": self.euid,
-                "auid": self.auid if self.auid != UNSET else None, "first_ts": self.first_ts}
+        return {
+            "type": "process",
+            "id": self.nid,
+            "pid": self.pid,
+            "ppid": self.ppid,
+            "exe": self.exe,
+            "argv": self.argv[:16],
+            "uid": self.uid,
+            "euid": self.euid,
+            "auid": self.auid if self.auid != UNSET else None,
+            "first_ts": self.first_ts,
+        }
 
 
 class FileNode(Node):
@@ -112,8 +148,13 @@ class FileNode(Node):
         self.labels = T.initial_file_labels(path)
 
     def describe(self) -> dict:
-        return {"type": "file", "id": self.nid, "path": self.path, "version": self.version,
-                "first_ts": self.first_ts}
+        return {
+            "type": "file",
+            "id": self.nid,
+            "path": self.path,
+            "version": self.version,
+            "first_ts": self.first_ts,
+        }
 
 
 class SockNode(Node):
@@ -122,8 +163,9 @@ class SockNode(Node):
     __slots__ = ("family", "addr", "port", "trusted")
 
     def __init__(self, family: str, addr: str, port, ts: float, max_edges: int, trusted: bool):
-        super().__init__(f"sock:{addr}:{port}" if port is not None else f"sock:{addr}",
-                         "socket", ts, max_edges)
+        super().__init__(
+            f"sock:{addr}:{port}" if port is not None else f"sock:{addr}", "socket", ts, max_edges
+        )
         self.family = family
         self.addr = addr
         self.port = port
@@ -132,8 +174,15 @@ class SockNode(Node):
             self.labels = T.UNTRUSTED
 
     def describe(self) -> dict:
-        return {"type": "socket", "id": self.nid, "family": self.family, "addr": self.addr,
-                "port": self.port, "trusted": self.trusted, "first_ts": self.first_ts}
+        return {
+            "type": "socket",
+            "id": self.nid,
+            "family": self.family,
+            "addr": self.addr,
+            "port": self.port,
+            "trusted": self.trusted,
+            "first_ts": self.first_ts,
+        }
 
 
 class Edge:
@@ -141,8 +190,15 @@ class Edge:
 
     __slots__ = ("ts", "op", "proc", "obj", "detail", "inferred")
 
-    def __init__(self, ts: float, op: str, proc: ProcNode, obj: Node | None,
-                 detail: dict | None = None, inferred: bool = False):
+    def __init__(
+        self,
+        ts: float,
+        op: str,
+        proc: ProcNode,
+        obj: Node | None,
+        detail: dict | None = None,
+        inferred: bool = False,
+    ):
         self.ts = ts
         self.op = op
         self.proc = proc
@@ -174,9 +230,15 @@ class ProvenanceGraph:
         Apply non-viable pruning and redundant-edge skipping.
     """
 
-    def __init__(self, policy, reduce: bool = True, max_nodes: int = 100_000,
-                 idle_seconds: float = 3600.0, max_edges_per_node: int = 64,
-                 infer_argv_reads: bool = True):
+    def __init__(
+        self,
+        policy,
+        reduce: bool = True,
+        max_nodes: int = 100_000,
+        idle_seconds: float = 3600.0,
+        max_edges_per_node: int = 64,
+        infer_argv_reads: bool = True,
+    ):
         self.policy = policy
         self.reduce = reduce
         self.max_nodes = max_nodes
@@ -191,11 +253,19 @@ class ProvenanceGraph:
         self.local_ports: set[int] = set()
         self.redundant = RedundancyFilter()
         self.now = 0.0
-        self.stats = {"events": 0, "edges": 0, "edges_skipped": 0, "edges_pruned": 0,
-                      "nodes_created": 0, "nodes_pruned": 0, "nodes_evicted": 0,
-                      "edge_candidates": 0}
-        self._trusted_nets = [ipaddress.ip_network(n, strict=False)
-                              for n in getattr(policy, "trusted_networks", ())]
+        self.stats = {
+            "events": 0,
+            "edges": 0,
+            "edges_skipped": 0,
+            "edges_pruned": 0,
+            "nodes_created": 0,
+            "nodes_pruned": 0,
+            "nodes_evicted": 0,
+            "edge_candidates": 0,
+        }
+        self._trusted_nets = [
+            ipaddress.ip_network(n, strict=False) for n in getattr(policy, "trusted_networks", ())
+        ]
 
     # ------------------------------------------------------------------ nodes
     def _touch(self, node: Node, ts: float) -> None:
@@ -214,8 +284,13 @@ class ProvenanceGraph:
             p.parent = parent
             p.ppid = parent.pid
             p.exe, p.comm, p.argv = parent.exe, parent.comm, parent.argv
-            p.uid, p.euid, p.auid, p.ses, p.cwd = (parent.uid, parent.euid, parent.auid,
-                                                   parent.ses, parent.cwd)
+            p.uid, p.euid, p.auid, p.ses, p.cwd = (
+                parent.uid,
+                parent.euid,
+                parent.auid,
+                parent.ses,
+                parent.cwd,
+            )
             p.labels = T.on_fork(parent.labels)
         if ev is not None:
             self._update_proc(p, ev)
@@ -296,8 +371,14 @@ class ProvenanceGraph:
         s = self.socks.get(key)
         if s is None:
             trusted = self._is_trusted(sa)
-            s = SockNode(fam, sa.get("addr") or sa.get("path", ""), sa.get("port"), ts,
-                         self.max_edges, trusted)
+            s = SockNode(
+                fam,
+                sa.get("addr") or sa.get("path", ""),
+                sa.get("port"),
+                ts,
+                self.max_edges,
+                trusted,
+            )
             self.socks[key] = s
             self.stats["nodes_created"] += 1
         self._touch(s, ts)
@@ -313,7 +394,8 @@ class ProvenanceGraph:
         if ip.is_loopback and sa.get("port") in self.local_ports:
             return True  # a service this host's audited processes bound themselves
         return any(ip in net for net in self._trusted_nets) or sa.get("port") in getattr(
-            self.policy, "trusted_ports", ())
+            self.policy, "trusted_ports", ()
+        )
 
     # ------------------------------------------------------------------ paths
     def _resolve(self, ev: AuditEvent, item: dict, parent_dir: str | None) -> str | None:
@@ -343,8 +425,17 @@ class ProvenanceGraph:
         return out
 
     # ------------------------------------------------------------------ edges
-    def _edge(self, out: list, ts: float, op: str, proc: ProcNode, obj: Node | None,
-              state=None, detail: dict | None = None, inferred: bool = False) -> Edge | None:
+    def _edge(
+        self,
+        out: list,
+        ts: float,
+        op: str,
+        proc: ProcNode,
+        obj: Node | None,
+        state=None,
+        detail: dict | None = None,
+        inferred: bool = False,
+    ) -> Edge | None:
         self.stats["edge_candidates"] += 1
         if self.reduce and op in SKIPPABLE and obj is not None:
             if self.redundant.is_redundant((proc.nid, op, obj.nid), state):
@@ -370,8 +461,9 @@ class ProvenanceGraph:
         if op in ("read", "load", "exec_load"):
             e = self._edge(out, ev.ts, op, proc, f, (f.version, f.labels), detail, inferred)
             if e is not None:
-                proc.labels = T.on_read(proc.labels, f.labels,
-                                        _basename(proc.exe) in self.policy.auth_programs)
+                proc.labels = T.on_read(
+                    proc.labels, f.labels, _basename(proc.exe) in self.policy.auth_programs
+                )
             return e
         state = (proc.labels, detail.get("flags", detail.get("mode")) if detail else None)
         e = self._edge(out, ev.ts, op, proc, f, state, detail, inferred)
@@ -382,8 +474,9 @@ class ProvenanceGraph:
                 proc.written = []
             if len(proc.written) < 16 and f not in proc.written:
                 proc.written.append(f)
-            f.labels = T.on_write(f.labels, proc.labels,
-                                  _basename(proc.exe) in self.policy.trusted_installers)
+            f.labels = T.on_write(
+                f.labels, proc.labels, _basename(proc.exe) in self.policy.trusted_installers
+            )
         return e
 
     def _relabel_written(self, out, ts: float, proc: ProcNode) -> None:
@@ -478,15 +571,21 @@ class ProvenanceGraph:
             if self.infer_argv_reads:
                 self._argv_reads(out, ev, proc)
         elif sc in _OPENS:
-            flags = ev.args[1] if sc == "open" else (_O_CREAT | _O_TRUNC | 1 if sc == "creat"
-                                                     else ev.args[2])
+            flags = (
+                ev.args[1]
+                if sc == "open"
+                else (_O_CREAT | _O_TRUNC | 1 if sc == "creat" else ev.args[2])
+            )
             for path, it in items:
                 if not ok:
                     self._file_op(out, ev, proc, path, it, "denied", {"exit": ev.exit})
                 elif flags & _WRITE_FLAGS:
                     existed = it.get("nametype") != "CREATE"
-                    op = "truncate" if (flags & _O_TRUNC and existed) else (
-                        "write" if existed else "create")
+                    op = (
+                        "truncate"
+                        if (flags & _O_TRUNC and existed)
+                        else ("write" if existed else "create")
+                    )
                     self._file_op(out, ev, proc, path, it, op, {"flags": flags})
                     proc.last_file = (path, it)
                 else:
@@ -502,8 +601,15 @@ class ProvenanceGraph:
             if ok and len(items) >= 2:
                 (src, _), (dst, dit) = items[0], items[1]
                 old = self.files.get(src)
-                e = self._file_op(out, ev, proc, dst, dit, "rename",
-                                  {"from": src, "replaced": dit.get("nametype") == "DELETE"})
+                e = self._file_op(
+                    out,
+                    ev,
+                    proc,
+                    dst,
+                    dit,
+                    "rename",
+                    {"from": src, "replaced": dit.get("nametype") == "DELETE"},
+                )
                 if e is not None and old is not None:
                     e.obj.labels |= old.labels
         elif sc in _LINKS:
@@ -536,8 +642,11 @@ class ProvenanceGraph:
             if s is not None:
                 ok = ok or ev.exit == _EINPROGRESS  # non-blocking connect (curl) is a connection
                 inbound = sc in _NETIN
-                op = "accept" if sc.startswith("accept") else ("connect" if sc == "connect" else (
-                    "recv" if inbound else "send"))
+                op = (
+                    "accept"
+                    if sc.startswith("accept")
+                    else ("connect" if sc == "connect" else ("recv" if inbound else "send"))
+                )
                 if inbound and op == "accept":
                     proc.service = True
                 if s.port is not None:
@@ -549,8 +658,9 @@ class ProvenanceGraph:
                             holder.ports = set()
                         if len(holder.ports) < 4096:
                             holder.ports.add((s.addr, s.port))
-                e = self._edge(out, ev.ts, op, proc, s, (proc.labels, ok),
-                               {"ok": ok, "exit": ev.exit})
+                e = self._edge(
+                    out, ev.ts, op, proc, s, (proc.labels, ok), {"ok": ok, "exit": ev.exit}
+                )
                 if e is not None and ok and not s.trusted and op != "accept":
                     first = not proc.labels & T.NET_IN
                     proc.labels |= T.UNTRUSTED | T.NET_IN
@@ -603,8 +713,18 @@ class ProvenanceGraph:
     def counts(self) -> dict:
         """Live node and edge counts and an approximate memory footprint in bytes."""
         nedges = sum(len(n.edges) for n in self._lru.values())
-        mem = (len(self.procs) * BYTES_PER_PROC + len(self.files) * BYTES_PER_FILE
-               + len(self.socks) * BYTES_PER_SOCK + nedges * BYTES_PER_EDGE
-               + len(self.redundant) * 120)
-        return {"nodes": len(self._lru), "processes": len(self.procs), "files": len(self.files),
-                "sockets": len(self.socks), "edges_live": nedges, "memory_bytes": mem}
+        mem = (
+            len(self.procs) * BYTES_PER_PROC
+            + len(self.files) * BYTES_PER_FILE
+            + len(self.socks) * BYTES_PER_SOCK
+            + nedges * BYTES_PER_EDGE
+            + len(self.redundant) * 120
+        )
+        return {
+            "nodes": len(self._lru),
+            "processes": len(self.procs),
+            "files": len(self.files),
+            "sockets": len(self.socks),
+            "edges_live": nedges,
+            "memory_bytes": mem,
+        }

@@ -17,8 +17,24 @@ from urllib.parse import unquote
 from .events import SYSCALLS_X86_64, AuditEvent
 from .records import ParseError, decode_sockaddr
 
-_KNOWN = frozenset({"ID", "NODE", "SYSCALL", "EXECVE", "CWD", "PATH", "PROCTITLE", "SOCKADDR",
-                    "PARENT_INFO", "PPID", "EOE", "BPRM_FCAPS", "ENV", "CONTAINER_INFO"})
+_KNOWN = frozenset(
+    {
+        "ID",
+        "NODE",
+        "SYSCALL",
+        "EXECVE",
+        "CWD",
+        "PATH",
+        "PROCTITLE",
+        "SOCKADDR",
+        "PARENT_INFO",
+        "PPID",
+        "EOE",
+        "BPRM_FCAPS",
+        "ENV",
+        "CONTAINER_INFO",
+    }
+)
 
 
 def _num(v):
@@ -55,9 +71,17 @@ def _sockaddr(entry) -> dict | None:
         return None
     fam = str(sa.get("family", "")).lower()
     if fam in ("inet", "af_inet", "2"):
-        return {"family": "inet", "addr": sa.get("addr") or sa.get("ip"), "port": _num(sa.get("port"))}
+        return {
+            "family": "inet",
+            "addr": sa.get("addr") or sa.get("ip"),
+            "port": _num(sa.get("port")),
+        }
     if fam in ("inet6", "af_inet6", "10"):
-        return {"family": "inet6", "addr": sa.get("addr") or sa.get("ip"), "port": _num(sa.get("port"))}
+        return {
+            "family": "inet6",
+            "addr": sa.get("addr") or sa.get("ip"),
+            "port": _num(sa.get("port")),
+        }
     if fam in ("local", "unix", "af_unix", "1"):
         return {"family": "unix", "path": _s(sa.get("path", ""))}
     return {"family": fam or "unknown"}

@@ -22,21 +22,61 @@ from __future__ import annotations
 from collections import OrderedDict
 
 _NON_VIABLE_PREFIXES = (
-    "/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/", "/usr/libexec/", "/usr/share/locale/",
-    "/usr/lib/locale/", "/usr/share/zoneinfo/", "/usr/share/i18n/", "/usr/share/terminfo/",
-    "/usr/share/mime/", "/usr/share/fonts/", "/usr/share/X11/locale/", "/proc/", "/sys/",
-    "/usr/local/lib/", "/var/cache/ldconfig/", "/usr/lib/python3", "/usr/share/zsh/",
+    "/lib/",
+    "/lib64/",
+    "/usr/lib/",
+    "/usr/lib64/",
+    "/usr/libexec/",
+    "/usr/share/locale/",
+    "/usr/lib/locale/",
+    "/usr/share/zoneinfo/",
+    "/usr/share/i18n/",
+    "/usr/share/terminfo/",
+    "/usr/share/mime/",
+    "/usr/share/fonts/",
+    "/usr/share/X11/locale/",
+    "/proc/",
+    "/sys/",
+    "/usr/local/lib/",
+    "/var/cache/ldconfig/",
+    "/usr/lib/python3",
+    "/usr/share/zsh/",
 )
-_NON_VIABLE_FILES = frozenset({
-    "/etc/ld.so.cache", "/etc/localtime", "/etc/nsswitch.conf", "/etc/host.conf",
-    "/etc/locale.alias", "/dev/null", "/dev/urandom", "/dev/random", "/dev/zero",
-    "/dev/tty", "/dev/ptmx", "/etc/gai.conf", "/usr/share/locale/locale.alias",
-})
+_NON_VIABLE_FILES = frozenset(
+    {
+        "/etc/ld.so.cache",
+        "/etc/localtime",
+        "/etc/nsswitch.conf",
+        "/etc/host.conf",
+        "/etc/locale.alias",
+        "/dev/null",
+        "/dev/urandom",
+        "/dev/random",
+        "/dev/zero",
+        "/dev/tty",
+        "/dev/ptmx",
+        "/etc/gai.conf",
+        "/usr/share/locale/locale.alias",
+    }
+)
 #: edge ops that only read their object
 READ_OPS = frozenset({"read", "load", "exec_load"})
 #: ops that may be skipped when repeated with no new information
-SKIPPABLE = frozenset({"read", "write", "connect", "accept", "send", "recv", "utime", "chown",
-                       "chmod", "denied", "truncate"})
+SKIPPABLE = frozenset(
+    {
+        "read",
+        "write",
+        "connect",
+        "accept",
+        "send",
+        "recv",
+        "utime",
+        "chown",
+        "chmod",
+        "denied",
+        "truncate",
+    }
+)
 
 
 def is_non_viable(path: str, op: str) -> bool:

@@ -18,9 +18,20 @@ from .graph import Edge, FileNode, ProcNode, SockNode
 
 RULES_DIR = Path(__file__).parent / "rules"
 
-TACTIC_ORDER = ("initial-access", "execution", "persistence", "privilege-escalation",
-                "defense-evasion", "credential-access", "discovery", "lateral-movement",
-                "collection", "command-and-control", "exfiltration", "impact")
+TACTIC_ORDER = (
+    "initial-access",
+    "execution",
+    "persistence",
+    "privilege-escalation",
+    "defense-evasion",
+    "credential-access",
+    "discovery",
+    "lateral-movement",
+    "collection",
+    "command-and-control",
+    "exfiltration",
+    "impact",
+)
 
 
 @dataclass(frozen=True)
@@ -88,17 +99,45 @@ DISCOVERY_TOOLS = {
     "groups": ("T1069.001", "Permission Groups Discovery: Local Groups"),
     "lastlog": ("T1087.001", "Account Discovery: Local Account"),
 }
-_READERS = frozenset({"cat", "head", "tail", "less", "more", "grep", "cut", "awk", "sort",
-                      "strings", "tac", "nl", "od", "xxd", "base64"})
+_READERS = frozenset(
+    {
+        "cat",
+        "head",
+        "tail",
+        "less",
+        "more",
+        "grep",
+        "cut",
+        "awk",
+        "sort",
+        "strings",
+        "tac",
+        "nl",
+        "od",
+        "xxd",
+        "base64",
+    }
+)
 _FILE_DISCOVERY = (
     (re.compile(r"/etc/(passwd)(\s|$)"), "T1087.001", "Account Discovery: Local Account"),
     (re.compile(r"/etc/group(\s|$)"), "T1069.001", "Permission Groups Discovery: Local Groups"),
-    (re.compile(r"/etc/(os-release|issue|lsb-release|[\w-]+-release|machine-id)|/proc/(version|cpuinfo)"),
-     "T1082", "System Information Discovery"),
-    (re.compile(r"/proc/net/|/etc/(hosts|resolv\.conf)"), "T1016", "System Network Configuration Discovery"),
+    (
+        re.compile(
+            r"/etc/(os-release|issue|lsb-release|[\w-]+-release|machine-id)|/proc/(version|cpuinfo)"
+        ),
+        "T1082",
+        "System Information Discovery",
+    ),
+    (
+        re.compile(r"/proc/net/|/etc/(hosts|resolv\.conf)"),
+        "T1016",
+        "System Network Configuration Discovery",
+    ),
 )
-_GETENT = {"passwd": ("T1087.001", "Account Discovery: Local Account"),
-           "group": ("T1069.001", "Permission Groups Discovery: Local Groups")}
+_GETENT = {
+    "passwd": ("T1087.001", "Account Discovery: Local Account"),
+    "group": ("T1069.001", "Permission Groups Discovery: Local Groups"),
+}
 _LS_SENSITIVE_DIRS = re.compile(r"(^|\s)/(home|root|var/www|srv|opt|tmp|etc)(/|\s|$)")
 
 
@@ -121,17 +160,83 @@ def discovery_tool(e: Edge):
     return None
 
 
-KNOWN_DOTDIRS = frozenset({
-    ".git", ".cache", ".config", ".local", ".venv", "venv", ".pytest_cache", ".mypy_cache",
-    ".ruff_cache", ".tox", ".nox", ".npm", ".yarn", ".pnpm-store", ".cargo", ".rustup",
-    ".ssh", ".gnupg", ".vscode", ".vscode-server", ".idea", ".ipython", ".jupyter", ".m2",
-    ".gradle", ".nvm", ".pyenv", ".github", ".gitlab", ".docker", ".kube", ".terraform",
-    ".ansible", ".hg", ".svn", ".bundle", ".gem", ".conda", ".dotnet", ".eggs", ".hypothesis",
-    ".coverage", ".next", ".nuxt", ".angular", ".mozilla", ".thunderbird", ".pki", ".dbus-keyrings",
-    ".java", ".composer", ".go", ".deno", ".bun", ".husky", ".devcontainer", ".circleci",
-    ".aws", ".azure", ".gcloud", ".minikube", ".helm", ".android", ".vim", ".emacs.d",
-    ".oh-my-zsh", ".tmux", ".fonts", ".themes", ".icons", ".sdkman", ".poetry", ".pdm",
-})
+KNOWN_DOTDIRS = frozenset(
+    {
+        ".git",
+        ".cache",
+        ".config",
+        ".local",
+        ".venv",
+        "venv",
+        ".pytest_cache",
+        ".mypy_cache",
+        ".ruff_cache",
+        ".tox",
+        ".nox",
+        ".npm",
+        ".yarn",
+        ".pnpm-store",
+        ".cargo",
+        ".rustup",
+        ".ssh",
+        ".gnupg",
+        ".vscode",
+        ".vscode-server",
+        ".idea",
+        ".ipython",
+        ".jupyter",
+        ".m2",
+        ".gradle",
+        ".nvm",
+        ".pyenv",
+        ".github",
+        ".gitlab",
+        ".docker",
+        ".kube",
+        ".terraform",
+        ".ansible",
+        ".hg",
+        ".svn",
+        ".bundle",
+        ".gem",
+        ".conda",
+        ".dotnet",
+        ".eggs",
+        ".hypothesis",
+        ".coverage",
+        ".next",
+        ".nuxt",
+        ".angular",
+        ".mozilla",
+        ".thunderbird",
+        ".pki",
+        ".dbus-keyrings",
+        ".java",
+        ".composer",
+        ".go",
+        ".deno",
+        ".bun",
+        ".husky",
+        ".devcontainer",
+        ".circleci",
+        ".aws",
+        ".azure",
+        ".gcloud",
+        ".minikube",
+        ".helm",
+        ".android",
+        ".vim",
+        ".emacs.d",
+        ".oh-my-zsh",
+        ".tmux",
+        ".fonts",
+        ".themes",
+        ".icons",
+        ".sdkman",
+        ".poetry",
+        ".pdm",
+    }
+)
 _HIDDEN_ROOTS = ("/home/", "/root/", "/var/www/", "/srv/", "/opt/", "/usr/", "/etc/", "/var/")
 
 
@@ -149,8 +254,12 @@ def hidden_unusual(e: Edge):
         if c.startswith(".") and c not in KNOWN_DOTDIRS and c not in (".", ".."):
             return True
     # a hidden file deep inside a tree (a top-level dotfile in $HOME is normal)
-    return (leaf.startswith(".") and len(comps) >= 1 and e.op == "exec_load"
-            and all(c not in KNOWN_DOTDIRS for c in comps))
+    return (
+        leaf.startswith(".")
+        and len(comps) >= 1
+        and e.op == "exec_load"
+        and all(c not in KNOWN_DOTDIRS for c in comps)
+    )
 
 
 _MASQ_NAMES = re.compile(
@@ -158,7 +267,9 @@ _MASQ_NAMES = re.compile(
     r"rsyslogd|syslogd|x11[\w-]*|xorg|polkitd?|gvfsd[\w-]*|pulseaudio|networkmanager|"
     r"accounts-daemon|irqbalance|agetty|atd|containerd|dockerd|snapd|init|getty|"
     r"journald|auditd|cupsd|avahi-daemon|acpid|chronyd|ntpd|nscd|sssd|rpcbind|"
-    r"lib[\w-]+\.so(\.\d+)*|ld-linux[\w.-]*)$", re.IGNORECASE)
+    r"lib[\w-]+\.so(\.\d+)*|ld-linux[\w.-]*)$",
+    re.IGNORECASE,
+)
 _SYSTEM_DIRS = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/", "/snap/", "/etc/")
 
 
@@ -172,8 +283,10 @@ def masquerade(e: Edge):
     if _MASQ_NAMES.match(parts[-1]):
         return True
     # masquerading location: a dot-dir named after a system component holding the file
-    return any(c.startswith(".") and _MASQ_NAMES.match(c) and c.lower() not in (".dbus-keyrings",)
-               for c in parts[1:-1])
+    return any(
+        c.startswith(".") and _MASQ_NAMES.match(c) and c.lower() not in (".dbus-keyrings",)
+        for c in parts[1:-1]
+    )
 
 
 def mode_exec(e: Edge):
@@ -188,14 +301,22 @@ def port_scan(e: Edge, threshold: int = 5):
         return False
     for holder in (e.proc, e.proc.parent):
         ports = holder.ports if holder is not None else None
-        if ports and len(ports) >= threshold and sum(
-                1 for a, _ in ports if a == s.addr) >= threshold:
+        if (
+            ports
+            and len(ports) >= threshold
+            and sum(1 for a, _ in ports if a == s.addr) >= threshold
+        ):
             return True
     return False
 
 
-CHECKS = {"discovery_tool": discovery_tool, "hidden_unusual": hidden_unusual,
-          "masquerade": masquerade, "mode_exec": mode_exec, "port_scan": port_scan}
+CHECKS = {
+    "discovery_tool": discovery_tool,
+    "hidden_unusual": hidden_unusual,
+    "masquerade": masquerade,
+    "mode_exec": mode_exec,
+    "port_scan": port_scan,
+}
 
 
 # ---------------------------------------------------------------- compilation
@@ -259,7 +380,9 @@ class RuleSet:
             if req not in d:
                 raise ValueError(f"rule {rid!r}: missing required key {req!r}")
         if d["tactic"] not in TACTIC_ORDER:
-            raise ValueError(f"rule {rid!r}: unknown tactic {d['tactic']!r}; use one of {TACTIC_ORDER}")
+            raise ValueError(
+                f"rule {rid!r}: unknown tactic {d['tactic']!r}; use one of {TACTIC_ORDER}"
+            )
         preds = []
         if "exe" in d:
             s = self._names(d["exe"])
@@ -278,13 +401,19 @@ class RuleSet:
             preds.append(lambda e, m=m: e.obj is not None and bool(e.obj.labels & m))
         if "parent_service" in d:
             want = bool(d["parent_service"])
-            preds.append(lambda e, w=want: (e.proc.parent is not None and e.proc.parent.service) == w)
+            preds.append(
+                lambda e, w=want: (e.proc.parent is not None and e.proc.parent.service) == w
+            )
         if "path" in d:
             rx = self._rx(d["path"])
-            preds.append(lambda e, rx=rx: isinstance(e.obj, FileNode) and rx.search(e.obj.path) is not None)
+            preds.append(
+                lambda e, rx=rx: isinstance(e.obj, FileNode) and rx.search(e.obj.path) is not None
+            )
         if "path_not" in d:
             rx = self._rx(d["path_not"])
-            preds.append(lambda e, rx=rx: not (isinstance(e.obj, FileNode) and rx.search(e.obj.path)))
+            preds.append(
+                lambda e, rx=rx: not (isinstance(e.obj, FileNode) and rx.search(e.obj.path))
+            )
         if "argv" in d:
             rx = self._rx(d["argv"])
             preds.append(lambda e, rx=rx: rx.search(" ".join(e.proc.argv[1:])) is not None)
@@ -311,12 +440,23 @@ class RuleSet:
         check = None
         if "check" in d:
             if d["check"] not in CHECKS:
-                raise ValueError(f"rule {rid!r}: unknown check {d['check']!r}; known: {sorted(CHECKS)}")
+                raise ValueError(
+                    f"rule {rid!r}: unknown check {d['check']!r}; known: {sorted(CHECKS)}"
+                )
             check = CHECKS[d["check"]]
         ops = tuple(d["op"]) if isinstance(d["op"], list) else (d["op"],)
-        return Rule(rid, str(d["technique"]), d.get("name", str(d["technique"])), d["tactic"],
-                    int(d.get("weight", 1)), ops, preds, check,
-                    _mask(d.get("mark_proc", [])), _mask(d.get("mark_obj", [])))
+        return Rule(
+            rid,
+            str(d["technique"]),
+            d.get("name", str(d["technique"])),
+            d["tactic"],
+            int(d.get("weight", 1)),
+            ops,
+            preds,
+            check,
+            _mask(d.get("mark_proc", [])),
+            _mask(d.get("mark_obj", [])),
+        )
 
     def match(self, edge: Edge) -> list[Match]:
         """Rules that fire on *edge*; applies their ``mark_*`` labels."""

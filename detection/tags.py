@@ -26,8 +26,13 @@ DOWNLOADED = 4
 NET_IN = 8
 SERVICE = 16
 
-LABEL_NAMES = {UNTRUSTED: "untrusted", SENSITIVE: "sensitive", DOWNLOADED: "downloaded",
-               NET_IN: "net_in", SERVICE: "service"}
+LABEL_NAMES = {
+    UNTRUSTED: "untrusted",
+    SENSITIVE: "sensitive",
+    DOWNLOADED: "downloaded",
+    NET_IN: "net_in",
+    SERVICE: "service",
+}
 NAME_TO_LABEL = {v: k for k, v in LABEL_NAMES.items()}
 
 #: what a child inherits from its parent at fork

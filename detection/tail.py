@@ -45,8 +45,8 @@ class AuditTailer:
         self._fh = None
         self._ino = None
         self._dev = None
-        self._offset = 0          # next byte to read in the open file (complete lines only)
-        self._commit_pos = None   # position after the last yielded batch
+        self._offset = 0  # next byte to read in the open file (complete lines only)
+        self._commit_pos = None  # position after the last yielded batch
         self._buf = b""
         state = self._load_state()
         if state:
@@ -150,8 +150,13 @@ class AuditTailer:
         return out
 
     # ------------------------------------------------------------------ API
-    def batches(self, follow: bool = False, max_lines: int = 1000,
-                poll_interval: float = 0.2, idle_timeout: float | None = None) -> Iterator[list[str]]:
+    def batches(
+        self,
+        follow: bool = False,
+        max_lines: int = 1000,
+        poll_interval: float = 0.2,
+        idle_timeout: float | None = None,
+    ) -> Iterator[list[str]]:
         """Yield lists of complete lines; with *follow*, wait for more (until *idle_timeout*)."""
         idle_since = time.monotonic()
         while True:

@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("kafka", "aiokafka"):
+        # Connection chatter at INFO drowns the services' own messages.
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     from headwater import commands  # noqa: F401 - registers the command functions
 
     try:

@@ -173,16 +173,16 @@ def cmd_ship_audit(args, settings: Settings) -> int:
 
 @command("features")
 def cmd_features(args, settings: Settings) -> int:
-    import redis
-
-    from features.store import entity_features
+    from features.store import SyncOnlineStore
 
     _, redis_url = resolve_addresses(settings)
     if ":" not in args.entity or args.entity.split(":", 1)[0] not in ("user", "item"):
         raise StackError(f"entity must be user:ID or item:ID, got {args.entity!r}")
-    client = redis.Redis.from_url(redis_url)
-    doc = entity_features(client, args.entity, partitions=settings.partitions)
-    client.close()
+    store = SyncOnlineStore.from_url(redis_url, partitions=settings.partitions)
+    try:
+        doc = store.entity_features(args.entity)
+    finally:
+        store.close()
     if args.json:
         print_json(doc)
     else:

@@ -307,7 +307,8 @@ async def _heartbeat(ctx: AppContext, stop: asyncio.Event) -> None:
 
 
 async def serve(settings: Settings, kafka: str | None, redis_url: str, stop: asyncio.Event,
-                ready: asyncio.Event | None = None, **context_kwargs: Any) -> None:
+                ready: asyncio.Event | None = None, rescan_seconds: float = 5.0,
+                **context_kwargs: Any) -> None:
     """Run serving until ``stop`` is set (the body of :func:`run_serving`, reusable in tests)."""
     import redis.asyncio as aioredis
     import torch
@@ -321,6 +322,7 @@ async def serve(settings: Settings, kafka: str | None, redis_url: str, stop: asy
     log.info("serving %s version %s at start", settings.model_name, served)
     ctx.watcher = ModelWatcher(kafka, settings.topics["model-updates"], settings.model_name,
                                ctx.holder.aoffer, ctx.holder.arescan,
+                               rescan_seconds=rescan_seconds,
                                fetch_max_wait_ms=settings.fetch_max_wait_ms)
     app = create_app(settings, ctx)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)

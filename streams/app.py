@@ -78,6 +78,7 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "headwater-work
         broker_request_timeout=max(session * 2, 40.0),
         broker_commit_interval=1.0,
         producer_linger=0.005,
+        producer_max_request_size=settings.max_message_bytes * 2,
         web_enabled=web_port is not None,
         web_port=web_port or 6066,
         web_bind=settings.bind_host,
@@ -116,14 +117,35 @@ def batched_agent(app: faust.App, topic_name: str, partitions: int, handler: Han
                             on_error(exc)
                         await asyncio.sleep(0.5)
                 for out_topic, key, value, out_partition in outputs:
-                    sends.append(await app.producer.send(out_topic, key, value,
-                                                         partition=out_partition,
-                                                         timestamp=None, headers=None))
+                    sends.append((out_topic, key, value, out_partition))
             if sends:
-                await asyncio.gather(*sends)
+                await _send_all(app, sends, on_error)
 
     agent.__name__ = name
     app.agent(topic, name=name)(agent)
+
+
+async def _send_all(app: faust.App, sends: list[Output],
+                    on_error: Callable[[BaseException], None] | None) -> None:
+    """Produce every output, retrying until the broker takes them.
+
+    The batch is acknowledged only after this returns, so retrying here (rather than
+    letting the agent crash and restart) keeps the at-least-once promise without
+    reprocessing work that already succeeded.
+    """
+    delay = 0.2
+    while True:
+        try:
+            futures = [await app.producer.send(t, k, v, partition=p, timestamp=None, headers=None)
+                       for t, k, v, p in sends]
+            await asyncio.gather(*futures)
+            return
+        except Exception as exc:  # noqa: BLE001 - broker hiccups are retried, never dropped
+            log.warning("producing %d records failed (%s); retrying in %.1fs", len(sends), exc, delay)
+            if on_error:
+                on_error(exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def add_web_pages(app: faust.App, registry: CollectorRegistry,

@@ -68,6 +68,21 @@ class ClickHandler:
                 log.info("seeking %s to offset %d recorded in Redis", tp, nxt)
                 await app.consumer.seek(tp, nxt)
 
+    def _encode(self, columns: dict, topic: str, partition: int) -> list[Output]:
+        """Arrow batches of at most ``train_message_rows`` rows (messages stay small)."""
+        n = len(columns["event_id"])
+        step = self.settings.train_message_rows
+        schema_json, schema_hash = self.builder.schema.to_json(), self.builder.schema.hash
+        out: list[Output] = []
+        for start in range(0, n, step):
+            chunk = {name: col[start:start + step] for name, col in columns.items()}
+            offsets = chunk["offset"]
+            payload = encode_batch(chunk, schema_json, schema_hash, topic, partition,
+                                   int(offsets.min()), int(offsets.max()) + 1)
+            out.append((self.topics["train-batches"], str(partition).encode(), payload, None))
+        self.metrics.events_out.labels(self.topics["train-batches"]).inc(n)
+        return out
+
     async def __call__(self, topic: str, partition: int, messages: list[Message]) -> list[Output]:
         t0 = time.perf_counter()
         outputs: list[Output] = []
@@ -104,9 +119,6 @@ class ClickHandler:
             columns = self.builder.build(cols, result.features, result.item_attrs, result.codes)
             if not keep.all():
                 columns = {name: col[keep] for name, col in columns.items()}
-            payload = encode_batch(columns, self.builder.schema.to_json(), self.builder.schema.hash,
-                                   topic, partition, int(messages[0][0]), int(messages[-1][0]) + 1)
-            outputs.append((self.topics["train-batches"], str(partition).encode(), payload, None))
-            self.metrics.events_out.labels(self.topics["train-batches"]).inc(int(keep.sum()))
+            outputs.extend(self._encode(columns, topic, partition))
         self.metrics.batch_seconds.labels(topic).observe(time.perf_counter() - t0)
         return outputs

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 
 import msgspec
 from kafka import KafkaProducer
-from kafka.errors import KafkaError, NoBrokersAvailable
+from kafka.errors import KafkaError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def make_producer(bootstrap: str, connect_timeout: float = 30.0, **overrides) ->
     while True:
         try:
             return KafkaProducer(**config)
-        except (NoBrokersAvailable, KafkaError) as exc:
+        except KafkaError as exc:
             if time.monotonic() + delay > deadline:
                 raise RuntimeError(f"Kafka broker at {bootstrap} unreachable: {exc}") from exc
             log.warning("broker %s unreachable (%s); retrying in %.1fs", bootstrap, exc, delay)

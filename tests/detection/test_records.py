@@ -9,10 +9,12 @@ from detection.coalesce import Coalescer
 from detection.events import event_from_records
 from detection.records import ParseError, Record, decode_sockaddr, parse_line
 
-RAW = ('type=SYSCALL msg=audit(1795820577.532:25462): arch=c000003e syscall=59 success=yes '
-       'exit=0 a0=7fc3328dc790 a1=7fc3324a50f0 a2=7ffd1f61e4e8 a3=8 items=2 ppid=23641 '
-       'pid=23720 auid=4294967295 uid=33 gid=33 euid=33 suid=33 fsuid=33 egid=33 sgid=33 '
-       'fsgid=33 tty=(none) ses=4294967295 comm="sh" exe="/usr/bin/dash" key="www_exec"')
+RAW = (
+    "type=SYSCALL msg=audit(1795820577.532:25462): arch=c000003e syscall=59 success=yes "
+    "exit=0 a0=7fc3328dc790 a1=7fc3324a50f0 a2=7ffd1f61e4e8 a3=8 items=2 ppid=23641 "
+    "pid=23720 auid=4294967295 uid=33 gid=33 euid=33 suid=33 fsuid=33 egid=33 sgid=33 "
+    'fsgid=33 tty=(none) ses=4294967295 comm="sh" exe="/usr/bin/dash" key="www_exec"'
+)
 
 
 def test_raw_syscall_fields():
@@ -47,8 +49,10 @@ def test_hex_proctitle_and_quoted_proctitle():
 
 
 def test_execve_hex_and_quoted_args():
-    r = parse_line('type=EXECVE msg=audit(1.0:2): argc=3 a0="/bin/sh" a1="-c" '
-                   'a2=7461696C202D6E203230206C6F67732F6170702E6C6F673B6964')
+    r = parse_line(
+        'type=EXECVE msg=audit(1.0:2): argc=3 a0="/bin/sh" a1="-c" '
+        "a2=7461696C202D6E203230206C6F67732F6170702E6C6F673B6964"
+    )
     ev = event_from_records([r])
     assert ev.argv == ["/bin/sh", "-c", "tail -n 20 logs/app.log;id"]
 
@@ -59,8 +63,9 @@ def test_execve_numeric_looking_quoted_arg_is_literal():
 
 
 def test_execve_split_long_argument():
-    r = parse_line('type=EXECVE msg=audit(1.0:3): argc=2 a0="echo" a1_len=10 '
-                   'a1[0]=6162636465 a1[1]=6667686970')
+    r = parse_line(
+        'type=EXECVE msg=audit(1.0:3): argc=2 a0="echo" a1_len=10 a1[0]=6162636465 a1[1]=6667686970'
+    )
     assert event_from_records([r]).argv == ["echo", "abcdefghip"]
 
 
@@ -68,21 +73,25 @@ def test_execve_args_over_two_records():
     c = Coalescer()
     c.add(parse_line('type=EXECVE msg=audit(1.0:4): argc=3 a0="a"'))
     c.add(parse_line('type=EXECVE msg=audit(1.0:4): a1="b" a2="c"'))
-    ev = c.add(parse_line('type=EOE msg=audit(1.0:4): '))[0]
+    ev = c.add(parse_line("type=EOE msg=audit(1.0:4): "))[0]
     assert ev.argv == ["a", "b", "c"]
 
 
 def test_path_hex_name_with_space():
-    r = parse_line("type=PATH msg=audit(1.0:5): item=0 name=2F746D702F6120622E747874 "
-                   "inode=12 dev=fe:00 mode=0100644 nametype=CREATE")
+    r = parse_line(
+        "type=PATH msg=audit(1.0:5): item=0 name=2F746D702F6120622E747874 "
+        "inode=12 dev=fe:00 mode=0100644 nametype=CREATE"
+    )
     assert r.fields["name"] == "/tmp/a b.txt"
     assert r.fields["nametype"] == "CREATE"
 
 
 def test_user_record_nested_msg_is_flattened():
-    r = parse_line("type=USER_CMD msg=audit(1.0:6): pid=1 uid=1501 auid=1501 ses=51 "
-                   "msg='cwd=\"/home/d\" cmd=7461696C202D6E2033 exe=\"/usr/bin/sudo\" "
-                   "terminal=pts/0 res=success'")
+    r = parse_line(
+        "type=USER_CMD msg=audit(1.0:6): pid=1 uid=1501 auid=1501 ses=51 "
+        'msg=\'cwd="/home/d" cmd=7461696C202D6E2033 exe="/usr/bin/sudo" '
+        "terminal=pts/0 res=success'"
+    )
     assert r.fields["cmd"] == "tail -n 3"
     assert r.fields["exe"] == "/usr/bin/sudo"
     assert r.fields["res"] == "success"
@@ -90,10 +99,16 @@ def test_user_record_nested_msg_is_flattened():
 
 def test_sockaddr_families():
     assert decode_sockaddr("020011517F0000010000000000000000") == {
-        "family": "inet", "addr": "127.0.0.1", "port": 4433}
+        "family": "inet",
+        "addr": "127.0.0.1",
+        "port": 4433,
+    }
     v6 = decode_sockaddr("0A001F9000000000" + "00000000000000000000000000000001" + "00000000")
     assert v6 == {"family": "inet6", "addr": "::1", "port": 8080}
-    assert decode_sockaddr("01002F72756E2F782E736F636B00") == {"family": "unix", "path": "/run/x.sock"}
+    assert decode_sockaddr("01002F72756E2F782E736F636B00") == {
+        "family": "unix",
+        "path": "/run/x.sock",
+    }
     assert decode_sockaddr("0100006162") == {"family": "unix", "path": "@ab"}
     assert decode_sockaddr("100000000000000000000000")["family"] == "netlink"
     assert decode_sockaddr("zz")["family"] == "invalid"
@@ -102,7 +117,11 @@ def test_sockaddr_families():
 def test_sockaddr_in_event():
     c = Coalescer()
     c.add(parse_line(RAW.replace("syscall=59", "syscall=42").replace("items=2", "items=0")))
-    c.add(parse_line("type=SOCKADDR msg=audit(1795820577.532:25462): saddr=0200115C7F0000010000000000000000"))
+    c.add(
+        parse_line(
+            "type=SOCKADDR msg=audit(1795820577.532:25462): saddr=0200115C7F0000010000000000000000"
+        )
+    )
     (ev,) = c.add(parse_line('type=PROCTITLE msg=audit(1795820577.532:25462): proctitle="bash"'))
     assert ev.syscall == "connect"
     assert ev.sockaddr == {"family": "inet", "addr": "127.0.0.1", "port": 4444}
@@ -119,13 +138,15 @@ def test_errors_have_reasons():
     assert "type=" in _reason("garbage line")
     assert "msg=audit(" in _reason("type=SYSCALL foo=bar")
     assert "unterminated header" in _reason("type=SYSCALL msg=audit(1795820577.532:2546")
-    assert "timestamp/serial" in _reason("type=CWD msg=audit(abc:12): cwd=\"/\"")
+    assert "timestamp/serial" in _reason('type=CWD msg=audit(abc:12): cwd="/"')
     assert "garbled field" in _reason(RAW[:200] + " succ")
     assert "unterminated quoted" in _reason('type=CWD msg=audit(1.0:1): cwd="/tm')
-    assert "neither quoted nor valid hex" in _reason("type=PROCTITLE msg=audit(1.0:1): proctitle=2F62696")
+    assert "neither quoted nor valid hex" in _reason(
+        "type=PROCTITLE msg=audit(1.0:1): proctitle=2F62696"
+    )
     assert "pid" in _reason("type=SYSCALL msg=audit(1.0:1): arch=c000003e syscall=59")
-    assert "UTF-8" in _reason(b"type=CWD msg=audit(1.0:1): cwd=\"\xff\xfe\"")
-    assert "NUL" in _reason("type=CWD msg=audit(1.0:1): cwd=\"/\x00\"")
+    assert "UTF-8" in _reason(b'type=CWD msg=audit(1.0:1): cwd="\xff\xfe"')
+    assert "NUL" in _reason('type=CWD msg=audit(1.0:1): cwd="/\x00"')
 
 
 def test_truncated_corpus_line_is_error(audit_dir):

@@ -29,24 +29,50 @@ def test_every_rule_has_attack_id_and_tactic():
     assert len({r.id for r in rs.rules}) == len(rs.rules)
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ({"id": "x", "technique": "T1", "tactic": "execution"}, "missing required key 'op'"),
-    ({"id": "x", "technique": "T1", "tactic": "nope", "op": ["exec"]}, "unknown tactic"),
-    ({"id": "x", "technique": "T1", "tactic": "execution", "op": ["exec"], "exe": "@none"},
-     "not defined"),
-    ({"id": "x", "technique": "T1", "tactic": "execution", "op": ["exec"], "check": "zz"},
-     "unknown check"),
-    ({"id": "x", "technique": "T1", "tactic": "execution", "op": ["exec"],
-      "proc_labels": ["zz"]}, "unknown label"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ({"id": "x", "technique": "T1", "tactic": "execution"}, "missing required key 'op'"),
+        ({"id": "x", "technique": "T1", "tactic": "nope", "op": ["exec"]}, "unknown tactic"),
+        (
+            {"id": "x", "technique": "T1", "tactic": "execution", "op": ["exec"], "exe": "@none"},
+            "not defined",
+        ),
+        (
+            {"id": "x", "technique": "T1", "tactic": "execution", "op": ["exec"], "check": "zz"},
+            "unknown check",
+        ),
+        (
+            {
+                "id": "x",
+                "technique": "T1",
+                "tactic": "execution",
+                "op": ["exec"],
+                "proc_labels": ["zz"],
+            },
+            "unknown label",
+        ),
+    ],
+)
 def test_bad_rules_are_rejected_with_reason(bad, msg):
     with pytest.raises(ValueError, match=msg):
         RuleSet({"rules": [bad]})
 
 
-@pytest.mark.parametrize("mod", [detection.records, detection.coalesce, detection.laurel,
-                                 detection.tags, detection.reduction, detection.alerts,
-                                 detection.rules, detection.engine, detection.tail])
+@pytest.mark.parametrize(
+    "mod",
+    [
+        detection.records,
+        detection.coalesce,
+        detection.laurel,
+        detection.tags,
+        detection.reduction,
+        detection.alerts,
+        detection.rules,
+        detection.engine,
+        detection.tail,
+    ],
+)
 def test_doctests(mod):
     res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert res.failed == 0

@@ -18,7 +18,7 @@ def test_resume_from_committed_position(tmp_path):
     it = t.batches(max_lines=4)
     assert next(it) == ["l0", "l1", "l2", "l3"]
     t.commit()
-    assert next(it) == ["l4", "l5", "l6", "l7"]   # read but not committed: must replay
+    assert next(it) == ["l4", "l5", "l6", "l7"]  # read but not committed: must replay
     t2 = AuditTailer(log, state)
     assert _all(t2) == [f"l{i}" for i in range(4, 10)]
 
@@ -66,7 +66,7 @@ def test_copytruncate(tmp_path):
     t = AuditTailer(log, state)
     assert _all(t) == ["a", "b", "c"]
     t.commit()
-    with open(log, "w") as fh:   # copytruncate: same inode, size 0, then new lines
+    with open(log, "w") as fh:  # copytruncate: same inode, size 0, then new lines
         fh.write("x\n")
     assert _all(t) == ["x"]
 

@@ -26,7 +26,7 @@ from features.store import SyncOnlineStore
 from headwater.settings import Settings
 from learner.models import ModelSpec, build_model
 from learner.store import ModelStore
-from serving.app import build_context, create_app
+from serving.app import build_context, create_app, default_row_builder
 
 torch.set_num_threads(1)
 
@@ -36,7 +36,8 @@ NOW = 1_800_000_000.0  # a fixed scoring clock, so expected scores can be recomp
 
 @pytest.fixture(scope="session")
 def builder() -> RowBuilder:
-    return RowBuilder()
+    """The row builder ``headwater serve`` and the worker derive from the settings."""
+    return default_row_builder(Settings())
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ def publish(store, builder) -> Callable[..., str]:
         model = build_model(_spec(schema, kind))
         with torch.no_grad():
             for p in model.parameters():
-                p.normal_(0.0, 0.3)
+                p.normal_(0.0, 0.05)
             if nan:
                 next(iter(model.parameters())).view(-1)[0] = float("nan")
         manifest = store.publish(
@@ -97,6 +98,7 @@ def seeded_redis(redis_db, settings) -> str:
                        "item_id": item, "label": int(item == "i1"), "offset": k, "sub": 0,
                        "user": {"age": 25, "gender": "F"}})
     online.apply_batch("clicks", 0, events)
+    online.set_item_codes("i1", {"rq": [3, 1, 4, 1, 5, 9], "vq": [2, 6, 5, 3]}, "cb1")
     client.close()
     return redis_db
 

@@ -1,0 +1,74 @@
+"""``headwater learner``: the learner loop as a service — metrics endpoint, heartbeat, signals.
+
+Training runs in the main thread (torch releases the GIL in its kernels); a daemon
+thread publishes the heartbeat, and Prometheus metrics are served on the learner port.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+import redis
+from prometheus_client import CollectorRegistry, start_http_server
+
+from headwater.health import PERIOD_S, make_status, publish_sync
+from headwater.settings import Settings
+from learner.kafka_loop import LearnerLoop
+from learner.trainer import TrainerSettings
+
+log = logging.getLogger(__name__)
+
+
+def _heartbeat(client: redis.Redis, loop: LearnerLoop, started: float, stop: threading.Event) -> None:
+    while not stop.wait(PERIOD_S):
+        try:
+            s = loop.service.status()
+            doc = make_status(
+                "learner", started, model_version=s["version"], rows_trained=s["rows_trained"],
+                rows_dropped=s["rows_dropped"], prequential_auc=s["auc"],
+                prequential_logloss=s["logloss"], rolling_auc=s["rolling_auc"],
+                drift_total=s["drift_total"], backlog_rows=s["backlog"],
+                publications=s["publications"], last_error=s["last_error"])
+            publish_sync(client, doc)
+        except Exception as exc:  # noqa: BLE001 - a Redis outage must not stop training
+            log.warning("learner heartbeat failed: %s", exc)
+
+
+def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
+    import torch
+
+    from streams.topics import ensure_topics
+
+    torch.set_num_threads(settings.torch_threads)
+    ensure_topics(settings, bootstrap, timeout=120)
+    registry = CollectorRegistry()
+    loop = LearnerLoop(
+        bootstrap, settings.topics, settings.model_store, settings.model_name,
+        settings=TrainerSettings(item_field="item_id", num_threads=settings.torch_threads),
+        publish_every_seconds=settings.publish_every_seconds,
+        publish_every_rows=settings.publish_every_rows,
+        keep_versions=settings.keep_versions,
+        registry=registry,
+    )
+    start_http_server(settings.learner_port, addr=settings.bind_host, registry=registry)
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    stop = threading.Event()
+    started = time.time()
+    publish_sync(client, make_status("learner", started, model_version=loop.service.version,
+                                     rows_trained=0))
+    threading.Thread(target=_heartbeat, args=(client, loop, started, stop), daemon=True).start()
+
+    def _on_signal(signum, frame):
+        log.info("learner: signal %d, publishing and stopping", signum)
+        loop.stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        loop.run()
+    finally:
+        stop.set()
+    return 0
