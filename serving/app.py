@@ -63,8 +63,15 @@ class AppContext:
     def status_fields(self) -> dict[str, Any]:
         """The serving heartbeat's own fields (see :mod:`headwater.health`)."""
         cur = self.holder.current
-        errors = [e for e in (self.holder.last_error, self.last_error,
-                              getattr(self.watcher, "last_error", None)) if e]
+        errors = [
+            e
+            for e in (
+                self.holder.last_error,
+                self.last_error,
+                getattr(self.watcher, "last_error", None),
+            )
+            if e
+        ]
         return {
             "model": self.holder.store.model,
             "model_version": cur.version if cur else None,
@@ -120,14 +127,19 @@ async def score(request: web.Request) -> web.Response:
         limit = ctx.settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             code = 413
-            return _json_error(413, f"body has {request.content_length} bytes; at most {limit} "
-                                    "are accepted (HEADWATER_MAX_BODY_BYTES)", field="body")
+            return _json_error(
+                413,
+                f"body has {request.content_length} bytes; at most {limit} "
+                "are accepted (HEADWATER_MAX_BODY_BYTES)",
+                field="body",
+            )
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             code = 413
-            return _json_error(413, f"body is larger than {limit} bytes (HEADWATER_MAX_BODY_BYTES)",
-                               field="body")
+            return _json_error(
+                413, f"body is larger than {limit} bytes (HEADWATER_MAX_BODY_BYTES)", field="body"
+            )
         try:
             req = parse_score_request(body, ctx.settings.max_candidates)
         except RequestError as exc:
@@ -137,8 +149,11 @@ async def score(request: web.Request) -> web.Response:
         served = ctx.holder.current  # read once: this request scores on this model to the end
         if served is None:
             code = 503
-            return _json_error(503, "no model is loaded yet: the learner has not published a "
-                                    "version that passed the checks (see GET /v1/models)")
+            return _json_error(
+                503,
+                "no model is loaded yet: the learner has not published a "
+                "version that passed the checks (see GET /v1/models)",
+            )
         scores = await ctx.scorer.score(served, req)
         code = 200
         return web.json_response({"model_version": served.version, "scores": scores.tolist()})
@@ -167,8 +182,12 @@ async def readyz(request: web.Request) -> web.Response:
         reasons.append(f"redis unreachable ({redis_error})")
     ready = not reasons
     return web.json_response(
-        {"ready": ready, "model_version": cur.version if cur else None, "redis": redis_ok,
-         "reasons": reasons},
+        {
+            "ready": ready,
+            "model_version": cur.version if cur else None,
+            "redis": redis_ok,
+            "reasons": reasons,
+        },
         status=200 if ready else 503,
     )
 
@@ -184,10 +203,16 @@ def _admin_check(request: web.Request) -> web.Response | None:
     if not token:
         return _json_error(403, ADMIN_DISABLED)
     auth = request.headers.get("Authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("X-Admin-Token", "")
+    given = (
+        auth[7:].strip()
+        if auth[:7].lower() == "bearer "
+        else request.headers.get("X-Admin-Token", "")
+    )
     if not given or not hmac.compare_digest(given.encode(), token.encode()):
-        resp = _json_error(401, "admin token missing or wrong: send 'Authorization: Bearer <token>' "
-                                "or 'X-Admin-Token'")
+        resp = _json_error(
+            401,
+            "admin token missing or wrong: send 'Authorization: Bearer <token>' or 'X-Admin-Token'",
+        )
         resp.headers["WWW-Authenticate"] = 'Bearer realm="headwater-admin"'
         return resp
     return None
@@ -285,13 +310,19 @@ def build_context(
     metrics_ = ServingMetrics(registry)
     builder = builder if builder is not None else default_row_builder(settings)
     store = ModelStore(settings.model_store, settings.model_name, keep=settings.keep_versions)
-    holder = ModelHolder(store, builder.schema, metrics=metrics_, keep_loaded=keep_loaded,
-                         quality_margin=quality_margin)
+    holder = ModelHolder(
+        store,
+        builder.schema,
+        metrics=metrics_,
+        keep_loaded=keep_loaded,
+        quality_margin=quality_margin,
+    )
     online = OnlineStore(redis_client, partitions=settings.partitions, registry=registry)
     executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="inference")
     scorer = Scorer(online, builder, executor)
-    return AppContext(settings, holder, scorer, redis_client, metrics_, registry, kafka=kafka,
-                      redis_url=redis_url)
+    return AppContext(
+        settings, holder, scorer, redis_client, metrics_, registry, kafka=kafka, redis_url=redis_url
+    )
 
 
 async def _heartbeat(ctx: AppContext, stop: asyncio.Event) -> None:
@@ -299,16 +330,24 @@ async def _heartbeat(ctx: AppContext, stop: asyncio.Event) -> None:
 
     while not stop.is_set():
         try:
-            await publish_async(ctx.redis, make_status("serving", ctx.started_at, **ctx.status_fields()))
+            await publish_async(
+                ctx.redis, make_status("serving", ctx.started_at, **ctx.status_fields())
+            )
         except Exception as exc:  # noqa: BLE001 - Redis may be down; /readyz says so
             log.warning("serving heartbeat failed: %r", exc)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), PERIOD_S)
 
 
-async def serve(settings: Settings, kafka: str | None, redis_url: str, stop: asyncio.Event,
-                ready: asyncio.Event | None = None, rescan_seconds: float = 5.0,
-                **context_kwargs: Any) -> None:
+async def serve(
+    settings: Settings,
+    kafka: str | None,
+    redis_url: str,
+    stop: asyncio.Event,
+    ready: asyncio.Event | None = None,
+    rescan_seconds: float = 5.0,
+    **context_kwargs: Any,
+) -> None:
     """Run serving until ``stop`` is set (the body of :func:`run_serving`, reusable in tests)."""
     import redis.asyncio as aioredis
     import torch
@@ -320,10 +359,15 @@ async def serve(settings: Settings, kafka: str | None, redis_url: str, stop: asy
     ctx = build_context(settings, client, kafka=kafka, redis_url=redis_url, **context_kwargs)
     served = await ctx.holder.astart()  # newest good (or pinned) version, before the topic
     log.info("serving %s version %s at start", settings.model_name, served)
-    ctx.watcher = ModelWatcher(kafka, settings.topics["model-updates"], settings.model_name,
-                               ctx.holder.aoffer, ctx.holder.arescan,
-                               rescan_seconds=rescan_seconds,
-                               fetch_max_wait_ms=settings.fetch_max_wait_ms)
+    ctx.watcher = ModelWatcher(
+        kafka,
+        settings.topics["model-updates"],
+        settings.model_name,
+        ctx.holder.aoffer,
+        ctx.holder.arescan,
+        rescan_seconds=rescan_seconds,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+    )
     app = create_app(settings, ctx)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
@@ -347,8 +391,9 @@ async def serve(settings: Settings, kafka: str | None, redis_url: str, stop: asy
 
 def run_serving(settings: Settings, kafka: str | None, redis_url: str) -> int:
     """``headwater serve``: serve until SIGTERM or SIGINT; return the exit code."""
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -41,12 +41,19 @@ from features.schema import FeatureSchema
 from learner.store import CheckpointError, ModelStore
 from serving.metrics import ServingMetrics
 
-__all__ = ["HolderError", "LoadFailure", "ModelHolder", "ServedModel", "VersionInfo", "VersionState"]
+__all__ = [
+    "HolderError",
+    "LoadFailure",
+    "ModelHolder",
+    "ServedModel",
+    "VersionInfo",
+    "VersionState",
+]
 
 log = logging.getLogger(__name__)
 
 
-class VersionState(str, Enum):
+class VersionState(StrEnum):
     LOADING = "LOADING"
     AVAILABLE = "AVAILABLE"
     FAILED = "FAILED"
@@ -327,12 +334,16 @@ class ModelHolder:
         if info is None and version not in self.store.versions():
             raise HolderError(404, f"model {self.store.model} has no version {version}")
         if info is not None and info.state is VersionState.FAILED:
-            raise HolderError(409, f"version {version} failed its checks and cannot serve: {info.error}")
+            raise HolderError(
+                409, f"version {version} failed its checks and cannot serve: {info.error}"
+            )
         served = info.served if info is not None else None
         if served is None:
             served = self._load_and_register(version)
             if served is None:
-                raise HolderError(409, f"version {version} cannot serve: {self.info(version).error}")
+                raise HolderError(
+                    409, f"version {version} cannot serve: {self.info(version).error}"
+                )
         self._persist_pin(version)
         self._pinned = version
         if self._current is None or self._current.version != version:
@@ -366,10 +377,14 @@ class ModelHolder:
             raise HolderError(409, "no model is serving: nothing to roll back from")
         with self._lock:
             older = sorted(
-                (i for i in self._versions.values()
-                 if int(i.version) < int(cur.version)
-                 and i.state in (VersionState.AVAILABLE, VersionState.RETIRED)),
-                key=lambda i: int(i.version), reverse=True,
+                (
+                    i
+                    for i in self._versions.values()
+                    if int(i.version) < int(cur.version)
+                    and i.state in (VersionState.AVAILABLE, VersionState.RETIRED)
+                ),
+                key=lambda i: int(i.version),
+                reverse=True,
             )
         for info in older:
             if info.served is None and self._load_and_register(info.version) is None:
@@ -385,7 +400,9 @@ class ModelHolder:
     def _set(self, info: VersionInfo) -> None:
         with self._lock:
             self._versions[info.version] = info
-            failed = sorted((v for v, i in self._versions.items() if i.state is VersionState.FAILED), key=int)
+            failed = sorted(
+                (v for v, i in self._versions.items() if i.state is VersionState.FAILED), key=int
+            )
             for v in failed[: max(0, len(failed) - self.max_failed_listed)]:
                 del self._versions[v]
 
@@ -396,8 +413,14 @@ class ModelHolder:
     def _register_unloaded(self, version: str) -> None:
         try:
             m = self.store.manifest(version)
-            self._set(VersionInfo(version, VersionState.RETIRED, created_at=m.get("created_at"),
-                                  metrics=m.get("metrics") or {}))
+            self._set(
+                VersionInfo(
+                    version,
+                    VersionState.RETIRED,
+                    created_at=m.get("created_at"),
+                    metrics=m.get("metrics") or {},
+                )
+            )
         except CheckpointError as exc:
             self._set(VersionInfo(version, VersionState.FAILED, error=str(exc)))
 
@@ -405,27 +428,47 @@ class ModelHolder:
         """Load + check on this thread; register the outcome; never raises for a bad checkpoint."""
         t0 = time.perf_counter()
         prev = self.info(version)
-        self._set(VersionInfo(version, VersionState.LOADING,
-                              created_at=prev.created_at if prev else None,
-                              metrics=prev.metrics if prev else {}))
+        self._set(
+            VersionInfo(
+                version,
+                VersionState.LOADING,
+                created_at=prev.created_at if prev else None,
+                metrics=prev.metrics if prev else {},
+            )
+        )
         try:
             served = self.load(version)
         except LoadFailure as exc:
             self.metrics.load_failures.labels(exc.reason).inc()
-            self._set(VersionInfo(version, VersionState.FAILED, error=str(exc),
-                                  created_at=prev.created_at if prev else None,
-                                  metrics=prev.metrics if prev else {}))
+            self._set(
+                VersionInfo(
+                    version,
+                    VersionState.FAILED,
+                    error=str(exc),
+                    created_at=prev.created_at if prev else None,
+                    metrics=prev.metrics if prev else {},
+                )
+            )
             self._record_error(f"refused {self.store.model} version {version}: {exc}")
             return None
         except Exception as exc:  # noqa: BLE001 - an unexpected bug must not kill the loader
             log.exception("unexpected error loading version %s", version)
             self.metrics.load_failures.labels("error").inc()
             self._set(VersionInfo(version, VersionState.FAILED, error=f"unexpected error: {exc!r}"))
-            self._record_error(f"refused {self.store.model} version {version}: unexpected error {exc!r}")
+            self._record_error(
+                f"refused {self.store.model} version {version}: unexpected error {exc!r}"
+            )
             return None
-        self._set(VersionInfo(version, VersionState.AVAILABLE, created_at=served.created_at,
-                              metrics=served.manifest.get("metrics") or {}, served=served,
-                              load_seconds=round(time.perf_counter() - t0, 4)))
+        self._set(
+            VersionInfo(
+                version,
+                VersionState.AVAILABLE,
+                created_at=served.created_at,
+                metrics=served.manifest.get("metrics") or {},
+                served=served,
+                load_seconds=round(time.perf_counter() - t0, 4),
+            )
+        )
         return served
 
     def _swap(self, version: str) -> None:
@@ -458,11 +501,17 @@ class ModelHolder:
             return
         serving = cur.version if cur else None
         others = [i for i in loaded if i.version != serving]
-        below = sorted((i for i in others if serving and int(i.version) < int(serving)),
-                       key=lambda i: int(i.version), reverse=True)
+        below = sorted(
+            (i for i in others if serving and int(i.version) < int(serving)),
+            key=lambda i: int(i.version),
+            reverse=True,
+        )
         below_v = {i.version for i in below}
-        rest = sorted((i for i in others if i.version not in below_v), key=lambda i: int(i.version),
-                      reverse=True)
+        rest = sorted(
+            (i for i in others if i.version not in below_v),
+            key=lambda i: int(i.version),
+            reverse=True,
+        )
         # The previous version first (instant rollback), then the newest standby.
         ranked = below[:1] + rest + below[1:]
         keep = self.keep_loaded - (1 if serving else 0)
@@ -489,7 +538,9 @@ class ModelHolder:
             ck = store.load(version, expected_schema_hash=expected)  # sha256 + weights_only
         except CheckpointError as exc:
             msg = str(exc)
-            raise LoadFailure("checksum" if ("sha256" in msg or "bytes" in msg) else "load", msg) from None
+            raise LoadFailure(
+                "checksum" if ("sha256" in msg or "bytes" in msg) else "load", msg
+            ) from None
         try:
             model = _build_model(ck.manifest["config"])
             model.load_state_dict(_weights(ck.state))
@@ -497,10 +548,14 @@ class ModelHolder:
             raise LoadFailure("load", f"weights do not fit the manifest config: {exc}") from None
         model.eval()
         spec = getattr(model, "spec", None)
-        if spec is not None and (list(spec.categorical) != self.schema.categorical
-                                 or list(spec.dense) != self.schema.dense):
+        if spec is not None and (
+            list(spec.categorical) != self.schema.categorical
+            or list(spec.dense) != self.schema.dense
+        ):
             raise LoadFailure("schema", "the model's input fields differ from the feature schema")
-        served = ServedModel(version, model, ck.manifest, len(self.schema.categorical), len(self.schema.dense))
+        served = ServedModel(
+            version, model, ck.manifest, len(self.schema.categorical), len(self.schema.dense)
+        )
         self._sanity(served)
         self._quality_gate(served)
         return served

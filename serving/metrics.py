@@ -33,30 +33,42 @@ class ServingMetrics:
         self.clock = clock
         r = self.registry
         self.requests = Counter(
-            "headwater_score_requests", "Scoring requests by HTTP status code.", ["code"], registry=r
-        )
-        self.score_seconds = Histogram(
-            "headwater_score_seconds", "Wall time of one /v1/score request, features and forward pass.",
-            registry=r, buckets=_LATENCY_BUCKETS,
-        )
-        self.candidates = Histogram(
-            "headwater_score_candidates", "Candidates per scoring request.",
-            registry=r, buckets=_CANDIDATE_BUCKETS,
-        )
-        self.model_version = Gauge(
-            "headwater_model_version", "Version number of the model serving requests (0: none).",
+            "headwater_score_requests",
+            "Scoring requests by HTTP status code.",
+            ["code"],
             registry=r,
         )
-        self.swaps = Counter("headwater_model_swaps", "Model swaps (new version, pin, rollback).", registry=r)
+        self.score_seconds = Histogram(
+            "headwater_score_seconds",
+            "Wall time of one /v1/score request, features and forward pass.",
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.candidates = Histogram(
+            "headwater_score_candidates",
+            "Candidates per scoring request.",
+            registry=r,
+            buckets=_CANDIDATE_BUCKETS,
+        )
+        self.model_version = Gauge(
+            "headwater_model_version",
+            "Version number of the model serving requests (0: none).",
+            registry=r,
+        )
+        self.swaps = Counter(
+            "headwater_model_swaps", "Model swaps (new version, pin, rollback).", registry=r
+        )
         self.load_failures = Counter(
             "headwater_model_load_failures",
             "Checkpoints refused, by reason (checksum, schema, load, sanity, quality, error).",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.swap_seconds = Histogram(
             "headwater_model_swap_seconds",
             "Time from starting to load a version to serving it (verify, load, warm-up, checks).",
-            registry=r, buckets=_SWAP_BUCKETS,
+            registry=r,
+            buckets=_SWAP_BUCKETS,
         )
         self._created_at: float | None = None
         self.freshness = Gauge(
@@ -68,9 +80,13 @@ class ServingMetrics:
         self.requests_total = 0
 
     def _freshness(self) -> float:
-        return float("nan") if self._created_at is None else max(0.0, self.clock() - self._created_at)
+        return (
+            float("nan") if self._created_at is None else max(0.0, self.clock() - self._created_at)
+        )
 
-    def observe_request(self, code: int, seconds: float | None = None, candidates: int | None = None) -> None:
+    def observe_request(
+        self, code: int, seconds: float | None = None, candidates: int | None = None
+    ) -> None:
         self.requests.labels(str(code)).inc()
         self.requests_total += 1
         if seconds is not None:

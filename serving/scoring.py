@@ -60,7 +60,9 @@ def _reject_constant(name: str) -> float:
 
 def _check_id(value: Any, field: str) -> str | int:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise RequestError(f"{field} must be a string or an integer, got {type(value).__name__}", field)
+        raise RequestError(
+            f"{field} must be a string or an integer, got {type(value).__name__}", field
+        )
     if isinstance(value, str) and not (0 < len(value) <= MAX_ID_CHARS):
         raise RequestError(f"{field} must have 1 to {MAX_ID_CHARS} characters", field)
     if isinstance(value, int) and not (-(2**63) <= value < 2**63):
@@ -72,14 +74,24 @@ def _check_object(value: Any, field: str) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise RequestError(f"{field} must be an object of field: value, got {type(value).__name__}", field)
+        raise RequestError(
+            f"{field} must be an object of field: value, got {type(value).__name__}", field
+        )
     if len(value) > MAX_OBJECT_KEYS:
-        raise RequestError(f"{field} has {len(value)} keys; at most {MAX_OBJECT_KEYS} are accepted", field)
+        raise RequestError(
+            f"{field} has {len(value)} keys; at most {MAX_OBJECT_KEYS} are accepted", field
+        )
     for k, v in value.items():
-        if v is not None and (isinstance(v, (dict, list)) or not isinstance(v, (str, int, float, bool))):
-            raise RequestError(f"{field}.{k} must be a string, number, boolean or null", f"{field}.{k}")
+        if v is not None and (
+            isinstance(v, (dict, list)) or not isinstance(v, (str, int, float, bool))
+        ):
+            raise RequestError(
+                f"{field}.{k} must be a string, number, boolean or null", f"{field}.{k}"
+            )
         if isinstance(v, str) and len(v) > MAX_ID_CHARS:
-            raise RequestError(f"{field}.{k} is longer than {MAX_ID_CHARS} characters", f"{field}.{k}")
+            raise RequestError(
+                f"{field}.{k} is longer than {MAX_ID_CHARS} characters", f"{field}.{k}"
+            )
     return dict(value)
 
 
@@ -108,7 +120,9 @@ def parse_score_request(body: bytes, max_candidates: int) -> ScoreRequest:
         raise RequestError("candidates is required: a list of item ids", "candidates")
     cands = doc["candidates"]
     if not isinstance(cands, list):
-        raise RequestError(f"candidates must be a list of item ids, got {type(cands).__name__}", "candidates")
+        raise RequestError(
+            f"candidates must be a list of item ids, got {type(cands).__name__}", "candidates"
+        )
     if len(cands) > max_candidates:
         raise RequestError(
             f"candidates has {len(cands)} items; at most {max_candidates} are accepted per request "
@@ -131,8 +145,13 @@ class Scorer:
     pool): torch releases the GIL, and the event loop keeps serving I/O meanwhile.
     """
 
-    def __init__(self, store: Any, builder: Any, executor: Executor | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Any,
+        builder: Any,
+        executor: Executor | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self.builder = builder
         self.schema = builder.schema
@@ -142,21 +161,34 @@ class Scorer:
         self._dense_cols = [f"d:{d}" for d in self.schema.dense]
 
     async def features(self, req: ScoreRequest, now: float) -> Mapping[str, Any]:
-        rows = [{"user_id": req.user_id, "item_id": c, "context": req.context} for c in req.candidates]
+        rows = [
+            {"user_id": req.user_id, "item_id": c, "context": req.context} for c in req.candidates
+        ]
         return await self.store.get_online_features(rows, now=now)
 
-    def encode(self, req: ScoreRequest, feats: Mapping[str, Any], now: float) -> tuple[np.ndarray, np.ndarray]:
+    def encode(
+        self, req: ScoreRequest, feats: Mapping[str, Any], now: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Tokens ``[n, F]`` int64 and dense ``[n, D]`` float32, in schema order."""
-        cols = self.builder.build_for_scoring(req.user_id, req.user, req.context, req.candidates, feats, now=now)
+        cols = self.builder.build_for_scoring(
+            req.user_id, req.user, req.context, req.candidates, feats, now=now
+        )
         n = len(req.candidates)
-        cat = (np.stack([np.asarray(cols[c], dtype=np.int64) for c in self._cat_cols], axis=1)
-               if self._cat_cols else np.zeros((n, 0), np.int64))
-        dense = (np.stack([np.asarray(cols[c], dtype=np.float32) for c in self._dense_cols], axis=1)
-                 if self._dense_cols else np.zeros((n, 0), np.float32))
+        cat = (
+            np.stack([np.asarray(cols[c], dtype=np.int64) for c in self._cat_cols], axis=1)
+            if self._cat_cols
+            else np.zeros((n, 0), np.int64)
+        )
+        dense = (
+            np.stack([np.asarray(cols[c], dtype=np.float32) for c in self._dense_cols], axis=1)
+            if self._dense_cols
+            else np.zeros((n, 0), np.float32)
+        )
         return cat, dense
 
-    def _encode_and_predict(self, served: ServedModel, req: ScoreRequest, feats: Mapping[str, Any],
-                            now: float) -> np.ndarray:
+    def _encode_and_predict(
+        self, served: ServedModel, req: ScoreRequest, feats: Mapping[str, Any], now: float
+    ) -> np.ndarray:
         cat, dense = self.encode(req, feats, now)
         return served.predict(cat, dense)
 
@@ -167,4 +199,6 @@ class Scorer:
         now = self.clock()
         feats = await self.features(req, now)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._encode_and_predict, served, req, feats, now)
+        return await loop.run_in_executor(
+            self.executor, self._encode_and_predict, served, req, feats, now
+        )

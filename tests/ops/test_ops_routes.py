@@ -79,7 +79,7 @@ async def test_timeseries_has_rates_and_learner_metrics(ops_server):
     assert pts[-1]["auc"] == 0.74 and pts[-1]["logloss"] == 0.512
     assert pts[-1]["rows_trained"] == 900 and pts[-1]["learner_version"] == "000007"
     code, tail = await get(ops_server["base"], f"/v1/timeseries?since={pts[-2]['ts']}")
-    assert tail["points"] == pts[-1:]
+    assert tail["points"][0] == pts[-1]  # (a newer point may have arrived since)
 
 
 ALERTS = [

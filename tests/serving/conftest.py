@@ -42,9 +42,15 @@ def builder() -> RowBuilder:
 
 @pytest.fixture
 def settings(tmp_path) -> Settings:
-    return Settings(model_store=tmp_path / "models", model_name="ranker", admin_token=ADMIN_TOKEN,
-                    max_candidates=200, max_body_bytes=64 * 1024, partitions=2,
-                    state_dir=tmp_path / "state")
+    return Settings(
+        model_store=tmp_path / "models",
+        model_name="ranker",
+        admin_token=ADMIN_TOKEN,
+        max_candidates=200,
+        max_body_bytes=64 * 1024,
+        partitions=2,
+        state_dir=tmp_path / "state",
+    )
 
 
 @pytest.fixture
@@ -54,18 +60,30 @@ def store(settings) -> ModelStore:
 
 def _spec(schema: FeatureSchema, kind: str) -> ModelSpec:
     if kind == "lr":
-        return ModelSpec("lr", schema.categorical, schema.dense, {},
-                         {"kind": "hashed", "dim": 1, "buckets": 997})
-    return ModelSpec("deepfm", schema.categorical, schema.dense, {"embedding_dim": 4, "mlp": [8]},
-                     {"kind": "hashed", "dim": 5, "buckets": 997})
+        return ModelSpec(
+            "lr", schema.categorical, schema.dense, {}, {"kind": "hashed", "dim": 1, "buckets": 997}
+        )
+    return ModelSpec(
+        "deepfm",
+        schema.categorical,
+        schema.dense,
+        {"embedding_dim": 4, "mlp": [8]},
+        {"kind": "hashed", "dim": 5, "buckets": 997},
+    )
 
 
 @pytest.fixture
 def publish(store, builder) -> Callable[..., str]:
     """Publish a real checkpoint; ``nan=True`` poisons a weight, ``schema`` overrides the hash."""
 
-    def _publish(seed: int = 0, *, kind: str = "lr", nan: bool = False, schema: FeatureSchema | None = None,
-                 metrics: dict | None = None) -> str:
+    def _publish(
+        seed: int = 0,
+        *,
+        kind: str = "lr",
+        nan: bool = False,
+        schema: FeatureSchema | None = None,
+        metrics: dict | None = None,
+    ) -> str:
         schema = schema or builder.schema
         torch.manual_seed(seed)
         model = build_model(_spec(schema, kind))
@@ -75,9 +93,13 @@ def publish(store, builder) -> Callable[..., str]:
             if nan:
                 next(iter(model.parameters())).view(-1)[0] = float("nan")
         manifest = store.publish(
-            {"model": model.state_dict()}, config={"model": model.spec.to_dict()},
-            feature_schema_json=schema.to_json(), feature_schema_hash=schema.hash,
-            rows_trained=100 * (seed + 1), watermarks={}, metrics=metrics or {"auc": 0.7},
+            {"model": model.state_dict()},
+            config={"model": model.spec.to_dict()},
+            feature_schema_json=schema.to_json(),
+            feature_schema_hash=schema.hash,
+            rows_trained=100 * (seed + 1),
+            watermarks={},
+            metrics=metrics or {"auc": 0.7},
         )
         return manifest["version"]
 
@@ -89,14 +111,25 @@ def seeded_redis(redis_db, settings) -> str:
     """Redis with counters for users u1/u2 and items i1..i3 (i1 popular), attributes and codes."""
     client = redis.Redis.from_url(redis_db)
     online = SyncOnlineStore(client, partitions=settings.partitions)
-    online.put_item_attributes({"i1": {"genres": ["Comedy"], "year": 1995},
-                                "i2": {"genres": ["Drama"], "year": 1999}}, ts=NOW - 1000)
+    online.put_item_attributes(
+        {"i1": {"genres": ["Comedy"], "year": 1995}, "i2": {"genres": ["Drama"], "year": 1999}},
+        ts=NOW - 1000,
+    )
     events = []
     for k in range(40):
         item = "i1" if k % 2 == 0 else ("i2" if k % 4 == 1 else "i3")
-        events.append({"event_id": f"e{k}", "ts": NOW - 500 + k, "user_id": "u1" if k < 30 else "u2",
-                       "item_id": item, "label": int(item == "i1"), "offset": k, "sub": 0,
-                       "user": {"age": 25, "gender": "F"}})
+        events.append(
+            {
+                "event_id": f"e{k}",
+                "ts": NOW - 500 + k,
+                "user_id": "u1" if k < 30 else "u2",
+                "item_id": item,
+                "label": int(item == "i1"),
+                "offset": k,
+                "sub": 0,
+                "user": {"age": 25, "gender": "F"},
+            }
+        )
     online.apply_batch("clicks", 0, events)
     online.set_item_codes("i1", {"rq": [3, 1, 4, 1, 5, 9], "vq": [2, 6, 5, 3]}, "cb1")
     client.close()
@@ -137,7 +170,6 @@ def auth(token: str = ADMIN_TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-
 def metric_value(text: str, name: str, labels: str = "") -> float:
     """A sample's value from Prometheus text (0 if absent)."""
     key = f"{name}{{{labels}}}" if labels else name
@@ -147,14 +179,12 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     return 0.0
 
 
-
 def tamper(store: ModelStore, version: str) -> None:
     """Flip one byte of ``model.pt`` (same size, different sha256)."""
     path = store.path(version) / "model.pt"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-
 
 
 async def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -166,7 +196,6 @@ async def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-
 def score_body(user="u1", candidates=("i1", "i2", "i3"), context=None) -> bytes:
     doc = {"user_id": user, "candidates": list(candidates)}
     if context is not None:
@@ -174,12 +203,15 @@ def score_body(user="u1", candidates=("i1", "i2", "i3"), context=None) -> bytes:
     return json.dumps(doc).encode()
 
 
-def expected_scores(served, builder, redis_url, partitions, user, candidates, context=None) -> np.ndarray:
+def expected_scores(
+    served, builder, redis_url, partitions, user, candidates, context=None
+) -> np.ndarray:
     """Scores recomputed outside the app: sync store read + row builder + model."""
     client = redis.Redis.from_url(redis_url)
     online = SyncOnlineStore(client, partitions=partitions)
     feats = online.get_online_features(
-        [{"user_id": user, "item_id": c, "context": context} for c in candidates], now=NOW)
+        [{"user_id": user, "item_id": c, "context": context} for c in candidates], now=NOW
+    )
     client.close()
     cols = builder.build_for_scoring(user, None, context, list(candidates), feats, now=NOW)
     cat = np.stack([cols[f"c:{f}"] for f in builder.schema.categorical], axis=1)

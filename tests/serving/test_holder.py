@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from features.schema import FeatureSchema
@@ -24,8 +22,9 @@ def _states(listing: dict) -> dict[str, str]:
         ("manifest", "manifest", "manifest.json"),
     ],
 )
-async def test_bad_checkpoint_fails_and_never_serves(settings, seeded_redis, publish, store, make_app, h,
-                                                     builder, damage, reason, words):
+async def test_bad_checkpoint_fails_and_never_serves(
+    settings, seeded_redis, publish, store, make_app, h, builder, damage, reason, words
+):
     publish(0)
     client, ctx = await make_app(settings, seeded_redis)
     if damage == "schema":
@@ -88,7 +87,9 @@ async def test_pin_rollback_unpin_over_http(settings, seeded_redis, publish, sto
     v4 = publish(3)
     assert await ctx.holder.aoffer(v4) is False
     assert ctx.holder.info(v4).state in (VersionState.AVAILABLE, VersionState.RETIRED)
-    assert (await (await client.post("/v1/score", data=h.score_body())).json())["model_version"] == "000002"
+    assert (await (await client.post("/v1/score", data=h.score_body())).json())[
+        "model_version"
+    ] == "000002"
     # Rolling back again goes one further back, to a version no longer in memory.
     doc = await (await client.post("/v1/models/rollback", headers=h.auth())).json()
     assert doc["serving"] == "000001" and store.pins() == ["000001"]
@@ -135,8 +136,9 @@ async def test_admin_endpoints_need_the_token(settings, seeded_redis, publish, m
     assert (await client.get("/v1/models")).status == 200
 
 
-async def test_admin_endpoints_disabled_without_configured_token(settings, seeded_redis, publish,
-                                                                 make_app, h):
+async def test_admin_endpoints_disabled_without_configured_token(
+    settings, seeded_redis, publish, make_app, h
+):
     publish(0)
     publish(1)
     open_settings = settings.model_copy(update={"admin_token": None})
@@ -239,12 +241,17 @@ async def test_metrics_exposition(settings, seeded_redis, publish, make_app, h):
     resp = await client.get("/metrics")
     assert resp.headers["Content-Type"].startswith("text/plain")
     text = await resp.text()
-    for name in ("headwater_score_seconds_bucket", "headwater_score_candidates_bucket",
-                 "headwater_model_swaps_total", "headwater_model_swap_seconds_bucket",
-                 "headwater_model_freshness_seconds", "headwater_model_load_failures_total"):
+    for name in (
+        "headwater_score_seconds_bucket",
+        "headwater_score_candidates_bucket",
+        "headwater_model_swaps_total",
+        "headwater_model_swap_seconds_bucket",
+        "headwater_model_freshness_seconds",
+        "headwater_model_load_failures_total",
+    ):
         assert name in text, name
     assert h.metric(text, "headwater_score_requests_total", 'code="200"') == 1
     assert h.metric(text, "headwater_score_requests_total", 'code="400"') == 1
     assert h.metric(text, "headwater_model_version") == 1
     assert h.metric(text, "headwater_model_freshness_seconds") >= 0
-    assert json.loads(json.dumps(_states((await (await client.get("/v1/models")).json()))))
+    assert _states(await (await client.get("/v1/models")).json()) == {"000001": "AVAILABLE"}

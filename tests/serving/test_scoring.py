@@ -6,11 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, event, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 
 async def test_scores_are_finite_in_candidate_order_and_match_offline_rows(
-        settings, seeded_redis, publish, make_app, builder, h):
+    settings, seeded_redis, publish, make_app, builder, h
+):
     publish(0, kind="deepfm")
     client, ctx = await make_app(settings, seeded_redis)
     cands = ["i1", "i2", "i3", "i1"]
@@ -19,10 +22,14 @@ async def test_scores_are_finite_in_candidate_order_and_match_offline_rows(
     doc = await resp.json()
     assert doc["model_version"] == "000001"
     scores = np.array(doc["scores"])
-    assert scores.shape == (4,) and np.isfinite(scores).all() and ((scores > 0) & (scores < 1)).all()
+    assert (
+        scores.shape == (4,) and np.isfinite(scores).all() and ((scores > 0) & (scores < 1)).all()
+    )
     assert scores[0] == pytest.approx(scores[3])
     # Same features, same rows, same model computed outside the app: training/serving parity.
-    want = h.expected_scores(ctx.holder.current, builder, seeded_redis, settings.partitions, "u1", cands)
+    want = h.expected_scores(
+        ctx.holder.current, builder, seeded_redis, settings.partitions, "u1", cands
+    )
     np.testing.assert_allclose(scores, want, rtol=1e-6)
     # Order follows the candidates.
     resp = await client.post("/v1/score", data=h.score_body("u1", cands[::-1]))
@@ -33,11 +40,15 @@ async def test_counters_reach_the_model(settings, seeded_redis, publish, make_ap
     """A popular item and a never-seen one get different dense features, hence scores."""
     publish(3)
     client, _ = await make_app(settings, seeded_redis)
-    resp = await client.post("/v1/score", data=h.score_body("u1", ["i1", "i1"], context={"device": "tv"}))
+    resp = await client.post(
+        "/v1/score", data=h.score_body("u1", ["i1", "i1"], context={"device": "tv"})
+    )
     a = (await resp.json())["scores"]
     # Redis flushed of counters: the same ids now read as cold.
     await _flush(seeded_redis)
-    resp = await client.post("/v1/score", data=h.score_body("u1", ["i1", "i1"], context={"device": "tv"}))
+    resp = await client.post(
+        "/v1/score", data=h.score_body("u1", ["i1", "i1"], context={"device": "tv"})
+    )
     b = (await resp.json())["scores"]
     assert a[0] != pytest.approx(b[0])
 
@@ -53,8 +64,16 @@ async def _flush(url: str) -> None:
 async def test_unknown_users_and_items_score_cold(settings, seeded_redis, publish, make_app, h):
     publish(1)
     client, _ = await make_app(settings, seeded_redis)
-    resp = await client.post("/v1/score", data=json.dumps(
-        {"user_id": 987654, "candidates": ["never-seen", 42, "i1"], "context": {"device": "phone"}}))
+    resp = await client.post(
+        "/v1/score",
+        data=json.dumps(
+            {
+                "user_id": 987654,
+                "candidates": ["never-seen", 42, "i1"],
+                "context": {"device": "phone"},
+            }
+        ),
+    )
     assert resp.status == 200, await resp.text()
     scores = (await resp.json())["scores"]
     assert len(scores) == 3 and all(0.0 < s < 1.0 for s in scores)
@@ -84,7 +103,12 @@ async def test_ready_with_model_and_redis(settings, seeded_redis, publish, make_
     client, _ = await make_app(settings, seeded_redis)
     ready = await client.get("/readyz")
     assert ready.status == 200
-    assert (await ready.json()) == {"ready": True, "model_version": "000001", "redis": True, "reasons": []}
+    assert (await ready.json()) == {
+        "ready": True,
+        "model_version": "000001",
+        "redis": True,
+        "reasons": [],
+    }
 
 
 @pytest.mark.parametrize(
@@ -99,14 +123,20 @@ async def test_ready_with_model_and_redis(settings, seeded_redis, publish, make_
         (b'{"user_id": 1.5, "candidates": []}', 400, "user_id", "string or an integer"),
         (b'{"user_id": "u", "candidates": ["a", null]}', 400, "candidates[1]", "candidates[1]"),
         (b'{"user_id": "u", "candidates": [], "context": [1]}', 400, "context", "object"),
-        (b'{"user_id": "u", "candidates": [], "context": {"d": {"x": 1}}}', 400, "context.d", "context.d"),
+        (
+            b'{"user_id": "u", "candidates": [], "context": {"d": {"x": 1}}}',
+            400,
+            "context.d",
+            "context.d",
+        ),
         (b'{"user_id": NaN, "candidates": []}', 400, "body", "NaN"),
         (b"\xff\xfe\x00garbage", 400, "body", "not valid JSON"),
         (b"[" * 5000 + b"]" * 5000, 400, "body", None),
     ],
 )
-async def test_bad_requests_are_400_naming_the_field(settings, seeded_redis, publish, make_app,
-                                                     body, status, field, words):
+async def test_bad_requests_are_400_naming_the_field(
+    settings, seeded_redis, publish, make_app, body, status, field, words
+):
     publish(0)
     client, _ = await make_app(settings, seeded_redis)
     resp = await client.post("/v1/score", data=body)
@@ -129,10 +159,12 @@ async def test_limits_are_413_with_the_setting_named(settings, seeded_redis, pub
     resp = await client.post("/v1/score", data=big)
     assert resp.status == 413
     assert "HEADWATER_MAX_BODY_BYTES" in (await resp.json())["error"]
+
     # Chunked (no Content-Length): the limit still holds while reading.
     async def chunks():
         for k in range(0, len(big), 4096):
-            yield big[k:k + 4096]
+            yield big[k : k + 4096]
+
     resp = await client.post("/v1/score", data=chunks())
     assert resp.status == 413
 
@@ -145,8 +177,9 @@ async def test_unknown_route_and_method_are_json_errors(settings, seeded_redis, 
     assert resp.status == 405 and "error" in await resp.json()
 
 
-async def test_unexpected_exception_is_logged_500_with_error_id(settings, seeded_redis, publish,
-                                                                make_app, h, caplog):
+async def test_unexpected_exception_is_logged_500_with_error_id(
+    settings, seeded_redis, publish, make_app, h, caplog
+):
     publish(0)
     client, ctx = await make_app(settings, seeded_redis)
 
@@ -163,10 +196,19 @@ async def test_unexpected_exception_is_logged_500_with_error_id(settings, seeded
     assert h.metric(text, "headwater_score_requests_total", 'code="500"') == 1
 
 
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
-ids = st.one_of(st.text(max_size=300), st.integers(min_value=-(2**70), max_value=2**70), json_values)
+json_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+ids = st.one_of(
+    st.text(max_size=300), st.integers(min_value=-(2**70), max_value=2**70), json_values
+)
 good_ids = st.text(min_size=1, max_size=20) | st.integers(min_value=-(2**63), max_value=2**63 - 1)
 bodies = st.one_of(
     st.binary(max_size=200),
@@ -177,15 +219,21 @@ bodies = st.one_of(
     json_values.map(lambda v: json.dumps(v).encode()),
     st.fixed_dictionaries(
         {"user_id": ids, "candidates": st.one_of(st.lists(ids, max_size=8), json_values)},
-        optional={"context": st.one_of(json_values, st.dictionaries(st.text(max_size=8), json_scalars,
-                                                                    max_size=5)),
-                  "user": json_values},
+        optional={
+            "context": st.one_of(
+                json_values, st.dictionaries(st.text(max_size=8), json_scalars, max_size=5)
+            ),
+            "user": json_values,
+        },
     ).map(lambda d: json.dumps(d).encode()),
 )
 
 
-@hsettings(max_examples=150, deadline=None,
-           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@hsettings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(body=bodies)
 async def test_fuzzed_bodies_never_5xx(settings, seeded_redis, publish, make_app, body):
     client, _ = await _shared_app(settings, seeded_redis, make_app, publish)

@@ -15,8 +15,9 @@ async def test_hot_swap_under_concurrent_load(settings, seeded_redis, publish, s
     stop = asyncio.Event()
     seen: list[list[str]] = []
     failures: list[tuple[int, str]] = []
-    body = json.dumps({"user_id": "u1", "candidates": [f"i{k}" for k in range(50)],
-                       "context": {"device": "tv"}}).encode()
+    body = json.dumps(
+        {"user_id": "u1", "candidates": [f"i{k}" for k in range(50)], "context": {"device": "tv"}}
+    ).encode()
 
     async def worker() -> None:
         mine: list[str] = []
@@ -43,8 +44,9 @@ async def test_hot_swap_under_concurrent_load(settings, seeded_redis, publish, s
             good.add(v)
         # The watcher's path: offer on the loader thread while requests keep flowing.
         await ctx.holder.aoffer(v)
-        await asyncio.sleep(0.15)
-    await asyncio.sleep(0.2)
+        if not bad:
+            await h.wait_for(lambda v=v: any(s and s[-1] == v for s in seen), timeout=20)
+        await asyncio.sleep(0.05)
     stop.set()
     await asyncio.gather(*tasks)
 
@@ -52,8 +54,7 @@ async def test_hot_swap_under_concurrent_load(settings, seeded_redis, publish, s
     total = sum(len(s) for s in seen)
     assert total > 100
     versions = {v for s in seen for v in s}
-    assert versions <= good, versions - good
-    assert len(versions) >= 3  # requests really were served across several swaps
+    assert versions == good, versions ^ good  # every good version served, no bad one
     for s in seen:
         assert s == sorted(s), "a client saw an older version after a newer one"
     assert ctx.holder.current.version == max(good)
@@ -62,7 +63,9 @@ async def test_hot_swap_under_concurrent_load(settings, seeded_redis, publish, s
     assert h.metric(text, "headwater_score_requests_total", 'code="200"') == total
 
 
-async def test_request_finishes_on_the_model_it_started_with(settings, seeded_redis, publish, make_app, h):
+async def test_request_finishes_on_the_model_it_started_with(
+    settings, seeded_redis, publish, make_app, h
+):
     """Swapping while a request is between its feature read and its forward pass."""
     publish(0)
     client, ctx = await make_app(settings, seeded_redis)

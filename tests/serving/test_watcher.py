@@ -35,8 +35,16 @@ def _create_topic(bootstrap: str, name: str) -> None:
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="serving-test")
     try:
-        admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1,
-                                      topic_configs={"cleanup.policy": "compact"})])
+        admin.create_topics(
+            [
+                NewTopic(
+                    name,
+                    num_partitions=1,
+                    replication_factor=1,
+                    topic_configs={"cleanup.policy": "compact"},
+                )
+            ]
+        )
     finally:
         admin.close()
 
@@ -53,16 +61,18 @@ def _announce(bootstrap: str, topic: str, manifest: dict) -> None:
 
 
 @pytest.mark.integration
-async def test_serving_follows_model_updates_topic(settings, seeded_redis, publish, store,
-                                                   kafka_bootstrap, topic_prefix):
+async def test_serving_follows_model_updates_topic(
+    settings, seeded_redis, publish, store, kafka_bootstrap, topic_prefix
+):
     settings = settings.model_copy(update={"topic_prefix": topic_prefix, "http_port": free_port()})
     topic = settings.topics["model-updates"]
     await asyncio.to_thread(_create_topic, kafka_bootstrap, topic)
     publish(0)
     stop, ready = asyncio.Event(), asyncio.Event()
     # The store rescan is pushed out of the test's reach: only the topic can deliver.
-    task = asyncio.create_task(serve(settings, kafka_bootstrap, seeded_redis, stop, ready,
-                                     rescan_seconds=3600))
+    task = asyncio.create_task(
+        serve(settings, kafka_bootstrap, seeded_redis, stop, ready, rescan_seconds=3600)
+    )
     base = f"http://{settings.bind_host}:{settings.http_port}"
     try:
         await asyncio.wait_for(ready.wait(), 20)
@@ -82,8 +92,9 @@ async def test_serving_follows_model_updates_topic(settings, seeded_redis, publi
                     break
                 assert loop.time() < deadline, f"serving did not pick up {v2}: {doc}"
                 await asyncio.sleep(0.1)
-            async with http.post(f"{base}/v1/score", data=json.dumps(
-                    {"user_id": "u1", "candidates": ["i1", "zz"]})) as resp:
+            async with http.post(
+                f"{base}/v1/score", data=json.dumps({"user_id": "u1", "candidates": ["i1", "zz"]})
+            ) as resp:
                 assert resp.status == 200
                 assert (await resp.json())["model_version"] == v2
         # The heartbeat reached Redis with what headwater status shows.

@@ -9,11 +9,11 @@ import subprocess
 import time
 
 import pytest
-import redis
 from kafka import KafkaProducer
 
 from learner.batch import decode_batch
-from tests.stackutil import Service, read_json_topic, read_topic, service_env, wait_until
+from tests.stackutil import read_json_topic, read_topic, wait_until
+from tests.streams.conftest import instance_of
 
 pytestmark = pytest.mark.integration
 
@@ -23,28 +23,6 @@ TS = 880_000_000
 def click(i: int, **kw) -> dict:
     return {"event_id": f"e{i}", "ts": TS + i, "user_id": f"u{i % 7}", "item_id": f"i{i % 5}",
             "label": i % 2, "user": {"age": 30, "gender": "F"}, **kw}
-
-
-@pytest.fixture(scope="module")
-def worker(kafka_bootstrap, redis_url, tmp_path_factory):
-    prefix = f"w{int(time.time() * 1000) % 10**8}-"
-    tmp = tmp_path_factory.mktemp("worker")
-    env = service_env(kafka_bootstrap, redis_url, prefix, tmp, HEADWATER_CONTENT_ENCODER="hashing")
-    svc = Service("worker", env, tmp / "logs")
-    client = redis.Redis.from_url(redis_url)
-    try:
-        wait_until(lambda: client.get(f"hw:status:worker:{_instance(svc)}"), 90,
-                   what="worker heartbeat", on_fail=svc.log)
-        yield {"prefix": prefix, "svc": svc, "kafka": kafka_bootstrap, "redis": client}
-    finally:
-        svc.stop()
-        client.close()
-
-
-def _instance(svc: Service) -> str:
-    import socket
-
-    return f"{socket.gethostname()}-{svc.proc.pid}"
 
 
 def _rows(kafka: str, topic: str) -> list:
@@ -72,7 +50,11 @@ def test_valid_events_become_rows_and_bad_ones_dead_letters(worker):
                       60, what="rows on train-batches", on_fail=worker["svc"].log)
     assert sorted(rows) == ["e1", "e2", "e5"]
 
-    dead = wait_until(lambda: (d := read_json_topic(kafka, f"{prefix}dead-letter")) and len(d) >= 3 and d,
+    def click_dead_letters():
+        return [d for d in read_json_topic(kafka, f"{prefix}dead-letter")
+                if d["source_topic"] == f"{prefix}clicks"]
+
+    dead = wait_until(lambda: (d := click_dead_letters()) and len(d) >= 3 and d,
                       30, what="dead letters", on_fail=worker["svc"].log)
     by_reason = {d["reason"]: d for d in dead}
     assert len(dead) == 3
@@ -115,7 +97,7 @@ def test_event_from_debian_kcat_is_consumed(worker):
 
 def test_worker_reports_counts_in_its_heartbeat(worker):
     client = worker["redis"]
-    key = f"hw:status:worker:{_instance(worker['svc'])}"
+    key = f"hw:status:worker:{instance_of(worker['svc'])}"
 
     def counted():
         doc = json.loads(client.get(key) or "{}")
