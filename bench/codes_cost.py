@@ -90,11 +90,10 @@ def main() -> None:
     cached_rate = len(cached) / (time.perf_counter() - t0)
 
     singles: list[float] = []
-    for k, ev in enumerate(events("c")[: args.singles]):
+    for ev in events("c")[: args.singles]:
         b0 = time.perf_counter()
         assigner.assign([ev])
         singles.append(time.perf_counter() - b0)
-        assert k < 0 or True
 
     ms = 1e3
     print(f"fit on {len(ids)} items: {fit_s:.2f} s; refresh (new projection): {refresh_s:.2f} s, "

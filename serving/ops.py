@@ -36,7 +36,7 @@ from serving.lag import LagMonitor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OPS_KEY", "OpsState", "add_ops_routes", "build_status", "status_point"]
+__all__ = ["OPS_KEY", "LagCollector", "OpsState", "add_ops_routes", "build_status", "status_point"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SEVERITIES = ("low", "medium", "high", "critical")
@@ -360,6 +360,45 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, default=str, allow_nan=False)
 
 
+class LagCollector:
+    """Exports the last lag report to Prometheus at scrape time (no extra broker calls).
+
+    ``headwater_consumer_lag_messages`` / ``headwater_consumer_lag_seconds`` per group,
+    topic and partition (bounded label sets: no ids), and
+    ``headwater_consumer_group_status`` as the status rank (0 OK, 1 WARNING, 2 REWIND,
+    3 STALL, 4 STOP) so an alert rule can say ``>= 3``.
+    """
+
+    def __init__(self, state: OpsState) -> None:
+        self.state = state
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        from serving.lag import Status
+
+        labels = ["group", "topic", "partition"]
+        msgs = GaugeMetricFamily("headwater_consumer_lag_messages",
+                                 "Committed offset to log end, in messages.", labels=labels)
+        secs = GaugeMetricFamily("headwater_consumer_lag_seconds",
+                                 "Age of the committed offset at the log end (interpolated).",
+                                 labels=labels)
+        status = GaugeMetricFamily("headwater_consumer_group_status",
+                                   "Group status rank: 0 OK, 1 WARNING, 2 REWIND, 3 STALL, 4 STOP.",
+                                   labels=["group"])
+        for g in (self.state.lag_report or {}).get("groups", []):
+            status.add_metric([g["group"]], Status(g["status"]).rank)
+            for p in g["partitions"]:
+                lv = [g["group"], p["topic"], str(p["partition"])]
+                msgs.add_metric(lv, p["lag"])
+                if p.get("lag_seconds") is not None:
+                    secs.add_metric(lv, p["lag_seconds"])
+        return [msgs, secs, status]
+
+
 # ---- wiring --------------------------------------------------------------------------
 def add_ops_routes(app: web.Application, ctx: Any, *, period: float = 2.0,
                    lag_window: int = 10, background: bool = True) -> OpsState:
@@ -367,7 +406,8 @@ def add_ops_routes(app: web.Application, ctx: Any, *, period: float = 2.0,
 
     ``ctx`` (object or dict) gives ``settings``, ``redis`` (a ``redis.asyncio`` client),
     ``kafka`` (bootstrap string) and optionally ``holder`` (the
-    :class:`serving.holder.ModelHolder`) and ``redis_url``. Returns the shared state
+    :class:`serving.holder.ModelHolder`), ``redis_url`` and ``registry`` (the Prometheus
+    registry ``/metrics`` exports; the lag gauges are added to it). Returns the shared state
     (also at ``app[OPS_KEY]``).
     """
     settings = _get(ctx, "settings")
@@ -379,6 +419,9 @@ def add_ops_routes(app: web.Application, ctx: Any, *, period: float = 2.0,
     state = OpsState(settings, redis, kafka, holder=_get(ctx, "holder", "model_holder"),
                      redis_address=_get(ctx, "redis_url"), period=period, lag_window=lag_window)
     app[OPS_KEY] = state
+    registry = _get(ctx, "registry")
+    if registry is not None:
+        registry.register(LagCollector(state))
     app.router.add_get("/", handle_dashboard)
     app.router.add_get("/v1/status", handle_status)
     app.router.add_get("/v1/lag", handle_lag)

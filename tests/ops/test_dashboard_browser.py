@@ -6,13 +6,19 @@ rows against ``/v1/lag``. Saves ``artifacts/dashboard.png``.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from detection.alert_store import save_alerts
+from headwater.servers import free_port
+from headwater.settings import Settings
+from tests.ops.conftest import make_lagging_group, publish_heartbeats
 from tests.ops.test_ops_routes import ALERTS
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
@@ -21,6 +27,36 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+async def serving(kafka_bootstrap, redis_db, topic_prefix, tmp_path):
+    """The real serving process body (``serving.app.serve``: app, ops routes, model
+    watcher, its own heartbeat) on a free port, plus worker/learner heartbeats and a
+    lagging consumer group on the real broker."""
+    from serving.app import serve
+
+    client = aioredis.Redis.from_url(redis_db)
+    t0 = time.time() - 42.0
+    await publish_heartbeats(client, t0, events=1000, rows=500, auc=0.71)
+    topic, group = make_lagging_group(kafka_bootstrap, topic_prefix)
+    settings = Settings(kafka=kafka_bootstrap, redis=redis_db, topic_prefix=topic_prefix,
+                        http_port=free_port(), model_store=tmp_path / "models",
+                        state_dir=tmp_path / "state")
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(serve(settings, kafka_bootstrap, redis_db, stop, ready))
+    done, _ = await asyncio.wait([task, asyncio.create_task(ready.wait())], timeout=30,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()  # serving failed to start: raise its error
+    assert ready.is_set(), "serving did not get ready within 30 s"
+    try:
+        yield {"base": f"http://127.0.0.1:{settings.http_port}", "client": client, "group": group,
+               "topic": topic}
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await client.aclose()
 
 
 @pytest.fixture
@@ -47,15 +83,16 @@ async def field(pg, name: str) -> str:
     return await pg.get_attribute(f'[data-field="{name}"]', "data-value")
 
 
-async def test_dashboard_shows_what_the_api_says(ops_server, page):
-    base = ops_server["base"]
-    await save_alerts(ops_server["client"], ALERTS)
+async def test_dashboard_shows_what_the_api_says(serving, page):
+    base = serving["base"]
+    await save_alerts(serving["client"], ALERTS)
     await page.goto(base + "/")
-    # Two refreshes after the lag window (3 samples of 0.5 s) is full.
+    group = serving["group"]
+    # Serving samples lag every 2 s; wait for a refresh that shows our group, and for
+    # serving's own heartbeat (published every 2 s) to be on the page.
+    await page.wait_for_selector(f'tr[data-lag-group="{group}"]', timeout=15000)
+    await page.wait_for_selector('tr[data-service="serving"][data-instance]', timeout=15000)
     await page.wait_for_function("Number(document.body.dataset.updates || 0) >= 2", timeout=15000)
-    await page.wait_for_function(
-        "document.querySelector('[data-lag-row] [data-col=status]')?.dataset.value === 'STOP'",
-        timeout=15000)
     async with aiohttp.ClientSession() as s:
         async with s.get(base + "/v1/status") as r:
             status = await r.json()
@@ -83,10 +120,11 @@ async def test_dashboard_shows_what_the_api_says(ops_server, page):
         "rs => rs.map(r => [r.dataset.service, r.dataset.instance,"
         " r.querySelector('[data-col=healthy]').dataset.value,"
         " r.querySelector('[data-col=last_error]').textContent])")
+    serving_doc = status["services"]["serving"][0]
     assert rows == [["worker", "host-a-1", "true", "—"],
                     ["worker", "host-b-2", "true", "RedisError: connection reset (retried)"],
-                    ["learner", learner["instance"], "true", "—"]]
-    assert await page.get_attribute('tr[data-service="serving"] .badge', "class") == "badge s-DOWN"
+                    ["learner", learner["instance"], "true", "—"],
+                    ["serving", serving_doc["instance"], "true", serving_doc["last_error"] or "—"]]
 
     # lag rows match /v1/lag (values may move between the two reads: same group, same rows)
     shown = await page.eval_on_selector_all(
@@ -96,9 +134,18 @@ async def test_dashboard_shows_what_the_api_says(ops_server, page):
     expected = [[f"{g['group']}|{p['topic']}|{p['partition']}", str(p["committed"]),
                  str(p["log_end"]), str(p["lag"]), p["status"]]
                 for g in lag["groups"] for p in g["partitions"]]
-    mine = [r for r in shown if r[0].startswith(ops_server["group"] + "|")]
-    assert mine == [r for r in expected if r[0].startswith(ops_server["group"] + "|")]
+    mine = [r for r in shown if r[0].startswith(group + "|")]
+    assert mine == [r for r in expected if r[0].startswith(group + "|")]
     assert [r[3] for r in mine] == ["0", "11"]
+
+    # lag also reaches Prometheus through serving's /metrics
+    async with aiohttp.ClientSession() as s, s.get(base + "/metrics") as r:
+        metrics_text = await r.text()
+    topic = serving["topic"]
+    assert (f'headwater_consumer_lag_messages{{group="{group}",partition="1",topic="{topic}"}} 11.0'
+            in metrics_text
+            or f'headwater_consumer_lag_messages{{group="{group}",topic="{topic}",partition="1"}} 11.0'
+            in metrics_text), metrics_text[-1500:]
 
     # charts drew lines; nothing outside the server was requested; no JS errors
     await page.wait_for_function(

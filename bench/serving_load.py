@@ -1,0 +1,352 @@
+"""Benchmark: /v1/score requests/s and latency against a real serving process.
+
+Starts a real Tansu broker and a real redis-server (``headwater.servers``), seeds Redis
+through the online store (``--events`` click events over ``--users`` users and
+``--items`` items, item attributes and codes), publishes one checkpoint with the
+learner's ModelStore, then runs ``python -m headwater serve`` as its own process and
+drives ``POST /v1/score`` from ``--concurrency`` aiohttp clients for ``--seconds`` per
+window, ``--reps`` windows per configuration (medians reported). Candidates are drawn
+from known items plus 10 % never-seen ones; a tenth of the users are unknown.
+
+Baseline in the same run: the bare forward pass of the same model on the same batch
+size (``ServedModel.predict`` on rows built once), i.e. what scoring costs with no
+HTTP, no JSON, no Redis and no row building.
+
+    .venv/bin/python bench/serving_load.py [--kind fgcnn] [--seconds 5] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from features.store import SyncOnlineStore  # noqa: E402
+from headwater.servers import free_port, start_broker, start_redis, stop_pid  # noqa: E402
+from headwater.settings import Settings  # noqa: E402
+from learner.models import ModelSpec, build_model, preset_head  # noqa: E402
+from learner.store import ModelStore  # noqa: E402
+from serving.app import default_row_builder  # noqa: E402
+from serving.holder import ModelHolder  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- the stack ---------------------------------------------------------------------------
+@dataclass
+class Stack:
+    tmp: Path
+    broker: object
+    redis: object
+    settings: Settings
+    store: ModelStore
+    builder: object
+    serving: subprocess.Popen | None = None
+
+    @property
+    def kafka(self) -> str:
+        return f"{self.broker.host}:{self.broker.port}"
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.extra["url"]
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.settings.http_port}"
+
+    def stop(self) -> None:
+        if self.serving is not None:
+            stop_pid(self.serving.pid, proc=self.serving)
+        self.redis.stop()
+        self.broker.stop()
+
+
+def start_stack(partitions: int = 4) -> Stack:
+    tmp = Path(tempfile.mkdtemp(prefix="hw-serving-bench-"))
+    broker = start_broker(log_path=tmp / "broker.log")
+    redis = start_redis(log_path=tmp / "redis.log")
+    settings = Settings(model_store=tmp / "models", state_dir=tmp / "state", http_port=free_port(),
+                        partitions=partitions, kafka=f"{broker.host}:{broker.port}",
+                        redis=redis.extra["url"])
+    builder = default_row_builder(settings)
+    store = ModelStore(settings.model_store, settings.model_name, keep=settings.keep_versions)
+    _create_topic(settings.kafka, settings.topics["model-updates"])
+    return Stack(tmp, broker, redis, settings, store, builder)
+
+
+def _create_topic(bootstrap: str, name: str) -> None:
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench")
+    try:
+        admin.create_topics([NewTopic(name, 1, 1, topic_configs={"cleanup.policy": "compact"})])
+    finally:
+        admin.close()
+
+
+def seed_redis(stack: Stack, users: int, items: int, events: int, seed: int = 0) -> None:
+    import redis as redis_lib
+
+    rng = np.random.default_rng(seed)
+    client = redis_lib.Redis.from_url(stack.redis_url)
+    online = SyncOnlineStore(client, partitions=stack.settings.partitions)
+    genres = ["Comedy", "Drama", "Action", "Thriller", "Romance", "Horror"]
+    online.put_item_attributes(
+        {f"m{i}": {"genres": [genres[i % len(genres)]], "year": 1970 + i % 40} for i in range(items)},
+        ts=time.time() - 86400,
+    )
+    levels, k = stack.settings.code_levels, stack.settings.vq_k
+    for i in range(items):
+        online.set_item_codes(f"m{i}", {"rq": rng.integers(0, 256, levels).tolist(),
+                                        "vq": rng.integers(0, items, k).tolist()}, "bench")
+    now = time.time()
+    per_part = events // stack.settings.partitions
+    for p in range(stack.settings.partitions):
+        for start in range(0, per_part, 1000):
+            batch = []
+            for off in range(start, min(start + 1000, per_part)):
+                u = int(rng.integers(0, users)) * stack.settings.partitions + p
+                batch.append({"event_id": f"e{p}-{off}", "ts": now - 3600 + off * 0.01,
+                              "user_id": f"u{u}", "item_id": f"m{int(rng.zipf(1.3)) % items}",
+                              "label": int(rng.random() < 0.2), "offset": off, "sub": 0,
+                              "context": {"device": "tv" if off % 3 else "phone"},
+                              "user": {"age": 18 + u % 50, "gender": "MF"[u % 2]}})
+            online.apply_batch("clicks", p, batch)
+    client.close()
+
+
+def make_model(builder, kind: str, buckets: int, seed: int) -> torch.nn.Module:
+    schema = builder.schema
+    head = preset_head(kind)
+    dim = head.get("embedding_dim", 1) + (1 if kind == "deepfm" else 0)
+    spec = ModelSpec(kind, schema.categorical, schema.dense, head,
+                     {"kind": "hashed", "dim": dim, "buckets": buckets})
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    return model
+
+
+def publish(stack: Stack, model: torch.nn.Module, seed: int, auc: float = 0.7) -> dict:
+    schema = stack.builder.schema
+    return stack.store.publish(
+        {"model": model.state_dict()}, config={"model": model.spec.to_dict()},
+        feature_schema_json=schema.to_json(), feature_schema_hash=schema.hash,
+        rows_trained=1000 * (seed + 1), watermarks={}, metrics={"auc": auc},
+    )
+
+
+def start_serving(stack: Stack, timeout: float = 60.0) -> None:
+    """``python -m headwater serve`` as its own process; wait until /readyz says ready."""
+    import urllib.request
+
+    s = stack.settings
+    env = dict(os.environ, HEADWATER_KAFKA=stack.kafka, HEADWATER_REDIS=stack.redis_url,
+               HEADWATER_MODEL_STORE=str(s.model_store), HEADWATER_STATE_DIR=str(s.state_dir),
+               HEADWATER_HTTP_PORT=str(s.http_port), HEADWATER_PARTITIONS=str(s.partitions),
+               HEADWATER_LOG_LEVEL="WARNING", PYTHONPATH=str(REPO))
+    log = open(stack.tmp / "serving.log", "ab")  # noqa: SIM115 - owned by the child
+    stack.serving = subprocess.Popen([sys.executable, "-m", "headwater", "serve"], cwd=REPO, env=env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stack.serving.poll() is not None:
+            raise RuntimeError(f"serving exited; see {stack.tmp / 'serving.log'}")
+        try:
+            with urllib.request.urlopen(f"{stack.base}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"serving not ready in {timeout}s; see {stack.tmp / 'serving.log'}")
+
+
+# ---- load ----------------------------------------------------------------------------------
+def make_bodies(n_bodies: int, candidates: int, users: int, items: int, seed: int = 1) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_bodies):
+        u = int(rng.integers(0, users * 11 // 10))  # ~10 % unknown users
+        cands = [f"m{int(i)}" if i < items else f"new{int(i)}"
+                 for i in rng.integers(0, items * 11 // 10, candidates)]
+        out.append(json.dumps({"user_id": f"u{u}", "candidates": cands,
+                               "context": {"device": "tv"}}).encode())
+    return out
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    errors: int
+    seconds: float
+    latencies: np.ndarray
+    versions: list[str]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q) * 1000) if len(self.latencies) else float("nan")
+
+
+async def run_load(base: str, bodies: list[bytes], concurrency: int, seconds: float) -> LoadResult:
+    import aiohttp
+
+    lat: list[float] = []
+    versions: list[str] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as http:
+
+        async def client(k: int) -> None:
+            nonlocal errors
+            i = k
+            while time.perf_counter() < deadline:
+                body = bodies[i % len(bodies)]
+                i += concurrency
+                t0 = time.perf_counter()
+                try:
+                    async with http.post(f"{base}/v1/score", data=body,
+                                         headers={"Content-Type": "application/json"}) as resp:
+                        payload = await resp.read()
+                        ok = resp.status == 200
+                except aiohttp.ClientError:
+                    ok = False
+                dt = time.perf_counter() - t0
+                if ok:
+                    lat.append(dt)
+                    versions.append(json.loads(payload)["model_version"])
+                else:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return LoadResult(len(lat) + errors, errors, elapsed, np.asarray(lat), versions)
+
+
+def forward_baseline(stack: Stack, version: str, candidates: int, seconds: float = 2.0) -> float:
+    """Median seconds of the bare forward pass for one batch of ``candidates`` rows."""
+    holder = ModelHolder(stack.store, stack.builder.schema)
+    try:
+        served = holder.load(version)
+    finally:
+        holder.close()
+    rng = np.random.default_rng(0)
+    cat = rng.integers(1, 2**62, size=(candidates, served.n_categorical), dtype=np.int64)
+    dense = rng.uniform(0, 3, size=(candidates, served.n_dense)).astype(np.float32)
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 20:
+        t0 = time.perf_counter()
+        served.predict(cat, dense)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def scrape(base: str) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def median_result(results: list[LoadResult]) -> dict[str, float]:
+    return {
+        "rps": statistics.median(r.rps for r in results),
+        "p50": statistics.median(r.pct(50) for r in results),
+        "p99": statistics.median(r.pct(99) for r in results),
+        "errors": sum(r.errors for r in results),
+        "requests": sum(r.requests for r in results),
+    }
+
+
+def environment() -> str:
+    return (f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs shared with "
+            f"other work, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"torch threads 1 (serving default)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kind", default="fgcnn", choices=["fgcnn", "ipnn", "deepfm", "lr"])
+    ap.add_argument("--buckets", type=int, default=20_000, help="hashed embedding rows per field")
+    ap.add_argument("--seconds", type=float, default=5.0, help="per measurement window")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--candidates", type=int, nargs="+", default=[1, 100])
+    ap.add_argument("--users", type=int, default=2000)
+    ap.add_argument("--items", type=int, default=1600)
+    ap.add_argument("--events", type=int, default=40_000)
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    stack = start_stack()
+    try:
+        t0 = time.perf_counter()
+        seed_redis(stack, args.users, args.items, args.events)
+        print(f"seeded Redis with {args.events} clicks in {time.perf_counter() - t0:.1f}s", flush=True)
+        manifest = publish(stack, make_model(stack.builder, args.kind, args.buckets, 0), 0)
+        print(f"published {args.kind} version {manifest['version']} ({manifest['bytes'] / 1e6:.1f} MB, "
+              f"{len(stack.builder.schema.categorical)} fields, {len(stack.builder.schema.dense)} dense)",
+              flush=True)
+        start_serving(stack)
+        rows = []
+        for cands in args.candidates:
+            bodies = make_bodies(500, cands, args.users, args.items)
+            asyncio.run(run_load(stack.base, bodies, max(args.concurrency), 1.0))  # warm-up
+            fwd = forward_baseline(stack, manifest["version"], cands)
+            for conc in args.concurrency:
+                res = [asyncio.run(run_load(stack.base, bodies, conc, args.seconds)) for _ in range(args.reps)]
+                m = median_result(res)
+                rows.append((cands, conc, m, fwd))
+                print(f"candidates={cands:4d} concurrency={conc:3d}: {m['rps']:8.0f} req/s "
+                      f"p50 {m['p50']:7.2f} ms p99 {m['p99']:7.2f} ms errors {m['errors']} | "
+                      f"bare forward {fwd * 1000:.3f} ms ({1 / fwd:,.0f} batches/s)", flush=True)
+        print()
+        print(f"{environment()}; model {args.kind} (hashed, {args.buckets} rows/field), "
+              f"{args.reps} windows of {args.seconds:g}s, medians")
+        print()
+        print("| candidates | concurrency | req/s | candidates scored/s | p50 ms | p99 ms | errors |"
+              " bare forward ms | bare forward batches/s |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for cands, conc, m, fwd in rows:
+            print(f"| {cands} | {conc} | {m['rps']:,.0f} | {m['rps'] * cands:,.0f} | {m['p50']:.2f} | "
+                  f"{m['p99']:.2f} | {m['errors']} | {fwd * 1000:.3f} | {1 / fwd:,.0f} |")
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()
