@@ -143,10 +143,38 @@ def _weights(state: dict[str, Any]) -> dict[str, Any]:
     raise KeyError("no model weights under 'model', 'learner.model' or 'trainer.learner.model'")
 
 
-def _build_model(config: dict[str, Any]) -> torch.nn.Module:
+def _build_model(config: dict[str, Any], weights: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild the ranker from its manifest config and load ``weights`` into it.
+
+    The model is first built on the ``meta`` device and the loaded tensors are assigned,
+    which skips random initialisation of tables that are overwritten anyway (half of a
+    load's CPU time for a 50 MB model, taken from the cores that serve requests). If
+    anything stays on ``meta`` (a head keeping tensors outside its state dict), it falls
+    back to the ordinary build + copy.
+    """
     from learner.models import build_model
 
-    return build_model(config["model"] if "model" in config else config)
+    spec = config["model"] if "model" in config else config
+    try:
+        with torch.device("meta"):
+            model = build_model(spec)
+        model.load_state_dict(weights, strict=True, assign=True)
+        if not _has_meta(model):
+            return model
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError):
+        pass
+    model = build_model(spec)
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+def _has_meta(model: torch.nn.Module) -> bool:
+    for m in model.modules():
+        tensors = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+        tensors += [v for v in vars(m).values() if torch.is_tensor(v)]
+        if any(t.is_meta for t in tensors):
+            return True
+    return False
 
 
 class ModelHolder:
@@ -180,7 +208,7 @@ class ModelHolder:
         keep_loaded: int = 2,
         quality_metric: str = "auc",
         quality_margin: float | None = None,
-        warmup_rows: int = 64,
+        warmup_rows: int = 16,
         max_failed_listed: int = 20,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -542,8 +570,7 @@ class ModelHolder:
                 "checksum" if ("sha256" in msg or "bytes" in msg) else "load", msg
             ) from None
         try:
-            model = _build_model(ck.manifest["config"])
-            model.load_state_dict(_weights(ck.state))
+            model = _build_model(ck.manifest["config"], _weights(ck.state))
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise LoadFailure("load", f"weights do not fit the manifest config: {exc}") from None
         model.eval()

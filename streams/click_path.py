@@ -8,10 +8,12 @@ before it, build rows with the shared row builder, and produce one Arrow IPC bat
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import numpy as np
+from kafka import KafkaConsumer, TopicPartition
 
 from features.defaults import row_builder as make_row_builder
 from features.rows import RowBuilder
@@ -41,11 +43,31 @@ def events_to_columns(events: list[ClickEvent], offsets: list[int], subs: list[i
     }
 
 
+def read_range(bootstrap: str, topic: str, partition: int, start: int, stop: int) -> list[Message]:
+    """Messages ``[start, stop)`` of one partition, read without a consumer group."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             fetch_max_wait_ms=50, max_partition_fetch_bytes=16 << 20)
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        out: list[Message] = []
+        deadline = time.monotonic() + 60
+        while consumer.position(tp) < stop:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not re-read {topic}[{partition}] {start}..{stop}")
+            for records in consumer.poll(timeout_ms=200).values():
+                out.extend((r.offset, r.key, r.value) for r in records if r.offset < stop)
+        return out
+    finally:
+        consumer.close()
+
+
 class ClickHandler:
     """The click agent's domain step for one partition's batch."""
 
     def __init__(self, settings: Settings, client, metrics: WorkerMetrics, state,
-                 builder: RowBuilder | None = None) -> None:
+                 bootstrap: str, builder: RowBuilder | None = None) -> None:
         self.settings = settings
         self.topics = settings.topics
         self.metrics = metrics
@@ -53,20 +75,57 @@ class ClickHandler:
         self.store = OnlineStore(client, partitions=settings.partitions,
                                  registry=metrics.registry)
         self.builder = builder or make_row_builder(settings)
+        self.bootstrap = bootstrap
+        self._verify: set[int] = set(range(settings.partitions))
 
     async def on_assigned(self, app, partitions) -> None:
-        """Seek each assigned clicks partition to the next offset recorded beside the state."""
-        for tp in partitions:
-            try:
-                offsets = await self.store.next_offsets(tp.partition)
-            except Exception as exc:  # noqa: BLE001 - Redis down: Faust's committed offset stands
-                log.warning("cannot read offsets for %s from Redis: %s", tp, exc)
-                self.state.on_error(exc)
-                continue
-            nxt = offsets.get(tp.topic)
-            if nxt is not None:
-                log.info("seeking %s to offset %d recorded in Redis", tp, nxt)
-                await app.consumer.seek(tp, nxt)
+        """Newly assigned partitions get their Redis offsets checked on their next batch."""
+        self._verify.update(tp.partition for tp in partitions)
+
+    def on_redis_error(self) -> None:
+        """After an outage Redis may have come back without its last writes: re-check all."""
+        self._verify.update(range(self.settings.partitions))
+
+    async def _gap(self, topic: str, partition: int, first_offset: int) -> list[Message]:
+        """Messages between the offset recorded beside the state and ``first_offset``.
+
+        The offsets in Redis are the truth (as in Kafka Streams and Flink checkpoints):
+        when they are behind the batch — Redis lost writes inside its AOF fsync window,
+        or was restored from an older copy — the missing messages are read back from
+        Kafka and applied first, so nothing is lost. Ahead of the batch is the normal
+        replay case: the Lua script skips what it has already applied.
+        """
+        recorded = (await self.store.next_offsets(partition)).get(topic, 0)
+        if recorded >= first_offset:
+            return []
+        log.warning("Redis state for %s[%d] ends at offset %d, batch starts at %d: re-reading the gap",
+                    topic, partition, recorded, first_offset)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, read_range, self.bootstrap, topic, partition,
+                                          recorded, first_offset)
+
+    def _decode(self, topic: str, partition: int, messages: list[Message], outputs: list[Output],
+                emit: bool) -> tuple[list[ClickEvent], list[int], list[int]]:
+        events: list[ClickEvent] = []
+        offsets: list[int] = []
+        subs: list[int] = []
+        limit = self.settings.max_message_bytes
+        for offset, key, value in messages:
+            decoded = decode_message(value, ClickEvent, limit)
+            events.extend(decoded.events)
+            offsets.extend([offset] * len(decoded.events))
+            subs.extend(decoded.subs)
+            if not emit:
+                continue  # a gap re-read: its dead letters and counts went out the first time
+            for index, raw, reason in decoded.errors:
+                outputs.append((self.topics["dead-letter"], key,
+                                dead_letter(reason, topic, partition, offset, raw, index), None))
+                self.metrics.dead_letters.labels(topic, reason_kind(reason)).inc()
+            self.metrics.events_in.labels(topic).inc(len(decoded.events) + len(decoded.errors))
+            self.metrics.events_valid.labels(topic).inc(len(decoded.events))
+        if emit:
+            self.metrics.messages_in.labels(topic).inc(len(messages))
+        return events, offsets, subs
 
     def _encode(self, columns: dict, topic: str, partition: int) -> list[Output]:
         """Arrow batches of at most ``train_message_rows`` rows (messages stay small)."""
@@ -86,28 +145,28 @@ class ClickHandler:
     async def __call__(self, topic: str, partition: int, messages: list[Message]) -> list[Output]:
         t0 = time.perf_counter()
         outputs: list[Output] = []
-        events: list[ClickEvent] = []
-        offsets: list[int] = []
-        subs: list[int] = []
-        limit = self.settings.max_message_bytes
-        for offset, key, value in messages:
-            decoded = decode_message(value, ClickEvent, limit)
-            for index, raw, reason in decoded.errors:
-                outputs.append((self.topics["dead-letter"], key,
-                                dead_letter(reason, topic, partition, offset, raw, index), None))
-                self.metrics.dead_letters.labels(topic, reason_kind(reason)).inc()
-            events.extend(decoded.events)
-            offsets.extend([offset] * len(decoded.events))
-            subs.extend(decoded.subs)
-            self.metrics.events_in.labels(topic).inc(len(decoded.events) + len(decoded.errors))
-        self.metrics.messages_in.labels(topic).inc(len(messages))
+        try:
+            gap = await self._gap(topic, partition, messages[0][0]) if partition in self._verify else []
+            self._verify.discard(partition)
+        except Exception:
+            self.on_redis_error()
+            raise
+        events, offsets, subs = self._decode(topic, partition, gap, outputs, emit=False)
+        new = self._decode(topic, partition, messages, outputs, emit=True)
+        events += new[0]
+        offsets += new[1]
+        subs += new[2]
         if not events:
             return outputs
-        self.metrics.events_valid.labels(topic).inc(len(events))
         self.metrics.batch_size.labels(topic).observe(len(events))
         cols = events_to_columns(events, offsets, subs)
         t_redis = time.perf_counter()
-        result = await self.store.apply_batch(topic, partition, cols)
+        try:
+            result = await self.store.apply_batch(topic, partition, cols)
+        except Exception:
+            self.state.redis_ok = False
+            self.on_redis_error()
+            raise
         self.metrics.redis_seconds.labels("apply").observe(time.perf_counter() - t_redis)
         self.state.redis_ok = True
         if result.duplicate_count:

@@ -62,7 +62,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     topics = settings.topics
     audit_pool = ThreadPoolExecutor(1, thread_name_prefix="audit")
 
-    clicks = ClickHandler(settings, client, metrics, state)
+    clicks = ClickHandler(settings, client, metrics, state, bootstrap)
     items = ItemHandler(settings, client, metrics, state)
     audit = AuditHandler(topics, metrics, alert_sink=lambda alerts: save_alerts(client, alerts),
                          executor=audit_pool)

@@ -1,0 +1,208 @@
+"""Faults on the click path, with real processes: kill -9, a second worker, a Redis restart.
+
+Every test replays the same real MovieLens events and asserts exact end states: the
+all-time counters in Redis equal a direct count over the events, and every event's row
+reached ``train-batches`` at least once.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+
+import pytest
+from kafka import KafkaProducer
+
+from features.movielens import click_events, load_movielens
+from features.store import SyncOnlineStore
+from headwater.servers import start_redis
+from learner.batch import decode_batch
+from streams.replay import partition_of
+from tests.stackutil import Service, read_topic, service_env, wait_until
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+
+N_EVENTS = 6000
+PARTITIONS = 4
+
+
+@pytest.fixture(scope="module")
+def events(data_dir):
+    ml = load_movielens(data_dir / "ml-100k")
+    return click_events(ml, 0, N_EVENTS)
+
+
+def produce(kafka: str, topic: str, events: list[dict], per_message: int = 50,
+            pause: float = 0.0) -> None:
+    """Envelopes of ``per_message`` events, partitioned by user like the replay does."""
+    producer = KafkaProducer(bootstrap_servers=kafka, linger_ms=5)
+    parts = partition_of([e["user_id"] for e in events], PARTITIONS)
+    buffers: dict[int, list] = collections.defaultdict(list)
+    for ev, p in zip(events, parts, strict=True):
+        buffers[int(p)].append(ev)
+        if len(buffers[int(p)]) >= per_message:
+            producer.send(topic, json.dumps(buffers.pop(int(p))).encode(), partition=int(p))
+            if pause:
+                time.sleep(pause)
+    for p, buf in buffers.items():
+        producer.send(topic, json.dumps(buf).encode(), partition=p)
+    producer.flush()
+    producer.close()
+
+
+def expected_totals(events: list[dict]) -> dict[str, tuple[int, int]]:
+    counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for ev in events:
+        for entity in (f"item:{ev['item_id']}", f"user:{ev['user_id']}"):
+            counts[entity][0] += 1
+            counts[entity][1] += ev["label"]
+    return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
+def actual_totals(redis_url: str, entities) -> dict[str, tuple[int, int]]:
+    store = SyncOnlineStore.from_url(redis_url, partitions=PARTITIONS)
+    try:
+        out = {}
+        for entity in entities:
+            doc = store.entity_features(entity)
+            out[entity] = (int(doc["impressions_total"]), int(doc["clicks_total"]))
+        return out
+    finally:
+        store.close()
+
+
+def rows_seen(kafka: str, topic: str) -> set[str]:
+    seen: set[str] = set()
+    for rec in read_topic(kafka, topic, timeout=3):
+        seen.update(str(e) for e in decode_batch(rec.value).event_ids)
+    return seen
+
+
+def processed(redis_url: str, total: int) -> bool:
+    store = SyncOnlineStore.from_url(redis_url, partitions=PARTITIONS)
+    try:
+        n = 0
+        for p in range(PARTITIONS):
+            n += sum(store.next_offsets(p).values())
+        return n > 0 and total > 0
+    finally:
+        store.close()
+
+
+def wait_all_counted(redis_url: str, expected: dict, timeout: float, svc_logs) -> dict:
+    sample = [k for k in expected if k.startswith("item:")][:50]
+
+    def done():
+        got = actual_totals(redis_url, sample)
+        return all(got[k] == expected[k] for k in sample)
+
+    wait_until(done, timeout, interval=1.0, what="every event counted", on_fail=svc_logs)
+    return actual_totals(redis_url, expected)
+
+
+@pytest.fixture
+def stack(kafka_bootstrap, tmp_path, topic_prefix):
+    """A worker environment with its own persistent Redis (AOF) for the test."""
+    redis_server = start_redis(data_dir=tmp_path / "redis", log_path=tmp_path / "redis.log")
+    url = redis_server.extra["url"]
+    env = service_env(kafka_bootstrap, url, topic_prefix, tmp_path,
+                      HEADWATER_CONTENT_ENCODER="hashing", HEADWATER_CLICK_BATCH_SIZE=500)
+    from headwater.settings import Settings
+    from streams.topics import ensure_topics
+
+    ensure_topics(Settings(topic_prefix=topic_prefix, partitions=PARTITIONS), kafka_bootstrap)
+    services: list[Service] = []
+    state = {"redis": redis_server, "url": url, "env": env, "services": services,
+             "kafka": kafka_bootstrap, "prefix": topic_prefix, "tmp": tmp_path}
+
+    def start_worker() -> Service:
+        svc = Service("worker", env, tmp_path / "logs")
+        services.append(svc)
+        return svc
+
+    state["start_worker"] = start_worker
+    state["logs"] = lambda: "\n".join(s.log()[-3000:] for s in services)
+    try:
+        yield state
+    finally:
+        for svc in services:
+            svc.stop()
+        state["redis"].stop()
+
+
+def _assert_exact(stack, events):
+    expected = expected_totals(events)
+    actual = wait_all_counted(stack["url"], expected, 120, stack["logs"])
+    wrong = {k: (actual[k], v) for k, v in expected.items() if actual[k] != v}
+    assert not wrong, f"{len(wrong)} entities differ (actual, expected): {list(wrong.items())[:5]}"
+    seen = rows_seen(stack["kafka"], f"{stack['prefix']}train-batches")
+    missing = {e["event_id"] for e in events} - seen
+    assert not missing, f"{len(missing)} events never reached train-batches, e.g. {sorted(missing)[:5]}"
+
+
+def test_worker_killed_mid_stream_leaves_exact_counters(stack, events):
+    worker = stack["start_worker"]()
+    produce(stack["kafka"], f"{stack['prefix']}clicks", events[: N_EVENTS // 2])
+    wait_until(lambda: processed(stack["url"], 1), 90, what="processing to start", on_fail=worker.log)
+    produce(stack["kafka"], f"{stack['prefix']}clicks", events[N_EVENTS // 2:], pause=0.002)
+    worker.kill9()
+    stack["start_worker"]()
+    _assert_exact(stack, events)
+
+
+def test_second_worker_then_one_killed_leaves_exact_counters(stack, events):
+    first = stack["start_worker"]()
+    produce(stack["kafka"], f"{stack['prefix']}clicks", events[: N_EVENTS // 3])
+    wait_until(lambda: processed(stack["url"], 1), 90, what="processing to start", on_fail=first.log)
+    second = stack["start_worker"]()
+    produce(stack["kafka"], f"{stack['prefix']}clicks", events[N_EVENTS // 3: 2 * N_EVENTS // 3],
+            pause=0.003)
+    first.kill9()
+    produce(stack["kafka"], f"{stack['prefix']}clicks", events[2 * N_EVENTS // 3:])
+    assert second.alive()
+    _assert_exact(stack, events)
+
+
+def test_redis_restart_mid_stream_loses_and_doubles_nothing(stack, events):
+    worker = stack["start_worker"]()
+    produce(stack["kafka"], f"{stack['prefix']}clicks", events[: N_EVENTS // 2])
+    wait_until(lambda: processed(stack["url"], 1), 90, what="processing to start", on_fail=worker.log)
+    old = stack["redis"]
+    port, data = old.port, stack["tmp"] / "redis"
+    old.proc.kill()
+    old.proc.wait()
+    produce(stack["kafka"], f"{stack['prefix']}clicks", events[N_EVENTS // 2:])
+    time.sleep(3)  # the worker sees the outage and retries
+    stack["redis"] = start_redis(port=port, data_dir=data, log_path=stack["tmp"] / "redis2.log")
+    assert worker.alive()
+    _assert_exact(stack, events)
+    assert "handler clicks failed" in worker.log()  # the outage was seen and retried
+
+
+def test_redis_that_lost_its_last_writes_is_caught_up_by_replay(stack, events):
+    """Redis restored from an older copy of its AOF: the worker re-reads the gap from Kafka."""
+    import shutil
+
+    worker = stack["start_worker"]()
+    produce(stack["kafka"], f"{stack['prefix']}clicks", events[: N_EVENTS // 3])
+    third = expected_totals(events[: N_EVENTS // 3])
+    wait_all_counted(stack["url"], third, 90, stack["logs"])
+    old = stack["redis"]
+    port, data = old.port, stack["tmp"] / "redis"
+    old.proc.kill()
+    old.proc.wait()
+    snapshot = stack["tmp"] / "redis-snapshot"
+    shutil.copytree(data, snapshot)
+    stack["redis"] = start_redis(port=port, data_dir=data, log_path=stack["tmp"] / "redis2.log")
+    produce(stack["kafka"], f"{stack['prefix']}clicks", events[N_EVENTS // 3: 2 * N_EVENTS // 3])
+    wait_all_counted(stack["url"], expected_totals(events[: 2 * N_EVENTS // 3]), 90, stack["logs"])
+    # Now lose everything written since the snapshot, as a crash inside the fsync window would.
+    stack["redis"].proc.kill()
+    stack["redis"].proc.wait()
+    shutil.rmtree(data)
+    shutil.copytree(snapshot, data)
+    stack["redis"] = start_redis(port=port, data_dir=data, log_path=stack["tmp"] / "redis3.log")
+    produce(stack["kafka"], f"{stack['prefix']}clicks", events[2 * N_EVENTS // 3:])
+    _assert_exact(stack, events)
+    assert "re-reading the gap" in worker.log()
