@@ -179,7 +179,8 @@ def run_variant(variant: str, ml, data: dict, args, seed: int) -> dict:
                 trig, tgt, tid = assigner.training_pairs()
                 if len(trig) >= 256:
                     tower.fit(trig, tgt, target_ids=tid, epochs=args.align_epochs,
-                              batch_size=512, lr=args.align_lr, seed=seed)
+                              batch_size=512, lr=args.align_lr, seed=seed,
+                              weight_decay=args.align_decay)
                     assigner.set_projection(tower.export_numpy())
                     res = assigner.refresh()
                     ctab = code_table()
@@ -235,6 +236,8 @@ def main() -> None:
     ap.add_argument("--refit-every", type=int, default=5000)
     ap.add_argument("--align-epochs", type=int, default=2)
     ap.add_argument("--align-lr", type=float, default=1e-3)
+    ap.add_argument("--align-decay", type=float, default=0.0,
+                    help="pull towards the published projection at each re-fit")
     ap.add_argument("--temperature", type=float, default=0.07)
     ap.add_argument("--queries", type=int, default=2)
     ap.add_argument("--cid-weight", type=float, default=0.1)

@@ -135,6 +135,9 @@ class CodeAssigner:
         ``{"weight": (out, in), "bias": (out,)}`` from ``AlignmentTower.export_numpy``;
         ``None`` = identity (no published alignment model yet).
 
+    Not thread-safe: the items agent should call it from one worker thread (off the
+    event loop, ``run_in_executor``), including :meth:`refresh`.
+
     >>> from features.content import HashingTextEncoder
     >>> cfg = CodesConfig(levels=2, codebook_size=4, vq_k=2)
     >>> ca = CodeAssigner(ContentEncoder(HashingTextEncoder(16), tag_dim=4), cfg)

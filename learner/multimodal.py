@@ -132,8 +132,10 @@ class AlignmentTower(nn.Module):
     ) -> list[float]:
         """Train on ``(n, in_dim)`` trigger/target arrays; returns the mean loss per epoch.
 
-        The tower is pulled back towards its starting point only through
-        ``weight_decay`` on the *difference*; small data should use few epochs.
+        ``weight_decay`` penalises the squared distance of the parameters from their
+        values at the start of this call (the projection currently published), not from
+        zero: each re-fit then moves the aligned space, and so the codes, only as far as
+        the new pairs justify.
         """
         gen = torch.Generator().manual_seed(seed)
         trig = torch.as_tensor(np.asarray(trigger, dtype=np.float32))

@@ -327,9 +327,15 @@ class ModelHolder:
         version = _norm(version)
         if self.info(version) is not None:
             return False
-        cur = self._current
-        if self._pinned is None and cur is not None and int(version) < int(cur.version):
-            self._register_unloaded(version)  # an old message (topic replay): nothing to do
+        if not self.store.path(version).is_dir():
+            # Pruned by retention (an old message replayed from the topic) or not visible
+            # on this filesystem yet: the store rescan will offer it again if it appears.
+            log.debug("version %s announced but not in the store; ignored", version)
+            return False
+        with self._lock:
+            newest_known = max((int(v) for v in self._versions), default=0)
+        if int(version) < newest_known:
+            self._register_unloaded(version)  # older than what we know: nothing to serve
             return False
         if self._load_and_register(version) is None:
             return False

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -114,18 +115,29 @@ class OpsState:
         self.swaps: deque[dict[str, Any]] = deque(maxlen=50)
         self._serving_version: str | None = None
         self._lag_lock = asyncio.Lock()
+        # kafka-python clients are not safe to close while a sample runs on another
+        # thread (a cancelled to_thread keeps running): sample and close take turns.
+        self._monitor_lock = threading.Lock()
         self.started_at = time.time()
 
     # ---- lag ------------------------------------------------------------------------
     async def sample_lag(self) -> dict[str, Any] | None:
         async with self._lag_lock:
             try:
-                self.lag_report = await asyncio.to_thread(self.monitor.sample)
+                self.lag_report = await asyncio.to_thread(self._sample_monitor)
                 self.lag_error = None
             except Exception as exc:  # noqa: BLE001 - reported on /v1/lag and the page
                 self.lag_error = f"{type(exc).__name__}: {exc}"
                 log.warning("lag sample failed: %s", self.lag_error)
         return self.lag_report
+
+    def _sample_monitor(self) -> dict[str, Any]:
+        with self._monitor_lock:
+            return self.monitor.sample()
+
+    def close_monitor(self) -> None:
+        with self._monitor_lock:
+            self.monitor.close()
 
     def lag_document(self) -> dict[str, Any]:
         report = dict(self.lag_report or {"ts": None, "window": self.monitor.window, "groups": []})
@@ -439,7 +451,7 @@ def add_ops_routes(app: web.Application, ctx: Any, *, period: float = 2.0,
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        await asyncio.to_thread(state.monitor.close)
+        await asyncio.to_thread(state.close_monitor)
 
     app.cleanup_ctx.append(samplers)
     return state

@@ -255,3 +255,20 @@ async def test_metrics_exposition(settings, seeded_redis, publish, make_app, h):
     assert h.metric(text, "headwater_model_version") == 1
     assert h.metric(text, "headwater_model_freshness_seconds") >= 0
     assert _states(await (await client.get("/v1/models")).json()) == {"000001": "AVAILABLE"}
+
+
+def test_announcements_of_pruned_or_old_versions_are_ignored(store, publish, builder):
+    """The watcher replays the topic from the start: old or pruned versions cost nothing."""
+    for seed in range(3):
+        publish(seed)
+    holder = ModelHolder(store, builder.schema)
+    try:
+        holder.start()
+        assert holder.offer("000042") is False  # not in the store (pruned / never there)
+        assert holder.info("000042") is None
+        assert holder.offer("000001") is False and holder.offer("000002") is False
+        assert holder.current.version == "000003"
+        assert holder.metrics.load_failures._metrics == {}
+        assert holder.last_error is None
+    finally:
+        holder.close()

@@ -1,0 +1,311 @@
+"""Click path throughput and latency, end to end on the embedded broker and Redis.
+
+Measures, in one run and on the same pre-produced MovieLens events:
+
+* the real worker (decode → counters in Redis → point-in-time rows → Arrow on
+  ``train-batches``), and beside it a bare Faust agent that only counts the same
+  stream (same app settings, ``take_events`` batches, the count kept in Redis);
+* single-event messages and batched envelopes (JSON arrays of ``--envelope`` events);
+* Redis commands per event (``INFO commandstats`` before/after);
+* produce → row-on-``train-batches`` latency at a steady rate (p50/p99).
+
+Run: ``.venv/bin/python bench/click_path.py`` (``--events``, ``--envelope``, ``--rate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import redis
+from kafka import KafkaConsumer, KafkaProducer
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from features.movielens import click_events, load_movielens  # noqa: E402
+from headwater.servers import free_port, start_broker, start_redis, stop_pid  # noqa: E402
+from headwater.settings import Settings  # noqa: E402
+from learner.batch import decode_batch  # noqa: E402
+from streams.replay import partition_of  # noqa: E402
+from streams.topics import ensure_topics  # noqa: E402
+
+PARTITIONS = 4
+
+
+def bare_worker_main(kafka: str, redis_url: str, prefix: str) -> None:
+    """A Faust worker whose agent only counts events (the baseline)."""
+    import asyncio
+
+    import faust
+    import redis.asyncio as aioredis
+
+    from streams.app import create_app
+
+    settings = Settings(topic_prefix=prefix, partitions=PARTITIONS)
+    app = create_app(settings, kafka, app_id=f"{prefix}bare")
+    client = aioredis.Redis.from_url(redis_url)
+    topic = app.topic(settings.topics["clicks"], value_type=bytes, value_serializer="raw")
+
+    @app.agent(topic)
+    async def count(stream):
+        async for events in stream.take_events(settings.click_batch_size, within=settings.click_batch_within):
+            n = 0
+            for ev in events:
+                v = ev.message.value
+                n += v.count(b'"event_id"') if v[:1] == b"[" else 1
+            now = time.time()
+            pipe = client.pipeline(transaction=False)
+            pipe.set("bench:bare:first", json.dumps([now, n]), nx=True)
+            pipe.set("bench:bare:last", now)
+            pipe.incrby("bench:bare:count", n)
+            await pipe.execute()
+
+    worker = faust.Worker(app, loglevel="warning", quiet=True)
+    asyncio.set_event_loop(worker.loop)
+    worker.execute_from_commandline()
+
+
+def produce_all(kafka: str, topic: str, events: list[dict], envelope: int) -> int:
+    producer = KafkaProducer(bootstrap_servers=kafka, linger_ms=20, batch_size=1 << 20,
+                             max_request_size=8 << 20)
+    parts = partition_of([e["user_id"] for e in events], PARTITIONS)
+    messages = 0
+    if envelope <= 1:
+        for ev, p in zip(events, parts, strict=True):
+            producer.send(topic, json.dumps(ev).encode(), partition=int(p))
+            messages += 1
+    else:
+        buffers: dict[int, list] = {p: [] for p in range(PARTITIONS)}
+        for ev, p in zip(events, parts, strict=True):
+            buffers[int(p)].append(ev)
+            if len(buffers[int(p)]) >= envelope:
+                producer.send(topic, json.dumps(buffers[int(p)]).encode(), partition=int(p))
+                buffers[int(p)] = []
+                messages += 1
+        for p, buf in buffers.items():
+            if buf:
+                producer.send(topic, json.dumps(buf).encode(), partition=p)
+                messages += 1
+    producer.flush()
+    producer.close()
+    return messages
+
+
+def redis_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if not k.endswith(("info", "config")))
+
+
+def start_service(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as fh:
+        return subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=REPO)
+
+
+class RowWatcher:
+    """Counts rows arriving on train-batches, with the wall time of the first and last."""
+
+    def __init__(self, kafka: str, topic: str) -> None:
+        self.count = 0
+        self.first_t: float | None = None
+        self.last_t: float | None = None
+        self.first_n = 0
+        self._stop = threading.Event()
+        self._consumer = KafkaConsumer(topic, bootstrap_servers=kafka, auto_offset_reset="earliest",
+                                       fetch_max_wait_ms=10, enable_auto_commit=False)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for records in self._consumer.poll(timeout_ms=20).values():
+                for r in records:
+                    n = len(decode_batch(r.value).event_ids)
+                    now = time.time()
+                    if self.first_t is None:
+                        self.first_t, self.first_n = now, n
+                    self.last_t = now
+                    self.count += n
+        self._consumer.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dict:
+    """Pre-produce, start the consumer, time first→last event processed."""
+    broker = start_broker(log_path=workdir / f"broker-{kind}-{envelope}.log")
+    rserver = start_redis(log_path=workdir / f"redis-{kind}-{envelope}.log")
+    kafka, url = f"127.0.0.1:{broker.port}", rserver.extra["url"]
+    prefix = f"b{envelope}{kind}-"
+    settings = Settings(topic_prefix=prefix, partitions=PARTITIONS)
+    ensure_topics(settings, kafka)
+    client = redis.Redis.from_url(url)
+    try:
+        messages = produce_all(kafka, settings.topics["clicks"], events, envelope)
+        env = dict(os.environ, HEADWATER_KAFKA=kafka, HEADWATER_REDIS=url, HEADWATER_TOPIC_PREFIX=prefix,
+                   HEADWATER_PARTITIONS=str(PARTITIONS), HEADWATER_WORKER_PORT=str(free_port()),
+                   HEADWATER_CONTENT_ENCODER="hashing", HEADWATER_LOG_LEVEL="WARNING",
+                   HEADWATER_STATE_DIR=str(workdir / "state"))
+        calls0 = redis_calls(client)
+        if kind == "bare":
+            proc = start_service([sys.executable, __file__, "--role", "bare", kafka, url, prefix],
+                                 env, workdir / f"bare-{envelope}.log")
+
+            def progress():
+                first = client.get("bench:bare:first")
+                if not first:
+                    return 0, None, None, 0
+                t_first, n_first = json.loads(first)
+                return int(client.get("bench:bare:count") or 0), t_first, float(client.get("bench:bare:last")), n_first
+        else:
+            proc = start_service([sys.executable, "-m", "headwater", "worker"], env,
+                                 workdir / f"worker-{envelope}.log")
+            rows = RowWatcher(kafka, settings.topics["train-batches"])
+
+            def progress():
+                return rows.count, rows.first_t, rows.last_t, rows.first_n
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            n, t_first, t_last, n_first = progress()
+            if n >= len(events):
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(f"{kind} did not finish: {progress()[0]} of {len(events)}")
+        if kind != "bare":
+            rows.stop()
+        seconds = t_last - t_first
+        rate = (len(events) - n_first) / seconds if seconds > 0 else float("nan")
+        calls = redis_calls(client) - calls0
+        stop_pid(proc.pid)
+        return {"kind": kind, "envelope": envelope, "events": len(events), "messages": messages,
+                "events_per_s": rate, "redis_calls_per_event": calls / len(events),
+                "redis_round_trips_per_event": client.info("stats")["total_commands_processed"] / len(events)}
+    finally:
+        client.close()
+        rserver.stop()
+        broker.stop()
+
+
+def latency(events: list[dict], rate: float, workdir: Path, seconds: float) -> dict:
+    """Steady single-event produce at ``rate``; time until each row is on train-batches."""
+    broker = start_broker(log_path=workdir / "broker-lat.log")
+    rserver = start_redis(log_path=workdir / "redis-lat.log")
+    kafka, url = f"127.0.0.1:{broker.port}", rserver.extra["url"]
+    prefix = "lat-"
+    settings = Settings(topic_prefix=prefix, partitions=PARTITIONS)
+    ensure_topics(settings, kafka)
+    env = dict(os.environ, HEADWATER_KAFKA=kafka, HEADWATER_REDIS=url, HEADWATER_TOPIC_PREFIX=prefix,
+               HEADWATER_PARTITIONS=str(PARTITIONS), HEADWATER_WORKER_PORT=str(free_port()),
+               HEADWATER_CONTENT_ENCODER="hashing", HEADWATER_LOG_LEVEL="WARNING",
+               HEADWATER_STATE_DIR=str(workdir / "state-lat"))
+    proc = start_service([sys.executable, "-m", "headwater", "worker"], env, workdir / "worker-lat.log")
+    client = redis.Redis.from_url(url)
+    sent: dict[str, float] = {}
+    arrived: dict[str, float] = {}
+    stop = threading.Event()
+
+    def consume():
+        consumer = KafkaConsumer(settings.topics["train-batches"], bootstrap_servers=kafka,
+                                 auto_offset_reset="earliest", fetch_max_wait_ms=10,
+                                 enable_auto_commit=False)
+        while not stop.is_set():
+            for records in consumer.poll(timeout_ms=50).values():
+                now = time.perf_counter()
+                for r in records:
+                    for eid in decode_batch(r.value).event_ids:
+                        arrived.setdefault(str(eid), now)
+        consumer.close()
+
+    try:
+        while not client.keys("hw:status:worker*"):
+            time.sleep(0.2)
+        time.sleep(2.0)  # let the group settle
+        t = threading.Thread(target=consume, daemon=True)
+        t.start()
+        producer = KafkaProducer(bootstrap_servers=kafka, linger_ms=0)
+        parts = partition_of([e["user_id"] for e in events], PARTITIONS)
+        interval = 1.0 / rate
+        start = time.perf_counter()
+        n = min(len(events), int(rate * seconds))
+        for i in range(n):
+            target = start + i * interval
+            delay = target - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            ev = events[i]
+            sent[ev["event_id"]] = time.perf_counter()
+            producer.send(settings.topics["clicks"], json.dumps(ev).encode(), partition=int(parts[i]))
+            producer.flush() if i % 10 == 0 else None
+        producer.flush()
+        deadline = time.monotonic() + 30
+        while len(arrived) < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        t.join(5)
+        lat = sorted((arrived[k] - v) * 1000 for k, v in sent.items() if k in arrived)
+        return {"rate": rate, "events": n, "received": len(lat),
+                "p50_ms": lat[len(lat) // 2] if lat else float("nan"),
+                "p99_ms": lat[int(len(lat) * 0.99) - 1] if lat else float("nan")}
+    finally:
+        stop_pid(proc.pid)
+        client.close()
+        rserver.stop()
+        broker.stop()
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--role":
+        bare_worker_main(*sys.argv[3:6])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=20000)
+    ap.add_argument("--envelope", type=int, default=200)
+    ap.add_argument("--rate", type=float, default=200.0)
+    ap.add_argument("--latency-seconds", type=float, default=15.0)
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args()
+    ml = load_movielens()
+    base = click_events(ml, 0, min(args.events, len(ml)))
+    # More events than the dataset holds: repeat it with fresh event ids.
+    events = [dict(e, event_id=f"{e['event_id']}#{k}") for k in range(-(-args.events // len(base)))
+              for e in base][: args.events]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for _ in range(args.repeat):
+            for envelope in (1, args.envelope):
+                for kind in ("bare", "worker"):
+                    r = run_mode(kind, events, envelope, work)
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+        lat = latency(events, args.rate, work, args.latency_seconds)
+        print(json.dumps(lat), flush=True)
+
+    def med(kind, env):
+        return statistics.median(r["events_per_s"] for r in rows if r["kind"] == kind and r["envelope"] == env)
+
+    print("\n| messages | bare agent events/s | Headwater click path events/s | ratio | Redis calls/event |")
+    print("|---|---:|---:|---:|---:|")
+    for env in (1, args.envelope):
+        bare, real = med("bare", env), med("worker", env)
+        calls = statistics.median(r["redis_calls_per_event"] for r in rows if r["kind"] == "worker" and r["envelope"] == env)
+        label = "single events" if env == 1 else f"envelopes of {env}"
+        print(f"| {label} | {bare:,.0f} | {real:,.0f} | {real / bare:.2f} | {calls:.3f} |")
+    print(f"\nproduce → row on train-batches at {lat['rate']:.0f} events/s (single-event messages): "
+          f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms ({lat['received']}/{lat['events']} rows)")
+
+
+if __name__ == "__main__":
+    main()
