@@ -176,7 +176,7 @@ def run_variant(variant: str, ml, data: dict, args, seed: int) -> dict:
             since_refit += sl.stop - sl.start
             if since_refit >= args.refit_every:
                 since_refit = 0
-                trig, tgt, tid = assigner.training_pairs()
+                trig, tgt, tid = (a[-args.align_pairs:] for a in assigner.training_pairs())
                 if len(trig) >= 256:
                     tower.fit(trig, tgt, target_ids=tid, epochs=args.align_epochs,
                               batch_size=512, lr=args.align_lr, seed=seed,
@@ -233,9 +233,10 @@ def main() -> None:
     ap.add_argument("--codebook", type=int, default=64)
     ap.add_argument("--vq-k", type=int, default=8)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--refit-every", type=int, default=5000)
-    ap.add_argument("--align-epochs", type=int, default=2)
-    ap.add_argument("--align-lr", type=float, default=1e-3)
+    ap.add_argument("--refit-every", type=int, default=10000)
+    ap.add_argument("--align-epochs", type=int, default=1)
+    ap.add_argument("--align-pairs", type=int, default=8192, help="most recent pairs per re-fit")
+    ap.add_argument("--align-lr", type=float, default=3e-4)
     ap.add_argument("--align-decay", type=float, default=0.0,
                     help="pull towards the published projection at each re-fit")
     ap.add_argument("--temperature", type=float, default=0.07)

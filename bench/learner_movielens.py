@@ -150,7 +150,8 @@ def cold_mask(items: np.ndarray, k: int = 10) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 # models
 def online_variants() -> dict[str, dict]:
-    big = {"buckets": 1 << 20}
+    # Ids get 2^17 buckets (~1 % of items share a row), low-cardinality fields 4096.
+    big = {"buckets": 4096, "per_field": {"user": 1 << 17, "item": 1 << 17, "zip3": 1 << 17}}
     return {
         "fgcnn": dict(kind="fgcnn", embedding=big),
         "fgcnn-bn": dict(kind="fgcnn", embedding=big, head={"conv_batchnorm": True}),
@@ -271,6 +272,7 @@ def main() -> None:
     )
     ap.add_argument("--data", default=None, help="ml-100k directory or datasets root")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N batches")
     ap.add_argument("--only", nargs="+", default=None, help="model names to run")
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (online torch)")
     ap.add_argument("--threads", type=int, default=1)
@@ -278,6 +280,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     schema, tokens, dense, labels, ts, items = build_rows(args.data)
+    if args.limit:
+        keep = args.limit * BATCH
+        tokens, dense, labels, ts, items = (a[:keep] for a in (tokens, dense, labels, ts, items))
     payloads = encode_all(schema, tokens, dense, labels, ts)
     n = len(labels)
     test = np.arange(n) >= int(n * 0.8)
@@ -286,7 +291,8 @@ def main() -> None:
         f"rows {n}, positives {labels.mean():.3f}, fields {len(schema.categorical)} cat + "
         f"{len(schema.dense)} dense, {len(payloads)} batches of {BATCH}, "
         f"built in {time.perf_counter() - t0:.1f}s; TEST {test.sum()} rows, "
-        f"cold TEST {(test & cold).sum()}"
+        f"cold TEST {(test & cold).sum()}",
+        flush=True,
     )
     names = list(online_variants()) + ["river-lr", "river-ffm", "deepctr-pnn", "deepctr-deepfm"]
     if args.only:

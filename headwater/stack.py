@@ -29,6 +29,8 @@ from headwater.servers import (
 from headwater.settings import Settings
 
 SERVICES = ("worker", "learner", "serve")
+#: process (command) name -> the service name its heartbeat uses
+SERVICE_NAMES = {"worker": "worker", "learner": "learner", "serve": "serving"}
 
 
 @dataclass
@@ -178,7 +180,7 @@ def up(settings: Settings, services: tuple[str, ...] = SERVICES, timeout: float 
             started.append(proc.pid)
             state.pids[name] = proc.pid
         state.save(state_path(settings))
-        wait_healthy(state.redis, list(services), timeout)
+        wait_healthy(state.redis, [SERVICE_NAMES[s] for s in services], timeout)
         if "serve" in services:
             wait_for_port(settings.bind_host, settings.http_port, timeout)
     except BaseException:

@@ -85,7 +85,9 @@ class FieldEmbedding(nn.Module):
 
 
 def _init_table(n_rows: int, dim: int, std: float) -> nn.Embedding:
-    table = nn.Embedding(n_rows, dim)
+    # Sparse gradients: an optimizer step touches only the rows a batch used, so step cost
+    # follows the batch, not the table size (a dense Adam over 10^6-row tables dominates).
+    table = nn.Embedding(n_rows, dim, sparse=True)
     nn.init.normal_(table.weight, std=std)
     return table
 

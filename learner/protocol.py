@@ -65,7 +65,11 @@ class Learner(Protocol):
 
 
 class TorchLearner:
-    """A :class:`~learner.models.Ranker` trained by Adam (or SGD/Adagrad) on log-loss.
+    """A :class:`~learner.models.Ranker` trained on log-loss by Adam (or SGD / Adagrad).
+
+    Embedding tables have sparse gradients and their own optimizer (``SparseAdam`` for
+    Adam: the "lazy" Adam of large-scale CTR systems, moments move only for rows a batch
+    touched); every other parameter uses the dense optimizer of the same family.
 
     ``logit_offset`` in :meth:`learn_many` shifts the training logit (``-log r`` when
     negatives were kept with rate ``r``) so the model itself stays calibrated on the
@@ -76,11 +80,19 @@ class TorchLearner:
         self, model: Ranker, lr: float = 1e-3, optimizer: str = "adam", weight_decay: float = 0.0
     ) -> None:
         self.model = model
-        opts = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
-        if optimizer not in opts:
-            raise ValueError(f"optimizer must be one of {sorted(opts)}, got {optimizer!r}")
-        self.optimizer = opts[optimizer](model.parameters(), lr=lr, weight_decay=weight_decay)
-        self.model.embedding.attach_optimizer(self.optimizer)
+        families = {
+            "adam": (torch.optim.Adam, torch.optim.SparseAdam),
+            "sgd": (torch.optim.SGD, torch.optim.SGD),
+            "adagrad": (torch.optim.Adagrad, torch.optim.Adagrad),
+        }
+        if optimizer not in families:
+            raise ValueError(f"optimizer must be one of {sorted(families)}, got {optimizer!r}")
+        dense_cls, sparse_cls = families[optimizer]
+        table = model.embedding.table.weight
+        rest = [p for p in model.parameters() if p is not table]
+        self.optimizer = dense_cls(rest, lr=lr, weight_decay=weight_decay) if rest else None
+        self.sparse_optimizer = sparse_cls([table], lr=lr)
+        self.model.embedding.attach_optimizer(self.sparse_optimizer)
 
     @staticmethod
     def _dense(batch: Batch) -> torch.Tensor:
@@ -99,9 +111,11 @@ class TorchLearner:
         logits = self.model(rows, self._dense(batch))
         y = torch.from_numpy(np.asarray(batch.labels, dtype=np.float32))
         loss = F.binary_cross_entropy_with_logits(logits + logit_offset, y)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        if self.optimizer is not None:
+            self.optimizer.step()
+        self.sparse_optimizer.step()
         self.model.embedding.observe(batch.categorical, getattr(batch, "ts", None))
         return logits.detach()
 
@@ -125,13 +139,24 @@ class TorchLearner:
         logits = self._step(batch, 0.0)
         return torch.sigmoid(logits).numpy().astype(np.float64)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+    def state_dict(self, optimizer: bool = True) -> dict[str, Any]:
+        """Weights, and (``optimizer=True``) both optimizers' moments."""
+        opt = None
+        if optimizer:
+            opt = {
+                "dense": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "sparse": self.sparse_optimizer.state_dict(),
+            }
+        return {"model": self.model.state_dict(), "optimizer": opt}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load weights; optimizer moments too when present (else they restart at zero)."""
         self.model.load_state_dict(state["model"])
-        if state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+        opt = state.get("optimizer")
+        if opt is not None:
+            if self.optimizer is not None and opt.get("dense") is not None:
+                self.optimizer.load_state_dict(opt["dense"])
+            self.sparse_optimizer.load_state_dict(opt["sparse"])
 
 
 class RiverLearner:

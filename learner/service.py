@@ -87,6 +87,9 @@ class LearnerService:
 
     ``on_publish(manifest_with_path)`` runs after each publication (errors are logged,
     never lost silently: they land in ``status()["last_error"]``).
+    ``checkpoint_optimizer=False`` leaves Adam's moments out of ``model.pt`` (about a
+    third of the bytes); a restart then resumes with fresh moments.
+    ``resume=False`` ignores the store's checkpoints (benchmarks, fresh experiments).
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class LearnerService:
         publish_every_rows: int | None = None,
         on_publish: Callable[[dict[str, Any]], None] | None = None,
         registry: CollectorRegistry | None = None,
+        checkpoint_optimizer: bool = True,
         clock: Callable[[], float] = time.monotonic,
         resume: bool = True,
     ) -> None:
@@ -105,6 +109,7 @@ class LearnerService:
         self.publish_every_seconds = publish_every_seconds
         self.publish_every_rows = publish_every_rows
         self.on_publish = on_publish
+        self.checkpoint_optimizer = checkpoint_optimizer
         self.clock = clock
         self.metrics = _Metrics(registry if registry is not None else CollectorRegistry())
         self.trainer: PrequentialTrainer | None = None
@@ -240,7 +245,7 @@ class LearnerService:
                 raise RuntimeError("only torch learners can be published")
             t0 = time.perf_counter()
             # Layout (see learner.store): weights at "model" so serving needs nothing else.
-            learner_state = trainer.learner.state_dict()
+            learner_state = trainer.learner.state_dict(optimizer=self.checkpoint_optimizer)
             state = {
                 "model": learner_state["model"],
                 "optimizer": learner_state["optimizer"],

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -197,6 +198,9 @@ class ModelHolder:
         (``None``: gate off). Missing or non-finite metrics pass.
     warmup_rows
         Rows of the warm-up batch (random tokens, a cold-start row of zeros).
+    loader_nice
+        ``nice`` increment of the loader thread (Linux: per thread), so verifying and
+        loading a new version takes CPU from scoring only when scoring leaves some.
     """
 
     def __init__(
@@ -210,6 +214,7 @@ class ModelHolder:
         quality_margin: float | None = None,
         warmup_rows: int = 16,
         max_failed_listed: int = 20,
+        loader_nice: int = 10,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if keep_loaded < 1:
@@ -229,7 +234,17 @@ class ModelHolder:
         self._pinned: str | None = None
         self._versions: dict[str, VersionInfo] = {}
         self._lock = threading.Lock()  # guards _versions for readers on other threads
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        self.loader_nice = loader_nice
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader",
+                                          initializer=self._lower_priority)
+
+    def _lower_priority(self) -> None:
+        """Loads yield the CPU to scoring: on Linux ``nice`` applies to one thread."""
+        if self.loader_nice and hasattr(os, "setpriority"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.loader_nice)
+            except OSError as exc:
+                log.debug("cannot lower the loader thread's priority: %s", exc)
 
     # ---- reading (any thread) --------------------------------------------------------
     @property
@@ -337,6 +352,12 @@ class ModelHolder:
         if int(version) < newest_known:
             self._register_unloaded(version)  # older than what we know: nothing to serve
             return False
+        latest = self.store.latest()
+        if latest is not None and int(latest) > int(version) and self.info(latest) is None:
+            # Publications outpace loads: skip to the newest instead of working through a
+            # backlog of versions that would be superseded the moment they were swapped in.
+            self._register_unloaded(version)
+            version = latest
         if self._load_and_register(version) is None:
             return False
         cur = self._current
@@ -473,6 +494,12 @@ class ModelHolder:
         try:
             served = self.load(version)
         except LoadFailure as exc:
+            if not self.store.path(version).is_dir():
+                # Retention deleted it mid-load: not a bad checkpoint, just gone.
+                with self._lock:
+                    self._versions.pop(version, None)
+                log.info("version %s was pruned from the store while loading", version)
+                return None
             self.metrics.load_failures.labels(exc.reason).inc()
             self._set(
                 VersionInfo(

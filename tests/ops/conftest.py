@@ -3,6 +3,7 @@ Redis and broker, with real heartbeat documents published through headwater.heal
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -71,7 +72,7 @@ async def ops_server(kafka_bootstrap, redis_db, topic_prefix):
     ctx = {"settings": settings, "redis": client, "kafka": kafka_bootstrap, "redis_url": redis_db}
     app = web.Application()
     state = add_ops_routes(app, ctx, period=PERIOD, lag_window=3)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=2.0)
     await runner.setup()
     port = free_port()
     site = web.TCPSite(runner, "127.0.0.1", port)
@@ -82,5 +83,10 @@ async def ops_server(kafka_bootstrap, redis_db, topic_prefix):
     try:
         yield info
     finally:
-        await runner.cleanup()
+        try:
+            await asyncio.wait_for(runner.cleanup(), 15)
+        except TimeoutError:
+            for t in asyncio.all_tasks():
+                t.print_stack()
+            raise
         await client.aclose()

@@ -272,3 +272,18 @@ def test_announcements_of_pruned_or_old_versions_are_ignored(store, publish, bui
         assert holder.last_error is None
     finally:
         holder.close()
+
+
+def test_a_backlog_of_publications_loads_only_the_newest(store, publish, builder):
+    holder = ModelHolder(store, builder.schema)
+    try:
+        holder.start()
+        for seed in range(4):
+            publish(seed)
+        assert holder.offer("000001") is True  # the watcher is behind: 000004 already exists
+        assert holder.current.version == "000004"
+        assert holder.info("000001").state is VersionState.RETIRED
+        assert holder.offer("000002") is False and holder.offer("000003") is False
+        assert holder.swaps == 1
+    finally:
+        holder.close()
