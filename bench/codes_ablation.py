@@ -138,7 +138,10 @@ def run_variant(variant: str, ml, data: dict, args, seed: int) -> dict:
 
     ctab = code_table()
     model = CodesRanker(fields, n_queries, data["text"].shape[1], seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # As learner.protocol.TorchLearner: lazy (sparse) Adam for the tables, Adam for the rest.
+    table = model.embedding.table.weight
+    opt = torch.optim.Adam([p for p in model.parameters() if p is not table], lr=1e-3)
+    sparse_opt = torch.optim.SparseAdam([table], lr=1e-3)
     tower = AlignmentTower(assigner.encoder.dim, temperature=args.temperature) if use_align else None
     text_t = torch.from_numpy(data["text"])
     tags_t = torch.from_numpy(data["tag_tokens"])
@@ -164,9 +167,10 @@ def run_variant(variant: str, ml, data: dict, args, seed: int) -> dict:
             loss = loss + cid_weight * content_id_infonce(
                 fused.mean(1), item_emb, args.cid_temperature, ids)
         p = torch.sigmoid(logits.detach()).numpy()  # scored before the step below
-        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sparse_opt.step()
         scores[sl] = p
         iid = rows_idx.astype(np.int64)
         cold_all.update(iid, labels[sl], p)

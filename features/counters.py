@@ -26,7 +26,6 @@ to a value kept at ``t_ref``, it gives what in-order arrival would have given.
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from features.hashing import canonical
+from features.hashing import canonical, factorize
 
 __all__ = [
     "DEFAULT_COUNTERS",
@@ -210,11 +209,7 @@ def as_columns(events: Any) -> dict[str, Any]:
         if col is None:
             out[name] = np.full(n, "", dtype=object)
             continue
-        arr = np.asarray(col)
-        if arr.dtype.kind in "iu":
-            out[name] = arr.astype(str).astype(object)
-        else:
-            out[name] = np.asarray([canonical(v) for v in col], dtype=object)
+        out[name] = _canonical_column(col)
     if "label" in events:
         out["label"] = np.asarray(events["label"], dtype=np.int8)
     if "offset" in events:
@@ -222,12 +217,11 @@ def as_columns(events: Any) -> dict[str, Any]:
         sub = events.get("sub")
         out["sub"] = np.zeros(n, np.int32) if sub is None else np.asarray(sub, dtype=np.int32)
     if "event_id" in events:
-        out["event_id"] = np.asarray([canonical(v) for v in events["event_id"]], dtype=object)
+        out["event_id"] = _canonical_column(events["event_id"])
     for obj in ("context", "user"):
         col = events.get(obj)
-        dicts: list[dict | None] = (
-            [dict(d) if d else None for d in col] if col is not None else [None] * n
-        )
+        # Not copied: folding flattened columns below builds new dicts, never mutates.
+        dicts: list[dict | None] = [d or None for d in col] if col is not None else [None] * n
         flat = [k for k in events if k.startswith(obj + ".")]
         for k in flat:
             f = k[len(obj) + 1 :]
@@ -241,41 +235,76 @@ def as_columns(events: Any) -> dict[str, Any]:
     return out
 
 
-def _item_values(attr: str, item_ids: np.ndarray, item_attrs: Mapping[str, Mapping]) -> list[tuple]:
+def _canonical_column(col: Any) -> np.ndarray:
+    """Canonical text of every value as an object array; one ``canonical`` per distinct value."""
+    if isinstance(col, np.ndarray) and col.dtype == object and col.size:
+        items = col.tolist()
+        if set(map(type, items)) == {str}:
+            return col  # already canonical: skip the per-value work
+    codes, texts = factorize(col)
+    return np.asarray(texts, dtype=object)[codes] if texts else np.zeros(0, dtype=object)
+
+
+@dataclass
+class _FieldValues:
+    """One key field's values for every event, CSR style: event ``e`` has ``counts[e]``
+    values, ``codes[starts[e]:starts[e] + counts[e]]``, indices into ``texts``."""
+
+    counts: np.ndarray
+    codes: np.ndarray
+    texts: list[str]
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.cumsum(self.counts) - self.counts
+
+
+def _present(codes: np.ndarray, texts: list[str]) -> _FieldValues:
+    """Single-valued field: ``''`` (missing) gives an event no value."""
+    ok = np.asarray([t != "" for t in texts], dtype=bool)[codes] if texts else codes.astype(bool)
+    return _FieldValues(ok.astype(np.int64), codes[ok], texts)
+
+
+def _item_values(attr: str, item_ids: np.ndarray, item_attrs: Mapping[str, Mapping]) -> _FieldValues:
     """Per-event values of one item attribute, computed once per distinct item."""
-    uniq, inverse = np.unique(item_ids.astype(str), return_inverse=True)
-    per_item: list[tuple] = []
-    for item in uniq:
+    item_codes, items = factorize(item_ids)
+    vocab: dict[str, int] = {}
+    per_item_counts = np.zeros(len(items), np.int64)
+    flat: list[int] = []
+    for j, item in enumerate(items):
         attrs = item_attrs.get(item) or {}
         v = attrs.get(attr)
         if v is None and attr == "genres":
             v = attrs.get("tags")  # item events carry genres as tags
-        vals = v if isinstance(v, (list, tuple)) else [v]
-        per_item.append(tuple(t for t in (canonical(x) for x in vals) if t))
-    return [per_item[j] for j in inverse]
+        vals = [t for t in (canonical(x) for x in (v if isinstance(v, (list, tuple)) else [v])) if t]
+        per_item_counts[j] = len(vals)
+        flat += [vocab.setdefault(t, len(vocab)) for t in vals]
+    flat_arr = np.asarray(flat, dtype=np.int64)
+    counts = per_item_counts[item_codes]
+    item_starts = np.cumsum(per_item_counts) - per_item_counts
+    within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    codes = flat_arr[np.repeat(item_starts[item_codes], counts) + within]
+    return _FieldValues(counts, codes, list(vocab))
 
 
-def _field_values(
-    f: str, cols: Mapping[str, Any], item_attrs: Mapping[str, Mapping]
-) -> list[tuple]:
+_HOURS = [str(v) for v in range(24)]
+
+
+def _field_values(f: str, cols: Mapping[str, Any], item_attrs: Mapping[str, Mapping]) -> _FieldValues:
     n = len(cols["ts"])
     if f in ("user_id", "item_id"):
-        return [(v,) if v else () for v in cols[f]]
+        return _present(*factorize(cols[f]))
     if f in ("hour", "weekday"):
         days = np.floor(cols["ts"] / 86400.0)
         # 1970-01-01 was a Thursday: weekday 0 = Monday as in datetime.weekday().
         vals = (np.floor(cols["ts"] / 3600.0) % 24) if f == "hour" else ((days + 3) % 7)
-        names = np.asarray([str(int(v)) for v in range(24)], dtype=object)
-        return [(t,) for t in names[vals.astype(np.int64)]]
+        return _FieldValues(np.ones(n, np.int64), vals.astype(np.int64), _HOURS)
     if f in ("genre", "tag", "year") or f.startswith("item."):
         attr = {"genre": "genres", "tag": "tags", "year": "year"}.get(f, f[len("item.") :])
         return _item_values(attr, cols["item_id"], item_attrs)
     obj, name = f.split(".", 1)
-    out: list[tuple] = []
-    for d in cols.get(obj) or [None] * n:
-        t = canonical(d.get(name)) if d else ""
-        out.append((t,) if t else ())
-    return out
+    dicts = cols.get(obj) or [None] * n
+    return _present(*factorize([d.get(name) if d else None for d in dicts]))
 
 
 @dataclass
@@ -295,10 +324,65 @@ class Refs:
     index: dict[str, int] = field(default_factory=dict)
 
 
+def _spec_refs(
+    spec: CounterSpec, n: int, values: Mapping[str, _FieldValues]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(event, local entity) per reference of one spec, and the spec's entity names.
+
+    Multi-valued keys expand to the product of their values, first field major (as
+    ``itertools.product``); entity names are built once per distinct key, not per event.
+    """
+    if not spec.key:
+        return np.arange(n, dtype=np.int64), np.zeros(n, np.int64), [spec.name]
+    ev = np.arange(n, dtype=np.int64)
+    digits: list[np.ndarray] = []
+    for f in spec.key:
+        fv = values[f]
+        rep = fv.counts[ev]
+        within = np.arange(int(rep.sum())) - np.repeat(np.cumsum(rep) - rep, rep)
+        digits = [d.repeat(rep) for d in digits]
+        digits.append(fv.codes[np.repeat(fv.starts[ev], rep) + within])
+        ev = ev.repeat(rep)
+    sizes = [max(len(values[f].texts), 1) for f in spec.key]
+    if float(np.prod(np.asarray(sizes, dtype=np.float64))) < 2.0**62:
+        comp = np.zeros(len(ev), np.int64)
+        for d, size in zip(digits, sizes, strict=True):
+            comp = comp * size + d
+        uniq, local = np.unique(comp, return_inverse=True)
+        udigits = []
+        for size in reversed(sizes):
+            udigits.append(uniq % size)
+            uniq = uniq // size
+        udigits.reverse()
+    else:
+        stacked = np.column_stack(digits)
+        ustack, local = np.unique(stacked, axis=0, return_inverse=True)
+        udigits = [ustack[:, j] for j in range(len(digits))]
+    # Entities in order of first reference (stable names → indices across runs of a batch).
+    local = local.reshape(-1).astype(np.int64)
+    first = np.full(len(udigits[0]), len(local), np.int64)
+    np.minimum.at(first, local, np.arange(len(local)))
+    by_first = np.argsort(first, kind="stable")
+    rank = np.empty_like(by_first)
+    rank[by_first] = np.arange(len(by_first))
+    local = rank[local]
+    udigits = [d[by_first] for d in udigits]
+    texts = [values[f].texts for f in spec.key]
+    prefix = f"{spec.name}:"
+    names = [
+        prefix + "|".join(t[int(c)] for t, c in zip(texts, combo, strict=True))
+        for combo in zip(*udigits, strict=True)
+    ]
+    return ev, local, names
+
+
 def resolve_refs(
     config: CounterConfig, cols: Mapping[str, Any], item_attrs: Mapping[str, Mapping] | None = None
 ) -> Refs:
     """Resolve every spec's key for every event into entity references.
+
+    Vectorised: keys are factorised per field and combined as integer codes, so the
+    Python work is per distinct value and per distinct entity, not per event.
 
     >>> cfg = CounterConfig(specs=(CounterSpec("user", key=("user_id",)),
     ...                            CounterSpec("user_genre", key=("user_id", "genre"))))
@@ -309,38 +393,28 @@ def resolve_refs(
     """
     item_attrs = item_attrs or {}
     n = len(cols["ts"])
-    values: dict[str, list[tuple]] = {}
-    index: dict[str, int] = {}
-    ev: list[int] = []
-    sp: list[int] = []
-    ent: list[int] = []
+    values: dict[str, _FieldValues] = {}
+    names: list[str] = []
+    evs, sps, ents = [], [], []
     for s, spec in enumerate(config.specs):
         for f in spec.key:
             if f not in values:
                 values[f] = _field_values(f, cols, item_attrs)
-        prefix = f"{spec.name}:" if spec.key else spec.name
-        lists = [values[f] for f in spec.key]
-        for i in range(n):
-            parts = [lst[i] for lst in lists]
-            combos = [p[0] for p in parts] if len(parts) == 1 and len(parts[0]) == 1 else None
-            if combos is not None:
-                names = [prefix + combos[0]]
-            else:
-                names = [prefix + "|".join(c) for c in itertools.product(*parts)]
-            for name in names:
-                ev.append(i)
-                sp.append(s)
-                ent.append(index.setdefault(name, len(index)))
-    event = np.asarray(ev, dtype=np.int64)
+        ev, local, spec_names = _spec_refs(spec, n, values)
+        evs.append(ev)
+        sps.append(np.full(len(ev), s, np.int32))
+        ents.append(local + len(names))
+        names += spec_names
+    event = np.concatenate(evs) if evs else np.zeros(0, np.int64)
     order = np.argsort(event, kind="stable")
     return Refs(
-        entities=list(index),
+        entities=names,
         event=event[order],
-        spec=np.asarray(sp, dtype=np.int32)[order],
-        entity=np.asarray(ent, dtype=np.int32)[order],
+        spec=(np.concatenate(sps) if sps else np.zeros(0, np.int32))[order],
+        entity=(np.concatenate(ents) if ents else np.zeros(0, np.int64)).astype(np.int32)[order],
         n_events=n,
         n_specs=len(config.specs),
-        index=index,
+        index={name: i for i, name in enumerate(names)},
     )
 
 
