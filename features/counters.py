@@ -265,9 +265,11 @@ def _present(codes: np.ndarray, texts: list[str]) -> _FieldValues:
     return _FieldValues(ok.astype(np.int64), codes[ok], texts)
 
 
-def _item_values(attr: str, item_ids: np.ndarray, item_attrs: Mapping[str, Mapping]) -> _FieldValues:
+def _item_values(
+    attr: str, items: tuple[np.ndarray, list[str]], item_attrs: Mapping[str, Mapping]
+) -> _FieldValues:
     """Per-event values of one item attribute, computed once per distinct item."""
-    item_codes, items = factorize(item_ids)
+    item_codes, items = items
     vocab: dict[str, int] = {}
     per_item_counts = np.zeros(len(items), np.int64)
     flat: list[int] = []
@@ -290,10 +292,19 @@ def _item_values(attr: str, item_ids: np.ndarray, item_attrs: Mapping[str, Mappi
 _HOURS = [str(v) for v in range(24)]
 
 
-def _field_values(f: str, cols: Mapping[str, Any], item_attrs: Mapping[str, Mapping]) -> _FieldValues:
+def _field_values(
+    f: str, cols: Mapping[str, Any], item_attrs: Mapping[str, Mapping], ids: dict[str, Any]
+) -> _FieldValues:
+    """``ids`` caches the factorised ``user_id``/``item_id`` columns across fields."""
     n = len(cols["ts"])
+    for name in ("user_id", "item_id"):
+        if f == name or (name == "item_id" and f in ("genre", "tag", "year")) or (
+            name == "item_id" and f.startswith("item.")
+        ):
+            if name not in ids:
+                ids[name] = factorize(cols[name])
     if f in ("user_id", "item_id"):
-        return _present(*factorize(cols[f]))
+        return _present(*ids[f])
     if f in ("hour", "weekday"):
         days = np.floor(cols["ts"] / 86400.0)
         # 1970-01-01 was a Thursday: weekday 0 = Monday as in datetime.weekday().
@@ -301,7 +312,7 @@ def _field_values(f: str, cols: Mapping[str, Any], item_attrs: Mapping[str, Mapp
         return _FieldValues(np.ones(n, np.int64), vals.astype(np.int64), _HOURS)
     if f in ("genre", "tag", "year") or f.startswith("item."):
         attr = {"genre": "genres", "tag": "tags", "year": "year"}.get(f, f[len("item.") :])
-        return _item_values(attr, cols["item_id"], item_attrs)
+        return _item_values(attr, ids["item_id"], item_attrs)
     obj, name = f.split(".", 1)
     dicts = cols.get(obj) or [None] * n
     return _present(*factorize([d.get(name) if d else None for d in dicts]))
@@ -394,12 +405,13 @@ def resolve_refs(
     item_attrs = item_attrs or {}
     n = len(cols["ts"])
     values: dict[str, _FieldValues] = {}
+    ids: dict[str, Any] = {}
     names: list[str] = []
     evs, sps, ents = [], [], []
     for s, spec in enumerate(config.specs):
         for f in spec.key:
             if f not in values:
-                values[f] = _field_values(f, cols, item_attrs)
+                values[f] = _field_values(f, cols, item_attrs, ids)
         ev, local, spec_names = _spec_refs(spec, n, values)
         evs.append(ev)
         sps.append(np.full(len(ev), s, np.int32))

@@ -54,15 +54,14 @@ def _serve(directory: str):
     return srv
 
 
-@pytest.fixture
-def recorder_ok():
+@pytest.fixture(scope="module")
+def live_log(tmp_path_factory):
+    """Record the scenario once: (log path, pid of the audited session)."""
     try:
         AuditRecorder.check_available()
     except RecorderUnavailable as exc:
         pytest.skip(f"cannot record a live audit log: {exc}")
-
-
-def test_live_recording_detects_download_shadow_exfil(tmp_path, recorder_ok):
+    tmp_path = tmp_path_factory.mktemp("live-audit")
     www = tmp_path / "www"
     www.mkdir()
     (www / "update.sh").write_text(PAYLOAD)
@@ -96,6 +95,12 @@ rm -f {stage}/s.txt
     assert "pid 0" in status  # our auditd is gone
     lines = log.read_text(errors="replace").splitlines()
     assert len(lines) > 20, f"audit log too short ({len(lines)} lines): {lines[:5]}"
+    return log, session_pid
+
+
+def test_live_recording_detects_download_shadow_exfil(live_log):
+    log, session_pid = live_log
+    lines = log.read_text(errors="replace").splitlines()
     eng = DetectionEngine(host=socket.gethostname())
     res = eng.process_lines(lines)
     res2 = eng.flush()
@@ -107,4 +112,43 @@ rm -f {stage}/s.txt
         assert tid in best["techniques"], best["techniques"]
     pids = {c["pid"] for c in best["chain"] if c["type"] == "process"}
     assert session_pid in pids or best["root"]["pid"] == session_pid, (session_pid, pids)
-    assert os.path.exists(log)
+
+
+@pytest.mark.integration
+def test_live_recording_through_the_real_pipeline(live_log, kafka_bootstrap, redis_url, tmp_path):
+    """The fresh log shipped by `ship-audit` through the broker and a worker process."""
+    import asyncio
+    import json
+
+    import redis.asyncio as aioredis
+
+    from detection.alert_store import query_alerts
+    from headwater.settings import Settings
+    from streams.audit_shipper import ship_audit
+    from tests.stackutil import Service, service_env, wait_until
+
+    log, session_pid = live_log
+    prefix = f"live{os.getpid()}-"
+    env = service_env(kafka_bootstrap, redis_url, prefix, tmp_path, HEADWATER_CONTENT_ENCODER="hashing")
+    worker = Service("worker", env, tmp_path / "logs")
+    host = f"live-{os.getpid()}"
+
+    def alerts():
+        async def go():
+            client = aioredis.Redis.from_url(redis_url)
+            try:
+                return await query_alerts(client, host=host, min_severity="medium")
+            finally:
+                await client.aclose()
+        found = asyncio.run(go())
+        return [a for a in found if {"T1105", "T1003.008"} <= set(a["techniques"])]
+
+    try:
+        shipped = ship_audit(Settings(topic_prefix=prefix), kafka_bootstrap, log, host,
+                             tmp_path / "pos")
+        assert shipped > 20
+        found = wait_until(alerts, 120, what="the live alert from the pipeline", on_fail=worker.log)
+        chain_pids = {c.get("pid") for c in found[0]["chain"] if c.get("type") == "process"}
+        assert session_pid in chain_pids or found[0]["root"]["pid"] == session_pid, json.dumps(found[0])[:2000]
+    finally:
+        worker.stop()
