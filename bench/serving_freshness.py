@@ -37,16 +37,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(env: dict, *args: str, timeout: float = 600) -> str:
-    proc = subprocess.run([sys.executable, "-m", "headwater", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "headwater", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"headwater {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise RuntimeError(
+            f"headwater {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc.stdout
 
 
 def http_json(url: str, body: bytes | None = None, timeout: float = 5.0) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"},
-                                 method="POST" if body is not None else "GET")
+    req = urllib.request.Request(
+        url,
+        data=body,
+        headers={"Content-Type": "application/json"},
+        method="POST" if body is not None else "GET",
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -76,25 +88,38 @@ def main() -> None:
     tmp = None
     if not args.existing:
         tmp = Path(tempfile.mkdtemp(prefix="hw-freshness-"))
-        env.update(HEADWATER_STATE_DIR=str(tmp / "state"), HEADWATER_MODEL_STORE=str(tmp / "models"),
-                   HEADWATER_KAFKA_PORT="0", HEADWATER_REDIS_PORT="0",
-                   HEADWATER_HTTP_PORT=str(free_port()), HEADWATER_WORKER_PORT=str(free_port()),
-                   HEADWATER_LEARNER_PORT=str(free_port()))
+        env.update(
+            HEADWATER_STATE_DIR=str(tmp / "state"),
+            HEADWATER_MODEL_STORE=str(tmp / "models"),
+            HEADWATER_KAFKA_PORT="0",
+            HEADWATER_REDIS_PORT="0",
+            HEADWATER_HTTP_PORT=str(free_port()),
+            HEADWATER_WORKER_PORT=str(free_port()),
+            HEADWATER_LEARNER_PORT=str(free_port()),
+        )
         env.pop("HEADWATER_KAFKA", None)
         env.pop("HEADWATER_REDIS", None)
         print(cli(env, "up", timeout=300), flush=True)
     try:
         status = json.loads(cli(env, "status", "--json"))
         kafka = status["kafka"]["address"]
-        settings = Settings(**{k[len("HEADWATER_"):].lower(): v for k, v in env.items()
-                               if k.startswith("HEADWATER_") and k[len("HEADWATER_"):].lower()
-                               in Settings.model_fields})
+        settings = Settings(
+            **{
+                k[len("HEADWATER_") :].lower(): v
+                for k, v in env.items()
+                if k.startswith("HEADWATER_")
+                and k[len("HEADWATER_") :].lower() in Settings.model_fields
+            }
+        )
         base = f"http://{settings.bind_host}:{settings.http_port}"
         store = Path(settings.model_store) / settings.model_name
         clicks_topic = settings.topics["clicks"]
 
         t0 = time.time()
-        print(cli(env, "replay", "movielens", "--limit", str(args.warmup), "--no-progress"), flush=True)
+        print(
+            cli(env, "replay", "movielens", "--limit", str(args.warmup), "--no-progress"),
+            flush=True,
+        )
         while http_json(f"{base}/readyz")[0] != 200:
             if time.time() - t0 > 600:
                 raise RuntimeError("serving never became ready (no model published?)")
@@ -103,16 +128,26 @@ def main() -> None:
 
         from kafka import KafkaProducer
 
-        producer = KafkaProducer(bootstrap_servers=kafka, acks=1, enable_idempotence=False, linger_ms=0)
+        producer = KafkaProducer(
+            bootstrap_servers=kafka, acks=1, enable_idempotence=False, linger_ms=0
+        )
         manifests: dict[str, dict] = {}
         totals, to_publish, to_serve = [], [], []
         for k in range(args.clicks):
             user = f"fresh-{uuid.uuid4().hex[:6]}"
-            event = {"event_id": uuid.uuid4().hex, "ts": time.time(), "user_id": user, "item_id": "50",
-                     "label": 1, "context": {"device": "bench"}}
+            event = {
+                "event_id": uuid.uuid4().hex,
+                "ts": time.time(),
+                "user_id": user,
+                "item_id": "50",
+                "label": 1,
+                "context": {"device": "bench"},
+            }
             body = json.dumps({"user_id": user, "candidates": ["50"]}).encode()
             t_click = time.time()
-            meta = producer.send(clicks_topic, key=user.encode(), value=json.dumps(event).encode()).get(10)
+            meta = producer.send(
+                clicks_topic, key=user.encode(), value=json.dumps(event).encode()
+            ).get(10)
             deadline = t_click + args.timeout
             while True:
                 code, doc = http_json(f"{base}/v1/score", body)
@@ -126,23 +161,32 @@ def main() -> None:
                         totals.append(now - t_click)
                         to_publish.append(m["created_at"] - t_click)
                         to_serve.append(now - m["created_at"])
-                        print(f"click {k + 1}: partition {meta.partition} offset {meta.offset} -> served by "
-                              f"version {v} after {totals[-1]:.2f}s (published at +{to_publish[-1]:.2f}s, "
-                              f"served {to_serve[-1] * 1000:.0f} ms later)", flush=True)
+                        print(
+                            f"click {k + 1}: partition {meta.partition} offset {meta.offset} -> served by "
+                            f"version {v} after {totals[-1]:.2f}s (published at +{to_publish[-1]:.2f}s, "
+                            f"served {to_serve[-1] * 1000:.0f} ms later)",
+                            flush=True,
+                        )
                         break
                 if now > deadline:
-                    raise RuntimeError(f"click {k + 1} not reflected in a served model after {args.timeout}s")
+                    raise RuntimeError(
+                        f"click {k + 1} not reflected in a served model after {args.timeout}s"
+                    )
                 time.sleep(args.poll)
         producer.close()
         print()
         print("| stage | median s | max s |")
         print("|---|---:|---:|")
-        for name, xs in (("click → first response by a model trained on it", totals),
-                         ("click → that version published (manifest created_at)", to_publish),
-                         ("published → first response served by it", to_serve)):
+        for name, xs in (
+            ("click → first response by a model trained on it", totals),
+            ("click → that version published (manifest created_at)", to_publish),
+            ("published → first response served by it", to_serve),
+        ):
             print(f"| {name} | {statistics.median(xs):.2f} | {max(xs):.2f} |")
-        print(f"\nlearner publish_every_seconds={settings.publish_every_seconds}, "
-              f"{args.clicks} clicks, poll every {args.poll * 1000:.0f} ms")
+        print(
+            f"\nlearner publish_every_seconds={settings.publish_every_seconds}, "
+            f"{args.clicks} clicks, poll every {args.poll * 1000:.0f} ms"
+        )
     finally:
         if tmp is not None:
             try:

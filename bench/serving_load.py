@@ -81,9 +81,14 @@ def start_stack(partitions: int = 4) -> Stack:
     tmp = Path(tempfile.mkdtemp(prefix="hw-serving-bench-"))
     broker = start_broker(log_path=tmp / "broker.log")
     redis = start_redis(log_path=tmp / "redis.log")
-    settings = Settings(model_store=tmp / "models", state_dir=tmp / "state", http_port=free_port(),
-                        partitions=partitions, kafka=f"{broker.host}:{broker.port}",
-                        redis=redis.extra["url"])
+    settings = Settings(
+        model_store=tmp / "models",
+        state_dir=tmp / "state",
+        http_port=free_port(),
+        partitions=partitions,
+        kafka=f"{broker.host}:{broker.port}",
+        redis=redis.extra["url"],
+    )
     builder = default_row_builder(settings)
     store = ModelStore(settings.model_store, settings.model_name, keep=settings.keep_versions)
     _create_topic(settings.kafka, settings.topics["model-updates"])
@@ -108,13 +113,19 @@ def seed_redis(stack: Stack, users: int, items: int, events: int, seed: int = 0)
     online = SyncOnlineStore(client, partitions=stack.settings.partitions)
     genres = ["Comedy", "Drama", "Action", "Thriller", "Romance", "Horror"]
     online.put_item_attributes(
-        {f"m{i}": {"genres": [genres[i % len(genres)]], "year": 1970 + i % 40} for i in range(items)},
+        {
+            f"m{i}": {"genres": [genres[i % len(genres)]], "year": 1970 + i % 40}
+            for i in range(items)
+        },
         ts=time.time() - 86400,
     )
     levels, k = stack.settings.code_levels, stack.settings.vq_k
     for i in range(items):
-        online.set_item_codes(f"m{i}", {"rq": rng.integers(0, 256, levels).tolist(),
-                                        "vq": rng.integers(0, items, k).tolist()}, "bench")
+        online.set_item_codes(
+            f"m{i}",
+            {"rq": rng.integers(0, 256, levels).tolist(), "vq": rng.integers(0, items, k).tolist()},
+            "bench",
+        )
     now = time.time()
     per_part = events // stack.settings.partitions
     for p in range(stack.settings.partitions):
@@ -122,11 +133,19 @@ def seed_redis(stack: Stack, users: int, items: int, events: int, seed: int = 0)
             batch = []
             for off in range(start, min(start + 1000, per_part)):
                 u = int(rng.integers(0, users)) * stack.settings.partitions + p
-                batch.append({"event_id": f"e{p}-{off}", "ts": now - 3600 + off * 0.01,
-                              "user_id": f"u{u}", "item_id": f"m{int(rng.zipf(1.3)) % items}",
-                              "label": int(rng.random() < 0.2), "offset": off, "sub": 0,
-                              "context": {"device": "tv" if off % 3 else "phone"},
-                              "user": {"age": 18 + u % 50, "gender": "MF"[u % 2]}})
+                batch.append(
+                    {
+                        "event_id": f"e{p}-{off}",
+                        "ts": now - 3600 + off * 0.01,
+                        "user_id": f"u{u}",
+                        "item_id": f"m{int(rng.zipf(1.3)) % items}",
+                        "label": int(rng.random() < 0.2),
+                        "offset": off,
+                        "sub": 0,
+                        "context": {"device": "tv" if off % 3 else "phone"},
+                        "user": {"age": 18 + u % 50, "gender": "MF"[u % 2]},
+                    }
+                )
             online.apply_batch("clicks", p, batch)
     client.close()
 
@@ -135,8 +154,13 @@ def make_model(builder, kind: str, buckets: int, seed: int) -> torch.nn.Module:
     schema = builder.schema
     head = preset_head(kind)
     dim = head.get("embedding_dim", 1) + (1 if kind == "deepfm" else 0)
-    spec = ModelSpec(kind, schema.categorical, schema.dense, head,
-                     {"kind": "hashed", "dim": dim, "buckets": buckets})
+    spec = ModelSpec(
+        kind,
+        schema.categorical,
+        schema.dense,
+        head,
+        {"kind": "hashed", "dim": dim, "buckets": buckets},
+    )
     torch.manual_seed(seed)
     model = build_model(spec)
     with torch.no_grad():
@@ -148,9 +172,13 @@ def make_model(builder, kind: str, buckets: int, seed: int) -> torch.nn.Module:
 def publish(stack: Stack, model: torch.nn.Module, seed: int, auc: float = 0.7) -> dict:
     schema = stack.builder.schema
     return stack.store.publish(
-        {"model": model.state_dict()}, config={"model": model.spec.to_dict()},
-        feature_schema_json=schema.to_json(), feature_schema_hash=schema.hash,
-        rows_trained=1000 * (seed + 1), watermarks={}, metrics={"auc": auc},
+        {"model": model.state_dict()},
+        config={"model": model.spec.to_dict()},
+        feature_schema_json=schema.to_json(),
+        feature_schema_hash=schema.hash,
+        rows_trained=1000 * (seed + 1),
+        watermarks={},
+        metrics={"auc": auc},
     )
 
 
@@ -159,13 +187,26 @@ def start_serving(stack: Stack, timeout: float = 60.0) -> None:
     import urllib.request
 
     s = stack.settings
-    env = dict(os.environ, HEADWATER_KAFKA=stack.kafka, HEADWATER_REDIS=stack.redis_url,
-               HEADWATER_MODEL_STORE=str(s.model_store), HEADWATER_STATE_DIR=str(s.state_dir),
-               HEADWATER_HTTP_PORT=str(s.http_port), HEADWATER_PARTITIONS=str(s.partitions),
-               HEADWATER_LOG_LEVEL="WARNING", PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ,
+        HEADWATER_KAFKA=stack.kafka,
+        HEADWATER_REDIS=stack.redis_url,
+        HEADWATER_MODEL_STORE=str(s.model_store),
+        HEADWATER_STATE_DIR=str(s.state_dir),
+        HEADWATER_HTTP_PORT=str(s.http_port),
+        HEADWATER_PARTITIONS=str(s.partitions),
+        HEADWATER_LOG_LEVEL="WARNING",
+        PYTHONPATH=str(REPO),
+    )
     log = open(stack.tmp / "serving.log", "ab")  # noqa: SIM115 - owned by the child
-    stack.serving = subprocess.Popen([sys.executable, "-m", "headwater", "serve"], cwd=REPO, env=env,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    stack.serving = subprocess.Popen(
+        [sys.executable, "-m", "headwater", "serve"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     log.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -182,15 +223,22 @@ def start_serving(stack: Stack, timeout: float = 60.0) -> None:
 
 
 # ---- load ----------------------------------------------------------------------------------
-def make_bodies(n_bodies: int, candidates: int, users: int, items: int, seed: int = 1) -> list[bytes]:
+def make_bodies(
+    n_bodies: int, candidates: int, users: int, items: int, seed: int = 1
+) -> list[bytes]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n_bodies):
         u = int(rng.integers(0, users * 11 // 10))  # ~10 % unknown users
-        cands = [f"m{int(i)}" if i < items else f"new{int(i)}"
-                 for i in rng.integers(0, items * 11 // 10, candidates)]
-        out.append(json.dumps({"user_id": f"u{u}", "candidates": cands,
-                               "context": {"device": "tv"}}).encode())
+        cands = [
+            f"m{int(i)}" if i < items else f"new{int(i)}"
+            for i in rng.integers(0, items * 11 // 10, candidates)
+        ]
+        out.append(
+            json.dumps(
+                {"user_id": f"u{u}", "candidates": cands, "context": {"device": "tv"}}
+            ).encode()
+        )
     return out
 
 
@@ -207,7 +255,9 @@ class LoadResult:
         return self.requests / self.seconds
 
     def pct(self, q: float) -> float:
-        return float(np.percentile(self.latencies, q) * 1000) if len(self.latencies) else float("nan")
+        return (
+            float(np.percentile(self.latencies, q) * 1000) if len(self.latencies) else float("nan")
+        )
 
 
 async def run_load(base: str, bodies: list[bytes], concurrency: int, seconds: float) -> LoadResult:
@@ -228,8 +278,9 @@ async def run_load(base: str, bodies: list[bytes], concurrency: int, seconds: fl
                 i += concurrency
                 t0 = time.perf_counter()
                 try:
-                    async with http.post(f"{base}/v1/score", data=body,
-                                         headers={"Content-Type": "application/json"}) as resp:
+                    async with http.post(
+                        f"{base}/v1/score", data=body, headers={"Content-Type": "application/json"}
+                    ) as resp:
                         payload = await resp.read()
                         ok = resp.status == 200
                 except aiohttp.ClientError:
@@ -293,9 +344,11 @@ def median_result(results: list[LoadResult]) -> dict[str, float]:
 
 
 def environment() -> str:
-    return (f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs shared with "
-            f"other work, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"torch threads 1 (serving default)")
+    return (
+        f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs shared with "
+        f"other work, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"torch threads 1 (serving default)"
+    )
 
 
 def main() -> None:
@@ -316,11 +369,15 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         seed_redis(stack, args.users, args.items, args.events)
-        print(f"seeded Redis with {args.events} clicks in {time.perf_counter() - t0:.1f}s", flush=True)
+        print(
+            f"seeded Redis with {args.events} clicks in {time.perf_counter() - t0:.1f}s", flush=True
+        )
         manifest = publish(stack, make_model(stack.builder, args.kind, args.buckets, 0), 0)
-        print(f"published {args.kind} version {manifest['version']} ({manifest['bytes'] / 1e6:.1f} MB, "
-              f"{len(stack.builder.schema.categorical)} fields, {len(stack.builder.schema.dense)} dense)",
-              flush=True)
+        print(
+            f"published {args.kind} version {manifest['version']} ({manifest['bytes'] / 1e6:.1f} MB, "
+            f"{len(stack.builder.schema.categorical)} fields, {len(stack.builder.schema.dense)} dense)",
+            flush=True,
+        )
         start_serving(stack)
         rows = []
         for cands in args.candidates:
@@ -328,22 +385,34 @@ def main() -> None:
             asyncio.run(run_load(stack.base, bodies, max(args.concurrency), 1.0))  # warm-up
             fwd = forward_baseline(stack, manifest["version"], cands)
             for conc in args.concurrency:
-                res = [asyncio.run(run_load(stack.base, bodies, conc, args.seconds)) for _ in range(args.reps)]
+                res = [
+                    asyncio.run(run_load(stack.base, bodies, conc, args.seconds))
+                    for _ in range(args.reps)
+                ]
                 m = median_result(res)
                 rows.append((cands, conc, m, fwd))
-                print(f"candidates={cands:4d} concurrency={conc:3d}: {m['rps']:8.0f} req/s "
-                      f"p50 {m['p50']:7.2f} ms p99 {m['p99']:7.2f} ms errors {m['errors']} | "
-                      f"bare forward {fwd * 1000:.3f} ms ({1 / fwd:,.0f} batches/s)", flush=True)
+                print(
+                    f"candidates={cands:4d} concurrency={conc:3d}: {m['rps']:8.0f} req/s "
+                    f"p50 {m['p50']:7.2f} ms p99 {m['p99']:7.2f} ms errors {m['errors']} | "
+                    f"bare forward {fwd * 1000:.3f} ms ({1 / fwd:,.0f} batches/s)",
+                    flush=True,
+                )
         print()
-        print(f"{environment()}; model {args.kind} (hashed, {args.buckets} rows/field), "
-              f"{args.reps} windows of {args.seconds:g}s, medians")
+        print(
+            f"{environment()}; model {args.kind} (hashed, {args.buckets} rows/field), "
+            f"{args.reps} windows of {args.seconds:g}s, medians"
+        )
         print()
-        print("| candidates | concurrency | req/s | candidates scored/s | p50 ms | p99 ms | errors |"
-              " bare forward ms | bare forward batches/s |")
+        print(
+            "| candidates | concurrency | req/s | candidates scored/s | p50 ms | p99 ms | errors |"
+            " bare forward ms | bare forward batches/s |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for cands, conc, m, fwd in rows:
-            print(f"| {cands} | {conc} | {m['rps']:,.0f} | {m['rps'] * cands:,.0f} | {m['p50']:.2f} | "
-                  f"{m['p99']:.2f} | {m['errors']} | {fwd * 1000:.3f} | {1 / fwd:,.0f} |")
+            print(
+                f"| {cands} | {conc} | {m['rps']:,.0f} | {m['rps'] * cands:,.0f} | {m['p50']:.2f} | "
+                f"{m['p99']:.2f} | {m['errors']} | {fwd * 1000:.3f} | {1 / fwd:,.0f} |"
+            )
     finally:
         stack.stop()
 

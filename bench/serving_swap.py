@@ -55,8 +55,9 @@ class Publisher(threading.Thread):
     def run(self) -> None:
         from kafka import KafkaProducer
 
-        producer = KafkaProducer(bootstrap_servers=self.stack.kafka, acks=1, enable_idempotence=False,
-                                 linger_ms=0)
+        producer = KafkaProducer(
+            bootstrap_servers=self.stack.kafka, acks=1, enable_idempotence=False, linger_ms=0
+        )
         topic = self.stack.settings.topics["model-updates"]
         try:
             while not self.stop.is_set():
@@ -99,20 +100,27 @@ def main() -> None:
         asyncio.run(run_load(stack.base, bodies, args.concurrency, 2.0))  # warm-up
         base_runs, swap_runs, pubs = [], [], []
         for r in range(args.rounds):
-            base_runs.append(asyncio.run(run_load(stack.base, bodies, args.concurrency, args.seconds)))
+            base_runs.append(
+                asyncio.run(run_load(stack.base, bodies, args.concurrency, args.seconds))
+            )
             pub = Publisher(stack, model, args.interval)
             before = scrape(stack.base)
             pub.start()
-            swap_runs.append(asyncio.run(run_load(stack.base, bodies, args.concurrency, args.seconds)))
+            swap_runs.append(
+                asyncio.run(run_load(stack.base, bodies, args.concurrency, args.seconds))
+            )
             pub.stop.set()
             pub.join()
             time.sleep(1.5)
             after = scrape(stack.base)
             pubs.append((pub, before, after))
             b, s = base_runs[-1], swap_runs[-1]
-            print(f"round {r + 1}: baseline {b.rps:.0f} req/s p99 {b.pct(99):.1f} ms | swaps "
-                  f"{s.rps:.0f} req/s p99 {s.pct(99):.1f} ms | published {len(pub.published)} | "
-                  f"errors {b.errors}+{s.errors}", flush=True)
+            print(
+                f"round {r + 1}: baseline {b.rps:.0f} req/s p99 {b.pct(99):.1f} ms | swaps "
+                f"{s.rps:.0f} req/s p99 {s.pct(99):.1f} ms | published {len(pub.published)} | "
+                f"errors {b.errors}+{s.errors}",
+                flush=True,
+            )
 
         def med(runs, f):
             return statistics.median(f(r) for r in runs)
@@ -121,33 +129,50 @@ def main() -> None:
         p50_b, p50_s = med(base_runs, lambda r: r.pct(50)), med(swap_runs, lambda r: r.pct(50))
         errors = sum(r.errors for r in base_runs + swap_runs)
         published = sum(len(p.published) for p, _, _ in pubs)
-        swaps = sum(a.get("headwater_model_swaps_total", 0) - b.get("headwater_model_swaps_total", 0)
-                    for _, b, a in pubs)
-        swap_sum = sum(a.get("headwater_model_swap_seconds_sum", 0) - b.get("headwater_model_swap_seconds_sum", 0)
-                       for _, b, a in pubs)
-        failures = sum(sum(v for k, v in a.items() if k.startswith("headwater_model_load_failures_total"))
-                       for _, _, a in pubs)
+        swaps = sum(
+            a.get("headwater_model_swaps_total", 0) - b.get("headwater_model_swaps_total", 0)
+            for _, b, a in pubs
+        )
+        swap_sum = sum(
+            a.get("headwater_model_swap_seconds_sum", 0)
+            - b.get("headwater_model_swap_seconds_sum", 0)
+            for _, b, a in pubs
+        )
+        failures = sum(
+            sum(v for k, v in a.items() if k.startswith("headwater_model_load_failures_total"))
+            for _, _, a in pubs
+        )
         served_versions = sorted({v for r in swap_runs for v in r.versions})
         published_set = {first["version"]} | {v for p, _, _ in pubs for v in p.published}
         bad = [v for v in served_versions if v not in published_set]
         pub_s = statistics.median(s for p, _, _ in pubs for s in p.publish_seconds)
         print()
-        print(f"{environment()}; model {args.kind} ({first['bytes'] / 1e6:.1f} MB checkpoint), "
-              f"{args.candidates} candidates, concurrency {args.concurrency}, {args.rounds} round(s) of "
-              f"{args.seconds:g}s baseline + {args.seconds:g}s with a publication every {args.interval:g}s")
+        print(
+            f"{environment()}; model {args.kind} ({first['bytes'] / 1e6:.1f} MB checkpoint), "
+            f"{args.candidates} candidates, concurrency {args.concurrency}, {args.rounds} round(s) of "
+            f"{args.seconds:g}s baseline + {args.seconds:g}s with a publication every {args.interval:g}s"
+        )
         print()
         print("| window | req/s | p50 ms | p99 ms | failed requests |")
         print("|---|---:|---:|---:|---:|")
-        print(f"| no swaps (baseline) | {med(base_runs, lambda r: r.rps):,.0f} | {p50_b:.1f} | {p99_b:.1f} | "
-              f"{sum(r.errors for r in base_runs)} |")
-        print(f"| publication every {args.interval:g}s | {med(swap_runs, lambda r: r.rps):,.0f} | {p50_s:.1f} | "
-              f"{p99_s:.1f} | {sum(r.errors for r in swap_runs)} |")
+        print(
+            f"| no swaps (baseline) | {med(base_runs, lambda r: r.rps):,.0f} | {p50_b:.1f} | {p99_b:.1f} | "
+            f"{sum(r.errors for r in base_runs)} |"
+        )
+        print(
+            f"| publication every {args.interval:g}s | {med(swap_runs, lambda r: r.rps):,.0f} | {p50_s:.1f} | "
+            f"{p99_s:.1f} | {sum(r.errors for r in swap_runs)} |"
+        )
         print()
-        print(f"p99 ratio swaps/baseline: {p99_s / p99_b:.2f} (target <= 1.5); p50 ratio {p50_s / p50_b:.2f}")
-        print(f"published {published} versions (median {pub_s * 1000:.0f} ms each to write + announce); "
-              f"server swapped {swaps:.0f} times, mean load-verify-warm {swap_sum / max(swaps, 1) * 1000:.0f} ms, "
-              f"load failures {failures:.0f}; {len(served_versions)} distinct versions answered requests; "
-              f"versions never published in answers: {bad}; failed requests total: {errors}")
+        print(
+            f"p99 ratio swaps/baseline: {p99_s / p99_b:.2f} (target <= 1.5); p50 ratio {p50_s / p50_b:.2f}"
+        )
+        print(
+            f"published {published} versions (median {pub_s * 1000:.0f} ms each to write + announce); "
+            f"server swapped {swaps:.0f} times, mean load-verify-warm {swap_sum / max(swaps, 1) * 1000:.0f} ms, "
+            f"load failures {failures:.0f}; {len(served_versions)} distinct versions answered requests; "
+            f"versions never published in answers: {bad}; failed requests total: {errors}"
+        )
     finally:
         stack.stop()
 

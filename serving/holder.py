@@ -235,8 +235,9 @@ class ModelHolder:
         self._versions: dict[str, VersionInfo] = {}
         self._lock = threading.Lock()  # guards _versions for readers on other threads
         self.loader_nice = loader_nice
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader",
-                                          initializer=self._lower_priority)
+        self._loader = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="model-loader", initializer=self._lower_priority
+        )
 
     def _lower_priority(self) -> None:
         """Loads yield the CPU to scoring: on Linux ``nice`` applies to one thread."""

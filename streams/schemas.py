@@ -158,7 +158,7 @@ def decode_message(payload: bytes, kind: type, max_bytes: int | None = None,
         except msgspec.ValidationError as exc:
             out.errors.append((i, raw, f"{where}: {exc}"))
             continue
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             out.errors.append((i, raw, f"{where}: not valid JSON: {exc}"))
             continue
         except InvalidEvent as exc:

@@ -6,8 +6,9 @@ import logging
 import time
 
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import TopicAlreadyExistsError
 
+from headwater.servers import port_open
 from headwater.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,28 +29,39 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
     return specs
 
 
+def wait_for_broker(bootstrap: str, timeout: float) -> None:
+    """Block until one bootstrap address accepts TCP connections, with capped backoff.
+
+    Probing the socket ourselves keeps the message plain (the Kafka clients retry
+    internally and only log connection errors) and names the address tried.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    addresses = [a.strip() for a in bootstrap.split(",") if a.strip()]
+    while True:
+        for address in addresses:
+            host, _, port = address.rpartition(":")
+            if port_open(host or "127.0.0.1", int(port), timeout=1.0):
+                return
+        if time.monotonic() + delay > deadline:
+            raise RuntimeError(
+                f"Kafka broker at {bootstrap} unreachable for {timeout:.0f}s; "
+                "start it (headwater up) or set HEADWATER_KAFKA"
+            )
+        log.warning("Kafka broker at %s unreachable; retrying in %.1fs", bootstrap, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
 def ensure_topics(settings: Settings, bootstrap: str, timeout: float = 30.0) -> list[str]:
     """Create the missing topics; retries with backoff while the broker is unreachable.
 
     Returns the names created. Raises ``RuntimeError`` naming the broker when it never
     answers within ``timeout``.
     """
-    deadline = time.monotonic() + timeout
-    delay = 0.2
-    while True:
-        try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="headwater-admin",
-                                     request_timeout_ms=10_000)
-            break
-        except KafkaError as exc:
-            if time.monotonic() + delay > deadline:
-                raise RuntimeError(
-                    f"Kafka broker at {bootstrap} unreachable for {timeout:.0f}s ({exc}); "
-                    "start it (headwater up) or set HEADWATER_KAFKA"
-                ) from exc
-            log.warning("broker %s unreachable (%s); retrying in %.1fs", bootstrap, exc, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    wait_for_broker(bootstrap, timeout)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="headwater-admin",
+                             request_timeout_ms=10_000)
     try:
         existing = set(admin.list_topics())
         missing = [s for s in topic_specs(settings) if s.name not in existing]
