@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     code_levels: int = Field(3, ge=1, le=6, description="RQ-Kmeans levels (QARM: up to 6).")
     codebook_size: int = Field(64, ge=2, description="Codes per RQ level (64 suits ~2k items).")
     vq_k: int = Field(8, ge=1, description="VQ code: nearest items kept (QARM: 25).")
+    embedding_buckets: int = Field(
+        8192, ge=16, description="Hashed embedding rows per categorical field (collisions vs size)."
+    )
+    embedding_dim: int = Field(16, ge=1, description="Embedding size k of every field.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for the learner.")
     log_level: str = Field("INFO", description="Log level for every service.")
 

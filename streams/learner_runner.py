@@ -47,7 +47,10 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
     registry = CollectorRegistry()
     loop = LearnerLoop(
         bootstrap, settings.topics, settings.model_store, settings.model_name,
-        settings=TrainerSettings(item_field="item_id", num_threads=settings.torch_threads),
+        settings=TrainerSettings(
+            item_field="item_id", num_threads=settings.torch_threads,
+            embedding={"kind": "hashed", "buckets": settings.embedding_buckets,
+                       "dim": settings.embedding_dim}),
         publish_every_seconds=settings.publish_every_seconds,
         publish_every_rows=settings.publish_every_rows,
         keep_versions=settings.keep_versions,

@@ -1,0 +1,223 @@
+"""Soak: the whole stack at a steady rate for N minutes, one fault injected per minute.
+
+Real processes (Tansu broker, Redis with AOF, worker, learner, serving), real MovieLens
+click events produced at ``--rate`` events/s (cycled with fresh event ids), scoring
+requests at ``--qps``. Each minute one fault, in turn: kill -9 the worker (restart),
+kill -9 the learner (restart), restart Redis, SIGTERM serving (restart). Reports events
+produced vs counted, rows trained, models published and swapped, failed requests, and
+the memory (RSS) of every process over time.
+
+Run: ``.venv/bin/python bench/soak.py --minutes 10`` (``--rate``, ``--qps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import redis
+from kafka import KafkaProducer
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from features.movielens import click_events, load_movielens  # noqa: E402
+from features.store import SyncOnlineStore  # noqa: E402
+from headwater.health import read_all_sync  # noqa: E402
+from headwater.servers import free_port, start_broker, start_redis, stop_pid  # noqa: E402
+from headwater.settings import Settings  # noqa: E402
+from headwater.stack import spawn_service  # noqa: E402
+from streams.replay import partition_of  # noqa: E402
+from streams.topics import ensure_topics  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class Producer(threading.Thread):
+    def __init__(self, kafka: str, topic: str, events: list[dict], rate: float, partitions: int):
+        super().__init__(daemon=True)
+        self.kafka, self.topic, self.events, self.rate = kafka, topic, events, rate
+        self.parts = partition_of([e["user_id"] for e in events], partitions)
+        self.sent = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        producer = KafkaProducer(bootstrap_servers=self.kafka, linger_ms=10, retries=20)
+        start = time.monotonic()
+        i = 0
+        while not self.stop.is_set():
+            due = int((time.monotonic() - start) * self.rate)
+            while i < due:
+                k = i % len(self.events)
+                ev = dict(self.events[k], event_id=f"{self.events[k]['event_id']}#{i // len(self.events)}")
+                producer.send(self.topic, json.dumps(ev).encode(), partition=int(self.parts[k]))
+                i += 1
+            self.sent = i
+            time.sleep(0.01)
+        producer.flush()
+        producer.close()
+
+
+class Load(threading.Thread):
+    def __init__(self, port: int, qps: float):
+        super().__init__(daemon=True)
+        self.url = f"http://127.0.0.1:{port}/v1/score"
+        self.qps = qps
+        self.ok = self.failed = self.refused = 0
+        self.versions: set[str] = set()
+        self.stop = threading.Event()
+        self.serving_down = threading.Event()
+
+    def run(self) -> None:
+        body = json.dumps({"user_id": "1", "candidates": [str(i) for i in range(1, 21)]}).encode()
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            req = urllib.request.Request(self.url, data=body, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    self.versions.add(json.loads(resp.read())["model_version"])
+                    self.ok += 1
+            except urllib.error.HTTPError as exc:
+                if exc.code == 503 and not self.versions:
+                    pass  # no model published yet: not a failure
+                else:
+                    self.failed += 1
+            except OSError:
+                if self.serving_down.is_set():
+                    self.refused += 1  # the only replica was deliberately down
+                else:
+                    self.failed += 1
+            time.sleep(max(0.0, 1.0 / self.qps - (time.monotonic() - t0)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--rate", type=float, default=300.0, help="click events per second")
+    ap.add_argument("--qps", type=float, default=20.0, help="scoring requests per second")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="hw-soak-"))
+    broker = start_broker(log_path=work / "broker.log")
+    redis_server = start_redis(data_dir=work / "redis", log_path=work / "redis.log")
+    kafka, url = f"127.0.0.1:{broker.port}", redis_server.extra["url"]
+    settings = Settings(state_dir=work / "state", model_store=work / "state" / "models",
+                        http_port=free_port(), worker_port=free_port(), learner_port=free_port(),
+                        content_encoder="hashing")
+    ensure_topics(settings, kafka)
+    procs = {name: spawn_service(name, settings, kafka, url) for name in ("worker", "learner", "serve")}
+    client = redis.Redis.from_url(url)
+    while {d["service"] for d in read_all_sync(client)} < {"worker", "learner", "serving"}:
+        time.sleep(0.5)
+    ml = load_movielens()
+    producer = Producer(kafka, settings.topics["clicks"], click_events(ml), args.rate, settings.partitions)
+    load = Load(settings.http_port, args.qps)
+    producer.start()
+    load.start()
+    faults = ["kill -9 worker", "kill -9 learner", "restart redis", "restart serving"]
+    memory: list[dict] = []
+    injected = []
+    t0 = time.monotonic()
+    end = t0 + args.minutes * 60
+    next_fault = t0 + 30
+    next_sample = t0
+    k = 0
+    while time.monotonic() < end:
+        now = time.monotonic()
+        if now >= next_sample:
+            memory.append({"t": round(now - t0), **{n: round(rss_mb(p.pid), 1) for n, p in procs.items()},
+                           "redis": round(rss_mb(redis_server.pid), 1)})
+            next_sample += 10
+        if now >= next_fault:
+            fault = faults[k % len(faults)]
+            k += 1
+            injected.append((round(now - t0), fault))
+            print(f"[{now - t0:6.0f}s] fault: {fault}", flush=True)
+            if fault == "kill -9 worker":
+                os.killpg(procs["worker"].pid, signal.SIGKILL)
+                procs["worker"].wait()
+                procs["worker"] = spawn_service("worker", settings, kafka, url)
+            elif fault == "kill -9 learner":
+                os.killpg(procs["learner"].pid, signal.SIGKILL)
+                procs["learner"].wait()
+                procs["learner"] = spawn_service("learner", settings, kafka, url)
+            elif fault == "restart redis":
+                port = redis_server.port
+                redis_server.proc.kill()
+                redis_server.proc.wait()
+                time.sleep(1.0)
+                redis_server = start_redis(port=port, data_dir=work / "redis", log_path=work / "redis2.log")
+            else:
+                load.serving_down.set()
+                stop_pid(procs["serve"].pid)
+                procs["serve"] = spawn_service("serve", settings, kafka, url)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    try:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{settings.http_port}/readyz", timeout=1):
+                            break
+                    except OSError:
+                        time.sleep(0.1)
+                load.serving_down.clear()
+            next_fault += 60
+        time.sleep(0.2)
+    producer.stop.set()
+    producer.join()
+    # Drain: wait until every produced event is counted (or 120 s).
+    store = SyncOnlineStore.from_url(url, partitions=settings.partitions)
+
+    def counted() -> int:
+        users = {e["user_id"] for e in click_events(ml)}
+        docs = [store.entity_features(f"user:{u}") for u in users]
+        return int(sum(d["impressions_total"] for d in docs))
+
+    deadline = time.monotonic() + 120
+    n_counted = counted()
+    while n_counted < producer.sent and time.monotonic() < deadline:
+        time.sleep(2)
+        n_counted = counted()
+    time.sleep(10)  # let the learner publish and serving swap
+    load.stop.set()
+    load.join()
+    status = {d["service"]: d for d in read_all_sync(client)}
+    summary = {
+        "minutes": args.minutes, "rate": args.rate, "faults": injected,
+        "events_produced": producer.sent, "events_counted": n_counted,
+        "lost": producer.sent - n_counted if n_counted <= producer.sent else 0,
+        "counted_twice": max(0, n_counted - producer.sent),
+        "rows_trained": status.get("learner", {}).get("rows_trained"),
+        "models_published": max((int(p.name) for p in (settings.model_store / settings.model_name).glob("0*")
+                                 if p.name.isdigit()), default=0),
+        "publications_last_learner": status.get("learner", {}).get("publications"),
+        "swaps": status.get("serving", {}).get("swaps"),
+        "requests_ok": load.ok, "requests_failed": load.failed,
+        "requests_refused_while_serving_restarted": load.refused,
+        "versions_served": len(load.versions),
+        "memory_mb": memory,
+    }
+    print(json.dumps(summary, indent=1))
+    for p in procs.values():
+        stop_pid(p.pid)
+    redis_server.stop()
+    broker.stop()
+    print(f"logs: {settings.log_dir}")
+
+
+if __name__ == "__main__":
+    main()
