@@ -6,6 +6,7 @@ thread publishes the heartbeat, and Prometheus metrics are served on the learner
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -37,6 +38,20 @@ def _heartbeat(client: redis.Redis, loop: LearnerLoop, started: float, stop: thr
             log.warning("learner heartbeat failed: %s", exc)
 
 
+class ServiceTrainerSettings(TrainerSettings):
+    """Tracks cold-item AUC on ``item_id`` when the feature schema has that field."""
+
+    def build(self, schema_json: str):
+        from learner.batch import schema_fields
+
+        categorical, _ = schema_fields(schema_json)
+        item = "item_id" if "item_id" in categorical else None
+        return dataclasses.replace(self, item_field=item).build_plain(schema_json)
+
+    def build_plain(self, schema_json: str):
+        return TrainerSettings.build(self, schema_json)
+
+
 def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
     import torch
 
@@ -47,8 +62,8 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
     registry = CollectorRegistry()
     loop = LearnerLoop(
         bootstrap, settings.topics, settings.model_store, settings.model_name,
-        settings=TrainerSettings(
-            item_field="item_id", num_threads=settings.torch_threads,
+        settings=ServiceTrainerSettings(
+            num_threads=settings.torch_threads,
             embedding={"kind": "hashed", "buckets": settings.embedding_buckets,
                        "dim": settings.embedding_dim}),
         publish_every_seconds=settings.publish_every_seconds,
