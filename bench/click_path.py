@@ -105,6 +105,25 @@ def redis_calls(client: redis.Redis) -> int:
     return sum(v["calls"] for k, v in stats.items() if not k.endswith(("info", "config")))
 
 
+def worker_batches(port: int) -> dict:
+    """Mean events and handler seconds per click batch, from the worker's /metrics."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    vals: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in ("headwater_batch_events_sum", "headwater_batch_events_count",
+                     "headwater_batch_seconds_sum", "headwater_batch_seconds_count"):
+            if line.startswith(name + "{") and "clicks" in line:
+                vals[name] = float(line.rsplit(" ", 1)[1])
+    n = vals.get("headwater_batch_events_count") or float("nan")
+    return {"batches": n, "events_per_batch": vals.get("headwater_batch_events_sum", 0) / n,
+            "handler_ms_per_batch": 1000 * vals.get("headwater_batch_seconds_sum", 0) / n}
+
+
 def start_service(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     with open(log, "wb") as fh:
         return subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT,
@@ -153,8 +172,9 @@ def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dic
     client = redis.Redis.from_url(url)
     try:
         messages = produce_all(kafka, settings.topics["clicks"], events, envelope)
+        port = free_port()
         env = dict(os.environ, HEADWATER_KAFKA=kafka, HEADWATER_REDIS=url, HEADWATER_TOPIC_PREFIX=prefix,
-                   HEADWATER_PARTITIONS=str(PARTITIONS), HEADWATER_WORKER_PORT=str(free_port()),
+                   HEADWATER_PARTITIONS=str(PARTITIONS), HEADWATER_WORKER_PORT=str(port),
                    HEADWATER_CONTENT_ENCODER="hashing", HEADWATER_LOG_LEVEL="WARNING",
                    HEADWATER_STATE_DIR=str(workdir / "state"))
         calls0 = redis_calls(client)
@@ -188,10 +208,12 @@ def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dic
         seconds = t_last - t_first
         rate = (len(events) - n_first) / seconds if seconds > 0 else float("nan")
         calls = redis_calls(client) - calls0
+        extra = worker_batches(port) if kind != "bare" else {}
         stop_pid(proc.pid)
         return {"kind": kind, "envelope": envelope, "events": len(events), "messages": messages,
                 "events_per_s": rate, "redis_calls_per_event": calls / len(events),
-                "redis_round_trips_per_event": client.info("stats")["total_commands_processed"] / len(events)}
+                "redis_round_trips_per_event": client.info("stats")["total_commands_processed"] / len(events),
+                **extra}
     finally:
         client.close()
         rserver.stop()
@@ -275,7 +297,11 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--latency-seconds", type=float, default=15.0)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--kinds", default="bare,worker", help="which consumers to run (comma list)")
+    ap.add_argument("--modes", default="single,envelope", help="single and/or envelope")
     args = ap.parse_args()
+    kinds = args.kinds.split(",")
+    modes = [m for m in (1, args.envelope) if ("single" if m == 1 else "envelope") in args.modes]
     ml = load_movielens()
     base = click_events(ml, 0, min(args.events, len(ml)))
     # More events than the dataset holds: repeat it with fresh event ids.
@@ -285,24 +311,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for _ in range(args.repeat):
-            for envelope in (1, args.envelope):
-                for kind in ("bare", "worker"):
+            for envelope in modes:
+                for kind in kinds:
                     r = run_mode(kind, events, envelope, work)
                     rows.append(r)
                     print(json.dumps(r), flush=True)
-        lat = latency(events, args.rate, work, args.latency_seconds)
+        lat = latency(events, args.rate, work, args.latency_seconds) if args.latency_seconds > 0 else None
         print(json.dumps(lat), flush=True)
 
     def med(kind, env):
-        return statistics.median(r["events_per_s"] for r in rows if r["kind"] == kind and r["envelope"] == env)
+        got = [r["events_per_s"] for r in rows if r["kind"] == kind and r["envelope"] == env]
+        return statistics.median(got) if got else float("nan")
 
     print("\n| messages | bare agent events/s | Headwater click path events/s | ratio | Redis calls/event |")
     print("|---|---:|---:|---:|---:|")
-    for env in (1, args.envelope):
+    for env in modes:
         bare, real = med("bare", env), med("worker", env)
-        calls = statistics.median(r["redis_calls_per_event"] for r in rows if r["kind"] == "worker" and r["envelope"] == env)
+        calls = statistics.median([r["redis_calls_per_event"] for r in rows
+                                   if r["kind"] == "worker" and r["envelope"] == env] or [float("nan")])
         label = "single events" if env == 1 else f"envelopes of {env}"
         print(f"| {label} | {bare:,.0f} | {real:,.0f} | {real / bare:.2f} | {calls:.3f} |")
+    if lat is None:
+        return
     print(f"\nproduce → row on train-batches at {lat['rate']:.0f} events/s (single-event messages): "
           f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms ({lat['received']}/{lat['events']} rows)")
 

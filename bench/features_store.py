@@ -140,7 +140,7 @@ def main() -> None:
             "",
             "| path | events/s | p50 ms/batch | p99 ms/batch | Redis commands/event (client) | round trips/batch |",
             "|---|---:|---:|---:|---:|---:|",
-            f"| apply_batch (Lua, idempotent, point-in-time) | {n / sum(apply_s):,.0f} | "
+            f"| apply_batch (numpy point-in-time, fenced Lua write, idempotent) | {n / sum(apply_s):,.0f} | "
             f"{_pct(apply_s, 50):.1f} | {_pct(apply_s, 99):.1f} | "
             f"{(store.commands - cmd0) / n:.4f} | {(store.round_trips - rt0) / len(batches):.2f} |",
             f"| apply_batch + RowBuilder.build | {n / total:,.0f} | "
@@ -150,10 +150,11 @@ def main() -> None:
             f"| baseline: pipelined HINCRBY n, c per entity | {n / sum(base_s):,.0f} | "
             f"{_pct(base_s, 50):.1f} | {_pct(base_s, 99):.1f} | {base_cmds:.2f} | 1 |",
             "",
-            f"Server side during the apply run: {evalsha / n:.4f} EVALSHA per event (the apply "
-            f"script, one read script per other partition, guarded user-attribute writes) and "
-            f"{inner / n:.2f} hash operations per event inside the scripts (each entity read "
-            f"once and written once per batch, not once per event).",
+            f"Server side during the apply run: {evalsha / n:.4f} EVALSHA per event (per batch: "
+            f"one read script per partition shard, one fenced apply script, guarded "
+            f"user-attribute writes) and {inner / n:.2f} hash operations per event inside the "
+            f"scripts (each entity read once per shard and written once per batch, not once "
+            f"per event).",
         ]
         text = "\n".join(lines) + "\n"
         print(text)

@@ -101,7 +101,6 @@ def replay_states(
     M = R + U
     seg = np.empty(M, np.int64)
     seg[pos_real], seg[pos_init] = seg_real, np.arange(U)
-    first = np.repeat(pos_init, counts + 1)
     s0 = init[touched]
     t0 = s0[:, W]
     ts_real = np.asarray(ts, np.float64)[order]

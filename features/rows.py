@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from features.counters import CounterConfig, as_columns, half_life_label
-from features.hashing import canonical, hash_tokens
+from features.hashing import canonical, digests, factorize, hash_tokens
 from features.schema import FeatureSchema
 
 __all__ = ["RowBuilder", "RowConfig"]
@@ -123,11 +123,11 @@ class RowBuilder:
         items = cols["item_id"]
         attrs_map = {canonical(k): v for k, v in (item_attrs or {}).items()}
         codes_map = {canonical(k): v for k, v in (codes or {}).items()}
-        uniq, inverse = np.unique(items.astype(str), return_inverse=True)
+        inverse, uniq = factorize(items)
         row_attrs = [attrs_map.get(i) for i in uniq]
         row_codes = [codes_map.get(i) for i in uniq]
         out: dict[str, np.ndarray] = {
-            "event_id": cols["event_id"].astype(str),
+            "event_id": cols["event_id"],  # canonical str objects: Arrow takes them as they are
             "ts": cols["ts"],
             "label": cols["label"].astype(np.int8),
             "offset": cols["offset"],
@@ -185,7 +185,7 @@ class RowBuilder:
         out["c:item_id"] = hash_tokens("item_id", cols["item_id"])
         users = cols["user"]
         for f in c.user_fields:
-            out[f"c:{f}"] = hash_tokens(f, _user_values(f, users))
+            out[f"c:{f}"] = _user_tokens(f, users)
         for f in c.item_fields:
             per_item = np.asarray([_item_value(f, a) for a in item_attrs] or [None], dtype=object)
             out[f"c:{f}"] = hash_tokens(f, per_item[item_index] if n else per_item[:0])
@@ -228,17 +228,20 @@ def _feature(feats: Mapping[str, Any], name: str, n: int) -> np.ndarray:
     return v
 
 
-def _user_values(f: str, users: list[Mapping[str, Any] | None]) -> np.ndarray:
-    if f == "age":
-        age = np.asarray(
-            [_num(u.get("age")) if u else np.nan for u in users], dtype=np.float64
-        ).reshape(-1)
-        labels = _AGE_LABELS[np.searchsorted(_AGE_EDGES, np.nan_to_num(age), side="right")]
-        return np.where(np.isnan(age), None, labels)
+def _user_tokens(f: str, users: list[Mapping[str, Any] | None]) -> np.ndarray:
+    """Tokens of one user field; the mapping runs once per distinct raw value."""
     if f == "zip3":
-        zips = (canonical(u.get("zip_code", u.get("zip"))) if u else "" for u in users)
-        return np.asarray([z[:3] for z in zips], dtype=object)
-    return np.asarray([u.get(f) if u else None for u in users], dtype=object)
+        raw = [u.get("zip_code", u.get("zip")) if u else None for u in users]
+    else:
+        raw = [u.get(f) if u else None for u in users]
+    codes, texts = factorize(raw)
+    if f == "age":
+        age = np.asarray([_num(t) if t else np.nan for t in texts], dtype=np.float64)
+        labels = _AGE_LABELS[np.searchsorted(_AGE_EDGES, np.nan_to_num(age), side="right")]
+        texts = [lab if not np.isnan(a) else "" for a, lab in zip(age, labels, strict=True)]
+    elif f == "zip3":
+        texts = [t[:3] for t in texts]
+    return digests(f, texts)[codes] if texts else np.zeros(0, np.int64)
 
 
 def _num(v: Any) -> float:

@@ -20,16 +20,24 @@ and ``hw:codes:item:<id>`` (fields ``codes`` JSON and ``version``).
 
 **Point in time.** :meth:`OnlineStore.apply_batch` returns, for every event, the
 counters as they were just before it. They are exact for the batch's own partition
-(computed inside the script, event by event); other partitions' shards are read once,
-in the same pipelined round trip, i.e. as of batch start, and decayed to each event's
-time. With clicks keyed by ``user_id``, a user lives in one partition, so user counters
-are fully exact; item and genre counters lag other partitions by at most one batch.
+(computed in numpy from the shard's states read at batch start, event by event in
+effect: :mod:`features.pointintime`); other partitions' shards are read in the same
+round trip, i.e. as of batch start, and decayed to each event's time. With clicks keyed
+by ``user_id``, a user lives in one partition, so user counters are fully exact; item
+and genre counters lag other partitions by at most one batch.
+
+**Writes are fenced.** A batch is written by one Lua script that first checks the
+partition's recorded next offset is still the one the batch was computed from (only
+that script moves it, always forward), then writes each touched entity's final state
+once, the replay-cache entry and the new next offset (:mod:`features.store_apply`). A
+stale writer (a zombie worker after a rebalance) is refused and re-reads.
 
 **Round trips.** The store is written sans-I/O: each operation is a generator that
 yields lists of Redis commands and receives their replies; :class:`OnlineStore`
 (``redis.asyncio``, for the Faust worker) and :class:`SyncOnlineStore` (CLI, bench,
-tests) only run those lists as one pipeline each. ``apply_batch`` costs one round trip
-(two when item attributes are not yet cached), whatever the batch size.
+tests) only run those lists as one pipeline each. ``apply_batch`` costs two round trips
+(read, then fenced write; one more when item attributes are not yet cached), whatever
+the batch size; Redis work is O(distinct entities) per batch, not O(events).
 """
 
 from __future__ import annotations
@@ -48,14 +56,10 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from features.counters import (
     CounterConfig,
-    aggregate,
-    as_columns,
-    decay_state,
-    derive_features,
-    half_life_label,
-    resolve_refs,
 )
 from features.hashing import canonical
+from features.store_apply import plan_apply
+from features.store_reads import plan_entity, plan_read
 
 __all__ = ["BatchResult", "OnlineStore", "SyncOnlineStore"]
 
@@ -69,7 +73,8 @@ def _script(name: str) -> tuple[str, str]:
 
 
 _APPLY, _READ, _PUT = _script("apply.lua"), _script("read.lua"), _script("put_attrs.lua")
-_SCRIPTS = (_APPLY, _READ, _PUT)
+_READ_OWN = _script("read_own.lua")
+_SCRIPTS = (_APPLY, _READ, _PUT, _READ_OWN)
 
 
 @dataclass
@@ -109,6 +114,7 @@ class _StoreCore:
         prefix: str = "hw",
         attr_cache_seconds: float = 30.0,
         replay_batches: int = 8,
+        miss_cache_seconds: float = 1.0,
         clock=time.time,
     ) -> None:
         if partitions < 1:
@@ -123,7 +129,9 @@ class _StoreCore:
         self.clock = clock
         self.round_trips = 0
         self.commands = 0
+        self.miss_cache_seconds = miss_cache_seconds
         self._items: dict[str, tuple[float, dict, dict]] = {}
+        self._absent: dict[str, float] = {}  # item id -> when to ask Redis again
         self._users: dict[str, str] = {}
         # A private registry by default: two stores in one process must not collide on the
         # global one; the worker injects the registry it exports.
@@ -137,6 +145,12 @@ class _StoreCore:
         self._dupes = Counter(
             "headwater_features_duplicate_events_total",
             "Click events skipped because their offset was already applied.",
+            ["topic"],
+            registry=registry,
+        )
+        self._fenced = Counter(
+            "headwater_features_fenced_writes_total",
+            "Batch writes refused because the partition's next offset moved (another writer).",
             ["topic"],
             registry=registry,
         )
@@ -179,7 +193,11 @@ class _StoreCore:
     def _plan_items(self, item_ids: Iterable[str]) -> Plan:
         now = self.clock()
         want = {i for i in item_ids if i}
-        miss = [i for i in want if i not in self._items or self._items[i][0] < now]
+        miss = [
+            i
+            for i in want
+            if (i not in self._items or self._items[i][0] < now) and self._absent.get(i, 0) < now
+        ]
         if miss:
             cmds: list[Command] = []
             for i in miss:
@@ -187,9 +205,15 @@ class _StoreCore:
             res = yield cmds
             if len(self._items) > 200_000:
                 self._items.clear()
+            if len(self._absent) > 200_000:
+                self._absent.clear()
             for k, i in enumerate(miss):
                 attrs, codes = _decode_hash(res[2 * k]), _decode_hash(res[2 * k + 1])
-                if attrs or codes:  # a miss is not cached: the item event may be in flight
+                if not (attrs or codes):
+                    # Remembered only briefly: the item event may be in flight. Without
+                    # this, a stream of unknown items costs two commands per item per batch.
+                    self._absent[i] = now + self.miss_cache_seconds
+                else:
                     self._items[i] = (
                         now + self.attr_cache_seconds,
                         attrs,
@@ -220,159 +244,15 @@ class _StoreCore:
 
     # -- plans ------------------------------------------------------------------------
     def _plan_apply(self, topic: str, partition: int, events: Any) -> Plan:
-        cfg = self.counters
-        cols = as_columns(events)
-        if "offset" not in cols or "label" not in cols:
-            raise ValueError("apply_batch needs 'offset' (and 'sub') and 'label' columns")
-        n = len(cols["ts"])
-        order = np.lexsort((cols["sub"], cols["offset"]))
-        srt = {
-            k: (v[order] if isinstance(v, np.ndarray) else [v[i] for i in order])
-            for k, v in cols.items()
-        }
-        attrs, codes = yield from self._plan_items(set(srt["item_id"]))
-        refs = resolve_refs(cfg, srt, attrs)
-        keys = [self.shard_key(partition, e) for e in refs.entities]
-        nrefs = np.bincount(refs.event, minlength=n)
-        evblob = (
-            np.column_stack([srt["offset"], srt["sub"], srt["ts"], srt["label"], nrefs])
-            .astype("<f8")
-            .tobytes()
-        )
-        refblob = (refs.entity + 1).astype("<i4").tobytes()
-        hls = ",".join(f"{h:g}" for h in cfg.half_lives)
-        pit = f"{{{self.prefix}:p{partition}}}:pit:{topic}"
-        offsets = f"{{{self.prefix}:p{partition}}}:offsets"
-        cmds = [
-            self._evalsha(
-                _APPLY, [offsets, *keys, pit], [topic, hls, evblob, refblob, self.replay_batches]
-            )
-        ]
-        others = [p for p in range(self.partitions) if p != partition] if keys else []
-        for p in others:
-            cmds.append(
-                self._evalsha(
-                    _READ, [self.shard_key(p, e) for e in refs.entities], cfg.state_fields
-                )
-            )
-        cmds += self._user_attr_cmds(srt)
-        res = yield cmds
-        flags, preblob, late_count, dup_count, next_offset = res[0]
-        per_ref = np.frombuffer(preblob, dtype="<f8").reshape(-1, cfg.width).copy()
-        if others:
-            ts_ref = srt["ts"][refs.event]
-            for blob in res[1 : 1 + len(others)]:
-                per_ref += decay_state(cfg, self._states(blob, cfg.width)[refs.entity], ts_ref)
-        feats = derive_features(cfg, aggregate(refs, per_ref))
-        flag = np.frombuffer(flags, dtype="S1")
-        back = np.argsort(order)
-        self._late.labels(topic).inc(int(late_count))
-        self._dupes.labels(topic).inc(int(dup_count))
-        return BatchResult(
-            features={k: v[back] for k, v in feats.items()},
-            valid=(flag != b"s")[back],
-            replayed=np.isin(flag, [b"r", b"s"])[back],
-            late=(flag == b"l")[back],
-            late_count=int(late_count),
-            duplicate_count=int(dup_count),
-            next_offset=int(next_offset),
-            item_attrs=attrs,
-            codes=codes,
-        )
+        return plan_apply(self, topic, partition, events)
 
     def _plan_read(
         self, entity_rows: Any, features: Sequence[str] | None, now: float | None
     ) -> Plan:
-        now = self.clock() if now is None else float(now)
-        if isinstance(entity_rows, Mapping):
-            n = len(next(iter(entity_rows.values()))) if entity_rows else 0
-            rows = {**entity_rows, "ts": np.full(n, now)}
-        else:
-            rows = [{**r, "ts": now} for r in entity_rows]
-        cols = as_columns(rows)
-        extras = ("user_attrs", "item_attrs", "codes")
-        wanted = None if features is None else [f for f in features if f not in extras]
-        cfg = self.counters
-        if wanted is not None:
-            unknown = sorted(set(wanted) - set(cfg.feature_names()))
-            if unknown:
-                raise KeyError(f"unknown features {unknown}; see CounterConfig.feature_names()")
-            cfg = cfg.select(
-                [
-                    s.name
-                    for s in cfg.specs
-                    if set(cfg.select([s.name]).feature_names()) & set(wanted)
-                ]
-            )
-        need_items = features is None or "item_attrs" in features or "codes" in features
-        need_items = need_items or any(s.needs_item_attrs for s in cfg.specs)
-        attrs, codes = (
-            (yield from self._plan_items(set(cols["item_id"]))) if need_items else ({}, {})
-        )
-        refs = resolve_refs(cfg, cols, attrs)
-        cmds = self._read_cmds(refs.entities, cfg.state_fields)
-        n_read = len(cmds)
-        users = sorted({u for u in cols["user_id"] if u})
-        want_users = features is None or "user_attrs" in features
-        if want_users:
-            cmds += [("HGETALL", self.attrs_key("user", u)) for u in users]
-        res = yield cmds
-        total = np.zeros((len(refs.entities), cfg.width))
-        for blob in res[:n_read]:
-            total += decay_state(cfg, self._states(blob, cfg.width), now)
-        feats = derive_features(cfg, aggregate(refs, total[refs.entity]))
-        out: dict[str, Any] = {k: v for k, v in feats.items() if wanted is None or k in wanted}
-        if want_users:
-            user_map = dict(zip(users, map(_decode_hash, res[n_read:]), strict=True))
-            out["user_attrs"] = [user_map.get(u) or None for u in cols["user_id"]]
-        if features is None or "item_attrs" in features:
-            out["item_attrs"] = [attrs.get(i) for i in cols["item_id"]]
-        if features is None or "codes" in features:
-            out["codes"] = [codes.get(i) for i in cols["item_id"]]
-        return out
+        return plan_read(self, entity_rows, features, now)
 
     def _plan_entity(self, entity: str, now: float | None) -> Plan:
-        now = self.clock() if now is None else float(now)
-        kind, sep, ident = entity.partition(":")
-        names = [s.name for s in self.counters.specs]
-        if not sep or kind not in names:
-            raise ValueError(
-                f"entity {entity!r}: expected '<counter>:<id>' with counter in {names}"
-            )
-        cfg = self.counters
-        cmds = [
-            self._evalsha(_READ, [self.shard_key(p, entity)], cfg.state_fields)
-            for p in range(self.partitions)
-        ]
-        if kind in ("user", "item"):
-            cmds.append(("HGETALL", self.attrs_key(kind, ident)))
-        if kind == "item":
-            cmds.append(("HGETALL", self.codes_key(ident)))
-        res = yield cmds
-        shards = np.vstack([self._states(b, cfg.width) for b in res[: self.partitions]])
-        per_partition = decay_state(cfg, shards, now)
-        total = per_partition.sum(axis=0)
-        a, p = cfg.alpha, cfg.prior
-        out: dict[str, Any] = {"entity": entity, "as_of": now}
-        out["impressions_total"], out["clicks_total"] = int(total[0]), int(total[1])
-        out["ctr_total"] = float((total[1] + a * p) / (total[0] + a))
-        for j, h in enumerate(cfg.half_lives):
-            lab = half_life_label(h)
-            nh, ch = float(total[2 + 2 * j]), float(total[3 + 2 * j])
-            out[f"impressions_{lab}"], out[f"clicks_{lab}"] = nh, ch
-            out[f"ctr_{lab}"] = (ch + a * p) / (nh + a)
-        out["impressions_by_partition"] = {
-            q: int(v) for q, v in enumerate(per_partition[:, 0]) if v
-        }
-        ts = shards[:, cfg.width]
-        out["updated_at"] = float(np.nanmax(ts)) if np.isfinite(ts).any() else None
-        if kind in ("user", "item"):
-            out["attributes"] = _decode_hash(res[self.partitions])
-        if kind == "item":
-            raw = _decode_hash(res[self.partitions + 1])
-            out["codes"] = raw.get("codes")
-            out["codes_version"] = raw.get("version")
-        return out
+        return plan_entity(self, entity, now)
 
     def _plan_put_items(self, items: Mapping[Any, Mapping[str, Any]], ts: float | None) -> Plan:
         cmds = []
@@ -385,6 +265,7 @@ class _StoreCore:
                     args += [k, json.dumps(v, default=str)]
             cmds.append(self._evalsha(_PUT, [self.attrs_key("item", item_id)], args))
             self._items.pop(canonical(item_id), None)
+            self._absent.pop(canonical(item_id), None)
         res = yield cmds
         return int(sum(res))
 
@@ -393,6 +274,7 @@ class _StoreCore:
     ) -> Plan:
         clean = {str(k): [int(c) for c in v] for k, v in codes.items()}
         self._items.pop(canonical(item_id), None)
+        self._absent.pop(canonical(item_id), None)
         yield [
             (
                 "HSET",

@@ -23,24 +23,22 @@ from learner.batch import encode_batch
 from streams.app import Message, Output
 from streams.deadletter import dead_letter, reason_kind
 from streams.metrics import WorkerMetrics
-from streams.schemas import ClickEvent, decode_message
+from streams.schemas import ClickEvent, click_columns, decode_clicks
 
 log = logging.getLogger(__name__)
 
 
 def events_to_columns(events: list[ClickEvent], offsets: list[int], subs: list[int]) -> dict:
     """Columnar view of decoded click events (the shape ``OnlineStore.apply_batch`` takes)."""
-    return {
-        "event_id": [str(e.event_id) for e in events],
-        "ts": np.fromiter((e.ts for e in events), np.float64, len(events)),
-        "user_id": [str(e.user_id) for e in events],
-        "item_id": [str(e.item_id) for e in events],
-        "label": np.fromiter((e.label for e in events), np.int8, len(events)),
-        "offset": np.asarray(offsets, np.int64),
-        "sub": np.asarray(subs, np.int32),
-        "context": [e.context or None for e in events],
-        "user": [e.user or None for e in events],
-    }
+    cols = click_columns(events)
+    cols["label"] = cols["label"].astype(np.int8)
+    cols["offset"] = np.asarray(offsets, np.int64)
+    cols["sub"] = np.asarray(subs, np.int32)
+    return cols
+
+
+def _concat(a, b):
+    return np.concatenate([a, b]) if isinstance(a, np.ndarray) else list(a) + list(b)
 
 
 def read_range(bootstrap: str, topic: str, partition: int, start: int, stop: int) -> list[Message]:
@@ -64,7 +62,13 @@ def read_range(bootstrap: str, topic: str, partition: int, start: int, stop: int
 
 
 class ClickHandler:
-    """The click agent's domain step for one partition's batch."""
+    """The click agent's domain step for one partition's batch.
+
+    Batches of different partitions may run concurrently (``concurrent_partitions``):
+    each touches only its own shard's state, and its writes are fenced.
+    """
+
+    concurrent_partitions = True
 
     def __init__(self, settings: Settings, client, metrics: WorkerMetrics, state,
                  bootstrap: str, builder: RowBuilder | None = None) -> None:
@@ -105,27 +109,24 @@ class ClickHandler:
                                           recorded, first_offset)
 
     def _decode(self, topic: str, partition: int, messages: list[Message], outputs: list[Output],
-                emit: bool) -> tuple[list[ClickEvent], list[int], list[int]]:
-        events: list[ClickEvent] = []
-        offsets: list[int] = []
-        subs: list[int] = []
-        limit = self.settings.max_message_bytes
-        for offset, key, value in messages:
-            decoded = decode_message(value, ClickEvent, limit)
-            events.extend(decoded.events)
-            offsets.extend([offset] * len(decoded.events))
-            subs.extend(decoded.subs)
-            if not emit:
-                continue  # a gap re-read: its dead letters and counts went out the first time
-            for index, raw, reason in decoded.errors:
+                emit: bool) -> dict:
+        """Columns of the valid events (with ``offset`` and ``sub``); rejects to dead-letter."""
+        batch = decode_clicks([value for _, _, value in messages], self.settings.max_message_bytes)
+        offsets = np.fromiter((m[0] for m in messages), np.int64, len(messages))
+        cols = batch.columns
+        cols["offset"] = offsets[batch.message]
+        cols["sub"] = batch.sub.astype(np.int32)
+        if emit:  # a gap re-read's dead letters and counts went out the first time
+            for m, index, raw, reason in batch.errors:
+                offset, key, _ = messages[m]
                 outputs.append((self.topics["dead-letter"], key,
                                 dead_letter(reason, topic, partition, offset, raw, index), None))
                 self.metrics.dead_letters.labels(topic, reason_kind(reason)).inc()
-            self.metrics.events_in.labels(topic).inc(len(decoded.events) + len(decoded.errors))
-            self.metrics.events_valid.labels(topic).inc(len(decoded.events))
-        if emit:
+            n_valid = len(cols["ts"])
+            self.metrics.events_in.labels(topic).inc(n_valid + len(batch.errors))
+            self.metrics.events_valid.labels(topic).inc(n_valid)
             self.metrics.messages_in.labels(topic).inc(len(messages))
-        return events, offsets, subs
+        return cols
 
     def _encode(self, columns: dict, topic: str, partition: int) -> list[Output]:
         """Arrow batches of at most ``train_message_rows`` rows (messages stay small)."""
@@ -151,15 +152,13 @@ class ClickHandler:
         except Exception:
             self.on_redis_error()
             raise
-        events, offsets, subs = self._decode(topic, partition, gap, outputs, emit=False)
-        new = self._decode(topic, partition, messages, outputs, emit=True)
-        events += new[0]
-        offsets += new[1]
-        subs += new[2]
-        if not events:
+        cols = self._decode(topic, partition, messages, outputs, emit=True)
+        if gap:
+            before = self._decode(topic, partition, gap, outputs, emit=False)
+            cols = {k: _concat(before[k], v) for k, v in cols.items()}
+        if not len(cols["ts"]):
             return outputs
-        self.metrics.batch_size.labels(topic).observe(len(events))
-        cols = events_to_columns(events, offsets, subs)
+        self.metrics.batch_size.labels(topic).observe(len(cols["ts"]))
         t_redis = time.perf_counter()
         try:
             result = await self.store.apply_batch(topic, partition, cols)

@@ -1,0 +1,30 @@
+-- Read what a batch of ONE source partition starts from, in its own shard (one slot).
+--
+-- KEYS[1]     {hw:pP}:offsets      hash: topic -> next offset to apply
+-- KEYS[2]     {hw:pP}:pit:<topic>  the replay cache (hash: first offset -> entry)
+-- KEYS[3..]   {hw:pP}:<entity>     entity hashes
+-- ARGV[1]     topic
+-- ARGV[2]     the batch's smallest offset
+-- ARGV[3..]   the state fields in order, the decay reference 't' last
+--
+-- Returns {next_offset, states, cache}: states as read.lua packs them; cache the replay
+-- cache entries (HVALS) when the batch starts below next_offset (a replay), else {}.
+-- The caller computes the batch from these and writes it with apply.lua, which checks
+-- that next_offset has not moved in between (the fence).
+local nxt = redis.call('HGET', KEYS[1], ARGV[1]) or '0'
+local nf = #ARGV - 2
+local fields = {}
+for j = 1, nf do fields[j] = ARGV[j + 2] end
+local fmt = '<' .. string.rep('d', nf)
+local out = {}
+local nan = 0 / 0
+for i = 3, #KEYS do
+  local raw = redis.call('HMGET', KEYS[i], unpack(fields))
+  local v = {}
+  for j = 1, nf - 1 do v[j] = tonumber(raw[j]) or 0 end
+  v[nf] = tonumber(raw[nf]) or nan
+  out[#out + 1] = struct.pack(fmt, unpack(v))
+end
+local cache = {}
+if tonumber(ARGV[2]) < tonumber(nxt) then cache = redis.call('HVALS', KEYS[2]) end
+return {nxt, table.concat(out), cache}
