@@ -47,6 +47,14 @@ _MAGIC = b"HWP2"
 _HEADER = struct.Struct("<4sIII")  # magic, events, values per event, config signature
 
 
+class FencedError(RuntimeError):
+    """Another writer moved this partition's offset record: this batch was not applied.
+
+    Transient from the caller's view: retry (a worker that lost its partition stops
+    receiving it at the next rebalance); never drop the batch.
+    """
+
+
 def config_signature(cfg) -> int:
     """CRC of what shapes a cached entry: an entry of another config is never reused."""
     return zlib.crc32(repr((cfg.feature_names(), cfg.half_lives)).encode())
@@ -180,7 +188,7 @@ def plan_apply(core: _StoreCore, topic: str, partition: int, events: Any) -> Pla
                 continue
         break
     else:
-        raise RuntimeError(
+        raise FencedError(
             f"{topic}[{partition}]: the recorded next offset kept moving during "
             f"{MAX_ATTEMPTS} attempts: another worker is writing this partition's shard"
         )

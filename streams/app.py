@@ -19,6 +19,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from prometheus_client import CollectorRegistry, generate_latest
 
 from headwater.settings import Settings
+from streams.deadletter import dead_letter
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,26 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "headwater-work
     return app
 
 
+#: Failures of one batch before its messages are retried one by one.
+POISON_AFTER = 3
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors of the infrastructure (Redis, the broker, the network): retry, never drop."""
+    import redis.exceptions
+    from kafka.errors import KafkaError
+
+    from features.store_apply import FencedError
+
+    return isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, KafkaError, FencedError,
+                            redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                            redis.exceptions.BusyLoadingError))
+
+
 def batched_agent(app: faust.App, topic_name: str, partitions: int, handler: Handler,
                   max_batch: int, within: float, name: str,
-                  on_error: Callable[[BaseException], None] | None = None) -> None:
+                  on_error: Callable[[BaseException], None] | None = None,
+                  dead_letter_topic: str | None = None) -> None:
     """Register an agent that feeds ``handler`` one partition's batch at a time.
 
     Outputs are produced before the batch is acknowledged, so a crash between the two
@@ -105,14 +123,45 @@ def batched_agent(app: faust.App, topic_name: str, partitions: int, handler: Han
     concurrent = bool(getattr(handler, "concurrent_partitions", False))
 
     async def handle(partition: int, messages: list[Message]) -> list[Output]:
+        attempt = 0
         while True:
             try:
                 return await handler(topic_name, partition, messages)
             except Exception as exc:  # noqa: BLE001 - the worker must keep consuming
-                log.exception("handler %s failed on partition %d; retrying", name, partition)
+                attempt += 1
                 if on_error:
                     on_error(exc)
-                await asyncio.sleep(0.5)
+                if not is_transient(exc) and attempt >= POISON_AFTER and dead_letter_topic:
+                    log.error("handler %s failed %d times on partition %d (%r): isolating messages",
+                              name, attempt, partition, exc)
+                    return await isolate(partition, messages)
+                log.exception("handler %s failed on partition %d; retrying", name, partition)
+                await asyncio.sleep(min(0.5 * attempt, 5.0))
+
+    async def isolate(partition: int, messages: list[Message]) -> list[Output]:
+        """Retry message by message; one that still fails goes to dead-letter, not in a loop.
+
+        A deterministic failure (a bug meeting an input nobody foresaw) must not stall its
+        partition forever; transient failures (Redis, the broker) keep being retried.
+        """
+        outputs: list[Output] = []
+        for message in messages:
+            while True:
+                try:
+                    outputs.extend(await handler(topic_name, partition, [message]))
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    if is_transient(exc):
+                        await asyncio.sleep(0.5)
+                        continue
+                    offset, key, value = message
+                    reason = (f"{name}: internal error processing this message: "
+                              f"{type(exc).__name__}: {exc}")
+                    log.error("dead-lettering %s[%d]@%d: %s", topic_name, partition, offset, reason)
+                    outputs.append((dead_letter_topic, key,
+                                    dead_letter(reason, topic_name, partition, offset, value), None))
+                    break
+        return outputs
 
     async def agent(stream):
         async for events in stream.take_events(max_batch, within=within):

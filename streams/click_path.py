@@ -9,8 +9,10 @@ before it, build rows with the shared row builder, and produce one Arrow IPC bat
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections import OrderedDict
 
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
@@ -61,6 +63,34 @@ def read_range(bootstrap: str, topic: str, partition: int, start: int, stop: int
         consumer.close()
 
 
+class RecentIds:
+    """Bounded memory of recent event ids per partition: id -> (offset, sub) first seen.
+
+    The same id at the same (offset, sub) is a replay of the same message (harmless: the
+    counters skip it); at another position it is a duplicate event and is refused. The
+    window is the newest ``capacity`` ids per partition since the worker started (clicks
+    are keyed by user, so one user's events and their duplicates meet in one partition).
+    """
+
+    def __init__(self, capacity: int = 200_000) -> None:
+        self.capacity = capacity
+        self._seen: dict[int, OrderedDict[str, tuple[int, int]]] = {}
+
+    def duplicates(self, partition: int, event_ids, offsets, subs) -> np.ndarray:
+        """Mask of events whose id was already seen at another position."""
+        seen = self._seen.setdefault(partition, OrderedDict())
+        dup = np.zeros(len(event_ids), bool)
+        for i, (eid, off, sub) in enumerate(zip(event_ids, offsets.tolist(), subs.tolist(), strict=True)):
+            first = seen.get(eid)
+            if first is None:
+                seen[eid] = (off, sub)
+            elif first != (off, sub):
+                dup[i] = True
+        while len(seen) > self.capacity:
+            seen.popitem(last=False)
+        return dup
+
+
 class ClickHandler:
     """The click agent's domain step for one partition's batch.
 
@@ -81,6 +111,7 @@ class ClickHandler:
         self.builder = builder or make_row_builder(settings)
         self.bootstrap = bootstrap
         self._verify: set[int] = set(range(settings.partitions))
+        self.recent = RecentIds()
 
     async def on_assigned(self, app, partitions) -> None:
         """Newly assigned partitions get their Redis offsets checked on their next batch."""
@@ -117,16 +148,43 @@ class ClickHandler:
         cols["offset"] = offsets[batch.message]
         cols["sub"] = batch.sub.astype(np.int32)
         if emit:  # a gap re-read's dead letters and counts went out the first time
+            n_decoded = len(cols["ts"])
+            cols = self._drop_duplicates(cols, topic, partition, messages, outputs)
             for m, index, raw, reason in batch.errors:
                 offset, key, _ = messages[m]
                 outputs.append((self.topics["dead-letter"], key,
                                 dead_letter(reason, topic, partition, offset, raw, index), None))
                 self.metrics.dead_letters.labels(topic, reason_kind(reason)).inc()
             n_valid = len(cols["ts"])
-            self.metrics.events_in.labels(topic).inc(n_valid + len(batch.errors))
+            self.metrics.events_in.labels(topic).inc(n_decoded + len(batch.errors))
             self.metrics.events_valid.labels(topic).inc(n_valid)
             self.metrics.messages_in.labels(topic).inc(len(messages))
         return cols
+
+    def _drop_duplicates(self, cols: dict, topic: str, partition: int, messages: list[Message],
+                         outputs: list[Output]) -> dict:
+        ids = [str(e) for e in cols["event_id"]]
+        dup = self.recent.duplicates(partition, ids, cols["offset"], cols["sub"])
+        if not dup.any():
+            return cols
+        first = {}
+        for i in np.flatnonzero(~dup):
+            first.setdefault(ids[i], int(cols["offset"][i]))
+        keys = {m[0]: m[1] for m in messages}
+        for i in np.flatnonzero(dup):
+            off, sub = int(cols["offset"][i]), int(cols["sub"][i])
+            earlier = first.get(ids[i])
+            where = f"offset {earlier}" if earlier is not None else "an earlier message"
+            reason = f"clicks[{sub}]: duplicate event_id {ids[i]!r} (first seen at {where})"
+            original = json.dumps({"event_id": ids[i], "user_id": str(cols["user_id"][i]),
+                                   "item_id": str(cols["item_id"][i]), "ts": float(cols["ts"][i]),
+                                   "label": int(cols["label"][i])}).encode()
+            outputs.append((self.topics["dead-letter"], keys.get(off),
+                            dead_letter(reason, topic, partition, off, original, sub), None))
+            self.metrics.dead_letters.labels(topic, "duplicate").inc()
+        keep = ~dup
+        return {k: (v[keep] if isinstance(v, np.ndarray) else [x for x, ok in zip(v, keep, strict=True) if ok])
+                for k, v in cols.items()}
 
     def _encode(self, columns: dict, topic: str, partition: int) -> list[Output]:
         """Arrow batches of at most ``train_message_rows`` rows (messages stay small)."""

@@ -67,11 +67,12 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     audit = AuditHandler(topics, metrics, alert_sink=lambda alerts: save_alerts(client, alerts),
                          executor=audit_pool)
     n = settings.partitions
+    dlq = topics["dead-letter"]
     batched_agent(app, topics["clicks"], n, clicks, settings.click_batch_size,
-                  settings.click_batch_within, "clicks", state.on_error)
-    batched_agent(app, topics["items"], n, items, 256, 0.05, "items", state.on_error)
+                  settings.click_batch_within, "clicks", state.on_error, dlq)
+    batched_agent(app, topics["items"], n, items, 256, 0.05, "items", state.on_error, dlq)
     batched_agent(app, topics["audit"], n, audit, settings.audit_batch_size, 0.05, "audit",
-                  state.on_error)
+                  state.on_error, dlq)
     add_web_pages(app, metrics.registry, state.status)
 
     @app.on_partitions_assigned.connect
