@@ -1,5 +1,5 @@
 """Learner throughput: ``LearnerService.process`` (decode + dedup + score + train) beside
-the bare torch training step of the same model on the same batches, in the same run;
+the bare torch training step of the same model and optimizers on the same batches, in the same run;
 plus the cost of a publication (seconds, bytes).
 
 Rows are MovieLens-100K rows built as in ``bench/learner_movielens.py``. The bare step
@@ -72,7 +72,8 @@ def main() -> None:
     # bare step: same model, same batches, tensors prepared outside the timed loop
     bare_trainer = settings.build(schema.to_json())
     model = bare_trainer.learner.model
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # the same optimizers the learner uses: Adam for the network, SparseAdam for tables
+    opt, sparse_opt = bare_trainer.learner.optimizer, bare_trainer.learner.sparse_optimizer
     prepared = []
     for b in range(args.batches):
         sl = slice(b * args.batch, (b + 1) * args.batch)
@@ -89,9 +90,10 @@ def main() -> None:
         t = time.perf_counter()
         for rows, x, y in prepared:
             loss = F.binary_cross_entropy_with_logits(model(rows, x), y)
-            opt.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sparse_opt.step()
         return n_rows / (time.perf_counter() - t)
 
     def service_round() -> float:

@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     code_levels: int = Field(3, ge=1, le=6, description="RQ-Kmeans levels (QARM: up to 6).")
     codebook_size: int = Field(64, ge=2, description="Codes per RQ level (64 suits ~2k items).")
     vq_k: int = Field(8, ge=1, description="VQ code: nearest items kept (QARM: 25).")
+    model_kind: str = Field(
+        "fgcnn", description="Ranker: fgcnn (the paper's), ipnn, deepfm or lr (learner/models)."
+    )
+    model_preset: str = Field("compact", description="Size preset of the ranker: compact or criteo.")
     embedding_buckets: int = Field(
         8192, ge=16, description="Hashed embedding rows per categorical field (collisions vs size)."
     )

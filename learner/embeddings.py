@@ -43,6 +43,8 @@ class EmbeddingConfig:
     ``kind`` is ``"hashed"`` or ``"dynamic"``. ``buckets`` (hashed) and ``capacity``
     (dynamic) may be overridden per field with ``per_field``: ``{field: size}``.
     ``idle_seconds`` is measured in event time (row ``ts``), ``idle_rows`` in rows seen.
+    Rows start as ``N(0, init_std)`` drawn from ``init_seed`` (from torch's RNG if
+    ``None``), which lets checkpoints store only the rows that training changed.
     """
 
     kind: str = "hashed"
@@ -55,6 +57,7 @@ class EmbeddingConfig:
     idle_rows: int | None = None
     filter_size: int = 1 << 19
     init_std: float = 1e-2
+    init_seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,14 +68,48 @@ class EmbeddingConfig:
 
 
 class FieldEmbedding(nn.Module):
-    """Interface: tokens ``[n, F]`` -> row ids -> embeddings ``[n, F, dim]``."""
+    """Interface: tokens ``[n, F]`` -> row ids -> embeddings ``[n, F, dim]``.
+
+    The rows live in ``self.table`` (an ``nn.Embedding`` with sparse gradients). Its
+    ``state_dict`` is *packed*: the init seed plus only the rows training has touched
+    (``mark_dirty``), so a checkpoint's size follows the ids seen, not the table size;
+    loading regenerates the untouched rows bit for bit.
+    """
 
     fields: list[str]
     dim: int
+    table: nn.Embedding
+
+    def _setup_table(self, n_rows: int, config: EmbeddingConfig) -> None:
+        seed = config.init_seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.init_seed = int(seed)
+        self.init_std = float(config.init_std)
+        # Sparse gradients: an optimizer step touches only the rows a batch used, so its
+        # cost follows the batch, not the table size.
+        self.table = nn.Embedding(n_rows, config.dim, sparse=True)
+        with torch.no_grad():
+            self.table.weight.copy_(self._initial_rows())
+        self.dirty = np.zeros(n_rows, dtype=bool)
+        self.register_state_dict_post_hook(_pack_table)
+        self.register_load_state_dict_pre_hook(_unpack_table)
+
+    def _initial_rows(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.init_seed)
+        shape = (self.table.num_embeddings, self.table.embedding_dim)
+        return torch.randn(shape, generator=gen) * self.init_std
+
+    def mark_dirty(self, rows: torch.Tensor | np.ndarray) -> None:
+        """Record rows whose values differ from their initial draw (trained or copied)."""
+        self.dirty[np.asarray(rows).ravel()] = True
 
     def lookup(self, tokens: np.ndarray) -> torch.Tensor:  # pragma: no cover - interface
         """Row ids (``LongTensor [n, F]``) for ``tokens``, without changing any state."""
         raise NotImplementedError
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.table(rows)
 
     def observe(self, tokens: np.ndarray, ts: np.ndarray | None = None) -> None:
         """Record that these rows were trained on (admission, recency); no-op if stateless."""
@@ -84,12 +121,45 @@ class FieldEmbedding(nn.Module):
         return {}
 
 
-def _init_table(n_rows: int, dim: int, std: float) -> nn.Embedding:
-    # Sparse gradients: an optimizer step touches only the rows a batch used, so step cost
-    # follows the batch, not the table size (a dense Adam over 10^6-row tables dominates).
-    table = nn.Embedding(n_rows, dim, sparse=True)
-    nn.init.normal_(table.weight, std=std)
-    return table
+def _pack_table(module: FieldEmbedding, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+    weight = state.pop(prefix + "table.weight")
+    rows = torch.from_numpy(np.flatnonzero(module.dirty))
+    state[prefix + "table.packed_rows"] = rows
+    state[prefix + "table.packed_values"] = weight.detach()[rows].clone()
+    state[prefix + "table.init"] = torch.tensor(
+        [module.init_seed, weight.shape[0], weight.shape[1]], dtype=torch.int64
+    )
+    state[prefix + "table.init_std"] = torch.tensor(module.init_std, dtype=torch.float64)
+
+
+def _unpack_table(
+    module: FieldEmbedding,
+    state: dict[str, Any],
+    prefix: str,
+    _meta: Any,
+    _strict: bool,
+    _missing: list[str],
+    _unexpected: list[str],
+    error_msgs: list[str],
+) -> None:
+    key = prefix + "table.init"
+    if key not in state:
+        return  # an unpacked state dict (table.weight present): load it as is
+    seed, n_rows, dim = (int(x) for x in state.pop(key).tolist())
+    std = float(state.pop(prefix + "table.init_std"))
+    rows = state.pop(prefix + "table.packed_rows")
+    values = state.pop(prefix + "table.packed_values")
+    if (n_rows, dim) != tuple(module.table.weight.shape):
+        error_msgs.append(
+            f"{prefix}table: checkpoint has {n_rows}x{dim} rows, the model {tuple(module.table.weight.shape)}"
+        )
+        return
+    module.init_seed, module.init_std = seed, std
+    full = module._initial_rows()
+    full[rows] = values
+    state[prefix + "table.weight"] = full
+    module.dirty = np.zeros(n_rows, dtype=bool)
+    module.dirty[rows.numpy()] = True
 
 
 class HashedEmbedding(FieldEmbedding):
@@ -109,15 +179,12 @@ class HashedEmbedding(FieldEmbedding):
             raise ValueError(f"hashed embedding buckets must be >= 1, got {sizes}")
         self._buckets = np.array(sizes, dtype=np.int64)
         self._base = np.concatenate([[0], np.cumsum(self._buckets + 1)[:-1]]).astype(np.int64)
-        self.table = _init_table(int((self._buckets + 1).sum()), config.dim, config.init_std)
+        self._setup_table(int((self._buckets + 1).sum()), config)
 
     def lookup(self, tokens: np.ndarray) -> torch.Tensor:
         tokens = np.asarray(tokens, dtype=np.int64)
         rows = np.where(tokens == 0, 0, 1 + tokens % self._buckets) + self._base
         return torch.from_numpy(rows)
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.table(rows)
 
 
 class DynamicEmbedding(FieldEmbedding):
@@ -146,7 +213,7 @@ class DynamicEmbedding(FieldEmbedding):
             raise ValueError(f"dynamic embedding capacity must be >= 1, got {self._cap}")
         sizes = np.array([c + 2 for c in self._cap], dtype=np.int64)
         self._base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        self.table = _init_table(int(sizes.sum()), config.dim, config.init_std)
+        self._setup_table(int(sizes.sum()), config)
         self._optimizer: torch.optim.Optimizer | None = None
         self._reset_state()
 
@@ -180,9 +247,6 @@ class DynamicEmbedding(FieldEmbedding):
             mapped[uniq == 0] = PAD_ROW
             rows[:, j] = mapped[inverse] + self._base[j]
         return torch.from_numpy(rows)
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.table(rows)
 
     def observe(self, tokens: np.ndarray, ts: np.ndarray | None = None) -> None:
         tokens = np.asarray(tokens, dtype=np.int64)
@@ -230,6 +294,7 @@ class DynamicEmbedding(FieldEmbedding):
         src = int(self._base[j]) + UNADMITTED_ROW
         with torch.no_grad():
             self.table.weight[row] = self.table.weight[src]
+        self.dirty[row] = True
         self._clear_optimizer_rows(row)
         return slot
 

@@ -70,6 +70,8 @@ class TorchLearner:
     Embedding tables have sparse gradients and their own optimizer (``SparseAdam`` for
     Adam: the "lazy" Adam of large-scale CTR systems, moments move only for rows a batch
     touched); every other parameter uses the dense optimizer of the same family.
+    ``embedding_lr`` (default: ``lr``) lets the tables move faster than the network: in
+    one pass over a stream, each id is seen only a few times.
 
     ``logit_offset`` in :meth:`learn_many` shifts the training logit (``-log r`` when
     negatives were kept with rate ``r``) so the model itself stays calibrated on the
@@ -77,7 +79,12 @@ class TorchLearner:
     """
 
     def __init__(
-        self, model: Ranker, lr: float = 1e-3, optimizer: str = "adam", weight_decay: float = 0.0
+        self,
+        model: Ranker,
+        lr: float = 1e-3,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        embedding_lr: float | None = None,
     ) -> None:
         self.model = model
         families = {
@@ -91,7 +98,7 @@ class TorchLearner:
         table = model.embedding.table.weight
         rest = [p for p in model.parameters() if p is not table]
         self.optimizer = dense_cls(rest, lr=lr, weight_decay=weight_decay) if rest else None
-        self.sparse_optimizer = sparse_cls([table], lr=lr)
+        self.sparse_optimizer = sparse_cls([table], lr=embedding_lr or lr)
         self.model.embedding.attach_optimizer(self.sparse_optimizer)
 
     @staticmethod
@@ -116,6 +123,7 @@ class TorchLearner:
         if self.optimizer is not None:
             self.optimizer.step()
         self.sparse_optimizer.step()
+        self.model.embedding.mark_dirty(rows)
         self.model.embedding.observe(batch.categorical, getattr(batch, "ts", None))
         return logits.detach()
 
@@ -145,9 +153,38 @@ class TorchLearner:
         if optimizer:
             opt = {
                 "dense": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "sparse": self.sparse_optimizer.state_dict(),
+                "sparse": self._packed_sparse_state(),
             }
         return {"model": self.model.state_dict(), "optimizer": opt}
+
+    def _packed_sparse_state(self) -> dict[str, Any]:
+        # Table-shaped moments are zero outside rows the table marked dirty: keep those rows.
+        sd = self.sparse_optimizer.state_dict()
+        shape = self.model.embedding.table.weight.shape
+        rows = torch.from_numpy(np.flatnonzero(self.model.embedding.dirty))
+        packed = {}
+        for key, st in sd["state"].items():
+            packed[key] = {
+                k: {"rows": rows, "values": v[rows].clone()}
+                if isinstance(v, torch.Tensor) and v.shape == shape
+                else v
+                for k, v in st.items()
+            }
+        return {"state": packed, "param_groups": sd["param_groups"]}
+
+    def _unpack_sparse_state(self, sd: dict[str, Any]) -> dict[str, Any]:
+        shape = self.model.embedding.table.weight.shape
+        state = {}
+        for key, st in sd["state"].items():
+            out = {}
+            for k, v in st.items():
+                if isinstance(v, dict) and "rows" in v:
+                    full = torch.zeros(shape, dtype=v["values"].dtype)
+                    full[v["rows"]] = v["values"]
+                    v = full
+                out[k] = v
+            state[key] = out
+        return {"state": state, "param_groups": sd["param_groups"]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load weights; optimizer moments too when present (else they restart at zero)."""
@@ -156,7 +193,7 @@ class TorchLearner:
         if opt is not None:
             if self.optimizer is not None and opt.get("dense") is not None:
                 self.optimizer.load_state_dict(opt["dense"])
-            self.sparse_optimizer.load_state_dict(opt["sparse"])
+            self.sparse_optimizer.load_state_dict(self._unpack_sparse_state(opt["sparse"]))
 
 
 class RiverLearner:

@@ -116,6 +116,7 @@ class LearnerService:
         self.version: str | None = None
         self.consumer_positions: dict[str, int] = {}
         self.last_error: str | None = None
+        self.last_drift_at: float | None = None
         self.invalid_batches = 0
         self.publications = 0
         self._rows_since_publish = 0
@@ -202,6 +203,13 @@ class LearnerService:
                 self.metrics.rows_dropped.labels("downsampled").inc(result.rows_downsampled)
             if result.drifts:
                 self.metrics.drift.inc(result.drifts)
+                self.last_drift_at = time.time()
+                log.warning(
+                    "learner drift: ADWIN flagged the per-row loss %d time(s) in a batch of %s:%s",
+                    result.drifts,
+                    batch.source_topic,
+                    batch.source_partition,
+                )
             self._update_gauges()
             return result
 
@@ -298,6 +306,7 @@ class LearnerService:
                 "logloss": snap.get("logloss"),
                 "rolling_auc": snap.get("rolling_auc"),
                 "drift_total": t.metrics.drift_total if t else 0,
+                "last_drift_at": self.last_drift_at,
                 "backlog": t.last_backlog if t else 0,
                 "watermarks": t.watermarks_json() if t else {},
                 "publications": self.publications,

@@ -63,6 +63,7 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
     loop = LearnerLoop(
         bootstrap, settings.topics, settings.model_store, settings.model_name,
         settings=ServiceTrainerSettings(
+            kind=settings.model_kind, preset=settings.model_preset,
             num_threads=settings.torch_threads,
             embedding={"kind": "hashed", "buckets": settings.embedding_buckets,
                        "dim": settings.embedding_dim}),

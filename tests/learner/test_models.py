@@ -142,3 +142,30 @@ def test_dynamic_state_survives_state_dict_round_trip():
     b.load_state_dict(a.state_dict())
     toks = np.array([[11], [12], [13]])
     assert b.embedding.lookup(toks).tolist() == a.embedding.lookup(toks).tolist()
+
+
+def test_packed_state_holds_only_touched_rows_and_restores_the_rest():
+    spec = fgcnn_spec(
+        ["u", "i"],
+        embedding=EmbeddingConfig(buckets=50_000),
+        embedding_dim=4,
+        kernels=[],
+        channels=[],
+        recombination=[],
+        mlp=[4],
+    )
+    learner = TorchLearner(build_model(spec))
+    learner.learn_many(
+        Rows(np.array([[1, 2], [3, 4]]), np.zeros((2, 0), np.float32), np.array([1, 0]))
+    )
+    state = learner.state_dict()
+    packed = state["model"]["embedding.table.packed_values"]
+    assert "embedding.table.weight" not in state["model"]
+    assert packed.shape[0] <= 4  # at most the rows this batch used, not 100k
+    fresh = TorchLearner(build_model(spec))
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(
+        fresh.model.embedding.table.weight, learner.model.embedding.table.weight
+    )
+    for k, v in fresh.sparse_optimizer.state_dict()["state"][0].items():
+        torch.testing.assert_close(v, learner.sparse_optimizer.state_dict()["state"][0][k])
