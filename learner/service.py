@@ -292,27 +292,29 @@ class LearnerService:
 
     def status(self) -> dict[str, Any]:
         """Health summary for ``headwater status`` and the ops API."""
-        with self._lock:
-            t = self.trainer
-            snap = t.metrics.snapshot() if t else {}
-            return {
-                "model": self.store.model,
-                "version": self.version,
-                "rows_trained": t.rows_trained if t else 0,
-                "rows_dropped": dict(t.rows_dropped, invalid_batch=self.invalid_batches)
-                if t
-                else {"invalid_batch": self.invalid_batches},
-                "auc": snap.get("auc"),
-                "logloss": snap.get("logloss"),
-                "rolling_auc": snap.get("rolling_auc"),
-                "drift_total": t.metrics.drift_total if t else 0,
-                "last_drift_at": self.last_drift_at,
-                "backlog": t.last_backlog if t else 0,
-                "watermarks": t.watermarks_json() if t else {},
-                "publications": self.publications,
-                "last_error": self.last_error,
-                "uptime": self.clock() - self._started,
-            }
+        # No lock: the training thread holds it almost continuously, and a status
+        # reader (the heartbeat) must never starve behind it. Reads are of simple
+        # attributes; a snapshot a step old is fine for a status.
+        t = self.trainer
+        snap = t.metrics.snapshot() if t else {}
+        return {
+            "model": self.store.model,
+            "version": self.version,
+            "rows_trained": t.rows_trained if t else 0,
+            "rows_dropped": dict(t.rows_dropped, invalid_batch=self.invalid_batches)
+            if t
+            else {"invalid_batch": self.invalid_batches},
+            "auc": snap.get("auc"),
+            "logloss": snap.get("logloss"),
+            "rolling_auc": snap.get("rolling_auc"),
+            "drift_total": t.metrics.drift_total if t else 0,
+            "last_drift_at": self.last_drift_at,
+            "backlog": t.last_backlog if t else 0,
+            "watermarks": t.watermarks_json() if t else {},
+            "publications": self.publications,
+            "last_error": self.last_error,
+            "uptime": self.clock() - self._started,
+        }
 
     # ---- asyncio seams ---------------------------------------------------------------
     async def aprocess(self, payload: bytes, backlog: int | None = None) -> StepResult | None:
