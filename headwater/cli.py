@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="stop after N click events")
     p.add_argument("--batch", type=int, default=500, help="events per Kafka message (envelope)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--wait-items", type=float, default=120.0,
+                   help="seconds to wait for item codes before the clicks (0: don't wait)")
     p = add("produce", "Produce events from a file (JSON lines, JSON array, or audit text).")
     p.add_argument("kind", choices=["clicks", "items", "audit"])
     p.add_argument("--file", type=Path, required=True)

@@ -119,10 +119,10 @@ def cmd_serve(args, settings: Settings) -> int:
 def cmd_replay(args, settings: Settings) -> int:
     from streams.replay import replay_movielens
 
-    kafka, _ = resolve_addresses(settings)
-    path = args.path or settings.data_dir / "ml-100k"
-    stats = replay_movielens(settings, kafka, path, rate=args.rate, limit=args.limit,
-                             batch=args.batch, progress=not args.no_progress)
+    kafka, redis_url = resolve_addresses(settings)
+    stats = replay_movielens(settings, kafka, args.path, rate=args.rate, limit=args.limit,
+                             batch=args.batch, progress=not args.no_progress,
+                             redis_url=redis_url, wait_items=args.wait_items)
     print(f"replayed {stats['items']} items and {stats['clicks']} click events "
           f"in {stats['seconds']:.1f}s ({stats['clicks_per_s']:.0f} events/s)")
     return 0

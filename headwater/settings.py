@@ -63,9 +63,9 @@ class Settings(BaseSettings):
     )
     audit_batch_size: int = Field(2000, ge=1, description="Max audit messages per agent batch.")
     train_message_rows: int = Field(
-        1000, ge=1, description="Most rows per Arrow message on train-batches."
+        256, ge=1,
+        description="Rows per Arrow message on train-batches = rows per learner step (test-then-train).",
     )
-    train_batch_rows: int = Field(256, ge=1, description="Rows per learner step.")
     publish_every_seconds: float = Field(5.0, gt=0, description="Learner publication period.")
     publish_every_rows: int = Field(
         50_000, ge=1, description="Learner also publishes after this many new rows."

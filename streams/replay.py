@@ -72,9 +72,34 @@ def _bar(total: int, enabled: bool, desc: str):
                 file=sys.stderr)
 
 
+def wait_for_items(redis_url: str, n_items: int, timeout: float, echo=print) -> int:
+    """Wait until the worker has stored codes for ``n_items`` items (or ``timeout``).
+
+    Items come first in the replay so that clicks find their attributes and codes, as
+    they would in production where an item exists long before anyone clicks it.
+    """
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout
+    coded = 0
+    try:
+        while time.monotonic() < deadline:
+            coded = sum(1 for _ in client.scan_iter("hw:codes:item:*", count=1000))
+            if coded >= n_items:
+                break
+            time.sleep(0.5)
+    finally:
+        client.close()
+    if coded < n_items:
+        echo(f"note: only {coded}/{n_items} items have codes after {timeout:.0f}s; replaying clicks anyway")
+    return coded
+
+
 def replay_movielens(settings: Settings, bootstrap: str, path: Path | None = None,
                      rate: float = 0.0, limit: int = 0, batch: int = 500,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, redis_url: str | None = None,
+                     wait_items: float = 120.0) -> dict:
     """Replay the dataset; returns counts and the produce rate."""
     ml = load_movielens(resolve_path(path, settings))
     producer = make_producer(bootstrap)
@@ -96,6 +121,7 @@ def replay_movielens(settings: Settings, bootstrap: str, path: Path | None = Non
         for i in range(0, len(chunk), 200):
             producer.send(topics["items"], value=enc.encode(chunk[i:i + 200]), partition=p)
     producer.flush()
+    coded = wait_for_items(redis_url, len(items), wait_items) if redis_url and wait_items > 0 else None
 
     total = len(ml) if not limit else min(limit, len(ml))
     parts = partition_of(ml.clicks["user_id"][:total], n_parts)
@@ -123,5 +149,5 @@ def replay_movielens(settings: Settings, bootstrap: str, path: Path | None = Non
         producer.flush()
     producer.close()
     seconds = time.perf_counter() - t0
-    return {"items": len(items), "clicks": sent, "seconds": seconds,
+    return {"items": len(items), "items_coded": coded, "clicks": sent, "seconds": seconds,
             "clicks_per_s": sent / seconds if seconds else 0.0}

@@ -70,7 +70,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     dlq = topics["dead-letter"]
     batched_agent(app, topics["clicks"], n, clicks, settings.click_batch_size,
                   settings.click_batch_within, "clicks", state.on_error, dlq)
-    batched_agent(app, topics["items"], n, items, 256, 0.05, "items", state.on_error, dlq)
+    batched_agent(app, topics["items"], n, items, 2000, 0.05, "items", state.on_error, dlq)
     batched_agent(app, topics["audit"], n, audit, settings.audit_batch_size, 0.05, "audit",
                   state.on_error, dlq)
     add_web_pages(app, metrics.registry, state.status)
