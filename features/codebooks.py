@@ -123,9 +123,7 @@ class KMeansResult:
     n_reseeded: int
 
 
-def _reseed_empty(
-    x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d2: np.ndarray
-) -> int:
+def _reseed_empty(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, d2: np.ndarray) -> int:
     """Move centroids that own no point onto the worst-reconstructed points (in place)."""
     counts = np.bincount(labels, minlength=len(centroids))
     dead = np.flatnonzero(counts == 0)
@@ -341,8 +339,11 @@ class RQKMeans:
                         perm = match_centroids(old[level], cand.centroids)
                         inverse = np.argsort(perm)
                         res = KMeansResult(
-                            cand.centroids[perm], inverse[cand.labels], cand.inertia,
-                            cand.n_iter, cand.n_reseeded,
+                            cand.centroids[perm],
+                            inverse[cand.labels],
+                            cand.inertia,
+                            cand.n_iter,
+                            cand.n_reseeded,
                         )
                         self.last_fresh_levels += 1
             self.last_reseeded += res.n_reseeded

@@ -273,8 +273,11 @@ class CodeAssigner:
         skipping pairs whose items were evicted. Ids are positions of distinct targets
         (so repeats of a target are not in-batch negatives of each other)."""
         trig, tgt = self.miner.pair_ids()
-        keep = [i for i, (a, b) in enumerate(zip(trig, tgt, strict=True))
-                if a in self._content and b in self._content]
+        keep = [
+            i
+            for i, (a, b) in enumerate(zip(trig, tgt, strict=True))
+            if a in self._content and b in self._content
+        ]
         trig = [trig[i] for i in keep]
         tgt = [tgt[i] for i in keep]
         index: dict[Hashable, int] = {}
@@ -299,9 +302,7 @@ class CodeAssigner:
         report = self.rq.refresh(x, mode or self.config.refresh_mode)
         self.vq.build(ids, x)
         codes = self._quantize(ids, self.content_of(ids))
-        n_changed = sum(
-            1 for i in ids if before[i] is None or before[i]["rq"] != codes[i]["rq"]
-        )
+        n_changed = sum(1 for i in ids if before[i] is None or before[i]["rq"] != codes[i]["rq"])
         vq_changed = [
             len(set(before[i]["vq"]) ^ set(codes[i]["vq"])) / (2 * self.config.vq_k)
             for i in ids

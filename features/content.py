@@ -169,7 +169,9 @@ class HashingTextEncoder:
     def _grams(self, text: str) -> list[str]:
         words = text.lower().split()
         padded = f" {' '.join(words)} "
-        return [f"w:{w}" for w in words] + [f"c:{padded[i:i + 3]}" for i in range(len(padded) - 2)]
+        return [f"w:{w}" for w in words] + [
+            f"c:{padded[i : i + 3]}" for i in range(len(padded) - 2)
+        ]
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``texts``; returns ``(len(texts), dim)`` float32."""

@@ -123,8 +123,10 @@ def cmd_replay(args, settings: Settings) -> int:
     stats = replay_movielens(settings, kafka, args.path, rate=args.rate, limit=args.limit,
                              batch=args.batch, progress=not args.no_progress,
                              redis_url=redis_url, wait_items=args.wait_items)
-    print(f"replayed {stats['items']} items and {stats['clicks']} click events "
-          f"in {stats['seconds']:.1f}s ({stats['clicks_per_s']:.0f} events/s)")
+    coded = "" if stats["items_coded"] is None else f" ({stats['items_coded']} coded)"
+    print(f"replayed {stats['items']} items{coded} and {stats['clicks']} click events "
+          f"in {stats['seconds']:.1f}s (clicks: {stats['click_seconds']:.1f}s, "
+          f"{stats['clicks_per_s']:.0f} events/s)")
     return 0
 
 

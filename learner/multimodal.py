@@ -155,7 +155,8 @@ class AlignmentTower(nn.Module):
                 loss = self.loss(trig[idx], tgt[idx], None if tid is None else tid[idx])
                 if weight_decay:
                     loss = loss + weight_decay * sum(
-                        ((p - p0) ** 2).sum() for p, p0 in zip(self.parameters(), start, strict=True)
+                        ((p - p0) ** 2).sum()
+                        for p, p0 in zip(self.parameters(), start, strict=True)
                     )
                 opt.zero_grad()
                 loss.backward()

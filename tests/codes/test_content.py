@@ -56,10 +56,17 @@ def test_tags_similar_bags_are_close_and_tokens_follow_contract():
 
 def test_content_encoder_fuses_blocks_and_checks_vector_shapes():
     enc = ContentEncoder(HashingTextEncoder(16), tag_dim=8, vector_dims={"img": 4})
-    batch = enc.encode([
-        {"item_id": 1, "text": "Toy Story", "tags": ["Animation"], "vectors": {"img": [1, 0, 0, 0]}},
-        {"item_id": 2},  # no content at all: zero blocks, still a row
-    ])
+    batch = enc.encode(
+        [
+            {
+                "item_id": 1,
+                "text": "Toy Story",
+                "tags": ["Animation"],
+                "vectors": {"img": [1, 0, 0, 0]},
+            },
+            {"item_id": 2},  # no content at all: zero blocks, still a row
+        ]
+    )
     fused = batch.fused()
     assert fused.shape == (2, enc.dim) == (2, 28)
     assert np.isclose(np.linalg.norm(fused[0]), 1.0) and not fused[1].any()
@@ -69,11 +76,13 @@ def test_content_encoder_fuses_blocks_and_checks_vector_shapes():
 
 def test_real_sentence_model_embeds_titles(sentence_encoder):
     enc = ContentEncoder(sentence_encoder, tag_dim=16)
-    batch = enc.encode([
-        {"item_id": 1, "text": "Toy Story"},
-        {"item_id": 2, "text": "Toy Story 2"},
-        {"item_id": 3, "text": "Schindler's List"},
-    ])
+    batch = enc.encode(
+        [
+            {"item_id": 1, "text": "Toy Story"},
+            {"item_id": 2, "text": "Toy Story 2"},
+            {"item_id": 3, "text": "Schindler's List"},
+        ]
+    )
     t = batch.text
     assert t.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, rtol=1e-4)

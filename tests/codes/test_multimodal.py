@@ -9,8 +9,15 @@ from learner.multimodal import AlignmentTower, FusionQFormer, content_id_infonce
 
 def test_qformer_shape_masks_and_gradients():
     torch.manual_seed(0)
-    qf = FusionQFormer(out_dim=8, text_dim=24, n_queries=3, d_model=16, n_heads=2,
-                       n_layers=2, vector_dims={"img": 5})
+    qf = FusionQFormer(
+        out_dim=8,
+        text_dim=24,
+        n_queries=3,
+        d_model=16,
+        n_heads=2,
+        n_layers=2,
+        vector_dims={"img": 5},
+    )
     text = torch.randn(4, 24)
     text[3] = 0  # no text
     tags = torch.tensor([[11, 12, 0], [13, 0, 0], [0, 0, 0], [0, 0, 0]])
@@ -60,9 +67,12 @@ def test_alignment_tower_starts_identity_learns_pairs_and_exports():
     mix = rng.standard_normal((d, d)).astype(np.float32) * 0.6
     trig, tgt = base, base @ mix + 0.1 * rng.standard_normal((n, d)).astype(np.float32)
     tower = AlignmentTower(d, temperature=0.1)
-    np.testing.assert_allclose(tower.project_numpy(base[:3]),
-                               base[:3] / np.linalg.norm(base[:3], axis=1, keepdims=True),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        tower.project_numpy(base[:3]),
+        base[:3] / np.linalg.norm(base[:3], axis=1, keepdims=True),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     history = tower.fit(trig, tgt, epochs=8, batch_size=128, lr=1e-2)
     assert history[-1] < history[0]
     w = tower.export_numpy()
