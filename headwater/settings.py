@@ -98,6 +98,9 @@ class Settings(BaseSettings):
         8192, ge=16, description="Hashed embedding rows per categorical field (collisions vs size)."
     )
     embedding_dim: int = Field(16, ge=1, description="Embedding size k of every field.")
+    codebook_refresh_seconds: float = Field(
+        900.0, gt=0, description="How often the items agent re-fits codebooks on recent items."
+    )
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for the learner.")
     log_level: str = Field("INFO", description="Log level for every service.")
 

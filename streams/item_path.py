@@ -68,6 +68,30 @@ class ItemHandler:
             self._assigner = CodeAssigner(make_encoder(self.settings.content_encoder), cfg)
         return self._assigner
 
+    async def refresh(self) -> int:
+        """Re-fit the codebooks on the items seen (scheduled), store codes that changed.
+
+        The refresh warm-starts from the old centroids and matches a fresh fit to them
+        (features.codebooks), so code ids keep their meaning for the ranker; only items
+        whose codes actually moved are rewritten.
+        """
+        assigner = self._assigner
+        if assigner is None or not assigner.rq.fitted:
+            return 0
+        loop = asyncio.get_running_loop()
+        before = {i: c for i, c in zip(assigner._content, assigner.codes_of(list(assigner._content)),
+                                        strict=True)}
+        result = await loop.run_in_executor(self.pool, assigner.refresh)
+        def key(c):
+            return None if c is None else (list(c["rq"]), list(c["vq"]))
+
+        changed = {i: c for i, c in result.codes.items() if key(before.get(i)) != key(c)}
+        for item_id, c in changed.items():
+            await self.store.set_item_codes(item_id, {"rq": c["rq"], "vq": c["vq"]}, c["version"])
+        log.info("codebook refresh: %d of %d items changed codes (version %s)",
+                 len(changed), result.n_items, assigner.version)
+        return len(changed)
+
     async def __call__(self, topic: str, partition: int, messages: list[Message]) -> list[Output]:
         t0 = time.perf_counter()
         outputs: list[Output] = []

@@ -81,6 +81,14 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
         # Redis that lost its last writes is caught up by replay.
         await clicks.on_assigned(app, [tp for tp in assigned if tp.topic == topics["clicks"]])
 
+    @app.timer(settings.codebook_refresh_seconds)
+    async def refresh_codebooks():
+        try:
+            await items.refresh()
+        except Exception as exc:  # noqa: BLE001 - a failed refresh keeps the old codes
+            log.exception("codebook refresh failed")
+            state.on_error(exc)
+
     @app.timer(PERIOD_S)
     async def heartbeat():
         doc = make_status("worker", state.started_at, **state.status())
