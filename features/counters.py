@@ -380,10 +380,14 @@ def _spec_refs(
     udigits = [d[by_first] for d in udigits]
     texts = [values[f].texts for f in spec.key]
     prefix = f"{spec.name}:"
-    names = [
-        prefix + "|".join(t[int(c)] for t, c in zip(texts, combo, strict=True))
-        for combo in zip(*udigits, strict=True)
-    ]
+    if len(texts) == 1:  # one key field: no join per entity
+        (t0,) = texts
+        names = [prefix + t0[c] for c in udigits[0].tolist()]
+    else:
+        names = [
+            prefix + "|".join(t[c] for t, c in zip(texts, combo, strict=True))
+            for combo in zip(*(d.tolist() for d in udigits), strict=True)
+        ]
     return ev, local, names
 
 
@@ -426,7 +430,7 @@ def resolve_refs(
         entity=(np.concatenate(ents) if ents else np.zeros(0, np.int64)).astype(np.int32)[order],
         n_events=n,
         n_specs=len(config.specs),
-        index={name: i for i, name in enumerate(names)},
+        index=dict(zip(names, range(len(names)), strict=True)),
     )
 
 

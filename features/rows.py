@@ -29,6 +29,7 @@ Dense features: ``log1p`` of impressions (all-time and per half-life) and smooth
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -102,6 +103,7 @@ class RowBuilder:
                 self._dense.append((f"log1p_{s}_impressions_{lab}", f"{s}_impressions_{lab}", True))
                 self._dense.append((f"{s}_ctr_{lab}", f"{s}_ctr_{lab}", False))
         self.schema = FeatureSchema(categorical, [d for d, _, _ in self._dense], c.version)
+        self._tables: dict[str, np.ndarray] = {}  # token per small int, per bucket field
 
     # -- public -----------------------------------------------------------------------
     def build(
@@ -121,11 +123,9 @@ class RowBuilder:
             if need not in cols:
                 raise ValueError(f"RowBuilder.build: events need an {need!r} column")
         items = cols["item_id"]
-        attrs_map = {canonical(k): v for k, v in (item_attrs or {}).items()}
-        codes_map = {canonical(k): v for k, v in (codes or {}).items()}
         inverse, uniq = factorize(items)
-        row_attrs = [attrs_map.get(i) for i in uniq]
-        row_codes = [codes_map.get(i) for i in uniq]
+        row_attrs = list(map(_by_text(item_attrs).get, uniq))
+        row_codes = list(map(_by_text(codes).get, uniq))
         out: dict[str, np.ndarray] = {
             "event_id": cols["event_id"],  # canonical str objects: Arrow takes them as they are
             "ts": cols["ts"],
@@ -133,7 +133,9 @@ class RowBuilder:
             "offset": cols["offset"],
             "sub": cols["sub"].astype(np.int32),
         }
-        out.update(self._feature_columns(cols, pre_features, row_attrs, row_codes, inverse))
+        out.update(
+            self._feature_columns(cols, pre_features, row_attrs, row_codes, inverse, uniq)
+        )
         return out
 
     def build_for_scoring(
@@ -176,45 +178,75 @@ class RowBuilder:
         item_attrs: list[Mapping[str, Any] | None],
         item_codes: list[Mapping[str, Sequence[int]] | None],
         item_index: np.ndarray,
+        item_texts: list[str] | None = None,
     ) -> dict[str, np.ndarray]:
-        """``item_attrs``/``item_codes`` are per distinct item; ``item_index`` maps rows to them."""
+        """``item_attrs``/``item_codes`` are per distinct item; ``item_index`` maps rows to them.
+
+        ``item_texts`` (the canonical item ids in ``item_attrs`` order, when rows were
+        factorised by item) saves hashing ``item_id`` per row. Every token is a function
+        of one (field, canonical text), so columns are computed per distinct value (per
+        distinct item for item attributes and codes) and indexed back to rows.
+        """
         c = self.config
         n = len(cols["ts"])
         out: dict[str, np.ndarray] = {}
         out["c:user_id"] = hash_tokens("user_id", cols["user_id"])
-        out["c:item_id"] = hash_tokens("item_id", cols["item_id"])
+        if item_texts is not None:
+            out["c:item_id"] = digests("item_id", item_texts)[item_index]
+        else:
+            out["c:item_id"] = hash_tokens("item_id", cols["item_id"])
         users = cols["user"]
         for f in c.user_fields:
             out[f"c:{f}"] = _user_tokens(f, users)
+        item_fields = [(f, None) for f in c.item_fields]
+        item_fields += [(name, (kind, idx)) for name, kind, idx in self._codes]
+        tokens = _item_columns(item_fields, item_attrs, item_codes)
+        per_item = dict(zip(item_fields, tokens, strict=True))
         for f in c.item_fields:
-            per_item = np.asarray([_item_value(f, a) for a in item_attrs] or [None], dtype=object)
-            out[f"c:{f}"] = hash_tokens(f, per_item[item_index] if n else per_item[:0])
+            out[f"c:{f}"] = per_item[f, None][item_index]
         for f in c.context_fields:
             if f == "hour":
-                out[f"c:{f}"] = hash_tokens(f, (np.floor(cols["ts"] / 3600) % 24).astype(np.int64))
+                hours = (np.floor(cols["ts"] / 3600) % 24).astype(np.int64)
+                out[f"c:{f}"] = self._small_ints(f, hours, 0, 23)
             elif f == "weekday":
-                out[f"c:{f}"] = hash_tokens(
-                    f, ((np.floor(cols["ts"] / 86400) + 3) % 7).astype(np.int64)
-                )
+                days = ((np.floor(cols["ts"] / 86400) + 3) % 7).astype(np.int64)
+                out[f"c:{f}"] = self._small_ints(f, days, 0, 6)
             else:
                 ctx = cols["context"]
                 out[f"c:{f}"] = hash_tokens(f, [d.get(f) if d else None for d in ctx])
+        n_edges = len(c.ctr_edges)
         for b in self._buckets:
             n_tot = _feature(feats, f"{b}_impressions_total", n)
             ctr = _feature(feats, f"{b}_ctr_total", n)
             imp_b = np.minimum(np.floor(np.log2(1.0 + n_tot)), c.max_imp_bucket).astype(np.int64)
             ctr_b = np.where(n_tot > 0, np.searchsorted(np.asarray(c.ctr_edges), ctr), -1)
-            out[f"c:{b}_imp_bucket"] = hash_tokens(f"{b}_imp_bucket", imp_b)
-            out[f"c:{b}_ctr_bucket"] = hash_tokens(f"{b}_ctr_bucket", ctr_b.astype(np.int64))
-        for name, kind, idx in self._codes:
-            per_item = np.asarray(
-                [_code(cd, kind, idx) for cd in item_codes] or [None], dtype=object
+            out[f"c:{b}_imp_bucket"] = self._small_ints(
+                f"{b}_imp_bucket", imp_b, 0, c.max_imp_bucket
             )
-            out[f"c:{name}"] = hash_tokens(name, per_item[item_index] if n else per_item[:0])
+            out[f"c:{b}_ctr_bucket"] = self._small_ints(
+                f"{b}_ctr_bucket", ctr_b.astype(np.int64), -1, n_edges
+            )
+        for name, kind, idx in self._codes:
+            out[f"c:{name}"] = per_item[name, (kind, idx)][item_index]
         for dname, src, log in self._dense:
             v = _feature(feats, src, n)
             out[f"d:{dname}"] = (np.log1p(v) if log else v).astype(np.float32)
         return out
+
+    def _small_ints(self, field: str, values: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """``hash_tokens(field, values)`` for ints expected in ``[lo, hi]``: a table lookup.
+
+        The table holds ``digests(field, str(v))`` for every v in range, built once per
+        builder; a value outside the range takes the general path.
+        """
+        if not len(values):
+            return np.zeros(0, np.int64)
+        table = self._tables.get(field)
+        if table is None:
+            table = self._tables[field] = digests(field, [str(v) for v in range(lo, hi + 1)])
+        if values.min() < lo or values.max() > hi:
+            return hash_tokens(field, values)
+        return table[values - lo]
 
 
 def _feature(feats: Mapping[str, Any], name: str, n: int) -> np.ndarray:
@@ -270,3 +302,125 @@ def _code(codes: Mapping[str, Sequence[int]] | None, kind: str, idx: int) -> Any
         return None
     seq = codes.get(kind)
     return seq[idx] if seq is not None and idx < len(seq) else None
+
+
+def _by_text(mapping: Mapping[Any, Any] | None) -> Mapping[str, Any]:
+    """``mapping`` keyed by canonical text (as it is already when keys are all ``str``)."""
+    if not mapping:
+        return {}
+    if set(map(type, mapping)) == {str}:
+        return mapping
+    return {canonical(k): v for k, v in mapping.items()}
+
+
+def _item_columns(
+    fields: list[tuple[str, tuple[str, int] | None]],
+    attrs: list[Mapping[str, Any] | None],
+    codes: list[Mapping[str, Sequence[int]] | None],
+) -> list[np.ndarray]:
+    """Per field, the token of every distinct item (attributes, then code elements).
+
+    Code elements come from an int matrix per code kind when every item's code is a list
+    of ints long enough (the store's form); anything else takes the general path: one
+    pass over the distinct items extracting every remaining field's raw value, then each
+    field factorised and hashed once per distinct value.
+    """
+    m = len(attrs)
+    if not m:
+        return [np.zeros(1, np.int64) for _ in fields]  # indexable by an empty item_index
+    done: dict[int, np.ndarray] = {}
+    kinds: dict[str, list[int]] = {}
+    for k, (_, code) in enumerate(fields):
+        if code is not None:
+            kinds.setdefault(code[0], []).append(k)
+    for kind, ks in kinds.items():
+        done.update(_code_matrix_tokens(kind, [fields[k] for k in ks], ks, codes))
+    rest = [k for k in range(len(fields)) if k not in done]
+    if rest:
+        sub = [fields[k] for k in rest]
+        width = len(sub)
+        empty = (None,) * width
+
+        def row(a: Mapping[str, Any] | None, cd: Mapping[str, Sequence[int]] | None) -> tuple:
+            if not a and not cd:
+                return empty
+            out = []
+            for f, code in sub:
+                out.append(_item_value(f, a) if code is None else _code(cd, code[0], code[1]))
+            return tuple(out)
+
+        columns = list(zip(*map(row, attrs, codes), strict=True))
+        for k, (f, _), col in zip(rest, sub, columns, strict=True):
+            if col.count(None) == m:
+                done[k] = np.zeros(m, np.int64)
+                continue
+            inv, texts = factorize(np.asarray(col, dtype=object))
+            done[k] = digests(f, texts)[inv]
+    return [done[k] for k in range(len(fields))]
+
+
+def _code_matrix_tokens(
+    kind: str,
+    fields: list[tuple[str, tuple[str, int] | None]],
+    positions: list[int],
+    codes: list[Mapping[str, Sequence[int]] | None],
+) -> dict[int, np.ndarray]:
+    """Tokens of code elements ``kind[idx]`` per distinct item, or {} (general path).
+
+    Applies when every present code of ``kind`` is a list/tuple of plain ints, all of
+    one length covering every wanted element: then ``_code`` would return exactly
+    ``matrix[item, idx]`` (or None where the item has no such code), and the canonical
+    text of an int is ``str(int)``.
+    """
+    seqs = [cd.get(kind) if cd else None for cd in codes]
+    have = [k for k, v in enumerate(seqs) if v is not None]
+    vals = [seqs[k] for k in have]
+    m = len(codes)
+    if not vals:
+        return {pos: np.zeros(m, np.int64) for pos in positions}
+    need = max(code[1] for _, code in fields) + 1  # type: ignore[index]
+    if not set(map(type, vals)) <= {list, tuple} or len(set(map(len, vals))) != 1:
+        return {}
+    if len(vals[0]) < need or set(map(type, itertools.chain.from_iterable(vals))) != {int}:
+        return {}
+    try:
+        mat = np.array(vals, dtype=np.int64)
+    except OverflowError:
+        return {}
+    rows = np.asarray(have, dtype=np.int64)
+    out = {}
+    for pos, (f, code) in zip(positions, fields, strict=True):
+        tokens = np.zeros(m, np.int64)
+        tokens[rows] = int_tokens(f, mat[:, code[1]])  # type: ignore[index]
+        out[pos] = tokens
+    return out
+
+
+#: Per field, the token of every small non-negative int seen so far (0: not yet
+#: computed; no real value hashes to 0). Code elements and buckets are such ints.
+_INT_TABLES: dict[str, np.ndarray] = {}
+_INT_TABLE_MAX = 1 << 20
+
+
+def int_tokens(field: str, values: np.ndarray) -> np.ndarray:
+    """``hash_tokens(field, values)`` for an int64 array (canonical text ``str(int)``)."""
+    if not len(values):
+        return np.zeros(0, np.int64)
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi >= _INT_TABLE_MAX:
+        uniq, inv = np.unique(values, return_inverse=True)
+        return digests(field, [str(u) for u in uniq.tolist()])[inv.reshape(-1)]
+    table = _INT_TABLES.get(field)
+    if table is None or len(table) <= hi:
+        if len(_INT_TABLES) >= 4_096:
+            _INT_TABLES.clear()
+        grown = np.zeros(max(hi + 1, 64, 2 * len(table) if table is not None else 0), np.int64)
+        if table is not None:
+            grown[: len(table)] = table
+        table = _INT_TABLES[field] = grown
+    tokens = table[values]
+    if not tokens.all():
+        todo = np.unique(values[tokens == 0])
+        table[todo] = digests(field, [str(u) for u in todo.tolist()])
+        tokens = table[values]
+    return tokens

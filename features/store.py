@@ -4,8 +4,10 @@ Key layout (docs/contracts.md). Counter state is one Redis hash per entity, Feas
 **sharded per source partition**: ``{hw:p<P>}:<entity>`` (e.g. ``{hw:p3}:item:242``),
 with fields ``n``, ``c`` (all-time impressions and clicks), ``n@<h>``, ``c@<h>`` (sums
 decayed with half-life ``h`` seconds) and ``t`` (the time they are decayed to). Beside
-them, ``{hw:p<P>}:offsets`` (topic → next offset to apply) and ``{hw:p<P>}:pit:<topic>``
-(the replay cache). Why shard per partition (DESIGN.md principle 7):
+them, ``{hw:p<P>}:offsets`` (topic → next offset to apply), ``{hw:p<P>}:pit:<topic>``
+(the replay cache) and ``{hw:p<P>}:writer`` (a random token set by every write: with the
+next offset it names the shard's version, so states cached by this process are used
+only while they are still the shard's, see :mod:`features.shard_cache`). Why shard per partition (DESIGN.md principle 7):
 
 - the hash tag makes every key a batch touches live in **one Redis Cluster slot**, so
   one Lua script can apply the whole batch atomically on a cluster too;
@@ -58,7 +60,8 @@ from features.counters import (
     CounterConfig,
 )
 from features.hashing import canonical
-from features.store_apply import plan_apply
+from features.shard_cache import ShardCache
+from features.store_apply import latest_user_attrs, plan_apply
 from features.store_reads import plan_entity, plan_read
 
 __all__ = ["BatchResult", "OnlineStore", "SyncOnlineStore"]
@@ -73,8 +76,8 @@ def _script(name: str) -> tuple[str, str]:
 
 
 _APPLY, _READ, _PUT = _script("apply.lua"), _script("read.lua"), _script("put_attrs.lua")
-_READ_OWN = _script("read_own.lua")
-_SCRIPTS = (_APPLY, _READ, _PUT, _READ_OWN)
+_READ_OWN, _READ_SHARD = _script("read_own.lua"), _script("read_shard.lua")
+_SCRIPTS = (_APPLY, _READ, _PUT, _READ_OWN, _READ_SHARD)
 
 
 @dataclass
@@ -115,6 +118,7 @@ class _StoreCore:
         attr_cache_seconds: float = 30.0,
         replay_batches: int = 8,
         miss_cache_seconds: float = 1.0,
+        shard_cache_entities: int = 250_000,
         clock=time.time,
     ) -> None:
         if partitions < 1:
@@ -130,8 +134,12 @@ class _StoreCore:
         self.round_trips = 0
         self.commands = 0
         self.miss_cache_seconds = miss_cache_seconds
+        # Entity states as last read or written, per shard and shard version: a batch
+        # reads only the entities not cached (features/shard_cache.py).
+        self.shard_cache = ShardCache(self.counters.width + 1, shard_cache_entities)
         self._items: dict[str, tuple[float, dict, dict]] = {}
         self._absent: dict[str, float] = {}  # item id -> when to ask Redis again
+        self._items_found = 0.0  # see _items_take
         self._users: dict[str, str] = {}
         # A private registry by default: two stores in one process must not collide on the
         # global one; the worker injects the registry it exports.
@@ -193,41 +201,52 @@ class _StoreCore:
     def _plan_items(self, item_ids: Iterable[str]) -> Plan:
         now = self.clock()
         want = {i for i in item_ids if i}
-        miss = [
-            i
-            for i in want
-            if (i not in self._items or self._items[i][0] < now) and self._absent.get(i, 0) < now
-        ]
+        miss = self._items_miss(want, now)
         if miss:
-            cmds: list[Command] = []
-            for i in miss:
-                cmds += [("HGETALL", self.attrs_key("item", i)), ("HGETALL", self.codes_key(i))]
-            res = yield cmds
-            if len(self._items) > 200_000:
-                self._items.clear()
-            if len(self._absent) > 200_000:
-                self._absent.clear()
-            for k, i in enumerate(miss):
-                attrs, codes = _decode_hash(res[2 * k]), _decode_hash(res[2 * k + 1])
-                if not (attrs or codes):
-                    # Remembered only briefly: the item event may be in flight. Without
-                    # this, a stream of unknown items costs two commands per item per batch.
-                    self._absent[i] = now + self.miss_cache_seconds
-                else:
-                    self._items[i] = (
-                        now + self.attr_cache_seconds,
-                        attrs,
-                        codes.get("codes") or {},
-                    )
-        attrs_out = {i: self._items[i][1] for i in want if i in self._items}
-        codes_out = {i: self._items[i][2] for i in want if i in self._items and self._items[i][2]}
+            res = yield self._items_cmds(miss)
+            self._items_take(miss, res, now)
+        return self._items_out(want)
+
+    def _items_miss(self, want: set[str], now: float) -> list[str]:
+        """Items to ask Redis about: not cached (or expired) and not recently absent."""
+        items, absent = self._items, self._absent
+        return [
+            i for i in want if (i not in items or items[i][0] < now) and absent.get(i, 0) < now
+        ]
+
+    def _items_cmds(self, miss: list[str]) -> list[Command]:
+        cmds: list[Command] = []
+        for i in miss:
+            cmds += [("HGETALL", self.attrs_key("item", i)), ("HGETALL", self.codes_key(i))]
+        return cmds
+
+    def _items_take(self, miss: list[str], res: list[Any], now: float) -> None:
+        """Cache the replies of :meth:`_items_cmds` (two per item)."""
+        if len(self._items) > 200_000:
+            self._items.clear()
+        if len(self._absent) > 200_000:
+            self._absent.clear()
+        found = 0
+        for k, i in enumerate(miss):
+            attrs, codes = _decode_hash(res[2 * k]), _decode_hash(res[2 * k + 1])
+            found += bool(attrs)
+            if not (attrs or codes):
+                # Remembered only briefly: the item event may be in flight. Without
+                # this, a stream of unknown items costs two commands per item per batch.
+                self._absent[i] = now + self.miss_cache_seconds
+            else:
+                self._items[i] = (now + self.attr_cache_seconds, attrs, codes.get("codes") or {})
+        if miss:  # share of items asked about that had attributes, smoothed over batches
+            self._items_found += 0.3 * (found / len(miss) - self._items_found)
+
+    def _items_out(self, want: set[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+        items = self._items
+        attrs_out = {i: items[i][1] for i in want if i in items}
+        codes_out = {i: items[i][2] for i in want if i in items and items[i][2]}
         return attrs_out, codes_out
 
     def _user_attr_cmds(self, cols: Mapping[str, Any]) -> list[Command]:
-        latest: dict[str, tuple[float, dict]] = {}
-        for uid, ts, attrs in zip(cols["user_id"], cols["ts"], cols["user"], strict=True):
-            if uid and attrs and (uid not in latest or ts >= latest[uid][0]):
-                latest[uid] = (float(ts), attrs)
+        latest = latest_user_attrs(cols)
         cmds = []
         for uid, (ts, attrs) in latest.items():
             payload = json.dumps(attrs, sort_keys=True, default=str)

@@ -22,10 +22,12 @@ counters do not move again, and their features come back from the replay cache
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import struct
 import zlib
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -96,7 +98,7 @@ def decode_entries(
 
 def plan_apply(core: _StoreCore, topic: str, partition: int, events: Any) -> Plan:
     """See the module docstring; returns a :class:`features.store.BatchResult`."""
-    from features.store import _APPLY, _READ, _READ_OWN, BatchResult
+    from features.store import _APPLY, BatchResult
 
     cfg = core.counters
     W = cfg.width
@@ -109,43 +111,55 @@ def plan_apply(core: _StoreCore, topic: str, partition: int, events: Any) -> Pla
         k: (v[order] if isinstance(v, np.ndarray) else [v[i] for i in order])
         for k, v in cols.items()
     }
-    attrs, codes = yield from core._plan_items(set(srt["item_id"].tolist()))
+    # Item attributes (genre counters need them) travel with the first read: refs are
+    # resolved from the attributes cached here, and only if an item asked about turns
+    # out to have other attributes are they resolved again and read again (the entities
+    # just read are in the shard cache by then, so that read is small). When most items
+    # asked about lately did have attributes, they are asked first (one more round trip).
+    now = core.clock()
+    want = {i for i in srt["item_id"].tolist() if i}
+    miss = core._items_miss(want, now)
+    needs_attrs = any(s.needs_item_attrs for s in cfg.specs)
+    if miss and needs_attrs and core._items_found > 0.5:
+        # Most items asked about lately had attributes: resolving twice would cost more
+        # than the round trip, so ask first (as the serving reads do).
+        core._items_take(miss, (yield core._items_cmds(miss)), now)
+        miss = []
+    attrs, codes = core._items_out(want)
     refs = resolve_refs(cfg, srt, attrs)
-    entities = refs.entities
-    own_keys = [core.shard_key(partition, e) for e in entities]
     tag = f"{{{core.prefix}:p{partition}}}"
     offsets_key, pit_key = f"{tag}:offsets", f"{tag}:pit:{topic}"
     fields = cfg.state_fields
-    others = [p for p in range(core.partitions) if p != partition] if entities else []
-    ts_ref = srt["ts"][refs.event]
     sig = config_signature(cfg)
     stride = refs.n_specs * W
-    extra = core._user_attr_cmds(srt)
+    item_cmds = core._items_cmds(miss)
+    extra = item_cmds + core._user_attr_cmds(srt)
     min_offset = int(srt["offset"].min()) if n else 0
     for attempt in range(MAX_ATTEMPTS):
-        cmds = [
-            core._evalsha(
-                _READ_OWN, [offsets_key, pit_key, *own_keys], [topic, min_offset, *fields]
+        while True:
+            entities = refs.entities
+            own_keys = [core.shard_key(partition, e) for e in entities]
+            others = [p for p in range(core.partitions) if p != partition] if entities else []
+            ts_ref = srt["ts"][refs.event]
+            read, replies = yield from _read_batch_start(
+                core, topic, partition, srt, refs, others, extra, min_offset
             )
-        ]
-        cmds += [
-            core._evalsha(_READ, [core.shard_key(p, e) for e in entities], fields) for p in others
-        ]
-        res = yield cmds + extra
-        extra = []  # guarded attribute writes went out with the first attempt
-        nxt_raw, own_blob, cache = res[0]
-        nxt = int(nxt_raw)
-        new = srt["offset"] >= nxt
-        ref_new = new[refs.event]
-        ev_new = refs.event[ref_new]
-        own = core._states(own_blob, W) if entities else np.zeros((0, W + 1))
-        rep = replay_states(
-            cfg.half_lives, own, refs.entity[ref_new], srt["ts"][ev_new], srt["label"][ev_new]
+            extra = []  # item reads and guarded attribute writes went out once
+            if not item_cmds:
+                break
+            core._items_take(miss, replies[: len(item_cmds)], now)
+            item_cmds = []
+            seen = attrs
+            attrs, codes = core._items_out(want)
+            if not needs_attrs or all(attrs.get(i) is seen.get(i) for i in miss):
+                break
+            refs = resolve_refs(cfg, srt, attrs)
+        nxt, cache, states = read
+        own, per_ref, rep, ref_new, ev_new = _pre_states(
+            cfg, srt, refs, partition, others, nxt, states, ts_ref
         )
-        per_ref = np.zeros((len(refs.event), W))
-        per_ref[ref_new] = rep.pre
-        for blob in res[1 : 1 + len(others)]:
-            per_ref += decay_state(cfg, core._states(blob, W)[refs.entity], ts_ref)
+        extra = []  # guarded attribute writes went out with the first attempt
+        new = srt["offset"] >= nxt
         agg = aggregate(refs, per_ref)
         late = np.zeros(n, bool)
         late[ev_new[rep.late]] = True
@@ -167,15 +181,22 @@ def plan_apply(core: _StoreCore, topic: str, partition: int, events: Any) -> Pla
             entry = encode_entry(sig, srt["offset"][new], srt["sub"][new], agg[new])
             keys = [own_keys[k] for k in rep.touched.tolist()]
             blob = np.ascontiguousarray(rep.final, dtype="<f8").tobytes()
+            token = os.urandom(12).hex()
+            args = [topic, nxt, next_offset, ",".join(fields), blob, entry, core.replay_batches]
             (written,) = yield [
                 core._evalsha(
-                    _APPLY,
-                    [offsets_key, pit_key, *keys],
-                    [topic, nxt, next_offset, ",".join(fields), blob, entry, core.replay_batches],
+                    _APPLY, [offsets_key, pit_key, f"{tag}:writer", *keys], [*args, token]
                 )
             ]
-            if not int(written[0]):
+            if int(written[0]):
+                # Unchanged since the read (the fence), so every state read or cached is
+                # still the shard's, the touched ones as just written.
+                own[rep.touched] = rep.final
+                version = (token.encode(), str(next_offset).encode())
+                core.shard_cache.put(partition, version, entities, own)
+            else:
                 core._fenced.labels(topic).inc()
+                core.shard_cache.forget(partition)
                 log.warning(
                     "%s[%d]: next offset moved from %d to %s while the batch was computed "
                     "(another writer); re-reading (attempt %d)",
@@ -209,3 +230,118 @@ def plan_apply(core: _StoreCore, topic: str, partition: int, events: Any) -> Pla
         codes=codes,
     )
     return result
+
+
+def _read_batch_start(
+    core: _StoreCore, topic, partition, srt, refs, others, extra, min_offset
+) -> Plan:
+    """Round trip 1: the own shard's next offset, states and replay cache, other shards.
+
+    Only entities not in the store's shard cache are read; each read returns its shard's
+    version, and a cached state counts only at the same version (else that shard is read
+    again in full, one more round trip). ``extra`` commands ride with the first round
+    trip. Returns ``((next offset, replay-cache entries, states per shard), extra
+    replies)``; states are per entity of ``refs``, ``t`` last.
+    """
+    from features.store import _READ_OWN, _READ_SHARD
+
+    cfg = core.counters
+    W = cfg.width
+    entities = refs.entities
+    fields = cfg.state_fields
+    sc = core.shard_cache
+    tag = f"{{{core.prefix}:p{partition}}}"
+    shards = [partition, *others]
+    snaps = {q: sc.snapshot(q, entities) for q in shards}
+    full: set[int] = set()  # shards whose cached part was stale: read every key
+    states: dict[int, np.ndarray] = {}
+    nxt, cache = 0, None
+    extra_replies: list[Any] = []
+    while len(states) < len(shards):
+        cmds, order = [], []
+        for q in shards:
+            if q in states:
+                continue
+            want = np.arange(len(entities)) if q in full else snaps[q].missing
+            keys = [core.shard_key(q, entities[k]) for k in want.tolist()]
+            if q == partition:
+                cmd = core._evalsha(
+                    _READ_OWN,
+                    [f"{tag}:offsets", f"{tag}:pit:{topic}", f"{tag}:writer", *keys],
+                    [topic, min_offset, *fields],
+                )
+            else:
+                qt = f"{{{core.prefix}:p{q}}}"
+                cmd = core._evalsha(
+                    _READ_SHARD, [f"{qt}:writer", f"{qt}:offsets", *keys], [topic, *fields]
+                )
+            cmds.append(cmd)
+            order.append(q)
+        res = yield cmds + extra
+        if extra:
+            extra_replies = res[len(cmds) :]
+        extra = []
+        for q, reply in zip(order, res, strict=False):
+            if q == partition:
+                nxt_raw, blob, cache, writer = reply
+                nxt = int(nxt_raw)
+                version = (writer, nxt_raw)
+            else:
+                writer, nxt_raw, blob = reply
+                version = (writer, nxt_raw)
+            fresh = core._states(blob, W)
+            if q in full:
+                got = np.array(fresh)
+                sc.put(q, version, entities, got)
+            else:
+                got = sc.assemble(q, entities, snaps[q], version, fresh)
+            if got is None:
+                full.add(q)
+            else:
+                states[q] = got
+    return (nxt, cache, states), extra_replies
+
+
+def _pre_states(cfg, srt, refs, partition, others, nxt, states, ts_ref):
+    """Every reference's pre-event state: own shard replayed exactly, other shards as
+    read and decayed to the event time. Returns ``(own, per_ref, rep, ref_new, ev_new)``."""
+    W = cfg.width
+    own = states[partition] if len(refs.entities) else np.zeros((0, W + 1))
+    new = srt["offset"] >= nxt
+    ref_new = new[refs.event]
+    ev_new = refs.event[ref_new]
+    rep = replay_states(
+        cfg.half_lives, own, refs.entity[ref_new], srt["ts"][ev_new], srt["label"][ev_new]
+    )
+    per_ref = np.zeros((len(refs.event), W))
+    per_ref[ref_new] = rep.pre
+    for q in others:
+        per_ref += decay_state(cfg, states[q][refs.entity], ts_ref)
+    return own, per_ref, rep, ref_new, ev_new
+
+
+def latest_user_attrs(cols: Mapping[str, Any]) -> dict[str, tuple[float, dict]]:
+    """Per user (first-seen order), the attributes of its newest event (ties: the later).
+
+    Events without a user id or attributes do not count. Vectorised over events; the
+    per-event loop is the reference and runs when an event time is not finite.
+    """
+    uids, users, ts = cols["user_id"], cols["user"], np.asarray(cols["ts"], np.float64)
+    n = len(ts)
+    ok = np.fromiter(map(bool, users), bool, n) & np.fromiter(map(bool, uids), bool, n)
+    idx = np.flatnonzero(ok)
+    if not len(idx):
+        return {}
+    if not np.isfinite(ts[idx]).all() or not isinstance(uids, np.ndarray):
+        latest: dict[str, tuple[float, dict]] = {}
+        for uid, t, attrs in zip(uids, ts.tolist(), users, strict=True):
+            if uid and attrs and (uid not in latest or t >= latest[uid][0]):
+                latest[uid] = (t, attrs)
+        return latest
+    ids = uids[idx]
+    index = dict(zip(dict.fromkeys(ids.tolist()), itertools.count()))
+    codes = np.fromiter(map(index.__getitem__, ids.tolist()), np.int64, len(idx))
+    order = np.lexsort((idx, ts[idx], codes))  # by user, then time, then position
+    last = order[np.flatnonzero(np.append(codes[order][1:] != codes[order][:-1], True))]
+    winners = idx[last].tolist()  # user k's newest event, users in first-seen order
+    return {uid: (float(ts[w]), users[w]) for uid, w in zip(index, winners, strict=True)}

@@ -2,7 +2,8 @@
 --
 -- KEYS[1]     {hw:pP}:offsets      hash: topic -> next offset to apply
 -- KEYS[2]     {hw:pP}:pit:<topic>  the replay cache (hash: first offset -> entry)
--- KEYS[3..]   {hw:pP}:<entity>     the entities the batch changed
+-- KEYS[3]     {hw:pP}:writer       the token of the last write (set to ARGV[8])
+-- KEYS[4..]   {hw:pP}:<entity>     the entities the batch changed
 -- ARGV[1]     topic
 -- ARGV[2]     expected next offset: what the batch was computed from (read_own.lua)
 -- ARGV[3]     the new next offset (the batch's largest applied offset + 1)
@@ -10,6 +11,7 @@
 -- ARGV[5]     new states: per entity key, one little-endian double per field
 -- ARGV[6]     the replay-cache entry for this batch (opaque bytes, written by the caller)
 -- ARGV[7]     replay cache size: how many recent batches keep their entries
+-- ARGV[8]     a fresh random token naming the shard's new state (features/shard_cache.py)
 --
 -- Returns {1, next_offset} when written, {0, stored next offset} when the fence failed.
 --
@@ -29,14 +31,13 @@ local nf = #fields
 local fmt = '<' .. string.rep('d', nf)
 local blob = ARGV[5]
 local pos = 1
-for i = 3, #KEYS do
+local args = {}
+for j = 1, nf do args[2 * j - 1] = fields[j] end
+local format = string.format
+for i = 4, #KEYS do
   local v = {struct.unpack(fmt, blob, pos)}
   pos = v[nf + 1]
-  local args = {}
-  for j = 1, nf do
-    args[2 * j - 1] = fields[j]
-    args[2 * j] = string.format('%.17g', v[j])
-  end
+  for j = 1, nf do args[2 * j] = format('%.17g', v[j]) end
   redis.call('HSET', KEYS[i], unpack(args))
 end
 local keep = tonumber(ARGV[7])
@@ -51,4 +52,5 @@ if keep > 0 then
   end
 end
 redis.call('HSET', KEYS[1], topic, ARGV[3])
+redis.call('SET', KEYS[3], ARGV[8])
 return {1, ARGV[3]}

@@ -2,23 +2,27 @@
 --
 -- KEYS[1]     {hw:pP}:offsets      hash: topic -> next offset to apply
 -- KEYS[2]     {hw:pP}:pit:<topic>  the replay cache (hash: first offset -> entry)
--- KEYS[3..]   {hw:pP}:<entity>     entity hashes
+-- KEYS[3]     {hw:pP}:writer       the token of the last write (apply.lua)
+-- KEYS[4..]   {hw:pP}:<entity>     entity hashes (those the caller has not cached)
 -- ARGV[1]     topic
 -- ARGV[2]     the batch's smallest offset
 -- ARGV[3..]   the state fields in order, the decay reference 't' last
 --
--- Returns {next_offset, states, cache}: states as read.lua packs them; cache the replay
--- cache entries (HVALS) when the batch starts below next_offset (a replay), else {}.
+-- Returns {next_offset, states, cache, writer}: states as read.lua packs them; cache the
+-- replay cache entries (HVALS) when the batch starts below next_offset (a replay), else
+-- {}; writer the token ('' if never written). (writer, next_offset) is the shard's
+-- version: the caller's cached states count only if they were taken at this version.
 -- The caller computes the batch from these and writes it with apply.lua, which checks
 -- that next_offset has not moved in between (the fence).
 local nxt = redis.call('HGET', KEYS[1], ARGV[1]) or '0'
+local writer = redis.call('GET', KEYS[3]) or ''
 local nf = #ARGV - 2
 local fields = {}
 for j = 1, nf do fields[j] = ARGV[j + 2] end
 local fmt = '<' .. string.rep('d', nf)
 local out = {}
 local nan = 0 / 0
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local raw = redis.call('HMGET', KEYS[i], unpack(fields))
   local v = {}
   for j = 1, nf - 1 do v[j] = tonumber(raw[j]) or 0 end
@@ -27,4 +31,4 @@ for i = 3, #KEYS do
 end
 local cache = {}
 if tonumber(ARGV[2]) < tonumber(nxt) then cache = redis.call('HVALS', KEYS[2]) end
-return {nxt, table.concat(out), cache}
+return {nxt, table.concat(out), cache, writer}
