@@ -70,7 +70,9 @@ def trained_past(manifest: dict, topics: list[str], partition: int, offset: int)
     wms = manifest.get("watermarks") or {}
     for t in topics:
         wm = wms.get(f"{t}:{partition}")
-        if wm is not None and int(wm["offset"]) > offset:
+        # The watermark is the next (offset, sub) not yet trained: the click's row
+        # (offset, 0) is trained once the watermark is past it.
+        if wm is not None and (int(wm["offset"]), int(wm["sub"])) > (offset, 0):
             return True
     return False
 
