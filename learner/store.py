@@ -75,14 +75,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN/inf are not JSON: report them as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -273,8 +273,8 @@ class ModelStore:
                 "bytes": pt.stat().st_size,
                 "rows_trained": int(rows_trained),
                 "watermarks": watermarks,
-                "metrics": _json_safe(metrics),
-                "config": _json_safe(config),
+                "metrics": json_safe(metrics),
+                "config": json_safe(config),
                 "parent": parent,
             }
             with open(tmp / "manifest.json", "w", encoding="utf-8") as fh:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from features.schema import FeatureSchema
-from learner.store import CheckpointError, ModelStore
+from learner.store import CheckpointError, ModelStore, json_safe
 from serving.metrics import ServingMetrics
 
 __all__ = [
@@ -118,19 +118,9 @@ class VersionInfo:
             "pinned": self.version == pinned,
             "serving": self.version == serving,
             "created_at": self.created_at,
-            "metrics": _json_safe(self.metrics),
+            "metrics": json_safe(self.metrics),
             "load_seconds": self.load_seconds,
         }
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _weights(state: dict[str, Any]) -> dict[str, Any]:

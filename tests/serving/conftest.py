@@ -91,7 +91,9 @@ def publish(store, builder) -> Callable[..., str]:
             for p in model.parameters():
                 p.normal_(0.0, 0.05)
             if nan:
-                next(iter(model.parameters())).view(-1)[0] = float("nan")
+                # The output layer: embedding tables are checkpointed packed (only rows
+                # training touched), so a NaN in an untouched row would not be saved.
+                list(model.parameters())[-1].view(-1)[0] = float("nan")
         manifest = store.publish(
             {"model": model.state_dict()},
             config={"model": model.spec.to_dict()},
