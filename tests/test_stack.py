@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -80,6 +81,43 @@ def test_up_replay_status_score_down(stack_env, tmp_path):
 
     feats = json.loads(hw(stack_env, "features", "get", "item:50", "--json").stdout)
     assert feats["impressions_total"] >= 1
+
+    # A new item arriving late gets codes within seconds and is scored with them.
+    new_item = tmp_path / "item.json"
+    new_item.write_text(json.dumps({"item_id": "late-item-1", "ts": 893_000_000,
+                                    "text": "A late space adventure", "tags": ["Sci-Fi"]}))
+    hw(stack_env, "produce", "items", "--file", str(new_item))
+
+    def coded():
+        doc = json.loads(hw(stack_env, "features", "get", "item:late-item-1", "--json").stdout)
+        return doc.get("codes") and doc
+
+    doc = wait_until(coded, 60, interval=1.0, what="codes for the late item")
+    assert len(doc["codes"]["rq"]) == 3
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/score", method="POST",
+                                 data=json.dumps({"user_id": "1", "candidates": ["late-item-1"]}).encode())
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert len(json.loads(resp.read())["scores"]) == 1
+
+    # An attack log shipped with `ship-audit` raises an alert served at GET /v1/alerts.
+    log = Path(os.environ.get("HEADWATER_DATA_DIR", REPO.parent / "shared" / "datasets")) / "audit" / "dev04_credential_exfil.log"
+    hw(stack_env, "ship-audit", str(log), "--host", "vm-stack")
+
+    def alerted():
+        url = f"http://127.0.0.1:{port}/v1/alerts?host=vm-stack&min_severity=high"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.loads(resp.read()).get("alerts")
+
+    alerts = wait_until(alerted, 90, interval=1.0, what="an alert at /v1/alerts")
+    assert "T1003.008" in alerts[0]["techniques"]
+
+    # Nothing listens beyond loopback by default.
+    import psutil
+
+    for name, pid in state["pids"].items():
+        for conn in psutil.Process(pid).net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                assert conn.laddr.ip in ("127.0.0.1", "::1"), (name, conn.laddr)
 
     hw(stack_env, "down")
     assert not any(pid_alive(p) for p in state["pids"].values())
