@@ -102,3 +102,31 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 2.0) -> list:
 
 def read_json_topic(bootstrap: str, topic: str, timeout: float = 2.0) -> list[dict]:
     return [json.loads(r.value) for r in read_topic(bootstrap, topic, timeout)]
+
+
+def train_event_ids(bootstrap: str, topic: str) -> list[str]:
+    """Event ids of every row currently on a train-batches topic (duplicates kept)."""
+    from learner.batch import decode_batch
+
+    ids: list[str] = []
+    for rec in read_topic(bootstrap, topic):
+        ids.extend(map(str, decode_batch(rec.value).event_ids))
+    return ids
+
+
+def alerts_in_redis(redis_url: str, host: str, min_severity: str = "medium") -> list[dict]:
+    """Alerts stored for ``GET /v1/alerts`` (newest first), read with the serving code."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from detection.alert_store import query_alerts
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            return await query_alerts(client, host=host, min_severity=min_severity)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())

@@ -117,15 +117,11 @@ def test_live_recording_detects_download_shadow_exfil(live_log):
 @pytest.mark.integration
 def test_live_recording_through_the_real_pipeline(live_log, kafka_bootstrap, redis_url, tmp_path):
     """The fresh log shipped by `ship-audit` through the broker and a worker process."""
-    import asyncio
     import json
 
-    import redis.asyncio as aioredis
-
-    from detection.alert_store import query_alerts
     from headwater.settings import Settings
     from streams.audit_shipper import ship_audit
-    from tests.stackutil import Service, service_env, wait_until
+    from tests.stackutil import Service, alerts_in_redis, service_env, wait_until
 
     log, session_pid = live_log
     prefix = f"live{os.getpid()}-"
@@ -134,13 +130,7 @@ def test_live_recording_through_the_real_pipeline(live_log, kafka_bootstrap, red
     host = f"live-{os.getpid()}"
 
     def alerts():
-        async def go():
-            client = aioredis.Redis.from_url(redis_url)
-            try:
-                return await query_alerts(client, host=host, min_severity="medium")
-            finally:
-                await client.aclose()
-        found = asyncio.run(go())
+        found = alerts_in_redis(redis_url, host, "medium")
         return [a for a in found if {"T1105", "T1003.008"} <= set(a["techniques"])]
 
     try:

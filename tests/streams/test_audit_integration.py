@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 
 import pytest
-import redis.asyncio as aioredis
 from kafka import KafkaProducer
 
-from detection.alert_store import query_alerts
 from headwater.settings import Settings
 from streams.audit_shipper import ship_audit
-from tests.stackutil import read_json_topic, wait_until
+from tests.stackutil import alerts_in_redis, read_json_topic, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def _alerts(redis_url: str, host: str) -> list[dict]:
-    async def go():
-        client = aioredis.Redis.from_url(redis_url)
-        try:
-            return await query_alerts(client, host=host, min_severity="medium")
-        finally:
-            await client.aclose()
-    return asyncio.run(go())
+    return alerts_in_redis(redis_url, host, "medium")
 
 
 def test_shipped_attack_log_raises_one_growing_alert(worker, data_dir, tmp_path, redis_url):

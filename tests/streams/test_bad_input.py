@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 from kafka import KafkaProducer
 
-from learner.batch import decode_batch
 from streams.schemas import ClickEvent, decode_message
-from tests.stackutil import read_json_topic, read_topic, wait_until
+from tests.stackutil import read_json_topic, train_event_ids, wait_until
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus"
 SPEC = json.loads((CORPUS / "bad_clicks.json").read_text())
@@ -52,14 +51,8 @@ def test_corpus_through_the_worker(worker):
     producer.flush()
     producer.close()
 
-    def rows():
-        ids = []
-        for rec in read_topic(kafka, f"{prefix}train-batches"):
-            ids.extend(map(str, decode_batch(rec.value).event_ids))
-        return ids
-
     # The worker survived the corpus: the event after it arrives, once.
-    ids = wait_until(lambda: (r := rows()) and "after-the-corpus" in r and r, 90,
+    ids = wait_until(lambda: (r := train_event_ids(kafka, f"{prefix}train-batches")) and "after-the-corpus" in r and r, 90,
                      what="the event after the corpus", on_fail=worker["svc"].log)
     assert ids.count("after-the-corpus") == 1
     good_ids = {"g1", "g3", "g4", "g6"}

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from learner.batch import decode_batch
 from streams.click_path import RecentIds
-from tests.stackutil import read_json_topic, read_topic, wait_until
+from tests.stackutil import read_json_topic, train_event_ids, wait_until
 
 
 def test_recent_ids_tell_replays_from_duplicates():
@@ -102,13 +101,7 @@ def test_duplicate_event_id_goes_to_dead_letter_and_is_counted_once(worker):
     producer.flush()
     producer.close()
 
-    def rows():
-        ids = []
-        for rec in read_topic(kafka, f"{prefix}train-batches"):
-            ids.extend(map(str, decode_batch(rec.value).event_ids))
-        return ids
-
-    ids = wait_until(lambda: (r := rows()) and "dup-2" in r and r, 60, what="rows",
+    ids = wait_until(lambda: (r := train_event_ids(kafka, f"{prefix}train-batches")) and "dup-2" in r and r, 60, what="rows",
                      on_fail=worker["svc"].log)
     assert ids.count("dup-1") == 1
     dead = wait_until(lambda: [d for d in read_json_topic(kafka, f"{prefix}dead-letter")
