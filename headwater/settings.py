@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     learner_port: int = Field(8020, description="Learner HTTP port (/metrics, /healthz).")
     kafka_port: int = Field(19092, description="Embedded broker port (0: pick a free one).")
     redis_port: int = Field(16379, description="Embedded Redis port (0: pick a free one).")
+    redis_appendfsync: str = Field(
+        "everysec",
+        description="Embedded Redis AOF fsync policy: always, everysec or no (bench/redis_fsync.py).",
+    )
     admin_token: SecretStr | None = Field(
         None, description="Token for admin endpoints; unset disables them (never open)."
     )

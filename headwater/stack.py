@@ -165,6 +165,7 @@ def up(settings: Settings, services: tuple[str, ...] = SERVICES, timeout: float 
         else:
             redis_server = start_redis(settings.bind_host, settings.redis_port,
                                        data_dir=settings.state_dir / "redis",
+                                       appendfsync=settings.redis_appendfsync,
                                        log_path=settings.log_dir / "redis.log")
             started.append(redis_server.pid)
             state.pids["redis"] = redis_server.pid
