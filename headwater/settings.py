@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         "fgcnn", description="Ranker: fgcnn (the paper's), ipnn, deepfm or lr (learner/models)."
     )
     model_preset: str = Field("compact", description="Size preset of the ranker: compact or criteo.")
+    downsample_backlog_rows: int = Field(
+        50_000, ge=0,
+        description="Learner backlog (rows) above which negatives are down-sampled; 0 disables.",
+    )
+    downsample_negative_rate: float = Field(
+        0.25, gt=0, le=1, description="Share of negatives kept while down-sampling (log-odds corrected)."
+    )
     embedding_buckets: int = Field(
         8192, ge=16, description="Hashed embedding rows per categorical field (collisions vs size)."
     )

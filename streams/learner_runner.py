@@ -67,6 +67,8 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
             # River's ROCAUC is thresholded: 10 thresholds read ~0.5 while scores sit in a
             # narrow band early on; 50 cost ~4 % of a step and track the exact AUC closely.
             n_thresholds=50,
+            downsample={"backlog_threshold": settings.downsample_backlog_rows or None,
+                        "negative_rate": settings.downsample_negative_rate},
             num_threads=settings.torch_threads,
             embedding={"kind": "hashed", "buckets": settings.embedding_buckets,
                        "dim": settings.embedding_dim}),
