@@ -31,16 +31,25 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from features.schema import FeatureSchema
-from learner.store import CheckpointError, ModelStore, json_safe
+from learner.store import CheckpointError, ModelStore
 from serving.metrics import ServingMetrics
+from serving.models import (
+    HolderError,
+    LoadFailure,
+    ServedModel,
+    VersionInfo,
+    VersionState,
+    checkpoint_weights,
+    normalize_version,
+    rebuild_model,
+)
 
 __all__ = [
     "HolderError",
@@ -52,120 +61,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class VersionState(StrEnum):
-    LOADING = "LOADING"
-    AVAILABLE = "AVAILABLE"
-    FAILED = "FAILED"
-    RETIRED = "RETIRED"
-
-
-class LoadFailure(Exception):
-    """A checkpoint refused for ``reason`` (a metric label) with a message for operators."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class HolderError(Exception):
-    """An admin action that cannot be done; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True, eq=False)
-class ServedModel:
-    """One loaded, checked model version. Immutable: swapping replaces the whole object."""
-
-    version: str
-    model: torch.nn.Module
-    manifest: dict[str, Any]
-    n_categorical: int
-    n_dense: int
-
-    @property
-    def created_at(self) -> float | None:
-        return self.manifest.get("created_at")
-
-    def predict(self, categorical: np.ndarray, dense: np.ndarray) -> np.ndarray:
-        """P(click) per row for tokens ``[n, F]`` and dense ``[n, D]``, one forward pass."""
-        with torch.inference_mode():
-            logits = self.model.logits(categorical, dense)
-            return torch.sigmoid(logits).reshape(-1).to(torch.float64).numpy()
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """What the holder knows about one version (a snapshot; replaced on every change)."""
-
-    version: str
-    state: VersionState
-    error: str | None = None
-    created_at: float | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    served: ServedModel | None = None
-    load_seconds: float | None = None
-
-    def to_json(self, serving: str | None, pinned: str | None) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "state": self.state.value,
-            "error": self.error,
-            "pinned": self.version == pinned,
-            "serving": self.version == serving,
-            "created_at": self.created_at,
-            "metrics": json_safe(self.metrics),
-            "load_seconds": self.load_seconds,
-        }
-
-
-def _weights(state: dict[str, Any]) -> dict[str, Any]:
-    """The model's ``state_dict`` inside a checkpoint, wherever the learner nests it."""
-    for path in (("model",), ("learner", "model"), ("trainer", "learner", "model")):
-        node: Any = state
-        for key in path:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            return node
-    raise KeyError("no model weights under 'model', 'learner.model' or 'trainer.learner.model'")
-
-
-def _build_model(config: dict[str, Any], weights: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the ranker from its manifest config and load ``weights`` into it.
-
-    The model is first built on the ``meta`` device and the loaded tensors are assigned,
-    which skips random initialisation of tables that are overwritten anyway (half of a
-    load's CPU time for a 50 MB model, taken from the cores that serve requests). If
-    anything stays on ``meta`` (a head keeping tensors outside its state dict), it falls
-    back to the ordinary build + copy.
-    """
-    from learner.models import build_model
-
-    spec = config["model"] if "model" in config else config
-    try:
-        with torch.device("meta"):
-            model = build_model(spec)
-        model.load_state_dict(weights, strict=True, assign=True)
-        if not _has_meta(model):
-            return model
-    except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError):
-        pass
-    model = build_model(spec)
-    model.load_state_dict(weights, strict=True)
-    return model
-
-
-def _has_meta(model: torch.nn.Module) -> bool:
-    for m in model.modules():
-        tensors = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-        tensors += [v for v in vars(m).values() if torch.is_tensor(v)]
-        if any(t.is_meta for t in tensors):
-            return True
-    return False
 
 
 class ModelHolder:
@@ -330,7 +225,7 @@ class ModelHolder:
 
         Idempotent: a version already known is not loaded again. Returns True if it swapped.
         """
-        version = _norm(version)
+        version = normalize_version(version)
         if self.info(version) is not None:
             return False
         if not self.store.path(version).is_dir():
@@ -375,7 +270,7 @@ class ModelHolder:
 
     def pin(self, version: str) -> str:
         """Serve ``version`` and ignore newer ones until :meth:`unpin`; persist the pin."""
-        version = _norm(version)
+        version = normalize_version(version)
         info = self.info(version)
         if info is None and version not in self.store.versions():
             raise HolderError(404, f"model {self.store.model} has no version {version}")
@@ -594,7 +489,7 @@ class ModelHolder:
                 "checksum" if ("sha256" in msg or "bytes" in msg) else "load", msg
             ) from None
         try:
-            model = _build_model(ck.manifest["config"], _weights(ck.state))
+            model = rebuild_model(ck.manifest["config"], checkpoint_weights(ck.state))
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise LoadFailure("load", f"weights do not fit the manifest config: {exc}") from None
         model.eval()
@@ -648,11 +543,3 @@ class ModelHolder:
                 f"quality gate: {self.quality_metric} {new:.4f} is below the serving version "
                 f"{cur.version}'s {old:.4f} by more than {self.quality_margin}",
             )
-
-
-def _norm(version: str | int) -> str:
-    """``7``, ``"7"`` and ``"000007"`` all name version ``000007``."""
-    text = str(version).strip()
-    if not text.isdigit() or not text.isascii():
-        raise HolderError(400, f"version must be digits like 000007, got {str(version)[:40]!r}")
-    return f"{int(text):06d}"
