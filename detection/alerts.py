@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 
-from .graph import FileNode, ProcNode, SockNode
+from .nodes import FileNode, ProcNode, SockNode
 from .rules import TACTIC_ORDER, Match
 
 SEVERITIES = ("low", "medium", "high", "critical")

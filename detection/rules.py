@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from . import tags as T
-from .graph import Edge, FileNode, ProcNode, SockNode
+from .nodes import Edge, FileNode, ProcNode, SockNode
 
 RULES_DIR = Path(__file__).parent / "rules"
 
