@@ -88,6 +88,8 @@ class RefreshResult:
     n_items: int
     vq_changed_fraction: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: items whose RQ or VQ codes moved (the ones a store has to rewrite)
+    changed_ids: list[Hashable] = field(default_factory=list)
 
 
 def code_fields(levels: int, vq_k: int) -> list[str]:
@@ -308,8 +310,13 @@ class CodeAssigner:
             for i in ids
             if before[i] is not None
         ]
+        moved = [
+            i for i in ids
+            if before[i] is None or (before[i]["rq"], before[i]["vq"]) != (codes[i]["rq"], codes[i]["vq"])
+        ]
         return RefreshResult(
-            report, codes, n_changed, len(ids), float(np.mean(vq_changed)) if vq_changed else 0.0
+            report, codes, n_changed, len(ids), float(np.mean(vq_changed)) if vq_changed else 0.0,
+            changed_ids=moved,
         )
 
     # -- internals --------------------------------------------------------------------

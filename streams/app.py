@@ -15,9 +15,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
+import redis.exceptions
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, generate_latest
 
+from features.store_apply import FencedError
 from headwater.settings import Settings
 from streams.deadletter import dead_letter
 
@@ -95,11 +98,6 @@ POISON_AFTER = 3
 
 def is_transient(exc: BaseException) -> bool:
     """Errors of the infrastructure (Redis, the broker, the network): retry, never drop."""
-    import redis.exceptions
-    from kafka.errors import KafkaError
-
-    from features.store_apply import FencedError
-
     return isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, KafkaError, FencedError,
                             redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                             redis.exceptions.BusyLoadingError))

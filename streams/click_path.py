@@ -217,19 +217,13 @@ class ClickHandler:
         if not len(cols["ts"]):
             return outputs
         self.metrics.batch_size.labels(topic).observe(len(cols["ts"]))
-        t_redis = time.perf_counter()
         try:
             result = await self.store.apply_batch(topic, partition, cols)
         except Exception:
             self.state.redis_ok = False
             self.on_redis_error()
             raise
-        self.metrics.redis_seconds.labels("apply").observe(time.perf_counter() - t_redis)
         self.state.redis_ok = True
-        if result.duplicate_count:
-            self.metrics.duplicates.labels(topic).inc(result.duplicate_count)
-        if result.late_count:
-            self.metrics.late_events.inc(result.late_count)
         keep = np.asarray(result.valid, bool)
         if keep.any():
             columns = self.builder.build(cols, result.features, result.item_attrs, result.codes)

@@ -79,13 +79,8 @@ class ItemHandler:
         if assigner is None or not assigner.rq.fitted:
             return 0
         loop = asyncio.get_running_loop()
-        before = {i: c for i, c in zip(assigner._content, assigner.codes_of(list(assigner._content)),
-                                        strict=True)}
         result = await loop.run_in_executor(self.pool, assigner.refresh)
-        def key(c):
-            return None if c is None else (list(c["rq"]), list(c["vq"]))
-
-        changed = {i: c for i, c in result.codes.items() if key(before.get(i)) != key(c)}
+        changed = {i: result.codes[i] for i in result.changed_ids}
         for item_id, c in changed.items():
             await self.store.set_item_codes(item_id, {"rq": c["rq"], "vq": c["vq"]}, c["version"])
         log.info("codebook refresh: %d of %d items changed codes (version %s)",

@@ -46,10 +46,8 @@ class ServiceTrainerSettings(TrainerSettings):
 
         categorical, _ = schema_fields(schema_json)
         item = "item_id" if "item_id" in categorical else None
-        return dataclasses.replace(self, item_field=item).build_plain(schema_json)
-
-    def build_plain(self, schema_json: str):
-        return TrainerSettings.build(self, schema_json)
+        return super(ServiceTrainerSettings, dataclasses.replace(self, item_field=item)).build(
+            schema_json)
 
 
 def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:

@@ -6,7 +6,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class WorkerMetrics:
-    """Metric objects of the worker; names follow Prometheus conventions."""
+    """Metric objects of the worker; names follow Prometheus conventions.
+
+    Late and already-applied (duplicate offset) events and Redis timings are exported by
+    the online store itself (``headwater_features_*``, ``headwater_redis_seconds``) on
+    the same registry; the worker does not count them a second time under other names.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -21,18 +26,11 @@ class WorkerMetrics:
                                   registry=r)
         self.dead_letters = Counter("headwater_dead_letter_total", "Records sent to dead-letter",
                                     ["source_topic", "reason"], registry=r)
-        self.duplicates = Counter("headwater_duplicate_events_total",
-                                  "Events skipped because their offset was already applied",
-                                  ["topic"], registry=r)
-        self.late_events = Counter("headwater_late_events_total",
-                                   "Events older than the counter state they updated", registry=r)
         self.batch_size = Histogram("headwater_batch_events", "Events per agent batch", ["topic"],
                                     buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
                                     registry=r)
         self.batch_seconds = Histogram("headwater_batch_seconds", "Handler time per batch",
                                        ["topic"], registry=r)
-        self.redis_seconds = Histogram("headwater_worker_redis_seconds",
-                                       "Redis round trips of the worker", ["op"], registry=r)
         self.errors = Counter("headwater_worker_errors_total", "Handler failures (retried)",
                               ["topic"], registry=r)
         self.alerts = Counter("headwater_alerts_total", "Alert updates emitted", ["technique"],

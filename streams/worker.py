@@ -37,13 +37,18 @@ class WorkerState:
         return int(sum(s.value for m in counter.collect() for s in m.samples
                        if s.name.endswith("_total")))
 
+    def _registry_total(self, name: str) -> int:
+        """A counter another component registered on the worker's registry, summed."""
+        return int(sum(s.value for m in self.metrics.registry.collect() if m.name == name
+                       for s in m.samples if s.name == f"{name}_total"))
+
     def status(self) -> dict:
         m = self.metrics
         return {
             "events_in_total": self._total(m.events_in),
             "events_valid_total": self._total(m.events_valid),
             "dead_letter_total": self._total(m.dead_letters),
-            "duplicates_total": self._total(m.duplicates),
+            "duplicates_total": self._registry_total("headwater_features_duplicate_events"),
             "rows_out_total": int(sum(s.value for mm in m.events_out.collect() for s in mm.samples
                                       if s.name.endswith("_total") and s.labels.get("topic", "").endswith("train-batches"))),
             "alerts_total": self._total(m.alerts),
