@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--wait-items", type=float, default=120.0,
                    help="seconds to wait for item codes before the clicks (0: don't wait)")
+    p.add_argument("--live", action="store_true",
+                   help="stamp each click with the time it is sent, as a live producer would "
+                        "(default: the dataset's own timestamps)")
     p = add("produce", "Produce events from a file (JSON lines, JSON array, or audit text).")
     p.add_argument("kind", choices=["clicks", "items", "audit"])
     p.add_argument("--file", type=Path, required=True)

@@ -67,7 +67,7 @@ def collect_status(settings: Settings) -> dict:
 
 def _fmt_service(s: dict) -> str:
     keys = [k for k in ("events_in_total", "events_valid_total", "dead_letter_total", "rows_out_total",
-                        "alerts_total", "model_version", "rows_trained", "prequential_auc",
+                        "alerts_total", "model_version", "rows_trained", "served_auc", "prequential_auc",
                         "requests_total", "placeholder") if s.get(k) is not None]
     extra = "  ".join(f"{k}={s[k]}" for k in keys)
     err = f"  last_error={s['last_error']!r}" if s.get("last_error") else ""
@@ -122,7 +122,7 @@ def cmd_replay(args, settings: Settings) -> int:
     kafka, redis_url = resolve_addresses(settings)
     stats = replay_movielens(settings, kafka, args.path, rate=args.rate, limit=args.limit,
                              batch=args.batch, progress=not args.no_progress,
-                             redis_url=redis_url, wait_items=args.wait_items)
+                             redis_url=redis_url, wait_items=args.wait_items, live=args.live)
     coded = "" if stats["items_coded"] is None else f" ({stats['items_coded']} coded)"
     print(f"replayed {stats['items']} items{coded} and {stats['clicks']} click events "
           f"in {stats['seconds']:.1f}s (clicks: {stats['click_seconds']:.1f}s, "

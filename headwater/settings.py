@@ -67,8 +67,25 @@ class Settings(BaseSettings):
     )
     audit_batch_size: int = Field(2000, ge=1, description="Max audit messages per agent batch.")
     train_message_rows: int = Field(
+        256, ge=1, description="Most rows per Arrow message the worker writes on train-batches.",
+    )
+    learner_step_rows: int = Field(
         256, ge=1,
-        description="Rows per Arrow message on train-batches = rows per learner step (test-then-train).",
+        description="Rows per learner step: messages accumulate up to this many rows ...",
+    )
+    learner_step_wait_seconds: float = Field(
+        2.0, ge=0,
+        description="... or until the oldest waiting row is this old (a slow stream still steps).",
+    )
+    served_lag_delay_seconds: float = Field(
+        1.0, ge=0,
+        description="Served-lag AUC: seconds from a publication until serving runs it.",
+    )
+    served_lag_sample: float = Field(
+        1.0, gt=0, le=1, description="Share of rows the served-lag AUC scores (a forward each).",
+    )
+    model_wide: bool = Field(
+        True, description="Ranker: standardised dense counters and a wide linear part (Wide & Deep).",
     )
     publish_every_seconds: float = Field(5.0, gt=0, description="Learner publication period.")
     publish_every_rows: int = Field(

@@ -53,6 +53,8 @@ class LearnerLoop:
         registry: CollectorRegistry | None = None,
         poll_timeout_ms: int = 200,
         max_records: int = 16,
+        step_rows: int = 256,
+        step_wait_seconds: float = 2.0,
     ) -> None:
         self.bootstrap = bootstrap
         self.train_topic = _topic(topics, "train-batches")
@@ -69,6 +71,8 @@ class LearnerLoop:
             publish_every_rows=publish_every_rows,
             on_publish=self._announce,
             registry=registry,
+            step_rows=step_rows,
+            step_wait_seconds=step_wait_seconds,
         )
         self._consumer: KafkaConsumer | None = None
         self._assigned: list[TopicPartition] = []
@@ -142,17 +146,20 @@ class LearnerLoop:
                 )
                 for tp, messages in polled.items():
                     for msg in messages:
-                        res = self.service.process(
+                        self.service.process(
                             msg.value,
                             backlog=self._backlog_rows(),
                             position=(tp.topic, tp.partition, msg.offset + 1),
                         )
-                        if res is not None and res.rows_in:
-                            self._rows_per_message += 0.05 * (res.rows_in - self._rows_per_message)
+                        n = self.service.last_message_rows
+                        if n:
+                            self._rows_per_message += 0.05 * (n - self._rows_per_message)
                         self.service.maybe_publish()
+                self.service.tick()
                 self.service.maybe_publish()
         finally:
             try:
+                self.service.flush()
                 self.service.maybe_publish(force=True)
             finally:
                 self._consumer.close()

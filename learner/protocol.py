@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from learner.models import Ranker
 
-__all__ = ["Batch", "Learner", "RiverLearner", "Rows", "TorchLearner", "take"]
+__all__ = ["Batch", "Learner", "RiverLearner", "Rows", "TorchLearner", "concat_rows", "take"]
 
 
 class Batch(Protocol):
@@ -55,6 +55,24 @@ def take(batch: Batch, index: np.ndarray) -> Rows:
     )
 
 
+def concat_rows(batches: list[Batch]) -> Rows:
+    """Several batches' rows as one :class:`Rows`, in order (event times kept if all have them).
+
+    >>> a = Rows(np.array([[1]]), np.zeros((1, 0), np.float32), np.array([1]))
+    >>> b = Rows(np.array([[2], [3]]), np.zeros((2, 0), np.float32), np.array([0, 1]))
+    >>> r = concat_rows([a, b])
+    >>> r.categorical.ravel().tolist(), r.labels.tolist()
+    ([1, 2, 3], [1, 0, 1])
+    """
+    ts = [getattr(b, "ts", None) for b in batches]
+    return Rows(
+        categorical=np.concatenate([b.categorical for b in batches]),
+        dense=np.concatenate([b.dense for b in batches]),
+        labels=np.concatenate([np.asarray(b.labels) for b in batches]),
+        ts=None if any(t is None for t in ts) else np.concatenate(ts),
+    )
+
+
 @runtime_checkable
 class Learner(Protocol):
     """What the trainer needs from a model."""
@@ -73,6 +91,11 @@ class TorchLearner:
     ``embedding_lr`` (default: ``lr``) lets the tables move faster than the network: in
     one pass over a stream, each id is seen only a few times.
 
+    ``reference_rows`` scales both learning rates by ``min(1, n / reference_rows)`` for a
+    step of ``n`` rows: Adam moves every weight by about ``lr`` per step whatever the
+    batch size, so without it a slow stream's many small steps would move the model
+    once per handful of rows and chase the last labels.
+
     ``logit_offset`` in :meth:`learn_many` shifts the training logit (``-log r`` when
     negatives were kept with rate ``r``) so the model itself stays calibrated on the
     full distribution and served scores need no correction.
@@ -85,8 +108,11 @@ class TorchLearner:
         optimizer: str = "adam",
         weight_decay: float = 0.0,
         embedding_lr: float | None = None,
+        reference_rows: int | None = None,
+        wide_lr: float | None = None,
     ) -> None:
         self.model = model
+        self.reference_rows = reference_rows
         families = {
             "adam": (torch.optim.Adam, torch.optim.SparseAdam),
             "sgd": (torch.optim.SGD, torch.optim.SGD),
@@ -96,10 +122,22 @@ class TorchLearner:
             raise ValueError(f"optimizer must be one of {sorted(families)}, got {optimizer!r}")
         dense_cls, sparse_cls = families[optimizer]
         table = model.embedding.table.weight
-        rest = [p for p in model.parameters() if p is not table]
-        self.optimizer = dense_cls(rest, lr=lr, weight_decay=weight_decay) if rest else None
+        wide = [] if getattr(model, "wide", None) is None else list(model.wide.parameters())
+        fast = {id(p) for p in wide}
+        rest = [p for p in model.parameters() if p is not table and id(p) not in fast]
+        groups = [{"params": rest}] if rest else []
+        if wide:
+            # the wide part moves at the tables' rate: a linear model over standardised
+            # counters needs weights of order one within a few hundred steps
+            groups.append({"params": wide, "lr": wide_lr or embedding_lr or lr})
+        self.optimizer = dense_cls(groups, lr=lr, weight_decay=weight_decay) if groups else None
         self.sparse_optimizer = sparse_cls([table], lr=embedding_lr or lr)
         self.model.embedding.attach_optimizer(self.sparse_optimizer)
+        self._base_lr = [
+            [g["lr"] for g in opt.param_groups]
+            for opt in (self.optimizer, self.sparse_optimizer)
+            if opt is not None
+        ]
 
     @staticmethod
     def _dense(batch: Batch) -> torch.Tensor:
@@ -115,17 +153,31 @@ class TorchLearner:
     def _step(self, batch: Batch, logit_offset: float) -> torch.Tensor:
         self.model.train()
         rows = self.model.embedding.lookup(batch.categorical)
-        logits = self.model(rows, self._dense(batch))
+        dense = self._dense(batch)
+        logits = self.model(rows, dense)
         y = torch.from_numpy(np.asarray(batch.labels, dtype=np.float32))
         loss = F.binary_cross_entropy_with_logits(logits + logit_offset, y)
         self.model.zero_grad(set_to_none=True)
         loss.backward()
+        if self.reference_rows:
+            self._scale_lr(min(1.0, len(y) / self.reference_rows))
         if self.optimizer is not None:
             self.optimizer.step()
         self.sparse_optimizer.step()
+        self.model.observe_dense(dense)
         self.model.embedding.mark_dirty(rows)
         self.model.embedding.observe(batch.categorical, getattr(batch, "ts", None))
         return logits.detach()
+
+    def _scale_lr(self, scale: float) -> None:
+        opts = [o for o in (self.optimizer, self.sparse_optimizer) if o is not None]
+        for opt, base in zip(opts, self._base_lr, strict=True):
+            for group, lr in zip(opt.param_groups, base, strict=True):
+                group["lr"] = lr * scale
+
+    def serving_model(self) -> Ranker:
+        """The model a publication carries, i.e. what serving will run."""
+        return self.model
 
     def learn_many(self, batch: Batch, logit_offset: float = 0.0) -> None:
         """One optimizer step on the batch's mean log-loss; then update table admission."""

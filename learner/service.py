@@ -22,7 +22,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from learner.batch import decode_batch
+from learner.batch import TrainBatch, decode_batch
 from learner.protocol import TorchLearner
 from learner.store import CheckpointError, ModelStore
 from learner.trainer import PrequentialTrainer, SchemaMismatchError, StepResult
@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 TrainerFactory = Callable[[str], PrequentialTrainer]
 """Builds a fresh trainer (model included) for a feature-schema JSON."""
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or x != x else x
 
 
 class _Metrics:
@@ -50,6 +54,11 @@ class _Metrics:
         self.auc = Gauge(
             "headwater_learner_prequential_auc",
             "Cumulative test-then-train ROC AUC.",
+            registry=registry,
+        )
+        self.served_auc = Gauge(
+            "headwater_learner_served_auc",
+            "Cumulative AUC of the published snapshot serving runs, on rows it had not seen.",
             registry=registry,
         )
         self.logloss = Gauge(
@@ -90,6 +99,13 @@ class LearnerService:
     ``checkpoint_optimizer=False`` leaves Adam's moments out of ``model.pt`` (about a
     third of the bytes); a restart then resumes with fresh moments.
     ``resume=False`` ignores the store's checkpoints (benchmarks, fresh experiments).
+
+    Steps of a sane size at any event rate: messages accumulate until they hold
+    ``step_rows`` rows or the oldest has waited ``step_wait_seconds`` (checked on every
+    message and by :meth:`tick`, which a consume loop calls when a poll comes back
+    empty); then all of them are scored and trained as one optimizer step. A message's
+    consumer position is recorded only once its rows are trained, so a publication
+    never covers rows still waiting, and a restart re-reads them.
     """
 
     def __init__(
@@ -103,6 +119,8 @@ class LearnerService:
         checkpoint_optimizer: bool = True,
         clock: Callable[[], float] = time.monotonic,
         resume: bool = True,
+        step_rows: int = 1,
+        step_wait_seconds: float = 0.0,
     ) -> None:
         self.store = store
         self.trainer_factory = trainer_factory
@@ -122,6 +140,13 @@ class LearnerService:
         self._rows_since_publish = 0
         self._started = clock()
         self._last_publish = clock()
+        self.step_rows = max(1, int(step_rows))
+        self.step_wait_seconds = float(step_wait_seconds)
+        self._pending: list[tuple[TrainBatch, tuple[str, int, int] | None]] = []
+        self._pending_rows = 0
+        self._pending_since = 0.0
+        self._backlog = 0
+        self.last_message_rows = 0
         self._lock = threading.RLock()
         if resume:
             self._resume()
@@ -146,6 +171,10 @@ class LearnerService:
                 f"{self.store.model} version {version}: the trainer factory builds a model that does "
                 f"not match the checkpoint ({exc}); publish under a new model name to change it"
             ) from None
+        trainer.clock = self.clock
+        if trainer.served is not None and isinstance(trainer.learner, TorchLearner):
+            # what serving runs after a restart: the version we resume from
+            trainer.served.publish(trainer.learner.serving_model(), self.clock())
         self.trainer = trainer
         self.version = version
         self.consumer_positions = {
@@ -167,16 +196,17 @@ class LearnerService:
         backlog: int | None = None,
         position: tuple[str, int, int] | None = None,
     ) -> StepResult | None:
-        """Handle one train-batch message; return what the step did, or ``None`` if refused.
+        """Handle one train-batch message; return what the step did when one ran.
 
         ``backlog`` (rows still waiting) drives negative down-sampling; ``position``
         ``(topic, partition, next_offset)`` of the *train-batches* message is stored in
-        checkpoints so a Kafka loop can seek there on restart.
+        checkpoints (once the message's rows are trained) so a Kafka loop can seek there
+        on restart. Returns ``None`` when the message was refused or is waiting for more
+        rows (see the class docstring), else the :class:`StepResult` of the step it ran.
         """
         with self._lock:
-            if position is not None:
-                self.consumer_positions[f"{position[0]}:{position[1]}"] = int(position[2])
             if backlog is not None:
+                self._backlog = int(backlog)
                 self.metrics.backlog.set(backlog)
             try:
                 batch = decode_batch(payload)
@@ -185,33 +215,76 @@ class LearnerService:
                 self.metrics.rows_dropped.labels("invalid_batch").inc()
                 self.last_error = f"invalid train batch: {exc}"
                 log.warning(self.last_error)
+                if position is not None and not self._pending:
+                    self._record_position(position)
                 return None
             if self.trainer is None:
                 self.trainer = self.trainer_factory(batch.schema_json)
+                self.trainer.clock = self.clock
             try:
-                result = self.trainer.step(batch, backlog=backlog or 0)
+                self.trainer.check_schema(batch)
             except SchemaMismatchError as exc:
                 self.metrics.rows_dropped.labels("schema").inc(len(batch))
                 self.last_error = str(exc)
                 log.warning(self.last_error)
+                if position is not None and not self._pending:
+                    self._record_position(position)
                 return None
-            self._rows_since_publish += result.rows_scored
-            self.metrics.rows_trained.inc(result.rows_trained)
-            if result.rows_duplicate:
-                self.metrics.rows_dropped.labels("duplicate").inc(result.rows_duplicate)
-            if result.rows_downsampled:
-                self.metrics.rows_dropped.labels("downsampled").inc(result.rows_downsampled)
-            if result.drifts:
-                self.metrics.drift.inc(result.drifts)
-                self.last_drift_at = time.time()
-                log.warning(
-                    "learner drift: ADWIN flagged the per-row loss %d time(s) in a batch of %s:%s",
-                    result.drifts,
-                    batch.source_topic,
-                    batch.source_partition,
-                )
-            self._update_gauges()
-            return result
+            self.last_message_rows = len(batch)
+            if not self._pending:
+                self._pending_since = self.clock()
+            self._pending.append((batch, position))
+            self._pending_rows += len(batch)
+            if self._pending_rows >= self.step_rows or self._waited_enough():
+                return self._train_pending()
+            return None
+
+    def tick(self) -> StepResult | None:
+        """Train waiting rows whose deadline has passed (call when a poll is empty)."""
+        with self._lock:
+            if self._pending and self._waited_enough():
+                return self._train_pending()
+            return None
+
+    def flush(self) -> StepResult | None:
+        """Train every waiting row now (before a publication on shutdown)."""
+        with self._lock:
+            return self._train_pending() if self._pending else None
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows received but not trained yet (waiting to fill a step)."""
+        return self._pending_rows
+
+    def _waited_enough(self) -> bool:
+        return self.clock() - self._pending_since >= self.step_wait_seconds
+
+    def _record_position(self, position: tuple[str, int, int]) -> None:
+        self.consumer_positions[f"{position[0]}:{position[1]}"] = int(position[2])
+
+    def _train_pending(self) -> StepResult:
+        assert self.trainer is not None
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        result = self.trainer.step_many([b for b, _ in pending], backlog=self._backlog)
+        for _batch, position in pending:
+            if position is not None:
+                self._record_position(position)
+        self._rows_since_publish += result.rows_scored
+        self.metrics.rows_trained.inc(result.rows_trained)
+        if result.rows_duplicate:
+            self.metrics.rows_dropped.labels("duplicate").inc(result.rows_duplicate)
+        if result.rows_downsampled:
+            self.metrics.rows_dropped.labels("downsampled").inc(result.rows_downsampled)
+        if result.drifts:
+            self.metrics.drift.inc(result.drifts)
+            self.last_drift_at = time.time()
+            log.warning(
+                "learner drift: ADWIN flagged the per-row loss %d time(s) in a step of %d rows",
+                result.drifts,
+                result.rows_in,
+            )
+        self._update_gauges()
+        return result
 
     def _update_gauges(self) -> None:
         if self.trainer is None:
@@ -221,6 +294,10 @@ class LearnerService:
             self.metrics.auc.set(snap["auc"])
         if snap["logloss"] == snap["logloss"]:
             self.metrics.logloss.set(snap["logloss"])
+        if self.trainer.served is not None:
+            served = self.trainer.served.metrics.snapshot()["auc"]
+            if served == served:
+                self.metrics.served_auc.set(served)
 
     def due(self) -> bool:
         """True when new rows exist and the time or row budget since the last publication ran out."""
@@ -275,6 +352,8 @@ class LearnerService:
                 metrics=trainer.snapshot(),
                 parent=self.version,
             )
+            if trainer.served is not None:
+                trainer.served.publish(trainer.learner.serving_model(), self.clock())
             self.metrics.publish_seconds.observe(time.perf_counter() - t0)
             self.metrics.publications.inc()
             self.publications += 1
@@ -297,6 +376,7 @@ class LearnerService:
         # attributes; a snapshot a step old is fine for a status.
         t = self.trainer
         snap = t.metrics.snapshot() if t else {}
+        served = t.served.metrics.snapshot() if t is not None and t.served is not None else {}
         return {
             "model": self.store.model,
             "version": self.version,
@@ -307,6 +387,9 @@ class LearnerService:
             "auc": snap.get("auc"),
             "logloss": snap.get("logloss"),
             "rolling_auc": snap.get("rolling_auc"),
+            "served_auc": _finite(served.get("auc")),
+            "served_rolling_auc": _finite(served.get("rolling_auc")),
+            "pending_rows": self._pending_rows,
             "drift_total": t.metrics.drift_total if t else 0,
             "last_drift_at": self.last_drift_at,
             "backlog": t.last_backlog if t else 0,

@@ -14,8 +14,10 @@ Invariants:
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,12 +26,13 @@ import torch
 
 from learner.batch import TrainBatch
 from learner.metrics import ColdItemTracker, PrequentialMetrics
-from learner.protocol import Learner, TorchLearner, take
+from learner.protocol import Learner, TorchLearner, concat_rows, take
 
 __all__ = [
     "DownsampleConfig",
     "PrequentialTrainer",
     "SchemaMismatchError",
+    "ServedLag",
     "StepResult",
     "TrainerSettings",
 ]
@@ -70,6 +73,66 @@ class StepResult:
     kept: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
+class ServedLag:
+    """Scores each row with the model serving runs at that moment: the last publication.
+
+    Serving answers with the newest published version once it has loaded it, so a row
+    arriving between two publications is scored by a snapshot that is up to one period
+    (plus the load delay) old. :meth:`publish` takes a frozen copy of the learner's
+    model when a version is published; it starts serving ``delay`` seconds later (on
+    the service's clock). :meth:`observe` scores rows with the snapshot in service
+    before the learner trains on them, feeding ``metrics``: the *served-lag* AUC, which
+    is what users of ``/v1/score`` get, beside the prequential AUC of the live weights.
+    ``sample`` scores that share of rows only (a forward pass costs about a third of a
+    training step).
+    """
+
+    def __init__(
+        self,
+        metrics: PrequentialMetrics | None = None,
+        delay: float = 1.0,
+        sample: float = 1.0,
+        seed: int = 0,
+        record: bool = False,
+    ) -> None:
+        if not 0.0 < sample <= 1.0:
+            raise ValueError(f"served-lag sample must be in (0, 1], got {sample}")
+        self.metrics = metrics or PrequentialMetrics()
+        self.delay = float(delay)
+        self.sample = float(sample)
+        self._rng = np.random.default_rng(seed)
+        self._serving: Any = None
+        self._queued: list[tuple[float, Any]] = []
+        # record=True (benchmarks): every observed row's score, NaN while nothing serves
+        self.history: list[np.ndarray] | None = [] if record else None
+
+    def publish(self, model: torch.nn.Module, now: float) -> None:
+        snap = copy.deepcopy(model)
+        snap.eval()
+        self._queued.append((now + self.delay, snap))
+
+    def observe(self, rows: Any, now: float) -> None:
+        while self._queued and self._queued[0][0] <= now:
+            self._serving = self._queued.pop(0)[1]
+        if self._serving is None or not len(rows.labels):
+            if self.history is not None:
+                self.history.append(np.full(len(rows.labels), np.nan))
+            return  # nothing served yet: serving has no model to answer with
+        if self.history is not None:
+            with torch.no_grad():
+                p = torch.sigmoid(self._serving.logits(rows.categorical, rows.dense)).numpy()
+            self.history.append(p.astype(np.float64))
+            self.metrics.update(np.asarray(rows.labels), p)
+            return
+        if self.sample < 1.0:
+            rows = take(rows, self._rng.random(len(rows.labels)) < self.sample)
+            if not len(rows.labels):
+                return
+        with torch.no_grad():
+            logits = self._serving.logits(rows.categorical, rows.dense)
+        self.metrics.update(np.asarray(rows.labels), torch.sigmoid(logits).numpy())
+
+
 def _at_or_above(offsets: np.ndarray, subs: np.ndarray, mark: tuple[int, int]) -> np.ndarray:
     off, sub = mark
     return (offsets > off) | ((offsets == off) & (subs >= sub))
@@ -95,8 +158,12 @@ class PrequentialTrainer:
         item_field: str | None = None,
         cold_k: int = 10,
         num_threads: int | None = 1,
+        served: ServedLag | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.learner = learner
+        self.served = served
+        self.clock = clock or time.monotonic
         self.schema_hash = schema_hash
         self.schema_json = schema_json
         self.metrics = metrics or PrequentialMetrics()
@@ -126,22 +193,41 @@ class PrequentialTrainer:
 
     def step(self, batch: TrainBatch, backlog: int = 0, record_cold: bool = True) -> StepResult:
         """Dedup, score, update metrics, then train on one batch."""
-        self.check_schema(batch)
+        return self.step_many([batch], backlog=backlog, record_cold=record_cold)
+
+    def step_many(
+        self, batches: Sequence[TrainBatch], backlog: int = 0, record_cold: bool = True
+    ) -> StepResult:
+        """Dedup each batch by its partition's watermark, then score and train all kept
+        rows as *one* optimizer step (messages accumulated by the service)."""
+        for batch in batches:
+            self.check_schema(batch)
         self.last_backlog = int(backlog)
-        key = (batch.source_topic, int(batch.source_partition))
-        n = len(batch)
-        mark = self.watermarks.get(key)
-        keep = (
-            np.ones(n, dtype=bool)
-            if mark is None
-            else _at_or_above(batch.offsets, batch.subs, mark)
-        )
-        result = StepResult(rows_in=n, rows_duplicate=int(n - keep.sum()))
+        keeps, parts = [], []
+        for batch in batches:
+            key = (batch.source_topic, int(batch.source_partition))
+            mark = self.watermarks.get(key)
+            keep = (
+                np.ones(len(batch), dtype=bool)
+                if mark is None
+                else _at_or_above(batch.offsets, batch.subs, mark)
+            )
+            keeps.append(keep)
+            if keep.any():
+                parts.append(batch if keep.all() else take(batch, keep))
+                offs, subs = batch.offsets[keep], batch.subs[keep]
+                last = int(np.lexsort((subs, offs))[-1])
+                self.watermarks[key] = (int(offs[last]), int(subs[last]) + 1)
+        n_in = sum(len(b) for b in batches)
+        kept = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
+        result = StepResult(rows_in=n_in, rows_duplicate=int(n_in - kept.sum()))
         self.rows_dropped["duplicate"] += result.rows_duplicate
-        if not keep.any():
+        if not parts:
             return result
-        rows = batch if keep.all() else take(batch, keep)
+        rows = parts[0] if len(parts) == 1 else concat_rows(parts)
         labels = np.asarray(rows.labels)
+        if self.served is not None:
+            self.served.observe(rows, self.clock())
 
         ds = self.downsample
         sampling = (
@@ -168,15 +254,12 @@ class PrequentialTrainer:
             result.rows_trained = len(labels)
 
         result.rows_scored = len(labels)
-        result.scores, result.kept = probs, keep
+        result.scores, result.kept = probs, kept
         result.drifts = self.metrics.update(labels, probs)
         if self.item_field is not None:
-            j = batch.categorical_fields.index(self.item_field)
+            j = batches[0].categorical_fields.index(self.item_field)
             self.cold.update(rows.categorical[:, j], labels, probs, record=record_cold)
 
-        offs, subs = batch.offsets[keep], batch.subs[keep]
-        last = int(np.lexsort((subs, offs))[-1])
-        self.watermarks[key] = (int(offs[last]), int(subs[last]) + 1)
         self.rows_trained += result.rows_trained
         self.rows_dropped["downsampled"] += result.rows_downsampled
         self.batches += 1
@@ -191,6 +274,12 @@ class PrequentialTrainer:
             out[f"rows_dropped_{reason}"] = float(count)
         if self.item_field is not None:
             out["cold_item_auc"] = self.cold.auc()
+        if self.served is not None:
+            served = self.served.metrics.snapshot()
+            out["served_auc"] = served["auc"]
+            out["served_logloss"] = served["logloss"]
+            out["served_rolling_auc"] = served["rolling_auc"]
+            out["served_rows_scored"] = served["rows_scored"]
         stats = getattr(
             getattr(getattr(self.learner, "model", None), "embedding", None), "stats", None
         )
@@ -217,6 +306,8 @@ class PrequentialTrainer:
             "schema_json": self.schema_json,
             "downsample": asdict(self.downsample),
         }
+        if self.served is not None:
+            out["served_metrics"] = self.served.metrics.state()
         if include_learner and isinstance(self.learner, TorchLearner):
             out["learner"] = self.learner.state_dict()
         return out
@@ -227,6 +318,8 @@ class PrequentialTrainer:
         self.rows_dropped = {k: int(v) for k, v in state["rows_dropped"].items()}
         self.batches = int(state.get("batches", 0))
         self.metrics.load_state(state["metrics"])
+        if self.served is not None and "served_metrics" in state:
+            self.served.metrics.load_state(state["served_metrics"])
         self.schema_hash = state.get("schema_hash")
         self.schema_json = state.get("schema_json")
         if "learner" in state and isinstance(self.learner, TorchLearner):
@@ -258,6 +351,11 @@ class TrainerSettings:
     n_thresholds: int = 10
     num_threads: int | None = 1
     seed: int = 0
+    reference_rows: int | None = None
+    served_lag: dict[str, Any] | None = None
+    dense_norm: bool = False
+    wide: bool = False
+    wide_lr: float | None = None
 
     def build(self, schema_json: str) -> PrequentialTrainer:
         """A fresh trainer for a feature schema (the model's fields come from it)."""
@@ -270,11 +368,18 @@ class TrainerSettings:
         categorical, dense = schema_fields(schema_json)
         emb = EmbeddingConfig.from_dict(self.embedding) if self.embedding else EmbeddingConfig()
         head = {**preset_head(self.kind, self.preset), **self.head}
-        spec = ModelSpec(self.kind, categorical, dense, head, emb.to_dict())
+        spec = ModelSpec(
+            self.kind, categorical, dense, head, emb.to_dict(), self.dense_norm, self.wide
+        )
         torch.manual_seed(self.seed)
         model = build_model(spec)
         learner = TorchLearner(
-            model, lr=self.lr, optimizer=self.optimizer, embedding_lr=self.embedding_lr
+            model,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            embedding_lr=self.embedding_lr,
+            reference_rows=self.reference_rows,
+            wide_lr=self.wide_lr,
         )
         if self.item_field is not None and self.item_field not in categorical:
             raise ValueError(
@@ -289,6 +394,12 @@ class TrainerSettings:
             item_field=self.item_field,
             cold_k=self.cold_k,
             num_threads=self.num_threads,
+            served=None
+            if self.served_lag is None
+            else ServedLag(
+                PrequentialMetrics(window=self.window, n_thresholds=self.n_thresholds),
+                **self.served_lag,
+            ),
         )
 
     def factory(self) -> Callable[[str], PrequentialTrainer]:

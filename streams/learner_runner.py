@@ -31,6 +31,8 @@ def _heartbeat(client: redis.Redis, loop: LearnerLoop, started: float, stop: thr
                 "learner", started, model_version=s["version"], rows_trained=s["rows_trained"],
                 rows_dropped=s["rows_dropped"], prequential_auc=s["auc"],
                 prequential_logloss=s["logloss"], rolling_auc=s["rolling_auc"],
+                served_auc=s["served_auc"], served_rolling_auc=s["served_rolling_auc"],
+                pending_rows=s["pending_rows"],
                 drift_total=s["drift_total"], backlog_rows=s["backlog"],
                 publications=s["publications"], last_error=s["last_error"])
             publish_sync(client, doc)
@@ -69,7 +71,13 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
                         "negative_rate": settings.downsample_negative_rate},
             num_threads=settings.torch_threads,
             embedding={"kind": "hashed", "buckets": settings.embedding_buckets,
-                       "dim": settings.embedding_dim}),
+                       "dim": settings.embedding_dim},
+            reference_rows=settings.learner_step_rows,
+            dense_norm=settings.model_wide, wide=settings.model_wide,
+            served_lag={"delay": settings.served_lag_delay_seconds,
+                        "sample": settings.served_lag_sample}),
+        step_rows=settings.learner_step_rows,
+        step_wait_seconds=settings.learner_step_wait_seconds,
         publish_every_seconds=settings.publish_every_seconds,
         publish_every_rows=settings.publish_every_rows,
         keep_versions=settings.keep_versions,

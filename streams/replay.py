@@ -99,8 +99,13 @@ def wait_for_items(redis_url: str, n_items: int, timeout: float, echo=print) -> 
 def replay_movielens(settings: Settings, bootstrap: str, path: Path | None = None,
                      rate: float = 0.0, limit: int = 0, batch: int = 500,
                      progress: bool = True, redis_url: str | None = None,
-                     wait_items: float = 120.0) -> dict:
-    """Replay the dataset; returns counts and the produce rate."""
+                     wait_items: float = 120.0, live: bool = False) -> dict:
+    """Replay the dataset; returns counts and the produce rate.
+
+    ``live`` stamps every click with the time it is sent instead of the dataset's
+    timestamp (time-of-day features and decayed counters then see the replay's clock,
+    as they would see a live producer's).
+    """
     ml = load_movielens(resolve_path(path, settings))
     producer = make_producer(bootstrap)
     topics = settings.topics
@@ -134,6 +139,8 @@ def replay_movielens(settings: Settings, bootstrap: str, path: Path | None = Non
         for start in range(0, total, step):
             stop = min(start + step, total)
             for ev, p in zip(click_events(ml, start, stop), parts[start:stop], strict=True):
+                if live:
+                    ev["ts"] = time.time()
                 buf = buffers[p]
                 buf.append(ev)
                 if len(buf) >= batch or (rate and len(buf) >= max(1, int(rate / 20))):
