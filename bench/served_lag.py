@@ -68,6 +68,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
              {"reference_rows": 256, "dense_norm": True, "wide": True}),
     "wide-per-message": ({"step_rows": 1, "step_wait_seconds": 0.0},
                          {"dense_norm": True, "wide": True}),
+    # the product's default: "wide" on the smaller "stream" FGCNN preset
+    "wide-stream": ({"step_rows": 256, "step_wait_seconds": 2.0},
+                    {"reference_rows": 256, "dense_norm": True, "wide": True,
+                     "preset": "stream"}),
 }
 
 
@@ -192,10 +196,10 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
         service_kw, overrides = VARIANTS[name]
-        settings = TrainerSettings(kind=args.kind, preset=args.preset, seed=args.seed,
-                                   num_threads=args.threads, n_thresholds=50,
-                                   served_lag={"delay": args.serve_delay, "record": True},
-                                   **overrides)
+        settings = TrainerSettings(**{"kind": args.kind, "preset": args.preset, "seed": args.seed,
+                                      "num_threads": args.threads, "n_thresholds": 50,
+                                      "served_lag": {"delay": args.serve_delay, "record": True},
+                                      **overrides})
         r = run(name, payloads, index, n, args, settings, service_kw)
         pq, sv = r["prequential"], r["served"]
         ok = ~np.isnan(sv)

@@ -55,6 +55,7 @@ class LearnerLoop:
         max_records: int = 16,
         step_rows: int = 256,
         step_wait_seconds: float = 2.0,
+        lag_group: str | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.train_topic = _topic(topics, "train-batches")
@@ -79,6 +80,9 @@ class LearnerLoop:
         self._rows_per_message = 256.0
         self._lag_messages = 0
         self._last_lag_check = 0.0
+        self.lag_group = lag_group
+        self._committed: dict[str, int] = {}
+        self._last_commit = 0.0
 
     def _announce(self, manifest: dict[str, Any]) -> None:
         value = json.dumps(manifest, sort_keys=True).encode("utf-8")
@@ -123,10 +127,39 @@ class LearnerLoop:
             )
         return int(self._lag_messages * self._rows_per_message)
 
+    def _commit_trained(self) -> None:
+        """Commit the positions of *trained* rows under ``lag_group``, once a second.
+
+        The learner never joins the group (manual assignment, no rebalances); the
+        commits exist so ``headwater lag`` and ``/v1/lag`` show the learner's backlog
+        beside the worker's. Restarts still seek from the checkpoint's positions.
+        """
+        now = time.monotonic()
+        if self.lag_group is None or now - self._last_commit < 1.0:
+            return
+        self._last_commit = now
+        positions = dict(self.service.consumer_positions)
+        changed = {k: v for k, v in positions.items() if self._committed.get(k) != v}
+        if not changed:
+            return
+        from kafka.structs import OffsetAndMetadata
+
+        offsets = {}
+        for key, offset in changed.items():
+            topic, _, part = key.rpartition(":")
+            offsets[TopicPartition(topic, int(part))] = OffsetAndMetadata(offset, "", -1)
+        try:
+            assert self._consumer is not None
+            self._consumer.commit(offsets)
+            self._committed.update(changed)
+        except Exception as exc:  # noqa: BLE001 - lag reporting must never stop training
+            log.warning("learner: committing positions for lag reporting failed: %s", exc)
+
     def run(self) -> None:
         """Consume until :meth:`stop`; publishes a final version on the way out."""
         self._consumer = KafkaConsumer(
             bootstrap_servers=self.bootstrap,
+            group_id=self.lag_group,
             enable_auto_commit=False,
             fetch_max_wait_ms=50,
             max_partition_fetch_bytes=16 * 1024 * 1024,
@@ -157,6 +190,7 @@ class LearnerLoop:
                         self.service.maybe_publish()
                 self.service.tick()
                 self.service.maybe_publish()
+                self._commit_trained()
         finally:
             try:
                 self.service.flush()

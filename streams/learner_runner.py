@@ -76,6 +76,7 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
             dense_norm=settings.model_wide, wide=settings.model_wide,
             served_lag={"delay": settings.served_lag_delay_seconds,
                         "sample": settings.served_lag_sample}),
+        lag_group=f"headwater-learner-{settings.model_name}",
         step_rows=settings.learner_step_rows,
         step_wait_seconds=settings.learner_step_wait_seconds,
         publish_every_seconds=settings.publish_every_seconds,

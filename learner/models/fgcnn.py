@@ -82,6 +82,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         recombination=[3, 3, 3, 3],
         mlp=[400, 400],
     ),
+    # Sized for a CPU learner that keeps up with the stream (bench/results/learner.md):
+    # two generation layers, narrower embeddings and MLP, ~6x fewer FLOPs per row than
+    # "compact" on the product's 33 fields.
+    "stream": dict(
+        embedding_dim=8,
+        kernels=[7, 7],
+        channels=[8, 8],
+        pooling=2,
+        recombination=[2, 2],
+        mlp=[256],
+    ),
 }
 
 

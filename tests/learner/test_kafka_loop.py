@@ -3,6 +3,7 @@
 import json
 import threading
 import time
+import uuid
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
@@ -24,6 +25,16 @@ def wait_for(pred, timeout=30.0):
             return True
         time.sleep(0.05)
     return False
+
+
+def wait_for_value(fn, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s")
 
 
 def start(loop):
@@ -87,3 +98,41 @@ def test_loop_trains_publishes_and_resumes(kafka_bootstrap, topic_prefix, tmp_pa
     t2.join(30)
     assert loop2.service.trainer.rows_dropped["duplicate"] == 0
     assert loop2.service.status()["watermarks"]["clicks:0"] == {"offset": 95, "sub": 1}
+
+
+def test_learner_backlog_shows_in_the_lag_report(kafka_bootstrap, tmp_path):
+    """With a lag group the learner commits its *trained* positions, so `headwater lag`
+    reports its backlog like the worker's: lag > 0 while rows wait, 0 once trained."""
+    from serving.lag import LagMonitor
+
+    prefix = f"lag{uuid.uuid4().hex[:8]}-"
+    topics = {name: f"{prefix}{name}" for name in ("train-batches", "model-updates")}
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(topics["train-batches"], 1, 1),
+                         NewTopic(topics["model-updates"], 1, 1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    for i in range(3):
+        producer.send(topics["train-batches"], partition=0,
+                      value=make_payload(32, offset=32 * i, seed=i))
+    producer.flush()
+    producer.close()
+    group = f"{prefix}learner"
+    # rows wait for a full step that never comes (no deadline): nothing may be committed
+    loop = LearnerLoop(kafka_bootstrap, topics, tmp_path, publish_every_seconds=None,
+                       lag_group=group, step_rows=1000, step_wait_seconds=3600)
+    t = start(loop)
+    assert wait_for(lambda: loop.service.pending_rows == 96)
+    with LagMonitor(kafka_bootstrap, groups=[group]) as mon:
+        report = mon.sample()
+        assert not any(g["partitions"] for g in report["groups"]), "nothing trained: no commit"
+        loop.service.flush()
+
+        def caught_up():
+            groups = mon.sample()["groups"]
+            return groups and groups[0]["partitions"] and groups[0]["lag"] == 0 and groups[0]
+
+        row = wait_for_value(caught_up)
+        assert row["group"] == group and row["partitions"][0]["committed"] == 3
+    loop.stop()
+    t.join(30)
