@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FGCNN", "FGCNNConfig", "PRESETS", "pairwise_inner_products"]
+__all__ = ["FGCNN", "FGCNNConfig", "PRESETS", "pairwise_inner_products", "triu_flat_indices"]
 
 
 @dataclass
@@ -96,19 +97,32 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def pairwise_inner_products(emb: torch.Tensor) -> torch.Tensor:
+def pairwise_inner_products(emb: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
     """All ``T(T-1)/2`` inner products ``<e_i, e_j>, i < j`` of ``emb [B, T, k]``.
 
-    One batched matmul gives the Gram matrix; its strict upper triangle is the answer.
+    One batched matmul gives the Gram matrix; its strict upper triangle is the answer,
+    gathered with one ``index_select`` over the flattened matrix (``pairs`` = the flat
+    indices ``i * T + j``, computed here when not given).
 
     >>> e = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]]])
     >>> pairwise_inner_products(e).tolist()
     [[0.0, 3.0, 2.0]]
     """
     t = emb.shape[1]
+    if pairs is None:
+        pairs = triu_flat_indices(t, emb.device)
     gram = torch.bmm(emb, emb.transpose(1, 2))
-    i, j = torch.triu_indices(t, t, offset=1, device=emb.device)
-    return gram[:, i, j]
+    return gram.flatten(1).index_select(1, pairs)
+
+
+def triu_flat_indices(t: int, device: torch.device | None = None) -> torch.Tensor:
+    """Flat indices ``i * t + j`` of the strict upper triangle of a ``t x t`` matrix.
+
+    >>> triu_flat_indices(3).tolist()
+    [1, 2, 5]
+    """
+    i, j = torch.triu_indices(t, t, offset=1, device=device)
+    return i * t + j
 
 
 def _mlp(sizes: list[int], in_dim: int, batchnorm: bool, dropout: float) -> nn.Sequential:
@@ -142,16 +156,30 @@ class _GenerationLayer(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size=(kernel, 1), padding="same")
         self.bn = nn.BatchNorm2d(out_ch) if batchnorm else nn.Identity()
-        self.pool = nn.MaxPool2d(kernel_size=(pooling, 1), ceil_mode=True)
+        self.pooling = pooling
         self.pooled_height = math.ceil(height / pooling)
         self.new_fields = self.pooled_height * rc
         self.dim = dim
         self.recombine = nn.Linear(out_ch * self.pooled_height * dim, self.new_fields * dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.pool(torch.tanh(self.bn(self.conv(x))))
-        new = torch.tanh(self.recombine(pooled.flatten(1)))
-        return pooled, new.view(x.shape[0], self.new_fields, self.dim)
+        """``x [B * k, C, N]`` (one row per example and embedding dimension: an ``h x 1``
+        kernel never mixes dimensions, so this is the paper's 2-D convolution as a 1-D
+        one, several times faster on CPU) -> pooled ``[B * k, C', N']`` and new
+        features ``[B, N' * rc, k]``. Weights keep the ``Conv2d`` layout."""
+        y = F.conv1d(x, self.conv.weight.squeeze(-1), self.conv.bias, padding="same")
+        if not isinstance(self.bn, nn.Identity):
+            y = self.bn(y.unsqueeze(-1)).squeeze(-1)
+        y = torch.tanh(y)
+        if y.shape[-1] % self.pooling:
+            y = F.pad(y, (0, self.pooling - y.shape[-1] % self.pooling), value=float("-inf"))
+        pooled = y.view(y.shape[0], y.shape[1], -1, self.pooling).amax(-1)
+        b = x.shape[0] // self.dim
+        # the recombination reads (channel, height, dimension), as the 2-D layout flattens
+        flat = pooled.view(b, self.dim, pooled.shape[1], pooled.shape[2])
+        flat = flat.permute(0, 2, 3, 1).reshape(b, -1)
+        new = torch.tanh(self.recombine(flat))
+        return pooled, new.view(b, self.new_fields, self.dim)
 
 
 class FGCNN(nn.Module):
@@ -184,18 +212,21 @@ class FGCNN(nn.Module):
         self.generators = nn.ModuleList(layers)
         self.total_fields = total
         n_pairs = total * (total - 1) // 2
+        self.register_buffer("pairs", triu_flat_indices(total), persistent=False)
         self.mlp = _mlp(
             config.mlp, n_pairs + total * k + n_dense, config.mlp_batchnorm, config.dropout
         )
 
     def forward(self, emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        x = emb.unsqueeze(1)  # [B, 1, N, k]: fields are the image height
+        b, n, k = emb.shape
+        x = emb.transpose(1, 2).reshape(b * k, 1, n)  # fields are the convolved axis
         feats = [emb]
         for layer in self.generators:
             x, new = layer(x)
             feats.append(new)
         all_emb = torch.cat(feats, dim=1)
-        z = torch.cat([pairwise_inner_products(all_emb), all_emb.flatten(1), dense], dim=1)
+        z = torch.cat([pairwise_inner_products(all_emb, self.pairs), all_emb.flatten(1), dense],
+                      dim=1)
         return self.mlp(z).squeeze(-1)
 
     @property

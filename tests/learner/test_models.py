@@ -169,3 +169,31 @@ def test_packed_state_holds_only_touched_rows_and_restores_the_rest():
     )
     for k, v in fresh.sparse_optimizer.state_dict()["state"][0].items():
         torch.testing.assert_close(v, learner.sparse_optimizer.state_dict()["state"][0][k])
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_fgcnn_generation_equals_the_papers_2d_layout(batchnorm):
+    """The 1-D formulation (one row per example and dimension) computes exactly the
+    paper's (h x 1) Conv2d -> tanh -> (p x 1) MaxPool2d (ceil) -> recombination."""
+    import torch.nn.functional as F
+
+    from learner.models.fgcnn import FGCNN, FGCNNConfig
+
+    cfg = FGCNNConfig(embedding_dim=4, kernels=[3, 3], channels=[2, 3], recombination=[2, 1],
+                      conv_batchnorm=batchnorm, mlp=[8])
+    torch.manual_seed(0)
+    m = FGCNN(cfg, n_fields=7, n_dense=0)
+    m.train()
+    emb = torch.randn(5, 7, 4)
+    x, want = emb.unsqueeze(1), [emb]
+    for layer in m.generators:
+        y = F.conv2d(x, layer.conv.weight, layer.conv.bias, padding="same")
+        if batchnorm:
+            y = F.batch_norm(y, None, None, layer.bn.weight, layer.bn.bias, training=True)
+        x = F.max_pool2d(torch.tanh(y), kernel_size=(cfg.pooling, 1), ceil_mode=True)
+        want.append(torch.tanh(layer.recombine(x.flatten(1))).view(5, -1, 4))
+    all_emb = torch.cat(want, dim=1)
+    i, j = torch.triu_indices(all_emb.shape[1], all_emb.shape[1], offset=1)
+    gram = all_emb @ all_emb.transpose(1, 2)
+    z = torch.cat([gram[:, i, j], all_emb.flatten(1)], dim=1)
+    torch.testing.assert_close(m(emb, torch.zeros(5, 0)), m.mlp(z).squeeze(-1))
