@@ -114,7 +114,9 @@ class Settings(BaseSettings):
     model_kind: str = Field(
         "fgcnn", description="Ranker: fgcnn (the paper's), ipnn, deepfm or lr (learner/models)."
     )
-    model_preset: str = Field("compact", description="Size preset of the ranker: compact or criteo.")
+    model_preset: str = Field(
+        "stream", description="Size preset of the ranker: stream (CPU-sized), compact or criteo."
+    )
     downsample_backlog_rows: int = Field(
         50_000, ge=0,
         description="Learner backlog (rows) above which negatives are down-sampled; 0 disables.",
