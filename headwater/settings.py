@@ -104,6 +104,9 @@ class Settings(BaseSettings):
         4 * 1024 * 1024, description="Largest accepted event message (bigger: dead-letter)."
     )
     max_candidates: int = Field(1000, ge=1, description="Largest candidate list /v1/score takes.")
+    serve_baseline: bool = Field(
+        True, description="Before a first model, /v1/score ranks by item smoothed CTR ('baseline').",
+    )
     max_body_bytes: int = Field(1024 * 1024, description="Largest HTTP body serving accepts.")
     content_encoder: str = Field(
         "minilm", description="Item text encoder: minilm (offline sentence model) or hashing."

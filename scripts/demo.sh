@@ -20,12 +20,52 @@ r = json.load(sys.stdin)
 lag = sum(p.get("lag") or 0 for g in r.get("groups", []) for p in g.get("partitions", []))
 sys.exit(0 if lag == 0 else 1)'; then break; fi
 done
+echo
+echo "== waiting for the learner to train every replayed row"
+.venv/bin/python - <<'PY'
+import json, os, sys, time, urllib.request
+from tqdm import tqdm
+
+base = f"http://127.0.0.1:{os.environ.get('HEADWATER_HTTP_PORT', '8000')}"
+
+def status():
+    with urllib.request.urlopen(f"{base}/v1/status", timeout=10) as r:
+        return json.loads(r.read())
+
+def counts(doc):
+    workers = doc["services"].get("worker", [])
+    learners = sorted(doc["services"].get("learner", []), key=lambda d: d.get("updated_at") or 0)
+    rows = sum(w.get("rows_out_total") or 0 for w in workers)
+    lrn = learners[-1] if learners else {}
+    done = (lrn.get("rows_trained") or 0) + (lrn.get("rows_dropped") or {}).get("downsampled", 0)
+    return rows, done, lrn
+
+deadline = time.monotonic() + float(os.environ.get("DEMO_TRAIN_TIMEOUT", "900"))
+rows, done, lrn = counts(status())
+with tqdm(total=rows, unit="row", desc="trained", file=sys.stderr) as bar:
+    while time.monotonic() < deadline:
+        rows, done, lrn = counts(status())
+        bar.total = max(rows, 1)
+        bar.n = min(done, rows)
+        bar.refresh()
+        if rows and done >= rows and not lrn.get("pending_rows"):
+            break
+        time.sleep(1)
+print(f"learner: {done} rows trained, model version {lrn.get('model_version')}, "
+      f"prequential AUC {lrn.get('prequential_auc') or float('nan'):.4f}, "
+      f"served AUC (what /v1/score gets) {lrn.get('served_auc') or float('nan'):.4f}")
+PY
+echo
 $HW status
 echo
 $HW lag || true
 echo
 echo "== one item's online features"
 $HW features get item:50 --json | head -40
+echo
+echo "== served scores: user 1, four films"
+curl -s -XPOST "localhost:${HEADWATER_HTTP_PORT:-8000}/v1/score" \
+  -d '{"user_id":"1","candidates":["50","181","100","1"]}'; echo
 cat <<MSG
 
 The stack keeps running:

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from headwater.settings import Settings
 from serving.holder import HolderError, ModelHolder
 from serving.metrics import CONTENT_TYPE_LATEST, ServingMetrics
+from serving.models import BaselineModel
 from serving.scoring import RequestError, Scorer, parse_score_request
 
 __all__ = ["AppContext", "build_context", "create_app", "run_serving"]
@@ -57,6 +58,7 @@ class AppContext:
     kafka: str | None = None
     redis_url: str | None = None
     watcher: Any = None
+    baseline: Any = None
     started_at: float = field(default_factory=time.time)
     last_error: str | None = None
 
@@ -146,13 +148,15 @@ async def score(request: web.Request) -> web.Response:
             code = exc.status
             return web.json_response(exc.to_json(), status=exc.status)
         n = len(req.candidates)
-        served = ctx.holder.current  # read once: this request scores on this model to the end
+        # read once: this request scores on this model to the end
+        served = ctx.holder.current or ctx.baseline
         if served is None:
             code = 503
             return _json_error(
                 503,
                 "no model is loaded yet: the learner has not published a "
-                "version that passed the checks (see GET /v1/models)",
+                "version that passed the checks (see GET /v1/models), and the "
+                "popularity baseline is off (HEADWATER_SERVE_BASELINE)",
             )
         scores = await ctx.scorer.score(served, req)
         code = 200
@@ -176,8 +180,10 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:  # noqa: BLE001 - readiness reports, never raises
         redis_ok, redis_error = False, f"{type(exc).__name__}: {exc}"
     reasons = []
-    if cur is None:
+    if cur is None and ctx.baseline is None:
         reasons.append("no model AVAILABLE yet")
+    if cur is None and ctx.baseline is not None:
+        cur = ctx.baseline
     if not redis_ok:
         reasons.append(f"redis unreachable ({redis_error})")
     ready = not reasons
@@ -320,8 +326,10 @@ def build_context(
     online = OnlineStore(redis_client, partitions=settings.partitions, registry=registry)
     executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="inference")
     scorer = Scorer(online, builder, executor)
+    baseline = BaselineModel.for_schema(builder.schema.dense) if settings.serve_baseline else None
     return AppContext(
-        settings, holder, scorer, redis_client, metrics_, registry, kafka=kafka, redis_url=redis_url
+        settings, holder, scorer, redis_client, metrics_, registry, kafka=kafka,
+        redis_url=redis_url, baseline=baseline,
     )
 
 

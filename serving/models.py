@@ -61,6 +61,33 @@ class ServedModel:
             return torch.sigmoid(logits).reshape(-1).to(torch.float64).numpy()
 
 
+@dataclass(frozen=True, eq=False)
+class BaselineModel:
+    """Ranks candidates by the item's smoothed CTR from the online counters.
+
+    Serves from the first second of a fresh deployment, before any model has been
+    trained and published (``model_version: "baseline"`` in responses); the first good
+    checkpoint replaces it by an ordinary hot swap. It reads the same scoring row as a
+    trained model: column ``ctr_column`` of the dense features.
+
+    >>> BaselineModel(1).predict(np.zeros((2, 0)), np.array([[0.0, 0.3], [5.0, 0.9]])).tolist()
+    [0.3, 0.9]
+    """
+
+    ctr_column: int
+    version: str = "baseline"
+    manifest: dict[str, Any] = field(default_factory=dict)
+    created_at: float | None = None
+
+    def predict(self, categorical: np.ndarray, dense: np.ndarray) -> np.ndarray:
+        return np.asarray(dense, dtype=np.float64)[:, self.ctr_column].copy()
+
+    @classmethod
+    def for_schema(cls, dense_names: list[str], column: str = "item_ctr_total") -> BaselineModel | None:
+        """The baseline for a feature schema, or ``None`` if it has no such column."""
+        return cls(dense_names.index(column)) if column in dense_names else None
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     """What the holder knows about one version (a snapshot; replaced on every change)."""

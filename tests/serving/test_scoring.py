@@ -6,9 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import redis
 from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+
+from features.store import SyncOnlineStore
 
 
 async def test_scores_are_finite_in_candidate_order_and_match_offline_rows(
@@ -87,8 +90,33 @@ async def test_empty_candidate_list_scores_nothing(settings, seeded_redis, publi
     assert (await resp.json())["scores"] == []
 
 
-async def test_no_model_yet_is_503_and_not_ready(settings, seeded_redis, make_app, h):
-    client, _ = await make_app(settings, seeded_redis)
+async def test_before_any_model_the_baseline_ranks_by_item_ctr_then_hot_swaps(
+    settings, seeded_redis, publish, make_app, h
+):
+    """A fresh deployment answers from the first second: items ranked by the smoothed CTR
+    serving reads for them (model_version "baseline"); the first good checkpoint then
+    replaces the baseline by an ordinary hot swap."""
+    client, ctx = await make_app(settings, seeded_redis)
+    ready = await client.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["model_version"] == "baseline"
+    cands = ["i1", "i2", "i3", "never-seen"]
+    resp = await client.post("/v1/score", data=h.score_body("u1", cands))
+    assert resp.status == 200, await resp.text()
+    doc = await resp.json()
+    assert doc["model_version"] == "baseline"
+    feats = SyncOnlineStore(redis.Redis.from_url(seeded_redis),
+                            partitions=settings.partitions).get_online_features(
+        {"user_id": ["u1"] * 4, "item_id": cands}, features=["item_ctr_total"])
+    np.testing.assert_allclose(doc["scores"], feats["item_ctr_total"], rtol=1e-6)
+    assert doc["scores"][0] > doc["scores"][3], "the popular item outranks an unseen one"
+    version = publish(0, kind="deepfm")
+    assert await ctx.holder.aoffer(version)
+    resp = await client.post("/v1/score", data=h.score_body("u1", cands))
+    assert (await resp.json())["model_version"] == version
+
+
+async def test_no_model_and_no_baseline_is_503_and_not_ready(settings, seeded_redis, make_app, h):
+    client, _ = await make_app(settings.model_copy(update={"serve_baseline": False}), seeded_redis)
     resp = await client.post("/v1/score", data=h.score_body())
     assert resp.status == 503
     assert "no model" in (await resp.json())["error"]
