@@ -62,7 +62,12 @@ def wait_trained(base: str, rows: int, timeout: float, what: str = "the learner"
     deadline = time.monotonic() + timeout
     last: dict = {}
     while time.monotonic() < deadline:
-        last = learner_status(base)
+        try:
+            last = learner_status(base)
+        except OSError as exc:  # a slow answer on a loaded machine: ask again
+            print(f"GET /v1/status: {exc}; retrying", file=sys.stderr)
+            time.sleep(1)
+            continue
         done = (last.get("rows_trained") or 0) + sum(
             v for k, v in (last.get("rows_dropped") or {}).items() if k == "downsampled")
         if done >= rows:

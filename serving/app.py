@@ -29,10 +29,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from headwater.settings import Settings
+from learner.store import CheckpointError
 from serving.holder import HolderError, ModelHolder
 from serving.metrics import CONTENT_TYPE_LATEST, ServingMetrics
-from serving.models import BaselineModel
-from serving.scoring import RequestError, Scorer, parse_score_request
+from serving.models import BaselineModel, normalize_version
+from serving.scoring import RequestError, Scorer, parse_score_requests
 
 __all__ = ["AppContext", "build_context", "create_app", "run_serving"]
 
@@ -143,11 +144,12 @@ async def score(request: web.Request) -> web.Response:
                 413, f"body is larger than {limit} bytes (HEADWATER_MAX_BODY_BYTES)", field="body"
             )
         try:
-            req = parse_score_request(body, ctx.settings.max_candidates)
+            req = parse_score_requests(body, ctx.settings.max_candidates)
         except RequestError as exc:
             code = exc.status
             return web.json_response(exc.to_json(), status=exc.status)
-        n = len(req.candidates)
+        batch = req if isinstance(req, list) else None
+        n = sum(len(r.candidates) for r in batch) if batch is not None else len(req.candidates)
         # read once: this request scores on this model to the end
         served = ctx.holder.current or ctx.baseline
         if served is None:
@@ -158,6 +160,18 @@ async def score(request: web.Request) -> web.Response:
                 "version that passed the checks (see GET /v1/models), and the "
                 "popularity baseline is off (HEADWATER_SERVE_BASELINE)",
             )
+        if batch is not None:
+            # every request of the batch on the same model, features read concurrently
+            all_scores = await asyncio.gather(*(ctx.scorer.score(served, r) for r in batch))
+            code = 200
+            return web.json_response({
+                "model_version": served.version,
+                "results": [
+                    {"user_id": r.user_id,
+                     "scores": {str(c): float(v) for c, v in zip(r.candidates, sc, strict=True)}}
+                    for r, sc in zip(batch, all_scores, strict=True)
+                ],
+            })
         scores = await ctx.scorer.score(served, req)
         code = 200
         return web.json_response({"model_version": served.version, "scores": scores.tolist()})
@@ -228,6 +242,32 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response(_ctx(request).holder.listing())
 
 
+async def get_model(request: web.Request) -> web.Response:
+    """One version's metadata: its state in this server and its manifest (with metrics)."""
+    ctx = _ctx(request)
+    raw = request.match_info["version"]
+    try:
+        version = normalize_version(raw)
+    except (ValueError, HolderError):
+        return _json_error(400, f"version {raw!r} is not a version number", field="version")
+    listing = ctx.holder.listing()
+    entry = next((m for m in listing["models"] if m.get("version") == version), None)
+    try:
+        manifest = await asyncio.to_thread(ctx.holder.store.manifest, version)
+    except CheckpointError as exc:
+        if entry is None:
+            return _json_error(404, f"no version {version} of model {listing['model']}: {exc}")
+        manifest = None
+    return web.json_response({
+        "model": listing["model"],
+        "version": version,
+        "serving": listing["serving"] == version,
+        "pinned": listing["pinned"] == version,
+        "state": entry,
+        "manifest": manifest,
+    })
+
+
 async def _admin_action(request: web.Request, action) -> web.Response:
     denied = _admin_check(request)
     if denied is not None:
@@ -269,6 +309,7 @@ def create_app(settings: Settings, ctx: AppContext, *, ops: bool | None = None) 
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{version}", get_model)
     app.router.add_post("/v1/models/unpin", unpin_model)
     app.router.add_post("/v1/models/rollback", rollback_model)
     app.router.add_post("/v1/models/{version}/pin", pin_model)

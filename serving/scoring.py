@@ -95,6 +95,58 @@ def _check_object(value: Any, field: str) -> dict[str, Any] | None:
     return dict(value)
 
 
+def parse_score_requests(body: bytes, max_candidates: int) -> list[ScoreRequest] | ScoreRequest:
+    """A ``/v1/score`` body: one request, or ``{"requests": [...]}`` (a list of them).
+
+    ``max_candidates`` bounds the candidates of all requests together.
+
+    >>> reqs = parse_score_requests(
+    ...     b'{"requests": [{"user_id": 1, "candidates": ["a"]}, {"user_id": 2, "candidates": []}]}', 10)
+    >>> [(r.user_id, r.candidates) for r in reqs]
+    [(1, ['a']), (2, [])]
+    >>> parse_score_requests(b'{"requests": []}', 10)
+    Traceback (most recent call last):
+    ...
+    serving.scoring.RequestError: requests must be a non-empty list of score requests
+    """
+    doc = _load_object(body)
+    if "requests" not in doc:
+        return _parse_one(doc, max_candidates)
+    items = doc["requests"]
+    if not isinstance(items, list) or not items:
+        raise RequestError("requests must be a non-empty list of score requests", "requests")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise RequestError(f"requests[{i}] must be an object", f"requests[{i}]")
+        try:
+            out.append(_parse_one(item, max_candidates))
+        except RequestError as exc:
+            raise RequestError(f"requests[{i}]: {exc}", f"requests[{i}].{exc.field}",
+                               exc.status) from None
+    total = sum(len(r.candidates) for r in out)
+    if total > max_candidates:
+        raise RequestError(
+            f"requests carry {total} candidates; at most {max_candidates} are accepted per call "
+            "(HEADWATER_MAX_CANDIDATES): split the batch",
+            "requests",
+            status=413,
+        )
+    return out
+
+
+def _load_object(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise RequestError("body is nested too deeply", "body") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RequestError(f"body is not valid JSON: {exc}", "body") from None
+    if not isinstance(doc, dict):
+        raise RequestError(f"body must be a JSON object, got {type(doc).__name__}", "body")
+    return doc
+
+
 def parse_score_request(body: bytes, max_candidates: int) -> ScoreRequest:
     """Validate a ``/v1/score`` body.
 
@@ -105,14 +157,10 @@ def parse_score_request(body: bytes, max_candidates: int) -> ScoreRequest:
     ...
     serving.scoring.RequestError: candidates is required: a list of item ids
     """
-    try:
-        doc = json.loads(body, parse_constant=_reject_constant)
-    except RecursionError:
-        raise RequestError("body is nested too deeply", "body") from None
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise RequestError(f"body is not valid JSON: {exc}", "body") from None
-    if not isinstance(doc, dict):
-        raise RequestError(f"body must be a JSON object, got {type(doc).__name__}", "body")
+    return _parse_one(_load_object(body), max_candidates)
+
+
+def _parse_one(doc: dict[str, Any], max_candidates: int) -> ScoreRequest:
     if "user_id" not in doc:
         raise RequestError("user_id is required", "user_id")
     user_id = _check_id(doc["user_id"], "user_id")

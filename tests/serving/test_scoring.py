@@ -286,3 +286,40 @@ async def _shared_app(settings, redis_url, make_app, publish):
         publish(0)
         _APPS[key] = await make_app(settings, redis_url)
     return _APPS[key]
+
+
+async def test_one_call_scores_several_users(settings, seeded_redis, publish, make_app, h):
+    """``{"requests": [...]}``: one result per request, scores keyed by item id, each equal
+    to what a single request for that user returns, all from one model version."""
+    version = publish(0, kind="deepfm")
+    client, _ = await make_app(settings, seeded_redis)
+    body = {"requests": [{"user_id": "u1", "candidates": ["i1", "i2"]},
+                         {"user_id": "u2", "candidates": ["i3"], "context": {"device": "tv"}}]}
+    resp = await client.post("/v1/score", data=json.dumps(body).encode())
+    assert resp.status == 200, await resp.text()
+    doc = await resp.json()
+    assert doc["model_version"] == version
+    assert [r["user_id"] for r in doc["results"]] == ["u1", "u2"]
+    for sub, result in zip(body["requests"], doc["results"], strict=True):
+        one = await client.post("/v1/score", data=h.score_body(sub["user_id"], sub["candidates"],
+                                                               sub.get("context")))
+        single = (await one.json())["scores"]
+        assert list(result["scores"]) == sub["candidates"]
+        np.testing.assert_allclose(list(result["scores"].values()), single, rtol=1e-6)
+    bad = await client.post("/v1/score", data=json.dumps(
+        {"requests": [{"user_id": "u1", "candidates": ["i1"]}, {"candidates": ["i1"]}]}).encode())
+    assert bad.status == 400
+    assert (await bad.json())["field"] == "requests[1].user_id"
+
+
+async def test_one_version_metadata(settings, seeded_redis, publish, make_app):
+    version = publish(0, kind="deepfm")
+    client, _ = await make_app(settings, seeded_redis)
+    resp = await client.get(f"/v1/models/{int(version)}")
+    assert resp.status == 200
+    doc = await resp.json()
+    assert doc["version"] == version and doc["serving"] is True
+    assert doc["state"]["state"] == "AVAILABLE"
+    assert doc["manifest"]["sha256"] and doc["manifest"]["version"] == version
+    assert (await client.get("/v1/models/999")).status == 404
+    assert (await client.get("/v1/models/latest")).status == 400
