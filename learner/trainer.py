@@ -84,7 +84,8 @@ class ServedLag:
     before the learner trains on them, feeding ``metrics``: the *served-lag* AUC, which
     is what users of ``/v1/score`` get, beside the prequential AUC of the live weights.
     ``sample`` scores that share of rows only (a forward pass costs about a third of a
-    training step).
+    training step). ``record`` (benchmarks) keeps every row's score in :attr:`history`,
+    NaN while nothing serves, and scores every row.
     """
 
     def __init__(
@@ -114,23 +115,20 @@ class ServedLag:
     def observe(self, rows: Any, now: float) -> None:
         while self._queued and self._queued[0][0] <= now:
             self._serving = self._queued.pop(0)[1]
-        if self._serving is None or not len(rows.labels):
+        n = len(rows.labels)
+        if self._serving is None or not n:
             if self.history is not None:
-                self.history.append(np.full(len(rows.labels), np.nan))
+                self.history.append(np.full(n, np.nan))
             return  # nothing served yet: serving has no model to answer with
-        if self.history is not None:
-            with torch.no_grad():
-                p = torch.sigmoid(self._serving.logits(rows.categorical, rows.dense)).numpy()
-            self.history.append(p.astype(np.float64))
-            self.metrics.update(np.asarray(rows.labels), p)
-            return
-        if self.sample < 1.0:
-            rows = take(rows, self._rng.random(len(rows.labels)) < self.sample)
+        if self.sample < 1.0 and self.history is None:
+            rows = take(rows, self._rng.random(n) < self.sample)
             if not len(rows.labels):
                 return
         with torch.no_grad():
-            logits = self._serving.logits(rows.categorical, rows.dense)
-        self.metrics.update(np.asarray(rows.labels), torch.sigmoid(logits).numpy())
+            p = torch.sigmoid(self._serving.logits(rows.categorical, rows.dense)).numpy()
+        if self.history is not None:
+            self.history.append(p.astype(np.float64))
+        self.metrics.update(np.asarray(rows.labels), p)
 
 
 def _at_or_above(offsets: np.ndarray, subs: np.ndarray, mark: tuple[int, int]) -> np.ndarray:
