@@ -130,3 +130,26 @@ def alerts_in_redis(redis_url: str, host: str, min_severity: str = "medium") -> 
             await client.aclose()
 
     return asyncio.run(go())
+
+
+def hw(env: dict[str, str], *args: str, timeout: float = 180, check: bool = True):
+    """``python -m headwater ARGS`` with ``env``; output captured as text."""
+    return subprocess.run([sys.executable, "-m", "headwater", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, check=check)
+
+
+def embedded_stack_env(tmp: Path, **extra) -> dict[str, str]:
+    """Environment for ``headwater up``: throwaway state under ``tmp``, free ports, the
+    hashing content encoder (no model load), embedded broker and Redis."""
+    env = dict(os.environ)
+    env.update({
+        "HEADWATER_STATE_DIR": str(tmp / "state"),
+        "HEADWATER_MODEL_STORE": str(tmp / "state" / "models"),
+        "HEADWATER_KAFKA_PORT": "0", "HEADWATER_REDIS_PORT": "0",
+        "HEADWATER_HTTP_PORT": str(free_port()), "HEADWATER_WORKER_PORT": str(free_port()),
+        "HEADWATER_LEARNER_PORT": str(free_port()), "HEADWATER_CONTENT_ENCODER": "hashing",
+    })
+    env.update({k: str(v) for k, v in extra.items()})
+    env.pop("HEADWATER_KAFKA", None)
+    env.pop("HEADWATER_REDIS", None)
+    return env

@@ -17,9 +17,6 @@ the row the worker wrote to `train-batches` for it are identical.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -32,9 +29,8 @@ from bench.served_movielens import (
     wait_trained,
 )
 from features.movielens import click_events, load_movielens
-from headwater.servers import free_port
 from learner.metrics import exact_auc
-from tests.stackutil import REPO, wait_until
+from tests.stackutil import embedded_stack_env, hw, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,25 +38,11 @@ TRAIN_ROWS = 12_000
 TEST_ROWS = 1_000
 
 
-def hw(env, *args, timeout=300, check=True):
-    return subprocess.run([sys.executable, "-m", "headwater", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, check=check)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("served")
-    env = dict(os.environ)
-    env.update({
-        "HEADWATER_STATE_DIR": str(tmp / "state"),
-        "HEADWATER_MODEL_STORE": str(tmp / "state" / "models"),
-        "HEADWATER_KAFKA_PORT": "0", "HEADWATER_REDIS_PORT": "0",
-        "HEADWATER_HTTP_PORT": str(free_port()), "HEADWATER_WORKER_PORT": str(free_port()),
-        "HEADWATER_LEARNER_PORT": str(free_port()), "HEADWATER_CONTENT_ENCODER": "hashing",
-        "HEADWATER_KEEP_VERSIONS": "100000",  # every version that answered stays loadable
-    })
-    env.pop("HEADWATER_KAFKA", None)
-    env.pop("HEADWATER_REDIS", None)
+    # every version that answered a request stays loadable for the learner-side scores
+    env = embedded_stack_env(tmp, HEADWATER_KEEP_VERSIONS=100000)
     hw(env, "up")
     try:
         status = json.loads(hw(env, "status", "--json").stdout)

@@ -4,37 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from headwater.servers import free_port, pid_alive
-from tests.stackutil import REPO, wait_until
+from headwater.servers import pid_alive
+from tests.stackutil import REPO, embedded_stack_env, hw, wait_until
 
 pytestmark = pytest.mark.integration
 
 
-def hw(env, *args, timeout=180, check=True):
-    return subprocess.run([sys.executable, "-m", "headwater", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, check=check)
-
-
 @pytest.fixture
 def stack_env(tmp_path):
-    env = dict(os.environ)
-    env.update({
-        "HEADWATER_STATE_DIR": str(tmp_path / "state"),
-        "HEADWATER_MODEL_STORE": str(tmp_path / "state" / "models"),
-        "HEADWATER_KAFKA_PORT": "0", "HEADWATER_REDIS_PORT": "0",
-        "HEADWATER_HTTP_PORT": str(free_port()), "HEADWATER_WORKER_PORT": str(free_port()),
-        "HEADWATER_LEARNER_PORT": str(free_port()), "HEADWATER_CONTENT_ENCODER": "hashing",
-        "HEADWATER_PUBLISH_EVERY_SECONDS": "2",
-    })
-    env.pop("HEADWATER_KAFKA", None)
-    env.pop("HEADWATER_REDIS", None)
+    env = embedded_stack_env(tmp_path, HEADWATER_PUBLISH_EVERY_SECONDS=2)
     yield env
     hw(env, "down", check=False)
 
