@@ -77,6 +77,10 @@ class Settings(BaseSettings):
         2.0, ge=0,
         description="... or until the oldest waiting row is this old (a slow stream still steps).",
     )
+    learner_max_staleness_seconds: float = Field(
+        600.0, ge=0,
+        description="Learner skips (never trains) train-batches messages older than this; 0: off.",
+    )
     served_lag_delay_seconds: float = Field(
         1.0, ge=0,
         description="Served-lag AUC: seconds from a publication until serving runs it.",

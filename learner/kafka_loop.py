@@ -56,6 +56,7 @@ class LearnerLoop:
         step_rows: int = 256,
         step_wait_seconds: float = 2.0,
         lag_group: str | None = None,
+        max_staleness_seconds: float | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.train_topic = _topic(topics, "train-batches")
@@ -81,6 +82,7 @@ class LearnerLoop:
         self._lag_messages = 0
         self._last_lag_check = 0.0
         self.lag_group = lag_group
+        self.max_staleness_seconds = max_staleness_seconds
         self._committed: dict[str, int] = {}
         self._last_commit = 0.0
 
@@ -126,6 +128,12 @@ class LearnerLoop:
                 max(0, ends[tp] - self._consumer.position(tp)) for tp in self._assigned
             )
         return int(self._lag_messages * self._rows_per_message)
+
+    def _stale(self, msg: Any) -> bool:
+        """A message written more than ``max_staleness_seconds`` ago (broker timestamp)."""
+        if not self.max_staleness_seconds or msg.timestamp is None or msg.timestamp < 0:
+            return False
+        return time.time() - msg.timestamp / 1000.0 > self.max_staleness_seconds
 
     def _commit_trained(self) -> None:
         """Commit the positions of *trained* rows under ``lag_group``, once a second.
@@ -179,6 +187,11 @@ class LearnerLoop:
                 )
                 for tp, messages in polled.items():
                     for msg in messages:
+                        if self._stale(msg):
+                            self.service.skip_stale(
+                                msg.value, position=(tp.topic, tp.partition, msg.offset + 1)
+                            )
+                            continue
                         self.service.process(
                             msg.value,
                             backlog=self._backlog_rows(),

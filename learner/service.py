@@ -239,6 +239,33 @@ class LearnerService:
                 return self._train_pending()
             return None
 
+    def skip_stale(self, payload: bytes, position: tuple[str, int, int] | None = None) -> int:
+        """Skip a message that waited longer than the staleness bound: its rows are never
+        trained (counted as ``rows_dropped{reason="stale"}``), so a learner that fell far
+        behind catches up with the stream instead of serving an ever older model. Rows
+        waiting for a step are trained first, so positions stay in order."""
+        with self._lock:
+            try:
+                batch = decode_batch(payload)
+            except ValueError:
+                self.process(payload, position=position)  # reported as an invalid batch
+                return 0
+            if self.trainer is None:
+                self.trainer = self.trainer_factory(batch.schema_json)
+                self.trainer.clock = self.clock
+            if self._pending:
+                self._train_pending()
+            try:
+                n = self.trainer.skip(batch)
+            except SchemaMismatchError as exc:
+                self.last_error = str(exc)
+                n = 0
+            if position is not None:
+                self._record_position(position)
+            if n:
+                self.metrics.rows_dropped.labels("stale").inc(n)
+            return n
+
     def tick(self) -> StepResult | None:
         """Train waiting rows whose deadline has passed (call when a poll is empty)."""
         with self._lock:

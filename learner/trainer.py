@@ -170,7 +170,9 @@ class PrequentialTrainer:
         self.cold = ColdItemTracker(cold_k)
         self.watermarks: dict[tuple[str, int], tuple[int, int]] = {}
         self.rows_trained = 0
-        self.rows_dropped: dict[str, int] = {"duplicate": 0, "downsampled": 0, "schema": 0}
+        self.rows_dropped: dict[str, int] = {
+            "duplicate": 0, "downsampled": 0, "schema": 0, "stale": 0,
+        }
         self.batches = 0
         self.last_backlog = 0
         self._rng = np.random.default_rng(self.downsample.seed)
@@ -262,6 +264,27 @@ class PrequentialTrainer:
         self.rows_dropped["downsampled"] += result.rows_downsampled
         self.batches += 1
         return result
+
+    def skip(self, batch: TrainBatch) -> int:
+        """Advance the watermark past a batch without scoring or training it (too stale
+        to be worth training: see ``LearnerService``'s staleness bound); returns the rows
+        skipped (duplicates excluded)."""
+        self.check_schema(batch)
+        key = (batch.source_topic, int(batch.source_partition))
+        mark = self.watermarks.get(key)
+        keep = (
+            np.ones(len(batch), dtype=bool)
+            if mark is None
+            else _at_or_above(batch.offsets, batch.subs, mark)
+        )
+        if not keep.any():
+            return 0
+        offs, subs = batch.offsets[keep], batch.subs[keep]
+        last = int(np.lexsort((subs, offs))[-1])
+        self.watermarks[key] = (int(offs[last]), int(subs[last]) + 1)
+        n = int(keep.sum())
+        self.rows_dropped["stale"] = self.rows_dropped.get("stale", 0) + n
+        return n
 
     def snapshot(self) -> dict[str, float]:
         """Metrics for a manifest / status page (plain floats)."""

@@ -77,6 +77,7 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
             served_lag={"delay": settings.served_lag_delay_seconds,
                         "sample": settings.served_lag_sample}),
         lag_group=f"headwater-learner-{settings.model_name}",
+        max_staleness_seconds=settings.learner_max_staleness_seconds or None,
         step_rows=settings.learner_step_rows,
         step_wait_seconds=settings.learner_step_wait_seconds,
         publish_every_seconds=settings.publish_every_seconds,

@@ -136,3 +136,34 @@ def test_learner_backlog_shows_in_the_lag_report(kafka_bootstrap, tmp_path):
         assert row["group"] == group and row["partitions"][0]["committed"] == 3
     loop.stop()
     t.join(30)
+
+
+def test_messages_past_the_staleness_bound_are_skipped_not_trained(kafka_bootstrap, tmp_path):
+    """A learner far behind skips messages written longer ago than the bound (counted as
+    stale, their positions and watermarks advanced), and trains the fresh ones."""
+    prefix = f"stale{uuid.uuid4().hex[:8]}-"
+    topics = {name: f"{prefix}{name}" for name in ("train-batches", "model-updates")}
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(topics["train-batches"], 1, 1),
+                         NewTopic(topics["model-updates"], 1, 1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    hour_ago = int((time.time() - 3600) * 1000)
+    for i in range(2):
+        producer.send(topics["train-batches"], partition=0, timestamp_ms=hour_ago,
+                      value=make_payload(32, offset=32 * i, seed=i))
+    producer.send(topics["train-batches"], partition=0, value=make_payload(32, offset=64, seed=2))
+    producer.flush()
+    producer.close()
+    loop = LearnerLoop(kafka_bootstrap, topics, tmp_path, publish_every_seconds=None,
+                       max_staleness_seconds=60, step_rows=32, step_wait_seconds=0)
+    t = start(loop)
+    assert wait_for(lambda: loop.service.trainer is not None
+                    and loop.service.trainer.rows_trained == 32)
+    loop.stop()
+    t.join(30)
+    tr = loop.service.trainer
+    assert tr.rows_dropped["stale"] == 64 and tr.rows_trained == 32
+    assert tr.metrics.rows == 32, "skipped rows are not scored either"
+    assert loop.service.consumer_positions == {f"{topics['train-batches']}:0": 3}
+    assert tr.watermarks_json() == {"clicks:0": {"offset": 95, "sub": 1}}
