@@ -93,11 +93,15 @@ class ServedRows:
 
 def score_then_send(base: str, producer: Any, topic: str, partitions: int,
                     events: list[dict], store: Any,
-                    on_each: Callable[[int], None] | None = None) -> ServedRows:
+                    on_each: Callable[[int], None] | None = None,
+                    wait_user_counted: float = 0.0) -> ServedRows:
     """Score each event's (user, item) through ``/v1/score``, then send the event itself.
 
     Events go as single-event messages to the user's partition (the replay's
-    partitioning), stamped with the time they are sent.
+    partitioning), stamped with the time they are sent. ``wait_user_counted`` (seconds,
+    0 = live) first waits until the worker has counted the user's previous events, so
+    serving reads the user's counters exactly as the training row will: the comparison
+    then measures the model serving runs, not how far the worker lags on a busy machine.
     """
     import msgspec
 
@@ -106,8 +110,20 @@ def score_then_send(base: str, producer: Any, topic: str, partitions: int,
     enc = msgspec.json.Encoder()
     parts = partition_of([e["user_id"] for e in events], partitions)
     out = ServedRows()
+    counted: dict[Any, int] = {}
     t0 = time.perf_counter()
     for k, (ev, part) in enumerate(zip(events, parts, strict=True)):
+        if wait_user_counted:
+            uid = ev["user_id"]
+            if uid not in counted:
+                counted[uid] = int(store.entity_features(f"user:{uid}")["impressions_total"])
+            deadline = time.monotonic() + wait_user_counted
+            while int(store.entity_features(f"user:{uid}")["impressions_total"]) < counted[uid]:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the worker did not count user {uid}'s events "
+                                       f"within {wait_user_counted} s")
+                time.sleep(0.005)
+            counted[uid] += 1
         body = {"user_id": ev["user_id"], "candidates": [ev["item_id"]]}
         if ev.get("user"):
             body["user"] = ev["user"]
