@@ -56,6 +56,9 @@ class EngineConfig:
         YAML rule files; ``None`` loads the packaged ``detection/rules/*.yaml``.
     expire_every : int
         Run graph aging every N events.
+    gc_idle : float
+        Log-time seconds a process must be idle before its edges can be garbage
+        collected (:meth:`detection.graph.ProvenanceGraph.collect`).
     learn : bool
         Learn the host's normal behaviour online (:mod:`detection.baseline`) and use it.
     baseline_half_life : float
@@ -83,6 +86,7 @@ class EngineConfig:
     infer_argv_reads: bool = True
     expire_every: int = 5000
     max_alerts: int = 10_000
+    gc_idle: float = 30.0
     learn: bool = True
     baseline_half_life: float = 7 * 86400.0
     routine_count: float = 3.0
@@ -217,7 +221,9 @@ class DetectionEngine:
 
     def flush(self) -> Result:
         """Emit events still open in the coalescing window (end of file / shutdown)."""
-        return self.process_events(self.coalescer.flush())
+        res = self.process_events(self.coalescer.flush())
+        self.graph.collect(self.config.gc_idle)
+        return res
 
     # ------------------------------------------------------------------ core
     def _detect(self, events: list[AuditEvent], changed: dict) -> None:
@@ -243,6 +249,9 @@ class DetectionEngine:
                 ms = match(e)
                 if ms:
                     nm += len(ms)
+                    e.proc.keep = True  # explained by an alert: never garbage
+                    if e.obj is not None:
+                        e.obj.keep = True
                     agg.add(ms, changed, fam, routine, rare)
                     if rare:
                         agg.note_rare(e, fam)
@@ -252,6 +261,7 @@ class DetectionEngine:
         self._since_expire += len(events)
         if self._since_expire >= self.config.expire_every:
             self._since_expire = 0
+            g.collect(cfg.gc_idle)
             g.expire()
 
     # ------------------------------------------------------------------ learned state
@@ -297,7 +307,10 @@ class DetectionEngine:
         out.update(c)
         out.update(
             {
-                "edge_reduction_ratio": (gs["edges_skipped"] + gs["edges_pruned"]) / cand,
+                "edge_reduction_ratio": (
+                    gs["edges_skipped"] + gs["edges_pruned"] + gs["edges_collected"]
+                ) / cand,
+                "edges_retained": gs["edges"] - gs["edges_collected"],
                 "node_reduction_ratio": gs["nodes_pruned"] / created,
                 "late_records": self.coalescer.late_records,
                 "incomplete_events": self.coalescer.incomplete_events,
