@@ -311,36 +311,53 @@ class ProvenanceGraph:
             obj.edges.append((ts, op, proc.nid))
             if obj.kind == "file":
                 obj.n += 1
-                if op in _READS or op in ("write", "truncate"):
-                    if obj.creator is not None and obj.creator != proc.nid:
+                if op == "create" and obj.creator is None:
+                    obj.creator = proc.root.nid
+                    obj.touchers = {}
+                if obj.creator is not None:
+                    if obj.creator != proc.root.nid:
                         obj.read_other = True
-        if op in _OUTSIDE and not proc.touched:
-            p = proc
-            while p is not None and not p.touched:
-                p.touched = True
-                p = p.parent
+                    t = obj.touchers.get(proc)
+                    if t is None:
+                        t = obj.touchers[proc] = [0, 0]
+                    t[0] += 1
+                    t[1] += op in _OUTSIDE
+        if op in _OUTSIDE:
+            proc.touched += 1
         self.stats["edges"] += 1
         out.append(e)
         return e
 
     # ------------------------------------------------------------------ garbage (LogGC)
     def _collect_file(self, f: FileNode | None) -> None:
-        """Drop the edges of a temporary file that lived and died unread inside its creator."""
+        """Drop the edges of a temporary file that lived and died inside one chain.
+
+        Created and then deleted (or renamed away) by processes of one session or
+        service chain, never used outside it, label-free and not matched by a rule:
+        a build's ``.s``/``.o`` intermediates, git's object and lock files,
+        ``crontab``'s and ``ln``'s temp files. What its writers did to it no longer
+        counts as an effect outside themselves.
+        """
         if (f is None or not self.reduce or f.creator is None or f.read_other or f.labels
                 or f.keep or not f.n):
             return
         self.stats["edges_collected"] += f.n
+        for proc, (n_edges, n_outside) in f.touchers.items():
+            proc.n -= n_edges  # counted once: with the file
+            proc.touched -= n_outside
         f.n = 0
         f.creator = None
+        f.touchers = None
         f.edges.clear()
 
     def collect(self, idle: float = 60.0, now: float | None = None) -> int:
         """Drop the edges of idle processes that never changed anything outside themselves.
 
         A process is garbage when it has been idle for *idle* seconds (log time), it
-        and its descendants wrote, created, deleted, renamed, linked, chmod-ed nothing
-        and talked to no socket, it carries no label, no rule matched on it, and all
-        its children are collected already (leaves first). Its node stays (ancestry,
+        wrote, created, deleted, renamed, linked, chmod-ed nothing that is still
+        retained (collected temp files do not count) and talked to no socket, it
+        carries no label, no rule matched on it, and all its children are collected
+        already (leaves first). Its node stays (ancestry,
         chain roots); its edges and the fork edge that created it are gone. Returns
         the number of edges collected.
         """
@@ -396,8 +413,6 @@ class ProvenanceGraph:
             return e
         state = (proc.labels, detail.get("flags", detail.get("mode")) if detail else None)
         e = self._edge(out, ev.ts, op, proc, f, state, detail, inferred)
-        if e is not None and op == "create":
-            f.creator = proc.nid
         if e is not None and op in ("write", "create", "truncate"):
             f.version += 1
             f.writer = proc.nid

@@ -72,7 +72,7 @@ class ProcNode(Node):
         self.ports: set | None = None
         self.last_file: tuple | None = None
         self.written: list | None = None
-        self.touched = False  # it or a descendant changed something outside itself
+        self.touched = 0  # edges by which it changed something outside itself (still retained)
         self.kids = 0  # children not yet collected
         self.collected = False
 
@@ -95,7 +95,8 @@ class ProcNode(Node):
 class FileNode(Node):
     """A file (by path, with inode); ``version`` grows with every write."""
 
-    __slots__ = ("path", "inode", "version", "mode", "existed", "writer", "creator", "read_other")
+    __slots__ = ("path", "inode", "version", "mode", "existed", "writer", "creator", "read_other",
+                 "touchers")
 
     def __init__(self, path: str, ts: float, max_edges: int):
         super().__init__(f"file:{path}", "file", ts, max_edges)
@@ -105,8 +106,9 @@ class FileNode(Node):
         self.mode = None
         self.existed = False
         self.writer = None
-        self.creator = None  # nid of the process that created it in this graph
-        self.read_other = False  # read or run by a process other than its creator
+        self.creator = None  # chain root (nid) of the process that created it in this graph
+        self.read_other = False  # used by a process outside its creator's chain
+        self.touchers: dict | None = None  # created files: proc -> [edges, outside edges]
         self.labels = T.initial_file_labels(path)
 
     def describe(self) -> dict:

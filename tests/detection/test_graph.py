@@ -245,7 +245,7 @@ def test_garbage_collection_of_self_contained_processes_and_temp_files():
     assert true_edges >= 2  # its fork edge and its exec edge
     assert g.collect(idle=0.0, now=10**10) == true_edges
     assert g.procs[12].collected and not g.procs[13].collected
-    assert g.procs[13].touched and g.procs[11].touched  # a child's write keeps its ancestors
+    assert g.procs[13].touched and g.procs[11].kids == 1  # a retained child keeps its parent
     assert not g.procs[10].collected
     # active again: no longer collected, and its parent waits for it
     L.execve(12, 11, "/usr/bin/true", ["true", "again"])
