@@ -223,11 +223,17 @@ def _unlink(L: Log, pid, ppid, exe, path):
     L._end(s, t)
 
 
-def test_garbage_collection_of_self_contained_processes_and_temp_files():
+def _login_shell() -> Log:
+    """A log that starts with an SSH login (pid 10) and its shell (pid 11)."""
     L = Log()
     L.login(10)
     L.fork(10, 1, 11, exe="/usr/sbin/sshd")
     L.execve(11, 10, "/usr/bin/bash", ["-bash"])
+    return L
+
+
+def test_garbage_collection_of_self_contained_processes_and_temp_files():
+    L = _login_shell()
     L.fork(11, 10, 12)
     L.execve(12, 11, "/usr/bin/true", ["true"])  # touches nothing outside itself
     L.fork(11, 10, 13)
@@ -258,10 +264,7 @@ def test_garbage_collection_of_self_contained_processes_and_temp_files():
 
 
 def test_labelled_or_matched_processes_are_never_collected():
-    L = Log()
-    L.login(10)
-    L.fork(10, 1, 11, exe="/usr/sbin/sshd")
-    L.execve(11, 10, "/usr/bin/bash", ["-bash"])
+    L = _login_shell()
     L.fork(11, 10, 12)
     L.execve(12, 11, "/usr/bin/id", ["id"])  # discovery rule matches: explained by an alert
     eng = _engine()

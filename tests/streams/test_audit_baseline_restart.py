@@ -33,6 +33,21 @@ def _settled(client, host, floor: float):
     return first if _observed(client, host) == first else None
 
 
+def _learned_alone(host: str, log) -> float:
+    """How much a fresh engine learns from *log* on its own (decayed edges observed)."""
+    eng = DetectionEngine(host=host)
+    eng.process_lines(log.read_text(encoding="utf-8").splitlines())
+    eng.flush()
+    return eng.model.observed
+
+
+def _start_worker(env, tmp_path, client) -> Service:
+    svc = Service("worker", env, tmp_path / "logs")
+    wait_until(lambda: client.get(f"hw:status:worker:{instance_of(svc)}"), 90,
+               what="worker heartbeat", on_fail=svc.log)
+    return svc
+
+
 def test_baseline_is_saved_with_a_ttl_and_restored_after_restart(kafka_bootstrap, redis_url,
                                                                  data_dir, tmp_path):
     prefix = f"b{int(time.time() * 1000) % 10**8}-"
@@ -43,15 +58,11 @@ def test_baseline_is_saved_with_a_ttl_and_restored_after_restart(kafka_bootstrap
     settings = Settings(topic_prefix=prefix)
     benign = data_dir / "audit" / "dev01_benign_admin_dev.log"
     attack = data_dir / "audit" / "dev04_credential_exfil.log"
-    svc = Service("worker", env, tmp_path / "logs")
+    svc = _start_worker(env, tmp_path, client)
     try:
-        wait_until(lambda: client.get(f"hw:status:worker:{instance_of(svc)}"), 90,
-                   what="worker heartbeat", on_fail=svc.log)
         ship_audit(settings, kafka_bootstrap, benign, host, tmp_path / "pos1", follow=False)
-        offline = DetectionEngine(host=host)
-        offline.process_lines(benign.read_text(encoding="utf-8").splitlines())
-        offline.flush()
-        wait_until(lambda: _settled(client, host, 0.9 * offline.model.observed), 90,
+        benign_alone = _learned_alone(host, benign)
+        wait_until(lambda: _settled(client, host, 0.9 * benign_alone), 90,
                    what="the benign log learned into Redis", on_fail=svc.log)
         svc.stop()
         first = _observed(client, host)  # nothing writes any more
@@ -60,15 +71,9 @@ def test_baseline_is_saved_with_a_ttl_and_restored_after_restart(kafka_bootstrap
         stored_patterns = client.hlen(baseline_key(host)) - 1  # minus _observed
         assert stored_patterns > 100
 
-        svc = Service("worker", env, tmp_path / "logs")
-        wait_until(lambda: client.get(f"hw:status:worker:{instance_of(svc)}"), 90,
-                   what="restarted worker heartbeat", on_fail=svc.log)
+        svc = _start_worker(env, tmp_path, client)
         ship_audit(settings, kafka_bootstrap, attack, host, tmp_path / "pos2", follow=False)
-        # what the attack log alone teaches a fresh engine
-        alone = DetectionEngine(host=host)
-        alone.process_lines(attack.read_text(encoding="utf-8").splitlines())
-        alone.flush()
-        alone_observed = alone.model.observed
+        alone_observed = _learned_alone(host, attack)
         final = wait_until(lambda: _settled(client, host, first + 0.5 * alone_observed), 90,
                            what="the attack log learned on top of the restored baseline",
                            on_fail=lambda: f"{_observed(client, host)} {svc.log()}")
