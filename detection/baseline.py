@@ -88,7 +88,12 @@ def edge_pattern(e: Edge) -> tuple:
         return (basename(parent.exe) if parent is not None else "?", "exec", proc.exe or "?")
     prog = basename(proc.exe) or proc.comm or "?"
     if isinstance(obj, FileNode):
-        return (prog, op, generalise_path(obj.path) if op in _OPS_WITH_OBJECT else "")
+        if op not in _OPS_WITH_OBJECT:
+            return (prog, op, "")
+        general = obj.general
+        if general is None:
+            general = obj.general = generalise_path(obj.path)
+        return (prog, op, general)
     if isinstance(obj, SockNode):
         if obj.port is None:
             return (prog, op, "unix:" + generalise_path(obj.addr))

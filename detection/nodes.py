@@ -96,7 +96,7 @@ class FileNode(Node):
     """A file (by path, with inode); ``version`` grows with every write."""
 
     __slots__ = ("path", "inode", "version", "mode", "existed", "writer", "creator", "read_other",
-                 "touchers")
+                 "touchers", "general")
 
     def __init__(self, path: str, ts: float, max_edges: int):
         super().__init__(f"file:{path}", "file", ts, max_edges)
@@ -109,6 +109,7 @@ class FileNode(Node):
         self.creator = None  # chain root (nid) of the process that created it in this graph
         self.read_other = False  # used by a process outside its creator's chain
         self.touchers: dict | None = None  # created files: proc -> [edges, outside edges]
+        self.general: str | None = None  # generalised path (detection.baseline), cached
         self.labels = T.initial_file_labels(path)
 
     def describe(self) -> dict:

@@ -52,7 +52,7 @@ def sh(*argv, check=True, **kw):
 
 
 def setup_accounts(keydir: Path) -> None:
-    for name, uid, sudo, _ in ACCOUNTS:
+    for name, uid, _, _ in ACCOUNTS:
         if sh("id", name, check=False).returncode != 0:
             sh("useradd", "-m", "-u", str(uid), "-s", "/bin/bash", name)
         ssh = Path(f"/home/{name}/.ssh")

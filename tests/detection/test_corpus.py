@@ -95,7 +95,7 @@ def test_reduction_keeps_every_attack_chain_edge(audit_dir, name):
             if e[3] and not (e[2] in ("exec_load", "load", "read") and e[3].startswith(system))
             and not (e[2] == "denied" and e[3].startswith(("file:/proc/", "file:/sys/")))}
     assert not lost, sorted(lost)[:10]
-    for pid, exe, op, obj in reduced:
+    for _pid, _exe, op, obj in reduced:
         if obj and obj.startswith(system) and op in ("exec_load", "load", "read"):
             node = eng_red.graph.files.get(obj[5:])
             assert node is not None and (node.version or node.labels), "pruned only if pristine"
