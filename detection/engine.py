@@ -112,6 +112,9 @@ class _Policy:
         self.trusted_installers = rules.names("trusted_installers")
         self.wrappers = rules.names("wrappers")
         self.metadata_tools = rules.names("metadata_tools")
+        self.downloaders = rules.names("downloaders")
+        self.stdin_runners = (rules.names("shells") | rules.names("interpreters_python")
+                              | rules.names("interpreters_other"))
         self.trusted_networks = tuple(cfg.trusted_networks)
         self.trusted_ports = frozenset(int(p) for p in cfg.trusted_ports)
 

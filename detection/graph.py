@@ -137,6 +137,11 @@ class ProvenanceGraph:
             old.parent.kids -= 1  # pid reused: the old process is gone
         if parent is not None:
             parent.kids += 1
+            if parent.recent_kids is None:
+                parent.recent_kids = []
+            parent.recent_kids.append(p)
+            if len(parent.recent_kids) > 8:
+                del parent.recent_kids[0]
             p.parent = parent
             p.ppid = parent.pid
             p.exe, p.comm, p.argv = parent.exe, parent.comm, parent.argv
@@ -436,6 +441,26 @@ class ProvenanceGraph:
                 self.stats["edges"] += 1
                 out.append(Edge(ts, "write", proc, f, {"retro": True}, inferred=True))
 
+    def _taint_pipe_reader(self, proc: ProcNode) -> None:
+        """``curl URL | sh``: a shell or interpreter started beside a downloader, reading stdin.
+
+        Pipes are not audited, so the flow is inferred: a sibling forked by the same
+        parent within a second of the downloader whose command line names no script
+        (``sh``, ``bash -s``, ``python3 -``) runs what the downloader received.
+        """
+        exe = basename(proc.exe)
+        parent = proc.parent
+        if exe not in self.policy.downloaders or parent is None or not parent.recent_kids:
+            return
+        for sib in parent.recent_kids:
+            if sib is proc or abs(sib.first_ts - proc.first_ts) > 1.0:
+                continue
+            if basename(sib.exe) not in self.policy.stdin_runners:
+                continue
+            args = [a for a in sib.argv[1:] if a not in ("-s", "-", "-i")]
+            if not args:
+                sib.labels |= T.UNTRUSTED
+
     def _argv_reads(self, out, ev, proc) -> None:
         """Infer reads of files named on the command line (reads are rarely audited)."""
         exe = basename(proc.exe)
@@ -616,6 +641,8 @@ class ProvenanceGraph:
                     proc.labels |= T.UNTRUSTED | T.NET_IN
                     if first and proc.written:
                         self._relabel_written(out, ev.ts, proc)
+                    if first:
+                        self._taint_pipe_reader(proc)
         elif sc in _MODULES:
             path = items[0][0] if items else None
             obj = self.file(path, ev.ts) if path else None

