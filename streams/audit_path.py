@@ -129,8 +129,9 @@ class AuditHandler:
                             json.dumps(alert, default=str).encode(), None))
             for technique in alert.get("techniques", []):
                 self.metrics.alerts.labels(technique).inc()
-        for host, eng in self.engines.items():
-            self.metrics.audit_memory.labels(host).set(eng.stats().get("memory_bytes", 0))
+        for host in seen:  # only hosts whose graph changed (the estimate walks every node)
+            self.metrics.audit_memory.labels(host).set(
+                self.engines[host].graph.counts()["memory_bytes"])
         # taken in this (executor) thread: the engines are only touched here
         deltas = ({h: self.engines[h].baseline_delta() for h in seen}
                   if self.baseline_store is not None else {})
