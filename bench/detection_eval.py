@@ -87,7 +87,8 @@ def benign_lines(name: str) -> list[str]:
         return fh.read().splitlines()
 
 
-def evaluate_benign(name: str, lines: list[str], trained_on: list[str] | None = None) -> dict:
+def evaluate_benign(name: str, lines: list[str], trained_on: list[str] | None = None,
+                    accounts: str | None = None) -> dict:
     eng = DetectionEngine(host="benign")
     if trained_on is not None:
         eng.process_lines(trained_on)
@@ -106,13 +107,14 @@ def evaluate_benign(name: str, lines: list[str], trained_on: list[str] | None = 
     st = eng.stats()
     medium = eng.alerts("medium")
     hours = log_hours(lines)
-    meta = json.loads((BENIGN / f"{name}.meta.json").read_text())
+    if accounts is None:
+        accounts = ",".join(json.loads((BENIGN / f"{name}.meta.json").read_text())["accounts"])
     return {
-        "name": name + (" (baseline trained on train)" if trained_on is not None else " (cold)"),
+        "name": name + (", baseline trained on train" if trained_on is not None else ", cold"),
         "records": st["records"],
         "events": st["events"],
         "hours": hours,
-        "accounts": ",".join(meta["accounts"]),
+        "accounts": accounts,
         "medium": len(medium),
         "fp_per_host_hour": len(medium) / hours,
         "low": len(eng.alerts("low")) - len(medium),
@@ -195,6 +197,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--data", help="datasets dir (default: $HEADWATER_DATA_DIR or ../shared/datasets)"
     )
+    ap.add_argument(
+        "--extra-benign", action="append", default=[], metavar="DIR",
+        help="also evaluate DIR/benign.log (+ meta.json) from bench/benign_audit/record.py, "
+        "cold and with the baseline trained on the repo's train recording",
+    )
     args = ap.parse_args(argv)
     logs = sorted((data_dir(args.data) / "audit").glob("*.log"))
     if not logs:
@@ -235,6 +242,13 @@ def main(argv=None) -> int:
         train, test = benign_lines("train"), benign_lines("test")
         brows = [evaluate_benign("train", train), evaluate_benign("test", test),
                  evaluate_benign("test", test, trained_on=train)]
+        for extra in map(Path, args.extra_benign):
+            meta = json.loads((extra / "meta.json").read_text())
+            lines = (extra / "benign.log").read_text(encoding="utf-8", errors="replace").splitlines()
+            tag = f"{extra.name} (seed {meta['seed']}, {meta['rounds']} work blocks)"
+            acc = ",".join(meta["accounts"])
+            brows.append(evaluate_benign(tag, lines, accounts=acc))
+            brows.append(evaluate_benign(tag, lines, trained_on=train, accounts=acc))
         print("\n| benign recording | records | events | log hours | accounts | medium+ alerts "
               "| FP per host-hour | low alerts | matches discounted as routine | edge red. |")
         print("|---|---|---|---|---|---|---|---|---|---|")
