@@ -35,15 +35,20 @@ class BaselineStore:
         """Every stored field of *host*'s baseline (empty for a new host)."""
         return await self.client.hgetall(baseline_key(host))
 
-    async def save(self, host: str, put: dict, gone: list) -> None:
-        """Write changed fields, delete forgotten ones, refresh the TTL (one round trip)."""
-        if not put and not gone:
-            return
-        key = baseline_key(host)
+    async def save(self, deltas: dict[str, tuple[dict, list]]) -> None:
+        """For each host, ``(put, gone)``: write changed fields, delete forgotten ones and
+        refresh the TTL — every host of a batch in one round trip."""
         pipe = self.client.pipeline(transaction=False)
-        if gone:
-            pipe.hdel(key, *gone)
-        if put:
-            pipe.hset(key, mapping=put)
-        pipe.expire(key, self.ttl)
-        await pipe.execute()
+        queued = False
+        for host, (put, gone) in deltas.items():
+            if not put and not gone:
+                continue
+            key = baseline_key(host)
+            if gone:
+                pipe.hdel(key, *gone)
+            if put:
+                pipe.hset(key, mapping=put)
+            pipe.expire(key, self.ttl)
+            queued = True
+        if queued:
+            await pipe.execute()

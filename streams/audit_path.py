@@ -103,8 +103,8 @@ class AuditHandler:
                 self._restored[host] = await self.baseline_store.load(host)
 
     async def _save_baselines(self, deltas: dict) -> None:
-        for host, (put, gone) in deltas.items():
-            await self.baseline_store.save(host, put, gone)
+        if deltas:
+            await self.baseline_store.save(deltas)
 
     def _process(self, topic: str, partition: int, messages: list[Message]):
         outputs: list[Output] = []
