@@ -38,6 +38,7 @@ import hashlib
 
 from . import tags as T
 from .nodes import FileNode, ProcNode, SockNode
+from .reduction import READ_OPS
 from .rules import TACTIC_ORDER, Match
 
 SEVERITIES = ("low", "medium", "high", "critical")
@@ -59,7 +60,6 @@ STAGE_OF_TACTIC = {
     "exfiltration": 3,
     "impact": 3,
 }
-_READ_OPS = frozenset({"read", "exec_load", "load"})
 #: strong matches on edges the warm baseline had never seen that add one severity level
 RARE_BONUS_MATCHES = 3
 
@@ -96,7 +96,7 @@ def dependency(m: Match) -> str | None:
         if par is not None and par.labels & T.UNTRUSTED:
             return "child of an untrusted process talking to the network"
     obj = e.obj
-    if obj is not None and e.op in _READ_OPS and obj.labels & (T.DOWNLOADED | T.UNTRUSTED):
+    if obj is not None and e.op in READ_OPS and obj.labels & (T.DOWNLOADED | T.UNTRUSTED):
         return "runs or reads downloaded/untrusted content"
     return None
 

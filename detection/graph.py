@@ -53,7 +53,6 @@ _MODULES = frozenset({"init_module", "finit_module", "delete_module"})
 _OUTSIDE = frozenset({"write", "create", "truncate", "unlink", "rename", "link", "chmod", "chown",
                       "utime", "connect", "accept", "send", "recv", "bind", "module", "ptrace",
                       "mount", "memfd", "kexec", "mknod", "login"})
-_READS = frozenset({"read", "exec_load", "load"})
 _SYSTEM_PROGRAMS = ("/usr/bin/", "/bin/", "/usr/sbin/", "/sbin/", "/usr/local/bin/")
 _MISC = {
     "ptrace": "ptrace",
