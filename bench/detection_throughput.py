@@ -1,9 +1,10 @@
 """Throughput and latency of the detection pipeline on one core.
 
-1. records/s through parse -> coalesce -> graph -> reduction -> rules -> alerts
-   (all corpus logs concatenated, repeated --repeat times, one engine per log copy
-   as if each were a host; median of 3 runs), beside two baselines measured in the
-   same run: bare line splitting and parse-only.
+1. records/s through parse -> coalesce -> graph -> reduction -> baseline -> rules ->
+   alerts (all corpus logs concatenated, repeated --repeat times, one engine per log
+   copy as if each were a host; median of 3 runs), beside baselines measured in the
+   same run: bare line splitting, parse-only, and the full pipeline without the
+   learned baseline (what learning costs).
 2. record-arrival -> alert latency when records arrive at a steady --rate records/s
    in batches of --batch lines (simulated arrival clock, real processing time): a
    batch is processed when its last record has arrived and the engine is free;
@@ -29,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from detection.engine import DetectionEngine  # noqa: E402
+from detection.engine import DetectionEngine, EngineConfig  # noqa: E402
 from detection.records import parse_line  # noqa: E402
 
 
@@ -66,12 +67,12 @@ def run_parse(logs, repeat):
     return n / (time.perf_counter() - t)
 
 
-def run_full(logs, repeat, batch=1000):
+def run_full(logs, repeat, batch=1000, learn=True):
     t = time.perf_counter()
     n = alerts = 0
     for _ in range(repeat):
         for lines in logs:
-            eng = DetectionEngine(host="vm")
+            eng = DetectionEngine(host="vm", config=EngineConfig(learn=learn))
             for i in range(0, len(lines), batch):
                 alerts += len(eng.process_lines(lines[i : i + batch]).alerts)
             alerts += len(eng.flush().alerts)
@@ -155,8 +156,10 @@ def main(argv=None) -> int:
     split = median3(run_split, logs, args.repeat)
     parse = median3(run_parse, logs, args.repeat)
     full = median3(run_full, logs, args.repeat)
+    nolearn = median3(lambda *a: run_full(*a, learn=False), logs, args.repeat)
     print(f"bare line split           : {split:12,.0f} records/s")
     print(f"parse only                : {parse:12,.0f} records/s")
+    print(f"full pipeline, no learning: {nolearn:12,.0f} records/s")
     print(
         f"full pipeline (detection) : {full:12,.0f} records/s  "
         f"(= {full / split:.3f} x split, {full / parse:.2f} x parse-only)"

@@ -6,8 +6,9 @@ produces ``result.alerts`` to the ``alerts`` topic and ``result.errors`` to
 ``dead-letter``. Pipeline per line: parse (:mod:`detection.records`, or
 :mod:`detection.laurel` for JSON lines) → coalesce into events
 (:mod:`detection.coalesce`) → provenance graph with reduction and label
-transfer (:mod:`detection.graph`) → ATT&CK rules (:mod:`detection.rules`) →
-one growing alert per causal chain (:mod:`detection.alerts`).
+transfer (:mod:`detection.graph`) → the host's learned baseline scores each edge
+(:mod:`detection.baseline`) → ATT&CK rules (:mod:`detection.rules`) → one growing
+alert per causal chain, ranked by stage progression (:mod:`detection.alerts`).
 
 Examples
 --------
@@ -22,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .alerts import AlertAggregator
+from .baseline import BehaviourModel
 from .coalesce import Coalescer
 from .events import AuditEvent
 from .graph import ProvenanceGraph
@@ -54,6 +56,21 @@ class EngineConfig:
         YAML rule files; ``None`` loads the packaged ``detection/rules/*.yaml``.
     expire_every : int
         Run graph aging every N events.
+    gc_idle : float
+        Log-time seconds a process must be idle before its edges can be garbage
+        collected (:meth:`detection.graph.ProvenanceGraph.collect`).
+    learn : bool
+        Learn the host's normal behaviour online (:mod:`detection.baseline`) and use it.
+    baseline_half_life : float
+        Log-time seconds after which a learned count has halved.
+    routine_count, rare_below : float
+        A rule match on an edge whose pattern has a familiarity >= ``routine_count``
+        is routine (context only); one below ``rare_below`` is rare.
+    warm_edges : float
+        The model judges routine/rare only after it has seen this many (decayed)
+        edges of the host; before that it only learns.
+    baseline_max_patterns : int
+        Bound on learned patterns per host.
     """
 
     reduce: bool = True
@@ -69,6 +86,13 @@ class EngineConfig:
     infer_argv_reads: bool = True
     expire_every: int = 5000
     max_alerts: int = 10_000
+    gc_idle: float = 30.0
+    learn: bool = True
+    baseline_half_life: float = 7 * 86400.0
+    routine_count: float = 3.0
+    rare_below: float = 1.0
+    warm_edges: float = 20_000.0
+    baseline_max_patterns: int = 50_000
 
 
 @dataclass
@@ -88,6 +112,9 @@ class _Policy:
         self.trusted_installers = rules.names("trusted_installers")
         self.wrappers = rules.names("wrappers")
         self.metadata_tools = rules.names("metadata_tools")
+        self.downloaders = rules.names("downloaders")
+        self.stdin_runners = (rules.names("shells") | rules.names("interpreters_python")
+                              | rules.names("interpreters_other"))
         self.trusted_networks = tuple(cfg.trusted_networks)
         self.trusted_ports = frozenset(int(p) for p in cfg.trusted_ports)
 
@@ -129,6 +156,11 @@ class DetectionEngine:
         )
         self.coalescer = Coalescer(max_pending=cfg.max_pending, max_age=cfg.max_age)
         self.aggregator = AlertAggregator(host, cfg.min_severity, cfg.max_alerts)
+        self.model = (
+            BehaviourModel(cfg.baseline_half_life, cfg.routine_count, cfg.baseline_max_patterns)
+            if cfg.learn
+            else None
+        )
         self.edge_sink = None  # optional callable(edge) for tests/benchmarks
         self._totals = {"lines": 0, "records": 0, "errors": 0, "laurel_events": 0, "matches": 0}
         self._since_expire = 0
@@ -192,7 +224,9 @@ class DetectionEngine:
 
     def flush(self) -> Result:
         """Emit events still open in the coalescing window (end of file / shutdown)."""
-        return self.process_events(self.coalescer.flush())
+        res = self.process_events(self.coalescer.flush())
+        self.graph.collect(self.config.gc_idle)
+        return res
 
     # ------------------------------------------------------------------ core
     def _detect(self, events: list[AuditEvent], changed: dict) -> None:
@@ -200,21 +234,47 @@ class DetectionEngine:
         match = self.rules.match
         agg = self.aggregator
         sink = self.edge_sink
+        model = self.model
+        cfg = self.config
         nm = 0
+        fam = None
+        routine = rare = False
         for ev in events:
             edges = g.apply(ev)
             for e in edges:
                 if sink is not None:
                     sink(e)
+                if model is not None:
+                    warm = model.observed >= cfg.warm_edges
+                    fam = model.observe_edge(e)
+                    routine = warm and fam >= cfg.routine_count
+                    rare = warm and fam < cfg.rare_below
                 ms = match(e)
                 if ms:
                     nm += len(ms)
-                    agg.add(ms, changed)
+                    e.proc.keep = True  # explained by an alert: never garbage
+                    if e.obj is not None:
+                        e.obj.keep = True
+                    agg.add(ms, changed, fam, routine, rare)
+                    if rare:
+                        agg.note_rare(e, fam)
+                elif rare:
+                    agg.note_rare(e, fam)
         self._totals["matches"] += nm
         self._since_expire += len(events)
         if self._since_expire >= self.config.expire_every:
             self._since_expire = 0
+            g.collect(cfg.gc_idle)
             g.expire()
+
+    # ------------------------------------------------------------------ learned state
+    def baseline_delta(self) -> tuple[dict, list]:
+        """Learned-baseline fields changed since the last call (for a Redis hash)."""
+        return self.model.dump_dirty() if self.model is not None else ({}, [])
+
+    def load_baseline(self, fields: dict) -> int:
+        """Restore learned state saved with :meth:`baseline_delta` (e.g. after a restart)."""
+        return self.model.load(fields) if self.model is not None else 0
 
     # ------------------------------------------------------------------ views
     def _batch_stats(self, nrec: int, nev: int, nerr: int) -> dict:
@@ -250,12 +310,17 @@ class DetectionEngine:
         out.update(c)
         out.update(
             {
-                "edge_reduction_ratio": (gs["edges_skipped"] + gs["edges_pruned"]) / cand,
+                "edge_reduction_ratio": (
+                    gs["edges_skipped"] + gs["edges_pruned"] + gs["edges_collected"]
+                ) / cand,
+                "edges_retained": gs["edges"] - gs["edges_collected"],
                 "node_reduction_ratio": gs["nodes_pruned"] / created,
                 "late_records": self.coalescer.late_records,
                 "incomplete_events": self.coalescer.incomplete_events,
                 "pending_events": len(self.coalescer),
                 "alerts": len(self.aggregator.alerts),
+                "baseline_patterns": len(self.model) if self.model is not None else 0,
+                "baseline_observed": self.model.observed if self.model is not None else 0.0,
             }
         )
         return out

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from . import tags as T
 from .events import UNSET, AuditEvent
 from .nodes import Edge, FileNode, Node, ProcNode, SockNode, basename
-from .reduction import SKIPPABLE, RedundancyFilter, is_non_viable
+from .reduction import READ_OPS, SKIPPABLE, RedundancyFilter, is_non_viable
 
 #: approximate bytes per object, calibrated against tracemalloc over the dev corpus
 #: (bench/detection_throughput.py prints both); used for the cheap per-host estimate
@@ -49,6 +49,11 @@ _NETIN = frozenset({"accept", "accept4", "recvfrom", "recvmsg"})
 _EINPROGRESS = -115
 _FD_OPS = frozenset({"ftruncate", "fchmod", "fchown", "utimensat", "futimesat"})
 _MODULES = frozenset({"init_module", "finit_module", "delete_module"})
+#: edge ops by which a process changes something outside itself (LogGC: it is not garbage)
+_OUTSIDE = frozenset({"write", "create", "truncate", "unlink", "rename", "link", "chmod", "chown",
+                      "utime", "connect", "accept", "send", "recv", "bind", "module", "ptrace",
+                      "mount", "memfd", "kexec", "mknod", "login"})
+_SYSTEM_PROGRAMS = ("/usr/bin/", "/bin/", "/usr/sbin/", "/sbin/", "/usr/local/bin/")
 _MISC = {
     "ptrace": "ptrace",
     "mount": "mount",
@@ -103,6 +108,7 @@ class ProvenanceGraph:
             "edges": 0,
             "edges_skipped": 0,
             "edges_pruned": 0,
+            "edges_collected": 0,
             "nodes_created": 0,
             "nodes_pruned": 0,
             "nodes_evicted": 0,
@@ -125,7 +131,16 @@ class ProvenanceGraph:
     def _new_proc(self, pid: int, ts: float, parent: ProcNode | None, ev: AuditEvent | None):
         p = ProcNode(pid, ts, self.max_edges)
         self.stats["nodes_created"] += 1
+        old = self.procs.get(pid)
+        if old is not None and not old.collected and old.parent is not None:
+            old.parent.kids -= 1  # pid reused: the old process is gone
         if parent is not None:
+            parent.kids += 1
+            if parent.recent_kids is None:
+                parent.recent_kids = []
+            parent.recent_kids.append(p)
+            if len(parent.recent_kids) > 8:
+                del parent.recent_kids[0]
             p.parent = parent
             p.ppid = parent.pid
             p.exe, p.comm, p.argv = parent.exe, parent.comm, parent.argv
@@ -182,6 +197,10 @@ class ProvenanceGraph:
             if parent is None:
                 p.ppid = ev.ppid
         else:
+            if p.collected:  # active again after garbage collection
+                p.collected = False
+                if p.parent is not None:
+                    p.parent.kids += 1
             self._update_proc(p, ev)
             self._touch(p, ev.ts)
         return p
@@ -282,21 +301,107 @@ class ProvenanceGraph:
         inferred: bool = False,
     ) -> Edge | None:
         self.stats["edge_candidates"] += 1
-        if self.reduce and op in SKIPPABLE and obj is not None:
-            if self.redundant.is_redundant((proc.nid, op, obj.nid), state):
+        if self.reduce and op in SKIPPABLE:
+            if self.redundant.is_redundant((proc.nid, op, obj.nid if obj else None), state):
                 self.stats["edges_skipped"] += 1
                 return None
         e = Edge(ts, op, proc, obj, detail, inferred)
         proc.edges.append((ts, op, obj.nid if obj is not None else None))
+        if op == "fork":
+            obj.n += 1  # a fork edge belongs to the child: it goes when the child is collected
+        else:
+            proc.n += 1
         if obj is not None and obj is not proc:
             obj.edges.append((ts, op, proc.nid))
+            if obj.kind == "file":
+                obj.n += 1
+                if op == "create" and obj.creator is None:
+                    obj.creator = proc.root.nid
+                    obj.touchers = {}
+                if obj.creator is not None:
+                    if obj.creator != proc.root.nid:
+                        obj.read_other = True
+                    t = obj.touchers.get(proc)
+                    if t is None:
+                        t = obj.touchers[proc] = [0, 0]
+                    t[0] += 1
+                    t[1] += op in _OUTSIDE
+        if op in _OUTSIDE:
+            proc.touched += 1
         self.stats["edges"] += 1
         out.append(e)
         return e
 
+    # ------------------------------------------------------------------ garbage (LogGC)
+    def _collect_file(self, f: FileNode | None) -> None:
+        """Drop the edges of a temporary file that lived and died inside one chain.
+
+        Created and then deleted (or renamed away) by processes of one session or
+        service chain, never used outside it, label-free and not matched by a rule:
+        a build's ``.s``/``.o`` intermediates, git's object and lock files,
+        ``crontab``'s and ``ln``'s temp files. What its writers did to it no longer
+        counts as an effect outside themselves.
+        """
+        if (f is None or not self.reduce or f.creator is None or f.read_other or f.labels
+                or f.keep or not f.n):
+            return
+        self.stats["edges_collected"] += f.n
+        for proc, (n_edges, n_outside) in f.touchers.items():
+            proc.n -= n_edges  # counted once: with the file
+            proc.touched -= n_outside
+        f.n = 0
+        f.creator = None
+        f.touchers = None
+        f.edges.clear()
+
+    def collect(self, idle: float = 60.0, now: float | None = None) -> int:
+        """Drop the edges of idle processes that never changed anything outside themselves.
+
+        A process is garbage when it has been idle for *idle* seconds (log time), it
+        wrote, created, deleted, renamed, linked, chmod-ed nothing that is still
+        retained (collected temp files do not count) and talked to no socket, it
+        carries no label, no rule matched on it, and all its children are collected
+        already (leaves first). Its node stays (ancestry,
+        chain roots); its edges and the fork edge that created it are gone. Returns
+        the number of edges collected.
+        """
+        if not self.reduce:
+            return 0
+        now = self.now if now is None else now
+        horizon = now - idle
+        total = 0
+        changed = True
+        while changed:
+            changed = False
+            for p in self.procs.values():
+                if (p.collected or p.touched or p.keep or p.labels or p.kids > 0 or p.login
+                        or p.service or p.last_ts > horizon):
+                    continue
+                total += p.n
+                p.n = 0
+                p.edges.clear()
+                p.collected = True
+                if p.parent is not None:
+                    p.parent.kids -= 1
+                    changed = True
+        self.stats["edges_collected"] += total
+        return total
+
+    def _pristine_system_file(self, path: str, op: str) -> bool:
+        """A read or image load of a system program nobody wrote while we watched.
+
+        Like a shared library, an unmodified ``/usr/bin`` program carries nothing
+        an attacker controls; the ``exec`` edge keeps the image path and argv. A
+        hidden name, or a file written or labelled in this graph, is kept.
+        """
+        if op not in READ_OPS or not path.startswith(_SYSTEM_PROGRAMS) or "/." in path:
+            return False
+        f = self.files.get(path)
+        return f is None or (f.version == 0 and not f.labels and not f.keep)
+
     def _file_op(self, out, ev, proc, path, item, op, detail=None, inferred=False):
         """Read-like or write-like flow between *proc* and the file at *path*."""
-        if self.reduce and is_non_viable(path, op):
+        if self.reduce and (is_non_viable(path, op) or self._pristine_system_file(path, op)):
             self.stats["edges_pruned"] += 1
             self.stats["edge_candidates"] += 1
             if path not in self.files:
@@ -334,6 +439,26 @@ class ProvenanceGraph:
                 self.stats["edge_candidates"] += 1
                 self.stats["edges"] += 1
                 out.append(Edge(ts, "write", proc, f, {"retro": True}, inferred=True))
+
+    def _taint_pipe_reader(self, proc: ProcNode) -> None:
+        """``curl URL | sh``: a shell or interpreter started beside a downloader, reading stdin.
+
+        Pipes are not audited, so the flow is inferred: a sibling forked by the same
+        parent within a second of the downloader whose command line names no script
+        (``sh``, ``bash -s``, ``python3 -``) runs what the downloader received.
+        """
+        exe = basename(proc.exe)
+        parent = proc.parent
+        if exe not in self.policy.downloaders or parent is None or not parent.recent_kids:
+            return
+        for sib in parent.recent_kids:
+            if sib is proc or abs(sib.first_ts - proc.first_ts) > 1.0:
+                continue
+            if basename(sib.exe) not in self.policy.stdin_runners:
+                continue
+            args = [a for a in sib.argv[1:] if a not in ("-s", "-", "-i")]
+            if not args:
+                sib.labels |= T.UNTRUSTED
 
     def _argv_reads(self, out, ev, proc) -> None:
         """Infer reads of files named on the command line (reads are rarely audited)."""
@@ -441,7 +566,9 @@ class ProvenanceGraph:
         elif sc in _UNLINKS:
             for path, it in items:
                 if it.get("nametype") in ("DELETE", None, "NORMAL"):
-                    self._file_op(out, ev, proc, path, it, "unlink", {"ok": ok})
+                    e = self._file_op(out, ev, proc, path, it, "unlink", {"ok": ok})
+                    if e is not None and ok:
+                        self._collect_file(e.obj)
         elif sc in _RENAMES:
             if ok and len(items) >= 2:
                 (src, _), (dst, dit) = items[0], items[1]
@@ -457,6 +584,7 @@ class ProvenanceGraph:
                 )
                 if e is not None and old is not None:
                     e.obj.labels |= old.labels
+                    self._collect_file(old)  # its content lives on under the new name
         elif sc in _LINKS:
             for path, it in items:
                 if it.get("nametype") == "CREATE":
@@ -474,7 +602,8 @@ class ProvenanceGraph:
             for path, it in items:
                 self._file_op(out, ev, proc, path, it, "utime")
         elif sc in _SETIDS:
-            self._edge(out, ev.ts, "setuid", proc, None, detail={"uid": ev.uid, "euid": ev.euid})
+            self._edge(out, ev.ts, "setuid", proc, None, (ev.uid, ev.euid, proc.labels),
+                       detail={"uid": ev.uid, "euid": ev.euid})
         elif sc == "bind":
             sa = ev.sockaddr
             if ok and sa and sa.get("port"):
@@ -511,6 +640,8 @@ class ProvenanceGraph:
                     proc.labels |= T.UNTRUSTED | T.NET_IN
                     if first and proc.written:
                         self._relabel_written(out, ev.ts, proc)
+                    if first:
+                        self._taint_pipe_reader(proc)
         elif sc in _MODULES:
             path = items[0][0] if items else None
             obj = self.file(path, ev.ts) if path else None

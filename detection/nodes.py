@@ -16,7 +16,8 @@ __all__ = ["Edge", "FileNode", "Node", "ProcNode", "SockNode"]
 class Node:
     """Base graph node: id, kind, labels, activity times, bounded recent edges."""
 
-    __slots__ = ("nid", "kind", "labels", "first_ts", "last_ts", "edges", "__weakref__")
+    __slots__ = ("nid", "kind", "labels", "first_ts", "last_ts", "edges", "n", "keep",
+                 "__weakref__")
 
     def __init__(self, nid: str, kind: str, ts: float, max_edges: int):
         self.nid = nid
@@ -25,6 +26,8 @@ class Node:
         self.first_ts = ts
         self.last_ts = ts
         self.edges: deque = deque(maxlen=max_edges)
+        self.n = 0  # retained edges this node owns (garbage collection counts them)
+        self.keep = False  # a rule matched on one of its edges: never collected
 
 
 class ProcNode(Node):
@@ -48,6 +51,10 @@ class ProcNode(Node):
         "ports",
         "last_file",
         "written",
+        "touched",
+        "kids",
+        "recent_kids",
+        "collected",
     )
 
     def __init__(self, pid: int, ts: float, max_edges: int):
@@ -66,6 +73,10 @@ class ProcNode(Node):
         self.ports: set | None = None
         self.last_file: tuple | None = None
         self.written: list | None = None
+        self.touched = 0  # edges by which it changed something outside itself (still retained)
+        self.kids = 0  # children not yet collected
+        self.recent_kids: list | None = None  # last few children (pipeline siblings)
+        self.collected = False
 
     def describe(self) -> dict:
         """JSON-ready summary used in alert chains."""
@@ -86,7 +97,8 @@ class ProcNode(Node):
 class FileNode(Node):
     """A file (by path, with inode); ``version`` grows with every write."""
 
-    __slots__ = ("path", "inode", "version", "mode", "existed", "writer")
+    __slots__ = ("path", "inode", "version", "mode", "existed", "writer", "creator", "read_other",
+                 "touchers", "general")
 
     def __init__(self, path: str, ts: float, max_edges: int):
         super().__init__(f"file:{path}", "file", ts, max_edges)
@@ -96,6 +108,10 @@ class FileNode(Node):
         self.mode = None
         self.existed = False
         self.writer = None
+        self.creator = None  # chain root (nid) of the process that created it in this graph
+        self.read_other = False  # used by a process outside its creator's chain
+        self.touchers: dict | None = None  # created files: proc -> [edges, outside edges]
+        self.general: str | None = None  # generalised path (detection.baseline), cached
         self.labels = T.initial_file_labels(path)
 
     def describe(self) -> dict:

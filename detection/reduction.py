@@ -15,6 +15,14 @@
 
 Skipping never changes labels or alerts: the skipped edge would have or-ed in
 labels that are already present.
+
+A third pass is LogGC-style garbage collection of edges already used for
+detection (:meth:`detection.graph.ProvenanceGraph.collect`): edges of idle,
+label-free processes on which no rule matched and that never changed anything
+outside themselves (``id``, ``ps``, ``cat`` in a clean session), and edges of
+temporary files created and deleted (or renamed away) unread by anyone else (git
+objects and lock files, ``crontab``'s and ``ln``'s temp files). They can no longer
+be on an attack's causal path: nothing flowed out of them.
 """
 
 from __future__ import annotations
@@ -75,6 +83,7 @@ SKIPPABLE = frozenset(
         "chmod",
         "denied",
         "truncate",
+        "setuid",
     }
 )
 
@@ -88,7 +97,12 @@ def is_non_viable(path: str, op: str) -> bool:
     False
     >>> is_non_viable("/tmp/.x/payload", "read")
     False
+    >>> is_non_viable("/proc/412/environ", "denied"), is_non_viable("/etc/shadow", "denied")
+    (True, False)
     """
+    if op == "denied":
+        # a failed open of a kernel pseudo file (ps walking /proc/PID/environ) moves nothing
+        return path.startswith(("/proc/", "/sys/"))
     if op not in READ_OPS:
         return False
     if path in _NON_VIABLE_FILES:

@@ -66,6 +66,18 @@ class Settings(BaseSettings):
         0.02, gt=0, description="Seconds the click agent waits to fill a batch."
     )
     audit_batch_size: int = Field(2000, ge=1, description="Max audit messages per agent batch.")
+    # --- detection: learned per-host baseline (issue 16) ---
+    audit_learn: bool = Field(
+        True, description="Learn each host's normal behaviour online and use it for alert severity."
+    )
+    audit_baseline_half_life: float = Field(
+        7 * 86400.0, gt=0, description="Seconds (log time) after which a learned count has halved."
+    )
+    audit_baseline_ttl: int = Field(
+        30 * 86400, gt=0,
+        description="Seconds a host's learned baseline stays in Redis after its last audit batch.",
+    )
+    # --- end detection baseline ---
     train_message_rows: int = Field(
         256, ge=1, description="Most rows per Arrow message the worker writes on train-batches.",
     )

@@ -10,10 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import redis.asyncio as aioredis
 
 from detection.alert_store import save_alerts
+from detection.baseline_store import BaselineStore
 from headwater.health import PERIOD_S, make_status, publish_async
 from headwater.settings import Settings
 from streams.app import add_web_pages, batched_agent, create_app
-from streams.audit_path import AuditHandler
+from streams.audit_path import AuditHandler, audit_engine_config
 from streams.click_path import ClickHandler
 from streams.item_path import ItemHandler
 from streams.metrics import WorkerMetrics
@@ -70,7 +71,8 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     clicks = ClickHandler(settings, client, metrics, state, bootstrap)
     items = ItemHandler(settings, client, metrics, state)
     audit = AuditHandler(topics, metrics, alert_sink=lambda alerts: save_alerts(client, alerts),
-                         executor=audit_pool)
+                         executor=audit_pool, config=audit_engine_config(settings),
+                         baseline_store=BaselineStore(client, settings.audit_baseline_ttl))
     n = settings.partitions
     dlq = topics["dead-letter"]
     batched_agent(app, topics["clicks"], n, clicks, settings.click_batch_size,

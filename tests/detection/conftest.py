@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import lzma
 import os
 from pathlib import Path
 
@@ -29,6 +30,27 @@ def audit_dir() -> Path:
     if not d.is_dir():
         pytest.skip(f"audit corpus not found at {d}: set HEADWATER_DATA_DIR")
     return d
+
+
+BENIGN_DIR = REPO / "bench" / "benign_audit" / "data"
+
+
+def benign_lines(name: str) -> list[str]:
+    """Lines of a recorded benign log in the repo (``train`` or ``test``)."""
+    with lzma.open(BENIGN_DIR / f"{name}.log.xz", "rt", encoding="utf-8", errors="replace") as fh:
+        return fh.read().splitlines()
+
+
+@pytest.fixture(scope="session")
+def benign_runs():
+    """{name: engine} for the recorded benign logs, each on a fresh (cold) engine."""
+    out = {}
+    for name in ("train", "test"):
+        eng = DetectionEngine(host="benign")
+        eng.process_lines(benign_lines(name))
+        eng.flush()
+        out[name] = eng
+    return out
 
 
 def run_log(path: Path, reduce: bool = True, sink=None) -> DetectionEngine:

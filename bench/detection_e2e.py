@@ -1,0 +1,201 @@
+"""Audit records through the running stack: broker → worker's audit agent → alerts topic.
+
+Real processes (Tansu broker, Redis, ``headwater worker``); the dev corpus logs are
+replayed as many hosts (one host per log copy, so every copy builds its own graph and
+baseline), in messages of ``--lines`` raw audit lines keyed by host, as
+``headwater ship-audit`` sends them.
+
+1. Throughput: ``--burst`` records produced as fast as the producer can; the worker's
+   own counter (``headwater_events_in_total{topic="audit"}`` on ``/metrics``) is
+   sampled every second; records/s = counted records / time from the first to the
+   last change (the worker process runs the agent on one core: one audit thread).
+2. Latency at ``--rate`` records/s for ``--seconds``: for each alert update on the
+   alerts topic, latency = time the consumer received it − time the producer sent the
+   line whose log timestamp equals the alert's ``ts`` (the record that completed the
+   match: an alert cannot be emitted before that record was sent).
+
+    .venv/bin/python bench/detection_e2e.py [--rate 10000] [--seconds 30] [--burst 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from kafka import KafkaConsumer  # noqa: E402
+
+from headwater.health import read_all_sync  # noqa: E402
+from headwater.servers import free_port, start_broker, start_redis, stop_pid  # noqa: E402
+from headwater.settings import Settings, default_data_dir  # noqa: E402
+from headwater.stack import spawn_service  # noqa: E402
+from streams.producer import make_producer  # noqa: E402
+from streams.topics import ensure_topics  # noqa: E402
+
+_TS = re.compile(rb"msg=audit\((\d+\.\d+):")
+_COUNTER = re.compile(r'headwater_events_in_total\{topic="([^"]+)"\} ([0-9.e+]+)')
+
+
+def corpus() -> list[tuple[str, list[bytes]]]:
+    d = default_data_dir() / "audit"
+    return [(p.stem[:5], p.read_bytes().splitlines()) for p in sorted(d.glob("*.log"))]
+
+
+def messages(logs, copies: int, lines_per_msg: int, tag: str):
+    """(host, [lines]) messages: copy c of every log interleaved message by message."""
+    streams = []
+    for c in range(copies):
+        for name, lines in logs:
+            host = f"{tag}{c}-{name}"
+            streams.append([(host, lines[i:i + lines_per_msg])
+                            for i in range(0, len(lines), lines_per_msg)])
+    out = []
+    depth = max(map(len, streams))
+    for i in range(depth):
+        out.extend(s[i] for s in streams if i < len(s))
+    return out
+
+
+def worker_count(port: int) -> float:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return -1.0
+    return sum(float(v) for t, v in _COUNTER.findall(text) if t.endswith("audit"))
+
+
+def throughput(kafka, topic, port, msgs) -> dict:
+    base = worker_count(port)
+    total = sum(len(m) for _, m in msgs)
+    prod = make_producer(kafka)
+    t0 = time.monotonic()
+    for host, lines in msgs:
+        prod.send(topic, key=host.encode(), value=b"\n".join(lines))
+    prod.flush()
+    produced_s = time.monotonic() - t0
+    samples = []
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        samples.append((time.monotonic(), worker_count(port) - base))
+        if samples[-1][1] >= total:
+            break
+        time.sleep(1.0)
+    moving = [(t, n) for t, n in samples if n > 0]
+    if len(moving) < 2:
+        return {"records": total, "records_per_s": float("nan"), "produce_s": produced_s}
+    (t_a, n_a), (t_b, n_b) = moving[0], moving[-1]
+    return {"records": total, "counted": n_b, "records_per_s": (n_b - n_a) / (t_b - t_a),
+            "produce_s": produced_s}
+
+
+def latency(kafka, topic, alerts_topic, msgs, rate, seconds) -> dict:
+    sent: dict[tuple[str, float], float] = {}
+    got: list[float] = []
+    stop = threading.Event()
+
+    def consume():
+        c = KafkaConsumer(alerts_topic, bootstrap_servers=kafka, auto_offset_reset="latest",
+                          fetch_max_wait_ms=10, consumer_timeout_ms=500)
+        c.poll(timeout_ms=1000)  # join and seek to the end before we produce
+        ready.set()
+        while not stop.is_set():
+            for batch in c.poll(timeout_ms=50).values():
+                now = time.monotonic()
+                for r in batch:
+                    a = json.loads(r.value)
+                    t = sent.get((a["host"], round(float(a["ts"]), 3)))
+                    if t is not None:
+                        got.append(now - t)
+        c.close()
+
+    ready = threading.Event()
+    th = threading.Thread(target=consume, daemon=True)
+    th.start()
+    ready.wait(30)
+    prod = make_producer(kafka, linger_ms=5)
+    t0 = time.monotonic()
+    n = 0
+    limit = rate * seconds
+    for host, lines in msgs:
+        if n >= limit:
+            break
+        due = t0 + n / rate
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        now = time.monotonic()
+        for line in lines:
+            m = _TS.search(line)
+            if m:
+                sent.setdefault((host, round(float(m.group(1)), 3)), now)
+        prod.send(topic, key=host.encode(), value=b"\n".join(lines))
+        n += len(lines)
+    prod.flush()
+    achieved = n / (time.monotonic() - t0)
+    time.sleep(5)
+    stop.set()
+    th.join(10)
+    got.sort()
+    q = lambda p: got[min(len(got) - 1, int(p * len(got)))] if got else float("nan")  # noqa: E731
+    return {"records": n, "achieved_rate": achieved, "alert_updates": len(got),
+            "p50": q(0.5), "p99": q(0.99), "max": got[-1] if got else float("nan")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rate", type=float, default=10_000)
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--burst", type=int, default=200_000)
+    ap.add_argument("--lines", type=int, default=100, help="audit lines per message")
+    args = ap.parse_args(argv)
+    logs = corpus()
+    per_copy = sum(len(ls) for _, ls in logs)
+    work = Path(tempfile.mkdtemp(prefix="hw-detect-e2e-"))
+    broker = start_broker(log_path=work / "broker.log")
+    rds = start_redis(log_path=work / "redis.log")
+    kafka, url = f"127.0.0.1:{broker.port}", rds.extra["url"]
+    settings = Settings(state_dir=work / "state", model_store=work / "state" / "models",
+                        http_port=free_port(), worker_port=free_port(), learner_port=free_port(),
+                        content_encoder="hashing")
+    ensure_topics(settings, kafka)
+    worker = spawn_service("worker", settings, kafka, url)
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 120
+        while "worker" not in {d["service"] for d in read_all_sync(client)}:
+            if time.monotonic() > deadline:
+                raise SystemExit("worker did not come up")
+            time.sleep(0.5)
+        topic, alerts = settings.topics["audit"], settings.topics["alerts"]
+        burst = messages(logs, max(1, args.burst // per_copy), args.lines, "tp")
+        tp = throughput(kafka, topic, settings.worker_port, burst)
+        print(f"throughput through the worker's audit agent: {tp['records']:,} records "
+              f"(dev corpus x{max(1, args.burst // per_copy)}, one host per copy), produced in "
+              f"{tp['produce_s']:.1f} s; worker counted {tp.get('counted', 0):,.0f} at "
+              f"{tp['records_per_s']:,.0f} records/s")
+        lat_msgs = messages(logs, int(args.rate * args.seconds // per_copy) + 1, args.lines, "lt")
+        lat = latency(kafka, topic, alerts, lat_msgs, args.rate, args.seconds)
+        print(f"latency through the broker at {lat['achieved_rate']:,.0f} records/s "
+              f"({lat['records']:,} records, {args.lines} lines per message): "
+              f"{lat['alert_updates']} alert updates, record -> alert p50 {lat['p50'] * 1e3:.0f} ms, "
+              f"p99 {lat['p99'] * 1e3:.0f} ms, max {lat['max'] * 1e3:.0f} ms")
+    finally:
+        stop_pid(worker.pid, timeout=20, proc=worker)
+        rds.stop()
+        broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
