@@ -61,7 +61,9 @@ def test_loop_trains_publishes_and_resumes(kafka_bootstrap, topic_prefix, tmp_pa
             )
     producer.flush()
 
-    loop = LearnerLoop(kafka_bootstrap, topics, tmp_path, publish_every_seconds=0.2)
+    # one step per message, as before accumulation: this test is about publish and resume
+    loop = LearnerLoop(kafka_bootstrap, topics, tmp_path, publish_every_seconds=0.2,
+                       step_rows=1, step_wait_seconds=0)
     t = start(loop)
     assert wait_for(
         lambda: loop.service.trainer is not None and loop.service.trainer.rows_trained == 128
@@ -90,7 +92,8 @@ def test_loop_trains_publishes_and_resumes(kafka_bootstrap, topic_prefix, tmp_pa
     producer.send(topics["train-batches"], partition=0, value=make_payload(32, offset=64, seed=9))
     producer.flush()
     producer.close()
-    loop2 = LearnerLoop(kafka_bootstrap, topics, tmp_path, publish_every_seconds=0.2)
+    loop2 = LearnerLoop(kafka_bootstrap, topics, tmp_path, publish_every_seconds=0.2,
+                        step_rows=1, step_wait_seconds=0)
     assert loop2.service.trainer.rows_trained == 128
     t2 = start(loop2)
     assert wait_for(lambda: loop2.service.trainer.rows_trained == 160)
