@@ -49,6 +49,23 @@ _MAGIC = b"HWP2"
 _HEADER = struct.Struct("<4sIII")  # magic, events, values per event, config signature
 
 
+class GapError(RuntimeError):
+    """The partition's recorded next offset is behind what the caller knows was applied.
+
+    Redis lost writes (a crash inside the AOF fsync window, a restore from an older
+    copy): the messages from ``recorded`` on must be read back from the log and applied
+    before this batch. Nothing was written.
+    """
+
+    def __init__(self, topic: str, partition: int, recorded: int, expected: int) -> None:
+        super().__init__(
+            f"{topic}[{partition}]: Redis records next offset {recorded}, "
+            f"but offsets up to {expected} were applied: Redis lost writes"
+        )
+        self.recorded = recorded
+        self.expected = expected
+
+
 class FencedError(RuntimeError):
     """Another writer moved this partition's offset record: this batch was not applied.
 
@@ -96,8 +113,15 @@ def decode_entries(
     return out
 
 
-def plan_apply(core: _StoreCore, topic: str, partition: int, events: Any) -> Plan:
-    """See the module docstring; returns a :class:`features.store.BatchResult`."""
+def plan_apply(
+    core: _StoreCore, topic: str, partition: int, events: Any, expect_next: int | None = None
+) -> Plan:
+    """See the module docstring; returns a :class:`features.store.BatchResult`.
+
+    ``expect_next``: the caller knows the partition's next offset was at least this (its
+    own last write, or the batch's first offset); a smaller recorded one raises
+    :class:`GapError` before anything is written.
+    """
     from features.store import _APPLY, BatchResult
 
     cfg = core.counters
@@ -155,6 +179,8 @@ def plan_apply(core: _StoreCore, topic: str, partition: int, events: Any) -> Pla
                 break
             refs = resolve_refs(cfg, srt, attrs)
         nxt, cache, states = read
+        if expect_next is not None and nxt < expect_next:
+            raise GapError(topic, partition, nxt, expect_next)
         own, per_ref, rep, ref_new, ev_new = _pre_states(
             cfg, srt, refs, partition, others, nxt, states, ts_ref
         )

@@ -20,7 +20,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, generate_latest
 
-from features.store_apply import FencedError
+from features.store_apply import FencedError, GapError
 from headwater.settings import Settings
 from streams.deadletter import dead_letter
 
@@ -98,7 +98,7 @@ POISON_AFTER = 3
 
 def is_transient(exc: BaseException) -> bool:
     """Errors of the infrastructure (Redis, the broker, the network): retry, never drop."""
-    return isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, KafkaError, FencedError,
+    return isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, KafkaError, FencedError, GapError,
                             redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                             redis.exceptions.BusyLoadingError))
 
