@@ -20,13 +20,14 @@ from kafka import KafkaConsumer, TopicPartition
 from features.defaults import row_builder as make_row_builder
 from features.rows import RowBuilder
 from features.store import OnlineStore
-from features.store_apply import GapError
+from features.store_apply import GapError, RewindError
 from headwater.settings import Settings
 from learner.batch import encode_batch
 from streams.app import Message, Output
 from streams.deadletter import dead_letter, reason_kind
 from streams.metrics import WorkerMetrics
 from streams.schemas import ClickEvent, click_columns, decode_clicks
+from streams.topics import log_ends
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +66,10 @@ def read_range(bootstrap: str, topic: str, partition: int, start: int, stop: int
 
 
 def committed_offsets(bootstrap: str, group: str, topic: str, partitions) -> dict[int, int]:
-    """The consumer group's committed offset per partition (partitions never committed: absent)."""
+    """The consumer group's committed offset per partition (never committed: 0)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
-        out = {}
-        for p in partitions:
-            committed = consumer.committed(TopicPartition(topic, p))
-            if committed is not None:
-                out[p] = int(committed)
-        return out
+        return {p: int(consumer.committed(TopicPartition(topic, p)) or 0) for p in partitions}
     finally:
         consumer.close()
 
@@ -142,6 +138,10 @@ class ClickHandler:
         self.assigned: set[int] = set()
         #: produces a repair's outputs (set by the worker); without it they are returned
         self.send = None
+        #: partition -> why it is stopped (a REWIND); its messages are refused
+        self.stopped: dict[int, str] = {}
+        #: pauses fetching a partition (set by the worker)
+        self.pause = None
         self._redis_run_id: str | None = None
         self._redis_lost = False
 
@@ -150,18 +150,34 @@ class ClickHandler:
 
     def on_assigned(self, partitions) -> None:
         self.assigned.update(partitions)
+        for p in set(partitions) & set(self.stopped):
+            if self.pause is not None:
+                self.pause(p)
 
     async def verify_all(self, committed: dict[int, int] | None = None) -> None:
         """:meth:`verify` every assigned partition now (``committed``: offsets to check to)."""
         committed = committed or {}
-        await asyncio.gather(*(self.verify(p, committed.get(p)) for p in sorted(self.assigned)))
+        await asyncio.gather(*(self.verify(p, committed.get(p), check_end=True)
+                               for p in sorted(self.assigned)))
 
     async def verify_assigned(self, partitions, group: str) -> None:
-        """On assignment: Redis must have applied at least the group's committed offsets."""
+        """On assignment: Redis must have applied at least the group's committed offsets,
+        and nothing beyond the log's end (else the partition stops: a REWIND)."""
         loop = asyncio.get_running_loop()
         committed = await loop.run_in_executor(None, committed_offsets, self.bootstrap, group,
                                                self.topic, sorted(partitions))
-        await asyncio.gather(*(self.verify(p, c) for p, c in committed.items()))
+        await asyncio.gather(*(self.verify(p, c, check_end=True) for p, c in committed.items()))
+
+    def stop_partition(self, partition: int, reason: str) -> None:
+        """Stop one partition (REWIND): its messages are refused, counted, never applied."""
+        if partition not in self.stopped:
+            log.error("stopping %s[%d]: %s", self.topic, partition, reason)
+            self.metrics.rewinds.labels(self.topic, str(partition)).inc()
+            self.metrics.stopped.labels(self.topic, str(partition)).set(1)
+        self.stopped[partition] = reason
+        self.state.last_error = reason
+        if self.pause is not None:
+            self.pause(partition)
 
     async def check_redis(self) -> None:
         """Run periodically: after a Redis restart or an outage, verify every partition now.
@@ -196,20 +212,35 @@ class ClickHandler:
         return await loop.run_in_executor(None, read_range, self.bootstrap, topic, partition,
                                           start, stop)
 
-    async def verify(self, partition: int, upto: int | None = None) -> list[Output]:
+    async def verify(self, partition: int, upto: int | None = None,
+                     check_end: bool = False) -> list[Output]:
         """Check one partition now: re-read and apply what Redis lost below ``upto``.
 
         ``upto`` defaults to this worker's own last write; on assignment the caller
-        passes the group's committed offset. Returns the repair's outputs (rows of the
-        re-read events), or sends them through :attr:`send` while the partition is
-        still locked, so they go out before the partition's next batch.
+        passes the group's committed offset. With ``check_end``, Redis recording more
+        than the log holds stops the partition (REWIND); the log end is asked after
+        Redis, under the partition's lock, so this worker's own progress cannot pass it. Returns the repair's outputs
+        (rows of the re-read events), or sends them through :attr:`send` while the
+        partition is still locked, so they go out before the partition's next batch.
         """
         async with self._lock(partition):
             upto = self._next.get(partition) if upto is None else upto
-            if not upto:
+            if partition in self.stopped or not (upto or check_end):
                 return []
             recorded = (await self.store.next_offsets(partition)).get(self.topic, 0)
-            if recorded >= upto:
+            end = recorded
+            if check_end and recorded:
+                ends = await asyncio.get_running_loop().run_in_executor(
+                    None, log_ends, self.bootstrap, self.topic, [partition])
+                end = ends[partition]
+            if recorded > end:
+                self.stop_partition(partition, (
+                    f"{self.topic}[{partition}]: REWIND: Redis records offsets up to {recorded} "
+                    f"as applied, but the broker's log ends at {end}: the log was reset while "
+                    f"Redis kept its state. Run `headwater reset` (wipes Redis, the model store "
+                    f"and the broker's log) and replay."))
+                return []
+            if not upto or recorded >= upto:
                 return []
             gap = await self._read_gap(self.topic, partition, recorded, upto)
             cols = self._decode(self.topic, partition, gap, [], emit=False)
@@ -286,6 +317,9 @@ class ClickHandler:
         return out
 
     async def __call__(self, topic: str, partition: int, messages: list[Message]) -> list[Output]:
+        if partition in self.stopped:
+            self.metrics.refused.labels(topic).inc(len(messages))
+            return []
         async with self._lock(partition):
             outputs: list[Output] = []
             cols = self._decode(topic, partition, messages, outputs, emit=True)
@@ -315,6 +349,10 @@ class ClickHandler:
                     cols = {k: _concat(before[k], v) for k, v in cols.items()}
                     start = exc.recorded
                 expect_next = exc.recorded
+            except RewindError as exc:
+                self.stop_partition(partition, str(exc))
+                self.metrics.refused.labels(topic).inc(len(np.unique(cols["offset"])))
+                return outputs
             except Exception:
                 self.state.redis_ok = False
                 self._redis_lost = True

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from detection.alert_store import save_alerts
 from headwater.health import PERIOD_S, make_status, publish_async
 from headwater.settings import Settings
-from streams.app import _send_all, add_web_pages, batched_agent, create_app
+from streams.app import _send_all, add_web_pages, batched_agent, create_app, pause_partition
 from streams.audit_path import AuditHandler
 from streams.click_path import ClickHandler
 from streams.item_path import ItemHandler
@@ -32,6 +32,8 @@ class WorkerState:
         self.started_at = time.time()
         self.last_error: str | None = None
         self.redis_ok = True
+        #: click partitions stopped (REWIND): partition -> reason (set by the click handler)
+        self.stopped: dict[int, str] = {}
 
     def on_error(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -57,6 +59,7 @@ class WorkerState:
             "alerts_total": self._total(m.alerts),
             "items_coded_total": self._total(m.items_coded),
             "redis_ok": self.redis_ok,
+            "stopped_partitions": {f"clicks[{p}]": why for p, why in self.stopped.items()},
         }
 
 
@@ -71,6 +74,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     audit_pool = ThreadPoolExecutor(1, thread_name_prefix="audit")
 
     clicks = ClickHandler(settings, client, metrics, state, bootstrap)
+    state.stopped = clicks.stopped
     items = ItemHandler(settings, client, metrics, state)
     audit = AuditHandler(topics, metrics, alert_sink=lambda alerts: save_alerts(client, alerts),
                          executor=audit_pool)
@@ -87,6 +91,8 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
         await _send_all(app, outputs, state.on_error)
 
     clicks.send = send
+
+    clicks.pause = lambda partition: pause_partition(app, topics["clicks"], partition)
 
     async def guarded(what: str, coro) -> None:
         try:
@@ -125,7 +131,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     @app.timer(PERIOD_S)
     async def heartbeat():
         doc = make_status("worker", state.started_at, **state.status())
-        doc["healthy"] = state.redis_ok
+        doc["healthy"] = state.redis_ok and not state.stopped
         doc["last_error"] = state.last_error
         try:
             await publish_async(client, doc)

@@ -258,3 +258,56 @@ def test_writes_lost_while_no_worker_ran_are_repaired_on_assignment(stack, event
     actual = wait_all_counted(stack["url"], expected, 90, stack["logs"])
     assert actual == expected
     assert "re-reading the gap" in second.log()
+
+
+def test_a_broker_log_reset_under_kept_redis_state_stops_the_partitions(stack, events, tmp_path):
+    """The broker loses its log (memory storage, restarted) while Redis keeps its state.
+
+    Redis records offsets the new log does not hold: the worker stops those partitions
+    (REWIND) with an error naming the fix and a metric, and applies nothing of the new
+    log's events, instead of treating them as replays of the old ones.
+    """
+    import urllib.request
+
+    from headwater.servers import start_broker
+    from headwater.settings import Settings
+    from streams.topics import ensure_topics
+
+    settings = Settings(topic_prefix=stack["prefix"], partitions=PARTITIONS)
+    broker = start_broker(log_path=tmp_path / "own-broker.log")
+    try:
+        kafka = f"{broker.host}:{broker.port}"
+        ensure_topics(settings, kafka)
+        env = dict(stack["env"], HEADWATER_KAFKA=kafka)
+        first = Service("worker", env, tmp_path / "logs")
+        stack["services"].append(first)
+        half = events[: N_EVENTS // 2]
+        produce(kafka, f"{stack['prefix']}clicks", half)
+        expected = expected_totals(half)
+        wait_all_counted(stack["url"], expected, 90, stack["logs"])
+        first.stop()
+        broker.stop()  # memory storage: the log is gone, Redis keeps its offsets
+        broker = start_broker(port=broker.port, log_path=tmp_path / "own-broker2.log")
+        ensure_topics(settings, kafka)
+        second = Service("worker", env, tmp_path / "logs")
+        stack["services"].append(second)
+        wait_until(lambda: second.log().count("REWIND") >= PARTITIONS, 90,
+                   what="every partition stopped as a REWIND", on_fail=second.log)
+        assert "headwater reset" in second.log()
+        produce(kafka, f"{stack['prefix']}clicks", events[N_EVENTS // 2:])
+        port = env["HEADWATER_WORKER_PORT"]
+
+        def refused() -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            rewinds = [ln for ln in text.splitlines()
+                       if ln.startswith("headwater_partition_stopped{") and ln.endswith(" 1.0")]
+            assert len(rewinds) == PARTITIONS, rewinds
+            return len(rewinds)
+
+        wait_until(refused, 30, what="the worker's metrics", on_fail=second.log)
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())
+        assert len(health["stopped_partitions"]) == PARTITIONS
+        time.sleep(3)  # the new events were consumed by now, were they applied they'd show
+        assert actual_totals(stack["url"], expected) == expected
+    finally:
+        broker.stop()
