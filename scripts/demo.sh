@@ -29,7 +29,7 @@ echo
 $HW lag || true
 echo
 echo "== one item's online features"
-$HW features get item:50 --json | head -40
+$HW features get item:50 --json | sed -n 1,40p  # sed reads it all: no broken pipe
 cat <<MSG
 
 The stack keeps running:
