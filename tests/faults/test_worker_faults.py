@@ -224,8 +224,11 @@ def test_redis_that_lost_its_last_writes_is_caught_up_by_replay(stack, events):
     assert "re-reading the gap" in worker.log()
 
 
-def test_lost_writes_are_repaired_without_waiting_for_new_events(stack, events):
-    """No event arrives after Redis lost writes: every partition is verified at once."""
+def _count_half_with_a_copy_at_a_quarter(stack, events):
+    """A worker counts half the events; Redis's data is copied after the first quarter.
+
+    Returns (the worker, the half, the copy): restoring the copy loses the second quarter.
+    """
     worker = stack["start_worker"]()
     half = events[: N_EVENTS // 2]
     produce(stack["kafka"], f"{stack['prefix']}clicks", half[: N_EVENTS // 4])
@@ -233,6 +236,12 @@ def test_lost_writes_are_repaired_without_waiting_for_new_events(stack, events):
     snapshot = _snapshot(stack)
     produce(stack["kafka"], f"{stack['prefix']}clicks", half[N_EVENTS // 4:])
     wait_all_counted(stack["url"], expected_totals(half), 90, stack["logs"])
+    return worker, half, snapshot
+
+
+def test_lost_writes_are_repaired_without_waiting_for_new_events(stack, events):
+    """No event arrives after Redis lost writes: every partition is verified at once."""
+    worker, half, snapshot = _count_half_with_a_copy_at_a_quarter(stack, events)
     _restart_redis(stack, "redis3.log", restore_from=snapshot)
     # Nothing more is produced: the worker notices the restart and repairs by itself.
     expected = expected_totals(half)
@@ -244,13 +253,7 @@ def test_lost_writes_are_repaired_without_waiting_for_new_events(stack, events):
 
 def test_writes_lost_while_no_worker_ran_are_repaired_on_assignment(stack, events):
     """Redis loses writes while the worker is down: on assignment, before any new event."""
-    worker = stack["start_worker"]()
-    half = events[: N_EVENTS // 2]
-    produce(stack["kafka"], f"{stack['prefix']}clicks", half[: N_EVENTS // 4])
-    wait_all_counted(stack["url"], expected_totals(half[: N_EVENTS // 4]), 90, stack["logs"])
-    snapshot = _snapshot(stack)
-    produce(stack["kafka"], f"{stack['prefix']}clicks", half[N_EVENTS // 4:])
-    wait_all_counted(stack["url"], expected_totals(half), 90, stack["logs"])
+    worker, half, snapshot = _count_half_with_a_copy_at_a_quarter(stack, events)
     worker.stop()  # a clean stop commits the group's offsets: nothing will be re-delivered
     _restart_redis(stack, "redis3.log", restore_from=snapshot)
     second = stack["start_worker"]()
