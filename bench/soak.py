@@ -4,7 +4,8 @@ Real processes (Tansu broker, Redis with AOF, worker, learner, serving), real Mo
 click events produced at ``--rate`` events/s (cycled with fresh event ids), scoring
 requests at ``--qps``. Each minute one fault, in turn: kill -9 the worker (restart),
 kill -9 the learner (restart), restart Redis, SIGTERM serving (restart). Reports events
-produced vs counted, rows trained, models published and swapped, failed requests, and
+produced vs counted — per user and per item against a direct count of what was sent,
+so a loss and a double count cannot cancel out — rows trained, models published and swapped, failed requests, and
 the memory (RSS) of every process over time.
 
 Run: ``.venv/bin/python bench/soak.py --minutes 10`` (``--rate``, ``--qps``).
@@ -13,6 +14,7 @@ Run: ``.venv/bin/python bench/soak.py --minutes 10`` (``--rate``, ``--qps``).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import signal
@@ -57,6 +59,8 @@ class Producer(threading.Thread):
         self.parts = partition_of([e["user_id"] for e in events], partitions)
         self.sent = 0
         self.stop = threading.Event()
+        #: events sent per entity ("user:1", "item:50"): the direct count to check against
+        self.per_entity: collections.Counter[str] = collections.Counter()
 
     def run(self) -> None:
         producer = KafkaProducer(bootstrap_servers=self.kafka, linger_ms=10, retries=20)
@@ -68,6 +72,8 @@ class Producer(threading.Thread):
                 k = i % len(self.events)
                 ev = dict(self.events[k], event_id=f"{self.events[k]['event_id']}#{i // len(self.events)}")
                 producer.send(self.topic, json.dumps(ev).encode(), partition=int(self.parts[k]))
+                self.per_entity[f"user:{ev['user_id']}"] += 1
+                self.per_entity[f"item:{ev['item_id']}"] += 1
                 i += 1
             self.sent = i
             time.sleep(0.01)
@@ -182,16 +188,27 @@ def main() -> None:
     # Drain: wait until every produced event is counted (or 120 s).
     store = SyncOnlineStore.from_url(url, partitions=settings.partitions)
 
-    def counted() -> int:
-        users = {e["user_id"] for e in click_events(ml)}
-        docs = [store.entity_features(f"user:{u}") for u in users]
-        return int(sum(d["impressions_total"] for d in docs))
+    def counted(kind: str = "user") -> dict[str, int]:
+        """Every sent entity's all-time impressions in Redis."""
+        return {e: int(store.entity_features(e)["impressions_total"])
+                for e in producer.per_entity if e.startswith(f"{kind}:")}
 
     deadline = time.monotonic() + 120
-    n_counted = counted()
+    n_counted = sum(counted().values())
     while n_counted < producer.sent and time.monotonic() < deadline:
         time.sleep(2)
-        n_counted = counted()
+        n_counted = sum(counted().values())
+    # Per entity, against the direct count: a loss and a double count cannot cancel out.
+    accounting = {}
+    for kind in ("user", "item"):
+        got = counted(kind)
+        want = {e: n for e, n in producer.per_entity.items() if e.startswith(f"{kind}:")}
+        accounting[kind] = {
+            "entities": len(want),
+            "lost": sum(max(0, n - got[e]) for e, n in want.items()),
+            "counted_twice": sum(max(0, got[e] - n) for e, n in want.items()),
+            "entities_wrong": sum(got[e] != n for e, n in want.items()),
+        }
     time.sleep(10)  # let the learner publish and serving swap
     load.stop.set()
     load.join()
@@ -199,8 +216,9 @@ def main() -> None:
     summary = {
         "minutes": args.minutes, "rate": args.rate, "faults": injected,
         "events_produced": producer.sent, "events_counted": n_counted,
-        "lost": producer.sent - n_counted if n_counted <= producer.sent else 0,
-        "counted_twice": max(0, n_counted - producer.sent),
+        "lost": {kind: a["lost"] for kind, a in accounting.items()},
+        "counted_twice": {kind: a["counted_twice"] for kind, a in accounting.items()},
+        "accounting": accounting,
         "rows_trained": status.get("learner", {}).get("rows_trained"),
         "models_published": max((int(p.name) for p in (settings.model_store / settings.model_name).glob("0*")
                                  if p.name.isdigit()), default=0),

@@ -262,8 +262,10 @@ class _StoreCore:
         return cmds
 
     # -- plans ------------------------------------------------------------------------
-    def _plan_apply(self, topic: str, partition: int, events: Any) -> Plan:
-        return plan_apply(self, topic, partition, events)
+    def _plan_apply(
+        self, topic: str, partition: int, events: Any, expect_next: int | None = None
+    ) -> Plan:
+        return plan_apply(self, topic, partition, events, expect_next)
 
     def _plan_read(
         self, entity_rows: Any, features: Sequence[str] | None, now: float | None
@@ -373,15 +375,19 @@ class OnlineStore(_StoreCore):
             self._seconds.labels(operation).observe(time.perf_counter() - start)
             return stop.value
 
-    async def apply_batch(self, topic: str, partition: int, events: Any) -> BatchResult:
+    async def apply_batch(
+        self, topic: str, partition: int, events: Any, expect_next: int | None = None
+    ) -> BatchResult:
         """Apply one batch of click events of one source partition; return pre-event features.
 
         ``events`` are columns (or rows, or an Arrow table) with ``offset``, ``sub``, ``ts``,
         ``user_id``, ``item_id``, ``label`` and optional ``context``/``user``. A batch must
         hold whole messages (all events of an offset). Idempotent per (topic, partition,
         offset): replaying gives the same state and the same features (replay cache).
+        With ``expect_next``, a recorded next offset below it raises
+        :class:`features.store_apply.GapError` (Redis lost writes) and nothing is written.
         """
-        return await self._run(self._plan_apply(topic, partition, events), "apply")
+        return await self._run(self._plan_apply(topic, partition, events, expect_next), "apply")
 
     async def next_offsets(self, partition: int) -> dict[str, int]:
         """Next offset to apply per topic for a partition: seek there on assignment."""
@@ -476,8 +482,10 @@ class SyncOnlineStore(_StoreCore):
             self._seconds.labels(operation).observe(time.perf_counter() - start)
             return stop.value
 
-    def apply_batch(self, topic: str, partition: int, events: Any) -> BatchResult:
-        return self._run(self._plan_apply(topic, partition, events), "apply")
+    def apply_batch(
+        self, topic: str, partition: int, events: Any, expect_next: int | None = None
+    ) -> BatchResult:
+        return self._run(self._plan_apply(topic, partition, events, expect_next), "apply")
 
     def next_offsets(self, partition: int) -> dict[str, int]:
         return self._run(self._plan_offsets(partition), "offsets")

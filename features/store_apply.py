@@ -45,8 +45,66 @@ Plan = Generator[list[tuple[Any, ...]], list[Any], Any]
 #: Fenced writes tried before giving up (each failure means another writer moved ahead).
 MAX_ATTEMPTS = 5
 
-_MAGIC = b"HWP2"
+_MAGIC = b"HWP3"
 _HEADER = struct.Struct("<4sIII")  # magic, events, values per event, config signature
+
+
+class GapError(RuntimeError):
+    """The partition's recorded next offset is behind what the caller knows was applied.
+
+    Redis lost writes (a crash inside the AOF fsync window, a restore from an older
+    copy): the messages from ``recorded`` on must be read back from the log and applied
+    before this batch. Nothing was written.
+    """
+
+    def __init__(self, topic: str, partition: int, recorded: int, expected: int) -> None:
+        super().__init__(
+            f"{topic}[{partition}]: Redis records next offset {recorded}, "
+            f"but offsets up to {expected} were applied: Redis lost writes"
+        )
+        self.recorded = recorded
+        self.expected = expected
+
+
+class RewindError(RuntimeError):
+    """Offsets Redis recorded as applied now hold other events: the log was reset.
+
+    Applying would count nothing and hand out features cached for the other events, so
+    the partition must stop until the state and the log agree again.
+    """
+
+    def __init__(self, topic: str, partition: int, offset: int, recorded: int) -> None:
+        super().__init__(
+            f"{topic}[{partition}]: REWIND: offset {offset} holds another event than the one "
+            f"Redis applied there (Redis records next offset {recorded}): the broker's log was "
+            f"reset or replaced while Redis kept its state. Run `headwater reset` (wipes Redis, "
+            f"the model store and the broker's log) and replay."
+        )
+        self.offset = offset
+        self.recorded = recorded
+
+
+def event_id_hashes(event_ids) -> np.ndarray:
+    """64-bit FNV-1a of each event id's UTF-8 bytes (vectorised over events).
+
+    The hash of an id does not depend on the other ids of the batch:
+
+    >>> h = event_id_hashes(["a", "b", "a"])
+    >>> bool(h[0] == h[2]), bool(h[0] != h[1]), h.dtype.name
+    (True, True, 'uint64')
+    >>> bool(event_id_hashes(["a"])[0] == event_id_hashes(["a", "a-much-longer-id"])[0])
+    True
+    """
+    raw = np.array([str(e).encode() for e in event_ids], dtype=np.bytes_)
+    h = np.full(len(raw), 0xCBF29CE484222325, np.uint64)
+    if not len(raw) or raw.itemsize == 0:
+        return h
+    lengths = np.char.str_len(raw)
+    chars = raw.view(np.uint8).reshape(len(raw), raw.itemsize).astype(np.uint64)
+    prime = np.uint64(0x100000001B3)
+    for j, col in enumerate(chars.T):
+        h = np.where(lengths > j, (h ^ col) * prime, h)
+    return h
 
 
 class FencedError(RuntimeError):
@@ -62,8 +120,11 @@ def config_signature(cfg) -> int:
     return zlib.crc32(repr((cfg.feature_names(), cfg.half_lives)).encode())
 
 
-def encode_entry(sig: int, offsets: np.ndarray, subs: np.ndarray, agg: np.ndarray) -> bytes:
-    """Replay-cache entry: per applied event its (offset, sub) and aggregated pre-state."""
+def encode_entry(
+    sig: int, offsets: np.ndarray, subs: np.ndarray, agg: np.ndarray, ids: np.ndarray
+) -> bytes:
+    """Replay-cache entry: per applied event its (offset, sub), event-id hash
+    (:func:`event_id_hashes`) and aggregated pre-state."""
     m = len(offsets)
     flat = np.ascontiguousarray(agg, dtype="<f8").reshape(m, -1)
     return b"".join(
@@ -71,6 +132,7 @@ def encode_entry(sig: int, offsets: np.ndarray, subs: np.ndarray, agg: np.ndarra
             _HEADER.pack(_MAGIC, m, flat.shape[1], sig),
             np.asarray(offsets, "<i8").tobytes(),
             np.asarray(subs, "<i4").tobytes(),
+            np.asarray(ids, "<u8").tobytes(),
             flat.tobytes(),
         )
     )
@@ -78,9 +140,10 @@ def encode_entry(sig: int, offsets: np.ndarray, subs: np.ndarray, agg: np.ndarra
 
 def decode_entries(
     entries: list[bytes], sig: int, stride: int
-) -> dict[tuple[int, int], np.ndarray]:
-    """(offset, sub) → aggregated pre-state, from entries of this config (others ignored)."""
-    out: dict[tuple[int, int], np.ndarray] = {}
+) -> dict[tuple[int, int], tuple[int, np.ndarray]]:
+    """(offset, sub) → (event-id hash, aggregated pre-state), from entries of this config
+    (others ignored)."""
+    out: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
     for blob in entries:
         if len(blob) < _HEADER.size:
             continue
@@ -90,14 +153,22 @@ def decode_entries(
         pos = _HEADER.size
         offs = np.frombuffer(blob, "<i8", m, pos)
         subs = np.frombuffer(blob, "<i4", m, pos + 8 * m)
-        vals = np.frombuffer(blob, "<f8", m * width, pos + 12 * m).reshape(m, width)
-        for o, s, v in zip(offs.tolist(), subs.tolist(), vals, strict=True):
-            out[(o, s)] = v
+        ids = np.frombuffer(blob, "<u8", m, pos + 12 * m)
+        vals = np.frombuffer(blob, "<f8", m * width, pos + 20 * m).reshape(m, width)
+        for o, s, h, v in zip(offs.tolist(), subs.tolist(), ids.tolist(), vals, strict=True):
+            out[(o, s)] = (h, v)
     return out
 
 
-def plan_apply(core: _StoreCore, topic: str, partition: int, events: Any) -> Plan:
-    """See the module docstring; returns a :class:`features.store.BatchResult`."""
+def plan_apply(
+    core: _StoreCore, topic: str, partition: int, events: Any, expect_next: int | None = None
+) -> Plan:
+    """See the module docstring; returns a :class:`features.store.BatchResult`.
+
+    ``expect_next``: the caller knows the partition's next offset was at least this (its
+    own last write, or the batch's first offset); a smaller recorded one raises
+    :class:`GapError` before anything is written.
+    """
     from features.store import _APPLY, BatchResult
 
     cfg = core.counters
@@ -155,6 +226,8 @@ def plan_apply(core: _StoreCore, topic: str, partition: int, events: Any) -> Pla
                 break
             refs = resolve_refs(cfg, srt, attrs)
         nxt, cache, states = read
+        if expect_next is not None and nxt < expect_next:
+            raise GapError(topic, partition, nxt, expect_next)
         own, per_ref, rep, ref_new, ev_new = _pre_states(
             cfg, srt, refs, partition, others, nxt, states, ts_ref
         )
@@ -165,20 +238,25 @@ def plan_apply(core: _StoreCore, topic: str, partition: int, events: Any) -> Pla
         late[ev_new[rep.late]] = True
         valid = np.ones(n, bool)
         dup = ~new
+        ids = event_id_hashes(srt["event_id"]) if "event_id" in srt else np.zeros(n, np.uint64)
         if dup.any():
+            # A replayed event gets the features cached for it, verified by its id: an
+            # offset that now holds another event means the log was reset (a REWIND).
             hits = decode_entries(list(cache or []), sig, stride)
             flat = agg.reshape(n, stride)
             for i in np.flatnonzero(dup).tolist():
-                row = hits.get((int(srt["offset"][i]), int(srt["sub"][i])))
-                if row is None:
+                hit = hits.get((int(srt["offset"][i]), int(srt["sub"][i])))
+                if hit is None:
                     valid[i] = False
                     flat[i] = 0.0
+                elif hit[0] != int(ids[i]):
+                    raise RewindError(topic, partition, int(srt["offset"][i]), nxt)
                 else:
-                    flat[i] = row
+                    flat[i] = hit[1]
         next_offset = nxt
         if new.any():
             next_offset = int(srt["offset"][new].max()) + 1
-            entry = encode_entry(sig, srt["offset"][new], srt["sub"][new], agg[new])
+            entry = encode_entry(sig, srt["offset"][new], srt["sub"][new], agg[new], ids[new])
             keys = [own_keys[k] for k in rep.touched.tolist()]
             blob = np.ascontiguousarray(rep.final, dtype="<f8").tobytes()
             token = os.urandom(12).hex()

@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("up", "Start the embedded stack (broker, Redis, worker, learner, serving).")
     p.add_argument("--only", default=None, help="comma-separated subset of worker,learner,serve")
-    add("down", "Stop the embedded stack started by `headwater up`.")
+    p = add("down", "Stop the embedded stack started by `headwater up` (kept state stays).")
+    p.add_argument("--purge", action="store_true",
+                   help="also wipe Redis data, the model store and positions (= headwater reset)")
+    add("reset", "Stop the stack and wipe every piece of kept state (Redis, model store, positions).")
     p = add("status", "Every service's health, addresses, model version, rows trained.")
     p.add_argument("--json", action="store_true")
     add("worker", "Run the Faust worker (clicks, items, audit agents).")

@@ -28,7 +28,13 @@ def cmd_up(args, settings: Settings) -> int:
 
 @command("down")
 def cmd_down(args, settings: Settings) -> int:
-    down(settings)
+    down(settings, purge=args.purge)
+    return 0
+
+
+@command("reset")
+def cmd_reset(args, settings: Settings) -> int:
+    down(settings, purge=True)
     return 0
 
 

@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for the learner.")
     log_level: str = Field("INFO", description="Log level for every service.")
+    # -- state across restarts (issue 13) --
+    score_redis_retry_seconds: float = Field(
+        3.0, ge=0,
+        description="How long a scoring request retries its feature read through a Redis "
+                    "restart or outage before failing (bounded backoff).",
+    )
 
     @cached_property
     def topics(self) -> dict[str, str]:

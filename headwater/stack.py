@@ -17,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from headwater.lifetimes import mismatches, refusal
+from headwater.lifetimes import purge as lifetimes_purge
 from headwater.servers import (
     StackError,
     pid_alive,
@@ -176,6 +178,9 @@ def up(settings: Settings, services: tuple[str, ...] = SERVICES, timeout: float 
         from streams.topics import ensure_topics
 
         ensure_topics(settings, state.kafka)
+        lines = mismatches(settings, state.kafka, state.redis)
+        if lines:
+            raise StackError(refusal(settings, lines, "broker" in state.embedded))
         for name in services:
             proc = spawn_service(name, settings, state.kafka, state.redis)
             started.append(proc.pid)
@@ -193,12 +198,18 @@ def up(settings: Settings, services: tuple[str, ...] = SERVICES, timeout: float 
     return state
 
 
-def down(settings: Settings, echo=print) -> bool:
-    """Stop what ``up`` started (services first, then Redis and the broker)."""
+def down(settings: Settings, echo=print, purge: bool = False) -> bool:
+    """Stop what ``up`` started (services first, then Redis and the broker).
+
+    Everything kept on disk (Redis's AOF, the model store) stays for the next ``up``;
+    with ``purge`` it is wiped too (``headwater reset``, :mod:`headwater.lifetimes`).
+    """
     path = state_path(settings)
     state = StackState.load(path)
     if state is None:
         echo("nothing to stop: no stack.json")
+        if purge:
+            lifetimes_purge(settings, echo)
         return False
     order = [*SERVICES, "redis", "broker"]
     for name in sorted(state.pids, key=lambda n: order.index(n) if n in order else -1):
@@ -206,4 +217,6 @@ def down(settings: Settings, echo=print) -> bool:
         stopped = stop_pid(pid, timeout=10.0)
         echo(f"{name:8s} pid {pid}: {'stopped' if stopped else 'was not running'}")
     path.unlink(missing_ok=True)
+    if purge:
+        lifetimes_purge(settings, echo)
     return True

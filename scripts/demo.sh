@@ -4,7 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 HW=.venv/bin/headwater
 export HF_HUB_OFFLINE=1
-$HW down >/dev/null 2>&1 || true
+# The embedded broker's log lives in memory only: state kept from an earlier run (Redis,
+# model store) would not match the new log, so every demo starts from a clean slate.
+echo "== wiping state from earlier runs (headwater reset)"
+$HW reset
+echo
 echo "== starting the embedded stack"
 $HW up
 echo
@@ -61,7 +65,7 @@ echo
 $HW lag || true
 echo
 echo "== one item's online features"
-$HW features get item:50 --json | head -40
+$HW features get item:50 --json | sed -n 1,40p  # sed reads it all: no broken pipe
 echo
 echo "== served scores: user 1, four films"
 curl -s -XPOST "localhost:${HEADWATER_HTTP_PORT:-8000}/v1/score" \
@@ -74,5 +78,6 @@ The stack keeps running:
   status / lag     .venv/bin/headwater status ; .venv/bin/headwater lag --watch
   audit detection  .venv/bin/headwater ship-audit ../shared/datasets/audit/dev03_ingress_revshell.log --host vm
                    curl -s localhost:${HEADWATER_HTTP_PORT:-8000}/v1/alerts
-  stop             .venv/bin/headwater down   (or make down)
+  stop             .venv/bin/headwater down   (or make down; keeps Redis and the model store)
+  wipe             .venv/bin/headwater reset  (stop and wipe every piece of kept state)
 MSG

@@ -366,7 +366,8 @@ def build_context(
     )
     online = OnlineStore(redis_client, partitions=settings.partitions, registry=registry)
     executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="inference")
-    scorer = Scorer(online, builder, executor)
+    scorer = Scorer(online, builder, executor,
+                    redis_retry_seconds=settings.score_redis_retry_seconds)
     baseline = BaselineModel.for_schema(builder.schema.dense) if settings.serve_baseline else None
     return AppContext(
         settings, holder, scorer, redis_client, metrics_, registry, kafka=kafka,

@@ -23,7 +23,8 @@ Broker notes (Tansu 0.6, checked against the test broker):
 * ListOffsets(latest) answers the *base offset of the last record batch* plus one,
   not the high watermark: after one producer batch of 5 records it says 1, not 5.
   The Fetch response's high watermark is right, so the monitor reads the log end
-  from a one-batch fetch at the end of each partition (``fetch_high_watermark``).
+  from a one-batch fetch at the end of each partition (``fetch_high_watermark``,
+  :func:`streams.topics.high_watermarks`).
 """
 
 from __future__ import annotations
@@ -425,25 +426,11 @@ class LagMonitor:
             return {}
         ends = {tp: int(o) for tp, o in consumer.end_offsets(tps).items() if o is not None}
         if self.fetch_high_watermark:
-            for tp, hw in self._high_watermarks(consumer, list(ends), ends).items():
+            from streams.topics import high_watermarks
+
+            for tp, hw in high_watermarks(consumer, list(ends), ends).items():
                 ends[tp] = max(ends[tp], hw)
         return {(tp.topic, tp.partition): o for tp, o in ends.items()}
-
-    def _high_watermarks(self, consumer, tps, ends, timeout: float = 1.5) -> dict:
-        """High watermarks from one fetch at the end of each partition (see module notes)."""
-        consumer.assign([])  # fresh partition states: highwater None until a fetch answers
-        consumer.assign(tps)
-        for tp in tps:
-            consumer.seek(tp, max(0, ends[tp] - 1))
-        out: dict = {}
-        deadline = time.monotonic() + timeout
-        while len(out) < len(tps) and time.monotonic() < deadline:
-            consumer.poll(timeout_ms=100, max_records=1000)
-            for tp in tps:
-                hw = consumer.highwater(tp)
-                if hw is not None:
-                    out[tp] = int(hw)
-        return out
 
     def observe(self) -> Observation:
         """One round trip to the broker: groups, members, committed offsets, log ends."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import redis.exceptions
 
 from serving.holder import ServedModel
 
@@ -193,14 +194,21 @@ class Scorer:
     pool): torch releases the GIL, and the event loop keeps serving I/O meanwhile.
     """
 
+    #: Redis errors a feature read retries (a restart, an outage, an AOF still loading).
+    TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
     def __init__(
         self,
         store: Any,
         builder: Any,
         executor: Executor | None = None,
         clock: Callable[[], float] = time.time,
+        redis_retry_seconds: float = 3.0,
     ) -> None:
         self.store = store
+        self.redis_retry_seconds = redis_retry_seconds
+        #: feature reads retried after a transient Redis error (status and tests read it)
+        self.redis_retries = 0
         self.builder = builder
         self.schema = builder.schema
         self.executor = executor
@@ -209,10 +217,22 @@ class Scorer:
         self._dense_cols = [f"d:{d}" for d in self.schema.dense]
 
     async def features(self, req: ScoreRequest, now: float) -> Mapping[str, Any]:
+        """One read for every candidate; through a Redis restart it retries with backoff for
+        at most ``redis_retry_seconds`` (then the error is the request's answer)."""
         rows = [
             {"user_id": req.user_id, "item_id": c, "context": req.context} for c in req.candidates
         ]
-        return await self.store.get_online_features(rows, now=now)
+        deadline = time.monotonic() + self.redis_retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                return await self.store.get_online_features(rows, now=now)
+            except self.TRANSIENT:
+                if time.monotonic() + delay > deadline:
+                    raise
+                self.redis_retries += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     def encode(
         self, req: ScoreRequest, feats: Mapping[str, Any], now: float

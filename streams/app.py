@@ -17,10 +17,11 @@ from typing import Any
 import faust
 import redis.exceptions
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, generate_latest
 
-from features.store_apply import FencedError
+from features.store_apply import FencedError, GapError
 from headwater.settings import Settings
 from streams.deadletter import dead_letter
 
@@ -98,7 +99,7 @@ POISON_AFTER = 3
 
 def is_transient(exc: BaseException) -> bool:
     """Errors of the infrastructure (Redis, the broker, the network): retry, never drop."""
-    return isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, KafkaError, FencedError,
+    return isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, KafkaError, FencedError, GapError,
                             redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                             redis.exceptions.BusyLoadingError))
 
@@ -200,6 +201,11 @@ async def _send_all(app: faust.App, sends: list[Output],
                 on_error(exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def pause_partition(app: faust.App, topic: str, partition: int) -> None:
+    """Stop fetching one partition (the others go on); a rebalance undoes it."""
+    app.consumer.pause_partitions({TP(topic, partition)})
 
 
 def add_web_pages(app: faust.App, registry: CollectorRegistry,

@@ -20,12 +20,14 @@ from kafka import KafkaConsumer, TopicPartition
 from features.defaults import row_builder as make_row_builder
 from features.rows import RowBuilder
 from features.store import OnlineStore
+from features.store_apply import GapError, RewindError
 from headwater.settings import Settings
 from learner.batch import encode_batch
 from streams.app import Message, Output
 from streams.deadletter import dead_letter, reason_kind
 from streams.metrics import WorkerMetrics
 from streams.schemas import ClickEvent, click_columns, decode_clicks
+from streams.topics import log_ends
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,15 @@ def read_range(bootstrap: str, topic: str, partition: int, start: int, stop: int
         consumer.close()
 
 
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions) -> dict[int, int]:
+    """The consumer group's committed offset per partition (never committed: 0)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return {p: int(consumer.committed(TopicPartition(topic, p)) or 0) for p in partitions}
+    finally:
+        consumer.close()
+
+
 class RecentIds:
     """Bounded memory of recent event ids per partition: id -> (offset, sub) first seen.
 
@@ -96,6 +107,15 @@ class ClickHandler:
 
     Batches of different partitions may run concurrently (``concurrent_partitions``):
     each touches only its own shard's state, and its writes are fenced.
+
+    **Redis's offsets are the truth** (as in Kafka Streams and Flink checkpoints), and
+    they are checked against what this worker knows was applied: every batch's fenced
+    write is refused when the recorded next offset is behind this worker's own last
+    write (or, first after assignment, behind the batch's first offset), and
+    :meth:`verify` checks a partition without waiting for its next batch (the worker
+    runs it for every assigned partition on assignment and after a Redis restart or
+    reconnect). Either way the missing messages are read back from Kafka and applied
+    first, so a Redis that lost writes is caught up, never silently skipped.
     """
 
     concurrent_partitions = True
@@ -104,52 +124,147 @@ class ClickHandler:
                  bootstrap: str, builder: RowBuilder | None = None) -> None:
         self.settings = settings
         self.topics = settings.topics
+        self.topic = self.topics["clicks"]
         self.metrics = metrics
         self.state = state
         self.store = OnlineStore(client, partitions=settings.partitions,
                                  registry=metrics.registry)
         self.builder = builder or make_row_builder(settings)
         self.bootstrap = bootstrap
-        self._verify: set[int] = set(range(settings.partitions))
         self.recent = RecentIds()
+        #: partition -> the next offset Redis recorded at this worker's last write
+        self._next: dict[int, int] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
+        self.assigned: set[int] = set()
+        #: produces a repair's outputs (set by the worker); without it they are returned
+        self.send = None
+        #: partition -> why it is stopped (a REWIND); its messages are refused
+        self.stopped: dict[int, str] = {}
+        #: pauses fetching a partition (set by the worker)
+        self.pause = None
+        self._redis_run_id: str | None = None
+        self._redis_lost = False
 
-    async def on_assigned(self, app, partitions) -> None:
-        """Newly assigned partitions get their Redis offsets checked on their next batch."""
-        self._verify.update(tp.partition for tp in partitions)
+    def _lock(self, partition: int) -> asyncio.Lock:
+        return self._locks.setdefault(partition, asyncio.Lock())
 
-    def on_redis_error(self) -> None:
-        """After an outage Redis may have come back without its last writes: re-check all."""
-        self._verify.update(range(self.settings.partitions))
+    def on_assigned(self, partitions) -> None:
+        self.assigned.update(partitions)
+        for p in set(partitions) & set(self.stopped):
+            if self.pause is not None:
+                self.pause(p)
 
-    async def _gap(self, topic: str, partition: int, first_offset: int) -> list[Message]:
-        """Messages between the offset recorded beside the state and ``first_offset``.
+    async def verify_all(self, committed: dict[int, int] | None = None) -> None:
+        """:meth:`verify` every assigned partition now (``committed``: offsets to check to)."""
+        committed = committed or {}
+        await asyncio.gather(*(self.verify(p, committed.get(p), check_end=True)
+                               for p in sorted(self.assigned)))
 
-        The offsets in Redis are the truth (as in Kafka Streams and Flink checkpoints):
-        when they are behind the batch — Redis lost writes inside its AOF fsync window,
-        or was restored from an older copy — the missing messages are read back from
-        Kafka and applied first, so nothing is lost. Ahead of the batch is the normal
-        replay case: the Lua script skips what it has already applied.
+    async def verify_assigned(self, partitions, group: str) -> None:
+        """On assignment: Redis must have applied at least the group's committed offsets,
+        and nothing beyond the log's end (else the partition stops: a REWIND)."""
+        loop = asyncio.get_running_loop()
+        committed = await loop.run_in_executor(None, committed_offsets, self.bootstrap, group,
+                                               self.topic, sorted(partitions))
+        await asyncio.gather(*(self.verify(p, c, check_end=True) for p, c in committed.items()))
+
+    def stop_partition(self, partition: int, reason: str) -> None:
+        """Stop one partition (REWIND): its messages are refused, counted, never applied."""
+        if partition not in self.stopped:
+            log.error("stopping %s[%d]: %s", self.topic, partition, reason)
+            self.metrics.rewinds.labels(self.topic, str(partition)).inc()
+            self.metrics.stopped.labels(self.topic, str(partition)).set(1)
+        self.stopped[partition] = reason
+        self.state.last_error = reason
+        if self.pause is not None:
+            self.pause(partition)
+
+    async def check_redis(self) -> None:
+        """Run periodically: after a Redis restart or an outage, verify every partition now.
+
+        A restart shows as a new ``run_id``; an outage as a failed command here or in a
+        batch. Until every assigned partition verified cleanly, the next call tries again.
         """
-        recorded = (await self.store.next_offsets(partition)).get(topic, 0)
-        if recorded >= first_offset:
-            return []
-        log.warning("Redis state for %s[%d] ends at offset %d, batch starts at %d: re-reading the gap",
-                    topic, partition, recorded, first_offset)
+        try:
+            run_id = (await self.store.client.info("server"))["run_id"]
+        except Exception:  # noqa: BLE001 - an outage: verify once Redis answers again
+            self._redis_lost = True
+            return
+        if self._redis_lost or self._redis_run_id not in (None, run_id):
+            log.warning("Redis restarted or came back: verifying every assigned %s partition",
+                        self.topic)
+            self._redis_lost = True
+            self._redis_run_id = run_id
+            await self.verify_all()
+            self._redis_lost = False
+        self._redis_run_id = run_id
+
+    def on_revoked(self, partitions) -> None:
+        """Another worker may write these from now on: forget what we knew of them."""
+        for p in partitions:
+            self.assigned.discard(p)
+            self._next.pop(p, None)
+
+    async def _read_gap(self, topic: str, partition: int, start: int, stop: int) -> list[Message]:
+        log.warning("Redis state for %s[%d] ends at offset %d, %d was applied: re-reading the gap",
+                    topic, partition, start, stop)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, read_range, self.bootstrap, topic, partition,
-                                          recorded, first_offset)
+                                          start, stop)
+
+    async def verify(self, partition: int, upto: int | None = None,
+                     check_end: bool = False) -> list[Output]:
+        """Check one partition now: re-read and apply what Redis lost below ``upto``.
+
+        ``upto`` defaults to this worker's own last write; on assignment the caller
+        passes the group's committed offset. With ``check_end``, Redis recording more
+        than the log holds stops the partition (REWIND); the log end is asked after
+        Redis, under the partition's lock, so this worker's own progress cannot pass it. Returns the repair's outputs
+        (rows of the re-read events), or sends them through :attr:`send` while the
+        partition is still locked, so they go out before the partition's next batch.
+        """
+        async with self._lock(partition):
+            upto = self._next.get(partition) if upto is None else upto
+            if partition in self.stopped or not (upto or check_end):
+                return []
+            recorded = (await self.store.next_offsets(partition)).get(self.topic, 0)
+            end = recorded
+            if check_end and recorded:
+                ends = await asyncio.get_running_loop().run_in_executor(
+                    None, log_ends, self.bootstrap, self.topic, [partition])
+                end = ends[partition]
+            if recorded > end:
+                self.stop_partition(partition, (
+                    f"{self.topic}[{partition}]: REWIND: Redis records offsets up to {recorded} "
+                    f"as applied, but the broker's log ends at {end}: the log was reset while "
+                    f"Redis kept its state. Run `headwater reset` (wipes Redis, the model store "
+                    f"and the broker's log) and replay."))
+                return []
+            if not upto or recorded >= upto:
+                return []
+            gap = await self._read_gap(self.topic, partition, recorded, upto)
+            cols = self._decode(self.topic, partition, gap, [], emit=False)
+            outputs = await self._apply(self.topic, partition, cols, recorded, recorded, [])
+            if self.send is not None and outputs:
+                await self.send(outputs)
+                return []
+            return outputs
 
     def _decode(self, topic: str, partition: int, messages: list[Message], outputs: list[Output],
                 emit: bool) -> dict:
-        """Columns of the valid events (with ``offset`` and ``sub``); rejects to dead-letter."""
+        """Columns of the valid, non-duplicate events (with ``offset`` and ``sub``).
+
+        With ``emit``, rejects and duplicates go to dead-letter and are counted; a gap
+        re-read's went out the first time, so they are only dropped again.
+        """
         batch = decode_clicks([value for _, _, value in messages], self.settings.max_message_bytes)
         offsets = np.fromiter((m[0] for m in messages), np.int64, len(messages))
         cols = batch.columns
         cols["offset"] = offsets[batch.message]
         cols["sub"] = batch.sub.astype(np.int32)
-        if emit:  # a gap re-read's dead letters and counts went out the first time
-            n_decoded = len(cols["ts"])
-            cols = self._drop_duplicates(cols, topic, partition, messages, outputs)
+        n_decoded = len(cols["ts"])
+        cols = self._drop_duplicates(cols, topic, partition, messages, outputs if emit else None)
+        if emit:
             for m, index, raw, reason in batch.errors:
                 offset, key, _ = messages[m]
                 outputs.append((self.topics["dead-letter"], key,
@@ -162,7 +277,7 @@ class ClickHandler:
         return cols
 
     def _drop_duplicates(self, cols: dict, topic: str, partition: int, messages: list[Message],
-                         outputs: list[Output]) -> dict:
+                         outputs: list[Output] | None) -> dict:
         ids = [str(e) for e in cols["event_id"]]
         dup = self.recent.duplicates(partition, ids, cols["offset"], cols["sub"])
         if not dup.any():
@@ -171,7 +286,7 @@ class ClickHandler:
         for i in np.flatnonzero(~dup):
             first.setdefault(ids[i], int(cols["offset"][i]))
         keys = {m[0]: m[1] for m in messages}
-        for i in np.flatnonzero(dup):
+        for i in np.flatnonzero(dup) if outputs is not None else ():
             off, sub = int(cols["offset"][i]), int(cols["sub"][i])
             earlier = first.get(ids[i])
             where = f"offset {earlier}" if earlier is not None else "an earlier message"
@@ -202,28 +317,49 @@ class ClickHandler:
         return out
 
     async def __call__(self, topic: str, partition: int, messages: list[Message]) -> list[Output]:
+        if partition in self.stopped:
+            self.metrics.refused.labels(topic).inc(len(messages))
+            return []
+        async with self._lock(partition):
+            outputs: list[Output] = []
+            cols = self._decode(topic, partition, messages, outputs, emit=True)
+            first = messages[0][0]
+            return await self._apply(topic, partition, cols, first,
+                                     self._next.get(partition, first), outputs)
+
+    async def _apply(self, topic: str, partition: int, cols: dict, start: int,
+                     expect_next: int, outputs: list[Output]) -> list[Output]:
+        """Apply ``cols`` (the events of messages from offset ``start`` on), fenced.
+
+        Called with the partition's lock held. When Redis is behind ``expect_next``
+        (:class:`GapError`), the messages from its recorded offset up to ``start`` are
+        read back from Kafka and applied first, in the same write.
+        """
         t0 = time.perf_counter()
-        outputs: list[Output] = []
-        try:
-            gap = await self._gap(topic, partition, messages[0][0]) if partition in self._verify else []
-            self._verify.discard(partition)
-        except Exception:
-            self.on_redis_error()
-            raise
-        cols = self._decode(topic, partition, messages, outputs, emit=True)
-        if gap:
-            before = self._decode(topic, partition, gap, outputs, emit=False)
-            cols = {k: _concat(before[k], v) for k, v in cols.items()}
-        if not len(cols["ts"]):
-            return outputs
-        self.metrics.batch_size.labels(topic).observe(len(cols["ts"]))
-        try:
-            result = await self.store.apply_batch(topic, partition, cols)
-        except Exception:
-            self.state.redis_ok = False
-            self.on_redis_error()
-            raise
+        while True:
+            if not len(cols["ts"]):
+                return outputs
+            try:
+                result = await self.store.apply_batch(topic, partition, cols, expect_next=expect_next)
+                break
+            except GapError as exc:
+                if exc.recorded < start:
+                    missing = await self._read_gap(topic, partition, exc.recorded, start)
+                    before = self._decode(topic, partition, missing, outputs, emit=False)
+                    cols = {k: _concat(before[k], v) for k, v in cols.items()}
+                    start = exc.recorded
+                expect_next = exc.recorded
+            except RewindError as exc:
+                self.stop_partition(partition, str(exc))
+                self.metrics.refused.labels(topic).inc(len(np.unique(cols["offset"])))
+                return outputs
+            except Exception:
+                self.state.redis_ok = False
+                self._redis_lost = True
+                raise
         self.state.redis_ok = True
+        self.metrics.batch_size.labels(topic).observe(len(cols["ts"]))
+        self._next[partition] = result.next_offset
         keep = np.asarray(result.valid, bool)
         if keep.any():
             columns = self.builder.build(cols, result.features, result.item_attrs, result.codes)

@@ -39,5 +39,14 @@ class WorkerMetrics:
                                   ["host"], registry=r)
         self.items_coded = Counter("headwater_items_coded_total", "Items given quantized codes",
                                    registry=r)
+        self.rewinds = Counter("headwater_partition_rewinds_total",
+                               "Partitions stopped because Redis recorded offsets the log does "
+                               "not hold (REWIND: the log was reset while the state was kept)",
+                               ["topic", "partition"], registry=r)
+        self.stopped = Gauge("headwater_partition_stopped",
+                             "1 while a partition is stopped (REWIND); fix: headwater reset",
+                             ["topic", "partition"], registry=r)
+        self.refused = Counter("headwater_refused_messages_total",
+                               "Messages of stopped partitions, not applied", ["topic"], registry=r)
         self.code_seconds = Histogram("headwater_item_code_seconds",
                                       "Item event to codes stored", registry=r)

@@ -75,3 +75,51 @@ def ensure_topics(settings: Settings, bootstrap: str, timeout: float = 30.0) -> 
         return created
     finally:
         admin.close()
+
+
+def high_watermarks(consumer, tps, lower: dict, timeout: float = 1.5) -> dict:
+    """Each partition's high watermark, from one fetch at its end (the ones answered in time).
+
+    Tansu 0.6 answers ListOffsets(latest) with the *base offset of the last record
+    batch* plus one, not the high watermark (after one producer batch of 5 records it
+    says 1, not 5); the Fetch response's high watermark is right. ``lower`` is that
+    ListOffsets answer (a lower bound): the fetch starts one record before it.
+    """
+    consumer.assign([])  # fresh partition states: highwater None until a fetch answers
+    consumer.assign(tps)
+    for tp in tps:
+        consumer.seek(tp, max(0, lower[tp] - 1))
+    out: dict = {}
+    deadline = time.monotonic() + timeout
+    while len(out) < len(tps) and time.monotonic() < deadline:
+        consumer.poll(timeout_ms=100, max_records=1000)
+        for tp in tps:
+            hw = consumer.highwater(tp)
+            if hw is not None:
+                out[tp] = int(hw)
+    return out
+
+
+def log_ends(bootstrap: str, topic: str, partitions, timeout: float = 30.0) -> dict[int, int]:
+    """Each partition's log end offset (the offset its next message gets), exactly.
+
+    Raises ``TimeoutError`` rather than answer a lower bound: callers compare state
+    recorded elsewhere against it (a REWIND check), where a low answer is a false alarm.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        lower = {tp: int(o) for tp, o in consumer.end_offsets(tps).items()}
+        ends = {tp: o for tp, o in lower.items() if o == 0}  # an empty log has no batch
+        rest = [tp for tp in tps if tp not in ends]
+        if rest:
+            ends.update(high_watermarks(consumer, rest, lower, timeout))
+        missing = [tp.partition for tp in tps if tp not in ends]
+        if missing:
+            raise TimeoutError(f"no high watermark for {topic} partitions {missing} "
+                               f"within {timeout:.0f}s")
+        return {tp.partition: max(lower[tp], ends[tp]) for tp in tps}
+    finally:
+        consumer.close()

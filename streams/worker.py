@@ -13,13 +13,16 @@ from detection.alert_store import save_alerts
 from detection.baseline_store import BaselineStore
 from headwater.health import PERIOD_S, make_status, publish_async
 from headwater.settings import Settings
-from streams.app import add_web_pages, batched_agent, create_app
+from streams.app import _send_all, add_web_pages, batched_agent, create_app, pause_partition
 from streams.audit_path import AuditHandler, audit_engine_config
 from streams.click_path import ClickHandler
 from streams.item_path import ItemHandler
 from streams.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+
+#: How often the worker asks Redis whether it restarted (then verifies every partition).
+REDIS_CHECK_S = 1.0
 
 
 class WorkerState:
@@ -30,6 +33,8 @@ class WorkerState:
         self.started_at = time.time()
         self.last_error: str | None = None
         self.redis_ok = True
+        #: click partitions stopped (REWIND): partition -> reason (set by the click handler)
+        self.stopped: dict[int, str] = {}
 
     def on_error(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -55,6 +60,7 @@ class WorkerState:
             "alerts_total": self._total(m.alerts),
             "items_coded_total": self._total(m.items_coded),
             "redis_ok": self.redis_ok,
+            "stopped_partitions": {f"clicks[{p}]": why for p, why in self.stopped.items()},
         }
 
 
@@ -69,6 +75,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     audit_pool = ThreadPoolExecutor(1, thread_name_prefix="audit")
 
     clicks = ClickHandler(settings, client, metrics, state, bootstrap)
+    state.stopped = clicks.stopped
     items = ItemHandler(settings, client, metrics, state)
     audit = AuditHandler(topics, metrics, alert_sink=lambda alerts: save_alerts(client, alerts),
                          executor=audit_pool, config=audit_engine_config(settings),
@@ -82,11 +89,38 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
                   state.on_error, dlq)
     add_web_pages(app, metrics.registry, state.status)
 
+    async def send(outputs):
+        await _send_all(app, outputs, state.on_error)
+
+    clicks.send = send
+
+    clicks.pause = lambda partition: pause_partition(app, topics["clicks"], partition)
+
+    async def guarded(what: str, coro) -> None:
+        try:
+            await coro
+        except Exception as exc:  # noqa: BLE001 - retried on the next check
+            log.exception("%s failed", what)
+            state.on_error(exc)
+
     @app.on_partitions_assigned.connect
     async def on_assigned(app_, assigned, **kwargs):
-        # The offsets recorded beside the counter state are the truth: seek there so a
-        # Redis that lost its last writes is caught up by replay.
-        await clicks.on_assigned(app, [tp for tp in assigned if tp.topic == topics["clicks"]])
+        # The offsets recorded beside the counter state are the truth: every assigned
+        # partition is checked against the group's committed offset now (in a task: a
+        # rebalance must not wait on it), so a Redis that lost writes is caught up.
+        mine = {tp.partition for tp in assigned if tp.topic == topics["clicks"]}
+        clicks.on_assigned(mine)
+        if mine:
+            asyncio.ensure_future(guarded("verifying assigned partitions",
+                                          clicks.verify_assigned(mine, app.conf.id)))
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app_, revoked, **kwargs):
+        clicks.on_revoked({tp.partition for tp in revoked if tp.topic == topics["clicks"]})
+
+    @app.timer(REDIS_CHECK_S)
+    async def check_redis():
+        await guarded("verifying partitions after a Redis restart", clicks.check_redis())
 
     @app.timer(settings.codebook_refresh_seconds)
     async def refresh_codebooks():
@@ -99,7 +133,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     @app.timer(PERIOD_S)
     async def heartbeat():
         doc = make_status("worker", state.started_at, **state.status())
-        doc["healthy"] = state.redis_ok
+        doc["healthy"] = state.redis_ok and not state.stopped
         doc["last_error"] = state.last_error
         try:
             await publish_async(client, doc)

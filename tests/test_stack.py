@@ -108,6 +108,23 @@ def test_up_replay_status_score_down(stack_env, tmp_path):
     assert not any(pid_alive(p) for p in state["pids"].values())
     assert not (tmp_path / "state" / "run" / "stack.json").exists()
 
+    # `down` keeps Redis's data and the model store, but the embedded broker's log was in
+    # memory: the next `up` refuses, naming what does not match and the fix.
+    assert (tmp_path / "state" / "redis").is_dir() and (tmp_path / "state" / "models").is_dir()
+    refused = hw(stack_env, "up", "--only", "worker", check=False)
+    assert refused.returncode != 0, refused.stdout
+    assert "does not match" in refused.stderr and "headwater reset" in refused.stderr
+    assert "Redis records clicks[" in refused.stderr and "the broker's log ends at 0" in refused.stderr
+    assert "model store ranker/" in refused.stderr  # a model was served above: it was published
+    assert not (tmp_path / "state" / "run" / "stack.json").exists()  # nothing left running
+
+    # `reset` wipes every piece of kept state; then `up` starts clean.
+    hw(stack_env, "reset")
+    assert not (tmp_path / "state" / "redis").exists()
+    assert not (tmp_path / "state" / "models").exists()
+    assert (tmp_path / "state" / "logs").is_dir()  # logs stay
+    hw(stack_env, "up", "--only", "worker")
+
 
 def test_stale_state_file_is_reported_and_replaced(stack_env, tmp_path):
     run = tmp_path / "state" / "run"

@@ -180,29 +180,137 @@ def test_redis_restart_mid_stream_loses_and_doubles_nothing(stack, events):
     assert "handler clicks failed" in worker.log()  # the outage was seen and retried
 
 
-def test_redis_that_lost_its_last_writes_is_caught_up_by_replay(stack, events):
-    """Redis restored from an older copy of its AOF: the worker re-reads the gap from Kafka."""
+def _restart_redis(stack, log_name: str, restore_from=None) -> None:
+    """Kill Redis and start it again on the same port, optionally from an older copy."""
     import shutil
 
-    worker = stack["start_worker"]()
-    produce(stack["kafka"], f"{stack['prefix']}clicks", events[: N_EVENTS // 3])
-    third = expected_totals(events[: N_EVENTS // 3])
-    wait_all_counted(stack["url"], third, 90, stack["logs"])
     old = stack["redis"]
     port, data = old.port, stack["tmp"] / "redis"
     old.proc.kill()
     old.proc.wait()
+    if restore_from is not None:
+        shutil.rmtree(data)
+        shutil.copytree(restore_from, data)
+    stack["redis"] = start_redis(port=port, data_dir=data, log_path=stack["tmp"] / log_name)
+
+
+def _snapshot(stack) -> object:
+    """Restart Redis, keeping a copy of its data as it was (an older AOF to restore)."""
+    import shutil
+
+    old = stack["redis"]
+    old.proc.kill()
+    old.proc.wait()
     snapshot = stack["tmp"] / "redis-snapshot"
-    shutil.copytree(data, snapshot)
-    stack["redis"] = start_redis(port=port, data_dir=data, log_path=stack["tmp"] / "redis2.log")
+    shutil.copytree(stack["tmp"] / "redis", snapshot)
+    stack["redis"] = start_redis(port=old.port, data_dir=stack["tmp"] / "redis",
+                                 log_path=stack["tmp"] / "redis2.log")
+    return snapshot
+
+
+def test_redis_that_lost_its_last_writes_is_caught_up_by_replay(stack, events):
+    """Redis restored from an older copy of its AOF: the worker re-reads the gap from Kafka."""
+    worker = stack["start_worker"]()
+    produce(stack["kafka"], f"{stack['prefix']}clicks", events[: N_EVENTS // 3])
+    third = expected_totals(events[: N_EVENTS // 3])
+    wait_all_counted(stack["url"], third, 90, stack["logs"])
+    snapshot = _snapshot(stack)
     produce(stack["kafka"], f"{stack['prefix']}clicks", events[N_EVENTS // 3: 2 * N_EVENTS // 3])
     wait_all_counted(stack["url"], expected_totals(events[: 2 * N_EVENTS // 3]), 90, stack["logs"])
     # Now lose everything written since the snapshot, as a crash inside the fsync window would.
-    stack["redis"].proc.kill()
-    stack["redis"].proc.wait()
-    shutil.rmtree(data)
-    shutil.copytree(snapshot, data)
-    stack["redis"] = start_redis(port=port, data_dir=data, log_path=stack["tmp"] / "redis3.log")
+    _restart_redis(stack, "redis3.log", restore_from=snapshot)
     produce(stack["kafka"], f"{stack['prefix']}clicks", events[2 * N_EVENTS // 3:])
     _assert_exact(stack, events)
     assert "re-reading the gap" in worker.log()
+
+
+def _count_half_with_a_copy_at_a_quarter(stack, events):
+    """A worker counts half the events; Redis's data is copied after the first quarter.
+
+    Returns (the worker, the half, the copy): restoring the copy loses the second quarter.
+    """
+    worker = stack["start_worker"]()
+    half = events[: N_EVENTS // 2]
+    produce(stack["kafka"], f"{stack['prefix']}clicks", half[: N_EVENTS // 4])
+    wait_all_counted(stack["url"], expected_totals(half[: N_EVENTS // 4]), 90, stack["logs"])
+    snapshot = _snapshot(stack)
+    produce(stack["kafka"], f"{stack['prefix']}clicks", half[N_EVENTS // 4:])
+    wait_all_counted(stack["url"], expected_totals(half), 90, stack["logs"])
+    return worker, half, snapshot
+
+
+def test_lost_writes_are_repaired_without_waiting_for_new_events(stack, events):
+    """No event arrives after Redis lost writes: every partition is verified at once."""
+    worker, half, snapshot = _count_half_with_a_copy_at_a_quarter(stack, events)
+    _restart_redis(stack, "redis3.log", restore_from=snapshot)
+    # Nothing more is produced: the worker notices the restart and repairs by itself.
+    expected = expected_totals(half)
+    actual = wait_all_counted(stack["url"], expected, 90, stack["logs"])
+    assert actual == expected
+    assert "verifying every assigned" in worker.log()
+    assert "re-reading the gap" in worker.log()
+
+
+def test_writes_lost_while_no_worker_ran_are_repaired_on_assignment(stack, events):
+    """Redis loses writes while the worker is down: on assignment, before any new event."""
+    worker, half, snapshot = _count_half_with_a_copy_at_a_quarter(stack, events)
+    worker.stop()  # a clean stop commits the group's offsets: nothing will be re-delivered
+    _restart_redis(stack, "redis3.log", restore_from=snapshot)
+    second = stack["start_worker"]()
+    expected = expected_totals(half)
+    actual = wait_all_counted(stack["url"], expected, 90, stack["logs"])
+    assert actual == expected
+    assert "re-reading the gap" in second.log()
+
+
+def test_a_broker_log_reset_under_kept_redis_state_stops_the_partitions(stack, events, tmp_path):
+    """The broker loses its log (memory storage, restarted) while Redis keeps its state.
+
+    Redis records offsets the new log does not hold: the worker stops those partitions
+    (REWIND) with an error naming the fix and a metric, and applies nothing of the new
+    log's events, instead of treating them as replays of the old ones.
+    """
+    import urllib.request
+
+    from headwater.servers import start_broker
+    from headwater.settings import Settings
+    from streams.topics import ensure_topics
+
+    settings = Settings(topic_prefix=stack["prefix"], partitions=PARTITIONS)
+    broker = start_broker(log_path=tmp_path / "own-broker.log")
+    try:
+        kafka = f"{broker.host}:{broker.port}"
+        ensure_topics(settings, kafka)
+        env = dict(stack["env"], HEADWATER_KAFKA=kafka)
+        first = Service("worker", env, tmp_path / "logs")
+        stack["services"].append(first)
+        half = events[: N_EVENTS // 2]
+        produce(kafka, f"{stack['prefix']}clicks", half)
+        expected = expected_totals(half)
+        wait_all_counted(stack["url"], expected, 90, stack["logs"])
+        first.stop()
+        broker.stop()  # memory storage: the log is gone, Redis keeps its offsets
+        broker = start_broker(port=broker.port, log_path=tmp_path / "own-broker2.log")
+        ensure_topics(settings, kafka)
+        second = Service("worker", env, tmp_path / "logs")
+        stack["services"].append(second)
+        wait_until(lambda: second.log().count("REWIND") >= PARTITIONS, 90,
+                   what="every partition stopped as a REWIND", on_fail=second.log)
+        assert "headwater reset" in second.log()
+        produce(kafka, f"{stack['prefix']}clicks", events[N_EVENTS // 2:])
+        port = env["HEADWATER_WORKER_PORT"]
+
+        def refused() -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            rewinds = [ln for ln in text.splitlines()
+                       if ln.startswith("headwater_partition_stopped{") and ln.endswith(" 1.0")]
+            assert len(rewinds) == PARTITIONS, rewinds
+            return len(rewinds)
+
+        wait_until(refused, 30, what="the worker's metrics", on_fail=second.log)
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())
+        assert len(health["stopped_partitions"]) == PARTITIONS
+        time.sleep(3)  # the new events were consumed by now, were they applied they'd show
+        assert actual_totals(stack["url"], expected) == expected
+    finally:
+        broker.stop()

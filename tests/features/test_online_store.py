@@ -373,3 +373,36 @@ def _apply_sha():
     from features.store import _APPLY
 
     return _APPLY[1]
+
+
+def test_replaying_offsets_that_now_hold_other_events_is_a_rewind(make_store, dump_state, ml,
+                                                                    ml_items):
+    """The replay cache is verified by event id: a log reset never gets another run's features."""
+    from features.store_apply import RewindError
+
+    store = make_store(counters=CFG)
+    store.put_item_attributes(ml_items, ts=0)
+    first = _events(ml, 0, 200, per_message=2)
+    store.apply_batch("clicks", 0, first)
+    state = dump_state("{hw:p0}*")  # counters and offsets (user attributes are guarded apart)
+    other = _events(ml, 200, 400, per_message=2)
+    other["offset"] = first["offset"]  # a new log: the same offsets, other events
+    with pytest.raises(RewindError, match=r"clicks\[0\]: REWIND: offset 0 .*headwater reset"):
+        store.apply_batch("clicks", 0, other)
+    assert dump_state("{hw:p0}*") == state  # nothing was written
+    again = store.apply_batch("clicks", 0, first)  # the same events replayed are fine
+    assert again.replayed.all() and again.valid.all()
+
+
+def test_a_recorded_offset_behind_the_expected_one_is_a_gap(make_store, dump_state, ml):
+    from features.store_apply import GapError
+
+    store = make_store(counters=CFG)
+    cols = _events(ml, 0, 100)
+    store.apply_batch("clicks", 0, _slice(cols, slice(0, 50)))
+    state = dump_state("{hw:p0}*")
+    with pytest.raises(GapError) as info:
+        store.apply_batch("clicks", 0, _slice(cols, slice(60, 100)), expect_next=60)
+    assert (info.value.recorded, info.value.expected) == (50, 60)
+    assert dump_state("{hw:p0}*") == state
+    store.apply_batch("clicks", 0, _slice(cols, slice(50, 100)), expect_next=50)

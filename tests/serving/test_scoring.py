@@ -323,3 +323,49 @@ async def test_one_version_metadata(settings, seeded_redis, publish, make_app):
     assert doc["manifest"]["sha256"] and doc["manifest"]["version"] == version
     assert (await client.get("/v1/models/999")).status == 404
     assert (await client.get("/v1/models/latest")).status == 400
+
+
+async def test_scoring_answers_through_a_redis_restart(settings, publish, make_app, tmp_path, h):
+    """Redis is down when the request arrives and back within the retry bound: 200, not 5xx."""
+    import asyncio
+
+    from headwater.servers import start_redis
+
+    server = start_redis(data_dir=tmp_path / "redis", appendfsync="always")
+    port = server.port
+    try:
+        publish(0, kind="deepfm")
+        client, ctx = await make_app(settings, server.extra["url"])
+        resp = await client.post("/v1/score", data=h.score_body("u1", ["i1", "i2"]))
+        assert resp.status == 200, await resp.text()
+        before = (await resp.json())["scores"]
+        server.proc.kill()
+        server.proc.wait()
+
+        async def restart_soon():
+            await asyncio.sleep(0.5)
+            return await asyncio.get_running_loop().run_in_executor(
+                None, lambda: start_redis(port=port, data_dir=tmp_path / "redis", appendfsync="always"))
+
+        restarting = asyncio.ensure_future(restart_soon())
+        resp = await client.post("/v1/score", data=h.score_body("u1", ["i1", "i2"]))
+        server = await restarting
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["scores"] == pytest.approx(before)
+        assert ctx.scorer.redis_retries >= 1  # it did meet the outage
+    finally:
+        server.stop()
+
+
+async def test_scoring_fails_once_redis_stays_down_past_the_bound(settings, publish, make_app,
+                                                                  tmp_path, h):
+    from headwater.servers import start_redis
+
+    server = start_redis()
+    publish(0, kind="deepfm")
+    client, ctx = await make_app(settings, server.extra["url"])
+    ctx.scorer.redis_retry_seconds = 0.3
+    server.stop()
+    resp = await client.post("/v1/score", data=h.score_body("u1", ["i1"]))
+    assert resp.status >= 500
+    assert ctx.scorer.redis_retries >= 1
