@@ -205,19 +205,10 @@ class PrequentialTrainer:
         self.last_backlog = int(backlog)
         keeps, parts = [], []
         for batch in batches:
-            key = (batch.source_topic, int(batch.source_partition))
-            mark = self.watermarks.get(key)
-            keep = (
-                np.ones(len(batch), dtype=bool)
-                if mark is None
-                else _at_or_above(batch.offsets, batch.subs, mark)
-            )
+            keep = self._claim(batch)
             keeps.append(keep)
             if keep.any():
                 parts.append(batch if keep.all() else take(batch, keep))
-                offs, subs = batch.offsets[keep], batch.subs[keep]
-                last = int(np.lexsort((subs, offs))[-1])
-                self.watermarks[key] = (int(offs[last]), int(subs[last]) + 1)
         n_in = sum(len(b) for b in batches)
         kept = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
         result = StepResult(rows_in=n_in, rows_duplicate=int(n_in - kept.sum()))
@@ -265,11 +256,9 @@ class PrequentialTrainer:
         self.batches += 1
         return result
 
-    def skip(self, batch: TrainBatch) -> int:
-        """Advance the watermark past a batch without scoring or training it (too stale
-        to be worth training: see ``LearnerService``'s staleness bound); returns the rows
-        skipped (duplicates excluded)."""
-        self.check_schema(batch)
+    def _claim(self, batch: TrainBatch) -> np.ndarray:
+        """Rows of ``batch`` at or past its partition's watermark (the mask); the watermark
+        moves past them, so a later copy of the same rows is a duplicate."""
         key = (batch.source_topic, int(batch.source_partition))
         mark = self.watermarks.get(key)
         keep = (
@@ -277,12 +266,20 @@ class PrequentialTrainer:
             if mark is None
             else _at_or_above(batch.offsets, batch.subs, mark)
         )
-        if not keep.any():
+        if keep.any():
+            offs, subs = batch.offsets[keep], batch.subs[keep]
+            last = int(np.lexsort((subs, offs))[-1])
+            self.watermarks[key] = (int(offs[last]), int(subs[last]) + 1)
+        return keep
+
+    def skip(self, batch: TrainBatch) -> int:
+        """Advance the watermark past a batch without scoring or training it (too stale
+        to be worth training: see ``LearnerService``'s staleness bound); returns the rows
+        skipped (duplicates excluded)."""
+        self.check_schema(batch)
+        n = int(self._claim(batch).sum())
+        if not n:
             return 0
-        offs, subs = batch.offsets[keep], batch.subs[keep]
-        last = int(np.lexsort((subs, offs))[-1])
-        self.watermarks[key] = (int(offs[last]), int(subs[last]) + 1)
-        n = int(keep.sum())
         self.rows_dropped["stale"] = self.rows_dropped.get("stale", 0) + n
         return n
 

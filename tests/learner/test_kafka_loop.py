@@ -37,6 +37,17 @@ def wait_for_value(fn, timeout=30.0):
     raise AssertionError(f"timed out after {timeout}s")
 
 
+def fresh_topics(bootstrap, tag):
+    """A unique prefix and its one-partition train-batches and model-updates topics."""
+    prefix = f"{tag}{uuid.uuid4().hex[:8]}-"
+    topics = {name: f"{prefix}{name}" for name in ("train-batches", "model-updates")}
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topics["train-batches"], 1, 1),
+                         NewTopic(topics["model-updates"], 1, 1)])
+    admin.close()
+    return prefix, topics
+
+
 def start(loop):
     t = threading.Thread(target=loop.run, daemon=True)
     t.start()
@@ -108,12 +119,7 @@ def test_learner_backlog_shows_in_the_lag_report(kafka_bootstrap, tmp_path):
     reports its backlog like the worker's: lag > 0 while rows wait, 0 once trained."""
     from serving.lag import LagMonitor
 
-    prefix = f"lag{uuid.uuid4().hex[:8]}-"
-    topics = {name: f"{prefix}{name}" for name in ("train-batches", "model-updates")}
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    admin.create_topics([NewTopic(topics["train-batches"], 1, 1),
-                         NewTopic(topics["model-updates"], 1, 1)])
-    admin.close()
+    prefix, topics = fresh_topics(kafka_bootstrap, "lag")
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     for i in range(3):
         producer.send(topics["train-batches"], partition=0,
@@ -144,12 +150,7 @@ def test_learner_backlog_shows_in_the_lag_report(kafka_bootstrap, tmp_path):
 def test_messages_past_the_staleness_bound_are_skipped_not_trained(kafka_bootstrap, tmp_path):
     """A learner far behind skips messages written longer ago than the bound (counted as
     stale, their positions and watermarks advanced), and trains the fresh ones."""
-    prefix = f"stale{uuid.uuid4().hex[:8]}-"
-    topics = {name: f"{prefix}{name}" for name in ("train-batches", "model-updates")}
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    admin.create_topics([NewTopic(topics["train-batches"], 1, 1),
-                         NewTopic(topics["model-updates"], 1, 1)])
-    admin.close()
+    prefix, topics = fresh_topics(kafka_bootstrap, "stale")
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     hour_ago = int((time.time() - 3600) * 1000)
     for i in range(2):
