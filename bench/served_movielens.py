@@ -148,8 +148,8 @@ def learner_served_lag(rows: ServedRows, bootstrap: str, train_topic: str,
                        store_dir: str | Path, model_name: str) -> tuple[np.ndarray, int]:
     """Each test event's *training* row scored by the version that answered its request.
 
-    Returns the scores (NaN where the row or version is missing) and how many training
-    rows differ from... nothing: the count of rows found on ``train-batches``.
+    Returns the scores (NaN where the row or its version is missing) and how many of the
+    events' training rows were found on ``train-batches``.
     """
     from kafka import KafkaConsumer, TopicPartition
 

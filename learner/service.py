@@ -218,9 +218,7 @@ class LearnerService:
                 if position is not None and not self._pending:
                     self._record_position(position)
                 return None
-            if self.trainer is None:
-                self.trainer = self.trainer_factory(batch.schema_json)
-                self.trainer.clock = self.clock
+            self._ensure_trainer(batch)
             try:
                 self.trainer.check_schema(batch)
             except SchemaMismatchError as exc:
@@ -250,9 +248,7 @@ class LearnerService:
             except ValueError:
                 self.process(payload, position=position)  # reported as an invalid batch
                 return 0
-            if self.trainer is None:
-                self.trainer = self.trainer_factory(batch.schema_json)
-                self.trainer.clock = self.clock
+            self._ensure_trainer(batch)
             if self._pending:
                 self._train_pending()
             try:
@@ -265,6 +261,12 @@ class LearnerService:
             if n:
                 self.metrics.rows_dropped.labels("stale").inc(n)
             return n
+
+    def _ensure_trainer(self, batch: TrainBatch) -> None:
+        """Build the trainer for the first batch's schema (on the service's clock)."""
+        if self.trainer is None:
+            self.trainer = self.trainer_factory(batch.schema_json)
+            self.trainer.clock = self.clock
 
     def tick(self) -> StepResult | None:
         """Train waiting rows whose deadline has passed (call when a poll is empty)."""

@@ -248,7 +248,7 @@ async def get_model(request: web.Request) -> web.Response:
     raw = request.match_info["version"]
     try:
         version = normalize_version(raw)
-    except (ValueError, HolderError):
+    except HolderError:
         return _json_error(400, f"version {raw!r} is not a version number", field="version")
     listing = ctx.holder.listing()
     entry = next((m for m in listing["models"] if m.get("version") == version), None)
