@@ -68,12 +68,15 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "headwater-work
     """
     _patch_fetch_wait(settings.fetch_max_wait_ms)
     session = settings.session_timeout
+    datadir = settings.state_dir / "faust" / app_id
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id,
         broker=f"kafka://{bootstrap}",
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",
+        datadir=str(datadir),
         topic_partitions=settings.partitions,
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
