@@ -3,6 +3,7 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY core core
 COPY headwater headwater
 COPY streams streams
 COPY features features

@@ -209,10 +209,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from bench.serving_freshness import cli
+    from core.settings import Settings, default_data_dir
     from features.movielens import click_events, load_movielens
     from features.store import SyncOnlineStore
     from headwater.servers import free_port
-    from headwater.settings import Settings, default_data_dir
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
     for kv in args.set:

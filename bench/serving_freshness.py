@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.settings import Settings  # noqa: E402
 from headwater.servers import free_port  # noqa: E402
-from headwater.settings import Settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

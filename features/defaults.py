@@ -12,5 +12,5 @@ def code_field_names(levels: int, vq_k: int) -> tuple[str, ...]:
 
 
 def row_builder(settings) -> RowBuilder:
-    """The :class:`RowBuilder` for a :class:`headwater.settings.Settings`."""
+    """The :class:`RowBuilder` for a :class:`core.settings.Settings`."""
     return RowBuilder(RowConfig(code_fields=code_field_names(settings.code_levels, settings.vq_k)))

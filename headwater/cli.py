@@ -1,20 +1,18 @@
 """The ``headwater`` command line.
 
-Every setting of :class:`headwater.settings.Settings` is also a ``--flag`` on every
+Every setting of :class:`core.settings.Settings` is also a ``--flag`` on every
 command (generated from the one declaration); flags override ``HEADWATER_*`` variables.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from core.settings import Settings
 from headwater.servers import StackError
-from headwater.settings import Settings
 
 
 def _settings_parent() -> argparse.ArgumentParser:
@@ -30,16 +28,6 @@ def load_settings(args: argparse.Namespace) -> Settings:
     overrides = {k[len("setting_"):]: v for k, v in vars(args).items()
                  if k.startswith("setting_") and v is not None}
     return Settings(**overrides)
-
-
-COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {}
-
-
-def command(name: str):
-    def register(fn):
-        COMMANDS[name] = fn
-        return fn
-    return register
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("kafka", "aiokafka"):
         # Connection chatter at INFO drowns the services' own messages.
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    from headwater import commands  # noqa: F401 - registers the command functions
+    from headwater.commands import COMMANDS  # after logging is set up: it imports the services
 
     try:
         return COMMANDS[args.command](args, settings) or 0
@@ -120,7 +108,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str, sort_keys=True))

@@ -1,16 +1,32 @@
-"""Implementations of the ``headwater`` commands (registered into :mod:`headwater.cli`)."""
+"""Implementations of the ``headwater`` commands; :mod:`headwater.cli` parses and dispatches."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import sys
 import time
+from collections.abc import Callable
 
-from headwater.cli import command, print_json
+from core.settings import Settings, settings_table
 from headwater.servers import StackError
-from headwater.settings import Settings, settings_table
 from headwater.stack import SERVICES, down, resolve_addresses, up
+
+#: Command name -> implementation; filled by :func:`command`.
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {}
+
+
+def command(name: str):
+    """Register the decorated function as the implementation of ``headwater NAME``."""
+    def register(fn):
+        COMMANDS[name] = fn
+        return fn
+    return register
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str, sort_keys=True))
 
 
 @command("up")
@@ -49,8 +65,8 @@ def collect_status(settings: Settings) -> dict:
     """Everything ``headwater status`` shows, as one JSON-able document."""
     import redis
 
-    from headwater.health import read_all_sync
-    from headwater.servers import port_open
+    from core.health import read_all_sync
+    from core.net import port_open
 
     kafka, redis_url = resolve_addresses(settings)
     host, _, port = kafka.split(",")[0].rpartition(":")

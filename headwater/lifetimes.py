@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from headwater.settings import Settings
+from core.settings import Settings
 
 #: Hash of each source partition's offset record (features/store.py key layout).
 OFFSETS_KEY = "{{hw:p{partition}}}:offsets"

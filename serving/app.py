@@ -28,7 +28,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from headwater.settings import Settings
+from core.settings import Settings
 from learner.store import CheckpointError
 from serving.holder import HolderError, ModelHolder
 from serving.metrics import CONTENT_TYPE_LATEST, ServingMetrics
@@ -64,7 +64,7 @@ class AppContext:
     last_error: str | None = None
 
     def status_fields(self) -> dict[str, Any]:
-        """The serving heartbeat's own fields (see :mod:`headwater.health`)."""
+        """The serving heartbeat's own fields (see :mod:`core.health`)."""
         cur = self.holder.current
         errors = [
             e
@@ -376,7 +376,7 @@ def build_context(
 
 
 async def _heartbeat(ctx: AppContext, stop: asyncio.Event) -> None:
-    from headwater.health import PERIOD_S, make_status, publish_async
+    from core.health import PERIOD_S, make_status, publish_async
 
     while not stop.is_set():
         try:

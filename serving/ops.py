@@ -31,8 +31,8 @@ from typing import Any
 
 from aiohttp import web
 
+from core.health import read_all_async
 from detection.alert_store import query_alerts
-from headwater.health import read_all_async
 from serving.lag import LagMonitor
 
 log = logging.getLogger(__name__)

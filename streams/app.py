@@ -21,8 +21,8 @@ from faust.types import TP
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, generate_latest
 
+from core.settings import Settings
 from features.store_apply import FencedError, GapError
-from headwater.settings import Settings
 from streams.deadletter import dead_letter
 
 log = logging.getLogger(__name__)
@@ -177,13 +177,13 @@ def batched_agent(app: faust.App, topic_name: str, partitions: int, handler: Han
                 results = [await handle(p, m) for p, m in groups.items()]
             sends = [out for outputs in results for out in outputs]
             if sends:
-                await _send_all(app, sends, on_error)
+                await send_all(app, sends, on_error)
 
     agent.__name__ = name
     app.agent(topic, name=name)(agent)
 
 
-async def _send_all(app: faust.App, sends: list[Output],
+async def send_all(app: faust.App, sends: list[Output],
                     on_error: Callable[[BaseException], None] | None) -> None:
     """Produce every output, retrying until the broker takes them.
 

@@ -17,11 +17,11 @@ from collections import OrderedDict
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
+from core.settings import Settings
 from features.defaults import row_builder as make_row_builder
 from features.rows import RowBuilder
 from features.store import OnlineStore
 from features.store_apply import GapError, RewindError
-from headwater.settings import Settings
 from learner.batch import encode_batch
 from streams.app import Message, Output
 from streams.deadletter import dead_letter, reason_kind

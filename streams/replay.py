@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.settings import Settings
 from features.hashing import hash_tokens
 from features.movielens import click_events, load_movielens
-from headwater.settings import Settings
 from streams.producer import RateLimiter, make_producer
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ import time
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from headwater.servers import port_open
-from headwater.settings import Settings
+from core.net import port_open
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
+from core.settings import Settings, settings_table
 from headwater.cli import build_parser
-from headwater.settings import Settings, settings_table
 from tests.stackutil import REPO
 
 

@@ -116,8 +116,8 @@ def test_serving_row_equals_training_row_once_the_worker_caught_up(trained, movi
     compare serving's row for the next event with the row the worker writes for it."""
     from kafka import KafkaConsumer, TopicPartition
 
+    from core.settings import Settings
     from features.defaults import row_builder
-    from headwater.settings import Settings
     from learner.batch import decode_batch
     from streams.replay import partition_of
 

@@ -1,5 +1,5 @@
 """An ops server for the tests: the real routes on a real port, over the session's real
-Redis and broker, with real heartbeat documents published through headwater.health."""
+Redis and broker, with real heartbeat documents published through core.health."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.structs import OffsetAndMetadata
 
-from headwater.health import make_status, publish_async
+from core.health import make_status, publish_async
+from core.settings import Settings
 from headwater.servers import free_port
-from headwater.settings import Settings
 from serving.ops import add_ops_routes
 
 PERIOD = 0.5  # samplers' period in tests (2 s in serving) so windows fill quickly
