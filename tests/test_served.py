@@ -48,7 +48,7 @@ def stack(tmp_path_factory):
     env = embedded_stack_env(tmp, HEADWATER_KEEP_VERSIONS=100000)
     hw(env, "up")
     try:
-        status = json.loads(hw(env, "status", "--json").stdout)
+        status = json.loads(hw(env, "status", "--json", check=False).stdout)
         yield {
             "env": env,
             "base": f"http://127.0.0.1:{env['HEADWATER_HTTP_PORT']}",
