@@ -101,8 +101,12 @@ def graph(mods: dict[str, Path]) -> tuple[dict[str, set[str]], list[str]]:
     return edges, reach_ins
 
 
+#: Public API spelled with an underscore (namedtuple's methods).
+PUBLIC_UNDERSCORED = {"_replace", "_asdict", "_fields", "_make", "_field_defaults"}
+
+
 def _private(attr: str) -> bool:
-    return attr.startswith("_") and not attr.startswith("__")
+    return attr.startswith("_") and not attr.startswith("__") and attr not in PUBLIC_UNDERSCORED
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
