@@ -320,7 +320,8 @@ def create_app(settings: Settings, ctx: AppContext, *, ops: bool | None = None) 
     if ops:
         from serving.ops import add_ops_routes
 
-        add_ops_routes(app, ctx)
+        add_ops_routes(app, settings=ctx.settings, redis=ctx.redis, kafka=ctx.kafka, holder=ctx.holder,
+                       redis_url=ctx.redis_url, registry=ctx.registry)
     return app
 
 

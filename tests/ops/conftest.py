@@ -69,9 +69,9 @@ async def ops_server(kafka_bootstrap, redis_db, topic_prefix):
     docs = await publish_heartbeats(client, t0, events=1000, rows=500, auc=0.71)
     topic, group = make_lagging_group(kafka_bootstrap, topic_prefix)
     settings = Settings(kafka=kafka_bootstrap, redis=redis_db, topic_prefix=topic_prefix)
-    ctx = {"settings": settings, "redis": client, "kafka": kafka_bootstrap, "redis_url": redis_db}
     app = web.Application()
-    state = add_ops_routes(app, ctx, period=PERIOD, lag_window=3)
+    state = add_ops_routes(app, settings=settings, redis=client, kafka=kafka_bootstrap, redis_url=redis_db,
+                           period=PERIOD, lag_window=3)
     runner = web.AppRunner(app, shutdown_timeout=2.0)
     await runner.setup()
     port = free_port()
