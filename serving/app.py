@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import importlib.util
 import logging
@@ -23,8 +24,10 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -212,6 +215,16 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The HTTP API's OpenAPI 3.1 document (``serving/openapi.yaml``)."""
+    return yaml.safe_load((Path(__file__).resolve().parent / "openapi.yaml").read_text())
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
 async def metrics(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     return web.Response(body=ctx.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -308,6 +321,7 @@ def create_app(settings: Settings, ctx: AppContext, *, ops: bool | None = None) 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{version}", get_model)
     app.router.add_post("/v1/models/unpin", unpin_model)
