@@ -2,7 +2,7 @@
 ``clicks`` topics.
 
 Items come first (title as text, genres as tags, release year), then every rating as
-a click event labelled by the protocol of docs/papers.md (rating ≥ 4 → 1, ≤ 2 → 0,
+a click event labelled by the protocol of docs/protocol.md (rating ≥ 4 → 1, ≤ 2 → 0,
 3 dropped), carrying the user's attributes. Clicks are partitioned by ``user_id`` (a
 user's counters then live in one partition's shard and are exact) and sent as JSON-array
 envelopes of up to ``batch`` events, one buffer per partition, so the stream path pays

@@ -1,4 +1,4 @@
-"""Topic declarations: the contract names of DESIGN.md, created on start."""
+"""Topic declarations: the contract names of docs/design.md, created on start."""
 
 from __future__ import annotations
 
