@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -91,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true")
     p.add_argument("--state", type=Path, default=None, help="position file (default under state dir)")
     p = add("features", "Online features as served.")
-    p.add_argument("action", choices=["get"])
-    p.add_argument("entity", help="user:ID or item:ID")
+    p.add_argument("action", choices=["get", "list"],
+                   help="get: one entity's online features; list: the feature definition")
+    p.add_argument("entity", nargs="?", help="get: user:ID or item:ID")
     p.add_argument("--json", action="store_true")
     p = add("lag", "Consumer lag per group, topic and partition.")
     p.add_argument("--watch", action="store_true")
@@ -114,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # ours and pydantic's ValidationError name the setting
         print(f"headwater: invalid setting: {exc}", file=sys.stderr)
         return 2
+    # --set reaches what reads the environment: the Kafka client factory, child processes
+    for name in Settings.model_fields:
+        if name in settings.model_fields_set:
+            value = getattr(settings, name)
+            value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+            os.environ[f"HEADWATER_{name.upper()}"] = str(value)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "aiokafka"):

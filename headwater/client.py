@@ -35,6 +35,7 @@ import msgspec
 from kafka.errors import KafkaError
 
 from core.net import redact_url
+from features.definition import load as load_definition
 from features.store import SyncOnlineStore
 from streams.producer import make_producer
 from streams.replay import partition_of
@@ -317,8 +318,10 @@ class ServingClient:
 class FeatureReader:
     """An entity's online features from Redis, as serving reads them."""
 
-    def __init__(self, redis_url: str, *, partitions: int = 4) -> None:
-        self._store = SyncOnlineStore.from_url(redis_url, partitions=partitions)
+    def __init__(self, redis_url: str, *, partitions: int = 4, features: str | None = None) -> None:
+        """``features``: the feature definition the worker runs with (default: MovieLens)."""
+        self._store = SyncOnlineStore.from_url(redis_url, partitions=partitions,
+                                               counters=load_definition(features).counters)
 
     def get(self, entity: str) -> dict[str, Any]:
         """``user:ID``, ``item:ID`` (or ``genre:NAME``) -> its features now."""

@@ -237,14 +237,39 @@ def cmd_ship_audit(args, settings: Settings) -> int:
 
 @command("features")
 def cmd_features(args, settings: Settings) -> int:
+    from features.defaults import definition, row_builder
     from features.store import SyncOnlineStore
+
+    if args.action == "list":
+        doc = definition(settings).describe()
+        schema = row_builder(settings).schema
+        doc["schema"] = {"categorical": schema.categorical, "dense": schema.dense, "hash": schema.hash}
+        if args.json:
+            print_json(doc)
+            return 0
+        print(f"feature definition {doc['name']} v{doc['version']}  ({doc['source']})")
+        for where, names in doc["attributes"].items():
+            print(f"  {where + ' attributes':20s} {', '.join(names) or '-'}")
+        print(f"  {'counters':20s} half-lives {', '.join(doc['half_lives'])}; smoothing "
+              f"prior {doc['smoothing']['prior']}, alpha {doc['smoothing']['alpha']}")
+        for name, key in doc["counters"].items():
+            bucket = "  (+ buckets)" if name in doc["bucketized"] else ""
+            print(f"    {name:18s} key {', '.join(key) or '(global)'}{bucket}")
+        print(f"  model: {len(schema.categorical)} categorical fields, {len(schema.dense)} dense; "
+              f"schema {schema.hash[:12]}")
+        print(f"    categorical: {', '.join(schema.categorical)}")
+        print(f"    dense:       {', '.join(schema.dense)}")
+        return 0
+    if not args.entity:
+        raise StackError("features get needs an entity: user:ID or item:ID")
 
     _, redis_url = resolve_addresses(settings)
     if ":" not in args.entity or args.entity.split(":", 1)[0] not in ("user", "item"):
         raise StackError(f"entity must be user:ID or item:ID, got {args.entity!r}")
     import redis
 
-    store = SyncOnlineStore.from_url(redis_url, partitions=settings.partitions)
+    store = SyncOnlineStore.from_url(redis_url, partitions=settings.partitions,
+                                     counters=definition(settings).counters)
     try:
         doc = store.entity_features(args.entity)
     except redis.exceptions.ConnectionError as exc:

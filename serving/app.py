@@ -342,13 +342,8 @@ def create_app(settings: Settings, ctx: AppContext, *, ops: bool | None = None) 
 # ---- wiring ----------------------------------------------------------------------------------
 def default_row_builder(settings: Settings):
     """The row builder the worker uses (``features.defaults.row_builder``), so schemas agree."""
-    try:
-        from features.defaults import row_builder
-    except ImportError:
-        from features.rows import RowBuilder
+    from features.defaults import row_builder
 
-        log.warning("features.defaults.row_builder is missing: using RowBuilder() defaults")
-        return RowBuilder()
     return row_builder(settings)
 
 
@@ -379,7 +374,8 @@ def build_context(
         keep_loaded=keep_loaded,
         quality_margin=quality_margin,
     )
-    online = OnlineStore(redis_client, partitions=settings.partitions, registry=registry)
+    online = OnlineStore(redis_client, partitions=settings.partitions,
+                         counters=builder.config.counters, registry=registry)
     executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="inference")
     scorer = Scorer(online, builder, executor,
                     redis_retry_seconds=settings.score_redis_retry_seconds)
