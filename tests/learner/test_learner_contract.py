@@ -10,7 +10,7 @@ adapter the benchmarks use) goes through the same checks:
 - unseen tokens and the missing token 0 score without error;
 - it learns: on a signal carried by one field, held-out AUC rises well above chance;
 - torch rankers survive a publication: the model serving rebuilds from the checkpoint
-  (``serving.models.rebuild_model``) scores exactly like the trained one.
+  (``learner.store.rebuild_model``, the one rebuild path) scores exactly like the trained one.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score
 from learner.embeddings import EmbeddingConfig
 from learner.models import ModelSpec, build_model, preset_head
 from learner.protocol import Learner, RiverLearner, Rows, TorchLearner
-from serving.models import rebuild_model
+from learner.store import rebuild_model
 
 FIELDS = ["user", "item", "ctx"]
 DENSE = ["x", "y"]
@@ -168,3 +168,12 @@ def test_the_served_rebuild_scores_like_the_trained_model(name):
     with torch.no_grad():
         got = torch.sigmoid(served.logits(batch.categorical, batch.dense)).numpy()
     np.testing.assert_allclose(got, learner.predict_proba_many(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_the_rebuild_fails_loudly_on_weights_that_do_not_fit():
+    learner = LEARNERS["fgcnn-stream"]()
+    weights = copy.deepcopy(learner.serving_model().state_dict())
+    other = ModelSpec("fgcnn", FIELDS, DENSE, {**preset_head("fgcnn", "stream"), "mlp": [7]},
+                      learner.serving_model().spec.embedding, dense_norm=True, wide=True)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        rebuild_model({"model": other.to_dict()}, weights)
