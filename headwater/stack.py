@@ -89,7 +89,16 @@ def check_stale(settings: Settings) -> str | None:
 
 
 def _service_env(settings: Settings, kafka: str, redis_url: str) -> dict[str, str]:
+    """The services' environment: this one, every setting given explicitly to ``settings``
+    (a programmatic caller's too, not only ``HEADWATER_*`` variables), the addresses."""
     env = dict(os.environ)
+    for name in sorted(settings.model_fields_set):
+        value = getattr(settings, name)
+        key = f"HEADWATER_{name.upper()}"
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value.get_secret_value() if hasattr(value, "get_secret_value") else value)
     env["HEADWATER_KAFKA"] = kafka
     env["HEADWATER_REDIS"] = redis_url
     env["HEADWATER_STATE_DIR"] = str(settings.state_dir.resolve())
