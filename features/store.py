@@ -21,12 +21,14 @@ not sharded: ``hw:attrs:item:<id>``, ``hw:attrs:user:<id>`` (event-time guarded 
 and ``hw:codes:item:<id>`` (fields ``codes`` JSON and ``version``).
 
 **Point in time.** :meth:`OnlineStore.apply_batch` returns, for every event, the
-counters as they were just before it. They are exact for the batch's own partition
-(computed in numpy from the shard's states read at batch start, event by event in
-effect: :mod:`features.pointintime`); other partitions' shards are read in the same
-round trip, i.e. as of batch start, and decayed to each event's time. With clicks keyed
-by ``user_id``, a user lives in one partition, so user counters are fully exact; item
-and genre counters lag other partitions by at most one batch.
+counters of every contribution with event time strictly before it (``pit_ties=True``:
+at its time too), from every partition's shard (docs/point-in-time.md,
+:mod:`features.asof`). Its own partition's are exact; other partitions' shards are read
+in the same round trip, i.e. as of batch start, and only their contributions older than
+the event count, however far ahead in event time those partitions are. Each entity keeps
+its latest ``pit_history`` events per shard (field ``h``) for that; a row older than a
+shard's retained history leaves that shard's older part out (never the future) and is
+counted in ``headwater_features_pit_truncated_total``.
 
 **Writes are fenced.** A batch is written by one Lua script that first checks the
 partition's recorded next offset is still the one the batch was computed from (only
@@ -119,6 +121,8 @@ class _StoreCore:
         replay_batches: int = 8,
         miss_cache_seconds: float = 1.0,
         shard_cache_entities: int = 250_000,
+        pit_ties: bool = False,
+        pit_history: int = 64,
         clock=time.time,
     ) -> None:
         if partitions < 1:
@@ -130,6 +134,12 @@ class _StoreCore:
         self.prefix = prefix
         self.attr_cache_seconds = attr_cache_seconds
         self.replay_batches = replay_batches
+        if pit_history < 0:
+            raise ValueError(f"pit_history must be >= 0 (entries kept per entity), got {pit_history}")
+        #: Pre-event features include contributions at exactly the event's time too.
+        self.pit_ties = bool(pit_ties)
+        #: Latest events each entity keeps per shard for strict point-in-time reads.
+        self.pit_history = int(pit_history)
         self.clock = clock
         self.round_trips = 0
         self.commands = 0
@@ -153,6 +163,13 @@ class _StoreCore:
         self._dupes = Counter(
             "headwater_features_duplicate_events_total",
             "Click events skipped because their offset was already applied.",
+            ["topic"],
+            registry=registry,
+        )
+        self._truncated = Counter(
+            "headwater_features_pit_truncated_total",
+            "Event references older than an entity's retained history in a shard: that "
+            "shard's older part was left out (never the future; see docs/point-in-time.md).",
             ["topic"],
             registry=registry,
         )

@@ -12,6 +12,10 @@
 -- ARGV[6]     the replay-cache entry for this batch (opaque bytes, written by the caller)
 -- ARGV[7]     replay cache size: how many recent batches keep their entries
 -- ARGV[8]     a fresh random token naming the shard's new state (features/shard_cache.py)
+-- ARGV[9]     per key of KEYS[4..]: how many history entries it gets, little-endian int32
+-- ARGV[10]    those entries, (ts, label) little-endian doubles, key by key, offset order
+-- ARGV[11]    the half-lives, comma separated (the order of the state fields)
+-- ARGV[12]    history entries kept per entity (older ones fold into the head)
 --
 -- Returns {1, next_offset} when written, {0, stored next offset} when the fence failed.
 --
@@ -22,6 +26,12 @@
 -- raced us), nothing is written: the caller re-reads and recomputes. Writing each
 -- entity's final state and advancing the offset in one script is what keeps counter
 -- updates idempotent per (topic, partition, offset).
+--
+-- Each entity's field 'h' is its history (features/asof.py): a head state (the fields'
+-- doubles, t last, NaN t: empty) then its latest (ts, label) entries in offset order. An
+-- entity without one (written before histories existed) starts it with its old state as
+-- the head. Entries beyond ARGV[12] fold into the head, oldest first, exactly as the
+-- state itself is updated (decay to a newer event's time; an older one adds decayed).
 local topic = ARGV[1]
 local cur = redis.call('HGET', KEYS[1], topic) or '0'
 if tonumber(cur) ~= tonumber(ARGV[2]) then return {0, cur} end
@@ -34,10 +44,61 @@ local pos = 1
 local args = {}
 for j = 1, nf do args[2 * j - 1] = fields[j] end
 local format = string.format
+local hls = {}
+for h in string.gmatch(ARGV[11], '[^,]+') do hls[#hls + 1] = tonumber(h) end
+local keep_hist = tonumber(ARGV[12])
+local nan = 0 / 0
+local function fold(hist, m)
+  local h = {struct.unpack(fmt, hist)}
+  local hp = h[nf + 1]
+  local t = h[nf]
+  for _ = 1, m do
+    local ts, lab
+    ts, lab, hp = struct.unpack('<dd', hist, hp)
+    if t ~= t then
+      for j = 1, nf - 1 do h[j] = 0 end
+      t = ts
+    end
+    if ts >= t then
+      for j = 1, #hls do
+        local f = 2 ^ (-(ts - t) / hls[j])
+        h[1 + 2 * j] = h[1 + 2 * j] * f + 1
+        h[2 + 2 * j] = h[2 + 2 * j] * f + lab
+      end
+      t = ts
+    else
+      for j = 1, #hls do
+        local w = 2 ^ (-(t - ts) / hls[j])
+        h[1 + 2 * j] = h[1 + 2 * j] + w
+        h[2 + 2 * j] = h[2 + 2 * j] + lab * w
+      end
+    end
+    h[1] = h[1] + 1
+    h[2] = h[2] + lab
+  end
+  h[nf] = t
+  return struct.pack(fmt, unpack(h, 1, nf)) .. string.sub(hist, hp)
+end
+local epos = 1
 for i = 4, #KEYS do
   local v = {struct.unpack(fmt, blob, pos)}
   pos = v[nf + 1]
+  local cnt = struct.unpack('<i4', ARGV[9], 4 * (i - 4) + 1)
+  local hist = redis.call('HGET', KEYS[i], 'h')
+  if not hist then
+    local raw = redis.call('HMGET', KEYS[i], unpack(fields))
+    local old = {}
+    for j = 1, nf - 1 do old[j] = tonumber(raw[j]) or 0 end
+    old[nf] = tonumber(raw[nf]) or nan
+    hist = struct.pack(fmt, unpack(old))
+  end
+  hist = hist .. string.sub(ARGV[10], epos, epos + 16 * cnt - 1)
+  epos = epos + 16 * cnt
+  local k = (#hist - 8 * nf) / 16
+  if k > keep_hist then hist = fold(hist, k - keep_hist) end
   for j = 1, nf do args[2 * j] = format('%.17g', v[j]) end
+  args[2 * nf + 1] = 'h'
+  args[2 * nf + 2] = hist
   redis.call('HSET', KEYS[i], unpack(args))
 end
 local keep = tonumber(ARGV[7])

@@ -6,19 +6,24 @@
 -- KEYS[4..]   {hw:pP}:<entity>     entity hashes (those the caller has not cached)
 -- ARGV[1]     topic
 -- ARGV[2]     the batch's smallest offset
--- ARGV[3..]   the state fields in order, the decay reference 't' last
+-- ARGV[3]     the batch's earliest event time
+-- ARGV[4..]   the state fields in order, the decay reference 't' last
 --
--- Returns {next_offset, states, cache, writer}: states as read.lua packs them; cache the
--- replay cache entries (HVALS) when the batch starts below next_offset (a replay), else
--- {}; writer the token ('' if never written). (writer, next_offset) is the shard's
+-- Returns {next_offset, states, cache, writer, histories}: states as read.lua packs them;
+-- cache the replay cache entries (HVALS) when the batch starts below next_offset (a
+-- replay), else {}; writer the token ('' if never written); histories {i, h, ...}: the
+-- history field 'h' (features/asof.py) of every key i (0-based) whose 't' is not older
+-- than ARGV[3] (its state alone cannot say what was there before the batch's events). (writer, next_offset) is the shard's
 -- version: the caller's cached states count only if they were taken at this version.
 -- The caller computes the batch from these and writes it with apply.lua, which checks
 -- that next_offset has not moved in between (the fence).
 local nxt = redis.call('HGET', KEYS[1], ARGV[1]) or '0'
 local writer = redis.call('GET', KEYS[3]) or ''
-local nf = #ARGV - 2
+local nf = #ARGV - 3
+local min_ts = tonumber(ARGV[3])
 local fields = {}
-for j = 1, nf do fields[j] = ARGV[j + 2] end
+for j = 1, nf do fields[j] = ARGV[j + 3] end
+local hist = {}
 local fmt = '<' .. string.rep('d', nf)
 local out = {}
 local nan = 0 / 0
@@ -28,7 +33,14 @@ for i = 4, #KEYS do
   for j = 1, nf - 1 do v[j] = tonumber(raw[j]) or 0 end
   v[nf] = tonumber(raw[nf]) or nan
   out[#out + 1] = struct.pack(fmt, unpack(v))
+  if v[nf] >= min_ts then
+    local h = redis.call('HGET', KEYS[i], 'h')
+    if h then
+      hist[#hist + 1] = i - 4
+      hist[#hist + 1] = h
+    end
+  end
 end
 local cache = {}
 if tonumber(ARGV[2]) < tonumber(nxt) then cache = redis.call('HVALS', KEYS[2]) end
-return {nxt, table.concat(out), cache, writer}
+return {nxt, table.concat(out), cache, writer, hist}

@@ -4,16 +4,20 @@
 -- KEYS[2]     {hw:pQ}:offsets      hash: topic -> next offset to apply
 -- KEYS[3..]   {hw:pQ}:<entity>     entity hashes (those the caller has not cached)
 -- ARGV[1]     topic
--- ARGV[2..]   the state fields in order, the decay reference 't' last
+-- ARGV[2]     the batch's earliest event time
+-- ARGV[3..]   the state fields in order, the decay reference 't' last
 --
--- Returns {writer, next_offset, states}: states as read.lua packs them. All keys share
+-- Returns {writer, next_offset, states, histories}: states as read.lua packs them,
+-- histories as in read_own.lua (keys whose 't' is not older than ARGV[2]). All keys share
 -- one hash tag (one Cluster slot); (writer, next_offset) tells the caller whether its
 -- cached states of this shard are still the shard's states (features/shard_cache.py).
 local writer = redis.call('GET', KEYS[1]) or ''
 local nxt = redis.call('HGET', KEYS[2], ARGV[1]) or '0'
-local nf = #ARGV - 1
+local nf = #ARGV - 2
+local min_ts = tonumber(ARGV[2])
 local fields = {}
-for j = 1, nf do fields[j] = ARGV[j + 1] end
+for j = 1, nf do fields[j] = ARGV[j + 2] end
+local hist = {}
 local fmt = '<' .. string.rep('d', nf)
 local out = {}
 local nan = 0 / 0
@@ -23,5 +27,12 @@ for i = 3, #KEYS do
   for j = 1, nf - 1 do v[j] = tonumber(raw[j]) or 0 end
   v[nf] = tonumber(raw[nf]) or nan
   out[#out + 1] = struct.pack(fmt, unpack(v))
+  if v[nf] >= min_ts then
+    local h = redis.call('HGET', KEYS[i], 'h')
+    if h then
+      hist[#hist + 1] = i - 3
+      hist[#hist + 1] = h
+    end
+  end
 end
-return {writer, nxt, table.concat(out)}
+return {writer, nxt, table.concat(out), hist}
