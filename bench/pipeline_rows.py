@@ -74,8 +74,13 @@ def _key(encoder: str, partitions: int) -> str:
     from features.defaults import row_builder
     from headwater.settings import Settings
 
-    schema = row_builder(Settings()).schema
-    blob = json.dumps({"schema": schema.hash, "encoder": encoder, "partitions": partitions})
+    settings = Settings()
+    schema = row_builder(settings).schema
+    # The counters' point-in-time semantics shape every row: rows of another are not reused.
+    pit = {"semantics": "strict-history-v1", "ties": settings.pit_ties,
+           "history": settings.pit_history}
+    blob = json.dumps({"schema": schema.hash, "encoder": encoder, "partitions": partitions,
+                       "pit": pit})
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

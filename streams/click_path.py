@@ -128,7 +128,8 @@ class ClickHandler:
         self.metrics = metrics
         self.state = state
         self.store = OnlineStore(client, partitions=settings.partitions,
-                                 registry=metrics.registry)
+                                 registry=metrics.registry, pit_ties=settings.pit_ties,
+                                 pit_history=settings.pit_history)
         self.builder = builder or make_row_builder(settings)
         self.bootstrap = bootstrap
         self.recent = RecentIds()
