@@ -211,8 +211,6 @@ def plan_apply(
     item_cmds = core._items_cmds(miss)
     extra = item_cmds + core._user_attr_cmds(srt)
     min_offset = int(srt["offset"].min()) if n else 0
-    # Entities whose state is not older than this may need their history (features/asof.py).
-    min_ts = float(np.min(srt["ts"])) if n else 1e300
     for attempt in range(MAX_ATTEMPTS):
         while True:
             entities = refs.entities
@@ -220,7 +218,7 @@ def plan_apply(
             others = [p for p in range(core.partitions) if p != partition] if entities else []
             ts_ref = srt["ts"][refs.event]
             read, replies = yield from _read_batch_start(
-                core, topic, partition, srt, refs, others, extra, min_offset, min_ts
+                core, topic, partition, srt, refs, others, extra, min_offset
             )
             extra = []  # item reads and guarded attribute writes went out once
             if not item_cmds:
@@ -322,15 +320,27 @@ def plan_apply(
     return result
 
 
+def _entity_times(refs, ts_ref, ties: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per entity: the earliest time of the batch's rows that read it (an entity whose
+    state is not older than that needs its history, features/asof.py) and the cutoff of
+    its history entries (none at or after it can be seen: the latest such time, or just
+    above it when ties count)."""
+    k = len(refs.entities)
+    lo, hi = np.full(k, np.inf), np.full(k, -np.inf)
+    np.minimum.at(lo, refs.entity, ts_ref)
+    np.maximum.at(hi, refs.entity, ts_ref)
+    return lo, (np.nextafter(hi, np.inf) if ties else hi)
+
+
 def _read_batch_start(
-    core: _StoreCore, topic, partition, srt, refs, others, extra, min_offset, min_ts
+    core: _StoreCore, topic, partition, srt, refs, others, extra, min_offset
 ) -> Plan:
     """Round trip 1: the own shard's next offset, states and replay cache, other shards.
 
     Only entities not in the store's shard cache are read; each read returns its shard's
     version, and a cached state counts only at the same version (else that shard is read
     again in full, one more round trip). Cached entities whose ``t`` is not older than
-    ``min_ts`` are read again: their histories come with the read. ``extra`` commands
+    the earliest row reading them are read again: their histories come with the read. ``extra`` commands
     ride with the first round trip. Returns ``((next offset, replay-cache entries,
     states per shard, histories per shard), extra replies)``; states are per entity of
     ``refs``, ``t`` last; histories map an entity index to its ``h`` field.
@@ -344,12 +354,12 @@ def _read_batch_start(
     sc = core.shard_cache
     tag = f"{{{core.prefix}:p{partition}}}"
     shards = [partition, *others]
-    snaps = {q: sc.snapshot(q, entities, min_ts) for q in shards}
+    lo, cut = _entity_times(refs, srt["ts"][refs.event], core.pit_ties)
+    snaps = {q: sc.snapshot(q, entities, lo) for q in shards}
     full: set[int] = set()  # shards whose cached part was stale: read every key
     states: dict[int, np.ndarray] = {}
     hists: dict[int, dict[int, bytes]] = {}
     wanted: dict[int, np.ndarray] = {}
-    ts_arg = f"{min_ts:.17g}"
     nxt, cache = 0, None
     extra_replies: list[Any] = []
     while len(states) < len(shards):
@@ -360,18 +370,19 @@ def _read_batch_start(
             want = np.arange(len(entities)) if q in full else snaps[q].missing
             wanted[q] = want
             keys = [core.shard_key(q, entities[k]) for k in want.tolist()]
+            ts_arg, cut_arg = lo[want].astype("<f8").tobytes(), cut[want].astype("<f8").tobytes()
             if q == partition:
                 cmd = core._evalsha(
                     _READ_OWN,
                     [f"{tag}:offsets", f"{tag}:pit:{topic}", f"{tag}:writer", *keys],
-                    [topic, min_offset, ts_arg, *fields],
+                    [topic, min_offset, ts_arg, cut_arg, *fields],
                 )
             else:
                 qt = f"{{{core.prefix}:p{q}}}"
                 cmd = core._evalsha(
                     _READ_SHARD,
                     [f"{qt}:writer", f"{qt}:offsets", *keys],
-                    [topic, ts_arg, *fields],
+                    [topic, ts_arg, cut_arg, *fields],
                 )
             cmds.append(cmd)
             order.append(q)
