@@ -5,12 +5,13 @@ it) is enough for a row at time ``ts`` only when ``S.t < ts``: then every contri
 it is older than the row and ``S`` decayed to ``ts`` is exact. When ``S.t >= ts`` (the
 shard has moved past the row: another partition ahead in event time, a same-timestamp
 burst split across batches, a late event), ``S`` cannot be split, so every entity also
-keeps a bounded **history** in its hash (field ``h``, written by ``apply.lua``):
+keeps a bounded **history** beside its hash (key ``{hw:p<P>}:~h:<entity>``, written by
+``apply.lua``):
 
 - a **head**: ``width + 1`` doubles, the state of every contribution folded out of the
   history (``t`` last: the newest of them; NaN when none was folded);
 - then its most recent contributions in the order they were applied, one ``(ts, label)``
-  pair of doubles each, at most ``pit_history`` of them (older ones fold into the head).
+  pair of doubles each, ``K`` to ``2K - 1`` of them (``K`` = ``pit_history``).
 
 Everything the shard holds for the entity is the head plus the entries, so the state as
 of ``ts`` is the head (when ``head.t < ts``) plus the entries with event time ``< ts``,
@@ -42,13 +43,13 @@ __all__ = ["decode_history", "encode_history", "pre_other", "pre_own"]
 
 
 def encode_history(head: np.ndarray, ts, label) -> bytes:
-    """The ``h`` field: ``head`` (``width + 1`` doubles, ``t`` last) then ``(ts, label)`` pairs."""
+    """A history: ``head`` (``width + 1`` doubles, ``t`` last) then ``(ts, label)`` pairs."""
     pairs = np.column_stack([np.asarray(ts, "<f8"), np.asarray(label, "<f8")])
     return np.asarray(head, "<f8").tobytes() + pairs.astype("<f8").tobytes()
 
 
 def decode_history(blob: bytes, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(head [width + 1], entries [k, 2])`` of an ``h`` field.
+    """``(head [width + 1], entries [k, 2])`` of a history.
 
     >>> head, ent = decode_history(encode_history(np.zeros(3), [5.0], [1.0]), 2)
     >>> head.tolist(), ent.tolist()
@@ -56,7 +57,7 @@ def decode_history(blob: bytes, width: int) -> tuple[np.ndarray, np.ndarray]:
     """
     a = np.frombuffer(blob, "<f8")
     if len(a) < width + 1 or (len(a) - width - 1) % 2:
-        raise ValueError(f"history field of {len(a) * 8} bytes does not fit width {width}")
+        raise ValueError(f"history of {len(a) * 8} bytes does not fit width {width}")
     return a[: width + 1], a[width + 1 :].reshape(-1, 2)
 
 
@@ -83,7 +84,7 @@ class _Items:
         self.add(seg, ts, x, rank)
 
     def histories(self, segs, states: np.ndarray, blobs: list[bytes | None]) -> np.ndarray:
-        """The shard's items of entities ``segs`` (their states, their ``h`` fields or None:
+        """The shard's items of entities ``segs`` (their states, their histories or None:
         written before histories existed, the state is all there is); returns each head's
         time (NaN: no head). Vectorised over entities."""
         W = self.width
@@ -150,7 +151,7 @@ def pre_own(
     """Pre-event states of a batch's new references in their own partition's shard.
 
     ``states``: per entity index, the shard's state before the batch (``t`` last);
-    ``hists``: the ``h`` field of entities whose ``t`` may not be older than their rows;
+    ``hists``: the histories of entities whose ``t`` may not be older than their rows;
     ``ent``/``ts``/``label``: the references in processing (offset) order. A reference
     sees the shard (strictly earlier contributions) plus the batch's references before
     it in offset order and in time (``ties``: or at its time). Returns ``(pre [R, W],
@@ -218,7 +219,7 @@ def pre_other(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each reference's state in ANOTHER partition's shard as of its time.
 
-    ``states`` per entity index (``t`` last), ``hists`` the ``h`` fields of entities whose
+    ``states`` per entity index (``t`` last), ``hists`` the histories of entities whose
     ``t`` is not older than the batch's first event. Returns ``(pre [R, W], truncated [R])``.
     """
     ent = np.asarray(ent, np.int64)

@@ -25,10 +25,11 @@ counters of every contribution with event time strictly before it (``pit_ties=Tr
 at its time too), from every partition's shard (docs/point-in-time.md,
 :mod:`features.asof`). Its own partition's are exact; other partitions' shards are read
 in the same round trip, i.e. as of batch start, and only their contributions older than
-the event count, however far ahead in event time those partitions are. Each entity keeps
-its latest ``pit_history`` events per shard (field ``h``) for that; a row older than a
-shard's retained history leaves that shard's older part out (never the future) and is
-counted in ``headwater_features_pit_truncated_total``.
+the event count, however far ahead in event time those partitions are. For that each
+entity keeps its latest ``pit_history`` (K) to 2K-1 events per shard
+(``{hw:p<P>}:~h:<entity>``); a row older than a shard's retained history leaves that
+shard's older part out (never the future), counted in
+``headwater_features_pit_truncated_total``.
 
 **Writes are fenced.** A batch is written by one Lua script that first checks the
 partition's recorded next offset is still the one the batch was computed from (only
@@ -122,7 +123,7 @@ class _StoreCore:
         miss_cache_seconds: float = 1.0,
         shard_cache_entities: int = 250_000,
         pit_ties: bool = False,
-        pit_history: int = 64,
+        pit_history: int = 32,
         clock=time.time,
     ) -> None:
         if partitions < 1:
@@ -191,6 +192,11 @@ class _StoreCore:
     def shard_key(self, partition: int, entity: str) -> str:
         """``{hw:p<P>}:<entity>``: the entity's counter hash in one partition's shard."""
         return f"{{{self.prefix}:p{partition}}}:{entity}"
+
+    def history_key(self, partition: int, entity: str) -> str:
+        """``{hw:p<P>}:~h:<entity>``: the entity's point-in-time history in one shard
+        (:mod:`features.asof`; ``~`` cannot start a counter name)."""
+        return f"{{{self.prefix}:p{partition}}}:~h:{entity}"
 
     def attrs_key(self, kind: str, entity_id: Any) -> str:
         return f"{self.prefix}:attrs:{kind}:{canonical(entity_id)}"

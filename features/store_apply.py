@@ -263,6 +263,7 @@ def plan_apply(
             next_offset = int(srt["offset"][new].max()) + 1
             entry = encode_entry(sig, srt["offset"][new], srt["sub"][new], agg[new], ids[new])
             keys = [own_keys[k] for k in rep.touched.tolist()]
+            keys += [core.history_key(partition, entities[k]) for k in rep.touched.tolist()]
             blob = np.ascontiguousarray(rep.final, dtype="<f8").tobytes()
             token = os.urandom(12).hex()
             args = [topic, nxt, next_offset, ",".join(fields), blob, entry, core.replay_batches]
@@ -370,6 +371,7 @@ def _read_batch_start(
             want = np.arange(len(entities)) if q in full else snaps[q].missing
             wanted[q] = want
             keys = [core.shard_key(q, entities[k]) for k in want.tolist()]
+            keys += [core.history_key(q, entities[k]) for k in want.tolist()]
             ts_arg, cut_arg = lo[want].astype("<f8").tobytes(), cut[want].astype("<f8").tobytes()
             if q == partition:
                 cmd = core._evalsha(

@@ -72,9 +72,9 @@ class Settings(BaseSettings):
         "(docs/point-in-time.md); off: strictly earlier only.",
     )
     pit_history: int = Field(
-        64, ge=0,
-        description="Latest events each counter entity keeps per partition shard so a row "
-        "reads only contributions older than it (docs/point-in-time.md).",
+        32, ge=0,
+        description="K: each counter entity keeps its latest K to 2K-1 events per partition "
+        "shard so a row reads only contributions older than it (docs/point-in-time.md).",
     )
     # --- detection: learned per-host baseline (issue 16) ---
     audit_learn: bool = Field(

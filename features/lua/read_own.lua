@@ -3,7 +3,8 @@
 -- KEYS[1]     {hw:pP}:offsets      hash: topic -> next offset to apply
 -- KEYS[2]     {hw:pP}:pit:<topic>  the replay cache (hash: first offset -> entry)
 -- KEYS[3]     {hw:pP}:writer       the token of the last write (apply.lua)
--- KEYS[4..]   {hw:pP}:<entity>     entity hashes (those the caller has not cached)
+-- KEYS[4..]   {hw:pP}:<entity>     entity hashes (those the caller has not cached),
+--             then {hw:pP}:~h:<entity> their histories in the same order
 -- ARGV[1]     topic
 -- ARGV[2]     the batch's smallest offset
 -- ARGV[3]     per key of KEYS[4..], the earliest event time of the batch's rows that
@@ -16,7 +17,7 @@
 -- Returns {next_offset, states, cache, writer, histories}: states as read.lua packs them;
 -- cache the replay cache entries (HVALS) when the batch starts below next_offset (a
 -- replay), else {}; writer the token ('' if never written); histories {i, h, ...}: the
--- history field 'h' (features/asof.py) of every key i (0-based) whose 't' is not older
+-- history (features/asof.py) of every key i (0-based) whose 't' is not older
 -- than its earliest row (its state alone cannot say what was there before that row). (writer, next_offset) is the shard's
 -- version: the caller's cached states count only if they were taken at this version.
 -- The caller computes the batch from these and writes it with apply.lua, which checks
@@ -45,7 +46,8 @@ end
 local fmt = '<' .. string.rep('d', nf)
 local out = {}
 local nan = 0 / 0
-for i = 4, #KEYS do
+local U = (#KEYS - 3) / 2
+for i = 4, 3 + U do
   local raw = redis.call('HMGET', KEYS[i], unpack(fields))
   local v = {}
   for j = 1, nf - 1 do v[j] = tonumber(raw[j]) or 0 end
@@ -54,7 +56,7 @@ for i = 4, #KEYS do
   local k = 8 * (i - 4) + 1
   if v[nf] >= struct.unpack('<d', mins, k) then
     cutoff = struct.unpack('<d', cuts, k)
-    local h = redis.call('HGET', KEYS[i], 'h')
+    local h = redis.call('GET', KEYS[i + U])
     if h then
       hist[#hist + 1] = i - 4
       hist[#hist + 1] = before_cutoff(h)

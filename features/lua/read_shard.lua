@@ -2,7 +2,8 @@
 --
 -- KEYS[1]     {hw:pQ}:writer       the token of the shard's last write (apply.lua)
 -- KEYS[2]     {hw:pQ}:offsets      hash: topic -> next offset to apply
--- KEYS[3..]   {hw:pQ}:<entity>     entity hashes (those the caller has not cached)
+-- KEYS[3..]   {hw:pQ}:<entity>     entity hashes (those the caller has not cached),
+--             then {hw:pQ}:~h:<entity> their histories in the same order
 -- ARGV[1]     topic
 -- ARGV[2]     per key of KEYS[3..], the earliest event time of the rows that read it
 -- ARGV[3]     per key, the cutoff of its history entries (read_own.lua)
@@ -36,7 +37,8 @@ end
 local fmt = '<' .. string.rep('d', nf)
 local out = {}
 local nan = 0 / 0
-for i = 3, #KEYS do
+local U = (#KEYS - 2) / 2
+for i = 3, 2 + U do
   local raw = redis.call('HMGET', KEYS[i], unpack(fields))
   local v = {}
   for j = 1, nf - 1 do v[j] = tonumber(raw[j]) or 0 end
@@ -45,7 +47,7 @@ for i = 3, #KEYS do
   local k = 8 * (i - 3) + 1
   if v[nf] >= struct.unpack('<d', mins, k) then
     cutoff = struct.unpack('<d', cuts, k)
-    local h = redis.call('HGET', KEYS[i], 'h')
+    local h = redis.call('GET', KEYS[i + U])
     if h then
       hist[#hist + 1] = i - 3
       hist[#hist + 1] = before_cutoff(h)

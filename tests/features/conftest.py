@@ -47,7 +47,8 @@ def dump_state(redis_db) -> Iterator:
         for key in client.scan_iter(match=pattern, count=1000):
             k = key.decode()
             if not any(s in k for s in skip):
-                out[k] = client.hgetall(key)
+                # Histories (features/asof.py) are strings beside the hashes.
+                out[k] = client.get(key) if client.type(key) == b"string" else client.hgetall(key)
         return out
 
     yield dump

@@ -147,6 +147,7 @@ def test_same_timestamp_bursts_across_batches_and_partitions(make_store, ties):
 def test_a_row_older_than_the_retained_history_leaves_that_part_out(make_store, ml,
                                                                    strict_reference):
     """A short history: never the future, less than the reference only where counted."""
+    # pit_history=4 keeps 4 to 7 events per entity and shard.
     items = _items(ml)
     registry = CollectorRegistry()
     store = make_store(partitions=3, counters=CFG, pit_history=4, registry=registry)
@@ -175,11 +176,20 @@ def test_history_is_bounded_and_folds_into_the_head(make_store, redis_db):
 
     from features.asof import decode_history
 
-    store = make_store(partitions=1, counters=ITEM, pit_history=3)
+    store = make_store(partitions=1, counters=ITEM, pit_history=2)
     ts = [10.0, 20.0, 30.0, 40.0, 50.0]
-    store.apply_batch("clicks", 0, {"ts": ts, "item_id": [7] * 5, "label": [1, 0, 1, 1, 0],
-                                    "offset": list(range(5))})
-    blob = redis.Redis.from_url(redis_db).hget("{hw:p0}:item:7", "h")
+    # One event per batch or all in one: the same history (folds depend on counts only).
+    store.apply_batch("clicks", 0, {"ts": ts[:1], "item_id": [7], "label": [1], "offset": [0]})
+    store.apply_batch("clicks", 0, {"ts": ts[1:], "item_id": [7] * 4, "label": [0, 1, 1, 0],
+                                    "offset": list(range(1, 5))})
+    client = redis.Redis.from_url(redis_db)
+    blob = client.get("{hw:p0}:~h:item:7")
+    other = make_store(partitions=1, counters=ITEM, pit_history=2, prefix="one")
+    for k in range(5):
+        other.apply_batch("clicks", 0, {"ts": ts[k:k + 1], "item_id": [7],
+                                        "label": [[1, 0, 1, 1, 0][k]], "offset": [k]})
+    assert client.get("{one:p0}:~h:item:7") == blob
+    client.close()
     head, entries = decode_history(blob, ITEM.width)
     assert entries.tolist() == [[30.0, 1.0], [40.0, 1.0], [50.0, 0.0]]
     assert head[:2].tolist() == [2.0, 1.0] and head[ITEM.width] == 20.0
