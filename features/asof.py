@@ -83,10 +83,13 @@ class _Items:
         x[:, 1::2] = np.asarray(label, np.float64)[:, None]
         self.add(seg, ts, x, rank)
 
-    def histories(self, segs, states: np.ndarray, blobs: list[bytes | None]) -> np.ndarray:
+    def histories(
+        self, segs, states: np.ndarray, blobs: list[bytes | None], cut: np.ndarray
+    ) -> np.ndarray:
         """The shard's items of entities ``segs`` (their states, their histories or None:
         written before histories existed, the state is all there is); returns each head's
-        time (NaN: no head). Vectorised over entities."""
+        time (NaN: no head). Entries at or after the entity's ``cut`` (no row reading it
+        may see them) are left out. Vectorised over entities."""
         W = self.width
         segs = np.asarray(segs, np.int64)
         heads = np.array(states, np.float64).reshape(len(segs), W + 1)
@@ -102,8 +105,10 @@ class _Items:
             k = (sizes - W - 1) // 2
             first = starts + W + 1
             idx = np.repeat(first - 2 * (np.cumsum(k) - k), k) + 2 * np.arange(int(k.sum()))
-            self.events(np.repeat(segs[has], k), flat[idx], flat[idx + 1],
-                        np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k))
+            rank = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
+            eseg = np.repeat(segs[has], k)
+            keep = flat[idx] < np.repeat(np.asarray(cut, np.float64)[has], k)
+            self.events(eseg[keep], flat[idx][keep], flat[idx + 1][keep], rank[keep])
         ok = ~np.isnan(heads[:, W])
         self.add(segs[ok], heads[ok, W], heads[ok, :W], np.full(int(ok.sum()), -1.0))
         return heads[:, W]
@@ -146,7 +151,8 @@ def _search(seg, ts, q_seg, q_ts, side: str) -> np.ndarray:
 
 
 def pre_own(
-    half_lives, states: np.ndarray, hists: Mapping[int, bytes], ent, ts, label, ties: bool
+    half_lives, states: np.ndarray, hists: Mapping[int, bytes], ent, ts, label, ties: bool,
+    replayed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pre-event states of a batch's new references in their own partition's shard.
 
@@ -156,6 +162,11 @@ def pre_own(
     sees the shard (strictly earlier contributions) plus the batch's references before
     it in offset order and in time (``ties``: or at its time). Returns ``(pre [R, W],
     truncated [R])``.
+
+    ``replayed``: :func:`features.pointintime.replay_states`'s ``pre`` of the same
+    references, if at hand. For an entity whose state is older than its rows and whose
+    rows are in time order (the common case) it is the answer already: for ``ties``
+    as is, else that of the first reference of its run of equal times.
     """
     ent = np.asarray(ent, np.int64)
     ts = np.asarray(ts, np.float64)
@@ -175,28 +186,49 @@ def pre_own(
     back = np.zeros(len(uniq), bool)
     down = (np.diff(ts[by_seg]) < 0) & (seg_of[by_seg][1:] == seg_of[by_seg][:-1])
     back[seg_of[by_seg][1:][down]] = True
+    pre = np.zeros((R, W))
+    easy = fast & ~back if replayed is not None else np.zeros(len(uniq), bool)
+    ez = easy[seg_of]
+    if ez.any():
+        if ties:
+            pre[ez] = replayed[ez]
+        else:
+            s_seg, s_ts = seg_of[by_seg], ts[by_seg]
+            run = np.ones(R, bool)
+            run[1:] = (s_seg[1:] != s_seg[:-1]) | (s_ts[1:] != s_ts[:-1])
+            first = by_seg[np.maximum.accumulate(np.where(run, np.arange(R), 0))]
+            take = np.empty(R, np.int64)
+            take[by_seg] = first
+            pre[ez] = replayed[take[ez]]
+    hard = ~easy
     items = _Items(W)
     head_t = np.where(fast, np.nan, 0.0)
-    f = np.flatnonzero(fast & ~np.isnan(st[:, W]))
+    f = np.flatnonzero(fast & hard & ~np.isnan(st[:, W]))
     items.add(f, st[f, W], st[f, :W], np.full(len(f), -1.0))
     slow = np.flatnonzero(~fast)
-    head_t[slow] = items.histories(slow, st[slow], [hists.get(int(uniq[s])) for s in slow])
+    last_ts = np.full(len(uniq), -np.inf)
+    np.maximum.at(last_ts, seg_of, ts)
+    cut = np.nextafter(last_ts, np.inf) if ties else last_ts
+    head_t[slow] = items.histories(slow, st[slow], [hists.get(int(uniq[s])) for s in slow],
+                                   cut[slow])
     n_items = sum(len(a) for a in items.seg)
-    inorder = ~back[seg_of]
+    inorder = ~back[seg_of] & ~ez
     items.events(seg_of[inorder], ts[inorder], np.asarray(label)[inorder],
                  1e12 + np.flatnonzero(inorder))
-    pre = np.zeros((R, W))
-    if any(len(a) for a in items.seg):
+    q = hard[seg_of]
+    if any(len(a) for a in items.seg) and q.any():
         order, seg, sts, post = items.cumulate(half_lives, len(uniq))
         if ties:
             where = np.empty(len(order), np.int64)
             where[order] = np.arange(len(order))
             p = np.empty(R, np.int64)
             p[inorder] = where[n_items:]
-            p[~inorder] = _search(seg, sts, seg_of[~inorder], ts[~inorder], "right")
+            rest = q & ~inorder
+            p[rest] = _search(seg, sts, seg_of[rest], ts[rest], "right")
+            p = p[q]
         else:
-            p = _search(seg, sts, seg_of, ts, "left")
-        pre = _states_at(half_lives, seg, sts, post, seg_of, ts, p)
+            p = _search(seg, sts, seg_of[q], ts[q], "left")
+        pre[q] = _states_at(half_lives, seg, sts, post, seg_of[q], ts[q], p)
     for s in np.flatnonzero(back).tolist():
         r = np.flatnonzero(seg_of == s)  # offset order
         dt = ts[r][:, None] - ts[r][None, :]
@@ -237,8 +269,11 @@ def pre_other(
     uniq, seg_of = np.unique(ent[q], return_inverse=True)
     seg_of = seg_of.reshape(-1)
     items = _Items(W)
+    last_ts = np.full(len(uniq), -np.inf)
+    np.maximum.at(last_ts, seg_of, ts[q])
     head_t = items.histories(np.arange(len(uniq)), states[uniq],
-                             [hists.get(e) for e in uniq.tolist()])
+                             [hists.get(e) for e in uniq.tolist()],
+                             np.nextafter(last_ts, np.inf) if ties else last_ts)
     if not items.seg:
         pre[q] = 0.0
     else:

@@ -321,16 +321,12 @@ def plan_apply(
     return result
 
 
-def _entity_times(refs, ts_ref, ties: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per entity: the earliest time of the batch's rows that read it (an entity whose
-    state is not older than that needs its history, features/asof.py) and the cutoff of
-    its history entries (none at or after it can be seen: the latest such time, or just
-    above it when ties count)."""
-    k = len(refs.entities)
-    lo, hi = np.full(k, np.inf), np.full(k, -np.inf)
+def _entity_times(refs, ts_ref) -> np.ndarray:
+    """Per entity, the earliest time of the batch's rows that read it: an entity whose
+    state is not older than that needs its history (features/asof.py)."""
+    lo = np.full(len(refs.entities), np.inf)
     np.minimum.at(lo, refs.entity, ts_ref)
-    np.maximum.at(hi, refs.entity, ts_ref)
-    return lo, (np.nextafter(hi, np.inf) if ties else hi)
+    return lo
 
 
 def _read_batch_start(
@@ -355,7 +351,7 @@ def _read_batch_start(
     sc = core.shard_cache
     tag = f"{{{core.prefix}:p{partition}}}"
     shards = [partition, *others]
-    lo, cut = _entity_times(refs, srt["ts"][refs.event], core.pit_ties)
+    lo = _entity_times(refs, srt["ts"][refs.event])
     snaps = {q: sc.snapshot(q, entities, lo) for q in shards}
     full: set[int] = set()  # shards whose cached part was stale: read every key
     states: dict[int, np.ndarray] = {}
@@ -372,19 +368,19 @@ def _read_batch_start(
             wanted[q] = want
             keys = [core.shard_key(q, entities[k]) for k in want.tolist()]
             keys += [core.history_key(q, entities[k]) for k in want.tolist()]
-            ts_arg, cut_arg = lo[want].astype("<f8").tobytes(), cut[want].astype("<f8").tobytes()
+            ts_arg = lo[want].astype("<f8").tobytes()
             if q == partition:
                 cmd = core._evalsha(
                     _READ_OWN,
                     [f"{tag}:offsets", f"{tag}:pit:{topic}", f"{tag}:writer", *keys],
-                    [topic, min_offset, ts_arg, cut_arg, *fields],
+                    [topic, min_offset, ts_arg, *fields],
                 )
             else:
                 qt = f"{{{core.prefix}:p{q}}}"
                 cmd = core._evalsha(
                     _READ_SHARD,
                     [f"{qt}:writer", f"{qt}:offsets", *keys],
-                    [topic, ts_arg, cut_arg, *fields],
+                    [topic, ts_arg, *fields],
                 )
             cmds.append(cmd)
             order.append(q)
@@ -428,7 +424,7 @@ def _pre_states(cfg, srt, refs, partition, others, nxt, states, hists, ts_ref, t
     rep = replay_states(cfg.half_lives, own, ent_new, ts_new, lab_new)
     per_ref = np.zeros((len(refs.event), W))
     pre, trunc = pre_own(cfg.half_lives, own, hists.get(partition, {}), ent_new, ts_new,
-                         lab_new, ties)
+                         lab_new, ties, replayed=rep.pre)
     per_ref[ref_new] = pre
     truncated = int(trunc.sum())
     for q in others:

@@ -9,10 +9,7 @@
 -- ARGV[2]     the batch's smallest offset
 -- ARGV[3]     per key of KEYS[4..], the earliest event time of the batch's rows that
 --             read it (little-endian doubles; +inf: none)
--- ARGV[4]     per key, the cutoff: history entries at or after it are left out (no row
---             of the batch may see them: the latest time of its rows, or just above it
---             when ties count), little-endian doubles
--- ARGV[5..]   the state fields in order, the decay reference 't' last
+-- ARGV[4..]   the state fields in order, the decay reference 't' last
 --
 -- Returns {next_offset, states, cache, writer, histories}: states as read.lua packs them;
 -- cache the replay cache entries (HVALS) when the batch starts below next_offset (a
@@ -24,25 +21,11 @@
 -- that next_offset has not moved in between (the fence).
 local nxt = redis.call('HGET', KEYS[1], ARGV[1]) or '0'
 local writer = redis.call('GET', KEYS[3]) or ''
-local nf = #ARGV - 4
+local nf = #ARGV - 3
 local mins = ARGV[3]
-local cuts = ARGV[4]
-local cutoff = 0
 local fields = {}
-for j = 1, nf do fields[j] = ARGV[j + 4] end
+for j = 1, nf do fields[j] = ARGV[j + 3] end
 local hist = {}
--- The head (8 * nf bytes) and the entries older than the cutoff.
-local function before_cutoff(h)
-  local keep = {string.sub(h, 1, 8 * nf)}
-  local p = 8 * nf + 1
-  local n = #h
-  while p <= n do
-    local ts = struct.unpack('<d', h, p)
-    if ts < cutoff then keep[#keep + 1] = string.sub(h, p, p + 15) end
-    p = p + 16
-  end
-  return table.concat(keep)
-end
 local fmt = '<' .. string.rep('d', nf)
 local out = {}
 local nan = 0 / 0
@@ -55,11 +38,10 @@ for i = 4, 3 + U do
   out[#out + 1] = struct.pack(fmt, unpack(v))
   local k = 8 * (i - 4) + 1
   if v[nf] >= struct.unpack('<d', mins, k) then
-    cutoff = struct.unpack('<d', cuts, k)
     local h = redis.call('GET', KEYS[i + U])
     if h then
       hist[#hist + 1] = i - 4
-      hist[#hist + 1] = before_cutoff(h)
+      hist[#hist + 1] = h
     end
   end
 end

@@ -6,34 +6,18 @@
 --             then {hw:pQ}:~h:<entity> their histories in the same order
 -- ARGV[1]     topic
 -- ARGV[2]     per key of KEYS[3..], the earliest event time of the rows that read it
--- ARGV[3]     per key, the cutoff of its history entries (read_own.lua)
--- ARGV[4..]   the state fields in order, the decay reference 't' last
+-- ARGV[3..]   the state fields in order, the decay reference 't' last
 --
 -- Returns {writer, next_offset, states, histories}: states as read.lua packs them,
--- histories as in read_own.lua. All keys share
--- one hash tag (one Cluster slot); (writer, next_offset) tells the caller whether its
+-- histories as in read_own.lua. All keys share one hash tag (one Cluster slot); (writer, next_offset) tells the caller whether its
 -- cached states of this shard are still the shard's states (features/shard_cache.py).
 local writer = redis.call('GET', KEYS[1]) or ''
 local nxt = redis.call('HGET', KEYS[2], ARGV[1]) or '0'
-local nf = #ARGV - 3
+local nf = #ARGV - 2
 local mins = ARGV[2]
-local cuts = ARGV[3]
-local cutoff = 0
 local fields = {}
-for j = 1, nf do fields[j] = ARGV[j + 3] end
+for j = 1, nf do fields[j] = ARGV[j + 2] end
 local hist = {}
--- The head (8 * nf bytes) and the entries older than the cutoff.
-local function before_cutoff(h)
-  local keep = {string.sub(h, 1, 8 * nf)}
-  local p = 8 * nf + 1
-  local n = #h
-  while p <= n do
-    local ts = struct.unpack('<d', h, p)
-    if ts < cutoff then keep[#keep + 1] = string.sub(h, p, p + 15) end
-    p = p + 16
-  end
-  return table.concat(keep)
-end
 local fmt = '<' .. string.rep('d', nf)
 local out = {}
 local nan = 0 / 0
@@ -46,11 +30,10 @@ for i = 3, 2 + U do
   out[#out + 1] = struct.pack(fmt, unpack(v))
   local k = 8 * (i - 3) + 1
   if v[nf] >= struct.unpack('<d', mins, k) then
-    cutoff = struct.unpack('<d', cuts, k)
     local h = redis.call('GET', KEYS[i + U])
     if h then
       hist[#hist + 1] = i - 3
-      hist[#hist + 1] = before_cutoff(h)
+      hist[#hist + 1] = h
     end
   end
 end
