@@ -184,7 +184,7 @@ BIG = {"buckets": 4096, "per_field": {"user_id": 1 << 17, "item_id": 1 << 17, "z
 #: The tuning budget, the same for every online model: this many configurations, the best
 #: prequential AUC on the first 80 % wins. Torch: (network lr, embedding lr); River: AdaGrad lr.
 TORCH_GRID = [(1e-3, 1e-2), (1e-3, 3e-2), (3e-3, 1e-2), (3e-4, 3e-3)]
-RIVER_GRID = [0.3, 0.1, 1.0, 0.03]
+RIVER_GRID = [0.3, 0.1, 0.03, 1.0]
 
 
 def online_variants() -> dict[str, dict]:
@@ -194,6 +194,9 @@ def online_variants() -> dict[str, dict]:
         "fgcnn-wide": dict(kind="fgcnn", embedding=BIG, wide=True, dense_norm=True),
         "fgcnn-stream-wide": dict(kind="fgcnn", preset="stream", embedding=BIG, wide=True,
                                   dense_norm=True),
+        # + a linear term over the ids (Wide & Deep's wide part on the categorical fields)
+        "fgcnn-wide-ids": dict(kind="fgcnn", embedding=BIG, wide=True, dense_norm=True,
+                               wide_ids=10.0),
         "ipnn": dict(kind="ipnn", embedding=BIG),
         "deepfm": dict(kind="deepfm", embedding=BIG),
         "lr": dict(kind="lr", embedding=BIG),
