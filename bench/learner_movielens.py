@@ -25,6 +25,7 @@ chosen on the last 10 % of it), refit on the full 80 % and score TEST with count
 by the product's ``RowBuilder`` from the product's store holding only the TRAIN events
 (read with the product's reference resolution, decayed to each row's time).
 
+    .venv/bin/pip install -e '.[peers]'    # DeepCTR-Torch for the offline peers
     .venv/bin/python bench/learner_movielens.py --features full peers --seeds 0
     .venv/bin/python bench/learner_movielens.py --only fgcnn river-lr --features peers
 """
@@ -121,6 +122,8 @@ def frozen_counter_rows(rows: Rows, cut: int) -> Rows:
             ev["offset"] = np.arange(s, s + len(ev["ts"]))
             store.apply_batch("clicks", 0, ev)
         test = events(np.arange(cut, len(pos)))
+        test["offset"] = np.arange(cut, len(pos))
+        test["sub"] = np.zeros(len(pos) - cut, np.int32)
         cfg = store.counters
         cols = as_columns(test)
         refs = resolve_refs(cfg, cols, attrs)
@@ -197,6 +200,8 @@ def online_variants() -> dict[str, dict]:
         # + a linear term over the ids (Wide & Deep's wide part on the categorical fields)
         "fgcnn-wide-ids": dict(kind="fgcnn", embedding=BIG, wide=True, dense_norm=True,
                                wide_ids=10.0),
+        "fgcnn-stream-wide-ids": dict(kind="fgcnn", preset="stream", embedding=BIG, wide=True,
+                                      dense_norm=True, wide_ids=10.0),
         "ipnn": dict(kind="ipnn", embedding=BIG),
         "deepfm": dict(kind="deepfm", embedding=BIG),
         "lr": dict(kind="lr", embedding=BIG),
