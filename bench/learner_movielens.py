@@ -202,6 +202,8 @@ def online_variants() -> dict[str, dict]:
                                wide_ids=10.0),
         "fgcnn-stream-wide-ids": dict(kind="fgcnn", preset="stream", embedding=BIG, wide=True,
                                       dense_norm=True, wide_ids=10.0),
+        "fgcnn-stream-wide-ids2": dict(kind="fgcnn", preset="stream", embedding=BIG, wide=True,
+                                       dense_norm=True, wide_ids=2.0),
         "ipnn": dict(kind="ipnn", embedding=BIG),
         "deepfm": dict(kind="deepfm", embedding=BIG),
         "lr": dict(kind="lr", embedding=BIG),
@@ -326,11 +328,20 @@ def main() -> None:
                     choices=["full", "peers"])
     ap.add_argument("--only", nargs="+", default=None, help="model names to run")
     ap.add_argument("--grid", type=int, default=4, help="configurations tried per online model")
+    ap.add_argument("--torch-grid", default=None,
+                    help="override the torch grid: 'lr:emb_lr,lr:emb_lr,...'")
+    ap.add_argument("--river-grid", default=None, help="override River's AdaGrad lrs: 'a,b,...'")
     ap.add_argument("--partitions", type=int, default=4, help="worker partitions of the replay")
     ap.add_argument("--refresh", action="store_true", help="rebuild the worker's rows")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
+    torch_grid = TORCH_GRID if not args.torch_grid else [
+        tuple(float(x) for x in c.split(":")) for c in args.torch_grid.split(",")]
+    river_grid = RIVER_GRID if not args.river_grid else [
+        float(x) for x in args.river_grid.split(",")]
+    if min(len(torch_grid), len(river_grid)) < args.grid:
+        raise SystemExit("--grid is larger than a grid: every model gets the same budget")
     t0 = time.perf_counter()
     all_rows = load_rows(args.partitions, refresh=args.refresh)
     n = len(all_rows.labels)
@@ -373,7 +384,7 @@ def main() -> None:
                                                     if rows.dense.shape[1] else ""),
                     }
                 else:
-                    grid = (RIVER_GRID if name.startswith("river-") else TORCH_GRID)[: args.grid]
+                    grid = (river_grid if name.startswith("river-") else torch_grid)[: args.grid]
                     tried = []
                     for config in grid:
                         p, secs = run_online(name, payloads, rows.schema, seed, args.threads,
