@@ -79,9 +79,11 @@ class Rows:
                     self.labels, self.ts, self.items, self.event_ids)
 
 
-def load_rows(partitions: int = 4, encoder: str = "minilm", refresh: bool = False) -> Rows:
+def load_rows(partitions: int = 4, encoder: str = "minilm", refresh: bool = False,
+              path: str | None = None) -> Rows:
     """The worker's rows of a full replay, in event-time order (:mod:`bench.pipeline_rows`)."""
-    pr = pipeline_rows(partitions=partitions, encoder=encoder, refresh=refresh)
+    pr = pipeline_rows(partitions=partitions, encoder=encoder, refresh=refresh,
+                       path=Path(path) if path else None)
     c = pr.columns()
     schema = FeatureSchema.from_json(pr.schema_json)
     items = np.array([e.split(":", 1)[1] for e in c["event_id"].tolist()], dtype=object)
@@ -333,6 +335,8 @@ def main() -> None:
     ap.add_argument("--river-grid", default=None, help="override River's AdaGrad lrs: 'a,b,...'")
     ap.add_argument("--partitions", type=int, default=4, help="worker partitions of the replay")
     ap.add_argument("--refresh", action="store_true", help="rebuild the worker's rows")
+    ap.add_argument("--rows-file", default=None,
+                    help="a pipeline_rows cache file to learn from instead (e.g. an older worker's)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
@@ -343,7 +347,7 @@ def main() -> None:
     if min(len(torch_grid), len(river_grid)) < args.grid:
         raise SystemExit("--grid is larger than a grid: every model gets the same budget")
     t0 = time.perf_counter()
-    all_rows = load_rows(args.partitions, refresh=args.refresh)
+    all_rows = load_rows(args.partitions, refresh=args.refresh, path=args.rows_file)
     n = len(all_rows.labels)
     cut = int(n * 0.8)
     test = np.arange(n) >= cut

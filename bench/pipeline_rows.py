@@ -150,12 +150,15 @@ def build(data_dir: Path, encoder: str, partitions: int, timeout: float = 600) -
 
 
 def pipeline_rows(data_dir: Path | None = None, encoder: str = "minilm", partitions: int = 4,
-                  refresh: bool = False) -> PipelineRows:
-    """The worker's rows for a full MovieLens-100K replay (cached)."""
+                  refresh: bool = False, path: Path | None = None) -> PipelineRows:
+    """The worker's rows for a full MovieLens-100K replay (cached); ``path``: read that
+    cache file instead (e.g. rows an older worker wrote), never rebuilt."""
     from headwater.settings import default_data_dir
 
     data_dir = data_dir or default_data_dir()
-    path = CACHE / f"{_key(encoder, partitions)}.bin"
+    if path is not None:
+        refresh = False
+    path = path or CACHE / f"{_key(encoder, partitions)}.bin"
     if refresh or not path.exists():
         payloads = build(data_dir, encoder, partitions)
         path.parent.mkdir(parents=True, exist_ok=True)
