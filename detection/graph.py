@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os.path
 from collections import OrderedDict
+from collections.abc import Callable
 
 from . import tags as T
 from .events import UNSET, AuditEvent
@@ -516,143 +517,153 @@ class ProvenanceGraph:
             self._edge(out, ev.ts, "login", proc, None, detail={"auid": proc.auid})
             return out
         sc = ev.syscall
-        if not sc:
+        handler = _HANDLERS.get(sc) if sc else None
+        if handler is None:
             return out
         items = self._items(ev) if ev.paths else []
         if not items and proc.last_file is not None and sc in _FD_OPS:
             items = [proc.last_file]  # fd-based call: the file this process opened last
-        ok = ev.success
-        if sc in _FORKS:
-            if ok and ev.exit and ev.exit > 0:
-                child = self.procs.get(ev.exit)
-                if child is None or child.parent is not proc or child.first_ts < ev.ts - 1.0:
-                    child = self._new_proc(ev.exit, ev.ts, proc, None)
-                self._edge(out, ev.ts, "fork", proc, child)
-        elif sc in _EXECS:
-            if not ok:
-                return out
-            proc.argv = ev.argv or proc.argv
-            if ev.exe:
-                proc.exe = ev.exe
-            self._edge(out, ev.ts, "exec", proc, None, detail={"argv": proc.argv})
-            for idx, (path, it) in enumerate(items):
-                op = "exec_load" if idx == 0 else "load"
-                self._file_op(out, ev, proc, path, it, op, {"image": idx == 0})
-            if self.infer_argv_reads:
-                self._argv_reads(out, ev, proc)
-        elif sc in _OPENS:
-            flags = (
-                ev.args[1]
-                if sc == "open"
-                else (_O_CREAT | _O_TRUNC | 1 if sc == "creat" else ev.args[2])
-            )
-            for path, it in items:
-                if not ok:
-                    self._file_op(out, ev, proc, path, it, "denied", {"exit": ev.exit})
-                elif flags & _WRITE_FLAGS:
-                    existed = it.get("nametype") != "CREATE"
-                    op = (
-                        "truncate"
-                        if (flags & _O_TRUNC and existed)
-                        else ("write" if existed else "create")
-                    )
-                    self._file_op(out, ev, proc, path, it, op, {"flags": flags})
-                    proc.last_file = (path, it)
-                else:
-                    self._file_op(out, ev, proc, path, it, "read")
-        elif sc in _TRUNCS:
-            for path, it in items:
-                self._file_op(out, ev, proc, path, it, "truncate", {"flags": "truncate"})
-        elif sc in _UNLINKS:
-            for path, it in items:
-                if it.get("nametype") in ("DELETE", None, "NORMAL"):
-                    e = self._file_op(out, ev, proc, path, it, "unlink", {"ok": ok})
-                    if e is not None and ok:
-                        self._collect_file(e.obj)
-        elif sc in _RENAMES:
-            if ok and len(items) >= 2:
-                (src, _), (dst, dit) = items[0], items[1]
-                old = self.files.get(src)
-                e = self._file_op(
-                    out,
-                    ev,
-                    proc,
-                    dst,
-                    dit,
-                    "rename",
-                    {"from": src, "replaced": dit.get("nametype") == "DELETE"},
-                )
-                if e is not None and old is not None:
-                    e.obj.labels |= old.labels
-                    self._collect_file(old)  # its content lives on under the new name
-        elif sc in _LINKS:
-            for path, it in items:
-                if it.get("nametype") == "CREATE":
-                    argv = proc.argv
-                    target = argv[-2] if sc.startswith("sym") and len(argv) >= 3 else None
-                    self._file_op(out, ev, proc, path, it, "link", {"target": target})
-        elif sc in _CHMODS:
-            mode = ev.args[2] if sc.startswith("fchmodat") else ev.args[1]
-            for path, it in items:
-                self._file_op(out, ev, proc, path, it, "chmod", {"mode": mode})
-        elif sc in _CHOWNS:
-            for path, it in items:
-                self._file_op(out, ev, proc, path, it, "chown")
-        elif sc in _UTIMES:
-            for path, it in items:
-                self._file_op(out, ev, proc, path, it, "utime")
-        elif sc in _SETIDS:
-            self._edge(out, ev.ts, "setuid", proc, None, (ev.uid, ev.euid, proc.labels),
-                       detail={"uid": ev.uid, "euid": ev.euid})
-        elif sc == "bind":
-            sa = ev.sockaddr
-            if ok and sa and sa.get("port"):
-                self.local_ports.add(sa["port"])
-                proc.service = True
-                self._edge(out, ev.ts, "bind", proc, None, detail={"port": sa["port"]})
-        elif sc in _NETOUT or sc in _NETIN:
-            sa = ev.sockaddr
-            s = self.socket(sa, ev.ts) if sa else None
-            if s is not None:
-                ok = ok or ev.exit == _EINPROGRESS  # non-blocking connect (curl) is a connection
-                inbound = sc in _NETIN
-                op = (
-                    "accept"
-                    if sc.startswith("accept")
-                    else ("connect" if sc == "connect" else ("recv" if inbound else "send"))
-                )
-                if inbound and op == "accept":
-                    proc.service = True
-                if s.port is not None:
-                    # scanners fan out over children (one subshell per port): count at the parent too
-                    for holder in (proc, proc.parent):
-                        if holder is None:
-                            continue
-                        if holder.ports is None:
-                            holder.ports = set()
-                        if len(holder.ports) < 4096:
-                            holder.ports.add((s.addr, s.port))
-                e = self._edge(
-                    out, ev.ts, op, proc, s, (proc.labels, ok), {"ok": ok, "exit": ev.exit}
-                )
-                if e is not None and ok and not s.trusted and op != "accept":
-                    first = not proc.labels & T.NET_IN
-                    proc.labels |= T.UNTRUSTED | T.NET_IN
-                    if first and proc.written:
-                        self._relabel_written(out, ev.ts, proc)
-                    if first:
-                        self._taint_pipe_reader(proc)
-        elif sc in _MODULES:
-            path = items[0][0] if items else None
-            obj = self.file(path, ev.ts) if path else None
-            self._edge(out, ev.ts, "module", proc, obj, detail={"syscall": sc})
-        elif sc in _MISC:
-            op = _MISC[sc]
-            target = None
-            if op == "ptrace" and ev.args[1]:
-                target = self.procs.get(ev.args[1])
-            self._edge(out, ev.ts, op, proc, target, detail={"syscall": sc, "request": ev.args[0]})
+        handler(self, out, ev, proc, sc, items)
         return out
+
+    # ------------------------------------------------------------------ syscall handlers
+    # One per syscall family; ``_HANDLERS`` (below the class) maps each syscall to its own.
+    def _on_fork(self, out, ev, proc, sc, items) -> None:
+        if ev.success and ev.exit and ev.exit > 0:
+            child = self.procs.get(ev.exit)
+            if child is None or child.parent is not proc or child.first_ts < ev.ts - 1.0:
+                child = self._new_proc(ev.exit, ev.ts, proc, None)
+            self._edge(out, ev.ts, "fork", proc, child)
+
+    def _on_exec(self, out, ev, proc, sc, items) -> None:
+        if not ev.success:
+            return
+        proc.argv = ev.argv or proc.argv
+        if ev.exe:
+            proc.exe = ev.exe
+        self._edge(out, ev.ts, "exec", proc, None, detail={"argv": proc.argv})
+        for idx, (path, it) in enumerate(items):
+            op = "exec_load" if idx == 0 else "load"
+            self._file_op(out, ev, proc, path, it, op, {"image": idx == 0})
+        if self.infer_argv_reads:
+            self._argv_reads(out, ev, proc)
+
+    def _on_open(self, out, ev, proc, sc, items) -> None:
+        flags = (
+            ev.args[1]
+            if sc == "open"
+            else (_O_CREAT | _O_TRUNC | 1 if sc == "creat" else ev.args[2])
+        )
+        for path, it in items:
+            if not ev.success:
+                self._file_op(out, ev, proc, path, it, "denied", {"exit": ev.exit})
+            elif flags & _WRITE_FLAGS:
+                existed = it.get("nametype") != "CREATE"
+                op = (
+                    "truncate"
+                    if (flags & _O_TRUNC and existed)
+                    else ("write" if existed else "create")
+                )
+                self._file_op(out, ev, proc, path, it, op, {"flags": flags})
+                proc.last_file = (path, it)
+            else:
+                self._file_op(out, ev, proc, path, it, "read")
+
+    def _on_truncate(self, out, ev, proc, sc, items) -> None:
+        for path, it in items:
+            self._file_op(out, ev, proc, path, it, "truncate", {"flags": "truncate"})
+
+    def _on_unlink(self, out, ev, proc, sc, items) -> None:
+        for path, it in items:
+            if it.get("nametype") in ("DELETE", None, "NORMAL"):
+                e = self._file_op(out, ev, proc, path, it, "unlink", {"ok": ev.success})
+                if e is not None and ev.success:
+                    self._collect_file(e.obj)
+
+    def _on_rename(self, out, ev, proc, sc, items) -> None:
+        if ev.success and len(items) >= 2:
+            (src, _), (dst, dit) = items[0], items[1]
+            old = self.files.get(src)
+            e = self._file_op(out, ev, proc, dst, dit, "rename",
+                              {"from": src, "replaced": dit.get("nametype") == "DELETE"})
+            if e is not None and old is not None:
+                e.obj.labels |= old.labels
+                self._collect_file(old)  # its content lives on under the new name
+
+    def _on_link(self, out, ev, proc, sc, items) -> None:
+        for path, it in items:
+            if it.get("nametype") == "CREATE":
+                argv = proc.argv
+                target = argv[-2] if sc.startswith("sym") and len(argv) >= 3 else None
+                self._file_op(out, ev, proc, path, it, "link", {"target": target})
+
+    def _on_chmod(self, out, ev, proc, sc, items) -> None:
+        mode = ev.args[2] if sc.startswith("fchmodat") else ev.args[1]
+        for path, it in items:
+            self._file_op(out, ev, proc, path, it, "chmod", {"mode": mode})
+
+    def _on_chown(self, out, ev, proc, sc, items) -> None:
+        for path, it in items:
+            self._file_op(out, ev, proc, path, it, "chown")
+
+    def _on_utime(self, out, ev, proc, sc, items) -> None:
+        for path, it in items:
+            self._file_op(out, ev, proc, path, it, "utime")
+
+    def _on_setid(self, out, ev, proc, sc, items) -> None:
+        self._edge(out, ev.ts, "setuid", proc, None, (ev.uid, ev.euid, proc.labels),
+                   detail={"uid": ev.uid, "euid": ev.euid})
+
+    def _on_bind(self, out, ev, proc, sc, items) -> None:
+        sa = ev.sockaddr
+        if ev.success and sa and sa.get("port"):
+            self.local_ports.add(sa["port"])
+            proc.service = True
+            self._edge(out, ev.ts, "bind", proc, None, detail={"port": sa["port"]})
+
+    def _on_net(self, out, ev, proc, sc, items) -> None:
+        sa = ev.sockaddr
+        s = self.socket(sa, ev.ts) if sa else None
+        if s is None:
+            return
+        ok = ev.success or ev.exit == _EINPROGRESS  # non-blocking connect (curl) is a connection
+        inbound = sc in _NETIN
+        op = (
+            "accept"
+            if sc.startswith("accept")
+            else ("connect" if sc == "connect" else ("recv" if inbound else "send"))
+        )
+        if inbound and op == "accept":
+            proc.service = True
+        if s.port is not None:
+            # scanners fan out over children (one subshell per port): count at the parent too
+            for holder in (proc, proc.parent):
+                if holder is None:
+                    continue
+                if holder.ports is None:
+                    holder.ports = set()
+                if len(holder.ports) < 4096:
+                    holder.ports.add((s.addr, s.port))
+        e = self._edge(out, ev.ts, op, proc, s, (proc.labels, ok), {"ok": ok, "exit": ev.exit})
+        if e is not None and ok and not s.trusted and op != "accept":
+            first = not proc.labels & T.NET_IN
+            proc.labels |= T.UNTRUSTED | T.NET_IN
+            if first and proc.written:
+                self._relabel_written(out, ev.ts, proc)
+            if first:
+                self._taint_pipe_reader(proc)
+
+    def _on_module(self, out, ev, proc, sc, items) -> None:
+        path = items[0][0] if items else None
+        obj = self.file(path, ev.ts) if path else None
+        self._edge(out, ev.ts, "module", proc, obj, detail={"syscall": sc})
+
+    def _on_misc(self, out, ev, proc, sc, items) -> None:
+        op = _MISC[sc]
+        target = None
+        if op == "ptrace" and ev.args[1]:
+            target = self.procs.get(ev.args[1])
+        self._edge(out, ev.ts, op, proc, target, detail={"syscall": sc, "request": ev.args[0]})
 
     # ------------------------------------------------------------------ aging
     def expire(self, now: float | None = None) -> int:
@@ -704,3 +715,25 @@ class ProvenanceGraph:
             "edges_live": nedges,
             "memory_bytes": mem,
         }
+
+
+def _handlers() -> dict[str, Callable[..., None]]:
+    """Syscall -> handler. Families are listed in precedence order: a syscall in two
+    families is handled by the first (``setdefault``)."""
+    g = ProvenanceGraph
+    families = (
+        (_FORKS, g._on_fork), (_EXECS, g._on_exec), (_OPENS, g._on_open),
+        (_TRUNCS, g._on_truncate), (_UNLINKS, g._on_unlink), (_RENAMES, g._on_rename),
+        (_LINKS, g._on_link), (_CHMODS, g._on_chmod), (_CHOWNS, g._on_chown),
+        (_UTIMES, g._on_utime), (_SETIDS, g._on_setid), (("bind",), g._on_bind),
+        (_NETOUT | _NETIN, g._on_net), (_MODULES, g._on_module), (_MISC, g._on_misc),
+    )
+    table: dict[str, Callable[..., None]] = {}
+    for names, handler in families:
+        for name in names:
+            table.setdefault(name, handler)
+    return table
+
+
+#: The dispatch table :meth:`ProvenanceGraph.apply` looks syscalls up in.
+_HANDLERS = _handlers()

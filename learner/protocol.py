@@ -8,6 +8,7 @@ the torch baselines and River models are scored by exactly the same loop.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from learner.models import Ranker
 
-__all__ = ["Batch", "Learner", "RiverLearner", "Rows", "TorchLearner", "concat_rows", "take"]
+__all__ = ["Batch", "Learner", "Publishable", "RiverLearner", "Rows", "TorchLearner", "concat_rows", "take"]
 
 
 class Batch(Protocol):
@@ -75,11 +76,29 @@ def concat_rows(batches: list[Batch]) -> Rows:
 
 @runtime_checkable
 class Learner(Protocol):
-    """What the trainer needs from a model."""
+    """What the trainer needs from a model.
 
-    def learn_many(self, batch: Batch) -> None: ...
+    ``learn_many``'s ``logit_offset`` is the correction for negatives kept with rate
+    ``r`` (``-log r``); ``score_and_learn`` is test-then-train (scores from before the
+    rows are learned).
+    """
+
+    def learn_many(self, batch: Batch, logit_offset: float = 0.0) -> None: ...
 
     def predict_proba_many(self, batch: Batch) -> np.ndarray: ...
+
+    def score_and_learn(self, batch: Batch) -> np.ndarray: ...
+
+
+@runtime_checkable
+class Publishable(Protocol):
+    """A learner whose state can be checkpointed and whose model serving can run."""
+
+    def state_dict(self, optimizer: bool = True) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def serving_model(self) -> Ranker: ...
 
 
 class TorchLearner:
@@ -281,6 +300,18 @@ class RiverLearner:
             [self.model.predict_proba_one(x).get(True, 0.0) for x in self._dicts(batch)]
         )
 
-    def learn_many(self, batch: Batch) -> None:
+    def learn_many(self, batch: Batch, logit_offset: float = 0.0) -> None:
+        """One row at a time; ``logit_offset = -log r`` weighs negatives by ``1 / r``
+        instead (River's linear models take sample weights, not logit offsets)."""
+        negative_weight = math.exp(logit_offset)
         for x, y in zip(self._dicts(batch), batch.labels.tolist(), strict=True):
-            self.model.learn_one(x, bool(y))
+            if y or negative_weight == 1.0:
+                self.model.learn_one(x, bool(y))
+            else:
+                self.model.learn_one(x, False, w=negative_weight)
+
+    def score_and_learn(self, batch: Batch) -> np.ndarray:
+        """Test-then-train: every row is scored before any is learned."""
+        probs = self.predict_proba_many(batch)
+        self.learn_many(batch)
+        return probs

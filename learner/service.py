@@ -23,7 +23,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from learner.batch import TrainBatch, decode_batch
-from learner.protocol import TorchLearner
+from learner.protocol import Publishable
 from learner.store import CheckpointError, ModelStore
 from learner.trainer import PrequentialTrainer, SchemaMismatchError, StepResult
 
@@ -162,7 +162,7 @@ class LearnerService:
         trainer = self.trainer_factory(schema_json)
         try:
             trainer.load_state(state["trainer"])
-            if isinstance(trainer.learner, TorchLearner):
+            if isinstance(trainer.learner, Publishable):
                 trainer.learner.load_state_dict(
                     {"model": state["model"], "optimizer": state.get("optimizer")}
                 )
@@ -172,7 +172,7 @@ class LearnerService:
                 f"not match the checkpoint ({exc}); publish under a new model name to change it"
             ) from None
         trainer.clock = self.clock
-        if trainer.served is not None and isinstance(trainer.learner, TorchLearner):
+        if trainer.served is not None and isinstance(trainer.learner, Publishable):
             # what serving runs after a restart: the version we resume from
             trainer.served.publish(trainer.learner.serving_model(), self.clock())
         self.trainer = trainer
@@ -355,8 +355,8 @@ class LearnerService:
             trainer = self.trainer
             if trainer is None or trainer.schema_hash is None or trainer.schema_json is None:
                 raise RuntimeError("nothing to publish: no batch has been processed yet")
-            if not isinstance(trainer.learner, TorchLearner):
-                raise RuntimeError("only torch learners can be published")
+            if not isinstance(trainer.learner, Publishable):
+                raise RuntimeError("only a Publishable learner (checkpointable, servable) can be published")
             t0 = time.perf_counter()
             # Layout (see learner.store): weights at "model" so serving needs nothing else.
             learner_state = trainer.learner.state_dict(optimizer=self.checkpoint_optimizer)

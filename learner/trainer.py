@@ -26,7 +26,7 @@ import torch
 
 from learner.batch import TrainBatch
 from learner.metrics import ColdItemTracker, PrequentialMetrics
-from learner.protocol import Learner, TorchLearner, concat_rows, take
+from learner.protocol import Learner, Publishable, TorchLearner, concat_rows, take
 
 __all__ = [
     "DownsampleConfig",
@@ -230,18 +230,11 @@ class PrequentialTrainer:
             probs = self.learner.predict_proba_many(rows)
             train_mask = (labels == 1) | (self._rng.random(labels.size) < ds.negative_rate)
             sub = take(rows, train_mask)
-            if isinstance(self.learner, TorchLearner):
-                self.learner.learn_many(sub, logit_offset=-math.log(ds.negative_rate))
-            else:
-                self.learner.learn_many(sub)
+            self.learner.learn_many(sub, logit_offset=-math.log(ds.negative_rate))
             result.rows_downsampled = int((~train_mask).sum())
             result.rows_trained = int(train_mask.sum())
         else:
-            if isinstance(self.learner, TorchLearner):
-                probs = self.learner.score_and_learn(rows)
-            else:
-                probs = self.learner.predict_proba_many(rows)
-                self.learner.learn_many(rows)
+            probs = self.learner.score_and_learn(rows)
             result.rows_trained = len(labels)
 
         result.rows_scored = len(labels)
@@ -326,7 +319,7 @@ class PrequentialTrainer:
         }
         if self.served is not None:
             out["served_metrics"] = self.served.metrics.state()
-        if include_learner and isinstance(self.learner, TorchLearner):
+        if include_learner and isinstance(self.learner, Publishable):
             out["learner"] = self.learner.state_dict()
         return out
 
@@ -340,7 +333,7 @@ class PrequentialTrainer:
             self.served.metrics.load_state(state["served_metrics"])
         self.schema_hash = state.get("schema_hash")
         self.schema_json = state.get("schema_json")
-        if "learner" in state and isinstance(self.learner, TorchLearner):
+        if "learner" in state and isinstance(self.learner, Publishable):
             self.learner.load_state_dict(state["learner"])
 
 

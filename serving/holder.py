@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from features.schema import FeatureSchema
-from learner.store import CheckpointError, ModelStore
+from learner.store import CheckpointError, ModelStore, checkpoint_weights, rebuild_model
 from serving.metrics import ServingMetrics
 from serving.models import (
     HolderError,
@@ -46,9 +46,7 @@ from serving.models import (
     ServedModel,
     VersionInfo,
     VersionState,
-    checkpoint_weights,
     normalize_version,
-    rebuild_model,
 )
 
 __all__ = [
@@ -492,7 +490,6 @@ class ModelHolder:
             model = rebuild_model(ck.manifest["config"], checkpoint_weights(ck.state))
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise LoadFailure("load", f"weights do not fit the manifest config: {exc}") from None
-        model.eval()
         spec = getattr(model, "spec", None)
         if spec is not None and (
             list(spec.categorical) != self.schema.categorical

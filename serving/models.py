@@ -113,51 +113,6 @@ class VersionInfo:
         }
 
 
-def checkpoint_weights(state: dict[str, Any]) -> dict[str, Any]:
-    """The model's ``state_dict`` inside a checkpoint, wherever the learner nests it."""
-    for path in (("model",), ("learner", "model"), ("trainer", "learner", "model")):
-        node: Any = state
-        for key in path:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            return node
-    raise KeyError("no model weights under 'model', 'learner.model' or 'trainer.learner.model'")
-
-
-def rebuild_model(config: dict[str, Any], weights: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the ranker from its manifest config and load ``weights`` into it.
-
-    The model is first built on the ``meta`` device and the loaded tensors are assigned,
-    which skips random initialisation of tables that are overwritten anyway (half of a
-    load's CPU time for a 50 MB model, taken from the cores that serve requests). If
-    anything stays on ``meta`` (a head keeping tensors outside its state dict), it falls
-    back to the ordinary build + copy.
-    """
-    from learner.models import build_model
-
-    spec = config["model"] if "model" in config else config
-    try:
-        with torch.device("meta"):
-            model = build_model(spec)
-        model.load_state_dict(weights, strict=True, assign=True)
-        if not has_meta_tensors(model):
-            return model
-    except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError):
-        pass
-    model = build_model(spec)
-    model.load_state_dict(weights, strict=True)
-    return model
-
-
-def has_meta_tensors(model: torch.nn.Module) -> bool:
-    for m in model.modules():
-        tensors = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-        tensors += [v for v in vars(m).values() if torch.is_tensor(v)]
-        if any(t.is_meta for t in tensors):
-            return True
-    return False
-
-
 def normalize_version(version: str | int) -> str:
     """``7``, ``"7"`` and ``"000007"`` all name version ``000007``."""
     text = str(version).strip()
