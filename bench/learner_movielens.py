@@ -5,16 +5,29 @@ Online models run one pass, test-then-train, in batches of 256 that go through t
 codec (``encode_batch`` -> ``decode_batch``) and the real ``PrequentialTrainer``.
 Reported: prequential AUC / log-loss over the whole stream, AUC over the last 20 % in
 time ("TEST"), and cold-item AUC (rows that are among their item's first 10 labelled
-events, inside TEST). Offline peers train on the first 80 % (epochs 1..5 chosen on the
-last 10 % of it), retrain on the full 80 % and are scored on TEST.
+events, inside TEST).
 
-Rows are built here, in time order, with point-in-time counters (each row sees the
-user's and item's impressions and clicks *before* it): fields user, item, age, gender,
-occupation, zip3, year, first genre, hour, weekday + bucketized counters, and dense
-smoothed CTRs / log counts.
+**Rows are the product's own** (:mod:`bench.pipeline_rows`): a real broker, Redis and
+worker replay MovieLens and the rows are read back from ``train-batches``: the worker's
+strictly point-in-time counters (docs/point-in-time.md), ``RowBuilder`` and item codes.
+Two feature sets:
 
-    .venv/bin/python bench/learner_movielens.py --seeds 0 1 2
-    .venv/bin/python bench/learner_movielens.py --only fgcnn river-lr --seeds 0
+* ``full``: every field of the product's rows (33 categorical incl. counter buckets and
+  item codes, 36 dense counter features);
+* ``peers``: the peers' 10 fields only (user, item, age, gender, occupation, zip3, year,
+  first genre, hour, weekday; no counters, no codes): like for like.
+
+Tuning budget, the same for every online model: ``--grid`` configurations (learning
+rates), the one with the best prequential AUC on the **first 80 %** of the stream is
+reported (TEST never selects). Offline DeepCTR peers train on the first 80 % (epochs 1..5
+chosen on the last 10 % of it), refit on the full 80 % and score TEST with counters
+**frozen at the end of their training data**: the TEST rows' counter fields are rebuilt
+by the product's ``RowBuilder`` from the product's store holding only the TRAIN events
+(read with the product's reference resolution, decayed to each row's time).
+
+    .venv/bin/pip install -e '.[peers]'    # DeepCTR-Torch for the offline peers
+    .venv/bin/python bench/learner_movielens.py --features full peers --seeds 0
+    .venv/bin/python bench/learner_movielens.py --only fgcnn river-lr --features peers
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ import io
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from features.hashing import hash_tokens  # noqa: E402
-from features.movielens import load_movielens  # noqa: E402
+from bench.pipeline_rows import pipeline_rows  # noqa: E402
 from features.schema import FeatureSchema  # noqa: E402
 from learner.batch import decode_batch, encode_batch  # noqa: E402
 from learner.metrics import exact_auc, log_loss  # noqa: E402
@@ -41,83 +54,104 @@ from learner.protocol import RiverLearner  # noqa: E402
 from learner.trainer import PrequentialTrainer, TrainerSettings  # noqa: E402
 
 BATCH = 256
-ALPHA = 5.0  # smoothing strength of the CTR features (pseudo-impressions at the global rate)
+#: The peers' fields, as the product's rows name them.
+PEER_FIELDS = ("user_id", "item_id", "age", "gender", "occupation", "zip3", "year", "genre",
+               "hour", "weekday")
 
 
 # ---------------------------------------------------------------------------------------
 # rows
-def _bucket_count(n: np.ndarray) -> np.ndarray:
-    return np.where(n == 0, 0, 1 + np.floor(np.log2(np.maximum(n, 1)))).astype(np.int64)
+@dataclass
+class Rows:
+    schema: FeatureSchema
+    tokens: np.ndarray  # [n, F] int64
+    dense: np.ndarray  # [n, D] float32
+    labels: np.ndarray  # int8
+    ts: np.ndarray
+    items: np.ndarray  # item id per row (cold-item mask)
+    event_ids: np.ndarray
+
+    def subset(self, fields, dense: bool) -> Rows:
+        idx = [self.schema.categorical.index(f) for f in fields]
+        schema = FeatureSchema(categorical=list(fields),
+                               dense=list(self.schema.dense) if dense else [])
+        return Rows(schema, self.tokens[:, idx], self.dense if dense else self.dense[:, :0],
+                    self.labels, self.ts, self.items, self.event_ids)
 
 
-def build_rows(path: str | None = None):
-    """Point-in-time rows; returns (schema, categorical [n,F], dense [n,D], labels, ts, item)."""
-    ml = load_movielens(path)
+def load_rows(partitions: int = 4, encoder: str = "minilm", refresh: bool = False,
+              path: str | None = None) -> Rows:
+    """The worker's rows of a full replay, in event-time order (:mod:`bench.pipeline_rows`)."""
+    pr = pipeline_rows(partitions=partitions, encoder=encoder, refresh=refresh,
+                       path=Path(path) if path else None)
+    c = pr.columns()
+    schema = FeatureSchema.from_json(pr.schema_json)
+    items = np.array([e.split(":", 1)[1] for e in c["event_id"].tolist()], dtype=object)
+    return Rows(schema, c["categorical"].astype(np.int64), c["dense"].astype(np.float32),
+                c["labels"].astype(np.int8), c["ts"], items, c["event_id"])
+
+
+def frozen_counter_rows(rows: Rows, cut: int) -> Rows:
+    """``rows`` with the counter fields of rows ``cut:`` read from the state at the end of
+    TRAIN (rows ``:cut``): the product's store applies the TRAIN events, then each TEST row
+    is built by the product's ``RowBuilder`` from that frozen state decayed to its time."""
+    from features.counters import aggregate, as_columns, decay_state, derive_features, resolve_refs
+    from features.defaults import row_builder
+    from features.movielens import load_movielens
+    from features.store import SyncOnlineStore
+    from headwater.servers import start_redis
+    from core.settings import Settings
+
+    ml = load_movielens()
     c = ml.clicks
-    n = len(c["ts"])
-    y = c["label"].astype(np.int64)
-    users, items = c["user_id"], c["item_id"]
-    u_imp = np.zeros(n)
-    u_clk = np.zeros(n)
-    i_imp = np.zeros(n)
-    i_clk = np.zeros(n)
-    g_rate = np.zeros(n)
-    uc: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    ic: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    tot, pos = 0.0, 0.0
-    # Per-event loop on purpose: the counters must be exactly "before this event".
-    for k, (u, i, lab) in enumerate(zip(users.tolist(), items.tolist(), y.tolist(), strict=True)):
-        su, si = uc[u], ic[i]
-        u_imp[k], u_clk[k], i_imp[k], i_clk[k] = su[0], su[1], si[0], si[1]
-        g_rate[k] = (pos + 1.0) / (tot + 2.0)
-        su[0] += 1
-        su[1] += lab
-        si[0] += 1
-        si[1] += lab
-        tot += 1
-        pos += lab
-    u_ctr = (u_clk + ALPHA * g_rate) / (u_imp + ALPHA)
-    i_ctr = (i_clk + ALPHA * g_rate) / (i_imp + ALPHA)
+    where = {e: k for k, e in enumerate(c["event_id"].tolist())}
+    pos = np.array([where[e] for e in rows.event_ids.tolist()])
 
-    def attr(table, ids, key, fn=lambda v: v):
-        return np.array([fn(table.get(x, {}).get(key)) for x in ids.tolist()], dtype=object)
+    def events(sel):
+        k = pos[sel]
+        out = {f: c[f][k] for f in ("event_id", "ts", "user_id", "item_id", "label")}
+        out["user"] = [ml.users[u] for u in out["user_id"]]
+        return out
 
-    ts = c["ts"]
-    gm = time_parts(ts)
-    cat = {
-        "user": users,
-        "item": items,
-        "age": attr(ml.users, users, "age"),
-        "gender": attr(ml.users, users, "gender"),
-        "occupation": attr(ml.users, users, "occupation"),
-        "zip3": attr(ml.users, users, "zip_code", lambda z: (z or "")[:3] or None),
-        "year": attr(ml.items, items, "year"),
-        "genre": attr(ml.items, items, "genres", lambda g: g[0] if g else None),
-        "hour": gm["hour"],
-        "weekday": gm["weekday"],
-        "u_imp_b": _bucket_count(u_imp),
-        "i_imp_b": _bucket_count(i_imp),
-        "u_ctr_b": np.minimum((u_ctr * 10).astype(np.int64), 9) + 1,
-        "i_ctr_b": np.minimum((i_ctr * 10).astype(np.int64), 9) + 1,
-    }
-    dense = {
-        "u_ctr": u_ctr,
-        "i_ctr": i_ctr,
-        "u_log_imp": np.log1p(u_imp) / 8,
-        "i_log_imp": np.log1p(i_imp) / 8,
-    }
-    schema = FeatureSchema(categorical=list(cat), dense=list(dense))
-    tokens = np.stack([hash_tokens(f, v) for f, v in cat.items()], axis=1)
-    dense_arr = np.stack(list(dense.values()), axis=1).astype(np.float32)
-    return schema, tokens, dense_arr, y.astype(np.int8), ts, tokens[:, 1].copy()
+    builder = row_builder(Settings())
+    server = start_redis()
+    try:
+        store = SyncOnlineStore.from_url(server.extra["url"], partitions=1)
+        attrs = {i: {"genres": a["genres"], "year": a["year"]} for i, a in ml.items.items()}
+        store.put_item_attributes(attrs, ts=0)
+        for s in range(0, cut, 1000):
+            ev = events(np.arange(s, min(s + 1000, cut)))
+            ev["offset"] = np.arange(s, s + len(ev["ts"]))
+            store.apply_batch("clicks", 0, ev)
+        test = events(np.arange(cut, len(pos)))
+        test["offset"] = np.arange(cut, len(pos))
+        test["sub"] = np.zeros(len(pos) - cut, np.int32)
+        cfg = store.counters
+        cols = as_columns(test)
+        refs = resolve_refs(cfg, cols, attrs)
+        (blob,) = store._execute(store._read_cmds(refs.entities, cfg.state_fields))
+        states = store._states(blob, cfg.width)
+        pre = decay_state(cfg, states[refs.entity], cols["ts"][refs.event])
+        feats = derive_features(cfg, aggregate(refs, pre))
+        built = builder.build(test, feats, attrs, None)
+    finally:
+        server.stop()
+    counter_fields = [f for f in rows.schema.categorical if f.endswith("_bucket")]
+    tokens, dense = rows.tokens.copy(), rows.dense.copy()
+    for f in counter_fields:
+        tokens[cut:, rows.schema.categorical.index(f)] = built[f"c:{f}"]
+    for j, d in enumerate(rows.schema.dense):
+        dense[cut:, j] = built[f"d:{d}"]
+    # The same builder on the same events must give the same non-counter fields.
+    for f in PEER_FIELDS:
+        same = built[f"c:{f}"] == rows.tokens[cut:, rows.schema.categorical.index(f)]
+        if not same.all():
+            raise AssertionError(f"frozen rows: field {f} differs from the worker's rows")
+    return Rows(rows.schema, tokens, dense, rows.labels, rows.ts, rows.items, rows.event_ids)
 
 
-def time_parts(ts: np.ndarray) -> dict[str, np.ndarray]:
-    t = ts.astype(np.int64)
-    return {"hour": (t // 3600) % 24, "weekday": ((t // 86400) + 4) % 7}  # 1970-01-01 = Thu
-
-
-def encode_all(schema, tokens, dense, labels, ts) -> list[bytes]:
+def encode_all(rows: Rows) -> list[bytes]:
+    schema, tokens, dense, labels, ts = rows.schema, rows.tokens, rows.dense, rows.labels, rows.ts
     payloads = []
     names = schema.categorical
     for start in range(0, len(labels), BATCH):
@@ -150,44 +184,55 @@ def cold_mask(items: np.ndarray, k: int = 10) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------
 # models
+BIG = {"buckets": 4096, "per_field": {"user_id": 1 << 17, "item_id": 1 << 17, "zip3": 1 << 17}}
+
+#: The tuning budget, the same for every online model: this many configurations, the best
+#: prequential AUC on the first 80 % wins. Torch: (network lr, embedding lr); River: AdaGrad lr.
+TORCH_GRID = [(1e-3, 1e-2), (1e-3, 3e-2), (3e-3, 1e-2), (3e-4, 3e-3)]
+RIVER_GRID = [0.3, 0.1, 0.03, 1.0]
+
+
 def online_variants() -> dict[str, dict]:
-    # Ids get 2^17 buckets (~1 % of items share a row), low-cardinality fields 4096.
-    big = {"buckets": 4096, "per_field": {"user": 1 << 17, "item": 1 << 17, "zip3": 1 << 17}}
+    """Torch models, all with the product's hashed tables (2^17 buckets for ids)."""
     return {
-        "fgcnn": dict(kind="fgcnn", embedding=big),
-        "fgcnn-bn": dict(kind="fgcnn", embedding=big, head={"conv_batchnorm": True}),
-        "fgcnn-hash2k": dict(kind="fgcnn", embedding={"buckets": 2000}),
-        "fgcnn-hash500": dict(kind="fgcnn", embedding={"buckets": 500}),
-        "fgcnn-dyn": dict(kind="fgcnn", embedding={"kind": "dynamic", "capacity": 5000}),
-        "fgcnn-dyn-adm5": dict(
-            kind="fgcnn", embedding={"kind": "dynamic", "capacity": 5000, "min_count": 5}
-        ),
-        "ipnn": dict(kind="ipnn", embedding=big),
-        "deepfm": dict(kind="deepfm", embedding=big),
-        "lr": dict(kind="lr", embedding=big),
+        "fgcnn": dict(kind="fgcnn", embedding=BIG),
+        "fgcnn-wide": dict(kind="fgcnn", embedding=BIG, wide=True, dense_norm=True),
+        "fgcnn-stream-wide": dict(kind="fgcnn", preset="stream", embedding=BIG, wide=True,
+                                  dense_norm=True),
+        # + a linear term over the ids (Wide & Deep's wide part on the categorical fields)
+        "fgcnn-wide-ids": dict(kind="fgcnn", embedding=BIG, wide=True, dense_norm=True,
+                               wide_ids=10.0),
+        "fgcnn-stream-wide-ids": dict(kind="fgcnn", preset="stream", embedding=BIG, wide=True,
+                                      dense_norm=True, wide_ids=10.0),
+        "fgcnn-stream-wide-ids2": dict(kind="fgcnn", preset="stream", embedding=BIG, wide=True,
+                                       dense_norm=True, wide_ids=2.0),
+        "ipnn": dict(kind="ipnn", embedding=BIG),
+        "deepfm": dict(kind="deepfm", embedding=BIG),
+        "lr": dict(kind="lr", embedding=BIG),
     }
 
 
-def run_online(name, spec, payloads, schema, seed, lr, threads, emb_lr=None):
+def run_online(name, payloads, schema, seed, threads, config):
     if name.startswith("river-"):
         from river import facto, linear_model, optim
 
         if name == "river-lr":
-            model = linear_model.LogisticRegression(optimizer=optim.AdaGrad(0.3))
+            model = linear_model.LogisticRegression(optimizer=optim.AdaGrad(config))
             learner = RiverLearner(model, schema.categorical, schema.dense, one_hot=True)
         else:
             model = facto.FFMClassifier(
                 n_factors=8,
-                weight_optimizer=optim.AdaGrad(0.3),
-                latent_optimizer=optim.AdaGrad(0.3),
+                weight_optimizer=optim.AdaGrad(config),
+                latent_optimizer=optim.AdaGrad(config),
                 seed=seed,
             )
             learner = RiverLearner(model, schema.categorical, schema.dense, one_hot=False)
         trainer = PrequentialTrainer(learner, num_threads=threads)
     else:
-        settings = TrainerSettings(
-            lr=lr, embedding_lr=emb_lr, seed=seed, num_threads=threads, **spec
-        )
+        lr, emb_lr = config
+        spec = online_variants()[name]
+        settings = TrainerSettings(lr=lr, embedding_lr=emb_lr, seed=seed, num_threads=threads,
+                                   **spec)
         trainer = settings.build(schema.to_json())
     scores = []
     t0 = time.perf_counter()
@@ -197,12 +242,13 @@ def run_online(name, spec, payloads, schema, seed, lr, threads, emb_lr=None):
     return np.concatenate(scores), time.perf_counter() - t0
 
 
-def run_offline(name, tokens, dense, labels, schema, seed, threads, max_epochs=5):
+def run_offline(name, rows: Rows, seed, threads, max_epochs=5):
     """DeepCTR-Torch peer: epochs chosen on the last 10 % of the first 80 %, refit, score TEST."""
     from deepctr_torch.inputs import DenseFeat, SparseFeat
     from deepctr_torch.models import PNN, DeepFM
 
     torch.set_num_threads(threads)
+    tokens, dense, labels, schema = rows.tokens, rows.dense, rows.labels, rows.schema
     n = len(labels)
     cut = int(n * 0.8)
     val_cut = int(cut * 0.9)
@@ -260,6 +306,7 @@ def summarize(y, p, cold, test):
     return {
         "preq_auc": exact_auc(y, p),
         "preq_logloss": log_loss(y, p),
+        "train_auc": exact_auc(y[~test], p[~test]),
         "test_auc": exact_auc(y[test], p[test]),
         "cold_auc": exact_auc(y[test & cold], p[test & cold]),
     }
@@ -278,85 +325,95 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--data", default=None, help="ml-100k directory or datasets root")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--limit", type=int, default=None, help="use only the first N batches")
+    ap.add_argument("--features", nargs="+", default=["full", "peers"],
+                    choices=["full", "peers"])
     ap.add_argument("--only", nargs="+", default=None, help="model names to run")
-    ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (online torch)")
-    ap.add_argument("--emb-lr", type=float, default=1e-2, help="embedding (SparseAdam) lr")
+    ap.add_argument("--grid", type=int, default=4, help="configurations tried per online model")
+    ap.add_argument("--torch-grid", default=None,
+                    help="override the torch grid: 'lr:emb_lr,lr:emb_lr,...'")
+    ap.add_argument("--river-grid", default=None, help="override River's AdaGrad lrs: 'a,b,...'")
+    ap.add_argument("--partitions", type=int, default=4, help="worker partitions of the replay")
+    ap.add_argument("--refresh", action="store_true", help="rebuild the worker's rows")
+    ap.add_argument("--rows-file", default=None,
+                    help="a pipeline_rows cache file to learn from instead (e.g. an older worker's)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
+    torch_grid = TORCH_GRID if not args.torch_grid else [
+        tuple(float(x) for x in c.split(":")) for c in args.torch_grid.split(",")]
+    river_grid = RIVER_GRID if not args.river_grid else [
+        float(x) for x in args.river_grid.split(",")]
+    if min(len(torch_grid), len(river_grid)) < args.grid:
+        raise SystemExit("--grid is larger than a grid: every model gets the same budget")
     t0 = time.perf_counter()
-    schema, tokens, dense, labels, ts, items = build_rows(args.data)
-    if args.limit:
-        keep = args.limit * BATCH
-        tokens, dense, labels, ts, items = (a[:keep] for a in (tokens, dense, labels, ts, items))
-    payloads = encode_all(schema, tokens, dense, labels, ts)
-    n = len(labels)
-    test = np.arange(n) >= int(n * 0.8)
-    cold = cold_mask(items)
+    all_rows = load_rows(args.partitions, refresh=args.refresh, path=args.rows_file)
+    n = len(all_rows.labels)
+    cut = int(n * 0.8)
+    test = np.arange(n) >= cut
+    cold = cold_mask(all_rows.items)
+    y = all_rows.labels.astype(np.int64)
     print(
-        f"rows {n}, positives {labels.mean():.3f}, fields {len(schema.categorical)} cat + "
-        f"{len(schema.dense)} dense, {len(payloads)} batches of {BATCH}, "
-        f"built in {time.perf_counter() - t0:.1f}s; TEST {test.sum()} rows, "
-        f"cold TEST {(test & cold).sum()}",
+        f"rows {n} (the worker's, {args.partitions} partitions), positives {y.mean():.3f}; "
+        f"TEST {test.sum()} rows, cold TEST {(test & cold).sum()}; "
+        f"loaded in {time.perf_counter() - t0:.1f}s",
         flush=True,
     )
     names = list(online_variants()) + ["river-lr", "river-ffm", "deepctr-pnn", "deepctr-deepfm"]
-    if args.only:
-        names = [m for m in names if m in args.only]
-    results: dict[str, list[dict]] = defaultdict(list)
-    for name in names:
-        for seed in args.seeds:
-            if name.startswith("river-") and seed != args.seeds[0]:
-                continue  # River LR is deterministic; FFM runs at ~150 rows/s: one run each
-            t = time.perf_counter()
-            if name.startswith("deepctr-"):
-                with contextlib.redirect_stdout(io.StringIO()):  # DeepCTR prints per fit
-                    p_test, best = run_offline(
-                        name, tokens, dense, labels, schema, seed, args.threads
-                    )
-                r = {
-                    "preq_auc": float("nan"),
-                    "preq_logloss": float("nan"),
-                    "test_auc": exact_auc(labels[test], p_test),
-                    "cold_auc": exact_auc(labels[test & cold], p_test[cold[test]]),
-                    "note": f"epochs={best}",
-                }
-            else:
-                spec = online_variants().get(name, {})
-                p, secs = run_online(
-                    name, spec, payloads, schema, seed, args.lr, args.threads, args.emb_lr
+    names = [m for m in names if m in args.only] if args.only else [
+        "fgcnn", "fgcnn-wide", "lr", "river-lr", "deepctr-deepfm"]
+    for fs in args.features:
+        rows = all_rows if fs == "full" else all_rows.subset(PEER_FIELDS, dense=False)
+        payloads = encode_all(rows)
+        print(f"\n== features: {fs} ({len(rows.schema.categorical)} categorical + "
+              f"{len(rows.schema.dense)} dense)", flush=True)
+        results: dict[str, list[dict]] = defaultdict(list)
+        frozen = None
+        for name in names:
+            for seed in args.seeds:
+                if name.startswith("river-") and seed != args.seeds[0]:
+                    continue  # River is deterministic here: one run
+                t = time.perf_counter()
+                if name.startswith("deepctr-"):
+                    if frozen is None:
+                        frozen = frozen_counter_rows(rows, cut) if rows.dense.shape[1] else rows
+                    with contextlib.redirect_stdout(io.StringIO()):  # DeepCTR prints per fit
+                        p_test, best = run_offline(name, frozen, seed, args.threads)
+                    r = {
+                        "preq_auc": float("nan"), "preq_logloss": float("nan"),
+                        "train_auc": float("nan"),
+                        "test_auc": exact_auc(y[test], p_test),
+                        "cold_auc": exact_auc(y[test & cold], p_test[cold[test]]),
+                        "note": f"epochs={best}" + (", counters frozen at TRAIN end"
+                                                    if rows.dense.shape[1] else ""),
+                    }
+                else:
+                    grid = (river_grid if name.startswith("river-") else torch_grid)[: args.grid]
+                    tried = []
+                    for config in grid:
+                        p, secs = run_online(name, payloads, rows.schema, seed, args.threads,
+                                             config)
+                        tried.append((summarize(y, p, cold, test), config, secs))
+                        print(f"  {name} {config}: first-80 % AUC {tried[-1][0]['train_auc']:.4f}",
+                              flush=True)
+                    best_r, config, secs = max(tried, key=lambda x: x[0]["train_auc"])
+                    r = best_r | {"note": f"selected {config} of {len(grid)}; {n / secs:,.0f} rows/s"}
+                results[name].append(r)
+                print(
+                    f"{name:16s} seed {seed}: preq AUC {r['preq_auc']:.4f} logloss "
+                    f"{r['preq_logloss']:.4f} TEST AUC {r['test_auc']:.4f} cold "
+                    f"{r['cold_auc']:.4f} ({r['note']}, {time.perf_counter() - t:.0f}s)",
+                    flush=True,
                 )
-                r = summarize(labels.astype(np.int64), p, cold, test) | {
-                    "note": f"{n / secs:,.0f} rows/s"
-                }
-            results[name].append(r)
+        print(f"\n| model ({fs} features) | prequential AUC | prequential log-loss | "
+              "TEST AUC (last 20 %) | cold-item AUC (TEST) | runs | note |")
+        print("|---|---:|---:|---:|---:|---:|---|")
+        for name, rs in results.items():
             print(
-                f"{name:16s} seed {seed}: preq AUC {r['preq_auc']:.4f} logloss "
-                f"{r['preq_logloss']:.4f} TEST AUC {r['test_auc']:.4f} cold {r['cold_auc']:.4f} "
-                f"({r['note']}, {time.perf_counter() - t:.0f}s)",
-                flush=True,
+                f"| {name} | {fmt([r['preq_auc'] for r in rs])} | "
+                f"{fmt([r['preq_logloss'] for r in rs])} | {fmt([r['test_auc'] for r in rs])} | "
+                f"{fmt([r['cold_auc'] for r in rs])} | {len(rs)} | {rs[0]['note']} |"
             )
-
-    print(
-        "\n| model | prequential AUC | prequential log-loss | TEST AUC (last 20 %) | cold-item AUC (TEST) | runs |"
-    )
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, rs in results.items():
-        print(
-            f"| {name} | {fmt([r['preq_auc'] for r in rs])} | {fmt([r['preq_logloss'] for r in rs])} "
-            f"| {fmt([r['test_auc'] for r in rs])} | {fmt([r['cold_auc'] for r in rs])} | {len(rs)} |"
-        )
-    med = {k: float(np.median([r["test_auc"] for r in v])) for k, v in results.items()}
-    pre = {k: float(np.median([r["preq_auc"] for r in v])) for k, v in results.items()}
-    offline = [v for k, v in med.items() if k.startswith("deepctr-")]
-    if "fgcnn" in med and offline:
-        print(f"\nfgcnn TEST AUC - best offline peer: {med['fgcnn'] - max(offline):+.4f}")
-    for peer in ("river-lr", "river-ffm"):
-        if "fgcnn" in pre and peer in pre:
-            print(f"fgcnn prequential AUC - {peer}: {pre['fgcnn'] - pre[peer]:+.4f}")
     print(f"total {time.perf_counter() - t0:.0f}s")
 
 

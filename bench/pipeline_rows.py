@@ -74,8 +74,13 @@ def _key(encoder: str, partitions: int) -> str:
     from core.settings import Settings
     from features.defaults import row_builder
 
-    schema = row_builder(Settings()).schema
-    blob = json.dumps({"schema": schema.hash, "encoder": encoder, "partitions": partitions})
+    settings = Settings()
+    schema = row_builder(settings).schema
+    # The counters' point-in-time semantics shape every row: rows of another are not reused.
+    pit = {"semantics": "strict-history-v1", "ties": settings.pit_ties,
+           "history": settings.pit_history}
+    blob = json.dumps({"schema": schema.hash, "encoder": encoder, "partitions": partitions,
+                       "pit": pit})
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -145,12 +150,15 @@ def build(data_dir: Path, encoder: str, partitions: int, timeout: float = 600) -
 
 
 def pipeline_rows(data_dir: Path | None = None, encoder: str = "minilm", partitions: int = 4,
-                  refresh: bool = False) -> PipelineRows:
-    """The worker's rows for a full MovieLens-100K replay (cached)."""
+                  refresh: bool = False, path: Path | None = None) -> PipelineRows:
+    """The worker's rows for a full MovieLens-100K replay (cached); ``path``: read that
+    cache file instead (e.g. rows an older worker wrote), never rebuilt."""
     from core.settings import default_data_dir
 
     data_dir = data_dir or default_data_dir()
-    path = CACHE / f"{_key(encoder, partitions)}.bin"
+    if path is not None:
+        refresh = False
+    path = path or CACHE / f"{_key(encoder, partitions)}.bin"
     if refresh or not path.exists():
         payloads = build(data_dir, encoder, partitions)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,16 @@ class Settings(BaseSettings):
         0.02, gt=0, description="Seconds the click agent waits to fill a batch."
     )
     audit_batch_size: int = Field(2000, ge=1, description="Max audit messages per agent batch.")
+    pit_ties: bool = Field(
+        False,
+        description="Pre-event counters also count contributions at exactly the event's time "
+        "(docs/point-in-time.md); off: strictly earlier only.",
+    )
+    pit_history: int = Field(
+        32, ge=0,
+        description="K: each counter entity keeps its latest K to 2K-1 events per partition "
+        "shard so a row reads only contributions older than it (docs/point-in-time.md).",
+    )
     # --- detection: learned per-host baseline (issue 16) ---
     audit_learn: bool = Field(
         True, description="Learn each host's normal behaviour online and use it for alert severity."

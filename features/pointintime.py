@@ -70,11 +70,14 @@ def replay_states(
     init: np.ndarray,
     entity: np.ndarray,
     ts: np.ndarray,
-    label: np.ndarray,
+    label: np.ndarray | None,
+    values: np.ndarray | None = None,
 ) -> Replayed:
     """Apply references (``entity``, ``ts``, ``label``, in processing order) to states.
 
     ``init`` is ``[K, width + 1]`` per entity index (``t`` NaN: never written).
+    ``values`` (``[R, width]``), when given, replaces what each reference adds (``1`` and
+    ``label`` everywhere): a reference may then be a whole aggregated state.
 
     >>> init = np.array([[0.0, 0, 0, 0, np.nan]])
     >>> r = replay_states((100.0,), init, np.array([0, 0, 0]), np.array([0.0, 100.0, 50.0]),
@@ -109,9 +112,12 @@ def replay_states(
     t_comb[pos_init] = np.where(np.isnan(t0), ts_real[starts], t0)
     x = np.empty((M, W))
     x[pos_init] = np.nan_to_num(s0[:, :W])
-    lab = np.asarray(label, np.float64)[order]
-    x[pos_real, 0::2] = 1.0
-    x[pos_real, 1::2] = lab[:, None]
+    if values is not None:
+        x[pos_real] = np.asarray(values, np.float64)[order]
+    else:
+        lab = np.asarray(label, np.float64)[order]
+        x[pos_real, 0::2] = 1.0
+        x[pos_real, 1::2] = lab[:, None]
     T = _segmented_runmax_ts(t_comb, seg)
     late_s = ts_real < T[pos_real - 1]
 

@@ -71,10 +71,20 @@ class ShardCache:
         get = shard.index.get
         return np.fromiter(map(get, entities, itertools.repeat(-1)), np.int64, len(entities))
 
-    def snapshot(self, q: int, entities: Sequence[str]) -> Snapshot:
-        """The cached rows of ``entities`` in shard ``q`` (copied) and its version."""
+    def snapshot(
+        self, q: int, entities: Sequence[str], min_t: np.ndarray | None = None
+    ) -> Snapshot:
+        """The cached rows of ``entities`` in shard ``q`` (copied) and its version.
+
+        Rows whose ``t`` is not older than their entity's ``min_t`` count as not cached
+        (the caller needs what only a read returns with them: their histories,
+        features/asof.py)."""
         shard = self._shards.get(q) if self.max_entities > 0 else None
         pos = self._positions(shard, entities)
+        if shard is not None and min_t is not None and (pos >= 0).any():
+            have = np.flatnonzero(pos >= 0)
+            recent = shard.table[pos[have], self.width - 1] >= np.asarray(min_t)[have]
+            pos[have[recent]] = -1
         if shard is None:
             return Snapshot(None, pos, np.zeros((0, self.width)))
         return Snapshot(shard.version, pos, shard.table[pos[pos >= 0]])

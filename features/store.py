@@ -21,12 +21,15 @@ not sharded: ``hw:attrs:item:<id>``, ``hw:attrs:user:<id>`` (event-time guarded 
 and ``hw:codes:item:<id>`` (fields ``codes`` JSON and ``version``).
 
 **Point in time.** :meth:`OnlineStore.apply_batch` returns, for every event, the
-counters as they were just before it. They are exact for the batch's own partition
-(computed in numpy from the shard's states read at batch start, event by event in
-effect: :mod:`features.pointintime`); other partitions' shards are read in the same
-round trip, i.e. as of batch start, and decayed to each event's time. With clicks keyed
-by ``user_id``, a user lives in one partition, so user counters are fully exact; item
-and genre counters lag other partitions by at most one batch.
+counters of every contribution with event time strictly before it (``pit_ties=True``:
+at its time too), from every partition's shard (docs/point-in-time.md,
+:mod:`features.asof`). Its own partition's are exact; other partitions' shards are read
+in the same round trip, i.e. as of batch start, and only their contributions older than
+the event count, however far ahead in event time those partitions are. For that each
+entity keeps its latest ``pit_history`` (K) to 2K-1 events per shard
+(``{hw:p<P>}:~h:<entity>``); a row older than a shard's retained history leaves that
+shard's older part out (never the future), counted in
+``headwater_features_pit_truncated_total``.
 
 **Writes are fenced.** A batch is written by one Lua script that first checks the
 partition's recorded next offset is still the one the batch was computed from (only
@@ -119,6 +122,8 @@ class _StoreCore:
         replay_batches: int = 8,
         miss_cache_seconds: float = 1.0,
         shard_cache_entities: int = 250_000,
+        pit_ties: bool = False,
+        pit_history: int = 32,
         clock=time.time,
     ) -> None:
         if partitions < 1:
@@ -130,6 +135,12 @@ class _StoreCore:
         self.prefix = prefix
         self.attr_cache_seconds = attr_cache_seconds
         self.replay_batches = replay_batches
+        if pit_history < 0:
+            raise ValueError(f"pit_history must be >= 0 (entries kept per entity), got {pit_history}")
+        #: Pre-event features include contributions at exactly the event's time too.
+        self.pit_ties = bool(pit_ties)
+        #: Latest events each entity keeps per shard for strict point-in-time reads.
+        self.pit_history = int(pit_history)
         self.clock = clock
         self.round_trips = 0
         self.commands = 0
@@ -156,6 +167,13 @@ class _StoreCore:
             ["topic"],
             registry=registry,
         )
+        self._truncated = Counter(
+            "headwater_features_pit_truncated_total",
+            "Event references older than an entity's retained history in a shard: that "
+            "shard's older part was left out (never the future; see docs/point-in-time.md).",
+            ["topic"],
+            registry=registry,
+        )
         self._fenced = Counter(
             "headwater_features_fenced_writes_total",
             "Batch writes refused because the partition's next offset moved (another writer).",
@@ -174,6 +192,11 @@ class _StoreCore:
     def shard_key(self, partition: int, entity: str) -> str:
         """``{hw:p<P>}:<entity>``: the entity's counter hash in one partition's shard."""
         return f"{{{self.prefix}:p{partition}}}:{entity}"
+
+    def history_key(self, partition: int, entity: str) -> str:
+        """``{hw:p<P>}:~h:<entity>``: the entity's point-in-time history in one shard
+        (:mod:`features.asof`; ``~`` cannot start a counter name)."""
+        return f"{{{self.prefix}:p{partition}}}:~h:{entity}"
 
     def attrs_key(self, kind: str, entity_id: Any) -> str:
         return f"{self.prefix}:attrs:{kind}:{canonical(entity_id)}"

@@ -7,13 +7,17 @@ are not cached yet), whatever its size:
    the batch's entities' states and, only when the batch starts below that offset (a
    replay), the replay cache; in the same pipeline, one read script per other shard
    and the guarded user-attribute writes;
-2. **compute** — :func:`features.pointintime.replay_states` gives every new event's
-   exact pre-event state of the own shard and every touched entity's final state;
-   other shards (as of batch start) are decayed to each event's time and added;
+2. **compute** — every new event's pre-event state is **strictly point in time**
+   (:mod:`features.asof`, docs/point-in-time.md): from every shard, only contributions
+   with event time before the event's (``pit_ties``: or equal). A shard's state answers
+   alone when it is older than the event; otherwise its entity's history (read in the
+   same round trip for entities whose ``t`` is not older than the batch's first event)
+   does. :func:`features.pointintime.replay_states` gives every touched entity's final
+   state;
 3. **write** — one fenced script (``apply.lua``) writes each touched entity's final
-   state once (O(distinct entities), not O(events)), the replay-cache entry, and
-   advances the next offset; if the next offset moved since step 1, nothing is written
-   and the plan starts again from step 1.
+   state and appends the batch's events to its history once (O(distinct entities), not
+   O(events)), the replay-cache entry, and advances the next offset; if the next offset
+   moved since step 1, nothing is written and the plan starts again from step 1.
 
 Events whose offset is below the recorded next offset were applied before: their
 counters do not move again, and their features come back from the replay cache
@@ -32,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from features.counters import aggregate, as_columns, decay_state, derive_features, resolve_refs
+from features.asof import pre_other, pre_own
+from features.counters import aggregate, as_columns, derive_features, resolve_refs
 from features.pointintime import replay_states
 
 if TYPE_CHECKING:
@@ -225,11 +230,11 @@ def plan_apply(
             if not needs_attrs or all(attrs.get(i) is seen.get(i) for i in miss):
                 break
             refs = resolve_refs(cfg, srt, attrs)
-        nxt, cache, states = read
+        nxt, cache, states, hists = read
         if expect_next is not None and nxt < expect_next:
             raise GapError(topic, partition, nxt, expect_next)
-        own, per_ref, rep, ref_new, ev_new = _pre_states(
-            cfg, srt, refs, partition, others, nxt, states, ts_ref
+        own, per_ref, rep, ref_new, ev_new, truncated = _pre_states(
+            cfg, srt, refs, partition, others, nxt, states, hists, ts_ref, core.pit_ties
         )
         extra = []  # guarded attribute writes went out with the first attempt
         new = srt["offset"] >= nxt
@@ -258,12 +263,17 @@ def plan_apply(
             next_offset = int(srt["offset"][new].max()) + 1
             entry = encode_entry(sig, srt["offset"][new], srt["sub"][new], agg[new], ids[new])
             keys = [own_keys[k] for k in rep.touched.tolist()]
+            keys += [core.history_key(partition, entities[k]) for k in rep.touched.tolist()]
             blob = np.ascontiguousarray(rep.final, dtype="<f8").tobytes()
             token = os.urandom(12).hex()
             args = [topic, nxt, next_offset, ",".join(fields), blob, entry, core.replay_batches]
+            hist_counts, hist_entries = _history_entries(rep, refs, ref_new, srt, ev_new)
+            hl = ",".join(f"{h:.17g}" for h in cfg.half_lives)
             (written,) = yield [
                 core._evalsha(
-                    _APPLY, [offsets_key, pit_key, f"{tag}:writer", *keys], [*args, token]
+                    _APPLY,
+                    [offsets_key, pit_key, f"{tag}:writer", *keys],
+                    [*args, token, hist_counts, hist_entries, hl, core.pit_history],
                 )
             ]
             if int(written[0]):
@@ -295,6 +305,7 @@ def plan_apply(
     back = np.argsort(order)
     late_count, dup_count = int(late.sum()), int(dup.sum())
     core._late.labels(topic).inc(late_count)
+    core._truncated.labels(topic).inc(truncated)
     core._dupes.labels(topic).inc(dup_count)
     result: BatchResult = BatchResult(
         features={k: v[back] for k, v in feats.items()},
@@ -310,6 +321,14 @@ def plan_apply(
     return result
 
 
+def _entity_times(refs, ts_ref) -> np.ndarray:
+    """Per entity, the earliest time of the batch's rows that read it: an entity whose
+    state is not older than that needs its history (features/asof.py)."""
+    lo = np.full(len(refs.entities), np.inf)
+    np.minimum.at(lo, refs.entity, ts_ref)
+    return lo
+
+
 def _read_batch_start(
     core: _StoreCore, topic, partition, srt, refs, others, extra, min_offset
 ) -> Plan:
@@ -317,9 +336,11 @@ def _read_batch_start(
 
     Only entities not in the store's shard cache are read; each read returns its shard's
     version, and a cached state counts only at the same version (else that shard is read
-    again in full, one more round trip). ``extra`` commands ride with the first round
-    trip. Returns ``((next offset, replay-cache entries, states per shard), extra
-    replies)``; states are per entity of ``refs``, ``t`` last.
+    again in full, one more round trip). Cached entities whose ``t`` is not older than
+    the earliest row reading them are read again: their histories come with the read. ``extra`` commands
+    ride with the first round trip. Returns ``((next offset, replay-cache entries,
+    states per shard, histories per shard), extra replies)``; states are per entity of
+    ``refs``, ``t`` last; histories map an entity index to its ``h`` field.
     """
     from features.store import _READ_OWN, _READ_SHARD
 
@@ -330,9 +351,12 @@ def _read_batch_start(
     sc = core.shard_cache
     tag = f"{{{core.prefix}:p{partition}}}"
     shards = [partition, *others]
-    snaps = {q: sc.snapshot(q, entities) for q in shards}
+    lo = _entity_times(refs, srt["ts"][refs.event])
+    snaps = {q: sc.snapshot(q, entities, lo) for q in shards}
     full: set[int] = set()  # shards whose cached part was stale: read every key
     states: dict[int, np.ndarray] = {}
+    hists: dict[int, dict[int, bytes]] = {}
+    wanted: dict[int, np.ndarray] = {}
     nxt, cache = 0, None
     extra_replies: list[Any] = []
     while len(states) < len(shards):
@@ -341,17 +365,22 @@ def _read_batch_start(
             if q in states:
                 continue
             want = np.arange(len(entities)) if q in full else snaps[q].missing
+            wanted[q] = want
             keys = [core.shard_key(q, entities[k]) for k in want.tolist()]
+            keys += [core.history_key(q, entities[k]) for k in want.tolist()]
+            ts_arg = lo[want].astype("<f8").tobytes()
             if q == partition:
                 cmd = core._evalsha(
                     _READ_OWN,
                     [f"{tag}:offsets", f"{tag}:pit:{topic}", f"{tag}:writer", *keys],
-                    [topic, min_offset, *fields],
+                    [topic, min_offset, ts_arg, *fields],
                 )
             else:
                 qt = f"{{{core.prefix}:p{q}}}"
                 cmd = core._evalsha(
-                    _READ_SHARD, [f"{qt}:writer", f"{qt}:offsets", *keys], [topic, *fields]
+                    _READ_SHARD,
+                    [f"{qt}:writer", f"{qt}:offsets", *keys],
+                    [topic, ts_arg, *fields],
                 )
             cmds.append(cmd)
             order.append(q)
@@ -361,12 +390,14 @@ def _read_batch_start(
         extra = []
         for q, reply in zip(order, res, strict=False):
             if q == partition:
-                nxt_raw, blob, cache, writer = reply
+                nxt_raw, blob, cache, writer, hist = reply
                 nxt = int(nxt_raw)
                 version = (writer, nxt_raw)
             else:
-                writer, nxt_raw, blob = reply
+                writer, nxt_raw, blob, hist = reply
                 version = (writer, nxt_raw)
+            want = wanted[q]
+            hists[q] = {int(want[i]): h for i, h in zip(hist[0::2], hist[1::2], strict=True)}
             fresh = core._states(blob, W)
             if q in full:
                 got = np.array(fresh)
@@ -377,25 +408,41 @@ def _read_batch_start(
                 full.add(q)
             else:
                 states[q] = got
-    return (nxt, cache, states), extra_replies
+    return (nxt, cache, states, hists), extra_replies
 
 
-def _pre_states(cfg, srt, refs, partition, others, nxt, states, ts_ref):
-    """Every reference's pre-event state: own shard replayed exactly, other shards as
-    read and decayed to the event time. Returns ``(own, per_ref, rep, ref_new, ev_new)``."""
+def _pre_states(cfg, srt, refs, partition, others, nxt, states, hists, ts_ref, ties):
+    """Every reference's strictly point-in-time pre-event state, summed over shards
+    (:mod:`features.asof`), and the own shard's replay (final states, late flags).
+    Returns ``(own, per_ref, rep, ref_new, ev_new, truncated references)``."""
     W = cfg.width
     own = states[partition] if len(refs.entities) else np.zeros((0, W + 1))
     new = srt["offset"] >= nxt
     ref_new = new[refs.event]
     ev_new = refs.event[ref_new]
-    rep = replay_states(
-        cfg.half_lives, own, refs.entity[ref_new], srt["ts"][ev_new], srt["label"][ev_new]
-    )
+    ent_new, ts_new, lab_new = refs.entity[ref_new], srt["ts"][ev_new], srt["label"][ev_new]
+    rep = replay_states(cfg.half_lives, own, ent_new, ts_new, lab_new)
     per_ref = np.zeros((len(refs.event), W))
-    per_ref[ref_new] = rep.pre
+    pre, trunc = pre_own(cfg.half_lives, own, hists.get(partition, {}), ent_new, ts_new,
+                         lab_new, ties, replayed=rep.pre)
+    per_ref[ref_new] = pre
+    truncated = int(trunc.sum())
     for q in others:
-        per_ref += decay_state(cfg, states[q][refs.entity], ts_ref)
-    return own, per_ref, rep, ref_new, ev_new
+        pre, trunc = pre_other(cfg.half_lives, states[q], hists.get(q, {}), refs.entity[ref_new],
+                               ts_ref[ref_new], ties)
+        per_ref[ref_new] += pre
+        truncated += int(trunc.sum())
+    return own, per_ref, rep, ref_new, ev_new, truncated
+
+
+def _history_entries(rep, refs, ref_new, srt, ev_new) -> tuple[bytes, bytes]:
+    """``apply.lua``'s history arguments: per touched entity (``rep.touched`` order) its
+    entry count (int32), then the entries ``(ts, label)``, entity by entity, offset order."""
+    ent = refs.entity[ref_new]
+    order = np.argsort(ent, kind="stable")
+    counts = np.unique(ent, return_counts=True)[1] if len(ent) else np.zeros(0, np.int64)
+    pairs = np.column_stack([srt["ts"][ev_new][order], srt["label"][ev_new][order]])
+    return counts.astype("<i4").tobytes(), pairs.astype("<f8").tobytes()
 
 
 def latest_user_attrs(cols: Mapping[str, Any]) -> dict[str, tuple[float, dict]]:

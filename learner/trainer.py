@@ -367,6 +367,7 @@ class TrainerSettings:
     dense_norm: bool = False
     wide: bool = False
     wide_lr: float | None = None
+    wide_ids: float = 0.0
 
     def build(self, schema_json: str) -> PrequentialTrainer:
         """A fresh trainer for a feature schema (the model's fields come from it)."""
@@ -380,7 +381,8 @@ class TrainerSettings:
         emb = EmbeddingConfig.from_dict(self.embedding) if self.embedding else EmbeddingConfig()
         head = {**preset_head(self.kind, self.preset), **self.head}
         spec = ModelSpec(
-            self.kind, categorical, dense, head, emb.to_dict(), self.dense_norm, self.wide
+            self.kind, categorical, dense, head, emb.to_dict(), self.dense_norm, self.wide,
+            self.wide_ids,
         )
         torch.manual_seed(self.seed)
         model = build_model(spec)

@@ -130,7 +130,8 @@ class ClickHandler:
         self.state = state
         self.builder = builder or make_row_builder(settings)
         self.store = OnlineStore(client, partitions=settings.partitions,
-                                 counters=self.builder.config.counters, registry=metrics.registry)
+                                 counters=self.builder.config.counters, registry=metrics.registry,
+                                 pit_ties=settings.pit_ties, pit_history=settings.pit_history)
         self.bootstrap = bootstrap
         self.recent = RecentIds()
         #: partition -> the next offset Redis recorded at this worker's last write

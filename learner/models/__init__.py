@@ -41,6 +41,10 @@ class ModelSpec:
     embedding: dict[str, Any] = field(default_factory=dict)
     dense_norm: bool = False
     wide: bool = False
+    #: > 0: a linear term over the categorical ids (one weight per table row, the extra
+    #: last embedding column, zero at start) scaled by this factor: Adam's steps move it
+    #: this many times faster than the embeddings, as a one-hot logistic regression does.
+    wide_ids: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +55,7 @@ class ModelSpec:
             "embedding": dict(self.embedding),
             "dense_norm": self.dense_norm,
             "wide": self.wide,
+            "wide_ids": self.wide_ids,
         }
 
     @classmethod
@@ -66,6 +71,7 @@ class ModelSpec:
             embedding=dict(data.get("embedding", {})),
             dense_norm=bool(data.get("dense_norm", False)),
             wide=bool(data.get("wide", False)),
+            wide_ids=float(data.get("wide_ids", 0.0)),
         )
 
 
@@ -176,7 +182,9 @@ class Ranker(nn.Module):
         if spec.kind == "ipnn" and head_cfg.kernels:
             raise ValueError("kind 'ipnn' is FGCNN without generation layers: set kernels=[]")
         emb_cfg = EmbeddingConfig.from_dict(spec.embedding) if spec.embedding else EmbeddingConfig()
-        emb_cfg.dim = head_cfg.embedding_dim + extra
+        if spec.wide_ids < 0:
+            raise ValueError(f"wide_ids must be >= 0, got {spec.wide_ids}")
+        emb_cfg.dim = head_cfg.embedding_dim + extra + (1 if spec.wide_ids else 0)
         self.spec = spec
         self.embedding: FieldEmbedding = build_embedding(spec.categorical, emb_cfg)
         self.head = head_cls(head_cfg, len(spec.categorical), len(spec.dense))
@@ -186,6 +194,10 @@ class Ranker(nn.Module):
         if self.wide is not None:
             nn.init.zeros_(self.wide.weight)
             nn.init.zeros_(self.wide.bias)
+        self.wide_ids = float(spec.wide_ids)
+        if self.wide_ids:
+            with torch.no_grad():
+                self.embedding.table.weight[:, -1] = 0.0
 
     @property
     def train_equals_eval(self) -> bool:
@@ -194,7 +206,14 @@ class Ranker(nn.Module):
     def forward(self, rows: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         if self.dense_norm is not None:
             dense = self.dense_norm(dense)
-        logits = self.head(self.embedding(rows), dense)
+        emb = self.embedding(rows)
+        ids_logit = None
+        if self.wide_ids:
+            ids_logit = emb[..., -1].sum(-1) * self.wide_ids
+            emb = emb[..., :-1]
+        logits = self.head(emb, dense)
+        if ids_logit is not None:
+            logits = logits + ids_logit
         if self.wide is not None:
             logits = logits + self.wide(dense).squeeze(-1)
         return logits

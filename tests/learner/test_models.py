@@ -197,3 +197,29 @@ def test_fgcnn_generation_equals_the_papers_2d_layout(batchnorm):
     gram = all_emb @ all_emb.transpose(1, 2)
     z = torch.cat([gram[:, i, j], all_emb.flatten(1)], dim=1)
     torch.testing.assert_close(m(emb, torch.zeros(5, 0)), m.mlp(z).squeeze(-1))
+
+
+@pytest.mark.parametrize("kind", ["fgcnn", "deepfm"])
+def test_wide_ids_is_a_linear_term_over_the_ids_that_starts_at_zero(kind):
+    spec = fgcnn_spec(["u", "i", "c"], preset="compact", embedding=EmbeddingConfig(buckets=64),
+                      embedding_dim=4, kernels=[3, 3], channels=[2, 3], recombination=[1, 1],
+                      mlp=[16])
+    spec.kind = kind
+    if kind == "deepfm":
+        spec.head = {"embedding_dim": 4, "mlp": [16]}
+    spec.wide_ids = 10.0
+    assert ModelSpec.from_dict(spec.to_dict()).wide_ids == 10.0
+    model = build_model(spec)
+    w = model.embedding.table.weight
+    assert w.shape[1] == 4 + (1 if kind == "deepfm" else 0) + 1 and not w[:, -1].any()
+    rows = _signal_rows(256, 0)
+    base = model.logits(rows.categorical, rows.dense).detach()
+    with torch.no_grad():
+        w[:, -1] = 0.01  # every id's weight: each row's logit moves by 3 fields * 0.01 * 10
+    moved = model.logits(rows.categorical, rows.dense).detach()
+    torch.testing.assert_close(moved - base, torch.full_like(base, 0.3))
+    learner = TorchLearner(build_model(spec), lr=1e-2)
+    for seed in range(30):
+        learner.learn_many(_signal_rows(128, seed))
+    test = _signal_rows(1000, 999)
+    assert exact_auc(test.labels, learner.predict_proba_many(test)) > 0.75
