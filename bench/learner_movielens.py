@@ -95,12 +95,12 @@ def frozen_counter_rows(rows: Rows, cut: int) -> Rows:
     """``rows`` with the counter fields of rows ``cut:`` read from the state at the end of
     TRAIN (rows ``:cut``): the product's store applies the TRAIN events, then each TEST row
     is built by the product's ``RowBuilder`` from that frozen state decayed to its time."""
+    from core.settings import Settings
     from features.counters import aggregate, as_columns, decay_state, derive_features, resolve_refs
     from features.defaults import row_builder
     from features.movielens import load_movielens
     from features.store import SyncOnlineStore
     from headwater.servers import start_redis
-    from core.settings import Settings
 
     ml = load_movielens()
     c = ml.clicks
@@ -129,8 +129,8 @@ def frozen_counter_rows(rows: Rows, cut: int) -> Rows:
         cfg = store.counters
         cols = as_columns(test)
         refs = resolve_refs(cfg, cols, attrs)
-        (blob,) = store._execute(store._read_cmds(refs.entities, cfg.state_fields))
-        states = store._states(blob, cfg.width)
+        (blob,) = store._execute(store.read_cmds(refs.entities, cfg.state_fields))
+        states = store.states(blob, cfg.width)
         pre = decay_state(cfg, states[refs.entity], cols["ts"][refs.event])
         feats = derive_features(cfg, aggregate(refs, pre))
         built = builder.build(test, feats, attrs, None)

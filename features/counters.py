@@ -46,6 +46,7 @@ __all__ = [
     "decay_state",
     "derive_features",
     "half_life_label",
+    "smoothed_ctr",
     "resolve_refs",
 ]
 
@@ -458,6 +459,15 @@ def aggregate(refs: Refs, per_ref: np.ndarray) -> np.ndarray:
     return out.reshape(refs.n_events, refs.n_specs, width)
 
 
+def smoothed_ctr(config: CounterConfig, clicks, impressions):
+    """The CTR every feature and every reader uses: ``(c + alpha * prior) / (n + alpha)``.
+
+    >>> smoothed_ctr(CounterConfig(alpha=5.0, prior=0.5), 5.0, 10.0)
+    0.5
+    """
+    return (clicks + config.alpha * config.prior) / (impressions + config.alpha)
+
+
 def derive_features(config: CounterConfig, agg: np.ndarray) -> dict[str, np.ndarray]:
     """Named features from aggregated states ``[n, n_specs, width]``.
 
@@ -466,17 +476,16 @@ def derive_features(config: CounterConfig, agg: np.ndarray) -> dict[str, np.ndar
     >>> float(f["item_ctr_total"][0]), float(f["item_impressions_1h"][0])
     (0.5, 2.0)
     """
-    a, p = config.alpha, config.prior
     out: dict[str, np.ndarray] = {}
     for s, spec in enumerate(config.specs):
         n, c = agg[:, s, 0], agg[:, s, 1]
         out[f"{spec.name}_impressions_total"] = n
         out[f"{spec.name}_clicks_total"] = c
-        out[f"{spec.name}_ctr_total"] = (c + a * p) / (n + a)
+        out[f"{spec.name}_ctr_total"] = smoothed_ctr(config, c, n)
         for j, h in enumerate(config.half_lives):
             lab = half_life_label(h)
             nh, ch = agg[:, s, 2 + 2 * j], agg[:, s, 3 + 2 * j]
             out[f"{spec.name}_impressions_{lab}"] = nh
             out[f"{spec.name}_clicks_{lab}"] = ch
-            out[f"{spec.name}_ctr_{lab}"] = (ch + a * p) / (nh + a)
+            out[f"{spec.name}_ctr_{lab}"] = smoothed_ctr(config, ch, nh)
     return out

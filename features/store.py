@@ -47,244 +47,33 @@ the batch size; Redis work is O(distinct entities) per batch, not O(events).
 
 from __future__ import annotations
 
-import hashlib
-import importlib.resources
 import json
 import time
-from collections.abc import Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import NoScriptError, ResponseError
 
-from features.counters import (
-    CounterConfig,
-)
 from features.hashing import canonical
-from features.shard_cache import ShardCache
-from features.store_apply import latest_user_attrs, plan_apply
+from features.store_apply import plan_apply
 from features.store_reads import plan_entity, plan_read
 
 __all__ = ["BatchResult", "OnlineStore", "SyncOnlineStore"]
 
-Command = tuple[Any, ...]
-Plan = Generator[list[Command], list[Any], Any]
+from features.store_core import (  # noqa: F401 - BatchResult is part of this module's API
+    PUT,
+    SCRIPTS,
+    BatchResult,
+    Command,
+    Plan,
+    StoreCore,
+    decode_hash,
+)
 
 
-def _script(name: str) -> tuple[str, str]:
-    text = (importlib.resources.files("features") / "lua" / name).read_text(encoding="utf-8")
-    return text, hashlib.sha1(text.encode()).hexdigest()
+class _Planner(StoreCore):
+    """The store's operations as plans; :class:`OnlineStore` and :class:`SyncOnlineStore` run them."""
 
-
-_APPLY, _READ, _PUT = _script("apply.lua"), _script("read.lua"), _script("put_attrs.lua")
-_READ_OWN, _READ_SHARD = _script("read_own.lua"), _script("read_shard.lua")
-_SCRIPTS = (_APPLY, _READ, _PUT, _READ_OWN, _READ_SHARD)
-
-
-@dataclass
-class BatchResult:
-    """What :meth:`OnlineStore.apply_batch` returns; arrays follow the input event order.
-
-    ``features`` holds the pre-event counter features (``CounterConfig.feature_names``).
-    ``valid`` is False only for an event applied in an earlier run whose pre-event
-    state is no longer in the replay cache: build no row from it. ``replayed`` marks
-    events applied before (their counters did not move again).
-    """
-
-    features: dict[str, np.ndarray]
-    valid: np.ndarray
-    replayed: np.ndarray
-    late: np.ndarray
-    late_count: int
-    duplicate_count: int
-    next_offset: int
-    item_attrs: dict[str, dict] = field(default_factory=dict)
-    codes: dict[str, dict[str, list[int]]] = field(default_factory=dict)
-
-
-def _decode_hash(raw: Mapping[bytes, bytes]) -> dict[str, Any]:
-    return {k.decode(): json.loads(v) for k, v in raw.items() if k != b"_ts"}
-
-
-class _StoreCore:
-    """Keys, plans and metrics shared by the async and sync stores."""
-
-    def __init__(
-        self,
-        *,
-        partitions: int,
-        counters: CounterConfig | None = None,
-        registry: CollectorRegistry | None = None,
-        prefix: str = "hw",
-        attr_cache_seconds: float = 30.0,
-        replay_batches: int = 8,
-        miss_cache_seconds: float = 1.0,
-        shard_cache_entities: int = 250_000,
-        pit_ties: bool = False,
-        pit_history: int = 32,
-        clock=time.time,
-    ) -> None:
-        if partitions < 1:
-            raise ValueError(
-                f"partitions must be >= 1 (the source topic's count), got {partitions}"
-            )
-        self.partitions = partitions
-        self.counters = counters or CounterConfig()
-        self.prefix = prefix
-        self.attr_cache_seconds = attr_cache_seconds
-        self.replay_batches = replay_batches
-        if pit_history < 0:
-            raise ValueError(f"pit_history must be >= 0 (entries kept per entity), got {pit_history}")
-        #: Pre-event features include contributions at exactly the event's time too.
-        self.pit_ties = bool(pit_ties)
-        #: Latest events each entity keeps per shard for strict point-in-time reads.
-        self.pit_history = int(pit_history)
-        self.clock = clock
-        self.round_trips = 0
-        self.commands = 0
-        self.miss_cache_seconds = miss_cache_seconds
-        # Entity states as last read or written, per shard and shard version: a batch
-        # reads only the entities not cached (features/shard_cache.py).
-        self.shard_cache = ShardCache(self.counters.width + 1, shard_cache_entities)
-        self._items: dict[str, tuple[float, dict, dict]] = {}
-        self._absent: dict[str, float] = {}  # item id -> when to ask Redis again
-        self._items_found = 0.0  # see _items_take
-        self._users: dict[str, str] = {}
-        # A private registry by default: two stores in one process must not collide on the
-        # global one; the worker injects the registry it exports.
-        registry = registry if registry is not None else CollectorRegistry()
-        self._late = Counter(
-            "headwater_features_late_events_total",
-            "Click events older than an entity's counters (applied exactly, t not moved back).",
-            ["topic"],
-            registry=registry,
-        )
-        self._dupes = Counter(
-            "headwater_features_duplicate_events_total",
-            "Click events skipped because their offset was already applied.",
-            ["topic"],
-            registry=registry,
-        )
-        self._truncated = Counter(
-            "headwater_features_pit_truncated_total",
-            "Event references older than an entity's retained history in a shard: that "
-            "shard's older part was left out (never the future; see docs/point-in-time.md).",
-            ["topic"],
-            registry=registry,
-        )
-        self._fenced = Counter(
-            "headwater_features_fenced_writes_total",
-            "Batch writes refused because the partition's next offset moved (another writer).",
-            ["topic"],
-            registry=registry,
-        )
-        self._seconds = Histogram(
-            "headwater_redis_seconds",
-            "Wall time of one online-store operation, round trips included.",
-            ["operation"],
-            registry=registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
-        )
-
-    # -- keys -------------------------------------------------------------------------
-    def shard_key(self, partition: int, entity: str) -> str:
-        """``{hw:p<P>}:<entity>``: the entity's counter hash in one partition's shard."""
-        return f"{{{self.prefix}:p{partition}}}:{entity}"
-
-    def history_key(self, partition: int, entity: str) -> str:
-        """``{hw:p<P>}:~h:<entity>``: the entity's point-in-time history in one shard
-        (:mod:`features.asof`; ``~`` cannot start a counter name)."""
-        return f"{{{self.prefix}:p{partition}}}:~h:{entity}"
-
-    def attrs_key(self, kind: str, entity_id: Any) -> str:
-        return f"{self.prefix}:attrs:{kind}:{canonical(entity_id)}"
-
-    def codes_key(self, item_id: Any) -> str:
-        return f"{self.prefix}:codes:item:{canonical(item_id)}"
-
-    def _evalsha(
-        self, script: tuple[str, str], keys: Sequence[str], args: Sequence[Any]
-    ) -> Command:
-        return ("EVALSHA", script[1], len(keys), *keys, *args)
-
-    def _read_cmds(self, entities: Sequence[str], fields: list[str]) -> list[Command]:
-        if not entities:
-            return []
-        return [
-            self._evalsha(_READ, [self.shard_key(p, e) for e in entities], fields)
-            for p in range(self.partitions)
-        ]
-
-    def _states(self, blob: bytes, width: int) -> np.ndarray:
-        return np.frombuffer(blob, dtype="<f8").reshape(-1, width + 1)
-
-    # -- item attributes and codes, with a short-lived cache ---------------------------
-    def _plan_items(self, item_ids: Iterable[str]) -> Plan:
-        now = self.clock()
-        want = {i for i in item_ids if i}
-        miss = self._items_miss(want, now)
-        if miss:
-            res = yield self._items_cmds(miss)
-            self._items_take(miss, res, now)
-        return self._items_out(want)
-
-    def _items_miss(self, want: set[str], now: float) -> list[str]:
-        """Items to ask Redis about: not cached (or expired) and not recently absent."""
-        items, absent = self._items, self._absent
-        return [
-            i for i in want if (i not in items or items[i][0] < now) and absent.get(i, 0) < now
-        ]
-
-    def _items_cmds(self, miss: list[str]) -> list[Command]:
-        cmds: list[Command] = []
-        for i in miss:
-            cmds += [("HGETALL", self.attrs_key("item", i)), ("HGETALL", self.codes_key(i))]
-        return cmds
-
-    def _items_take(self, miss: list[str], res: list[Any], now: float) -> None:
-        """Cache the replies of :meth:`_items_cmds` (two per item)."""
-        if len(self._items) > 200_000:
-            self._items.clear()
-        if len(self._absent) > 200_000:
-            self._absent.clear()
-        found = 0
-        for k, i in enumerate(miss):
-            attrs, codes = _decode_hash(res[2 * k]), _decode_hash(res[2 * k + 1])
-            found += bool(attrs)
-            if not (attrs or codes):
-                # Remembered only briefly: the item event may be in flight. Without
-                # this, a stream of unknown items costs two commands per item per batch.
-                self._absent[i] = now + self.miss_cache_seconds
-            else:
-                self._items[i] = (now + self.attr_cache_seconds, attrs, codes.get("codes") or {})
-        if miss:  # share of items asked about that had attributes, smoothed over batches
-            self._items_found += 0.3 * (found / len(miss) - self._items_found)
-
-    def _items_out(self, want: set[str]) -> tuple[dict[str, dict], dict[str, dict]]:
-        items = self._items
-        attrs_out = {i: items[i][1] for i in want if i in items}
-        codes_out = {i: items[i][2] for i in want if i in items and items[i][2]}
-        return attrs_out, codes_out
-
-    def _user_attr_cmds(self, cols: Mapping[str, Any]) -> list[Command]:
-        latest = latest_user_attrs(cols)
-        cmds = []
-        for uid, (ts, attrs) in latest.items():
-            payload = json.dumps(attrs, sort_keys=True, default=str)
-            if self._users.get(uid) == payload:
-                continue  # unchanged since we last wrote it: save the command
-            self._users[uid] = payload
-            args: list[Any] = [repr(ts)]
-            for k, v in attrs.items():
-                args += [k, json.dumps(v, default=str)]
-            cmds.append(self._evalsha(_PUT, [self.attrs_key("user", uid)], args))
-        if len(self._users) > 500_000:
-            self._users.clear()
-        return cmds
-
-    # -- plans ------------------------------------------------------------------------
     def _plan_apply(
         self, topic: str, partition: int, events: Any, expect_next: int | None = None
     ) -> Plan:
@@ -307,7 +96,7 @@ class _StoreCore:
             for k, v in attrs.items():
                 if k not in ("ts", "item_id", "vectors"):
                     args += [k, json.dumps(v, default=str)]
-            cmds.append(self._evalsha(_PUT, [self.attrs_key("item", item_id)], args))
+            cmds.append(self.evalsha(PUT, [self.attrs_key("item", item_id)], args))
             self._items.pop(canonical(item_id), None)
             self._absent.pop(canonical(item_id), None)
         res = yield cmds
@@ -333,11 +122,11 @@ class _StoreCore:
 
     def _plan_get_codes(self, item_ids: Sequence[Any]) -> Plan:
         res = yield [("HGETALL", self.codes_key(i)) for i in item_ids]
-        return [(_decode_hash(r).get("codes") or None) for r in res]
+        return [(decode_hash(r).get("codes") or None) for r in res]
 
     def _plan_attrs(self, kind: str, ids: Sequence[Any]) -> Plan:
         res = yield [("HGETALL", self.attrs_key(kind, i)) for i in ids]
-        return [_decode_hash(r) or None for r in res]
+        return [decode_hash(r) or None for r in res]
 
     def _plan_offsets(self, partition: int) -> Plan:
         (raw,) = yield [("HGETALL", f"{{{self.prefix}:p{partition}}}:offsets")]
@@ -353,7 +142,7 @@ class _StoreCore:
         return False
 
 
-class OnlineStore(_StoreCore):
+class OnlineStore(_Planner):
     """Async online store over ``redis.asyncio`` (one pipeline per round trip).
 
     The client must return bytes (``decode_responses=False``): scripts return packed doubles.
@@ -384,7 +173,7 @@ class OnlineStore(_StoreCore):
                 return res
             # Scripts were flushed (restart, SCRIPT FLUSH): load and re-run; re-running is
             # safe because every command in a plan is idempotent.
-            for text, _ in _SCRIPTS:
+            for text, _ in SCRIPTS:
                 await self.client.execute_command("SCRIPT", "LOAD", text)
         raise RuntimeError("Redis keeps answering NOSCRIPT after SCRIPT LOAD")
 
@@ -462,7 +251,7 @@ class OnlineStore(_StoreCore):
         return await self._run(self._plan_get_codes(item_ids), "codes")
 
 
-class SyncOnlineStore(_StoreCore):
+class SyncOnlineStore(_Planner):
     """The same store over a blocking ``redis.Redis`` client (CLI, benchmarks, tests).
 
     Method for method the twin of :class:`OnlineStore`, running the same plans.
@@ -491,7 +280,7 @@ class SyncOnlineStore(_StoreCore):
             self.commands += len(cmds)
             if not self._check(res):
                 return res
-            for text, _ in _SCRIPTS:
+            for text, _ in SCRIPTS:
                 self.client.execute_command("SCRIPT", "LOAD", text)
         raise RuntimeError("Redis keeps answering NOSCRIPT after SCRIPT LOAD")
 

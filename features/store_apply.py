@@ -26,12 +26,11 @@ counters do not move again, and their features come back from the replay cache
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import struct
 import zlib
-from collections.abc import Generator, Mapping
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,7 +40,7 @@ from features.counters import aggregate, as_columns, derive_features, resolve_re
 from features.pointintime import replay_states
 
 if TYPE_CHECKING:
-    from features.store import BatchResult, _StoreCore
+    from features.store_core import BatchResult, StoreCore
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +165,7 @@ def decode_entries(
 
 
 def plan_apply(
-    core: _StoreCore, topic: str, partition: int, events: Any, expect_next: int | None = None
+    core: StoreCore, topic: str, partition: int, events: Any, expect_next: int | None = None
 ) -> Plan:
     """See the module docstring; returns a :class:`features.store.BatchResult`.
 
@@ -174,7 +173,7 @@ def plan_apply(
     own last write, or the batch's first offset); a smaller recorded one raises
     :class:`GapError` before anything is written.
     """
-    from features.store import _APPLY, BatchResult
+    from features.store_core import APPLY, BatchResult
 
     cfg = core.counters
     W = cfg.width
@@ -194,22 +193,22 @@ def plan_apply(
     # asked about lately did have attributes, they are asked first (one more round trip).
     now = core.clock()
     want = {i for i in srt["item_id"].tolist() if i}
-    miss = core._items_miss(want, now)
+    miss = core.items_miss(want, now)
     needs_attrs = any(s.needs_item_attrs for s in cfg.specs)
-    if miss and needs_attrs and core._items_found > 0.5:
+    if miss and needs_attrs and core.items_found > 0.5:
         # Most items asked about lately had attributes: resolving twice would cost more
         # than the round trip, so ask first (as the serving reads do).
-        core._items_take(miss, (yield core._items_cmds(miss)), now)
+        core.items_take(miss, (yield core.items_cmds(miss)), now)
         miss = []
-    attrs, codes = core._items_out(want)
+    attrs, codes = core.items_out(want)
     refs = resolve_refs(cfg, srt, attrs)
     tag = f"{{{core.prefix}:p{partition}}}"
     offsets_key, pit_key = f"{tag}:offsets", f"{tag}:pit:{topic}"
     fields = cfg.state_fields
     sig = config_signature(cfg)
     stride = refs.n_specs * W
-    item_cmds = core._items_cmds(miss)
-    extra = item_cmds + core._user_attr_cmds(srt)
+    item_cmds = core.items_cmds(miss)
+    extra = item_cmds + core.user_attr_cmds(srt)
     min_offset = int(srt["offset"].min()) if n else 0
     for attempt in range(MAX_ATTEMPTS):
         while True:
@@ -223,10 +222,10 @@ def plan_apply(
             extra = []  # item reads and guarded attribute writes went out once
             if not item_cmds:
                 break
-            core._items_take(miss, replies[: len(item_cmds)], now)
+            core.items_take(miss, replies[: len(item_cmds)], now)
             item_cmds = []
             seen = attrs
-            attrs, codes = core._items_out(want)
+            attrs, codes = core.items_out(want)
             if not needs_attrs or all(attrs.get(i) is seen.get(i) for i in miss):
                 break
             refs = resolve_refs(cfg, srt, attrs)
@@ -270,8 +269,8 @@ def plan_apply(
             hist_counts, hist_entries = _history_entries(rep, refs, ref_new, srt, ev_new)
             hl = ",".join(f"{h:.17g}" for h in cfg.half_lives)
             (written,) = yield [
-                core._evalsha(
-                    _APPLY,
+                core.evalsha(
+                    APPLY,
                     [offsets_key, pit_key, f"{tag}:writer", *keys],
                     [*args, token, hist_counts, hist_entries, hl, core.pit_history],
                 )
@@ -283,7 +282,7 @@ def plan_apply(
                 version = (token.encode(), str(next_offset).encode())
                 core.shard_cache.put(partition, version, entities, own)
             else:
-                core._fenced.labels(topic).inc()
+                core.fenced_writes.labels(topic).inc()
                 core.shard_cache.forget(partition)
                 log.warning(
                     "%s[%d]: next offset moved from %d to %s while the batch was computed "
@@ -304,9 +303,9 @@ def plan_apply(
     feats = derive_features(cfg, agg)
     back = np.argsort(order)
     late_count, dup_count = int(late.sum()), int(dup.sum())
-    core._late.labels(topic).inc(late_count)
-    core._truncated.labels(topic).inc(truncated)
-    core._dupes.labels(topic).inc(dup_count)
+    core.late_events.labels(topic).inc(late_count)
+    core.truncated_events.labels(topic).inc(truncated)
+    core.duplicate_events.labels(topic).inc(dup_count)
     result: BatchResult = BatchResult(
         features={k: v[back] for k, v in feats.items()},
         valid=valid[back],
@@ -330,7 +329,7 @@ def _entity_times(refs, ts_ref) -> np.ndarray:
 
 
 def _read_batch_start(
-    core: _StoreCore, topic, partition, srt, refs, others, extra, min_offset
+    core: StoreCore, topic, partition, srt, refs, others, extra, min_offset
 ) -> Plan:
     """Round trip 1: the own shard's next offset, states and replay cache, other shards.
 
@@ -342,7 +341,7 @@ def _read_batch_start(
     states per shard, histories per shard), extra replies)``; states are per entity of
     ``refs``, ``t`` last; histories map an entity index to its ``h`` field.
     """
-    from features.store import _READ_OWN, _READ_SHARD
+    from features.store_core import READ_OWN, READ_SHARD
 
     cfg = core.counters
     W = cfg.width
@@ -370,15 +369,15 @@ def _read_batch_start(
             keys += [core.history_key(q, entities[k]) for k in want.tolist()]
             ts_arg = lo[want].astype("<f8").tobytes()
             if q == partition:
-                cmd = core._evalsha(
-                    _READ_OWN,
+                cmd = core.evalsha(
+                    READ_OWN,
                     [f"{tag}:offsets", f"{tag}:pit:{topic}", f"{tag}:writer", *keys],
                     [topic, min_offset, ts_arg, *fields],
                 )
             else:
                 qt = f"{{{core.prefix}:p{q}}}"
-                cmd = core._evalsha(
-                    _READ_SHARD,
+                cmd = core.evalsha(
+                    READ_SHARD,
                     [f"{qt}:writer", f"{qt}:offsets", *keys],
                     [topic, ts_arg, *fields],
                 )
@@ -398,7 +397,7 @@ def _read_batch_start(
                 version = (writer, nxt_raw)
             want = wanted[q]
             hists[q] = {int(want[i]): h for i, h in zip(hist[0::2], hist[1::2], strict=True)}
-            fresh = core._states(blob, W)
+            fresh = core.states(blob, W)
             if q in full:
                 got = np.array(fresh)
                 sc.put(q, version, entities, got)
@@ -445,28 +444,3 @@ def _history_entries(rep, refs, ref_new, srt, ev_new) -> tuple[bytes, bytes]:
     return counts.astype("<i4").tobytes(), pairs.astype("<f8").tobytes()
 
 
-def latest_user_attrs(cols: Mapping[str, Any]) -> dict[str, tuple[float, dict]]:
-    """Per user (first-seen order), the attributes of its newest event (ties: the later).
-
-    Events without a user id or attributes do not count. Vectorised over events; the
-    per-event loop is the reference and runs when an event time is not finite.
-    """
-    uids, users, ts = cols["user_id"], cols["user"], np.asarray(cols["ts"], np.float64)
-    n = len(ts)
-    ok = np.fromiter(map(bool, users), bool, n) & np.fromiter(map(bool, uids), bool, n)
-    idx = np.flatnonzero(ok)
-    if not len(idx):
-        return {}
-    if not np.isfinite(ts[idx]).all() or not isinstance(uids, np.ndarray):
-        latest: dict[str, tuple[float, dict]] = {}
-        for uid, t, attrs in zip(uids, ts.tolist(), users, strict=True):
-            if uid and attrs and (uid not in latest or t >= latest[uid][0]):
-                latest[uid] = (t, attrs)
-        return latest
-    ids = uids[idx]
-    index = dict(zip(dict.fromkeys(ids.tolist()), itertools.count()))
-    codes = np.fromiter(map(index.__getitem__, ids.tolist()), np.int64, len(idx))
-    order = np.lexsort((idx, ts[idx], codes))  # by user, then time, then position
-    last = order[np.flatnonzero(np.append(codes[order][1:] != codes[order][:-1], True))]
-    winners = idx[last].tolist()  # user k's newest event, users in first-seen order
-    return {uid: (float(ts[w]), users[w]) for uid, w in zip(index, winners, strict=True)}

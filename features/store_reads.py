@@ -18,19 +18,20 @@ from features.counters import (
     derive_features,
     half_life_label,
     resolve_refs,
+    smoothed_ctr,
 )
 
 if TYPE_CHECKING:
-    from features.store import Plan, _StoreCore
+    from features.store_core import Plan, StoreCore
 
 __all__ = ["plan_entity", "plan_read"]
 
 
 def plan_read(
-    core: _StoreCore, entity_rows: Any, features: Sequence[str] | None, now: float | None
+    core: StoreCore, entity_rows: Any, features: Sequence[str] | None, now: float | None
 ) -> Plan:
     """See :meth:`features.store.OnlineStore.get_online_features`."""
-    from features.store import _decode_hash
+    from features.store_core import decode_hash
 
     now = core.clock() if now is None else float(now)
     if isinstance(entity_rows, Mapping):
@@ -51,9 +52,9 @@ def plan_read(
         )
     need_items = features is None or "item_attrs" in features or "codes" in features
     need_items = need_items or any(s.needs_item_attrs for s in cfg.specs)
-    attrs, codes = (yield from core._plan_items(set(cols["item_id"]))) if need_items else ({}, {})
+    attrs, codes = (yield from core.plan_items(set(cols["item_id"]))) if need_items else ({}, {})
     refs = resolve_refs(cfg, cols, attrs)
-    cmds = core._read_cmds(refs.entities, cfg.state_fields)
+    cmds = core.read_cmds(refs.entities, cfg.state_fields)
     n_read = len(cmds)
     users = sorted({u for u in cols["user_id"] if u})
     want_users = features is None or "user_attrs" in features
@@ -62,11 +63,11 @@ def plan_read(
     res = yield cmds
     total = np.zeros((len(refs.entities), cfg.width))
     for blob in res[:n_read]:
-        total += decay_state(cfg, core._states(blob, cfg.width), now)
+        total += decay_state(cfg, core.states(blob, cfg.width), now)
     feats = derive_features(cfg, aggregate(refs, total[refs.entity]))
     out: dict[str, Any] = {k: v for k, v in feats.items() if wanted is None or k in wanted}
     if want_users:
-        user_map = dict(zip(users, map(_decode_hash, res[n_read:]), strict=True))
+        user_map = dict(zip(users, map(decode_hash, res[n_read:]), strict=True))
         out["user_attrs"] = [user_map.get(u) or None for u in cols["user_id"]]
     if features is None or "item_attrs" in features:
         out["item_attrs"] = [attrs.get(i) for i in cols["item_id"]]
@@ -75,9 +76,9 @@ def plan_read(
     return out
 
 
-def plan_entity(core: _StoreCore, entity: str, now: float | None) -> Plan:
+def plan_entity(core: StoreCore, entity: str, now: float | None) -> Plan:
     """See :meth:`features.store.OnlineStore.entity_features`."""
-    from features.store import _READ, _decode_hash
+    from features.store_core import READ, decode_hash
 
     now = core.clock() if now is None else float(now)
     kind, sep, ident = entity.partition(":")
@@ -86,7 +87,7 @@ def plan_entity(core: _StoreCore, entity: str, now: float | None) -> Plan:
         raise ValueError(f"entity {entity!r}: expected '<counter>:<id>' with counter in {names}")
     cfg = core.counters
     cmds = [
-        core._evalsha(_READ, [core.shard_key(p, entity)], cfg.state_fields)
+        core.evalsha(READ, [core.shard_key(p, entity)], cfg.state_fields)
         for p in range(core.partitions)
     ]
     if kind in ("user", "item"):
@@ -94,25 +95,24 @@ def plan_entity(core: _StoreCore, entity: str, now: float | None) -> Plan:
     if kind == "item":
         cmds.append(("HGETALL", core.codes_key(ident)))
     res = yield cmds
-    shards = np.vstack([core._states(b, cfg.width) for b in res[: core.partitions]])
+    shards = np.vstack([core.states(b, cfg.width) for b in res[: core.partitions]])
     per_partition = decay_state(cfg, shards, now)
     total = per_partition.sum(axis=0)
-    a, p = cfg.alpha, cfg.prior
     out: dict[str, Any] = {"entity": entity, "as_of": now}
     out["impressions_total"], out["clicks_total"] = int(total[0]), int(total[1])
-    out["ctr_total"] = float((total[1] + a * p) / (total[0] + a))
+    out["ctr_total"] = float(smoothed_ctr(cfg, total[1], total[0]))
     for j, h in enumerate(cfg.half_lives):
         lab = half_life_label(h)
         nh, ch = float(total[2 + 2 * j]), float(total[3 + 2 * j])
         out[f"impressions_{lab}"], out[f"clicks_{lab}"] = nh, ch
-        out[f"ctr_{lab}"] = (ch + a * p) / (nh + a)
+        out[f"ctr_{lab}"] = float(smoothed_ctr(cfg, ch, nh))
     out["impressions_by_partition"] = {q: int(v) for q, v in enumerate(per_partition[:, 0]) if v}
     ts = shards[:, cfg.width]
     out["updated_at"] = float(np.nanmax(ts)) if np.isfinite(ts).any() else None
     if kind in ("user", "item"):
-        out["attributes"] = _decode_hash(res[core.partitions])
+        out["attributes"] = decode_hash(res[core.partitions])
     if kind == "item":
-        raw = _decode_hash(res[core.partitions + 1])
+        raw = decode_hash(res[core.partitions + 1])
         out["codes"] = raw.get("codes")
         out["codes_version"] = raw.get("version")
     return out

@@ -329,7 +329,7 @@ def test_fence_refuses_a_stale_writer_which_re_reads_and_applies_only_the_rest(
     """A zombie worker computed its batch, then the new owner wrote first: the zombie's
     write is refused, it re-reads, takes the owner's events from the replay cache and
     applies only the rest; the end state is that of one clean run."""
-    from features.store import _APPLY
+    from features.store_core import APPLY as _APPLY
 
     cfg = CounterConfig(specs=(CounterSpec("item", key=("item_id",)),), half_lives=(100.0,))
     registry = CollectorRegistry()
@@ -379,7 +379,7 @@ def test_a_writer_that_keeps_losing_the_race_gives_up_loudly(make_store):
 
 
 def _apply_sha():
-    from features.store import _APPLY
+    from features.store_core import APPLY as _APPLY
 
     return _APPLY[1]
 

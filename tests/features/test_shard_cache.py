@@ -12,7 +12,7 @@ import redis
 
 from features.counters import CounterConfig, CounterSpec
 from features.shard_cache import ShardCache
-from features.store_apply import latest_user_attrs
+from features.store_core import latest_user_attrs
 
 CFG = CounterConfig(
     specs=(
