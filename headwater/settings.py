@@ -153,6 +153,11 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for the learner.")
     log_level: str = Field("INFO", description="Log level for every service.")
     # -- state across restarts (issue 13) --
+    duplicate_window: int = Field(
+        200_000, ge=1,
+        description="Event ids per click partition kept in Redis to refuse duplicates "
+                    "(across worker restarts and gap re-reads; oldest positions evicted first).",
+    )
     score_redis_retry_seconds: float = Field(
         3.0, ge=0,
         description="How long a scoring request retries its feature read through a Redis "
