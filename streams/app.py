@@ -21,6 +21,7 @@ from faust.types import TP
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, generate_latest
 
+from detection.state_store import StateFenced
 from features.store_apply import FencedError, GapError
 from headwater.settings import Settings
 from streams.deadletter import dead_letter
@@ -103,6 +104,7 @@ POISON_AFTER = 3
 def is_transient(exc: BaseException) -> bool:
     """Errors of the infrastructure (Redis, the broker, the network): retry, never drop."""
     return isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, KafkaError, FencedError, GapError,
+                            StateFenced,
                             redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                             redis.exceptions.BusyLoadingError))
 

@@ -11,11 +11,12 @@ import redis.asyncio as aioredis
 
 from detection.alert_store import save_alerts
 from detection.baseline_store import BaselineStore
+from detection.state_store import DetectionStateStore
 from headwater.health import PERIOD_S, make_status, publish_async
 from headwater.settings import Settings
 from streams.app import _send_all, add_web_pages, batched_agent, create_app, pause_partition
 from streams.audit_path import AuditHandler, audit_engine_config
-from streams.click_path import ClickHandler
+from streams.click_path import ClickHandler, read_range
 from streams.item_path import ItemHandler
 from streams.metrics import WorkerMetrics
 
@@ -79,7 +80,10 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     items = ItemHandler(settings, client, metrics, state)
     audit = AuditHandler(topics, metrics, alert_sink=lambda alerts: save_alerts(client, alerts),
                          executor=audit_pool, config=audit_engine_config(settings),
-                         baseline_store=BaselineStore(client, settings.audit_baseline_ttl))
+                         baseline_store=BaselineStore(client, settings.audit_baseline_ttl),
+                         state_store=DetectionStateStore(client),
+                         read_range=lambda topic, p, start, stop: read_range(bootstrap, topic, p,
+                                                                            start, stop))
     n = settings.partitions
     dlq = topics["dead-letter"]
     batched_agent(app, topics["clicks"], n, clicks, settings.click_batch_size,
@@ -117,6 +121,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     @app.on_partitions_revoked.connect
     async def on_revoked(app_, revoked, **kwargs):
         clicks.on_revoked({tp.partition for tp in revoked if tp.topic == topics["clicks"]})
+        audit.forget({tp.partition for tp in revoked if tp.topic == topics["audit"]})
 
     @app.timer(REDIS_CHECK_S)
     async def check_redis():

@@ -9,12 +9,25 @@ from __future__ import annotations
 import json
 
 import pytest
+import redis
 from kafka import KafkaProducer
 
+from detection.engine import DetectionEngine
+from detection.state_store import state_key
 from features.store import SyncOnlineStore
+from headwater.settings import Settings
 from learner.batch import decode_batch
+from streams.audit_path import audit_engine_config
+from streams.audit_shipper import ship_audit
+from streams.topics import log_ends
 from tests.faults.test_worker_faults import _restart_redis, _snapshot
-from tests.stackutil import read_json_topic, read_topic, train_event_ids, wait_until
+from tests.stackutil import (
+    alerts_in_redis,
+    read_json_topic,
+    read_topic,
+    train_event_ids,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -84,3 +97,64 @@ def test_duplicate_ids_are_refused_across_a_worker_restart_and_a_gap_reread(stac
     # dx-1's rows (a replay after kill -9 re-emits the same row) all come from offset 0
     assert _row_positions(kafka, rows, "dx-1") == {(1, 0)}
     assert len(_dup_letters(kafka, prefix, "dx-1")) == 1  # a re-read does not dead-letter twice
+
+
+def _state_next(client, topic: str, partition: int) -> int | None:
+    raw = client.hget(state_key(topic, partition), "_next")
+    return int(raw) if raw is not None else None
+
+
+def _all_applied(client, kafka: str, topic: str) -> bool:
+    """Every audit message on the broker is covered by stored detection state."""
+    ends = log_ends(kafka, topic, range(PARTITIONS))
+    return all((_state_next(client, topic, p) or 0) == end for p, end in ends.items())
+
+
+def test_detection_state_survives_kill_9_mid_attack(stack, data_dir, tmp_path):
+    """Killed with -9 in the middle of an attack log, a worker resumes the host's graph
+    and alert chains: the alerts at the end are exactly those of one uninterrupted run
+    (same ids, severities, versions), one growing alert per chain, no duplicate."""
+    kafka, prefix, url = stack["kafka"], stack["prefix"], stack["url"]
+    settings = Settings(topic_prefix=prefix, partitions=PARTITIONS)
+    topic = settings.topics["audit"]
+    client = redis.Redis.from_url(url)
+    host = f"vm-dur-{prefix[:-1]}"
+    lines = (data_dir / "audit" / "dev03_ingress_revshell.log").read_text(encoding="utf-8").splitlines(True)
+    split = int(len(lines) * 0.6)  # the attack chain's alert exists, still low, before it
+
+    reference = DetectionEngine(host=host, config=audit_engine_config(settings))
+    reference.process_lines(lines[:split])
+    before = {a["id"]: a for a in reference.alerts()}
+    reference.process_lines(lines[split:])
+    expected = {a["id"]: a for a in reference.alerts()}
+    chain = [i for i, a in expected.items() if a["severity"] == "high"]
+    assert len(chain) == 1 and before[chain[0]]["severity"] == "low"  # the chain spans the kill
+
+    log = tmp_path / "audit.log"
+    log.write_text("".join(lines[:split]), encoding="utf-8")
+    worker = stack["start_worker"]()
+    ship_audit(settings, kafka, log, host, tmp_path / "pos", max_lines=100)
+    wait_until(lambda: _all_applied(client, kafka, topic), 90, what="the first part applied",
+               on_fail=stack["logs"])
+    worker.kill9()
+    with log.open("a", encoding="utf-8") as f:
+        f.write("".join(lines[split:]))
+    worker = stack["start_worker"]()
+    ship_audit(settings, kafka, log, host, tmp_path / "pos", max_lines=100)
+    wait_until(lambda: _all_applied(client, kafka, topic), 90, what="the rest applied",
+               on_fail=stack["logs"])
+
+    stored = {a["id"]: a for a in alerts_in_redis(url, host, "low")}
+    assert set(stored) == set(expected)
+    for aid, alert in expected.items():
+        got = stored[aid]
+        assert (got["severity"], got["version"], got["techniques"]) == \
+            (alert["severity"], alert["version"], alert["techniques"]), aid
+    published = [a for a in read_json_topic(kafka, f"{prefix}alerts") if a["host"] == host]
+    assert {a["id"] for a in published} == set(expected)
+    newest = {}
+    for a in published:
+        newest[a["id"]] = max(newest.get(a["id"], 0), a["version"])
+    assert newest == {aid: a["version"] for aid, a in expected.items()}
+    assert "resumed its detection state" in worker.log()
+    client.close()
