@@ -150,6 +150,11 @@ class Settings(BaseSettings):
     codebook_refresh_seconds: float = Field(
         900.0, gt=0, description="How often the items agent re-fits codebooks on recent items."
     )
+    codebook_lease_seconds: float = Field(
+        300.0, gt=0,
+        description="Expiry of the codebook fitter's lease in Redis (one fitter at a time; "
+                    "a fitter that dies frees it after this long).",
+    )
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for the learner.")
     log_level: str = Field("INFO", description="Log level for every service.")
     # -- state across restarts (issue 13) --

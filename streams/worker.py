@@ -36,6 +36,10 @@ class WorkerState:
         self.redis_ok = True
         #: click partitions stopped (REWIND): partition -> reason (set by the click handler)
         self.stopped: dict[int, str] = {}
+        #: topic -> partitions this worker holds now
+        self.assigned: dict[str, set[int]] = {}
+        #: the item codebook version in use (set by the items handler)
+        self.codebook_version = lambda: None
 
     def on_error(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -62,6 +66,8 @@ class WorkerState:
             "items_coded_total": self._total(m.items_coded),
             "redis_ok": self.redis_ok,
             "stopped_partitions": {f"clicks[{p}]": why for p, why in self.stopped.items()},
+            "assigned": {t: sorted(ps) for t, ps in self.assigned.items() if ps},
+            "codebook_version": self.codebook_version(),
         }
 
 
@@ -78,6 +84,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     clicks = ClickHandler(settings, client, metrics, state, bootstrap)
     state.stopped = clicks.stopped
     items = ItemHandler(settings, client, metrics, state)
+    state.codebook_version = lambda: items.version
     audit = AuditHandler(topics, metrics, alert_sink=lambda alerts: save_alerts(client, alerts),
                          executor=audit_pool, config=audit_engine_config(settings),
                          baseline_store=BaselineStore(client, settings.audit_baseline_ttl),
@@ -112,6 +119,8 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
         # The offsets recorded beside the counter state are the truth: every assigned
         # partition is checked against the group's committed offset now (in a task: a
         # rebalance must not wait on it), so a Redis that lost writes is caught up.
+        for tp in assigned:
+            state.assigned.setdefault(tp.topic, set()).add(tp.partition)
         mine = {tp.partition for tp in assigned if tp.topic == topics["clicks"]}
         clicks.on_assigned(mine)
         if mine:
@@ -120,12 +129,19 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app_, revoked, **kwargs):
+        for tp in revoked:
+            state.assigned.get(tp.topic, set()).discard(tp.partition)
         clicks.on_revoked({tp.partition for tp in revoked if tp.topic == topics["clicks"]})
         audit.forget({tp.partition for tp in revoked if tp.topic == topics["audit"]})
 
     @app.timer(REDIS_CHECK_S)
     async def check_redis():
         await guarded("verifying partitions after a Redis restart", clicks.check_redis())
+
+    @app.timer(PERIOD_S)
+    async def sync_codebooks():
+        # Every worker uses the published version, even one that gets no item events.
+        await guarded("loading the current codebooks", items.sync())
 
     @app.timer(settings.codebook_refresh_seconds)
     async def refresh_codebooks():

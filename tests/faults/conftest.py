@@ -25,8 +25,8 @@ def stack(kafka_bootstrap, tmp_path, topic_prefix):
     state = {"redis": redis_server, "url": url, "env": env, "services": services,
              "kafka": kafka_bootstrap, "prefix": topic_prefix, "tmp": tmp_path}
 
-    def start_worker() -> Service:
-        svc = Service("worker", env, tmp_path / "logs")
+    def start_worker(**extra) -> Service:
+        svc = Service("worker", dict(env, **{k: str(v) for k, v in extra.items()}), tmp_path / "logs")
         services.append(svc)
         return svc
 

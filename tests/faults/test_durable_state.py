@@ -6,19 +6,27 @@ with -9 and restarted, Redis is restored from an older copy of its data.
 
 from __future__ import annotations
 
+import io
 import json
 
+import numpy as np
 import pytest
 import redis
 from kafka import KafkaProducer
 
 from detection.engine import DetectionEngine
 from detection.state_store import state_key
+from features.codebook_store import CodebookStore
+from features.codes_service import CodeAssigner, CodesConfig
+from features.movielens import load_movielens
 from features.store import SyncOnlineStore
+from headwater.servers import free_port
 from headwater.settings import Settings
 from learner.batch import decode_batch
 from streams.audit_path import audit_engine_config
 from streams.audit_shipper import ship_audit
+from streams.item_path import make_encoder
+from streams.replay import partition_of
 from streams.topics import log_ends
 from tests.faults.test_worker_faults import _restart_redis, _snapshot
 from tests.stackutil import (
@@ -158,3 +166,101 @@ def test_detection_state_survives_kill_9_mid_attack(stack, data_dir, tmp_path):
     assert newest == {aid: a["version"] for aid, a in expected.items()}
     assert "resumed its detection state" in worker.log()
     client.close()
+
+
+def _movielens_items(data_dir) -> list[dict]:
+    ml = load_movielens(data_dir / "ml-100k")
+    return [{"item_id": str(iid), "ts": 880_000_000.0, "text": doc.get("title") or "",
+             "tags": list(doc.get("genres") or []),
+             "attributes": {"year": doc.get("year")} if doc.get("year") else {}}
+            for iid, doc in ml.items.items()]
+
+
+def _send_items(kafka: str, topic: str, items: list[dict]) -> None:
+    producer = KafkaProducer(bootstrap_servers=kafka)
+    parts = partition_of([it["item_id"] for it in items], PARTITIONS)
+    for p in range(PARTITIONS):
+        mine = [it for it, ip in zip(items, parts, strict=True) if ip == p]
+        for i in range(0, len(mine), 50):
+            producer.send(topic, json.dumps(mine[i:i + 50]).encode(), partition=p)
+    producer.flush()
+    producer.close()
+
+
+def _worker_statuses(client) -> list[dict]:
+    return [json.loads(raw) for key in client.scan_iter("hw:status:worker:*")
+            if (raw := client.get(key)) is not None]
+
+
+def _stored_codes(client, ids) -> dict[str, tuple]:
+    out = {}
+    for i in ids:
+        doc = client.hgetall(f"hw:codes:item:{i}")
+        if doc:
+            c = json.loads(doc[b"codes"])
+            out[i] = (c["rq"], c["vq"], json.loads(doc[b"version"]))
+    return out
+
+
+def test_codebooks_are_shared_by_two_workers_and_kept_across_a_restart(stack, data_dir):
+    kafka, prefix, url = stack["kafka"], stack["prefix"], stack["url"]
+    settings = Settings(topic_prefix=prefix, partitions=PARTITIONS, content_encoder="hashing")
+    topic = settings.topics["items"]
+    client = redis.Redis.from_url(url)
+    cfg = CodesConfig(levels=settings.code_levels, codebook_size=settings.codebook_size,
+                      vq_k=settings.vq_k)
+    books = CodebookStore(client, CodebookStore.config_name("hashing", cfg.levels, cfg.codebook_size,
+                                                            cfg.vq_k), 1.0, str)
+    items = _movielens_items(data_dir)
+    first, second, third = items[:400], items[400:440], items[440:460]
+    assert len(first) > cfg.fit_threshold > len(third)
+
+    workers = [stack["start_worker"](), stack["start_worker"](HEADWATER_WORKER_PORT=free_port())]
+
+    def split_between_two():
+        held = [set(s.get("assigned", {}).get(topic, [])) for s in _worker_statuses(client)]
+        return len(held) == 2 and all(held) and set.union(*held) == set(range(PARTITIONS))
+
+    wait_until(split_between_two, 90, what="both workers holding item partitions",
+               on_fail=stack["logs"])
+    _send_items(kafka, topic, first)
+    ids = [it["item_id"] for it in first]
+    wait_until(lambda: len(_stored_codes(client, ids)) == len(ids), 90, what="codes of the first items",
+               on_fail=stack["logs"])
+    version = client.hget(books.current_key, "version").decode()
+    assert {c[2] for c in _stored_codes(client, ids).values()} == {version}
+    logs = "".join(w.log() for w in workers)
+    assert logs.count("first fit") == 1, logs[-3000:]  # one fitter (the lease)
+    wait_until(lambda: [s.get("codebook_version") for s in _worker_statuses(client)] == [version] * 2,
+               30, what="both workers on the published version", on_fail=stack["logs"])
+
+    # Whichever worker codes an item, its codes are the published version's.
+    reference = CodeAssigner(make_encoder("hashing"), cfg)
+    with np.load(io.BytesIO(client.get(books.version_key(version))), allow_pickle=False) as data:
+        reference.import_codebooks({k: data[k] for k in data.files})
+
+    def expected(batch):
+        got = reference.quantize(*reference.encode_content(batch))
+        return {str(i): ([int(v) for v in c["rq"]], [int(v) for v in c["vq"]], version)
+                for i, c in got.items()}
+
+    _send_items(kafka, topic, second)
+    ids = [it["item_id"] for it in second]
+    wait_until(lambda: len(_stored_codes(client, ids)) == len(ids), 60, what="codes of later items",
+               on_fail=stack["logs"])
+    assert _stored_codes(client, ids) == expected(second)
+
+    # A restart keeps every item's codes, and new items get codes at once (no new fit).
+    before = _stored_codes(client, [it["item_id"] for it in first + second])
+    for w in workers:
+        w.kill9()
+    restarted = stack["start_worker"]()
+    _send_items(kafka, topic, third)
+    ids = [it["item_id"] for it in third]
+    wait_until(lambda: len(_stored_codes(client, ids)) == len(ids), 90,
+               what="codes of new items after the restart", on_fail=restarted.log)
+    assert _stored_codes(client, ids) == expected(third)
+    assert _stored_codes(client, list(before)) == before
+    assert "first fit" not in restarted.log() and f"using version {version}" in restarted.log()
+    client.close()
+
