@@ -96,7 +96,8 @@ class AuditHandler:
     def __init__(self, topics: dict[str, str], metrics: WorkerMetrics,
                  alert_sink: Callable[[list[dict]], object] | None = None,
                  config=None, executor: Executor | None = None, baseline_store=None,
-                 state_store=None, read_range: Callable | None = None) -> None:
+                 state_store=None, read_range: Callable | None = None,
+                 log_end: Callable[[str, int], int] | None = None) -> None:
         self.topics = topics
         self.metrics = metrics
         self.alert_sink = alert_sink
@@ -111,6 +112,12 @@ class AuditHandler:
         self._blobs: dict[str, bytes] = {}  # host -> stored engine state, until its engine exists
         self._hosts: dict[int, set[str]] = {}  # partition -> hosts whose state it holds
         self._next: dict[int, int | None] = {}  # partition -> next offset (loaded partitions)
+        #: a partition's log end offset (the REWIND check when its state is loaded)
+        self.log_end = log_end
+        #: partition -> why it is stopped (a REWIND); its messages are refused
+        self.stopped: dict[int, str] = {}
+        #: pauses fetching a partition (set by the worker)
+        self.pause = None
 
     def engine(self, host: str):
         eng = self.engines.get(host)
@@ -158,6 +165,16 @@ class AuditHandler:
     async def _load(self, topic: str, partition: int) -> bytes | None:
         """Load the partition's stored state; returns the last batch's packed outputs."""
         state = await self.state_store.load(topic, partition)
+        if state.next_offset is not None and self.log_end is not None:
+            end = await asyncio.get_running_loop().run_in_executor(None, self.log_end, topic,
+                                                                   partition)
+            if state.next_offset > end:
+                self._stop(topic, partition, (
+                    f"{topic}[{partition}]: REWIND: Redis holds detection state applied up to "
+                    f"offset {state.next_offset}, but the broker's log ends at {end}: the log "
+                    f"was reset while Redis kept its state. Run `headwater reset` (wipes Redis, "
+                    f"the model store and the broker's log) and replay."))
+                return None
         self._next[partition] = state.next_offset
         self._hosts[partition] = set(state.hosts)
         for host, blob in state.hosts.items():
@@ -231,8 +248,23 @@ class AuditHandler:
                 await result
         self.metrics.events_out.labels(self.topics["alerts"]).inc(len(alerts))
 
+    def _stop(self, topic: str, partition: int, reason: str) -> None:
+        if partition not in self.stopped:
+            log.error("stopping %s[%d]: %s", topic, partition, reason)
+            self.metrics.rewinds.labels(topic, str(partition)).inc()
+            self.metrics.stopped.labels(topic, str(partition)).set(1)
+        self.stopped[partition] = reason
+        if self.pause is not None:
+            self.pause(partition)
+
     async def _durable(self, topic: str, partition: int, messages: list[Message]) -> list[Output]:
-        last_out = await self._load(topic, partition) if partition not in self._next else None
+        if partition not in self.stopped and partition not in self._next:
+            last_out = await self._load(topic, partition)
+        else:
+            last_out = None
+        if partition in self.stopped:
+            self.metrics.refused.labels(topic).inc(len(messages))
+            return []
         start = self._next[partition]
         fresh = [m for m in messages if start is None or m[0] >= start]
         outputs: list[Output] = []

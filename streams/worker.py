@@ -19,6 +19,7 @@ from streams.audit_path import AuditHandler, audit_engine_config
 from streams.click_path import ClickHandler, read_range
 from streams.item_path import ItemHandler
 from streams.metrics import WorkerMetrics
+from streams.topics import log_ends
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class WorkerState:
         self.redis_ok = True
         #: click partitions stopped (REWIND): partition -> reason (set by the click handler)
         self.stopped: dict[int, str] = {}
+        #: audit partitions stopped (REWIND): partition -> reason (set by the audit handler)
+        self.audit_stopped: dict[int, str] = {}
         #: topic -> partitions this worker holds now
         self.assigned: dict[str, set[int]] = {}
         #: the item codebook version in use (set by the items handler)
@@ -65,7 +68,8 @@ class WorkerState:
             "alerts_total": self._total(m.alerts),
             "items_coded_total": self._total(m.items_coded),
             "redis_ok": self.redis_ok,
-            "stopped_partitions": {f"clicks[{p}]": why for p, why in self.stopped.items()},
+            "stopped_partitions": {**{f"clicks[{p}]": why for p, why in self.stopped.items()},
+                                   **{f"audit[{p}]": why for p, why in self.audit_stopped.items()}},
             "assigned": {t: sorted(ps) for t, ps in self.assigned.items() if ps},
             "codebook_version": self.codebook_version(),
         }
@@ -90,7 +94,8 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
                          baseline_store=BaselineStore(client, settings.audit_baseline_ttl),
                          state_store=DetectionStateStore(client),
                          read_range=lambda topic, p, start, stop: read_range(bootstrap, topic, p,
-                                                                            start, stop))
+                                                                            start, stop),
+                         log_end=lambda topic, p: log_ends(bootstrap, topic, [p])[p])
     n = settings.partitions
     dlq = topics["dead-letter"]
     batched_agent(app, topics["clicks"], n, clicks, settings.click_batch_size,
@@ -106,6 +111,8 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     clicks.send = send
 
     clicks.pause = lambda partition: pause_partition(app, topics["clicks"], partition)
+    state.audit_stopped = audit.stopped
+    audit.pause = lambda partition: pause_partition(app, topics["audit"], partition)
 
     async def guarded(what: str, coro) -> None:
         try:
@@ -154,7 +161,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     @app.timer(PERIOD_S)
     async def heartbeat():
         doc = make_status("worker", state.started_at, **state.status())
-        doc["healthy"] = state.redis_ok and not state.stopped
+        doc["healthy"] = state.redis_ok and not state.stopped and not state.audit_stopped
         doc["last_error"] = state.last_error
         try:
             await publish_async(client, doc)

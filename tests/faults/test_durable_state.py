@@ -264,3 +264,46 @@ def test_codebooks_are_shared_by_two_workers_and_kept_across_a_restart(stack, da
     assert "first fit" not in restarted.log() and f"using version {version}" in restarted.log()
     client.close()
 
+
+
+def test_detection_state_beyond_the_log_end_stops_the_partition(kafka_bootstrap, redis_db,
+                                                                 topic_prefix, data_dir):
+    """Redis holds detection state from a log that is gone (a reset broker): the audit
+    partition stops (REWIND) instead of skipping the new log's events as replays, and
+    ``headwater up``'s check names it."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from detection.state_store import DetectionStateStore
+    from headwater.lifetimes import recorded_in_redis
+    from streams.audit_path import AuditHandler
+    from streams.metrics import WorkerMetrics
+    from streams.topics import ensure_topics
+
+    settings = Settings(topic_prefix=topic_prefix, partitions=PARTITIONS)
+    ensure_topics(settings, kafka_bootstrap)
+    topic = settings.topics["audit"]
+    line = (data_dir / "audit" / "dev02_webshell_cmd_injection.log").read_text().splitlines()[0]
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for _ in range(3):
+        producer.send(topic, line.encode(), key=b"vm", partition=1)
+    producer.flush()
+    producer.close()
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_db)
+        try:
+            store = DetectionStateStore(client)
+            await store.save(topic, 1, None, 40, {}, b"[]")  # an older run got to offset 40
+            handler = AuditHandler(settings.topics, WorkerMetrics(), state_store=store,
+                                   log_end=lambda t, p: log_ends(kafka_bootstrap, t, [p])[p])
+            out = await handler(topic, 1, [(0, b"vm", line.encode())])
+            return out, handler.stopped
+        finally:
+            await client.aclose()
+
+    out, stopped = asyncio.run(go())
+    assert out == [] and "REWIND" in stopped[1] and "log ends at 3" in stopped[1]
+    assert "headwater reset" in stopped[1]
+    assert recorded_in_redis(redis_db, PARTITIONS)[(topic, 1)] == 40
