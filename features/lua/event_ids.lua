@@ -6,20 +6,22 @@
 -- position the id was first seen at (a duplicate).
 local cap = tonumber(ARGV[1])
 local out = {}
+local added = {}
 local n = 0
 for i = 2, #ARGV, 3 do
   local id, pos = ARGV[i], ARGV[i + 1]
-  local first = redis.call('HGET', KEYS[1], id)
   n = n + 1
-  if not first then
-    redis.call('HSET', KEYS[1], id, pos)
-    redis.call('ZADD', KEYS[2], ARGV[i + 2], id)
-    out[n] = 0
-  elseif first == pos then
+  if redis.call('HSETNX', KEYS[1], id, pos) == 1 then
+    added[#added + 1] = ARGV[i + 2]
+    added[#added + 1] = id
     out[n] = 0
   else
-    out[n] = first
+    local first = redis.call('HGET', KEYS[1], id)
+    if first == pos then out[n] = 0 else out[n] = first end
   end
+end
+for s = 1, #added, 2000 do
+  redis.call('ZADD', KEYS[2], unpack(added, s, math.min(s + 1999, #added)))
 end
 local excess = redis.call('ZCARD', KEYS[2]) - cap
 while excess > 0 do
