@@ -13,7 +13,9 @@ last batch's outputs, which a crash may have kept from going out) and re-reads f
 Kafka what Redis lost (a Redis restored from an older AOF), so chains keep growing in
 the same alerts. The host's learned baseline (:mod:`detection.baseline`) has its own
 key and lifetime (:class:`detection.baseline_store.BaselineStore`): it is loaded the
-first time the worker sees the host and the fields each batch changed are written back.
+first time the worker sees the host and the fields each batch changed are written back;
+a batch that fails after its baseline was written (Redis failing between the two writes)
+is learned twice when retried, which inflates familiarity by one batch at most.
 """
 
 from __future__ import annotations
