@@ -195,6 +195,8 @@ class AuditHandler:
             host, lines = split_audit_message(key, value or b"")
             eng = seen.get(host) or seen.setdefault(host, self.engine(host))
             res = eng.process_lines(lines)
+            for alert in res.alerts:
+                alerts[alert["id"]] = alert  # one update per alert per batch: the newest
             if offset < emit_from:  # a gap re-read: its dead letters went out the first time
                 continue
             self.metrics.messages_in.labels(topic).inc()
@@ -205,8 +207,6 @@ class AuditHandler:
                                 dead_letter(reason, topic, partition, offset, line), None))
                 self.metrics.dead_letters.labels(topic, reason_kind(reason)).inc()
             self.metrics.events_valid.labels(topic).inc(len(lines) - len(res.errors))
-            for alert in res.alerts:
-                alerts[alert["id"]] = alert  # one update per alert per batch: the newest
         for alert in alerts.values():
             outputs.append((self.topics["alerts"], alert["host"].encode(),
                             json.dumps(alert, default=str).encode(), None))

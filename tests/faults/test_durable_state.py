@@ -118,40 +118,25 @@ def _all_applied(client, kafka: str, topic: str) -> bool:
     return all((_state_next(client, topic, p) or 0) == end for p, end in ends.items())
 
 
-def test_detection_state_survives_kill_9_mid_attack(stack, data_dir, tmp_path):
-    """Killed with -9 in the middle of an attack log, a worker resumes the host's graph
-    and alert chains: the alerts at the end are exactly those of one uninterrupted run
-    (same ids, severities, versions), one growing alert per chain, no duplicate."""
-    kafka, prefix, url = stack["kafka"], stack["prefix"], stack["url"]
-    settings = Settings(topic_prefix=prefix, partitions=PARTITIONS)
-    topic = settings.topics["audit"]
-    client = redis.Redis.from_url(url)
-    host = f"vm-dur-{prefix[:-1]}"
+def _attack(data_dir, settings, host):
+    """The dev03 attack log's lines and the alerts one uninterrupted engine gives."""
     lines = (data_dir / "audit" / "dev03_ingress_revshell.log").read_text(encoding="utf-8").splitlines(True)
-    split = int(len(lines) * 0.6)  # the attack chain's alert exists, still low, before it
-
     reference = DetectionEngine(host=host, config=audit_engine_config(settings))
-    reference.process_lines(lines[:split])
-    before = {a["id"]: a for a in reference.alerts()}
-    reference.process_lines(lines[split:])
-    expected = {a["id"]: a for a in reference.alerts()}
-    chain = [i for i, a in expected.items() if a["severity"] == "high"]
-    assert len(chain) == 1 and before[chain[0]]["severity"] == "low"  # the chain spans the kill
+    reference.process_lines(lines)
+    return lines, {a["id"]: a for a in reference.alerts()}
 
+
+def _ship(settings, kafka, tmp_path, host, lines) -> None:
+    """Append ``lines`` to the host's log file and ship what is new (100-line messages)."""
     log = tmp_path / "audit.log"
-    log.write_text("".join(lines[:split]), encoding="utf-8")
-    worker = stack["start_worker"]()
-    ship_audit(settings, kafka, log, host, tmp_path / "pos", max_lines=100)
-    wait_until(lambda: _all_applied(client, kafka, topic), 90, what="the first part applied",
-               on_fail=stack["logs"])
-    worker.kill9()
     with log.open("a", encoding="utf-8") as f:
-        f.write("".join(lines[split:]))
-    worker = stack["start_worker"]()
+        f.write("".join(lines))
     ship_audit(settings, kafka, log, host, tmp_path / "pos", max_lines=100)
-    wait_until(lambda: _all_applied(client, kafka, topic), 90, what="the rest applied",
-               on_fail=stack["logs"])
 
+
+def _assert_alerts_as_one_run(expected, url, kafka, prefix, host) -> None:
+    """Alerts in Redis and on the topic: exactly one uninterrupted run's (same ids,
+    severities, versions, techniques), one growing alert per chain, none duplicated."""
     stored = {a["id"]: a for a in alerts_in_redis(url, host, "low")}
     assert set(stored) == set(expected)
     for aid, alert in expected.items():
@@ -164,7 +149,68 @@ def test_detection_state_survives_kill_9_mid_attack(stack, data_dir, tmp_path):
     for a in published:
         newest[a["id"]] = max(newest.get(a["id"], 0), a["version"])
     assert newest == {aid: a["version"] for aid, a in expected.items()}
+
+
+def test_detection_state_survives_kill_9_mid_attack(stack, data_dir, tmp_path):
+    """Killed with -9 in the middle of an attack log, a worker resumes the host's graph
+    and alert chains: the alerts at the end are exactly those of one uninterrupted run."""
+    kafka, prefix, url = stack["kafka"], stack["prefix"], stack["url"]
+    settings = Settings(topic_prefix=prefix, partitions=PARTITIONS)
+    topic = settings.topics["audit"]
+    client = redis.Redis.from_url(url)
+    host = f"vm-dur-{prefix[:-1]}"
+    lines, expected = _attack(data_dir, settings, host)
+    split = int(len(lines) * 0.6)
+    before = DetectionEngine(host=host, config=audit_engine_config(settings))
+    before.process_lines(lines[:split])
+    chain = [i for i, a in expected.items() if a["severity"] == "high"]
+    # the attack chain's alert exists, still low, before the kill
+    assert len(chain) == 1 and {a["id"]: a for a in before.alerts()}[chain[0]]["severity"] == "low"
+
+    worker = stack["start_worker"]()
+    _ship(settings, kafka, tmp_path, host, lines[:split])
+    wait_until(lambda: _all_applied(client, kafka, topic), 90, what="the first part applied",
+               on_fail=stack["logs"])
+    worker.kill9()
+    worker = stack["start_worker"]()
+    _ship(settings, kafka, tmp_path, host, lines[split:])
+    wait_until(lambda: _all_applied(client, kafka, topic), 90, what="the rest applied",
+               on_fail=stack["logs"])
+    _assert_alerts_as_one_run(expected, url, kafka, prefix, host)
     assert "resumed its detection state" in worker.log()
+    client.close()
+
+
+def test_detection_state_redis_lost_is_rebuilt_from_the_log(stack, data_dir, tmp_path):
+    """Redis restored from an older copy loses detection state and alerts of a part of
+    the log: the worker re-reads that part from Kafka, and the alerts end up exactly
+    those of one uninterrupted run."""
+    kafka, prefix, url = stack["kafka"], stack["prefix"], stack["url"]
+    settings = Settings(topic_prefix=prefix, partitions=PARTITIONS)
+    topic = settings.topics["audit"]
+    client = redis.Redis.from_url(url)
+    host = f"vm-gap-{prefix[:-1]}"
+    lines, expected = _attack(data_dir, settings, host)
+    a, b = int(len(lines) * 0.4), int(len(lines) * 0.7)
+    worker = stack["start_worker"]()
+    _ship(settings, kafka, tmp_path, host, lines[:a])
+    wait_until(lambda: _all_applied(client, kafka, topic), 90, what="the first part applied",
+               on_fail=stack["logs"])
+    snapshot = _snapshot(stack)  # restarts Redis: a new client
+    client.close()
+    client = redis.Redis.from_url(url)
+    _ship(settings, kafka, tmp_path, host, lines[a:b])
+    wait_until(lambda: _all_applied(client, kafka, topic), 90, what="the second part applied",
+               on_fail=stack["logs"])
+    _restart_redis(stack, "redis3.log", restore_from=snapshot)  # the second part is lost
+    client.close()
+    client = redis.Redis.from_url(url)
+    assert not _all_applied(client, kafka, topic)
+    _ship(settings, kafka, tmp_path, host, lines[b:])
+    wait_until(lambda: _all_applied(client, kafka, topic), 90, what="the lost part re-read",
+               on_fail=stack["logs"])
+    _assert_alerts_as_one_run(expected, url, kafka, prefix, host)
+    assert "re-reading the gap" in worker.log()
     client.close()
 
 
