@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis.asyncio as aioredis  # noqa: E402
 
-from bench.features_store import _batches  # noqa: E402
+from bench.features_store import _batches, bench_redis  # noqa: E402
 from detection.baseline_store import BaselineStore  # noqa: E402
 from detection.state_store import DetectionStateStore  # noqa: E402
 from features.event_ids import EventIdWindow  # noqa: E402
@@ -99,13 +99,7 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=100, help="audit lines per message")
     ap.add_argument("--repeat", type=int, default=7, help="alternating audit runs of each kind")
     args = ap.parse_args()
-    server = None
-    url = os.environ.get("HEADWATER_REDIS")
-    if not url:
-        from headwater.servers import start_redis
-
-        server = start_redis()
-        url = server.extra["url"]
+    url, server = bench_redis()
     try:
         c = asyncio.run(clicks(url, args.events, args.batch, args.partitions))
         logs = sorted((default_data_dir() / "audit").glob("dev0*.log"))

@@ -126,12 +126,20 @@ def _attack(data_dir, settings, host):
     return lines, {a["id"]: a for a in reference.alerts()}
 
 
-def _ship(settings, kafka, tmp_path, host, lines) -> None:
-    """Append ``lines`` to the host's log file and ship what is new (100-line messages)."""
+def _ship_applied(stack, tmp_path, host, lines, what: str) -> None:
+    """Append ``lines`` to the host's log file, ship what is new (100-line messages) and
+    wait until every audit message on the broker is covered by stored detection state."""
+    settings = Settings(topic_prefix=stack["prefix"], partitions=PARTITIONS)
     log = tmp_path / "audit.log"
     with log.open("a", encoding="utf-8") as f:
         f.write("".join(lines))
-    ship_audit(settings, kafka, log, host, tmp_path / "pos", max_lines=100)
+    ship_audit(settings, stack["kafka"], log, host, tmp_path / "pos", max_lines=100)
+    client = redis.Redis.from_url(stack["url"])  # a new one: Redis may have restarted
+    try:
+        wait_until(lambda: _all_applied(client, stack["kafka"], settings.topics["audit"]), 90,
+                   what=what, on_fail=stack["logs"])
+    finally:
+        client.close()
 
 
 def _assert_alerts_as_one_run(expected, url, kafka, prefix, host) -> None:
@@ -154,11 +162,8 @@ def _assert_alerts_as_one_run(expected, url, kafka, prefix, host) -> None:
 def test_detection_state_survives_kill_9_mid_attack(stack, data_dir, tmp_path):
     """Killed with -9 in the middle of an attack log, a worker resumes the host's graph
     and alert chains: the alerts at the end are exactly those of one uninterrupted run."""
-    kafka, prefix, url = stack["kafka"], stack["prefix"], stack["url"]
-    settings = Settings(topic_prefix=prefix, partitions=PARTITIONS)
-    topic = settings.topics["audit"]
-    client = redis.Redis.from_url(url)
-    host = f"vm-dur-{prefix[:-1]}"
+    settings = Settings(topic_prefix=stack["prefix"], partitions=PARTITIONS)
+    host = f"vm-dur-{stack['prefix'][:-1]}"
     lines, expected = _attack(data_dir, settings, host)
     split = int(len(lines) * 0.6)
     before = DetectionEngine(host=host, config=audit_engine_config(settings))
@@ -168,50 +173,33 @@ def test_detection_state_survives_kill_9_mid_attack(stack, data_dir, tmp_path):
     assert len(chain) == 1 and {a["id"]: a for a in before.alerts()}[chain[0]]["severity"] == "low"
 
     worker = stack["start_worker"]()
-    _ship(settings, kafka, tmp_path, host, lines[:split])
-    wait_until(lambda: _all_applied(client, kafka, topic), 90, what="the first part applied",
-               on_fail=stack["logs"])
+    _ship_applied(stack, tmp_path, host, lines[:split], "the first part applied")
     worker.kill9()
     worker = stack["start_worker"]()
-    _ship(settings, kafka, tmp_path, host, lines[split:])
-    wait_until(lambda: _all_applied(client, kafka, topic), 90, what="the rest applied",
-               on_fail=stack["logs"])
-    _assert_alerts_as_one_run(expected, url, kafka, prefix, host)
+    _ship_applied(stack, tmp_path, host, lines[split:], "the rest applied")
+    _assert_alerts_as_one_run(expected, stack["url"], stack["kafka"], stack["prefix"], host)
     assert "resumed its detection state" in worker.log()
-    client.close()
 
 
 def test_detection_state_redis_lost_is_rebuilt_from_the_log(stack, data_dir, tmp_path):
     """Redis restored from an older copy loses detection state and alerts of a part of
     the log: the worker re-reads that part from Kafka, and the alerts end up exactly
     those of one uninterrupted run."""
-    kafka, prefix, url = stack["kafka"], stack["prefix"], stack["url"]
-    settings = Settings(topic_prefix=prefix, partitions=PARTITIONS)
-    topic = settings.topics["audit"]
-    client = redis.Redis.from_url(url)
-    host = f"vm-gap-{prefix[:-1]}"
+    settings = Settings(topic_prefix=stack["prefix"], partitions=PARTITIONS)
+    host = f"vm-gap-{stack['prefix'][:-1]}"
     lines, expected = _attack(data_dir, settings, host)
     a, b = int(len(lines) * 0.4), int(len(lines) * 0.7)
     worker = stack["start_worker"]()
-    _ship(settings, kafka, tmp_path, host, lines[:a])
-    wait_until(lambda: _all_applied(client, kafka, topic), 90, what="the first part applied",
-               on_fail=stack["logs"])
-    snapshot = _snapshot(stack)  # restarts Redis: a new client
-    client.close()
-    client = redis.Redis.from_url(url)
-    _ship(settings, kafka, tmp_path, host, lines[a:b])
-    wait_until(lambda: _all_applied(client, kafka, topic), 90, what="the second part applied",
-               on_fail=stack["logs"])
+    _ship_applied(stack, tmp_path, host, lines[:a], "the first part applied")
+    snapshot = _snapshot(stack)
+    _ship_applied(stack, tmp_path, host, lines[a:b], "the second part applied")
     _restart_redis(stack, "redis3.log", restore_from=snapshot)  # the second part is lost
+    client = redis.Redis.from_url(stack["url"])
+    assert not _all_applied(client, stack["kafka"], settings.topics["audit"])
     client.close()
-    client = redis.Redis.from_url(url)
-    assert not _all_applied(client, kafka, topic)
-    _ship(settings, kafka, tmp_path, host, lines[b:])
-    wait_until(lambda: _all_applied(client, kafka, topic), 90, what="the lost part re-read",
-               on_fail=stack["logs"])
-    _assert_alerts_as_one_run(expected, url, kafka, prefix, host)
+    _ship_applied(stack, tmp_path, host, lines[b:], "the lost part re-read")
+    _assert_alerts_as_one_run(expected, stack["url"], stack["kafka"], stack["prefix"], host)
     assert "re-reading the gap" in worker.log()
-    client.close()
 
 
 def _movielens_items(data_dir) -> list[dict]:
