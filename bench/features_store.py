@@ -49,6 +49,18 @@ def _batches(ml, n_events: int, batch: int, partitions: int):
             yield p, cols
 
 
+def bench_redis():
+    """``(url, server)``: ``HEADWATER_REDIS`` (server ``None``) or a throwaway redis-server
+    started here (stop it when done)."""
+    url = os.environ.get("HEADWATER_REDIS")
+    if url:
+        return url, None
+    from headwater.servers import start_redis
+
+    server = start_redis()
+    return server.extra["url"], server
+
+
 def _pct(values, q):
     return float(np.percentile(np.asarray(values), q)) * 1000
 
@@ -60,13 +72,7 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=4)
     args = ap.parse_args()
 
-    server = None
-    url = os.environ.get("HEADWATER_REDIS")
-    if not url:
-        from headwater.servers import start_redis
-
-        server = start_redis()
-        url = server.extra["url"]
+    url, server = bench_redis()
     client = redis.Redis.from_url(url)
     client.flushdb()
     try:

@@ -166,6 +166,11 @@ class Settings(BaseSettings):
     codebook_refresh_seconds: float = Field(
         900.0, gt=0, description="How often the items agent re-fits codebooks on recent items."
     )
+    codebook_lease_seconds: float = Field(
+        300.0, gt=0,
+        description="Expiry of the codebook fitter's lease in Redis (one fitter at a time; "
+                    "a fitter that dies frees it after this long).",
+    )
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for the learner.")
     log_level: str = Field("INFO", description="Log level for every service.")
     # -- reaching a secured Kafka (core/kafka.py builds every client with these) --
@@ -181,6 +186,11 @@ class Settings(BaseSettings):
     kafka_ssl_certfile: str | None = Field(None, description="Client certificate (mutual TLS).")
     kafka_ssl_keyfile: str | None = Field(None, description="Client certificate's private key (mutual TLS).")
     # -- state across restarts (issue 13) --
+    duplicate_window: int = Field(
+        200_000, ge=1,
+        description="Event ids per click partition kept in Redis to refuse duplicates "
+                    "(across worker restarts and gap re-reads; oldest positions evicted first).",
+    )
     score_redis_retry_seconds: float = Field(
         3.0, ge=0,
         description="How long a scoring request retries its feature read through a Redis "

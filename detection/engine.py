@@ -20,6 +20,9 @@ Examples
 
 from __future__ import annotations
 
+import io
+import pickle
+import zlib
 from dataclasses import dataclass, field
 
 from .alerts import AlertAggregator
@@ -120,6 +123,32 @@ class _Policy:
 
 
 _RULES_CACHE: dict = {}
+
+#: engine attributes a state snapshot leaves out (see DetectionEngine.dump_state)
+_NOT_SNAPSHOT = frozenset({"rules", "model", "edge_sink", "config"})
+
+
+class _StateUnpickler(pickle.Unpickler):
+    """Unpickles engine state only: detection's classes and plain containers.
+
+    State comes back from Redis; refusing every other global means a tampered value
+    cannot name arbitrary callables (the usual pickle hazard).
+    """
+
+    _PLAIN = frozenset({("collections", "OrderedDict"), ("collections", "deque"),
+                        ("collections", "defaultdict"), ("builtins", "set"),
+                        ("builtins", "frozenset")})
+
+    _MODULES = frozenset({"detection.alerts", "detection.coalesce", "detection.engine",
+                          "detection.events", "detection.graph", "detection.nodes",
+                          "detection.records", "detection.reduction"})
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._PLAIN or (module in self._MODULES and not name.startswith("__")):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type):
+                return obj
+        raise pickle.UnpicklingError(f"detection state may not contain {module}.{name}")
 
 
 def _load_rules(files) -> RuleSet:
@@ -275,6 +304,38 @@ class DetectionEngine:
     def load_baseline(self, fields: dict) -> int:
         """Restore learned state saved with :meth:`baseline_delta` (e.g. after a restart)."""
         return self.model.load(fields) if self.model is not None else 0
+
+    # ------------------------------------------------------------------ durable state
+    def dump_state(self) -> bytes:
+        """The host's detection state as bytes: graph, open coalescing window, alerts.
+
+        The rules, the settings and the learned baseline are left out: rules and
+        settings come from the process that loads the state, the baseline has its own
+        store (:mod:`detection.baseline_store`). :meth:`from_state` reads it back.
+        """
+        state = {k: v for k, v in self.__dict__.items() if k not in _NOT_SNAPSHOT}
+        return zlib.compress(pickle.dumps(state, protocol=5), 1)
+
+    @classmethod
+    def from_state(cls, host: str, blob: bytes, config: EngineConfig | None = None,
+                   rules: RuleSet | None = None) -> DetectionEngine:
+        """An engine that resumes where :meth:`dump_state` left off (its model empty:
+        load the baseline with :meth:`load_baseline`).
+
+        Only detection's own classes and plain containers are accepted in *blob*
+        (:class:`_StateUnpickler`); a state of another host is refused.
+
+        >>> eng = DetectionEngine(host="vm")
+        >>> _ = eng.process_lines(["type=garbage"])
+        >>> DetectionEngine.from_state("vm", eng.dump_state()).stats()["errors"]
+        1
+        """
+        eng = cls(host, config, rules)
+        state = _StateUnpickler(io.BytesIO(zlib.decompress(blob))).load()
+        if not isinstance(state, dict) or state.get("host") != host:
+            raise ValueError(f"stored detection state is not host {host!r}'s")
+        eng.__dict__.update(state)
+        return eng
 
     # ------------------------------------------------------------------ views
     def _batch_stats(self, nrec: int, nev: int, nerr: int) -> dict:

@@ -518,6 +518,16 @@ class VQIndex:
         self._pos = {item: i for i, item in enumerate(ids)}
         return self
 
+    def load(self, ids: Sequence[Any], pool: np.ndarray) -> VQIndex:
+        """Set a pool exported from another index (``pool_ids``, ``pool``) as it is: no
+        re-normalisation, so both give bit-identical codes."""
+        if len(ids) != len(pool):
+            raise ValueError(f"{len(ids)} ids for {len(pool)} pool vectors")
+        self.pool = np.asarray(pool, dtype=np.float32)
+        self.pool_ids = np.asarray(list(ids))
+        self._pos = {item: i for i, item in enumerate(ids)}
+        return self
+
     def topk_positions(self, x: np.ndarray, ids: Sequence[Any] | None = None) -> np.ndarray:
         """``(n, k)`` pool positions, most similar first (ties: lower position first)."""
         if len(self.pool) == 0:

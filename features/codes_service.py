@@ -245,21 +245,91 @@ class CodeAssigner:
         """
         if not items:
             return {}
-        batch = self.encoder.encode(items)
-        fused = batch.fused()
-        for item, vec in zip(batch.item_ids, fused, strict=True):
-            self._content[item] = vec
-            self._content.move_to_end(item)
-        while len(self._content) > self.config.max_items:
-            old, _ = self._content.popitem(last=False)
-            self._codes.pop(old, None)
+        ids, _ = self.encode_content(items)
         if not self.rq.fitted:
             if len(self._content) < self.config.fit_threshold:
                 return {}
             self._fit_all()
             return dict(self._codes)
-        ids = list(dict.fromkeys(batch.item_ids))  # a batch may update an item twice
         return self._quantize(ids, self.content_of(ids))
+
+    def encode_content(self, items: Sequence[Mapping[str, Any]]) -> tuple[list[Hashable], np.ndarray]:
+        """Encode a batch of item events and keep their fused content; returns the
+        distinct item ids and their content (a batch may update an item twice: last wins)."""
+        batch = self.encoder.encode(items)
+        for item, vec in zip(batch.item_ids, batch.fused(), strict=True):
+            self._content[item] = vec
+            self._content.move_to_end(item)
+        while len(self._content) > self.config.max_items:
+            old, _ = self._content.popitem(last=False)
+            self._codes.pop(old, None)
+        ids = list(dict.fromkeys(batch.item_ids))
+        return ids, self.content_of(ids)
+
+    # -- shared codebooks (features.codebook_store) ------------------------------------
+
+    def quantize(self, ids: Sequence[Hashable], content: np.ndarray) -> dict[Hashable, ItemCodes]:
+        """Codes of items with the given fused content, with the codebooks in force."""
+        if not self.rq.fitted:
+            raise RuntimeError("no codebooks yet: fit them or import a stored version")
+        return self._quantize(list(ids), np.asarray(content, dtype=np.float32))
+
+    def fit_on(self, ids: Sequence[Hashable], content: np.ndarray,
+               mode: RefreshMode | None = None) -> None:
+        """Fit the codebooks on these items (every item of the catalogue, from the shared
+        store), or refresh them if fitted: the first fit or :meth:`refresh` on them."""
+        content = np.asarray(content, dtype=np.float32)
+        self._content = OrderedDict(zip(ids, content, strict=True))
+        self._codes = {i: c for i, c in self._codes.items() if i in self._content}
+        if self.rq.fitted:
+            self.refresh(mode)
+        else:
+            self._fit_all()
+
+    def export_codebooks(self) -> dict[str, np.ndarray]:
+        """Everything another process needs to quantize exactly like this one: the RQ
+        codebooks and generation, the VQ pool, the projection in force (plain arrays)."""
+        if not self.rq.fitted:
+            raise RuntimeError("no codebooks to export: not fitted")
+        out = {f"rq{i}": cb for i, cb in enumerate(self.rq.codebooks)}
+        out["generation"] = np.array(self.rq.generation, np.int64)
+        out["vq_ids"] = np.asarray([str(i) for i in self.vq.pool_ids])
+        out["vq_pool"] = self.vq.pool
+        out["projection_version"] = np.array(self.projection_version)
+        if self._weight is not None:
+            out["projection_weight"], out["projection_bias"] = self._weight, self._bias
+        return out
+
+    def import_codebooks(self, arrays: Mapping[str, np.ndarray]) -> str:
+        """Install codebooks from :meth:`export_codebooks`; returns their :attr:`version`.
+
+        >>> from features.content import HashingTextEncoder
+        >>> cfg = CodesConfig(levels=2, codebook_size=4, vq_k=2)
+        >>> a = CodeAssigner(ContentEncoder(HashingTextEncoder(16), tag_dim=4), cfg)
+        >>> _ = a.assign([{"item_id": str(i), "text": f"movie {i}"} for i in range(16)])
+        >>> b = CodeAssigner(ContentEncoder(HashingTextEncoder(16), tag_dim=4), cfg)
+        >>> b.import_codebooks(a.export_codebooks()) == a.version
+        True
+        """
+        levels = self.config.levels
+        books = [np.asarray(arrays[f"rq{i}"], np.float32) for i in range(levels)]
+        if f"rq{levels}" in arrays or any(b.shape[0] != self.config.codebook_size for b in books):
+            raise ValueError(f"stored codebooks do not match {levels} levels of "
+                             f"{self.config.codebook_size} codes")
+        self.rq.codebooks = books
+        self.rq.generation = int(arrays["generation"])
+        ids = [str(i) for i in np.asarray(arrays["vq_ids"]).tolist()]
+        self.vq.load(ids, arrays["vq_pool"])
+        if "projection_weight" in arrays:
+            w = np.asarray(arrays["projection_weight"], np.float32)
+            b = np.asarray(arrays["projection_bias"], np.float32)
+        else:
+            w = b = None
+        self._weight, self._bias = w, b
+        self.projection_version = str(arrays["projection_version"])
+        self._pending = (w, b, self.projection_version)
+        self._codes = {}
+        return self.version
 
     def observe_clicks(
         self,

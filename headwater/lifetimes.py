@@ -22,8 +22,13 @@ from core.settings import Settings
 OFFSETS_KEY = "{{hw:p{partition}}}:offsets"
 
 
+#: Each audit partition's detection state (detection/state_store.py key layout).
+AUDIT_STATE_KEYS = "hw:audit:state:*"
+
+
 def recorded_in_redis(redis_url: str, partitions: int) -> dict[tuple[str, int], int]:
-    """``(topic, partition) -> next offset`` every shard of Redis records as applied."""
+    """``(topic, partition) -> next offset`` every shard of Redis records as applied
+    (click counters, and the audit partitions' detection state)."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
@@ -32,6 +37,11 @@ def recorded_in_redis(redis_url: str, partitions: int) -> dict[tuple[str, int], 
         for p in range(partitions):
             for topic, nxt in client.hgetall(OFFSETS_KEY.format(partition=p)).items():
                 out[(topic.decode(), p)] = int(nxt)
+        for key in client.scan_iter(AUDIT_STATE_KEYS, count=1000):
+            nxt = client.hget(key, "_next")
+            topic, _, part = key.decode()[len(AUDIT_STATE_KEYS) - 1:].rpartition(":")
+            if nxt is not None and part.isdigit():
+                out[(topic, int(part))] = max(out.get((topic, int(part)), 0), int(nxt))
         return out
     finally:
         client.close()

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from core import kafka as kafka_clients
 from core.settings import Settings
+from detection.state_store import StateFenced
 from features.store_apply import FencedError, GapError
 from streams.deadletter import dead_letter
 
@@ -127,6 +128,7 @@ POISON_AFTER = 3
 def is_transient(exc: BaseException) -> bool:
     """Errors of the infrastructure (Redis, the broker, the network): retry, never drop."""
     return isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, KafkaError, FencedError, GapError,
+                            StateFenced,
                             redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                             redis.exceptions.BusyLoadingError))
 

@@ -4,12 +4,18 @@ Messages on ``audit`` are keyed by host, so one host's provenance graph lives in
 partition and one worker. A message value is raw auditd text (one or many lines) or a
 JSON envelope ``{"host": ..., "lines": [...]}``.
 
-The host's learned baseline (:mod:`detection.baseline`) is loaded from Redis
-(:class:`detection.baseline_store.BaselineStore`) the first time the worker sees the
-host and the fields each batch changed are written back after the batch, so it
-survives a worker restart. The provenance graph itself is in memory only: after a
-restart chains start afresh. A batch replayed after a crash (at-least-once) is
-learned twice; that inflates familiarity by one batch at most.
+Detection state is durable (:mod:`detection.state_store`): after every batch the
+engines of the hosts it touched (graph, open coalescing window, alert chains) are
+written to Redis with the partition's next offset and the batch's outputs, fenced on
+the offset the batch started from. A worker that takes a partition (a restart, a kill
+-9, a rebalance) loads that state, skips messages already applied (re-sending the
+last batch's outputs, which a crash may have kept from going out) and re-reads from
+Kafka what Redis lost (a Redis restored from an older AOF), so chains keep growing in
+the same alerts. The host's learned baseline (:mod:`detection.baseline`) has its own
+key and lifetime (:class:`detection.baseline_store.BaselineStore`): it is loaded the
+first time the worker sees the host and the fields each batch changed are written back;
+a batch that fails after its baseline was written (Redis failing between the two writes)
+is learned twice when retried, which inflates familiarity by one batch at most.
 """
 
 from __future__ import annotations
@@ -65,12 +71,35 @@ def audit_engine_config(settings):
                         baseline_half_life=settings.audit_baseline_half_life)
 
 
+def _pack_outputs(outputs: list[Output]) -> bytes:
+    """A batch's outputs as bytes (kept with its state, re-sent after a crash).
+
+    >>> _unpack_outputs(_pack_outputs([("alerts", b"vm", b"{}", None)]))
+    [('alerts', b'vm', b'{}', None)]
+    """
+    return json.dumps([[t, k.hex() if k is not None else None, v.hex(), p]
+                       for t, k, v, p in outputs]).encode()
+
+
+def _unpack_outputs(raw: bytes | None) -> list[Output]:
+    if not raw:
+        return []
+    return [(t, bytes.fromhex(k) if k is not None else None, bytes.fromhex(v), p)
+            for t, k, v, p in json.loads(raw)]
+
+
 class AuditHandler:
-    """Feeds each host's engine and produces alert updates and dead letters."""
+    """Feeds each host's engine and produces alert updates and dead letters.
+
+    With a ``state_store`` (the worker's), detection state survives restarts as the
+    module docstring says; without one (unit tests) it lives in this object only.
+    """
 
     def __init__(self, topics: dict[str, str], metrics: WorkerMetrics,
                  alert_sink: Callable[[list[dict]], object] | None = None,
-                 config=None, executor: Executor | None = None, baseline_store=None) -> None:
+                 config=None, executor: Executor | None = None, baseline_store=None,
+                 state_store=None, read_range: Callable | None = None,
+                 log_end: Callable[[str, int], int] | None = None) -> None:
         self.topics = topics
         self.metrics = metrics
         self.alert_sink = alert_sink
@@ -78,7 +107,19 @@ class AuditHandler:
         self.engines: dict = {}
         self.executor = executor
         self.baseline_store = baseline_store
+        self.state_store = state_store
+        #: reads messages [start, stop) of a partition back from Kafka (a gap re-read)
+        self.read_range = read_range
         self._restored: dict[str, dict] = {}  # host -> stored baseline, until its engine exists
+        self._blobs: dict[str, bytes] = {}  # host -> stored engine state, until its engine exists
+        self._hosts: dict[int, set[str]] = {}  # partition -> hosts whose state it holds
+        self._next: dict[int, int | None] = {}  # partition -> next offset (loaded partitions)
+        #: a partition's log end offset (the REWIND check when its state is loaded)
+        self.log_end = log_end
+        #: partition -> why it is stopped (a REWIND); its messages are refused
+        self.stopped: dict[int, str] = {}
+        #: pauses fetching a partition (set by the worker)
+        self.pause = None
 
     def engine(self, host: str):
         eng = self.engines.get(host)
@@ -87,7 +128,14 @@ class AuditHandler:
             from detection.engine import DetectionEngine, EngineConfig
 
             self.config = self.config or EngineConfig()
-            eng = self.engines[host] = DetectionEngine(host=host, config=self.config)
+            blob = self._blobs.pop(host, None)
+            if blob is not None:
+                eng = DetectionEngine.from_state(host, blob, config=self.config)
+                log.info("audit host %s: resumed its detection state (%d alerts, %d nodes)",
+                         host, len(eng.aggregator.alerts), eng.graph.counts()["nodes"])
+            else:
+                eng = DetectionEngine(host=host, config=self.config)
+            self.engines[host] = eng
             stored = self._restored.pop(host, None)
             if stored:
                 n = eng.load_baseline(stored)
@@ -106,47 +154,139 @@ class AuditHandler:
         if deltas:
             await self.baseline_store.save(deltas)
 
-    def _process(self, topic: str, partition: int, messages: list[Message]):
+    def forget(self, partitions) -> None:
+        """Drop what this worker holds of ``partitions`` (revoked, or a failed batch):
+        the next batch reloads it from Redis."""
+        for p in partitions:
+            for host in self._hosts.pop(p, set()):
+                self.engines.pop(host, None)
+                self._blobs.pop(host, None)
+                self._restored.pop(host, None)
+            self._next.pop(p, None)
+
+    async def _load(self, topic: str, partition: int) -> bytes | None:
+        """Load the partition's stored state; returns the last batch's packed outputs."""
+        state = await self.state_store.load(topic, partition)
+        if state.next_offset is not None and self.log_end is not None:
+            end = await asyncio.get_running_loop().run_in_executor(None, self.log_end, topic,
+                                                                   partition)
+            if state.next_offset > end:
+                self._stop(topic, partition, (
+                    f"{topic}[{partition}]: REWIND: Redis holds detection state applied up to "
+                    f"offset {state.next_offset}, but the broker's log ends at {end}: the log "
+                    f"was reset while Redis kept its state. Run `headwater reset` (wipes Redis, "
+                    f"the model store and the broker's log) and replay."))
+                return None
+        self._next[partition] = state.next_offset
+        self._hosts[partition] = set(state.hosts)
+        for host, blob in state.hosts.items():
+            if host not in self.engines:
+                self._blobs[host] = blob
+        if state.next_offset is not None:
+            log.info("audit %s[%d]: resuming %d hosts' detection state at offset %d",
+                     topic, partition, len(self._hosts[partition]), state.next_offset)
+        return state.last_outputs
+
+    def _process(self, topic: str, partition: int, messages: list[Message], emit_from: int = 0):
         outputs: list[Output] = []
         alerts: dict[str, dict] = {}
-        seen: set[str] = set()
+        seen: dict = {}  # host -> its engine (held here: a revocation may drop it meanwhile)
         for offset, key, value in messages:
-            self.metrics.messages_in.labels(topic).inc()
             host, lines = split_audit_message(key, value or b"")
+            eng = seen.get(host) or seen.setdefault(host, self.engine(host))
+            res = eng.process_lines(lines)
+            for alert in res.alerts:
+                alerts[alert["id"]] = alert  # one update per alert per batch: the newest
+            if offset < emit_from:  # a gap re-read: its dead letters went out the first time
+                continue
+            self.metrics.messages_in.labels(topic).inc()
             self.metrics.events_in.labels(topic).inc(len(lines))
-            seen.add(host)
-            res = self.engine(host).process_lines(lines)
             for line, reason in res.errors:
                 reason = f"audit line from host {host}: {reason}"
                 outputs.append((self.topics["dead-letter"], key,
                                 dead_letter(reason, topic, partition, offset, line), None))
                 self.metrics.dead_letters.labels(topic, reason_kind(reason)).inc()
             self.metrics.events_valid.labels(topic).inc(len(lines) - len(res.errors))
-            for alert in res.alerts:
-                alerts[alert["id"]] = alert  # one update per alert per batch: the newest
         for alert in alerts.values():
             outputs.append((self.topics["alerts"], alert["host"].encode(),
                             json.dumps(alert, default=str).encode(), None))
             for technique in alert.get("techniques", []):
                 self.metrics.alerts.labels(technique).inc()
-        for host in seen:  # only hosts whose graph changed (the estimate walks every node)
-            self.metrics.audit_memory.labels(host).set(
-                self.engines[host].graph.counts()["memory_bytes"])
+        self._hosts.setdefault(partition, set()).update(seen)
+        for host, eng in seen.items():  # only hosts whose graph changed (the estimate walks every node)
+            self.metrics.audit_memory.labels(host).set(eng.graph.counts()["memory_bytes"])
         # taken in this (executor) thread: the engines are only touched here
-        deltas = ({h: self.engines[h].baseline_delta() for h in seen}
+        deltas = ({h: eng.baseline_delta() for h, eng in seen.items()}
                   if self.baseline_store is not None else {})
-        return outputs, list(alerts.values()), deltas
+        states = ({h: eng.dump_state() for h, eng in seen.items()}
+                  if self.state_store is not None else {})
+        return outputs, list(alerts.values()), deltas, states
 
     async def __call__(self, topic: str, partition: int, messages: list[Message]) -> list[Output]:
+        if self.state_store is None:
+            outputs, alerts, deltas, _ = await self._run(topic, partition, messages)
+            await self._finish(alerts, deltas)
+            return outputs
+        try:
+            return await self._durable(topic, partition, messages)
+        except BaseException:
+            # The engines may hold this batch while Redis does not: drop them, so the
+            # retry starts again from the stored state instead of applying it twice.
+            self.forget([partition])
+            raise
+
+    async def _run(self, topic: str, partition: int, messages: list[Message], emit_from: int = 0):
         loop = asyncio.get_running_loop()
         await self._restore(messages)
         # Parsing and graph work is CPU-bound: keep it off the event loop.
-        outputs, alerts, deltas = await loop.run_in_executor(self.executor, self._process, topic,
-                                                             partition, messages)
+        return await loop.run_in_executor(self.executor, self._process, topic, partition,
+                                          messages, emit_from)
+
+    async def _finish(self, alerts: list[dict], deltas: dict) -> None:
         await self._save_baselines(deltas)
         if alerts and self.alert_sink is not None:
             result = self.alert_sink(alerts)
             if asyncio.iscoroutine(result):
                 await result
         self.metrics.events_out.labels(self.topics["alerts"]).inc(len(alerts))
-        return outputs
+
+    def _stop(self, topic: str, partition: int, reason: str) -> None:
+        if partition not in self.stopped:
+            log.error("stopping %s[%d]: %s", topic, partition, reason)
+            self.metrics.rewinds.labels(topic, str(partition)).inc()
+            self.metrics.stopped.labels(topic, str(partition)).set(1)
+        self.stopped[partition] = reason
+        if self.pause is not None:
+            self.pause(partition)
+
+    async def _durable(self, topic: str, partition: int, messages: list[Message]) -> list[Output]:
+        if partition not in self.stopped and partition not in self._next:
+            last_out = await self._load(topic, partition)
+        else:
+            last_out = None
+        if partition in self.stopped:
+            self.metrics.refused.labels(topic).inc(len(messages))
+            return []
+        start = self._next[partition]
+        fresh = [m for m in messages if start is None or m[0] >= start]
+        outputs: list[Output] = []
+        if len(fresh) < len(messages):
+            # Applied before a crash or a rebalance: not again. The last applied batch's
+            # outputs may not have gone out (killed before producing): send them again.
+            self.metrics.audit_replayed.labels(topic).inc(len(messages) - len(fresh))
+            outputs.extend(_unpack_outputs(last_out))
+        if not fresh:
+            return outputs
+        first = fresh[0][0]
+        if start is not None and first > start:
+            log.warning("detection state of %s[%d] ends at offset %d, the batch starts at %d: "
+                        "re-reading the gap", topic, partition, start, first)
+            loop = asyncio.get_running_loop()
+            fresh = await loop.run_in_executor(None, self.read_range, topic, partition,
+                                               start, first) + fresh
+        produced, alerts, deltas, states = await self._run(topic, partition, fresh, first)
+        await self._finish(alerts, deltas)
+        await self.state_store.save(topic, partition, start, fresh[-1][0] + 1, states,
+                                    _pack_outputs(produced))
+        self._next[partition] = fresh[-1][0] + 1
+        return outputs + produced

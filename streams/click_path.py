@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import OrderedDict
 
 import numpy as np
 from kafka import TopicPartition
@@ -20,6 +19,7 @@ from kafka import TopicPartition
 from core import kafka as kafka_clients
 from core.settings import Settings
 from features.defaults import row_builder as make_row_builder
+from features.event_ids import EventIdWindow
 from features.rows import RowBuilder
 from features.store import OnlineStore
 from features.store_apply import GapError, RewindError
@@ -75,34 +75,6 @@ def committed_offsets(bootstrap: str, group: str, topic: str, partitions) -> dic
         consumer.close()
 
 
-class RecentIds:
-    """Bounded memory of recent event ids per partition: id -> (offset, sub) first seen.
-
-    The same id at the same (offset, sub) is a replay of the same message (harmless: the
-    counters skip it); at another position it is a duplicate event and is refused. The
-    window is the newest ``capacity`` ids per partition since the worker started (clicks
-    are keyed by user, so one user's events and their duplicates meet in one partition).
-    """
-
-    def __init__(self, capacity: int = 200_000) -> None:
-        self.capacity = capacity
-        self._seen: dict[int, OrderedDict[str, tuple[int, int]]] = {}
-
-    def duplicates(self, partition: int, event_ids, offsets, subs) -> np.ndarray:
-        """Mask of events whose id was already seen at another position."""
-        seen = self._seen.setdefault(partition, OrderedDict())
-        dup = np.zeros(len(event_ids), bool)
-        for i, (eid, off, sub) in enumerate(zip(event_ids, offsets.tolist(), subs.tolist(), strict=True)):
-            first = seen.get(eid)
-            if first is None:
-                seen[eid] = (off, sub)
-            elif first != (off, sub):
-                dup[i] = True
-        while len(seen) > self.capacity:
-            seen.popitem(last=False)
-        return dup
-
-
 class ClickHandler:
     """The click agent's domain step for one partition's batch.
 
@@ -133,7 +105,8 @@ class ClickHandler:
                                  counters=self.builder.config.counters, registry=metrics.registry,
                                  pit_ties=settings.pit_ties, pit_history=settings.pit_history)
         self.bootstrap = bootstrap
-        self.recent = RecentIds()
+        #: duplicate event ids, in Redis: refused across restarts and gap re-reads
+        self.recent = EventIdWindow(client, settings.duplicate_window)
         #: partition -> the next offset Redis recorded at this worker's last write
         self._next: dict[int, int] = {}
         self._locks: dict[int, asyncio.Lock] = {}
@@ -245,14 +218,14 @@ class ClickHandler:
             if not upto or recorded >= upto:
                 return []
             gap = await self._read_gap(self.topic, partition, recorded, upto)
-            cols = self._decode(self.topic, partition, gap, [], emit=False)
+            cols = await self._decode(self.topic, partition, gap, [], emit=False)
             outputs = await self._apply(self.topic, partition, cols, recorded, recorded, [])
             if self.send is not None and outputs:
                 await self.send(outputs)
                 return []
             return outputs
 
-    def _decode(self, topic: str, partition: int, messages: list[Message], outputs: list[Output],
+    async def _decode(self, topic: str, partition: int, messages: list[Message], outputs: list[Output],
                 emit: bool) -> dict:
         """Columns of the valid, non-duplicate events (with ``offset`` and ``sub``).
 
@@ -265,7 +238,7 @@ class ClickHandler:
         cols["offset"] = offsets[batch.message]
         cols["sub"] = batch.sub.astype(np.int32)
         n_decoded = len(cols["ts"])
-        cols = self._drop_duplicates(cols, topic, partition, messages, outputs if emit else None)
+        cols = await self._drop_duplicates(cols, topic, partition, messages, outputs if emit else None)
         if emit:
             for m, index, raw, reason in batch.errors:
                 offset, key, _ = messages[m]
@@ -278,21 +251,23 @@ class ClickHandler:
             self.metrics.messages_in.labels(topic).inc(len(messages))
         return cols
 
-    def _drop_duplicates(self, cols: dict, topic: str, partition: int, messages: list[Message],
+    async def _drop_duplicates(self, cols: dict, topic: str, partition: int, messages: list[Message],
                          outputs: list[Output] | None) -> dict:
         ids = [str(e) for e in cols["event_id"]]
-        dup = self.recent.duplicates(partition, ids, cols["offset"], cols["sub"])
+        try:
+            dup, first = await self.recent.duplicates(topic, partition, ids, cols["offset"], cols["sub"])
+        except Exception:
+            self.state.redis_ok = False
+            self._redis_lost = True
+            raise
         if not dup.any():
             return cols
-        first = {}
-        for i in np.flatnonzero(~dup):
-            first.setdefault(ids[i], int(cols["offset"][i]))
         keys = {m[0]: m[1] for m in messages}
         for i in np.flatnonzero(dup) if outputs is not None else ():
             off, sub = int(cols["offset"][i]), int(cols["sub"][i])
-            earlier = first.get(ids[i])
-            where = f"offset {earlier}" if earlier is not None else "an earlier message"
-            reason = f"clicks[{sub}]: duplicate event_id {ids[i]!r} (first seen at {where})"
+            first_off, first_sub = first[i].split(":")
+            reason = (f"clicks[{sub}]: duplicate event_id {ids[i]!r} "
+                      f"(first seen at offset {first_off}, event {first_sub})")
             original = json.dumps({"event_id": ids[i], "user_id": str(cols["user_id"][i]),
                                    "item_id": str(cols["item_id"][i]), "ts": float(cols["ts"][i]),
                                    "label": int(cols["label"][i])}).encode()
@@ -324,7 +299,7 @@ class ClickHandler:
             return []
         async with self._lock(partition):
             outputs: list[Output] = []
-            cols = self._decode(topic, partition, messages, outputs, emit=True)
+            cols = await self._decode(topic, partition, messages, outputs, emit=True)
             first = messages[0][0]
             return await self._apply(topic, partition, cols, first,
                                      self._next.get(partition, first), outputs)
@@ -347,7 +322,7 @@ class ClickHandler:
             except GapError as exc:
                 if exc.recorded < start:
                     missing = await self._read_gap(topic, partition, exc.recorded, start)
-                    before = self._decode(topic, partition, missing, outputs, emit=False)
+                    before = await self._decode(topic, partition, missing, outputs, emit=False)
                     cols = {k: _concat(before[k], v) for k, v in cols.items()}
                     start = exc.recorded
                 expect_next = exc.recorded

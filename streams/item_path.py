@@ -3,6 +3,12 @@
 Codes are assigned the moment an item's content arrives (cold start): encode → align →
 quantize runs in a worker thread (the sentence model is CPU-bound), then attributes and
 codes are written to Redis where rows and serving read them.
+
+Codebooks are shared (:mod:`features.codebook_store`): every item's content goes to
+Redis, the worker that holds the lease fits the codebooks on all items once enough have
+arrived (and refreshes them on a timer), and every worker quantizes with the current
+version it loads from Redis, so code ids are the same on every worker and after a
+restart (a restarted worker codes new items at once; stored codes stay).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from core.settings import Settings
+from features.codebook_store import CodebookStore
 from features.codes_service import CodeAssigner, CodesConfig
 from features.content import ContentEncoder
 from features.store import OnlineStore
@@ -49,7 +56,7 @@ def item_doc(ev: ItemEvent) -> dict[str, Any]:
 
 
 class ItemHandler:
-    """Decode item events, store attributes, assign and store codes."""
+    """Decode item events, store attributes, assign and store codes (shared codebooks)."""
 
     def __init__(self, settings: Settings, client, metrics: WorkerMetrics, state,
                  assigner: CodeAssigner | None = None) -> None:
@@ -60,32 +67,86 @@ class ItemHandler:
         self.store = OnlineStore(client, partitions=settings.partitions)
         self._assigner = assigner
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="codes")
+        cfg = assigner.config if assigner is not None else self._config()
+        name = CodebookStore.config_name(settings.content_encoder, cfg.levels,
+                                         cfg.codebook_size, cfg.vq_k)
+        self.codebooks = CodebookStore(client, name, settings.codebook_lease_seconds,
+                                       self.store.codes_key)
+        #: the codebook version loaded into the assigner (``None``: none yet)
+        self.version: str | None = None
+
+    def _config(self) -> CodesConfig:
+        return CodesConfig(levels=self.settings.code_levels,
+                           codebook_size=self.settings.codebook_size, vq_k=self.settings.vq_k)
 
     def assigner(self) -> CodeAssigner:
         if self._assigner is None:
-            cfg = CodesConfig(levels=self.settings.code_levels,
-                              codebook_size=self.settings.codebook_size, vq_k=self.settings.vq_k)
-            self._assigner = CodeAssigner(make_encoder(self.settings.content_encoder), cfg)
+            self._assigner = CodeAssigner(make_encoder(self.settings.content_encoder),
+                                          self._config())
         return self._assigner
 
-    async def refresh(self) -> int:
-        """Re-fit the codebooks on the items seen (scheduled), store codes that changed.
+    async def _in_pool(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-        The refresh warm-starts from the old centroids and matches a fresh fit to them
+    async def sync(self) -> float:
+        """Load the current codebook version if it is not the one in use; returns
+        when the current version was published (0: there is none yet)."""
+        current, published = await self.codebooks.current()
+        if current is not None and current != self.version:
+            arrays = await self.codebooks.load(current)
+            await self._in_pool(self.assigner().import_codebooks, arrays)
+            log.info("codebooks: using version %s (was %s)", current, self.version)
+            self.version = current
+        return published
+
+    async def refresh(self) -> int:
+        """Re-fit the shared codebooks on every item (scheduled), store codes that changed.
+
+        Only the lease holder refreshes, and only if the current version is older than
+        the refresh period (every worker's timer fires; one refresh per period). The
+        refresh warm-starts from the current centroids and matches a fresh fit to them
         (features.codebooks), so code ids keep their meaning for the ranker; only items
-        whose codes actually moved are rewritten.
+        whose codes actually moved are rewritten. Returns how many.
         """
-        assigner = self._assigner
-        if assigner is None or not assigner.rq.fitted:
-            return 0
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.pool, assigner.refresh)
-        changed = {i: result.codes[i] for i in result.changed_ids}
-        for item_id, c in changed.items():
-            await self.store.set_item_codes(item_id, {"rq": c["rq"], "vq": c["vq"]}, c["version"])
-        log.info("codebook refresh: %d of %d items changed codes (version %s)",
-                 len(changed), result.n_items, assigner.version)
-        return len(changed)
+        return await self._fit(refresh=True)
+
+    def _fit_sync(self, ids: list[str], content, refresh: bool):
+        assigner = self.assigner()
+        before = assigner.quantize(ids, content) if refresh else {}
+        assigner.fit_on(ids, content)
+        return assigner.version, assigner.export_codebooks(), before
+
+    async def _fit(self, refresh: bool) -> int:
+        token = await self.codebooks.acquire()
+        if token is None:
+            return 0  # another worker fits: its version is loaded at the next sync
+        try:
+            published = await self.sync()
+            if refresh != (self.version is not None):
+                return 0  # a first fit already happened, or nothing to refresh yet
+            if refresh and time.time() - published < 0.5 * self.settings.codebook_refresh_seconds:
+                return 0  # another worker refreshed this period
+            ids, content = await self.codebooks.all_content()
+            if not refresh and len(ids) < self.assigner().config.fit_threshold:
+                return 0
+            version, arrays, before = await self._in_pool(self._fit_sync, ids, content, refresh)
+            if not await self.codebooks.publish(token, version, arrays):
+                log.warning("codebooks: lease lost while fitting %s: not published", version)
+                self.version = None  # the assigner holds an unpublished fit: reload
+                return 0
+            self.version = version
+            # Items whose content arrived while fitting are coded too (their workers
+            # may have checked the version before this one was published).
+            ids, content = await self.codebooks.all_content()
+            codes = await self._in_pool(self.assigner().quantize, ids, content)
+            moved = {i: c for i, c in codes.items()
+                     if i not in before or (before[i]["rq"], before[i]["vq"]) != (c["rq"], c["vq"])}
+            await self.codebooks.write_codes(moved, version)
+            log.info("codebooks: %s version %s on %d items, %d codes written",
+                     "refreshed to" if refresh else "first fit,", version, len(ids), len(moved))
+            return len(moved)
+        finally:
+            await self.codebooks.release(token)
 
     async def __call__(self, topic: str, partition: int, messages: list[Message]) -> list[Output]:
         t0 = time.perf_counter()
@@ -106,10 +167,18 @@ class ItemHandler:
         attrs = {d["item_id"]: {k: v for k, v in d.items() if k not in ("text", "vectors", "item_id")}
                  for d in docs}
         await self.store.put_item_attributes(attrs)
-        loop = asyncio.get_running_loop()
-        codes = await loop.run_in_executor(self.pool, self.assigner().assign, docs)
-        for item_id, c in codes.items():
-            await self.store.set_item_codes(item_id, {"rq": c["rq"], "vq": c["vq"]}, c["version"])
-        self.metrics.items_coded.inc(len(codes))
+        ids, content = await self._in_pool(self.assigner().encode_content, docs)
+        # Content first, then the version: a fit published after this sync codes these
+        # items itself (it reads every item's content after publishing).
+        await self.codebooks.put_content(ids, content)
+        await self.sync()
+        if self.version is None:
+            if await self.codebooks.content_count() >= self.assigner().config.fit_threshold:
+                coded = await self._fit(refresh=False)
+                self.metrics.items_coded.inc(coded)
+        else:
+            codes = await self._in_pool(self.assigner().quantize, ids, content)
+            await self.codebooks.write_codes(codes, self.version)
+            self.metrics.items_coded.inc(len(codes))
         self.metrics.code_seconds.observe(time.perf_counter() - t0)
         return outputs

@@ -37,6 +37,10 @@ class WorkerMetrics:
                               registry=r)
         self.audit_memory = Gauge("headwater_audit_graph_bytes", "Approximate provenance-graph memory",
                                   ["host"], registry=r)
+        self.audit_replayed = Counter(
+            "headwater_audit_replayed_messages_total",
+            "Audit messages skipped as already applied (their state was stored before a restart)",
+            ["topic"], registry=r)
         self.items_coded = Counter("headwater_items_coded_total", "Items given quantized codes",
                                    registry=r)
         self.rewinds = Counter("headwater_partition_rewinds_total",

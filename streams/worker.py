@@ -13,11 +13,13 @@ from core.health import PERIOD_S, make_status, publish_async
 from core.settings import Settings
 from detection.alert_store import save_alerts
 from detection.baseline_store import BaselineStore
+from detection.state_store import DetectionStateStore
 from streams.app import add_web_pages, batched_agent, create_app, pause_partition, send_all
 from streams.audit_path import AuditHandler, audit_engine_config
-from streams.click_path import ClickHandler
+from streams.click_path import ClickHandler, read_range
 from streams.item_path import ItemHandler
 from streams.metrics import WorkerMetrics
+from streams.topics import log_ends
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,12 @@ class WorkerState:
         self.redis_ok = True
         #: click partitions stopped (REWIND): partition -> reason (set by the click handler)
         self.stopped: dict[int, str] = {}
+        #: audit partitions stopped (REWIND): partition -> reason (set by the audit handler)
+        self.audit_stopped: dict[int, str] = {}
+        #: topic -> partitions this worker holds now
+        self.assigned: dict[str, set[int]] = {}
+        #: the item codebook version in use (set by the items handler)
+        self.codebook_version = lambda: None
 
     def on_error(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -60,7 +68,10 @@ class WorkerState:
             "alerts_total": self._total(m.alerts),
             "items_coded_total": self._total(m.items_coded),
             "redis_ok": self.redis_ok,
-            "stopped_partitions": {f"clicks[{p}]": why for p, why in self.stopped.items()},
+            "stopped_partitions": {**{f"clicks[{p}]": why for p, why in self.stopped.items()},
+                                   **{f"audit[{p}]": why for p, why in self.audit_stopped.items()}},
+            "assigned": {t: sorted(ps) for t, ps in self.assigned.items() if ps},
+            "codebook_version": self.codebook_version(),
         }
 
 
@@ -77,9 +88,14 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     clicks = ClickHandler(settings, client, metrics, state, bootstrap)
     state.stopped = clicks.stopped
     items = ItemHandler(settings, client, metrics, state)
+    state.codebook_version = lambda: items.version
     audit = AuditHandler(topics, metrics, alert_sink=lambda alerts: save_alerts(client, alerts),
                          executor=audit_pool, config=audit_engine_config(settings),
-                         baseline_store=BaselineStore(client, settings.audit_baseline_ttl))
+                         baseline_store=BaselineStore(client, settings.audit_baseline_ttl),
+                         state_store=DetectionStateStore(client),
+                         read_range=lambda topic, p, start, stop: read_range(bootstrap, topic, p,
+                                                                            start, stop),
+                         log_end=lambda topic, p: log_ends(bootstrap, topic, [p])[p])
     n = settings.partitions
     dlq = topics["dead-letter"]
     batched_agent(app, topics["clicks"], n, clicks, settings.click_batch_size,
@@ -95,6 +111,8 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     clicks.send = send
 
     clicks.pause = lambda partition: pause_partition(app, topics["clicks"], partition)
+    state.audit_stopped = audit.stopped
+    audit.pause = lambda partition: pause_partition(app, topics["audit"], partition)
 
     async def guarded(what: str, coro) -> None:
         try:
@@ -108,6 +126,8 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
         # The offsets recorded beside the counter state are the truth: every assigned
         # partition is checked against the group's committed offset now (in a task: a
         # rebalance must not wait on it), so a Redis that lost writes is caught up.
+        for tp in assigned:
+            state.assigned.setdefault(tp.topic, set()).add(tp.partition)
         mine = {tp.partition for tp in assigned if tp.topic == topics["clicks"]}
         clicks.on_assigned(mine)
         if mine:
@@ -116,11 +136,19 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app_, revoked, **kwargs):
+        for tp in revoked:
+            state.assigned.get(tp.topic, set()).discard(tp.partition)
         clicks.on_revoked({tp.partition for tp in revoked if tp.topic == topics["clicks"]})
+        audit.forget({tp.partition for tp in revoked if tp.topic == topics["audit"]})
 
     @app.timer(REDIS_CHECK_S)
     async def check_redis():
         await guarded("verifying partitions after a Redis restart", clicks.check_redis())
+
+    @app.timer(PERIOD_S)
+    async def sync_codebooks():
+        # Every worker uses the published version, even one that gets no item events.
+        await guarded("loading the current codebooks", items.sync())
 
     @app.timer(settings.codebook_refresh_seconds)
     async def refresh_codebooks():
@@ -133,7 +161,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     @app.timer(PERIOD_S)
     async def heartbeat():
         doc = make_status("worker", state.started_at, **state.status())
-        doc["healthy"] = state.redis_ok and not state.stopped
+        doc["healthy"] = state.redis_ok and not state.stopped and not state.audit_stopped
         doc["last_error"] = state.last_error
         try:
             await publish_async(client, doc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 from headwater.servers import free_port, stop_pid
 
 REPO = Path(__file__).resolve().parent.parent
+_LOG_SEQ = itertools.count()
 
 
 def service_env(kafka: str, redis_url: str, prefix: str, tmp: Path, **extra) -> dict[str, str]:
@@ -44,7 +46,9 @@ class Service:
         self.name = name
         self.env = env
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"{name}-{int(time.time() * 1000)}.log"
+        # unique even for services started within the same millisecond (they would
+        # otherwise share, and truncate, one log file)
+        self.log_path = log_dir / f"{name}-{int(time.time() * 1000)}-{next(_LOG_SEQ)}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "headwater", name], env=env,
                                          stdout=log, stderr=subprocess.STDOUT, cwd=REPO,

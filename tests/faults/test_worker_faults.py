@@ -19,7 +19,7 @@ from features.store import SyncOnlineStore
 from headwater.servers import start_redis
 from learner.batch import decode_batch
 from streams.replay import partition_of
-from tests.stackutil import Service, read_topic, service_env, wait_until
+from tests.stackutil import Service, read_topic, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -99,36 +99,6 @@ def wait_all_counted(redis_url: str, expected: dict, timeout: float, svc_logs) -
 
     wait_until(done, timeout, interval=1.0, what="every event counted", on_fail=svc_logs)
     return actual_totals(redis_url, expected)
-
-
-@pytest.fixture
-def stack(kafka_bootstrap, tmp_path, topic_prefix):
-    """A worker environment with its own persistent Redis (AOF) for the test."""
-    redis_server = start_redis(data_dir=tmp_path / "redis", log_path=tmp_path / "redis.log")
-    url = redis_server.extra["url"]
-    env = service_env(kafka_bootstrap, url, topic_prefix, tmp_path,
-                      HEADWATER_CONTENT_ENCODER="hashing", HEADWATER_CLICK_BATCH_SIZE=500)
-    from core.settings import Settings
-    from streams.topics import ensure_topics
-
-    ensure_topics(Settings(topic_prefix=topic_prefix, partitions=PARTITIONS), kafka_bootstrap)
-    services: list[Service] = []
-    state = {"redis": redis_server, "url": url, "env": env, "services": services,
-             "kafka": kafka_bootstrap, "prefix": topic_prefix, "tmp": tmp_path}
-
-    def start_worker() -> Service:
-        svc = Service("worker", env, tmp_path / "logs")
-        services.append(svc)
-        return svc
-
-    state["start_worker"] = start_worker
-    state["logs"] = lambda: "\n".join(s.log()[-3000:] for s in services)
-    try:
-        yield state
-    finally:
-        for svc in services:
-            svc.stop()
-        state["redis"].stop()
 
 
 def _assert_exact(stack, events):

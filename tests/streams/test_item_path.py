@@ -21,7 +21,7 @@ def item(i: int) -> dict:
 
 
 async def test_codes_on_arrival_and_refresh_keeps_them(redis_db):
-    settings = Settings(content_encoder="hashing", partitions=2)
+    settings = Settings(content_encoder="hashing", partitions=2, codebook_refresh_seconds=1e-3)
     client = aioredis.Redis.from_url(redis_db)
     metrics = WorkerMetrics()
     assigner = CodeAssigner(make_encoder("hashing"),
@@ -37,7 +37,9 @@ async def test_codes_on_arrival_and_refresh_keeps_them(redis_db):
         assert all(c is not None and len(c["rq"]) == 2 and len(c["vq"]) == 3 for c in codes)
         assert store.entity_features("item:99")["attributes"]["year"] == 1999
         # The first refresh re-fits on items that arrived after the first fit: few move.
+        first_version = handler.version
         assert await handler.refresh() <= 21 // 4
+        assert handler.version > first_version  # a new generation, published and in use
         settled = store.get_item_codes_many([str(i) for i in range(20)])
         assert await handler.refresh() == 0  # unchanged catalogue: no code moves
         assert store.get_item_codes_many([str(i) for i in range(20)]) == settled

@@ -9,21 +9,40 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from streams.click_path import RecentIds
+from features.event_ids import EventIdWindow
 from tests.stackutil import read_json_topic, train_event_ids, wait_until
 
 
-def test_recent_ids_tell_replays_from_duplicates():
-    recent = RecentIds(capacity=3)
-    off = np.array([10, 10, 11])
-    sub = np.array([0, 1, 0])
-    assert recent.duplicates(0, ["a", "b", "a"], off, sub).tolist() == [False, False, True]
-    # The same message replayed after a crash is not a duplicate of itself.
-    assert recent.duplicates(0, ["a", "b"], off[:2], sub[:2]).tolist() == [False, False]
-    # Partitions are independent; capacity bounds memory (oldest forgotten first).
-    assert recent.duplicates(1, ["a"], np.array([5]), np.array([0])).tolist() == [False]
-    recent.duplicates(0, ["c", "d"], np.array([12, 13]), np.array([0, 0]))
-    assert recent.duplicates(0, ["a"], np.array([99]), np.array([0])).tolist() == [False]
+def test_event_id_window_in_redis_tells_replays_from_duplicates(redis_db):
+    import redis.asyncio as aioredis
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_db)
+        recent = EventIdWindow(client, capacity=3)
+        off, sub = np.array([10, 10, 11]), np.array([0, 1, 0])
+        try:
+            dup, first = await recent.duplicates("clicks", 0, ["a", "b", "a"], off, sub)
+            assert dup.tolist() == [False, False, True] and first[2] == "10:0"
+            # The same message replayed (after a crash, by another worker, in a gap
+            # re-read) is not a duplicate of itself: the window is in Redis, not in a worker.
+            again = EventIdWindow(aioredis.Redis.from_url(redis_db), capacity=3)
+            dup, _ = await again.duplicates("clicks", 0, ["a", "b"], off[:2], sub[:2])
+            assert dup.tolist() == [False, False]
+            dup, first = await again.duplicates("clicks", 0, ["b"], np.array([40]), np.array([0]))
+            assert dup.tolist() == [True] and first == ["10:1"]
+            await again.client.aclose()
+            # Partitions and topics are independent; capacity bounds the window (oldest
+            # positions forgotten first, even when a gap re-read records them late).
+            assert (await recent.duplicates("clicks", 1, ["a"], np.array([5]), np.array([0])))[0].tolist() == [False]
+            assert (await recent.duplicates("x-clicks", 0, ["a"], np.array([5]), np.array([0])))[0].tolist() == [False]
+            await recent.duplicates("clicks", 0, ["d", "c"], np.array([13, 12]), np.array([0, 0]))
+            assert await client.hlen(recent.keys("clicks", 0)[0]) == 3
+            assert (await recent.duplicates("clicks", 0, ["a"], np.array([99]), np.array([0])))[0].tolist() == [False]
+            assert (await recent.duplicates("clicks", 0, ["c"], np.array([98]), np.array([0])))[0].tolist() == [True]
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())
 
 
 def test_poison_message_is_isolated_and_dead_lettered():

@@ -1,0 +1,62 @@
+"""The duplicate event-id window, kept in Redis so it survives worker restarts.
+
+Per source (topic, partition) Redis holds the position ``offset:sub`` where each of the
+newest ``capacity`` event ids was first seen: ``{hw:p<P>}:ids:<topic>`` (hash) and
+``{hw:p<P>}:idq:<topic>`` (the same ids scored by position; the oldest positions are
+evicted first). Both keys sit in the partition's Cluster slot, beside its counters.
+
+An id seen again at the *same* position is a replay of the same message (a retry, a
+worker restart, a gap re-read): not a duplicate. At another position it is a duplicate
+event, refused whichever worker, run or re-read sees it, as long as the first one is
+within the window. One script call per batch checks and records every id atomically.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["EventIdWindow"]
+
+_SCRIPT = (importlib.resources.files("features") / "lua" / "event_ids.lua").read_text(encoding="utf-8")
+_SUB_SLOTS = 1 << 20  # sub-positions per offset in the eviction score
+
+
+class EventIdWindow:
+    """Redis-backed window of recent event ids per (topic, partition).
+
+    ``client`` is a ``redis.asyncio.Redis``; ``capacity`` the ids kept per partition
+    (``HEADWATER_DUPLICATE_WINDOW``).
+    """
+
+    def __init__(self, client, capacity: int = 200_000, prefix: str = "hw") -> None:
+        if capacity < 1:
+            raise ValueError(f"the duplicate window must hold at least 1 id, got {capacity}")
+        self.client = client
+        self.capacity = capacity
+        self.prefix = prefix
+        self._script = client.register_script(_SCRIPT)
+
+    def keys(self, topic: str, partition: int) -> list[str]:
+        """The window's two keys for one source partition."""
+        slot = f"{{{self.prefix}:p{partition}}}"
+        return [f"{slot}:ids:{topic}", f"{slot}:idq:{topic}"]
+
+    async def check(self, topic: str, partition: int, event_ids: Sequence[str],
+                    offsets: np.ndarray, subs: np.ndarray) -> list[str | None]:
+        """Record the ids; for each, ``None`` or the ``offset:sub`` it was first seen at."""
+        if not len(event_ids):
+            return []
+        args: list = [self.capacity]
+        for eid, off, sub in zip(event_ids, offsets.tolist(), subs.tolist(), strict=True):
+            args += [eid, f"{off}:{sub}", off * _SUB_SLOTS + min(sub, _SUB_SLOTS - 1)]
+        res = await self._script(keys=self.keys(topic, partition), args=args)
+        return [None if r == 0 else (r.decode() if isinstance(r, bytes) else str(r)) for r in res]
+
+    async def duplicates(self, topic: str, partition: int, event_ids: Sequence[str],
+                         offsets: np.ndarray, subs: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+        """Mask of events whose id was first seen at another position, and those positions."""
+        first = await self.check(topic, partition, event_ids, offsets, subs)
+        return np.array([f is not None for f in first], bool), first
