@@ -182,4 +182,26 @@ def start_redis(host: str = "127.0.0.1", port: int = 0, data_dir: Path | None = 
         args += ["--appendonly", "no"]
     proc = _spawn(args, log_path)
     wait_for_port(host, port, timeout, proc)
+    _wait_loaded(host, port, timeout, proc)
     return Server("redis", host, port, proc, log_path, {"url": f"redis://{host}:{port}/0"})
+
+
+def _wait_loaded(host: str, port: int, timeout: float, proc: subprocess.Popen) -> None:
+    """Block until Redis has loaded its append-only file: it accepts connections while
+    loading but answers every command with LOADING until then."""
+    import redis
+
+    client = redis.Redis(host=host, port=port, socket_timeout=2)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.exceptions.BusyLoadingError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise StackError(f"redis on {host}:{port} did not finish loading its data "
+                                     f"within {timeout:.0f}s") from None
+                time.sleep(0.05)
+    finally:
+        client.close()
