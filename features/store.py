@@ -61,6 +61,7 @@ from features.counters import (
 )
 from features.hashing import canonical
 from features.shard_cache import ShardCache
+from features.read_cache import ReadCache
 from features.store_apply import latest_user_attrs, plan_apply
 from features.store_reads import plan_entity, plan_read
 
@@ -119,6 +120,7 @@ class _StoreCore:
         replay_batches: int = 8,
         miss_cache_seconds: float = 1.0,
         shard_cache_entities: int = 250_000,
+        read_cache_seconds: float = 0.0,
         clock=time.time,
     ) -> None:
         if partitions < 1:
@@ -137,6 +139,9 @@ class _StoreCore:
         # Entity states as last read or written, per shard and shard version: a batch
         # reads only the entities not cached (features/shard_cache.py).
         self.shard_cache = ShardCache(self.counters.width + 1, shard_cache_entities)
+        # Serving's reads of user-independent entities, kept this long (0: off).
+        self.read_cache_seconds = read_cache_seconds
+        self.read_cache = ReadCache(self.counters, read_cache_seconds)
         self._items: dict[str, tuple[float, dict, dict]] = {}
         self._absent: dict[str, float] = {}  # item id -> when to ask Redis again
         self._items_found = 0.0  # see _items_take

@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add("worker", "Run the Faust worker (clicks, items, audit agents).")
     add("learner", "Run the incremental learner service.")
-    add("serve", "Run the serving process (scoring, ops API, dashboard).")
+    p = add("serve", "Run the serving process (scoring, ops API, dashboard).")
+    p.add_argument("--workers", dest="setting_serve_workers", default=None, metavar="N",
+                   help="serving processes sharing the port (= HEADWATER_SERVE_WORKERS); "
+                        "SIGHUP restarts them one at a time")
     p = add("replay", "Replay a dataset into Kafka in event-time order.")
     p.add_argument("dataset", choices=["movielens"])
     p.add_argument("--path", type=Path, default=None, help="dataset directory (both layouts)")
