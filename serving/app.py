@@ -307,7 +307,10 @@ async def _on_response(request: web.Request, response: web.StreamResponse) -> No
     """Name the serving process that answered; ``Connection: close`` while draining."""
     response.headers["X-Headwater-Worker"] = _WORKER
     if request.app[CTX_KEY].draining:
+        # aiohttp has already chosen the Connection header when this hook runs: say
+        # "close" ourselves, or the client would reuse a connection we then close
         response.force_close()
+        response.headers["Connection"] = "close"
 
 
 def create_app(settings: Settings, ctx: AppContext, *, ops: bool | None = None) -> web.Application:
