@@ -60,8 +60,8 @@ from features.counters import (
     CounterConfig,
 )
 from features.hashing import canonical
-from features.shard_cache import ShardCache
 from features.read_cache import ReadCache
+from features.shard_cache import ShardCache
 from features.store_apply import latest_user_attrs, plan_apply
 from features.store_reads import plan_entity, plan_read
 

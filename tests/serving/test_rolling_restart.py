@@ -21,6 +21,10 @@ from tests.stackutil import Service, service_env, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
+#: what the supervisor may take to start or replace 2 workers (serving.workers.Supervisor
+#: defaults: ready_timeout 120 s per start, stop_timeout 30 s per stop)
+WORKERS_BOUND = 2 * (120 + 30)
+
 
 class KeepAliveLoad:
     """``clients`` aiohttp clients scoring in a loop on pooled connections (own thread)."""
@@ -39,7 +43,7 @@ class KeepAliveLoad:
         import aiohttp
 
         body = json.dumps({"user_id": "u1", "candidates": ["i1", "i2", "i3"]}).encode()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
 
             async def client() -> None:
                 while not self._stop.is_set():
@@ -53,7 +57,7 @@ class KeepAliveLoad:
                                     self.closes.append(time.time())
                             else:
                                 self.failed.append(f"{resp.status}: {payload[:200]!r}")
-                    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                         self.failed.append(f"{time.time():.3f} {type(exc).__name__}: {exc}")
                     await asyncio.sleep(0.002)
 
@@ -101,18 +105,21 @@ def test_rolling_restart_under_load_drops_nothing(publish, settings, seeded_redi
     sup = Service("serve", env, tmp_path / "logs")
     try:
         wait_until(ready, 90, what="serving ready", on_fail=sup.log)
-        wait_until(lambda: "with 2 workers" in sup.log(), 120, what="2 workers ready",
+        # as long as the supervisor itself allows: each worker start may take up to its
+        # ready timeout (120 s; torch imports on a loaded machine), each stop its drain
+        wait_until(lambda: "with 2 workers" in sup.log(), WORKERS_BOUND, what="2 workers ready",
                    on_fail=sup.log)
         before = _worker_pids(sup.proc.pid)
         with KeepAliveLoad(port) as load:
-            wait_until(lambda: load.ok >= 50, 30, what="load running")
+            wait_until(lambda: load.ok >= 50, 120, what="load running")
             os.kill(sup.proc.pid, signal.SIGHUP)
             # both replaced: two new workers, none of the old ones left
             wait_until(lambda: (p := _worker_pids(sup.proc.pid)) and len(p) == 2
-                       and not p & before, 120, what="rolling restart done", on_fail=sup.log)
+                       and not p & before, WORKERS_BOUND, what="rolling restart done",
+                       on_fail=sup.log)
             after = _worker_pids(sup.proc.pid)
             served_before = load.ok
-            wait_until(lambda: load.ok >= served_before + 50, 30, what="load after restart")
+            wait_until(lambda: load.ok >= served_before + 50, 120, what="load after restart")
         assert not load.failed, load.failed[:10]
         # the draining workers told their clients to reconnect elsewhere
         assert load.closes
