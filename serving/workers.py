@@ -153,15 +153,22 @@ class Supervisor:
                 log.info("serving worker %d replaced (pid %s)", i, self.workers[i].pid)
 
     def reap(self) -> None:
-        """Restart workers that died (not while stopping)."""
+        """Restart workers that died or failed to start (not while stopping); a worker
+        that cannot start is logged and tried again at the next call."""
         with self._lock:
             for i, p in enumerate(self.workers):
                 if self._stopping:
                     return
-                if p is not None and p.poll() is not None:
+                if p is not None and p.poll() is None:
+                    continue
+                if p is not None:
                     log.warning("serving worker %d (pid %s) exited with %s: restarting",
                                 i, p.pid, p.returncode)
+                self.workers[i] = None
+                try:
                     self.workers[i] = self._spawn(i)
+                except RuntimeError as exc:
+                    log.error("serving worker %d could not be restarted: %s", i, exc)
 
     def stop(self) -> None:
         self._stopping = True
