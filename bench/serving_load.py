@@ -1,18 +1,27 @@
-"""Benchmark: /v1/score requests/s and latency against a real serving process.
+"""Benchmark: /v1/score overhead against the bare forward pass, and throughput under load.
 
 Starts a real Tansu broker and a real redis-server (``headwater.servers``), seeds Redis
 through the online store (``--events`` click events over ``--users`` users and
-``--items`` items, item attributes and codes), publishes one checkpoint with the
-learner's ModelStore, then runs ``python -m headwater serve`` as its own process and
-drives ``POST /v1/score`` from ``--concurrency`` aiohttp clients for ``--seconds`` per
-window, ``--reps`` windows per configuration (medians reported). Candidates are drawn
-from known items plus 10 % never-seen ones; a tenth of the users are unknown.
+``--items`` items, item attributes and codes), publishes one checkpoint per model kind
+with the learner's ModelStore (built like the learner builds it: the settings' preset,
+hashed embeddings of the settings' size), then runs ``python -m headwater serve
+--workers W`` as its own processes and drives ``POST /v1/score`` from aiohttp clients
+for ``--seconds`` per window, ``--reps`` windows per configuration (medians reported).
+Candidates are drawn from known items plus 10 % never-seen ones; a tenth of the users
+are unknown.
 
-Baseline in the same run: the bare forward pass of the same model on the same batch
-size (``ServedModel.predict`` on rows built once), i.e. what scoring costs with no
-HTTP, no JSON, no Redis and no row building.
+Baselines in the same run, per model:
 
-    .venv/bin/python bench/serving_load.py [--kind fgcnn] [--seconds 5] [--reps 3]
+- bare forward: ``ServedModel.predict`` on rows built once (no HTTP, no JSON, no Redis,
+  no row building), median of repeated calls, one torch thread — the model's own cost;
+- ceiling: the bare forward at 100 rows in W processes at once (the same cores the W
+  serving workers use), batches/s summed — what the cores could score with no serving
+  work at all.
+
+Targets (issue 15): one client, p50 <= 2 x bare forward + 1 ms; 16 clients, req/s >=
+70 % of the ceiling.
+
+    .venv/bin/python bench/serving_load.py [--kinds fgcnn deepfm] [--workers 2] [--seconds 5] [--reps 3]
 """
 
 from __future__ import annotations
@@ -150,9 +159,26 @@ def seed_redis(stack: Stack, users: int, items: int, events: int, seed: int = 0)
     client.close()
 
 
-def make_model(builder, kind: str, buckets: int, seed: int) -> torch.nn.Module:
+def make_model(
+    builder, kind: str, buckets: int, seed: int, preset: str = "compact",
+    settings: Settings | None = None,
+) -> torch.nn.Module:
+    """A ranker for the builder's schema. With ``settings``, built as the learner builds
+    it (``streams.learner_runner``: the settings' preset, embedding size and buckets)."""
     schema = builder.schema
-    head = preset_head(kind)
+    if settings is not None:
+        from streams.learner_runner import ServiceTrainerSettings
+
+        trainer = ServiceTrainerSettings(
+            kind=kind, preset=settings.model_preset, seed=seed,
+            embedding={"kind": "hashed", "buckets": settings.embedding_buckets,
+                       "dim": settings.embedding_dim},
+            dense_norm=settings.model_wide, wide=settings.model_wide,
+        ).build(schema.to_json())
+        model = trainer.learner.model
+        model.eval()
+        return model
+    head = preset_head(kind, preset)
     dim = head.get("embedding_dim", 1) + (1 if kind == "deepfm" else 0)
     spec = ModelSpec(
         kind,
@@ -182,13 +208,16 @@ def publish(stack: Stack, model: torch.nn.Module, seed: int, auc: float = 0.7) -
     )
 
 
-def start_serving(stack: Stack, timeout: float = 60.0) -> None:
-    """``python -m headwater serve`` as its own process; wait until /readyz says ready."""
+def start_serving(stack: Stack, timeout: float = 180.0, workers: int = 1, **extra_env) -> None:
+    """``python -m headwater serve`` as its own process; wait until /readyz says ready
+    (and, with ``workers`` > 1, until every worker has answered)."""
     import urllib.request
 
     s = stack.settings
     env = dict(
         os.environ,
+        HEADWATER_SERVE_WORKERS=str(workers),
+        **{k: str(v) for k, v in extra_env.items()},
         HEADWATER_KAFKA=stack.kafka,
         HEADWATER_REDIS=stack.redis_url,
         HEADWATER_MODEL_STORE=str(s.model_store),
@@ -209,16 +238,19 @@ def start_serving(stack: Stack, timeout: float = 60.0) -> None:
     )
     log.close()
     deadline = time.monotonic() + timeout
+    seen: set[str | None] = set()
     while time.monotonic() < deadline:
         if stack.serving.poll() is not None:
             raise RuntimeError(f"serving exited; see {stack.tmp / 'serving.log'}")
         try:
             with urllib.request.urlopen(f"{stack.base}/readyz", timeout=1) as r:
                 if r.status == 200:
-                    return
+                    seen.add(r.headers.get("X-Headwater-Worker"))
+                    if len(seen) >= workers:
+                        return
         except OSError:
             pass
-        time.sleep(0.2)
+        time.sleep(0.05 if seen else 0.2)
     raise RuntimeError(f"serving not ready in {timeout}s; see {stack.tmp / 'serving.log'}")
 
 
@@ -298,9 +330,11 @@ async def run_load(base: str, bodies: list[bytes], concurrency: int, seconds: fl
     return LoadResult(len(lat) + errors, errors, elapsed, np.asarray(lat), versions)
 
 
-def forward_baseline(stack: Stack, version: str, candidates: int, seconds: float = 2.0) -> float:
+def forward_baseline(
+    stack: Stack, version: str, candidates: int, seconds: float = 2.0, store: ModelStore | None = None
+) -> float:
     """Median seconds of the bare forward pass for one batch of ``candidates`` rows."""
-    holder = ModelHolder(stack.store, stack.builder.schema)
+    holder = ModelHolder(store or stack.store, stack.builder.schema)
     try:
         served = holder.load(version)
     finally:
@@ -315,6 +349,43 @@ def forward_baseline(stack: Stack, version: str, candidates: int, seconds: float
         served.predict(cat, dense)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _ceiling_worker(args: tuple) -> int:
+    """One process of the ceiling: bare forwards of ``rows`` rows until ``end``."""
+    root, name, version, schema_json, rows, start, end = args
+    torch.set_num_threads(1)
+    from features.schema import FeatureSchema
+
+    holder = ModelHolder(ModelStore(Path(root), name), FeatureSchema.from_json(schema_json))
+    try:
+        served = holder.load(version)
+    finally:
+        holder.close()
+    rng = np.random.default_rng(0)
+    cat = rng.integers(1, 2**62, size=(rows, served.n_categorical), dtype=np.int64)
+    dense = rng.uniform(0, 3, size=(rows, served.n_dense)).astype(np.float32)
+    served.predict(cat, dense)
+    while time.time() < start:
+        time.sleep(0.001)
+    n = 0
+    while time.time() < end:
+        served.predict(cat, dense)
+        n += 1
+    return n
+
+
+def forward_ceiling(store: ModelStore, schema, version: str, rows: int, procs: int,
+                    seconds: float) -> float:
+    """Bare-forward batches/s of ``procs`` processes at once (the cores' ceiling)."""
+    import multiprocessing as mp
+
+    start = time.time() + 15.0  # every process loaded and warm before the window opens
+    args = (str(store.root), store.model, version, schema.to_json(), rows, start,
+            start + seconds)
+    with mp.get_context("spawn").Pool(procs) as pool:
+        counts = pool.map(_ceiling_worker, [args] * procs)
+    return sum(counts) / seconds
 
 
 def scrape(base: str) -> dict[str, float]:
@@ -351,14 +422,65 @@ def environment() -> str:
     )
 
 
+def measure_model(stack: Stack, args, kind: str, workers: int) -> dict:
+    """Publish ``kind`` under its own model name, serve it, measure; one result row."""
+    settings = stack.settings
+    name = f"bench-{kind}"
+    store = ModelStore(settings.model_store, name, keep=settings.keep_versions)
+    model = make_model(stack.builder, kind, 0, 0, settings=settings)
+    schema = stack.builder.schema
+    manifest = store.publish(
+        {"model": model.state_dict()}, config={"model": model.spec.to_dict()},
+        feature_schema_json=schema.to_json(), feature_schema_hash=schema.hash,
+        rows_trained=1000, watermarks={}, metrics={"auc": 0.7},
+    )
+    version = manifest["version"]
+    print(f"{kind}: published {version} ({manifest['bytes'] / 1e6:.1f} MB, preset "
+          f"{settings.model_preset}, {len(schema.categorical)} fields, {len(schema.dense)} dense)",
+          flush=True)
+    out: dict = {"kind": kind, "bytes": manifest["bytes"]}
+    start_serving(stack, workers=workers, HEADWATER_MODEL_NAME=name)
+    try:
+        for cands in args.candidates:
+            bodies = make_bodies(500, cands, args.users, args.items)
+            asyncio.run(run_load(stack.base, bodies, 4, 2.0))  # warm-up (every worker)
+            fwd = forward_baseline(stack, version, cands, store=store)
+            res = [asyncio.run(run_load(stack.base, bodies, 1, args.seconds))
+                   for _ in range(args.reps)]
+            m = median_result(res)
+            out[cands] = {"fwd": fwd, **m}
+            print(f"{kind} candidates={cands:4d} 1 client: p50 {m['p50']:.2f} ms p99 "
+                  f"{m['p99']:.2f} ms ({m['rps']:.0f} req/s, errors {m['errors']}) | bare forward "
+                  f"{fwd * 1000:.3f} ms | target p50 <= {2 * fwd * 1000 + 1:.2f} ms | "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+        bodies = make_bodies(500, args.load_candidates, args.users, args.items)
+        res = [asyncio.run(run_load(stack.base, bodies, args.clients, args.seconds))
+               for _ in range(args.reps)]
+        out["load"] = median_result(res)
+    finally:
+        stop_pid(stack.serving.pid, proc=stack.serving, timeout=30)
+        stack.serving = None
+    out["ceiling"] = forward_ceiling(store, schema, version, args.load_candidates, workers,
+                                     args.seconds)
+    m = out["load"]
+    print(f"{kind} {args.clients} clients x {args.load_candidates} candidates: {m['rps']:.1f} "
+          f"req/s p50 {m['p50']:.1f} ms p99 {m['p99']:.1f} ms errors {m['errors']} | ceiling "
+          f"{out['ceiling']:.1f} batches/s ({workers} processes) | "
+          f"{m['rps'] / out['ceiling']:.0%} | load {os.getloadavg()[0]:.1f}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kind", default="fgcnn", choices=["fgcnn", "ipnn", "deepfm", "lr"])
-    ap.add_argument("--buckets", type=int, default=20_000, help="hashed embedding rows per field")
+    ap.add_argument("--kinds", nargs="+", default=["fgcnn", "deepfm"],
+                    choices=["fgcnn", "ipnn", "deepfm", "lr"])
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="serving processes (and ceiling processes); default: the cores")
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement window")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--candidates", type=int, nargs="+", default=[1, 100])
+    ap.add_argument("--load-candidates", type=int, default=100)
     ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--items", type=int, default=1600)
     ap.add_argument("--events", type=int, default=40_000)
@@ -366,55 +488,43 @@ def main() -> None:
 
     torch.set_num_threads(1)
     stack = start_stack()
+    load0 = os.getloadavg()
     try:
         t0 = time.perf_counter()
         seed_redis(stack, args.users, args.items, args.events)
-        print(
-            f"seeded Redis with {args.events} clicks in {time.perf_counter() - t0:.1f}s", flush=True
-        )
-        manifest = publish(stack, make_model(stack.builder, args.kind, args.buckets, 0), 0)
-        print(
-            f"published {args.kind} version {manifest['version']} ({manifest['bytes'] / 1e6:.1f} MB, "
-            f"{len(stack.builder.schema.categorical)} fields, {len(stack.builder.schema.dense)} dense)",
-            flush=True,
-        )
-        start_serving(stack)
-        rows = []
-        for cands in args.candidates:
-            bodies = make_bodies(500, cands, args.users, args.items)
-            asyncio.run(run_load(stack.base, bodies, max(args.concurrency), 1.0))  # warm-up
-            fwd = forward_baseline(stack, manifest["version"], cands)
-            for conc in args.concurrency:
-                res = [
-                    asyncio.run(run_load(stack.base, bodies, conc, args.seconds))
-                    for _ in range(args.reps)
-                ]
-                m = median_result(res)
-                rows.append((cands, conc, m, fwd))
-                print(
-                    f"candidates={cands:4d} concurrency={conc:3d}: {m['rps']:8.0f} req/s "
-                    f"p50 {m['p50']:7.2f} ms p99 {m['p99']:7.2f} ms errors {m['errors']} | "
-                    f"bare forward {fwd * 1000:.3f} ms ({1 / fwd:,.0f} batches/s)",
-                    flush=True,
-                )
-        print()
-        print(
-            f"{environment()}; model {args.kind} (hashed, {args.buckets} rows/field), "
-            f"{args.reps} windows of {args.seconds:g}s, medians"
-        )
-        print()
-        print(
-            "| candidates | concurrency | req/s | candidates scored/s | p50 ms | p99 ms | errors |"
-            " bare forward ms | bare forward batches/s |"
-        )
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for cands, conc, m, fwd in rows:
-            print(
-                f"| {cands} | {conc} | {m['rps']:,.0f} | {m['rps'] * cands:,.0f} | {m['p50']:.2f} | "
-                f"{m['p99']:.2f} | {m['errors']} | {fwd * 1000:.3f} | {1 / fwd:,.0f} |"
-            )
+        print(f"seeded Redis with {args.events} clicks in {time.perf_counter() - t0:.1f}s",
+              flush=True)
+        results = [measure_model(stack, args, kind, args.workers) for kind in args.kinds]
     finally:
         stack.stop()
+    load1 = os.getloadavg()
+    s = stack.settings
+    print()
+    print(f"{environment()}; serving: --workers {args.workers}, inference inline, feature cache "
+          f"{s.serve_feature_cache_seconds:g}s; models: preset {s.model_preset}, hashed "
+          f"{s.embedding_buckets} rows/field x {s.embedding_dim}; {args.reps} windows of "
+          f"{args.seconds:g}s, medians; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end")
+    print()
+    print("| model | candidates | bare forward ms | target p50 ms | endpoint p50 ms | "
+          "endpoint p99 ms | p50 / forward | met |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        for c in args.candidates:
+            m = r[c]
+            target = 2 * m["fwd"] * 1000 + 1
+            print(f"| {r['kind']} | {c} | {m['fwd'] * 1000:.3f} | {target:.2f} | {m['p50']:.2f} | "
+                  f"{m['p99']:.2f} | {m['p50'] / (m['fwd'] * 1000):.1f}x | "
+                  f"{'yes' if m['p50'] <= target else 'no'} |")
+    print()
+    print(f"| model | {args.clients} clients x {args.load_candidates} candidates req/s | p50 ms | "
+          f"p99 ms | errors | bare-forward ceiling ({args.workers} processes) batches/s | ratio | "
+          "met (>= 70 %) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        m = r["load"]
+        ratio = m["rps"] / r["ceiling"]
+        print(f"| {r['kind']} | {m['rps']:.1f} | {m['p50']:.1f} | {m['p99']:.1f} | {m['errors']} | "
+              f"{r['ceiling']:.1f} | {ratio:.0%} | {'yes' if ratio >= 0.7 else 'no'} |")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Real processes (Tansu broker, Redis with AOF, worker, learner, serving), real MovieLens
 click events produced at ``--rate`` events/s (cycled with fresh event ids), scoring
 requests at ``--qps``. Each minute one fault, in turn: kill -9 the worker (restart),
-kill -9 the learner (restart), restart Redis, SIGTERM serving (restart). Reports events
+kill -9 the learner (restart), restart Redis, restart serving (with ``--serve-workers``
+N > 1, the default 2: a rolling restart by SIGHUP while the others keep answering; with
+1: SIGTERM and start again, and requests refused meanwhile are counted apart). Reports events
 produced vs counted — per user and per item against a direct count of what was sent,
 so a loss and a double count cannot cancel out — rows trained, models published and swapped, failed requests, and
 the memory (RSS) of every process over time.
@@ -86,7 +88,7 @@ class Load(threading.Thread):
         super().__init__(daemon=True)
         self.url = f"http://127.0.0.1:{port}/v1/score"
         self.qps = qps
-        self.ok = self.failed = self.refused = 0
+        self.ok = self.failed = self.refused = self.refused_unexpected = 0
         self.versions: set[str] = set()
         self.stop = threading.Event()
         self.serving_down = threading.Event()
@@ -105,9 +107,12 @@ class Load(threading.Thread):
                     pass  # no model published yet: not a failure
                 else:
                     self.failed += 1
-            except OSError:
-                if self.serving_down.is_set():
+            except OSError as exc:
+                refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
+                if refused and self.serving_down.is_set():
                     self.refused += 1  # the only replica was deliberately down
+                elif refused:
+                    self.refused_unexpected += 1
                 else:
                     self.failed += 1
             time.sleep(max(0.0, 1.0 / self.qps - (time.monotonic() - t0)))
@@ -118,7 +123,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=300.0, help="click events per second")
     ap.add_argument("--qps", type=float, default=20.0, help="scoring requests per second")
+    ap.add_argument("--serve-workers", type=int, default=2,
+                    help="serving processes on one port; > 1 restarts serving by a rolling "
+                         "restart (SIGHUP), 1 by stopping and starting the only one")
     args = ap.parse_args()
+    os.environ["HEADWATER_SERVE_WORKERS"] = str(args.serve_workers)
     work = Path(tempfile.mkdtemp(prefix="hw-soak-"))
     broker = start_broker(log_path=work / "broker.log")
     redis_server = start_redis(data_dir=work / "redis", log_path=work / "redis.log")
@@ -169,6 +178,15 @@ def main() -> None:
                 redis_server.proc.wait()
                 time.sleep(1.0)
                 redis_server = start_redis(port=port, data_dir=work / "redis", log_path=work / "redis2.log")
+            elif args.serve_workers > 1:
+                log_path = settings.log_dir / "serve.log"
+                replaced = log_path.read_text(errors="replace").count(" replaced (pid ")
+                os.kill(procs["serve"].pid, signal.SIGHUP)
+                deadline = time.monotonic() + 300
+                while (time.monotonic() < deadline and log_path.read_text(errors="replace")
+                       .count(" replaced (pid ") < replaced + args.serve_workers):
+                    time.sleep(0.5)
+                print(f"[{time.monotonic() - t0:6.0f}s] rolling restart done", flush=True)
             else:
                 load.serving_down.set()
                 stop_pid(procs["serve"].pid)
@@ -226,6 +244,8 @@ def main() -> None:
         "swaps": status.get("serving", {}).get("swaps"),
         "requests_ok": load.ok, "requests_failed": load.failed,
         "requests_refused_while_serving_restarted": load.refused,
+        "requests_refused_otherwise": load.refused_unexpected,
+        "serve_workers": args.serve_workers,
         "versions_served": len(load.versions),
         "memory_mb": memory,
     }

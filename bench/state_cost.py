@@ -29,9 +29,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis.asyncio as aioredis  # noqa: E402
-from core.settings import Settings, default_data_dir  # noqa: E402
 
 from bench.features_store import _batches, bench_redis  # noqa: E402
+from core.settings import Settings, default_data_dir  # noqa: E402
 from detection.baseline_store import BaselineStore  # noqa: E402
 from detection.state_store import DetectionStateStore  # noqa: E402
 from features.event_ids import EventIdWindow  # noqa: E402

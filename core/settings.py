@@ -185,6 +185,26 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: str | None = Field(None, description="CA bundle that signed the brokers' certificates.")
     kafka_ssl_certfile: str | None = Field(None, description="Client certificate (mutual TLS).")
     kafka_ssl_keyfile: str | None = Field(None, description="Client certificate's private key (mutual TLS).")
+    serve_inference_threads: int = Field(
+        0, ge=0,
+        description="Threads that encode rows and run the forward pass; 0 runs them on the "
+                    "event loop (no thread hand-off: fastest per request; scale with --workers).",
+    )
+    serve_feature_cache_seconds: float = Field(
+        0.5, ge=0,
+        description="Serving keeps counter states of user-independent entities (items, "
+                    "genres, hour, device) this long between Redis reads; 0 reads every "
+                    "request. A user's own counters are always read.",
+    )
+    serve_drain_seconds: float = Field(
+        2.0, ge=0,
+        description="A stopping serving process answers its open connections (with "
+                    "Connection: close) this long before closing them.",
+    )
+    serve_workers: int = Field(
+        1, ge=1,
+        description="Serving processes sharing the HTTP port (headwater serve --workers N).",
+    )
     # -- state across restarts (issue 13) --
     duplicate_window: int = Field(
         200_000, ge=1,

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from features.counters import CounterConfig
 from features.hashing import canonical
+from features.read_cache import ReadCache
 from features.shard_cache import ShardCache
 
 __all__ = ["APPLY", "PUT", "READ", "READ_OWN", "READ_SHARD", "SCRIPTS", "BatchResult", "Command",
@@ -106,6 +107,7 @@ class StoreCore:
         replay_batches: int = 8,
         miss_cache_seconds: float = 1.0,
         shard_cache_entities: int = 250_000,
+        read_cache_seconds: float = 0.0,
         pit_ties: bool = False,
         pit_history: int = 32,
         clock=time.time,
@@ -132,6 +134,9 @@ class StoreCore:
         # Entity states as last read or written, per shard and shard version: a batch
         # reads only the entities not cached (features/shard_cache.py).
         self.shard_cache = ShardCache(self.counters.width + 1, shard_cache_entities)
+        # Serving's reads of user-independent entities, kept this long (0: off).
+        self.read_cache_seconds = read_cache_seconds
+        self.read_cache = ReadCache(self.counters, read_cache_seconds)
         self._items: dict[str, tuple[float, dict, dict]] = {}
         self._absent: dict[str, float] = {}  # item id -> when to ask Redis again
         self.items_found = 0.0  # see items_take

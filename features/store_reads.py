@@ -54,16 +54,24 @@ def plan_read(
     need_items = need_items or any(s.needs_item_attrs for s in cfg.specs)
     attrs, codes = (yield from core.plan_items(set(cols["item_id"]))) if need_items else ({}, {})
     refs = resolve_refs(cfg, cols, attrs)
-    cmds = core.read_cmds(refs.entities, cfg.state_fields)
+    # Entities shared across users (items, genres, devices...) may come from the read
+    # cache (``read_cache_seconds``, serving only); the rest are read from every shard.
+    cache = core.read_cache if wanted is None and core.read_cache_seconds > 0 else None
+    hit, miss = ({}, refs.entities) if cache is None else cache.split(refs.entities, now)
+    cmds = core.read_cmds(miss, cfg.state_fields)
     n_read = len(cmds)
     users = sorted({u for u in cols["user_id"] if u})
     want_users = features is None or "user_attrs" in features
     if want_users:
         cmds += [("HGETALL", core.attrs_key("user", u)) for u in users]
     res = yield cmds
-    total = np.zeros((len(refs.entities), cfg.width))
-    for blob in res[:n_read]:
-        total += decay_state(cfg, core.states(blob, cfg.width), now)
+    if cache is None:
+        total = np.zeros((len(refs.entities), cfg.width))
+        for blob in res[:n_read]:
+            total += decay_state(cfg, core.states(blob, cfg.width), now)
+    else:
+        shards = [core.states(blob, cfg.width) for blob in res[:n_read]]
+        total = cache.merge(refs.entities, hit, miss, shards, now)
     feats = derive_features(cfg, aggregate(refs, total[refs.entity]))
     out: dict[str, Any] = {k: v for k, v in feats.items() if wanted is None or k in wanted}
     if want_users:

@@ -43,6 +43,10 @@ def load_settings(args: argparse.Namespace) -> Settings:
         if name not in Settings.model_fields:
             raise ValueError(f"unknown setting {name!r} in --set {item} (see `headwater settings`)")
         overrides[name] = value
+    # a command's own flag for a setting (``serve --workers N``) is ``dest="setting_<name>"``
+    for key, value in vars(args).items():
+        if key.startswith("setting_") and value is not None:
+            overrides[key[len("setting_"):]] = value
     return Settings(**overrides)
 
 
@@ -69,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add("worker", "Run the Faust worker (clicks, items, audit agents).")
     add("learner", "Run the incremental learner service.")
-    add("serve", "Run the serving process (scoring, ops API, dashboard).")
+    p = add("serve", "Run the serving process (scoring, ops API, dashboard).")
+    p.add_argument("--workers", dest="setting_serve_workers", default=None, metavar="N",
+                   help="serving processes sharing the port (= HEADWATER_SERVE_WORKERS); "
+                        "SIGHUP restarts them one at a time")
     p = add("replay", "Replay a dataset into Kafka in event-time order.")
     p.add_argument("dataset", choices=["movielens"])
     p.add_argument("--path", type=Path, default=None, help="dataset directory (both layouts)")

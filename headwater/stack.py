@@ -108,6 +108,7 @@ def _service_env(settings: Settings, kafka: str, redis_url: str) -> dict[str, st
     env["HEADWATER_LEARNER_PORT"] = str(settings.learner_port)
     env["HEADWATER_TOPIC_PREFIX"] = settings.topic_prefix
     env["HEADWATER_PARTITIONS"] = str(settings.partitions)
+    env["HEADWATER_SERVE_WORKERS"] = str(settings.serve_workers)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

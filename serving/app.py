@@ -19,7 +19,9 @@ import functools
 import hmac
 import importlib.util
 import logging
+import os
 import signal
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +39,7 @@ from serving.holder import HolderError, ModelHolder
 from serving.metrics import CONTENT_TYPE_LATEST, ServingMetrics
 from serving.models import BaselineModel, normalize_version
 from serving.scoring import RequestError, Scorer, parse_score_requests
+from serving.workers import LISTEN_FD_ENV, READY_FD_ENV
 
 __all__ = ["AppContext", "build_context", "create_app", "run_serving"]
 
@@ -65,6 +68,8 @@ class AppContext:
     baseline: Any = None
     started_at: float = field(default_factory=time.time)
     last_error: str | None = None
+    #: set when this process stops: responses carry ``Connection: close``
+    draining: bool = False
 
     def status_fields(self) -> dict[str, Any]:
         """The serving heartbeat's own fields (see :mod:`core.health`)."""
@@ -308,6 +313,19 @@ async def rollback_model(request: web.Request) -> web.Response:
     return await _admin_action(request, lambda h: h.arollback())
 
 
+_WORKER = str(os.getpid())
+
+
+async def _on_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Name the serving process that answered; ``Connection: close`` while draining."""
+    response.headers["X-Headwater-Worker"] = _WORKER
+    if request.app[CTX_KEY].draining:
+        # aiohttp has already chosen the Connection header when this hook runs: say
+        # "close" ourselves, or the client would reuse a connection we then close
+        response.force_close()
+        response.headers["Connection"] = "close"
+
+
 def create_app(settings: Settings, ctx: AppContext, *, ops: bool | None = None) -> web.Application:
     """The serving application: our routes, plus the operator routes of ``serving.ops``.
 
@@ -317,6 +335,7 @@ def create_app(settings: Settings, ctx: AppContext, *, ops: bool | None = None) 
     # Headroom over max_body_bytes so our own check answers first, with a clear message.
     app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes + 1)
     app[CTX_KEY] = ctx
+    app.on_response_prepare.append(_on_response)
     app.router.add_post("/v1/score", score)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -357,7 +376,7 @@ def build_context(
     registry: CollectorRegistry | None = None,
     quality_margin: float | None = None,
     keep_loaded: int = 2,
-    inference_threads: int = 1,
+    inference_threads: int | None = None,
 ) -> AppContext:
     """Holder, scorer and metrics over a model store and an async Redis client."""
     from features.store import OnlineStore
@@ -375,8 +394,12 @@ def build_context(
         quality_margin=quality_margin,
     )
     online = OnlineStore(redis_client, partitions=settings.partitions,
-                         counters=builder.config.counters, registry=registry)
-    executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="inference")
+                         counters=builder.config.counters, registry=registry,
+                         read_cache_seconds=settings.serve_feature_cache_seconds)
+    threads = settings.serve_inference_threads if inference_threads is None else inference_threads
+    executor = (
+        ThreadPoolExecutor(max_workers=threads, thread_name_prefix="inference") if threads else None
+    )
     scorer = Scorer(online, builder, executor,
                     redis_retry_seconds=settings.score_redis_retry_seconds)
     baseline = BaselineModel.for_schema(builder.schema.dense) if settings.serve_baseline else None
@@ -432,28 +455,78 @@ async def serve(
     app = create_app(settings, ctx)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, settings.bind_host, settings.http_port, reuse_address=True)
+    listen_fd = os.environ.get(LISTEN_FD_ENV)
+    if listen_fd:  # a worker of `headwater serve --workers N`: the supervisor's socket
+        site: web.BaseSite = web.SockSite(runner, socket.socket(fileno=int(listen_fd)))
+    else:
+        site = web.TCPSite(runner, settings.bind_host, settings.http_port, reuse_address=True)
     await site.start()
     ctx.watcher.start()
     beat = asyncio.create_task(_heartbeat(ctx, stop))
     log.info("serving listens on http://%s:%s", settings.bind_host, settings.http_port)
+    _say_ready()
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
     finally:
+        await _drain(ctx, runner, site, settings.serve_drain_seconds)
         await ctx.watcher.stop()
         await beat
         await runner.cleanup()
         ctx.holder.close()
-        ctx.scorer.executor.shutdown(wait=False, cancel_futures=True)
+        if ctx.scorer.executor is not None:
+            ctx.scorer.executor.shutdown(wait=False, cancel_futures=True)
         await client.aclose()
 
 
+def _say_ready() -> None:
+    """Tell the supervisor (``--workers``) this worker listens and has a ranker."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd:
+        with contextlib.suppress(OSError):
+            os.write(int(fd), b"1")
+            os.close(int(fd))
+
+
+async def _drain(ctx: AppContext, runner: web.AppRunner, site: web.BaseSite, seconds: float) -> None:
+    """Stop accepting, then answer open connections with ``Connection: close`` for at
+    most ``seconds`` (until the clients have gone): a client in a request loop is never
+    cut off mid-request, and queued connections wait for the other workers."""
+    ctx.draining = True
+    log.info("draining: %d connections open", len(runner.server.connections) if runner.server else -1)
+    # Stop accepting first, then let the connections already accepted become transports
+    # (asyncio attaches each in a task of its own, on the next loop iteration), and only
+    # then close the server: a connection accepted just before close() would otherwise
+    # fail to attach and be dropped with a reset (a closed asyncio.Server refuses it).
+    loop = asyncio.get_running_loop()
+    srv = getattr(site, "_server", None)  # the site's asyncio.Server
+    for sock in srv.sockets if srv is not None else ():
+        loop.remove_reader(sock.fileno())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    await site.stop()
+    server = runner.server
+    deadline = time.monotonic() + seconds
+    while server is not None and server.connections and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    log.info("drained: %d connections left open after %.1fs",
+             len(server.connections) if server is not None else 0,
+             seconds - max(0.0, deadline - time.monotonic()))
+
+
 def run_serving(settings: Settings, kafka: str | None, redis_url: str) -> int:
-    """``headwater serve``: serve until SIGTERM or SIGINT; return the exit code."""
+    """``headwater serve``: serve until SIGTERM or SIGINT; return the exit code.
+
+    With ``serve_workers`` > 1 (``--workers N``) this process supervises N serving
+    processes on one shared socket instead (:mod:`serving.workers`).
+    """
+    if settings.serve_workers > 1 and not os.environ.get(LISTEN_FD_ENV):
+        from serving.workers import run_workers
+
+        return run_workers(settings)
     logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     )
 
     async def main() -> None:

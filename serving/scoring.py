@@ -191,7 +191,11 @@ class Scorer:
     ``store`` is an async :class:`features.store.OnlineStore`; ``builder`` a
     :class:`features.rows.RowBuilder` (its ``schema`` is what checkpoints must match).
     Row encoding and the forward pass run together on ``executor`` (a small thread
-    pool): torch releases the GIL, and the event loop keeps serving I/O meanwhile.
+    pool: torch releases the GIL, and the event loop keeps serving I/O meanwhile), or,
+    with ``executor`` None (the default, ``HEADWATER_SERVE_INFERENCE_THREADS=0``), on the
+    event loop itself: the hand-off to a thread and back cost more than a small forward
+    pass (GIL switches of up to ``sys.getswitchinterval()`` each), and several serving
+    processes (``--workers``) use the cores instead.
     """
 
     #: Redis errors a feature read retries (a restart, an outage, an AOF still loading).
@@ -266,6 +270,8 @@ class Scorer:
             return np.zeros(0)
         now = self.clock()
         feats = await self.features(req, now)
+        if self.executor is None:  # inline: no thread hand-off, no GIL ping-pong
+            return self._encode_and_predict(served, req, feats, now)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self.executor, self._encode_and_predict, served, req, feats, now

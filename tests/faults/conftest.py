@@ -18,7 +18,6 @@ def stack(kafka_bootstrap, tmp_path, topic_prefix):
     env = service_env(kafka_bootstrap, url, topic_prefix, tmp_path,
                       HEADWATER_CONTENT_ENCODER="hashing", HEADWATER_CLICK_BATCH_SIZE=500)
     from core.settings import Settings
-
     from streams.topics import ensure_topics
 
     ensure_topics(Settings(topic_prefix=topic_prefix, partitions=PARTITIONS), kafka_bootstrap)

@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 import redis
-from core.settings import Settings
 from kafka import KafkaProducer
 
+from core.settings import Settings
 from detection.engine import DetectionEngine
 from detection.state_store import state_key
 from features.codebook_store import CodebookStore

@@ -415,3 +415,30 @@ def test_a_recorded_offset_behind_the_expected_one_is_a_gap(make_store, dump_sta
     assert (info.value.recorded, info.value.expected) == (50, 60)
     assert dump_state("{hw:p0}*") == state
     store.apply_batch("clicks", 0, _slice(cols, slice(50, 100)), expect_next=50)
+
+
+def test_read_cache_serves_shared_entities_and_always_reads_the_users(make_store):
+    """Serving's read cache: features equal a fresh read, decayed to each request's time;
+    a user's own counters are read every time, shared entities within the cache's TTL."""
+    fresh = make_store(partitions=3, counters=CFG)
+    cached = make_store(partitions=3, counters=CFG, read_cache_seconds=10.0)
+    fresh.put_item_attributes({i: {"genres": ["Drama", "Comedy"]} for i in range(20)}, ts=0)
+    fresh.apply_batch("clicks", 0, {"ts": [0.0, 5.0], "user_id": [1, 2], "item_id": [3, 4],
+                                    "label": [1, 0], "offset": [0, 1]})
+    fresh.apply_batch("clicks", 2, {"ts": [6.0], "user_id": [1], "item_id": [4],
+                                    "label": [1], "offset": [0]})
+    rows = [{"user_id": 1, "item_id": i} for i in range(20)]
+    for now in (100.0, 104.0):  # a miss, then hits decayed to a later time
+        want, got = fresh.get_online_features(rows, now=now), cached.get_online_features(rows, now=now)
+        for name in CFG.feature_names():
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-12, err_msg=name)
+    assert cached.read_cache.hits > 0
+    # a new click: the user's counters show it at once; the item's only after the TTL
+    fresh.apply_batch("clicks", 1, {"ts": [105.0], "user_id": [1], "item_id": [3],
+                                    "label": [1], "offset": [0]})
+    got = cached.get_online_features(rows, now=106.0)
+    want = fresh.get_online_features(rows, now=106.0)
+    assert got["user_impressions_total"][0] == want["user_impressions_total"][0] == 3.0
+    assert got["item_impressions_total"][3] == 1.0 and want["item_impressions_total"][3] == 2.0
+    got = cached.get_online_features(rows, now=111.0)  # TTL over: read again
+    assert got["item_impressions_total"][3] == 2.0

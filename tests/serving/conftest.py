@@ -164,7 +164,8 @@ async def make_app(builder) -> AsyncIterator[Callable]:
     for tc, ctx in made:
         await tc.close()
         ctx.holder.close()
-        ctx.scorer.executor.shutdown(wait=True)
+        if ctx.scorer.executor is not None:
+            ctx.scorer.executor.shutdown(wait=True)
         await ctx.redis.aclose()
 
 
