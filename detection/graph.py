@@ -54,6 +54,15 @@ _MODULES = frozenset({"init_module", "finit_module", "delete_module"})
 _OUTSIDE = frozenset({"write", "create", "truncate", "unlink", "rename", "link", "chmod", "chown",
                       "utime", "connect", "accept", "send", "recv", "bind", "module", "ptrace",
                       "mount", "memfd", "kexec", "mknod", "login"})
+#: follow-up op -> the ops on the same file it repeats when it comes right after one of them
+#: (``ProvenanceGraph._merge_previous``): metadata set by the file's writer, a script re-read
+_FOLLOWS = {
+    "utime": frozenset({"create", "write", "truncate"}),
+    "chmod": frozenset({"create", "write", "truncate"}),
+    "chown": frozenset({"create", "write", "truncate"}),
+    "write": frozenset({"create", "truncate"}),
+    "read": frozenset({"exec_load", "load"}),
+}
 _SYSTEM_PROGRAMS = ("/usr/bin/", "/bin/", "/usr/sbin/", "/sbin/", "/usr/local/bin/")
 _MISC = {
     "ptrace": "ptrace",
@@ -110,6 +119,7 @@ class ProvenanceGraph:
             "edges_skipped": 0,
             "edges_pruned": 0,
             "edges_collected": 0,
+            "edges_merged": 0,
             "nodes_created": 0,
             "nodes_pruned": 0,
             "nodes_evicted": 0,
@@ -306,6 +316,8 @@ class ProvenanceGraph:
             if self.redundant.is_redundant((proc.nid, op, obj.nid if obj else None), state):
                 self.stats["edges_skipped"] += 1
                 return None
+        if self.reduce and proc.edges:
+            self._merge_previous(proc, op, obj)
         e = Edge(ts, op, proc, obj, detail, inferred)
         proc.edges.append((ts, op, obj.nid if obj is not None else None))
         if op == "fork":
@@ -334,6 +346,55 @@ class ProvenanceGraph:
         return e
 
     # ------------------------------------------------------------------ garbage (LogGC)
+    def _merge_previous(self, proc: ProcNode, op: str, obj: Node | None) -> None:
+        """Collect *proc*'s last retained edge when the edge *op* on *obj* makes it redundant.
+
+        Runs before the new edge is kept; the old edge came in an earlier event and
+        has gone through the rules and the baseline already, so detection is
+        unchanged. The cases and why each is sound: :mod:`detection.reduction`.
+        """
+        edges = proc.edges
+        if not edges:
+            return
+        _, prev, pnid = edges[-1]
+        f = None
+        if prev == "fork":  # spawn: the child's fork edge, merged into its exec
+            parent = proc.parent
+            if op != "exec" or parent is None or pnid != parent.nid or proc.n != 1:
+                return
+        elif prev == "setuid":  # credential burst: nothing ran under the earlier ids
+            if op != "setuid":
+                return
+        elif prev == "exec":  # exec chain (env, nice, sh -c): the wrapper image is replaced
+            if op != "exec" or proc.keep or proc.labels:
+                return
+        elif prev == "denied" or prev in _FOLLOWS:
+            f = self.files.get(pnid[5:]) if pnid else None
+            if f is None or f.keep or f.labels:
+                return
+            if prev != "denied":  # a follow-up of the edge before it on the same file
+                if len(edges) < 2 or edges[-2][2] != pnid or edges[-2][1] not in _FOLLOWS[prev]:
+                    return
+        else:
+            return
+        edges.pop()
+        proc.n -= 1
+        outside = prev in _OUTSIDE
+        if outside:
+            proc.touched -= 1
+        if f is not None:
+            f.n -= 1
+            fe = f.edges
+            if fe and fe[-1][1] == prev and fe[-1][2] == proc.nid:
+                fe.pop()
+            if f.touchers is not None:
+                t = f.touchers.get(proc)
+                if t is not None:
+                    t[0] -= 1
+                    t[1] -= outside
+        self.stats["edges_collected"] += 1
+        self.stats["edges_merged"] += 1
+
     def _collect_file(self, f: FileNode | None) -> None:
         """Drop the edges of a temporary file that lived and died inside one chain.
 
