@@ -112,6 +112,7 @@ class ProvenanceGraph:
         self._lru: OrderedDict[str, Node] = OrderedDict()
         self.local_ports: set[int] = set()
         self.redundant = RedundancyFilter()
+        self._late_forks: list[ProcNode] = []
         self.now = 0.0
         self.stats = {
             "events": 0,
@@ -346,17 +347,17 @@ class ProvenanceGraph:
         return e
 
     # ------------------------------------------------------------------ garbage (LogGC)
-    def _merge_previous(self, proc: ProcNode, op: str, obj: Node | None) -> None:
+    def _merge_previous(self, proc: ProcNode, op: str | None, obj: Node | None) -> None:
         """Collect *proc*'s last retained edge when the edge *op* on *obj* makes it redundant.
 
-        Runs before the new edge is kept; the old edge came in an earlier event and
-        has gone through the rules and the baseline already, so detection is
-        unchanged. The cases and why each is sound: :mod:`detection.reduction`.
+        Runs before the new edge is kept (or with *op* ``None`` from :meth:`collect`,
+        after a batch); the old edge came in an earlier event and has gone through
+        the rules and the baseline already, so detection is unchanged. The cases and why each is sound: :mod:`detection.reduction`.
         """
         edges = proc.edges
         if not edges:
             return
-        _, prev, pnid = edges[-1]
+        pts, prev, pnid = edges[-1]
         f = None
         if prev == "fork":  # spawn: the child's fork edge, merged into its exec
             parent = proc.parent
@@ -370,7 +371,9 @@ class ProvenanceGraph:
                 return
         elif prev == "denied" or prev in _FOLLOWS:
             f = self.files.get(pnid[5:]) if pnid else None
-            if f is None or f.keep or f.labels:
+            # the file's last edge must be this one: nothing touched it since, and it
+            # was not collected with the file (a temp file gone)
+            if f is None or f.keep or f.labels or not f.edges or f.edges[-1] != (pts, prev, proc.nid):
                 return
             if prev != "denied":  # a follow-up of the edge before it on the same file
                 if len(edges) < 2 or edges[-2][2] != pnid or edges[-2][1] not in _FOLLOWS[prev]:
@@ -384,9 +387,7 @@ class ProvenanceGraph:
             proc.touched -= 1
         if f is not None:
             f.n -= 1
-            fe = f.edges
-            if fe and fe[-1][1] == prev and fe[-1][2] == proc.nid:
-                fe.pop()
+            f.edges.pop()
             if f.touchers is not None:
                 t = f.touchers.get(proc)
                 if t is not None:
@@ -429,6 +430,7 @@ class ProvenanceGraph:
         """
         if not self.reduce:
             return 0
+        self._merge_settled()
         now = self.now if now is None else now
         horizon = now - idle
         total = 0
@@ -448,6 +450,29 @@ class ProvenanceGraph:
                     changed = True
         self.stats["edges_collected"] += total
         return total
+
+    def _merge_settled(self) -> None:
+        """Merges that wait for detection of the current batch (see ``_merge_previous``).
+
+        A fork edge logged after its child's first action, an ``exec``, is merged
+        into that exec; a failed open or a follow-up that is a process's last edge
+        goes now instead of at its next edge.
+        """
+        for child in self._late_forks:
+            parent = child.parent
+            if child.collected or parent is None:
+                continue
+            for entry in child.edges:
+                if entry[1] == "fork" and entry[2] == parent.nid:
+                    child.edges.remove(entry)
+                    child.n -= 1
+                    self.stats["edges_collected"] += 1
+                    self.stats["edges_merged"] += 1
+                    break
+        self._late_forks.clear()
+        for p in self.procs.values():
+            if p.edges and not p.collected:
+                self._merge_previous(p, None, None)
 
     def _pristine_system_file(self, path: str, op: str) -> bool:
         """A read or image load of a system program nobody wrote while we watched.
@@ -594,7 +619,9 @@ class ProvenanceGraph:
             child = self.procs.get(ev.exit)
             if child is None or child.parent is not proc or child.first_ts < ev.ts - 1.0:
                 child = self._new_proc(ev.exit, ev.ts, proc, None)
-            self._edge(out, ev.ts, "fork", proc, child)
+            e = self._edge(out, ev.ts, "fork", proc, child)
+            if e is not None and self.reduce and len(child.edges) > 1 and child.edges[0][1] == "exec":
+                self._late_forks.append(child)  # audit logged the clone after the child's exec
 
     def _on_exec(self, out, ev, proc, sc, items) -> None:
         if not ev.success:

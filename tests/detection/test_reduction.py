@@ -155,3 +155,30 @@ def test_merged_edges_count_once_when_their_file_or_process_is_collected():
     assert st["edges"] - st["edges_collected"] == retained
     assert g.procs[12].collected and st["edges_collected"] == st["edges"] - g.procs[11].n - (
         g.procs[10].n)
+
+
+def test_fork_logged_after_the_childs_exec_is_merged_at_the_next_collection():
+    L = _login_shell()
+    L.execve(12, 11, "/usr/bin/make", ["make"])  # the clone's record comes after the child's
+    L.fork(11, 10, 12)
+    L.fork(11, 10, 13)
+    _setid(L, 13, 11, 0)  # sudo's child: credentials first, then the program
+    L.execve(13, 11, "/usr/bin/tail", ["tail", "/var/log/syslog"])
+    eng = _same_detection(L.lines)  # flush() collects
+    g = eng.graph
+    assert _retained(g.procs[12]) == ["exec"] and g.procs[12].n == 1
+    assert _retained(g.procs[13])[:2] == ["fork", "setuid"]
+
+
+def test_failed_open_that_is_a_process_last_edge_goes_at_collection():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/clear_console", ["clear_console"])
+    L.open(12, 11, "/usr/bin/clear_console", "/dev/console", success="no")
+    L.fork(11, 10, 13)
+    L.execve(13, 11, "/usr/bin/cat", ["cat"])
+    L.open(13, 11, "/usr/bin/cat", "/etc/gshadow", write=False, success="no")
+    eng, _ = _run(L.lines)
+    g = eng.graph
+    assert _retained(g.procs[12]) == ["exec"]
+    assert _retained(g.procs[13]) == ["exec", "denied"]  # labelled sensitive: stays
