@@ -355,7 +355,7 @@ class ProvenanceGraph:
         the rules and the baseline already, so detection is unchanged. The cases and why each is sound: :mod:`detection.reduction`.
         """
         edges = proc.edges
-        if not edges:
+        if not edges or proc.labels:
             return
         pts, prev, pnid = edges[-1]
         f = None
@@ -460,7 +460,7 @@ class ProvenanceGraph:
         """
         for child in self._late_forks:
             parent = child.parent
-            if child.collected or parent is None:
+            if child.collected or parent is None or child.labels:
                 continue
             for entry in child.edges:
                 if entry[1] == "fork" and entry[2] == parent.nid:
