@@ -182,3 +182,19 @@ def test_failed_open_that_is_a_process_last_edge_goes_at_collection():
     g = eng.graph
     assert _retained(g.procs[12]) == ["exec"]
     assert _retained(g.procs[13]) == ["exec", "denied"]  # labelled sensitive: stays
+
+
+def test_edges_of_labelled_processes_are_never_merged():
+    """A webshell's children: on the untrusted information-flow path, kept whole."""
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/curl", ["curl", "http://x/a"])
+    L.connect(12, 11, "/usr/bin/curl", 9999)  # untrusted: curl is labelled from here on
+    L.fork(12, 11, 13)
+    L.execve(13, 12, "/usr/bin/make", ["make"])
+    L.open(13, 12, "/usr/bin/make", "/home/u/r/x.lock", success="no")
+    L.open(13, 12, "/usr/bin/make", "/home/u/r/y", write=True)
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    assert g.procs[13].labels
+    assert _retained(g.procs[13]) == ["fork", "exec", "denied", "write"]
