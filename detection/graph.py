@@ -317,8 +317,13 @@ class ProvenanceGraph:
             if self.redundant.is_redundant((proc.nid, op, obj.nid if obj else None), state):
                 self.stats["edges_skipped"] += 1
                 return None
-        if self.reduce and proc.edges:
-            self._merge_previous(proc, op, obj)
+        if self.reduce:
+            # an edge of this same event has not been matched yet: merges wait for the next
+            event = self.stats["events"]
+            if proc.last_event != event:
+                if proc.edges:
+                    self._merge_previous(proc, op, obj)
+                proc.last_event = event
         e = Edge(ts, op, proc, obj, detail, inferred)
         proc.edges.append((ts, op, obj.nid if obj is not None else None))
         if op == "fork":

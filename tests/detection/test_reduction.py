@@ -198,3 +198,18 @@ def test_edges_of_labelled_processes_are_never_merged():
     g = eng.graph
     assert g.procs[13].labels
     assert _retained(g.procs[13]) == ["fork", "exec", "denied", "write"]
+
+
+def test_no_merge_inside_one_event_before_its_edges_are_matched():
+    """An exec event yields exec, exec_load and argv reads at once: none merges another."""
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/cp", ["cp", "x"])
+    L.open(12, 11, "/usr/bin/cp", "/home/u/s.sh", create=True)
+    L.open(12, 11, "/usr/bin/cp", "/home/u/t.txt", create=True)
+    L.fork(11, 10, 13)
+    L.execve(13, 11, "/usr/bin/dash", ["sh", "/home/u/s.sh", "/home/u/t.txt"],
+             image="/home/u/s.sh")
+    eng = _same_detection(L.lines)
+    assert _retained(eng.graph.procs[13]) == ["exec", "exec_load", "read", "read"]
+    assert eng.graph.procs[13].last_event == eng.graph.stats["events"]
