@@ -357,7 +357,9 @@ class ProvenanceGraph:
 
         Runs before the new edge is kept (or with *op* ``None`` from :meth:`collect`,
         after a batch); the old edge came in an earlier event and has gone through
-        the rules and the baseline already, so detection is unchanged. The cases and why each is sound: :mod:`detection.reduction`.
+        the rules and the baseline already, so detection is unchanged. Labelled
+        processes are left alone. The cases, and why each is sound:
+        :mod:`detection.reduction`.
         """
         edges = proc.edges
         if not edges or proc.labels:
@@ -372,13 +374,15 @@ class ProvenanceGraph:
             if op != "setuid":
                 return
         elif prev == "exec":  # exec chain (env, nice, sh -c): the wrapper image is replaced
-            if op != "exec" or proc.keep or proc.labels:
+            if op != "exec" or proc.keep:
                 return
         elif prev == "denied" or prev in _FOLLOWS:
             f = self.files.get(pnid[5:]) if pnid else None
             # the file's last edge must be this one: nothing touched it since, and it
             # was not collected with the file (a temp file gone)
-            if f is None or f.keep or f.labels or not f.edges or f.edges[-1] != (pts, prev, proc.nid):
+            if f is None or f.keep or f.labels or not f.edges:
+                return
+            if f.edges[-1] != (pts, prev, proc.nid):
                 return
             if prev != "denied":  # a follow-up of the edge before it on the same file
                 if len(edges) < 2 or edges[-2][2] != pnid or edges[-2][1] not in _FOLLOWS[prev]:
@@ -625,8 +629,9 @@ class ProvenanceGraph:
             if child is None or child.parent is not proc or child.first_ts < ev.ts - 1.0:
                 child = self._new_proc(ev.exit, ev.ts, proc, None)
             e = self._edge(out, ev.ts, "fork", proc, child)
-            if e is not None and self.reduce and len(child.edges) > 1 and child.edges[0][1] == "exec":
-                self._late_forks.append(child)  # audit logged the clone after the child's exec
+            if e is not None and self.reduce and len(child.edges) > 1:
+                if child.edges[0][1] == "exec":  # the clone was logged after the child's exec
+                    self._late_forks.append(child)
 
     def _on_exec(self, out, ev, proc, sc, items) -> None:
         if not ev.success:
