@@ -368,7 +368,7 @@ class ProvenanceGraph:
         f = None
         if prev == "fork":  # spawn: the child's fork edge, merged into its exec
             parent = proc.parent
-            if op != "exec" or parent is None or pnid != parent.nid or proc.n != 1:
+            if op != "exec" or parent is None or pnid != parent.nid or proc.n != 1 or parent.labels:
                 return
         elif prev == "setuid":  # credential burst: nothing ran under the earlier ids
             if op != "setuid":
@@ -469,7 +469,7 @@ class ProvenanceGraph:
         """
         for child in self._late_forks:
             parent = child.parent
-            if child.collected or parent is None or child.labels:
+            if child.collected or parent is None or child.labels or parent.labels:
                 continue
             for entry in child.edges:
                 if entry[1] == "fork" and entry[2] == parent.nid:

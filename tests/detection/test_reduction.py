@@ -213,3 +213,14 @@ def test_no_merge_inside_one_event_before_its_edges_are_matched():
     eng = _same_detection(L.lines)
     assert _retained(eng.graph.procs[13]) == ["exec", "exec_load", "read", "read"]
     assert eng.graph.procs[13].last_event == eng.graph.stats["events"]
+
+
+def test_fork_edge_of_a_labelled_parent_stays_even_when_logged_late():
+    L = _login_shell()
+    L.execve(12, 11, "/usr/bin/make", ["make"])  # child seen first, parent still clean
+    L.connect(11, 10, "/usr/bin/bash", 4444)  # the shell talks to an untrusted endpoint
+    L.fork(11, 10, 12)  # then the clone record: a labelled process's edge
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    assert g.procs[11].labels and not g.procs[12].labels
+    assert "fork" in _retained(g.procs[12])
