@@ -28,9 +28,10 @@ A fourth pass merges edges that a later edge of the same process makes redundant
 (CPR-style: same entities, no information flow in between), also after detection:
 the dropped edge came in an earlier event and went through the rules and the learned
 baseline already, so no alert, technique or label can change
-(:meth:`detection.graph.ProvenanceGraph._merge_previous`). It never touches a
-labelled process (its edges are the information-flow path an investigation follows)
-nor an edge whose file carries a label or was matched by a rule:
+(:meth:`detection.graph.ProvenanceGraph._merge_previous`). It never touches an edge
+of a labelled process, parent included for a fork (those edges are the information-flow
+path an investigation follows), nor an edge whose file carries a label or was matched
+by a rule. ``bench/detection_eval.py`` checks that no labelled attack edge goes:
 
 * **Spawn**: a child's ``fork`` edge when the child's first action is ``exec``
   (also when the audit log records the clone after the child's exec). The fork
