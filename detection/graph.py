@@ -54,6 +54,15 @@ _MODULES = frozenset({"init_module", "finit_module", "delete_module"})
 _OUTSIDE = frozenset({"write", "create", "truncate", "unlink", "rename", "link", "chmod", "chown",
                       "utime", "connect", "accept", "send", "recv", "bind", "module", "ptrace",
                       "mount", "memfd", "kexec", "mknod", "login"})
+#: follow-up op -> the ops on the same file it repeats when it comes right after one of them
+#: (``ProvenanceGraph._merge_previous``): metadata set by the file's writer, a script re-read
+_FOLLOWS = {
+    "utime": frozenset({"create", "write", "truncate"}),
+    "chmod": frozenset({"create", "write", "truncate"}),
+    "chown": frozenset({"create", "write", "truncate"}),
+    "write": frozenset({"create", "truncate"}),
+    "read": frozenset({"exec_load", "load"}),
+}
 _SYSTEM_PROGRAMS = ("/usr/bin/", "/bin/", "/usr/sbin/", "/sbin/", "/usr/local/bin/")
 _MISC = {
     "ptrace": "ptrace",
@@ -103,6 +112,7 @@ class ProvenanceGraph:
         self._lru: OrderedDict[str, Node] = OrderedDict()
         self.local_ports: set[int] = set()
         self.redundant = RedundancyFilter()
+        self._late_forks: list[ProcNode] = []
         self.now = 0.0
         self.stats = {
             "events": 0,
@@ -110,6 +120,7 @@ class ProvenanceGraph:
             "edges_skipped": 0,
             "edges_pruned": 0,
             "edges_collected": 0,
+            "edges_merged": 0,
             "nodes_created": 0,
             "nodes_pruned": 0,
             "nodes_evicted": 0,
@@ -306,6 +317,13 @@ class ProvenanceGraph:
             if self.redundant.is_redundant((proc.nid, op, obj.nid if obj else None), state):
                 self.stats["edges_skipped"] += 1
                 return None
+        if self.reduce:
+            # an edge of this same event has not been matched yet: merges wait for the next
+            event = self.stats["events"]
+            if proc.last_event != event:
+                if proc.edges:
+                    self._merge_previous(proc, op, obj)
+                proc.last_event = event
         e = Edge(ts, op, proc, obj, detail, inferred)
         proc.edges.append((ts, op, obj.nid if obj is not None else None))
         if op == "fork":
@@ -334,6 +352,59 @@ class ProvenanceGraph:
         return e
 
     # ------------------------------------------------------------------ garbage (LogGC)
+    def _merge_previous(self, proc: ProcNode, op: str | None, obj: Node | None) -> None:
+        """Collect *proc*'s last retained edge when the edge *op* on *obj* makes it redundant.
+
+        Runs before the new edge is kept (or with *op* ``None`` from :meth:`collect`,
+        after a batch); the old edge came in an earlier event and has gone through
+        the rules and the baseline already, so detection is unchanged. Labelled
+        processes are left alone. The cases, and why each is sound:
+        :mod:`detection.reduction`.
+        """
+        edges = proc.edges
+        if not edges or proc.labels:
+            return
+        pts, prev, pnid = edges[-1]
+        f = None
+        if prev == "fork":  # spawn: the child's fork edge, merged into its exec
+            parent = proc.parent
+            if op != "exec" or parent is None or pnid != parent.nid or proc.n != 1 or parent.labels:
+                return
+        elif prev == "setuid":  # credential burst: nothing ran under the earlier ids
+            if op != "setuid":
+                return
+        elif prev == "exec":  # exec chain (env, nice, sh -c): the wrapper image is replaced
+            if op != "exec" or proc.keep:
+                return
+        elif prev == "denied" or prev in _FOLLOWS:
+            f = self.files.get(pnid[5:]) if pnid else None
+            # the file's last edge must be this one: nothing touched it since, and it
+            # was not collected with the file (a temp file gone)
+            if f is None or f.keep or f.labels or not f.edges:
+                return
+            if f.edges[-1] != (pts, prev, proc.nid):
+                return
+            if prev != "denied":  # a follow-up of the edge before it on the same file
+                if len(edges) < 2 or edges[-2][2] != pnid or edges[-2][1] not in _FOLLOWS[prev]:
+                    return
+        else:
+            return
+        edges.pop()
+        proc.n -= 1
+        outside = prev in _OUTSIDE
+        if outside:
+            proc.touched -= 1
+        if f is not None:
+            f.n -= 1
+            f.edges.pop()
+            if f.touchers is not None:
+                t = f.touchers.get(proc)
+                if t is not None:
+                    t[0] -= 1
+                    t[1] -= outside
+        self.stats["edges_collected"] += 1
+        self.stats["edges_merged"] += 1
+
     def _collect_file(self, f: FileNode | None) -> None:
         """Drop the edges of a temporary file that lived and died inside one chain.
 
@@ -368,6 +439,7 @@ class ProvenanceGraph:
         """
         if not self.reduce:
             return 0
+        self._merge_settled()
         now = self.now if now is None else now
         horizon = now - idle
         total = 0
@@ -387,6 +459,29 @@ class ProvenanceGraph:
                     changed = True
         self.stats["edges_collected"] += total
         return total
+
+    def _merge_settled(self) -> None:
+        """Merges that wait for detection of the current batch (see ``_merge_previous``).
+
+        A fork edge logged after its child's first action, an ``exec``, is merged
+        into that exec; a failed open or a follow-up that is a process's last edge
+        goes now instead of at its next edge.
+        """
+        for child in self._late_forks:
+            parent = child.parent
+            if child.collected or parent is None or child.labels or parent.labels:
+                continue
+            for entry in child.edges:
+                if entry[1] == "fork" and entry[2] == parent.nid:
+                    child.edges.remove(entry)
+                    child.n -= 1
+                    self.stats["edges_collected"] += 1
+                    self.stats["edges_merged"] += 1
+                    break
+        self._late_forks.clear()
+        for p in self.procs.values():
+            if p.edges and not p.collected:
+                self._merge_previous(p, None, None)
 
     def _pristine_system_file(self, path: str, op: str) -> bool:
         """A read or image load of a system program nobody wrote while we watched.
@@ -533,7 +628,10 @@ class ProvenanceGraph:
             child = self.procs.get(ev.exit)
             if child is None or child.parent is not proc or child.first_ts < ev.ts - 1.0:
                 child = self._new_proc(ev.exit, ev.ts, proc, None)
-            self._edge(out, ev.ts, "fork", proc, child)
+            e = self._edge(out, ev.ts, "fork", proc, child)
+            if e is not None and self.reduce and len(child.edges) > 1:
+                if child.edges[0][1] == "exec":  # the clone was logged after the child's exec
+                    self._late_forks.append(child)
 
     def _on_exec(self, out, ev, proc, sc, items) -> None:
         if not ev.success:

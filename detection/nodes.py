@@ -55,6 +55,7 @@ class ProcNode(Node):
         "kids",
         "recent_kids",
         "collected",
+        "last_event",
     )
 
     def __init__(self, pid: int, ts: float, max_edges: int):
@@ -77,6 +78,7 @@ class ProcNode(Node):
         self.kids = 0  # children not yet collected
         self.recent_kids: list | None = None  # last few children (pipeline siblings)
         self.collected = False
+        self.last_event = -1  # graph event number of its last own edge (merges wait for the next)
 
     def describe(self) -> dict:
         """JSON-ready summary used in alert chains."""

@@ -1,4 +1,4 @@
-"""Provenance-graph reduction (arXiv 2112.09008): two sound filters.
+"""Provenance-graph reduction (arXiv 2112.09008): two sound filters, GC and merging.
 
 * **Non-viable node pruning**: entities that can never lie on an attack chain
   are not materialised. A shared library, the loader, the locale or ld.so
@@ -23,6 +23,36 @@ outside themselves (``id``, ``ps``, ``cat`` in a clean session), and edges of
 temporary files created and deleted (or renamed away) unread by anyone else (git
 objects and lock files, ``crontab``'s and ``ln``'s temp files). They can no longer
 be on an attack's causal path: nothing flowed out of them.
+
+A fourth pass merges edges that a later edge of the same process makes redundant
+(CPR-style: same entities, no information flow in between), also after detection:
+the dropped edge came in an earlier event and went through the rules and the learned
+baseline already, so no alert, technique or label can change
+(:meth:`detection.graph.ProvenanceGraph._merge_previous`). It never touches an edge
+of a labelled process, parent included for a fork (those edges are the information-flow
+path an investigation follows), nor an edge whose file carries a label or was matched
+by a rule. ``bench/detection_eval.py`` checks that no labelled attack edge goes:
+
+* **Spawn**: a child's ``fork`` edge when the child's first action is ``exec``
+  (also when the audit log records the clone after the child's exec). The fork
+  carries no data; the parent and start time stay on the child node and the exec
+  edge keeps image and argv. A child that does anything else first (``cat > f``
+  opening its redirection, ``sudo``'s child changing credentials) keeps it.
+* **Credential bursts**: a ``setuid``-family edge followed by another one with no
+  edge of the process in between. No recorded action ran under the earlier ids;
+  the last change and every change an action ran under stay. (No rule matches
+  ``setuid`` edges.)
+* **Exec chains**: an ``exec`` replaced by another ``exec`` of the same process
+  with nothing in between (``env``, ``nice``, ``sh -c cmd``), when no rule matched
+  the process. Its image ran no recorded action.
+* **Failed opens**: a ``denied`` open of an unlabelled, unmatched file, once the
+  process has moved on (or at the next collection). Nothing flows either way; a
+  failed open of a credential store is labelled and stays.
+* **Follow-ups of a write**: ``utime``, ``chmod``, ``chown`` or ``write`` right after
+  the same process created, wrote or truncated the same file (and a ``read`` right
+  after it loaded it as an image), with no other edge on the file in between: the
+  creator setting its own file's metadata adds no source of information. A
+  timestomp or ``chmod +x`` that a rule matched stays (the file is marked).
 """
 
 from __future__ import annotations

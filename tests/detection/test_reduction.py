@@ -1,0 +1,226 @@
+"""Edge merging after detection (detection.reduction, ProvenanceGraph._merge_previous).
+
+Each case: a tiny synthetic audit sequence where the reduction drops the edge it
+should, and keeps an attack-relevant edge of the same shape; alerts are the same
+with and without reduction.
+"""
+
+from __future__ import annotations
+
+from detection.engine import DetectionEngine, EngineConfig
+from tests.detection.test_graph import Log, _login_shell
+
+
+def _run(lines, reduce=True):
+    eng = DetectionEngine("h", EngineConfig(reduce=reduce))
+    kept = []
+    eng.edge_sink = kept.append
+    eng.process_lines(lines)
+    eng.flush()
+    return eng, kept
+
+
+def _alerts(eng):
+    return sorted((a["severity"], tuple(sorted(a["techniques"]))) for a in eng.alerts("low"))
+
+
+def _retained(node):
+    return [op for _, op, _ in node.edges]
+
+
+def _same_detection(lines):
+    on, _ = _run(lines)
+    off, _ = _run(lines, reduce=False)
+    assert _alerts(on) == _alerts(off)
+    return on
+
+
+def _setid(L: Log, pid, ppid, uid):
+    s, t = L._sys(105, pid, ppid, "/usr/sbin/sshd", a1="0", uid=uid)
+    L._end(s, t)
+
+
+def _chmod(L: Log, pid, ppid, exe, path, mode=0o755):
+    s, t = L._sys(268, pid, ppid, exe, items=1, a2=f"{mode:x}")
+    L._path(s, t, 0, path)
+    L._end(s, t)
+
+
+def test_fork_edge_is_merged_into_the_childs_exec_but_not_into_other_edges():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/make", ["make"])
+    L.fork(11, 10, 13)  # a subshell that connects out without exec
+    L.connect(13, 11, "/usr/bin/bash", 4444)
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    assert _retained(g.procs[12]) == ["exec"] and g.procs[12].n == 1
+    assert g.procs[12].parent is g.procs[11]  # the fork lives on in the child node
+    assert _retained(g.procs[13]) == ["fork", "connect"] and g.procs[13].n == 2
+    assert g.stats["edges_merged"] >= 2  # the shell's and make's fork edges
+    off, _ = _run(L.lines, reduce=False)
+    assert off.graph.stats["edges_merged"] == 0
+    assert _retained(off.graph.procs[12])[:2] == ["fork", "exec"]
+
+
+def test_credential_burst_keeps_the_last_change_and_changes_actions_ran_under():
+    L = Log()
+    L.login(10)
+    for uid in (0, 1000, 0):  # pam: drop and regain privileges, nothing done in between
+        _setid(L, 10, 1, uid)
+    L.open(10, 1, "/usr/sbin/sshd", "/var/log/wtmp")  # an action under uid 0
+    _setid(L, 10, 1, 1000)
+    _setid(L, 10, 1, 0)
+    eng = _same_detection(L.lines)
+    p = eng.graph.procs[10]
+    assert _retained(p) == ["login", "setuid", "write", "setuid"]
+    assert eng.graph.stats["edges_merged"] == 3
+
+
+def test_exec_chain_drops_the_replaced_wrapper_unless_a_rule_matched_it():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/env", ["env", "-i", "make"])
+    L.execve(12, 11, "/usr/bin/make", ["make"])
+    L.fork(11, 10, 13)
+    L.execve(13, 11, "/usr/bin/id", ["id"])  # discovery: explained by an alert
+    L.execve(13, 11, "/usr/bin/make", ["make"])
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    assert _retained(g.procs[12]) == ["exec"] and g.procs[12].argv == ["make"]
+    assert g.procs[13].keep and _retained(g.procs[13]) == ["exec", "exec"]
+    assert any("T1033" in a["techniques"] for a in eng.alerts("low"))
+
+
+def test_failed_open_goes_when_the_process_moves_on_unless_labelled_or_matched():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/git", ["git", "status"])
+    L.open(12, 11, "/usr/bin/git", "/home/u/r/.git/index.lock", success="no")
+    L.open(12, 11, "/usr/bin/git", "/home/u/r/.git/index", write=True)
+    L.fork(11, 10, 13)
+    L.execve(13, 11, "/usr/bin/mytool", ["mytool"])
+    L.open(13, 11, "/usr/bin/mytool", "/etc/shadow", write=False, success="no")
+    L.open(13, 11, "/usr/bin/mytool", "/home/u/out", write=True)
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    assert _retained(g.procs[12]) == ["exec", "write"]
+    assert g.files["/home/u/r/.git/index.lock"].n == 0
+    assert _retained(g.procs[13]) == ["exec", "denied", "write"]  # credential access attempt
+    assert any("T1003.008" in a["techniques"] for a in eng.alerts("low"))
+
+
+def test_metadata_set_by_the_writer_is_merged_into_the_write_unless_a_rule_matched():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/mytool", ["mytool"])
+    L.open(12, 11, "/usr/bin/mytool", "/home/u/build/a.out", create=True)
+    _chmod(L, 12, 11, "/usr/bin/mytool", "/home/u/build/a.out")
+    L.open(12, 11, "/usr/bin/mytool", "/home/u/build/b.out", create=True)
+    # the same shape in a hidden temp dir: +x there is an ATT&CK match, so it stays
+    L.fork(11, 10, 13)
+    L.execve(13, 11, "/usr/bin/mytool", ["mytool"])
+    L.open(13, 11, "/usr/bin/mytool", "/tmp/.x/p", create=True)
+    _chmod(L, 13, 11, "/usr/bin/mytool", "/tmp/.x/p")
+    L.open(13, 11, "/usr/bin/mytool", "/home/u/build/c.out", create=True)
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    assert _retained(g.procs[12]) == ["exec", "create", "create"]
+    a_out = g.files["/home/u/build/a.out"]
+    assert a_out.n == 1 and [op for _, op, _ in a_out.edges] == ["create"]
+    assert a_out.touchers[g.procs[12]] == [1, 1] and g.procs[12].touched == 2
+    assert _retained(g.procs[13]) == ["exec", "create", "chmod", "create"]
+    assert g.files["/tmp/.x/p"].keep
+    assert any("T1222.002" in a["techniques"] for a in eng.alerts("low"))
+
+
+def test_merged_edges_count_once_when_their_file_or_process_is_collected():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/mytool", ["mytool"])
+    L.open(12, 11, "/usr/bin/mytool", "/tmp/work.tmp", create=True)
+    _chmod(L, 12, 11, "/usr/bin/mytool", "/tmp/work.tmp")
+    L.open(12, 11, "/usr/bin/mytool", "/tmp/work.tmp", write=False)
+    s, t = L._sys(87, 12, 11, "/usr/bin/mytool", items=2)
+    L._path(s, t, 0, "/tmp", "PARENT")
+    L._path(s, t, 1, "/tmp/work.tmp", "DELETE")
+    L._end(s, t)
+    eng, kept = _run(L.lines)
+    g = eng.graph
+    g.collect(idle=0.0, now=10**10)
+    st = eng.stats()
+    # every emitted edge is either retained or collected exactly once
+    retained = sum(p.n for p in g.procs.values()) + sum(
+        f.n for f in g.files.values() if f.creator is not None)
+    assert st["edges"] - st["edges_collected"] == retained
+    assert g.procs[12].collected and st["edges_collected"] == st["edges"] - g.procs[11].n - (
+        g.procs[10].n)
+
+
+def test_fork_logged_after_the_childs_exec_is_merged_at_the_next_collection():
+    L = _login_shell()
+    L.execve(12, 11, "/usr/bin/make", ["make"])  # the clone's record comes after the child's
+    L.fork(11, 10, 12)
+    L.fork(11, 10, 13)
+    _setid(L, 13, 11, 0)  # sudo's child: credentials first, then the program
+    L.execve(13, 11, "/usr/bin/tail", ["tail", "/var/log/syslog"])
+    eng = _same_detection(L.lines)  # flush() collects
+    g = eng.graph
+    assert _retained(g.procs[12]) == ["exec"] and g.procs[12].n == 1
+    assert _retained(g.procs[13])[:2] == ["fork", "setuid"]
+
+
+def test_failed_open_that_is_a_process_last_edge_goes_at_collection():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/clear_console", ["clear_console"])
+    L.open(12, 11, "/usr/bin/clear_console", "/dev/console", success="no")
+    L.fork(11, 10, 13)
+    L.execve(13, 11, "/usr/bin/cat", ["cat"])
+    L.open(13, 11, "/usr/bin/cat", "/etc/gshadow", write=False, success="no")
+    eng, _ = _run(L.lines)
+    g = eng.graph
+    assert _retained(g.procs[12]) == ["exec"]
+    assert _retained(g.procs[13]) == ["exec", "denied"]  # labelled sensitive: stays
+
+
+def test_edges_of_labelled_processes_are_never_merged():
+    """A webshell's children: on the untrusted information-flow path, kept whole."""
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/curl", ["curl", "http://x/a"])
+    L.connect(12, 11, "/usr/bin/curl", 9999)  # untrusted: curl is labelled from here on
+    L.fork(12, 11, 13)
+    L.execve(13, 12, "/usr/bin/make", ["make"])
+    L.open(13, 12, "/usr/bin/make", "/home/u/r/x.lock", success="no")
+    L.open(13, 12, "/usr/bin/make", "/home/u/r/y", write=True)
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    assert g.procs[13].labels
+    assert _retained(g.procs[13]) == ["fork", "exec", "denied", "write"]
+
+
+def test_no_merge_inside_one_event_before_its_edges_are_matched():
+    """An exec event yields exec, exec_load and argv reads at once: none merges another."""
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/cp", ["cp", "x"])
+    L.open(12, 11, "/usr/bin/cp", "/home/u/s.sh", create=True)
+    L.open(12, 11, "/usr/bin/cp", "/home/u/t.txt", create=True)
+    L.fork(11, 10, 13)
+    L.execve(13, 11, "/usr/bin/dash", ["sh", "/home/u/s.sh", "/home/u/t.txt"],
+             image="/home/u/s.sh")
+    eng = _same_detection(L.lines)
+    assert _retained(eng.graph.procs[13]) == ["exec", "exec_load", "read", "read"]
+    assert eng.graph.procs[13].last_event == eng.graph.stats["events"]
+
+
+def test_fork_edge_of_a_labelled_parent_stays_even_when_logged_late():
+    L = _login_shell()
+    L.execve(12, 11, "/usr/bin/make", ["make"])  # child seen first, parent still clean
+    L.connect(11, 10, "/usr/bin/bash", 4444)  # the shell talks to an untrusted endpoint
+    L.fork(11, 10, 12)  # then the clone record: a labelled process's edge
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    assert g.procs[11].labels and not g.procs[12].labels
+    assert "fork" in _retained(g.procs[12])
