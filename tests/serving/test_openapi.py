@@ -33,7 +33,8 @@ async def test_every_route_is_documented_and_every_documented_route_exists(
         assert routes == documented
     finally:
         ctx.holder.close()
-        ctx.scorer.executor.shutdown(wait=True)
+        if ctx.scorer.executor is not None:
+            ctx.scorer.executor.shutdown(wait=True)
         await client.aclose()
 
 
