@@ -109,6 +109,10 @@ def cmd_worker(args, settings: Settings) -> int:
 def cmd_learner(args, settings: Settings) -> int:
     from streams.learner_runner import run_learner
 
+    if settings.learner_procs > 1 and settings.learner_world_size == 1:
+        from learner.distributed import supervise
+
+        return supervise(settings.learner_procs)
     kafka, redis_url = resolve_addresses(settings)
     return run_learner(settings, kafka, redis_url)
 

@@ -147,6 +147,9 @@ class LearnerService:
         self._pending_since = 0.0
         self._backlog = 0
         self.last_message_rows = 0
+        # what trains the waiting rows (default: the trainer's step_many); a data-parallel
+        # member sets a collective step here (learner.distributed)
+        self.stepper: Callable[..., StepResult] | None = None
         self._lock = threading.RLock()
         if resume:
             self._resume()
@@ -294,7 +297,8 @@ class LearnerService:
     def _train_pending(self) -> StepResult:
         assert self.trainer is not None
         pending, self._pending, self._pending_rows = self._pending, [], 0
-        result = self.trainer.step_many([b for b, _ in pending], backlog=self._backlog)
+        step = self.stepper or self.trainer.step_many
+        result = step([b for b, _ in pending], backlog=self._backlog)
         for _batch, position in pending:
             if position is not None:
                 self._record_position(position)

@@ -34,7 +34,8 @@ def _heartbeat(client: redis.Redis, loop: LearnerLoop, started: float, stop: thr
                 served_auc=s["served_auc"], served_rolling_auc=s["served_rolling_auc"],
                 pending_rows=s["pending_rows"],
                 drift_total=s["drift_total"], backlog_rows=s["backlog"],
-                publications=s["publications"], last_error=s["last_error"])
+                publications=s["publications"], last_error=s["last_error"],
+                rank=getattr(getattr(loop, "group", None), "rank", None))
             publish_sync(client, doc)
         except Exception as exc:  # noqa: BLE001 - a Redis outage must not stop training
             log.warning("learner heartbeat failed: %s", exc)
@@ -60,7 +61,17 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
     torch.set_num_threads(settings.torch_threads)
     ensure_topics(settings, bootstrap, timeout=120)
     registry = CollectorRegistry()
-    loop = LearnerLoop(
+    member = settings.learner_world_size > 1
+    extra = {}
+    loop_cls = LearnerLoop
+    if member:
+        from learner.distributed import DistributedLearnerLoop, GroupConfig
+
+        loop_cls = DistributedLearnerLoop
+        extra["group"] = GroupConfig(
+            settings.learner_rank, settings.learner_world_size, settings.learner_master,
+            settings.learner_generation, settings.learner_store_hosted)
+    loop = loop_cls(
         bootstrap, settings.topics, settings.model_store, settings.model_name,
         settings=ServiceTrainerSettings(
             kind=settings.model_kind, preset=settings.model_preset,
@@ -84,8 +95,10 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
         publish_every_rows=settings.publish_every_rows,
         keep_versions=settings.keep_versions,
         registry=registry,
+        **extra,
     )
-    start_http_server(settings.learner_port, addr=settings.bind_host, registry=registry)
+    if not member or settings.learner_rank == 0:  # one metrics endpoint per group
+        start_http_server(settings.learner_port, addr=settings.bind_host, registry=registry)
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     stop = threading.Event()
     started = time.time()
