@@ -319,6 +319,8 @@ class DistributedLearnerLoop(LearnerLoop):
         self._stale_msgs: list[tuple[bytes, tuple[str, int, int]]] = []
         self._dropped_base: dict[str, int] = {}
         self._synced = svc.trainer is not None  # resumed: every member loads the same version
+        self._base_positions: dict[str, int] = {}
+        self._base_watermarks: dict[tuple[str, int], tuple[int, int]] = {}
         self.steps = 0
 
     def _owned(self, parts: set[int]) -> list[int]:
@@ -382,9 +384,12 @@ class DistributedLearnerLoop(LearnerLoop):
         writes the checkpoint covering all partitions."""
         t = self.service.trainer
         assert t is not None
+        # Only what this member advanced since it resumed: every member resumed the whole
+        # checkpoint, and its copies of other members' entries are stale. (The worker keys
+        # train-batches by source partition, so one member owns each source partition.)
         mine = {
-            "positions": dict(self.service.consumer_positions),
-            "watermarks": dict(t.watermarks),
+            "positions": _advanced(self.service.consumer_positions, self._base_positions),
+            "watermarks": _advanced(t.watermarks, self._base_watermarks),
             "dropped": {k: v - self._dropped_base.get(k, 0) for k, v in t.rows_dropped.items()},
         }
         box: list[Any] = [None] * self.group.world_size if self.group.rank == 0 else []
@@ -425,6 +430,9 @@ class DistributedLearnerLoop(LearnerLoop):
                 max_partition_fetch_bytes=16 * 1024 * 1024,
                 fetch_max_bytes=64 * 1024 * 1024,
             )
+            self._base_positions = dict(self.service.consumer_positions)
+            t = self.service.trainer
+            self._base_watermarks = dict(t.watermarks) if t is not None else {}
             log.info(
                 "learner member %d of %d (generation %d) at version %s",
                 self.group.rank, self.group.world_size, self.group.generation, versions[0],
@@ -487,6 +495,16 @@ class DistributedLearnerLoop(LearnerLoop):
         if bool(full.any()) and bool(ready.all()):
             return True
         return int(ctrl[:, _WAIT_MS].max()) >= 1000 * self.step_wait_seconds
+
+
+def _advanced(current: dict[Any, Any], base: dict[Any, Any]) -> dict[Any, Any]:
+    """Entries of ``current`` that differ from ``base`` (positions and watermarks only move
+    forward, so these are the ones this member moved).
+
+    >>> _advanced({"a": 3, "b": 5}, {"a": 3, "b": 4})
+    {'b': 5}
+    """
+    return {k: v for k, v in current.items() if base.get(k) != v}
 
 
 # ---- supervisor -------------------------------------------------------------------------------
