@@ -61,8 +61,8 @@ __all__ = ["DataParallelStep", "DistributedLearnerLoop", "GroupConfig", "init_gr
 log = logging.getLogger(__name__)
 
 # control table columns
-_PENDING, _FULL, _DRY, _WAIT_MS, _STOP, _PUBLISH, _BACKLOG, _HAS_TRAINER = range(8)
-_NCTRL = 8
+_PENDING, _FULL, _DRY, _WAIT_MS, _STOP, _PUBLISH, _BACKLOG, _HAS_TRAINER, _UNPUBLISHED = range(9)
+_NCTRL = 9
 
 
 @dataclass(frozen=True)
@@ -340,6 +340,7 @@ class DistributedLearnerLoop(LearnerLoop):
         r[_PUBLISH] = int(self.group.rank == 0 and svc.due())
         r[_BACKLOG] = self._backlog_rows() if self._assigned else 0
         r[_HAS_TRAINER] = int(svc.trainer is not None)
+        r[_UNPUBLISHED] = int(self.group.rank == 0 and svc._rows_since_publish > 0)
         dist.all_reduce(row)
         return row
 
@@ -473,11 +474,14 @@ class DistributedLearnerLoop(LearnerLoop):
                 self._stop.wait(self.poll_timeout_ms / 1000.0)
             ctrl = self._control(dry)
             self._share_trainer(ctrl)
+            # every decision below reads the reduced table only, so all members take it
             stop = bool(ctrl[:, _STOP].any())
-            if self._stepper is not None and self._should_step(ctrl, stop):
+            stepped = self._stepper is not None and self._should_step(ctrl, stop)
+            if stepped:
                 self._step(int(ctrl[:, _BACKLOG].sum()))
             if self._stepper is not None and (
-                bool(ctrl[0, _PUBLISH]) or (stop and self.service._rows_since_publish)
+                bool(ctrl[0, _PUBLISH])
+                or (stop and (stepped or bool(ctrl[0, _UNPUBLISHED])))
             ):
                 self._publish()
             self._commit_trained()

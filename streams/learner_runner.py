@@ -53,6 +53,24 @@ class ServiceTrainerSettings(TrainerSettings):
             schema_json)
 
 
+def trainer_settings(settings: Settings) -> ServiceTrainerSettings:
+    """The trainer recipe ``headwater learner`` runs (benchmarks measure this one too)."""
+    return ServiceTrainerSettings(
+        kind=settings.model_kind, preset=settings.model_preset,
+        # River's ROCAUC is thresholded: 10 thresholds read ~0.5 while scores sit in a
+        # narrow band early on; 50 cost ~4 % of a step and track the exact AUC closely.
+        n_thresholds=50,
+        downsample={"backlog_threshold": settings.downsample_backlog_rows or None,
+                    "negative_rate": settings.downsample_negative_rate},
+        num_threads=settings.torch_threads,
+        embedding={"kind": "hashed", "buckets": settings.embedding_buckets,
+                   "dim": settings.embedding_dim},
+        reference_rows=settings.learner_step_rows,
+        dense_norm=settings.model_wide, wide=settings.model_wide,
+        served_lag={"delay": settings.served_lag_delay_seconds,
+                    "sample": settings.served_lag_sample})
+
+
 def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
     import torch
 
@@ -73,20 +91,7 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
             settings.learner_generation, settings.learner_store_hosted)
     loop = loop_cls(
         bootstrap, settings.topics, settings.model_store, settings.model_name,
-        settings=ServiceTrainerSettings(
-            kind=settings.model_kind, preset=settings.model_preset,
-            # River's ROCAUC is thresholded: 10 thresholds read ~0.5 while scores sit in a
-            # narrow band early on; 50 cost ~4 % of a step and track the exact AUC closely.
-            n_thresholds=50,
-            downsample={"backlog_threshold": settings.downsample_backlog_rows or None,
-                        "negative_rate": settings.downsample_negative_rate},
-            num_threads=settings.torch_threads,
-            embedding={"kind": "hashed", "buckets": settings.embedding_buckets,
-                       "dim": settings.embedding_dim},
-            reference_rows=settings.learner_step_rows,
-            dense_norm=settings.model_wide, wide=settings.model_wide,
-            served_lag={"delay": settings.served_lag_delay_seconds,
-                        "sample": settings.served_lag_sample}),
+        settings=trainer_settings(settings),
         lag_group=f"headwater-learner-{settings.model_name}",
         max_staleness_seconds=settings.learner_max_staleness_seconds or None,
         step_rows=settings.learner_step_rows,
