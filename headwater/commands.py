@@ -111,8 +111,9 @@ def cmd_learner(args, settings: Settings) -> int:
 
     if settings.learner_procs > 1 and settings.learner_world_size == 1:
         from learner.distributed import supervise
+        from streams.learner_runner import _exit_now
 
-        return supervise(settings.learner_procs)
+        _exit_now(supervise(settings.learner_procs))
     kafka, redis_url = resolve_addresses(settings)
     return run_learner(settings, kafka, redis_url)
 

@@ -322,6 +322,7 @@ class DistributedLearnerLoop(LearnerLoop):
         self._base_positions: dict[str, int] = {}
         self._base_watermarks: dict[tuple[str, int], tuple[int, int]] = {}
         self.steps = 0
+        self._stop_at = 0.0
 
     def _owned(self, parts: set[int]) -> list[int]:
         return owned_partitions(list(parts), self.group.rank, self.group.world_size)
@@ -439,12 +440,16 @@ class DistributedLearnerLoop(LearnerLoop):
                 self.group.rank, self.group.world_size, self.group.generation, versions[0],
             )
             self._rounds()
+            log.info("learner member %d: stopped with the group", self.group.rank)
         finally:
+            t0 = time.monotonic()
             if self._consumer is not None:
                 self._consumer.close()
             self._producer.close(timeout=10)
             if dist.is_initialized():
                 dist.destroy_process_group()
+            log.info("learner member %d: closed in %.1f s", self.group.rank,
+                     time.monotonic() - t0)
 
     def _rounds(self) -> None:
         last_assign = 0.0
@@ -472,6 +477,8 @@ class DistributedLearnerLoop(LearnerLoop):
                             self._rows_per_message += 0.05 * (n - self._rows_per_message)
             elif not full:
                 self._stop.wait(self.poll_timeout_ms / 1000.0)
+            if self._stop.is_set() and not self._stop_at:
+                self._stop_at = time.monotonic()
             ctrl = self._control(dry)
             self._share_trainer(ctrl)
             # every decision below reads the reduced table only, so all members take it
@@ -486,6 +493,9 @@ class DistributedLearnerLoop(LearnerLoop):
                 self._publish()
             self._commit_trained()
             if stop:
+                log.info("learner member %d: last round done %.1f s after the stop request "
+                         "(stepped=%s)", self.group.rank, time.monotonic() - self._stop_at,
+                         stepped)
                 return
 
     def _should_step(self, ctrl: torch.Tensor, stop: bool) -> bool:
@@ -552,7 +562,10 @@ def supervise(procs: int, env: dict[str, str] | None = None, restart_delay: floa
         while all(c.poll() is None for c in children) and not stopping.is_set():
             time.sleep(0.1)
         if stopping.is_set():
+            t0 = time.monotonic()
             _wait_all(children, 60.0)
+            log.info("learner group stopped: members exited %s in %.1f s",
+                     [c.returncode for c in children], time.monotonic() - t0)
             return 0
         codes = [c.poll() for c in children]
         if all(code == 0 for code in codes):

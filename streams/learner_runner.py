@@ -121,4 +121,19 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
         loop.run()
     finally:
         stop.set()
+    if member:
+        _exit_now(0)
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown. After a clean stop everything is published
+    and closed; the final garbage collection over torch's objects took 5-8 s here, past
+    the time a supervisor (or ``headwater down``) gives a stopping group."""
+    import os
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
