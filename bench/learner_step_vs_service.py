@@ -75,6 +75,7 @@ def main() -> None:
     recipe = trainer_settings(settings)
     torch.set_num_threads(settings.torch_threads)
     rows = pipeline_rows()
+    recipe.build(rows.schema_json)  # process warm-up (torch's lazy imports): neither side pays it
     payloads = rows.payloads[: args.limit or None]
     batches = rows.batches[: args.limit or None]
     total = sum(len(b) for b in batches)

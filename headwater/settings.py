@@ -118,7 +118,7 @@ class Settings(BaseSettings):
         description="Served-lag AUC: seconds from a publication until serving runs it.",
     )
     served_lag_sample: float = Field(
-        1.0, gt=0, le=1, description="Share of rows the served-lag AUC scores (a forward each).",
+        0.25, gt=0, le=1, description="Share of rows the served-lag AUC scores (a forward each).",
     )
     model_wide: bool = Field(
         True, description="Ranker: standardised dense counters and a wide linear part (Wide & Deep).",
