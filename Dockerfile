@@ -3,6 +3,7 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY core core
 COPY headwater headwater
 COPY streams streams
 COPY features features
@@ -12,7 +13,9 @@ COPY serving serving
 # The CPU build of torch: the default index would pull several GB of CUDA wheels.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
  && pip install '.[content]'
-RUN useradd --create-home --uid 10001 headwater && mkdir -p /data && chown headwater /data
+# Mount points of named volumes belong to the service user: Docker fills a new named
+# volume from the image's directory, ownership included (tests/test_compose.py checks it).
+RUN useradd --create-home --uid 10001 headwater && mkdir -p /data /models && chown headwater /data /models
 USER headwater
 ENV HEADWATER_STATE_DIR=/data HEADWATER_MODEL_STORE=/data/models
 ENTRYPOINT ["headwater"]

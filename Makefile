@@ -32,7 +32,7 @@ bench: setup
 	bash scripts/bench.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check headwater streams features learner detection serving tests bench
+	$(BIN)/ruff check core headwater streams features learner detection serving tests bench
 
 down:
 	$(BIN)/headwater down || true

@@ -31,9 +31,9 @@ from kafka import KafkaConsumer, KafkaProducer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from core.settings import Settings  # noqa: E402
 from features.movielens import click_events, load_movielens  # noqa: E402
 from headwater.servers import free_port, start_broker, start_redis, stop_pid  # noqa: E402
-from headwater.settings import Settings  # noqa: E402
 from learner.batch import decode_batch  # noqa: E402
 from streams.replay import partition_of  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402

@@ -1,6 +1,6 @@
 """Ablation of QARM/EM3 item codes on MovieLens-100K with the FGCNN ranker, test-then-train.
 
-Protocol (docs/papers.md): rating >= 4 -> 1, <= 2 -> 0, 3 dropped, time order; one pass,
+Protocol (docs/protocol.md): rating >= 4 -> 1, <= 2 -> 0, 3 dropped, time order; one pass,
 each batch of 256 rows is scored before it is learned from. Reported: prequential AUC
 and log-loss over all rows, AUC over the last 20 % in time, and cold-item AUC (each
 item's first 10 labelled rows, whole stream and last 20 %).

@@ -34,9 +34,9 @@ sys.path.insert(0, str(REPO))
 
 from kafka import KafkaConsumer  # noqa: E402
 
-from headwater.health import read_all_sync  # noqa: E402
+from core.health import read_all_sync  # noqa: E402
+from core.settings import Settings, default_data_dir  # noqa: E402
 from headwater.servers import free_port, start_broker, start_redis, stop_pid  # noqa: E402
-from headwater.settings import Settings, default_data_dir  # noqa: E402
 from headwater.stack import spawn_service  # noqa: E402
 from streams.producer import make_producer  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402

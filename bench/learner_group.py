@@ -3,7 +3,7 @@
 The product's own rows (``bench/pipeline_rows.py``: the worker's ``train-batches`` for a
 MovieLens-100K replay, 33 categorical + 36 dense fields) are written to a fresh
 ``train-batches`` topic on a real broker (keyed by source partition, as the worker does);
-then ``python -m headwater learner --learner-procs N`` trains them with the default model
+then ``python -m headwater learner --procs N`` trains them with the default model
 (FGCNN ``stream`` preset, wide part, steps of 256 rows per member), down-sampling and the
 staleness bound off so every row is trained. Rank 0's ``/metrics`` counter of rows trained
 (the group's) is sampled every 0.2 s; rows/s is taken between 10 % and 90 % of the rows
@@ -51,8 +51,8 @@ def run_once(procs: int, payloads: list[tuple[int, bytes]], total: int, bootstra
              redis_url: str, tmp: Path, timeout: float) -> dict:
     from kafka import KafkaProducer
 
+    from core.settings import Settings
     from headwater.servers import free_port, stop_pid
-    from headwater.settings import Settings
     from streams.topics import ensure_topics
 
     prefix = f"b{uuid.uuid4().hex[:8]}-"

@@ -1,6 +1,6 @@
 """MovieLens-100K: Headwater's online learner against River and offline DeepCTR-Torch peers.
 
-Protocol (docs/papers.md): rating >= 4 -> 1, <= 2 -> 0, 3 dropped; events in time order.
+Protocol (docs/protocol.md): rating >= 4 -> 1, <= 2 -> 0, 3 dropped; events in time order.
 Online models run one pass, test-then-train, in batches of 256 that go through the real
 codec (``encode_batch`` -> ``decode_batch``) and the real ``PrequentialTrainer``.
 Reported: prequential AUC / log-loss over the whole stream, AUC over the last 20 % in

@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.pipeline_rows import pipeline_rows  # noqa: E402
-from headwater.settings import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from learner.protocol import concat_rows  # noqa: E402
 from learner.service import LearnerService  # noqa: E402
 from learner.store import ModelStore  # noqa: E402

@@ -71,8 +71,8 @@ class PipelineRows:
 
 
 def _key(encoder: str, partitions: int) -> str:
+    from core.settings import Settings
     from features.defaults import row_builder
-    from headwater.settings import Settings
 
     schema = row_builder(Settings()).schema
     blob = json.dumps({"schema": schema.hash, "encoder": encoder, "partitions": partitions})
@@ -109,9 +109,9 @@ def _read_all(bootstrap: str, topic: str, want_rows: int, timeout: float) -> lis
 
 def build(data_dir: Path, encoder: str, partitions: int, timeout: float = 600) -> list[bytes]:
     """Run broker + Redis + worker, replay MovieLens, return every train-batches payload."""
+    from core.settings import Settings
     from features.movielens import load_movielens
     from headwater.servers import free_port, start_broker, start_redis, stop_pid
-    from headwater.settings import Settings
     from streams.replay import replay_movielens
 
     ml = load_movielens(data_dir / "ml-100k")
@@ -147,7 +147,7 @@ def build(data_dir: Path, encoder: str, partitions: int, timeout: float = 600) -
 def pipeline_rows(data_dir: Path | None = None, encoder: str = "minilm", partitions: int = 4,
                   refresh: bool = False) -> PipelineRows:
     """The worker's rows for a full MovieLens-100K replay (cached)."""
-    from headwater.settings import default_data_dir
+    from core.settings import default_data_dir
 
     data_dir = data_dir or default_data_dir()
     path = CACHE / f"{_key(encoder, partitions)}.bin"

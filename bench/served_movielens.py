@@ -209,10 +209,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from bench.serving_freshness import cli
+    from core.settings import Settings, default_data_dir
     from features.movielens import click_events, load_movielens
     from features.store import SyncOnlineStore
     from headwater.servers import free_port
-    from headwater.settings import Settings, default_data_dir
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
     for kv in args.set:
@@ -228,7 +228,7 @@ def main() -> None:
         env.pop("HEADWATER_REDIS", None)
         print(cli(env, "up", timeout=300), flush=True)
     try:
-        status = json.loads(cli(env, "status", "--json"))
+        status = json.loads(cli(env, "status", "--json", check=False))
         bootstrap, redis_url = status["kafka"]["address"], status["redis"]["address"]
         fields = {k[len("HEADWATER_"):].lower(): v for k, v in env.items()
                   if k.startswith("HEADWATER_") and k[len("HEADWATER_"):].lower() in Settings.model_fields}

@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from core.settings import Settings  # noqa: E402
 from features.store import SyncOnlineStore  # noqa: E402
 from headwater.servers import free_port, start_broker, start_redis, stop_pid  # noqa: E402
-from headwater.settings import Settings  # noqa: E402
 from learner.models import ModelSpec, build_model, preset_head  # noqa: E402
 from learner.store import ModelStore  # noqa: E402
 from serving.app import default_row_builder  # noqa: E402

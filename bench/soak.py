@@ -32,11 +32,11 @@ from kafka import KafkaProducer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from core.health import read_all_sync  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from features.movielens import click_events, load_movielens  # noqa: E402
 from features.store import SyncOnlineStore  # noqa: E402
-from headwater.health import read_all_sync  # noqa: E402
 from headwater.servers import free_port, start_broker, start_redis, stop_pid  # noqa: E402
-from headwater.settings import Settings  # noqa: E402
 from headwater.stack import spawn_service  # noqa: E402
 from streams.replay import partition_of  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402

@@ -55,7 +55,7 @@ ItemCodes = dict[str, Any]  # {"rq": [L ints], "vq": [k ids], "version": str}
 
 @dataclass
 class CodesConfig:
-    """Sizes and schedules of the code pipeline (all configurable, see docs/papers.md).
+    """Sizes and schedules of the code pipeline (all configurable, see docs/protocol.md).
 
     ``codebook_size`` should follow the catalogue: 64 for ~1.7k items, 256+ for
     large catalogues. ``min_fit_items`` defaults to ``4 * codebook_size``.

@@ -1,6 +1,6 @@
 """Content encoders: item text, tags and given vectors to fixed-size float vectors.
 
-An item event (``DESIGN.md``) carries optional ``text``, ``tags`` and ``vectors``
+An item event (``docs/design.md``) carries optional ``text``, ``tags`` and ``vectors``
 ``{modality: [floats]}``. This module turns a *batch* of such events into arrays:
 
 - text through a frozen sentence model (:class:`SentenceTextEncoder`, all-MiniLM-L6-v2

@@ -7,7 +7,7 @@ Reads either layout of the same data:
 - GroupLens' original files (``u.data`` tab separated, ``u.item`` and ``u.user`` pipe
   separated latin-1, genres as 19 flag columns named by ``u.genre``).
 
-Labels follow docs/papers.md (RecBole's context-aware protocol): rating >= 4 is a click
+Labels follow docs/protocol.md (RecBole's context-aware protocol): rating >= 4 is a click
 (1), rating <= 2 is shown-not-clicked (0), rating 3 is dropped. Events are in timestamp
 order; ties keep file order (a stable sort), so every run replays the same sequence.
 """
@@ -147,7 +147,7 @@ def load_movielens(path: str | os.PathLike | None = None) -> MovieLens:
 
 
 def click_events(ml: MovieLens, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
-    """Click events (DESIGN.md "Click event" JSON) for rows ``start:stop``, with ``user``."""
+    """Click events (docs/design.md "Click event" JSON) for rows ``start:stop``, with ``user``."""
     c = ml.clicks
     return [
         {

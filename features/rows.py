@@ -62,6 +62,8 @@ class RowConfig:
     ctr_edges: tuple[float, ...] = tuple(round(x, 2) for x in np.arange(0.1, 1.0, 0.1))
     max_imp_bucket: int = 20
     version: int = 1
+    #: ``name:digest`` of the feature definition (features/definition.py), into the schema
+    definition: str | None = None
 
 
 class RowBuilder:
@@ -102,7 +104,8 @@ class RowBuilder:
             for lab in ["total", *(half_life_label(h) for h in c.counters.half_lives)]:
                 self._dense.append((f"log1p_{s}_impressions_{lab}", f"{s}_impressions_{lab}", True))
                 self._dense.append((f"{s}_ctr_{lab}", f"{s}_ctr_{lab}", False))
-        self.schema = FeatureSchema(categorical, [d for d, _, _ in self._dense], c.version)
+        self.schema = FeatureSchema(categorical, [d for d, _, _ in self._dense], c.version,
+                                    c.definition)
         self._tables: dict[str, np.ndarray] = {}  # token per small int, per bucket field
 
     # -- public -----------------------------------------------------------------------

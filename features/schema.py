@@ -30,6 +30,9 @@ class FeatureSchema:
     categorical: list[str] = field(default_factory=list)
     dense: list[str] = field(default_factory=list)
     version: int = 1
+    #: ``name:digest`` of the feature definition the rows follow (features/definition.py);
+    #: part of the JSON (and so of the hash) only when set.
+    definition: str | None = None
 
     def __post_init__(self) -> None:
         # Copy, so a caller mutating its own list later cannot change a schema whose hash
@@ -51,11 +54,10 @@ class FeatureSchema:
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no whitespace."""
-        return json.dumps(
-            {"categorical": self.categorical, "dense": self.dense, "version": self.version},
-            sort_keys=True,
-            separators=(",", ":"),
-        )
+        doc: dict = {"categorical": self.categorical, "dense": self.dense, "version": self.version}
+        if self.definition is not None:
+            doc["definition"] = self.definition
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
     @property
     def hash(self) -> str:
@@ -75,6 +77,7 @@ class FeatureSchema:
             categorical=list(obj["categorical"]),
             dense=list(obj["dense"]),
             version=int(obj.get("version", 1)),
+            definition=obj.get("definition"),
         )
 
     @property

@@ -7,7 +7,7 @@ decayed with half-life ``h`` seconds) and ``t`` (the time they are decayed to). 
 them, ``{hw:p<P>}:offsets`` (topic → next offset to apply), ``{hw:p<P>}:pit:<topic>``
 (the replay cache) and ``{hw:p<P>}:writer`` (a random token set by every write: with the
 next offset it names the shard's version, so states cached by this process are used
-only while they are still the shard's, see :mod:`features.shard_cache`). Why shard per partition (DESIGN.md principle 7):
+only while they are still the shard's, see :mod:`features.shard_cache`). Why shard per partition (docs/design.md principle 7):
 
 - the hash tag makes every key a batch touches live in **one Redis Cluster slot**, so
   one Lua script can apply the whole batch atomically on a cluster too;

@@ -1,50 +1,59 @@
 """The ``headwater`` command line.
 
-Every setting of :class:`headwater.settings.Settings` is also a ``--flag`` on every
-command (generated from the one declaration); flags override ``HEADWATER_*`` variables.
+Settings (:class:`core.settings.Settings`) come from ``HEADWATER_<NAME>`` environment
+variables and ``--set NAME=VALUE`` (before or after the command); ``headwater settings``
+lists them once, instead of repeating them in every command's help.
+Exit codes: 0 ok, 1 failed or unhealthy, 2 bad usage or a bad setting, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from core.settings import Settings
 from headwater.servers import StackError
-from headwater.settings import Settings
 
 
-def _settings_parent() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("settings (also HEADWATER_<NAME> environment variables)")
-    for name, fld in Settings.model_fields.items():
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", default=None,
-                           metavar=name.upper(), help=fld.description)
-    return parent
+def _set_option(parser: argparse.ArgumentParser, dest: str) -> None:
+    parser.add_argument("--set", dest=dest, action="append", default=[], metavar="NAME=VALUE",
+                        help="override one setting (repeatable); `headwater settings` lists them "
+                             "with their HEADWATER_<NAME> environment variables")
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
-    overrides = {k[len("setting_"):]: v for k, v in vars(args).items()
-                 if k.startswith("setting_") and v is not None}
+    """Settings from the environment, overridden by every ``--set NAME=VALUE``.
+
+    >>> load_settings(argparse.Namespace(set_global=["http_port=9001"], set_command=[])).http_port
+    9001
+    >>> load_settings(argparse.Namespace(set_global=["htp_port=1"], set_command=[]))
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown setting 'htp_port' in --set htp_port=1 (see `headwater settings`)
+    """
+    overrides: dict[str, str] = {}
+    for item in [*getattr(args, "set_global", []), *getattr(args, "set_command", [])]:
+        name, sep, value = item.partition("=")
+        name = name.strip().lower().replace("-", "_")
+        if not sep:
+            raise ValueError(f"--set {item}: expected NAME=VALUE")
+        if name not in Settings.model_fields:
+            raise ValueError(f"unknown setting {name!r} in --set {item} (see `headwater settings`)")
+        overrides[name] = value
     return Settings(**overrides)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {}
-
-
-def command(name: str):
-    def register(fn):
-        COMMANDS[name] = fn
-        return fn
-    return register
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parent = _settings_parent()
-    parser = argparse.ArgumentParser(prog="headwater", description=__doc__.splitlines()[0])
+    parent = argparse.ArgumentParser(add_help=False)
+    _set_option(parent, "set_command")
+    parser = argparse.ArgumentParser(prog="headwater", description=__doc__.splitlines()[0],
+                                     epilog="Settings: `headwater settings`; override with "
+                                            "HEADWATER_<NAME> or --set NAME=VALUE.")
+    parser.add_argument("--version", action="version", version=f"headwater {_version()}")
+    _set_option(parser, "set_global")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, help_, **kw):
@@ -59,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", "Every service's health, addresses, model version, rows trained.")
     p.add_argument("--json", action="store_true")
     add("worker", "Run the Faust worker (clicks, items, audit agents).")
-    add("learner", "Run the incremental learner service.")
+    p = add("learner", "Run the incremental learner service.")
+    p.add_argument("--procs", type=int, default=None,
+                   help="train one model with N data-parallel processes (torch.distributed, "
+                        "gloo); default: the learner_procs setting (docs/scale-out.md)")
     add("serve", "Run the serving process (scoring, ops API, dashboard).")
     p = add("replay", "Replay a dataset into Kafka in event-time order.")
     p.add_argument("dataset", choices=["movielens"])
@@ -83,15 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true")
     p.add_argument("--state", type=Path, default=None, help="position file (default under state dir)")
     p = add("features", "Online features as served.")
-    p.add_argument("action", choices=["get"])
-    p.add_argument("entity", help="user:ID or item:ID")
+    p.add_argument("action", choices=["get", "list"],
+                   help="get: one entity's online features; list: the feature definition")
+    p.add_argument("entity", nargs="?", help="get: user:ID or item:ID")
     p.add_argument("--json", action="store_true")
     p = add("lag", "Consumer lag per group, topic and partition.")
     p.add_argument("--watch", action="store_true")
     p.add_argument("--interval", type=float, default=2.0)
     p.add_argument("--json", action="store_true")
-    p = add("models", "List, pin or roll back model versions (through serving's API).")
-    p.add_argument("action", choices=["list", "pin", "rollback"])
+    p = add("models", "List, pin, unpin or roll back model versions (through serving's API).")
+    p.add_argument("action", choices=["list", "pin", "unpin", "rollback"])
     p.add_argument("version", nargs="?")
     p.add_argument("--json", action="store_true")
     add("settings", "Print every setting with its environment variable and default.")
@@ -103,15 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args)
-    except Exception as exc:  # pydantic's ValidationError names the setting
+    except ValueError as exc:  # ours and pydantic's ValidationError name the setting
         print(f"headwater: invalid setting: {exc}", file=sys.stderr)
         return 2
+    # --set reaches what reads the environment: the Kafka client factory, child processes
+    for name in Settings.model_fields:
+        if name in settings.model_fields_set:
+            value = getattr(settings, name)
+            value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+            os.environ[f"HEADWATER_{name.upper()}"] = str(value)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "aiokafka"):
         # Connection chatter at INFO drowns the services' own messages.
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    from headwater import commands  # noqa: F401 - registers the command functions
+    from headwater.commands import COMMANDS  # after logging is set up: it imports the services
 
     try:
         return COMMANDS[args.command](args, settings) or 0
@@ -120,7 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # one line for people; the traceback at HEADWATER_LOG_LEVEL=DEBUG
+        if settings.log_level.upper() == "DEBUG":
+            raise
+        print(f"headwater {args.command}: {type(exc).__name__}: {exc} "
+              "(HEADWATER_LOG_LEVEL=DEBUG shows the traceback)", file=sys.stderr)
+        return 1
 
 
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str, sort_keys=True))
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("headwater")
+    except PackageNotFoundError:
+        return "unknown (not installed)"

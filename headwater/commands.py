@@ -1,16 +1,33 @@
-"""Implementations of the ``headwater`` commands (registered into :mod:`headwater.cli`)."""
+"""Implementations of the ``headwater`` commands; :mod:`headwater.cli` parses and dispatches."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import sys
 import time
+from collections.abc import Callable
 
-from headwater.cli import command, print_json
+from core.net import redact_url
+from core.settings import Settings, settings_table
 from headwater.servers import StackError
-from headwater.settings import Settings, settings_table
 from headwater.stack import SERVICES, down, resolve_addresses, up
+
+#: Command name -> implementation; filled by :func:`command`.
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {}
+
+
+def command(name: str):
+    """Register the decorated function as the implementation of ``headwater NAME``."""
+    def register(fn):
+        COMMANDS[name] = fn
+        return fn
+    return register
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str, sort_keys=True))
 
 
 @command("up")
@@ -18,7 +35,7 @@ def cmd_up(args, settings: Settings) -> int:
     services = tuple(s for s in (args.only.split(",") if args.only else SERVICES) if s)
     state = up(settings, services)
     print(f"broker    {state.kafka}{'  (embedded Tansu)' if 'broker' in state.embedded else ''}")
-    print(f"redis     {state.redis}{'  (embedded)' if 'redis' in state.embedded else ''}")
+    print(f"redis     {redact_url(state.redis)}{'  (embedded)' if 'redis' in state.embedded else ''}")
     print(f"serving   {state.http}   (dashboard: {state.http}/)")
     print(f"worker    http://{settings.bind_host}:{settings.worker_port}/metrics")
     print(f"learner   http://{settings.bind_host}:{settings.learner_port}/metrics")
@@ -49,13 +66,13 @@ def collect_status(settings: Settings) -> dict:
     """Everything ``headwater status`` shows, as one JSON-able document."""
     import redis
 
-    from headwater.health import read_all_sync
-    from headwater.servers import port_open
+    from core.health import read_all_sync
+    from core.net import port_open
 
     kafka, redis_url = resolve_addresses(settings)
     host, _, port = kafka.split(",")[0].rpartition(":")
     doc: dict = {"kafka": {"address": kafka, "reachable": port_open(host, int(port))},
-                 "redis": {"address": redis_url}, "services": {}}
+                 "redis": {"address": redact_url(redis_url)}, "services": {}}
     try:
         client = redis.Redis.from_url(redis_url, socket_timeout=2)
         client.ping()
@@ -68,7 +85,28 @@ def collect_status(settings: Settings) -> dict:
         services = []
     for s in services:
         doc["services"].setdefault(s["service"], []).append(s)
+    doc["healthy"] = is_healthy(doc)
     return doc
+
+
+SERVICE_NAMES = ("worker", "learner", "serving")
+
+
+def is_healthy(doc: dict) -> bool:
+    """Broker and Redis reachable, and every service has a healthy heartbeat.
+
+    >>> up = {"healthy": True}
+    >>> is_healthy({"kafka": {"reachable": True}, "redis": {"reachable": True},
+    ...             "services": {"worker": [up], "learner": [up], "serving": [up]}})
+    True
+    >>> is_healthy({"kafka": {"reachable": True}, "redis": {"reachable": True},
+    ...             "services": {"worker": [up], "serving": [up]}})
+    False
+    """
+    if not (doc["kafka"]["reachable"] and doc["redis"].get("reachable")):
+        return False
+    return all(doc["services"].get(name) and all(s.get("healthy") for s in doc["services"][name])
+               for name in SERVICE_NAMES)
 
 
 def _fmt_service(s: dict) -> str:
@@ -83,18 +121,19 @@ def _fmt_service(s: dict) -> str:
 @command("status")
 def cmd_status(args, settings: Settings) -> int:
     doc = collect_status(settings)
+    code = 0 if doc["healthy"] else 1  # scripts can gate on `headwater status`
     if args.json:
         print_json(doc)
-        return 0
+        return code
     print(f"broker   {doc['kafka']['address']}  {'reachable' if doc['kafka']['reachable'] else 'UNREACHABLE'}")
     print(f"redis    {doc['redis']['address']}  {'reachable' if doc['redis'].get('reachable') else 'UNREACHABLE'}")
-    for name in ("worker", "learner", "serving"):
+    for name in SERVICE_NAMES:
         instances = doc["services"].get(name, [])
         if not instances:
             print(f"{name:8s} DOWN (no heartbeat)")
         for s in instances:
             print(f"{name:8s} {_fmt_service(s)}")
-    return 0
+    return code
 
 
 @command("worker")
@@ -109,13 +148,36 @@ def cmd_worker(args, settings: Settings) -> int:
 def cmd_learner(args, settings: Settings) -> int:
     from streams.learner_runner import run_learner
 
-    if settings.learner_procs > 1 and settings.learner_world_size == 1:
+    procs = args.procs or settings.learner_procs
+    if procs > 1 and settings.learner_world_size == 1:
         from learner.distributed import supervise
         from streams.learner_runner import _exit_now
 
-        _exit_now(supervise(settings.learner_procs))
+        _exit_now(supervise(procs, env=settings_env(settings)))
     kafka, redis_url = resolve_addresses(settings)
     return run_learner(settings, kafka, redis_url)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment plus every setting as ``HEADWATER_<NAME>``, so child processes see
+    the ``--set`` overrides too.
+
+    >>> settings_env(Settings(http_port=9001))["HEADWATER_HTTP_PORT"]
+    '9001'
+    """
+    import os
+
+    from pydantic import SecretStr
+
+    env = dict(os.environ)
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"HEADWATER_{name.upper()}"] = str(value)
+    return env
 
 
 @command("serve")
@@ -130,7 +192,10 @@ def cmd_serve(args, settings: Settings) -> int:
 def cmd_replay(args, settings: Settings) -> int:
     from streams.replay import replay_movielens
 
+    if args.path is not None and not args.path.is_dir():
+        raise StackError(f"replay: no such directory {args.path}")
     kafka, redis_url = resolve_addresses(settings)
+    _require_broker(kafka)
     stats = replay_movielens(settings, kafka, args.path, rate=args.rate, limit=args.limit,
                              batch=args.batch, progress=not args.no_progress,
                              redis_url=redis_url, wait_items=args.wait_items, live=args.live)
@@ -145,10 +210,13 @@ def cmd_replay(args, settings: Settings) -> int:
 def cmd_produce(args, settings: Settings) -> int:
     from streams.producer import make_producer
 
+    if not args.file.is_file():  # before connecting: a typo must not wait for the broker
+        raise StackError(f"produce: no such file {args.file}")
+    data = args.file.read_bytes()
     kafka, _ = resolve_addresses(settings)
+    _require_broker(kafka)
     topic = settings.topics[args.kind]
     producer = make_producer(kafka)
-    data = args.file.read_bytes()
     n = 0
     if args.kind == "audit":
         host = (args.host or socket.gethostname()).encode()
@@ -172,6 +240,17 @@ def cmd_produce(args, settings: Settings) -> int:
     return 0
 
 
+def _require_broker(kafka: str) -> None:
+    """A one-line error now, instead of the Kafka client's retries and a traceback later."""
+    from core.net import port_open
+
+    for address in kafka.split(","):
+        host, _, port = address.strip().rpartition(":")
+        if port.isdigit() and port_open(host or "127.0.0.1", int(port), timeout=2.0):
+            return
+    raise StackError(f"no broker reachable at {kafka}: is the stack up (`headwater up`)?")
+
+
 @command("ship-audit")
 def cmd_ship_audit(args, settings: Settings) -> int:
     from streams.audit_shipper import ship_audit
@@ -186,14 +265,43 @@ def cmd_ship_audit(args, settings: Settings) -> int:
 
 @command("features")
 def cmd_features(args, settings: Settings) -> int:
+    from features.defaults import definition, row_builder
     from features.store import SyncOnlineStore
+
+    if args.action == "list":
+        doc = definition(settings).describe()
+        schema = row_builder(settings).schema
+        doc["schema"] = {"categorical": schema.categorical, "dense": schema.dense, "hash": schema.hash}
+        if args.json:
+            print_json(doc)
+            return 0
+        print(f"feature definition {doc['name']} v{doc['version']}  ({doc['source']})")
+        for where, names in doc["attributes"].items():
+            print(f"  {where + ' attributes':20s} {', '.join(names) or '-'}")
+        print(f"  {'counters':20s} half-lives {', '.join(doc['half_lives'])}; smoothing "
+              f"prior {doc['smoothing']['prior']}, alpha {doc['smoothing']['alpha']}")
+        for name, key in doc["counters"].items():
+            bucket = "  (+ buckets)" if name in doc["bucketized"] else ""
+            print(f"    {name:18s} key {', '.join(key) or '(global)'}{bucket}")
+        print(f"  model: {len(schema.categorical)} categorical fields, {len(schema.dense)} dense; "
+              f"schema {schema.hash[:12]}")
+        print(f"    categorical: {', '.join(schema.categorical)}")
+        print(f"    dense:       {', '.join(schema.dense)}")
+        return 0
+    if not args.entity:
+        raise StackError("features get needs an entity: user:ID or item:ID")
 
     _, redis_url = resolve_addresses(settings)
     if ":" not in args.entity or args.entity.split(":", 1)[0] not in ("user", "item"):
         raise StackError(f"entity must be user:ID or item:ID, got {args.entity!r}")
-    store = SyncOnlineStore.from_url(redis_url, partitions=settings.partitions)
+    import redis
+
+    store = SyncOnlineStore.from_url(redis_url, partitions=settings.partitions,
+                                     counters=definition(settings).counters)
     try:
         doc = store.entity_features(args.entity)
+    except redis.exceptions.ConnectionError as exc:
+        raise StackError(f"Redis at {redact_url(redis_url)} unreachable: {exc}") from exc
     finally:
         store.close()
     if args.json:
@@ -209,6 +317,7 @@ def cmd_lag(args, settings: Settings) -> int:
     from serving.lag import LagMonitor, format_lag_table
 
     kafka, _ = resolve_addresses(settings)
+    _require_broker(kafka)
     monitor = LagMonitor(kafka)
     try:
         while True:
@@ -244,6 +353,9 @@ def cmd_models(args, settings: Settings) -> int:
             raise StackError("models pin needs a VERSION")
         req = urllib.request.Request(f"{base}/v1/models/{args.version}/pin", data=b"{}",
                                      headers=headers, method="POST")
+    elif args.action == "unpin":
+        req = urllib.request.Request(f"{base}/v1/models/unpin", data=b"{}", headers=headers,
+                                     method="POST")
     else:
         req = urllib.request.Request(f"{base}/v1/models/rollback", data=b"{}", headers=headers,
                                      method="POST")

@@ -15,7 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-from headwater.settings import Settings
+from core import kafka as kafka_clients
+from core.settings import Settings
 
 #: Hash of each source partition's offset record (features/store.py key layout).
 OFFSETS_KEY = "{{hw:p{partition}}}:offsets"
@@ -60,7 +61,6 @@ def recorded_in_model_store(settings: Settings) -> tuple[str | None, dict[tuple[
 
 def mismatches(settings: Settings, kafka: str, redis_url: str) -> list[str]:
     """Every recorded position beyond the broker's log end, one line each."""
-    from kafka import KafkaConsumer
 
     from streams.topics import log_ends
 
@@ -69,7 +69,7 @@ def mismatches(settings: Settings, kafka: str, redis_url: str) -> list[str]:
     wanted = {tp for tp in (*redis_marks, *model_marks)}
     if not wanted:
         return []
-    consumer = KafkaConsumer(bootstrap_servers=kafka)
+    consumer = kafka_clients.consumer(kafka)
     try:
         existing = consumer.topics()
     finally:

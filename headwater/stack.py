@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from core.settings import Settings
 from headwater.lifetimes import mismatches, refusal
 from headwater.lifetimes import purge as lifetimes_purge
 from headwater.servers import (
@@ -28,7 +29,6 @@ from headwater.servers import (
     stop_pid,
     wait_for_port,
 )
-from headwater.settings import Settings
 
 SERVICES = ("worker", "learner", "serve")
 #: process (command) name -> the service name its heartbeat uses
@@ -121,7 +121,7 @@ def wait_healthy(redis_url: str, services: list[str], timeout: float) -> dict[st
     """Wait until each named service has published a status document."""
     import redis
 
-    from headwater.health import read_all_sync
+    from core.health import read_all_sync
 
     client = redis.Redis.from_url(redis_url)
     deadline = time.monotonic() + timeout

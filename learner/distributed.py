@@ -24,7 +24,7 @@ checkpoint and seek every partition to its positions, so after a member dies (ki
 the group re-forms and re-trains exactly the rows published checkpoints do not cover:
 nothing is lost, nothing trained twice. A member whose peer died gets an error from
 its next collective and exits *without* publishing; :func:`supervise` (``headwater
-learner --learner-procs N``) then stops the others and starts a new generation.
+learner --procs N``) then stops the others and starts a new generation.
 
 Limits: hashed embeddings only (dynamic tables admit ids per process, which would make
 the members' mappings differ). The served-lag AUC is measured on rank 0's partitions.

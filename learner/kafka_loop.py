@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
+from core import kafka as kafka_clients
 from learner.service import LearnerService
 from learner.store import ModelStore
 from learner.trainer import TrainerSettings
@@ -65,7 +66,7 @@ class LearnerLoop:
         self.poll_timeout_ms = poll_timeout_ms
         self.max_records = max_records
         self._stop = threading.Event()
-        self._producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks="all")
+        self._producer = kafka_clients.producer(bootstrap, linger_ms=0, acks="all")
         self.service = LearnerService(
             ModelStore(store_dir, model_name, keep=keep_versions),
             (settings or TrainerSettings()).factory(),
@@ -169,8 +170,8 @@ class LearnerLoop:
 
     def run(self) -> None:
         """Consume until :meth:`stop`; publishes a final version on the way out."""
-        self._consumer = KafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+        self._consumer = kafka_clients.consumer(
+            self.bootstrap,
             group_id=self.lag_group,
             enable_auto_commit=False,
             fetch_max_wait_ms=50,

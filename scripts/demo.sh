@@ -60,7 +60,7 @@ print(f"learner: {done} rows trained, model version {lrn.get('model_version')}, 
       f"served AUC (what /v1/score gets) {lrn.get('served_auc') or float('nan'):.4f}")
 PY
 echo
-$HW status
+$HW status || echo "(headwater status exited non-zero: a service above is down or unhealthy)"
 echo
 $HW lag || true
 echo

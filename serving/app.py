@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import importlib.util
 import logging
@@ -23,12 +24,14 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from headwater.settings import Settings
+from core.settings import Settings
 from learner.store import CheckpointError
 from serving.holder import HolderError, ModelHolder
 from serving.metrics import CONTENT_TYPE_LATEST, ServingMetrics
@@ -64,7 +67,7 @@ class AppContext:
     last_error: str | None = None
 
     def status_fields(self) -> dict[str, Any]:
-        """The serving heartbeat's own fields (see :mod:`headwater.health`)."""
+        """The serving heartbeat's own fields (see :mod:`core.health`)."""
         cur = self.holder.current
         errors = [
             e
@@ -212,6 +215,16 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The HTTP API's OpenAPI 3.1 document (``serving/openapi.yaml``)."""
+    return yaml.safe_load((Path(__file__).resolve().parent / "openapi.yaml").read_text())
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
 async def metrics(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     return web.Response(body=ctx.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -308,6 +321,7 @@ def create_app(settings: Settings, ctx: AppContext, *, ops: bool | None = None) 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{version}", get_model)
     app.router.add_post("/v1/models/unpin", unpin_model)
@@ -320,20 +334,16 @@ def create_app(settings: Settings, ctx: AppContext, *, ops: bool | None = None) 
     if ops:
         from serving.ops import add_ops_routes
 
-        add_ops_routes(app, ctx)
+        add_ops_routes(app, settings=ctx.settings, redis=ctx.redis, kafka=ctx.kafka, holder=ctx.holder,
+                       redis_url=ctx.redis_url, registry=ctx.registry)
     return app
 
 
 # ---- wiring ----------------------------------------------------------------------------------
 def default_row_builder(settings: Settings):
     """The row builder the worker uses (``features.defaults.row_builder``), so schemas agree."""
-    try:
-        from features.defaults import row_builder
-    except ImportError:
-        from features.rows import RowBuilder
+    from features.defaults import row_builder
 
-        log.warning("features.defaults.row_builder is missing: using RowBuilder() defaults")
-        return RowBuilder()
     return row_builder(settings)
 
 
@@ -364,7 +374,8 @@ def build_context(
         keep_loaded=keep_loaded,
         quality_margin=quality_margin,
     )
-    online = OnlineStore(redis_client, partitions=settings.partitions, registry=registry)
+    online = OnlineStore(redis_client, partitions=settings.partitions,
+                         counters=builder.config.counters, registry=registry)
     executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="inference")
     scorer = Scorer(online, builder, executor,
                     redis_retry_seconds=settings.score_redis_retry_seconds)
@@ -376,7 +387,7 @@ def build_context(
 
 
 async def _heartbeat(ctx: AppContext, stop: asyncio.Event) -> None:
-    from headwater.health import PERIOD_S, make_status, publish_async
+    from core.health import PERIOD_S, make_status, publish_async
 
     while not stop.is_set():
         try:

@@ -39,6 +39,8 @@ from enum import StrEnum
 from itertools import pairwise
 from typing import Any
 
+from core import kafka as kafka_clients
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -350,17 +352,15 @@ class LagMonitor:
                     obj.pop("authorized_operations", None)
                     return obj
 
-            self._admin = _Admin(bootstrap_servers=self.bootstrap, client_id="headwater-lag",
-                                 request_timeout_ms=self.request_timeout_ms)
+            self._admin = kafka_clients.admin(self.bootstrap, admin_class=_Admin, client_id="headwater-lag",
+                                              request_timeout_ms=self.request_timeout_ms)
         return self._admin
 
     def _consumer_client(self):
         if self._consumer is None:
-            from kafka import KafkaConsumer
-
             # No group: this consumer never joins or commits, it only reads log ends.
-            self._consumer = KafkaConsumer(
-                bootstrap_servers=self.bootstrap, client_id="headwater-lag", group_id=None,
+            self._consumer = kafka_clients.consumer(
+                self.bootstrap, client_id="headwater-lag", group_id=None,
                 enable_auto_commit=False, fetch_max_wait_ms=10, max_partition_fetch_bytes=1,
                 request_timeout_ms=max(self.request_timeout_ms, 11_000),
                 consumer_timeout_ms=1000,

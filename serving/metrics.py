@@ -1,6 +1,6 @@
 """Prometheus metrics of the serving process, built on an injected registry.
 
-Names follow the house rules (STYLE.md): ``headwater_`` prefix, base units, ``_total``
+Names follow the house rules (docs/style.md): ``headwater_`` prefix, base units, ``_total``
 on counters (``prometheus_client`` appends it), no user or item ids as labels. A test
 builds :class:`ServingMetrics` on a fresh ``CollectorRegistry`` so two apps in one
 process never collide on the global one.

@@ -29,10 +29,15 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from core.health import read_all_async
+from core.net import redact_url
+from core.settings import Settings
 from detection.alert_store import query_alerts
-from headwater.health import read_all_async
+from serving.holder import ModelHolder
 from serving.lag import LagMonitor
 
 log = logging.getLogger(__name__)
@@ -45,21 +50,9 @@ MAX_ALERT_LIMIT = 1000
 OPS_KEY = web.AppKey("headwater_ops", object)
 
 
-def _get(ctx: Any, *names: str, default: Any = None) -> Any:
-    """``ctx.<name>`` or ``ctx[name]`` for the first name present (ctx: object or dict)."""
-    for name in names:
-        if isinstance(ctx, dict):
-            if ctx.get(name) is not None:
-                return ctx[name]
-        elif getattr(ctx, name, None) is not None:
-            return getattr(ctx, name)
-    return default
-
-
-def _redis_address(client: Any, settings: Any) -> str:
-    explicit = getattr(settings, "redis", None)
-    if explicit:
-        return str(explicit)
+def _redis_address(client: aioredis.Redis, settings: Settings) -> str:
+    if settings.redis:
+        return settings.redis
     try:
         kw = client.connection_pool.connection_kwargs
         if "path" in kw:
@@ -89,24 +82,18 @@ def _finite(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _first(doc: dict[str, Any], *keys: str) -> Any:
-    for k in keys:
-        if doc.get(k) is not None:
-            return doc[k]
-    return None
-
-
 class OpsState:
     """What the ops routes share: clients, the lag monitor, the last samples, the ring buffer."""
 
-    def __init__(self, settings: Any, redis: Any, kafka: str, holder: Any = None,
+    def __init__(self, settings: Settings, redis: aioredis.Redis, kafka: str,
+                 holder: ModelHolder | None = None,
                  redis_address: str | None = None, period: float = 2.0, lag_window: int = 10,
                  history: int = 900, monitor: LagMonitor | None = None) -> None:
         self.settings = settings
         self.redis = redis
         self.kafka = kafka
         self.holder = holder
-        self.redis_address = redis_address or _redis_address(redis, settings)
+        self.redis_address = redact_url(redis_address or _redis_address(redis, settings))
         self.period = period
         self.monitor = monitor or LagMonitor(kafka, window=lag_window)
         self.lag_report: dict[str, Any] | None = None
@@ -150,29 +137,26 @@ class OpsState:
         holder = self.holder
         if holder is None:
             return None
-        cur = getattr(holder, "current", None)
-        version = getattr(cur, "version", None)
-        created = _finite(getattr(cur, "created_at", None))
+        cur = holder.current
+        created = _finite(cur.created_at) if cur is not None else None
         doc: dict[str, Any] = {
-            "serving": version,
-            "pinned": getattr(holder, "pinned", None),
+            "serving": cur.version if cur is not None else None,
+            "pinned": holder.pinned,
             "created_at": created,
             "freshness_seconds": None if created is None else round(max(0.0, now - created), 3),
-            "swaps_total": getattr(holder, "swaps", None),
-            "last_error": getattr(holder, "last_error", None),
+            "swaps_total": holder.swaps,
+            "last_error": holder.last_error,
             "recent_swaps": list(self.swaps)[::-1],
         }
-        listing = getattr(holder, "listing", None)
-        if callable(listing):
-            try:
-                doc["versions"] = listing().get("models", [])[:20]
-            except Exception as exc:  # noqa: BLE001 - the page shows what it can
-                doc["versions_error"] = repr(exc)
+        try:
+            doc["versions"] = holder.listing().get("models", [])[:20]
+        except OSError as exc:  # the model store's disk: the page shows what it can
+            doc["versions_error"] = repr(exc)
         return doc
 
     def note_swap(self, now: float) -> None:
-        cur = getattr(self.holder, "current", None) if self.holder is not None else None
-        version = getattr(cur, "version", None)
+        cur = self.holder.current if self.holder is not None else None
+        version = cur.version if cur is not None else None
         if version != self._serving_version:
             if self._serving_version is not None or version is not None:
                 self.swaps.append({"ts": now, "from": self._serving_version, "to": version})
@@ -263,11 +247,12 @@ def status_point(doc: dict[str, Any], lag: dict[str, Any] | None,
         "events_in_total": _sum(workers, "events_in_total"),
         "events_valid_total": _sum(workers, "events_valid_total"),
         "dead_letter_total": _sum(workers, "dead_letter_total"),
-        "rows_trained": _finite(_first(learner, "rows_trained")),
-        "auc": _finite(_first(learner, "prequential_auc", "auc")),
-        "served_auc": _finite(_first(learner, "served_auc")),
-        "logloss": _finite(_first(learner, "prequential_logloss", "logloss")),
-        "learner_version": _first(learner, "model_version", "version"),
+        # the fields of the learner heartbeat (streams.learner_runner._heartbeat)
+        "rows_trained": _finite(learner.get("rows_trained")),
+        "auc": _finite(learner.get("prequential_auc")),
+        "served_auc": _finite(learner.get("served_auc")),
+        "logloss": _finite(learner.get("prequential_logloss")),
+        "learner_version": learner.get("model_version"),
         "serving_version": model.get("serving"),
         "freshness_s": _finite(model.get("freshness_seconds")),
         "lag_total": sum(g.get("lag", 0) for g in groups) if lag else None,
@@ -413,26 +398,22 @@ class LagCollector:
 
 
 # ---- wiring --------------------------------------------------------------------------
-def add_ops_routes(app: web.Application, ctx: Any, *, period: float = 2.0,
+def add_ops_routes(app: web.Application, *, settings: Settings, redis: aioredis.Redis, kafka: str,
+                   holder: ModelHolder | None = None, redis_url: str | None = None,
+                   registry: CollectorRegistry | None = None, period: float = 2.0,
                    lag_window: int = 10, background: bool = True) -> OpsState:
     """Mount the ops routes on ``app`` and start their samplers with the app.
 
-    ``ctx`` (object or dict) gives ``settings``, ``redis`` (a ``redis.asyncio`` client),
-    ``kafka`` (bootstrap string) and optionally ``holder`` (the
-    :class:`serving.holder.ModelHolder`), ``redis_url`` and ``registry`` (the Prometheus
-    registry ``/metrics`` exports; the lag gauges are added to it). Returns the shared state
-    (also at ``app[OPS_KEY]``).
+    ``redis`` is a ``redis.asyncio`` client, ``kafka`` the bootstrap string, ``holder``
+    serving's model holder (model and swap panels), ``registry`` the Prometheus registry
+    ``/metrics`` exports (the lag gauges are added to it). Returns the shared state (also
+    at ``app[OPS_KEY]``).
     """
-    settings = _get(ctx, "settings")
-    redis = _get(ctx, "redis")
-    kafka = _get(ctx, "kafka") or getattr(settings, "kafka", None)
-    if redis is None or not kafka:
-        raise ValueError("add_ops_routes needs ctx.redis (a redis.asyncio client) and ctx.kafka "
-                         "(a bootstrap string)")
-    state = OpsState(settings, redis, kafka, holder=_get(ctx, "holder", "model_holder"),
-                     redis_address=_get(ctx, "redis_url"), period=period, lag_window=lag_window)
+    if not kafka:
+        raise ValueError("add_ops_routes needs kafka (a bootstrap string): lag reads the broker")
+    state = OpsState(settings, redis, kafka, holder=holder, redis_address=redis_url, period=period,
+                     lag_window=lag_window)
     app[OPS_KEY] = state
-    registry = _get(ctx, "registry")
     if registry is not None:
         registry.register(LagCollector(state))
     app.router.add_get("/", handle_dashboard)

@@ -1,6 +1,6 @@
 """Scoring: request validation, then features → rows → one forward pass.
 
-The row path is the training one (DESIGN.md principle 4): counters, attributes and item
+The row path is the training one (docs/design.md principle 4): counters, attributes and item
 codes come from :meth:`features.store.OnlineStore.get_online_features` for all
 candidates at once (one pipelined round trip, plus one for item attributes missing from
 the store's short cache), and :meth:`features.rows.RowBuilder.build_for_scoring`

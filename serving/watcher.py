@@ -18,6 +18,8 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from core import kafka as kafka_clients
+
 __all__ = ["ModelWatcher", "parse_update"]
 
 log = logging.getLogger(__name__)
@@ -125,14 +127,14 @@ class ModelWatcher:
             log.warning("handling version %s failed: %r", version, exc)
 
     def _consume(self) -> None:
-        from kafka import KafkaConsumer, TopicPartition
+        from kafka import TopicPartition
 
         consumer = None
         while not self._stop.is_set():
             try:
                 if consumer is None:
-                    consumer = KafkaConsumer(
-                        bootstrap_servers=self.bootstrap.split(","),
+                    consumer = kafka_clients.consumer(
+                        self.bootstrap,
                         group_id=None,
                         enable_auto_commit=False,
                         fetch_max_wait_ms=self.fetch_max_wait_ms,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -21,8 +22,9 @@ from faust.types import TP
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, generate_latest
 
+from core import kafka as kafka_clients
+from core.settings import Settings
 from features.store_apply import FencedError, GapError
-from headwater.settings import Settings
 from streams.deadletter import dead_letter
 
 log = logging.getLogger(__name__)
@@ -92,8 +94,30 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "headwater-work
         web_bind=settings.bind_host,
         web_in_thread=False,
         stream_wait_empty=False,
+        broker_credentials=faust_credentials(settings),
     )
     return app
+
+
+def faust_credentials(settings: Settings):
+    """Faust's broker credentials for the security settings (None: plaintext).
+
+    >>> faust_credentials(Settings()) is None
+    True
+    >>> type(faust_credentials(Settings(kafka_security_protocol="SASL_PLAINTEXT",
+    ...     kafka_sasl_username="svc", kafka_sasl_password="pw"))).__name__
+    'SASLCredentials'
+    """
+    sec = kafka_clients.security(settings)
+    context = None
+    if sec.tls:
+        context = ssl.create_default_context(cafile=sec.cafile)
+        if sec.certfile:
+            context.load_cert_chain(sec.certfile, sec.keyfile)
+    if sec.sasl:
+        return faust.SASLCredentials(username=sec.username, password=sec.password, ssl_context=context,
+                                     mechanism=sec.mechanism)
+    return faust.SSLCredentials(context) if context is not None else None
 
 
 #: Failures of one batch before its messages are retried one by one.
@@ -177,13 +201,13 @@ def batched_agent(app: faust.App, topic_name: str, partitions: int, handler: Han
                 results = [await handle(p, m) for p, m in groups.items()]
             sends = [out for outputs in results for out in outputs]
             if sends:
-                await _send_all(app, sends, on_error)
+                await send_all(app, sends, on_error)
 
     agent.__name__ = name
     app.agent(topic, name=name)(agent)
 
 
-async def _send_all(app: faust.App, sends: list[Output],
+async def send_all(app: faust.App, sends: list[Output],
                     on_error: Callable[[BaseException], None] | None) -> None:
     """Produce every output, retrying until the broker takes them.
 

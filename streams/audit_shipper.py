@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from core.settings import Settings
 from detection.tail import AuditTailer
-from headwater.settings import Settings
 from streams.producer import make_producer
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,14 @@ import time
 from collections import OrderedDict
 
 import numpy as np
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 
+from core import kafka as kafka_clients
+from core.settings import Settings
 from features.defaults import row_builder as make_row_builder
 from features.rows import RowBuilder
 from features.store import OnlineStore
 from features.store_apply import GapError, RewindError
-from headwater.settings import Settings
 from learner.batch import encode_batch
 from streams.app import Message, Output
 from streams.deadletter import dead_letter, reason_kind
@@ -47,7 +48,7 @@ def _concat(a, b):
 
 def read_range(bootstrap: str, topic: str, partition: int, start: int, stop: int) -> list[Message]:
     """Messages ``[start, stop)`` of one partition, read without a consumer group."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+    consumer = kafka_clients.consumer(bootstrap, enable_auto_commit=False,
                              fetch_max_wait_ms=50, max_partition_fetch_bytes=16 << 20)
     try:
         tp = TopicPartition(topic, partition)
@@ -67,7 +68,7 @@ def read_range(bootstrap: str, topic: str, partition: int, start: int, stop: int
 
 def committed_offsets(bootstrap: str, group: str, topic: str, partitions) -> dict[int, int]:
     """The consumer group's committed offset per partition (never committed: 0)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    consumer = kafka_clients.consumer(bootstrap, group_id=group, enable_auto_commit=False)
     try:
         return {p: int(consumer.committed(TopicPartition(topic, p)) or 0) for p in partitions}
     finally:
@@ -127,9 +128,9 @@ class ClickHandler:
         self.topic = self.topics["clicks"]
         self.metrics = metrics
         self.state = state
-        self.store = OnlineStore(client, partitions=settings.partitions,
-                                 registry=metrics.registry)
         self.builder = builder or make_row_builder(settings)
+        self.store = OnlineStore(client, partitions=settings.partitions,
+                                 counters=self.builder.config.counters, registry=metrics.registry)
         self.bootstrap = bootstrap
         self.recent = RecentIds()
         #: partition -> the next offset Redis recorded at this worker's last write

@@ -9,7 +9,7 @@ import msgspec
 
 
 class DeadLetter(msgspec.Struct):
-    """The JSON value on the ``dead-letter`` topic (contract in DESIGN.md)."""
+    """The JSON value on the ``dead-letter`` topic (contract in docs/design.md)."""
 
     reason: str
     source_topic: str

@@ -13,10 +13,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from core.settings import Settings
 from features.codes_service import CodeAssigner, CodesConfig
 from features.content import ContentEncoder
 from features.store import OnlineStore
-from headwater.settings import Settings
 from streams.app import Message, Output
 from streams.deadletter import dead_letter, reason_kind
 from streams.metrics import WorkerMetrics

@@ -15,8 +15,8 @@ import time
 import redis
 from prometheus_client import CollectorRegistry, start_http_server
 
-from headwater.health import PERIOD_S, make_status, publish_sync
-from headwater.settings import Settings
+from core.health import PERIOD_S, make_status, publish_sync
+from core.settings import Settings
 from learner.kafka_loop import LearnerLoop
 from learner.trainer import TrainerSettings
 

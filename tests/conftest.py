@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import default_data_dir
 from headwater.servers import start_broker, start_redis
-from headwater.settings import default_data_dir
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
+from core.settings import Settings, settings_table
 from headwater.cli import build_parser
-from headwater.settings import Settings, settings_table
 from tests.stackutil import REPO
 
 
@@ -18,14 +18,26 @@ def test_docker_compose_file_validates():
                    check=True, cwd=REPO, timeout=60)
 
 
-def test_every_setting_has_env_var_flag_and_doc():
+def test_every_setting_has_env_var_and_doc_on_one_page(capsys):
+    from headwater.cli import main
+
     rows = settings_table()
     assert {r[0] for r in rows} == set(Settings.model_fields)
-    help_text = build_parser()._subparsers._group_actions[0].choices["worker"].format_help()
+    assert main(["settings"]) == 0
+    page = capsys.readouterr().out
     for name, env, _default, doc in rows:
         assert env == f"HEADWATER_{name.upper()}"
         assert doc, f"setting {name} has no doc"
-        assert f"--{name.replace('_', '-')}" in help_text
+        assert name in page and env in page
+
+
+def test_command_help_does_not_repeat_the_settings():
+    subparsers = build_parser()._subparsers._group_actions[0].choices
+    for name, sub in subparsers.items():
+        text = sub.format_help()
+        assert "--set NAME=VALUE" in text, name
+        assert "--http-port" not in text and "--kafka-port" not in text, name
+    assert len(subparsers["replay"].format_help().splitlines()) < 45
 
 
 def test_env_and_flags_override_defaults(monkeypatch):
@@ -33,7 +45,7 @@ def test_env_and_flags_override_defaults(monkeypatch):
 
     monkeypatch.setenv("HEADWATER_TOPIC_PREFIX", "x-")
     monkeypatch.setenv("HEADWATER_HTTP_PORT", "9001")
-    args = build_parser().parse_args(["status", "--http-port", "9002"])
+    args = build_parser().parse_args(["status", "--set", "http_port=9002"])
     s = load_settings(args)
     assert s.topic_prefix == "x-" and s.http_port == 9002
     assert s.topics["clicks"] == "x-clicks"

@@ -173,11 +173,12 @@ class _GenerationLayer(nn.Module):
         y = torch.tanh(y)
         if y.shape[-1] % self.pooling:
             y = F.pad(y, (0, self.pooling - y.shape[-1] % self.pooling), value=float("-inf"))
-        pooled = y.view(y.shape[0], y.shape[1], -1, self.pooling).amax(-1)
+        # explicit sizes (no -1): an empty batch has no size to infer
+        pooled = y.view(y.shape[0], y.shape[1], y.shape[-1] // self.pooling, self.pooling).amax(-1)
         b = x.shape[0] // self.dim
         # the recombination reads (channel, height, dimension), as the 2-D layout flattens
         flat = pooled.view(b, self.dim, pooled.shape[1], pooled.shape[2])
-        flat = flat.permute(0, 2, 3, 1).reshape(b, -1)
+        flat = flat.permute(0, 2, 3, 1).reshape(b, pooled.shape[1] * pooled.shape[2] * self.dim)
         new = torch.tanh(self.recombine(flat))
         return pooled, new.view(b, self.new_fields, self.dim)
 

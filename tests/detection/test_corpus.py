@@ -60,12 +60,14 @@ def test_no_parse_errors_on_corpus(corpus_runs):
         assert st["events"] == labels["stats"]["events"]
 
 
-def test_alerts_are_json_serialisable(corpus_runs):
+def test_alerts_are_json_serialisable_and_match_the_published_contract(corpus_runs):
     import json
 
-    for _, eng in corpus_runs.values():
-        for a in eng.alerts():
-            json.dumps(a)
+    from tests.openapi_check import check
+
+    alerts = [json.loads(json.dumps(a)) for _, eng in corpus_runs.values() for a in eng.alerts()]
+    assert alerts
+    check("/v1/alerts", "get", 200, {"alerts": alerts, "count": len(alerts)})
 
 
 @pytest.mark.parametrize("name", ["dev03_ingress_revshell", "dev04_credential_exfil"])

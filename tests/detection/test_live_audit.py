@@ -119,7 +119,7 @@ def test_live_recording_through_the_real_pipeline(live_log, kafka_bootstrap, red
     """The fresh log shipped by `ship-audit` through the broker and a worker process."""
     import json
 
-    from headwater.settings import Settings
+    from core.settings import Settings
     from streams.audit_shipper import ship_audit
     from tests.stackutil import Service, alerts_in_redis, service_env, wait_until
 

@@ -29,7 +29,7 @@ def test_learner_kill9_resumes_without_skipping_or_retraining(kafka_bootstrap, r
     env = service_env(kafka_bootstrap, redis_db, topic_prefix, tmp_path,
                       HEADWATER_PUBLISH_EVERY_SECONDS="1", HEADWATER_EMBEDDING_BUCKETS="64",
                       HEADWATER_EMBEDDING_DIM="4")
-    from headwater.settings import Settings
+    from core.settings import Settings
     from streams.topics import ensure_topics
 
     ensure_topics(Settings(topic_prefix=topic_prefix), kafka_bootstrap)

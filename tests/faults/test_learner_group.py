@@ -23,7 +23,7 @@ PARTITIONS = 4
 
 
 def _env(kafka_bootstrap, redis_db, topic_prefix, tmp_path, **extra):
-    from headwater.settings import Settings
+    from core.settings import Settings
     from streams.topics import ensure_topics
 
     ensure_topics(Settings(topic_prefix=topic_prefix), kafka_bootstrap)

@@ -108,7 +108,7 @@ def stack(kafka_bootstrap, tmp_path, topic_prefix):
     url = redis_server.extra["url"]
     env = service_env(kafka_bootstrap, url, topic_prefix, tmp_path,
                       HEADWATER_CONTENT_ENCODER="hashing", HEADWATER_CLICK_BATCH_SIZE=500)
-    from headwater.settings import Settings
+    from core.settings import Settings
     from streams.topics import ensure_topics
 
     ensure_topics(Settings(topic_prefix=topic_prefix, partitions=PARTITIONS), kafka_bootstrap)
@@ -272,8 +272,8 @@ def test_a_broker_log_reset_under_kept_redis_state_stops_the_partitions(stack, e
     """
     import urllib.request
 
+    from core.settings import Settings
     from headwater.servers import start_broker
-    from headwater.settings import Settings
     from streams.topics import ensure_topics
 
     settings = Settings(topic_prefix=stack["prefix"], partitions=PARTITIONS)

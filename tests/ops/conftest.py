@@ -1,5 +1,5 @@
 """An ops server for the tests: the real routes on a real port, over the session's real
-Redis and broker, with real heartbeat documents published through headwater.health."""
+Redis and broker, with real heartbeat documents published through core.health."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.structs import OffsetAndMetadata
 
-from headwater.health import make_status, publish_async
+from core.health import make_status, publish_async
+from core.settings import Settings
 from headwater.servers import free_port
-from headwater.settings import Settings
 from serving.ops import add_ops_routes
 
 PERIOD = 0.5  # samplers' period in tests (2 s in serving) so windows fill quickly
@@ -69,9 +69,9 @@ async def ops_server(kafka_bootstrap, redis_db, topic_prefix):
     docs = await publish_heartbeats(client, t0, events=1000, rows=500, auc=0.71)
     topic, group = make_lagging_group(kafka_bootstrap, topic_prefix)
     settings = Settings(kafka=kafka_bootstrap, redis=redis_db, topic_prefix=topic_prefix)
-    ctx = {"settings": settings, "redis": client, "kafka": kafka_bootstrap, "redis_url": redis_db}
     app = web.Application()
-    state = add_ops_routes(app, ctx, period=PERIOD, lag_window=3)
+    state = add_ops_routes(app, settings=settings, redis=client, kafka=kafka_bootstrap, redis_url=redis_db,
+                           period=PERIOD, lag_window=3)
     runner = web.AppRunner(app, shutdown_timeout=2.0)
     await runner.setup()
     port = free_port()

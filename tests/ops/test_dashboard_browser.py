@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from core.settings import Settings
 from detection.alert_store import save_alerts
 from headwater.servers import free_port
-from headwater.settings import Settings
 from tests.ops.conftest import make_lagging_group, publish_heartbeats
 from tests.ops.test_ops_routes import ALERTS
 

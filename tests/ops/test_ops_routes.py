@@ -33,6 +33,25 @@ async def test_status_is_the_headwater_status_document(ops_server):
     assert doc["services"]["learner"][0]["prequential_auc"] == 0.71
 
 
+async def test_ops_responses_match_the_openapi_document(ops_server):
+    from tests.openapi_check import check
+
+    for _ in range(200):  # until the samplers have filled the lag report and the series
+        _, series = await get(ops_server["base"], "/v1/timeseries")
+        _, lag = await get(ops_server["base"], "/v1/lag")
+        if series["points"] and lag.get("groups"):
+            break
+        await asyncio.sleep(PERIOD / 4)
+    assert series["points"] and lag["groups"]
+    for path in ("/v1/status", "/v1/lag", "/v1/timeseries", "/v1/alerts"):
+        code, doc = await get(ops_server["base"], path)
+        assert code == 200
+        check(path, "get", 200, doc)
+    code, doc = await get(ops_server["base"], "/v1/alerts?limit=0")
+    assert code == 400
+    check("/v1/alerts", "get", 400, doc)
+
+
 async def test_status_reports_unreachable_redis(ops_server):
     state = ops_server["state"]
     import redis.asyncio as aioredis

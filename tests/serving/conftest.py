@@ -20,10 +20,10 @@ import torch
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
+from core.settings import Settings
 from features.rows import RowBuilder
 from features.schema import FeatureSchema
 from features.store import SyncOnlineStore
-from headwater.settings import Settings
 from learner.models import ModelSpec, build_model
 from learner.store import ModelStore
 from serving.app import build_context, create_app, default_row_builder

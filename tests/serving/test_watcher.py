@@ -100,7 +100,7 @@ async def test_serving_follows_model_updates_topic(
         # The heartbeat reached Redis with what headwater status shows.
         import redis.asyncio as aioredis
 
-        from headwater.health import read_all_async
+        from core.health import read_all_async
 
         client = aioredis.Redis.from_url(seeded_redis)
         try:

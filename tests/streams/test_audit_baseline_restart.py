@@ -8,9 +8,9 @@ import time
 import pytest
 import redis
 
+from core.settings import Settings
 from detection.baseline_store import baseline_key
 from detection.engine import DetectionEngine
-from headwater.settings import Settings
 from streams.audit_shipper import ship_audit
 from tests.stackutil import Service, service_env, wait_until
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from kafka import KafkaProducer
 
-from headwater.settings import Settings
+from core.settings import Settings
 from streams.audit_shipper import ship_audit
 from tests.stackutil import alerts_in_redis, read_json_topic, wait_until
 

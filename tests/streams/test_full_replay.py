@@ -7,10 +7,10 @@ import collections
 
 import pytest
 
+from core.settings import Settings
 from features.movielens import load_movielens
 from features.store import SyncOnlineStore
 from headwater.servers import start_redis
-from headwater.settings import Settings
 from streams.replay import replay_movielens
 from tests.stackutil import Service, service_env, wait_until
 

@@ -6,9 +6,9 @@ import json
 
 import redis.asyncio as aioredis
 
+from core.settings import Settings
 from features.codes_service import CodeAssigner, CodesConfig
 from features.store import SyncOnlineStore
-from headwater.settings import Settings
 from streams.item_path import ItemHandler, make_encoder
 from streams.metrics import WorkerMetrics
 from streams.worker import WorkerState

@@ -71,8 +71,8 @@ def test_poison_message_is_isolated_and_dead_lettered():
                 yield [Ev(1, b"ok1"), Ev(2, b"poison"), Ev(3, b"ok3")]
             return gen()
 
-    orig_send, orig_sleep = app_mod._send_all, asyncio.sleep
-    app_mod._send_all = fake_send_all
+    orig_send, orig_sleep = app_mod.send_all, asyncio.sleep
+    app_mod.send_all = fake_send_all
 
     async def no_sleep(_):
         return None
@@ -81,7 +81,7 @@ def test_poison_message_is_isolated_and_dead_lettered():
     try:
         asyncio.run(captured["agent"](Stream()))
     finally:
-        app_mod._send_all = orig_send
+        app_mod.send_all = orig_send
         app_mod.asyncio.sleep = orig_sleep
     assert [s[2] for s in sent if s[0] == "out"] == [b"ok1", b"ok3"]
     dead = [json.loads(s[2]) for s in sent if s[0] == "dlq"]

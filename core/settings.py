@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     redis: str | None = Field(None, description="Redis URL. Empty: the embedded Redis server.")
     topic_prefix: str = Field("", description="Prepended to every topic name.")
     partitions: int = Field(4, ge=1, description="Partitions per topic created on start.")
+    replication_factor: int = Field(
+        1, ge=1, description="Replicas per topic created on start (a real cluster: 3)."
+    )
     state_dir: Path = Field(
         Path(".headwater"), description="Run state: pids, logs, embedded Redis data."
     )
@@ -47,6 +50,9 @@ class Settings(BaseSettings):
         Path(".headwater/models"), description="Model store directory (checkpoints + manifests)."
     )
     model_name: str = Field("ranker", description="Name of the ranking model in the store.")
+    features: Path | None = Field(
+        None, description="Feature definition YAML (docs/features.md). Empty: the MovieLens one."
+    )
     data_dir: Path = Field(default_factory=default_data_dir, description="Datasets directory.")
     bind_host: str = Field("127.0.0.1", description="Interface every service binds to.")
     http_port: int = Field(8000, description="Serving HTTP port (scoring, ops API, dashboard).")
@@ -172,6 +178,18 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for the learner.")
     log_level: str = Field("INFO", description="Log level for every service.")
+    # -- reaching a secured Kafka (core/kafka.py builds every client with these) --
+    kafka_security_protocol: str = Field(
+        "PLAINTEXT", description="Kafka security protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    kafka_sasl_mechanism: str = Field(
+        "PLAIN", description="SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never printed).")
+    kafka_ssl_cafile: str | None = Field(None, description="CA bundle that signed the brokers' certificates.")
+    kafka_ssl_certfile: str | None = Field(None, description="Client certificate (mutual TLS).")
+    kafka_ssl_keyfile: str | None = Field(None, description="Client certificate's private key (mutual TLS).")
     # -- state across restarts (issue 13) --
     score_redis_retry_seconds: float = Field(
         3.0, ge=0,

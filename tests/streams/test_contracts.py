@@ -1,0 +1,77 @@
+"""The events' JSON Schemas (docs/schemas/) match the code and agree with the decoder."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from features.movielens import click_events, load_movielens
+from streams.contracts import EVENT_TYPES, all_schemas
+from streams.deadletter import dead_letter
+from streams.schemas import ClickEvent, decode_message
+
+REPO = Path(__file__).resolve().parent.parent.parent
+CORPUS = REPO / "tests" / "corpus"
+#: corpus cases a JSON Schema cannot express: bytes that are not JSON text, non-finite
+#: numbers (not JSON), and "more than a day in the future" (relative to the receiver's clock)
+NOT_SCHEMA = {"malformed_json.bin", "binary_garbage.bin", "non_utf8.bin", "nan_ts.bin", "inf_ts.bin",
+              "neg_inf_in_context.bin", "future_ts.bin"}
+
+
+def validator(name: str) -> jsonschema.Draft202012Validator:
+    schema = json.loads((REPO / "docs" / "schemas" / f"{name}.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("name", sorted(EVENT_TYPES))
+def test_schema_files_are_generated_from_the_code(name):
+    on_disk = json.loads((REPO / "docs" / "schemas" / f"{name}.schema.json").read_text())
+    assert on_disk == all_schemas()[name], "stale: run python scripts/contracts.py"
+
+
+def test_every_movielens_click_the_decoder_accepts_validates(data_dir):
+    check = validator("click-event")
+    events = list(click_events(load_movielens(data_dir / "ml-100k")))[:5000]
+    payload = json.dumps(events).encode()
+    decoded = decode_message(payload, ClickEvent)
+    assert len(decoded.events) == len(events) and not decoded.errors
+    for event in events:
+        check.validate(event)
+
+
+@pytest.mark.parametrize("case", [c for c in json.loads((CORPUS / "bad_clicks.json").read_text())["cases"]
+                                  if c["file"] not in NOT_SCHEMA], ids=lambda c: c["file"])
+def test_the_schema_refuses_what_the_decoder_refuses(case):
+    check = validator("click-event")
+    payload = (CORPUS / case["file"]).read_bytes().strip()
+    if payload.startswith(b"["):
+        texts = [json.dumps(e).encode() for e in json.loads(payload)]
+    else:
+        texts = [line for line in payload.splitlines() if line.strip()]
+    decoded = decode_message(payload, ClickEvent)
+    refused = {index for index, _raw, _reason in decoded.errors}
+    for index, text in enumerate(texts):
+        try:
+            event = json.loads(text)
+        except json.JSONDecodeError:  # not JSON at all: no schema applies, the decoder refuses
+            assert index in refused
+            continue
+        assert check.is_valid(event) == (index not in refused), (index, event)
+
+
+def test_a_dead_letter_record_validates():
+    record = json.loads(dead_letter("clicks[0]: $.label must be 0 or 1", "clicks", 1, 7, b"{}", 0))
+    validator("dead-letter").validate(record)
+    record.pop("reason")
+    assert not validator("dead-letter").is_valid(record)
+
+
+def test_item_events_validate():
+    check = validator("item-event")
+    check.validate({"item_id": "50", "ts": time.time(), "text": "Star Wars (1977)", "tags": ["Sci-Fi"]})
+    assert not check.is_valid({"item_id": "", "ts": time.time()})
