@@ -146,7 +146,8 @@ def main() -> None:
     for i, what in enumerate(("wall clock", "CPU time")):
         mb = statistics.median(x[i] for x in bare) if bare else math.nan
         ms = statistics.median(x[i] for x in service) if service else math.nan
-        print(f"{what:10s}: bare {mb:8,.0f} rows/s, LearnerService {ms:8,.0f} rows/s, "
+        unit = "rows/s" if i == 0 else "rows per CPU-s"
+        print(f"{what:10s}: bare {mb:8,.0f} {unit}, LearnerService {ms:8,.0f} {unit}, "
               f"service / bare {ms / mb:.1%}  (target >= 85 %, service >= 3,000 rows/s)")
 
 
