@@ -150,7 +150,11 @@ def main() -> None:
     while time.monotonic() < end:
         now = time.monotonic()
         if now >= next_backlog:
-            doc = next((d for d in read_all_sync(client) if d["service"] == "learner"), {})
+            try:
+                docs = read_all_sync(client)
+            except redis.RedisError:  # Redis is being restarted (a fault): sample next time
+                docs = []
+            doc = next((d for d in docs if d["service"] == "learner"), {})
             if doc.get("backlog_rows") is not None:
                 backlog.append((round(now - t0), int(doc["backlog_rows"]),
                                 int(doc.get("rows_trained") or 0)))
