@@ -8,7 +8,8 @@ N > 1, the default 2: a rolling restart by SIGHUP while the others keep answerin
 1: SIGTERM and start again, and requests refused meanwhile are counted apart). Reports events
 produced vs counted — per user and per item against a direct count of what was sent,
 so a loss and a double count cannot cancel out — rows trained, models published and swapped, failed requests, and
-the memory (RSS) of every process over time.
+the memory (RSS) of every process over time; and the learner's backlog (rows waiting on
+``train-batches``, from its heartbeat every 2 s): its maximum and its course over time.
 
 Run: ``.venv/bin/python bench/soak.py --minutes 10`` (``--rate``, ``--qps``).
 """
@@ -152,9 +153,21 @@ def main() -> None:
     end = t0 + args.minutes * 60
     next_fault = t0 + 30
     next_sample = t0
+    next_backlog = t0
+    backlog: list[tuple[int, int, int]] = []  # (seconds, learner backlog rows, rows trained)
     k = 0
     while time.monotonic() < end:
         now = time.monotonic()
+        if now >= next_backlog:
+            try:
+                docs = read_all_sync(client)
+            except redis.RedisError:  # Redis is being restarted (a fault): sample next time
+                docs = []
+            doc = next((d for d in docs if d["service"] == "learner"), {})
+            if doc.get("backlog_rows") is not None:
+                backlog.append((round(now - t0), int(doc["backlog_rows"]),
+                                int(doc.get("rows_trained") or 0)))
+            next_backlog += 2
         if now >= next_sample:
             memory.append({"t": round(now - t0), **{n: round(rss_mb(p.pid), 1) for n, p in procs.items()},
                            "redis": round(rss_mb(redis_server.pid), 1)})
@@ -238,6 +251,9 @@ def main() -> None:
         "counted_twice": {kind: a["counted_twice"] for kind, a in accounting.items()},
         "accounting": accounting,
         "rows_trained": status.get("learner", {}).get("rows_trained"),
+        "learner_backlog_rows_max": max((b for _, b, _ in backlog), default=None),
+        "learner_backlog_rows_last": backlog[-1][1] if backlog else None,
+        "learner_backlog_every_30s": [b for b in backlog if b[0] % 30 < 2],
         "models_published": max((int(p.name) for p in (settings.model_store / settings.model_name).glob("0*")
                                  if p.name.isdigit()), default=0),
         "publications_last_learner": status.get("learner", {}).get("publications"),

@@ -109,12 +109,32 @@ class Settings(BaseSettings):
         600.0, ge=0,
         description="Learner skips (never trains) train-batches messages older than this; 0: off.",
     )
+    # -- data-parallel learner (issue 12): learner.distributed --
+    learner_procs: int = Field(
+        1, ge=1,
+        description="Learner processes training one model (torch.distributed gloo, data parallel).",
+    )
+    learner_rank: int = Field(
+        0, ge=0, description="This learner's rank in its group (set per member; see docs).",
+    )
+    learner_world_size: int = Field(
+        1, ge=1, description="Members of the learner group; above 1 this process is one member.",
+    )
+    learner_master: str = Field(
+        "127.0.0.1:29400", description="host:port of the learner group's store (rank 0 hosts it).",
+    )
+    learner_generation: int = Field(
+        0, ge=0, description="Learner group generation (set by the supervisor on each re-form).",
+    )
+    learner_store_hosted: bool = Field(
+        False, description="The group store is hosted by a supervisor, not by rank 0.",
+    )
     served_lag_delay_seconds: float = Field(
         1.0, ge=0,
         description="Served-lag AUC: seconds from a publication until serving runs it.",
     )
     served_lag_sample: float = Field(
-        1.0, gt=0, le=1, description="Share of rows the served-lag AUC scores (a forward each).",
+        0.25, gt=0, le=1, description="Share of rows the served-lag AUC scores (a forward each).",
     )
     model_wide: bool = Field(
         True, description="Ranker: standardised dense counters and a wide linear part (Wide & Deep).",

@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", "Every service's health, addresses, model version, rows trained.")
     p.add_argument("--json", action="store_true")
     add("worker", "Run the Faust worker (clicks, items, audit agents).")
-    add("learner", "Run the incremental learner service.")
+    p = add("learner", "Run the incremental learner service.")
+    p.add_argument("--procs", type=int, default=None,
+                   help="train one model with N data-parallel processes (torch.distributed, "
+                        "gloo); default: the learner_procs setting (docs/scale-out.md)")
     p = add("serve", "Run the serving process (scoring, ops API, dashboard).")
     p.add_argument("--workers", dest="setting_serve_workers", default=None, metavar="N",
                    help="serving processes sharing the port (= HEADWATER_SERVE_WORKERS); "

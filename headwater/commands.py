@@ -148,8 +148,36 @@ def cmd_worker(args, settings: Settings) -> int:
 def cmd_learner(args, settings: Settings) -> int:
     from streams.learner_runner import run_learner
 
+    procs = args.procs or settings.learner_procs
+    if procs > 1 and settings.learner_world_size == 1:
+        from learner.distributed import supervise
+        from streams.learner_runner import exit_now
+
+        exit_now(supervise(procs, env=settings_env(settings)))
     kafka, redis_url = resolve_addresses(settings)
     return run_learner(settings, kafka, redis_url)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment plus every setting as ``HEADWATER_<NAME>``, so child processes see
+    the ``--set`` overrides too.
+
+    >>> settings_env(Settings(http_port=9001))["HEADWATER_HTTP_PORT"]
+    '9001'
+    """
+    import os
+
+    from pydantic import SecretStr
+
+    env = dict(os.environ)
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"HEADWATER_{name.upper()}"] = str(value)
+    return env
 
 
 @command("serve")

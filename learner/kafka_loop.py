@@ -101,7 +101,7 @@ class LearnerLoop:
         parts = self._consumer.partitions_for_topic(self.train_topic)
         if not parts:
             return
-        wanted = sorted(TopicPartition(self.train_topic, p) for p in parts)
+        wanted = [TopicPartition(self.train_topic, p) for p in self._owned(parts)]
         new = [tp for tp in wanted if tp not in self._assigned]
         if not new:
             return
@@ -117,6 +117,10 @@ class LearnerLoop:
                 self._consumer.seek(tp, self._consumer.position(tp))
         self._assigned = wanted
         log.info("learner assigned %s", [f"{tp.topic}:{tp.partition}" for tp in wanted])
+
+    def _owned(self, parts: set[int]) -> list[int]:
+        """The partitions this process trains: all of them (one learner per model)."""
+        return sorted(parts)
 
     def _backlog_rows(self) -> int:
         """Lag in messages (refreshed each second) times the mean rows per message."""

@@ -159,7 +159,7 @@ class TorchLearner:
         ]
 
     @staticmethod
-    def _dense(batch: Batch) -> torch.Tensor:
+    def dense_tensor(batch: Batch) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(batch.dense, dtype=np.float32))
 
     def predict_proba_many(self, batch: Batch) -> np.ndarray:
@@ -172,14 +172,14 @@ class TorchLearner:
     def _step(self, batch: Batch, logit_offset: float) -> torch.Tensor:
         self.model.train()
         rows = self.model.embedding.lookup(batch.categorical)
-        dense = self._dense(batch)
+        dense = self.dense_tensor(batch)
         logits = self.model(rows, dense)
         y = torch.from_numpy(np.asarray(batch.labels, dtype=np.float32))
         loss = F.binary_cross_entropy_with_logits(logits + logit_offset, y)
         self.model.zero_grad(set_to_none=True)
         loss.backward()
         if self.reference_rows:
-            self._scale_lr(min(1.0, len(y) / self.reference_rows))
+            self.scale_lr(min(1.0, len(y) / self.reference_rows))
         if self.optimizer is not None:
             self.optimizer.step()
         self.sparse_optimizer.step()
@@ -188,7 +188,7 @@ class TorchLearner:
         self.model.embedding.observe(batch.categorical, getattr(batch, "ts", None))
         return logits.detach()
 
-    def _scale_lr(self, scale: float) -> None:
+    def scale_lr(self, scale: float) -> None:
         opts = [o for o in (self.optimizer, self.sparse_optimizer) if o is not None]
         for opt, base in zip(opts, self._base_lr, strict=True):
             for group, lr in zip(opt.param_groups, base, strict=True):

@@ -137,16 +137,19 @@ class LearnerService:
         self.last_drift_at: float | None = None
         self.invalid_batches = 0
         self.publications = 0
-        self._rows_since_publish = 0
+        self.rows_since_publish = 0
         self._started = clock()
         self._last_publish = clock()
         self.step_rows = max(1, int(step_rows))
         self.step_wait_seconds = float(step_wait_seconds)
         self._pending: list[tuple[TrainBatch, tuple[str, int, int] | None]] = []
         self._pending_rows = 0
-        self._pending_since = 0.0
+        self.pending_since = 0.0
         self._backlog = 0
         self.last_message_rows = 0
+        # what trains the waiting rows (default: the trainer's step_many); a data-parallel
+        # member sets a collective step here (learner.distributed)
+        self.stepper: Callable[..., StepResult] | None = None
         self._lock = threading.RLock()
         if resume:
             self._resume()
@@ -230,11 +233,11 @@ class LearnerService:
                 return None
             self.last_message_rows = len(batch)
             if not self._pending:
-                self._pending_since = self.clock()
+                self.pending_since = self.clock()
             self._pending.append((batch, position))
             self._pending_rows += len(batch)
             if self._pending_rows >= self.step_rows or self._waited_enough():
-                return self._train_pending()
+                return self.train_pending()
             return None
 
     def skip_stale(self, payload: bytes, position: tuple[str, int, int] | None = None) -> int:
@@ -250,7 +253,7 @@ class LearnerService:
                 return 0
             self._ensure_trainer(batch)
             if self._pending:
-                self._train_pending()
+                self.train_pending()
             try:
                 n = self.trainer.skip(batch)
             except SchemaMismatchError as exc:
@@ -272,13 +275,13 @@ class LearnerService:
         """Train waiting rows whose deadline has passed (call when a poll is empty)."""
         with self._lock:
             if self._pending and self._waited_enough():
-                return self._train_pending()
+                return self.train_pending()
             return None
 
     def flush(self) -> StepResult | None:
         """Train every waiting row now (before a publication on shutdown)."""
         with self._lock:
-            return self._train_pending() if self._pending else None
+            return self.train_pending() if self._pending else None
 
     @property
     def pending_rows(self) -> int:
@@ -286,19 +289,20 @@ class LearnerService:
         return self._pending_rows
 
     def _waited_enough(self) -> bool:
-        return self.clock() - self._pending_since >= self.step_wait_seconds
+        return self.clock() - self.pending_since >= self.step_wait_seconds
 
     def _record_position(self, position: tuple[str, int, int]) -> None:
         self.consumer_positions[f"{position[0]}:{position[1]}"] = int(position[2])
 
-    def _train_pending(self) -> StepResult:
+    def train_pending(self) -> StepResult:
         assert self.trainer is not None
         pending, self._pending, self._pending_rows = self._pending, [], 0
-        result = self.trainer.step_many([b for b, _ in pending], backlog=self._backlog)
+        step = self.stepper or self.trainer.step_many
+        result = step([b for b, _ in pending], backlog=self._backlog)
         for _batch, position in pending:
             if position is not None:
                 self._record_position(position)
-        self._rows_since_publish += result.rows_scored
+        self.rows_since_publish += result.rows_scored
         self.metrics.rows_trained.inc(result.rows_trained)
         if result.rows_duplicate:
             self.metrics.rows_dropped.labels("duplicate").inc(result.rows_duplicate)
@@ -330,11 +334,11 @@ class LearnerService:
 
     def due(self) -> bool:
         """True when new rows exist and the time or row budget since the last publication ran out."""
-        if self.trainer is None or self._rows_since_publish == 0:
+        if self.trainer is None or self.rows_since_publish == 0:
             return False
         if (
             self.publish_every_rows is not None
-            and self._rows_since_publish >= self.publish_every_rows
+            and self.rows_since_publish >= self.publish_every_rows
         ):
             return True
         return (
@@ -345,7 +349,7 @@ class LearnerService:
     def maybe_publish(self, force: bool = False) -> dict[str, Any] | None:
         """Publish if :meth:`due` (or ``force`` and there is a model); return the manifest."""
         with self._lock:
-            if self.trainer is None or not (self.due() or (force and self._rows_since_publish)):
+            if self.trainer is None or not (self.due() or (force and self.rows_since_publish)):
                 return None
             return self.publish()
 
@@ -388,7 +392,7 @@ class LearnerService:
             self.publications += 1
             self.version = manifest["version"]
             self.metrics.version.labels(self.store.model).set(int(self.version))
-            self._rows_since_publish = 0
+            self.rows_since_publish = 0
             self._last_publish = self.clock()
         if self.on_publish is not None:
             try:

@@ -101,7 +101,7 @@ class ServedLag:
         self.metrics = metrics or PrequentialMetrics()
         self.delay = float(delay)
         self.sample = float(sample)
-        self._rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)
         self._serving: Any = None
         self._queued: list[tuple[float, Any]] = []
         # record=True (benchmarks): every observed row's score, NaN while nothing serves
@@ -121,7 +121,7 @@ class ServedLag:
                 self.history.append(np.full(n, np.nan))
             return  # nothing served yet: serving has no model to answer with
         if self.sample < 1.0 and self.history is None:
-            rows = take(rows, self._rng.random(n) < self.sample)
+            rows = take(rows, self.rng.random(n) < self.sample)
             if not len(rows.labels):
                 return
         with torch.no_grad():
@@ -175,7 +175,7 @@ class PrequentialTrainer:
         }
         self.batches = 0
         self.last_backlog = 0
-        self._rng = np.random.default_rng(self.downsample.seed)
+        self.rng = np.random.default_rng(self.downsample.seed)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
 
@@ -228,7 +228,7 @@ class PrequentialTrainer:
         )
         if sampling:
             probs = self.learner.predict_proba_many(rows)
-            train_mask = (labels == 1) | (self._rng.random(labels.size) < ds.negative_rate)
+            train_mask = (labels == 1) | (self.rng.random(labels.size) < ds.negative_rate)
             sub = take(rows, train_mask)
             self.learner.learn_many(sub, logit_offset=-math.log(ds.negative_rate))
             result.rows_downsampled = int((~train_mask).sum())

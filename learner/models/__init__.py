@@ -146,11 +146,15 @@ class DenseNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        b = x.shape[0]
+        if x.shape[0]:
+            self.update_moments(x.mean(0), x.var(0, unbiased=False), x.shape[0])
+
+    @torch.no_grad()
+    def update_moments(self, m: torch.Tensor, v: torch.Tensor, b: int) -> None:
+        """Merge a batch given by its mean ``m``, (biased) variance ``v`` and size ``b``
+        (data-parallel learners reduce these over every process's rows first)."""
         if b == 0:
             return
-        m = x.mean(0)
-        v = x.var(0, unbiased=False)
         n = float(self.count)
         tot = n + b
         d = m - self.mean

@@ -10,8 +10,8 @@ import textwrap
 import urllib.request
 
 import pytest
-from core.settings import Settings
 
+from core.settings import Settings
 from headwater.servers import free_port
 from serving.workers import Supervisor
 
