@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from headwater.servers import free_port
+from headwater.servers import free_port, start_redis
 from tests.stackutil import Service, hw, service_env, wait_until
 
 
@@ -51,9 +51,14 @@ def test_status_is_nonzero_and_redacts_the_password_when_nothing_runs(nothing_ru
     assert "UNREACHABLE" in text.stdout
 
 
-def test_status_is_nonzero_while_services_are_down(kafka_bootstrap, redis_db, tmp_path):
-    env = service_env(kafka_bootstrap, redis_db, "cli-", tmp_path)
-    proc = hw(env, "status", check=False)
+def test_status_is_nonzero_while_services_are_down(kafka_bootstrap, tmp_path):
+    # its own Redis: other tests' services publish heartbeats into the session's one
+    redis_server = start_redis(log_path=tmp_path / "redis.log")
+    try:
+        env = service_env(kafka_bootstrap, redis_server.extra["url"], "cli-", tmp_path)
+        proc = hw(env, "status", check=False)
+    finally:
+        redis_server.stop()
     assert proc.returncode == 1
     assert "reachable" in proc.stdout and "worker   DOWN" in proc.stdout
 
