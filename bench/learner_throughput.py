@@ -2,7 +2,8 @@
 the bare torch training step of the same model and optimizers on the same batches, in the same run;
 plus the cost of a publication (seconds, bytes).
 
-Rows are MovieLens-100K rows built as in ``bench/learner_movielens.py``. The bare step
+Rows are the worker's own rows of a MovieLens-100K replay (``bench/pipeline_rows.py``,
+cached under ``artifacts/``), as ``bench/learner_movielens.py`` loads them. The bare step
 gets pre-built index/dense tensors and does forward + log-loss + backward + Adam; the
 service gets the Arrow payloads. Rounds alternate between the two; medians are reported.
 
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.learner_movielens import build_rows  # noqa: E402
+from bench.learner_movielens import load_rows  # noqa: E402
 from learner.batch import encode_batch  # noqa: E402
 from learner.service import LearnerService  # noqa: E402
 from learner.store import ModelStore  # noqa: E402
@@ -64,7 +65,8 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    schema, tokens, dense, labels, ts, _ = build_rows()
+    rows = load_rows()
+    schema, tokens, dense, labels, ts = rows.schema, rows.tokens, rows.dense, rows.labels, rows.ts
     settings = TrainerSettings(preset=args.preset, num_threads=args.threads)
     n_rows = args.batch * args.batches
     payloads = payloads_for(schema, tokens, dense, labels, ts, args.batch, 0, args.batches)
