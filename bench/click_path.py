@@ -35,8 +35,7 @@ from core.settings import Settings  # noqa: E402
 from features.movielens import click_events, load_movielens  # noqa: E402
 from headwater.servers import free_port, start_broker, start_redis, stop_pid  # noqa: E402
 from learner.batch import decode_batch  # noqa: E402
-from streams.replay import partition_of  # noqa: E402
-from streams.topics import ensure_topics  # noqa: E402
+from streams.topics import ensure_topics, partition_of  # noqa: E402
 
 PARTITIONS = 4
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from features.movielens import load_movielens  # noqa: E402
 from features.store import SyncOnlineStore  # noqa: E402
 from headwater.servers import start_redis  # noqa: E402
-from streams.replay import partition_of  # noqa: E402
+from streams.topics import partition_of  # noqa: E402
 
 POLICIES = ("no-aof", "no", "everysec", "always")
 

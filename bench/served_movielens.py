@@ -105,7 +105,7 @@ def score_then_send(base: str, producer: Any, topic: str, partitions: int,
     """
     import msgspec
 
-    from streams.replay import partition_of
+    from streams.topics import partition_of
 
     enc = msgspec.json.Encoder()
     parts = partition_of([e["user_id"] for e in events], partitions)

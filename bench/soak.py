@@ -41,8 +41,7 @@ from features.movielens import click_events, load_movielens  # noqa: E402
 from features.store import SyncOnlineStore  # noqa: E402
 from headwater.servers import free_port, start_broker, start_redis, stop_pid  # noqa: E402
 from headwater.stack import spawn_service  # noqa: E402
-from streams.replay import partition_of  # noqa: E402
-from streams.topics import ensure_topics  # noqa: E402
+from streams.topics import ensure_topics, partition_of  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:

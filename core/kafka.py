@@ -10,6 +10,8 @@ service never needs them threaded through its constructors.
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +52,9 @@ def security(settings: Settings | None = None) -> Security:
     >>> security(Settings()).protocol
     'PLAINTEXT'
     """
-    s = settings or Settings()
+    if settings is None:
+        return _from_environment(_security_environment())
+    s = settings
     protocol = s.kafka_security_protocol.upper()
     if protocol not in PROTOCOLS:
         raise ValueError(f"HEADWATER_KAFKA_SECURITY_PROTOCOL={protocol} is not one of {', '.join(PROTOCOLS)}")
@@ -67,6 +71,19 @@ def security(settings: Settings | None = None) -> Security:
                 raise ValueError(f"HEADWATER_KAFKA_SECURITY_PROTOCOL={protocol} needs "
                                  f"HEADWATER_KAFKA_SASL_{name}")
     return sec
+
+
+def _security_environment() -> tuple[tuple[str, str], ...]:
+    """The environment variables the security settings come from (names as given)."""
+    return tuple(sorted((k, v) for k, v in os.environ.items()
+                        if k.upper().startswith("HEADWATER_KAFKA_")))
+
+
+@functools.lru_cache(maxsize=8)
+def _from_environment(environment: tuple[tuple[str, str], ...]) -> Security:
+    """:func:`security` of the environment, built once per distinct value of its
+    variables (every client asks; ``Settings()`` reads and checks all of them)."""
+    return security(Settings())
 
 
 def client_config(settings: Settings | None = None) -> dict[str, Any]:

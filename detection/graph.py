@@ -818,13 +818,22 @@ class ProvenanceGraph:
 def _handlers() -> dict[str, Callable[..., None]]:
     """Syscall -> handler. Families are listed in precedence order: a syscall in two
     families is handled by the first (``setdefault``)."""
-    g = ProvenanceGraph
     families = (
-        (_FORKS, g._on_fork), (_EXECS, g._on_exec), (_OPENS, g._on_open),
-        (_TRUNCS, g._on_truncate), (_UNLINKS, g._on_unlink), (_RENAMES, g._on_rename),
-        (_LINKS, g._on_link), (_CHMODS, g._on_chmod), (_CHOWNS, g._on_chown),
-        (_UTIMES, g._on_utime), (_SETIDS, g._on_setid), (("bind",), g._on_bind),
-        (_NETOUT | _NETIN, g._on_net), (_MODULES, g._on_module), (_MISC, g._on_misc),
+        (_FORKS, ProvenanceGraph._on_fork),
+        (_EXECS, ProvenanceGraph._on_exec),
+        (_OPENS, ProvenanceGraph._on_open),
+        (_TRUNCS, ProvenanceGraph._on_truncate),
+        (_UNLINKS, ProvenanceGraph._on_unlink),
+        (_RENAMES, ProvenanceGraph._on_rename),
+        (_LINKS, ProvenanceGraph._on_link),
+        (_CHMODS, ProvenanceGraph._on_chmod),
+        (_CHOWNS, ProvenanceGraph._on_chown),
+        (_UTIMES, ProvenanceGraph._on_utime),
+        (_SETIDS, ProvenanceGraph._on_setid),
+        (("bind",), ProvenanceGraph._on_bind),
+        (_NETOUT | _NETIN, ProvenanceGraph._on_net),
+        (_MODULES, ProvenanceGraph._on_module),
+        (_MISC, ProvenanceGraph._on_misc),
     )
     table: dict[str, Callable[..., None]] = {}
     for names, handler in families:

@@ -18,10 +18,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["EventIdWindow"]
+__all__ = ["SUB_SLOTS", "EventIdWindow"]
 
 _SCRIPT = (importlib.resources.files("features") / "lua" / "event_ids.lua").read_text(encoding="utf-8")
-_SUB_SLOTS = 1 << 20  # sub-positions per offset in the eviction score
+#: Sub-positions per offset in the eviction score (positions order by offset, then sub).
+SUB_SLOTS = 1 << 20
 
 
 class EventIdWindow:
@@ -51,7 +52,7 @@ class EventIdWindow:
             return []
         args: list = [self.capacity]
         for eid, off, sub in zip(event_ids, offsets.tolist(), subs.tolist(), strict=True):
-            args += [eid, f"{off}:{sub}", off * _SUB_SLOTS + min(sub, _SUB_SLOTS - 1)]
+            args += [eid, f"{off}:{sub}", off * SUB_SLOTS + min(sub, SUB_SLOTS - 1)]
         res = await self._script(keys=self.keys(topic, partition), args=args)
         return [None if r == 0 else (r.decode() if isinstance(r, bytes) else str(r)) for r in res]
 

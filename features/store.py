@@ -187,6 +187,11 @@ class OnlineStore(_Planner):
             self._seconds.labels(operation).observe(time.perf_counter() - start)
             return stop.value
 
+    async def instance_id(self) -> str:
+        """The Redis server's ``run_id``: a new one means it restarted (and may have lost
+        the writes of its last fsync window)."""
+        return str((await self.client.info("server"))["run_id"])
+
     async def apply_batch(
         self, topic: str, partition: int, events: Any, expect_next: int | None = None
     ) -> BatchResult:

@@ -38,8 +38,8 @@ from core.net import redact_url
 from features.definition import load as load_definition
 from features.store import SyncOnlineStore
 from streams.producer import make_producer
-from streams.replay import partition_of
 from streams.schemas import ClickEvent, InvalidEvent, ItemEvent, validate_click, validate_item
+from streams.topics import partition_of
 
 __all__ = ["DeliveryError", "EventSender", "FeatureReader", "HeadwaterError", "InvalidEvent",
            "Scores", "ServingClient"]

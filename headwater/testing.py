@@ -5,7 +5,15 @@
   wipes it on exit. What it yields, :class:`RunningStack`, hands out the Python client
   already pointed at it.
 - :class:`ManualClock` is a clock a test moves by hand, for the components that take a
-  ``clock`` (the learner service, serving's holder, the served-lag tracker).
+  ``clock`` (the learner service, serving's holder, the served-lag tracker); its
+  :meth:`ManualClock.sleep` is an awaitable sleep that moves it (the agents' retry
+  backoff takes a ``sleep``), so no test patches ``asyncio.sleep``.
+- In-memory parts for fast unit tests (the real ones are held to the same contract
+  suites): :class:`~features.memory_store.MemoryOnlineStore` (the online store),
+  :class:`~features.memory_store.MemoryIdWindow` (the duplicate-id window),
+  :class:`~streams.events.MemoryLog` (an event source and sink: partitions by offset,
+  committed offsets), and :class:`AgentHarness`, which registers the worker's agents
+  like a Faust app and feeds them batches of messages.
 
 Example::
 
@@ -29,11 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
+from features.memory_store import MemoryIdWindow, MemoryOnlineStore
 from headwater.client import EventSender, FeatureReader, ServingClient
 from headwater.servers import free_port
 from headwater.stack import SERVICES, down, up
+from streams.events import MemoryLog
 
-__all__ = ["ManualClock", "RunningStack", "embedded_stack"]
+__all__ = ["AgentHarness", "ManualClock", "MemoryIdWindow", "MemoryLog", "MemoryOnlineStore",
+           "RunningStack", "embedded_stack"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +59,8 @@ class ManualClock:
 
     def __init__(self, start: float = 1_000_000_000.0) -> None:
         self.now = float(start)
+        #: what :meth:`sleep` was asked for, in order
+        self.slept: list[float] = []
 
     def __call__(self) -> float:
         return self.now
@@ -57,6 +70,74 @@ class ManualClock:
             raise ValueError(f"a clock does not go back: advance({seconds})")
         self.now += seconds
         return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep on this clock: it moves by ``seconds`` at once (recorded in :attr:`slept`).
+
+        >>> import asyncio
+        >>> clock = ManualClock(0.0)
+        >>> asyncio.run(clock.sleep(1.5)); clock(), clock.slept
+        (1.5, [1.5])
+        """
+        self.slept.append(seconds)
+        self.advance(seconds)
+
+
+@dataclass
+class _Record:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass
+class _Event:
+    message: _Record
+
+
+class AgentHarness:
+    """Stands in for the Faust app when registering agents (:func:`streams.app.batched_agent`)
+    and feeds them in-memory batches, as ``stream.take_events`` would.
+
+    >>> import asyncio
+    >>> from streams.app import batched_agent
+    >>> from streams.events import MemoryLog
+    >>> async def handler(topic, partition, messages):
+    ...     return [("out", None, value.upper(), partition) for _, _, value in messages]
+    >>> harness, sink = AgentHarness(), MemoryLog()
+    >>> batched_agent(harness, "in", 2, handler, 10, 0.01, "upper", sink=sink)
+    >>> asyncio.run(harness.feed("upper", [[(1, 0, None, b"a"), (1, 1, None, b"b")]]))
+    >>> sink.messages("out", 1)
+    [b'A', b'B']
+    """
+
+    def __init__(self) -> None:
+        #: agent name -> the registered agent function
+        self.agents: dict[str, Any] = {}
+
+    def topic(self, name: str, **_options: Any) -> str:
+        return name
+
+    def agent(self, topic: str, name: str):
+        def register(fn):
+            self.agents[name] = fn
+            return fn
+
+        return register
+
+    async def feed(self, name: str, batches: list[list[tuple[int, int, bytes | None, bytes | None]]]) -> None:
+        """Run agent ``name`` over ``batches`` of ``(partition, offset, key, value)``."""
+
+        class Stream:
+            def take_events(self, n: int, within: float):
+                async def events():
+                    for batch in batches:
+                        yield [_Event(_Record(*m)) for m in batch]
+
+                return events()
+
+        await self.agents[name](Stream())
 
 
 @dataclass

@@ -50,11 +50,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from core import kafka as kafka_clients
 from learner.batch import TrainBatch
 from learner.embeddings import HashedEmbedding
-from learner.kafka_loop import LearnerLoop
-from learner.protocol import TorchLearner, concat_rows, take
+from learner.kafka_loop import LearnerLoop, train_batches_consumer
+from learner.protocol import TorchLearner, take
 from learner.trainer import PrequentialTrainer, StepResult
 
 __all__ = ["DataParallelStep", "DistributedLearnerLoop", "GroupConfig", "init_group", "supervise"]
@@ -148,25 +147,14 @@ class DataParallelStep:
         self.dense_params = [p for p in self.model.parameters() if p is not self.table]
         self.n_dense = len(self.model.spec.dense)
 
-    def _claim(self, batches: Sequence[TrainBatch]) -> tuple[Any, int, int]:
-        t = self.trainer
-        keeps, parts = [], []
-        for batch in batches:
-            keep = t._claim(batch)
-            keeps.append(keep)
-            if keep.any():
-                parts.append(batch if keep.all() else take(batch, keep))
-        n_in = sum(len(b) for b in batches)
-        n_kept = int(sum(int(k.sum()) for k in keeps))
-        rows = None if not parts else parts[0] if len(parts) == 1 else concat_rows(parts)
-        return rows, n_in, n_in - n_kept
-
     def __call__(self, batches: Sequence[TrainBatch], backlog: int = 0) -> StepResult:
         t, model = self.trainer, self.model
         for batch in batches:
             t.check_schema(batch)
         t.last_backlog = int(backlog)
-        rows, n_in, n_dup = self._claim(batches)
+        rows, kept = t.claim_rows(batches)
+        n_in = len(kept)
+        n_dup = n_in - int(kept.sum())
         result = StepResult(rows_in=n_in, rows_duplicate=n_dup)
         t.rows_dropped["duplicate"] += n_dup
         n_scored = 0 if rows is None else len(rows.labels)
@@ -371,9 +359,8 @@ class DistributedLearnerLoop(LearnerLoop):
 
     def _step(self, backlog: int) -> None:
         svc = self.service
-        svc._backlog = backlog
         if svc.pending_rows:
-            svc.train_pending()
+            svc.train_pending(backlog=backlog)
         else:
             assert self._stepper is not None
             self._stepper([], backlog=backlog)
@@ -424,14 +411,7 @@ class DistributedLearnerLoop(LearnerLoop):
             dist.all_gather_object(versions, self.service.version)
             if len(set(versions)) != 1:
                 raise RuntimeError(f"learner group members resumed different versions: {versions}")
-            self._consumer = kafka_clients.consumer(
-                self.bootstrap,
-                group_id=self.lag_group,
-                enable_auto_commit=False,
-                fetch_max_wait_ms=50,
-                max_partition_fetch_bytes=16 * 1024 * 1024,
-                fetch_max_bytes=64 * 1024 * 1024,
-            )
+            self._consumer = train_batches_consumer(self.bootstrap, self.lag_group)
             self._base_positions = dict(self.service.consumer_positions)
             t = self.service.trainer
             self._base_watermarks = dict(t.watermarks) if t is not None else {}

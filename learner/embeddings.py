@@ -90,12 +90,13 @@ class FieldEmbedding(nn.Module):
         # cost follows the batch, not the table size.
         self.table = nn.Embedding(n_rows, config.dim, sparse=True)
         with torch.no_grad():
-            self.table.weight.copy_(self._initial_rows())
+            self.table.weight.copy_(self.initial_rows())
         self.dirty = np.zeros(n_rows, dtype=bool)
         self.register_state_dict_post_hook(_pack_table)
         self.register_load_state_dict_pre_hook(_unpack_table)
 
-    def _initial_rows(self) -> torch.Tensor:
+    def initial_rows(self) -> torch.Tensor:
+        """The table as drawn at construction (seeded): rows never trained hold these."""
         gen = torch.Generator().manual_seed(self.init_seed)
         shape = (self.table.num_embeddings, self.table.embedding_dim)
         return torch.randn(shape, generator=gen) * self.init_std
@@ -155,7 +156,7 @@ def _unpack_table(
         )
         return
     module.init_seed, module.init_std = seed, std
-    full = module._initial_rows()
+    full = module.initial_rows()
     full[rows] = values
     state[prefix + "table.weight"] = full
     module.dirty = np.zeros(n_rows, dtype=bool)

@@ -34,6 +34,24 @@ log = logging.getLogger(__name__)
 _TOPIC_KEYS = ("train-batches", "model-updates")
 
 
+def train_batches_consumer(bootstrap: str, lag_group: str):
+    """The learner's ``train-batches`` consumer (single process and every group member).
+
+    Partitions are assigned by hand (no group join); ``lag_group`` is only where the
+    trained positions are committed for lag reporting, so nothing is auto-committed.
+    Fetches are large (train batches are big) and the long poll short (Tansu's does not
+    wake on new data).
+    """
+    return kafka_clients.consumer(
+        bootstrap,
+        group_id=lag_group,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=50,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+
+
 def _topic(topics: dict[str, str], name: str) -> str:
     return topics.get(name) or topics.get(name.replace("-", "_")) or name
 
@@ -170,14 +188,7 @@ class LearnerLoop:
 
     def run(self) -> None:
         """Consume until :meth:`stop`; publishes a final version on the way out."""
-        self._consumer = kafka_clients.consumer(
-            self.bootstrap,
-            group_id=self.lag_group,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=50,
-            max_partition_fetch_bytes=16 * 1024 * 1024,
-            fetch_max_bytes=64 * 1024 * 1024,
-        )
+        self._consumer = train_batches_consumer(self.bootstrap, self.lag_group)
         last_assign = 0.0
         try:
             while not self._stop.is_set():

@@ -294,8 +294,12 @@ class LearnerService:
     def _record_position(self, position: tuple[str, int, int]) -> None:
         self.consumer_positions[f"{position[0]}:{position[1]}"] = int(position[2])
 
-    def train_pending(self) -> StepResult:
+    def train_pending(self, backlog: int | None = None) -> StepResult:
+        """Train the accumulated messages as one step now (``backlog``: the rows waiting,
+        when the caller knows a newer figure than the last message's)."""
         assert self.trainer is not None
+        if backlog is not None:
+            self._backlog = int(backlog)
         pending, self._pending, self._pending_rows = self._pending, [], 0
         step = self.stepper or self.trainer.step_many
         result = step([b for b, _ in pending], backlog=self._backlog)

@@ -203,19 +203,12 @@ class PrequentialTrainer:
         for batch in batches:
             self.check_schema(batch)
         self.last_backlog = int(backlog)
-        keeps, parts = [], []
-        for batch in batches:
-            keep = self._claim(batch)
-            keeps.append(keep)
-            if keep.any():
-                parts.append(batch if keep.all() else take(batch, keep))
-        n_in = sum(len(b) for b in batches)
-        kept = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
+        rows, kept = self.claim_rows(batches)
+        n_in = len(kept)
         result = StepResult(rows_in=n_in, rows_duplicate=int(n_in - kept.sum()))
         self.rows_dropped["duplicate"] += result.rows_duplicate
-        if not parts:
+        if rows is None:
             return result
-        rows = parts[0] if len(parts) == 1 else concat_rows(parts)
         labels = np.asarray(rows.labels)
         if self.served is not None:
             self.served.observe(rows, self.clock())
@@ -249,7 +242,25 @@ class PrequentialTrainer:
         self.batches += 1
         return result
 
-    def _claim(self, batch: TrainBatch) -> np.ndarray:
+    def claim_rows(self, batches: Sequence[TrainBatch]) -> tuple[Any, np.ndarray]:
+        """Claim the rows of ``batches`` not trained before (:meth:`claim`, batch by batch).
+
+        Returns ``(rows, kept)``: the claimed rows as one batch (``None`` when none is
+        left) and the mask of kept rows over all the batches' rows, in order. The
+        single-process step and the data-parallel one (:mod:`learner.distributed`) both
+        claim through here.
+        """
+        keeps, parts = [], []
+        for batch in batches:
+            keep = self.claim(batch)
+            keeps.append(keep)
+            if keep.any():
+                parts.append(batch if keep.all() else take(batch, keep))
+        kept = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
+        rows = None if not parts else parts[0] if len(parts) == 1 else concat_rows(parts)
+        return rows, kept
+
+    def claim(self, batch: TrainBatch) -> np.ndarray:
         """Rows of ``batch`` at or past its partition's watermark (the mask); the watermark
         moves past them, so a later copy of the same rows is a duplicate."""
         key = (batch.source_topic, int(batch.source_partition))
@@ -270,7 +281,7 @@ class PrequentialTrainer:
         to be worth training: see ``LearnerService``'s staleness bound); returns the rows
         skipped (duplicates excluded)."""
         self.check_schema(batch)
-        n = int(self._claim(batch).sum())
+        n = int(self.claim(batch).sum())
         if not n:
             return 0
         self.rows_dropped["stale"] = self.rows_dropped.get("stale", 0) + n

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import redis.exceptions
 
-from serving.holder import ServedModel
+from serving.ranker import Ranker
 
 __all__ = ["RequestError", "ScoreRequest", "Scorer", "parse_score_request"]
 
@@ -259,12 +259,12 @@ class Scorer:
         return cat, dense
 
     def _encode_and_predict(
-        self, served: ServedModel, req: ScoreRequest, feats: Mapping[str, Any], now: float
+        self, served: Ranker, req: ScoreRequest, feats: Mapping[str, Any], now: float
     ) -> np.ndarray:
         cat, dense = self.encode(req, feats, now)
         return served.predict(cat, dense)
 
-    async def score(self, served: ServedModel, req: ScoreRequest) -> np.ndarray:
+    async def score(self, served: Ranker, req: ScoreRequest) -> np.ndarray:
         """Scores in candidate order, all from ``served`` (the model the request started with)."""
         if not req.candidates:
             return np.zeros(0)

@@ -170,8 +170,13 @@ class Supervisor:
                 except RuntimeError as exc:
                     log.error("serving worker %d could not be restarted: %s", i, exc)
 
-    def stop(self) -> None:
+    def begin_stop(self) -> None:
+        """Refuse new restarts from now on (takes no lock: safe in a signal handler); a
+        rolling restart in progress ends after its current worker."""
         self._stopping = True
+
+    def stop(self) -> None:
+        self.begin_stop()
         with self._lock:
             procs = [p for p in self.workers if p is not None]
             for p in procs:
@@ -192,7 +197,7 @@ def run_workers(settings: Settings) -> int:
     restart = threading.Event()
 
     def _stop(*_):
-        sup._stopping = True  # a rolling restart in progress ends after its current worker
+        sup.begin_stop()  # a rolling restart in progress ends after its current worker
         stop.set()
 
     signal.signal(signal.SIGTERM, _stop)

@@ -27,11 +27,10 @@ from core.settings import Settings
 from detection.state_store import StateFenced
 from features.store_apply import FencedError, GapError
 from streams.deadletter import dead_letter
+from streams.events import EventSink, Message, Output
 
 log = logging.getLogger(__name__)
 
-Message = tuple[int, bytes | None, bytes | None]  # (offset, key, value)
-Output = tuple[str, bytes | None, bytes, int | None]  # (topic, key, value, partition)
 Handler = Callable[[str, int, list[Message]], Awaitable[list[Output]]]
 
 _FETCH_WAIT_MS = 20
@@ -136,12 +135,16 @@ def is_transient(exc: BaseException) -> bool:
 def batched_agent(app: faust.App, topic_name: str, partitions: int, handler: Handler,
                   max_batch: int, within: float, name: str,
                   on_error: Callable[[BaseException], None] | None = None,
-                  dead_letter_topic: str | None = None) -> None:
+                  dead_letter_topic: str | None = None, *, sink: EventSink | None = None,
+                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
     """Register an agent that feeds ``handler`` one partition's batch at a time.
 
     Outputs are produced before the batch is acknowledged, so a crash between the two
-    replays the batch (at-least-once); handlers make replays harmless.
+    replays the batch (at-least-once); handlers make replays harmless. ``sink`` takes
+    the outputs (default: the app's producer, :class:`FaustSink`); ``sleep`` waits
+    between retries (a test passes :meth:`headwater.testing.ManualClock.sleep`).
     """
+    sink = sink if sink is not None else FaustSink(app, on_error)
     topic = app.topic(topic_name, partitions=partitions, value_type=bytes, key_type=bytes,
                       value_serializer="raw", key_serializer="raw")
 
@@ -164,7 +167,7 @@ def batched_agent(app: faust.App, topic_name: str, partitions: int, handler: Han
                               name, attempt, partition, exc)
                     return await isolate(partition, messages)
                 log.exception("handler %s failed on partition %d; retrying", name, partition)
-                await asyncio.sleep(min(0.5 * attempt, 5.0))
+                await sleep(min(0.5 * attempt, 5.0))
 
     async def isolate(partition: int, messages: list[Message]) -> list[Output]:
         """Retry message by message; one that still fails goes to dead-letter, not in a loop.
@@ -180,7 +183,7 @@ def batched_agent(app: faust.App, topic_name: str, partitions: int, handler: Han
                     break
                 except Exception as exc:  # noqa: BLE001
                     if is_transient(exc):
-                        await asyncio.sleep(0.5)
+                        await sleep(0.5)
                         continue
                     offset, key, value = message
                     reason = (f"{name}: internal error processing this message: "
@@ -203,7 +206,7 @@ def batched_agent(app: faust.App, topic_name: str, partitions: int, handler: Han
                 results = [await handle(p, m) for p, m in groups.items()]
             sends = [out for outputs in results for out in outputs]
             if sends:
-                await send_all(app, sends, on_error)
+                await sink.send(sends)
 
     agent.__name__ = name
     app.agent(topic, name=name)(agent)
@@ -230,6 +233,19 @@ async def send_all(app: faust.App, sends: list[Output],
                 on_error(exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+class FaustSink:
+    """The worker's :class:`streams.events.EventSink`: the Faust app's producer, retried
+    until the broker takes every record (:func:`send_all`)."""
+
+    def __init__(self, app: faust.App,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
+        self.app = app
+        self.on_error = on_error
+
+    async def send(self, outputs: list[Output]) -> None:
+        await send_all(self.app, outputs, self.on_error)
 
 
 def pause_partition(app: faust.App, topic: str, partition: int) -> None:

@@ -26,8 +26,8 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-from streams.app import Message, Output
 from streams.deadletter import dead_letter, reason_kind
+from streams.events import Message, Output
 from streams.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ from features.codebook_store import CodebookStore
 from features.codes_service import CodeAssigner, CodesConfig
 from features.content import ContentEncoder
 from features.store import OnlineStore
-from streams.app import Message, Output
 from streams.deadletter import dead_letter, reason_kind
+from streams.events import Message, Output
 from streams.metrics import WorkerMetrics
 from streams.schemas import ItemEvent, decode_message
 

@@ -19,12 +19,10 @@ import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
-
 from core.settings import Settings
-from features.hashing import hash_tokens
 from features.movielens import click_events, load_movielens
 from streams.producer import RateLimiter, make_producer
+from streams.topics import partition_of
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +57,6 @@ def resolve_path(path: Path | None, settings: Settings) -> Path:
         return settings.data_dir / "ml-100k"
     log.info("no local MovieLens-100K: fetching it from the RecBole wheel")
     return fetch_movielens(settings.state_dir / "datasets")
-
-
-def partition_of(keys, partitions: int) -> np.ndarray:
-    """Stable partition per key (same hash as the feature tokens, not Python's ``hash``)."""
-    return (hash_tokens("partition", list(keys)) % partitions).astype(np.int64)
 
 
 def _bar(total: int, enabled: bool, desc: str):

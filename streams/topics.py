@@ -5,17 +5,30 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from core import kafka as kafka_clients
 from core.net import port_open
 from core.settings import Settings
+from features.hashing import hash_tokens
 
 log = logging.getLogger(__name__)
 
 #: Topics whose partitions follow ``Settings.partitions``; the rest have one.
 PARTITIONED = ("clicks", "items", "audit", "train-batches", "alerts", "dead-letter")
+
+
+def partition_of(keys, partitions: int) -> np.ndarray:
+    """The partition of each key: clicks are keyed by user, items by item (the worker's
+    counters and duplicate window are sharded so). A stable hash (the feature tokens'),
+    not Python's per-process ``hash``; every producer of the product partitions by it.
+
+    >>> partition_of(["42", "42", "1"], 4).tolist()
+    [0, 0, 3]
+    """
+    return (hash_tokens("partition", list(keys)) % partitions).astype(np.int64)
 
 
 def topic_specs(settings: Settings) -> list[NewTopic]:

@@ -14,12 +14,12 @@ from core.settings import Settings
 from detection.alert_store import save_alerts
 from detection.baseline_store import BaselineStore
 from detection.state_store import DetectionStateStore
-from streams.app import add_web_pages, batched_agent, create_app, pause_partition, send_all
+from streams.app import FaustSink, add_web_pages, batched_agent, create_app, pause_partition
 from streams.audit_path import AuditHandler, audit_engine_config
-from streams.click_path import ClickHandler, read_range
+from streams.click_path import click_handler
+from streams.events import KafkaLog
 from streams.item_path import ItemHandler
 from streams.metrics import WorkerMetrics
-from streams.topics import log_ends
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,10 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     topics = settings.topics
     audit_pool = ThreadPoolExecutor(1, thread_name_prefix="audit")
 
-    clicks = ClickHandler(settings, client, metrics, state, bootstrap)
+    events = KafkaLog(bootstrap)
+    clicks = click_handler(settings, client, metrics, state, bootstrap,
+                           sink=FaustSink(app, state.on_error),
+                           pause=lambda partition: pause_partition(app, topics["clicks"], partition))
     state.stopped = clicks.stopped
     items = ItemHandler(settings, client, metrics, state)
     state.codebook_version = lambda: items.version
@@ -93,9 +96,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
                          executor=audit_pool, config=audit_engine_config(settings),
                          baseline_store=BaselineStore(client, settings.audit_baseline_ttl),
                          state_store=DetectionStateStore(client),
-                         read_range=lambda topic, p, start, stop: read_range(bootstrap, topic, p,
-                                                                            start, stop),
-                         log_end=lambda topic, p: log_ends(bootstrap, topic, [p])[p])
+                         read_range=events.read_range, log_end=events.log_end)
     n = settings.partitions
     dlq = topics["dead-letter"]
     batched_agent(app, topics["clicks"], n, clicks, settings.click_batch_size,
@@ -105,12 +106,6 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
                   state.on_error, dlq)
     add_web_pages(app, metrics.registry, state.status)
 
-    async def send(outputs):
-        await send_all(app, outputs, state.on_error)
-
-    clicks.send = send
-
-    clicks.pause = lambda partition: pause_partition(app, topics["clicks"], partition)
     state.audit_stopped = audit.stopped
     audit.pause = lambda partition: pause_partition(app, topics["audit"], partition)
 

@@ -28,3 +28,28 @@ def test_the_checker_sees_a_cycle_an_upward_arrow_and_a_reach_in():
     assert "module cycle: streams.a -> streams.b" in found
     assert any(p.startswith("arrow core -> serving") for p in found)
     assert "private reach-in: features.x:3 reaches into other._state" in found
+
+
+def test_a_reach_in_is_one_even_when_the_module_has_a_private_name_of_its_own(tmp_path):
+    # The loophole closed in issue 20: defining ``_claim`` here does not make ``t._claim``
+    # (some other object's) ours; only self/cls (as method receivers) and this module's
+    # own classes may be reached through.
+    path = tmp_path / "mod.py"
+    path.write_text(
+        "class Local:\n"
+        "    def _claim(self):\n"
+        "        return self._state, Local._claim\n"
+        "\n"
+        "def _claim(t):\n"
+        "    return t._claim()\n"
+        "\n"
+        "def sneaky(t):\n"
+        "    return getattr(t, '_state')\n"
+        "\n"
+        "cls = dict\n"
+        "cls._hidden\n"
+    )
+    _, found = architecture.graph({"learner.mod": path})
+    assert sorted(found) == ["learner.mod:12 reaches into cls._hidden",
+                             "learner.mod:6 reaches into t._claim",
+                             "learner.mod:9 reaches into getattr(t, '_state')"], found

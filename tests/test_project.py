@@ -50,3 +50,15 @@ def test_env_and_flags_override_defaults(monkeypatch):
     assert s.topic_prefix == "x-" and s.http_port == 9002
     assert s.topics["clicks"] == "x-clicks"
     assert s.admin_token is None and s.bind_host == "127.0.0.1"
+
+
+def test_tests_use_the_kit_not_global_patches():
+    """No test swaps ``asyncio.sleep`` (or a module's ``send_all``) for everyone: the
+    agents take a ``sleep`` and a sink, and ``headwater.testing`` hands out a
+    ``ManualClock`` whose ``sleep`` moves it, in-memory stores, windows and logs."""
+    import re
+
+    patch = re.compile(r"(asyncio\.sleep|\.send_all)\s*=[^=]|setattr\([^)]*[\"'](sleep|send_all)[\"']")
+    found = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "tests").rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1) if patch.search(line)]
+    assert found == []

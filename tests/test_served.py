@@ -119,7 +119,7 @@ def test_serving_row_equals_training_row_once_the_worker_caught_up(trained, movi
     from core.settings import Settings
     from features.defaults import row_builder
     from learner.batch import decode_batch
-    from streams.replay import partition_of
+    from streams.topics import partition_of
 
     stack = trained
     start = stack["sent"]  # the next MovieLens row not sent yet

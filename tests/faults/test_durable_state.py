@@ -26,8 +26,7 @@ from learner.batch import decode_batch
 from streams.audit_path import audit_engine_config
 from streams.audit_shipper import ship_audit
 from streams.item_path import make_encoder
-from streams.replay import partition_of
-from streams.topics import log_ends
+from streams.topics import log_ends, partition_of
 from tests.faults.test_worker_faults import _restart_redis, _snapshot
 from tests.stackutil import (
     alerts_in_redis,

@@ -18,7 +18,7 @@ from features.movielens import click_events, load_movielens
 from features.store import SyncOnlineStore
 from headwater.servers import start_redis
 from learner.batch import decode_batch
-from streams.replay import partition_of
+from streams.topics import partition_of
 from tests.stackutil import Service, read_topic, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]

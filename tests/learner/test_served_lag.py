@@ -5,6 +5,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from headwater.testing import ManualClock
 from learner.models import DenseNorm
 from learner.service import LearnerService
 from learner.store import ModelStore
@@ -16,14 +17,6 @@ SETTINGS = TrainerSettings(head=TINY_HEAD, embedding={"buckets": 64}, lr=1e-2,
                            served_lag={"delay": 1.0})
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def service(tmp_path, clock, **kw):
     kw.setdefault("publish_every_seconds", None)
     kw.setdefault("registry", CollectorRegistry())
@@ -31,7 +24,7 @@ def service(tmp_path, clock, **kw):
 
 
 def test_messages_accumulate_until_the_step_size(tmp_path):
-    clock = Clock()
+    clock = ManualClock(0.0)
     svc = service(tmp_path, clock, step_rows=64, step_wait_seconds=10.0)
     for i in range(3):
         assert svc.process(make_payload(20, offset=20 * i), position=("tb", 0, i + 1)) is None
@@ -44,18 +37,18 @@ def test_messages_accumulate_until_the_step_size(tmp_path):
 
 
 def test_a_slow_stream_steps_at_the_deadline(tmp_path):
-    clock = Clock()
+    clock = ManualClock(0.0)
     svc = service(tmp_path, clock, step_rows=256, step_wait_seconds=2.0)
     svc.process(make_payload(3, offset=0), position=("tb", 0, 1))
-    clock.t = 1.9
+    clock.advance(1.9)
     assert svc.tick() is None and svc.pending_rows == 3
-    clock.t = 2.0
+    clock.advance(0.1)
     res = svc.tick()
     assert res is not None and res.rows_trained == 3 and svc.consumer_positions == {"tb:0": 1}
 
 
 def test_a_publication_never_covers_waiting_rows(tmp_path):
-    clock = Clock()
+    clock = ManualClock(0.0)
     svc = service(tmp_path, clock, step_rows=64, step_wait_seconds=10.0)
     svc.process(make_payload(64, offset=0), position=("tb", 0, 1))  # trained
     svc.process(make_payload(10, offset=64), position=("tb", 0, 2))  # waiting
@@ -67,7 +60,7 @@ def test_a_publication_never_covers_waiting_rows(tmp_path):
 
 
 def test_a_message_read_twice_while_waiting_is_trained_once(tmp_path):
-    clock = Clock()
+    clock = ManualClock(0.0)
     svc = service(tmp_path, clock, step_rows=1000, step_wait_seconds=10.0)
     p = make_payload(30, offset=0)
     svc.process(p)
@@ -115,7 +108,7 @@ def test_wide_model_scores_the_same_in_training_and_serving(tmp_path):
 
 
 def test_served_lag_scores_with_the_published_snapshot_after_the_delay(tmp_path):
-    clock = Clock()
+    clock = ManualClock(0.0)
     svc = service(tmp_path, clock, step_rows=1, step_wait_seconds=0.0)
     svc.process(make_payload(64, offset=0))
     served = svc.trainer.served
@@ -123,10 +116,10 @@ def test_served_lag_scores_with_the_published_snapshot_after_the_delay(tmp_path)
     svc.publish()
     snapshot = {k: v.clone() for k, v in svc.trainer.learner.model.state_dict().items()
                 if isinstance(v, torch.Tensor)}
-    clock.t = 0.5  # published, not loaded yet
+    clock.advance(0.5)  # published, not loaded yet
     svc.process(make_payload(64, offset=64, seed=1))
     assert served.metrics.rows == 0
-    clock.t = 1.0
+    clock.advance(0.5)
     b = make_payload(64, offset=128, seed=2)
     from learner.batch import decode_batch
     from learner.models import build_model

@@ -5,44 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 
-import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from features.event_ids import EventIdWindow
+from headwater.testing import AgentHarness, ManualClock
+from streams.events import MemoryLog
 from tests.stackutil import read_json_topic, train_event_ids, wait_until
-
-
-def test_event_id_window_in_redis_tells_replays_from_duplicates(redis_db):
-    import redis.asyncio as aioredis
-
-    async def go():
-        client = aioredis.Redis.from_url(redis_db)
-        recent = EventIdWindow(client, capacity=3)
-        off, sub = np.array([10, 10, 11]), np.array([0, 1, 0])
-        try:
-            dup, first = await recent.duplicates("clicks", 0, ["a", "b", "a"], off, sub)
-            assert dup.tolist() == [False, False, True] and first[2] == "10:0"
-            # The same message replayed (after a crash, by another worker, in a gap
-            # re-read) is not a duplicate of itself: the window is in Redis, not in a worker.
-            again = EventIdWindow(aioredis.Redis.from_url(redis_db), capacity=3)
-            dup, _ = await again.duplicates("clicks", 0, ["a", "b"], off[:2], sub[:2])
-            assert dup.tolist() == [False, False]
-            dup, first = await again.duplicates("clicks", 0, ["b"], np.array([40]), np.array([0]))
-            assert dup.tolist() == [True] and first == ["10:1"]
-            await again.client.aclose()
-            # Partitions and topics are independent; capacity bounds the window (oldest
-            # positions forgotten first, even when a gap re-read records them late).
-            assert (await recent.duplicates("clicks", 1, ["a"], np.array([5]), np.array([0])))[0].tolist() == [False]
-            assert (await recent.duplicates("x-clicks", 0, ["a"], np.array([5]), np.array([0])))[0].tolist() == [False]
-            await recent.duplicates("clicks", 0, ["d", "c"], np.array([13, 12]), np.array([0, 0]))
-            assert await client.hlen(recent.keys("clicks", 0)[0]) == 3
-            assert (await recent.duplicates("clicks", 0, ["a"], np.array([99]), np.array([0])))[0].tolist() == [False]
-            assert (await recent.duplicates("clicks", 0, ["c"], np.array([98]), np.array([0])))[0].tolist() == [True]
-        finally:
-            await client.aclose()
-
-    asyncio.run(go())
 
 
 def test_poison_message_is_isolated_and_dead_lettered():
@@ -56,57 +24,20 @@ def test_poison_message_is_isolated_and_dead_lettered():
             raise ValueError("cannot handle this")
         return [("out", None, m[2], None) for m in messages]
 
-    # Drive the agent's handle/isolate logic through a minimal fake app registration.
-    captured = {}
-
-    class FakeApp:
-        def topic(self, *a, **k):
-            return "t"
-
-        def agent(self, topic, name):
-            def register(fn):
-                captured["agent"] = fn
-                return fn
-            return register
-
-    app_mod.batched_agent(FakeApp(), "clicks", 1, handler, 10, 0.01, "clicks",
-                          dead_letter_topic="dlq")
-    sent = []
-
-    async def fake_send_all(app, sends, on_error):
-        sent.extend(sends)
-
-    class Msg:
-        def __init__(self, offset, value):
-            self.partition, self.offset, self.key, self.value = 0, offset, None, value
-
-    class Ev:
-        def __init__(self, offset, value):
-            self.message = Msg(offset, value)
-
-    class Stream:
-        def take_events(self, n, within):
-            async def gen():
-                yield [Ev(1, b"ok1"), Ev(2, b"poison"), Ev(3, b"ok3")]
-            return gen()
-
-    orig_send, orig_sleep = app_mod.send_all, asyncio.sleep
-    app_mod.send_all = fake_send_all
-
-    async def no_sleep(_):
-        return None
-
-    app_mod.asyncio.sleep = no_sleep
-    try:
-        asyncio.run(captured["agent"](Stream()))
-    finally:
-        app_mod.send_all = orig_send
-        app_mod.asyncio.sleep = orig_sleep
-    assert [s[2] for s in sent if s[0] == "out"] == [b"ok1", b"ok3"]
-    dead = [json.loads(s[2]) for s in sent if s[0] == "dlq"]
+    harness, sink, clock = AgentHarness(), MemoryLog(), ManualClock(0.0)
+    app_mod.batched_agent(harness, "clicks", 1, handler, 10, 0.01, "clicks",
+                          dead_letter_topic="dlq", sink=sink, sleep=clock.sleep)
+    asyncio.run(harness.feed("clicks", [[(0, 1, None, b"ok1"), (0, 2, None, b"poison"),
+                                         (0, 3, None, b"ok3")]]))
+    assert sink.messages("out") == [b"ok1", b"ok3"]
+    dead = [json.loads(v) for v in sink.messages("dlq")]
     assert len(dead) == 1 and dead[0]["offset"] == 2
     assert "internal error" in dead[0]["reason"] and "cannot handle this" in dead[0]["reason"]
     assert calls[: app_mod.POISON_AFTER] == [[1, 2, 3]] * app_mod.POISON_AFTER
+    assert calls[app_mod.POISON_AFTER:] == [[1], [2], [3]], "then message by message"
+    # Backed off between the whole batch's attempts (0.5 s more each time), not after
+    # the last: a non-transient error is isolated, never retried forever.
+    assert clock.slept == [0.5 * a for a in range(1, app_mod.POISON_AFTER)]
 
 
 @pytest.mark.integration

@@ -1,0 +1,345 @@
+"""An in-memory online store (:class:`features.store_protocol.OnlineFeatureStore`) for tests.
+
+It keeps every contribution (event time, label) per entity and partition shard and
+answers by brute force, so it is the plain statement of what the Redis store promises
+(``tests/features/test_store_contract.py`` runs the same suite against both): counters
+summed over shards, strictly point-in-time pre-event features, each (topic, partition,
+offset) counted once with replays answered from a replay cache of the last
+``replay_batches`` batches, gaps and rewinds refused, event-time guarded attributes.
+
+Where it differs, by design: nothing is ever evicted from an entity's history (the
+Redis store keeps the latest ``pit_history`` events per entity and shard, and leaves a
+shard's older part out of rows older than that); it has no caches, no fencing between
+writers (one process, one event loop) and no metrics. :meth:`MemoryOnlineStore.snapshot`
+and :meth:`MemoryOnlineStore.restore` stand for a server restart from an older copy (the
+lost writes are gone and :meth:`MemoryOnlineStore.instance_id` changes).
+
+Example::
+
+    store = MemoryOnlineStore(partitions=2)
+    result = await store.apply_batch("clicks", 0, [{"offset": 0, "ts": 1.0, "user_id": "u",
+                                                    "item_id": "i", "label": 1}])
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from features.counters import (
+    CounterConfig,
+    aggregate,
+    as_columns,
+    decay_state,
+    derive_features,
+    half_life_label,
+    resolve_refs,
+    smoothed_ctr,
+)
+from features.event_ids import SUB_SLOTS
+from features.hashing import canonical
+from features.store_apply import GapError, RewindError, event_id_hashes
+from features.store_core import BatchResult, latest_user_attrs
+
+__all__ = ["MemoryIdWindow", "MemoryOnlineStore"]
+
+
+def _json(value: Any) -> Any:
+    """A value as the Redis store hands it back (JSON round trip)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+class MemoryOnlineStore:
+    """The online store's contract in memory (async methods, like ``OnlineStore``)."""
+
+    def __init__(self, *, partitions: int, counters: CounterConfig | None = None,
+                 pit_ties: bool = False, replay_batches: int = 8, clock=time.time,
+                 **_ignored: Any) -> None:
+        if partitions < 1:
+            raise ValueError(
+                f"partitions must be >= 1 (the source topic's count), got {partitions}")
+        self.partitions = partitions
+        self.counters = counters or CounterConfig()
+        self.pit_ties = bool(pit_ties)
+        self.replay_batches = replay_batches
+        self.clock = clock
+        self._instance = uuid.uuid4().hex
+        self._data = {
+            # partition -> topic -> next offset to apply
+            "offsets": {p: {} for p in range(partitions)},
+            # partition -> entity -> [(event time, label)], in the order applied
+            "log": {p: {} for p in range(partitions)},
+            # (partition, topic) -> the last batches' {(offset, sub): (id hash, pre-state)}
+            "replay": {},
+            "items": {},  # item id -> (event time, attributes)
+            "users": {},  # user id -> (event time, attributes)
+            "codes": {},  # item id -> (codes, version)
+        }
+
+    # -- restarts -----------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """A copy of everything stored (what an AOF copy would hold)."""
+        return copy.deepcopy(self._data)
+
+    def restore(self, snapshot: dict) -> None:
+        """Go back to ``snapshot``, as a server restarted from an older copy would."""
+        self._data = copy.deepcopy(snapshot)
+        self._instance = uuid.uuid4().hex
+
+    async def instance_id(self) -> str:
+        return self._instance
+
+    # -- counters -----------------------------------------------------------------------
+    def _contribution(self, t: float, label: float, at: float) -> np.ndarray:
+        """One contribution's state vector, decayed to ``at`` (never backwards)."""
+        out = [1.0, float(label)]
+        for h in self.counters.half_lives:
+            w = math.pow(2.0, -max(at - t, 0.0) / h)
+            out += [w, label * w]
+        return np.array(out)
+
+    def _pre(self, history: list[tuple[float, int]], ts: float) -> np.ndarray:
+        """Contributions strictly before ``ts`` (``pit_ties``: or at it), decayed to it."""
+        total = np.zeros(self.counters.width)
+        for t, label in history:
+            if t < ts or (self.pit_ties and t == ts):
+                total += self._contribution(t, label, ts)
+        return total
+
+    def _state(self, partition: int, entity: str) -> np.ndarray:
+        """The shard's state of an entity as the Redis store keeps it: decayed to its
+        newest contribution's time, that time last (NaN: never written)."""
+        history = self._data["log"][partition].get(entity, [])
+        if not history:
+            return np.append(np.zeros(self.counters.width), np.nan)
+        newest = max(t for t, _ in history)
+        total = sum(self._contribution(t, label, newest) for t, label in history)
+        return np.append(total, newest)
+
+    def _item_view(self, item_ids) -> tuple[dict[str, dict], dict[str, dict]]:
+        want = {i for i in item_ids if i}
+        items, codes = self._data["items"], self._data["codes"]
+        attrs = {i: items[i][1] for i in want if i in items}
+        found = {i: codes[i][0] for i in want if i in codes}
+        return attrs, found
+
+    def _put(self, table: dict, entity_id: str, ts: float, attrs: Mapping[str, Any]) -> bool:
+        """Event-time guarded merge: an older write never replaces newer attributes."""
+        stored = table.get(entity_id)
+        if stored is not None and ts < stored[0]:
+            return False
+        merged = dict(stored[1]) if stored else {}
+        merged.update({k: _json(v) for k, v in attrs.items()})
+        table[entity_id] = (ts, merged)
+        return True
+
+    async def apply_batch(self, topic: str, partition: int, events: Any,
+                          expect_next: int | None = None) -> BatchResult:
+        cfg = self.counters
+        cols = as_columns(events)
+        if "offset" not in cols or "label" not in cols:
+            raise ValueError("apply_batch needs 'offset' (and 'sub') and 'label' columns")
+        n = len(cols["ts"])
+        order = np.lexsort((cols["sub"], cols["offset"]))
+        srt = {k: (v[order] if isinstance(v, np.ndarray) else [v[i] for i in order])
+               for k, v in cols.items()}
+        attrs, codes = self._item_view(srt["item_id"].tolist())
+        refs = resolve_refs(cfg, srt, attrs)
+        nxt = self._data["offsets"][partition].get(topic, 0)
+        if expect_next is not None and nxt < expect_next:
+            raise GapError(topic, partition, nxt, expect_next)
+        ids = event_id_hashes(srt["event_id"]) if "event_id" in srt else np.zeros(n, np.uint64)
+        new = srt["offset"] >= nxt
+        cache: dict = {}
+        for entry in self._data["replay"].get((partition, topic), []):
+            cache.update(entry)
+        logs = self._data["log"]
+        # Other shards as of the batch's start; the own shard grows event by event.
+        others = {q: {e: list(h) for e, h in logs[q].items()}
+                  for q in range(self.partitions) if q != partition}
+        own = logs[partition]
+        per_ref = np.zeros((len(refs.event), cfg.width))
+        late = np.zeros(n, bool)
+        valid = np.ones(n, bool)
+        replayed_pre: dict[int, np.ndarray] = {}
+        by_event: dict[int, list[int]] = {}
+        for r, i in enumerate(refs.event.tolist()):
+            by_event.setdefault(i, []).append(r)
+        for i in range(n):
+            key = (int(srt["offset"][i]), int(srt["sub"][i]))
+            if not new[i]:
+                hit = cache.get(key)
+                if hit is None:
+                    valid[i] = False
+                elif hit[0] != int(ids[i]):
+                    raise RewindError(topic, partition, key[0], nxt)
+                else:
+                    replayed_pre[i] = hit[1]
+                continue
+            ts, label = float(srt["ts"][i]), int(srt["label"][i])
+            for r in by_event.get(i, []):
+                entity = refs.entities[int(refs.entity[r])]
+                history = own.setdefault(entity, [])
+                late[i] |= any(t > ts for t, _ in history)
+                per_ref[r] = self._pre(history, ts) + sum(
+                    (self._pre(shard.get(entity, []), ts) for shard in others.values()),
+                    np.zeros(cfg.width))
+            for r in by_event.get(i, []):
+                own[refs.entities[int(refs.entity[r])]].append((ts, label))
+        agg = aggregate(refs, per_ref)
+        for i, pre in replayed_pre.items():
+            agg[i] = pre
+        next_offset = nxt
+        if new.any():
+            next_offset = int(srt["offset"][new].max()) + 1
+            entry = {(int(srt["offset"][i]), int(srt["sub"][i])): (int(ids[i]), agg[i].copy())
+                     for i in np.flatnonzero(new).tolist()}
+            batches = self._data["replay"].setdefault((partition, topic), [])
+            batches.append(entry)
+            del batches[: max(len(batches) - self.replay_batches, 0)]
+            self._data["offsets"][partition][topic] = next_offset
+        for uid, (t, user_attrs) in latest_user_attrs(srt).items():
+            self._put(self._data["users"], uid, t, user_attrs)  # guarded: replays change nothing
+        dup = ~new
+        back = np.argsort(order)
+        feats = derive_features(cfg, agg)
+        return BatchResult(
+            features={k: v[back] for k, v in feats.items()}, valid=valid[back],
+            replayed=dup[back], late=late[back], late_count=int(late.sum()),
+            duplicate_count=int(dup.sum()), next_offset=next_offset, item_attrs=attrs,
+            codes={i: c for i, c in codes.items() if c})
+
+    async def next_offsets(self, partition: int) -> dict[str, int]:
+        return dict(self._data["offsets"][partition])
+
+    # -- reads ----------------------------------------------------------------------------
+    def _total(self, cfg: CounterConfig, entities: Sequence[str], now: float) -> np.ndarray:
+        """Every shard's state of each entity, decayed to ``now``, summed."""
+        total = np.zeros((len(entities), cfg.width))
+        for p in range(self.partitions):
+            states = np.array([self._state(p, e) for e in entities]).reshape(-1, cfg.width + 1)
+            total += decay_state(cfg, states, now)
+        return total
+
+    async def get_online_features(self, entity_rows: Any, features: list[str] | None = None,
+                                  now: float | None = None) -> dict[str, Any]:
+        now = self.clock() if now is None else float(now)
+        if isinstance(entity_rows, Mapping):
+            n = len(next(iter(entity_rows.values()))) if entity_rows else 0
+            rows: Any = {**entity_rows, "ts": np.full(n, now)}
+        else:
+            rows = [{**r, "ts": now} for r in entity_rows]
+        cols = as_columns(rows)
+        extras = ("user_attrs", "item_attrs", "codes")
+        wanted = None if features is None else [f for f in features if f not in extras]
+        cfg = self.counters
+        if wanted is not None:
+            unknown = sorted(set(wanted) - set(cfg.feature_names()))
+            if unknown:
+                raise KeyError(f"unknown features {unknown}; see CounterConfig.feature_names()")
+        attrs, codes = self._item_view(cols["item_id"].tolist())
+        refs = resolve_refs(cfg, cols, attrs)
+        total = self._total(cfg, refs.entities, now)
+        feats = derive_features(cfg, aggregate(refs, total[refs.entity]))
+        out: dict[str, Any] = {k: v for k, v in feats.items() if wanted is None or k in wanted}
+        users = self._data["users"]
+        if features is None or "user_attrs" in features:
+            out["user_attrs"] = [users[u][1] if u in users else None for u in cols["user_id"]]
+        if features is None or "item_attrs" in features:
+            out["item_attrs"] = [attrs.get(i) for i in cols["item_id"]]
+        if features is None or "codes" in features:
+            out["codes"] = [codes.get(i) for i in cols["item_id"]]
+        return out
+
+    async def entity_features(self, entity: str, now: float | None = None) -> dict[str, Any]:
+        now = self.clock() if now is None else float(now)
+        kind, sep, ident = entity.partition(":")
+        cfg = self.counters
+        names = [s.name for s in cfg.specs]
+        if not sep or kind not in names:
+            raise ValueError(f"entity {entity!r}: expected '<counter>:<id>' with counter in {names}")
+        shards = np.array([self._state(p, entity) for p in range(self.partitions)])
+        per_partition = decay_state(cfg, shards, now)
+        total = per_partition.sum(axis=0)
+        out: dict[str, Any] = {"entity": entity, "as_of": now,
+                               "impressions_total": int(total[0]), "clicks_total": int(total[1]),
+                               "ctr_total": float(smoothed_ctr(cfg, total[1], total[0]))}
+        for j, h in enumerate(cfg.half_lives):
+            lab = half_life_label(h)
+            nh, ch = float(total[2 + 2 * j]), float(total[3 + 2 * j])
+            out[f"impressions_{lab}"], out[f"clicks_{lab}"] = nh, ch
+            out[f"ctr_{lab}"] = float(smoothed_ctr(cfg, ch, nh))
+        out["impressions_by_partition"] = {q: int(v) for q, v in enumerate(per_partition[:, 0]) if v}
+        ts = shards[:, cfg.width]
+        out["updated_at"] = float(np.nanmax(ts)) if np.isfinite(ts).any() else None
+        if kind in ("user", "item"):
+            table = self._data["users" if kind == "user" else "items"]
+            out["attributes"] = dict(table[ident][1]) if ident in table else {}
+        if kind == "item":
+            stored = self._data["codes"].get(ident)
+            out["codes"] = stored[0] if stored else None
+            out["codes_version"] = stored[1] if stored else None
+        return out
+
+    # -- attributes and codes -------------------------------------------------------------
+    async def put_item_attributes(self, items: Mapping[Any, Mapping[str, Any]],
+                                  ts: float | None = None) -> int:
+        written = 0
+        for item_id, attrs in items.items():
+            t = attrs.get("ts", ts)
+            t = self.clock() if t is None else float(t)
+            fields = {k: v for k, v in attrs.items() if k not in ("ts", "item_id", "vectors")}
+            written += self._put(self._data["items"], canonical(item_id), t, fields)
+        return written
+
+    async def get_item_attributes_many(self, item_ids: Sequence[Any]) -> list[dict | None]:
+        items = self._data["items"]
+        return [dict(items[i][1]) if (i := canonical(x)) in items else None for x in item_ids]
+
+    async def get_user_attributes_many(self, user_ids: Sequence[Any]) -> list[dict | None]:
+        users = self._data["users"]
+        return [dict(users[u][1]) if (u := canonical(x)) in users else None for x in user_ids]
+
+    async def set_item_codes(self, item_id: Any, codes: Mapping[str, Sequence[int]],
+                             version: str) -> None:
+        clean = {str(k): [int(c) for c in v] for k, v in codes.items()}
+        self._data["codes"][canonical(item_id)] = (clean, str(version))
+
+    async def get_item_codes_many(self, item_ids: Sequence[Any]) -> list[dict | None]:
+        stored = self._data["codes"]
+        return [stored[i][0] if (i := canonical(x)) in stored else None for x in item_ids]
+
+
+class MemoryIdWindow:
+    """The duplicate-id window (:class:`features.store_protocol.DuplicateWindow`) in memory."""
+
+    def __init__(self, capacity: int = 200_000) -> None:
+        if capacity < 1:
+            raise ValueError(f"the duplicate window must hold at least 1 id, got {capacity}")
+        self.capacity = capacity
+        #: (topic, partition) -> id -> (position "offset:sub", eviction score)
+        self.windows: dict[tuple[str, int], dict[str, tuple[str, int]]] = {}
+
+    async def duplicates(self, topic: str, partition: int, event_ids: Sequence[str],
+                         offsets: np.ndarray, subs: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+        window = self.windows.setdefault((topic, partition), {})
+        first: list[str | None] = []
+        for eid, off, sub in zip(event_ids, np.asarray(offsets).tolist(), np.asarray(subs).tolist(),
+                                 strict=True):
+            pos = f"{off}:{sub}"
+            seen = window.get(eid)
+            if seen is None:
+                window[eid] = (pos, off * SUB_SLOTS + min(sub, SUB_SLOTS - 1))
+            first.append(None if seen is None or seen[0] == pos else seen[0])
+        if len(window) > self.capacity:
+            oldest = sorted(window, key=lambda e: (window[e][1], e))[: len(window) - self.capacity]
+            for eid in oldest:
+                del window[eid]
+        return np.array([f is not None for f in first], bool), first

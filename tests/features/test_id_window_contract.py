@@ -1,0 +1,73 @@
+"""One contract suite for the duplicate event-id window: in Redis (real redis-server,
+``features.event_ids.EventIdWindow``) and in memory (``features.memory_store.MemoryIdWindow``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from features.event_ids import EventIdWindow
+from features.memory_store import MemoryIdWindow
+from features.store_protocol import DuplicateWindow
+
+
+@pytest.fixture(params=["redis", "memory"])
+def windows(request, redis_db):
+    """``windows(capacity)`` -> a window; a second call with the same capacity shares its
+    state (another worker, or a restarted one, on the same Redis)."""
+    loop = asyncio.new_event_loop()
+    clients, shared = [], {}
+
+    def make(capacity: int):
+        if request.param == "memory":
+            return shared.setdefault(capacity, MemoryIdWindow(capacity))
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(redis_db)
+        clients.append(client)
+        return EventIdWindow(client, capacity)
+
+    make.run = loop.run_until_complete
+    yield make
+    for client in clients:
+        loop.run_until_complete(client.aclose())
+    loop.close()
+
+
+def dups(windows, window, topic, partition, ids, offsets, subs=None):
+    subs = np.zeros(len(ids), np.int64) if subs is None else np.asarray(subs)
+    return windows.run(window.duplicates(topic, partition, ids, np.asarray(offsets), subs))
+
+
+def test_tells_replays_from_duplicates(windows):
+    recent = windows(3)
+    assert isinstance(recent, DuplicateWindow)
+    dup, first = dups(windows, recent, "clicks", 0, ["a", "b", "a"], [10, 10, 11], [0, 1, 0])
+    assert dup.tolist() == [False, False, True] and first == [None, None, "10:0"]
+    # The same message replayed (after a crash, by another worker, in a gap re-read) is
+    # not a duplicate of itself.
+    again = windows(3)
+    dup, _ = dups(windows, again, "clicks", 0, ["a", "b"], [10, 10], [0, 1])
+    assert dup.tolist() == [False, False]
+    dup, first = dups(windows, again, "clicks", 0, ["b"], [40])
+    assert dup.tolist() == [True] and first == ["10:1"]
+
+
+def test_partitions_and_topics_are_independent(windows):
+    recent = windows(3)
+    dups(windows, recent, "clicks", 0, ["a"], [1])
+    assert dups(windows, recent, "clicks", 1, ["a"], [5])[0].tolist() == [False]
+    assert dups(windows, recent, "x-clicks", 0, ["a"], [5])[0].tolist() == [False]
+
+
+def test_the_oldest_positions_leave_first(windows):
+    recent = windows(3)
+    dups(windows, recent, "clicks", 0, ["a", "b"], [10, 10], [0, 1])
+    # A gap re-read records older positions late: they are still the oldest.
+    dups(windows, recent, "clicks", 0, ["d", "c"], [13, 12])
+    assert dups(windows, recent, "clicks", 0, ["a"], [99])[0].tolist() == [False], "a was evicted"
+    assert dups(windows, recent, "clicks", 0, ["c"], [98])[0].tolist() == [True]
+    with pytest.raises(ValueError):
+        windows(0)
