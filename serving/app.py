@@ -380,12 +380,12 @@ def build_context(
 ) -> AppContext:
     """Holder, scorer and metrics over a model store and an async Redis client."""
     from features.store import OnlineStore
-    from learner.store import ModelStore
+    from learner.model_stores import open_model_store
 
     registry = registry if registry is not None else CollectorRegistry()
     metrics_ = ServingMetrics(registry)
     builder = builder if builder is not None else default_row_builder(settings)
-    store = ModelStore(settings.model_store, settings.model_name, keep=settings.keep_versions)
+    store = open_model_store(settings)
     holder = ModelHolder(
         store,
         builder.schema,

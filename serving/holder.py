@@ -38,7 +38,13 @@ import numpy as np
 import torch
 
 from features.schema import FeatureSchema
-from learner.store import CheckpointError, ModelStore, checkpoint_weights, rebuild_model
+from learner.store import (
+    CheckpointError,
+    ModelStore,
+    StoreUnavailable,
+    checkpoint_weights,
+    rebuild_model,
+)
 from serving.metrics import ServingMetrics
 from serving.models import (
     HolderError,
@@ -190,11 +196,16 @@ class ModelHolder:
         """
         try:
             pins = self.store.pins()
+            versions = self.store.versions()
+        except StoreUnavailable as exc:
+            # serve nothing (or the baseline) for now; the store rescan offers versions later
+            self._record_error(f"model store unreachable at start: {exc}")
+            return None
         except CheckpointError as exc:
             self._record_error(f"ignoring the serving pin: {exc}")
             pins = []
+            versions = self.store.versions()
         pinned = pins[-1] if pins else None
-        versions = self.store.versions()
         if pinned is not None and pinned in versions:
             self._pinned = pinned
             if self._load_and_register(pinned) is not None:
@@ -226,7 +237,7 @@ class ModelHolder:
         version = normalize_version(version)
         if self.info(version) is not None:
             return False
-        if not self.store.path(version).is_dir():
+        if not self.store.exists(version):
             # Pruned by retention (an old message replayed from the topic) or not visible
             # on this filesystem yet: the store rescan will offer it again if it appears.
             log.debug("version %s announced but not in the store; ignored", version)
@@ -378,7 +389,7 @@ class ModelHolder:
         try:
             served = self.load(version)
         except LoadFailure as exc:
-            if not self.store.path(version).is_dir():
+            if not self.store.exists(version):
                 # Retention deleted it mid-load: not a bad checkpoint, just gone.
                 with self._lock:
                     self._versions.pop(version, None)
@@ -395,6 +406,14 @@ class ModelHolder:
                 )
             )
             self._record_error(f"refused {self.store.model} version {version}: {exc}")
+            return None
+        except StoreUnavailable as exc:
+            # The store, not the version, is the problem: forget the attempt so the next
+            # announcement or rescan tries again.
+            with self._lock:
+                self._versions.pop(version, None)
+            self.metrics.load_failures.labels("unavailable").inc()
+            self._record_error(f"cannot load {self.store.model} version {version} now: {exc}")
             return None
         except Exception as exc:  # noqa: BLE001 - an unexpected bug must not kill the loader
             log.exception("unexpected error loading version %s", version)

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from learner.models import DenseNorm
 from learner.service import LearnerService
-from learner.store import ModelStore
+from learner.store import LocalModelStore
 from learner.trainer import ServedLag, TrainerSettings
 from tests.learner.synth import SCHEMA_JSON, TINY_HEAD, make_payload
 
@@ -27,7 +27,7 @@ class Clock:
 def service(tmp_path, clock, **kw):
     kw.setdefault("publish_every_seconds", None)
     kw.setdefault("registry", CollectorRegistry())
-    return LearnerService(ModelStore(tmp_path, "ranker"), SETTINGS.factory(), clock=clock, **kw)
+    return LearnerService(LocalModelStore(tmp_path, "ranker"), SETTINGS.factory(), clock=clock, **kw)
 
 
 def test_messages_accumulate_until_the_step_size(tmp_path):
