@@ -157,7 +157,7 @@ async def make_app(builder) -> AsyncIterator[Callable]:
         tc, ctx = await _make_client(settings, redis_url, builder, **kw)
         made.append((tc, ctx))
         if start:
-            await ctx.holder.astart()
+            await ctx.holder.submit(ctx.holder.start)
         return tc, ctx
 
     yield _make
