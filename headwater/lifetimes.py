@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from core import kafka as kafka_clients
+from core.net import redact_url
 from core.settings import Settings, is_object_store
 
 #: Hash of each source partition's offset record (features/store.py key layout).
@@ -146,5 +147,6 @@ def purge(settings: Settings, echo=print) -> list[Path]:
         echo(f"removed {path}")
     for name, value in (("HEADWATER_REDIS", settings.redis), ("HEADWATER_KAFKA", settings.kafka)):
         if value:
-            echo(f"note: {name}={value} is an external server: its data was not touched")
+            echo(f"note: {name}={redact_url(value) if name == 'HEADWATER_REDIS' else value} "
+                 "is an external server: its data was not touched")
     return removed

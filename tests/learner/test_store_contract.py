@@ -318,6 +318,17 @@ def test_clear_removes_every_version_and_pin(store, make_store):
     assert publish(fresh)["version"] == "000001"
 
 
+def test_up_reads_the_stores_watermarks_and_reset_clears_it(store, settings):
+    """``headwater up`` checks the newest version's watermarks; ``reset`` wipes the store."""
+    from headwater.lifetimes import purge, recorded_in_model_store
+
+    publish(store, rows=5)
+    assert recorded_in_model_store(settings) == ("000001", {("clicks", 0): 5})
+    purge(settings, echo=lambda _: None)
+    assert recorded_in_model_store(settings) == (None, {})
+    assert open_model_store(settings).versions() == []
+
+
 # ---- what only the object store has: an endpoint that can be away ---------------------
 def test_an_unreachable_endpoint_is_unavailable_not_corrupt(s3_settings):
     from headwater.servers import free_port
