@@ -12,7 +12,7 @@ COPY detection detection
 COPY serving serving
 # The CPU build of torch: the default index would pull several GB of CUDA wheels.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
- && pip install '.[content]'
+ && pip install '.[content,s3]'
 # Mount points of named volumes belong to the service user: Docker fills a new named
 # volume from the image's directory, ownership included (tests/test_compose.py checks it).
 RUN useradd --create-home --uid 10001 headwater && mkdir -p /data /models && chown headwater /data /models

@@ -12,7 +12,7 @@ setup: $(STAMP) system
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,content]'
+	$(BIN)/python -m pip install -q -e '.[test,content,s3]'
 	touch $(STAMP)
 
 # Debian packages the tests use: redis-server, kcat, auditd, docker-compose, chromium.

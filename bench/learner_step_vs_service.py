@@ -43,7 +43,7 @@ from bench.pipeline_rows import pipeline_rows  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from learner.protocol import concat_rows  # noqa: E402
 from learner.service import LearnerService  # noqa: E402
-from learner.store import ModelStore  # noqa: E402
+from learner.store import LocalModelStore  # noqa: E402
 from streams.learner_runner import trainer_settings  # noqa: E402
 
 
@@ -111,7 +111,7 @@ def main() -> None:
     def service_round() -> float:
         with tempfile.TemporaryDirectory() as d:
             svc = LearnerService(
-                ModelStore(d, "ranker", keep=settings.keep_versions), recipe.factory(),
+                LocalModelStore(d, "ranker", keep=settings.keep_versions), recipe.factory(),
                 publish_every_seconds=settings.publish_every_seconds,
                 publish_every_rows=settings.publish_every_rows,
                 registry=CollectorRegistry(), resume=False,

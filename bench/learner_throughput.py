@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.learner_movielens import load_rows  # noqa: E402
 from learner.batch import encode_batch  # noqa: E402
 from learner.service import LearnerService  # noqa: E402
-from learner.store import ModelStore  # noqa: E402
+from learner.store import LocalModelStore  # noqa: E402
 from learner.trainer import TrainerSettings  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def main() -> None:
     def service_round() -> float:
         with tempfile.TemporaryDirectory() as d:
             svc = LearnerService(
-                ModelStore(d),
+                LocalModelStore(d),
                 settings.factory(),
                 publish_every_seconds=None,
                 registry=CollectorRegistry(),
@@ -128,7 +128,7 @@ def main() -> None:
     print(f"service / bare           : {ms / mb:.1%}")
 
     with tempfile.TemporaryDirectory() as d:
-        store = ModelStore(d, keep=2)
+        store = LocalModelStore(d, keep=2)
         s = LearnerService(
             store,
             settings.factory(),

@@ -38,11 +38,11 @@ from bench.pipeline_rows import pipeline_rows  # noqa: E402
 from learner.batch import encode_batch  # noqa: E402
 from learner.metrics import exact_auc  # noqa: E402
 from learner.service import LearnerService  # noqa: E402
-from learner.store import ModelStore  # noqa: E402
+from learner.store import LocalModelStore  # noqa: E402
 from learner.trainer import TrainerSettings  # noqa: E402
 
 
-class _NullStore(ModelStore):
+class _NullStore(LocalModelStore):
     """Counts publications without writing checkpoints (the simulation publishes hundreds)."""
 
     def __init__(self, root: str) -> None:

@@ -154,7 +154,7 @@ def learner_served_lag(rows: ServedRows, bootstrap: str, train_topic: str,
     from kafka import KafkaConsumer, TopicPartition
 
     from learner.batch import decode_batch
-    from learner.store import ModelStore
+    from learner.store import LocalModelStore
 
     wanted = set(rows.event_ids)
     found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -175,7 +175,7 @@ def learner_served_lag(rows: ServedRows, bootstrap: str, train_topic: str,
                             found[str(eid)] = (b.categorical[j:j + 1], b.dense[j:j + 1])
     finally:
         consumer.close()
-    store = ModelStore(store_dir, model_name, keep=10**9)
+    store = LocalModelStore(store_dir, model_name, keep=10**9)
     scores = np.full(len(rows.event_ids), np.nan)
     by_version: dict[str, list[int]] = {}
     for k, v in enumerate(rows.versions):

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.settings import Settings  # noqa: E402
 from headwater.servers import free_port  # noqa: E402
+from learner.model_stores import open_model_store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +115,7 @@ def main() -> None:
             }
         )
         base = f"http://{settings.bind_host}:{settings.http_port}"
-        store = Path(settings.model_store) / settings.model_name
+        store = open_model_store(settings)  # a directory or a bucket
         clicks_topic = settings.topics["clicks"]
 
         t0 = time.time()
@@ -157,7 +158,7 @@ def main() -> None:
                 v = doc.get("model_version") if code == 200 else None
                 if v is not None:
                     if v not in manifests:
-                        manifests[v] = json.loads((store / v / "manifest.json").read_text())
+                        manifests[v] = store.manifest(v)
                     m = manifests[v]
                     if trained_past(m, [clicks_topic, "clicks"], meta.partition, meta.offset):
                         totals.append(now - t_click)

@@ -49,7 +49,7 @@ from core.settings import Settings  # noqa: E402
 from features.store import SyncOnlineStore  # noqa: E402
 from headwater.servers import free_port, start_broker, start_redis, stop_pid  # noqa: E402
 from learner.models import ModelSpec, build_model, preset_head  # noqa: E402
-from learner.store import ModelStore  # noqa: E402
+from learner.store import LocalModelStore, ModelStore  # noqa: E402
 from serving.app import default_row_builder  # noqa: E402
 from serving.holder import ModelHolder  # noqa: E402
 
@@ -99,7 +99,7 @@ def start_stack(partitions: int = 4) -> Stack:
         redis=redis.extra["url"],
     )
     builder = default_row_builder(settings)
-    store = ModelStore(settings.model_store, settings.model_name, keep=settings.keep_versions)
+    store = LocalModelStore(settings.model_store, settings.model_name, keep=settings.keep_versions)
     _create_topic(settings.kafka, settings.topics["model-updates"])
     return Stack(tmp, broker, redis, settings, store, builder)
 
@@ -357,7 +357,7 @@ def _ceiling_worker(args: tuple) -> int:
     torch.set_num_threads(1)
     from features.schema import FeatureSchema
 
-    holder = ModelHolder(ModelStore(Path(root), name), FeatureSchema.from_json(schema_json))
+    holder = ModelHolder(LocalModelStore(Path(root), name), FeatureSchema.from_json(schema_json))
     try:
         served = holder.load(version)
     finally:
@@ -426,7 +426,7 @@ def measure_model(stack: Stack, args, kind: str, workers: int) -> dict:
     """Publish ``kind`` under its own model name, serve it, measure; one result row."""
     settings = stack.settings
     name = f"bench-{kind}"
-    store = ModelStore(settings.model_store, name, keep=settings.keep_versions)
+    store = LocalModelStore(settings.model_store, name, keep=settings.keep_versions)
     model = make_model(stack.builder, kind, 0, 0, settings=settings)
     schema = stack.builder.schema
     manifest = store.publish(

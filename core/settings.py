@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr
+from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TOPIC_NAMES = ("clicks", "items", "audit", "train-batches", "model-updates", "alerts", "dead-letter")
@@ -27,6 +28,26 @@ def default_data_dir() -> Path:
     """Where the shared datasets are: ``$HEADWATER_DATA_DIR`` or ``../shared/datasets``."""
     env = os.environ.get("HEADWATER_DATA_DIR")
     return Path(env) if env else repo_root().parent / "shared" / "datasets"
+
+
+def store_location(value: Any) -> Any:
+    """``s3://bucket/prefix`` stays a URL; anything else is a local directory.
+
+    >>> store_location("s3://models/prod"), store_location("/var/lib/models")
+    ('s3://models/prod', PosixPath('/var/lib/models'))
+    """
+    if isinstance(value, str) and value.startswith("s3://"):
+        return value
+    return Path(value) if isinstance(value, (str, os.PathLike)) else value
+
+
+def is_object_store(location: Path | str) -> bool:
+    """Whether a ``model_store`` setting names an object store (``s3://``).
+
+    >>> is_object_store("s3://models/prod"), is_object_store(Path("s3"))
+    (True, False)
+    """
+    return isinstance(location, str) and location.startswith("s3://")
 
 
 class Settings(BaseSettings):
@@ -46,8 +67,20 @@ class Settings(BaseSettings):
     state_dir: Path = Field(
         Path(".headwater"), description="Run state: pids, logs, embedded Redis data."
     )
-    model_store: Path = Field(
-        Path(".headwater/models"), description="Model store directory (checkpoints + manifests)."
+    model_store: Annotated[Path | str, BeforeValidator(store_location)] = Field(
+        Path(".headwater/models"),
+        description="Model store: a directory, or s3://bucket/prefix for S3-compatible object "
+        "storage (learner and serving then need not share a disk; docs/contracts.md).",
+    )
+    model_store_endpoint: str | None = Field(
+        None, description="Object store endpoint URL (MinIO, Ceph...). Empty: AWS S3 itself."
+    )
+    model_store_region: str | None = Field(None, description="Object store region (AWS: required).")
+    model_store_access_key: str | None = Field(
+        None, description="Object store access key id. Empty: the AWS default credential chain."
+    )
+    model_store_secret_key: SecretStr | None = Field(
+        None, description="Object store secret key (never printed)."
     )
     model_name: str = Field("ranker", description="Name of the ranking model in the store.")
     features: Path | None = Field(

@@ -11,12 +11,12 @@ model store records offsets beyond the log's end; ``headwater reset`` (or ``down
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from core import kafka as kafka_clients
-from core.settings import Settings
+from core.net import redact_url
+from core.settings import Settings, is_object_store
 
 #: Hash of each source partition's offset record (features/store.py key layout).
 OFFSETS_KEY = "{{hw:p{partition}}}:offsets"
@@ -53,19 +53,23 @@ def recorded_in_model_store(settings: Settings) -> tuple[str | None, dict[tuple[
     A watermark ``(offset, sub)`` names the next row to train on: ``sub > 0`` means
     rows of ``offset`` itself were trained, so the log must hold ``offset + 1`` offsets.
     """
-    root = settings.model_store / settings.model_name
-    versions = sorted((p for p in root.glob("[0-9]*") if p.name.isdigit() and p.is_dir()),
-                      key=lambda p: int(p.name)) if root.is_dir() else []
-    for path in reversed(versions):
+    from learner.model_stores import open_model_store
+    from learner.store import CheckpointError
+
+    if not is_object_store(settings.model_store) and not (
+            Path(settings.model_store) / settings.model_name).is_dir():
+        return None, {}
+    store = open_model_store(settings)
+    for version in reversed(store.versions()):
         try:
-            manifest = json.loads((path / "manifest.json").read_text("utf-8"))
-        except (OSError, json.JSONDecodeError):
+            manifest = store.manifest(version)
+        except CheckpointError:
             continue  # a broken version never serves; the store reports it elsewhere
         out = {}
         for key, mark in (manifest.get("watermarks") or {}).items():
             topic, _, part = key.rpartition(":")
             out[(topic, int(part))] = int(mark["offset"]) + (1 if int(mark.get("sub", 0)) else 0)
-        return path.name, out
+        return version, out
     return None, {}
 
 
@@ -125,7 +129,13 @@ def purge(settings: Settings, echo=print) -> list[Path]:
     removed = []
     state_dir = settings.state_dir
     targets = [p for p in state_dir.iterdir() if p.name != "logs"] if state_dir.is_dir() else []
-    if settings.model_store.exists() and not settings.model_store.resolve().is_relative_to(
+    if is_object_store(settings.model_store):
+        from learner.model_stores import open_model_store
+
+        store = open_model_store(settings)
+        store.clear()
+        echo(f"removed every version of {store.location}")
+    elif settings.model_store.exists() and not settings.model_store.resolve().is_relative_to(
             state_dir.resolve()):
         targets.append(settings.model_store)
     for path in targets:
@@ -137,5 +147,6 @@ def purge(settings: Settings, echo=print) -> list[Path]:
         echo(f"removed {path}")
     for name, value in (("HEADWATER_REDIS", settings.redis), ("HEADWATER_KAFKA", settings.kafka)):
         if value:
-            echo(f"note: {name}={value} is an external server: its data was not touched")
+            echo(f"note: {name}={redact_url(value) if name == 'HEADWATER_REDIS' else value} "
+                 "is an external server: its data was not touched")
     return removed

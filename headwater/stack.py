@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from core.settings import Settings
+from core.settings import Settings, is_object_store
 from headwater.lifetimes import mismatches, refusal
 from headwater.lifetimes import purge as lifetimes_purge
 from headwater.servers import (
@@ -102,7 +102,8 @@ def _service_env(settings: Settings, kafka: str, redis_url: str) -> dict[str, st
     env["HEADWATER_KAFKA"] = kafka
     env["HEADWATER_REDIS"] = redis_url
     env["HEADWATER_STATE_DIR"] = str(settings.state_dir.resolve())
-    env["HEADWATER_MODEL_STORE"] = str(settings.model_store.resolve())
+    env["HEADWATER_MODEL_STORE"] = (settings.model_store if is_object_store(settings.model_store)
+                                    else str(settings.model_store.resolve()))
     env["HEADWATER_HTTP_PORT"] = str(settings.http_port)
     env["HEADWATER_WORKER_PORT"] = str(settings.worker_port)
     env["HEADWATER_LEARNER_PORT"] = str(settings.learner_port)

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from core import kafka as kafka_clients
 from learner.service import LearnerService
-from learner.store import ModelStore
+from learner.store import LocalModelStore, ModelStore
 from learner.trainer import TrainerSettings
 
 __all__ = ["LearnerLoop", "run_learner"]
@@ -63,7 +63,7 @@ class LearnerLoop:
         self,
         bootstrap: str,
         topics: dict[str, str],
-        store_dir: str | Path,
+        store_dir: str | Path | ModelStore,
         model_name: str = "ranker",
         settings: TrainerSettings | None = None,
         publish_every_seconds: float = 5.0,
@@ -86,7 +86,9 @@ class LearnerLoop:
         self._stop = threading.Event()
         self._producer = kafka_clients.producer(bootstrap, linger_ms=0, acks="all")
         self.service = LearnerService(
-            ModelStore(store_dir, model_name, keep=keep_versions),
+            store_dir
+            if isinstance(store_dir, ModelStore)
+            else LocalModelStore(store_dir, model_name, keep=keep_versions),
             (settings or TrainerSettings()).factory(),
             publish_every_seconds=publish_every_seconds,
             publish_every_rows=publish_every_rows,
@@ -233,7 +235,7 @@ class LearnerLoop:
 def run_learner(
     bootstrap: str,
     topics: dict[str, str],
-    store_dir: str | Path,
+    store_dir: str | Path | ModelStore,
     model_name: str = "ranker",
     stop: threading.Event | None = None,
     **kwargs: Any,

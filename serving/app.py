@@ -302,15 +302,15 @@ async def _admin_action(request: web.Request, action) -> web.Response:
 
 async def pin_model(request: web.Request) -> web.Response:
     version = request.match_info["version"]
-    return await _admin_action(request, lambda h: h.apin(version))
+    return await _admin_action(request, lambda h: h.submit(h.pin, version))
 
 
 async def unpin_model(request: web.Request) -> web.Response:
-    return await _admin_action(request, lambda h: h.aunpin())
+    return await _admin_action(request, lambda h: h.submit(h.unpin))
 
 
 async def rollback_model(request: web.Request) -> web.Response:
-    return await _admin_action(request, lambda h: h.arollback())
+    return await _admin_action(request, lambda h: h.submit(h.rollback))
 
 
 _WORKER = str(os.getpid())
@@ -380,12 +380,12 @@ def build_context(
 ) -> AppContext:
     """Holder, scorer and metrics over a model store and an async Redis client."""
     from features.store import OnlineStore
-    from learner.store import ModelStore
+    from learner.model_stores import open_model_store
 
     registry = registry if registry is not None else CollectorRegistry()
     metrics_ = ServingMetrics(registry)
     builder = builder if builder is not None else default_row_builder(settings)
-    store = ModelStore(settings.model_store, settings.model_name, keep=settings.keep_versions)
+    store = open_model_store(settings)
     holder = ModelHolder(
         store,
         builder.schema,
@@ -441,14 +441,14 @@ async def serve(
     torch.set_num_threads(settings.torch_threads)
     client = aioredis.Redis.from_url(redis_url, decode_responses=False)
     ctx = build_context(settings, client, kafka=kafka, redis_url=redis_url, **context_kwargs)
-    served = await ctx.holder.astart()  # newest good (or pinned) version, before the topic
+    served = await ctx.holder.submit(ctx.holder.start)  # newest good (or pinned) version, before the topic
     log.info("serving %s version %s at start", settings.model_name, served)
     ctx.watcher = ModelWatcher(
         kafka,
         settings.topics["model-updates"],
         settings.model_name,
-        ctx.holder.aoffer,
-        ctx.holder.arescan,
+        functools.partial(ctx.holder.submit, ctx.holder.offer),
+        functools.partial(ctx.holder.submit, ctx.holder.rescan),
         rescan_seconds=rescan_seconds,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )

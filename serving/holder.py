@@ -1,11 +1,9 @@
-"""The model holder: versions with TF-Serving-like states, verified loads, atomic swaps.
+"""The model holder: versions with TF-Serving-like states and atomic swaps.
 
 A new version is loaded **beside** the serving one, on the holder's own loader thread
-(never the event loop): manifest and feature-schema hash, sha256 of ``model.pt``,
-``torch.load(weights_only=True)`` through :class:`learner.store.ModelStore`, rebuild from
-the manifest's config, then checks — every parameter finite, a warm-up batch whose
-outputs are finite probabilities, and optionally a quality gate against the serving
-model's publication metrics. Only then is it swapped in by one reference assignment
+(never the event loop), by :class:`serving.loader.ModelLoader` (verify, load, rebuild,
+sanity checks, quality gate); the serving pin lives in the store
+(:class:`serving.pins.ServingPin`). Only then is it swapped in by one reference assignment
 (``self._current = served``). A request reads :attr:`ModelHolder.current` once and
 scores on that object to the end, so in-flight requests finish on the model they began
 with and a refused checkpoint never serves.
@@ -17,28 +15,26 @@ States (``GET /v1/models``):
 ``FAILED``    refused; ``error`` says why (it is never retried: versions are immutable);
 ``RETIRED``   good (or never tried) but not in memory; pin or rollback reload it.
 
-All state changes run on one loader thread, so loads, pins and rollbacks are
-serialized without further locking; readers only take immutable snapshots.
+All state changes run on one loader thread (:meth:`ModelHolder.submit` from the event
+loop; directly only before serving starts), so loads, pins and rollbacks are serialized
+without further locking; readers only take immutable snapshots.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
-
-import numpy as np
-import torch
+from typing import Any, TypeVar
 
 from features.schema import FeatureSchema
-from learner.store import CheckpointError, ModelStore, checkpoint_weights, rebuild_model
+from learner.store import CheckpointError, ModelStore, StoreUnavailable
+from serving.loader import ModelLoader
 from serving.metrics import ServingMetrics
 from serving.models import (
     HolderError,
@@ -48,6 +44,7 @@ from serving.models import (
     VersionState,
     normalize_version,
 )
+from serving.pins import ServingPin
 
 __all__ = [
     "HolderError",
@@ -59,6 +56,26 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def to_evict(loaded: list[str], serving: str | None, keep_loaded: int) -> list[str]:
+    """Loaded versions to drop from memory: keep the serving one, then the previous one
+    (instant rollback), then the newest standbys, up to ``keep_loaded`` in all.
+
+    >>> to_evict(["000001", "000002", "000003", "000004"], "000003", 2)
+    ['000004', '000001']
+    >>> to_evict(["000001", "000002"], None, 1)
+    ['000001']
+    """
+    if len(loaded) <= keep_loaded:
+        return []
+    others = [v for v in loaded if v != serving]
+    below = sorted((v for v in others if serving and int(v) < int(serving)), key=int, reverse=True)
+    rest = sorted((v for v in others if v not in below), key=int, reverse=True)
+    ranked = below[:1] + rest + below[1:]
+    return ranked[keep_loaded - (1 if serving else 0):]
 
 
 class ModelHolder:
@@ -106,9 +123,9 @@ class ModelHolder:
         self.schema = schema
         self.metrics = metrics if metrics is not None else ServingMetrics()
         self.keep_loaded = keep_loaded
-        self.quality_metric = quality_metric
-        self.quality_margin = quality_margin
-        self.warmup_rows = warmup_rows
+        self.loader = ModelLoader(store, schema, quality_metric=quality_metric,
+                                  quality_margin=quality_margin, warmup_rows=warmup_rows)
+        self.serving_pin = ServingPin(store)
         self.max_failed_listed = max_failed_listed
         self.clock = clock
         self.last_error: str | None = None
@@ -157,27 +174,14 @@ class ModelHolder:
             "models": [i.to_json(serving, self._pinned) for i in infos],
         }
 
-    # ---- async seams (the event loop never blocks on a load) --------------------------
-    async def _on_loader(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
+    # ---- the async seam (the event loop never blocks on a load) ----------------------
+    async def submit(self, change: Callable[..., T], *args: Any) -> T:
+        """Run a state change (``holder.offer``, ``holder.pin``...) on the loader thread.
 
-    async def astart(self) -> str | None:
-        return await self._on_loader(self.start)
-
-    async def aoffer(self, version: str) -> bool:
-        return await self._on_loader(self.offer, version)
-
-    async def apin(self, version: str) -> str:
-        return await self._on_loader(self.pin, version)
-
-    async def aunpin(self) -> str | None:
-        return await self._on_loader(self.unpin)
-
-    async def arollback(self) -> str:
-        return await self._on_loader(self.rollback)
-
-    async def arescan(self) -> None:
-        await self._on_loader(self.rescan)
+        ``await holder.submit(holder.pin, "000003")``: every change goes through the one
+        loader thread, so changes are serialized and the event loop keeps serving.
+        """
+        return await asyncio.get_running_loop().run_in_executor(self._loader, change, *args)
 
     def close(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
@@ -189,12 +193,15 @@ class ModelHolder:
         Called once before the update topic is consumed, so a restart serves at once.
         """
         try:
-            pins = self.store.pins()
+            versions = self.store.versions()
+            pinned = self.serving_pin.read()
+        except StoreUnavailable as exc:
+            # serve nothing (or the baseline) for now; the store rescan offers versions later
+            self._record_error(f"model store unreachable at start: {exc}")
+            return None
         except CheckpointError as exc:
             self._record_error(f"ignoring the serving pin: {exc}")
-            pins = []
-        pinned = pins[-1] if pins else None
-        versions = self.store.versions()
+            pinned = None
         if pinned is not None and pinned in versions:
             self._pinned = pinned
             if self._load_and_register(pinned) is not None:
@@ -226,7 +233,7 @@ class ModelHolder:
         version = normalize_version(version)
         if self.info(version) is not None:
             return False
-        if not self.store.path(version).is_dir():
+        if not self.store.exists(version):
             # Pruned by retention (an old message replayed from the topic) or not visible
             # on this filesystem yet: the store rescan will offer it again if it appears.
             log.debug("version %s announced but not in the store; ignored", version)
@@ -283,7 +290,7 @@ class ModelHolder:
                 raise HolderError(
                     409, f"version {version} cannot serve: {self.info(version).error}"
                 )
-        self._persist_pin(version)
+        self.serving_pin.write(version)
         self._pinned = version
         if self._current is None or self._current.version != version:
             self._swap(version)
@@ -292,7 +299,7 @@ class ModelHolder:
 
     def unpin(self) -> str | None:
         """Drop the pin and serve the newest good version again; return the serving version."""
-        self._persist_pin(None)
+        self.serving_pin.write(None)
         self._pinned = None
         cur = self._current
         for v in reversed(self.store.versions()):
@@ -328,7 +335,7 @@ class ModelHolder:
         for info in older:
             if info.served is None and self._load_and_register(info.version) is None:
                 continue
-            self._persist_pin(info.version)
+            self.serving_pin.write(info.version)
             self._pinned = info.version
             self._swap(info.version)
             self._evict()
@@ -378,7 +385,7 @@ class ModelHolder:
         try:
             served = self.load(version)
         except LoadFailure as exc:
-            if not self.store.path(version).is_dir():
+            if not self.store.exists(version):
                 # Retention deleted it mid-load: not a bad checkpoint, just gone.
                 with self._lock:
                     self._versions.pop(version, None)
@@ -395,6 +402,14 @@ class ModelHolder:
                 )
             )
             self._record_error(f"refused {self.store.model} version {version}: {exc}")
+            return None
+        except StoreUnavailable as exc:
+            # The store, not the version, is the problem: forget the attempt so the next
+            # announcement or rescan tries again.
+            with self._lock:
+                self._versions.pop(version, None)
+            self.metrics.load_failures.labels("unavailable").inc()
+            self._record_error(f"cannot load {self.store.model} version {version} now: {exc}")
             return None
         except Exception as exc:  # noqa: BLE001 - an unexpected bug must not kill the loader
             log.exception("unexpected error loading version %s", version)
@@ -427,116 +442,17 @@ class ModelHolder:
             self.metrics.swap_seconds.observe(info.load_seconds)
         log.info("serving %s version %s", self.store.model, version)
 
-    def _persist_pin(self, version: str | None) -> None:
-        try:
-            for v in self.store.pins():
-                if v != version:
-                    self.store.unpin(v)
-            if version is not None:
-                self.store.pin(version)
-        except (CheckpointError, OSError) as exc:
-            raise HolderError(500, f"could not write the pin to the model store: {exc}") from None
-
     def _evict(self) -> None:
         """Keep the serving model plus the ``keep_loaded - 1`` most useful others in memory."""
         cur = self._current
         with self._lock:
             loaded = [i for i in self._versions.values() if i.served is not None]
-        if len(loaded) <= self.keep_loaded:
-            return
-        serving = cur.version if cur else None
-        others = [i for i in loaded if i.version != serving]
-        below = sorted(
-            (i for i in others if serving and int(i.version) < int(serving)),
-            key=lambda i: int(i.version),
-            reverse=True,
-        )
-        below_v = {i.version for i in below}
-        rest = sorted(
-            (i for i in others if i.version not in below_v),
-            key=lambda i: int(i.version),
-            reverse=True,
-        )
-        # The previous version first (instant rollback), then the newest standby.
-        ranked = below[:1] + rest + below[1:]
-        keep = self.keep_loaded - (1 if serving else 0)
-        for info in ranked[keep:]:
-            self._set(replace(info, state=VersionState.RETIRED, served=None))
+        doomed = set(to_evict([i.version for i in loaded], cur.version if cur else None,
+                              self.keep_loaded))
+        for info in loaded:
+            if info.version in doomed:
+                self._set(replace(info, state=VersionState.RETIRED, served=None))
 
-    # ---- the load itself ----------------------------------------------------------------
     def load(self, version: str) -> ServedModel:
-        """Verify, load, rebuild and check one version; raise :class:`LoadFailure`."""
-        store = self.store
-        try:
-            manifest = store.manifest(version)
-        except CheckpointError as exc:
-            raise LoadFailure("manifest", str(exc)) from None
-        expected = self.schema.hash
-        if manifest.get("feature_schema_hash") != expected:
-            raise LoadFailure(
-                "schema",
-                f"feature schema hash {str(manifest.get('feature_schema_hash'))[:12]}… differs from "
-                f"the rows this server builds ({expected[:12]}…): the model was trained on another "
-                "feature schema",
-            )
-        try:
-            ck = store.load(version, expected_schema_hash=expected)  # sha256 + weights_only
-        except CheckpointError as exc:
-            msg = str(exc)
-            raise LoadFailure(
-                "checksum" if ("sha256" in msg or "bytes" in msg) else "load", msg
-            ) from None
-        try:
-            model = rebuild_model(ck.manifest["config"], checkpoint_weights(ck.state))
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            raise LoadFailure("load", f"weights do not fit the manifest config: {exc}") from None
-        spec = getattr(model, "spec", None)
-        if spec is not None and (
-            list(spec.categorical) != self.schema.categorical
-            or list(spec.dense) != self.schema.dense
-        ):
-            raise LoadFailure("schema", "the model's input fields differ from the feature schema")
-        served = ServedModel(
-            version, model, ck.manifest, len(self.schema.categorical), len(self.schema.dense)
-        )
-        self._sanity(served)
-        self._quality_gate(served)
-        return served
-
-    def _sanity(self, served: ServedModel) -> None:
-        for name, p in served.model.state_dict().items():
-            if torch.is_tensor(p) and p.is_floating_point() and not bool(torch.isfinite(p).all()):
-                raise LoadFailure("sanity", f"parameter {name!r} holds NaN or infinite values")
-        rng = np.random.default_rng(int(served.version))
-        n, f, d = max(2, self.warmup_rows), served.n_categorical, served.n_dense
-        cat = rng.integers(1, 2**62, size=(n, f), dtype=np.int64)
-        cat[0] = 0  # the cold-start row: every field missing
-        dense = rng.uniform(0.0, 5.0, size=(n, d)).astype(np.float32)
-        dense[0] = 0.0
-        try:
-            probs = served.predict(cat, dense)
-        except Exception as exc:  # noqa: BLE001 - any failure here means "do not serve"
-            raise LoadFailure("sanity", f"warm-up batch failed: {exc!r}") from None
-        if probs.shape != (n,):
-            raise LoadFailure("sanity", f"warm-up output has shape {probs.shape}, expected ({n},)")
-        if not np.isfinite(probs).all():
-            raise LoadFailure("sanity", "warm-up batch produced NaN or infinite scores")
-        if (probs < 0).any() or (probs > 1).any():
-            raise LoadFailure("sanity", "warm-up batch produced scores outside [0, 1]")
-
-    def _quality_gate(self, served: ServedModel) -> None:
-        cur = self._current
-        if self.quality_margin is None or cur is None:
-            return
-        new = (served.manifest.get("metrics") or {}).get(self.quality_metric)
-        old = (cur.manifest.get("metrics") or {}).get(self.quality_metric)
-        if not isinstance(new, (int, float)) or not isinstance(old, (int, float)):
-            return
-        if not (math.isfinite(new) and math.isfinite(old)):
-            return
-        if new < old - self.quality_margin:
-            raise LoadFailure(
-                "quality",
-                f"quality gate: {self.quality_metric} {new:.4f} is below the serving version "
-                f"{cur.version}'s {old:.4f} by more than {self.quality_margin}",
-            )
+        """Verify, load, rebuild and check one version (:class:`~serving.loader.ModelLoader`)."""
+        return self.loader.load(version, self._current)

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from core.health import PERIOD_S, make_status, publish_sync
 from core.settings import Settings
 from learner.kafka_loop import LearnerLoop
+from learner.model_stores import open_model_store
 from learner.trainer import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
             settings.learner_rank, settings.learner_world_size, settings.learner_master,
             settings.learner_generation, settings.learner_store_hosted)
     loop = loop_cls(
-        bootstrap, settings.topics, settings.model_store, settings.model_name,
+        bootstrap, settings.topics, open_model_store(settings), settings.model_name,
         settings=trainer_settings(settings),
         lag_group=f"headwater-learner-{settings.model_name}",
         max_staleness_seconds=settings.learner_max_staleness_seconds or None,

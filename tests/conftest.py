@@ -81,3 +81,61 @@ def redis_db(redis_url) -> Iterator[str]:
 def topic_prefix() -> str:
     """A unique topic prefix so tests sharing the session broker never see each other's data."""
     return f"t{uuid.uuid4().hex[:8]}-"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory) -> Iterator[str]:
+    """URL of an S3-compatible endpoint over real HTTP: moto's standalone server.
+
+    moto is an emulator (no real S3 server installs here: docs/decisions.md); it runs
+    as its own process on a free loopback port, so the services reach it like any
+    object store. ``HEADWATER_TEST_S3`` points the suite at an existing endpoint.
+    """
+    if os.environ.get("HEADWATER_TEST_S3"):
+        yield os.environ["HEADWATER_TEST_S3"]
+        return
+    import subprocess
+    import sys
+    import time
+
+    from core.net import port_open
+    from headwater.servers import free_port
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not port_open("127.0.0.1", port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"moto server did not start (exit {proc.poll()}); see {log.name}")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+S3_KEY, S3_SECRET = "headwater-test", "s3cret-model-store-key"
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_endpoint):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                        aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET)
+
+
+@pytest.fixture
+def s3_settings(s3_client, s3_endpoint, tmp_path) -> dict:
+    """Settings for a fresh bucket on the test endpoint (created here)."""
+    bucket = f"hw-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=bucket)
+    return {"model_store": f"s3://{bucket}/headwater", "model_store_endpoint": s3_endpoint,
+            "model_store_access_key": S3_KEY, "model_store_secret_key": S3_SECRET,
+            "state_dir": tmp_path / "state"}

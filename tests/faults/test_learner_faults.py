@@ -10,7 +10,7 @@ import pytest
 import redis
 from kafka import KafkaProducer
 
-from learner.store import ModelStore
+from learner.store import LocalModelStore
 from tests.learner.synth import make_payload
 from tests.stackutil import Service, service_env, wait_until
 
@@ -44,7 +44,7 @@ def test_learner_kill9_resumes_without_skipping_or_retraining(kafka_bootstrap, r
     producer.flush()
     producer.close()
     client = redis.Redis.from_url(redis_db)
-    store = ModelStore(tmp_path / "models", "ranker")
+    store = LocalModelStore(tmp_path / "models", "ranker")
     first = Service("learner", env, tmp_path / "logs")
     second = None
     try:

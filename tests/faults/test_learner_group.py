@@ -12,7 +12,7 @@ import pytest
 import redis
 from kafka import KafkaProducer
 
-from learner.store import ModelStore
+from learner.store import LocalModelStore, ModelStore
 from tests.learner.synth import make_payload
 from tests.stackutil import Service, service_env, wait_until
 
@@ -96,7 +96,7 @@ def test_learner_group_trains_every_row_exactly_once(kafka_bootstrap, redis_db, 
     producer = _Producer(kafka_bootstrap, topic_prefix)
     producer.send(24)
     total = producer.sent * ROWS
-    store = ModelStore(tmp_path / "models", "ranker")
+    store = LocalModelStore(tmp_path / "models", "ranker")
     client = redis.Redis.from_url(redis_db)
     group = Service("learner", env, tmp_path / "logs")
     try:
@@ -123,7 +123,7 @@ def test_learner_group_member_kill9_resumes_from_checkpoint(kafka_bootstrap, red
     env = _env(kafka_bootstrap, redis_db, topic_prefix, tmp_path,
                HEADWATER_PUBLISH_EVERY_SECONDS="3600", HEADWATER_PUBLISH_EVERY_ROWS="4000")
     producer = _Producer(kafka_bootstrap, topic_prefix)
-    store = ModelStore(tmp_path / "models", "ranker")
+    store = LocalModelStore(tmp_path / "models", "ranker")
     client = redis.Redis.from_url(redis_db)
     group = Service("learner", env, tmp_path / "logs")
     try:

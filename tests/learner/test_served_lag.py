@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 from headwater.testing import ManualClock
 from learner.models import DenseNorm
 from learner.service import LearnerService
-from learner.store import ModelStore
+from learner.store import LocalModelStore
 from learner.trainer import ServedLag, TrainerSettings
 from tests.learner.synth import SCHEMA_JSON, TINY_HEAD, make_payload
 
@@ -20,7 +20,7 @@ SETTINGS = TrainerSettings(head=TINY_HEAD, embedding={"buckets": 64}, lr=1e-2,
 def service(tmp_path, clock, **kw):
     kw.setdefault("publish_every_seconds", None)
     kw.setdefault("registry", CollectorRegistry())
-    return LearnerService(ModelStore(tmp_path, "ranker"), SETTINGS.factory(), clock=clock, **kw)
+    return LearnerService(LocalModelStore(tmp_path, "ranker"), SETTINGS.factory(), clock=clock, **kw)
 
 
 def test_messages_accumulate_until_the_step_size(tmp_path):

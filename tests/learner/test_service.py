@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry
 
 from learner.batch import decode_batch
 from learner.service import LearnerService
-from learner.store import ModelStore
+from learner.store import LocalModelStore
 from learner.trainer import TrainerSettings
 from tests.learner.synth import SCHEMA_HASH, SCHEMA_JSON, TINY_HEAD, make_payload
 
@@ -18,7 +18,7 @@ PAYLOADS = [make_payload(N, offset=i * N, seed=i) for i in range(5)]
 def service(tmp_path, **kw):
     kw.setdefault("publish_every_seconds", None)
     kw.setdefault("registry", CollectorRegistry())
-    return LearnerService(ModelStore(tmp_path, "ranker"), SETTINGS.factory(), **kw)
+    return LearnerService(LocalModelStore(tmp_path, "ranker"), SETTINGS.factory(), **kw)
 
 
 def sample(registry, name, **labels):
@@ -78,7 +78,7 @@ def test_publication_through_service(tmp_path):
     assert svc.maybe_publish(force=True)["parent"] == manifest["version"]
 
     # serving's path: rebuild from the manifest config, weights_only, same scores
-    model, m2 = ModelStore(tmp_path, "ranker").load_model(expected_schema_hash=SCHEMA_HASH)
+    model, m2 = LocalModelStore(tmp_path, "ranker").load_model(expected_schema_hash=SCHEMA_HASH)
     batch = decode_batch(PAYLOADS[2])
     with torch.no_grad():
         served = torch.sigmoid(model.logits(batch.categorical, batch.dense)).numpy()

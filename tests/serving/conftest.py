@@ -25,7 +25,7 @@ from features.rows import RowBuilder
 from features.schema import FeatureSchema
 from features.store import SyncOnlineStore
 from learner.models import ModelSpec, build_model
-from learner.store import ModelStore
+from learner.store import LocalModelStore, ModelStore
 from serving.app import build_context, create_app, default_row_builder
 
 torch.set_num_threads(1)
@@ -55,7 +55,7 @@ def settings(tmp_path) -> Settings:
 
 @pytest.fixture
 def store(settings) -> ModelStore:
-    return ModelStore(settings.model_store, settings.model_name, keep=settings.keep_versions)
+    return LocalModelStore(settings.model_store, settings.model_name, keep=settings.keep_versions)
 
 
 def _spec(schema: FeatureSchema, kind: str) -> ModelSpec:
@@ -157,7 +157,7 @@ async def make_app(builder) -> AsyncIterator[Callable]:
         tc, ctx = await _make_client(settings, redis_url, builder, **kw)
         made.append((tc, ctx))
         if start:
-            await ctx.holder.astart()
+            await ctx.holder.submit(ctx.holder.start)
         return tc, ctx
 
     yield _make

@@ -39,7 +39,7 @@ async def test_bad_checkpoint_fails_and_never_serves(
             pt.write_bytes(pt.read_bytes()[:-10])
         elif damage == "manifest":
             (store.path(bad) / "manifest.json").write_text("{broken")
-    assert await ctx.holder.aoffer(bad) is False
+    assert await ctx.holder.submit(ctx.holder.offer, bad) is False
     listing = await (await client.get("/v1/models")).json()
     entry = next(m for m in listing["models"] if m["version"] == bad)
     assert entry["state"] == "FAILED" and words in entry["error"]
@@ -50,9 +50,9 @@ async def test_bad_checkpoint_fails_and_never_serves(
     assert h.metric(text, "headwater_model_load_failures_total", f'reason="{reason}"') == 1
     assert bad in ctx.status_fields()["last_error"]
     # Offering it again does not retry (versions are immutable) and a later good one swaps in.
-    assert await ctx.holder.aoffer(bad) is False
+    assert await ctx.holder.submit(ctx.holder.offer, bad) is False
     good = publish(2)
-    assert await ctx.holder.aoffer(good) is True
+    assert await ctx.holder.submit(ctx.holder.offer, good) is True
     assert ctx.holder.current.version == good
 
 
@@ -60,17 +60,17 @@ async def test_quality_gate_refuses_a_worse_model(settings, seeded_redis, publis
     publish(0, metrics={"auc": 0.75})
     _, ctx = await make_app(settings, seeded_redis, quality_margin=0.02)
     worse = publish(1, metrics={"auc": 0.70})
-    assert await ctx.holder.aoffer(worse) is False
+    assert await ctx.holder.submit(ctx.holder.offer, worse) is False
     info = ctx.holder.info(worse)
     assert info.state is VersionState.FAILED and "quality gate" in info.error
     slightly = publish(2, metrics={"auc": 0.74})
-    assert await ctx.holder.aoffer(slightly) is True
+    assert await ctx.holder.submit(ctx.holder.offer, slightly) is True
 
 
 async def test_quality_gate_is_off_by_default(settings, seeded_redis, publish, make_app):
     publish(0, metrics={"auc": 0.75})
     _, ctx = await make_app(settings, seeded_redis)
-    assert await ctx.holder.aoffer(publish(1, metrics={"auc": 0.5})) is True
+    assert await ctx.holder.submit(ctx.holder.offer, publish(1, metrics={"auc": 0.5})) is True
 
 
 async def test_pin_rollback_unpin_over_http(settings, seeded_redis, publish, store, make_app, h):
@@ -85,7 +85,7 @@ async def test_pin_rollback_unpin_over_http(settings, seeded_redis, publish, sto
     assert store.pins() == ["000002"]
     # Pinned: a newer publication is loaded and checked but does not serve.
     v4 = publish(3)
-    assert await ctx.holder.aoffer(v4) is False
+    assert await ctx.holder.submit(ctx.holder.offer, v4) is False
     assert ctx.holder.info(v4).state in (VersionState.AVAILABLE, VersionState.RETIRED)
     assert (await (await client.post("/v1/score", data=h.score_body())).json())[
         "model_version"

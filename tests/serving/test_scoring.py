@@ -110,7 +110,7 @@ async def test_before_any_model_the_baseline_ranks_by_item_ctr_then_hot_swaps(
     np.testing.assert_allclose(doc["scores"], feats["item_ctr_total"], rtol=1e-6)
     assert doc["scores"][0] > doc["scores"][3], "the popular item outranks an unseen one"
     version = publish(0, kind="deepfm")
-    assert await ctx.holder.aoffer(version)
+    assert await ctx.holder.submit(ctx.holder.offer, version)
     resp = await client.post("/v1/score", data=h.score_body("u1", cands))
     assert (await resp.json())["model_version"] == version
 

@@ -43,7 +43,7 @@ async def test_hot_swap_under_concurrent_load(settings, seeded_redis, publish, s
         if not bad:
             good.add(v)
         # The watcher's path: offer on the loader thread while requests keep flowing.
-        await ctx.holder.aoffer(v)
+        await ctx.holder.submit(ctx.holder.offer, v)
         if not bad:
             await h.wait_for(lambda v=v: any(s and s[-1] == v for s in seen), timeout=20)
         await asyncio.sleep(0.05)
@@ -82,7 +82,7 @@ async def test_request_finishes_on_the_model_it_started_with(
     ctx.scorer.features = slow_features
     pending = asyncio.create_task(client.post("/v1/score", data=h.score_body()))
     await entered.wait()
-    assert await ctx.holder.aoffer(publish(1)) is True
+    assert await ctx.holder.submit(ctx.holder.offer, publish(1)) is True
     gate.set()
     resp = await pending
     assert (await resp.json())["model_version"] == "000001"

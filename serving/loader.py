@@ -1,0 +1,127 @@
+"""How a published version becomes a :class:`~serving.models.ServedModel`, or is refused.
+
+Split from :mod:`serving.holder` (which keeps the version states and the swaps): the
+manifest and feature-schema hash, sha256 and ``torch.load(weights_only=True)`` through
+the :class:`~learner.store.ModelStore`, the rebuild from the manifest's config, then the
+checks — every parameter finite, a warm-up batch whose outputs are finite
+probabilities, and optionally a quality gate against the serving model's publication
+metrics. Every refusal is a :class:`~serving.models.LoadFailure` with a reason label.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from features.schema import FeatureSchema
+from learner.store import CheckpointError, ModelStore, checkpoint_weights, rebuild_model
+from serving.models import LoadFailure, ServedModel
+
+__all__ = ["ModelLoader"]
+
+
+class ModelLoader:
+    """Verify, load, rebuild and check versions of one model; no state of its own.
+
+    ``quality_margin`` ``None`` turns the quality gate off; missing or non-finite
+    metrics pass it. ``warmup_rows`` is the size of the warm-up batch (random tokens
+    and a cold-start row of zeros).
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        schema: FeatureSchema,
+        *,
+        quality_metric: str = "auc",
+        quality_margin: float | None = None,
+        warmup_rows: int = 16,
+    ) -> None:
+        self.store = store
+        self.schema = schema
+        self.quality_metric = quality_metric
+        self.quality_margin = quality_margin
+        self.warmup_rows = warmup_rows
+
+    def load(self, version: str, serving: ServedModel | None = None) -> ServedModel:
+        """Verify, load, rebuild and check one version; raise :class:`LoadFailure`.
+
+        ``serving`` is the model it would replace (the quality gate's reference).
+        """
+        store = self.store
+        try:
+            manifest = store.manifest(version)
+        except CheckpointError as exc:
+            raise LoadFailure("manifest", str(exc)) from None
+        expected = self.schema.hash
+        if manifest.get("feature_schema_hash") != expected:
+            raise LoadFailure(
+                "schema",
+                f"feature schema hash {str(manifest.get('feature_schema_hash'))[:12]}… differs from "
+                f"the rows this server builds ({expected[:12]}…): the model was trained on another "
+                "feature schema",
+            )
+        try:
+            ck = store.load(version, expected_schema_hash=expected)  # sha256 + weights_only
+        except CheckpointError as exc:
+            msg = str(exc)
+            raise LoadFailure(
+                "checksum" if ("sha256" in msg or "bytes" in msg) else "load", msg
+            ) from None
+        try:
+            model = rebuild_model(ck.manifest["config"], checkpoint_weights(ck.state))
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise LoadFailure("load", f"weights do not fit the manifest config: {exc}") from None
+        spec = getattr(model, "spec", None)
+        if spec is not None and (
+            list(spec.categorical) != self.schema.categorical
+            or list(spec.dense) != self.schema.dense
+        ):
+            raise LoadFailure("schema", "the model's input fields differ from the feature schema")
+        served = ServedModel(
+            version, model, ck.manifest, len(self.schema.categorical), len(self.schema.dense)
+        )
+        self.sanity(served)
+        self.quality_gate(served, serving)
+        return served
+
+    def sanity(self, served: ServedModel) -> None:
+        """Finite parameters, and a warm-up batch of finite probabilities of the right shape."""
+        for name, p in served.model.state_dict().items():
+            if torch.is_tensor(p) and p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise LoadFailure("sanity", f"parameter {name!r} holds NaN or infinite values")
+        rng = np.random.default_rng(int(served.version))
+        n, f, d = max(2, self.warmup_rows), served.n_categorical, served.n_dense
+        cat = rng.integers(1, 2**62, size=(n, f), dtype=np.int64)
+        cat[0] = 0  # the cold-start row: every field missing
+        dense = rng.uniform(0.0, 5.0, size=(n, d)).astype(np.float32)
+        dense[0] = 0.0
+        try:
+            probs = served.predict(cat, dense)
+        except Exception as exc:  # noqa: BLE001 - any failure here means "do not serve"
+            raise LoadFailure("sanity", f"warm-up batch failed: {exc!r}") from None
+        if probs.shape != (n,):
+            raise LoadFailure("sanity", f"warm-up output has shape {probs.shape}, expected ({n},)")
+        if not np.isfinite(probs).all():
+            raise LoadFailure("sanity", "warm-up batch produced NaN or infinite scores")
+        if (probs < 0).any() or (probs > 1).any():
+            raise LoadFailure("sanity", "warm-up batch produced scores outside [0, 1]")
+
+    def quality_gate(self, served: ServedModel, serving: ServedModel | None) -> None:
+        """Refuse ``served`` if its metric is below ``serving``'s by more than the margin."""
+        if self.quality_margin is None or serving is None:
+            return
+        new = (served.manifest.get("metrics") or {}).get(self.quality_metric)
+        old = (serving.manifest.get("metrics") or {}).get(self.quality_metric)
+        if not isinstance(new, (int, float)) or not isinstance(old, (int, float)):
+            return
+        if not (math.isfinite(new) and math.isfinite(old)):
+            return
+        if new < old - self.quality_margin:
+            raise LoadFailure(
+                "quality",
+                f"quality gate: {self.quality_metric} {new:.4f} is below the serving version "
+                f"{serving.version}'s {old:.4f} by more than {self.quality_margin}",
+            )
