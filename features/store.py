@@ -54,6 +54,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from core.redis_client import connect, connect_async
 from features.hashing import canonical
 from features.store_apply import plan_apply
 from features.store_reads import plan_entity, plan_read
@@ -154,9 +155,7 @@ class OnlineStore(_Planner):
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> OnlineStore:
-        import redis.asyncio
-
-        return cls(redis.asyncio.Redis.from_url(url, decode_responses=False), **kwargs)
+        return cls(connect_async(url, decode_responses=False), **kwargs)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -173,8 +172,8 @@ class OnlineStore(_Planner):
                 return res
             # Scripts were flushed (restart, SCRIPT FLUSH): load and re-run; re-running is
             # safe because every command in a plan is idempotent.
-            for text, _ in SCRIPTS:
-                await self.client.execute_command("SCRIPT", "LOAD", text)
+            for text, _ in SCRIPTS:  # on every primary of a cluster
+                await self.client.script_load(text)
         raise RuntimeError("Redis keeps answering NOSCRIPT after SCRIPT LOAD")
 
     async def _run(self, plan: Plan, operation: str) -> Any:
@@ -263,9 +262,7 @@ class SyncOnlineStore(_Planner):
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SyncOnlineStore:
-        import redis
-
-        return cls(redis.Redis.from_url(url, decode_responses=False), **kwargs)
+        return cls(connect(url, decode_responses=False), **kwargs)
 
     def close(self) -> None:
         self.client.close()
@@ -281,7 +278,7 @@ class SyncOnlineStore(_Planner):
             if not self._check(res):
                 return res
             for text, _ in SCRIPTS:
-                self.client.execute_command("SCRIPT", "LOAD", text)
+                self.client.script_load(text)
         raise RuntimeError("Redis keeps answering NOSCRIPT after SCRIPT LOAD")
 
     def _run(self, plan: Plan, operation: str) -> Any:

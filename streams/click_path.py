@@ -17,6 +17,7 @@ import numpy as np
 from kafka import TopicPartition
 
 from core import kafka as kafka_clients
+from core.redis_client import aidentity
 from core.settings import Settings
 from features.defaults import row_builder as make_row_builder
 from features.event_ids import EventIdWindow
@@ -161,7 +162,7 @@ class ClickHandler:
         batch. Until every assigned partition verified cleanly, the next call tries again.
         """
         try:
-            run_id = (await self.store.client.info("server"))["run_id"]
+            run_id = await aidentity(self.store.client)  # a cluster: every primary's
         except Exception:  # noqa: BLE001 - an outage: verify once Redis answers again
             self._redis_lost = True
             return
