@@ -14,6 +14,8 @@ import socket
 import time
 from typing import Any
 
+from core.redis_client import amget, mget
+
 PREFIX = "hw:status:"
 PERIOD_S = 2.0
 TTL_S = 10
@@ -63,7 +65,7 @@ def read_all_sync(client) -> list[dict[str, Any]]:
     keys = sorted(k.decode() if isinstance(k, bytes) else k for k in client.scan_iter(f"{PREFIX}*"))
     if not keys:
         return []
-    docs = [json.loads(v) for v in client.mget(keys) if v]
+    docs = [json.loads(v) for v in mget(client, keys) if v]
     return sorted(docs, key=lambda d: (d.get("service", ""), d.get("instance", "")))
 
 
@@ -71,5 +73,5 @@ async def read_all_async(client) -> list[dict[str, Any]]:
     keys = sorted([k.decode() if isinstance(k, bytes) else k async for k in client.scan_iter(f"{PREFIX}*")])
     if not keys:
         return []
-    docs = [json.loads(v) for v in await client.mget(keys) if v]
+    docs = [json.loads(v) for v in await amget(client, keys) if v]
     return sorted(docs, key=lambda d: (d.get("service", ""), d.get("instance", "")))

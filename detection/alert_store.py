@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from core.redis_client import amget
+
 MAX_ALERTS = 10_000
 
 
@@ -42,7 +44,7 @@ async def query_alerts(client, host: str | None = None, since: float | None = No
                                         start=0, num=max(limit * 4, limit))
     if not ids:
         return []
-    docs = await client.mget([f"hw:alert:{i.decode() if isinstance(i, bytes) else i}" for i in ids])
+    docs = await amget(client, [f"hw:alert:{i.decode() if isinstance(i, bytes) else i}" for i in ids])
     order = ["low", "medium", "high", "critical"]
     floor = order.index(min_severity) if min_severity in order else 0
     out = []

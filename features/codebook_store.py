@@ -5,13 +5,14 @@ a shared hash, and the worker holding the **lease** fits (or refreshes) the code
 on *all* items there and publishes them as a new **version**; every worker quantizes
 with the current version, loaded from Redis, so code ids agree across workers and
 survive restarts. Keys, per codebook configuration ``<cfg>`` (encoder, levels, sizes:
-workers configured differently never mix codebooks):
+workers configured differently never mix codebooks), all under one hash tag so that
+the publication script's keys share one Redis Cluster slot:
 
-- ``hw:codebook:<cfg>:content`` — hash, item id → float32 content embedding;
-- ``hw:codebook:<cfg>:current`` — hash, ``version`` and ``published`` (unix time);
-- ``hw:codebook:<cfg>:v:<version>`` — the codebooks (``numpy.savez``, no pickle); the
+- ``{hw:codebook:<cfg>}:content`` — hash, item id → float32 content embedding;
+- ``{hw:codebook:<cfg>}:current`` — hash, ``version`` and ``published`` (unix time);
+- ``{hw:codebook:<cfg>}:v:<version>`` — the codebooks (``numpy.savez``, no pickle); the
   one a publication replaces expires an hour later (a worker may be loading it);
-- ``hw:codebook:<cfg>:lease`` — the fitter's random token, with an expiry: a fitter
+- ``{hw:codebook:<cfg>}:lease`` — the fitter's random token, with an expiry: a fitter
   that dies frees it by itself, and a publication is refused unless the lease is still
   the publisher's (a fitter whose lease ran out cannot overwrite a newer version).
 
@@ -35,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from core.redis_client import slot_chunks
+
 __all__ = ["CodebookStore"]
 
 #: KEYS: lease, current, new version key; ARGV: token, version, blob, now.
@@ -54,7 +57,8 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-#: KEYS: code hashes; ARGV: generation, then (codes JSON, version JSON) per key.
+#: KEYS: code hashes (of one cluster slot on a cluster); ARGV: generation, then
+#: (codes JSON, version JSON) per key.
 #: Writes a key unless it holds codes of a newer generation; returns how many written.
 _WRITE_CODES = """
 local gen = tonumber(ARGV[1])
@@ -82,7 +86,7 @@ class CodebookStore:
     def __init__(self, client, config_name: str, lease_seconds: float,
                  codes_key: Callable[[Any], str], prefix: str = "hw") -> None:
         self.client = client
-        self.base = f"{prefix}:codebook:{config_name}"
+        self.base = f"{{{prefix}:codebook:{config_name}}}"
         self.lease_ms = max(1, int(lease_seconds * 1000))
         self.codes_key = codes_key
         self._publish = client.register_script(_PUBLISH)
@@ -164,8 +168,7 @@ class CodebookStore:
         """Store item codes of ``version`` unless an item holds a newer generation's."""
         written = 0
         items = list(codes.items())
-        for start in range(0, len(items), chunk):
-            part = items[start:start + chunk]
+        for part in slot_chunks(self.client, items, lambda item: self.codes_key(item[0]), chunk):
             args: list = [_generation(version)]
             for _, c in part:
                 clean = {"rq": [int(v) for v in c["rq"]], "vq": [int(v) for v in c["vq"]]}

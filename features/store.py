@@ -54,6 +54,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from core.redis_client import aidentity, connect, connect_async
 from features.hashing import canonical
 from features.store_apply import plan_apply
 from features.store_reads import plan_entity, plan_read
@@ -154,9 +155,7 @@ class OnlineStore(_Planner):
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> OnlineStore:
-        import redis.asyncio
-
-        return cls(redis.asyncio.Redis.from_url(url, decode_responses=False), **kwargs)
+        return cls(connect_async(url, decode_responses=False), **kwargs)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -173,8 +172,8 @@ class OnlineStore(_Planner):
                 return res
             # Scripts were flushed (restart, SCRIPT FLUSH): load and re-run; re-running is
             # safe because every command in a plan is idempotent.
-            for text, _ in SCRIPTS:
-                await self.client.execute_command("SCRIPT", "LOAD", text)
+            for text, _ in SCRIPTS:  # on every primary of a cluster
+                await self.client.script_load(text)
         raise RuntimeError("Redis keeps answering NOSCRIPT after SCRIPT LOAD")
 
     async def _run(self, plan: Plan, operation: str) -> Any:
@@ -190,7 +189,7 @@ class OnlineStore(_Planner):
     async def instance_id(self) -> str:
         """The Redis server's ``run_id``: a new one means it restarted (and may have lost
         the writes of its last fsync window)."""
-        return str((await self.client.info("server"))["run_id"])
+        return str(await aidentity(self.client))  # a cluster: every primary's
 
     async def apply_batch(
         self, topic: str, partition: int, events: Any, expect_next: int | None = None
@@ -268,9 +267,7 @@ class SyncOnlineStore(_Planner):
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SyncOnlineStore:
-        import redis
-
-        return cls(redis.Redis.from_url(url, decode_responses=False), **kwargs)
+        return cls(connect(url, decode_responses=False), **kwargs)
 
     def close(self) -> None:
         self.client.close()
@@ -286,7 +283,7 @@ class SyncOnlineStore(_Planner):
             if not self._check(res):
                 return res
             for text, _ in SCRIPTS:
-                self.client.execute_command("SCRIPT", "LOAD", text)
+                self.client.script_load(text)
         raise RuntimeError("Redis keeps answering NOSCRIPT after SCRIPT LOAD")
 
     def _run(self, plan: Plan, operation: str) -> Any:

@@ -64,17 +64,16 @@ def cmd_settings(args, settings: Settings) -> int:
 
 def collect_status(settings: Settings) -> dict:
     """Everything ``headwater status`` shows, as one JSON-able document."""
-    import redis
-
     from core.health import read_all_sync
     from core.net import port_open
+    from core.redis_client import connect
 
     kafka, redis_url = resolve_addresses(settings)
     host, _, port = kafka.split(",")[0].rpartition(":")
     doc: dict = {"kafka": {"address": kafka, "reachable": port_open(host, int(port))},
                  "redis": {"address": redact_url(redis_url)}, "services": {}}
     try:
-        client = redis.Redis.from_url(redis_url, socket_timeout=2)
+        client = connect(redis_url, socket_timeout=2)
         client.ping()
         doc["redis"]["reachable"] = True
         services = read_all_sync(client)

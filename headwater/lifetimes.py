@@ -29,9 +29,9 @@ AUDIT_STATE_KEYS = "hw:audit:state:*"
 def recorded_in_redis(redis_url: str, partitions: int) -> dict[tuple[str, int], int]:
     """``(topic, partition) -> next offset`` every shard of Redis records as applied
     (click counters, and the audit partitions' detection state)."""
-    import redis
+    from core.redis_client import connect
 
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     try:
         out = {}
         for p in range(partitions):

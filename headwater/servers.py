@@ -205,3 +205,89 @@ def _wait_loaded(host: str, port: int, timeout: float, proc: subprocess.Popen) -
                 time.sleep(0.05)
     finally:
         client.close()
+
+
+@dataclass
+class RedisClusterServers:
+    """A local Redis Cluster: its nodes (masters first) and the ``redis+cluster://`` URL."""
+
+    nodes: list[Server]
+    url: str
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for node in self.nodes:
+            if node.proc.poll() is None:
+                node.stop(timeout)
+
+
+def start_redis_cluster(host: str = "127.0.0.1", masters: int = 3, replicas: int = 1,
+                        data_dir: Path | None = None, log_dir: Path | None = None,
+                        node_timeout_ms: int = 1000, timeout: float = 30.0) -> RedisClusterServers:
+    """Start ``masters × (1 + replicas)`` ``redis-server`` processes in cluster mode and join
+    them with ``redis-cli --cluster create`` (slots spread over the masters, each master's
+    replicas on other nodes). Returns once every node agrees the cluster is ``ok``.
+
+    Persistence is off (``data_dir`` holds only each node's ``nodes.conf``): the cluster's
+    durability here is its replicas. A replica may always be promoted
+    (``cluster-replica-validity-factor 0``), so killing a master fails over to its replica
+    after about ``node_timeout_ms`` plus the election.
+    """
+    import tempfile
+
+    cli = shutil.which("redis-cli") or str(Path(redis_binary()).with_name("redis-cli"))
+    base = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="hw-redis-cluster-"))
+    nodes: list[Server] = []
+    try:
+        for i in range(masters * (1 + replicas)):
+            port, bus = free_port(host), free_port(host)
+            node_dir = base / f"node-{port}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            args = [redis_binary(), "--bind", host, "--port", str(port), "--cluster-port", str(bus),
+                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", str(node_timeout_ms),
+                    "--cluster-replica-validity-factor", "0", "--dir", str(node_dir.resolve()),
+                    "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                    "--daemonize", "no"]
+            log_path = Path(log_dir) / f"redis-cluster-{i}.log" if log_dir else None
+            if log_path:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+            proc = _spawn(args, log_path)
+            nodes.append(Server("redis", host, port, proc, log_path, {"bus_port": bus}))
+        for node in nodes:
+            wait_for_port(host, node.port, timeout, node.proc)
+        addresses = [f"{host}:{n.port}" for n in nodes]
+        done = subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-replicas",
+                               str(replicas), "--cluster-yes"], capture_output=True, text=True,
+                              timeout=timeout)
+        if done.returncode != 0:
+            raise StackError(f"redis-cli --cluster create failed: {done.stdout[-2000:]}{done.stderr}")
+        _wait_cluster_ok(nodes, masters * replicas, timeout)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return RedisClusterServers(nodes, f"redis+cluster://{','.join(addresses)}")
+
+
+def _wait_cluster_ok(nodes: list[Server], n_replicas: int, timeout: float) -> None:
+    """Every node says ``cluster_state:ok`` and every replica has synced with its master."""
+    import redis
+
+    deadline = time.monotonic() + timeout
+    clients = [redis.Redis(host=n.host, port=n.port, socket_timeout=2) for n in nodes]
+    try:
+        while True:
+            infos = [c.execute_command("CLUSTER", "INFO") for c in clients]
+            states = [i.decode() if isinstance(i, bytes) else str(i) for i in infos]
+            repl = [c.info("replication") for c in clients]
+            synced = sum(1 for r in repl if r.get("role") == "slave"
+                         and r.get("master_link_status") == "up")
+            if all("cluster_state:ok" in s for s in states) and synced == n_replicas:
+                return
+            if time.monotonic() > deadline:
+                raise StackError(f"the Redis Cluster did not become ok within {timeout:.0f}s "
+                                 f"({synced}/{n_replicas} replicas synced)")
+            time.sleep(0.1)
+    finally:
+        for c in clients:
+            c.close()

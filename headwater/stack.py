@@ -130,11 +130,10 @@ def spawn_service(name: str, settings: Settings, kafka: str, redis_url: str) -> 
 
 def wait_healthy(redis_url: str, services: list[str], timeout: float) -> dict[str, dict]:
     """Wait until each named service has published a status document."""
-    import redis
-
     from core.health import read_all_sync
+    from core.redis_client import connect
 
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     deadline = time.monotonic() + timeout
     seen: dict[str, dict] = {}
     try:

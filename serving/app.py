@@ -33,6 +33,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from core.redis_client import connect_async
 from core.settings import Settings
 from learner.store import CheckpointError
 from serving.holder import HolderError, ModelHolder
@@ -433,13 +434,12 @@ async def serve(
     **context_kwargs: Any,
 ) -> None:
     """Run serving until ``stop`` is set (the body of :func:`run_serving`, reusable in tests)."""
-    import redis.asyncio as aioredis
     import torch
 
     from serving.watcher import ModelWatcher
 
     torch.set_num_threads(settings.torch_threads)
-    client = aioredis.Redis.from_url(redis_url, decode_responses=False)
+    client = connect_async(redis_url, decode_responses=False)
     ctx = build_context(settings, client, kafka=kafka, redis_url=redis_url, **context_kwargs)
     served = await ctx.holder.submit(ctx.holder.start)  # newest good (or pinned) version, before the topic
     log.info("serving %s version %s at start", settings.model_name, served)

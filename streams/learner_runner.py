@@ -16,6 +16,7 @@ import redis
 from prometheus_client import CollectorRegistry, start_http_server
 
 from core.health import PERIOD_S, make_status, publish_sync
+from core.redis_client import connect
 from core.settings import Settings
 from learner.kafka_loop import LearnerLoop
 from learner.model_stores import open_model_store
@@ -105,7 +106,7 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
     )
     if not member or settings.learner_rank == 0:  # one metrics endpoint per group
         start_http_server(settings.learner_port, addr=settings.bind_host, registry=registry)
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    client = connect(redis_url, socket_timeout=5)
     stop = threading.Event()
     started = time.time()
     publish_sync(client, make_status("learner", started, model_version=loop.service.version,

@@ -72,9 +72,9 @@ def wait_for_items(redis_url: str, n_items: int, timeout: float, echo=print) -> 
     Items come first in the replay so that clicks find their attributes and codes, as
     they would in production where an item exists long before anyone clicks it.
     """
-    import redis
+    from core.redis_client import connect
 
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     deadline = time.monotonic() + timeout
     coded = 0
     try:

@@ -7,9 +7,8 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import redis.asyncio as aioredis
-
 from core.health import PERIOD_S, make_status, publish_async
+from core.redis_client import connect_async
 from core.settings import Settings
 from detection.alert_store import save_alerts
 from detection.baseline_store import BaselineStore
@@ -81,7 +80,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     state = WorkerState(metrics)
     app = create_app(settings, bootstrap, app_id=f"{settings.topic_prefix}headwater-worker",
                      web_port=settings.worker_port if web else None)
-    client = aioredis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
+    client = connect_async(redis_url, socket_timeout=5, socket_connect_timeout=2)
     topics = settings.topics
     audit_pool = ThreadPoolExecutor(1, thread_name_prefix="audit")
 

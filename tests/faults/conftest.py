@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from headwater.servers import start_redis
+from headwater.servers import free_port, start_redis
 from tests.stackutil import Service, service_env
 
 PARTITIONS = 4
@@ -26,6 +26,9 @@ def stack(kafka_bootstrap, tmp_path, topic_prefix):
              "kafka": kafka_bootstrap, "prefix": topic_prefix, "tmp": tmp_path}
 
     def start_worker(**extra) -> Service:
+        # Each worker its own metrics port: a second worker on the first one's port could
+        # not bind its web server (its /metrics and /healthz would be the first's).
+        extra.setdefault("HEADWATER_WORKER_PORT", free_port())
         svc = Service("worker", dict(env, **{k: str(v) for k, v in extra.items()}), tmp_path / "logs")
         services.append(svc)
         return svc

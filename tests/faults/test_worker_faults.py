@@ -121,17 +121,44 @@ def test_worker_killed_mid_stream_leaves_exact_counters(stack, events):
     _assert_exact(stack, events)
 
 
-def test_second_worker_then_one_killed_leaves_exact_counters(stack, events):
+def _assigned(worker, topic: str) -> set[int] | None:
+    """The click partitions a worker reports holding on its own ``/healthz``."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{worker.env['HEADWATER_WORKER_PORT']}/healthz"
+    try:
+        doc = json.loads(urllib.request.urlopen(url, timeout=5).read())
+    except OSError:
+        return None
+    return set(doc["assigned"].get(topic, []))
+
+
+def test_workers_added_then_two_killed_leave_exact_counters(stack, events):
+    """Three workers in turn, two of them killed with -9 mid-stream: the survivor takes
+    every partition and the counters are exact."""
     first = stack["start_worker"]()
     produce(stack["kafka"], f"{stack['prefix']}clicks", events[: N_EVENTS // 3])
     wait_until(lambda: processed(stack["url"], 1), 90, what="processing to start", on_fail=first.log)
-    second = stack["start_worker"]()
+    second, third = stack["start_worker"](), stack["start_worker"]()
     produce(stack["kafka"], f"{stack['prefix']}clicks", events[N_EVENTS // 3: 2 * N_EVENTS // 3],
             pause=0.003)
+    # Each worker answers on its own port, with its own share of the partitions.
+    topic = f"{stack['prefix']}clicks"
+
+    def shares():
+        got = [_assigned(w, topic) for w in (first, second, third)]
+        union = set().union(*got) if all(g is not None for g in got) else set()
+        return got if union == set(range(PARTITIONS)) and sum(map(len, got)) == PARTITIONS else None
+
+    wait_until(shares, 60, interval=0.5, what="three disjoint shares", on_fail=stack["logs"])
     first.kill9()
-    produce(stack["kafka"], f"{stack['prefix']}clicks", events[2 * N_EVENTS // 3:])
-    assert second.alive()
+    produce(stack["kafka"], f"{stack['prefix']}clicks", events[2 * N_EVENTS // 3: 5 * N_EVENTS // 6],
+            pause=0.003)
+    second.kill9()
+    produce(stack["kafka"], f"{stack['prefix']}clicks", events[5 * N_EVENTS // 6:])
+    assert third.alive()
     _assert_exact(stack, events)
+    assert _assigned(third, topic) == set(range(PARTITIONS))
 
 
 def test_redis_restart_mid_stream_loses_and_doubles_nothing(stack, events):
