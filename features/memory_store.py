@@ -36,17 +36,15 @@ import numpy as np
 from features.counters import (
     CounterConfig,
     aggregate,
-    as_columns,
     decay_state,
     derive_features,
-    half_life_label,
     resolve_refs,
-    smoothed_ctr,
 )
 from features.event_ids import SUB_SLOTS
 from features.hashing import canonical
-from features.store_apply import GapError, RewindError, event_id_hashes
+from features.store_apply import GapError, RewindError, batch_in_offset_order, event_id_hashes
 from features.store_core import BatchResult, latest_user_attrs
+from features.store_reads import entity_counters, entity_kind, rows_at, wanted_counters
 
 __all__ = ["MemoryIdWindow", "MemoryOnlineStore"]
 
@@ -143,13 +141,8 @@ class MemoryOnlineStore:
     async def apply_batch(self, topic: str, partition: int, events: Any,
                           expect_next: int | None = None) -> BatchResult:
         cfg = self.counters
-        cols = as_columns(events)
-        if "offset" not in cols or "label" not in cols:
-            raise ValueError("apply_batch needs 'offset' (and 'sub') and 'label' columns")
-        n = len(cols["ts"])
-        order = np.lexsort((cols["sub"], cols["offset"]))
-        srt = {k: (v[order] if isinstance(v, np.ndarray) else [v[i] for i in order])
-               for k, v in cols.items()}
+        order, srt = batch_in_offset_order(events)
+        n = len(order)
         attrs, codes = self._item_view(srt["item_id"].tolist())
         refs = resolve_refs(cfg, srt, attrs)
         nxt = self._data["offsets"][partition].get(topic, 0)
@@ -231,19 +224,8 @@ class MemoryOnlineStore:
     async def get_online_features(self, entity_rows: Any, features: list[str] | None = None,
                                   now: float | None = None) -> dict[str, Any]:
         now = self.clock() if now is None else float(now)
-        if isinstance(entity_rows, Mapping):
-            n = len(next(iter(entity_rows.values()))) if entity_rows else 0
-            rows: Any = {**entity_rows, "ts": np.full(n, now)}
-        else:
-            rows = [{**r, "ts": now} for r in entity_rows]
-        cols = as_columns(rows)
-        extras = ("user_attrs", "item_attrs", "codes")
-        wanted = None if features is None else [f for f in features if f not in extras]
-        cfg = self.counters
-        if wanted is not None:
-            unknown = sorted(set(wanted) - set(cfg.feature_names()))
-            if unknown:
-                raise KeyError(f"unknown features {unknown}; see CounterConfig.feature_names()")
+        cols = rows_at(entity_rows, now)
+        wanted, cfg = wanted_counters(self.counters, features)
         attrs, codes = self._item_view(cols["item_id"].tolist())
         refs = resolve_refs(cfg, cols, attrs)
         total = self._total(cfg, refs.entities, now)
@@ -260,25 +242,9 @@ class MemoryOnlineStore:
 
     async def entity_features(self, entity: str, now: float | None = None) -> dict[str, Any]:
         now = self.clock() if now is None else float(now)
-        kind, sep, ident = entity.partition(":")
-        cfg = self.counters
-        names = [s.name for s in cfg.specs]
-        if not sep or kind not in names:
-            raise ValueError(f"entity {entity!r}: expected '<counter>:<id>' with counter in {names}")
+        kind, ident = entity_kind(self.counters, entity)
         shards = np.array([self._state(p, entity) for p in range(self.partitions)])
-        per_partition = decay_state(cfg, shards, now)
-        total = per_partition.sum(axis=0)
-        out: dict[str, Any] = {"entity": entity, "as_of": now,
-                               "impressions_total": int(total[0]), "clicks_total": int(total[1]),
-                               "ctr_total": float(smoothed_ctr(cfg, total[1], total[0]))}
-        for j, h in enumerate(cfg.half_lives):
-            lab = half_life_label(h)
-            nh, ch = float(total[2 + 2 * j]), float(total[3 + 2 * j])
-            out[f"impressions_{lab}"], out[f"clicks_{lab}"] = nh, ch
-            out[f"ctr_{lab}"] = float(smoothed_ctr(cfg, ch, nh))
-        out["impressions_by_partition"] = {q: int(v) for q, v in enumerate(per_partition[:, 0]) if v}
-        ts = shards[:, cfg.width]
-        out["updated_at"] = float(np.nanmax(ts)) if np.isfinite(ts).any() else None
+        out = entity_counters(self.counters, entity, shards, now)
         if kind in ("user", "item"):
             table = self._data["users" if kind == "user" else "items"]
             out["attributes"] = dict(table[ident][1]) if ident in table else {}

@@ -164,6 +164,17 @@ def decode_entries(
     return out
 
 
+def batch_in_offset_order(events: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """A batch's columns sorted by (offset, sub), and the order that sorted them (input
+    index per sorted event); ``ValueError`` without ``offset`` or ``label``."""
+    cols = as_columns(events)
+    if "offset" not in cols or "label" not in cols:
+        raise ValueError("apply_batch needs 'offset' (and 'sub') and 'label' columns")
+    order = np.lexsort((cols["sub"], cols["offset"]))
+    return order, {k: (v[order] if isinstance(v, np.ndarray) else [v[i] for i in order])
+                   for k, v in cols.items()}
+
+
 def plan_apply(
     core: StoreCore, topic: str, partition: int, events: Any, expect_next: int | None = None
 ) -> Plan:
@@ -177,15 +188,8 @@ def plan_apply(
 
     cfg = core.counters
     W = cfg.width
-    cols = as_columns(events)
-    if "offset" not in cols or "label" not in cols:
-        raise ValueError("apply_batch needs 'offset' (and 'sub') and 'label' columns")
-    n = len(cols["ts"])
-    order = np.lexsort((cols["sub"], cols["offset"]))
-    srt = {
-        k: (v[order] if isinstance(v, np.ndarray) else [v[i] for i in order])
-        for k, v in cols.items()
-    }
+    order, srt = batch_in_offset_order(events)
+    n = len(order)
     # Item attributes (genre counters need them) travel with the first read: refs are
     # resolved from the attributes cached here, and only if an item asked about turns
     # out to have other attributes are they resolved again and read again (the entities

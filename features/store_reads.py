@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from features.counters import (
+    CounterConfig,
     aggregate,
     as_columns,
     decay_state,
@@ -24,7 +25,59 @@ from features.counters import (
 if TYPE_CHECKING:
     from features.store_core import Plan, StoreCore
 
-__all__ = ["plan_entity", "plan_read"]
+__all__ = ["entity_counters", "entity_kind", "plan_entity", "plan_read", "rows_at",
+           "wanted_counters"]
+
+
+def rows_at(entity_rows: Any, now: float) -> dict[str, Any]:
+    """Entity rows (dicts, or columns) as event columns at time ``now``."""
+    if isinstance(entity_rows, Mapping):
+        n = len(next(iter(entity_rows.values()))) if entity_rows else 0
+        return as_columns({**entity_rows, "ts": np.full(n, now)})
+    return as_columns([{**r, "ts": now} for r in entity_rows])
+
+
+def wanted_counters(cfg: CounterConfig, features: Sequence[str] | None
+                    ) -> tuple[list[str] | None, CounterConfig]:
+    """The counter features asked for (``None``: all) and the counters that hold them;
+    ``KeyError`` names unknown ones."""
+    extras = ("user_attrs", "item_attrs", "codes")
+    wanted = None if features is None else [f for f in features if f not in extras]
+    if wanted is None:
+        return None, cfg
+    unknown = sorted(set(wanted) - set(cfg.feature_names()))
+    if unknown:
+        raise KeyError(f"unknown features {unknown}; see CounterConfig.feature_names()")
+    return wanted, cfg.select(
+        [s.name for s in cfg.specs if set(cfg.select([s.name]).feature_names()) & set(wanted)])
+
+
+def entity_kind(cfg: CounterConfig, entity: str) -> tuple[str, str]:
+    """``user:42`` -> ``("user", "42")``; ``ValueError`` unless the kind is a counter."""
+    kind, sep, ident = entity.partition(":")
+    names = [s.name for s in cfg.specs]
+    if not sep or kind not in names:
+        raise ValueError(f"entity {entity!r}: expected '<counter>:<id>' with counter in {names}")
+    return kind, ident
+
+
+def entity_counters(cfg: CounterConfig, entity: str, shards: np.ndarray, now: float) -> dict[str, Any]:
+    """One entity's counters as ``headwater features get`` shows them, from its state in
+    every shard (``[partitions, width + 1]``, ``t`` last), decayed to ``now`` and summed."""
+    per_partition = decay_state(cfg, shards, now)
+    total = per_partition.sum(axis=0)
+    out: dict[str, Any] = {"entity": entity, "as_of": now}
+    out["impressions_total"], out["clicks_total"] = int(total[0]), int(total[1])
+    out["ctr_total"] = float(smoothed_ctr(cfg, total[1], total[0]))
+    for j, h in enumerate(cfg.half_lives):
+        lab = half_life_label(h)
+        nh, ch = float(total[2 + 2 * j]), float(total[3 + 2 * j])
+        out[f"impressions_{lab}"], out[f"clicks_{lab}"] = nh, ch
+        out[f"ctr_{lab}"] = float(smoothed_ctr(cfg, ch, nh))
+    out["impressions_by_partition"] = {q: int(v) for q, v in enumerate(per_partition[:, 0]) if v}
+    ts = shards[:, cfg.width]
+    out["updated_at"] = float(np.nanmax(ts)) if np.isfinite(ts).any() else None
+    return out
 
 
 def plan_read(
@@ -34,22 +87,8 @@ def plan_read(
     from features.store_core import decode_hash
 
     now = core.clock() if now is None else float(now)
-    if isinstance(entity_rows, Mapping):
-        n = len(next(iter(entity_rows.values()))) if entity_rows else 0
-        rows = {**entity_rows, "ts": np.full(n, now)}
-    else:
-        rows = [{**r, "ts": now} for r in entity_rows]
-    cols = as_columns(rows)
-    extras = ("user_attrs", "item_attrs", "codes")
-    wanted = None if features is None else [f for f in features if f not in extras]
-    cfg = core.counters
-    if wanted is not None:
-        unknown = sorted(set(wanted) - set(cfg.feature_names()))
-        if unknown:
-            raise KeyError(f"unknown features {unknown}; see CounterConfig.feature_names()")
-        cfg = cfg.select(
-            [s.name for s in cfg.specs if set(cfg.select([s.name]).feature_names()) & set(wanted)]
-        )
+    cols = rows_at(entity_rows, now)
+    wanted, cfg = wanted_counters(core.counters, features)
     need_items = features is None or "item_attrs" in features or "codes" in features
     need_items = need_items or any(s.needs_item_attrs for s in cfg.specs)
     attrs, codes = (yield from core.plan_items(set(cols["item_id"]))) if need_items else ({}, {})
@@ -89,10 +128,7 @@ def plan_entity(core: StoreCore, entity: str, now: float | None) -> Plan:
     from features.store_core import READ, decode_hash
 
     now = core.clock() if now is None else float(now)
-    kind, sep, ident = entity.partition(":")
-    names = [s.name for s in core.counters.specs]
-    if not sep or kind not in names:
-        raise ValueError(f"entity {entity!r}: expected '<counter>:<id>' with counter in {names}")
+    kind, ident = entity_kind(core.counters, entity)
     cfg = core.counters
     cmds = [
         core.evalsha(READ, [core.shard_key(p, entity)], cfg.state_fields)
@@ -104,19 +140,7 @@ def plan_entity(core: StoreCore, entity: str, now: float | None) -> Plan:
         cmds.append(("HGETALL", core.codes_key(ident)))
     res = yield cmds
     shards = np.vstack([core.states(b, cfg.width) for b in res[: core.partitions]])
-    per_partition = decay_state(cfg, shards, now)
-    total = per_partition.sum(axis=0)
-    out: dict[str, Any] = {"entity": entity, "as_of": now}
-    out["impressions_total"], out["clicks_total"] = int(total[0]), int(total[1])
-    out["ctr_total"] = float(smoothed_ctr(cfg, total[1], total[0]))
-    for j, h in enumerate(cfg.half_lives):
-        lab = half_life_label(h)
-        nh, ch = float(total[2 + 2 * j]), float(total[3 + 2 * j])
-        out[f"impressions_{lab}"], out[f"clicks_{lab}"] = nh, ch
-        out[f"ctr_{lab}"] = float(smoothed_ctr(cfg, ch, nh))
-    out["impressions_by_partition"] = {q: int(v) for q, v in enumerate(per_partition[:, 0]) if v}
-    ts = shards[:, cfg.width]
-    out["updated_at"] = float(np.nanmax(ts)) if np.isfinite(ts).any() else None
+    out = entity_counters(cfg, entity, shards, now)
     if kind in ("user", "item"):
         out["attributes"] = decode_hash(res[core.partitions])
     if kind == "item":
