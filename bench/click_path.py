@@ -123,6 +123,12 @@ def worker_batches(port: int) -> dict:
             "handler_ms_per_batch": 1000 * vals.get("headwater_batch_seconds_sum", 0) / n}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, every thread included (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_service(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     with open(log, "wb") as fh:
         return subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT,
@@ -130,12 +136,15 @@ def start_service(args: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 
 class RowWatcher:
-    """Counts rows arriving on train-batches, with the wall time of the first and last."""
+    """Counts rows arriving on train-batches, with the wall time of the first and last;
+    ``ids`` the distinct event ids, ``last_new_t`` when the last new one arrived."""
 
     def __init__(self, kafka: str, topic: str) -> None:
         self.count = 0
         self.first_t: float | None = None
         self.last_t: float | None = None
+        self.last_new_t: float | None = None
+        self.ids: set[str] = set()
         self.first_n = 0
         self._stop = threading.Event()
         self._consumer = KafkaConsumer(topic, bootstrap_servers=kafka, auto_offset_reset="earliest",
@@ -147,12 +156,17 @@ class RowWatcher:
         while not self._stop.is_set():
             for records in self._consumer.poll(timeout_ms=20).values():
                 for r in records:
-                    n = len(decode_batch(r.value).event_ids)
+                    ids = decode_batch(r.value).event_ids
+                    n = len(ids)
                     now = time.time()
                     if self.first_t is None:
                         self.first_t, self.first_n = now, n
                     self.last_t = now
                     self.count += n
+                    before = len(self.ids)
+                    self.ids.update(map(str, ids))
+                    if len(self.ids) > before:
+                        self.last_new_t = now
         self._consumer.close()
 
     def stop(self) -> None:
@@ -195,8 +209,12 @@ def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dic
             def progress():
                 return rows.count, rows.first_t, rows.last_t, rows.first_n
         deadline = time.monotonic() + 600
+        cpu0 = n0 = None
         while time.monotonic() < deadline:
             n, t_first, t_last, n_first = progress()
+            if cpu0 is None and t_first is not None:
+                # CPU from the first output on: start-up and the group join left out
+                cpu0, n0 = cpu_seconds(proc.pid), n
             if n >= len(events):
                 break
             time.sleep(0.05)
@@ -206,11 +224,13 @@ def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dic
             rows.stop()
         seconds = t_last - t_first
         rate = (len(events) - n_first) / seconds if seconds > 0 else float("nan")
+        cpu_us = 1e6 * (cpu_seconds(proc.pid) - cpu0) / max(1, len(events) - n0)
         calls = redis_calls(client) - calls0
         extra = worker_batches(port) if kind != "bare" else {}
         stop_pid(proc.pid)
         return {"kind": kind, "envelope": envelope, "events": len(events), "messages": messages,
-                "events_per_s": rate, "redis_calls_per_event": calls / len(events),
+                "events_per_s": rate, "cpu_us_per_event": cpu_us, "load": os.getloadavg()[0],
+                "redis_calls_per_event": calls / len(events),
                 "redis_round_trips_per_event": client.info("stats")["total_commands_processed"] / len(events),
                 **extra}
     finally:
@@ -309,9 +329,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for _ in range(args.repeat):
+        for rep in range(args.repeat):
             for envelope in modes:
-                for kind in kinds:
+                for kind in (kinds if rep % 2 == 0 else kinds[::-1]):  # alternate the order
                     r = run_mode(kind, events, envelope, work)
                     rows.append(r)
                     print(json.dumps(r), flush=True)
@@ -322,14 +342,24 @@ def main() -> None:
         got = [r["events_per_s"] for r in rows if r["kind"] == kind and r["envelope"] == env]
         return statistics.median(got) if got else float("nan")
 
-    print("\n| messages | bare agent events/s | Headwater click path events/s | ratio | Redis calls/event |")
-    print("|---|---:|---:|---:|---:|")
+    def med_cpu(kind, env):
+        got = [r["cpu_us_per_event"] for r in rows if r["kind"] == kind and r["envelope"] == env]
+        return statistics.median(got) if got else float("nan")
+
+    loads = [r["load"] for r in rows]
+    print(f"\nmedians of {args.repeat}; load average {min(loads):.1f}–{max(loads):.1f} "
+          "(consumer CPU per event: its process's user+system time from its first output on)")
+    print("\n| messages | bare agent events/s | Headwater click path events/s | ratio | "
+          "bare CPU µs/event | Headwater CPU µs/event | ratio per CPU-second | Redis calls/event |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for env in modes:
         bare, real = med("bare", env), med("worker", env)
         calls = statistics.median([r["redis_calls_per_event"] for r in rows
                                    if r["kind"] == "worker" and r["envelope"] == env] or [float("nan")])
         label = "single events" if env == 1 else f"envelopes of {env}"
-        print(f"| {label} | {bare:,.0f} | {real:,.0f} | {real / bare:.2f} | {calls:.3f} |")
+        cb, cr = med_cpu("bare", env), med_cpu("worker", env)
+        print(f"| {label} | {bare:,.0f} | {real:,.0f} | {real / bare:.2f} | {cb:,.0f} | {cr:,.0f} | "
+              f"{cb / cr:.2f} | {calls:.3f} |")
     if lat is None:
         return
     print(f"\nproduce → row on train-batches at {lat['rate']:.0f} events/s (single-event messages): "

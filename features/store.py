@@ -54,7 +54,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
-from core.redis_client import aidentity, connect, connect_async
+from core.redis_client import aidentity, connect, connect_async, is_cluster
 from features.hashing import canonical
 from features.store_apply import plan_apply
 from features.store_reads import plan_entity, plan_read
@@ -264,6 +264,7 @@ class SyncOnlineStore(_Planner):
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.client = client
+        self._cluster = is_cluster(client)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SyncOnlineStore:
@@ -272,12 +273,26 @@ class SyncOnlineStore(_Planner):
     def close(self) -> None:
         self.client.close()
 
-    def _execute(self, cmds: list[Command]) -> list[Any]:
-        for _ in range(2):
+    def _send(self, cmds: list[Command]) -> list[Any]:
+        if not self._cluster:
             pipe = self.client.pipeline(transaction=False)
             for c in cmds:
                 pipe.execute_command(*c)
-            res = pipe.execute(raise_on_error=False)
+            return pipe.execute(raise_on_error=False)
+        # redis-py's blocking cluster pipeline asks a node for every EVALSHA's keys
+        # (COMMAND GETKEYS: one more round trip per command, to a node that may be the
+        # one that just failed); sent one by one, each command goes straight to its slot.
+        out: list[Any] = []
+        for c in cmds:
+            try:
+                out.append(self.client.execute_command(*c))
+            except ResponseError as exc:
+                out.append(exc)
+        return out
+
+    def _execute(self, cmds: list[Command]) -> list[Any]:
+        for _ in range(2):
+            res = self._send(cmds)
             self.round_trips += 1
             self.commands += len(cmds)
             if not self._check(res):

@@ -232,14 +232,47 @@ def start_redis_cluster(host: str = "127.0.0.1", masters: int = 3, replicas: int
     (``cluster-replica-validity-factor 0``), so killing a master fails over to its replica
     after about ``node_timeout_ms`` plus the election.
     """
+    for attempt in range(3):
+        try:
+            return _start_cluster(host, masters, replicas, data_dir, log_dir, node_timeout_ms,
+                                  timeout, attempt)
+        except _PortTaken:
+            continue  # another process took a port between choosing and binding it
+    raise StackError("could not start a Redis Cluster: its ports kept being taken")
+
+
+class _PortTaken(StackError):
+    pass
+
+
+def _free_ports(host: str, n: int) -> list[int]:
+    """``n`` distinct ports that were free a moment ago (all held open while chosen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _start_cluster(host: str, masters: int, replicas: int, data_dir: Path | None,
+                   log_dir: Path | None, node_timeout_ms: int, timeout: float,
+                   attempt: int) -> RedisClusterServers:
     import tempfile
 
     cli = shutil.which("redis-cli") or str(Path(redis_binary()).with_name("redis-cli"))
     base = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="hw-redis-cluster-"))
+    base = base / f"try-{attempt}"
+    n_nodes = masters * (1 + replicas)
+    ports = _free_ports(host, 2 * n_nodes)
     nodes: list[Server] = []
     try:
-        for i in range(masters * (1 + replicas)):
-            port, bus = free_port(host), free_port(host)
+        for i in range(n_nodes):
+            port, bus = ports[2 * i], ports[2 * i + 1]
             node_dir = base / f"node-{port}"
             node_dir.mkdir(parents=True, exist_ok=True)
             args = [redis_binary(), "--bind", host, "--port", str(port), "--cluster-port", str(bus),
@@ -248,17 +281,27 @@ def start_redis_cluster(host: str = "127.0.0.1", masters: int = 3, replicas: int
                     "--cluster-replica-validity-factor", "0", "--dir", str(node_dir.resolve()),
                     "--save", "", "--appendonly", "no", "--protected-mode", "no",
                     "--daemonize", "no"]
-            log_path = Path(log_dir) / f"redis-cluster-{i}.log" if log_dir else None
+            log_path = Path(log_dir) / f"redis-cluster-{attempt}-{i}.log" if log_dir else None
             if log_path:
                 log_path.parent.mkdir(parents=True, exist_ok=True)
             proc = _spawn(args, log_path)
             nodes.append(Server("redis", host, port, proc, log_path, {"bus_port": bus}))
         for node in nodes:
-            wait_for_port(host, node.port, timeout, node.proc)
+            try:
+                wait_for_port(host, node.port, timeout, node.proc)
+            except StackError:
+                if node.proc.poll() is not None:
+                    raise _PortTaken("a cluster node exited at start (its port was taken)") from None
+                raise
+        time.sleep(0.2)
+        if any(node.proc.poll() is not None for node in nodes):
+            raise _PortTaken("a cluster node exited at start (its port was taken)")
         addresses = [f"{host}:{n.port}" for n in nodes]
         done = subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-replicas",
                                str(replicas), "--cluster-yes"], capture_output=True, text=True,
                               timeout=timeout)
+        if done.returncode != 0 and any(node.proc.poll() is not None for node in nodes):
+            raise _PortTaken(f"a cluster node exited: {done.stdout[-500:]}")
         if done.returncode != 0:
             raise StackError(f"redis-cli --cluster create failed: {done.stdout[-2000:]}{done.stderr}")
         _wait_cluster_ok(nodes, masters * replicas, timeout)

@@ -64,6 +64,34 @@ def _drop_replicas(master) -> None:
         client.close()
 
 
+def _codebooks_on_the_cluster(url: str) -> None:
+    """The codebook publication (lease, current, version in one script) and the guarded
+    code write (keys of many slots) on the cluster, through the worker's own store."""
+    import asyncio
+
+    import numpy as np
+
+    from core.redis_client import connect_async
+    from features.codebook_store import CodebookStore
+
+    async def go():
+        client = connect_async(url)
+        try:
+            store = CodebookStore(client, "test-L1-K2-vq1", 30, lambda i: f"hw:codes:item:{i}")
+            token = await store.acquire()
+            assert token and await store.publish(token, "000001-abc", {"rq0": np.eye(2)})
+            assert (await store.current())[0] == "000001-abc"
+            codes = {str(i): {"rq": [i % 2], "vq": [i]} for i in range(40)}
+            assert await store.write_codes(codes, "000001-abc", chunk=7) == 40
+            raw = await client.hget("hw:codes:item:39", "codes")
+            assert json.loads(raw) == {"rq": [1], "vq": [39]}
+            assert await store.write_codes(codes, "000000-old") == 0  # older generation
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())
+
+
 def _status(url: str) -> dict[str, dict]:
     from core.health import read_all_sync
 
@@ -75,9 +103,8 @@ def _status(url: str) -> dict[str, dict]:
 
 
 def test_stack_on_redis_cluster_exact_through_a_master_failover(kafka_bootstrap, tmp_path,
-                                                                topic_prefix, events, data_dir):
+                                                                topic_prefix, events):
     from core.settings import Settings
-    from streams.replay import replay_movielens
     from streams.topics import ensure_topics
 
     cluster = start_redis_cluster(data_dir=tmp_path / "cluster", log_dir=tmp_path / "logs")
@@ -93,13 +120,7 @@ def test_stack_on_redis_cluster_exact_through_a_master_failover(kafka_bootstrap,
                  "logs": lambda: "\n".join(s.log()[-3000:] for s in services)}
         clicks = f"{topic_prefix}clicks"
         half, three_quarters = events[: N_EVENTS // 2], events[: 3 * N_EVENTS // 4]
-        # The product's replay: every item (codebooks fitted and published, codes
-        # written, through the cluster), then the first half of the clicks.
-        settings = Settings(topic_prefix=topic_prefix, partitions=PARTITIONS)
-        done = replay_movielens(settings, kafka_bootstrap, path=data_dir / "ml-100k",
-                                limit=len(half), progress=False, redis_url=cluster.url,
-                                wait_items=90)
-        assert done["items_coded"] == done["items"] and done["clicks"] == len(half)
+        produce(kafka_bootstrap, clicks, half)
         wait_all_counted(cluster.url, expected_totals(half), 120, stack["logs"])
 
         # The replica of the master holding partition 0's slot is frozen (SIGSTOP) and
@@ -146,6 +167,7 @@ def test_stack_on_redis_cluster_exact_through_a_master_failover(kafka_bootstrap,
         assert len(answer["scores"]) == 5
         assert all(s.alive() for s in services)
         assert "serving" in _status(cluster.url)
+        _codebooks_on_the_cluster(cluster.url)
         # A script whose keys span two partitions' slots is refused before it runs.
         client = connect(cluster.url)
         try:
