@@ -15,7 +15,8 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 #: Topics whose partitions follow ``Settings.partitions``; the rest have one.
-PARTITIONED = ("clicks", "items", "audit", "train-batches", "alerts", "dead-letter")
+PARTITIONED = ("clicks", "items", "audit", "train-batches", "alerts", "dead-letter", "impressions",
+               "actions")
 
 
 def topic_specs(settings: Settings) -> list[NewTopic]:
