@@ -18,6 +18,7 @@ from streams.app import add_web_pages, batched_agent, create_app, pause_partitio
 from streams.audit_path import AuditHandler, audit_engine_config
 from streams.click_path import ClickHandler, read_range
 from streams.item_path import ItemHandler
+from streams.join_path import JoinHandler
 from streams.metrics import WorkerMetrics
 from streams.topics import log_ends
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: How often the worker asks Redis whether it restarted (then verifies every partition).
 REDIS_CHECK_S = 1.0
+#: How often the joiner re-evaluates idle partitions' watermarks.
+JOIN_TICK_S = 1.0
 
 
 class WorkerState:
@@ -103,12 +106,17 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     batched_agent(app, topics["items"], n, items, 2000, 0.05, "items", state.on_error, dlq)
     batched_agent(app, topics["audit"], n, audit, settings.audit_batch_size, 0.05, "audit",
                   state.on_error, dlq)
+    joiner = JoinHandler(settings, client, metrics, state)
+    joiner.bootstrap = bootstrap
+    batched_agent(app, (topics["impressions"], topics["actions"]), n, joiner,
+                  settings.click_batch_size, settings.click_batch_within, "join", state.on_error, dlq)
     add_web_pages(app, metrics.registry, state.status)
 
     async def send(outputs):
         await send_all(app, outputs, state.on_error)
 
     clicks.send = send
+    joiner.send = send
 
     clicks.pause = lambda partition: pause_partition(app, topics["clicks"], partition)
     state.audit_stopped = audit.stopped
@@ -128,6 +136,10 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
         # rebalance must not wait on it), so a Redis that lost writes is caught up.
         for tp in assigned:
             state.assigned.setdefault(tp.topic, set()).add(tp.partition)
+        joined = {tp.partition for tp in assigned if tp.topic == topics["impressions"]}
+        joiner.on_assigned(joined)
+        if joined:  # what a crash left unsent goes out first
+            asyncio.ensure_future(guarded("sending the join outbox", joiner.flush_all()))
         mine = {tp.partition for tp in assigned if tp.topic == topics["clicks"]}
         clicks.on_assigned(mine)
         if mine:
@@ -139,11 +151,17 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
         for tp in revoked:
             state.assigned.get(tp.topic, set()).discard(tp.partition)
         clicks.on_revoked({tp.partition for tp in revoked if tp.topic == topics["clicks"]})
+        joiner.on_revoked({tp.partition for tp in revoked if tp.topic == topics["impressions"]})
         audit.forget({tp.partition for tp in revoked if tp.topic == topics["audit"]})
 
     @app.timer(REDIS_CHECK_S)
     async def check_redis():
         await guarded("verifying partitions after a Redis restart", clicks.check_redis())
+
+    @app.timer(JOIN_TICK_S)
+    async def join_tick():
+        # windows close by the watermark; an idle partition's advances with the clock
+        await guarded("advancing the join watermark", joiner.tick())
 
     @app.timer(PERIOD_S)
     async def sync_codebooks():
@@ -171,6 +189,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
             state.on_error(exc)
 
     app.headwater = {"metrics": metrics, "state": state, "clicks": clicks, "items": items,
+                     "joiner": joiner,
                      "audit": audit, "redis": client}
     return app
 
