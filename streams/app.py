@@ -241,6 +241,15 @@ def pause_partition(app: faust.App, topic: str, partition: int) -> None:
     app.consumer.pause_partitions({TP(topic, partition)})
 
 
+def highwater(app: faust.App, topic: str, partition: int) -> int | None:
+    """The log end offset of one assigned partition as the consumer last fetched it (None:
+    not known yet)."""
+    try:
+        return app.consumer.highwater(TP(topic, partition))
+    except Exception:  # noqa: BLE001 - not assigned, or the consumer is (re)starting
+        return None
+
+
 def add_web_pages(app: faust.App, registry: CollectorRegistry,
                   status: Callable[[], dict[str, Any]]) -> None:
     """``/metrics`` (Prometheus) and ``/healthz`` on the worker's own web server."""

@@ -143,6 +143,9 @@ class JoinHandler:
         self.clock = clock
         self.source = f"joined:{self.imp_topic}"
         self.send = None
+        #: (topic, partition) -> the log end offset the consumer last saw (set by the
+        #: worker); None: a quiet side counts as idle on the wall clock alone
+        self.highwater = None
         self._locks: dict[int, asyncio.Lock] = {}
         #: (partition, side) -> wall time of the side's last message (in memory only)
         self._seen: dict[tuple[int, str], float] = {}
@@ -191,8 +194,16 @@ class JoinHandler:
                 await self._flush(p)
 
     # -- the transaction -------------------------------------------------------------
-    def _idle(self, partition: int, side: str, now: float) -> bool:
-        return now - self._seen.get((partition, side), self._started) >= self.idle
+    def _idle(self, partition: int, side: str, now: float, meta: dict[str, str]) -> bool:
+        """No message for ``idle`` seconds, and nothing left to read (a side behind its log
+        end is catching up, not idle: during a catch-up or replay only event time counts)."""
+        if now - self._seen.get((partition, side), self._started) < self.idle:
+            return False
+        if self.highwater is None:
+            return True
+        topic = self.imp_topic if side == "imp" else self.act_topic
+        end = self.highwater(topic, partition)
+        return end is not None and int(meta.get(f"off:{topic}", 0)) >= end
 
     async def _transact(self, p: int, topic: str | None, messages: list[Message]) -> None:
         from redis.exceptions import WatchError
@@ -243,9 +254,10 @@ class JoinHandler:
     def _watermark(self, p: int, meta: dict[str, str]) -> float:
         now = self.clock()
         wm = float(meta.get("wm", "-inf"))
-        sides = [float(meta[f"max:{s}"]) - self.lateness for s in ("imp", "act")
-                 if not self._idle(p, s, now) and f"max:{s}" in meta]
-        idle_both = self._idle(p, "imp", now) and self._idle(p, "act", now)
+        # a side never seen holds the watermark back until it has been idle long enough
+        sides = [float(meta.get(f"max:{s}", "-inf")) - self.lateness for s in ("imp", "act")
+                 if not self._idle(p, s, now, meta)]
+        idle_both = len(sides) == 0
         if sides and not idle_both:
             cand = min(sides)
         elif idle_both and ("max:imp" in meta or "max:act" in meta):

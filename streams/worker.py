@@ -14,7 +14,14 @@ from core.settings import Settings
 from detection.alert_store import save_alerts
 from detection.baseline_store import BaselineStore
 from detection.state_store import DetectionStateStore
-from streams.app import add_web_pages, batched_agent, create_app, pause_partition, send_all
+from streams.app import (
+    add_web_pages,
+    batched_agent,
+    create_app,
+    highwater,
+    pause_partition,
+    send_all,
+)
 from streams.audit_path import AuditHandler, audit_engine_config
 from streams.click_path import ClickHandler, read_range
 from streams.item_path import ItemHandler
@@ -117,6 +124,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
 
     clicks.send = send
     joiner.send = send
+    joiner.highwater = lambda topic, p: highwater(app, topic, p)
 
     clicks.pause = lambda partition: pause_partition(app, topics["clicks"], partition)
     state.audit_stopped = audit.stopped

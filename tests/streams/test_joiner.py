@@ -144,6 +144,7 @@ async def test_replayed_offsets_change_nothing_and_a_restart_resumes(joiner):
 
 async def test_rows_written_but_not_sent_before_a_crash_go_out_once_after_it(joiner):
     h = await joiner()
+    await h(h.act_topic, 0, [(0, b"u2", action("c0", T0 + 999, "q", "none", user="u2"))])
 
     async def broker_down(outputs):
         raise ConnectionError("broker down")
