@@ -50,6 +50,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from core.settings import Settings
 from features.defaults import row_builder as make_row_builder
+from features.store import OnlineStore
 from learner.batch import encode_batch
 from streams.app import Message, Output
 from streams.deadletter import dead_letter, reason_kind
@@ -62,6 +63,9 @@ _SEP = "\x1f"
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
 _LEN = struct.Struct("<HH")
+#: Outbox entries applied to the online counters (not sent): the rows' (impression, label)
+#: pairs, at the impression's time, as the click path counts a labelled event.
+COUNTERS = "\x00counters"
 _DELAY_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600)
 
 
@@ -126,7 +130,7 @@ class JoinHandler:
     concurrent_partitions = True
 
     def __init__(self, settings: Settings, client, metrics: WorkerMetrics, state=None,
-                 builder=None, clock=time.time) -> None:
+                 builder=None, clock=time.time, store=None) -> None:
         self.settings = settings
         self.topics = settings.topics
         self.imp_topic = self.topics["impressions"]
@@ -137,6 +141,11 @@ class JoinHandler:
         self.m = JoinMetrics(metrics.registry)
         self.builder = builder or make_row_builder(settings)
         self.schema = self.builder.schema
+        #: the online counters (the click path's store: one per registry)
+        self.store = store or OnlineStore(client, partitions=settings.partitions,
+                                          counters=self.builder.config.counters,
+                                          registry=metrics.registry, pit_ties=settings.pit_ties,
+                                          pit_history=settings.pit_history)
         self.window = settings.join_window_seconds
         self.lateness = settings.join_lateness_seconds
         self.idle = settings.join_idle_seconds
@@ -459,6 +468,10 @@ class JoinHandler:
         step = self.settings.train_message_rows
         for start in range(0, len(b.rows), step):
             chunk = b.rows[start:start + step]
+            counted = [{"event_id": f"{imp['rid']}:{imp['pos']}", "ts": imp["ts"], "user_id": imp["u"],
+                        "item_id": imp["i"], "label": label, "offset": seq + k, "sub": 0}
+                       for k, (imp, label, _at) in enumerate(chunk)]
+            out.append((COUNTERS, None, _enc.encode(counted), None))
             out.append((self.topics["train-batches"], str(p).encode(),
                         self._encode(chunk, p, seq), None))
             seq += len(chunk)
@@ -523,5 +536,8 @@ class JoinHandler:
             return
         ids = sorted(int(k) for k in entries)
         outputs = [unpack_output(entries[str(i).encode()]) for i in ids]
-        await self.send(outputs)
+        for topic, _key, value, _p in outputs:
+            if topic == COUNTERS:  # idempotent per row sequence number (the store's fence)
+                await self.store.apply_batch(self.source, p, _dec.decode(value))
+        await self.send([o for o in outputs if o[0] != COUNTERS])
         await self.client.hdel(key, *[str(i) for i in ids])

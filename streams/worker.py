@@ -113,7 +113,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     batched_agent(app, topics["items"], n, items, 2000, 0.05, "items", state.on_error, dlq)
     batched_agent(app, topics["audit"], n, audit, settings.audit_batch_size, 0.05, "audit",
                   state.on_error, dlq)
-    joiner = JoinHandler(settings, client, metrics, state)
+    joiner = JoinHandler(settings, client, metrics, state, builder=clicks.builder, store=clicks.store)
     joiner.bootstrap = bootstrap
     batched_agent(app, (topics["impressions"], topics["actions"]), n, joiner,
                   settings.click_batch_size, settings.click_batch_within, "join", state.on_error, dlq)

@@ -156,6 +156,8 @@ async def test_rows_written_but_not_sent_before_a_crash_go_out_once_after_it(joi
     await h2.flush_all()
     await h2.flush_all()
     assert rows(h2) == {"r1:0": (0, 0)} and len(h2.sent) == 1
+    item = await h2.store.entity_features("item:a")
+    assert (item["impressions_total"], item["clicks_total"]) == (1, 0)
 
 
 async def test_idle_partitions_close_windows_with_the_clock(joiner):
@@ -179,3 +181,18 @@ async def test_an_impression_logged_under_another_schema_is_dead_lettered(joiner
     bad["schema_hash"] = "0" * 64
     await h(h.imp_topic, 0, [(0, b"u1", json.dumps(bad).encode())])
     assert rows(h) == {} and "feature schema" in dead(h)[0]
+
+
+async def test_joined_rows_move_the_counters_once(joiner):
+    h = await joiner()
+    await h(h.act_topic, 0, [(0, b"u2", action("c0", T0 + 999, "q", "none", user="u2"))])
+    await h(h.imp_topic, 0, [(0, b"u1", impression(h, "r1", T0, ["a", "b"]))])
+    await h(h.act_topic, 0, [(1, b"u1", action("c1", T0 + 5, "a", "r1"))])
+    await h(h.imp_topic, 0, [(1, b"u1", impression(h, "r2", T0 + 500, ["c"]))])
+    assert rows(h) == {"r1:0": (1, 0), "r1:1": (0, 1)}
+    h2 = await joiner()
+    await h2.flush_all()  # nothing left, and nothing counted again
+    got = {e: await h.store.entity_features(e) for e in ("item:a", "item:b", "user:u1")}
+    assert (got["item:a"]["impressions_total"], got["item:a"]["clicks_total"]) == (1, 1)
+    assert (got["item:b"]["impressions_total"], got["item:b"]["clicks_total"]) == (1, 0)
+    assert (got["user:u1"]["impressions_total"], got["user:u1"]["clicks_total"]) == (2, 1)
