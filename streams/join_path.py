@@ -155,7 +155,11 @@ class JoinHandler:
         #: (topic, partition) -> the log end offset the consumer last saw (set by the
         #: worker); None: a quiet side counts as idle on the wall clock alone
         self.highwater = None
+        #: a list to collect every row's label delay in (benchmarks); None: not kept
+        self.delays: list[float] | None = None
         self._locks: dict[int, asyncio.Lock] = {}
+        #: partition -> hash name -> field -> value read ahead for the batch in progress
+        self._cache: dict[int, dict[str, dict[str, Any]]] = {}
         #: (partition, side) -> wall time of the side's last message (in memory only)
         self._seen: dict[tuple[int, str], float] = {}
         #: partition -> (wall time, watermark) when both sides went idle
@@ -232,6 +236,7 @@ class JoinHandler:
                         if not todo:
                             return
                     b = _Batch()
+                    self._cache[p] = {}
                     await self._apply(pipe, p, topic, todo, meta, b)
                     wm_before = float(meta.get("wm", "-inf"))
                     wm = self._watermark(p, meta)
@@ -278,13 +283,29 @@ class JoinHandler:
         return max(wm, cand)
 
     async def _get(self, pipe, p: int, name: str, keys: list[str], overlay: dict) -> dict[str, Any]:
-        """Values of ``keys`` in hash ``name``, the batch's own changes first."""
+        """Values of ``keys`` in hash ``name``: the batch's own changes first, then what
+        :meth:`_prefetch` read, then Redis."""
         out = {k: overlay[k] for k in keys if k in overlay}
+        cache = self._cache[p].get(name, {})
+        out.update({k: cache[k] for k in keys if k not in out and k in cache})
         rest = [k for k in dict.fromkeys(keys) if k not in out]
         if rest:
             vals = await pipe.hmget(self.key(p, name), rest)
             out.update(zip(rest, vals, strict=True))
         return out
+
+    async def _prefetch(self, p: int, reads: dict[str, list[str]]) -> None:
+        """Read many fields of several hashes in one round trip (consistent with the
+        transaction: every writer changes the watched ``meta``, so EXEC fails if any moved)."""
+        names = [n for n, ks in reads.items() if ks]
+        if not names:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for n in names:
+                pipe.hmget(self.key(p, n), reads[n])
+            values = await pipe.execute()
+        for n, vals in zip(names, values, strict=True):
+            self._cache[p].setdefault(n, {}).update(zip(reads[n], vals, strict=True))
 
     async def _apply(self, pipe, p: int, topic: str | None, messages: list[Message],
                      meta: dict[str, str], b: _Batch) -> None:
@@ -300,6 +321,21 @@ class JoinHandler:
             events += [(offset, key, sub, ev) for ev, sub in zip(d.events, d.subs, strict=True)]
         self.metrics.messages_in.labels(topic).inc(len(messages))
         self.metrics.events_valid.labels(topic).inc(len(events))
+        self._cache[p] = {}
+        if kind is ImpressionEvent:
+            ks = [f"{ev.request_id}{_SEP}{c.item_id}" for *_, ev in events for c in ev.candidates]
+            anon = [f"~{ev.user_id}{_SEP}{c.item_id}" for *_, ev in events for c in ev.candidates]
+            await self._prefetch(p, {"open": ks, "closed": ks, "held": ks + anon})
+        else:
+            uis = [f"{ev.user_id}{_SEP}{ev.item_id}" for *_, ev in events if ev.request_id is None]
+            await self._prefetch(p, {"ui": uis})
+            ks = [f"{ev.request_id}{_SEP}{ev.item_id}" for *_, ev in events if ev.request_id is not None]
+            for f in uis:
+                k = self._cache[p]["ui"].get(f)
+                if k is not None:
+                    ks.append(k.decode() if isinstance(k, bytes) else k)
+            held = ks + [f"~{f}" for f in uis]
+            await self._prefetch(p, {"open": ks, "closed": ks, "held": held})
         meta[f"off:{topic}"] = str(messages[-1][0] + 1)
         if events:
             newest = max(ev.ts for *_, ev in events)
@@ -522,6 +558,8 @@ class JoinHandler:
         for imp, label, at in b.rows:
             self.m.rows.labels(str(label)).inc()
             self.m.delay.observe(max(0.0, at - imp["ts"]))
+            if self.delays is not None:
+                self.delays.append(at - imp["ts"])
         if b.rows:
             self.metrics.events_out.labels(self.topics["train-batches"]).inc(len(b.rows))
         if "wm" in meta:

@@ -63,7 +63,9 @@ def test_scored_impressions_and_clicks_train_the_model_serving_answers_with(tmp_
                 return None
             manifest = get(f"{base}/v1/models/{version}")["manifest"] or {}
             marks = manifest.get("watermarks") or {}
-            seen = sum(v["offset"] for k, v in marks.items() if k.startswith("joined:impressions:"))
+            # a watermark is the next row to handle: (last row's sequence number, sub + 1)
+            seen = sum(v["offset"] + (v["sub"] > 0) for k, v in marks.items()
+                       if k.startswith("joined:impressions:"))
             return (version, seen) if seen >= N else None
         version, _ = wait_until(trained_on_joined, 120, interval=1,
                                 what="a served model trained on every joined row")
