@@ -16,7 +16,8 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-TOPIC_NAMES = ("clicks", "items", "audit", "train-batches", "model-updates", "alerts", "dead-letter")
+TOPIC_NAMES = ("clicks", "items", "audit", "train-batches", "model-updates", "alerts", "dead-letter",
+               "impressions", "actions")
 
 
 def repo_root() -> Path:
@@ -268,6 +269,32 @@ class Settings(BaseSettings):
         3.0, ge=0,
         description="How long a scoring request retries its feature read through a Redis "
                     "restart or outage before failing (bounded backoff).",
+    )
+
+    # -- impressions, actions and the online joiner (issue 17) --
+    impression_log: bool = Field(
+        True, description="Serving logs every /v1/score response to the impressions topic.",
+    )
+    impression_buffer: int = Field(
+        10_000, ge=1,
+        description="Responses serving holds for the impressions topic; when full, new ones "
+                    "are dropped and counted (headwater_serving_impressions_dropped_total), "
+                    "never waited for.",
+    )
+    join_window_seconds: float = Field(
+        600.0, gt=0,
+        description="Attribution window: an action within this many seconds (event time) "
+                    "after its impression labels it 1; when the window closes without one, 0.",
+    )
+    join_lateness_seconds: float = Field(
+        5.0, ge=0,
+        description="Joiner watermark: the lower of the impressions' and actions' newest "
+                    "event times, minus this much out-of-orderness.",
+    )
+    join_idle_seconds: float = Field(
+        10.0, gt=0,
+        description="A join partition side without messages this long (wall clock) stops "
+                    "holding the watermark back; with both sides idle it advances with the clock.",
     )
 
     @cached_property

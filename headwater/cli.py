@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--live", action="store_true",
                    help="stamp each click with the time it is sent, as a live producer would "
                         "(default: the dataset's own timestamps)")
+    p.add_argument("--as", dest="as_", choices=["clicks", "impressions"], default="clicks",
+                   help="clicks: labelled click events (default); impressions: each rating an "
+                        "impression (scored through serving when it answers, else logged "
+                        "directly), ratings >= 4 a click 1-5 s later (the joined path)")
+    p.add_argument("--serving", default=None, metavar="URL",
+                   help="--as impressions: serving's URL (default: this stack's)")
     p = add("produce", "Produce events from a file (JSON lines, JSON array, or audit text).")
     p.add_argument("kind", choices=["clicks", "items", "audit"])
     p.add_argument("--file", type=Path, required=True)

@@ -195,6 +195,17 @@ def cmd_replay(args, settings: Settings) -> int:
         raise StackError(f"replay: no such directory {args.path}")
     kafka, redis_url = resolve_addresses(settings)
     _require_broker(kafka)
+    if getattr(args, "as_", "clicks") == "impressions":
+        from headwater.impression_replay import replay_impressions
+
+        http = args.serving or f"http://{settings.bind_host}:{settings.http_port}"
+        stats = replay_impressions(settings, kafka, redis_url, args.path, limit=args.limit,
+                                   progress=not args.no_progress, wait_items=args.wait_items,
+                                   http=http)
+        print(f"replayed {stats['items']} items and {stats['impressions']} impressions "
+              f"({stats['mode']}) with {stats['clicks']} clicks in {stats['seconds']:.1f}s "
+              f"({stats['impressions_per_s']:.0f} impressions/s)")
+        return 0
     stats = replay_movielens(settings, kafka, args.path, rate=args.rate, limit=args.limit,
                              batch=args.batch, progress=not args.no_progress,
                              redis_url=redis_url, wait_items=args.wait_items, live=args.live)

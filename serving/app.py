@@ -37,6 +37,7 @@ from core.redis_client import connect_async
 from core.settings import Settings
 from learner.store import CheckpointError
 from serving.holder import HolderError, ModelHolder
+from serving.impressions import ImpressionLog, impression_record, kafka_sender
 from serving.metrics import CONTENT_TYPE_LATEST, ServingMetrics
 from serving.models import BaselineModel, normalize_version
 from serving.scoring import RequestError, Scorer, parse_score_requests
@@ -71,6 +72,8 @@ class AppContext:
     last_error: str | None = None
     #: set when this process stops: responses carry ``Connection: close``
     draining: bool = False
+    #: where every scoring answer is logged (``serving.impressions``); None: not logged
+    impressions: Any = None
 
     def status_fields(self) -> dict[str, Any]:
         """The serving heartbeat's own fields (see :mod:`core.health`)."""
@@ -131,6 +134,16 @@ def _ctx(request: web.Request) -> AppContext:
 
 
 # ---- scoring ---------------------------------------------------------------------------
+def _log_impression(ctx: AppContext, req, scored, version: str) -> str:
+    """A new request id; the answer goes to the impressions log (never waited for)."""
+    rid = uuid.uuid4().hex
+    if ctx.impressions is not None and req.candidates:
+        ctx.impressions.offer(impression_record(
+            rid, req.user_id, req.candidates, scored.scores, scored.categorical, scored.dense,
+            scored.ts, version, ctx.scorer.schema.hash))
+    return rid
+
+
 async def score(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     t0 = time.perf_counter()
@@ -171,19 +184,22 @@ async def score(request: web.Request) -> web.Response:
             )
         if batch is not None:
             # every request of the batch on the same model, features read concurrently
-            all_scores = await asyncio.gather(*(ctx.scorer.score(served, r) for r in batch))
+            all_scored = await asyncio.gather(*(ctx.scorer.score_rows(served, r) for r in batch))
+            ids = [_log_impression(ctx, r, sc, served.version) for r, sc in zip(batch, all_scored, strict=True)]
             code = 200
             return web.json_response({
                 "model_version": served.version,
                 "results": [
-                    {"user_id": r.user_id,
-                     "scores": {str(c): float(v) for c, v in zip(r.candidates, sc, strict=True)}}
-                    for r, sc in zip(batch, all_scores, strict=True)
+                    {"user_id": r.user_id, "request_id": rid,
+                     "scores": {str(c): float(v) for c, v in zip(r.candidates, sc.scores, strict=True)}}
+                    for r, sc, rid in zip(batch, all_scored, ids, strict=True)
                 ],
             })
-        scores = await ctx.scorer.score(served, req)
+        scored = await ctx.scorer.score_rows(served, req)
+        rid = _log_impression(ctx, req, scored, served.version)
         code = 200
-        return web.json_response({"model_version": served.version, "scores": scores.tolist()})
+        return web.json_response({"model_version": served.version, "request_id": rid,
+                                  "scores": scored.scores.tolist()})
     finally:
         ctx.metrics.observe_request(code, time.perf_counter() - t0, n)
 
@@ -452,6 +468,11 @@ async def serve(
         rescan_seconds=rescan_seconds,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
+    if kafka and settings.impression_log:
+        ctx.impressions = ImpressionLog(kafka_sender(kafka, settings.topics["impressions"]),
+                                        settings.partitions, settings.impression_buffer,
+                                        ctx.registry)
+        ctx.impressions.start()
     app = create_app(settings, ctx)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
@@ -474,6 +495,8 @@ async def serve(
         await ctx.watcher.stop()
         await beat
         await runner.cleanup()
+        if ctx.impressions is not None:
+            await asyncio.to_thread(ctx.impressions.close)
         ctx.holder.close()
         if ctx.scorer.executor is not None:
             ctx.scorer.executor.shutdown(wait=False, cancel_futures=True)

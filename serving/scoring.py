@@ -27,7 +27,7 @@ import redis.exceptions
 
 from serving.ranker import Ranker
 
-__all__ = ["RequestError", "ScoreRequest", "Scorer", "parse_score_request"]
+__all__ = ["RequestError", "ScoreRequest", "Scored", "Scorer", "parse_score_request"]
 
 MAX_ID_CHARS = 256
 MAX_OBJECT_KEYS = 64
@@ -185,6 +185,17 @@ def _parse_one(doc: dict[str, Any], max_candidates: int) -> ScoreRequest:
     return ScoreRequest(user_id, candidates, context, user)
 
 
+@dataclass(frozen=True)
+class Scored:
+    """One request's scores and the exact rows the model saw (tokens ``[n, F]``, dense
+    ``[n, D]``, in schema order) at time ``ts``."""
+
+    scores: np.ndarray
+    categorical: np.ndarray
+    dense: np.ndarray
+    ts: float
+
+
 class Scorer:
     """Features for all candidates in one read, rows by the shared builder, one forward pass.
 
@@ -260,14 +271,19 @@ class Scorer:
 
     def _encode_and_predict(
         self, served: Ranker, req: ScoreRequest, feats: Mapping[str, Any], now: float
-    ) -> np.ndarray:
+    ) -> Scored:
         cat, dense = self.encode(req, feats, now)
-        return served.predict(cat, dense)
+        return Scored(served.predict(cat, dense), cat, dense, now)
 
     async def score(self, served: Ranker, req: ScoreRequest) -> np.ndarray:
         """Scores in candidate order, all from ``served`` (the model the request started with)."""
+        return (await self.score_rows(served, req)).scores
+
+    async def score_rows(self, served: Ranker, req: ScoreRequest) -> Scored:
+        """Scores with the rows they were computed from (what an impression logs)."""
         if not req.candidates:
-            return np.zeros(0)
+            return Scored(np.zeros(0), np.zeros((0, len(self._cat_cols)), np.int64),
+                          np.zeros((0, len(self._dense_cols)), np.float32), self.clock())
         now = self.clock()
         feats = await self.features(req, now)
         if self.executor is None:  # inline: no thread hand-off, no GIL ping-pong

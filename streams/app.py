@@ -132,7 +132,7 @@ def is_transient(exc: BaseException) -> bool:
                             redis.exceptions.BusyLoadingError))
 
 
-def batched_agent(app: faust.App, topic_name: str, partitions: int, handler: Handler,
+def batched_agent(app: faust.App, topic_name: str | tuple[str, ...], partitions: int, handler: Handler,
                   max_batch: int, within: float, name: str,
                   on_error: Callable[[BaseException], None] | None = None,
                   dead_letter_topic: str | None = None, *, sink: EventSink | None = None,
@@ -140,12 +140,16 @@ def batched_agent(app: faust.App, topic_name: str, partitions: int, handler: Han
     """Register an agent that feeds ``handler`` one partition's batch at a time.
 
     Outputs are produced before the batch is acknowledged, so a crash between the two
-    replays the batch (at-least-once); handlers make replays harmless. ``sink`` takes
-    the outputs (default: the app's producer, :class:`FaustSink`); ``sleep`` waits
-    between retries (a test passes :meth:`headwater.testing.ManualClock.sleep`).
+    replays the batch (at-least-once); handlers make replays harmless. Several topic
+    names make one agent over all of them (Faust then assigns the same partition number
+    of each to the same worker: co-partitioned); each batch handed over holds one
+    topic's partition. ``sink`` takes the outputs (default: the app's producer,
+    :class:`FaustSink`); ``sleep`` waits between retries (a test passes
+    :meth:`headwater.testing.ManualClock.sleep`).
     """
     sink = sink if sink is not None else FaustSink(app, on_error)
-    topic = app.topic(topic_name, partitions=partitions, value_type=bytes, key_type=bytes,
+    names = (topic_name,) if isinstance(topic_name, str) else tuple(topic_name)
+    topic = app.topic(*names, partitions=partitions, value_type=bytes, key_type=bytes,
                       value_serializer="raw", key_serializer="raw")
 
     # A handler that sets ``concurrent_partitions`` gets a take's partitions handled
@@ -153,7 +157,7 @@ def batched_agent(app: faust.App, topic_name: str, partitions: int, handler: Han
     # trips overlap instead of queueing behind each other.
     concurrent = bool(getattr(handler, "concurrent_partitions", False))
 
-    async def handle(partition: int, messages: list[Message]) -> list[Output]:
+    async def handle(topic_name: str, partition: int, messages: list[Message]) -> list[Output]:
         attempt = 0
         while True:
             try:
@@ -165,11 +169,11 @@ def batched_agent(app: faust.App, topic_name: str, partitions: int, handler: Han
                 if not is_transient(exc) and attempt >= POISON_AFTER and dead_letter_topic:
                     log.error("handler %s failed %d times on partition %d (%r): isolating messages",
                               name, attempt, partition, exc)
-                    return await isolate(partition, messages)
+                    return await isolate(topic_name, partition, messages)
                 log.exception("handler %s failed on partition %d; retrying", name, partition)
                 await sleep(min(0.5 * attempt, 5.0))
 
-    async def isolate(partition: int, messages: list[Message]) -> list[Output]:
+    async def isolate(topic_name: str, partition: int, messages: list[Message]) -> list[Output]:
         """Retry message by message; one that still fails goes to dead-letter, not in a loop.
 
         A deterministic failure (a bug meeting an input nobody foresaw) must not stall its
@@ -196,14 +200,14 @@ def batched_agent(app: faust.App, topic_name: str, partitions: int, handler: Han
 
     async def agent(stream):
         async for events in stream.take_events(max_batch, within=within):
-            groups: dict[int, list[Message]] = defaultdict(list)
+            groups: dict[tuple[str, int], list[Message]] = defaultdict(list)
             for event in events:
                 msg = event.message
-                groups[msg.partition].append((msg.offset, msg.key, msg.value))
+                groups[msg.topic, msg.partition].append((msg.offset, msg.key, msg.value))
             if concurrent and len(groups) > 1:
-                results = await asyncio.gather(*(handle(p, m) for p, m in groups.items()))
+                results = await asyncio.gather(*(handle(t, p, m) for (t, p), m in groups.items()))
             else:
-                results = [await handle(p, m) for p, m in groups.items()]
+                results = [await handle(t, p, m) for (t, p), m in groups.items()]
             sends = [out for outputs in results for out in outputs]
             if sends:
                 await sink.send(sends)
@@ -251,6 +255,15 @@ class FaustSink:
 def pause_partition(app: faust.App, topic: str, partition: int) -> None:
     """Stop fetching one partition (the others go on); a rebalance undoes it."""
     app.consumer.pause_partitions({TP(topic, partition)})
+
+
+def highwater(app: faust.App, topic: str, partition: int) -> int | None:
+    """The log end offset of one assigned partition as the consumer last fetched it (None:
+    not known yet)."""
+    try:
+        return app.consumer.highwater(TP(topic, partition))
+    except Exception:  # noqa: BLE001 - not assigned, or the consumer is (re)starting
+        return None
 
 
 def add_web_pages(app: faust.App, registry: CollectorRegistry,

@@ -20,7 +20,15 @@ from typing import Any
 import msgspec
 
 from streams.deadletter import DeadLetter
-from streams.schemas import MAX_FUTURE_S, MIN_TS, ClickEvent, ItemEvent
+from streams.schemas import (
+    ACTION_TYPES,
+    MAX_FUTURE_S,
+    MIN_TS,
+    ActionEvent,
+    ClickEvent,
+    ImpressionEvent,
+    ItemEvent,
+)
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -31,6 +39,10 @@ EVENT_TYPES: dict[str, tuple[type, str, str]] = {
     "item-event": (ItemEvent, "items",
                    "one event, a JSON array of events (an envelope), or JSON lines"),
     "dead-letter": (DeadLetter, "dead-letter", "one record per message"),
+    "impression-event": (ImpressionEvent, "impressions",
+                         "one event (serving writes one per scored request)"),
+    "action-event": (ActionEvent, "actions",
+                     "one event, a JSON array of events (an envelope), or JSON lines"),
 }
 
 _ID = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 256}, {"type": "integer"}]}
@@ -60,6 +72,20 @@ def event_schema(name: str) -> dict[str, Any]:
     elif kind is ItemEvent:
         props["item_id"] = copy.deepcopy(_ID)
         props["ts"] = dict(_TS)
+    elif kind is ActionEvent:
+        for key in ("event_id", "user_id", "item_id"):
+            props[key] = copy.deepcopy(_ID)
+        props["request_id"] = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 256},
+                                         {"type": "null"}], "default": None}
+        props["action"] = {"enum": list(ACTION_TYPES), "default": "click"}
+        props["ts"] = dict(_TS)
+    elif kind is ImpressionEvent:
+        props["user_id"] = copy.deepcopy(_ID)
+        props["request_id"] = {"type": "string", "minLength": 1, "maxLength": 256}
+        props["ts"] = dict(_TS)
+        props["candidates"]["minItems"] = 1
+        shown = schema["$defs"]["Shown"]["properties"]
+        shown["item_id"] = copy.deepcopy(_ID)
     return {
         "$schema": DIALECT,
         "$id": f"{name}.schema.json",

@@ -59,7 +59,7 @@ def resolve_path(path: Path | None, settings: Settings) -> Path:
     return fetch_movielens(settings.state_dir / "datasets")
 
 
-def _bar(total: int, enabled: bool, desc: str):
+def progress_bar(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="ev", desc=desc, disable=not enabled, mininterval=0.5,
@@ -90,6 +90,30 @@ def wait_for_items(redis_url: str, n_items: int, timeout: float, echo=print) -> 
     return coded
 
 
+def replay_items(settings: Settings, producer, ml, redis_url: str | None,
+                 wait_items: float) -> tuple[int, int | None]:
+    """Every item (title as text, genres as tags, release year) to ``items``, stamped just
+    before the first rating; then wait for their codes. Returns (items, items coded)."""
+    import msgspec
+
+    enc = msgspec.json.Encoder()
+    n_parts = settings.partitions
+    first_ts = float(ml.clicks["ts"][0]) if len(ml) else time.time()
+    item_ids = list(ml.items)
+    item_parts = partition_of(item_ids, n_parts)
+    items = [{"item_id": iid, "ts": first_ts - 1.0, "text": doc.get("title") or "",
+              "tags": list(doc.get("genres") or []),
+              "attributes": {"year": doc.get("year")} if doc.get("year") else {}}
+             for iid, doc in ml.items.items()]
+    for p in range(n_parts):
+        chunk = [it for it, ip in zip(items, item_parts, strict=True) if ip == p]
+        for i in range(0, len(chunk), 200):
+            producer.send(settings.topics["items"], value=enc.encode(chunk[i:i + 200]), partition=p)
+    producer.flush()
+    coded = wait_for_items(redis_url, len(items), wait_items) if redis_url and wait_items > 0 else None
+    return len(items), coded
+
+
 def replay_movielens(settings: Settings, bootstrap: str, path: Path | None = None,
                      rate: float = 0.0, limit: int = 0, batch: int = 500,
                      progress: bool = True, redis_url: str | None = None,
@@ -108,19 +132,7 @@ def replay_movielens(settings: Settings, bootstrap: str, path: Path | None = Non
     import msgspec
 
     enc = msgspec.json.Encoder()
-    first_ts = float(ml.clicks["ts"][0]) if len(ml) else time.time()
-    item_ids = list(ml.items)
-    item_parts = partition_of(item_ids, n_parts)
-    items = [{"item_id": iid, "ts": first_ts - 1.0, "text": doc.get("title") or "",
-              "tags": list(doc.get("genres") or []),
-              "attributes": {"year": doc.get("year")} if doc.get("year") else {}}
-             for iid, doc in ml.items.items()]
-    for p in range(n_parts):
-        chunk = [it for it, ip in zip(items, item_parts, strict=True) if ip == p]
-        for i in range(0, len(chunk), 200):
-            producer.send(topics["items"], value=enc.encode(chunk[i:i + 200]), partition=p)
-    producer.flush()
-    coded = wait_for_items(redis_url, len(items), wait_items) if redis_url and wait_items > 0 else None
+    n_items, coded = replay_items(settings, producer, ml, redis_url, wait_items)
 
     t_clicks = time.perf_counter()
     total = len(ml) if not limit else min(limit, len(ml))
@@ -128,7 +140,7 @@ def replay_movielens(settings: Settings, bootstrap: str, path: Path | None = Non
     buffers: list[list[dict]] = [[] for _ in range(n_parts)]
     limiter = RateLimiter(rate)
     sent = 0
-    with _bar(total, progress, "clicks") as bar:
+    with progress_bar(total, progress, "clicks") as bar:
         step = 5000
         for start in range(0, total, step):
             stop = min(start + step, total)
@@ -152,6 +164,6 @@ def replay_movielens(settings: Settings, bootstrap: str, path: Path | None = Non
     producer.close()
     seconds = time.perf_counter() - t0
     click_seconds = time.perf_counter() - t_clicks
-    return {"items": len(items), "items_coded": coded, "clicks": sent, "seconds": seconds,
+    return {"items": n_items, "items_coded": coded, "clicks": sent, "seconds": seconds,
             "click_seconds": click_seconds,
             "clicks_per_s": sent / click_seconds if click_seconds else 0.0}

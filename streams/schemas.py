@@ -48,6 +48,47 @@ class ItemEvent(msgspec.Struct, frozen=True):
     attributes: dict[str, Scalar] = {}
 
 
+class Shown(msgspec.Struct, frozen=True):
+    """One candidate of an impression: the item, where it was shown, its score."""
+
+    item_id: str | int
+    position: int
+    score: float
+
+
+class ImpressionEvent(msgspec.Struct, frozen=True):
+    """One ``/v1/score`` answer as serving logged it: what was shown to whom, when, by
+    which model, with the feature row each candidate was scored on (``categorical`` and
+    ``dense``: one list per candidate, in the order of the feature schema whose sha256
+    is ``schema_hash``)."""
+
+    request_id: str
+    ts: float
+    user_id: str | int
+    model_version: str
+    schema_hash: str
+    candidates: list[Shown]
+    categorical: list[list[int]]
+    dense: list[list[float]]
+
+
+#: The action types that label an impression 1 (any other is refused).
+ACTION_TYPES = ("click",)
+
+
+class ActionEvent(msgspec.Struct, frozen=True):
+    """A user acted on a shown item: ``request_id`` names the impression (the
+    ``/v1/score`` answer); without it, the user's latest impression of the item up to
+    ``ts`` is the one."""
+
+    event_id: str | int
+    ts: float
+    user_id: str | int
+    item_id: str | int
+    action: str = "click"
+    request_id: str | None = None
+
+
 class InvalidEvent(ValueError):
     """An event failed validation; the message names the field."""
 
@@ -108,7 +149,43 @@ def validate_item(ev: ItemEvent, where: str = "$", now: float | None = None) -> 
     return ev
 
 
-_VALIDATORS = {ClickEvent: validate_click, ItemEvent: validate_item}
+def validate_impression(ev: ImpressionEvent, where: str = "$", now: float | None = None) -> ImpressionEvent:
+    now = time.time() if now is None else now
+    _check_id(ev.request_id, "request_id", where)
+    _check_id(ev.user_id, "user_id", where)
+    _check_ts(ev.ts, where, now)
+    if not ev.candidates:
+        raise InvalidEvent(f"{where}.candidates must not be empty")
+    n = len(ev.candidates)
+    if len(ev.categorical) != n or len(ev.dense) != n:
+        raise InvalidEvent(f"{where}: categorical and dense need one row per candidate ({n})")
+    for i, c in enumerate(ev.candidates):
+        _check_id(c.item_id, "item_id", f"{where}.candidates[{i}]")
+        if not math.isfinite(c.score):
+            raise InvalidEvent(f"{where}.candidates[{i}].score is not a finite number")
+    for i, row in enumerate(ev.dense):
+        if not all(math.isfinite(x) for x in row):
+            raise InvalidEvent(f"{where}.dense[{i}] holds a non-finite number")
+    return ev
+
+
+def validate_action(ev: ActionEvent, where: str = "$", now: float | None = None) -> ActionEvent:
+    now = time.time() if now is None else now
+    _check_id(ev.event_id, "event_id", where)
+    _check_id(ev.user_id, "user_id", where)
+    _check_id(ev.item_id, "item_id", where)
+    if ev.request_id is not None:
+        _check_id(ev.request_id, "request_id", where)
+    if ev.action not in ACTION_TYPES:
+        raise InvalidEvent(f"{where}.action must be one of {list(ACTION_TYPES)}, got {ev.action!r}")
+    _check_ts(ev.ts, where, now)
+    return ev
+
+
+_VALIDATORS = {ClickEvent: validate_click, ItemEvent: validate_item,
+               ImpressionEvent: validate_impression, ActionEvent: validate_action}
+_LABELS = {ClickEvent: "clicks", ItemEvent: "items", ImpressionEvent: "impressions",
+           ActionEvent: "actions"}
 
 
 def _split(payload: bytes) -> list[bytes]:
@@ -134,7 +211,7 @@ def decode_message(payload: bytes, kind: type, max_bytes: int | None = None,
     >>> [e.event_id for e in d.events], d.errors[0][2]
     (['a'], 'clicks[1]: Expected `int`, got `str` - at `$.label`')
     """
-    label = "clicks" if kind is ClickEvent else "items"
+    label = _LABELS[kind]
     out = Decoded()
     if payload is None:
         out.errors.append((-1, b"", f"{label}: empty message (tombstone)"))

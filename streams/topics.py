@@ -17,7 +17,8 @@ from features.hashing import hash_tokens
 log = logging.getLogger(__name__)
 
 #: Topics whose partitions follow ``Settings.partitions``; the rest have one.
-PARTITIONED = ("clicks", "items", "audit", "train-batches", "alerts", "dead-letter")
+PARTITIONED = ("clicks", "items", "audit", "train-batches", "alerts", "dead-letter", "impressions",
+               "actions")
 
 
 def partition_of(keys, partitions: int) -> np.ndarray:

@@ -13,17 +13,27 @@ from core.settings import Settings
 from detection.alert_store import save_alerts
 from detection.baseline_store import BaselineStore
 from detection.state_store import DetectionStateStore
-from streams.app import FaustSink, add_web_pages, batched_agent, create_app, pause_partition
+from streams.app import (
+    FaustSink,
+    add_web_pages,
+    batched_agent,
+    create_app,
+    highwater,
+    pause_partition,
+)
 from streams.audit_path import AuditHandler, audit_engine_config
 from streams.click_path import click_handler
 from streams.events import KafkaLog
 from streams.item_path import ItemHandler
+from streams.join_path import JoinHandler
 from streams.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
 #: How often the worker asks Redis whether it restarted (then verifies every partition).
 REDIS_CHECK_S = 1.0
+#: How often the joiner re-evaluates idle partitions' watermarks.
+JOIN_TICK_S = 1.0
 
 
 class WorkerState:
@@ -103,6 +113,12 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     batched_agent(app, topics["items"], n, items, 2000, 0.05, "items", state.on_error, dlq)
     batched_agent(app, topics["audit"], n, audit, settings.audit_batch_size, 0.05, "audit",
                   state.on_error, dlq)
+    joiner = JoinHandler(settings, client, metrics, state, builder=clicks.builder, store=clicks.store)
+    joiner.events = events
+    joiner.send = FaustSink(app, state.on_error).send
+    joiner.highwater = lambda topic, p: highwater(app, topic, p)
+    batched_agent(app, (topics["impressions"], topics["actions"]), n, joiner,
+                  settings.click_batch_size, settings.click_batch_within, "join", state.on_error, dlq)
     add_web_pages(app, metrics.registry, state.status)
 
     state.audit_stopped = audit.stopped
@@ -122,6 +138,10 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
         # rebalance must not wait on it), so a Redis that lost writes is caught up.
         for tp in assigned:
             state.assigned.setdefault(tp.topic, set()).add(tp.partition)
+        joined = {tp.partition for tp in assigned if tp.topic == topics["impressions"]}
+        joiner.on_assigned(joined)
+        if joined:  # what a crash left unsent goes out first
+            asyncio.ensure_future(guarded("sending the join outbox", joiner.flush_all()))
         mine = {tp.partition for tp in assigned if tp.topic == topics["clicks"]}
         clicks.on_assigned(mine)
         if mine:
@@ -133,11 +153,17 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
         for tp in revoked:
             state.assigned.get(tp.topic, set()).discard(tp.partition)
         clicks.on_revoked({tp.partition for tp in revoked if tp.topic == topics["clicks"]})
+        joiner.on_revoked({tp.partition for tp in revoked if tp.topic == topics["impressions"]})
         audit.forget({tp.partition for tp in revoked if tp.topic == topics["audit"]})
 
     @app.timer(REDIS_CHECK_S)
     async def check_redis():
         await guarded("verifying partitions after a Redis restart", clicks.check_redis())
+
+    @app.timer(JOIN_TICK_S)
+    async def join_tick():
+        # windows close by the watermark; an idle partition's advances with the clock
+        await guarded("advancing the join watermark", joiner.tick())
 
     @app.timer(PERIOD_S)
     async def sync_codebooks():
@@ -165,6 +191,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
             state.on_error(exc)
 
     app.headwater = {"metrics": metrics, "state": state, "clicks": clicks, "items": items,
+                     "joiner": joiner,
                      "audit": audit, "redis": client}
     return app
 

@@ -75,3 +75,37 @@ def test_item_events_validate():
     check = validator("item-event")
     check.validate({"item_id": "50", "ts": time.time(), "text": "Star Wars (1977)", "tags": ["Sci-Fi"]})
     assert not check.is_valid({"item_id": "", "ts": time.time()})
+
+
+def test_action_events_schema_and_decoder_agree():
+    from streams.schemas import ActionEvent
+
+    check = validator("action-event")
+    now = time.time()
+    cases = [
+        ({"event_id": "a1", "ts": now, "user_id": 7, "item_id": "50", "request_id": "r" * 32}, True),
+        ({"event_id": "a2", "ts": now, "user_id": "7", "item_id": 50}, True),
+        ({"event_id": "a3", "ts": now, "user_id": "7", "item_id": 50, "action": "buy"}, False),
+        ({"event_id": "a4", "ts": now, "user_id": "", "item_id": 50}, False),
+        ({"event_id": "a5", "ts": now, "item_id": 50}, False),
+        ({"event_id": "a6", "ts": 1.0, "user_id": "7", "item_id": 50}, False),
+    ]
+    for event, ok in cases:
+        decoded = decode_message(json.dumps(event).encode(), ActionEvent)
+        assert check.is_valid(event) == ok == (not decoded.errors), (event, decoded.errors)
+
+
+def test_what_serving_logs_validates_as_an_impression():
+    import numpy as np
+
+    from serving.impressions import impression_record
+    from streams.schemas import ImpressionEvent
+
+    record = impression_record("0" * 32, "u1", ["a", 2], np.array([0.5, 0.25]),
+                               np.array([[1, 2], [3, 4]]), np.array([[0.5], [1.5]], np.float32),
+                               time.time(), "000003", "h" * 64)
+    validator("impression-event").validate(record)
+    assert not decode_message(json.dumps(record).encode(), ImpressionEvent).errors
+    record["candidates"] = []
+    assert not validator("impression-event").is_valid(record)
+    assert decode_message(json.dumps(record).encode(), ImpressionEvent).errors

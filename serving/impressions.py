@@ -1,0 +1,150 @@
+"""Impression logging: every ``/v1/score`` answer goes to the ``impressions`` topic.
+
+The request path only puts a reference to what it already computed (scores, the feature
+rows, the model version) into a bounded in-memory queue (:meth:`ImpressionLog.offer`,
+never blocking); one background thread encodes each record as an
+:class:`streams.schemas.ImpressionEvent` and produces it, keyed and partitioned by user
+(the partitioning of ``clicks`` and ``actions``, so the joiner finds a user's
+impressions and actions in the same partition). When the queue is full the record is
+dropped and counted (``headwater_serving_impressions_dropped_total{reason="buffer_full"}``);
+a record the broker refuses is counted under ``reason="send"``. Logging can therefore
+lose impressions under overload or a broker outage, but never slows or fails a request.
+
+The logged rows are the exact ``categorical``/``dense`` arrays the model scored, so a
+training row the joiner builds from them is the served row (no training-serving skew).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from streams.replay import partition_of
+
+__all__ = ["ImpressionLog", "impression_record"]
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+def impression_record(request_id: str, user_id: Any, candidates: list, scores: np.ndarray,
+                      categorical: np.ndarray, dense: np.ndarray, ts: float,
+                      model_version: str, schema_hash: str) -> dict[str, Any]:
+    """The JSON object of one impression (the ``impression-event`` contract).
+
+    >>> r = impression_record("r1", 7, ["a", "b"], np.array([0.5, 0.25]),
+    ...                       np.array([[1, 2], [3, 4]]), np.array([[0.5], [1.0]], np.float32),
+    ...                       1.7e9, "3", "h")
+    >>> r["candidates"][1], r["categorical"][1], r["dense"][0]
+    ({'item_id': 'b', 'position': 1, 'score': 0.25}, [3, 4], [0.5])
+    """
+    return {
+        "request_id": request_id,
+        "ts": float(ts),
+        "user_id": user_id,
+        "model_version": str(model_version),
+        "schema_hash": schema_hash,
+        "candidates": [{"item_id": c, "position": i, "score": float(s)}
+                       for i, (c, s) in enumerate(zip(candidates, scores.tolist(), strict=True))],
+        "categorical": np.asarray(categorical, np.int64).tolist(),
+        "dense": np.asarray(dense, np.float32).astype(np.float64).tolist(),
+    }
+
+
+class ImpressionLog:
+    """A bounded buffer in front of a producer thread (see the module doc).
+
+    ``send(key, value, partition)`` produces one record (a Kafka producer's ``send``
+    bound to the topic, returning a future); ``make_sender`` builds it in the thread, so
+    an unreachable broker delays logging, never the server's start.
+    """
+
+    def __init__(self, make_sender: Callable[[], tuple[Callable[..., Any], Callable[[], None]]],
+                 partitions: int, capacity: int, registry: CollectorRegistry | None = None) -> None:
+        self.partitions = partitions
+        self._queue: queue.Queue = queue.Queue(maxsize=capacity)
+        self._make_sender = make_sender
+        self._thread: threading.Thread | None = None
+        self._encoder = msgspec.json.Encoder()
+        r = registry if registry is not None else CollectorRegistry()
+        self.logged = Counter("headwater_serving_impressions_logged",
+                              "Impressions the broker acknowledged.", registry=r)
+        self.dropped = Counter("headwater_serving_impressions_dropped",
+                               "Impressions not logged: buffer_full (the request never waits) "
+                               "or send (the broker refused).", ["reason"], registry=r)
+        self.depth = Gauge("headwater_serving_impressions_buffered",
+                           "Impressions waiting in serving's buffer.", registry=r)
+        self.depth.set_function(self._queue.qsize)
+
+    def offer(self, record: dict[str, Any]) -> bool:
+        """Queue one impression without waiting; False (and counted) when the buffer is full."""
+        try:
+            self._queue.put_nowait(record)
+            return True
+        except queue.Full:
+            self.dropped.labels("buffer_full").inc()
+            return False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="impressions", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is buffered (for at most ``timeout`` seconds), then stop."""
+        if self._thread is None:
+            return
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            send, flush = self._make_sender()
+        except Exception:  # noqa: BLE001 - logging must never take serving down
+            log.exception("impression logging disabled: no producer")
+            return
+        while True:
+            record = self._queue.get()
+            if record is _STOP:
+                break
+            try:
+                key = str(record["user_id"])
+                part = int(partition_of([key], self.partitions)[0])
+                future = send(key.encode(), self._encoder.encode(record), part)
+                future.add_callback(lambda _m: self.logged.inc())
+                future.add_errback(lambda _e: self.dropped.labels("send").inc())
+            except Exception:  # noqa: BLE001
+                log.exception("logging an impression failed")
+                self.dropped.labels("send").inc()
+        try:
+            flush()
+        except Exception:  # noqa: BLE001
+            log.exception("flushing impressions failed")
+
+
+def kafka_sender(bootstrap: str, topic: str):
+    """``make_sender`` for :class:`ImpressionLog` over a real broker."""
+    def make():
+        from streams.producer import make_producer
+
+        producer = make_producer(bootstrap, connect_timeout=3600.0, linger_ms=5)
+
+        def send(key: bytes, value: bytes, partition: int):
+            return producer.send(topic, key=key, value=value, partition=partition)
+
+        def flush() -> None:
+            producer.flush(timeout=5)
+            producer.close(timeout=5)
+
+        return send, flush
+    return make

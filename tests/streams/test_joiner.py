@@ -1,0 +1,198 @@
+"""The online joiner on a real Redis: one row per impression, labelled in event time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis.asyncio as aioredis
+
+from core.settings import Settings
+from learner.batch import decode_batch
+from streams.join_path import JoinHandler
+from streams.metrics import WorkerMetrics
+
+T0 = 1_700_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def joiner(redis_db):
+    made = []
+
+    async def make(**overrides):
+        settings = Settings(join_window_seconds=60, join_lateness_seconds=2, join_idle_seconds=30,
+                            **overrides)
+        client = aioredis.Redis.from_url(redis_db)
+        clock = Clock()
+        h = JoinHandler(settings, client, WorkerMetrics(), clock=clock)
+        h.clock_ = clock
+        h.sent = []
+
+        async def send(outputs):
+            h.sent.extend(outputs)
+        h.send = send
+        h.on_assigned({0})
+        made.append(client)
+        return h
+    yield make
+    for c in made:
+        await c.aclose()
+
+
+def impression(h: JoinHandler, rid: str, ts: float, items, user="u1") -> bytes:
+    f, d = len(h.schema.categorical), len(h.schema.dense)
+    return json.dumps({
+        "request_id": rid, "ts": ts, "user_id": user, "model_version": "baseline",
+        "schema_hash": h.schema.hash,
+        "candidates": [{"item_id": i, "position": k, "score": 0.5} for k, i in enumerate(items)],
+        "categorical": [[100 * k + j + 1 for j in range(f)] for k in range(len(items))],
+        "dense": [[0.25 * k] * d for k in range(len(items))],
+    }).encode()
+
+
+def action(eid, ts, item, rid=None, user="u1") -> bytes:
+    ev = {"event_id": eid, "ts": ts, "user_id": user, "item_id": item}
+    if rid is not None:
+        ev["request_id"] = rid
+    return json.dumps(ev).encode()
+
+
+def rows(h: JoinHandler) -> dict[str, tuple[int, int]]:
+    """event id -> (label, seq) over every train batch sent; a row sent twice must agree."""
+    out: dict[str, tuple[int, int]] = {}
+    for topic, _k, value, _p in h.sent:
+        if topic != h.topics["train-batches"]:
+            continue
+        b = decode_batch(value)
+        assert b.source_topic == f"joined:{h.imp_topic}"
+        for eid, label, seq in zip(b.table.column("event_id").to_pylist(), b.labels.tolist(),
+                                   b.offsets.tolist(), strict=True):
+            assert out.setdefault(eid, (label, seq)) == (label, seq)
+    return out
+
+
+def dead(h: JoinHandler) -> list[str]:
+    return [json.loads(v)["reason"] for t, _k, v, _p in h.sent if t == h.topics["dead-letter"]]
+
+
+async def test_click_in_window_is_1_the_rest_0_when_the_watermark_passes(joiner):
+    h = await joiner()
+    await h(h.imp_topic, 0, [(0, b"u1", impression(h, "r1", T0, ["a", "b"]))])
+    await h(h.act_topic, 0, [(0, b"u1", action("c1", T0 + 5, "a", "r1"))])
+    assert rows(h) == {"r1:0": (1, 0)}
+    # the window of r1/b (T0 + 60) closes once both sides' event time pass it (+ lateness)
+    await h(h.imp_topic, 0, [(1, b"u1", impression(h, "r2", T0 + 63, ["c"]))])
+    assert "r1:1" not in rows(h)  # actions' side still at T0 + 5
+    await h(h.act_topic, 0, [(1, b"u1", action("c2", T0 + 64, "zz", "other"))])
+    assert rows(h) == {"r1:0": (1, 0), "r1:1": (0, 1)}
+    b = decode_batch(h.sent[0][2])
+    assert b.categorical.tolist()[0][:3] == [1, 2, 3]  # the served row, as logged
+
+
+async def test_an_action_before_its_impression_is_held_and_duplicates_count_once(joiner):
+    h = await joiner()
+    await h(h.act_topic, 0, [(0, b"u1", action("c1", T0 + 3, "a", "r1")),
+                             (1, b"u1", action("c1", T0 + 3, "a", "r1"))])
+    assert rows(h) == {}
+    await h(h.imp_topic, 0, [(0, b"u1", impression(h, "r1", T0, ["a"]))])
+    await h(h.act_topic, 0, [(2, b"u1", action("c1", T0 + 3, "a", "r1"))])
+    assert rows(h) == {"r1:0": (1, 0)}
+    reg = h.metrics.registry
+    assert reg.get_sample_value("headwater_join_actions_total", {"outcome": "duplicate"}) == 2
+    assert reg.get_sample_value("headwater_join_rows_total", {"label": "1"}) == 1
+    assert not dead(h)
+
+
+async def test_a_late_action_is_dead_lettered_and_changes_no_label(joiner):
+    h = await joiner()
+    await h(h.imp_topic, 0, [(0, b"u1", impression(h, "r1", T0, ["a"])),
+                             (1, b"u2", impression(h, "r9", T0 + 200, ["x"], user="u2"))])
+    await h(h.act_topic, 0, [(0, b"u2", action("c0", T0 + 199, "q", "nothing", user="u2"))])
+    assert rows(h) == {"r1:0": (0, 0)}
+    await h(h.act_topic, 0, [(1, b"u1", action("c1", T0 + 100, "a", "r1"))])
+    assert rows(h) == {"r1:0": (0, 0)}
+    assert any("late action" in r for r in dead(h)), dead(h)
+
+
+async def test_actions_without_request_id_match_the_users_latest_impression_of_the_item(joiner):
+    h = await joiner()
+    await h(h.imp_topic, 0, [(0, b"u1", impression(h, "r1", T0, ["a", "b"]))])
+    await h(h.act_topic, 0, [(0, b"u1", action("c1", T0 + 4, "b"))])
+    assert rows(h) == {"r1:1": (1, 0)}
+
+
+async def test_replayed_offsets_change_nothing_and_a_restart_resumes(joiner):
+    h = await joiner()
+    msgs = [(0, b"u1", impression(h, "r1", T0, ["a", "b"]))]
+    await h(h.imp_topic, 0, msgs)
+    await h(h.imp_topic, 0, msgs)  # at-least-once delivery: the same batch again
+    h2 = await joiner()  # a restarted worker on the same Redis
+    await h2(h2.imp_topic, 0, msgs)
+    await h2(h2.act_topic, 0, [(0, b"u1", action("c1", T0 + 1, "b", "r1"))])
+    assert rows(h2) == {"r1:1": (1, 0)}
+    reg = h.metrics.registry
+    assert reg.get_sample_value("headwater_join_impressions_total", {"outcome": "opened"}) == 2
+
+
+async def test_rows_written_but_not_sent_before_a_crash_go_out_once_after_it(joiner):
+    h = await joiner()
+    await h(h.act_topic, 0, [(0, b"u2", action("c0", T0 + 999, "q", "none", user="u2"))])
+
+    async def broker_down(outputs):
+        raise ConnectionError("broker down")
+    h.send = broker_down
+    with pytest.raises(ConnectionError):
+        await h(h.imp_topic, 0, [(0, b"u1", impression(h, "r1", T0, ["a"])),
+                                 (1, b"u1", impression(h, "r2", T0 + 1000, ["b"]))])
+    h2 = await joiner()
+    await h2.flush_all()
+    await h2.flush_all()
+    assert rows(h2) == {"r1:0": (0, 0)} and len(h2.sent) == 1
+    item = await h2.store.entity_features("item:a")
+    assert (item["impressions_total"], item["clicks_total"]) == (1, 0)
+
+
+async def test_idle_partitions_close_windows_with_the_clock(joiner):
+    h = await joiner()
+    await h(h.imp_topic, 0, [(0, b"u1", impression(h, "r1", T0, ["a"]))])
+    await h.tick()
+    assert rows(h) == {}
+    h.clock_.now += 31  # both sides idle from now on: the watermark follows the clock
+    await h.tick()
+    h.clock_.now += 40
+    await h.tick()
+    assert rows(h) == {}  # T0 - 2 + 40 s: the window (60 s) is still open
+    h.clock_.now += 30
+    await h.tick()
+    assert rows(h) == {"r1:0": (0, 0)}
+
+
+async def test_an_impression_logged_under_another_schema_is_dead_lettered(joiner):
+    h = await joiner()
+    bad = json.loads(impression(h, "r1", T0, ["a"]))
+    bad["schema_hash"] = "0" * 64
+    await h(h.imp_topic, 0, [(0, b"u1", json.dumps(bad).encode())])
+    assert rows(h) == {} and "feature schema" in dead(h)[0]
+
+
+async def test_joined_rows_move_the_counters_once(joiner):
+    h = await joiner()
+    await h(h.act_topic, 0, [(0, b"u2", action("c0", T0 + 999, "q", "none", user="u2"))])
+    await h(h.imp_topic, 0, [(0, b"u1", impression(h, "r1", T0, ["a", "b"]))])
+    await h(h.act_topic, 0, [(1, b"u1", action("c1", T0 + 5, "a", "r1"))])
+    await h(h.imp_topic, 0, [(1, b"u1", impression(h, "r2", T0 + 500, ["c"]))])
+    assert rows(h) == {"r1:0": (1, 0), "r1:1": (0, 1)}
+    h2 = await joiner()
+    await h2.flush_all()  # nothing left, and nothing counted again
+    got = {e: await h.store.entity_features(e) for e in ("item:a", "item:b", "user:u1")}
+    assert (got["item:a"]["impressions_total"], got["item:a"]["clicks_total"]) == (1, 1)
+    assert (got["item:b"]["impressions_total"], got["item:b"]["clicks_total"]) == (1, 0)
+    assert (got["user:u1"]["impressions_total"], got["user:u1"]["clicks_total"]) == (2, 1)
