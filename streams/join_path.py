@@ -6,7 +6,7 @@ per candidate, with the feature row the model scored); producers log what users 
 user's impressions and actions, and Faust assigns ``impressions[p]`` and ``actions[p]``
 to the same worker (co-subscribed topics with the same partition count).
 
-Per partition the state lives in Redis under the hash tag ``{hw:join:p}``:
+Per partition the state lives in Redis under the hash tag ``{hw:join:<impressions topic>:p}``:
 
 - ``open``/``due``: impressions waiting for an action, with their expiry (event time of
   the impression + the attribution window ``HEADWATER_JOIN_WINDOW_SECONDS``);
@@ -170,9 +170,10 @@ class JoinHandler:
         self.assigned: set[int] = set()
 
     # -- keys ------------------------------------------------------------------------
-    @staticmethod
-    def key(partition: int, name: str) -> str:
-        return f"{{hw:join:{partition}}}:{name}"
+    def key(self, partition: int, name: str) -> str:
+        # Named by the impressions topic: two deployments (topic prefixes) sharing one
+        # Redis never touch each other's windows.
+        return f"{{hw:join:{self.imp_topic}:{partition}}}:{name}"
 
     def _lock(self, partition: int) -> asyncio.Lock:
         return self._locks.setdefault(partition, asyncio.Lock())
