@@ -117,6 +117,8 @@ class ClickHandler:
         self.stopped: dict[int, str] = {}
         #: pauses fetching a partition (set by the worker)
         self.pause = None
+        #: called with each applied batch's columns (QARM pair mining; set by the worker)
+        self.on_clicks = None
         self._redis_run_id: str | None = None
         self._redis_lost = False
 
@@ -301,8 +303,11 @@ class ClickHandler:
             outputs: list[Output] = []
             cols = await self._decode(topic, partition, messages, outputs, emit=True)
             first = messages[0][0]
-            return await self._apply(topic, partition, cols, first,
-                                     self._next.get(partition, first), outputs)
+            outputs = await self._apply(topic, partition, cols, first,
+                                        self._next.get(partition, first), outputs)
+            if self.on_clicks is not None and partition not in self.stopped and len(cols["ts"]):
+                await self.on_clicks(cols)
+            return outputs
 
     async def _apply(self, topic: str, partition: int, cols: dict, start: int,
                      expect_next: int, outputs: list[Output]) -> list[Output]:
