@@ -210,6 +210,15 @@ class Settings(BaseSettings):
         description="Pull of each re-fit towards the published projection (keeps codes stable).",
     )
     align_temperature: float = Field(0.07, gt=0, description="InfoNCE temperature of the alignment.")
+    em3_queries: int = Field(
+        0, ge=0,
+        description="EM3 Fusion-Q-Former fields in the ranker (trainable queries over each "
+                    "item's stored content); 0 = off.",
+    )
+    em3_cid_weight: float = Field(
+        0.0, ge=0, description="Weight of EM3's content-ID contrastive loss (needs EM3 fields); 0 = off."
+    )
+    em3_cid_temperature: float = Field(0.1, gt=0, description="Temperature of the content-ID loss.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for the learner.")
     log_level: str = Field("INFO", description="Log level for every service.")
     # -- reaching a secured Kafka (core/kafka.py builds every client with these) --

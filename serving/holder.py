@@ -99,7 +99,10 @@ class ModelHolder:
         max_failed_listed: int = 20,
         loader_nice: int = 10,
         clock: Callable[[], float] = time.time,
+        item_content: Any = None,
     ) -> None:
+        #: ``learner.em3.ItemContentTable`` for models with EM3 fields (``None``: none served)
+        self.item_content = item_content
         if keep_loaded < 1:
             raise ValueError(f"keep_loaded must be >= 1, got {keep_loaded}")
         self.store = store
@@ -490,6 +493,13 @@ class ModelHolder:
             model = rebuild_model(ck.manifest["config"], checkpoint_weights(ck.state))
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise LoadFailure("load", f"weights do not fit the manifest config: {exc}") from None
+        em3 = getattr(model, "em3", None)
+        if em3 is not None:  # items' multimodal fields: computed once for this version
+            if self.item_content is None:
+                raise LoadFailure("load", "the model has EM3 fields but serving reads no item "
+                                          "content (HEADWATER_EM3_QUERIES is 0 here)")
+            em3.attach(self.item_content)
+            em3.freeze()
         spec = getattr(model, "spec", None)
         if spec is not None and (
             list(spec.categorical) != self.schema.categorical
