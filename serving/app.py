@@ -368,11 +368,12 @@ def default_row_builder(settings: Settings):
 
 def _item_content(settings: Settings, redis_url: str | None):
     """Item content for EM3 models (``HEADWATER_EM3_QUERIES`` > 0), else ``None``."""
-    if not settings.em3_queries or not redis_url:
+    url = redis_url or settings.redis
+    if not settings.em3_queries or not url:
         return None
     from streams.item_content import item_content_table
 
-    return item_content_table(settings, redis_url)
+    return item_content_table(settings, url)
 
 
 def build_context(

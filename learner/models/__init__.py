@@ -201,7 +201,7 @@ class Ranker(nn.Module):
 
             if "item_id" not in spec.categorical:
                 raise ValueError("EM3 fields need an item_id field in the rows")
-            self.em3 = EM3Fields(out_dim=head_cfg.embedding_dim, **spec.em3)
+            self.em3 = EM3Fields(out_dim=head_cfg.embedding_dim + extra, **spec.em3)
             self._item_col = spec.categorical.index("item_id")
         n_fields = len(spec.categorical) + (self.em3.n_queries if self.em3 is not None else 0)
         self.head = head_cls(head_cfg, n_fields, len(spec.dense))
