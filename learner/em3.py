@@ -62,6 +62,11 @@ class ItemContentTable:
     def __len__(self) -> int:
         return len(self.index)
 
+    def __deepcopy__(self, memo: dict) -> ItemContentTable:
+        # External data, not model state: a copied model (ServedLag's snapshot) reads
+        # the same items' content.
+        return self
+
     def update(self, tokens: np.ndarray, content: np.ndarray) -> None:
         """Add or replace items' content."""
         content = np.asarray(content, np.float32)

@@ -3,6 +3,7 @@ loss, and item fields computed once per loaded version."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 
@@ -52,6 +53,7 @@ def test_qformer_fields_train_with_the_ranking_loss_and_serve_once_per_version()
         trainer.step(decode_batch(payload(64 * k, k)))
         assert model.aux_loss is not None and torch.isfinite(model.aux_loss)
     assert not torch.equal(queries, model.em3.qformer.queries)  # trained end to end
+    assert copy.deepcopy(model).em3.table is table  # snapshots share the content
 
     # A published version: rebuilt from its spec and weights, its item fields computed
     # once at load for every known item, never per request.
