@@ -112,8 +112,11 @@ def _read_all(bootstrap: str, topic: str, want_rows: int, timeout: float) -> lis
         consumer.close()
 
 
-def build(data_dir: Path, encoder: str, partitions: int, timeout: float = 600) -> list[bytes]:
-    """Run broker + Redis + worker, replay MovieLens, return every train-batches payload."""
+def build(data_dir: Path, encoder: str, partitions: int, timeout: float = 600,
+          log_copy: Path | None = None, before_stop=None) -> list[bytes]:
+    """Run broker + Redis + worker, replay MovieLens, return every train-batches payload
+    (``log_copy``: where to keep the worker's log; ``before_stop(redis_url)`` runs
+    before Redis stops, e.g. to copy state out)."""
     from core.settings import Settings
     from features.movielens import load_movielens
     from headwater.servers import free_port, start_broker, start_redis, stop_pid
@@ -139,12 +142,17 @@ def build(data_dir: Path, encoder: str, partitions: int, timeout: float = 600) -
             settings = Settings(partitions=partitions, content_encoder=encoder)
             replay_movielens(settings, bootstrap, data_dir / "ml-100k", progress=False,
                              redis_url=url, wait_items=300)
-            return _read_all(bootstrap, settings.topics["train-batches"], len(ml), timeout)
+            payloads = _read_all(bootstrap, settings.topics["train-batches"], len(ml), timeout)
+            if before_stop is not None:
+                before_stop(url)
+            return payloads
         except BaseException:
             sys.stderr.write((t / "worker.log").read_text(errors="replace")[-3000:])
             raise
         finally:
             stop_pid(worker.pid, timeout=10, proc=worker)
+            if log_copy is not None:
+                log_copy.write_bytes((t / "worker.log").read_bytes())
             redis_server.stop()
             broker.stop()
 

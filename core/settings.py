@@ -225,6 +225,34 @@ class Settings(BaseSettings):
         description="Expiry of the codebook fitter's lease in Redis (one fitter at a time; "
                     "a fitter that dies frees it after this long).",
     )
+    align_online: bool = Field(
+        False,
+        description="QARM alignment online: workers mine <trigger, target> pairs from clicks "
+                    "and each codebook refresh trains the alignment projection on them first.",
+    )
+    align_window: int = Field(20, ge=1, description="Recent clicks per user a trigger is chosen from.")
+    align_max_pairs: int = Field(
+        8192, ge=2, description="Most recent mined pairs kept in Redis (the projection's training set)."
+    )
+    align_min_pairs: int = Field(
+        256, ge=2, description="Pairs needed before a refresh trains the alignment projection."
+    )
+    align_epochs: int = Field(1, ge=1, description="Passes over the pairs per projection re-fit.")
+    align_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the projection re-fit.")
+    align_decay: float = Field(
+        10.0, ge=0,
+        description="Pull of each re-fit towards the published projection (keeps codes stable).",
+    )
+    align_temperature: float = Field(0.07, gt=0, description="InfoNCE temperature of the alignment.")
+    em3_queries: int = Field(
+        0, ge=0,
+        description="EM3 Fusion-Q-Former fields in the ranker (trainable queries over each "
+                    "item's stored content); 0 = off.",
+    )
+    em3_cid_weight: float = Field(
+        0.0, ge=0, description="Weight of EM3's content-ID contrastive loss (needs EM3 fields); 0 = off."
+    )
+    em3_cid_temperature: float = Field(0.1, gt=0, description="Temperature of the content-ID loss.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for the learner.")
     log_level: str = Field("INFO", description="Log level for every service.")
     # -- reaching a secured Kafka (core/kafka.py builds every client with these) --

@@ -14,7 +14,13 @@ the publication script's keys share one Redis Cluster slot:
   one a publication replaces expires an hour later (a worker may be loading it);
 - ``{hw:codebook:<cfg>}:lease`` — the fitter's random token, with an expiry: a fitter
   that dies frees it by itself, and a publication is refused unless the lease is still
-  the publisher's (a fitter whose lease ran out cannot overwrite a newer version).
+  the publisher's (a fitter whose lease ran out cannot overwrite a newer version);
+- ``{hw:codebook:<cfg>}:pairs`` — list of the most recent QARM ``<trigger, target>`` pairs
+  mined from clicks (``"trigger\ttarget"``, oldest first), capped: the alignment
+  projection's training set (``HEADWATER_ALIGN_ONLINE``); ``...:pairs:total`` counts
+  every pair ever mined (a refresh re-trains only when enough are new). The projection itself is part
+  of each codebook version (``projection_weight``/``projection_bias``), so it has the
+  version's lifetime and a restarted worker quantizes with the one that coded the items.
 
 Item codes stay where rows and serving read them (``hw:codes:item:<id>``, written in
 the online store's format); a write carries its codebook generation and never replaces
@@ -109,6 +115,14 @@ class CodebookStore:
     def lease_key(self) -> str:
         return f"{self.base}:lease"
 
+    @property
+    def pairs_key(self) -> str:
+        return f"{self.base}:pairs"
+
+    @property
+    def pairs_total_key(self) -> str:
+        return f"{self.base}:pairs:total"
+
     def version_key(self, version: str) -> str:
         return f"{self.base}:v:{version}"
 
@@ -118,6 +132,14 @@ class CodebookStore:
             vecs = np.asarray(content, dtype="<f4")
             await self.client.hset(self.content_key,
                                    mapping={str(i): vecs[r].tobytes() for r, i in enumerate(ids)})
+
+    async def content_of(self, ids: Sequence[Hashable]) -> dict[str, np.ndarray]:
+        """Stored content of these items (items without content are left out)."""
+        if not len(ids):
+            return {}
+        raw = await self.client.hmget(self.content_key, [str(i) for i in ids])
+        return {str(i): np.frombuffer(v, dtype="<f4") for i, v in zip(ids, raw, strict=True)
+                if v is not None}
 
     async def content_count(self) -> int:
         return int(await self.client.hlen(self.content_key))
@@ -129,6 +151,25 @@ class CodebookStore:
         if not ids:
             return [], np.zeros((0, 0), np.float32)
         return ids, np.stack([np.frombuffer(raw[i.encode()], dtype="<f4") for i in ids])
+
+    # -- alignment pairs ----------------------------------------------------------------
+    async def push_pairs(self, pairs: Sequence[tuple[Hashable, Hashable]], keep: int) -> None:
+        """Append mined ``(trigger, target)`` pairs; only the newest ``keep`` stay."""
+        if pairs:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.rpush(self.pairs_key, *[f"{a}\t{b}" for a, b in pairs])
+            pipe.ltrim(self.pairs_key, -keep, -1)
+            pipe.incrby(self.pairs_total_key, len(pairs))
+            await pipe.execute()
+
+    async def pairs_total(self) -> int:
+        """Pairs mined in all (the list keeps only the newest)."""
+        return int(await self.client.get(self.pairs_total_key) or 0)
+
+    async def pairs(self) -> list[tuple[str, str]]:
+        """Every stored pair, oldest first."""
+        raw = await self.client.lrange(self.pairs_key, 0, -1)
+        return [tuple(r.decode().split("\t", 1)) for r in raw]  # type: ignore[misc]
 
     # -- versions ---------------------------------------------------------------------
     async def current(self) -> tuple[str | None, float]:

@@ -201,6 +201,12 @@ class CodeAssigner:
         if not self.rq.fitted:  # nothing quantized yet: nothing to keep consistent
             self._weight, self._bias, self.projection_version = self._pending
 
+    def projection(self) -> dict[str, np.ndarray] | None:
+        """The projection in force (``None`` = identity), as :meth:`set_projection` takes it."""
+        if self._weight is None:
+            return None
+        return {"weight": self._weight.copy(), "bias": self._bias.copy()}
+
     def load_projection(self, path: str | Path) -> None:
         """Load ``weight``/``bias`` from an ``.npz`` exported by the alignment tower."""
         with np.load(path) as data:

@@ -132,6 +132,8 @@ class TorchLearner:
     ) -> None:
         self.model = model
         self.reference_rows = reference_rows
+        #: the last step's EM3 content-ID loss (``None``: none computed)
+        self.last_aux_loss: float | None = None
         families = {
             "adam": (torch.optim.Adam, torch.optim.SparseAdam),
             "sgd": (torch.optim.SGD, torch.optim.SGD),
@@ -173,9 +175,14 @@ class TorchLearner:
         self.model.train()
         rows = self.model.embedding.lookup(batch.categorical)
         dense = self.dense_tensor(batch)
-        logits = self.model(rows, dense)
+        em3 = getattr(self.model, "em3", None) is not None
+        logits = self.model(rows, dense, batch.categorical) if em3 else self.model(rows, dense)
         y = torch.from_numpy(np.asarray(batch.labels, dtype=np.float32))
         loss = F.binary_cross_entropy_with_logits(logits + logit_offset, y)
+        if em3 and self.model.aux_loss is not None:
+            aux, self.model.aux_loss = self.model.aux_loss, None  # no graph kept on the model
+            self.last_aux_loss = float(aux.detach())
+            loss = loss + aux  # EM3 content-ID contrastive term
         self.model.zero_grad(set_to_none=True)
         loss.backward()
         if self.reference_rows:

@@ -379,6 +379,8 @@ class TrainerSettings:
     wide: bool = False
     wide_lr: float | None = None
     wide_ids: float = 0.0
+    #: EM3 fields (``learner.em3``; ``ModelSpec.em3``): empty = off
+    em3: dict[str, Any] = field(default_factory=dict)
 
     def build(self, schema_json: str) -> PrequentialTrainer:
         """A fresh trainer for a feature schema (the model's fields come from it)."""
@@ -393,7 +395,7 @@ class TrainerSettings:
         head = {**preset_head(self.kind, self.preset), **self.head}
         spec = ModelSpec(
             self.kind, categorical, dense, head, emb.to_dict(), self.dense_norm, self.wide,
-            self.wide_ids,
+            self.wide_ids, dict(self.em3),
         )
         torch.manual_seed(self.seed)
         model = build_model(spec)

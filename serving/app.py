@@ -383,6 +383,16 @@ def default_row_builder(settings: Settings):
     return row_builder(settings)
 
 
+def _item_content(settings: Settings, redis_url: str | None):
+    """Item content for EM3 models (``HEADWATER_EM3_QUERIES`` > 0), else ``None``."""
+    url = redis_url or settings.redis
+    if not settings.em3_queries or not url:
+        return None
+    from streams.item_content import item_content_table
+
+    return item_content_table(settings, url)
+
+
 def build_context(
     settings: Settings,
     redis_client: Any,
@@ -409,6 +419,7 @@ def build_context(
         metrics=metrics_,
         keep_loaded=keep_loaded,
         quality_margin=quality_margin,
+        item_content=_item_content(settings, redis_url),
     )
     online = OnlineStore(redis_client, partitions=settings.partitions,
                          counters=builder.config.counters, registry=registry,

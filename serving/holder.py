@@ -116,6 +116,7 @@ class ModelHolder:
         max_failed_listed: int = 20,
         loader_nice: int = 10,
         clock: Callable[[], float] = time.time,
+        item_content: Any = None,
     ) -> None:
         if keep_loaded < 1:
             raise ValueError(f"keep_loaded must be >= 1, got {keep_loaded}")
@@ -124,7 +125,8 @@ class ModelHolder:
         self.metrics = metrics if metrics is not None else ServingMetrics()
         self.keep_loaded = keep_loaded
         self.loader = ModelLoader(store, schema, quality_metric=quality_metric,
-                                  quality_margin=quality_margin, warmup_rows=warmup_rows)
+                                  quality_margin=quality_margin, warmup_rows=warmup_rows,
+                                  item_content=item_content)
         self.serving_pin = ServingPin(store)
         self.max_failed_listed = max_failed_listed
         self.clock = clock

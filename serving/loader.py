@@ -11,6 +11,7 @@ metrics. Every refusal is a :class:`~serving.models.LoadFailure` with a reason l
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,10 @@ class ModelLoader:
         quality_metric: str = "auc",
         quality_margin: float | None = None,
         warmup_rows: int = 16,
+        item_content: Any = None,
     ) -> None:
+        #: ``learner.em3.ItemContentTable`` for models with EM3 fields (``None``: none served)
+        self.item_content = item_content
         self.store = store
         self.schema = schema
         self.quality_metric = quality_metric
@@ -74,6 +78,13 @@ class ModelLoader:
             model = rebuild_model(ck.manifest["config"], checkpoint_weights(ck.state))
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise LoadFailure("load", f"weights do not fit the manifest config: {exc}") from None
+        em3 = getattr(model, "em3", None)
+        if em3 is not None:  # items' multimodal fields: computed once for this version
+            if self.item_content is None:
+                raise LoadFailure("load", "the model has EM3 fields but serving reads no item "
+                                          "content (HEADWATER_EM3_QUERIES is 0 here)")
+            em3.attach(self.item_content)
+            em3.freeze()
         spec = getattr(model, "spec", None)
         if spec is not None and (
             list(spec.categorical) != self.schema.categorical

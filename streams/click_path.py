@@ -71,6 +71,8 @@ class ClickHandler:
         self.verify_all = self.recovery.verify_all
         self.verify_assigned = self.recovery.verify_assigned
         self.check_redis = self.recovery.check_store
+        #: called with each applied batch's columns (QARM pair mining; set by the worker)
+        self.on_clicks = None
 
     async def __call__(self, topic: str, partition: int, messages: list[Message]) -> list[Output]:
         if partition in self.stopped:
@@ -80,8 +82,11 @@ class ClickHandler:
             outputs: list[Output] = []
             cols = await self._columns(topic, partition, messages, outputs)
             first = messages[0][0]
-            return await self._apply(topic, partition, cols, first,
-                                     self.partitions.next.get(partition, first), outputs)
+            outputs = await self._apply(topic, partition, cols, first,
+                                        self.partitions.next.get(partition, first), outputs)
+            if self.on_clicks is not None and partition not in self.stopped and len(cols["ts"]):
+                await self.on_clicks(cols)
+            return outputs
 
     async def _reapply(self, partition: int, messages: list[Message], start: int) -> list[Output]:
         """Messages read back from the log (a repair), applied from ``start``; their

@@ -9,6 +9,10 @@ Redis, the worker that holds the lease fits the codebooks on all items once enou
 arrived (and refreshes them on a timer), and every worker quantizes with the current
 version it loads from Redis, so code ids are the same on every worker and after a
 restart (a restarted worker codes new items at once; stored codes stay).
+
+With ``HEADWATER_ALIGN_ONLINE`` a refresh first trains the QARM alignment projection on
+the pairs the click agents mined (:mod:`streams.alignment_path`); the projection is
+published inside the new codebook version.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from core.settings import Settings
 from features.codebook_store import CodebookStore
 from features.codes_service import CodeAssigner, CodesConfig
 from features.content import ContentEncoder
 from features.store import OnlineStore
+from streams.alignment_path import pair_arrays, train_projection
 from streams.deadletter import dead_letter, reason_kind
 from streams.events import Message, Output
 from streams.metrics import WorkerMetrics
@@ -74,6 +81,9 @@ class ItemHandler:
                                        self.store.codes_key)
         #: the codebook version loaded into the assigner (``None``: none yet)
         self.version: str | None = None
+        #: pairs mined in all (``CodebookStore.pairs_total``) when the projection in force
+        #: was trained (stored in its codebook version)
+        self.aligned_at = 0
 
     def _config(self) -> CodesConfig:
         return CodesConfig(levels=self.settings.code_levels,
@@ -95,6 +105,7 @@ class ItemHandler:
         if current is not None and current != self.version:
             arrays = await self.codebooks.load(current)
             await self._in_pool(self.assigner().import_codebooks, arrays)
+            self.aligned_at = int(arrays.get("align_pairs_total", 0))
             log.info("codebooks: using version %s (was %s)", current, self.version)
             self.version = current
         return published
@@ -110,11 +121,33 @@ class ItemHandler:
         """
         return await self._fit(refresh=True)
 
-    def _fit_sync(self, ids: list[str], content, refresh: bool):
+    def _fit_sync(self, ids: list[str], content, refresh: bool, pairs=()):
         assigner = self.assigner()
         before = assigner.quantize(ids, content) if refresh else {}
+        aligned = bool(pairs) and self._align(assigner, ids, content, pairs)
         assigner.fit_on(ids, content)
-        return assigner.version, assigner.export_codebooks(), before
+        return assigner.version, assigner.export_codebooks(), before, aligned
+
+    def _align(self, assigner: CodeAssigner, ids: list[str], content, pairs) -> bool:
+        """Train the alignment projection on the mined pairs; the refresh applies it."""
+        trig, tgt, tid = pair_arrays(pairs, ids, content)
+        if len(trig) < self.settings.align_min_pairs:
+            log.info("alignment: %d usable pairs, %d needed: projection kept", len(trig),
+                     self.settings.align_min_pairs)
+            return False
+        weights, loss = train_projection(assigner.projection(), trig, tgt, tid, self.settings,
+                                         seed=assigner.rq.generation)
+        assigner.set_projection(weights)
+        log.info("alignment: projection trained on %d pairs (loss %.4f)", len(trig), loss)
+        return True
+
+    async def _new_pairs(self) -> tuple[list[tuple[str, str]], int]:
+        """The stored pairs if at least ``align_min_pairs`` were mined since the projection
+        in force was trained (else none: no re-fit on old evidence), and the mined total."""
+        total = await self.codebooks.pairs_total()
+        if total - self.aligned_at < self.settings.align_min_pairs:
+            return [], total
+        return await self.codebooks.pairs(), total
 
     async def _fit(self, refresh: bool) -> int:
         token = await self.codebooks.acquire()
@@ -129,12 +162,18 @@ class ItemHandler:
             ids, content = await self.codebooks.all_content()
             if not refresh and len(ids) < self.assigner().config.fit_threshold:
                 return 0
-            version, arrays, before = await self._in_pool(self._fit_sync, ids, content, refresh)
+            pairs, total = [], self.aligned_at
+            if refresh and self.settings.align_online:
+                pairs, total = await self._new_pairs()
+            version, arrays, before, aligned = await self._in_pool(
+                self._fit_sync, ids, content, refresh, pairs)
+            aligned_at = total if aligned else self.aligned_at
+            arrays["align_pairs_total"] = np.array(aligned_at, np.int64)
             if not await self.codebooks.publish(token, version, arrays):
                 log.warning("codebooks: lease lost while fitting %s: not published", version)
                 self.version = None  # the assigner holds an unpublished fit: reload
                 return 0
-            self.version = version
+            self.version, self.aligned_at = version, aligned_at
             # Items whose content arrived while fitting are coded too (their workers
             # may have checked the version before this one was published).
             ids, content = await self.codebooks.all_content()

@@ -43,21 +43,38 @@ def _heartbeat(client: redis.Redis, loop: LearnerLoop, started: float, stop: thr
             log.warning("learner heartbeat failed: %s", exc)
 
 
+@dataclasses.dataclass
 class ServiceTrainerSettings(TrainerSettings):
-    """Tracks cold-item AUC on ``item_id`` when the feature schema has that field."""
+    """Tracks cold-item AUC on ``item_id`` when the feature schema has that field; with
+    EM3 fields, attaches the items' content read from ``content_redis``."""
+
+    content_redis: str | None = None
+    settings: Settings | None = None
 
     def build(self, schema_json: str):
         from learner.batch import schema_fields
 
         categorical, _ = schema_fields(schema_json)
         item = "item_id" if "item_id" in categorical else None
-        return super(ServiceTrainerSettings, dataclasses.replace(self, item_field=item)).build(
+        trainer = super(ServiceTrainerSettings, dataclasses.replace(self, item_field=item)).build(
             schema_json)
+        em3 = getattr(trainer.learner.model, "em3", None)
+        if em3 is not None:
+            if self.content_redis is None or self.settings is None:
+                raise ValueError("EM3 fields need the items' content: no Redis given")
+            from streams.item_content import item_content_table
+
+            em3.attach(item_content_table(self.settings, self.content_redis))
+        return trainer
 
 
-def trainer_settings(settings: Settings) -> ServiceTrainerSettings:
-    """The trainer recipe ``headwater learner`` runs (benchmarks measure this one too)."""
+def trainer_settings(settings: Settings, redis_url: str | None = None) -> ServiceTrainerSettings:
+    """The trainer recipe ``headwater learner`` runs (benchmarks measure this one too);
+    ``redis_url``: where EM3 fields read item content (``HEADWATER_EM3_QUERIES``)."""
+    from streams.item_content import em3_spec
+
     return ServiceTrainerSettings(
+        em3=em3_spec(settings), content_redis=redis_url, settings=settings,
         kind=settings.model_kind, preset=settings.model_preset,
         # River's ROCAUC is thresholded: 10 thresholds read ~0.5 while scores sit in a
         # narrow band early on; 50 cost ~4 % of a step and track the exact AUC closely.
@@ -93,7 +110,7 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
             settings.learner_generation, settings.learner_store_hosted)
     loop = loop_cls(
         bootstrap, settings.topics, open_model_store(settings), settings.model_name,
-        settings=trainer_settings(settings),
+        settings=trainer_settings(settings, redis_url),
         lag_group=f"headwater-learner-{settings.model_name}",
         max_staleness_seconds=settings.learner_max_staleness_seconds or None,
         step_rows=settings.learner_step_rows,

@@ -13,6 +13,7 @@ from core.settings import Settings
 from detection.alert_store import save_alerts
 from detection.baseline_store import BaselineStore
 from detection.state_store import DetectionStateStore
+from streams.alignment_path import ClickPairs
 from streams.app import (
     FaustSink,
     add_web_pages,
@@ -101,6 +102,17 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     state.stopped = clicks.stopped
     items = ItemHandler(settings, client, metrics, state)
     state.codebook_version = lambda: items.version
+    if settings.align_online:
+        pairs = ClickPairs(items.codebooks, settings.align_window, settings.align_max_pairs)
+
+        async def mine(cols) -> None:
+            try:
+                await pairs.observe(cols)
+            except Exception as exc:  # noqa: BLE001 - the rows went out; pairs are optional
+                log.exception("mining alignment pairs failed")
+                state.on_error(exc)
+
+        clicks.on_clicks = mine
     audit = AuditHandler(topics, metrics, alert_sink=lambda alerts: save_alerts(client, alerts),
                          executor=audit_pool, config=audit_engine_config(settings),
                          baseline_store=BaselineStore(client, settings.audit_baseline_ttl),

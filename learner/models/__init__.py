@@ -45,9 +45,12 @@ class ModelSpec:
     #: last embedding column, zero at start) scaled by this factor: Adam's steps move it
     #: this many times faster than the embeddings, as a one-hot logistic regression does.
     wide_ids: float = 0.0
+    #: EM3 (``learner.em3``): ``{"n_queries", "content_dim", "text_dim", ...}``; empty = off
+    em3: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        extra = {"em3": dict(self.em3)} if self.em3 else {}
+        return {**extra,
             "kind": self.kind,
             "categorical": list(self.categorical),
             "dense": list(self.dense),
@@ -72,6 +75,7 @@ class ModelSpec:
             dense_norm=bool(data.get("dense_norm", False)),
             wide=bool(data.get("wide", False)),
             wide_ids=float(data.get("wide_ids", 0.0)),
+            em3=dict(data.get("em3", {})),
         )
 
 
@@ -191,7 +195,18 @@ class Ranker(nn.Module):
         emb_cfg.dim = head_cfg.embedding_dim + extra + (1 if spec.wide_ids else 0)
         self.spec = spec
         self.embedding: FieldEmbedding = build_embedding(spec.categorical, emb_cfg)
-        self.head = head_cls(head_cfg, len(spec.categorical), len(spec.dense))
+        self.em3 = None
+        if spec.em3:
+            from learner.em3 import EM3Fields
+
+            if "item_id" not in spec.categorical:
+                raise ValueError("EM3 fields need an item_id field in the rows")
+            self.em3 = EM3Fields(out_dim=head_cfg.embedding_dim + extra, **spec.em3)
+            self._item_col = spec.categorical.index("item_id")
+        n_fields = len(spec.categorical) + (self.em3.n_queries if self.em3 is not None else 0)
+        self.head = head_cls(head_cfg, n_fields, len(spec.dense))
+        #: the content-ID loss of the last training forward (added by the learner)
+        self.aux_loss: torch.Tensor | None = None
         n_dense = len(spec.dense)
         self.dense_norm = DenseNorm(n_dense) if spec.dense_norm and n_dense else None
         self.wide = nn.Linear(n_dense, 1) if spec.wide and n_dense else None
@@ -207,7 +222,9 @@ class Ranker(nn.Module):
     def train_equals_eval(self) -> bool:
         return bool(getattr(self.head, "train_equals_eval", False))
 
-    def forward(self, rows: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor, dense: torch.Tensor,
+                tokens: np.ndarray | None = None) -> torch.Tensor:
+        """Logits; ``tokens`` (the raw ``[n, F]`` tokens) are needed with EM3 fields."""
         if self.dense_norm is not None:
             dense = self.dense_norm(dense)
         emb = self.embedding(rows)
@@ -215,6 +232,14 @@ class Ranker(nn.Module):
         if self.wide_ids:
             ids_logit = emb[..., -1].sum(-1) * self.wide_ids
             emb = emb[..., :-1]
+        if self.em3 is not None:
+            if tokens is None:
+                raise ValueError("a ranker with EM3 fields needs the rows' tokens")
+            items = np.asarray(tokens)[:, self._item_col]
+            fields = self.em3(items)
+            self.aux_loss = (self.em3.cid_loss(fields, emb[:, self._item_col], items)
+                             if self.training and self.em3.cid_weight else None)
+            emb = torch.cat([emb, fields], dim=1)
         logits = self.head(emb, dense)
         if ids_logit is not None:
             logits = logits + ids_logit
@@ -230,7 +255,8 @@ class Ranker(nn.Module):
     def logits(self, tokens: np.ndarray, dense: np.ndarray) -> torch.Tensor:
         """Logits for raw tokens ``[n, F]`` and dense ``[n, D]`` (read-only mapping)."""
         rows = self.embedding.lookup(tokens)
-        return self(rows, torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)))
+        return self(rows, torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
+                    tokens if self.em3 is not None else None)
 
 
 def build_model(spec: ModelSpec | dict[str, Any]) -> Ranker:
