@@ -85,6 +85,7 @@ class ManualClock:
 
 @dataclass
 class _Record:
+    topic: str
     partition: int
     offset: int
     key: bytes | None
@@ -115,25 +116,31 @@ class AgentHarness:
     def __init__(self) -> None:
         #: agent name -> the registered agent function
         self.agents: dict[str, Any] = {}
+        #: agent name -> the topic names it consumes
+        self.topics: dict[str, tuple[str, ...]] = {}
 
-    def topic(self, name: str, **_options: Any) -> str:
-        return name
+    def topic(self, *names: str, **_options: Any) -> tuple[str, ...]:
+        return names
 
-    def agent(self, topic: str, name: str):
+    def agent(self, topic: tuple[str, ...], name: str):
         def register(fn):
             self.agents[name] = fn
+            self.topics[name] = topic
             return fn
 
         return register
 
-    async def feed(self, name: str, batches: list[list[tuple[int, int, bytes | None, bytes | None]]]) -> None:
-        """Run agent ``name`` over ``batches`` of ``(partition, offset, key, value)``."""
+    async def feed(self, name: str, batches: list[list[tuple]]) -> None:
+        """Run agent ``name`` over ``batches`` of ``(partition, offset, key, value)`` (the
+        agent's first topic) or ``(topic, partition, offset, key, value)``."""
+        first = self.topics[name][0]
 
         class Stream:
             def take_events(self, n: int, within: float):
                 async def events():
                     for batch in batches:
-                        yield [_Event(_Record(*m)) for m in batch]
+                        yield [_Event(_Record(*(m if len(m) == 5 else (first, *m))))
+                               for m in batch]
 
                 return events()
 

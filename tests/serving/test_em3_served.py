@@ -72,6 +72,6 @@ async def test_qformer_fields_are_served_once_per_version(settings, seeded_redis
         np.testing.assert_allclose(got, want, rtol=1e-5)
     # A new version computes its own fields, once, at its load.
     v2, _ = _publish_em3(store, builder, settings, 1)
-    assert await ctx.holder.aoffer(v2) is True
+    assert await ctx.holder.submit(ctx.holder.offer, v2) is True
     assert ctx.holder.current.model.em3.computed == 3 + 1
     assert em3.computed == computed
