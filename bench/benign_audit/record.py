@@ -14,7 +14,10 @@ block written after the detector was tuned (cmake/C++ builds, a bare git remote,
 deploy key used for ssh/scp to this host, ``wget`` from a local artefact server, a
 netcat port test, gpg/openssl-encrypted backups, strace/gdb, sqlite3, node, an
 ``@reboot`` crontab line, a systemd user timer, sudo ``install``/``chage``/``visudo``/
-``journalctl``), on other ports: held-out days for generalisation.
+``journalctl``), on other ports: held-out days for generalisation. ``--accounts team-c``
+adds ``installer.sh``: a tool installed the vendor way (``curl ... | sh`` from an
+artefact server this script starts outside the audited scope, which edits ``.bashrc``
+and installs into a hidden ``~/.hwtool``).
 
 The audit rules are the dev corpus's ``rules.txt`` (same keys and scopes).
 Auditing is always switched off and the rules deleted on exit, also on failure
@@ -58,7 +61,12 @@ ACCOUNT_SETS = {
     "team-b": (("lena", 1621, True, ("sre.sh", "dev.sh", "admin.sh")),
                ("omar", 1622, False, ("sre.sh", "dev.sh")),
                ("kim", 1623, True, ("admin.sh", "sre.sh"))),
+    # installs a tool the vendor way (curl | sh from an endpoint no audited process bound)
+    "team-c": (("nina", 1631, False, ("installer.sh", "dev.sh")),
+               ("paul", 1632, True, ("installer.sh", "admin.sh"))),
 }
+#: port of the unaudited artefact server ``installer.sh`` downloads from (team-c)
+ARTEFACT_PORT = 9400
 ACCOUNTS = ACCOUNT_SETS["team-a"]
 SSH_PORT = 2222
 _SERIAL = re.compile(r"msg=audit\(\d+\.\d+:(\d+)\)")
@@ -169,11 +177,19 @@ def main(argv=None) -> int:
     keydir = Path(tempfile.mkdtemp(prefix="hw-benign-"))
     raw = out / "raw.log"
     sshd = None
+    artefacts = None
     t0 = time.time()
     sessions = 0
     try:
         sshd = start_sshd(keydir)
         setup_accounts(keydir)
+        if any("installer.sh" in scripts for _, _, _, scripts in ACCOUNTS):
+            # started by this (root, no login uid) process: outside the audited scope,
+            # like a vendor's download site
+            artefacts = subprocess.Popen(
+                [sys.executable, "-m", "http.server", str(ARTEFACT_PORT), "--bind",
+                 "127.0.0.1", "--directory", str(HERE / "artefacts")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with AuditRecorder(raw, rules=rules):
             for r in range(1, args.rounds + 1):
                 procs = []
@@ -182,7 +198,7 @@ def main(argv=None) -> int:
                         continue  # not everyone works every block
                     script = rng.choice(scripts)
                     env = {"ROUND": args.seed * 100 + r, "PORT": args.port + 2 * rng.randrange(3),
-                           "SSHPORT": SSH_PORT}
+                           "SSHPORT": SSH_PORT, "APORT": ARTEFACT_PORT}
                     procs.append(session(keydir, name, script, env))
                     sessions += 1
                     time.sleep(rng.uniform(0.5, 4))
@@ -191,6 +207,9 @@ def main(argv=None) -> int:
                 time.sleep(rng.uniform(1, 5))
             time.sleep(2.5)  # let auditd flush the last events
     finally:
+        if artefacts is not None:
+            artefacts.terminate()
+            artefacts.wait(timeout=10)
         if sshd is not None:
             sshd.terminate()
             sshd.wait(timeout=10)
