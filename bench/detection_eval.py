@@ -8,10 +8,11 @@ memory (estimate and tracemalloc peak).
 
 Then the benign recordings of ``bench/benign_audit/data`` (made on this machine
 with ``bench/benign_audit/record.py``): medium+ alerts and false positives per
-host-hour (log time), edge reduction, each on a cold engine; and the held-out
-``test`` log on an engine whose learned baseline was trained on ``train`` first
-(as in production, where the host's baseline persists), with how many rule matches
-the baseline discounted as routine.
+host-hour (log time), edge reduction, each on a cold engine; and every recording
+but ``train`` (all held out) again on an engine whose learned baseline was trained
+on ``train`` first (as in production, where the host's baseline persists), with how
+many rule matches the baseline discounted as routine; then the host-hours and false
+positives per host-hour summed over all recordings and over the held-out ones.
 
     .venv/bin/python bench/detection_eval.py [--data DIR]
 """
