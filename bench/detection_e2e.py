@@ -9,6 +9,12 @@ baseline), in messages of ``--lines`` raw audit lines keyed by host, as
    own counter (``headwater_events_in_total{topic="audit"}`` on ``/metrics``) is
    sampled every second; records/s = counted records / time from the first to the
    last change (the worker process runs the agent on one core: one audit thread).
+   Per core: the same records divided by the CPU time the worker process used
+   meanwhile (``/proc/PID/stat`` utime + stime: every thread of the worker, the Kafka
+   client, the event loop, Redis writes and metrics included), which other users of a
+   shared machine disturb far less than wall time. Baseline in the same run: the bare
+   in-process engine (``DetectionEngine.process_lines`` per message, one engine per
+   host) on the very same messages, per second of this process's CPU time.
 2. Latency at ``--rate`` records/s for ``--seconds``: for each alert update on the
    alerts topic, latency = time the consumer received it − time the producer sent the
    line whose log timestamp equals the alert's ``ts`` (the record that completed the
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import tempfile
@@ -65,6 +72,28 @@ def messages(logs, copies: int, lines_per_msg: int, tag: str):
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_baseline(msgs) -> float:
+    """Records per CPU-second of the bare in-process engine on the same messages."""
+    from detection.engine import DetectionEngine
+
+    engines: dict = {}
+    n = 0
+    cpu = time.process_time()
+    for host, lines in msgs:
+        eng = engines.get(host)
+        if eng is None:
+            eng = engines[host] = DetectionEngine(host=host)
+        eng.process_lines(lines)
+        n += len(lines)
+    return n / (time.process_time() - cpu)
+
+
 def worker_count(port: int) -> float:
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
@@ -73,8 +102,9 @@ def worker_count(port: int) -> float:
     return sum(float(v) for t, v in _COUNTER.findall(text) if t.endswith("audit"))
 
 
-def throughput(kafka, topic, port, msgs) -> dict:
+def throughput(kafka, topic, port, msgs, pid: int) -> dict:
     base = worker_count(port)
+    cpu0 = cpu_seconds(pid)
     total = sum(len(m) for _, m in msgs)
     prod = make_producer(kafka)
     t0 = time.monotonic()
@@ -89,12 +119,14 @@ def throughput(kafka, topic, port, msgs) -> dict:
         if samples[-1][1] >= total:
             break
         time.sleep(1.0)
+    cpu = cpu_seconds(pid) - cpu0
     moving = [(t, n) for t, n in samples if n > 0]
     if len(moving) < 2:
-        return {"records": total, "records_per_s": float("nan"), "produce_s": produced_s}
+        return {"records": total, "records_per_s": float("nan"), "produce_s": produced_s,
+                "cpu_s": cpu, "records_per_cpu_s": float("nan")}
     (t_a, n_a), (t_b, n_b) = moving[0], moving[-1]
     return {"records": total, "counted": n_b, "records_per_s": (n_b - n_a) / (t_b - t_a),
-            "produce_s": produced_s}
+            "produce_s": produced_s, "cpu_s": cpu, "records_per_cpu_s": n_b / cpu}
 
 
 def latency(kafka, topic, alerts_topic, msgs, rate, seconds) -> dict:
@@ -179,11 +211,16 @@ def main(argv=None) -> int:
             time.sleep(0.5)
         topic, alerts = settings.topics["audit"], settings.topics["alerts"]
         burst = messages(logs, max(1, args.burst // per_copy), args.lines, "tp")
-        tp = throughput(kafka, topic, settings.worker_port, burst)
+        tp = throughput(kafka, topic, settings.worker_port, burst, worker.pid)
         print(f"throughput through the worker's audit agent: {tp['records']:,} records "
               f"(dev corpus x{max(1, args.burst // per_copy)}, one host per copy), produced in "
               f"{tp['produce_s']:.1f} s; worker counted {tp.get('counted', 0):,.0f} at "
-              f"{tp['records_per_s']:,.0f} records/s")
+              f"{tp['records_per_s']:,.0f} records/s wall, {tp['records_per_cpu_s']:,.0f} "
+              f"records per worker CPU-second ({tp['cpu_s']:.1f} CPU-s)")
+        base = engine_baseline(burst)
+        print(f"baseline, same messages, bare in-process engine: {base:,.0f} records per "
+              f"CPU-second; worker / engine = {tp['records_per_cpu_s'] / base:.2f}; "
+              f"load average {os.getloadavg()[0]:.1f}")
         lat_msgs = messages(logs, int(args.rate * args.seconds // per_copy) + 1, args.lines, "lt")
         lat = latency(kafka, topic, alerts, lat_msgs, args.rate, args.seconds)
         print(f"latency through the broker at {lat['achieved_rate']:,.0f} records/s "

@@ -311,10 +311,14 @@ class ProvenanceGraph:
         state=None,
         detail: dict | None = None,
         inferred: bool = False,
+        variant=None,
     ) -> Edge | None:
         self.stats["edge_candidates"] += 1
         if self.reduce and op in SKIPPABLE:
-            if self.redundant.is_redundant((proc.nid, op, obj.nid if obj else None), state):
+            key = (proc.nid, op, obj.nid if obj else None)
+            if variant is not None:  # kinds of one op remembered apart (ptrace requests)
+                key += (variant,)
+            if self.redundant.is_redundant(key, state):
                 self.stats["edges_skipped"] += 1
                 return None
         if self.reduce:
@@ -759,9 +763,16 @@ class ProvenanceGraph:
     def _on_misc(self, out, ev, proc, sc, items) -> None:
         op = _MISC[sc]
         target = None
-        if op == "ptrace" and ev.args[1]:
-            target = self.procs.get(ev.args[1])
-        self._edge(out, ev.ts, op, proc, target, detail={"syscall": sc, "request": ev.args[0]})
+        state = None
+        if op == "ptrace":
+            if ev.args[1]:
+                target = self.procs.get(ev.args[1])
+            # a tracer's repeated request on the same tracee, both sides' labels unchanged,
+            # is redundant (strace/gdb issue thousands): see detection.reduction
+            state = (proc.labels, target.labels if target is not None else 0)
+        self._edge(out, ev.ts, op, proc, target, state,
+                   {"syscall": sc, "request": ev.args[0]},
+                   variant=(sc, ev.args[0], ev.args[1]) if op == "ptrace" else None)
 
     # ------------------------------------------------------------------ aging
     def expire(self, now: float | None = None) -> int:

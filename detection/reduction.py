@@ -10,8 +10,11 @@
   the same two nodes and carries no new information flow is dropped. A repeated
   read is redundant while the file is at the same version; a repeated write or
   connect is redundant while the process's labels are unchanged since the last
-  identical edge (labels are the only state that flows). State-changing edges
-  (fork, exec, unlink, rename, chmod with another mode ...) are never skipped.
+  identical edge (labels are the only state that flows); a repeated ``ptrace`` (the
+  same request of the same tracer on the same tracee: ``strace`` and ``gdb`` issue one
+  per traced syscall) is redundant while both processes' labels are unchanged.
+  State-changing edges (fork, exec, unlink, rename, chmod with another mode ...) are
+  never skipped.
 
 Skipping never changes labels or alerts: the skipped edge would have or-ed in
 labels that are already present.
@@ -114,6 +117,7 @@ SKIPPABLE = frozenset(
         "denied",
         "truncate",
         "setuid",
+        "ptrace",
     }
 )
 

@@ -9,12 +9,24 @@ user-unit edits, sudo chores, a local web server probed with ``nc -z`` and
 two or three accounts overlap, as on a shared build host. Time is compressed:
 a work block takes about a minute instead of an hour.
 
+``--accounts team-b`` uses other account names and uids and adds ``sre.sh``, a work
+block written after the detector was tuned (cmake/C++ builds, a bare git remote, a
+deploy key used for ssh/scp to this host, ``wget`` from a local artefact server, a
+netcat port test, gpg/openssl-encrypted backups, strace/gdb, sqlite3, node, an
+``@reboot`` crontab line, a systemd user timer, sudo ``install``/``chage``/``visudo``/
+``journalctl``), on other ports: held-out days for generalisation. ``--accounts team-c``
+adds ``installer.sh``: a tool installed the vendor way (``curl ... | sh`` from an
+artefact server this script starts outside the audited scope, which edits ``.bashrc``
+and installs into a hidden ``~/.hwtool``).
+
 The audit rules are the dev corpus's ``rules.txt`` (same keys and scopes).
 Auditing is always switched off and the rules deleted on exit, also on failure
 (:class:`tests.detection.audit_recorder.AuditRecorder`); accounts, the sudoers
 drop-in and crontabs are removed too.
 
     sudo .venv/bin/python bench/benign_audit/record.py --out /tmp/benign --rounds 8 --seed 1
+    sudo .venv/bin/python bench/benign_audit/record.py --out /tmp/b2 --rounds 12 --seed 11 \
+        --accounts team-b --port 9310
 
 Writes ``OUT/benign.log`` (events of other machine users filtered out, whole
 events only, like the dev corpus) and ``OUT/meta.json``.
@@ -40,9 +52,22 @@ sys.path.insert(0, str(REPO))
 
 from tests.detection.audit_recorder import AuditRecorder  # noqa: E402
 
-#: (name, uid, sudo, work blocks it runs)
-ACCOUNTS = (("dana", 1611, True, ("dev.sh", "admin.sh")), ("erik", 1612, False, ("dev.sh",)),
-            ("ops", 1613, True, ("admin.sh",)))
+#: account sets: (name, uid, sudo, work blocks it runs). ``team-a`` made the corpus the
+#: detector was developed on; ``team-b`` (other names, uids, the ``sre.sh`` block written
+#: afterwards, other ports) records held-out days that test generalisation.
+ACCOUNT_SETS = {
+    "team-a": (("dana", 1611, True, ("dev.sh", "admin.sh")), ("erik", 1612, False, ("dev.sh",)),
+               ("ops", 1613, True, ("admin.sh",))),
+    "team-b": (("lena", 1621, True, ("sre.sh", "dev.sh", "admin.sh")),
+               ("omar", 1622, False, ("sre.sh", "dev.sh")),
+               ("kim", 1623, True, ("admin.sh", "sre.sh"))),
+    # installs a tool the vendor way (curl | sh from an endpoint no audited process bound)
+    "team-c": (("nina", 1631, False, ("installer.sh", "dev.sh")),
+               ("paul", 1632, True, ("installer.sh", "admin.sh"))),
+}
+#: port of the unaudited artefact server ``installer.sh`` downloads from (team-c)
+ARTEFACT_PORT = 9400
+ACCOUNTS = ACCOUNT_SETS["team-a"]
 SSH_PORT = 2222
 _SERIAL = re.compile(r"msg=audit\(\d+\.\d+:(\d+)\)")
 
@@ -70,8 +95,8 @@ def teardown_accounts() -> None:
         sh("crontab", "-r", "-u", name, check=False)
         sh("pkill", "-u", name, check=False)
         sh("userdel", "-r", name, check=False)
-    shutil.rmtree("/var/backups/home-dana", ignore_errors=True)
-    shutil.rmtree("/var/backups/home-ops", ignore_errors=True)
+        shutil.rmtree(f"/var/backups/home-{name}", ignore_errors=True)
+        Path(f"/etc/hw-svc-{name}.conf").unlink(missing_ok=True)
     Path("/var/log/hw-admin-notes.log").unlink(missing_ok=True)
 
 
@@ -138,8 +163,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--port", type=int, default=8090, help="the developers' docs server port")
+    ap.add_argument("--accounts", choices=sorted(ACCOUNT_SETS), default="team-a",
+                    help="which account set works (team-b: held-out names, uids and sre.sh)")
     ap.add_argument("--rules", default=str(REPO.parent / "shared/datasets/audit/rules.txt"))
     args = ap.parse_args(argv)
+    global ACCOUNTS
+    ACCOUNTS = ACCOUNT_SETS[args.accounts]
     rng = random.Random(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,10 +177,19 @@ def main(argv=None) -> int:
     keydir = Path(tempfile.mkdtemp(prefix="hw-benign-"))
     raw = out / "raw.log"
     sshd = None
+    artefacts = None
     t0 = time.time()
+    sessions = 0
     try:
         sshd = start_sshd(keydir)
         setup_accounts(keydir)
+        if any("installer.sh" in scripts for _, _, _, scripts in ACCOUNTS):
+            # started by this (root, no login uid) process: outside the audited scope,
+            # like a vendor's download site
+            artefacts = subprocess.Popen(
+                [sys.executable, "-m", "http.server", str(ARTEFACT_PORT), "--bind",
+                 "127.0.0.1", "--directory", str(HERE / "artefacts")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with AuditRecorder(raw, rules=rules):
             for r in range(1, args.rounds + 1):
                 procs = []
@@ -159,14 +197,19 @@ def main(argv=None) -> int:
                     if rng.random() < 0.25:
                         continue  # not everyone works every block
                     script = rng.choice(scripts)
-                    env = {"ROUND": args.seed * 100 + r, "PORT": args.port + rng.randrange(3)}
+                    env = {"ROUND": args.seed * 100 + r, "PORT": args.port + 2 * rng.randrange(3),
+                           "SSHPORT": SSH_PORT, "APORT": ARTEFACT_PORT}
                     procs.append(session(keydir, name, script, env))
+                    sessions += 1
                     time.sleep(rng.uniform(0.5, 4))
                 for p in procs:
                     p.wait(timeout=600)
                 time.sleep(rng.uniform(1, 5))
             time.sleep(2.5)  # let auditd flush the last events
     finally:
+        if artefacts is not None:
+            artefacts.terminate()
+            artefacts.wait(timeout=10)
         if sshd is not None:
             sshd.terminate()
             sshd.wait(timeout=10)
@@ -175,7 +218,9 @@ def main(argv=None) -> int:
     meta = keep_events(raw, out / "benign.log", {u for _, u, _, _ in ACCOUNTS})
     raw.unlink()
     meta.update(seed=args.seed, rounds=args.rounds, seconds=round(time.time() - t0, 1),
-                accounts=[n for n, _, _, _ in ACCOUNTS], started=t0)
+                accounts=[n for n, _, _, _ in ACCOUNTS], account_set=args.accounts,
+                sessions=sessions,
+                started=t0)
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     print(json.dumps(meta))
     return 0

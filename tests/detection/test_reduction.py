@@ -224,3 +224,33 @@ def test_fork_edge_of_a_labelled_parent_stays_even_when_logged_late():
     g = eng.graph
     assert g.procs[11].labels and not g.procs[12].labels
     assert "fork" in _retained(g.procs[12])
+
+
+def _ptrace(L: Log, pid, ppid, exe, tracee, request):
+    s, t = L._sys(101, pid, ppid, exe, a1=f"{tracee:x}")
+    L.lines[-1] = L.lines[-1].replace("a0=ffffff9c", f"a0={request:x}")
+    L._end(s, t)
+
+
+def test_repeated_ptrace_requests_on_one_tracee_are_skipped_but_not_new_ones():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/strace", ["strace", "-f", "make"])
+    L.fork(12, 11, 13)
+    L.execve(13, 12, "/usr/bin/make", ["make"])
+    for _ in range(50):  # PTRACE_SYSCALL / PTRACE_GETREGS per traced syscall
+        _ptrace(L, 12, 11, "/usr/bin/strace", 13, 0x18)
+        _ptrace(L, 12, 11, "/usr/bin/strace", 13, 0xc)
+    L.fork(11, 10, 14)
+    L.execve(14, 11, "/tmp/inj", ["inj"])
+    _ptrace(L, 14, 11, "/tmp/inj", 13, 0x10)  # PTRACE_ATTACH by an injector: matched
+    _ptrace(L, 14, 11, "/tmp/inj", 13, 0x5)  # PTRACE_POKEDATA: another request, kept
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    assert _retained(g.procs[12]).count("ptrace") == 2  # one per request, not 100
+    assert _retained(g.procs[14]).count("ptrace") == 2
+    assert any("T1055.008" in a["techniques"] for a in eng.alerts("low"))
+    off, _ = _run(L.lines, reduce=False)
+    assert _retained(off.graph.procs[12]).count("ptrace") == 64  # bounded by max_edges
+    assert off.graph.stats["edge_candidates"] - eng.graph.stats["edge_candidates"] == 0
+    assert eng.graph.stats["edges_skipped"] - off.graph.stats["edges_skipped"] >= 98
