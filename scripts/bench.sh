@@ -32,4 +32,6 @@ Long benchmarks (tens of minutes each; see BENCHMARKS.md for what they measure):
   .venv/bin/python bench/learner_movielens.py --seeds 0 1 2
   .venv/bin/python bench/soak.py --minutes 10 --rate 200 --qps 10
   .venv/bin/python bench/codes_ablation.py --seeds 3
+A/B against another checkout (alternating, same Redis):
+  .venv/bin/python bench/click_handler.py --ab ../main --rounds 3
 TXT

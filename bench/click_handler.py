@@ -1,0 +1,128 @@
+"""The click handler alone (decode → dedup → counters in Redis → rows → Arrow), in process.
+
+``bench/click_path.py`` measures the whole worker through the broker, which on a shared
+machine mostly measures the machine; this drives the product's ``ClickHandler`` directly
+with pre-built MovieLens messages against a real redis-server, and reports wall and CPU
+time per event. ``--ab BASE_CHECKOUT`` runs it alternately on another checkout (its
+own code, in a child process) and on this one, ``--rounds`` times each, on one Redis.
+
+Run: ``.venv/bin/python bench/click_handler.py --ab ../main --rounds 3``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_once(redis_url: str, events: int, envelope: int, partitions: int) -> dict:
+    """Process ``events`` MovieLens clicks in envelopes through the handler (this tree's code)."""
+    sys.path.insert(0, str(Path.cwd()))
+    import redis
+    import redis.asyncio as aioredis
+
+    from core.settings import Settings
+    from features.movielens import click_events, load_movielens
+    from streams import click_path
+    from streams.metrics import WorkerMetrics
+    try:
+        from streams.topics import partition_of
+    except ImportError:  # a checkout from before issue 20
+        from streams.replay import partition_of
+    from streams.worker import WorkerState
+
+    redis.Redis.from_url(redis_url).flushdb()
+    settings = Settings(partitions=partitions, content_encoder="hashing")
+    evs = click_events(load_movielens(), 0, events)
+    parts = partition_of([e["user_id"] for e in evs], partitions)
+    batches: dict[int, list] = {p: [] for p in range(partitions)}
+    for ev, p in zip(evs, parts, strict=True):
+        batches[int(p)].append(ev)
+
+    async def go() -> dict:
+        client = aioredis.Redis.from_url(redis_url)
+        metrics = WorkerMetrics()
+        state = WorkerState(metrics)
+        if hasattr(click_path, "click_handler"):
+            handler = click_path.click_handler(settings, client, metrics, state, "127.0.0.1:9")
+        else:
+            handler = click_path.ClickHandler(settings, client, metrics, state, "127.0.0.1:9")
+        topic = settings.topics["clicks"]
+        wall, cpu = time.perf_counter(), time.process_time()
+        rows = 0
+        for p, evs_p in batches.items():
+            offset = 0
+            for start in range(0, len(evs_p), envelope * 10):
+                chunk = evs_p[start:start + envelope * 10]
+                messages = []
+                for k in range(0, len(chunk), envelope):
+                    messages.append((offset, None, json.dumps(chunk[k:k + envelope]).encode()))
+                    offset += 1
+                out = await handler(topic, p, messages)
+                rows += sum(1 for o in out if o[0] == settings.topics["train-batches"])
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        await client.aclose()
+        return {"events": len(evs), "wall_s": wall, "cpu_s": cpu, "messages_out": rows,
+                "events_per_s": len(evs) / wall, "cpu_us_per_event": 1e6 * cpu / len(evs)}
+
+    return asyncio.run(go())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=20000)
+    ap.add_argument("--envelope", type=int, default=200)
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--redis", help="a Redis URL (default: start one)")
+    ap.add_argument("--ab", help="another checkout to compare with, alternately")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.once:
+        print(json.dumps(run_once(args.redis, args.events, args.envelope, args.partitions)))
+        return
+    sys.path.insert(0, str(REPO))
+    from headwater.servers import start_redis
+
+    server = None
+    url = args.redis
+    if url is None:
+        server = start_redis(appendfsync="no")
+        url = server.extra["url"]
+    sides = ([("base", Path(args.ab).resolve())] if args.ab else []) + [("this", REPO)]
+    results: dict[str, list[dict]] = {name: [] for name, _ in sides}
+    try:
+        for r in range(args.rounds):
+            for name, tree in sides:
+                load = os.getloadavg()[0]
+                out = subprocess.run(
+                    [sys.executable, str(REPO / "bench" / "click_handler.py"), "--once", "--redis", url,
+                     "--events", str(args.events), "--envelope", str(args.envelope),
+                     "--partitions", str(args.partitions)],
+                    cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True,
+                    text=True, check=True, timeout=900)
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                res["load"] = load
+                results[name].append(res)
+                print(f"round {r + 1} {name:4s} ({tree}): {res['events_per_s']:,.0f} events/s, "
+                      f"{res['cpu_us_per_event']:.1f} µs CPU/event, load {load:.1f}", flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+    print("\n| checkout | events/s (median) | CPU µs/event (median) |\n|---|---:|---:|")
+    for name, rs in results.items():
+        eps = sorted(x["events_per_s"] for x in rs)[len(rs) // 2]
+        cpu = sorted(x["cpu_us_per_event"] for x in rs)[len(rs) // 2]
+        print(f"| {name} | {eps:,.0f} | {cpu:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
