@@ -138,8 +138,7 @@ async def joined(redis_url: str, ml, events: list[dict], seed: int = 0,
                 if batch:
                     await h(topic, p, batch)
         spent += time.perf_counter() - t
-    # the stream ends: the rest of the windows close as the clock moves on
-    h.idle = float("-inf")
+    # the stream ends: the pending clicks go out, then the rest of the windows close
     last = events[-1]["ts"]
     for p in range(4):
         acts = sorted(pending, key=lambda a: a[0])
@@ -147,10 +146,8 @@ async def joined(redis_url: str, ml, events: list[dict], seed: int = 0,
         if json.loads(msgs[0]):
             await h(h.act_topic, p, [(off[h.act_topic, p], None, msgs[0])])
             off[h.act_topic, p] += 1
-    h.clock = lambda: last + window + 10
     h.on_assigned(range(4))
-    h._idle_from = {p: (last, last) for p in range(4)}
-    await h.tick()
+    await h.close_until(last + window + 10)
     await client.aclose()
     rows = [v for topic, _k, v, _p in sent if topic == settings.topics["train-batches"]]
     return rows, spent, h.delays

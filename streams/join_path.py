@@ -167,6 +167,8 @@ class JoinHandler:
         #: partition -> (wall time, watermark) when both sides went idle
         self._idle_from: dict[int, tuple[float, float]] = {}
         self._started = clock()
+        #: partition -> a watermark floor set by :meth:`close_until`
+        self._floor: dict[int, float] = {}
         self.assigned: set[int] = set()
 
     # -- keys ------------------------------------------------------------------------
@@ -202,6 +204,14 @@ class JoinHandler:
             async with self._lock(p):
                 await self._transact(p, None, [])
                 await self._flush(p)
+
+    async def close_until(self, event_time: float) -> None:
+        """Move every assigned partition's watermark to at least ``event_time`` now and close
+        the windows it passes (the end of a finite replay; a live stream's idle clock does
+        this by itself)."""
+        for p in sorted(self.assigned):
+            self._floor[p] = max(self._floor.get(p, float("-inf")), event_time)
+        await self.tick()
 
     async def flush_all(self) -> None:
         """Send what a crash left in the outbox of every assigned partition."""
@@ -280,7 +290,7 @@ class JoinHandler:
             cand = start_wm + (now - start_wall)
         else:
             cand = wm
-        return max(wm, cand)
+        return max(wm, cand, self._floor.get(p, float("-inf")))
 
     async def _get(self, pipe, p: int, name: str, keys: list[str], overlay: dict) -> dict[str, Any]:
         """Values of ``keys`` in hash ``name``: the batch's own changes first, then what

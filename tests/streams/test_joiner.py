@@ -196,3 +196,12 @@ async def test_joined_rows_move_the_counters_once(joiner):
     assert (got["item:a"]["impressions_total"], got["item:a"]["clicks_total"]) == (1, 1)
     assert (got["item:b"]["impressions_total"], got["item:b"]["clicks_total"]) == (1, 0)
     assert (got["user:u1"]["impressions_total"], got["user:u1"]["clicks_total"]) == (2, 1)
+
+
+async def test_close_until_ends_a_finite_replay(joiner):
+    h = await joiner()
+    await h(h.imp_topic, 0, [(0, b"u1", impression(h, "r1", T0, ["a"]))])
+    await h.close_until(T0 + 59)
+    assert rows(h) == {}
+    await h.close_until(T0 + 60)
+    assert rows(h) == {"r1:0": (0, 0)}
