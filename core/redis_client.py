@@ -60,6 +60,11 @@ def cluster_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
     return first, others
 
 
+#: A cluster client's socket timeouts unless the caller gives its own: a seed or node
+#: that died may have its port taken by another process that accepts and never answers.
+CLUSTER_TIMEOUTS = {"socket_connect_timeout": 2.0, "socket_timeout": 10.0}
+
+
 def connect(url: str, **kwargs: Any):
     """A blocking client for ``url``: ``redis.Redis``, or ``redis.RedisCluster``."""
     import redis
@@ -68,6 +73,7 @@ def connect(url: str, **kwargs: Any):
         return redis.Redis.from_url(url, **kwargs)
     from redis.cluster import ClusterNode, RedisCluster
 
+    kwargs = {**CLUSTER_TIMEOUTS, **kwargs}
     first, others = cluster_seeds(url)
     return RedisCluster.from_url(first, startup_nodes=[ClusterNode(h, p) for h, p in others],
                                  **kwargs)
@@ -81,6 +87,7 @@ def connect_async(url: str, **kwargs: Any):
         return redis.asyncio.Redis.from_url(url, **kwargs)
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+    kwargs = {**CLUSTER_TIMEOUTS, **kwargs}
     first, others = cluster_seeds(url)
     return RedisCluster.from_url(first, startup_nodes=[ClusterNode(h, p) for h, p in others],
                                  **kwargs)

@@ -139,6 +139,11 @@ def test_stack_on_redis_cluster_exact_through_a_master_failover(kafka_bootstrap,
             victim.proc.wait()
         finally:
             replica.proc.send_signal(signal.SIGCONT)
+        # From here on the test's own clients seed from live nodes only (the dead one's
+        # port may belong to another process by now); the services keep the full URL.
+        cluster.url = "redis+cluster://" + ",".join(
+            f"{n.host}:{n.port}" for n in cluster.nodes if n is not victim)
+        stack["url"] = cluster.url
         wait_until(lambda: _owner(cluster, "{hw:p0}:offsets") is replica, 60, interval=0.5,
                    what="the replica promoted", on_fail=stack["logs"])
         produce(kafka_bootstrap, clicks, events[3 * N_EVENTS // 4:], pause=0.002)
