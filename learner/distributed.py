@@ -222,6 +222,7 @@ class DataParallelStep:
         t.batches += 1
         if probs is not None:
             result.scores = probs
+            result.labels = np.asarray(rows.labels)
         return result
 
     def _backward(
