@@ -186,8 +186,10 @@ def test_a_slow_stream_makes_one_step_per_deadline_not_one_per_message(kafka_boo
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     for i in range(3):
         producer.send(topics["train-batches"], partition=0,
-                      value=make_payload(10, offset=10 * i, seed=i)).get(10)
-        assert wait_for(lambda i=i: loop.service.pending_rows == 10 * (i + 1))
+                      value=make_payload(10, offset=10 * i, seed=i)).get(60)
+        # the first wait includes the loop's start (consumer, assignment, building the
+        # model): minutes on a saturated 2-core machine; the frozen clock keeps it race-free
+        assert wait_for(lambda i=i: loop.service.pending_rows == 10 * (i + 1), timeout=180)
         now[0] += 0.5  # 1.5 s in all: before the deadline
     producer.close()
     assert loop.service.trainer.rows_trained == 0 and loop.service.trainer.batches == 0
