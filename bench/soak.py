@@ -9,7 +9,9 @@ N > 1, the default 2: a rolling restart by SIGHUP while the others keep answerin
 produced vs counted — per user and per item against a direct count of what was sent,
 so a loss and a double count cannot cancel out — rows trained, models published and swapped, failed requests, and
 the memory (RSS) of every process over time; and the learner's backlog (rows waiting on
-``train-batches``, from its heartbeat every 2 s): its maximum and its course over time.
+``train-batches``, from its heartbeat every 2 s): its maximum and its course over time;
+and freshness: click -> first scoring response from a model trained on it, probed one
+click at a time all along (p50 / p99 / max, and the same over probes no fault overlapped).
 
 Run: ``.venv/bin/python bench/soak.py --minutes 10`` (``--rate``, ``--qps``).
 """
@@ -118,6 +120,90 @@ class Load(threading.Thread):
             time.sleep(max(0.0, 1.0 / self.qps - (time.monotonic() - t0)))
 
 
+class Freshness(threading.Thread):
+    """Click -> first response from a model trained on it, one probe at a time.
+
+    Each probe produces one click for a fresh user (to the partition the product's
+    replay would use), then asks ``POST /v1/score`` for that user every ``poll`` seconds
+    until the answering ``model_version``'s manifest has a watermark past the click's
+    offset on its partition (``bench/serving_freshness.py``'s test). A probe that is not
+    served within ``timeout`` seconds counts as timed out.
+    """
+
+    def __init__(self, kafka: str, topic: str, port: int, store: Path, partitions: int,
+                 poll: float = 0.1, timeout: float = 120.0):
+        super().__init__(daemon=True)
+        self.kafka, self.topic, self.partitions = kafka, topic, partitions
+        self.url = f"http://127.0.0.1:{port}/v1/score"
+        self.store, self.poll, self.timeout = store, poll, timeout
+        self.stop = threading.Event()
+        self.probes: list[tuple[float, float]] = []  # (click time, seconds to served)
+        self.timed_out = 0
+
+    def _version(self, user: str) -> str | None:
+        body = json.dumps({"user_id": user, "candidates": ["50"]}).encode()
+        req = urllib.request.Request(self.url, data=body, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return json.loads(resp.read()).get("model_version")
+        except (OSError, ValueError):
+            return None
+
+    def run(self) -> None:
+        import uuid
+
+        from bench.serving_freshness import trained_past
+
+        producer = KafkaProducer(bootstrap_servers=self.kafka, linger_ms=0, retries=20)
+        manifests: dict[str, dict] = {}
+        while not self.stop.is_set():
+            user = f"fresh-{uuid.uuid4().hex[:8]}"
+            event = {"event_id": uuid.uuid4().hex, "ts": time.time(), "user_id": user,
+                     "item_id": "50", "label": 1, "context": {"device": "soak"}}
+            part = int(partition_of([user], self.partitions)[0])
+            t_click = time.monotonic()
+            try:
+                meta = producer.send(self.topic, json.dumps(event).encode(),
+                                     partition=part).get(10)
+            except Exception:  # noqa: BLE001 - the broker is fine in this soak; retry later
+                self.stop.wait(1.0)
+                continue
+            while not self.stop.is_set():
+                v = self._version(user)
+                if v is not None and v not in manifests:
+                    try:
+                        manifests[v] = json.loads((self.store / v / "manifest.json").read_text())
+                    except (OSError, ValueError):
+                        v = None
+                if v is not None and trained_past(manifests[v], [self.topic], meta.partition,
+                                                  meta.offset):
+                    self.probes.append((t_click, time.monotonic() - t_click))
+                    break
+                if time.monotonic() - t_click > self.timeout:
+                    self.timed_out += 1
+                    break
+                self.stop.wait(self.poll)
+            self.stop.wait(1.0)
+        producer.close()
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))], 2)
+
+
+def _freshness(fresh: Freshness, injected: list[tuple[int, str]], t0: float) -> dict:
+    lat = [d for _, d in fresh.probes]
+    quiet = [d for t, d in fresh.probes
+             if not any(t - t0 - 1 <= at <= t - t0 + d for at, _ in injected)]
+    return {"probes": len(lat), "timed_out": fresh.timed_out,
+            "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99), "max": _pct(lat, 1.0),
+            "quiet_probes": len(quiet), "quiet_p50": _pct(quiet, 0.5),
+            "quiet_p99": _pct(quiet, 0.99)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10.0)
@@ -143,8 +229,11 @@ def main() -> None:
     ml = load_movielens()
     producer = Producer(kafka, settings.topics["clicks"], click_events(ml), args.rate, settings.partitions)
     load = Load(settings.http_port, args.qps)
+    fresh = Freshness(kafka, settings.topics["clicks"], settings.http_port,
+                      settings.model_store / settings.model_name, settings.partitions)
     producer.start()
     load.start()
+    fresh.start()
     faults = ["kill -9 worker", "kill -9 learner", "restart redis", "restart serving"]
     memory: list[dict] = []
     injected = []
@@ -215,6 +304,8 @@ def main() -> None:
         time.sleep(0.2)
     producer.stop.set()
     producer.join()
+    fresh.stop.set()
+    fresh.join()
     # Drain: wait until every produced event is counted (or 120 s).
     store = SyncOnlineStore.from_url(url, partitions=settings.partitions)
 
@@ -262,6 +353,9 @@ def main() -> None:
         "requests_refused_otherwise": load.refused_unexpected,
         "serve_workers": args.serve_workers,
         "versions_served": len(load.versions),
+        # click -> first /v1/score answer from a model trained on it (one probe at a time);
+        # "quiet": probes with no fault injected between the click and the answer
+        "freshness_s": _freshness(fresh, injected, t0),
         "memory_mb": memory,
     }
     print(json.dumps(summary, indent=1))

@@ -204,7 +204,9 @@ class Settings(BaseSettings):
         "fgcnn", description="Ranker: fgcnn (the paper's), ipnn, deepfm or lr (learner/models)."
     )
     model_preset: str = Field(
-        "stream", description="Size preset of the ranker: stream (CPU-sized), compact or criteo."
+        "lean",
+        description="Size preset of the ranker: lean (CPU-sized, the default), stream, compact "
+                    "or criteo (learner/models/fgcnn.py).",
     )
     downsample_backlog_rows: int = Field(
         50_000, ge=0,

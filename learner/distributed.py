@@ -210,6 +210,7 @@ class DataParallelStep:
         t.batches += 1
         if probs is not None:
             result.scores = probs
+            result.labels = np.asarray(rows.labels)
         return result
 
     def _backward(
@@ -363,7 +364,9 @@ class DistributedLearnerLoop(LearnerLoop):
             svc.train_pending(backlog=backlog)
         else:
             assert self._stepper is not None
-            self._stepper([], backlog=backlog)
+            # the group's rows, trained in a step this member had no rows for: counted here
+            # too (rank 0's /metrics and publication budget cover the whole group)
+            svc.account(self._stepper([], backlog=backlog))
         for payload, position in self._stale_msgs:
             svc.skip_stale(payload, position=position)  # nothing waits: no training inside
         self._stale_msgs.clear()

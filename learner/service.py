@@ -306,6 +306,12 @@ class LearnerService:
         for _batch, position in pending:
             if position is not None:
                 self._record_position(position)
+        self.account(result)
+        return result
+
+    def account(self, result: StepResult) -> None:
+        """Count a step's rows in the counters, gauges and publication budget (a group
+        member's step with no rows of its own counts the group's rows too)."""
         self.rows_since_publish += result.rows_scored
         self.metrics.rows_trained.inc(result.rows_trained)
         if result.rows_duplicate:
@@ -321,7 +327,6 @@ class LearnerService:
                 result.rows_in,
             )
         self._update_gauges()
-        return result
 
     def _update_gauges(self) -> None:
         if self.trainer is None:

@@ -70,6 +70,8 @@ class StepResult:
     rows_downsampled: int = 0
     drifts: int = 0
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: labels of the scored rows (``scores[i]`` is the prequential score of ``labels[i]``)
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0))
     kept: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
@@ -231,7 +233,7 @@ class PrequentialTrainer:
             result.rows_trained = len(labels)
 
         result.rows_scored = len(labels)
-        result.scores, result.kept = probs, kept
+        result.scores, result.labels, result.kept = probs, labels, kept
         result.drifts = self.metrics.update(labels, probs)
         if self.item_field is not None:
             j = batches[0].categorical_fields.index(self.item_field)

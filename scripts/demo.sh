@@ -33,8 +33,17 @@ from tqdm import tqdm
 base = f"http://127.0.0.1:{os.environ.get('HEADWATER_HTTP_PORT', '8000')}"
 
 def status():
-    with urllib.request.urlopen(f"{base}/v1/status", timeout=10) as r:
-        return json.loads(r.read())
+    # a status read that times out (serving busy on a loaded machine) is retried, never
+    # fatal: the wait below is bounded by DEMO_TRAIN_TIMEOUT
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/v1/status", timeout=10) as r:
+                return json.loads(r.read())
+        except (OSError, ValueError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            print(f"(status read failed: {exc}; retrying)", file=sys.stderr)
+            time.sleep(1)
 
 def counts(doc):
     workers = doc["services"].get("worker", [])

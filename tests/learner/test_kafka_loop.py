@@ -171,3 +171,31 @@ def test_messages_past_the_staleness_bound_are_skipped_not_trained(kafka_bootstr
     assert tr.metrics.rows == 32, "skipped rows are not scored either"
     assert loop.service.consumer_positions == {f"{topics['train-batches']}:0": 3}
     assert tr.watermarks_json() == {"clicks:0": {"offset": 95, "sub": 1}}
+
+
+def test_a_slow_stream_makes_one_step_per_deadline_not_one_per_message(kafka_bootstrap, tmp_path):
+    """Messages trickling in one at a time through the real loop wait for each other: the
+    step runs when the oldest has waited ``step_wait_seconds`` (the loop's tick after an
+    empty poll), with every row received by then, as one optimizer step."""
+    _, topics = fresh_topics(kafka_bootstrap, "slow")
+    now = [1000.0]
+    loop = LearnerLoop(kafka_bootstrap, topics, tmp_path, settings=SETTINGS,
+                       publish_every_seconds=None, step_rows=256, step_wait_seconds=2.0)
+    loop.service.clock = lambda: now[0]  # the deadline moves only when the test says so
+    t = start(loop)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    for i in range(3):
+        producer.send(topics["train-batches"], partition=0,
+                      value=make_payload(10, offset=10 * i, seed=i)).get(60)
+        # the first wait includes the loop's start (consumer, assignment, building the
+        # model): minutes on a saturated 2-core machine; the frozen clock keeps it race-free
+        assert wait_for(lambda i=i: loop.service.pending_rows == 10 * (i + 1), timeout=180)
+        now[0] += 0.5  # 1.5 s in all: before the deadline
+    producer.close()
+    assert loop.service.trainer.rows_trained == 0 and loop.service.trainer.batches == 0
+    now[0] += 0.5  # the oldest message has now waited 2 s
+    assert wait_for(lambda: loop.service.trainer.rows_trained == 30)
+    assert loop.service.trainer.batches == 1, "three slow messages, one step"
+    assert loop.service.pending_rows == 0
+    loop.stop()
+    t.join(30)

@@ -65,6 +65,7 @@ LEARNERS: dict[str, Callable[[], Learner]] = {
     "deepfm": _torch("deepfm"),
     "ipnn": _torch("ipnn"),
     "fgcnn-stream": _torch("fgcnn"),
+    "fgcnn-lean": _torch("fgcnn", preset="lean"),  # the default (core.settings)
     "fgcnn-compact": _torch("fgcnn", preset="compact"),
     "fgcnn-no-wide": _torch("fgcnn", wide=False),
     "fgcnn-dynamic-tables": _torch("fgcnn", embedding="dynamic"),

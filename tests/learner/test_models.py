@@ -9,7 +9,8 @@ from learner.models.fgcnn import FGCNN, PRESETS, FGCNNConfig, pairwise_inner_pro
 from learner.protocol import Rows, TorchLearner
 
 
-@pytest.mark.parametrize("preset, n_fields", [("criteo", 10), ("compact", 14)])
+@pytest.mark.parametrize("preset, n_fields",
+                         [("criteo", 10), ("compact", 14), ("stream", 33), ("lean", 33)])
 def test_fgcnn_shapes_for_presets(preset, n_fields):
     cfg = FGCNNConfig(**PRESETS[preset])
     model = FGCNN(cfg, n_fields=n_fields, n_dense=2)
