@@ -4,7 +4,7 @@ The product's own rows (``bench/pipeline_rows.py``: the worker's ``train-batches
 MovieLens-100K replay, 33 categorical + 36 dense fields) are written to a fresh
 ``train-batches`` topic on a real broker (keyed by source partition, as the worker does);
 then ``python -m headwater learner --procs N`` trains them with the default model
-(FGCNN ``stream`` preset, wide part, steps of 256 rows per member), down-sampling and the
+(FGCNN, the default preset, wide part, steps of 256 rows per member), down-sampling and the
 staleness bound off so every row is trained, publications every 20,000 rows. Rank 0's ``/metrics`` counter of rows trained
 (the group's) is sampled every 0.2 s; rows/s is taken between 10 % and 90 % of the rows
 (start-up excluded), and the end-to-end time from launch to the last row is printed too.

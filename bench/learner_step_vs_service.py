@@ -4,7 +4,7 @@ product's own rows with the product's own trainer recipe.
 Rows: the worker's ``train-batches`` messages of a MovieLens-100K replay
 (``bench/pipeline_rows.py``: 33 categorical + 36 dense fields). Recipe: exactly what
 ``headwater learner`` builds (``streams.learner_runner.trainer_settings`` over default
-settings: FGCNN ``stream``, wide part, hashed tables, served-lag AUC, 50-threshold AUC).
+settings: FGCNN with the default preset (``lean``), wide part, hashed tables, served-lag AUC, 50-threshold AUC).
 
 * ``bare``: forward + log-loss + backward + Adam + SparseAdam of the same model on the
   same steps (the service's accumulation of messages into steps of >= 256 rows is
