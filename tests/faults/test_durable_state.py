@@ -262,6 +262,10 @@ def test_codebooks_are_shared_by_two_workers_and_kept_across_a_restart(stack, da
                on_fail=stack["logs"])
     version = client.hget(books.current_key, "version").decode()
     assert {c[2] for c in _stored_codes(client, ids).values()} == {version}
+    # The fitter logs its first fit after writing the codes: wait for the line, then
+    # there must be exactly one (the lease).
+    wait_until(lambda: "first fit" in "".join(w.log() for w in workers), 30,
+               what="the fitter's first-fit log line", on_fail=stack["logs"])
     logs = "".join(w.log() for w in workers)
     assert logs.count("first fit") == 1, logs[-3000:]  # one fitter (the lease)
     wait_until(lambda: [s.get("codebook_version") for s in _worker_statuses(client)] == [version] * 2,
