@@ -218,6 +218,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=300.0, help="click events per second")
     ap.add_argument("--qps", type=float, default=20.0, help="scoring requests per second")
+    ap.add_argument("--drain-seconds", type=float, default=120.0,
+                    help="after the producer stops, wait at most this long for every event "
+                         "to be counted before the per-entity check")
     ap.add_argument("--serve-workers", type=int, default=2,
                     help="serving processes on one port; > 1 restarts serving by a rolling "
                          "restart (SIGHUP), 1 by stopping and starting the only one")
@@ -315,7 +318,7 @@ def main() -> None:
     producer.join()
     fresh.stop.set()
     fresh.join()
-    # Drain: wait until every produced event is counted (or 120 s).
+    # Drain: wait until every produced event is counted (or --drain-seconds).
     store = SyncOnlineStore.from_url(url, partitions=settings.partitions)
 
     def counted(kind: str = "user") -> dict[str, int]:
@@ -323,11 +326,13 @@ def main() -> None:
         return {e: int(store.entity_features(e)["impressions_total"])
                 for e in producer.per_entity if e.startswith(f"{kind}:")}
 
-    deadline = time.monotonic() + 120
+    drain_start = time.monotonic()
+    deadline = drain_start + args.drain_seconds
     n_counted = sum(counted().values())
     while n_counted < producer.sent and time.monotonic() < deadline:
         time.sleep(2)
         n_counted = sum(counted().values())
+    drain_s = time.monotonic() - drain_start
     # Per entity, against the direct count: a loss and a double count cannot cancel out.
     accounting = {}
     for kind in ("user", "item"):
@@ -346,6 +351,7 @@ def main() -> None:
     summary = {
         "minutes": args.minutes, "rate": args.rate, "faults": injected,
         "events_produced": producer.sent, "events_counted": n_counted,
+        "drain_s": round(drain_s, 1),
         "lost": {kind: a["lost"] for kind, a in accounting.items()},
         "counted_twice": {kind: a["counted_twice"] for kind, a in accounting.items()},
         "accounting": accounting,

@@ -41,14 +41,16 @@ class _Producer:
         self.topic = f"{prefix}train-batches"
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=8 << 20)
         self.next_offset = [0] * PARTITIONS
+        self.messages = [0] * PARTITIONS
         self.sent = 0
 
-    def send(self, messages: int) -> None:
+    def send(self, messages: int, only: int | None = None) -> None:
         for _ in range(messages):
-            p = self.sent % PARTITIONS
+            p = self.sent % PARTITIONS if only is None else only
             self.producer.send(self.topic, make_payload(ROWS, self.next_offset[p], seed=self.sent,
                                                         partition=p), partition=p)
             self.next_offset[p] += ROWS
+            self.messages[p] += 1
             self.sent += 1
         self.producer.flush()
 
@@ -64,6 +66,17 @@ def _rank0_status(client: redis.Redis) -> dict:
     docs = [json.loads(client.get(k)) for k in client.keys("hw:status:learner:*")]
     docs = [d for d in docs if d.get("rank") == 0 and psutil.pid_exists(d["pid"])]
     return max(docs, key=lambda d: d["updated_at"]) if docs else {}
+
+
+def _rank0_rows_metric(port: str) -> float:
+    """``headwater_learner_rows_trained_total`` from the group's one /metrics endpoint."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("headwater_learner_rows_trained_total "):
+                return float(line.split()[1])
+    return 0.0
 
 
 def _latest(store: ModelStore) -> dict:
@@ -82,9 +95,8 @@ def _check_final(store: ModelStore, producer: _Producer, total_rows: int) -> dic
     assert manifest["watermarks"] == {
         f"clicks:{p}": {"offset": producer.next_offset[p] - 1, "sub": 1} for p in range(PARTITIONS)
     }
-    per_partition = [len(range(p, producer.sent, PARTITIONS)) for p in range(PARTITIONS)]
     assert state["consumer_positions"] == {
-        f"{producer.topic}:{p}": per_partition[p] for p in range(PARTITIONS)
+        f"{producer.topic}:{p}": producer.messages[p] for p in range(PARTITIONS)
     }
     return manifest
 
@@ -95,18 +107,29 @@ def test_learner_group_trains_every_row_exactly_once(kafka_bootstrap, redis_db, 
                HEADWATER_PUBLISH_EVERY_SECONDS="1")
     producer = _Producer(kafka_bootstrap, topic_prefix)
     producer.send(24)
-    total = producer.sent * ROWS
     store = LocalModelStore(tmp_path / "models", "ranker")
     client = redis.Redis.from_url(redis_db)
     group = Service("learner", env, tmp_path / "logs")
     try:
-        wait_until(lambda: _latest(store).get("rows_trained") == total, 120, interval=0.2,
-                   what="a publication covering every row", on_fail=group.log)
+        # then rows on one partition at a time, each batch once the group has trained all
+        # before it: whichever member owns that partition, the other one's are dry and it
+        # steps with no rows of its own (the group's rows must still count on rank 0)
+        for only in (None, 0, PARTITIONS - 1):
+            if only is not None:
+                producer.send(3, only=only)
+            total = sum(producer.next_offset)
+            wait_until(lambda t=total: _latest(store).get("rows_trained") == t, 120, interval=0.2,
+                       what=f"a publication covering every row (to {total})", on_fail=group.log)
         ranks = wait_until(lambda: {json.loads(client.get(k)).get("rank")
                                     for k in client.keys("hw:status:learner:*")} >= {0, 1}, 10,
                            what="a heartbeat from both members")
         assert ranks
         assert len(_members(group)) == 2
+        # rank 0's /metrics counts the whole group's rows, also those of steps it had no
+        # rows for (it once stalled below the total when its partitions ran dry first)
+        wait_until(lambda: _rank0_rows_metric(env["HEADWATER_LEARNER_PORT"]) == total, 10,
+                   interval=0.2, what="rank 0's rows_trained counter at the group's total",
+                   on_fail=lambda: str(_rank0_rows_metric(env["HEADWATER_LEARNER_PORT"])))
         group.stop()  # the members stop together; rank 0 publishes nothing new
         assert group.proc.returncode == 0, group.log()[-3000:]
         _check_final(store, producer, total)
