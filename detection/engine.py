@@ -116,6 +116,8 @@ class _Policy:
         self.wrappers = rules.names("wrappers")
         self.metadata_tools = rules.names("metadata_tools")
         self.downloaders = rules.names("downloaders")
+        startup = rules.patterns.get("shell_startup")  # kept as text: the policy is in the state
+        self.shell_startup = startup.pattern if startup is not None else None
         self.stdin_runners = (rules.names("shells") | rules.names("interpreters_python")
                               | rules.names("interpreters_other"))
         self.trusted_networks = tuple(cfg.trusted_networks)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os.path
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -85,7 +86,8 @@ class ProvenanceGraph:
     ----------
     policy : GraphPolicy-like
         Object with ``auth_programs``, ``trusted_installers``, ``wrappers``,
-        ``metadata_tools`` (sets of exe basenames) and ``trusted_networks``.
+        ``metadata_tools`` (sets of exe basenames), ``trusted_networks`` and optionally
+        ``shell_startup`` (a regular expression of shell startup file paths).
     reduce : bool
         Apply non-viable pruning and redundant-edge skipping.
     """
@@ -511,8 +513,19 @@ class ProvenanceGraph:
         if op in ("read", "load", "exec_load"):
             e = self._edge(out, ev.ts, op, proc, f, (f.version, f.labels), detail, inferred)
             if e is not None:
+                flabels = f.labels
+                startup = getattr(self.policy, "shell_startup", None) if flabels & T.UNTRUSTED \
+                    else None
+                if startup is not None and re.search(startup, path):
+                    # Every later shell of the user reads its startup files: passing an
+                    # edit's untrusted label on to them would make the whole account
+                    # dependent (dependency explosion). The edit itself was seen and
+                    # matched when written; a program it starts still carries its own
+                    # label (a downloaded file stays DOWNLOADED), and a startup file
+                    # fetched verbatim from the network (DOWNLOADED) still taints.
+                    flabels &= ~T.UNTRUSTED
                 proc.labels = T.on_read(
-                    proc.labels, f.labels, basename(proc.exe) in self.policy.auth_programs
+                    proc.labels, flabels, basename(proc.exe) in self.policy.auth_programs
                 )
             return e
         state = (proc.labels, detail.get("flags", detail.get("mode")) if detail else None)

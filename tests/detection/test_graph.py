@@ -305,3 +305,28 @@ def test_shell_piped_from_a_downloader_runs_untrusted_content():
     eng2 = _engine()
     eng2.process_lines(L2.lines)
     assert not eng2.graph.procs[13].labels & T.UNTRUSTED
+
+
+def test_untrusted_label_of_a_shell_startup_file_does_not_flow_into_its_readers():
+    """An untrusted process appending to ``~/.bashrc`` (an installer's PATH line) does not make
+    every later reader of the file dependent; a downloaded program it starts still is."""
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.fork(11, 10, 13)
+    L.execve(12, 11, "/usr/bin/curl", ["curl", "-s", "http://x/i.sh"])
+    L.execve(13, 11, "/usr/bin/sh", ["sh"])  # curl ... | sh
+    L.connect(12, 11, "/usr/bin/curl", 9999)
+    L.open(13, 11, "/usr/bin/sh", "/home/u/.bashrc")  # the installer's PATH line
+    L.open(13, 11, "/usr/bin/sh", "/home/u/notes.txt")
+    L.fork(11, 10, 14)
+    L.execve(14, 11, "/usr/bin/sed", ["sed", "-i", "s/a/b/", "/home/u/.bashrc"])
+    L.open(14, 11, "/usr/bin/sed", "/home/u/.bashrc", write=False)
+    L.fork(11, 10, 15)
+    L.execve(15, 11, "/usr/bin/cat", ["cat", "/home/u/notes.txt"])
+    L.open(15, 11, "/usr/bin/cat", "/home/u/notes.txt", write=False)
+    eng = _engine()
+    eng.process_lines(L.lines)
+    g = eng.graph
+    assert g.files["/home/u/.bashrc"].labels & T.UNTRUSTED  # the edit itself is remembered
+    assert not g.procs[14].labels & T.UNTRUSTED  # the next reader of .bashrc is not dependent
+    assert g.procs[15].labels & T.UNTRUSTED  # any other file written by it still taints
