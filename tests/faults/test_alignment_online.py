@@ -24,14 +24,14 @@ from features.codebook_store import CodebookStore
 from features.codes_service import CodeAssigner, CodesConfig
 from features.movielens import click_events, load_movielens
 from streams.item_path import make_encoder
-from streams.replay import partition_of
-from tests.faults.test_durable_state import (
-    _movielens_items,
-    _send_items,
-    _stored_codes,
-    _worker_statuses,
+from streams.topics import partition_of
+from tests.faults.stackops import (
+    movielens_items,
+    restart_redis,
+    send_items,
+    stored_codes,
+    worker_statuses,
 )
-from tests.faults.test_worker_faults import _restart_redis
 from tests.stackutil import wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
@@ -64,15 +64,15 @@ def test_pairs_mined_from_clicks_train_a_projection_that_survives_restarts(stack
                       vq_k=settings.vq_k)
     books = CodebookStore(client, CodebookStore.config_name("hashing", cfg.levels,
                                                             cfg.codebook_size, cfg.vq_k), 1.0, str)
-    items = _movielens_items(data_dir)
+    items = movielens_items(data_dir)
     env = {"HEADWATER_ALIGN_ONLINE": 1, "HEADWATER_ALIGN_MIN_PAIRS": 500,
            "HEADWATER_ALIGN_MAX_PAIRS": 100_000, "HEADWATER_CODEBOOK_REFRESH_SECONDS": 4}
     worker = stack["start_worker"](**env)
-    wait_until(lambda: _worker_statuses(client), 90, what="the worker's heartbeat",
+    wait_until(lambda: worker_statuses(client), 90, what="the worker's heartbeat",
                on_fail=stack["logs"])
-    _send_items(kafka, settings.topics["items"], items)
+    send_items(kafka, settings.topics["items"], items)
     ids = [it["item_id"] for it in items]
-    wait_until(lambda: len(_stored_codes(client, ids)) == len(ids), 120,
+    wait_until(lambda: len(stored_codes(client, ids)) == len(ids), 120,
                what="codes of every MovieLens item", on_fail=stack["logs"])
     first = client.hget(books.current_key, "version").decode()
     assert first.endswith(".identity")  # no pairs yet: the projection is the identity
@@ -148,7 +148,7 @@ def test_pairs_mined_from_clicks_train_a_projection_that_survives_restarts(stack
         v = client.hget(books.current_key, "version").decode()
         want = {str(i): ([int(x) for x in c["rq"]], [int(x) for x in c["vq"]])
                 for i, c in reference_for(v).quantize(stored_ids, content).items()}
-        return {i: c[:2] for i, c in _stored_codes(client, ids).items()} == want
+        return {i: c[:2] for i, c in stored_codes(client, ids).items()} == want
 
     wait_until(codes_settled, 60, what="stored codes = the current version's codes",
                on_fail=stack["logs"])
@@ -157,7 +157,7 @@ def test_pairs_mined_from_clicks_train_a_projection_that_survives_restarts(stack
     worker.kill9()
     version = client.hget(books.current_key, "version").decode()
     weight = _version_arrays(client, books, version)["projection_weight"]
-    _restart_redis(stack, "redis-restarted.log")
+    restart_redis(stack, "redis-restarted.log")
     client.close()
     client = redis.Redis.from_url(url)
     assert client.hget(books.current_key, "version").decode() == version
@@ -166,13 +166,13 @@ def test_pairs_mined_from_clicks_train_a_projection_that_survives_restarts(stack
     restarted = stack["start_worker"](**dict(env, HEADWATER_CODEBOOK_REFRESH_SECONDS=3600))
     cold = [{"item_id": f"new{k}", "ts": 890_000_000.0, "text": f"{it['text']} (remake)",
              "tags": it["tags"]} for k, it in enumerate(items[:20])]
-    _send_items(kafka, settings.topics["items"], cold)
+    send_items(kafka, settings.topics["items"], cold)
     cold_ids = [it["item_id"] for it in cold]
-    wait_until(lambda: len(_stored_codes(client, cold_ids)) == len(cold_ids), 90,
+    wait_until(lambda: len(stored_codes(client, cold_ids)) == len(cold_ids), 90,
                what="codes of new items after the restart", on_fail=restarted.log)
     reference = reference_for(version)
     got = reference.quantize(*reference.encode_content(cold))
-    assert _stored_codes(client, cold_ids) == {
+    assert stored_codes(client, cold_ids) == {
         str(i): ([int(v) for v in c["rq"]], [int(v) for v in c["vq"]], version)
         for i, c in got.items()}
     assert f"using version {version}" in restarted.log()

@@ -19,15 +19,21 @@ from detection.engine import DetectionEngine
 from detection.state_store import state_key
 from features.codebook_store import CodebookStore
 from features.codes_service import CodeAssigner, CodesConfig
-from features.movielens import load_movielens
 from features.store import SyncOnlineStore
 from headwater.servers import free_port
 from learner.batch import decode_batch
 from streams.audit_path import audit_engine_config
 from streams.audit_shipper import ship_audit
 from streams.item_path import make_encoder
-from streams.topics import log_ends, partition_of
-from tests.faults.test_worker_faults import _restart_redis, _snapshot
+from streams.topics import log_ends
+from tests.faults.stackops import (
+    movielens_items,
+    restart_redis,
+    send_items,
+    snapshot_redis,
+    stored_codes,
+    worker_statuses,
+)
 from tests.stackutil import (
     alerts_in_redis,
     read_json_topic,
@@ -79,7 +85,7 @@ def test_duplicate_ids_are_refused_across_a_worker_restart_and_a_gap_reread(stac
     _send(kafka, clicks, 1, [ev])
     wait_until(lambda: "dx-1" in train_event_ids(kafka, rows), 90, what="the first event's row",
                on_fail=stack["logs"])
-    snapshot = _snapshot(stack)  # Redis as it was: dx-1 recorded, nothing after it
+    snapshot = snapshot_redis(stack)  # Redis as it was: dx-1 recorded, nothing after it
 
     worker.kill9()  # the window is not in the worker: a new one still knows dx-1
     worker = stack["start_worker"]()
@@ -95,7 +101,7 @@ def test_duplicate_ids_are_refused_across_a_worker_restart_and_a_gap_reread(stac
     # Redis loses everything after the snapshot: the worker re-reads the gap from the
     # broker, the duplicate in it is refused again (the window kept dx-1's first position)
     # and the event after it is counted again, once.
-    _restart_redis(stack, "redis3.log", restore_from=snapshot)
+    restart_redis(stack, "redis3.log", restore_from=snapshot)
     assert _impressions(url, "dx-u3") == 0
     wait_until(lambda: _impressions(url, "dx-u3") == 1, 90, what="the gap re-read",
                on_fail=stack["logs"])
@@ -190,49 +196,15 @@ def test_detection_state_redis_lost_is_rebuilt_from_the_log(stack, data_dir, tmp
     a, b = int(len(lines) * 0.4), int(len(lines) * 0.7)
     worker = stack["start_worker"]()
     _ship_applied(stack, tmp_path, host, lines[:a], "the first part applied")
-    snapshot = _snapshot(stack)
+    snapshot = snapshot_redis(stack)
     _ship_applied(stack, tmp_path, host, lines[a:b], "the second part applied")
-    _restart_redis(stack, "redis3.log", restore_from=snapshot)  # the second part is lost
+    restart_redis(stack, "redis3.log", restore_from=snapshot)  # the second part is lost
     client = redis.Redis.from_url(stack["url"])
     assert not _all_applied(client, stack["kafka"], settings.topics["audit"])
     client.close()
     _ship_applied(stack, tmp_path, host, lines[b:], "the lost part re-read")
     _assert_alerts_as_one_run(expected, stack["url"], stack["kafka"], stack["prefix"], host)
     assert "re-reading the gap" in worker.log()
-
-
-def _movielens_items(data_dir) -> list[dict]:
-    ml = load_movielens(data_dir / "ml-100k")
-    return [{"item_id": str(iid), "ts": 880_000_000.0, "text": doc.get("title") or "",
-             "tags": list(doc.get("genres") or []),
-             "attributes": {"year": doc.get("year")} if doc.get("year") else {}}
-            for iid, doc in ml.items.items()]
-
-
-def _send_items(kafka: str, topic: str, items: list[dict]) -> None:
-    producer = KafkaProducer(bootstrap_servers=kafka)
-    parts = partition_of([it["item_id"] for it in items], PARTITIONS)
-    for p in range(PARTITIONS):
-        mine = [it for it, ip in zip(items, parts, strict=True) if ip == p]
-        for i in range(0, len(mine), 50):
-            producer.send(topic, json.dumps(mine[i:i + 50]).encode(), partition=p)
-    producer.flush()
-    producer.close()
-
-
-def _worker_statuses(client) -> list[dict]:
-    return [json.loads(raw) for key in client.scan_iter("hw:status:worker:*")
-            if (raw := client.get(key)) is not None]
-
-
-def _stored_codes(client, ids) -> dict[str, tuple]:
-    out = {}
-    for i in ids:
-        doc = client.hgetall(f"hw:codes:item:{i}")
-        if doc:
-            c = json.loads(doc[b"codes"])
-            out[i] = (c["rq"], c["vq"], json.loads(doc[b"version"]))
-    return out
 
 
 def test_codebooks_are_shared_by_two_workers_and_kept_across_a_restart(stack, data_dir):
@@ -244,31 +216,31 @@ def test_codebooks_are_shared_by_two_workers_and_kept_across_a_restart(stack, da
                       vq_k=settings.vq_k)
     books = CodebookStore(client, CodebookStore.config_name("hashing", cfg.levels, cfg.codebook_size,
                                                             cfg.vq_k), 1.0, str)
-    items = _movielens_items(data_dir)
+    items = movielens_items(data_dir)
     first, second, third = items[:400], items[400:440], items[440:460]
     assert len(first) > cfg.fit_threshold > len(third)
 
     workers = [stack["start_worker"](), stack["start_worker"](HEADWATER_WORKER_PORT=free_port())]
 
     def split_between_two():
-        held = [set(s.get("assigned", {}).get(topic, [])) for s in _worker_statuses(client)]
+        held = [set(s.get("assigned", {}).get(topic, [])) for s in worker_statuses(client)]
         return len(held) == 2 and all(held) and set.union(*held) == set(range(PARTITIONS))
 
     wait_until(split_between_two, 90, what="both workers holding item partitions",
                on_fail=stack["logs"])
-    _send_items(kafka, topic, first)
+    send_items(kafka, topic, first)
     ids = [it["item_id"] for it in first]
-    wait_until(lambda: len(_stored_codes(client, ids)) == len(ids), 90, what="codes of the first items",
+    wait_until(lambda: len(stored_codes(client, ids)) == len(ids), 90, what="codes of the first items",
                on_fail=stack["logs"])
     version = client.hget(books.current_key, "version").decode()
-    assert {c[2] for c in _stored_codes(client, ids).values()} == {version}
+    assert {c[2] for c in stored_codes(client, ids).values()} == {version}
     # The fitter logs its first fit after writing the codes: wait for the line, then
     # there must be exactly one (the lease).
     wait_until(lambda: "first fit" in "".join(w.log() for w in workers), 30,
                what="the fitter's first-fit log line", on_fail=stack["logs"])
     logs = "".join(w.log() for w in workers)
     assert logs.count("first fit") == 1, logs[-3000:]  # one fitter (the lease)
-    wait_until(lambda: [s.get("codebook_version") for s in _worker_statuses(client)] == [version] * 2,
+    wait_until(lambda: [s.get("codebook_version") for s in worker_statuses(client)] == [version] * 2,
                30, what="both workers on the published version", on_fail=stack["logs"])
 
     # Whichever worker codes an item, its codes are the published version's.
@@ -281,26 +253,25 @@ def test_codebooks_are_shared_by_two_workers_and_kept_across_a_restart(stack, da
         return {str(i): ([int(v) for v in c["rq"]], [int(v) for v in c["vq"]], version)
                 for i, c in got.items()}
 
-    _send_items(kafka, topic, second)
+    send_items(kafka, topic, second)
     ids = [it["item_id"] for it in second]
-    wait_until(lambda: len(_stored_codes(client, ids)) == len(ids), 60, what="codes of later items",
+    wait_until(lambda: len(stored_codes(client, ids)) == len(ids), 60, what="codes of later items",
                on_fail=stack["logs"])
-    assert _stored_codes(client, ids) == expected(second)
+    assert stored_codes(client, ids) == expected(second)
 
     # A restart keeps every item's codes, and new items get codes at once (no new fit).
-    before = _stored_codes(client, [it["item_id"] for it in first + second])
+    before = stored_codes(client, [it["item_id"] for it in first + second])
     for w in workers:
         w.kill9()
     restarted = stack["start_worker"]()
-    _send_items(kafka, topic, third)
+    send_items(kafka, topic, third)
     ids = [it["item_id"] for it in third]
-    wait_until(lambda: len(_stored_codes(client, ids)) == len(ids), 90,
+    wait_until(lambda: len(stored_codes(client, ids)) == len(ids), 90,
                what="codes of new items after the restart", on_fail=restarted.log)
-    assert _stored_codes(client, ids) == expected(third)
-    assert _stored_codes(client, list(before)) == before
+    assert stored_codes(client, ids) == expected(third)
+    assert stored_codes(client, list(before)) == before
     assert "first fit" not in restarted.log() and f"using version {version}" in restarted.log()
     client.close()
-
 
 
 def test_detection_state_beyond_the_log_end_stops_the_partition(kafka_bootstrap, redis_db,

@@ -19,6 +19,7 @@ from features.store import SyncOnlineStore
 from headwater.servers import start_redis
 from learner.batch import decode_batch
 from streams.topics import partition_of
+from tests.faults.stackops import restart_redis, snapshot_redis
 from tests.stackutil import Service, read_topic, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
@@ -177,45 +178,17 @@ def test_redis_restart_mid_stream_loses_and_doubles_nothing(stack, events):
     assert "handler clicks failed" in worker.log()  # the outage was seen and retried
 
 
-def _restart_redis(stack, log_name: str, restore_from=None) -> None:
-    """Kill Redis and start it again on the same port, optionally from an older copy."""
-    import shutil
-
-    old = stack["redis"]
-    port, data = old.port, stack["tmp"] / "redis"
-    old.proc.kill()
-    old.proc.wait()
-    if restore_from is not None:
-        shutil.rmtree(data)
-        shutil.copytree(restore_from, data)
-    stack["redis"] = start_redis(port=port, data_dir=data, log_path=stack["tmp"] / log_name)
-
-
-def _snapshot(stack) -> object:
-    """Restart Redis, keeping a copy of its data as it was (an older AOF to restore)."""
-    import shutil
-
-    old = stack["redis"]
-    old.proc.kill()
-    old.proc.wait()
-    snapshot = stack["tmp"] / "redis-snapshot"
-    shutil.copytree(stack["tmp"] / "redis", snapshot)
-    stack["redis"] = start_redis(port=old.port, data_dir=stack["tmp"] / "redis",
-                                 log_path=stack["tmp"] / "redis2.log")
-    return snapshot
-
-
 def test_redis_that_lost_its_last_writes_is_caught_up_by_replay(stack, events):
     """Redis restored from an older copy of its AOF: the worker re-reads the gap from Kafka."""
     worker = stack["start_worker"]()
     produce(stack["kafka"], f"{stack['prefix']}clicks", events[: N_EVENTS // 3])
     third = expected_totals(events[: N_EVENTS // 3])
     wait_all_counted(stack["url"], third, 90, stack["logs"])
-    snapshot = _snapshot(stack)
+    snapshot = snapshot_redis(stack)
     produce(stack["kafka"], f"{stack['prefix']}clicks", events[N_EVENTS // 3: 2 * N_EVENTS // 3])
     wait_all_counted(stack["url"], expected_totals(events[: 2 * N_EVENTS // 3]), 90, stack["logs"])
     # Now lose everything written since the snapshot, as a crash inside the fsync window would.
-    _restart_redis(stack, "redis3.log", restore_from=snapshot)
+    restart_redis(stack, "redis3.log", restore_from=snapshot)
     produce(stack["kafka"], f"{stack['prefix']}clicks", events[2 * N_EVENTS // 3:])
     _assert_exact(stack, events)
     assert "re-reading the gap" in worker.log()
@@ -230,7 +203,7 @@ def _count_half_with_a_copy_at_a_quarter(stack, events):
     half = events[: N_EVENTS // 2]
     produce(stack["kafka"], f"{stack['prefix']}clicks", half[: N_EVENTS // 4])
     wait_all_counted(stack["url"], expected_totals(half[: N_EVENTS // 4]), 90, stack["logs"])
-    snapshot = _snapshot(stack)
+    snapshot = snapshot_redis(stack)
     produce(stack["kafka"], f"{stack['prefix']}clicks", half[N_EVENTS // 4:])
     wait_all_counted(stack["url"], expected_totals(half), 90, stack["logs"])
     return worker, half, snapshot
@@ -239,7 +212,7 @@ def _count_half_with_a_copy_at_a_quarter(stack, events):
 def test_lost_writes_are_repaired_without_waiting_for_new_events(stack, events):
     """No event arrives after Redis lost writes: every partition is verified at once."""
     worker, half, snapshot = _count_half_with_a_copy_at_a_quarter(stack, events)
-    _restart_redis(stack, "redis3.log", restore_from=snapshot)
+    restart_redis(stack, "redis3.log", restore_from=snapshot)
     # Nothing more is produced: the worker notices the restart and repairs by itself.
     expected = expected_totals(half)
     actual = wait_all_counted(stack["url"], expected, 90, stack["logs"])
@@ -252,7 +225,7 @@ def test_writes_lost_while_no_worker_ran_are_repaired_on_assignment(stack, event
     """Redis loses writes while the worker is down: on assignment, before any new event."""
     worker, half, snapshot = _count_half_with_a_copy_at_a_quarter(stack, events)
     worker.stop()  # a clean stop commits the group's offsets: nothing will be re-delivered
-    _restart_redis(stack, "redis3.log", restore_from=snapshot)
+    restart_redis(stack, "redis3.log", restore_from=snapshot)
     second = stack["start_worker"]()
     expected = expected_totals(half)
     actual = wait_all_counted(stack["url"], expected, 90, stack["logs"])
