@@ -7,6 +7,8 @@ Measures, in one run and on the same pre-produced MovieLens events:
   stream (same app settings, ``take_events`` batches, the count kept in Redis);
 * single-event messages and batched envelopes (JSON arrays of ``--envelope`` events);
 * Redis commands per event (``INFO commandstats`` before/after);
+* per process (consumer, redis-server, broker): CPU seconds and run-queue wait seconds
+  (runnable, no free core) from the first output on, to tell the machine from the product;
 * produce → row-on-``train-batches`` latency at a steady rate (p50/p99).
 
 Run: ``.venv/bin/python bench/click_path.py`` (``--events``, ``--envelope``, ``--rate``).
