@@ -7,6 +7,8 @@ Measures, in one run and on the same pre-produced MovieLens events:
   stream (same app settings, ``take_events`` batches, the count kept in Redis);
 * single-event messages and batched envelopes (JSON arrays of ``--envelope`` events);
 * Redis commands per event (``INFO commandstats`` before/after);
+* per process (consumer, redis-server, broker): CPU seconds and run-queue wait seconds
+  (runnable, no free core) from the first output on, to tell the machine from the product;
 * produce → row-on-``train-batches`` latency at a steady rate (p50/p99).
 
 Run: ``.venv/bin/python bench/click_path.py`` (``--events``, ``--envelope``, ``--rate``).
@@ -129,6 +131,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def sched(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of a process, all its
+    threads (/proc/<pid>/task/*/schedstat): the wait is what a shared machine costs it."""
+    run = wait = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "schedstat").read_text().split()
+        except OSError:
+            continue
+        run, wait = run + int(fields[0]), wait + int(fields[1])
+    return run / 1e9, wait / 1e9
+
+
 def start_service(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     with open(log, "wb") as fh:
         return subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT,
@@ -210,11 +225,13 @@ def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dic
                 return rows.count, rows.first_t, rows.last_t, rows.first_n
         deadline = time.monotonic() + 600
         cpu0 = n0 = None
+        pids = {"consumer": proc.pid, "redis": rserver.pid, "broker": broker.pid}
         while time.monotonic() < deadline:
             n, t_first, t_last, n_first = progress()
             if cpu0 is None and t_first is not None:
                 # CPU from the first output on: start-up and the group join left out
                 cpu0, n0 = cpu_seconds(proc.pid), n
+                sched0 = {k: sched(v) for k, v in pids.items()}
             if n >= len(events):
                 break
             time.sleep(0.05)
@@ -225,6 +242,11 @@ def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dic
         seconds = t_last - t_first
         rate = (len(events) - n_first) / seconds if seconds > 0 else float("nan")
         cpu_us = 1e6 * (cpu_seconds(proc.pid) - cpu0) / max(1, len(events) - n0)
+        # Per process, from the first output on: CPU seconds and run-queue wait seconds
+        # (runnable, no free core: other processes, ours or other engineers').
+        sched1 = {k: sched(v) for k, v in pids.items()}
+        share = {f"{k}_{w}_s": round(sched1[k][i] - sched0[k][i], 3)
+                 for k in pids for i, w in enumerate(("cpu", "wait"))}
         calls = redis_calls(client) - calls0
         extra = worker_batches(port) if kind != "bare" else {}
         stop_pid(proc.pid)
@@ -232,7 +254,7 @@ def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dic
                 "events_per_s": rate, "cpu_us_per_event": cpu_us, "load": os.getloadavg()[0],
                 "redis_calls_per_event": calls / len(events),
                 "redis_round_trips_per_event": client.info("stats")["total_commands_processed"] / len(events),
-                **extra}
+                "seconds": seconds, **share, **extra}
     finally:
         client.close()
         rserver.stop()

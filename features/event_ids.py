@@ -48,16 +48,28 @@ class EventIdWindow:
     async def check(self, topic: str, partition: int, event_ids: Sequence[str],
                     offsets: np.ndarray, subs: np.ndarray) -> list[str | None]:
         """Record the ids; for each, ``None`` or the ``offset:sub`` it was first seen at."""
-        if not len(event_ids):
-            return []
-        args: list = [self.capacity]
-        for eid, off, sub in zip(event_ids, offsets.tolist(), subs.tolist(), strict=True):
-            args += [eid, f"{off}:{sub}", off * SUB_SLOTS + min(sub, SUB_SLOTS - 1)]
-        res = await self._script(keys=self.keys(topic, partition), args=args)
-        return [None if r == 0 else (r.decode() if isinstance(r, bytes) else str(r)) for r in res]
+        return (await self.duplicates(topic, partition, event_ids, offsets, subs))[1]
 
     async def duplicates(self, topic: str, partition: int, event_ids: Sequence[str],
                          offsets: np.ndarray, subs: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
-        """Mask of events whose id was first seen at another position, and those positions."""
-        first = await self.check(topic, partition, event_ids, offsets, subs)
-        return np.array([f is not None for f in first], bool), first
+        """Mask of events whose id was first seen at another position, and those positions.
+
+        One script call whatever the batch size, its arguments three blobs (ids, their
+        lengths, positions) and its reply the duplicates only: per event no Redis argument
+        is packed and no reply parsed.
+        """
+        n = len(event_ids)
+        first: list[str | None] = [None] * n
+        dup = np.zeros(n, bool)
+        if not n:
+            return dup, first
+        raw = [e.encode() if isinstance(e, str) else str(e).encode() for e in event_ids]
+        lengths = np.fromiter(map(len, raw), np.int32, n).astype("<i4").tobytes()
+        pos = np.empty((n, 2), "<f8")
+        pos[:, 0], pos[:, 1] = offsets, subs
+        res = await self._script(keys=self.keys(topic, partition),
+                                 args=[self.capacity, b"".join(raw), lengths, pos.tobytes()])
+        for i, at in zip(res[0::2], res[1::2], strict=True):
+            first[int(i) - 1] = at.decode() if isinstance(at, bytes) else str(at)
+            dup[int(i) - 1] = True
+        return dup, first

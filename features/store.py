@@ -152,6 +152,7 @@ class OnlineStore(_Planner):
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.client = client
+        self.cluster = is_cluster(client)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> OnlineStore:
@@ -264,7 +265,7 @@ class SyncOnlineStore(_Planner):
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.client = client
-        self._cluster = is_cluster(client)
+        self.cluster = self._cluster = is_cluster(client)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SyncOnlineStore:

@@ -38,7 +38,8 @@ def script(name: str) -> tuple[str, str]:
 
 APPLY, READ, PUT = script("apply.lua"), script("read.lua"), script("put_attrs.lua")
 READ_OWN, READ_SHARD = script("read_own.lua"), script("read_shard.lua")
-SCRIPTS = (APPLY, READ, PUT, READ_OWN, READ_SHARD)
+HGETALL_MANY = script("hgetall_many.lua")
+SCRIPTS = (APPLY, READ, PUT, READ_OWN, READ_SHARD, HGETALL_MANY)
 
 
 @dataclass
@@ -131,6 +132,8 @@ class StoreCore:
         self.round_trips = 0
         self.commands = 0
         self.miss_cache_seconds = miss_cache_seconds
+        #: the client is a Redis Cluster's (set by the store): multi-key scripts only per slot
+        self.cluster = False
         # Entity states as last read or written, per shard and shard version: a batch
         # reads only the entities not cached (features/shard_cache.py).
         self.shard_cache = ShardCache(self.counters.width + 1, shard_cache_entities)
@@ -227,13 +230,20 @@ class StoreCore:
         ]
 
     def items_cmds(self, miss: list[str]) -> list[Command]:
-        cmds: list[Command] = []
+        """Each item's attributes and codes: one script call on one server (per command
+        a client packs and parses costs more than the HGETALL), HGETALLs on a cluster
+        (the keys lie in many slots)."""
+        keys: list[str] = []
         for i in miss:
-            cmds += [("HGETALL", self.attrs_key("item", i)), ("HGETALL", self.codes_key(i))]
-        return cmds
+            keys += [self.attrs_key("item", i), self.codes_key(i)]
+        if self.cluster or not keys:
+            return [("HGETALL", k) for k in keys]
+        return [self.evalsha(HGETALL_MANY, keys, [])]
 
     def items_take(self, miss: list[str], res: list[Any], now: float) -> None:
-        """Cache the replies of :meth:`items_cmds` (two per item)."""
+        """Cache the replies of :meth:`items_cmds` (one, or two per item)."""
+        if miss and len(res) == 1:  # the script's flat lists
+            res = [dict(zip(r[0::2], r[1::2], strict=True)) for r in res[0]]
         if len(self._items) > 200_000:
             self._items.clear()
         if len(self._absent) > 200_000:

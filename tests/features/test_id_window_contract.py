@@ -71,3 +71,13 @@ def test_the_oldest_positions_leave_first(windows):
     assert dups(windows, recent, "clicks", 0, ["c"], [98])[0].tolist() == [True]
     with pytest.raises(ValueError):
         windows(0)
+
+
+def test_large_offsets_and_any_id_bytes_keep_their_exact_position(windows):
+    recent = windows(10)
+    ids = ["a:b", "é\u2603", "x" * 300, ""]
+    off = 2**40 + 3
+    dups(windows, recent, "clicks", 0, ids, [off] * 4, [0, 1, 2, 3])
+    dup, first = dups(windows, recent, "clicks", 0, ids, [off + 1] * 4)
+    assert dup.tolist() == [True] * 4
+    assert first == [f"{off}:{s}" for s in range(4)]
