@@ -180,6 +180,8 @@ class JoinHandler:
         #: partition -> a watermark floor set by :meth:`close_until`
         self._floor: dict[int, float] = {}
         self.assigned: set[int] = set()
+        #: partitions whose outbox may hold entries (a flush in progress or failed)
+        self._unsent: set[int] = set()
 
     # -- keys ------------------------------------------------------------------------
     def key(self, partition: int, name: str) -> str:
@@ -204,16 +206,24 @@ class JoinHandler:
         self._seen[partition, side] = self.clock()
         self._idle_from.pop(partition, None)
         async with self._lock(partition):
-            await self._transact(partition, topic, messages)
-            await self._flush(partition)
+            if await self._transact(partition, topic, messages) or partition in self._unsent:
+                await self._flush(partition)
         return []
 
-    async def tick(self) -> None:
-        """Advance every assigned partition's watermark by the idle rules; close windows."""
+    async def tick(self, wait: bool = False) -> None:
+        """Advance every assigned partition's watermark by the idle rules; close windows.
+
+        A partition whose batch is in progress is skipped (that batch's own transaction
+        advances the watermark by the same rules) unless ``wait``: the clock never queues
+        behind the stream. The outbox is read only when the tick wrote to it or a send
+        failed before."""
         for p in sorted(self.assigned):
-            async with self._lock(p):
-                await self._transact(p, None, [])
-                await self._flush(p)
+            lock = self._lock(p)
+            if lock.locked() and not wait:
+                continue
+            async with lock:
+                if await self._transact(p, None, []) or p in self._unsent:
+                    await self._flush(p)
 
     async def close_until(self, event_time: float) -> None:
         """Move every assigned partition's watermark to at least ``event_time`` now and close
@@ -221,7 +231,7 @@ class JoinHandler:
         this by itself)."""
         for p in sorted(self.assigned):
             self._floor[p] = max(self._floor.get(p, float("-inf")), event_time)
-        await self.tick()
+        await self.tick(wait=True)
 
     async def flush_all(self) -> None:
         """Send what a crash left in the outbox of every assigned partition."""
@@ -241,7 +251,8 @@ class JoinHandler:
         end = self.highwater(topic, partition)
         return end is not None and int(meta.get(f"off:{topic}", 0)) >= end
 
-    async def _transact(self, p: int, topic: str | None, messages: list[Message]) -> None:
+    async def _transact(self, p: int, topic: str | None, messages: list[Message]) -> bool:
+        """One fenced transaction; True when it wrote outbox entries."""
         from redis.exceptions import WatchError
 
         meta_key = self.key(p, "meta")
@@ -257,7 +268,7 @@ class JoinHandler:
                         if messages and recorded < messages[0][0]:
                             todo = await self._read_gap(topic, p, recorded, messages[0][0]) + todo
                         if not todo:
-                            return
+                            return False
                     b = _Batch()
                     self._cache[p] = {}
                     await self._apply(pipe, p, topic, todo, meta, b)
@@ -268,7 +279,7 @@ class JoinHandler:
                         await self._expire(pipe, p, wm, b)
                     if topic is None and not b.rows and not b.dead and not b.counts \
                             and wm <= wm_before:
-                        return
+                        return False
                     outbox = self._outputs(p, meta, b)
                     pipe.multi()
                     self._write(pipe, p, meta, b, outbox)
@@ -277,6 +288,7 @@ class JoinHandler:
                     continue
             break
         self._account(p, meta, b, n_open)
+        return bool(outbox)
 
     async def _read_gap(self, topic: str, p: int, start: int, stop: int) -> list[Message]:
         log.warning("join state of %s[%d] ends at offset %d, batch starts at %d: re-reading",
@@ -603,15 +615,18 @@ class JoinHandler:
         self.m.open.labels(str(p)).set(n_open)
 
     async def _flush(self, p: int) -> None:
-        """Send the partition's outbox in id order, then delete what was sent."""
+        """Apply the partition's counter events and send its outbox in id order, then
+        delete what was sent."""
+        self._unsent.add(p)
         key = self.key(p, "outbox")
         entries = await self.client.hgetall(key)
-        if not entries:
-            return
-        ids = sorted(int(k) for k in entries)
-        outputs = [unpack_output(entries[str(i).encode()]) for i in ids]
-        for topic, _key, value, _p in outputs:
-            if topic == COUNTERS:  # idempotent per counter sequence number (the store's fence)
-                await self.store.apply_batch(self.count_source, p, _dec.decode(value))
-        await self.send([o for o in outputs if o[0] != COUNTERS])
-        await self.client.hdel(key, *[str(i) for i in ids])
+        if entries:
+            ids = sorted(int(k) for k in entries)
+            outputs = [unpack_output(entries[str(i).encode()]) for i in ids]
+            counted = [ev for topic, _k, value, _p in outputs if topic == COUNTERS
+                       for ev in _dec.decode(value)]
+            if counted:  # idempotent per counter sequence number (the store's fence)
+                await self.store.apply_batch(self.count_source, p, counted)
+            await self.send([o for o in outputs if o[0] != COUNTERS])
+            await self.client.hdel(key, *[str(i) for i in ids])
+        self._unsent.discard(p)
