@@ -242,7 +242,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=20000, help="ratings replayed")
     ap.add_argument("--rounds", type=int, default=2, help="alternating timing rounds")
-    ap.add_argument("--chunk", type=int, default=CHUNK,
+    ap.add_argument("--chunk", type=int, default=200,
                     help="ratings scored before the joiner sees them (the agent batch)")
     ap.add_argument("--ablate", action="store_true",
                     help="also the AUC of each path's rows in the other path's order")
