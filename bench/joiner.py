@@ -96,7 +96,11 @@ async def joined(redis_url: str, ml, events: list[dict], seed: int = 0,
     ctx = build_context(settings, client)
     served = ctx.baseline
     metrics = WorkerMetrics()
-    h = JoinHandler(settings, client, metrics, builder=ctx.scorer.builder)
+    # The joiner's clock is the replay's event time (the newest rating handed over), so
+    # its idle rule, and with it every label, does not depend on how loaded the machine is.
+    replay_now = [events[0]["ts"]]
+    h = JoinHandler(settings, client, metrics, builder=ctx.scorer.builder,
+                    clock=lambda: replay_now[0])
     h.delays = []
     sent: list = []
 
@@ -125,6 +129,7 @@ async def joined(redis_url: str, ml, events: list[dict], seed: int = 0,
                     "event_id": f"click-{e['event_id']}", "ts": 0.0, "user_id": e["user_id"],
                     "item_id": e["item_id"], "request_id": rid}))
         now = events[min(start + CHUNK, len(events)) - 1]["ts"]
+        replay_now[0] = now
         due = sorted([a for a in pending if a[0] <= now], key=lambda a: a[0])
         pending = [a for a in pending if a[0] > now]
         acts: dict[int, list] = {p: [] for p in range(4)}
@@ -285,6 +290,8 @@ def main() -> None:
         server.stop()
     lab_rows, _, _, _ = results["labelled"][0]
     j_rows, _, _, delays = results["joined"][0]
+    print(f"label-1 rows: labelled {sum(int(decode_batch(p).labels.sum()) for p in lab_rows)}, "
+          f"joined {sum(int(decode_batch(p).labels.sum()) for p in j_rows)}")
     d = np.asarray(delays)
     auc_l, n_l = prequential_auc(lab_rows)
     auc_j, n_j = prequential_auc(j_rows)
@@ -297,6 +304,19 @@ def main() -> None:
         l_pos = {e: i for i, e in enumerate(lt.column("event_id").to_pylist())}
         print(f"ablation: labelled rows in the joined path's order: "
               f"{prequential_auc(reordered(lab_rows, [l_pos[e] for e in j_ids]))[0]:.4f}")
+        # the same rating's row on both paths: which columns differ, how often
+        lt_same = lt.take(pa.array([l_pos[e] for e in j_ids]))
+        diffs = []
+        for name in jt.column_names:
+            if not name.startswith(("c:", "d:")):
+                continue
+            a = jt.column(name).to_numpy(zero_copy_only=False)
+            b = lt_same.column(name).to_numpy(zero_copy_only=False)
+            differ = ~np.isclose(a, b, rtol=1e-4, atol=1e-6) if a.dtype.kind == "f" else a != b
+            if differ.any():
+                diffs.append((float(differ.mean()), name))
+        print("ablation: columns differing between the two paths' rows of the same rating "
+              "(share of rows): " + ", ".join(f"{n} {m:.2f}" for m, n in sorted(diffs, reverse=True)[:25]))
         j_pos = {e: i for i, e in enumerate(j_ids)}
         print(f"ablation: joined rows in the labelled path's (impression) order: "
               f"{prequential_auc(reordered(j_rows, [j_pos[e] for e in lt.column('event_id').to_pylist()]))[0]:.4f}",
