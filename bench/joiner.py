@@ -42,7 +42,7 @@ from learner.batch import decode_batch, encode_batch  # noqa: E402
 from learner.metrics import exact_auc  # noqa: E402
 from streams.replay import partition_of  # noqa: E402
 
-CHUNK = 200  # ratings per agent batch
+CHUNK = 200  # ratings per agent batch (--chunk)
 
 
 _STATE = Path(tempfile.mkdtemp(prefix="bench-joiner-"))
@@ -56,14 +56,14 @@ def _settings(**kw) -> Settings:
 async def labelled(redis_url: str, events: list[dict]) -> tuple[list[bytes], float]:
     import redis.asyncio as aioredis
 
-    from streams.click_path import ClickHandler
+    from streams.click_path import click_handler
     from streams.metrics import WorkerMetrics
     from streams.worker import WorkerState
 
     settings = _settings()
     client = aioredis.Redis.from_url(redis_url)
     metrics = WorkerMetrics()
-    h = ClickHandler(settings, client, metrics, WorkerState(metrics), "127.0.0.1:1")
+    h = click_handler(settings, client, metrics, WorkerState(metrics), "127.0.0.1:1")
     parts = partition_of([e["user_id"] for e in events], 4)
     offsets = [0] * 4
     out, spent = [], 0.0
@@ -96,7 +96,11 @@ async def joined(redis_url: str, ml, events: list[dict], seed: int = 0,
     ctx = build_context(settings, client)
     served = ctx.baseline
     metrics = WorkerMetrics()
-    h = JoinHandler(settings, client, metrics, builder=ctx.scorer.builder)
+    # The joiner's clock is the replay's event time (the newest rating handed over), so
+    # its idle rule, and with it every label, does not depend on how loaded the machine is.
+    replay_now = [events[0]["ts"]]
+    h = JoinHandler(settings, client, metrics, builder=ctx.scorer.builder,
+                    clock=lambda: replay_now[0])
     h.delays = []
     sent: list = []
 
@@ -104,6 +108,7 @@ async def joined(redis_url: str, ml, events: list[dict], seed: int = 0,
         sent.extend(outputs)
     h.send = send
     rng = np.random.default_rng(seed)
+    rid_of: dict[str, str] = {}  # a joined row's event id -> the rating's
     parts = partition_of([e["user_id"] for e in events], 4)
     off = {(t, p): 0 for t in (h.imp_topic, h.act_topic) for p in range(4)}
     spent = 0.0
@@ -114,7 +119,8 @@ async def joined(redis_url: str, ml, events: list[dict], seed: int = 0,
             ctx.scorer.clock = lambda ts=e["ts"]: ts
             req = ScoreRequest(e["user_id"], [e["item_id"]], None, e.get("user"))
             scored = await ctx.scorer.score_rows(served, req)
-            rid = uuid.uuid4().hex
+            rid = uuid.uuid5(uuid.NAMESPACE_URL, str(e["event_id"])).hex
+            rid_of[f"{rid}:0"] = str(e["event_id"])
             imps[int(p)].append(json.dumps(impression_record(
                 rid, req.user_id, req.candidates, scored.scores, scored.categorical, scored.dense,
                 e["ts"], served.version, ctx.scorer.schema.hash)).encode())
@@ -123,6 +129,7 @@ async def joined(redis_url: str, ml, events: list[dict], seed: int = 0,
                     "event_id": f"click-{e['event_id']}", "ts": 0.0, "user_id": e["user_id"],
                     "item_id": e["item_id"], "request_id": rid}))
         now = events[min(start + CHUNK, len(events)) - 1]["ts"]
+        replay_now[0] = now
         due = sorted([a for a in pending if a[0] <= now], key=lambda a: a[0])
         pending = [a for a in pending if a[0] > now]
         acts: dict[int, list] = {p: [] for p in range(4)}
@@ -150,7 +157,7 @@ async def joined(redis_url: str, ml, events: list[dict], seed: int = 0,
     await h.close_until(last + window + 10)
     await client.aclose()
     rows = [v for topic, _k, v, _p in sent if topic == settings.topics["train-batches"]]
-    return rows, spent, h.delays
+    return rows, spent, h.delays, rid_of
 
 
 async def open_memory(redis_url: str, n: int = 5000) -> float:
@@ -167,7 +174,6 @@ async def open_memory(redis_url: str, n: int = 5000) -> float:
     h = JoinHandler(settings, client, WorkerMetrics(), builder=row_builder(settings))
     h.send = lambda outputs: asyncio.sleep(0)
     schema = h.schema
-    before = (await client.info("memory"))["used_memory"]
     t0 = time.time() - 3600
     msgs = [(i, None, json.dumps({
         "request_id": uuid.uuid4().hex, "ts": t0 + i * 0.01, "user_id": f"u{i % 500}",
@@ -178,20 +184,39 @@ async def open_memory(redis_url: str, n: int = 5000) -> float:
         for i in range(n)]
     for s in range(0, n, 500):
         await h(h.imp_topic, 0, msgs[s:s + 500])
-    after = (await client.info("memory"))["used_memory"]
+    # the join state an open impression keeps (open, due, ui), not the counters it moved
+    used = 0
+    for name in ("open", "due", "ui"):
+        used += await client.memory_usage(h.key(0, name), samples=0) or 0
     n_open = await client.hlen(h.key(0, "open"))
     await client.aclose()
-    return (after - before) / n_open
+    return used / n_open
+
+
+def rows_table(payloads: list[bytes]) -> tuple[pa.Table, str]:
+    """All rows in production order, and their schema."""
+    batches = [decode_batch(p) for p in payloads]
+    return (pa.concat_tables([b.table.replace_schema_metadata(None) for b in batches]),
+            batches[0].schema_json)
+
+
+def reordered(payloads: list[bytes], order) -> list[bytes]:
+    """The rows of ``payloads`` taken in ``order`` (row indices), as one message."""
+    table, schema_json = rows_table(payloads)
+    t = table.take(pa.array(np.asarray(order, np.int64)))
+    cols = {name: t.column(name).to_numpy(zero_copy_only=False) for name in t.column_names}
+    import hashlib
+
+    h = hashlib.sha256(schema_json.encode()).hexdigest()
+    return [encode_batch(cols, schema_json, h, "bench", 0, 0, t.num_rows)]
 
 
 def rechunk(payloads: list[bytes], step: int) -> list[bytes]:
     """All rows in production order, re-cut into messages of ``step`` rows."""
-    batches = [decode_batch(p) for p in payloads]
-    schema_json = batches[0].schema_json
+    table, schema_json = rows_table(payloads)
     import hashlib
 
     h = hashlib.sha256(schema_json.encode()).hexdigest()
-    table = pa.concat_tables([b.table.replace_schema_metadata(None) for b in batches])
     out = []
     for s in range(0, table.num_rows, step):
         t = table.slice(s, step)
@@ -222,7 +247,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=20000, help="ratings replayed")
     ap.add_argument("--rounds", type=int, default=2, help="alternating timing rounds")
+    ap.add_argument("--chunk", type=int, default=200,
+                    help="ratings scored before the joiner sees them (the agent batch)")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also the AUC of each path's rows in the other path's order")
     args = ap.parse_args()
+    global CHUNK
+    CHUNK = args.chunk
     import os
 
     import redis
@@ -247,7 +278,7 @@ def main() -> None:
                     rows, spent = asyncio.run(labelled(url, events))
                     n_events, delays = len(events), None
                 else:
-                    rows, spent, delays = asyncio.run(joined(url, ml, events, seed=r))
+                    rows, spent, delays, rid_of = asyncio.run(joined(url, ml, events, seed=r))
                     n_events = len(events) + sum(e["label"] for e in events)
                 results[name].append((rows, spent, n_events, delays))
                 print(f"round {r} {name}: {n_events} events in {spent:.2f}s handler time = "
@@ -259,9 +290,37 @@ def main() -> None:
         server.stop()
     lab_rows, _, _, _ = results["labelled"][0]
     j_rows, _, _, delays = results["joined"][0]
+    print(f"label-1 rows: labelled {sum(int(decode_batch(p).labels.sum()) for p in lab_rows)}, "
+          f"joined {sum(int(decode_batch(p).labels.sum()) for p in j_rows)}")
     d = np.asarray(delays)
     auc_l, n_l = prequential_auc(lab_rows)
     auc_j, n_j = prequential_auc(j_rows)
+    if args.ablate:
+        # Which difference costs the AUC: the order rows reach the learner in, or the
+        # rows themselves (features as served vs point-in-time pre-event features)?
+        jt, _ = rows_table(j_rows)
+        lt, _ = rows_table(lab_rows)
+        j_ids = [rid_of[e] for e in jt.column("event_id").to_pylist()]
+        l_pos = {e: i for i, e in enumerate(lt.column("event_id").to_pylist())}
+        print(f"ablation: labelled rows in the joined path's order: "
+              f"{prequential_auc(reordered(lab_rows, [l_pos[e] for e in j_ids]))[0]:.4f}")
+        # the same rating's row on both paths: which columns differ, how often
+        lt_same = lt.take(pa.array([l_pos[e] for e in j_ids]))
+        diffs = []
+        for name in jt.column_names:
+            if not name.startswith(("c:", "d:")):
+                continue
+            a = jt.column(name).to_numpy(zero_copy_only=False)
+            b = lt_same.column(name).to_numpy(zero_copy_only=False)
+            differ = ~np.isclose(a, b, rtol=1e-4, atol=1e-6) if a.dtype.kind == "f" else a != b
+            if differ.any():
+                diffs.append((float(differ.mean()), name))
+        print("ablation: columns differing between the two paths' rows of the same rating "
+              "(share of rows): " + ", ".join(f"{n} {m:.2f}" for m, n in sorted(diffs, reverse=True)[:25]))
+        j_pos = {e: i for i, e in enumerate(j_ids)}
+        print(f"ablation: joined rows in the labelled path's (impression) order: "
+              f"{prequential_auc(reordered(j_rows, [j_pos[e] for e in lt.column('event_id').to_pylist()]))[0]:.4f}",
+              flush=True)
     rate = {k: float(np.median([n / s for _, s, n, _ in v])) for k, v in results.items()}
     print()
     print(f"handler events/s (median of {args.rounds}): labelled {rate['labelled']:.0f}, "

@@ -5,13 +5,15 @@ it) is enough for a row at time ``ts`` only when ``S.t < ts``: then every contri
 it is older than the row and ``S`` decayed to ``ts`` is exact. When ``S.t >= ts`` (the
 shard has moved past the row: another partition ahead in event time, a same-timestamp
 burst split across batches, a late event), ``S`` cannot be split, so every entity also
-keeps a bounded **history** beside its hash (key ``{hw:p<P>}:~h:<entity>``, written by
+keeps a bounded **history** beside its hash (key ``{hw:p<P>}:~h2:<entity>``, written by
 ``apply.lua``):
 
 - a **head**: ``width + 1`` doubles, the state of every contribution folded out of the
   history (``t`` last: the newest of them; NaN when none was folded);
-- then its most recent contributions in the order they were applied, one ``(ts, label)``
-  pair of doubles each, ``K`` to ``2K - 1`` of them (``K`` = ``pit_history``).
+- then its most recent contributions in the order they were applied, one
+  ``(ts, impressions, clicks)`` triple of doubles each (``impressions`` 1 for a labelled
+  event, 0 for a click counted at its own time), ``K`` to ``2K - 1`` of them
+  (``K`` = ``pit_history``).
 
 Everything the shard holds for the entity is the head plus the entries, so the state as
 of ``ts`` is the head (when ``head.t < ts``) plus the entries with event time ``< ts``,
@@ -42,23 +44,31 @@ from features.pointintime import replay_states
 __all__ = ["decode_history", "encode_history", "pre_other", "pre_own"]
 
 
-def encode_history(head: np.ndarray, ts, label) -> bytes:
-    """A history: ``head`` (``width + 1`` doubles, ``t`` last) then ``(ts, label)`` pairs."""
-    pairs = np.column_stack([np.asarray(ts, "<f8"), np.asarray(label, "<f8")])
-    return np.asarray(head, "<f8").tobytes() + pairs.astype("<f8").tobytes()
+#: doubles per history entry: (ts, impressions, clicks)
+ENTRY = 3
+
+
+def encode_history(head: np.ndarray, ts, label, weight=None) -> bytes:
+    """A history: ``head`` (``width + 1`` doubles, ``t`` last) then ``(ts, impressions,
+    clicks)`` triples (``weight``: the impressions, 1 each unless given)."""
+    ts = np.asarray(ts, "<f8")
+    w = np.ones(len(ts)) if weight is None else np.asarray(weight, "<f8")
+    entries = np.column_stack([ts, w, np.asarray(label, "<f8")])
+    return np.asarray(head, "<f8").tobytes() + entries.astype("<f8").tobytes()
 
 
 def decode_history(blob: bytes, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(head [width + 1], entries [k, 2])`` of a history.
+    """``(head [width + 1], entries [k, 3])`` of a history: ``(ts, impressions, clicks)``.
 
-    >>> head, ent = decode_history(encode_history(np.zeros(3), [5.0], [1.0]), 2)
+    >>> head, ent = decode_history(encode_history(np.zeros(3), [5.0, 6.0], [1.0, 1.0],
+    ...                                           [1.0, 0.0]), 2)
     >>> head.tolist(), ent.tolist()
-    ([0.0, 0.0, 0.0], [[5.0, 1.0]])
+    ([0.0, 0.0, 0.0], [[5.0, 1.0, 1.0], [6.0, 0.0, 1.0]])
     """
     a = np.frombuffer(blob, "<f8")
-    if len(a) < width + 1 or (len(a) - width - 1) % 2:
+    if len(a) < width + 1 or (len(a) - width - 1) % ENTRY:
         raise ValueError(f"history of {len(a) * 8} bytes does not fit width {width}")
-    return a[: width + 1], a[width + 1 :].reshape(-1, 2)
+    return a[: width + 1], a[width + 1 :].reshape(-1, ENTRY)
 
 
 class _Items:
@@ -77,9 +87,9 @@ class _Items:
         self.x.append(np.asarray(x, np.float64).reshape(-1, self.width))
         self.rank.append(np.asarray(rank, np.float64).reshape(-1))
 
-    def events(self, seg, ts, label, rank) -> None:
+    def events(self, seg, ts, label, rank, weight=None) -> None:
         x = np.empty((len(ts), self.width))
-        x[:, 0::2] = 1.0
+        x[:, 0::2] = 1.0 if weight is None else np.asarray(weight, np.float64)[:, None]
         x[:, 1::2] = np.asarray(label, np.float64)[:, None]
         self.add(seg, ts, x, rank)
 
@@ -99,16 +109,18 @@ class _Items:
             flat = np.frombuffer(b"".join(got), "<f8")
             sizes = np.fromiter(map(len, got), np.int64, len(got)) // 8
             starts = np.cumsum(sizes) - sizes
-            if ((sizes < W + 1) | ((sizes - W - 1) % 2 != 0)).any():
+            if ((sizes < W + 1) | ((sizes - W - 1) % ENTRY != 0)).any():
                 raise ValueError(f"history fields do not fit state width {W}")
             heads[has] = flat[starts[:, None] + np.arange(W + 1)]
-            k = (sizes - W - 1) // 2
+            k = (sizes - W - 1) // ENTRY
             first = starts + W + 1
-            idx = np.repeat(first - 2 * (np.cumsum(k) - k), k) + 2 * np.arange(int(k.sum()))
+            idx = (np.repeat(first - ENTRY * (np.cumsum(k) - k), k)
+                   + ENTRY * np.arange(int(k.sum())))
             rank = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
             eseg = np.repeat(segs[has], k)
             keep = flat[idx] < np.repeat(np.asarray(cut, np.float64)[has], k)
-            self.events(eseg[keep], flat[idx][keep], flat[idx + 1][keep], rank[keep])
+            self.events(eseg[keep], flat[idx][keep], flat[idx + 2][keep], rank[keep],
+                        flat[idx + 1][keep])
         ok = ~np.isnan(heads[:, W])
         self.add(segs[ok], heads[ok, W], heads[ok, :W], np.full(int(ok.sum()), -1.0))
         return heads[:, W]
@@ -152,7 +164,7 @@ def _search(seg, ts, q_seg, q_ts, side: str) -> np.ndarray:
 
 def pre_own(
     half_lives, states: np.ndarray, hists: Mapping[int, bytes], ent, ts, label, ties: bool,
-    replayed: np.ndarray | None = None,
+    replayed: np.ndarray | None = None, weight=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pre-event states of a batch's new references in their own partition's shard.
 
@@ -160,8 +172,8 @@ def pre_own(
     ``hists``: the histories of entities whose ``t`` may not be older than their rows;
     ``ent``/``ts``/``label``: the references in processing (offset) order. A reference
     sees the shard (strictly earlier contributions) plus the batch's references before
-    it in offset order and in time (``ties``: or at its time). Returns ``(pre [R, W],
-    truncated [R])``.
+    it in offset order and in time (``ties``: or at its time). ``weight``: impressions
+    per reference (1 each unless given). Returns ``(pre [R, W], truncated [R])``.
 
     ``replayed``: :func:`features.pointintime.replay_states`'s ``pre`` of the same
     references, if at hand. For an entity whose state is older than its rows and whose
@@ -172,6 +184,7 @@ def pre_own(
     ts = np.asarray(ts, np.float64)
     W = states.shape[1] - 1
     R = len(ent)
+    wt = np.ones(R) if weight is None else np.asarray(weight, np.float64)
     if not R:
         return np.zeros((0, W)), np.zeros(0, bool)
     uniq, seg_of = np.unique(ent, return_inverse=True)
@@ -214,7 +227,7 @@ def pre_own(
     n_items = sum(len(a) for a in items.seg)
     inorder = ~back[seg_of] & ~ez
     items.events(seg_of[inorder], ts[inorder], np.asarray(label)[inorder],
-                 1e12 + np.flatnonzero(inorder))
+                 1e12 + np.flatnonzero(inorder), wt[inorder])
     q = hard[seg_of]
     if any(len(a) for a in items.seg) and q.any():
         order, seg, sts, post = items.cumulate(half_lives, len(uniq))
@@ -232,7 +245,7 @@ def pre_own(
     if back.any():
         sel = by_seg[back[seg_of[by_seg]]]  # references of such entities, offset order
         pre[sel] += _earlier_refs(half_lives, W, seg_of[sel], ts[sel],
-                                  np.asarray(label, np.float64)[sel], ties)
+                                  np.asarray(label, np.float64)[sel], ties, wt[sel])
     ht = head_t[seg_of]
     with np.errstate(invalid="ignore"):
         trunc = (ht > ts) if ties else (ht >= ts)
@@ -243,10 +256,10 @@ def pre_own(
 _BLOCK = 64
 
 
-def _earlier_refs(half_lives, W: int, seg, ts, label, ties: bool) -> np.ndarray:
+def _earlier_refs(half_lives, W: int, seg, ts, label, ties: bool, weight=None) -> np.ndarray:
     """Per reference (grouped by segment, offset order within it): the state of its
     segment's references before it in offset order and older (``ties``: or as old),
-    decayed to its time.
+    decayed to its time. ``weight``: impressions per reference (1 each unless given).
 
     Not pairwise over a whole segment (quadratic in a hot entity's references):
     offset positions are split in aligned blocks of ``_BLOCK``, pairwise within a block
@@ -264,6 +277,7 @@ def _earlier_refs(half_lives, W: int, seg, ts, label, ties: bool) -> np.ndarray:
     out = np.zeros((R, W))
     if R < 2:
         return out
+    weight = np.ones(R) if weight is None else np.asarray(weight, np.float64)
     starts = np.r_[0, np.flatnonzero(np.diff(seg)) + 1]
     pos = np.arange(R) - np.repeat(starts, np.diff(np.r_[starts, R]))
     # Within blocks: reference i against the k = pos % _BLOCK before it.
@@ -275,11 +289,11 @@ def _earlier_refs(half_lives, W: int, seg, ts, label, ties: bool) -> np.ndarray:
         dt = ts[i] - ts[j]
         keep = (dt >= 0) if ties else (dt > 0)
         i, j, dt = i[keep], j[keep], dt[keep]
-        out[:, 0] = np.bincount(i, minlength=R)
+        out[:, 0] = np.bincount(i, weight[j], minlength=R)
         out[:, 1] = np.bincount(i, label[j], minlength=R)
         for h_j, h in enumerate(half_lives):
             w = np.exp2(-dt / h)
-            out[:, 2 + 2 * h_j] = np.bincount(i, w, minlength=R)
+            out[:, 2 + 2 * h_j] = np.bincount(i, w * weight[j], minlength=R)
             out[:, 3 + 2 * h_j] = np.bincount(i, w * label[j], minlength=R)
     span = int(pos.max()) + 1
     level = _BLOCK.bit_length() - 1
@@ -290,7 +304,7 @@ def _earlier_refs(half_lives, W: int, seg, ts, label, ties: bool) -> np.ndarray:
         pair = pair.reshape(-1)
         left = ~right
         items = _Items(W)
-        items.events(pair[left], ts[left], label[left], pos[left])
+        items.events(pair[left], ts[left], label[left], pos[left], weight[left])
         _, iseg, its, post = items.cumulate(half_lives, int(pair.max()) + 1)
         q = np.flatnonzero(right)
         p = _search(iseg, its, pair[q], ts[q], "right" if ties else "left")

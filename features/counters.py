@@ -1,7 +1,10 @@
 """Declarative click counters: what is counted, per which key, and the features derived.
 
 A :class:`CounterSpec` names a counter and the event fields that key it; every click
-event adds one impression (and ``label`` clicks) to each entity its key resolves to.
+event adds one impression (and ``label`` clicks) to each entity its key resolves to. An
+event may say it adds no impression (column ``impressions``: 1, the default, or 0): the
+online joiner counts an impression when it is shown and its click, later, at the click's
+own time (``impressions`` 0, ``label`` 1).
 Each entity keeps all-time totals plus exponentially decayed sums for every half-life
 of the :class:`CounterConfig` (default 1 h and 1 day), and the smoothed CTR
 ``(clicks + alpha * prior) / (impressions + alpha)`` is derived from them.
@@ -191,6 +194,8 @@ def as_columns(events: Any) -> dict[str, Any]:
     >>> c = as_columns([{"ts": 1.0, "user_id": 7, "item_id": "9", "label": 1}])
     >>> c["user_id"].tolist(), c["ts"].dtype.name, c["context"]
     (['7'], 'float64', [None])
+    >>> as_columns([{"ts": 1.0, "label": 1, "impressions": 0}])["impressions"].tolist()
+    [0.0]
     """
     if hasattr(events, "to_pydict"):
         events = events.to_pydict()
@@ -213,6 +218,11 @@ def as_columns(events: Any) -> dict[str, Any]:
         out[name] = _canonical_column(col)
     if "label" in events:
         out["label"] = np.asarray(events["label"], dtype=np.int8)
+    if "impressions" in events:
+        imp = np.asarray(events["impressions"], dtype=np.float64)
+        if not np.isin(imp, (0.0, 1.0)).all():
+            raise ValueError("events column 'impressions' must hold 0 or 1 per event")
+        out["impressions"] = imp
     if "offset" in events:
         out["offset"] = np.asarray(events["offset"], dtype=np.int64)
         sub = events.get("sub")

@@ -1,6 +1,6 @@
 """An in-memory online store (:class:`features.store_protocol.OnlineFeatureStore`) for tests.
 
-It keeps every contribution (event time, label) per entity and partition shard and
+It keeps every contribution (event time, impressions, clicks) per entity and partition shard and
 answers by brute force, so it is the plain statement of what the Redis store promises
 (``tests/features/test_store_contract.py`` runs the same suite against both): counters
 summed over shards, strictly point-in-time pre-event features, each (topic, partition,
@@ -42,7 +42,13 @@ from features.counters import (
 )
 from features.event_ids import SUB_SLOTS
 from features.hashing import canonical
-from features.store_apply import GapError, RewindError, batch_in_offset_order, event_id_hashes
+from features.store_apply import (
+    GapError,
+    RewindError,
+    batch_in_offset_order,
+    event_id_hashes,
+    event_impressions,
+)
 from features.store_core import BatchResult, latest_user_attrs
 from features.store_reads import entity_counters, entity_kind, rows_at, wanted_counters
 
@@ -72,7 +78,7 @@ class MemoryOnlineStore:
         self._data = {
             # partition -> topic -> next offset to apply
             "offsets": {p: {} for p in range(partitions)},
-            # partition -> entity -> [(event time, label)], in the order applied
+            # partition -> entity -> [(event time, impressions, clicks)], in the order applied
             "log": {p: {} for p in range(partitions)},
             # (partition, topic) -> the last batches' {(offset, sub): (id hash, pre-state)}
             "replay": {},
@@ -95,20 +101,20 @@ class MemoryOnlineStore:
         return self._instance
 
     # -- counters -----------------------------------------------------------------------
-    def _contribution(self, t: float, label: float, at: float) -> np.ndarray:
+    def _contribution(self, t: float, imp: float, label: float, at: float) -> np.ndarray:
         """One contribution's state vector, decayed to ``at`` (never backwards)."""
-        out = [1.0, float(label)]
+        out = [imp, float(label)]
         for h in self.counters.half_lives:
             w = math.pow(2.0, -max(at - t, 0.0) / h)
-            out += [w, label * w]
+            out += [imp * w, label * w]
         return np.array(out)
 
-    def _pre(self, history: list[tuple[float, int]], ts: float) -> np.ndarray:
+    def _pre(self, history: list[tuple[float, float, int]], ts: float) -> np.ndarray:
         """Contributions strictly before ``ts`` (``pit_ties``: or at it), decayed to it."""
         total = np.zeros(self.counters.width)
-        for t, label in history:
+        for t, imp, label in history:
             if t < ts or (self.pit_ties and t == ts):
-                total += self._contribution(t, label, ts)
+                total += self._contribution(t, imp, label, ts)
         return total
 
     def _state(self, partition: int, entity: str) -> np.ndarray:
@@ -117,8 +123,8 @@ class MemoryOnlineStore:
         history = self._data["log"][partition].get(entity, [])
         if not history:
             return np.append(np.zeros(self.counters.width), np.nan)
-        newest = max(t for t, _ in history)
-        total = sum(self._contribution(t, label, newest) for t, label in history)
+        newest = max(t for t, *_ in history)
+        total = sum(self._contribution(t, imp, label, newest) for t, imp, label in history)
         return np.append(total, newest)
 
     def _item_view(self, item_ids) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -150,6 +156,7 @@ class MemoryOnlineStore:
             raise GapError(topic, partition, nxt, expect_next)
         ids = event_id_hashes(srt["event_id"]) if "event_id" in srt else np.zeros(n, np.uint64)
         new = srt["offset"] >= nxt
+        weights = event_impressions(srt)
         cache: dict = {}
         for entry in self._data["replay"].get((partition, topic), []):
             cache.update(entry)
@@ -176,16 +183,16 @@ class MemoryOnlineStore:
                 else:
                     replayed_pre[i] = hit[1]
                 continue
-            ts, label = float(srt["ts"][i]), int(srt["label"][i])
+            ts, label, imp = float(srt["ts"][i]), int(srt["label"][i]), float(weights[i])
             for r in by_event.get(i, []):
                 entity = refs.entities[int(refs.entity[r])]
                 history = own.setdefault(entity, [])
-                late[i] |= any(t > ts for t, _ in history)
+                late[i] |= any(t > ts for t, *_ in history)
                 per_ref[r] = self._pre(history, ts) + sum(
                     (self._pre(shard.get(entity, []), ts) for shard in others.values()),
                     np.zeros(cfg.width))
             for r in by_event.get(i, []):
-                own[refs.entities[int(refs.entity[r])]].append((ts, label))
+                own[refs.entities[int(refs.entity[r])]].append((ts, imp, label))
         agg = aggregate(refs, per_ref)
         for i, pre in replayed_pre.items():
             agg[i] = pre

@@ -5,7 +5,7 @@ decayed to) and the batch's references in processing order, :func:`replay_states
 returns every reference's state just *before* its event and every entity's state after
 the batch, with the exact semantics of applying the events one by one:
 
-- totals add ``1`` and ``label``;
+- totals add ``weight`` (the event's impressions: 1 unless given) and ``label``;
 - an event at ``ts >= t`` decays the sums to ``ts`` first, then adds, and ``t := ts``;
 - a late event (``ts < t``) adds with weight ``2 ** (-(t - ts) / h)``; ``t`` stays.
 
@@ -72,12 +72,15 @@ def replay_states(
     ts: np.ndarray,
     label: np.ndarray | None,
     values: np.ndarray | None = None,
+    weight: np.ndarray | None = None,
 ) -> Replayed:
     """Apply references (``entity``, ``ts``, ``label``, in processing order) to states.
 
     ``init`` is ``[K, width + 1]`` per entity index (``t`` NaN: never written).
     ``values`` (``[R, width]``), when given, replaces what each reference adds (``1`` and
-    ``label`` everywhere): a reference may then be a whole aggregated state.
+    ``label`` everywhere): a reference may then be a whole aggregated state. ``weight``
+    (``[R]``), when given, replaces the ``1``: impressions the reference adds (0: a click
+    counted on its own, at its own time).
 
     >>> init = np.array([[0.0, 0, 0, 0, np.nan]])
     >>> r = replay_states((100.0,), init, np.array([0, 0, 0]), np.array([0.0, 100.0, 50.0]),
@@ -116,7 +119,7 @@ def replay_states(
         x[pos_real] = np.asarray(values, np.float64)[order]
     else:
         lab = np.asarray(label, np.float64)[order]
-        x[pos_real, 0::2] = 1.0
+        x[pos_real, 0::2] = 1.0 if weight is None else np.asarray(weight, np.float64)[order][:, None]
         x[pos_real, 1::2] = lab[:, None]
     T = _segmented_runmax_ts(t_comb, seg)
     late_s = ts_real < T[pos_real - 1]

@@ -27,7 +27,7 @@ at its time too), from every partition's shard (docs/point-in-time.md,
 in the same round trip, i.e. as of batch start, and only their contributions older than
 the event count, however far ahead in event time those partitions are. For that each
 entity keeps its latest ``pit_history`` (K) to 2K-1 events per shard
-(``{hw:p<P>}:~h:<entity>``); a row older than a shard's retained history leaves that
+(``{hw:p<P>}:~h2:<entity>``); a row older than a shard's retained history leaves that
 shard's older part out (never the future), counted in
 ``headwater_features_pit_truncated_total``.
 

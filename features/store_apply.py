@@ -424,10 +424,11 @@ def _pre_states(cfg, srt, refs, partition, others, nxt, states, hists, ts_ref, t
     ref_new = new[refs.event]
     ev_new = refs.event[ref_new]
     ent_new, ts_new, lab_new = refs.entity[ref_new], srt["ts"][ev_new], srt["label"][ev_new]
-    rep = replay_states(cfg.half_lives, own, ent_new, ts_new, lab_new)
+    imp_new = event_impressions(srt)[ev_new]
+    rep = replay_states(cfg.half_lives, own, ent_new, ts_new, lab_new, weight=imp_new)
     per_ref = np.zeros((len(refs.event), W))
     pre, trunc = pre_own(cfg.half_lives, own, hists.get(partition, {}), ent_new, ts_new,
-                         lab_new, ties, replayed=rep.pre)
+                         lab_new, ties, replayed=rep.pre, weight=imp_new)
     per_ref[ref_new] = pre
     truncated = int(trunc.sum())
     for q in others:
@@ -438,13 +439,25 @@ def _pre_states(cfg, srt, refs, partition, others, nxt, states, hists, ts_ref, t
     return own, per_ref, rep, ref_new, ev_new, truncated
 
 
+def event_impressions(srt: dict[str, Any]) -> np.ndarray:
+    """Impressions each event adds: its ``impressions`` column, else 1 (a labelled event).
+
+    >>> event_impressions({"ts": np.zeros(2)}).tolist()
+    [1.0, 1.0]
+    """
+    imp = srt.get("impressions")
+    return np.ones(len(srt["ts"])) if imp is None else np.asarray(imp, np.float64)
+
+
 def _history_entries(rep, refs, ref_new, srt, ev_new) -> tuple[bytes, bytes]:
     """``apply.lua``'s history arguments: per touched entity (``rep.touched`` order) its
-    entry count (int32), then the entries ``(ts, label)``, entity by entity, offset order."""
+    entry count (int32), then the entries ``(ts, impressions, clicks)``, entity by entity,
+    offset order."""
     ent = refs.entity[ref_new]
     order = np.argsort(ent, kind="stable")
     counts = np.unique(ent, return_counts=True)[1] if len(ent) else np.zeros(0, np.int64)
-    pairs = np.column_stack([srt["ts"][ev_new][order], srt["label"][ev_new][order]])
-    return counts.astype("<i4").tobytes(), pairs.astype("<f8").tobytes()
+    ev = ev_new[order]
+    entries = np.column_stack([srt["ts"][ev], event_impressions(srt)[ev], srt["label"][ev]])
+    return counts.astype("<i4").tobytes(), entries.astype("<f8").tobytes()
 
 

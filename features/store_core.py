@@ -186,9 +186,11 @@ class StoreCore:
         return f"{{{self.prefix}:p{partition}}}:{entity}"
 
     def history_key(self, partition: int, entity: str) -> str:
-        """``{hw:p<P>}:~h:<entity>``: the entity's point-in-time history in one shard
-        (:mod:`features.asof`; ``~`` cannot start a counter name)."""
-        return f"{{{self.prefix}:p{partition}}}:~h:{entity}"
+        """``{hw:p<P>}:~h2:<entity>``: the entity's point-in-time history in one shard
+        (:mod:`features.asof`; ``~`` cannot start a counter name). ``h2``: entries of
+        ``(ts, impressions, clicks)``; the ``~h:`` keys of the older ``(ts, label)`` format
+        are never read (an entity without an ``h2`` history starts one from its state)."""
+        return f"{{{self.prefix}:p{partition}}}:~h2:{entity}"
 
     def attrs_key(self, kind: str, entity_id: Any) -> str:
         return f"{self.prefix}:attrs:{kind}:{canonical(entity_id)}"

@@ -30,7 +30,7 @@ from streams.deadletter import reason_kind
 from streams.events import EventLog, EventSink, KafkaLog, Message, Output
 from streams.metrics import WorkerMetrics
 
-__all__ = ["ClickHandler", "click_handler"]
+__all__ = ["ClickHandler", "click_handler", "counter_store"]
 
 
 class ClickHandler:
@@ -160,15 +160,22 @@ class ClickHandler:
         return outputs
 
 
+def counter_store(settings: Settings, client, builder: RowBuilder, registry) -> OnlineStore:
+    """The worker's online counters in Redis (``client``: ``redis.asyncio.Redis``), as the
+    click path and the joiner both write them: the builder's counters, the settings'
+    point-in-time rules, metrics in ``registry``."""
+    return OnlineStore(client, partitions=settings.partitions, counters=builder.config.counters,
+                       registry=registry, pit_ties=settings.pit_ties,
+                       pit_history=settings.pit_history)
+
+
 def click_handler(settings: Settings, client, metrics: WorkerMetrics, state, bootstrap: str,
                   builder: RowBuilder | None = None, sink: EventSink | None = None,
                   pause=None) -> ClickHandler:
     """The worker's click handler: the store and the duplicate window in Redis
     (``client``, a ``redis.asyncio.Redis``), the log on the broker at ``bootstrap``."""
     builder = builder or make_row_builder(settings)
-    store = OnlineStore(client, partitions=settings.partitions,
-                        counters=builder.config.counters, registry=metrics.registry,
-                        pit_ties=settings.pit_ties, pit_history=settings.pit_history)
+    store = counter_store(settings, client, builder, metrics.registry)
     return ClickHandler(settings, metrics, state, store=store,
                         window=EventIdWindow(client, settings.duplicate_window),
                         events=KafkaLog(bootstrap), builder=builder, sink=sink, pause=pause)

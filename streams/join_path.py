@@ -26,6 +26,15 @@ their sequence number as ``offset`` (source ``joined:<impressions topic>``), so 
 learner's per-source watermark drops a row sent twice. Each impression therefore
 becomes exactly one training row through worker kill -9.
 
+**Counters.** The online counters (the click path's store) count each impression once,
+when it arrives, at the impression's time, and each matched click once, when it is
+matched, at the click's time and without another impression (store events with
+``impressions`` 0; :mod:`features.counters`). Both go through the outbox as store
+batches numbered by their own gap-free sequence (source ``joined-counts:<impressions
+topic>``), so the store's fence applies each exactly once through kill -9, and its
+point-in-time rules hold: a row read as of ``t`` sees the impressions shown before ``t``
+and the clicks made before ``t``, never a click after it.
+
 **Time.** Labels are decided in event time: an action at ``a`` labels the impression at
 ``t`` 1 when ``t - lateness <= a <= t + window``. The watermark is the lower of the two
 sides' newest event times minus ``HEADWATER_JOIN_LATENESS_SECONDS``; a side without
@@ -50,9 +59,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from core.settings import Settings
 from features.defaults import row_builder as make_row_builder
-from features.store import OnlineStore
 from learner.batch import encode_batch
 from streams.app import Message, Output
+from streams.click_path import counter_store
 from streams.deadletter import dead_letter, reason_kind
 from streams.metrics import WorkerMetrics
 from streams.schemas import ActionEvent, ImpressionEvent, decode_message
@@ -63,8 +72,9 @@ _SEP = "\x1f"
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
 _LEN = struct.Struct("<HH")
-#: Outbox entries applied to the online counters (not sent): the rows' (impression, label)
-#: pairs, at the impression's time, as the click path counts a labelled event.
+#: Outbox entries applied to the online counters (not sent): each impression once when it
+#: arrives (at its time: 1 impression, 0 clicks), each matched click once when it is
+#: matched (at the click's time: 0 impressions, 1 click).
 COUNTERS = "\x00counters"
 _DELAY_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600)
 
@@ -118,6 +128,7 @@ class _Batch:
     ui: dict[str, str | None] = field(default_factory=dict)
     rows: list[tuple[dict, int, float]] = field(default_factory=list)  # (impression, label, decided at)
     dead: list[Output] = field(default_factory=list)
+    counts: list[dict] = field(default_factory=list)  # counter events, in the order decided
 
 
 class JoinHandler:
@@ -142,15 +153,14 @@ class JoinHandler:
         self.builder = builder or make_row_builder(settings)
         self.schema = self.builder.schema
         #: the online counters (the click path's store: one per registry)
-        self.store = store or OnlineStore(client, partitions=settings.partitions,
-                                          counters=self.builder.config.counters,
-                                          registry=metrics.registry, pit_ties=settings.pit_ties,
-                                          pit_history=settings.pit_history)
+        self.store = store or counter_store(settings, client, self.builder, metrics.registry)
         self.window = settings.join_window_seconds
         self.lateness = settings.join_lateness_seconds
         self.idle = settings.join_idle_seconds
         self.clock = clock
         self.source = f"joined:{self.imp_topic}"
+        #: the counter events' source in the online store (its own gap-free sequence)
+        self.count_source = f"joined-counts:{self.imp_topic}"
         self.send = None
         #: where a gap is re-read from (``streams.events.EventLog``; set by the worker)
         self.events = None
@@ -170,6 +180,8 @@ class JoinHandler:
         #: partition -> a watermark floor set by :meth:`close_until`
         self._floor: dict[int, float] = {}
         self.assigned: set[int] = set()
+        #: partitions whose outbox may hold entries (a flush in progress or failed)
+        self._unsent: set[int] = set()
 
     # -- keys ------------------------------------------------------------------------
     def key(self, partition: int, name: str) -> str:
@@ -194,16 +206,24 @@ class JoinHandler:
         self._seen[partition, side] = self.clock()
         self._idle_from.pop(partition, None)
         async with self._lock(partition):
-            await self._transact(partition, topic, messages)
-            await self._flush(partition)
+            if await self._transact(partition, topic, messages) or partition in self._unsent:
+                await self._flush(partition)
         return []
 
-    async def tick(self) -> None:
-        """Advance every assigned partition's watermark by the idle rules; close windows."""
+    async def tick(self, wait: bool = False) -> None:
+        """Advance every assigned partition's watermark by the idle rules; close windows.
+
+        A partition whose batch is in progress is skipped (that batch's own transaction
+        advances the watermark by the same rules) unless ``wait``: the clock never queues
+        behind the stream. The outbox is read only when the tick wrote to it or a send
+        failed before."""
         for p in sorted(self.assigned):
-            async with self._lock(p):
-                await self._transact(p, None, [])
-                await self._flush(p)
+            lock = self._lock(p)
+            if lock.locked() and not wait:
+                continue
+            async with lock:
+                if await self._transact(p, None, []) or p in self._unsent:
+                    await self._flush(p)
 
     async def close_until(self, event_time: float) -> None:
         """Move every assigned partition's watermark to at least ``event_time`` now and close
@@ -211,7 +231,7 @@ class JoinHandler:
         this by itself)."""
         for p in sorted(self.assigned):
             self._floor[p] = max(self._floor.get(p, float("-inf")), event_time)
-        await self.tick()
+        await self.tick(wait=True)
 
     async def flush_all(self) -> None:
         """Send what a crash left in the outbox of every assigned partition."""
@@ -231,7 +251,8 @@ class JoinHandler:
         end = self.highwater(topic, partition)
         return end is not None and int(meta.get(f"off:{topic}", 0)) >= end
 
-    async def _transact(self, p: int, topic: str | None, messages: list[Message]) -> None:
+    async def _transact(self, p: int, topic: str | None, messages: list[Message]) -> bool:
+        """One fenced transaction; True when it wrote outbox entries."""
         from redis.exceptions import WatchError
 
         meta_key = self.key(p, "meta")
@@ -247,7 +268,7 @@ class JoinHandler:
                         if messages and recorded < messages[0][0]:
                             todo = await self._read_gap(topic, p, recorded, messages[0][0]) + todo
                         if not todo:
-                            return
+                            return False
                     b = _Batch()
                     self._cache[p] = {}
                     await self._apply(pipe, p, topic, todo, meta, b)
@@ -256,8 +277,9 @@ class JoinHandler:
                     if wm > wm_before:
                         meta["wm"] = repr(wm)
                         await self._expire(pipe, p, wm, b)
-                    if topic is None and not b.rows and not b.dead and wm <= wm_before:
-                        return
+                    if topic is None and not b.rows and not b.dead and not b.counts \
+                            and wm <= wm_before:
+                        return False
                     outbox = self._outputs(p, meta, b)
                     pipe.multi()
                     self._write(pipe, p, meta, b, outbox)
@@ -266,6 +288,7 @@ class JoinHandler:
                     continue
             break
         self._account(p, meta, b, n_open)
+        return bool(outbox)
 
     async def _read_gap(self, topic: str, p: int, start: int, stop: int) -> list[Message]:
         log.warning("join state of %s[%d] ends at offset %d, batch starts at %d: re-reading",
@@ -382,6 +405,7 @@ class JoinHandler:
                 continue
             imp = {"k": k, "rid": ev.request_id, "ts": ev.ts, "u": user, "i": str(c.item_id),
                    "pos": c.position, "c": ev.categorical[c.position], "d": ev.dense[c.position]}
+            self._count(b, imp, ev.ts, click=False)  # shown: counted now, at its own time
             action = None
             for hk in (k, a_key):
                 raw = held.get(hk)
@@ -394,6 +418,7 @@ class JoinHandler:
                 hk, a = action
                 b.held[hk], b.heldx[hk] = None, None
                 held[hk] = None
+                self._count(b, imp, a["ts"], click=True)
                 self._close(b, imp, 1, a["ts"])
                 self.m.impressions.labels("matched_held").inc()
                 continue
@@ -420,6 +445,7 @@ class JoinHandler:
                 imp = _dec.decode(imp_raw)
                 if imp["ts"] - self.lateness <= ev.ts <= imp["ts"] + self.window:
                     b.open[k], b.due[k] = None, None
+                    self._count(b, imp, ev.ts, click=True)
                     self._close(b, imp, 1, ev.ts)
                     self.m.actions.labels("matched").inc()
                     return
@@ -493,6 +519,14 @@ class JoinHandler:
                     if (v.decode() if isinstance(v, bytes) else v) == k:
                         b.ui[f] = None
 
+    @staticmethod
+    def _count(b: _Batch, imp: dict, ts: float, click: bool) -> None:
+        """A counter event: the impression (1 impression at its time) or its click (1 click
+        at the click's time, no impression: the impression was counted when shown)."""
+        eid = f"{imp['rid']}:{imp['pos']}" + (":click" if click else "")
+        b.counts.append({"event_id": eid, "ts": ts, "user_id": imp["u"], "item_id": imp["i"],
+                         "label": int(click), "impressions": 0 if click else 1})
+
     def _close(self, b: _Batch, imp: dict, label: int, at: float) -> None:
         k = imp["k"]
         b.closed[k] = _enc.encode({"label": label, "ui": f"{imp['u']}{_SEP}{imp['i']}"})
@@ -508,16 +542,20 @@ class JoinHandler:
         self.metrics.dead_letters.labels(topic, reason_kind(reason)).inc()
 
     def _outputs(self, p: int, meta: dict[str, str], b: _Batch) -> dict[int, bytes]:
-        """The outbox entries of this transaction: Arrow row messages, then dead-letters."""
+        """The outbox entries of this transaction: counter events (numbered by their own
+        gap-free sequence ``cseq``, the store's fence), Arrow row messages, dead-letters."""
         out: list[Output] = []
-        seq = int(meta.get("seq", 0))
         step = self.settings.train_message_rows
+        cseq = int(meta.get("cseq", 0))
+        for start in range(0, len(b.counts), step):
+            chunk = [{**c, "offset": cseq + k, "sub": 0}
+                     for k, c in enumerate(b.counts[start:start + step])]
+            out.append((COUNTERS, None, _enc.encode(chunk), None))
+            cseq += len(chunk)
+        meta["cseq"] = str(cseq)
+        seq = int(meta.get("seq", 0))
         for start in range(0, len(b.rows), step):
             chunk = b.rows[start:start + step]
-            counted = [{"event_id": f"{imp['rid']}:{imp['pos']}", "ts": imp["ts"], "user_id": imp["u"],
-                        "item_id": imp["i"], "label": label, "offset": seq + k, "sub": 0}
-                       for k, (imp, label, _at) in enumerate(chunk)]
-            out.append((COUNTERS, None, _enc.encode(counted), None))
             out.append((self.topics["train-batches"], str(p).encode(),
                         self._encode(chunk, p, seq), None))
             seq += len(chunk)
@@ -577,15 +615,18 @@ class JoinHandler:
         self.m.open.labels(str(p)).set(n_open)
 
     async def _flush(self, p: int) -> None:
-        """Send the partition's outbox in id order, then delete what was sent."""
+        """Apply the partition's counter events and send its outbox in id order, then
+        delete what was sent."""
+        self._unsent.add(p)
         key = self.key(p, "outbox")
         entries = await self.client.hgetall(key)
-        if not entries:
-            return
-        ids = sorted(int(k) for k in entries)
-        outputs = [unpack_output(entries[str(i).encode()]) for i in ids]
-        for topic, _key, value, _p in outputs:
-            if topic == COUNTERS:  # idempotent per row sequence number (the store's fence)
-                await self.store.apply_batch(self.source, p, _dec.decode(value))
-        await self.send([o for o in outputs if o[0] != COUNTERS])
-        await self.client.hdel(key, *[str(i) for i in ids])
+        if entries:
+            ids = sorted(int(k) for k in entries)
+            outputs = [unpack_output(entries[str(i).encode()]) for i in ids]
+            counted = [ev for topic, _k, value, _p in outputs if topic == COUNTERS
+                       for ev in _dec.decode(value)]
+            if counted:  # idempotent per counter sequence number (the store's fence)
+                await self.store.apply_batch(self.count_source, p, counted)
+            await self.send([o for o in outputs if o[0] != COUNTERS])
+            await self.client.hdel(key, *[str(i) for i in ids])
+        self._unsent.discard(p)

@@ -119,6 +119,23 @@ def _check_id(value: Any, name: str, where: str) -> None:
         raise InvalidEvent(f"{where}.{name} must be a string or integer, got bool")
 
 
+def _check_event(ev: Any, where: str, now: float | None, ids: tuple[str, ...],
+                 optional: tuple[str, ...] = ()) -> None:
+    """What every event kind checks alike: its ``ids`` (and ``optional`` ids when given)
+    are valid ids, its ``ts`` is a plausible epoch time."""
+    for name in ids:
+        _check_id(getattr(ev, name), name, where)
+    for name in optional:
+        if getattr(ev, name) is not None:
+            _check_id(getattr(ev, name), name, where)
+    _check_ts(ev.ts, where, time.time() if now is None else now)
+
+
+def _check_finite(values, what: str) -> None:
+    if not all(math.isfinite(x) for x in values):
+        raise InvalidEvent(f"{what} holds a non-finite number")
+
+
 def _check_scalars(mapping: dict[str, Scalar], name: str, where: str) -> None:
     for key, value in mapping.items():
         if isinstance(value, float) and not math.isfinite(value):
@@ -127,33 +144,23 @@ def _check_scalars(mapping: dict[str, Scalar], name: str, where: str) -> None:
 
 def validate_click(ev: ClickEvent, where: str = "$", now: float | None = None) -> ClickEvent:
     """Semantic checks msgspec's types cannot express; raises :class:`InvalidEvent`."""
-    now = time.time() if now is None else now
-    _check_id(ev.event_id, "event_id", where)
-    _check_id(ev.user_id, "user_id", where)
-    _check_id(ev.item_id, "item_id", where)
     if ev.label not in (0, 1):
         raise InvalidEvent(f"{where}.label must be 0 or 1, got {ev.label!r}")
-    _check_ts(ev.ts, where, now)
+    _check_event(ev, where, now, ("event_id", "user_id", "item_id"))
     _check_scalars(ev.context, "context", where)
     _check_scalars(ev.user, "user", where)
     return ev
 
 
 def validate_item(ev: ItemEvent, where: str = "$", now: float | None = None) -> ItemEvent:
-    now = time.time() if now is None else now
-    _check_id(ev.item_id, "item_id", where)
-    _check_ts(ev.ts, where, now)
+    _check_event(ev, where, now, ("item_id",))
     for modality, vec in ev.vectors.items():
-        if not all(math.isfinite(x) for x in vec):
-            raise InvalidEvent(f"{where}.vectors.{modality} holds a non-finite number")
+        _check_finite(vec, f"{where}.vectors.{modality}")
     return ev
 
 
 def validate_impression(ev: ImpressionEvent, where: str = "$", now: float | None = None) -> ImpressionEvent:
-    now = time.time() if now is None else now
-    _check_id(ev.request_id, "request_id", where)
-    _check_id(ev.user_id, "user_id", where)
-    _check_ts(ev.ts, where, now)
+    _check_event(ev, where, now, ("request_id", "user_id"))
     if not ev.candidates:
         raise InvalidEvent(f"{where}.candidates must not be empty")
     n = len(ev.candidates)
@@ -161,24 +168,16 @@ def validate_impression(ev: ImpressionEvent, where: str = "$", now: float | None
         raise InvalidEvent(f"{where}: categorical and dense need one row per candidate ({n})")
     for i, c in enumerate(ev.candidates):
         _check_id(c.item_id, "item_id", f"{where}.candidates[{i}]")
-        if not math.isfinite(c.score):
-            raise InvalidEvent(f"{where}.candidates[{i}].score is not a finite number")
+        _check_finite((c.score,), f"{where}.candidates[{i}].score")
     for i, row in enumerate(ev.dense):
-        if not all(math.isfinite(x) for x in row):
-            raise InvalidEvent(f"{where}.dense[{i}] holds a non-finite number")
+        _check_finite(row, f"{where}.dense[{i}]")
     return ev
 
 
 def validate_action(ev: ActionEvent, where: str = "$", now: float | None = None) -> ActionEvent:
-    now = time.time() if now is None else now
-    _check_id(ev.event_id, "event_id", where)
-    _check_id(ev.user_id, "user_id", where)
-    _check_id(ev.item_id, "item_id", where)
-    if ev.request_id is not None:
-        _check_id(ev.request_id, "request_id", where)
     if ev.action not in ACTION_TYPES:
         raise InvalidEvent(f"{where}.action must be one of {list(ACTION_TYPES)}, got {ev.action!r}")
-    _check_ts(ev.ts, where, now)
+    _check_event(ev, where, now, ("event_id", "user_id", "item_id"), optional=("request_id",))
     return ev
 
 

@@ -96,8 +96,8 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     audit_pool = ThreadPoolExecutor(1, thread_name_prefix="audit")
 
     events = KafkaLog(bootstrap)
-    clicks = click_handler(settings, client, metrics, state, bootstrap,
-                           sink=FaustSink(app, state.on_error),
+    sink = FaustSink(app, state.on_error)  # the click path's repairs and the joiner's outbox
+    clicks = click_handler(settings, client, metrics, state, bootstrap, sink=sink,
                            pause=lambda partition: pause_partition(app, topics["clicks"], partition))
     state.stopped = clicks.stopped
     items = ItemHandler(settings, client, metrics, state)
@@ -127,7 +127,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
                   state.on_error, dlq)
     joiner = JoinHandler(settings, client, metrics, state, builder=clicks.builder, store=clicks.store)
     joiner.events = events
-    joiner.send = FaustSink(app, state.on_error).send
+    joiner.send = sink.send
     joiner.highwater = lambda topic, p: highwater(app, topic, p)
     batched_agent(app, (topics["impressions"], topics["actions"]), n, joiner,
                   settings.click_batch_size, settings.click_batch_within, "join", state.on_error, dlq)

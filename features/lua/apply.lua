@@ -4,7 +4,7 @@
 -- KEYS[2]     {hw:pP}:pit:<topic>  the replay cache (hash: first offset -> entry)
 -- KEYS[3]     {hw:pP}:writer       the token of the last write (set to ARGV[8])
 -- KEYS[4..]   {hw:pP}:<entity>     the entities the batch changed (U of them), then
---             {hw:pP}:~h:<entity>  their histories, in the same order
+--             {hw:pP}:~h2:<entity>  their histories, in the same order
 -- ARGV[1]     topic
 -- ARGV[2]     expected next offset: what the batch was computed from (read_own.lua)
 -- ARGV[3]     the new next offset (the batch's largest applied offset + 1)
@@ -14,7 +14,8 @@
 -- ARGV[7]     replay cache size: how many recent batches keep their entries
 -- ARGV[8]     a fresh random token naming the shard's new state (features/shard_cache.py)
 -- ARGV[9]     per entity: how many history entries it gets, little-endian int32
--- ARGV[10]    those entries, (ts, label) little-endian doubles, key by key, offset order
+-- ARGV[10]    those entries, (ts, impressions, clicks) little-endian doubles, key by key,
+--             offset order (impressions 0: a click counted at its own time)
 -- ARGV[11]    the half-lives, comma separated (the order of the state fields)
 -- ARGV[12]    K: history entries kept per entity, at least K and fewer than 2K
 --
@@ -29,7 +30,7 @@
 -- updates idempotent per (topic, partition, offset).
 --
 -- Each entity's history (features/asof.py) is a string key beside it: a head state (the
--- fields' doubles, t last, NaN t: empty) then its latest (ts, label) entries in offset
+-- fields' doubles, t last, NaN t: empty) then its latest (ts, n, c) entries in offset
 -- order, appended here (APPEND: no read). An entity without one (written before
 -- histories existed) starts it with its old state as the head. Whenever it holds 2K
 -- entries or more, the oldest K fold into the head (repeatedly), exactly as the state
@@ -56,8 +57,8 @@ local function fold(hist, m)
   local hp = h[nf + 1]
   local t = h[nf]
   for _ = 1, m do
-    local ts, lab
-    ts, lab, hp = struct.unpack('<dd', hist, hp)
+    local ts, imp, lab
+    ts, imp, lab, hp = struct.unpack('<ddd', hist, hp)
     if t ~= t then
       for j = 1, nf - 1 do h[j] = 0 end
       t = ts
@@ -65,18 +66,18 @@ local function fold(hist, m)
     if ts >= t then
       for j = 1, #hls do
         local f = 2 ^ (-(ts - t) / hls[j])
-        h[1 + 2 * j] = h[1 + 2 * j] * f + 1
+        h[1 + 2 * j] = h[1 + 2 * j] * f + imp
         h[2 + 2 * j] = h[2 + 2 * j] * f + lab
       end
       t = ts
     else
       for j = 1, #hls do
         local w = 2 ^ (-(t - ts) / hls[j])
-        h[1 + 2 * j] = h[1 + 2 * j] + w
+        h[1 + 2 * j] = h[1 + 2 * j] + imp * w
         h[2 + 2 * j] = h[2 + 2 * j] + lab * w
       end
     end
-    h[1] = h[1] + 1
+    h[1] = h[1] + imp
     h[2] = h[2] + lab
   end
   h[nf] = t
@@ -89,8 +90,8 @@ for i = 4, 3 + U do
   pos = v[nf + 1]
   local cnt = struct.unpack('<i4', ARGV[9], 4 * (i - 4) + 1)
   local hk = KEYS[i + U]
-  local add = string.sub(ARGV[10], epos, epos + 16 * cnt - 1)
-  epos = epos + 16 * cnt
+  local add = string.sub(ARGV[10], epos, epos + 24 * cnt - 1)
+  epos = epos + 24 * cnt
   local size
   if redis.call('EXISTS', hk) == 1 then
     size = redis.call('APPEND', hk, add)
@@ -103,7 +104,7 @@ for i = 4, 3 + U do
     redis.call('SET', hk, h)
     size = #h
   end
-  local k = (size - 8 * nf) / 16
+  local k = (size - 8 * nf) / 24
   local m = 0
   if keep_hist == 0 then m = k elseif k >= 2 * keep_hist then
     m = keep_hist * (math.floor(k / keep_hist) - 1)

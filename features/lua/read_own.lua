@@ -4,7 +4,7 @@
 -- KEYS[2]     {hw:pP}:pit:<topic>  the replay cache (hash: first offset -> entry)
 -- KEYS[3]     {hw:pP}:writer       the token of the last write (apply.lua)
 -- KEYS[4..]   {hw:pP}:<entity>     entity hashes (those the caller has not cached),
---             then {hw:pP}:~h:<entity> their histories in the same order
+--             then {hw:pP}:~h2:<entity> their histories in the same order
 -- ARGV[1]     topic
 -- ARGV[2]     the batch's smallest offset
 -- ARGV[3]     per key of KEYS[4..], the earliest event time of the batch's rows that

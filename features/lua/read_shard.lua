@@ -3,7 +3,7 @@
 -- KEYS[1]     {hw:pQ}:writer       the token of the shard's last write (apply.lua)
 -- KEYS[2]     {hw:pQ}:offsets      hash: topic -> next offset to apply
 -- KEYS[3..]   {hw:pQ}:<entity>     entity hashes (those the caller has not cached),
---             then {hw:pQ}:~h:<entity> their histories in the same order
+--             then {hw:pQ}:~h2:<entity> their histories in the same order
 -- ARGV[1]     topic
 -- ARGV[2]     per key of KEYS[3..], the earliest event time of the rows that read it
 -- ARGV[3..]   the state fields in order, the decay reference 't' last

@@ -142,3 +142,24 @@ def test_every_impression_becomes_exactly_one_row_through_kill_9(stack):
             original = base64.b64decode(d["original"])
             late_seen.add(json.loads(original)["event_id"])
     assert late_seen == late
+    # the online counters: every impression once, every matched click once, through kill -9
+    import redis
+
+    from features.store import SyncOnlineStore
+
+    counters = row_builder(Settings(content_encoder="hashing")).config.counters
+    client = redis.Redis.from_url(stack["url"])
+    store = SyncOnlineStore(client, partitions=PARTITIONS, counters=counters)
+    want: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for imp in imps:
+        for c in imp["candidates"]:
+            label = labels[f"{imp['request_id']}:{c['position']}"]
+            for e in (f"item:{c['item_id']}", f"user:{imp['user_id']}"):
+                want[e][0] += 1
+                want[e][1] += label
+    got = {}
+    for e in want:
+        doc = store.entity_features(e)
+        got[e] = [doc["impressions_total"], doc["clicks_total"]]
+    client.close()
+    assert got == dict(want)

@@ -183,15 +183,15 @@ def test_history_is_bounded_and_folds_into_the_head(make_store, redis_db):
     store.apply_batch("clicks", 0, {"ts": ts[1:], "item_id": [7] * 4, "label": [0, 1, 1, 0],
                                     "offset": list(range(1, 5))})
     client = redis.Redis.from_url(redis_db)
-    blob = client.get("{hw:p0}:~h:item:7")
+    blob = client.get("{hw:p0}:~h2:item:7")
     other = make_store(partitions=1, counters=ITEM, pit_history=2, prefix="one")
     for k in range(5):
         other.apply_batch("clicks", 0, {"ts": ts[k:k + 1], "item_id": [7],
                                         "label": [[1, 0, 1, 1, 0][k]], "offset": [k]})
-    assert client.get("{one:p0}:~h:item:7") == blob
+    assert client.get("{one:p0}:~h2:item:7") == blob
     client.close()
     head, entries = decode_history(blob, ITEM.width)
-    assert entries.tolist() == [[30.0, 1.0], [40.0, 1.0], [50.0, 0.0]]
+    assert entries.tolist() == [[30.0, 1.0, 1.0], [40.0, 1.0, 1.0], [50.0, 1.0, 0.0]]
     assert head[:2].tolist() == [2.0, 1.0] and head[ITEM.width] == 20.0
     assert head[2] == pytest.approx(2 ** -0.1 + 1) and head[3] == pytest.approx(2 ** -0.1)
     # A row between the head and the entries is exact; older than the head it is cut.

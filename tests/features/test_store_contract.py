@@ -57,13 +57,14 @@ def expected(history, ts, ties=False):
     """Brute force: contributions strictly before ``ts`` (or at it), decayed to it."""
     n = c = 0.0
     decayed = [[0.0, 0.0] for _ in HALF_LIVES]
-    for t, label in history:
+    for t, label, *imp in history:
+        k = imp[0] if imp else 1  # (ts, label) or (ts, label, impressions)
         if t < ts or (ties and t == ts):
-            n += 1
+            n += k
             c += label
             for j, h in enumerate(HALF_LIVES):
                 w = math.pow(2.0, -(ts - t) / h)
-                decayed[j][0] += w
+                decayed[j][0] += k * w
                 decayed[j][1] += label * w
     return n, c, decayed
 
@@ -127,6 +128,37 @@ def test_pre_event_features_are_strictly_point_in_time(make):
         own.append((ev["ts"], ev["label"]))
     assert result.late.tolist() == [False, False, False, True] and result.late_count == 1
     assert result.valid.all() and not result.replayed.any() and result.next_offset == 4
+
+
+def test_clicks_counted_at_their_own_time_without_an_impression(make):
+    """The joiner's events: an impression when shown (impressions 1, label 0), its click
+    later at the click's time (impressions 0, label 1). Every row sees exactly the
+    contributions before it, clicks included, never a click after it; histories small
+    enough to fold (Redis) keep it exact."""
+    store = make(pit_history=2)
+
+    def ev(offset, ts, label, imp):
+        return {**click(offset, ts, label=label), "impressions": imp}
+
+    make.run(store.apply_batch("clicks", 1, [ev(0, 1300, 1, 0), ev(1, 900, 0, 1)]))
+    first = [ev(0, 1000, 0, 1), ev(1, 1100, 0, 1), ev(2, 1200, 1, 0), ev(3, 1250, 0, 1),
+             ev(4, 1150, 1, 0)]  # the last: a click older than the user's state
+    second = [ev(5, 1400, 1, 0), ev(6, 1400, 0, 1), ev(7, 1600, 1, 1), ev(8, 1500, 1, 0),
+              ev(9, 1700, 0, 1)]
+    other = [(1300, 1, 0), (900, 0, 1)]
+    own: list[tuple[float, int, int]] = []
+    for batch in (first, second):
+        result = make.run(store.apply_batch("clicks", 0, batch))
+        for i, e in enumerate(batch):
+            assert_pre(result, i, expected(own + other, e["ts"]))
+            own.append((e["ts"], e["label"], e["impressions"]))
+    n, c, decayed = expected(own + other, 5000)
+    doc = make.run(store.entity_features("user:u1", now=5000))
+    assert (doc["impressions_total"], doc["clicks_total"]) == (n, c) == (7, 6)
+    assert doc["impressions_1h"] == pytest.approx(decayed[0][0], rel=1e-9)
+    assert doc["clicks_1h"] == pytest.approx(decayed[0][1], rel=1e-9)
+    with pytest.raises(ValueError, match="impressions"):
+        make.run(store.apply_batch("clicks", 0, [ev(10, 1800, 1, 2)]))
 
 
 def test_ties_count_when_asked(make):

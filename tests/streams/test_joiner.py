@@ -192,10 +192,20 @@ async def test_joined_rows_move_the_counters_once(joiner):
     assert rows(h) == {"r1:0": (1, 0), "r1:1": (0, 1)}
     h2 = await joiner()
     await h2.flush_all()  # nothing left, and nothing counted again
-    got = {e: await h.store.entity_features(e) for e in ("item:a", "item:b", "user:u1")}
+    now = T0 + 3605
+    got = {e: await h.store.entity_features(e, now=now) for e in ("item:a", "item:b", "user:u1")}
     assert (got["item:a"]["impressions_total"], got["item:a"]["clicks_total"]) == (1, 1)
     assert (got["item:b"]["impressions_total"], got["item:b"]["clicks_total"]) == (1, 0)
-    assert (got["user:u1"]["impressions_total"], got["user:u1"]["clicks_total"]) == (2, 1)
+    # r2's impression counts when shown, though its window is still open
+    assert (got["user:u1"]["impressions_total"], got["user:u1"]["clicks_total"]) == (3, 1)
+    # the impression at its time (T0), the click at the click's (T0 + 5): an hour later
+    assert got["item:a"]["impressions_1h"] == pytest.approx(2 ** (-3605 / 3600), rel=1e-9)
+    assert got["item:a"]["clicks_1h"] == pytest.approx(0.5, rel=1e-9)
+    # point in time: a row read as of T0 + 3 sees the impression, not the later click
+    res = await h.store.apply_batch("clicks", 0, [{"ts": T0 + 3, "user_id": "u9", "item_id": "a",
+                                                   "label": 0, "offset": 0, "event_id": "x"}])
+    assert res.features["item_impressions_total"][0] == 1
+    assert res.features["item_clicks_total"][0] == 0
 
 
 async def test_close_until_ends_a_finite_replay(joiner):
