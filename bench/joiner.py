@@ -8,14 +8,16 @@ outputs are collected instead of produced), through the product's own code:
 - **joined path**: the same ratings as impressions, each scored by serving's
   ``Scorer`` at the rating's time (features read from the online store, which the
   joiner's rows update) and logged as serving logs them, ratings >= 4 as a click 1-5 s
-  later, through ``JoinHandler`` with the default attribution window (600 s).
+  later, through ``JoinHandler`` with the default attribution window (600 s); each
+  partition's impressions and due clicks go in in event-time order, and the joiner's
+  clock is the replay's event time (so the labels do not depend on the machine's load).
 
 Figures: handler events/s (the two paths alternate, ``--rounds``), label delay p50/p99
 (event time from impression to row), Redis memory per open impression, and the
 prequential AUC of the product's learner (``trainer_settings``) trained on each path's
 rows in the order they were produced, re-chunked to the learner's step size.
 
-    .venv/bin/python bench/joiner.py --n 20000
+    .venv/bin/python bench/joiner.py --n 10000 --rounds 1 --ablate
 """
 
 from __future__ import annotations
