@@ -8,14 +8,16 @@ outputs are collected instead of produced), through the product's own code:
 - **joined path**: the same ratings as impressions, each scored by serving's
   ``Scorer`` at the rating's time (features read from the online store, which the
   joiner's rows update) and logged as serving logs them, ratings >= 4 as a click 1-5 s
-  later, through ``JoinHandler`` with the default attribution window (600 s).
+  later, through ``JoinHandler`` with the default attribution window (600 s); each
+  partition's impressions and due clicks go in in event-time order, and the joiner's
+  clock is the replay's event time (so the labels do not depend on the machine's load).
 
 Figures: handler events/s (the two paths alternate, ``--rounds``), label delay p50/p99
 (event time from impression to row), Redis memory per open impression, and the
 prequential AUC of the product's learner (``trainer_settings``) trained on each path's
 rows in the order they were produced, re-chunked to the learner's step size.
 
-    .venv/bin/python bench/joiner.py --n 20000
+    .venv/bin/python bench/joiner.py --n 10000 --rounds 1 --ablate
 """
 
 from __future__ import annotations
@@ -114,16 +116,16 @@ async def joined(redis_url: str, ml, events: list[dict], seed: int = 0,
     spent = 0.0
     pending: list[tuple[float, int, dict]] = []  # actions not yet due, by time
     for start in range(0, len(events), CHUNK):
-        imps: dict[int, list] = {p: [] for p in range(4)}
+        imps: dict[int, list] = {p: [] for p in range(4)}  # (event time, message)
         for e, p in zip(events[start:start + CHUNK], parts[start:start + CHUNK], strict=True):
             ctx.scorer.clock = lambda ts=e["ts"]: ts
             req = ScoreRequest(e["user_id"], [e["item_id"]], None, e.get("user"))
             scored = await ctx.scorer.score_rows(served, req)
             rid = uuid.uuid5(uuid.NAMESPACE_URL, str(e["event_id"])).hex
             rid_of[f"{rid}:0"] = str(e["event_id"])
-            imps[int(p)].append(json.dumps(impression_record(
+            imps[int(p)].append((e["ts"], json.dumps(impression_record(
                 rid, req.user_id, req.candidates, scored.scores, scored.categorical, scored.dense,
-                e["ts"], served.version, ctx.scorer.schema.hash)).encode())
+                e["ts"], served.version, ctx.scorer.schema.hash)).encode()))
             if e["label"] == 1:
                 pending.append((e["ts"] + float(rng.uniform(1, 5)), int(p), {
                     "event_id": f"click-{e['event_id']}", "ts": 0.0, "user_id": e["user_id"],
@@ -132,18 +134,24 @@ async def joined(redis_url: str, ml, events: list[dict], seed: int = 0,
         replay_now[0] = now
         due = sorted([a for a in pending if a[0] <= now], key=lambda a: a[0])
         pending = [a for a in pending if a[0] > now]
-        acts: dict[int, list] = {p: [] for p in range(4)}
+        # Each partition's impressions and due clicks are handed over in event-time order
+        # (runs of one topic as one batch), as a live joiner sees them: a click never
+        # reaches it after impressions shown long after it (a chunk of MovieLens ratings
+        # can span hours: its impressions first, then its clicks, would close windows by
+        # the chunk's newest impression before their clicks came).
+        merged: dict[int, list] = {p: [(ts, 0, h.imp_topic, m) for ts, m in imps[p]] for p in range(4)}
         for ts, p, a in due:
-            acts[p].append(dict(a, ts=ts))
+            merged[p].append((ts, 1, h.act_topic, json.dumps([dict(a, ts=ts)]).encode()))
         t = time.perf_counter()
         for p in range(4):
-            for topic, msgs in ((h.imp_topic, imps[p]), (h.act_topic, [json.dumps(acts[p]).encode()] if acts[p] else [])):
-                batch = []
-                for m in msgs:
-                    batch.append((off[topic, p], None, m))
-                    off[topic, p] += 1
-                if batch:
-                    await h(topic, p, batch)
+            runs: list[tuple[str, list]] = []
+            for _ts, _k, topic, m in sorted(merged[p], key=lambda x: (x[0], x[1])):
+                if not runs or runs[-1][0] != topic:
+                    runs.append((topic, []))
+                runs[-1][1].append((off[topic, p], None, m))
+                off[topic, p] += 1
+            for topic, batch in runs:
+                await h(topic, p, batch)
         spent += time.perf_counter() - t
     # the stream ends: the pending clicks go out, then the rest of the windows close
     last = events[-1]["ts"]
