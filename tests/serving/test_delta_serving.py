@@ -13,6 +13,7 @@ import asyncio
 import functools
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,7 +100,7 @@ async def test_base_plus_deltas_serves_exactly_like_a_full_checkpoint(
             return await resp.json()
 
         base_scores = await serving(base)
-        trained(model, 1, [3, 10, 500, 2000])
+        trained(model, 1, [3, 14, 500, 2000])
         d1 = await asyncio.to_thread(publish_delta, base)
         d1_scores = await serving(d1)
         assert d1_scores != base_scores
@@ -108,12 +109,21 @@ async def test_base_plus_deltas_serves_exactly_like_a_full_checkpoint(
         assert doc["manifest"]["base_sha256"] == store.manifest(base)["sha256"]
         # cumulative, not chained: a row moved back to its base value must go back too
         with torch.no_grad():
-            model.embedding.table.weight[10] = base_weights_row(base_weights, model, 10)
+            model.embedding.table.weight[14] = base_weights_row(base_weights, model, 14)
         trained(model, 2, [21, 700])
         d2 = await asyncio.to_thread(publish_delta, base)
         d2_scores = await serving(d2)
+        d2_model = ctx.holder.current
         full = await asyncio.to_thread(publish_full)
         assert await serving(full) == d2_scores  # exact: same weights, same floats
+        full_model = ctx.holder.current
+        assert d2_model.version == d2 and full_model.version == full
+        a, b = d2_model.model.state_dict(), full_model.model.state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+        rng = np.random.default_rng(0)  # rows no request above touched
+        cat = rng.integers(0, 2**40, size=(256, d2_model.n_categorical))
+        dense = rng.uniform(0, 5, size=(256, d2_model.n_dense)).astype(np.float32)
+        assert np.array_equal(d2_model.predict(cat, dense), full_model.predict(cat, dense))
 
         # a delta on another base: refused loudly, the serving model stays
         trained(model, 3, [1, 2])
