@@ -14,12 +14,14 @@ rows published before the kill are neither skipped nor trained twice.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from learner.batch import TrainBatch, decode_batch
@@ -467,7 +469,8 @@ class LearnerService:
             if self.delta_every_seconds is not None:
                 self._base = (
                     manifest["version"],
-                    {k: v.detach().clone() for k, v in learner_state["model"].items()},
+                    {k: v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                     for k, v in learner_state["model"].items()},
                 )
             self.rows_since_publish = self.rows_since_delta = 0
             self._last_publish = self._last_delta = self.clock()

@@ -28,6 +28,7 @@ delta's base), and never deletes the newest version.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -152,7 +153,7 @@ def compute_delta(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     A tensor of two or more dimensions (an embedding table, row per id) whose changed
     rows take fewer bytes than the whole goes in as ``rows[name] = {"index", "values"}``
     — the rows where any value differs (``!=``, so a NaN always counts as changed) —
-    every other tensor whole in ``dense``. A packed table (``<t>.packed_rows``, the
+    every other tensor (and any non-tensor extra state) whole in ``dense``. A packed table (``<t>.packed_rows``, the
     sorted ids of trained rows, and ``<t>.packed_values``, their rows; see
     :class:`learner.embeddings.FieldEmbedding`) goes in as ``packed[<t>] = {"ids",
     "values", "dropped"}``: the ids whose row is new or differs, their rows, and ids
@@ -185,7 +186,10 @@ def compute_delta(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         if name in skip:
             continue
         b = base[name]
-        if not torch.is_tensor(t) or not torch.is_tensor(b) or t.shape != b.shape:
+        if not torch.is_tensor(t):  # a module's extra state (e.g. an id -> row map): whole
+            dense[name] = copy.deepcopy(t)
+            continue
+        if not torch.is_tensor(b) or t.shape != b.shape:
             raise ValueError(f"{name!r} changed its type or shape since the base")
         if t.dim() >= 2 and t.shape[0] > 1:
             changed = (t != b).reshape(t.shape[0], -1).any(dim=1).nonzero().reshape(-1)
@@ -264,6 +268,9 @@ def apply_delta(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
             continue
         if name in dense:
             t = dense[name]
+            if not torch.is_tensor(b) and not torch.is_tensor(t):
+                out[name] = t  # extra state, whole
+                continue
             if not torch.is_tensor(t) or t.shape != b.shape or t.dtype != b.dtype:
                 raise ValueError(f"delta tensor {name!r} does not fit the base's {tuple(b.shape)}")
             out[name] = t

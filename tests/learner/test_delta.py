@@ -112,12 +112,13 @@ def table_weights(seed: int, dirty: list[int]) -> dict:
         "wide": torch.randn(50, 2, generator=g),
         "mlp.weight": torch.randn(4, 3, generator=g),
         "mlp.bias": torch.randn(4, generator=g),
+        "emb._extra_state": {"slots": torch.arange(3), "admitted": 3},
     }
 
 
 def test_delta_lists_only_what_changed_and_applies_exactly():
     base = table_weights(0, [2, 5, 9, 40])
-    new = {k: v.clone() for k, v in base.items()}
+    new = {k: v.clone() if torch.is_tensor(v) else v for k, v in base.items()}
     # trained rows 5 (changed) and 41 (new), row 40 no longer trained, 2 and 9 unchanged
     new["emb.table.packed_rows"] = torch.tensor([2, 5, 9, 41])
     new["emb.table.packed_values"] = torch.cat(
@@ -125,14 +126,16 @@ def test_delta_lists_only_what_changed_and_applies_exactly():
     new["emb.table.packed_values"][1, 0] = float("nan")
     new["wide"][7] += 1.0
     new["mlp.bias"] += 0.5
+    new["emb._extra_state"] = {"slots": torch.arange(4), "admitted": 4}
     d = compute_delta(base, new)
     assert d["packed"]["emb.table"]["ids"].tolist() == [5, 41]
     assert d["packed"]["emb.table"]["dropped"].tolist() == [40]
     assert d["rows"]["wide"]["index"].tolist() == [7]
     assert d["rows"]["mlp.weight"]["index"].tolist() == []  # a table nothing changed in
-    assert sorted(d["dense"]) == ["emb.table.init", "mlp.bias"]
+    assert sorted(d["dense"]) == ["emb._extra_state", "emb.table.init", "mlp.bias"]
     out = apply_delta(base, d)
     assert set(out) == set(new)
+    assert out.pop("emb._extra_state")["admitted"] == new.pop("emb._extra_state")["admitted"]
     for k in new:
         assert torch.equal(out[k], new[k]) or (
             torch.isnan(new[k]).any() and torch.allclose(out[k], new[k], equal_nan=True)), k
