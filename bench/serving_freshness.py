@@ -259,11 +259,7 @@ def measure(args: argparse.Namespace, env: dict, own_stack: bool) -> dict:
             s1, c1 = learner_metric(metrics_url, n)
             cost[n] = ((s1 - s0) / (c1 - c0), int(c1 - c0)) if c1 > c0 else (float("nan"), 0)
         sizes: dict[str, list[int]] = {"full": [], "delta": []}
-        for v in store.versions():
-            try:
-                m = store.manifest(v)
-            except Exception:  # noqa: BLE001 - pruned meanwhile
-                continue
+        for m in list(announced.values()):  # every publication, pruned ones too
             sizes[m.get("kind", "full")].append(int(m["bytes"]))
         return {"timeouts": timeouts, "totals": totals, "to_publish": to_publish, "to_serve": to_serve, "kinds": kinds,
                 "cost": cost, "sizes": sizes,
