@@ -1,17 +1,23 @@
 """Benchmark: time from producing a click to the first response scored by a model trained on it.
 
-Runs against the real stack: by default it starts its own with ``headwater up`` (throwaway
+Runs against the real stack: for each mode of ``--deltas`` (``off``: full checkpoints
+only, every ``HEADWATER_PUBLISH_EVERY_SECONDS``; ``on``: plus a delta publication every
+``--delta-every`` seconds, ``HEADWATER_DELTA_EVERY_SECONDS``), in the same run and
+alternating ``--rounds`` times, it starts its own stack with ``headwater up`` (throwaway
 state dir and model store, free ports) and stops it with ``headwater down``;
-``--existing`` uses the stack the current ``HEADWATER_*`` settings point at instead.
-It replays ``--warmup`` MovieLens clicks (``headwater replay movielens``) so the learner
-publishes a first model and serving becomes ready, then, ``--clicks`` times: produce one
-click to the clicks topic (noting its partition and offset), and poll ``POST /v1/score``
-every ``--poll`` seconds. A response counts when its ``model_version``'s manifest has a
-watermark past that offset for that partition (the learner saves "next row to train"
-per source partition in every publication). Reported: medians and max of
-click → first such response, plus its parts (→ version published, published → served).
+``--existing`` measures the stack the current ``HEADWATER_*`` settings point at instead
+(one mode: whatever it runs). Under load: ``headwater replay movielens --rate R --live``
+runs in the background the whole time (``--rate 0``: no background replay, a warm-up
+replay of ``--warmup`` clicks instead). Once serving is ready, ``--clicks`` times:
+produce one click to the clicks topic (noting its partition and offset), and poll
+``POST /v1/score`` every ``--poll`` seconds. A response counts when its
+``model_version``'s manifest has a watermark past that offset for that partition (the
+learner saves "next row to train" per source partition in every publication).
+Reported per mode: p50, p99 and max of click → first such response, plus its parts
+(→ version published, published → served), and what the publications cost (learner
+seconds per publication, bytes, from the learner's metrics and the manifests).
 
-    .venv/bin/python bench/serving_freshness.py [--clicks 5] [--warmup 3000]
+    .venv/bin/python bench/serving_freshness.py --clicks 20 --rate 200 --deltas off,on
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -33,8 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.settings import Settings  # noqa: E402
 from headwater.servers import free_port  # noqa: E402
 from learner.model_stores import open_model_store  # noqa: E402
+from learner.store import CheckpointError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+MODES = {"off": "0", "on": None}  # on: --delta-every
 
 
 def cli(env: dict, *args: str, timeout: float = 600, check: bool = True) -> str:
@@ -78,18 +87,53 @@ def trained_past(manifest: dict, topics: list[str], partition: int, offset: int)
     return False
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clicks", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=3000, help="MovieLens clicks replayed first")
-    ap.add_argument("--poll", type=float, default=0.02)
-    ap.add_argument("--timeout", type=float, default=120.0, help="per click")
-    ap.add_argument("--existing", action="store_true", help="use the running stack (HEADWATER_*)")
-    args = ap.parse_args()
+def learner_metric(url: str, name: str) -> tuple[float, float]:
+    """``(sum, count)`` of a histogram on the learner's metrics endpoint (0s if absent)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0, 0.0
+    out = []
+    for part in ("sum", "count"):
+        m = re.search(rf"^{name}_{part} ([0-9.e+-]+)$", text, re.M)
+        out.append(float(m.group(1)) if m else 0.0)
+    return out[0], out[1]
 
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+def follow_updates(kafka: str, topic: str, out: dict, stop: threading.Event) -> None:
+    """Record every manifest announced on ``topic`` (from the beginning) until ``stop``."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=kafka, group_id=None, enable_auto_commit=False,
+                             fetch_max_wait_ms=20)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        while not stop.is_set():
+            for records in consumer.poll(timeout_ms=100).values():
+                for rec in records:
+                    try:
+                        m = json.loads(rec.value)
+                        out[str(m["version"])] = m
+                    except (ValueError, KeyError, TypeError):
+                        continue
+    finally:
+        consumer.close()
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile (with few samples, p99 is the maximum)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(-(-q * len(xs) // 100)) - 1))]
+
+
+def measure(args: argparse.Namespace, env: dict, own_stack: bool) -> dict:
+    """Up a stack (unless ``--existing``), load it, time ``--clicks`` clicks, down it."""
     tmp = None
-    if not args.existing:
+    replay = None
+    if own_stack:
         tmp = Path(tempfile.mkdtemp(prefix="hw-freshness-"))
         env.update(
             HEADWATER_STATE_DIR=str(tmp / "state"),
@@ -115,19 +159,33 @@ def main() -> None:
             }
         )
         base = f"http://{settings.bind_host}:{settings.http_port}"
+        metrics_url = f"http://{settings.bind_host}:{settings.learner_port}/metrics"
         store = open_model_store(settings)  # a directory or a bucket
         clicks_topic = settings.topics["clicks"]
 
         t0 = time.time()
-        print(
-            cli(env, "replay", "movielens", "--limit", str(args.warmup), "--no-progress"),
-            flush=True,
-        )
-        while http_json(f"{base}/readyz")[0] != 200:
+        if args.rate > 0:
+            replay = subprocess.Popen(
+                [sys.executable, "-m", "headwater", "replay", "movielens", "--rate",
+                 str(args.rate), "--limit", str(int(args.rate * 3600)), "--live", "--no-progress",
+                 "--wait-items", str(args.wait_items)],
+                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+        else:
+            print(cli(env, "replay", "movielens", "--limit", str(args.warmup), "--no-progress",
+                      "--wait-items", str(args.wait_items)), flush=True)
+        while http_json(f"{base}/readyz")[0] != 200 or (
+            http_json(f"{base}/v1/models")[1].get("serving") in (None, "baseline")
+        ):
             if time.time() - t0 > 600:
                 raise RuntimeError("serving never became ready (no model published?)")
+            if replay is not None and replay.poll() is not None:
+                raise RuntimeError(f"background replay ended: {replay.stderr.read()}")
             time.sleep(0.5)
-        print(f"serving ready {time.time() - t0:.1f}s after the warm-up replay began", flush=True)
+        print(f"serving a trained model {time.time() - t0:.1f}s after the replay began", flush=True)
+        time.sleep(args.settle)
+        cost0 = {n: learner_metric(metrics_url, n) for n in
+                 ("headwater_learner_publish_seconds", "headwater_learner_delta_seconds")}
 
         from kafka import KafkaProducer
 
@@ -135,7 +193,15 @@ def main() -> None:
             bootstrap_servers=kafka, acks=1, enable_idempotence=False, linger_ms=0
         )
         manifests: dict[str, dict] = {}
-        totals, to_publish, to_serve = [], [], []
+        # Manifests as announced on model-updates: a delta of a superseded base can leave
+        # the store (retention) while serving still answers with it.
+        announced: dict[str, dict] = {}
+        stop_watch = threading.Event()
+        watch = threading.Thread(target=follow_updates, daemon=True, args=(
+            kafka, settings.topics["model-updates"], announced, stop_watch))
+        watch.start()
+        totals, to_publish, to_serve, kinds = [], [], [], []
+        timeouts = 0
         for k in range(args.clicks):
             user = f"fresh-{uuid.uuid4().hex[:6]}"
             event = {
@@ -156,46 +222,129 @@ def main() -> None:
                 code, doc = http_json(f"{base}/v1/score", body)
                 now = time.time()
                 v = doc.get("model_version") if code == 200 else None
-                if v is not None:
-                    if v not in manifests:
-                        manifests[v] = store.manifest(v)
-                    m = manifests[v]
+                if v is not None and v != "baseline" and v not in manifests:
+                    if v in announced:  # the announcement carries the manifest
+                        manifests[v] = announced[v]
+                    else:
+                        try:
+                            manifests[v] = store.manifest(v)
+                        except CheckpointError:
+                            pass  # pruned and not read yet: the next response decides
+                m = manifests.get(v) if v is not None else None
+                if m is not None:
                     if trained_past(m, [clicks_topic, "clicks"], meta.partition, meta.offset):
                         totals.append(now - t_click)
                         to_publish.append(m["created_at"] - t_click)
                         to_serve.append(now - m["created_at"])
+                        kinds.append(m.get("kind", "full"))
                         print(
                             f"click {k + 1}: partition {meta.partition} offset {meta.offset} -> served by "
-                            f"version {v} after {totals[-1]:.2f}s (published at +{to_publish[-1]:.2f}s, "
-                            f"served {to_serve[-1] * 1000:.0f} ms later)",
+                            f"{kinds[-1]} version {v} after {totals[-1]:.2f}s (published at "
+                            f"+{to_publish[-1]:.2f}s, served {to_serve[-1] * 1000:.0f} ms later)",
                             flush=True,
                         )
                         break
                 if now > deadline:
-                    raise RuntimeError(
-                        f"click {k + 1} not reflected in a served model after {args.timeout}s"
-                    )
+                    timeouts += 1
+                    print(f"click {k + 1}: not reflected in a served model after "
+                          f"{args.timeout}s (counted as timed out)", flush=True)
+                    break
                 time.sleep(args.poll)
+            time.sleep(args.gap)
         producer.close()
-        print()
-        print("| stage | median s | max s |")
-        print("|---|---:|---:|")
-        for name, xs in (
-            ("click → first response by a model trained on it", totals),
-            ("click → that version published (manifest created_at)", to_publish),
-            ("published → first response served by it", to_serve),
-        ):
-            print(f"| {name} | {statistics.median(xs):.2f} | {max(xs):.2f} |")
-        print(
-            f"\nlearner publish_every_seconds={settings.publish_every_seconds}, "
-            f"{args.clicks} clicks, poll every {args.poll * 1000:.0f} ms"
-        )
+        stop_watch.set()
+        watch.join(10)
+        cost = {}
+        for n, (s0, c0) in cost0.items():
+            s1, c1 = learner_metric(metrics_url, n)
+            cost[n] = ((s1 - s0) / (c1 - c0), int(c1 - c0)) if c1 > c0 else (float("nan"), 0)
+        sizes: dict[str, list[int]] = {"full": [], "delta": []}
+        for m in list(announced.values()):  # every publication, pruned ones too
+            sizes[m.get("kind", "full")].append(int(m["bytes"]))
+        return {"timeouts": timeouts, "totals": totals, "to_publish": to_publish, "to_serve": to_serve, "kinds": kinds,
+                "cost": cost, "sizes": sizes,
+                "publish_every": settings.publish_every_seconds,
+                "delta_every": settings.delta_every_seconds}
     finally:
+        if replay is not None:
+            replay.terminate()
+            replay.wait(30)
         if tmp is not None:
             try:
                 cli(env, "down", timeout=120)
             except Exception as exc:  # noqa: BLE001 - report, the stack may already be gone
                 print(f"headwater down failed: {exc}", file=sys.stderr)
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clicks", type=int, default=10, help="timed clicks per mode and round")
+    ap.add_argument("--rate", type=float, default=200.0,
+                    help="background replay, events/s (0: a warm-up replay only)")
+    ap.add_argument("--warmup", type=int, default=3000, help="--rate 0: MovieLens clicks first")
+    ap.add_argument("--deltas", default="off,on", help="modes, in order: off, on (comma list)")
+    ap.add_argument("--delta-every", type=float, default=1.0, help="mode on: delta period (s)")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the modes this many times")
+    ap.add_argument("--wait-items", type=float, default=0.0,
+                    help="replay: seconds to wait for item codes first (0: don't)")
+    ap.add_argument("--poll", type=float, default=0.02)
+    ap.add_argument("--gap", type=float, default=0.5, help="pause between timed clicks (s)")
+    ap.add_argument("--settle", type=float, default=5.0, help="wait after ready (s)")
+    ap.add_argument("--timeout", type=float, default=120.0, help="per click")
+    ap.add_argument("--existing", action="store_true", help="use the running stack (HEADWATER_*)")
+    args = ap.parse_args()
+
+    modes = [m.strip() for m in args.deltas.split(",") if m.strip()]
+    if any(m not in MODES for m in modes):
+        ap.error(f"--deltas: modes are {sorted(MODES)}")
+    runs: dict[str, list[dict]] = {}
+    plan = ["existing"] if args.existing else modes * args.rounds
+    for mode in plan:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        if mode != "existing":
+            env["HEADWATER_DELTA_EVERY_SECONDS"] = MODES[mode] or str(args.delta_every)
+        print(f"\n== deltas {mode}: load average {loadavg()} ==", flush=True)
+        runs.setdefault(mode, []).append(measure(args, env, own_stack=not args.existing))
+        print(f"== deltas {mode} done: load average {loadavg()} ==", flush=True)
+
+    print(f"\n{args.clicks} clicks per mode and round, {args.rounds} round(s), background replay "
+          f"{args.rate:g} events/s, poll every {args.poll * 1000:.0f} ms; load average now {loadavg()}")
+    print("\n| deltas | clicks | timed out | click → served p50 s | p99 s | max s | "
+          "→ published p50 s | published → served p50 s | served by a delta |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    p50 = {}
+    for mode, rs in runs.items():
+        tot = [x for r in rs for x in r["totals"]]
+        pub = [x for r in rs for x in r["to_publish"]]
+        srv = [x for r in rs for x in r["to_serve"]]
+        kinds = [x for r in rs for x in r["kinds"]]
+        if not tot:
+            print(f"| {mode} | 0 | {sum(r['timeouts'] for r in rs)} | – | – | – | – | – | – |")
+            continue
+        p50[mode] = percentile(tot, 50)
+        print(f"| {mode} | {len(tot)} | {sum(r['timeouts'] for r in rs)} | {p50[mode]:.2f} | {percentile(tot, 99):.2f} | "
+              f"{max(tot):.2f} | {percentile(pub, 50):.2f} | {percentile(srv, 50):.2f} | "
+              f"{kinds.count('delta')} of {len(kinds)} |")
+    if "off" in p50 and "on" in p50:
+        print(f"\np50 on / off: {p50['on'] / p50['off']:.2f}x")
+    print("\n| deltas | full: learner s per publication (n) | delta: learner s (n) | "
+          "full MB (median) | delta MB (median) |")
+    print("|---|---:|---:|---:|---:|")
+    for mode, rs in runs.items():
+        r = rs[-1]
+        (fs, fn), (ds, dn) = (r["cost"]["headwater_learner_publish_seconds"],
+                              r["cost"]["headwater_learner_delta_seconds"])
+        med = {k: (sorted(v)[len(v) // 2] / 1e6 if v else float("nan"))
+               for k, v in r["sizes"].items()}
+        print(f"| {mode} | {fs:.3f} ({fn}) | {ds:.3f} ({dn}) | {med['full']:.2f} | "
+              f"{med['delta']:.2f} |")
+    r = next(iter(runs.values()))[-1]
+    print(f"\nlearner publish_every_seconds={r['publish_every']}, delta period (on) "
+          f"{args.delta_every}s")
 
 
 if __name__ == "__main__":

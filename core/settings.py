@@ -173,7 +173,16 @@ class Settings(BaseSettings):
     model_wide: bool = Field(
         True, description="Ranker: standardised dense counters and a wide linear part (Wide & Deep).",
     )
-    publish_every_seconds: float = Field(5.0, gt=0, description="Learner publication period.")
+    publish_every_seconds: float = Field(
+        5.0, gt=0, description="Learner full-checkpoint period (s); also on demand and at stop."
+    )
+    delta_every_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="Learner delta period (s): between full checkpoints, publish only the "
+        "weights changed since the last one (0: off, the default; e.g. 1). BENCHMARKS.md "
+        "says when it pays.",
+    )
     publish_every_rows: int = Field(
         50_000, ge=1, description="Learner also publishes after this many new rows."
     )

@@ -14,17 +14,19 @@ rows published before the kill are neither skipped nor trained twice.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from learner.batch import TrainBatch, decode_batch
 from learner.protocol import Publishable
-from learner.store import CheckpointError, ModelStore
+from learner.store import CheckpointError, ModelStore, compute_delta
 from learner.trainer import PrequentialTrainer, SchemaMismatchError, StepResult
 
 __all__ = ["LearnerService", "TrainerFactory"]
@@ -83,6 +85,12 @@ class _Metrics:
             registry=registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self.delta_seconds = Histogram(
+            "headwater_learner_delta_seconds",
+            "Time to compute and publish a delta (changes since the last full checkpoint).",
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
         self.version = Gauge(
             "headwater_model_version",
             "Latest published model version.",
@@ -99,6 +107,10 @@ class LearnerService:
     ``checkpoint_optimizer=False`` leaves Adam's moments out of ``model.pt`` (about a
     third of the bytes); a restart then resumes with fresh moments.
     ``resume=False`` ignores the store's checkpoints (benchmarks, fresh experiments).
+    ``delta_every_seconds`` (``None``: off) publishes a **delta** that often between full
+    checkpoints: the weights that changed since the last full one (Monolith-style
+    incremental publication, :func:`learner.store.compute_delta`), so serving is fresh
+    without moving the whole model; full checkpoints still follow ``publish_every_*``.
 
     Steps of a sane size at any event rate: messages accumulate until they hold
     ``step_rows`` rows or the oldest has waited ``step_wait_seconds`` (checked on every
@@ -121,8 +133,14 @@ class LearnerService:
         resume: bool = True,
         step_rows: int = 1,
         step_wait_seconds: float = 0.0,
+        delta_every_seconds: float | None = None,
     ) -> None:
         self.store = store
+        self.delta_every_seconds = delta_every_seconds or None
+        # (version, weights) of the last full checkpoint, which deltas are computed against
+        self._base: tuple[str, dict[str, Any]] | None = None
+        self.rows_since_delta = 0
+        self.deltas = 0
         self.trainer_factory = trainer_factory
         self.publish_every_seconds = publish_every_seconds
         self.publish_every_rows = publish_every_rows
@@ -140,6 +158,7 @@ class LearnerService:
         self.rows_since_publish = 0
         self._started = clock()
         self._last_publish = clock()
+        self._last_delta = self._last_publish
         self.step_rows = max(1, int(step_rows))
         self.step_wait_seconds = float(step_wait_seconds)
         self._pending: list[tuple[TrainBatch, tuple[str, int, int] | None]] = []
@@ -180,6 +199,8 @@ class LearnerService:
             trainer.served.publish(trainer.learner.serving_model(), self.clock())
         self.trainer = trainer
         self.version = version
+        if self.delta_every_seconds:
+            self._base = (version, state["model"])
         self.consumer_positions = {
             str(k): int(v) for k, v in state.get("consumer_positions", {}).items()
         }
@@ -313,6 +334,7 @@ class LearnerService:
         """Count a step's rows in the counters, gauges and publication budget (a group
         member's step with no rows of its own counts the group's rows too)."""
         self.rows_since_publish += result.rows_scored
+        self.rows_since_delta += result.rows_scored
         self.metrics.rows_trained.inc(result.rows_trained)
         if result.rows_duplicate:
             self.metrics.rows_dropped.labels("duplicate").inc(result.rows_duplicate)
@@ -355,12 +377,55 @@ class LearnerService:
             and self.clock() - self._last_publish >= self.publish_every_seconds
         )
 
+    def delta_due(self) -> bool:
+        """True when deltas are on, there is a base, new rows, and the delta period ran out."""
+        return (
+            self.delta_every_seconds is not None
+            and self._base is not None
+            and self.rows_since_delta > 0
+            and self.clock() - self._last_delta >= self.delta_every_seconds
+        )
+
     def maybe_publish(self, force: bool = False) -> dict[str, Any] | None:
-        """Publish if :meth:`due` (or ``force`` and there is a model); return the manifest."""
+        """Publish a full checkpoint if :meth:`due` (or ``force`` and there is a model),
+        else a delta if :meth:`delta_due`; return the manifest."""
         with self._lock:
-            if self.trainer is None or not (self.due() or (force and self.rows_since_publish)):
+            if self.trainer is None:
                 return None
-            return self.publish()
+            if self.due() or (force and self.rows_since_publish):
+                return self.publish()
+            if self.delta_due():
+                return self.publish_delta()
+            return None
+
+    def publish_delta(self) -> dict[str, Any]:
+        """Publish what changed since the last full checkpoint now; notify ``on_publish``."""
+        with self._lock:
+            trainer = self.trainer
+            if trainer is None or self._base is None:
+                raise RuntimeError("no full checkpoint to compute a delta against")
+            t0 = time.perf_counter()
+            base_version, base_weights = self._base
+            weights = trainer.learner.state_dict(optimizer=False)["model"]
+            manifest = self.store.publish_delta(
+                compute_delta(base_weights, weights),
+                base=base_version,
+                rows_trained=trainer.rows_trained,
+                watermarks=trainer.watermarks_json(),
+                metrics=trainer.snapshot(),
+            )
+            if trainer.served is not None:
+                trainer.served.publish(trainer.learner.serving_model(), self.clock())
+            self.metrics.delta_seconds.observe(time.perf_counter() - t0)
+            self.metrics.publications.inc()
+            self.publications += 1
+            self.deltas += 1
+            self.version = manifest["version"]
+            self.metrics.version.labels(self.store.model).set(int(self.version))
+            self.rows_since_delta = 0
+            self._last_delta = self.clock()
+        self._notify(manifest)
+        return manifest
 
     def publish(self) -> dict[str, Any]:
         """Checkpoint the trainer into the store now and notify ``on_publish``."""
@@ -401,15 +466,24 @@ class LearnerService:
             self.publications += 1
             self.version = manifest["version"]
             self.metrics.version.labels(self.store.model).set(int(self.version))
-            self.rows_since_publish = 0
-            self._last_publish = self.clock()
+            if self.delta_every_seconds is not None:
+                self._base = (
+                    manifest["version"],
+                    {k: v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                     for k, v in learner_state["model"].items()},
+                )
+            self.rows_since_publish = self.rows_since_delta = 0
+            self._last_publish = self._last_delta = self.clock()
+        self._notify(manifest)
+        return manifest
+
+    def _notify(self, manifest: dict[str, Any]) -> None:
         if self.on_publish is not None:
             try:
                 self.on_publish(manifest)
             except Exception as exc:  # a failed notification must not kill training
                 self.last_error = f"on_publish failed for version {manifest['version']}: {exc!r}"
                 log.exception("on_publish failed")
-        return manifest
 
     def status(self) -> dict[str, Any]:
         """Health summary for ``headwater status`` and the ops API."""
@@ -437,6 +511,7 @@ class LearnerService:
             "backlog": t.last_backlog if t else 0,
             "watermarks": t.watermarks_json() if t else {},
             "publications": self.publications,
+            "deltas": self.deltas,
             "last_error": self.last_error,
             "uptime": self.clock() - self._started,
         }

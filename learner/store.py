@@ -10,16 +10,25 @@ and run the same contract suite (``tests/learner/test_store_contract.py``):
   the weights object first, the manifest last, so a version is visible exactly when its
   manifest exists (object writes are atomic, listings strongly consistent).
 
+A version is a full checkpoint (``"kind": "full"``, or no ``kind``) or a **delta**
+(``"kind": "delta"``, ``"base"``, ``"base_sha256"``): what changed since its base full
+checkpoint — cumulative, never chained — as written by :func:`compute_delta` and
+applied by :func:`apply_delta`. Deltas hold no optimizer or trainer state; the learner
+resumes and :meth:`VersionedStore.latest_good` answers from full checkpoints only.
+
 Both verify size and sha256 against the manifest before loading, and load with
 ``torch.load(weights_only=True)``: the model is rebuilt from the manifest's config
 (never from pickled objects). The learner service writes ``model.pt`` as
 ``{"model": state_dict, "optimizer": ..., "trainer": {watermarks, counters, metrics},
-"consumer_positions": {...}}``; serving needs only ``"model"``. Retention keeps the newest
-``keep`` versions plus every pinned one, and never deletes the newest.
+"consumer_positions": {...}}``; serving needs only ``"model"``; a delta's file is
+``{"delta": {"dense": {...}, "rows": {...}}}``. Retention keeps the newest ``keep`` full
+checkpoints, the deltas of the newest full one, every pinned version (and a pinned
+delta's base), and never deletes the newest version.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -42,6 +51,9 @@ __all__ = [
     "ModelStore",
     "StoreUnavailable",
     "VersionedStore",
+    "apply_delta",
+    "compute_delta",
+    "manifest_kind",
 ]
 
 _VERSION_RE = re.compile(r"^\d{6,}$")
@@ -126,6 +138,163 @@ def checkpoint_weights(state: dict[str, Any]) -> dict[str, Any]:
     raise KeyError("no model weights under 'model', 'learner.model' or 'trainer.learner.model'")
 
 
+def manifest_kind(manifest: dict[str, Any]) -> str:
+    """``"full"`` or ``"delta"`` (manifests written before deltas existed are full).
+
+    >>> manifest_kind({}), manifest_kind({"kind": "delta"})
+    ('full', 'delta')
+    """
+    return "delta" if manifest.get("kind") == "delta" else "full"
+
+
+def compute_delta(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """What turns weights ``base`` into ``new``: changed rows of tables, other tensors whole.
+
+    A tensor of two or more dimensions (an embedding table, row per id) whose changed
+    rows take fewer bytes than the whole goes in as ``rows[name] = {"index", "values"}``
+    — the rows where any value differs (``!=``, so a NaN always counts as changed) —
+    every other tensor (and any non-tensor extra state) whole in ``dense``. A packed table (``<t>.packed_rows``, the
+    sorted ids of trained rows, and ``<t>.packed_values``, their rows; see
+    :class:`learner.embeddings.FieldEmbedding`) goes in as ``packed[<t>] = {"ids",
+    "values", "dropped"}``: the ids whose row is new or differs, their rows, and ids
+    no longer trained. Exact: ``apply_delta(base, delta)`` equals ``new`` bit for bit.
+    Both must have the same keys, and the same shapes outside packed tables.
+
+    >>> base = {"t": torch.zeros(100, 2), "b": torch.zeros(2)}
+    >>> new = {"t": base["t"].clone(), "b": torch.ones(2)}
+    >>> new["t"][7] = 1.0
+    >>> d = compute_delta(base, new)
+    >>> d["rows"]["t"]["index"].tolist(), sorted(d["dense"])
+    ([7], ['b'])
+    >>> all(torch.equal(apply_delta(base, d)[k], new[k]) for k in new)
+    True
+    """
+    if set(base) != set(new):
+        raise ValueError(
+            f"weights differ in their keys from the base: {sorted(set(base) ^ set(new))[:5]}"
+        )
+    dense: dict[str, Any] = {}
+    rows: dict[str, Any] = {}
+    packed: dict[str, Any] = {}
+    for table in _packed_tables(new):
+        packed[table] = _packed_delta(
+            (base[f"{table}.packed_rows"], base[f"{table}.packed_values"]),
+            (new[f"{table}.packed_rows"], new[f"{table}.packed_values"]),
+        )
+    skip = {f"{t}.packed_{part}" for t in packed for part in ("rows", "values")}
+    for name, t in new.items():
+        if name in skip:
+            continue
+        b = base[name]
+        if not torch.is_tensor(t):  # a module's extra state (e.g. an id -> row map): whole
+            dense[name] = copy.deepcopy(t)
+            continue
+        if not torch.is_tensor(b) or t.shape != b.shape:
+            raise ValueError(f"{name!r} changed its type or shape since the base")
+        if t.dim() >= 2 and t.shape[0] > 1:
+            changed = (t != b).reshape(t.shape[0], -1).any(dim=1).nonzero().reshape(-1)
+            row_bytes = t[0].numel() * t.element_size() + 8
+            if len(changed) * row_bytes < t.numel() * t.element_size():
+                rows[name] = {"index": changed.clone(), "values": t[changed].clone()}
+                continue
+        dense[name] = t.detach().clone()
+    return {"dense": dense, "rows": rows, "packed": packed}
+
+
+def _packed_tables(weights: dict[str, Any]) -> list[str]:
+    return [
+        k[: -len(".packed_rows")]
+        for k in weights
+        if k.endswith(".packed_rows") and k[: -len("rows")] + "values" in weights
+    ]
+
+
+def _packed_delta(
+    base: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    (ids_b, val_b), (ids_n, val_n) = base, new
+    for ids in (ids_b, ids_n):
+        if ids.dim() != 1 or (len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all())):
+            raise ValueError("packed table ids must be sorted and unique")
+    changed = torch.ones(len(ids_n), dtype=torch.bool)
+    if len(ids_b) and len(ids_n):
+        pos = torch.searchsorted(ids_b, ids_n).clamp(max=len(ids_b) - 1)
+        known = ids_b[pos] == ids_n
+        same = (val_b[pos[known]] == val_n[known]).reshape(int(known.sum()), -1).all(dim=1)
+        changed[known.nonzero().reshape(-1)[same]] = False
+    return {
+        "ids": ids_n[changed].clone(),
+        "values": val_n[changed].detach().clone(),
+        "dropped": ids_b[~torch.isin(ids_b, ids_n)].clone(),
+    }
+
+
+def _apply_packed(
+    ids_b: torch.Tensor, val_b: torch.Tensor, patch: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, values, dropped = patch.get("ids"), patch.get("values"), patch.get("dropped")
+    if not all(torch.is_tensor(x) for x in (ids, values, dropped)) or (
+        ids.dim() != 1 or values.shape != (len(ids), *val_b.shape[1:]) or values.dtype != val_b.dtype
+    ):
+        raise ValueError("packed rows do not fit the base table")
+    keep = ~(torch.isin(ids_b, ids) | torch.isin(ids_b, dropped))
+    all_ids = torch.cat([ids_b[keep], ids])
+    order = torch.argsort(all_ids)
+    return all_ids[order], torch.cat([val_b[keep], values])[order]
+
+
+def apply_delta(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """New weights: ``base`` with ``delta`` applied; ``base`` is never modified.
+
+    Copy on write: a table with changed rows is copied once and patched, a table with
+    none is the base's own tensor (shared, read-only in serving). Raises ``ValueError``
+    when the delta does not cover exactly the base's tensors with fitting shapes.
+    """
+    dense, rows, packed = delta.get("dense"), delta.get("rows"), delta.get("packed", {})
+    if not all(isinstance(x, dict) for x in (dense, rows, packed)):
+        raise ValueError("a delta holds 'dense', 'rows' and 'packed' dictionaries")
+    covered = [*dense, *rows, *(f"{t}.packed_{p}" for t in packed for p in ("rows", "values"))]
+    if len(covered) != len(set(covered)) or set(covered) != set(base):
+        raise ValueError(
+            f"the delta does not cover exactly the base's tensors: {sorted(set(covered) ^ set(base))[:5]}"
+        )
+    out: dict[str, Any] = {}
+    for table, patch in packed.items():
+        out[f"{table}.packed_rows"], out[f"{table}.packed_values"] = _apply_packed(
+            base[f"{table}.packed_rows"], base[f"{table}.packed_values"], patch
+        )
+    for name, b in base.items():
+        if name in out:
+            continue
+        if name in dense:
+            t = dense[name]
+            if not torch.is_tensor(b) and not torch.is_tensor(t):
+                out[name] = t  # extra state, whole
+                continue
+            if not torch.is_tensor(t) or t.shape != b.shape or t.dtype != b.dtype:
+                raise ValueError(f"delta tensor {name!r} does not fit the base's {tuple(b.shape)}")
+            out[name] = t
+            continue
+        patch = rows[name]
+        index, values = patch.get("index"), patch.get("values")
+        if (
+            not torch.is_tensor(index)
+            or not torch.is_tensor(values)
+            or index.dim() != 1
+            or values.shape != (len(index), *b.shape[1:])
+            or values.dtype != b.dtype
+            or (len(index) and (int(index.min()) < 0 or int(index.max()) >= b.shape[0]))
+        ):
+            raise ValueError(f"delta rows of {name!r} do not fit the base's {tuple(b.shape)}")
+        if len(index):
+            t = b.clone()
+            t[index] = values
+            out[name] = t
+        else:
+            out[name] = b
+    return out
+
+
 def rebuild_model(config: dict[str, Any], weights: dict[str, Any]) -> torch.nn.Module:
     """The one way a published ranker is rebuilt: from its manifest config and weights.
 
@@ -207,6 +376,19 @@ class ModelStore(Protocol):
         metrics: dict[str, Any],
         parent: str | None = None,
     ) -> dict[str, Any]: ...
+    def publish_delta(
+        self,
+        delta: dict[str, Any],
+        *,
+        base: str,
+        rows_trained: int,
+        watermarks: dict[str, Any],
+        metrics: dict[str, Any],
+    ) -> dict[str, Any]: ...
+    def kind(self, version: str) -> tuple[str, str | None]: ...
+    def load_weights(
+        self, version: str, expected_schema_hash: str | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]: ...
     def pins(self) -> list[str]: ...
     def pin(self, version: str) -> None: ...
     def unpin(self, version: str) -> None: ...
@@ -229,6 +411,7 @@ class VersionedStore:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.model = model
         self.keep = keep
+        self._kinds: dict[str, tuple[str, str | None]] = {}  # versions are immutable
 
     # ---- storage primitives -----------------------------------------------------------
     @property
@@ -307,7 +490,28 @@ class VersionedStore:
             raise CheckpointError(
                 f"{self.model} version {version}: manifest.json names weights file {name!r}"
             )
+        kind = manifest_kind(data)
+        self._kinds[version] = (kind, str(data.get("base")) if kind == "delta" else None)
         return data
+
+    def kind(self, version: str) -> tuple[str, str | None]:
+        """``(kind, base)`` of a version: ``("full", None)`` or ``("delta", base version)``.
+
+        Raises :class:`CheckpointError` if its manifest is unreadable (cached once read).
+        """
+        known = self._kinds.get(version)
+        if known is None:
+            m = self.manifest(version)
+            known = self._kinds[version] = (
+                manifest_kind(m), str(m.get("base")) if manifest_kind(m) == "delta" else None
+            )
+        return known
+
+    def _is_delta(self, version: str) -> bool:
+        try:
+            return self.kind(version)[0] == "delta"
+        except CheckpointError:
+            return False  # unreadable: counted like a full one (retention), never loaded
 
     def list(self) -> list[dict[str, Any]]:
         """One summary per version (newest last), with ``pinned`` and any manifest error."""
@@ -323,6 +527,8 @@ class VersionedStore:
                         "rows_trained": m["rows_trained"],
                         "metrics": m["metrics"],
                         "pinned": v in pins,
+                        "kind": manifest_kind(m),
+                        "base": m.get("base"),
                         "error": None,
                     }
                 )
@@ -378,8 +584,10 @@ class VersionedStore:
         return manifest
 
     def latest_good(self, expected_schema_hash: str | None = None) -> str | None:
-        """Newest version that verifies (skipping torn or tampered ones), or ``None``."""
+        """Newest full checkpoint that verifies (skipping torn or tampered ones), or ``None``."""
         for v in reversed(self.versions()):
+            if self._is_delta(v):
+                continue
             try:
                 self.verify(v, expected_schema_hash)
                 return v
@@ -415,16 +623,71 @@ class VersionedStore:
     ) -> tuple[torch.nn.Module, dict[str, Any]]:
         """Rebuild the ranker from the manifest's config and load its weights, in eval mode.
 
-        Returns ``(ranker, manifest)``; raises :class:`CheckpointError` on any mismatch.
+        A delta is assembled on its base (:meth:`load_weights`). Returns
+        ``(ranker, manifest)``; raises :class:`CheckpointError` on any mismatch.
         """
-        ck = self.load(version, expected_schema_hash)
+        if version is None:
+            version = self.latest_good(expected_schema_hash)
+            if version is None:
+                raise CheckpointError(f"{self.model}: no loadable version in {self.location}")
+        weights, manifest = self.load_weights(version, expected_schema_hash)
         try:
-            model = rebuild_model(ck.manifest["config"], checkpoint_weights(ck.state))
+            model = rebuild_model(manifest["config"], weights)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise CheckpointError(
-                f"{self.model} version {ck.manifest['version']}: weights do not fit the manifest config: {exc}"
+                f"{self.model} version {version}: weights do not fit the manifest config: {exc}"
             ) from None
-        return model, ck.manifest
+        return model, manifest
+
+    def load_weights(
+        self, version: str, expected_schema_hash: str | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(model weights, manifest)`` of a version; a delta is applied to its base.
+
+        A delta whose base is gone, is itself a delta, or whose sha256 is not the
+        delta's ``base_sha256`` (another base under that number) raises
+        :class:`CheckpointError` saying so.
+        """
+        ck = self.load(version, expected_schema_hash)
+        if manifest_kind(ck.manifest) != "delta":
+            try:
+                return checkpoint_weights(ck.state), ck.manifest
+            except KeyError as exc:
+                raise CheckpointError(f"{self.model} version {version}: {exc}") from None
+        base = self.load(self.check_base(ck.manifest), expected_schema_hash)
+        return self.assemble(checkpoint_weights(base.state), ck), ck.manifest
+
+    def check_base(self, delta_manifest: dict[str, Any], base_manifest: dict[str, Any] | None = None) -> str:
+        """The base version of a delta, once its manifest is that base's (else raise)."""
+        version, base = delta_manifest["version"], str(delta_manifest.get("base"))
+        if base_manifest is None:
+            if not self.exists(base):
+                raise CheckpointError(
+                    f"{self.model} version {version}: delta on base {base}, which is not in the store"
+                )
+            base_manifest = self.manifest(base)
+        if manifest_kind(base_manifest) != "full" or str(base_manifest["version"]) != base:
+            raise CheckpointError(
+                f"{self.model} version {version}: delta on base {base}, but "
+                f"{base_manifest['version']} is not that full checkpoint"
+            )
+        if base_manifest["sha256"] != delta_manifest.get("base_sha256"):
+            raise CheckpointError(
+                f"{self.model} version {version}: delta on another base: it was computed "
+                f"against base {base} with sha256 {str(delta_manifest.get('base_sha256'))[:12]}…, "
+                f"the base here has {str(base_manifest['sha256'])[:12]}…"
+            )
+        return base
+
+    def assemble(self, base_weights: dict[str, Any], delta: LoadedCheckpoint) -> dict[str, Any]:
+        """The weights of a delta version: its delta applied (copy on write) to its base's."""
+        try:
+            return apply_delta(base_weights, delta.state["delta"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{self.model} version {delta.manifest['version']}: delta does not apply to "
+                f"base {delta.manifest.get('base')}: {exc!r}"
+            ) from None
 
     # ---- writing -------------------------------------------------------------------
     def publish(
@@ -440,6 +703,55 @@ class VersionedStore:
         parent: str | None = None,
     ) -> dict[str, Any]:
         """Write a new version atomically, prune old ones; return its manifest plus ``path``."""
+        return self._publish(
+            state, {}, config=config, feature_schema_json=feature_schema_json,
+            feature_schema_hash=feature_schema_hash, rows_trained=rows_trained,
+            watermarks=watermarks, metrics=metrics, parent=parent,
+        )
+
+    def publish_delta(
+        self,
+        delta: dict[str, Any],
+        *,
+        base: str,
+        rows_trained: int,
+        watermarks: dict[str, Any],
+        metrics: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Publish ``delta`` (:func:`compute_delta` against full checkpoint ``base``).
+
+        Config and feature schema are the base's; the manifest says ``"kind": "delta"``,
+        ``"base"`` and ``"base_sha256"``. Raises :class:`CheckpointError` if ``base`` is
+        not a full checkpoint in the store.
+        """
+        if not self.exists(base):
+            raise CheckpointError(f"{self.model}: cannot publish a delta on unknown base {base!r}")
+        bm = self.manifest(base)
+        if manifest_kind(bm) != "full":
+            raise CheckpointError(f"{self.model}: base {base} of a delta must be a full checkpoint")
+        schema = bm["feature_schema"]
+        return self._publish(
+            {"delta": delta},
+            {"kind": "delta", "base": base, "base_sha256": bm["sha256"]},
+            config=bm["config"],
+            feature_schema_json=schema if isinstance(schema, str) else json.dumps(schema),
+            feature_schema_hash=bm["feature_schema_hash"], rows_trained=rows_trained,
+            watermarks=watermarks, metrics=metrics, parent=base,
+        )
+
+    def _publish(
+        self,
+        state: dict[str, Any],
+        extra: dict[str, Any],
+        *,
+        config: dict[str, Any],
+        feature_schema_json: str,
+        feature_schema_hash: str,
+        rows_trained: int,
+        watermarks: dict[str, Any],
+        metrics: dict[str, Any],
+        parent: str | None,
+    ) -> dict[str, Any]:
         latest = self.latest()
         version = f"{(int(latest) if latest else 0) + 1:06d}"
         try:
@@ -461,6 +773,7 @@ class VersionedStore:
                 "metrics": json_safe(metrics),
                 "config": json_safe(config),
                 "parent": parent,
+                **extra,
             }
             if name != WEIGHTS_FILE:
                 manifest["file"] = name
@@ -499,13 +812,26 @@ class VersionedStore:
         self._save_pins([v for v in self.pins() if v != version])
 
     def prune(self) -> list[str]:
-        """Delete versions beyond the newest ``keep`` except pinned ones; return the deleted."""
+        """Delete all but the newest ``keep`` full checkpoints, the deltas of the newest
+        one, pinned versions (and a pinned delta's base) and the newest; return the deleted.
+        """
         versions = self.versions()
-        protected = set(versions[-self.keep :]) | set(self.pins())
+        fulls = [v for v in versions if not self._is_delta(v)]
+        pins = set(self.pins())
+        protected = set(fulls[-self.keep :]) | pins
+        newest_full = fulls[-1] if fulls else None
+        for v in versions:
+            if self._is_delta(v):
+                base = self.kind(v)[1]
+                if base == newest_full or v in pins:
+                    protected.add(v)
+                    if v in pins and base is not None:
+                        protected.add(base)
         deleted = []
         for v in versions[:-1]:
             if v not in protected:
                 self._delete_version(v)
+                self._kinds.pop(v, None)
                 deleted.append(v)
         self._clean_leftovers()
         return deleted
@@ -605,5 +931,6 @@ class LocalModelStore(VersionedStore):
                 continue
 
     def clear(self) -> None:
+        self._kinds.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -281,4 +281,5 @@ class ObjectModelStore(VersionedStore):
         self._delete(doomed)
 
     def clear(self) -> None:
+        self._kinds.clear()
         self._delete([o["Key"] for o in self._keys(self.base + "/")])

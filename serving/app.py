@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 
 from core.redis_client import connect_async
 from core.settings import Settings
-from learner.store import CheckpointError
+from learner.store import CheckpointError, manifest_kind
 from serving.holder import HolderError, ModelHolder
 from serving.impressions import ImpressionLog, impression_record, kafka_sender
 from serving.metrics import CONTENT_TYPE_LATEST, ServingMetrics
@@ -298,6 +298,8 @@ async def get_model(request: web.Request) -> web.Response:
         "version": version,
         "serving": listing["serving"] == version,
         "pinned": listing["pinned"] == version,
+        "kind": manifest_kind(manifest) if manifest is not None else None,
+        "base": manifest.get("base") if manifest is not None else None,
         "state": entry,
         "manifest": manifest,
     })

@@ -457,4 +457,18 @@ class ModelHolder:
 
     def load(self, version: str) -> ServedModel:
         """Verify, load, rebuild and check one version (:class:`~serving.loader.ModelLoader`)."""
-        return self.loader.load(version, self._current)
+        return self.loader.load(version, self._current, self._base_for_delta)
+
+    def _base_for_delta(self, base: str) -> ServedModel | None:
+        """Full checkpoint ``base`` loaded: from memory (the serving model's base, a
+        standby), else loaded and registered like any version; ``None`` if it cannot be."""
+        with self._lock:
+            loaded = [i.served for i in self._versions.values() if i.served is not None]
+        for served in [self._current, *loaded]:
+            found = served.base_for(base) if isinstance(served, ServedModel) else None
+            if found is not None:
+                return found
+        info = self.info(base)
+        if (info is not None and info.state is VersionState.FAILED) or not self.store.exists(base):
+            return None
+        return self._load_and_register(base)

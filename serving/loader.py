@@ -11,13 +11,20 @@ metrics. Every refusal is a :class:`~serving.models.LoadFailure` with a reason l
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from features.schema import FeatureSchema
-from learner.store import CheckpointError, ModelStore, checkpoint_weights, rebuild_model
+from learner.store import (
+    CheckpointError,
+    ModelStore,
+    checkpoint_weights,
+    manifest_kind,
+    rebuild_model,
+)
 from serving.models import LoadFailure, ServedModel
 
 __all__ = ["ModelLoader"]
@@ -49,10 +56,19 @@ class ModelLoader:
         self.quality_margin = quality_margin
         self.warmup_rows = warmup_rows
 
-    def load(self, version: str, serving: ServedModel | None = None) -> ServedModel:
+    def load(
+        self,
+        version: str,
+        serving: ServedModel | None = None,
+        base_of: Callable[[str], ServedModel | None] | None = None,
+    ) -> ServedModel:
         """Verify, load, rebuild and check one version; raise :class:`LoadFailure`.
 
         ``serving`` is the model it would replace (the quality gate's reference).
+        A delta is applied (copy on write) to its base full checkpoint, which
+        ``base_of(base_version)`` returns loaded (``None``: not loadable); the base's
+        sha256 must be the delta's ``base_sha256``, else the delta is refused
+        (reason ``base``): it was computed against another model.
         """
         store = self.store
         try:
@@ -74,8 +90,19 @@ class ModelLoader:
             raise LoadFailure(
                 "checksum" if ("sha256" in msg or "bytes" in msg) else "load", msg
             ) from None
+        base = None
         try:
-            model = rebuild_model(ck.manifest["config"], checkpoint_weights(ck.state))
+            if manifest_kind(ck.manifest) == "delta":
+                base = self._base(ck.manifest, base_of)
+                weights = store.assemble(base.weights, ck)
+            else:
+                weights = checkpoint_weights(ck.state)
+        except CheckpointError as exc:
+            raise LoadFailure("base", str(exc)) from None
+        except KeyError as exc:
+            raise LoadFailure("load", f"no model weights in the checkpoint: {exc}") from None
+        try:
+            model = rebuild_model(ck.manifest["config"], weights)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise LoadFailure("load", f"weights do not fit the manifest config: {exc}") from None
         em3 = getattr(model, "em3", None)
@@ -92,11 +119,26 @@ class ModelLoader:
         ):
             raise LoadFailure("schema", "the model's input fields differ from the feature schema")
         served = ServedModel(
-            version, model, ck.manifest, len(self.schema.categorical), len(self.schema.dense)
+            version, model, ck.manifest, len(self.schema.categorical), len(self.schema.dense),
+            weights=None if base is not None else weights, base=base,
         )
         self.sanity(served)
         self.quality_gate(served, serving)
         return served
+
+    def _base(
+        self, manifest: dict[str, Any], base_of: Callable[[str], ServedModel | None] | None
+    ) -> ServedModel:
+        """The loaded base full checkpoint of a delta, checked against ``base_sha256``."""
+        base_version = str(manifest.get("base"))
+        base = base_of(base_version) if base_of is not None else None
+        if base is None or base.weights is None:
+            raise CheckpointError(
+                f"{self.store.model} version {manifest['version']}: delta on base "
+                f"{base_version}, which is not loadable here"
+            )
+        self.store.check_base(manifest, base.manifest)
+        return base
 
     def sanity(self, served: ServedModel) -> None:
         """Finite parameters, and a warm-up batch of finite probabilities of the right shape."""

@@ -49,10 +49,20 @@ class ServedModel:
     manifest: dict[str, Any]
     n_categorical: int
     n_dense: int
+    #: a full checkpoint's weights as loaded (what its deltas are applied to)
+    weights: dict[str, Any] | None = field(default=None, repr=False)
+    #: a delta's base full checkpoint (kept alive for the deltas that follow)
+    base: ServedModel | None = field(default=None, repr=False)
 
     @property
     def created_at(self) -> float | None:
         return self.manifest.get("created_at")
+
+    def base_for(self, version: str) -> ServedModel | None:
+        """The loaded full checkpoint ``version`` if this model is it or is a delta on it."""
+        if self.version == version and self.weights is not None:
+            return self
+        return self.base if self.base is not None and self.base.version == version else None
 
     def predict(self, categorical: np.ndarray, dense: np.ndarray) -> np.ndarray:
         """P(click) per row for tokens ``[n, F]`` and dense ``[n, D]``, one forward pass."""

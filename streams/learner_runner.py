@@ -117,6 +117,7 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
         step_wait_seconds=settings.learner_step_wait_seconds,
         publish_every_seconds=settings.publish_every_seconds,
         publish_every_rows=settings.publish_every_rows,
+        delta_every_seconds=settings.delta_every_seconds,
         keep_versions=settings.keep_versions,
         registry=registry,
         **extra,

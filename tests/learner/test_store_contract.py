@@ -17,7 +17,7 @@ import torch
 
 from core.settings import Settings
 from learner.model_stores import open_model_store
-from learner.store import CheckpointError, LocalModelStore, ModelStore
+from learner.store import CheckpointError, LocalModelStore, ModelStore, compute_delta
 
 SCHEMA = '{"categorical":["a"],"dense":[],"version":1}'
 
@@ -243,6 +243,61 @@ def test_retention_never_deletes_the_newest_even_with_pins(make_store):
     assert store.versions() == ["000001", "000003"]
     store.unpin("000001")
     assert store.prune() == ["000001"] and store.versions() == ["000003"]
+
+
+def publish_delta(store: ModelStore, base: str, value: float) -> dict:
+    delta = compute_delta(store.load(base).state["model"], {"w": torch.full((3,), value)})
+    return store.publish_delta(delta, base=base, rows_trained=2, watermarks={},
+                               metrics={"auc": 0.8})
+
+
+def test_a_delta_assembles_on_its_base_and_is_never_resumed_from(store):
+    base = publish(store, 1.0)
+    d = publish_delta(store, base["version"], 2.0)
+    assert (d["kind"], d["base"], d["base_sha256"]) == ("delta", "000001", base["sha256"])
+    assert d["config"] == base["config"] and d["feature_schema_hash"] == base["feature_schema_hash"]
+    weights, manifest = store.load_weights(d["version"], expected_schema_hash="h" * 64)
+    assert weights["w"].tolist() == [2.0] * 3 and manifest["version"] == "000002"
+    assert make_kind(store) == [("000001", "full", None), ("000002", "delta", "000001")]
+    assert store.latest() == "000002" and store.latest_good() == "000001"
+    assert store.load().manifest["version"] == "000001"  # default load: a full checkpoint
+    with pytest.raises(CheckpointError, match="unknown base"):
+        store.publish_delta({}, base="000009", rows_trained=0, watermarks={}, metrics={})
+    with pytest.raises(CheckpointError, match="must be a full checkpoint"):
+        store.publish_delta({}, base="000002", rows_trained=0, watermarks={}, metrics={})
+
+
+def make_kind(store: ModelStore) -> list[tuple]:
+    return [(e["version"], e["kind"], e["base"]) for e in store.list()]
+
+
+def test_a_delta_on_another_base_is_refused(store):
+    publish(store, 1.0)
+    d = publish_delta(store, "000001", 2.0)["version"]
+    manifest = store.manifest(d)
+    Raw(store).put(d, "manifest.json", json.dumps({**manifest, "base_sha256": "0" * 64}).encode())
+    with pytest.raises(CheckpointError, match="delta on another base"):
+        store.load_weights(d)
+
+
+def test_retention_keeps_the_deltas_of_the_newest_full_checkpoint(make_store):
+    store = make_store(keep=2)
+    publish(store)
+    publish_delta(store, "000001", 2.0)
+    publish(store)  # 000003: the delta of 000001 goes
+    assert store.versions() == ["000001", "000003"]
+    publish_delta(store, "000003", 2.0)
+    store.pin("000004")
+    publish_delta(store, "000003", 3.0)
+    publish(store)  # 000006
+    publish_delta(store, "000006", 2.0)
+    # full: newest 2; deltas of the newest full; a pinned delta and its base
+    assert store.versions() == ["000003", "000004", "000006", "000007"]
+    publish(store)  # 000008: 000003 stays as the pinned delta's base
+    assert store.versions() == ["000003", "000004", "000006", "000008"]
+    store.unpin("000004")
+    assert store.prune() == ["000003", "000004"]
+    assert store.load_weights("000006")[0]["w"].tolist() == [1.0] * 3
 
 
 def test_unreadable_pins_are_named(store):

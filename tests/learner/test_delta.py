@@ -1,0 +1,161 @@
+"""Delta publications: computing and applying deltas, and the learner publishing them.
+
+A delta (``learner.store.compute_delta``) is what changed since the base full
+checkpoint; applied to the base it must give the new weights bit for bit, and the
+model rebuilt from base + delta must score exactly like a full checkpoint of the same
+state. Trained for real (``TorchLearner`` on synthetic batches, FGCNN head with packed
+embedding tables).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from learner.service import LearnerService
+from learner.store import LocalModelStore, apply_delta, checkpoint_weights, compute_delta
+from learner.trainer import TrainerSettings
+from tests.learner.synth import TINY_HEAD, make_payload
+
+SETTINGS = TrainerSettings(head=TINY_HEAD, embedding={"buckets": 64}, lr=1e-2, item_field="item")
+N = 48
+PAYLOADS = [make_payload(N, offset=i * N, seed=i) for i in range(4)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def service(store, clock, **kw) -> LearnerService:
+    return LearnerService(store, SETTINGS.factory(), publish_every_seconds=None,
+                          registry=CollectorRegistry(), clock=clock, **kw)
+
+
+def same_weights(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_base_plus_deltas_equals_a_full_checkpoint_of_the_same_state(tmp_path):
+    store = LocalModelStore(tmp_path, "ranker", keep=3)
+    clock = Clock()
+    svc = service(store, clock, delta_every_seconds=1.0)
+    svc.process(PAYLOADS[0])
+    assert svc.maybe_publish() is None  # no base yet: nothing is due
+    base = svc.publish()
+    assert "kind" not in base or base["kind"] == "full"
+    svc.process(PAYLOADS[1])
+    assert svc.maybe_publish() is None  # the delta period has not run out
+    clock.now += 1.0
+    d1 = svc.maybe_publish()
+    assert d1["kind"] == "delta" and d1["base"] == base["version"]
+    assert d1["base_sha256"] == base["sha256"] and d1["bytes"] < base["bytes"] / 2
+    svc.process(PAYLOADS[2])
+    clock.now += 1.0
+    d2 = svc.maybe_publish()
+    assert d2["base"] == base["version"]  # cumulative against the base, not chained
+    assert svc.maybe_publish() is None and svc.status()["deltas"] == 2
+    assembled, manifest = store.load_weights(d2["version"])
+    assert manifest["kind"] == "delta"
+    m_delta, _ = store.load_model(d2["version"])
+    full = svc.publish()  # a full checkpoint of the very state d2 carries
+    assert full.get("kind", "full") == "full"
+    # retention: the deltas of an older base go once a newer full checkpoint exists
+    assert store.versions() == [base["version"], full["version"]]
+
+    same_weights(assembled, checkpoint_weights(store.load(full["version"]).state))
+    m_full, _ = store.load_model(full["version"])
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 2**40, size=(64, 3))
+    dense = rng.normal(size=(64, 1)).astype(np.float32)
+    with torch.inference_mode():
+        a, b = m_delta.logits(tokens, dense), m_full.logits(tokens, dense)
+    assert torch.equal(a, b)
+    m_base, _ = store.load_model(base["version"])
+    with torch.inference_mode():
+        assert not torch.equal(m_base.logits(tokens, dense), b)  # training moved the model
+
+    # A restart resumes from the newest full checkpoint, never from a delta.
+    svc.process(PAYLOADS[3])
+    clock.now += 1.0
+    d3 = svc.maybe_publish()
+    assert d3["kind"] == "delta" and store.latest() == d3["version"]
+    assert store.latest_good() == full["version"]
+    again = service(store, clock, delta_every_seconds=1.0)
+    assert again.version == full["version"] and again.trainer.rows_trained == 3 * N
+
+
+def test_deltas_off_publishes_only_full_checkpoints(tmp_path):
+    store = LocalModelStore(tmp_path, "ranker")
+    clock = Clock()
+    svc = service(store, clock)
+    svc.process(PAYLOADS[0])
+    svc.publish()
+    svc.process(PAYLOADS[1])
+    clock.now += 10
+    assert svc.maybe_publish() is None and store.versions() == ["000001"]
+
+
+def table_weights(seed: int, dirty: list[int]) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "emb.table.packed_rows": torch.tensor(dirty, dtype=torch.int64),
+        "emb.table.packed_values": torch.randn(len(dirty), 3, generator=g),
+        "emb.table.init": torch.tensor([7, 100, 3]),
+        "wide": torch.randn(50, 2, generator=g),
+        "mlp.weight": torch.randn(4, 3, generator=g),
+        "mlp.bias": torch.randn(4, generator=g),
+        "emb._extra_state": {"slots": torch.arange(3), "admitted": 3},
+    }
+
+
+def test_delta_lists_only_what_changed_and_applies_exactly():
+    base = table_weights(0, [2, 5, 9, 40])
+    new = {k: v.clone() if torch.is_tensor(v) else v for k, v in base.items()}
+    # trained rows 5 (changed) and 41 (new), row 40 no longer trained, 2 and 9 unchanged
+    new["emb.table.packed_rows"] = torch.tensor([2, 5, 9, 41])
+    new["emb.table.packed_values"] = torch.cat(
+        [base["emb.table.packed_values"][:3], torch.ones(1, 3)])
+    new["emb.table.packed_values"][1, 0] = float("nan")
+    new["wide"][7] += 1.0
+    new["mlp.bias"] += 0.5
+    new["emb._extra_state"] = {"slots": torch.arange(4), "admitted": 4}
+    d = compute_delta(base, new)
+    assert d["packed"]["emb.table"]["ids"].tolist() == [5, 41]
+    assert d["packed"]["emb.table"]["dropped"].tolist() == [40]
+    assert d["rows"]["wide"]["index"].tolist() == [7]
+    assert d["rows"]["mlp.weight"]["index"].tolist() == []  # a table nothing changed in
+    assert sorted(d["dense"]) == ["emb._extra_state", "emb.table.init", "mlp.bias"]
+    out = apply_delta(base, d)
+    assert set(out) == set(new)
+    assert out.pop("emb._extra_state")["admitted"] == new.pop("emb._extra_state")["admitted"]
+    for k in new:
+        assert torch.equal(out[k], new[k]) or (
+            torch.isnan(new[k]).any() and torch.allclose(out[k], new[k], equal_nan=True)), k
+    assert torch.equal(base["wide"], table_weights(0, [2, 5, 9, 40])["wide"])  # base untouched
+    assert apply_delta(base, compute_delta(base, base))["wide"] is base["wide"]  # shared, no copy
+
+
+def test_a_delta_that_does_not_fit_its_base_is_refused():
+    base = table_weights(0, [1, 2])
+    d = compute_delta(base, table_weights(1, [1, 2, 3]))
+    other = dict(base)
+    other.pop("mlp.bias")
+    with pytest.raises(ValueError, match="does not cover exactly"):
+        apply_delta(other, d)
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_delta({**base, "mlp.weight": torch.zeros(5, 3)}, d)
+    bad = compute_delta(base, table_weights(0, [1, 2]) | {"wide": base["wide"] + 1})
+    with pytest.raises(ValueError, match="changed its type or shape"):
+        compute_delta(base, {**base, "mlp.bias": torch.zeros(5)})
+    bad["dense"].pop("wide", None)
+    bad["rows"]["wide"] = {"index": torch.tensor([99]), "values": torch.zeros(1, 2)}
+    with pytest.raises(ValueError, match="do not fit"):
+        apply_delta(base, bad)
