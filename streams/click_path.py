@@ -168,7 +168,8 @@ def click_handler(settings: Settings, client, metrics: WorkerMetrics, state, boo
     builder = builder or make_row_builder(settings)
     store = OnlineStore(client, partitions=settings.partitions,
                         counters=builder.config.counters, registry=metrics.registry,
-                        pit_ties=settings.pit_ties, pit_history=settings.pit_history)
+                        pit_ties=settings.pit_ties, pit_history=settings.pit_history,
+                        seq_len=settings.seq_len)
     return ClickHandler(settings, metrics, state, store=store,
                         window=EventIdWindow(client, settings.duplicate_window),
                         events=KafkaLog(bootstrap), builder=builder, sink=sink, pause=pause)

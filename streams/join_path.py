@@ -145,7 +145,8 @@ class JoinHandler:
         self.store = store or OnlineStore(client, partitions=settings.partitions,
                                           counters=self.builder.config.counters,
                                           registry=metrics.registry, pit_ties=settings.pit_ties,
-                                          pit_history=settings.pit_history)
+                                          pit_history=settings.pit_history,
+                                          seq_len=settings.seq_len)
         self.window = settings.join_window_seconds
         self.lateness = settings.join_lateness_seconds
         self.idle = settings.join_idle_seconds
