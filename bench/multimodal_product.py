@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import statistics
 import sys
 import tempfile
@@ -131,13 +132,13 @@ def learn(payloads: list[bytes], seed: int, settings, redis_url: str) -> dict:
     from prometheus_client import CollectorRegistry
 
     from learner.service import LearnerService
-    from learner.store import ModelStore
+    from learner.store import LocalModelStore
     from streams.learner_runner import trainer_settings
 
     recipe = dataclasses.replace(trainer_settings(settings, redis_url), seed=seed)
     ys, ps, ts, items = [], [], [], []
     with tempfile.TemporaryDirectory() as d:
-        svc = LearnerService(ModelStore(d), recipe.factory(), publish_every_seconds=None,
+        svc = LearnerService(LocalModelStore(d), recipe.factory(), publish_every_seconds=None,
                              registry=CollectorRegistry(), resume=False)
         t0 = time.perf_counter()
         for p in payloads:
@@ -204,6 +205,9 @@ def main() -> None:
     ap.add_argument("--refresh", type=float, default=10.0,
                     help="HEADWATER_CODEBOOK_REFRESH_SECONDS of the worker (both variants)")
     ap.add_argument("--out", type=Path, default=None, help="append JSON lines here")
+    ap.add_argument("--keep-replays", type=Path, default=None,
+                    help="keep each replay here (<variant>-<seed>.pkl) and learn from a kept "
+                         "one instead of replaying again")
     ap.add_argument("--replay-per-seed", action="store_true",
                     help="replay the worker again for every seed (the replay takes no seed: "
                          "by default each worker configuration replays once, shared by seeds)")
@@ -225,9 +229,19 @@ def main() -> None:
                     worker_env, learner, keep_seq = VARIANTS[variant]
                     key = tuple(sorted(worker_env.items()))
                     log = Path(tmp) / f"{variant}-{seed}.log"
+                    saved = (args.keep_replays / f"{variant}-{seed}.pkl"
+                             if args.keep_replays else None)
                     if key not in replays:  # one replay per worker configuration
-                        payloads, secs, content = replay(variant, args.encoder, args.partitions,
-                                                         args.refresh, log)
+                        if saved is not None and saved.exists():  # a replay kept earlier
+                            payloads, secs, content, text = pickle.loads(saved.read_bytes())
+                            log.write_text(text)
+                        else:
+                            payloads, secs, content = replay(variant, args.encoder,
+                                                             args.partitions, args.refresh, log)
+                            if saved is not None:
+                                saved.parent.mkdir(parents=True, exist_ok=True)
+                                saved.write_bytes(pickle.dumps(
+                                    (payloads, secs, content, log.read_text(errors="replace"))))
                         replays[key] = (payloads, without_seq(payloads), secs, content, log)
                     payloads, lean, secs, content, log = replays[key]
                     payloads = payloads if keep_seq else lean

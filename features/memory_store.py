@@ -218,19 +218,22 @@ class MemoryOnlineStore:
             duplicate_count=int(dup.sum()), next_offset=next_offset, item_attrs=attrs,
             codes={i: c for i, c in codes.items() if c})
 
-    def _user_entries(self, user: str) -> list[tuple[float, str]]:
-        return [(t, m) for shard in self._data["seqs"].values()
-                for m, t in shard.get(user, {}).items()]
+    def _user_entries(self, user: str, shards=None) -> list[tuple[float, str]]:
+        seqs = self._data["seqs"]
+        return [(t, m) for p in (range(self.partitions) if shards is None else shards)
+                for m, t in seqs[p].get(user, {}).items()]
 
     def _sequences(self, partition: int, srt: dict[str, Any]) -> list[tuple[str, ...]]:
-        """Pre-event sequences from every shard as of the batch's start, then the batch's
+        """Pre-event sequences (every shard as of the batch's start), then the batch's
         clicks recorded in this partition's shard (newest ``4 * seq_len`` kept)."""
         users = [canonical(u) if u else "" for u in srt["user_id"]]
         members = [member(o, s, canonical(i)) for o, s, i in
                    zip(srt["offset"].tolist(), srt["sub"].tolist(), srt["item_id"], strict=True)]
         ts, labels = srt["ts"].tolist(), srt["label"].tolist()
-        stored = {u: self._user_entries(u) for u in set(users) if u}
-        out = pre_event_sequences(stored, users, ts, labels, members, self.seq_len)
+        others = [p for p in range(self.partitions) if p != partition]
+        own = {u: self._user_entries(u, [partition]) for u in set(users) if u}
+        other = {u: self._user_entries(u, others) for u in set(users) if u}
+        out = pre_event_sequences(own, other, users, ts, labels, members, self.seq_len)
         shard = self._data["seqs"][partition]
         for u, t, lab, m in zip(users, ts, labels, members, strict=True):
             if u and float(lab) > 0:

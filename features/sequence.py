@@ -7,17 +7,22 @@ member names one event of one partition, so writing it twice (a replayed batch, 
 zombie writer, a fenced retry) changes nothing: the write needs no fence.
 
 An event's **pre-event sequence** is the items of the user's newest ``length`` clicks
-with event time strictly before its own, from every shard (as read at the batch's start)
-and from the batch itself, oldest first. The event itself, ties and later clicks never
-count, so a row built at time *t* sees only clicks before *t* whatever the arrival order.
-A replayed event gets the same sequence as its first run unless ``keep`` newer clicks
-have pushed older ones out since (then a shorter one, never a later click). Serving
+with event time strictly before its own among the clicks applied before it: earlier in
+its own partition (offset order: the shard's set and its own batch) and, from other
+partitions, those applied when its batch started (as the counters, docs/point-in-time.md).
+The event itself, ties and later clicks never count, so a row built at time *t* sees
+only clicks before *t* whatever the arrival order, and batch boundaries change nothing.
+A replayed event gets its first run's sequence from its own partition (unless ``keep``
+newer clicks have pushed older ones out since: then a shorter one, never a later click);
+clicks are partitioned by user, so other partitions hold none of its user's. Serving
 reads the newest ``length`` clicks before the read time.
 
->>> stored = {"u": [(1.0, "0:0:a"), (5.0, "3:0:c")]}
->>> pre_event_sequences(stored, ["u", "u", "v"], [4.0, 6.0, 2.0], [1, 0, 1],
+>>> own = {"u": [(1.0, "0:0:a"), (5.0, "3:0:c")]}
+>>> pre_event_sequences(own, {}, ["u", "u", "v"], [4.0, 6.0, 2.0], [1, 0, 1],
 ...                     ["7:0:b", "8:0:d", "9:0:e"], 2)
 [('a',), ('b', 'c'), ()]
+>>> pre_event_sequences({}, {}, ["u", "u"], [9.0, 2.0], [1, 1], ["0:0:a", "1:0:b"], 2)
+[(), ()]
 >>> newest([(1.0, "0:0:a"), (2.0, "1:0:b"), (3.0, "2:0:c")], now=3.0, length=2)
 ('a', 'b')
 """
@@ -64,23 +69,30 @@ def newest(entries: Iterable[tuple[float, str]], now: float, length: int) -> tup
     return tuple(item_of(m) for _, m in before[-length:]) if length > 0 else ()
 
 
-def pre_event_sequences(stored: Mapping[str, Sequence[tuple[float, str]]], users: Sequence[Any],
+def _position(m: str) -> tuple[int, int]:
+    offset, sub, _ = m.split(":", 2)
+    return int(offset), int(sub)
+
+
+def pre_event_sequences(own: Mapping[str, Sequence[tuple[float, str]]],
+                        other: Mapping[str, Sequence[tuple[float, str]]], users: Sequence[Any],
                         ts: Sequence[float], labels: Sequence[Any], members: Sequence[str],
                         length: int) -> list[tuple[str, ...]]:
-    """Per event, its pre-event sequence (see the module docstring): ``stored`` holds each
-    user's entries from every shard as of the batch's start; the batch's own positive
-    events count for the events after them in time."""
-    mine: dict[str, list[tuple[float, str]]] = {}
-    for u, t, lab, m in zip(users, ts, labels, members, strict=True):
-        if u and float(lab) > 0:
-            mine.setdefault(str(u), []).append((float(t), m))
+    """Per event of one partition's batch (in offset order), its pre-event sequence: the
+    user's clicks older than it among those before it in its partition (``own``: that
+    shard's entries, the batch's earlier events) and those other partitions had applied
+    when the batch started (``other``)."""
+    seen: dict[str, list[tuple[float, str]]] = {}
     out = []
-    for u, t in zip(users, ts, strict=True):
+    for u, t, lab, m in zip(users, ts, labels, members, strict=True):
         if not u:
             out.append(())
             continue
-        u = str(u)
-        out.append(newest([*stored.get(u, ()), *mine.get(u, ())], float(t), length))
+        u, pos = str(u), _position(m)
+        mine = [e for e in own.get(u, ()) if _position(e[1]) < pos]
+        out.append(newest([*other.get(u, ()), *mine, *seen.get(u, ())], float(t), length))
+        if float(lab) > 0:
+            seen.setdefault(u, []).append((float(t), m))
     return out
 
 
@@ -105,7 +117,7 @@ def _ids(values: Any) -> list[str]:
 
 
 def plan_sequences(core: Any, partition: int, cols: Mapping[str, Any]) -> Any:
-    """One round trip for a batch of one partition (``cols`` in any order): read every
+    """One round trip for a batch of one partition (``cols`` in offset order): read every
     shard's sets of the batch's users, then write the batch's clicks to this partition's
     shard (a pipeline runs in order: the reads see the sets before the write). Returns
     the pre-event sequences in ``cols`` order."""
@@ -118,10 +130,12 @@ def plan_sequences(core: Any, partition: int, cols: Mapping[str, Any]) -> Any:
     writes = write_commands(core.prefix, partition, users, cols["ts"].tolist(),
                             cols["label"].tolist(), members, 4 * core.seq_len)
     replies = yield reads + writes
-    stored: dict[str, list[tuple[float, str]]] = {}
+    own: dict[str, list[tuple[float, str]]] = {}
+    other: dict[str, list[tuple[float, str]]] = {}
     for k, reply in enumerate(replies[:len(reads)]):
-        stored.setdefault(distinct[k // core.partitions], []).extend(entries_of(reply))
-    return pre_event_sequences(stored, users, cols["ts"].tolist(), cols["label"].tolist(),
+        shard = own if k % core.partitions == partition else other
+        shard.setdefault(distinct[k // core.partitions], []).extend(entries_of(reply))
+    return pre_event_sequences(own, other, users, cols["ts"].tolist(), cols["label"].tolist(),
                                members, core.seq_len)
 
 

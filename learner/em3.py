@@ -31,7 +31,7 @@ from torch import nn
 
 from learner.multimodal import FusionQFormer, content_id_infonce
 
-__all__ = ["ContentSequence", "EM3Fields", "ItemContentTable", "LoRALinear", "sequence_content"]
+__all__ = ["ContentSequence", "EM3Fields", "ItemContentTable", "sequence_content"]
 
 #: (item_id tokens, content rows) of every stored item
 ContentLoader = Callable[[], tuple[np.ndarray, np.ndarray]]
@@ -210,42 +210,17 @@ class EM3Fields(nn.Module):
                                                     torch.from_numpy(ids.astype(np.int64)))
 
 
-class LoRALinear(nn.Module):
-    """A frozen linear map plus a trainable low-rank update (LoRA, Hu et al. 2021):
-    ``W x + b + (alpha / r) B A x`` with ``A`` random, ``B`` zero (so training starts at
-    the frozen map) and only ``A``, ``B`` trained.
-
-    >>> torch.manual_seed(0) and None
-    >>> m = LoRALinear(6, 3, rank=2)
-    >>> [n for n, p in m.named_parameters() if p.requires_grad]
-    ['lora_a', 'lora_b']
-    >>> x = torch.randn(4, 6)
-    >>> bool(torch.equal(m(x), m.base(x)))
-    True
-    """
-
-    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float | None = None) -> None:
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.base = nn.Linear(d_in, d_out)
-        self.base.requires_grad_(False)
-        self.lora_a = nn.Parameter(torch.randn(rank, d_in) / d_in ** 0.5)
-        self.lora_b = nn.Parameter(torch.zeros(d_out, rank))
-        self.scale = (alpha if alpha is not None else rank) / rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scale
-
-
 class ContentSequence(nn.Module):
     """EM3's content-interest field: attention from the candidate item's content over the
-    content of the user's recent clicks (the rows' ``seq`` fields), every projection a
-    frozen map adapted with LoRA. One field of ``out_dim`` per row; a row without clicks
-    gets the output of a zero vector.
+    content of the user's recent clicks (the rows' ``seq`` fields). Every projection is a
+    frozen linear map adapted with LoRA (Hu et al. 2021) by ``peft``: only the rank-``rank``
+    adapters train (``B`` starts at zero, so training starts at the frozen maps). One field
+    of ``out_dim`` per row; a row without clicks gets the output of a zero vector.
 
     >>> torch.manual_seed(0) and None
     >>> m = ContentSequence(out_dim=4, content_dim=5, d_model=8, rank=2)
+    >>> sorted({n.split(".")[1] for n, p in m.named_parameters() if p.requires_grad})
+    ['lora_A', 'lora_B']
     >>> item, seq = torch.randn(3, 5), torch.randn(3, 2, 5)
     >>> valid = torch.tensor([[True, True], [True, False], [False, False]])
     >>> m(item, seq, valid).shape
@@ -253,12 +228,18 @@ class ContentSequence(nn.Module):
     """
 
     def __init__(self, out_dim: int, content_dim: int, d_model: int = 32, rank: int = 4) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
         super().__init__()
-        self.query = LoRALinear(content_dim, d_model, rank)
-        self.key = LoRALinear(content_dim, d_model, rank)
-        self.value = LoRALinear(content_dim, d_model, rank)
-        self.out = LoRALinear(d_model, out_dim, rank)
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.query = nn.Linear(content_dim, d_model)
+        self.key = nn.Linear(content_dim, d_model)
+        self.value = nn.Linear(content_dim, d_model)
+        self.out = nn.Linear(d_model, out_dim)
         self.d_model = d_model
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
+                                           target_modules=["query", "key", "value", "out"]), self)
 
     def forward(self, item: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         q = self.query(item).unsqueeze(1)                              # (B, 1, d)

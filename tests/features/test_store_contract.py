@@ -224,9 +224,9 @@ def test_item_codes_are_stored_with_their_version(make):
 
 
 def test_recent_clicks_are_point_in_time_from_every_partition(make):
-    """Each event's sequence: the user's newest clicks strictly before it, from every
-    partition and from its own batch; never itself, a tie or a later click, whatever the
-    arrival order (brute force over everything applied so far)."""
+    """Each event's sequence: the user's newest clicks strictly before it in event time
+    among those applied before it (earlier batches of every partition, earlier events of
+    its batch); never itself, a tie or a later click, whatever the arrival order."""
     L = 3
     store = make(seq_len=L)
     rng = np.random.default_rng(7)
@@ -240,11 +240,12 @@ def test_recent_clicks_are_point_in_time_from_every_partition(make):
                                item=f"i{rng.integers(50)}", label=int(rng.random() < 0.6)))
             nxt[p] += 1
         result = make.run(store.apply_batch("clicks", p, batch))
-        applied += [{**ev, "p": p} for ev in batch]
         for i, ev in enumerate(batch):
-            before = sorted((e["ts"], f"{e['offset']}:{e['sub']}:{e['item_id']}") for e in applied
+            before = sorted((e["ts"], f"{e['offset']}:{e['sub']}:{e['item_id']}")
+                            for e in applied + batch[:i]
                             if e["user_id"] == ev["user_id"] and e["label"] and e["ts"] < ev["ts"])
             assert result.sequences[i] == tuple(m.split(":")[2] for _, m in before[-L:]), (p, i)
+        applied += [{**ev, "p": p} for ev in batch]
     for u in ("u0", "u1"):  # fewer clicks per user and partition than the store keeps (4 L)
         assert sum(e["user_id"] == u and e["label"] and e["p"] == 0 for e in applied) <= 4 * L
     read = make.run(store.get_online_features([{"user_id": "u0", "item_id": "i1"},
