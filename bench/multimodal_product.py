@@ -206,7 +206,8 @@ def main() -> None:
                     help="HEADWATER_CODEBOOK_REFRESH_SECONDS of the worker (both variants)")
     ap.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     ap.add_argument("--keep-replays", type=Path, default=None,
-                    help="keep each replay here (<variant>-<seed>.pkl) and learn from a kept "
+                    help="keep each replay here (<variant>.pkl, <variant>-<seed>.pkl with "
+                         "--replay-per-seed) and learn from a kept "
                          "one instead of replaying again")
     ap.add_argument("--replay-per-seed", action="store_true",
                     help="replay the worker again for every seed (the replay takes no seed: "
@@ -229,8 +230,8 @@ def main() -> None:
                     worker_env, learner, keep_seq = VARIANTS[variant]
                     key = tuple(sorted(worker_env.items()))
                     log = Path(tmp) / f"{variant}-{seed}.log"
-                    saved = (args.keep_replays / f"{variant}-{seed}.pkl"
-                             if args.keep_replays else None)
+                    name = f"{variant}-{seed}" if args.replay_per_seed else variant
+                    saved = args.keep_replays / f"{name}.pkl" if args.keep_replays else None
                     if key not in replays:  # one replay per worker configuration
                         if saved is not None and saved.exists():  # a replay kept earlier
                             payloads, secs, content, text = pickle.loads(saved.read_bytes())
