@@ -19,6 +19,7 @@ from learner.metrics import exact_auc
 from learner.models import build_model
 from learner.trainer import TrainerSettings
 from tests.learner.synth import TINY_HEAD
+from tests.learner.test_em3 import em3_trainer
 
 L = 3
 FIELDS = ["user_id", "item_id", *(f"seq{k}" for k in range(L))]
@@ -65,12 +66,8 @@ def payload(offset: int, seed: int, n: int = 128) -> bytes:
 
 
 def test_lora_sequence_learns_the_users_interest_and_serves_the_same_logits():
-    torch.manual_seed(0)
-    trainer = TrainerSettings(head=TINY_HEAD, embedding={"buckets": 64}, lr=1e-2,
-                              em3=EM3).build(SCHEMA_JSON)
-    model = trainer.learner.model
     table = content_table()
-    model.em3.attach(table)
+    trainer, model = em3_trainer(EM3, SCHEMA_JSON, table)
     seq = model.em3.sequence
     frozen = {n: p.detach().clone() for n, p in seq.named_parameters() if not p.requires_grad}
     assert frozen and all(".base_layer." in n for n in frozen)
