@@ -205,6 +205,8 @@ def main() -> None:
     ap.add_argument("--refresh", type=float, default=10.0,
                     help="HEADWATER_CODEBOOK_REFRESH_SECONDS of the worker (both variants)")
     ap.add_argument("--out", type=Path, default=None, help="append JSON lines here")
+    ap.add_argument("--summarize", type=Path, default=None,
+                    help="only print the table of an --out file (runs split over processes)")
     ap.add_argument("--keep-replays", type=Path, default=None,
                     help="keep each replay here (<variant>.pkl, <variant>-<seed>.pkl with "
                          "--replay-per-seed) and learn from a kept "
@@ -213,6 +215,16 @@ def main() -> None:
                     help="replay the worker again for every seed (the replay takes no seed: "
                          "by default each worker configuration replays once, shared by seeds)")
     args = ap.parse_args()
+    if args.summarize:
+        results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        seen = set()
+        for line in args.summarize.read_text().splitlines():
+            r = json.loads(line)
+            if (r["variant"], r["seed"]) not in seen:  # a repeated run: the first counts
+                seen.add((r["variant"], r["seed"]))
+                results[r["variant"]].append(r)
+        table(results)
+        return
     from core.settings import Settings
     from headwater.servers import start_redis
     from streams.item_content import content_key
@@ -267,18 +279,28 @@ def main() -> None:
                             fh.write(json.dumps(r) + "\n")
         finally:
             learner_redis.stop()
+    table(results)
+
+
+def table(results: dict[str, list[dict]]) -> None:
+    """Mean ± population spread over seeds per variant (cost columns: mean; load: range)."""
     keys = ["prequential_auc", "test_auc", "cold_auc", "cold_test_auc", "worker_rows_per_s",
             "learner_rows_per_s", "predict_p50_ms"]
-    print("| variant | " + " | ".join(keys) + " |")
+    print("| variant | seeds | " + " | ".join(keys) + " | load |")
     for variant, rs in results.items():
+        if not rs:
+            continue
         cells = []
         for k in keys:
             vals = [r[k] for r in rs]
             sd = statistics.pstdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):.4f} ± {sd:.4f}" if "auc" in k
-                         else f"{statistics.mean(vals):.2f}" if "p50" in k
+                         else f"{statistics.mean(vals):.1f}" if "p50" in k
                          else f"{statistics.mean(vals):.0f}")
-        print(f"| {variant} | " + " | ".join(cells) + " |")
+        loads = [r["load"] for r in rs]
+        seeds = ",".join(str(r["seed"]) for r in rs)
+        print(f"| {variant} | {seeds} | " + " | ".join(cells)
+              + f" | {min(loads):.0f}–{max(loads):.0f} |")
 
 
 if __name__ == "__main__":
