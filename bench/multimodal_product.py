@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--summarize", type=Path, default=None,
                     help="only print the table of an --out file (runs split over processes)")
     ap.add_argument("--keep-replays", type=Path, default=None,
-                    help="keep each replay here (<variant>.pkl, <variant>-<seed>.pkl with "
+                    help="keep each replay here (one file per worker configuration, per seed with "
                          "--replay-per-seed) and learn from a kept "
                          "one instead of replaying again")
     ap.add_argument("--replay-per-seed", action="store_true",
@@ -242,7 +242,8 @@ def main() -> None:
                     worker_env, learner, keep_seq = VARIANTS[variant]
                     key = tuple(sorted(worker_env.items()))
                     log = Path(tmp) / f"{variant}-{seed}.log"
-                    name = f"{variant}-{seed}" if args.replay_per_seed else variant
+                    config = "-".join(f"{k.removeprefix('HEADWATER_').lower()}{v}" for k, v in key)
+                    name = f"{config}-{seed}" if args.replay_per_seed else config
                     saved = args.keep_replays / f"{name}.pkl" if args.keep_replays else None
                     if key not in replays:  # one replay per worker configuration
                         if saved is not None and saved.exists():  # a replay kept earlier
