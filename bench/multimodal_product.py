@@ -15,11 +15,19 @@ Variants (each adds to the previous one):
               trains the alignment projection first (QARM);
 - ``qformer`` + ``HEADWATER_EM3_QUERIES=2``: Fusion-Q-Former fields over each item's
               stored content in the ranker (EM3), trained by the ranking loss;
-- ``cid``     + ``HEADWATER_EM3_CID_WEIGHT=0.1``: EM3's content-ID contrastive loss.
+- ``cid``     + ``HEADWATER_EM3_CID_WEIGHT=0.1``: EM3's content-ID contrastive loss;
+- ``lora``    + ``HEADWATER_EM3_SEQ_LORA_RANK=4``: EM3's content-interest sequence (LoRA
+              adapted attention over the content of the user's last ``SEQ_LEN`` clicks,
+              the rows' ``seq`` fields, point in time from the online store).
 
-``qformer`` and ``cid`` change only the learner: they learn from the ``align`` replay's
-rows (same worker settings), reading item content from a Redis holding that replay's
-content hash (copied out before the replay's Redis stops).
+Every replay runs the worker with ``HEADWATER_SEQ_LEN`` = ``SEQ_LEN``; the variants
+before ``lora`` learn from the same rows without the ``seq`` fields (exactly what a
+worker without them writes: no other column depends on them). ``qformer``, ``cid`` and
+``lora`` change only the learner: they learn from the ``align`` replay's rows, reading
+item content from a Redis holding that replay's content hash (copied out before the
+replay's Redis stops). The replay takes no seed, so each worker configuration replays
+once and every seed learns from the same rows (``--replay-per-seed``: replay again per
+seed; two replays per seed instead of two in all).
 
 Reported per run: prequential AUC over all rows (score before train), AUC over the
 last 20 % of rows in event time, cold-item AUC (rows among their item's first 10
@@ -35,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import statistics
 import sys
 import tempfile
@@ -50,13 +59,40 @@ from bench import pipeline_rows  # noqa: E402
 from learner.batch import decode_batch  # noqa: E402
 from learner.metrics import ColdItemTracker, exact_auc  # noqa: E402
 
-#: variant -> (worker environment, learner settings)
-VARIANTS: dict[str, tuple[dict[str, str], dict]] = {
-    "codes": ({"HEADWATER_ALIGN_ONLINE": "0"}, {}),
-    "align": ({"HEADWATER_ALIGN_ONLINE": "1"}, {}),
-    "qformer": ({"HEADWATER_ALIGN_ONLINE": "1"}, {"em3_queries": 2}),
-    "cid": ({"HEADWATER_ALIGN_ONLINE": "1"}, {"em3_queries": 2, "em3_cid_weight": 0.1}),
+#: recent clicks per user in the rows of every replay (``HEADWATER_SEQ_LEN``)
+SEQ_LEN = 8
+
+#: variant -> (worker environment, learner settings, keeps the rows' seq fields)
+VARIANTS: dict[str, tuple[dict[str, str], dict, bool]] = {
+    "codes": ({"HEADWATER_ALIGN_ONLINE": "0"}, {}, False),
+    "align": ({"HEADWATER_ALIGN_ONLINE": "1"}, {}, False),
+    "qformer": ({"HEADWATER_ALIGN_ONLINE": "1"}, {"em3_queries": 2}, False),
+    "cid": ({"HEADWATER_ALIGN_ONLINE": "1"}, {"em3_queries": 2, "em3_cid_weight": 0.1}, False),
+    "lora": ({"HEADWATER_ALIGN_ONLINE": "1"},
+             {"em3_queries": 2, "em3_cid_weight": 0.1, "em3_seq_lora_rank": 4}, True),
 }
+
+
+def without_seq(payloads: list[bytes]) -> list[bytes]:
+    """The payloads as a worker with ``HEADWATER_SEQ_LEN=0`` writes them: the same rows
+    without the ``seq`` fields (the sequence changes no other column)."""
+    from features.schema import FeatureSchema
+    from learner.batch import encode_batch
+
+    out = []
+    for p in payloads:
+        b = decode_batch(p)
+        schema = FeatureSchema.from_json(b.schema_json)
+        keep = [j for j, f in enumerate(schema.categorical) if not f.startswith("seq")]
+        lean = FeatureSchema([schema.categorical[j] for j in keep], schema.dense, schema.version,
+                             schema.definition)
+        cols = {"event_id": b.event_ids, "ts": b.ts, "label": b.labels, "offset": b.offsets,
+                "sub": b.subs}
+        cols.update({f"c:{lean.categorical[k]}": b.categorical[:, j] for k, j in enumerate(keep)})
+        cols.update({f"d:{d}": b.dense[:, j] for j, d in enumerate(schema.dense)})
+        out.append(encode_batch(cols, lean.to_json(), lean.hash, b.source_topic,
+                                b.source_partition, b.offset_start, b.offset_end))
+    return out
 
 
 def replay(variant: str, encoder: str, partitions: int, refresh: float, log: Path
@@ -68,6 +104,7 @@ def replay(variant: str, encoder: str, partitions: int, refresh: float, log: Pat
     saved = dict(os.environ)
     os.environ.update(VARIANTS[variant][0])
     os.environ["HEADWATER_CODEBOOK_REFRESH_SECONDS"] = str(refresh)
+    os.environ["HEADWATER_SEQ_LEN"] = str(SEQ_LEN)
     content: dict[bytes, bytes] = {}
 
     def copy_content(url: str) -> None:
@@ -95,13 +132,13 @@ def learn(payloads: list[bytes], seed: int, settings, redis_url: str) -> dict:
     from prometheus_client import CollectorRegistry
 
     from learner.service import LearnerService
-    from learner.store import ModelStore
+    from learner.store import LocalModelStore
     from streams.learner_runner import trainer_settings
 
     recipe = dataclasses.replace(trainer_settings(settings, redis_url), seed=seed)
     ys, ps, ts, items = [], [], [], []
     with tempfile.TemporaryDirectory() as d:
-        svc = LearnerService(ModelStore(d), recipe.factory(), publish_every_seconds=None,
+        svc = LearnerService(LocalModelStore(d), recipe.factory(), publish_every_seconds=None,
                              registry=CollectorRegistry(), resume=False)
         t0 = time.perf_counter()
         for p in payloads:
@@ -168,7 +205,26 @@ def main() -> None:
     ap.add_argument("--refresh", type=float, default=10.0,
                     help="HEADWATER_CODEBOOK_REFRESH_SECONDS of the worker (both variants)")
     ap.add_argument("--out", type=Path, default=None, help="append JSON lines here")
+    ap.add_argument("--summarize", type=Path, default=None,
+                    help="only print the table of an --out file (runs split over processes)")
+    ap.add_argument("--keep-replays", type=Path, default=None,
+                    help="keep each replay here (one file per worker configuration, per seed with "
+                         "--replay-per-seed) and learn from a kept "
+                         "one instead of replaying again")
+    ap.add_argument("--replay-per-seed", action="store_true",
+                    help="replay the worker again for every seed (the replay takes no seed: "
+                         "by default each worker configuration replays once, shared by seeds)")
     args = ap.parse_args()
+    if args.summarize:
+        results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        seen = set()
+        for line in args.summarize.read_text().splitlines():
+            r = json.loads(line)
+            if (r["variant"], r["seed"]) not in seen:  # a repeated run: the first counts
+                seen.add((r["variant"], r["seed"]))
+                results[r["variant"]].append(r)
+        table(results)
+        return
     from core.settings import Settings
     from headwater.servers import start_redis
     from streams.item_content import content_key
@@ -178,16 +234,31 @@ def main() -> None:
         learner_redis = start_redis(log_path=Path(tmp) / "learner-redis.log")
         url = learner_redis.extra["url"]
         try:
+            replays: dict[tuple, tuple] = {}
             for seed in args.seeds:
-                replays: dict[tuple, tuple] = {}
+                if args.replay_per_seed:
+                    replays = {}
                 for variant in args.variants:
-                    worker_env, learner = VARIANTS[variant]
+                    worker_env, learner, keep_seq = VARIANTS[variant]
                     key = tuple(sorted(worker_env.items()))
                     log = Path(tmp) / f"{variant}-{seed}.log"
-                    if key not in replays:  # one replay per worker configuration and seed
-                        replays[key] = (*replay(variant, args.encoder, args.partitions,
-                                                args.refresh, log), log)
-                    payloads, secs, content, log = replays[key]
+                    config = "-".join(f"{k.removeprefix('HEADWATER_').lower()}{v}" for k, v in key)
+                    name = f"{config}-{seed}" if args.replay_per_seed else config
+                    saved = args.keep_replays / f"{name}.pkl" if args.keep_replays else None
+                    if key not in replays:  # one replay per worker configuration
+                        if saved is not None and saved.exists():  # a replay kept earlier
+                            payloads, secs, content, text = pickle.loads(saved.read_bytes())
+                            log.write_text(text)
+                        else:
+                            payloads, secs, content = replay(variant, args.encoder,
+                                                             args.partitions, args.refresh, log)
+                            if saved is not None:
+                                saved.parent.mkdir(parents=True, exist_ok=True)
+                                saved.write_bytes(pickle.dumps(
+                                    (payloads, secs, content, log.read_text(errors="replace"))))
+                        replays[key] = (payloads, without_seq(payloads), secs, content, log)
+                    payloads, lean, secs, content, log = replays[key]
+                    payloads = payloads if keep_seq else lean
                     settings = Settings(content_encoder=args.encoder, **learner)
                     import redis
 
@@ -209,18 +280,28 @@ def main() -> None:
                             fh.write(json.dumps(r) + "\n")
         finally:
             learner_redis.stop()
+    table(results)
+
+
+def table(results: dict[str, list[dict]]) -> None:
+    """Mean ± population spread over seeds per variant (cost columns: mean; load: range)."""
     keys = ["prequential_auc", "test_auc", "cold_auc", "cold_test_auc", "worker_rows_per_s",
             "learner_rows_per_s", "predict_p50_ms"]
-    print("| variant | " + " | ".join(keys) + " |")
+    print("| variant | seeds | " + " | ".join(keys) + " | load |")
     for variant, rs in results.items():
+        if not rs:
+            continue
         cells = []
         for k in keys:
             vals = [r[k] for r in rs]
             sd = statistics.pstdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):.4f} ± {sd:.4f}" if "auc" in k
-                         else f"{statistics.mean(vals):.2f}" if "p50" in k
+                         else f"{statistics.mean(vals):.1f}" if "p50" in k
                          else f"{statistics.mean(vals):.0f}")
-        print(f"| {variant} | " + " | ".join(cells) + " |")
+        loads = [r["load"] for r in rs]
+        seeds = ",".join(str(r["seed"]) for r in rs)
+        print(f"| {variant} | {seeds} | " + " | ".join(cells)
+              + f" | {min(loads):.0f}–{max(loads):.0f} |")
 
 
 if __name__ == "__main__":

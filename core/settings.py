@@ -264,6 +264,17 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Weight of EM3's content-ID contrastive loss (needs EM3 fields); 0 = off."
     )
     em3_cid_temperature: float = Field(0.1, gt=0, description="Temperature of the content-ID loss.")
+    seq_len: int = Field(
+        0, ge=0, le=64,
+        description="Recent clicks per user the online store keeps point in time and every row "
+                    "carries (fields seq0, newest, ...): EM3's content-interest sequence; 0 = off.",
+    )
+    em3_seq_lora_rank: int = Field(
+        0, ge=0,
+        description="EM3 content-interest sequence in the ranker: rank of the LoRA adapters on "
+                    "its frozen attention over the seq fields' item content (needs seq_len and "
+                    "EM3 fields); 0 = off.",
+    )
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for the learner.")
     log_level: str = Field("INFO", description="Log level for every service.")
     # -- reaching a secured Kafka (core/kafka.py builds every client with these) --

@@ -92,12 +92,17 @@ class CodebookStore:
     def __init__(self, client, config_name: str, lease_seconds: float,
                  codes_key: Callable[[Any], str], prefix: str = "hw") -> None:
         self.client = client
-        self.base = f"{{{prefix}:codebook:{config_name}}}"
+        self.base = self.key_base(config_name, prefix)
         self.lease_ms = max(1, int(lease_seconds * 1000))
         self.codes_key = codes_key
         self._publish = client.register_script(_PUBLISH)
         self._release = client.register_script(_RELEASE)
         self._write = client.register_script(_WRITE_CODES)
+
+    @staticmethod
+    def key_base(config_name: str, prefix: str = "hw") -> str:
+        """``{hw:codebook:<cfg>}``: every key of one codebook config (one cluster slot)."""
+        return f"{{{prefix}:codebook:{config_name}}}"
 
     @staticmethod
     def config_name(encoder: str, levels: int, codebook_size: int, vq_k: int) -> str:

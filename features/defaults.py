@@ -4,6 +4,7 @@ store's counters always follow the same definition."""
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 
 from features.definition import FeatureDefinition, load
@@ -32,4 +33,6 @@ def definition(settings) -> FeatureDefinition:
 def row_builder(settings) -> RowBuilder:
     """The :class:`RowBuilder` for a :class:`core.settings.Settings`."""
     config = definition(settings).row_config(code_field_names(settings.code_levels, settings.vq_k))
+    if settings.seq_len:
+        config = dataclasses.replace(config, seq_len=settings.seq_len)
     return RowBuilder(config)

@@ -42,6 +42,7 @@ from features.counters import (
 )
 from features.event_ids import SUB_SLOTS
 from features.hashing import canonical
+from features.sequence import member, newest, pre_event_sequences
 from features.store_apply import (
     GapError,
     RewindError,
@@ -65,7 +66,7 @@ class MemoryOnlineStore:
 
     def __init__(self, *, partitions: int, counters: CounterConfig | None = None,
                  pit_ties: bool = False, replay_batches: int = 8, clock=time.time,
-                 **_ignored: Any) -> None:
+                 seq_len: int = 0, **_ignored: Any) -> None:
         if partitions < 1:
             raise ValueError(
                 f"partitions must be >= 1 (the source topic's count), got {partitions}")
@@ -73,6 +74,7 @@ class MemoryOnlineStore:
         self.counters = counters or CounterConfig()
         self.pit_ties = bool(pit_ties)
         self.replay_batches = replay_batches
+        self.seq_len = seq_len
         self.clock = clock
         self._instance = uuid.uuid4().hex
         self._data = {
@@ -85,6 +87,8 @@ class MemoryOnlineStore:
             "items": {},  # item id -> (event time, attributes)
             "users": {},  # user id -> (event time, attributes)
             "codes": {},  # item id -> (codes, version)
+            # partition -> user -> {member: event time}: its clicks (features/sequence.py)
+            "seqs": {p: {} for p in range(partitions)},
         }
 
     # -- restarts -----------------------------------------------------------------------
@@ -210,11 +214,42 @@ class MemoryOnlineStore:
         dup = ~new
         back = np.argsort(order)
         feats = derive_features(cfg, agg)
+        sequences = None
+        if self.seq_len:
+            in_order = self._sequences(partition, srt)
+            sequences = [in_order[b] for b in back.tolist()]
         return BatchResult(
+            sequences=sequences,
             features={k: v[back] for k, v in feats.items()}, valid=valid[back],
             replayed=dup[back], late=late[back], late_count=int(late.sum()),
             duplicate_count=int(dup.sum()), next_offset=next_offset, item_attrs=attrs,
             codes={i: c for i, c in codes.items() if c})
+
+    def _user_entries(self, user: str, shards=None) -> list[tuple[float, str]]:
+        seqs = self._data["seqs"]
+        return [(t, m) for p in (range(self.partitions) if shards is None else shards)
+                for m, t in seqs[p].get(user, {}).items()]
+
+    def _sequences(self, partition: int, srt: dict[str, Any]) -> list[tuple[str, ...]]:
+        """Pre-event sequences (every shard as of the batch's start), then the batch's
+        clicks recorded in this partition's shard (newest ``4 * seq_len`` kept)."""
+        users = [canonical(u) if u else "" for u in srt["user_id"]]
+        members = [member(o, s, canonical(i)) for o, s, i in
+                   zip(srt["offset"].tolist(), srt["sub"].tolist(), srt["item_id"], strict=True)]
+        ts, labels = srt["ts"].tolist(), srt["label"].tolist()
+        others = [p for p in range(self.partitions) if p != partition]
+        own = {u: self._user_entries(u, [partition]) for u in set(users) if u}
+        other = {u: self._user_entries(u, others) for u in set(users) if u}
+        out = pre_event_sequences(own, other, users, ts, labels, members, self.seq_len)
+        shard = self._data["seqs"][partition]
+        for u, t, lab, m in zip(users, ts, labels, members, strict=True):
+            if u and float(lab) > 0:
+                shard.setdefault(u, {})[m] = float(t)
+        for u in set(users):
+            kept = sorted((t, m) for m, t in shard.get(u, {}).items())[-4 * self.seq_len:]
+            if u in shard:
+                shard[u] = {m: t for t, m in kept}
+        return out
 
     async def next_offsets(self, partition: int) -> dict[str, int]:
         return dict(self._data["offsets"][partition])
@@ -245,6 +280,9 @@ class MemoryOnlineStore:
             out["item_attrs"] = [attrs.get(i) for i in cols["item_id"]]
         if features is None or "codes" in features:
             out["codes"] = [codes.get(i) for i in cols["item_id"]]
+        if self.seq_len and (features is None or "user_seq" in features):
+            out["user_seq"] = [newest(self._user_entries(canonical(u)), now, self.seq_len)
+                               if u else () for u in cols["user_id"]]
         return out
 
     async def entity_features(self, entity: str, now: float | None = None) -> dict[str, Any]:

@@ -64,6 +64,9 @@ class RowConfig:
     version: int = 1
     #: ``name:digest`` of the feature definition (features/definition.py), into the schema
     definition: str | None = None
+    #: the user's recent clicks before the event (features/sequence.py): fields ``seq0``
+    #: (newest) … ``seq<L-1>``, each the clicked item's ``item_id`` token (0: none)
+    seq_len: int = 0
 
 
 class RowBuilder:
@@ -99,6 +102,7 @@ class RowBuilder:
         for b in self._buckets:
             categorical += [f"{b}_imp_bucket", f"{b}_ctr_bucket"]
         categorical += list(c.code_fields)
+        categorical += [f"seq{k}" for k in range(c.seq_len)]
         self._dense: list[tuple[str, str, bool]] = []  # (dense name, source feature, log1p?)
         for s in names:
             for lab in ["total", *(half_life_label(h) for h in c.counters.half_lives)]:
@@ -115,11 +119,13 @@ class RowBuilder:
         pre_features: Mapping[str, np.ndarray],
         item_attrs: Mapping[Any, Mapping[str, Any]] | None = None,
         codes: Mapping[Any, Mapping[str, Sequence[int]]] | None = None,
+        sequences: Sequence[Sequence[str]] | None = None,
     ) -> dict[str, np.ndarray]:
         """Train-batch ``columns`` for click events and their pre-event features.
 
         ``item_attrs`` and ``codes`` map item id → attributes / codes (as in
         ``BatchResult.item_attrs`` / ``.codes``); missing items give token 0.
+        ``sequences``: per event its pre-event recent clicks (``BatchResult.sequences``).
         """
         cols = as_columns(events)
         for need in ("event_id", "label", "offset"):
@@ -139,6 +145,7 @@ class RowBuilder:
         out.update(
             self._feature_columns(cols, pre_features, row_attrs, row_codes, inverse, uniq)
         )
+        out.update(self._sequence_columns(sequences, len(out["ts"])))
         return out
 
     def build_for_scoring(
@@ -171,7 +178,24 @@ class RowBuilder:
         )
         row_attrs = list(features.get("item_attrs") or [None] * n)
         row_codes = list(features.get("codes") or [None] * n)
-        return self._feature_columns(cols, features, row_attrs, row_codes, np.arange(n))
+        out = self._feature_columns(cols, features, row_attrs, row_codes, np.arange(n))
+        out.update(self._sequence_columns(features.get("user_seq"), n))
+        return out
+
+    def _sequence_columns(self, sequences: Sequence[Sequence[str]] | None,
+                          n: int) -> dict[str, np.ndarray]:
+        """``c:seq0`` (newest click) … as ``item_id`` tokens; a row without one: 0."""
+        L = self.config.seq_len
+        if not L:
+            return {}
+        if sequences is None:
+            raise ValueError(f"rows with seq_len={L} need the users' recent clicks: the "
+                             "online store must keep them (the same seq_len)")
+        grid = [[None] * L for _ in range(n)]
+        for r, seq in enumerate(sequences):
+            for k, item in enumerate(reversed(seq[-L:])):
+                grid[r][k] = item
+        return {f"c:seq{k}": hash_tokens("item_id", [row[k] for row in grid]) for k in range(L)}
 
     # -- shared path ------------------------------------------------------------------
     def _feature_columns(

@@ -38,6 +38,7 @@ import numpy as np
 from features.asof import pre_other, pre_own
 from features.counters import aggregate, as_columns, derive_features, resolve_refs
 from features.pointintime import replay_states
+from features.sequence import plan_sequences
 
 if TYPE_CHECKING:
     from features.store_core import BatchResult, StoreCore
@@ -306,6 +307,10 @@ def plan_apply(
         )
     feats = derive_features(cfg, agg)
     back = np.argsort(order)
+    sequences = None
+    if core.seq_len:
+        in_order = yield from plan_sequences(core, partition, srt)
+        sequences = [in_order[b] for b in back.tolist()]
     late_count, dup_count = int(late.sum()), int(dup.sum())
     core.late_events.labels(topic).inc(late_count)
     core.truncated_events.labels(topic).inc(truncated)
@@ -320,6 +325,7 @@ def plan_apply(
         next_offset=next_offset,
         item_attrs=attrs,
         codes=codes,
+        sequences=sequences,
     )
     return result
 

@@ -61,6 +61,9 @@ class BatchResult:
     next_offset: int
     item_attrs: dict[str, dict] = field(default_factory=dict)
     codes: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    #: per event, the items of the user's recent clicks before it, oldest first
+    #: (:mod:`features.sequence`); ``None`` when the store keeps none (``seq_len`` 0)
+    sequences: list[tuple[str, ...]] | None = None
 
 
 def decode_hash(raw: Mapping[bytes, bytes]) -> dict[str, Any]:
@@ -111,6 +114,7 @@ class StoreCore:
         read_cache_seconds: float = 0.0,
         pit_ties: bool = False,
         pit_history: int = 32,
+        seq_len: int = 0,
         clock=time.time,
     ) -> None:
         if partitions < 1:
@@ -119,6 +123,10 @@ class StoreCore:
             )
         self.partitions = partitions
         self.counters = counters or CounterConfig()
+        if seq_len < 0:
+            raise ValueError(f"seq_len must be >= 0, got {seq_len}")
+        #: recent clicks per user in rows and reads (features/sequence.py); 0 = none kept
+        self.seq_len = seq_len
         self.prefix = prefix
         self.attr_cache_seconds = attr_cache_seconds
         self.replay_batches = replay_batches

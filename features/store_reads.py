@@ -21,6 +21,8 @@ from features.counters import (
     resolve_refs,
     smoothed_ctr,
 )
+from features.hashing import canonical
+from features.sequence import plan_user_sequences
 
 if TYPE_CHECKING:
     from features.store_core import Plan, StoreCore
@@ -120,6 +122,9 @@ def plan_read(
         out["item_attrs"] = [attrs.get(i) for i in cols["item_id"]]
     if features is None or "codes" in features:
         out["codes"] = [codes.get(i) for i in cols["item_id"]]
+    if core.seq_len and (features is None or "user_seq" in features):
+        seqs = yield from plan_user_sequences(core, cols["user_id"], now)
+        out["user_seq"] = [seqs.get(canonical(u), ()) if u else () for u in cols["user_id"]]
     return out
 
 

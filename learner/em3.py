@@ -31,7 +31,7 @@ from torch import nn
 
 from learner.multimodal import FusionQFormer, content_id_infonce
 
-__all__ = ["EM3Fields", "ItemContentTable"]
+__all__ = ["ContentSequence", "EM3Fields", "ItemContentTable", "sequence_content"]
 
 #: (item_id tokens, content rows) of every stored item
 ContentLoader = Callable[[], tuple[np.ndarray, np.ndarray]]
@@ -116,7 +116,7 @@ class EM3Fields(nn.Module):
 
     def __init__(self, out_dim: int, content_dim: int, text_dim: int, n_queries: int = 2,
                  d_model: int = 32, n_heads: int = 4, cid_weight: float = 0.0,
-                 cid_temperature: float = 0.1) -> None:
+                 cid_temperature: float = 0.1, seq_lora_rank: int = 0) -> None:
         super().__init__()
         if not 0 < text_dim <= content_dim:
             raise ValueError(f"text_dim must be in (0, {content_dim}], got {text_dim}")
@@ -127,6 +127,11 @@ class EM3Fields(nn.Module):
         self.qformer = FusionQFormer(out_dim=out_dim, text_dim=text_dim, n_queries=n_queries,
                                      d_model=d_model, n_heads=n_heads, tag_buckets=2,
                                      vector_dims={"rest": rest} if rest else None)
+        #: the content-interest sequence field (``seq_lora_rank`` > 0), else ``None``
+        self.sequence = (ContentSequence(out_dim, content_dim, d_model, seq_lora_rank)
+                         if seq_lora_rank else None)
+        #: extra fields per row: the queries, then the sequence's
+        self.n_fields = n_queries + (1 if self.sequence is not None else 0)
         self.table: ItemContentTable | None = None
         self._frozen: dict[int, torch.Tensor] | None = None
         #: item fields computed by the Q-Former (rows), for tests and metrics
@@ -188,9 +193,70 @@ class EM3Fields(nn.Module):
         null = frozen[0]
         return torch.stack([frozen.get(t, null) for t in tokens.tolist()])
 
+    def interest(self, item_tokens: np.ndarray, seq_tokens: np.ndarray) -> torch.Tensor:
+        """``(B, 1, out_dim)``: the content-interest field (per request: the sequence is
+        the user's, so nothing is precomputed)."""
+        assert self.sequence is not None and self.table is not None
+        item = self.table.content[self.table.rows(item_tokens)]
+        seq, valid = sequence_content(self.table, seq_tokens)
+        return self.sequence(torch.from_numpy(np.ascontiguousarray(item, np.float32)), seq,
+                             valid).unsqueeze(1)
+
     def cid_loss(self, fields: torch.Tensor, id_emb: torch.Tensor,
                  item_tokens: Sequence[int] | np.ndarray) -> torch.Tensor:
         """EM3 content-ID contrastive loss (weighted), repeats of an item not negatives."""
         _, ids = np.unique(np.asarray(item_tokens, np.int64), return_inverse=True)
         return self.cid_weight * content_id_infonce(fields.mean(1), id_emb, self.cid_temperature,
                                                     torch.from_numpy(ids.astype(np.int64)))
+
+
+class ContentSequence(nn.Module):
+    """EM3's content-interest field: attention from the candidate item's content over the
+    content of the user's recent clicks (the rows' ``seq`` fields). Every projection is a
+    frozen linear map adapted with LoRA (Hu et al. 2021) by ``peft``: only the rank-``rank``
+    adapters train (``B`` starts at zero, so training starts at the frozen maps). One field
+    of ``out_dim`` per row; a row without clicks gets the output of a zero vector.
+
+    >>> torch.manual_seed(0) and None
+    >>> m = ContentSequence(out_dim=4, content_dim=5, d_model=8, rank=2)
+    >>> sorted({n.split(".")[1] for n, p in m.named_parameters() if p.requires_grad})
+    ['lora_A', 'lora_B']
+    >>> item, seq = torch.randn(3, 5), torch.randn(3, 2, 5)
+    >>> valid = torch.tensor([[True, True], [True, False], [False, False]])
+    >>> m(item, seq, valid).shape
+    torch.Size([3, 4])
+    """
+
+    def __init__(self, out_dim: int, content_dim: int, d_model: int = 32, rank: int = 4) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.query = nn.Linear(content_dim, d_model)
+        self.key = nn.Linear(content_dim, d_model)
+        self.value = nn.Linear(content_dim, d_model)
+        self.out = nn.Linear(d_model, out_dim)
+        self.d_model = d_model
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
+                                           target_modules=["query", "key", "value", "out"]), self)
+
+    def forward(self, item: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        q = self.query(item).unsqueeze(1)                              # (B, 1, d)
+        scores = (self.key(seq) * q).sum(-1) / self.d_model ** 0.5     # (B, L)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        weights = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # no clicks: 0
+        return self.out((weights.unsqueeze(-1) * self.value(seq)).sum(1))
+
+
+def sequence_content(table: ItemContentTable, seq_tokens: np.ndarray
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, L, content_dim)`` content of the clicked items and the ``(B, L)`` mask of
+    known ones (token 0 = no click: never looked up)."""
+    seq_tokens = np.asarray(seq_tokens, np.int64)
+    rows = np.zeros(seq_tokens.shape, np.int64)
+    some = seq_tokens != 0
+    if some.any():
+        rows[some] = table.rows(seq_tokens[some])
+    content = torch.from_numpy(np.ascontiguousarray(table.content[rows], np.float32))
+    return content, torch.from_numpy(rows > 0)

@@ -425,7 +425,8 @@ def build_context(
     )
     online = OnlineStore(redis_client, partitions=settings.partitions,
                          counters=builder.config.counters, registry=registry,
-                         read_cache_seconds=settings.serve_feature_cache_seconds)
+                         read_cache_seconds=settings.serve_feature_cache_seconds,
+                         seq_len=settings.seq_len)
     threads = settings.serve_inference_threads if inference_threads is None else inference_threads
     executor = (
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="inference") if threads else None

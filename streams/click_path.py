@@ -166,7 +166,7 @@ def counter_store(settings: Settings, client, builder: RowBuilder, registry) -> 
     point-in-time rules, metrics in ``registry``."""
     return OnlineStore(client, partitions=settings.partitions, counters=builder.config.counters,
                        registry=registry, pit_ties=settings.pit_ties,
-                       pit_history=settings.pit_history)
+                       pit_history=settings.pit_history, seq_len=settings.seq_len)
 
 
 def click_handler(settings: Settings, client, metrics: WorkerMetrics, state, bootstrap: str,

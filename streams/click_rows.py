@@ -30,7 +30,8 @@ class RowEncoder:
         keep = np.asarray(result.valid, bool)
         if not keep.any():
             return [], 0
-        rows = self.builder.build(columns, result.features, result.item_attrs, result.codes)
+        rows = self.builder.build(columns, result.features, result.item_attrs, result.codes,
+                                  result.sequences)
         if not keep.all():
             rows = {name: col[keep] for name, col in rows.items()}
         return self.encode(rows, source_topic, partition), int(keep.sum())

@@ -35,14 +35,15 @@ def em3_spec(settings: Settings) -> dict[str, Any]:
     content_dim, text_dim = content_dims(settings)
     return {"n_queries": settings.em3_queries, "content_dim": content_dim, "text_dim": text_dim,
             "cid_weight": settings.em3_cid_weight,
-            "cid_temperature": settings.em3_cid_temperature}
+            "cid_temperature": settings.em3_cid_temperature,
+            **({"seq_lora_rank": settings.em3_seq_lora_rank} if settings.em3_seq_lora_rank else {})}
 
 
 def content_key(settings: Settings) -> str:
     """The Redis hash holding every item's fused content for these settings' codebooks."""
     name = CodebookStore.config_name(settings.content_encoder, settings.code_levels,
                                      settings.codebook_size, settings.vq_k)
-    return f"hw:codebook:{name}:content"
+    return f"{CodebookStore.key_base(name)}:content"
 
 
 def item_content_table(settings: Settings, redis_url: str) -> ItemContentTable:

@@ -7,6 +7,7 @@ checkpoint is rebuilt without unpickling any object: ``build_model(spec)`` then
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,7 +204,14 @@ class Ranker(nn.Module):
                 raise ValueError("EM3 fields need an item_id field in the rows")
             self.em3 = EM3Fields(out_dim=head_cfg.embedding_dim + extra, **spec.em3)
             self._item_col = spec.categorical.index("item_id")
-        n_fields = len(spec.categorical) + (self.em3.n_queries if self.em3 is not None else 0)
+        #: the ``seq<k>`` columns: the content-interest sequence's input, not id fields
+        self._seq_cols = ([j for j, f in enumerate(spec.categorical) if re.fullmatch(r"seq\d+", f)]
+                          if self.em3 is not None and self.em3.sequence is not None else [])
+        if self.em3 is not None and self.em3.sequence is not None and not self._seq_cols:
+            raise ValueError("the EM3 content-interest sequence needs seq fields in the rows "
+                             "(HEADWATER_SEQ_LEN > 0)")
+        self._id_cols = [j for j in range(len(spec.categorical)) if j not in self._seq_cols]
+        n_fields = len(self._id_cols) + (self.em3.n_fields if self.em3 is not None else 0)
         self.head = head_cls(head_cfg, n_fields, len(spec.dense))
         #: the content-ID loss of the last training forward (added by the learner)
         self.aux_loss: torch.Tensor | None = None
@@ -239,7 +247,10 @@ class Ranker(nn.Module):
             fields = self.em3(items)
             self.aux_loss = (self.em3.cid_loss(fields, emb[:, self._item_col], items)
                              if self.training and self.em3.cid_weight else None)
-            emb = torch.cat([emb, fields], dim=1)
+            parts = [emb[:, self._id_cols] if self._seq_cols else emb, fields]
+            if self._seq_cols:
+                parts.append(self.em3.interest(items, np.asarray(tokens)[:, self._seq_cols]))
+            emb = torch.cat(parts, dim=1)
         logits = self.head(emb, dense)
         if ids_logit is not None:
             logits = logits + ids_logit

@@ -253,3 +253,51 @@ def test_item_codes_are_stored_with_their_version(make):
     assert (doc["codes"], doc["codes_version"]) == ({"rq": [1, 2], "vq": [3]}, "v7")
     read = make.run(store.get_online_features([{"user_id": "u", "item_id": "i1"}], now=1.0))
     assert read["codes"] == [{"rq": [1, 2], "vq": [3]}]
+
+
+def test_recent_clicks_are_point_in_time_from_every_partition(make):
+    """Each event's sequence: the user's newest clicks strictly before it in event time
+    among those applied before it (earlier batches of every partition, earlier events of
+    its batch); never itself, a tie or a later click, whatever the arrival order."""
+    L = 3
+    store = make(seq_len=L)
+    rng = np.random.default_rng(7)
+    applied: list[dict] = []  # every event of earlier batches and the current one
+    nxt = {0: 0, 1: 0}
+    for _ in range(8):
+        p = int(rng.integers(2))
+        batch = []
+        for _ in range(int(rng.integers(1, 6))):
+            batch.append(click(nxt[p], int(rng.integers(0, 12)) * 10, user=f"u{rng.integers(2)}",
+                               item=f"i{rng.integers(50)}", label=int(rng.random() < 0.6)))
+            nxt[p] += 1
+        result = make.run(store.apply_batch("clicks", p, batch))
+        for i, ev in enumerate(batch):
+            before = sorted((e["ts"], f"{e['offset']}:{e['sub']}:{e['item_id']}")
+                            for e in applied + batch[:i]
+                            if e["user_id"] == ev["user_id"] and e["label"] and e["ts"] < ev["ts"])
+            assert result.sequences[i] == tuple(m.split(":")[2] for _, m in before[-L:]), (p, i)
+        applied += [{**ev, "p": p} for ev in batch]
+    for u in ("u0", "u1"):  # fewer clicks per user and partition than the store keeps (4 L)
+        assert sum(e["user_id"] == u and e["label"] and e["p"] == 0 for e in applied) <= 4 * L
+    read = make.run(store.get_online_features([{"user_id": "u0", "item_id": "i1"},
+                                               {"user_id": "nobody", "item_id": "i1"}], now=55))
+    clicks = sorted((e["ts"], f"{e['offset']}:{e['sub']}:{e['item_id']}") for e in applied
+                    if e["user_id"] == "u0" and e["label"] and e["ts"] < 55)
+    assert read["user_seq"] == [tuple(m.split(":")[2] for _, m in clicks[-L:]), ()]
+
+
+def test_a_replayed_batch_gets_its_first_sequences_and_stores_nothing_twice(make):
+    store = make(seq_len=2)
+    events = [click(0, 100, item="a"), click(1, 200, item="b", label=0), click(2, 300, item="c"),
+              click(3, 400, item="d")]
+    first = make.run(store.apply_batch("clicks", 0, events))
+    assert first.sequences == [(), ("a",), ("a",), ("a", "c")]
+    read = make.run(store.get_online_features([{"user_id": "u1", "item_id": "x"}], now=1000))
+    assert read["user_seq"] == [("c", "d")]
+    again = make.run(store.apply_batch("clicks", 0, events))
+    assert again.replayed.all() and again.sequences == first.sequences
+    later = make.run(store.apply_batch("clicks", 0, [click(4, 350, item="e")]))
+    assert later.sequences == [("a", "c")]  # the late click sees no later one
+    read = make.run(store.get_online_features([{"user_id": "u1", "item_id": "x"}], now=400))
+    assert read["user_seq"] == [("c", "e")]  # d is at the read time: not before it

@@ -41,13 +41,18 @@ def content_table() -> ItemContentTable:
     return table
 
 
-def test_qformer_fields_train_with_the_ranking_loss_and_serve_once_per_version():
+def em3_trainer(em3: dict, schema_json: str, table: ItemContentTable):
+    """A seeded trainer whose ranker has these EM3 parts, reading ``table``."""
     torch.manual_seed(0)
     trainer = TrainerSettings(head=TINY_HEAD, embedding={"buckets": 64}, lr=1e-2,
-                              em3=EM3).build(SCHEMA_JSON)
-    model = trainer.learner.model
+                              em3=em3).build(schema_json)
+    trainer.learner.model.em3.attach(table)
+    return trainer, trainer.learner.model
+
+
+def test_qformer_fields_train_with_the_ranking_loss_and_serve_once_per_version():
     table = content_table()
-    model.em3.attach(table)
+    trainer, model = em3_trainer(EM3, SCHEMA_JSON, table)
     queries = model.em3.qformer.queries.detach().clone()
     for k in range(8):
         trainer.step(decode_batch(payload(64 * k, k)))

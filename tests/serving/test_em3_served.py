@@ -4,11 +4,12 @@ loaded version (never per request), scores equal the model's own forward."""
 from __future__ import annotations
 
 import numpy as np
-import redis
+import redis.asyncio as aioredis
 import torch
 
+from features.codebook_store import CodebookStore
 from learner.models import ModelSpec, build_model
-from streams.item_content import content_key, em3_spec, item_content_table
+from streams.item_content import em3_spec, item_content_table
 from streams.item_path import make_encoder
 
 
@@ -36,10 +37,12 @@ async def test_qformer_fields_are_served_once_per_version(settings, seeded_redis
     items = [{"item_id": i, "text": f"movie {i}", "tags": [g]}
              for i, g in (("i1", "Comedy"), ("i2", "Drama"), ("i3", "Horror"))]
     content = make_encoder("hashing").encode(items).fused()
-    client = redis.Redis.from_url(seeded_redis)
-    client.hset(content_key(settings), mapping={it["item_id"]: content[k].astype("<f4").tobytes()
-                                                for k, it in enumerate(items)})
-    client.close()
+    client = aioredis.Redis.from_url(seeded_redis)  # written by the items path's own store
+    books = CodebookStore(client, CodebookStore.config_name(
+        settings.content_encoder, settings.code_levels, settings.codebook_size, settings.vq_k),
+        lease_seconds=60, codes_key=str)
+    await books.put_content([it["item_id"] for it in items], content)
+    await client.aclose()
     version, spec = _publish_em3(store, builder, settings, 0)
     app, ctx = await make_app(settings, seeded_redis)
     served = ctx.holder.current

@@ -1,5 +1,6 @@
 """A feature definition that is not MovieLens, end to end on the real stack: a worker
-started with HEADWATER_FEATURES counts and builds rows exactly as the file says."""
+started with HEADWATER_FEATURES counts and builds rows exactly as the file says, and
+(HEADWATER_SEQ_LEN) each row carries its user's recent clicks, point in time."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_a_news_definition_runs_end_to_end(kafka_bootstrap, redis_db, tmp_path):
     definition.write_text(NEWS)
     prefix = f"news{int(time.time() * 1000) % 10**8}-"
     env = service_env(kafka_bootstrap, redis_db, prefix, tmp_path, HEADWATER_CONTENT_ENCODER="hashing",
-                      HEADWATER_FEATURES=str(definition))
+                      HEADWATER_FEATURES=str(definition), HEADWATER_SEQ_LEN="3")
     listing = json.loads(hw(env, "features", "list", "--json").stdout)
     assert listing["name"] == "news" and set(listing["counters"]) == {"user", "item", "publisher", "device_publisher"}
     assert listing["counters"]["device_publisher"] == ["context.device", "item.publisher"]
@@ -73,7 +74,8 @@ def test_a_news_definition_runs_end_to_end(kafka_bootstrap, redis_db, tmp_path):
         schema = json.loads(batches[0].schema_json)
         assert schema["categorical"] == ["user_id", "item_id", "country", "publisher", "device", "hour",
                                          "publisher_imp_bucket", "publisher_ctr_bucket",
-                                         *code_field_names(Settings().code_levels, Settings().vq_k)]
+                                         *code_field_names(Settings().code_levels, Settings().vq_k),
+                                         "seq0", "seq1", "seq2"]
         assert schema["dense"] == [name for c in ("user", "item", "publisher", "device_publisher")
                                    for w in ("total", "30m")
                                    for name in (f"log1p_{c}_impressions_{w}", f"{c}_ctr_{w}")]
@@ -96,5 +98,31 @@ def test_a_news_definition_runs_end_to_end(kafka_bootstrap, redis_db, tmp_path):
         # the reader built from the same definition sees the same counter families
         assert features.get("item:n1")["attributes"]["publisher"] == "daily"
         features.close()
+
+        # Recent clicks: a user's events arrive in send order (keyed by user), event times
+        # out of order; each row sees the newest 3 clicks sent before it AND older than it.
+        rng = np.random.default_rng(3)
+        late = [{"event_id": f"s{j}", "ts": now - 30 + float(rng.integers(0, 12)), "user_id": "s1",
+                 "item_id": f"x{rng.integers(1, 6)}", "label": int(rng.random() < 0.6)}
+                for j in range(16)]
+        with EventSender(kafka_bootstrap, topic_prefix=prefix) as sender:
+            sender.send_clicks(late)
+
+        def seq_rows():
+            got = {}
+            for r in read_topic(kafka_bootstrap, f"{prefix}train-batches"):
+                b = decode_batch(r.value)
+                seq = np.stack([b.table.column(f"c:seq{k}").to_numpy() for k in range(3)], axis=1)
+                got.update({str(e): s.tolist() for e, s in zip(b.event_ids, seq, strict=True)
+                            if str(e).startswith("s")})
+            return got if len(got) == len(late) else None
+
+        got = wait_until(seq_rows, 90, what="16 rows of user s1", on_fail=worker.log)
+        for j, ev in enumerate(late):
+            before = sorted((c["ts"], c["event_id"]) for c in late[:j]
+                            if c["label"] and c["ts"] < ev["ts"])
+            newest = [late[int(e[1:])]["item_id"] for _, e in before[::-1][:3]]
+            want = [*hash_tokens("item_id", newest).tolist(), *[0] * (3 - len(newest))]
+            assert got[ev["event_id"]] == want, (j, ev, before)
     finally:
         worker.stop()
