@@ -42,7 +42,7 @@ from learner.metrics import exact_auc  # noqa: E402
 from learner.models.fgcnn import PRESETS  # noqa: E402
 from learner.protocol import Rows  # noqa: E402
 from learner.service import LearnerService  # noqa: E402
-from learner.store import ModelStore  # noqa: E402
+from learner.store import LocalModelStore  # noqa: E402
 from streams.learner_runner import trainer_settings  # noqa: E402
 
 #: extra candidates beside the presets: name -> (preset, head overrides)
@@ -88,7 +88,7 @@ def run(recipe, rows, settings: Settings, rate: float) -> dict:
 
     with tempfile.TemporaryDirectory() as d:
         svc = LearnerService(
-            ModelStore(d, "ranker", keep=settings.keep_versions), recipe.factory(),
+            LocalModelStore(d, "ranker", keep=settings.keep_versions), recipe.factory(),
             publish_every_seconds=settings.publish_every_seconds,
             publish_every_rows=settings.publish_every_rows,
             registry=CollectorRegistry(), resume=False, clock=clock,
