@@ -16,8 +16,8 @@ import ipaddress
 import os.path
 import re
 from collections import OrderedDict
-from operator import attrgetter
 from collections.abc import Callable
+from operator import attrgetter
 
 from . import tags as T
 from .events import UNSET, AuditEvent

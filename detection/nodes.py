@@ -53,7 +53,7 @@ class _Slotted:
         if len(state) == 2 and state[0] is None and isinstance(state[1], dict):
             items = state[1].items()  # pickled the default way (before this change)
         else:
-            items = zip(self._state[0], state)
+            items = zip(self._state[0], state, strict=True)
         for name, value in items:
             setattr(self, name, value)
 
