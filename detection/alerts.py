@@ -40,6 +40,7 @@ from . import tags as T
 from .nodes import FileNode, ProcNode, SockNode
 from .reduction import READ_OPS
 from .rules import TACTIC_ORDER, Match
+from .slots import Slotted
 
 SEVERITIES = ("low", "medium", "high", "critical")
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
@@ -101,7 +102,7 @@ def dependency(m: Match) -> str | None:
     return None
 
 
-class Alert:
+class Alert(Slotted):
     """One chain's alert; :meth:`to_dict` is the JSON contract."""
 
     __slots__ = (

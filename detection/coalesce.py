@@ -23,6 +23,7 @@ from collections import deque
 
 from .events import AuditEvent, event_from_records
 from .records import Record
+from .slots import Slotted
 
 _STANDALONE_PREFIXES = (
     "USER_",
@@ -55,7 +56,7 @@ def is_standalone(rtype: str) -> bool:
     return rtype.startswith(_STANDALONE_PREFIXES)
 
 
-class _Pending:
+class _Pending(Slotted):
     __slots__ = ("records", "has_syscall", "items", "npath", "has_proctitle")
 
     def __init__(self):

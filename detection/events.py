@@ -8,6 +8,7 @@ sees one shape whatever the source format.
 from __future__ import annotations
 
 from .records import Record, decode_sockaddr
+from .slots import Slotted
 
 #: x86_64 syscall numbers of the calls the graph understands (the ENRICHED
 #: ``SYSCALL=`` field or LAUREL's name wins when present)
@@ -121,7 +122,7 @@ def _hexint(v) -> int:
         return 0
 
 
-class AuditEvent:
+class AuditEvent(Slotted):
     """One audit event (all records of one serial), normalised.
 
     Attributes of interest: ``syscall`` (name, ``""`` for non-syscall events),

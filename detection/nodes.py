@@ -9,11 +9,12 @@ from collections import deque
 
 from . import tags as T
 from .events import UNSET
+from .slots import Slotted
 
 __all__ = ["Edge", "FileNode", "Node", "ProcNode", "SockNode"]
 
 
-class Node:
+class Node(Slotted):
     """Base graph node: id, kind, labels, activity times, bounded recent edges."""
 
     __slots__ = ("nid", "kind", "labels", "first_ts", "last_ts", "edges", "n", "keep",
@@ -154,7 +155,7 @@ class SockNode(Node):
         }
 
 
-class Edge:
+class Edge(Slotted):
     """One kept edge: ``proc`` did ``op`` on ``obj`` at ``ts`` (``obj`` may be a process)."""
 
     __slots__ = ("ts", "op", "proc", "obj", "detail", "inferred")

@@ -21,6 +21,8 @@ import socket
 import struct
 from operator import methodcaller
 
+from .slots import Slotted
+
 GS = "\x1d"
 
 #: fields whose unquoted value is hex-encoded by auditd (``audit_log_untrustedstring``)
@@ -51,7 +53,7 @@ _SPECIAL = frozenset({"(null)", "(none)", "?"})
 _STRICT_HEX = frozenset({"proctitle", "name", "cwd", "exe"})
 
 
-class Record:
+class Record(Slotted):
     """One parsed audit record.
 
     Attributes

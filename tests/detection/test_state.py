@@ -36,3 +36,17 @@ def test_state_of_another_host_or_foreign_objects_is_refused():
     evil = zlib.compress(pickle.dumps({"host": "vm", "x": print}))
     with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
         DetectionEngine.from_state("vm", evil)
+
+
+def test_nodes_pickled_the_default_slot_way_still_load():
+    """States written before nodes pickled their slots as a tuple ((None, {slot: value}))."""
+    from detection.nodes import Edge, ProcNode
+
+    proc = ProcNode(7, 1.0, 4)
+    proc.exe = "/bin/sh"
+    old = ProcNode.__new__(ProcNode)
+    old.__setstate__((None, {name: getattr(proc, name) for name in ProcNode._state[0]}))
+    assert (old.nid, old.exe, old.pid) == (proc.nid, "/bin/sh", 7)
+    edge = Edge.__new__(Edge)
+    with pytest.raises(ValueError):  # a tuple of another shape: refused, not half-loaded
+        edge.__setstate__((1.0, "read"))
