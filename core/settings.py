@@ -331,6 +331,15 @@ class Settings(BaseSettings):
                     "are dropped and counted (headwater_serving_impressions_dropped_total), "
                     "never waited for.",
     )
+    join: bool = Field(
+        False,
+        description="The worker runs the online joiner (impressions + actions -> one labelled "
+                    "row per impression, and the impression and click counters). Turn it on "
+                    "where producers log actions instead of labelled click events. Off, the "
+                    "labelled clicks path alone labels and counts: with both on for the same "
+                    "traffic every impression would be counted twice and trained twice (once "
+                    "labelled, once as a joined row labelled 0 when no action comes).",
+    )
     join_window_seconds: float = Field(
         600.0, gt=0,
         description="Attribution window: an action within this many seconds (event time) "

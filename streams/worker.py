@@ -125,12 +125,16 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     batched_agent(app, topics["items"], n, items, 2000, 0.05, "items", state.on_error, dlq)
     batched_agent(app, topics["audit"], n, audit, settings.audit_batch_size, 0.05, "audit",
                   state.on_error, dlq)
-    joiner = JoinHandler(settings, client, metrics, state, builder=clicks.builder, store=clicks.store)
-    joiner.events = events
-    joiner.send = sink.send
-    joiner.highwater = lambda topic, p: highwater(app, topic, p)
-    batched_agent(app, (topics["impressions"], topics["actions"]), n, joiner,
-                  settings.click_batch_size, settings.click_batch_within, "join", state.on_error, dlq)
+    joiner = None
+    if settings.join:  # HEADWATER_JOIN: labels from impressions + actions (docs/contracts.md)
+        joiner = JoinHandler(settings, client, metrics, state, builder=clicks.builder,
+                             store=clicks.store)
+        joiner.events = events
+        joiner.send = sink.send
+        joiner.highwater = lambda topic, p: highwater(app, topic, p)
+        batched_agent(app, (topics["impressions"], topics["actions"]), n, joiner,
+                      settings.click_batch_size, settings.click_batch_within, "join",
+                      state.on_error, dlq)
     add_web_pages(app, metrics.registry, state.status)
 
     state.audit_stopped = audit.stopped
@@ -151,9 +155,10 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
         for tp in assigned:
             state.assigned.setdefault(tp.topic, set()).add(tp.partition)
         joined = {tp.partition for tp in assigned if tp.topic == topics["impressions"]}
-        joiner.on_assigned(joined)
-        if joined:  # what a crash left unsent goes out first
-            asyncio.ensure_future(guarded("sending the join outbox", joiner.flush_all()))
+        if joiner is not None:
+            joiner.on_assigned(joined)
+            if joined:  # what a crash left unsent goes out first
+                asyncio.ensure_future(guarded("sending the join outbox", joiner.flush_all()))
         mine = {tp.partition for tp in assigned if tp.topic == topics["clicks"]}
         clicks.on_assigned(mine)
         if mine:
@@ -165,17 +170,19 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
         for tp in revoked:
             state.assigned.get(tp.topic, set()).discard(tp.partition)
         clicks.on_revoked({tp.partition for tp in revoked if tp.topic == topics["clicks"]})
-        joiner.on_revoked({tp.partition for tp in revoked if tp.topic == topics["impressions"]})
+        if joiner is not None:
+            joiner.on_revoked({tp.partition for tp in revoked if tp.topic == topics["impressions"]})
         audit.forget({tp.partition for tp in revoked if tp.topic == topics["audit"]})
 
     @app.timer(REDIS_CHECK_S)
     async def check_redis():
         await guarded("verifying partitions after a Redis restart", clicks.check_redis())
 
-    @app.timer(JOIN_TICK_S)
-    async def join_tick():
-        # windows close by the watermark; an idle partition's advances with the clock
-        await guarded("advancing the join watermark", joiner.tick())
+    if joiner is not None:
+        @app.timer(JOIN_TICK_S)
+        async def join_tick():
+            # windows close by the watermark; an idle partition's advances with the clock
+            await guarded("advancing the join watermark", joiner.tick())
 
     @app.timer(PERIOD_S)
     async def sync_codebooks():

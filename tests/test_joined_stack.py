@@ -29,7 +29,7 @@ def get(url: str) -> dict:
 
 
 def test_scored_impressions_and_clicks_train_the_model_serving_answers_with(tmp_path):
-    env = embedded_stack_env(tmp_path, HEADWATER_JOIN_WINDOW_SECONDS=20,
+    env = embedded_stack_env(tmp_path, HEADWATER_JOIN=1, HEADWATER_JOIN_WINDOW_SECONDS=20,
                              HEADWATER_JOIN_LATENESS_SECONDS=1, HEADWATER_JOIN_IDLE_SECONDS=2,
                              HEADWATER_PUBLISH_EVERY_SECONDS=2, HEADWATER_LEARNER_STEP_WAIT_SECONDS=0.5)
     base = f"http://127.0.0.1:{env['HEADWATER_HTTP_PORT']}"
