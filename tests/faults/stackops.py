@@ -51,16 +51,23 @@ def movielens_items(data_dir) -> list[dict]:
             for iid, doc in ml.items.items()]
 
 
-def send_items(kafka: str, topic: str, items: list[dict], partitions: int = PARTITIONS) -> None:
-    """Items in envelopes of 50, each to its partition (as a producer would key them)."""
+def send_envelopes(kafka: str, topic: str, docs: list[dict], key: str, size: int,
+                   partitions: int = PARTITIONS) -> None:
+    """``docs`` in JSON envelopes of ``size``, each to the partition of its ``key`` field
+    (as a producer keying by it would), in order within a partition."""
     producer = KafkaProducer(bootstrap_servers=kafka)
-    parts = partition_of([it["item_id"] for it in items], partitions)
+    parts = partition_of([d[key] for d in docs], partitions)
     for p in range(partitions):
-        mine = [it for it, ip in zip(items, parts, strict=True) if ip == p]
-        for i in range(0, len(mine), 50):
-            producer.send(topic, json.dumps(mine[i:i + 50]).encode(), partition=p)
+        mine = [d for d, dp in zip(docs, parts, strict=True) if dp == p]
+        for i in range(0, len(mine), size):
+            producer.send(topic, json.dumps(mine[i:i + size]).encode(), partition=p)
     producer.flush()
     producer.close()
+
+
+def send_items(kafka: str, topic: str, items: list[dict], partitions: int = PARTITIONS) -> None:
+    """Items in envelopes of 50, each to its item's partition."""
+    send_envelopes(kafka, topic, items, "item_id", 50, partitions)
 
 
 def worker_statuses(client) -> list[dict]:

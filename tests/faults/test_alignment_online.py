@@ -10,13 +10,11 @@ restart, and the restarted worker codes new items with it.
 from __future__ import annotations
 
 import io
-import json
 from collections import Counter
 
 import numpy as np
 import pytest
 import redis
-from kafka import KafkaProducer
 
 from core.settings import Settings
 from features.alignment import PairMiner
@@ -24,10 +22,10 @@ from features.codebook_store import CodebookStore
 from features.codes_service import CodeAssigner, CodesConfig
 from features.movielens import click_events, load_movielens
 from streams.item_path import make_encoder
-from streams.topics import partition_of
 from tests.faults.stackops import (
     movielens_items,
     restart_redis,
+    send_envelopes,
     send_items,
     stored_codes,
     worker_statuses,
@@ -41,14 +39,7 @@ CLICKS = 3000  # MovieLens rows replayed (about 2.2k clicks)
 
 
 def _send_clicks(kafka: str, topic: str, events: list[dict]) -> None:
-    producer = KafkaProducer(bootstrap_servers=kafka)
-    parts = partition_of([e["user_id"] for e in events], PARTITIONS)
-    for p in range(PARTITIONS):
-        mine = [e for e, ep in zip(events, parts, strict=True) if ep == p]
-        for i in range(0, len(mine), 500):
-            producer.send(topic, json.dumps(mine[i:i + 500]).encode(), partition=p)
-    producer.flush()
-    producer.close()
+    send_envelopes(kafka, topic, events, "user_id", 500, PARTITIONS)
 
 
 def _version_arrays(client, books: CodebookStore, version: str) -> dict[str, np.ndarray]:
