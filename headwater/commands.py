@@ -111,7 +111,7 @@ def is_healthy(doc: dict) -> bool:
 def _fmt_service(s: dict) -> str:
     keys = [k for k in ("events_in_total", "events_valid_total", "dead_letter_total", "rows_out_total",
                         "alerts_total", "model_version", "rows_trained", "served_auc", "prequential_auc",
-                        "requests_total", "placeholder") if s.get(k) is not None]
+                        "requests_total", "placeholder", "join") if s.get(k) is not None]
     extra = "  ".join(f"{k}={s[k]}" for k in keys)
     err = f"  last_error={s['last_error']!r}" if s.get("last_error") else ""
     return f"{'healthy' if s.get('healthy') else 'UNHEALTHY':9s} pid={s.get('pid')} up={s.get('uptime_s')}s  {extra}{err}"
@@ -187,6 +187,29 @@ def cmd_serve(args, settings: Settings) -> int:
     return run_serving(settings, kafka, redis_url)
 
 
+def join_warning(workers: list[dict]) -> str | None:
+    """Why impressions replayed now would not become training rows, or None.
+
+    The joiner is opt-in (``HEADWATER_JOIN=1``, docs/contracts.md); without a worker
+    running it, impressions and actions are logged and nobody joins them.
+
+    >>> join_warning([{"join": True}, {"join": False}]) is None
+    True
+    >>> join_warning([{"join": False}])[:40]
+    'no running worker has the joiner on (HEA'
+    >>> join_warning([])[:23]
+    'no worker is running: t'
+    """
+    if not workers:
+        return ("no worker is running: the impressions and actions wait on the broker until a "
+                "worker with HEADWATER_JOIN=1 joins them")
+    if not any(w.get("join") for w in workers):
+        return ("no running worker has the joiner on (HEADWATER_JOIN=1): impressions and actions "
+                "are logged but not joined into training rows; restart the stack with "
+                "HEADWATER_JOIN=1 (docs/contracts.md)")
+    return None
+
+
 @command("replay")
 def cmd_replay(args, settings: Settings) -> int:
     from streams.replay import replay_movielens
@@ -199,6 +222,9 @@ def cmd_replay(args, settings: Settings) -> int:
         from headwater.impression_replay import replay_impressions
 
         http = args.serving or f"http://{settings.bind_host}:{settings.http_port}"
+        warning = join_warning(collect_status(settings)["services"].get("worker", []))
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         stats = replay_impressions(settings, kafka, redis_url, args.path, limit=args.limit,
                                    progress=not args.no_progress, wait_items=args.wait_items,
                                    http=http)

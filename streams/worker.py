@@ -53,6 +53,8 @@ class WorkerState:
         self.assigned: dict[str, set[int]] = {}
         #: the item codebook version in use (set by the items handler)
         self.codebook_version = lambda: None
+        #: whether this worker runs the online joiner (HEADWATER_JOIN)
+        self.join = False
 
     def on_error(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -82,6 +84,7 @@ class WorkerState:
                                    **{f"audit[{p}]": why for p, why in self.audit_stopped.items()}},
             "assigned": {t: sorted(ps) for t, ps in self.assigned.items() if ps},
             "codebook_version": self.codebook_version(),
+            "join": self.join,
         }
 
 
@@ -126,6 +129,7 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     batched_agent(app, topics["audit"], n, audit, settings.audit_batch_size, 0.05, "audit",
                   state.on_error, dlq)
     joiner = None
+    state.join = settings.join
     if settings.join:  # HEADWATER_JOIN: labels from impressions + actions (docs/contracts.md)
         joiner = JoinHandler(settings, client, metrics, state, builder=clicks.builder,
                              store=clicks.store)
