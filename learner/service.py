@@ -113,7 +113,8 @@ class LearnerService:
     without moving the whole model; full checkpoints still follow ``publish_every_*``.
 
     Steps of a sane size at any event rate: messages accumulate until they hold
-    ``step_rows`` rows or the oldest has waited ``step_wait_seconds`` (checked on every
+    ``step_rows`` rows or the oldest has waited ``step_wait_seconds`` (at most
+    ``delta_every_seconds`` when deltas are on; checked on every
     message and by :meth:`tick`, which a consume loop calls when a poll comes back
     empty); then all of them are scored and trained as one optimizer step. A message's
     consumer position is recorded only once its rows are trained, so a publication
@@ -160,7 +161,11 @@ class LearnerService:
         self._last_publish = clock()
         self._last_delta = self._last_publish
         self.step_rows = max(1, int(step_rows))
+        # With deltas on, no row waits for a step longer than the delta period: a delta
+        # publishes what was trained, so a longer wait would only delay the click in it.
         self.step_wait_seconds = float(step_wait_seconds)
+        if self.delta_every_seconds:
+            self.step_wait_seconds = min(self.step_wait_seconds, float(self.delta_every_seconds))
         self._pending: list[tuple[TrainBatch, tuple[str, int, int] | None]] = []
         self._pending_rows = 0
         self.pending_since = 0.0
