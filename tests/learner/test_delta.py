@@ -205,17 +205,25 @@ def test_patch_model_leaves_to_a_rebuild_what_it_does_not_cover():
         patch_model(base, d)
 
 
-def test_with_deltas_on_no_row_waits_for_a_step_longer_than_the_delta_period(tmp_path):
-    store = LocalModelStore(tmp_path, "ranker")
+def test_with_deltas_on_what_waits_is_trained_before_each_delta(tmp_path):
     clock = Clock()
-    svc = service(store, clock, step_rows=10_000, step_wait_seconds=2.0, delta_every_seconds=0.5)
+    svc = service(LocalModelStore(tmp_path, "ranker"), clock, step_rows=10_000,
+                  step_wait_seconds=2.0, delta_every_seconds=0.5)
     off = service(LocalModelStore(tmp_path / "off", "ranker"), clock, step_rows=10_000,
                   step_wait_seconds=2.0)
     for s in (svc, off):
         s.process(PAYLOADS[0])
+    assert svc.tick() is None and off.tick() is None
+    clock.now += 2.0  # no full checkpoint yet: the step wait decides
+    assert svc.tick() is not None and off.tick() is not None
+    for s in (svc, off):
+        s.publish()
+        s.process(PAYLOADS[1])
         assert s.pending_rows == N and s.tick() is None  # the step is not full yet
     clock.now += 0.5
-    assert svc.tick() is not None and svc.pending_rows == 0  # trained at the delta period
+    assert svc.tick() is not None and svc.pending_rows == 0  # trained as the delta is due
+    d = svc.maybe_publish()
+    assert d["kind"] == "delta" and d["rows_trained"] == 2 * N  # the delta carries the rows
     assert off.tick() is None and off.pending_rows == N  # deltas off: the 2 s wait holds
     clock.now += 1.5
     assert off.tick() is not None
