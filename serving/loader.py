@@ -10,6 +10,7 @@ metrics. Every refusal is a :class:`~serving.models.LoadFailure` with a reason l
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -162,8 +163,18 @@ class ModelLoader:
             ) from None
 
     def sanity(self, served: ServedModel) -> None:
-        """Finite parameters, and a warm-up batch of finite probabilities of the right shape."""
-        for name, p in served.model.state_dict().items():
+        """Finite parameters, and a warm-up batch of finite probabilities of the right shape.
+
+        A patched delta's tensors shared with its base were checked when the base
+        loaded: only the ones the delta replaced are checked again."""
+        tensors = served.model.state_dict().items()
+        if served.patched and served.base is not None:
+            base = served.base.model
+            shared = {id(t) for t in itertools.chain(base.parameters(), base.buffers())}
+            tensors = [(n, t) for n, t in itertools.chain(served.model.named_parameters(),
+                                                          served.model.named_buffers())
+                       if id(t) not in shared]
+        for name, p in tensors:
             if torch.is_tensor(p) and p.is_floating_point() and not bool(torch.isfinite(p).all()):
                 raise LoadFailure("sanity", f"parameter {name!r} holds NaN or infinite values")
         rng = np.random.default_rng(int(served.version))
