@@ -14,7 +14,8 @@ produce one click to the clicks topic (noting its partition and offset), and pol
 ``model_version``'s manifest has a watermark past that offset for that partition (the
 learner saves "next row to train" per source partition in every publication).
 Reported per mode: p50, p99 and max of click → first such response, plus its parts
-(→ version published, published → served), and what the publications cost (learner
+(→ the click's row first seen on train-batches, → version published, published →
+served, and serving's load time of those versions), and what the publications cost (learner
 seconds per publication, bytes, from the learner's metrics and the manifests).
 
     .venv/bin/python bench/serving_freshness.py --clicks 20 --rate 200 --deltas off,on
@@ -123,6 +124,32 @@ def follow_updates(kafka: str, topic: str, out: dict, stop: threading.Event) -> 
         consumer.close()
 
 
+def follow_batches(kafka: str, topic: str, seen: dict, stop: threading.Event) -> None:
+    """Record when each event id first shows up in a ``topic`` message (from now on)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from learner.batch import decode_batch
+
+    consumer = KafkaConsumer(bootstrap_servers=kafka, group_id=None, enable_auto_commit=False,
+                             fetch_max_wait_ms=20)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(tps)
+        consumer.seek_to_end(*tps)
+        while not stop.is_set():
+            for records in consumer.poll(timeout_ms=100).values():
+                now = time.time()
+                for rec in records:
+                    try:
+                        ids = decode_batch(rec.value).event_ids
+                    except Exception:  # noqa: BLE001 - not a batch this bench reads
+                        continue
+                    for e in ids:
+                        seen.setdefault(str(e), now)
+    finally:
+        consumer.close()
+
+
 def percentile(xs: list[float], q: float) -> float:
     """Nearest-rank percentile (with few samples, p99 is the maximum)."""
     xs = sorted(xs)
@@ -200,7 +227,15 @@ def measure(args: argparse.Namespace, env: dict, own_stack: bool) -> dict:
         watch = threading.Thread(target=follow_updates, daemon=True, args=(
             kafka, settings.topics["model-updates"], announced, stop_watch))
         watch.start()
+        batched: dict[str, float] = {}  # event id -> first seen on train-batches
+        batches = threading.Thread(target=follow_batches, daemon=True, args=(
+            kafka, settings.topics["train-batches"], batched, stop_watch))
+        batches.start()
+        time.sleep(1.0)  # both followers assigned
         totals, to_publish, to_serve, kinds = [], [], [], []
+        to_batch: list[float] = []
+        # serving's own load time (verify, load, apply or rebuild, checks) per version
+        loads: dict[str, list[float]] = {"full": [], "delta": []}
         timeouts = 0
         for k in range(args.clicks):
             user = f"fresh-{uuid.uuid4().hex[:6]}"
@@ -237,6 +272,11 @@ def measure(args: argparse.Namespace, env: dict, own_stack: bool) -> dict:
                         to_publish.append(m["created_at"] - t_click)
                         to_serve.append(now - m["created_at"])
                         kinds.append(m.get("kind", "full"))
+                        state = (http_json(f"{base}/v1/models/{v}")[1].get("state") or {})
+                        if state.get("load_seconds") is not None:  # read now: evicted later
+                            loads[kinds[-1]].append(float(state["load_seconds"]))
+                        if event["event_id"] in batched:
+                            to_batch.append(batched[event["event_id"]] - t_click)
                         print(
                             f"click {k + 1}: partition {meta.partition} offset {meta.offset} -> served by "
                             f"{kinds[-1]} version {v} after {totals[-1]:.2f}s (published at "
@@ -254,6 +294,11 @@ def measure(args: argparse.Namespace, env: dict, own_stack: bool) -> dict:
         producer.close()
         stop_watch.set()
         watch.join(10)
+        batches.join(10)
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        applied = {how: int(float(m.group(1))) for how in ("patched", "rebuilt") if (m := re.search(
+            rf'^headwater_model_deltas_applied_total{{how="{how}"}} ([0-9.e+-]+)$', text, re.M))}
         cost = {}
         for n, (s0, c0) in cost0.items():
             s1, c1 = learner_metric(metrics_url, n)
@@ -262,6 +307,7 @@ def measure(args: argparse.Namespace, env: dict, own_stack: bool) -> dict:
         for m in list(announced.values()):  # every publication, pruned ones too
             sizes[m.get("kind", "full")].append(int(m["bytes"]))
         return {"timeouts": timeouts, "totals": totals, "to_publish": to_publish, "to_serve": to_serve, "kinds": kinds,
+                "to_batch": to_batch, "loads": loads, "applied": applied,
                 "cost": cost, "sizes": sizes,
                 "publish_every": settings.publish_every_seconds,
                 "delta_every": settings.delta_every_seconds}
@@ -314,20 +360,23 @@ def main() -> None:
     print(f"\n{args.clicks} clicks per mode and round, {args.rounds} round(s), background replay "
           f"{args.rate:g} events/s, poll every {args.poll * 1000:.0f} ms; load average now {loadavg()}")
     print("\n| deltas | clicks | timed out | click → served p50 s | p99 s | max s | "
-          "→ published p50 s | published → served p50 s | served by a delta |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "→ on train-batches p50 s | → published p50 s | published → served p50 s | "
+          "served by a delta |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     p50 = {}
     for mode, rs in runs.items():
         tot = [x for r in rs for x in r["totals"]]
         pub = [x for r in rs for x in r["to_publish"]]
         srv = [x for r in rs for x in r["to_serve"]]
         kinds = [x for r in rs for x in r["kinds"]]
+        bat = [x for r in rs for x in r["to_batch"]]
         if not tot:
-            print(f"| {mode} | 0 | {sum(r['timeouts'] for r in rs)} | – | – | – | – | – | – |")
+            print(f"| {mode} | 0 | {sum(r['timeouts'] for r in rs)} | – | – | – | – | – | – | – |")
             continue
         p50[mode] = percentile(tot, 50)
         print(f"| {mode} | {len(tot)} | {sum(r['timeouts'] for r in rs)} | {p50[mode]:.2f} | {percentile(tot, 99):.2f} | "
-              f"{max(tot):.2f} | {percentile(pub, 50):.2f} | {percentile(srv, 50):.2f} | "
+              f"{max(tot):.2f} | {percentile(bat, 50) if bat else float('nan'):.2f} | "
+              f"{percentile(pub, 50):.2f} | {percentile(srv, 50):.2f} | "
               f"{kinds.count('delta')} of {len(kinds)} |")
     if "off" in p50 and "on" in p50:
         print(f"\np50 on / off: {p50['on'] / p50['off']:.2f}x")
@@ -342,6 +391,17 @@ def main() -> None:
                for k, v in r["sizes"].items()}
         print(f"| {mode} | {fs:.3f} ({fn}) | {ds:.3f} ({dn}) | {med['full']:.2f} | "
               f"{med['delta']:.2f} |")
+    print("\nServing's load of the versions that answered the timed clicks (verify, load, "
+          "apply or rebuild, checks; GET /v1/models/{v} load_seconds):")
+    print("\n| deltas | full: load p50 s (n) | delta: load p50 s (n) | deltas patched / rebuilt |")
+    print("|---|---:|---:|---:|")
+    for mode, rs in runs.items():
+        cells = []
+        for kind in ("full", "delta"):
+            xs = [x for r in rs for x in r["loads"][kind]]
+            cells.append(f"{percentile(xs, 50):.3f} ({len(xs)})" if xs else "– (0)")
+        ap = [sum(r["applied"].get(h, 0) for r in rs) for h in ("patched", "rebuilt")]
+        print(f"| {mode} | {cells[0]} | {cells[1]} | {ap[0]} / {ap[1]} |")
     r = next(iter(runs.values()))[-1]
     print(f"\nlearner publish_every_seconds={r['publish_every']}, delta period (on) "
           f"{args.delta_every}s")

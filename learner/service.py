@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -113,7 +114,8 @@ class LearnerService:
     without moving the whole model; full checkpoints still follow ``publish_every_*``.
 
     Steps of a sane size at any event rate: messages accumulate until they hold
-    ``step_rows`` rows or the oldest has waited ``step_wait_seconds`` (checked on every
+    ``step_rows`` rows or the oldest has waited ``step_wait_seconds`` — with deltas on,
+    or until a delta is due, so each delta carries every row received before it (checked on every
     message and by :meth:`tick`, which a consume loop calls when a poll comes back
     empty); then all of them are scored and trained as one optimizer step. A message's
     consumer position is recorded only once its rows are trained, so a publication
@@ -310,7 +312,18 @@ class LearnerService:
         return self._pending_rows
 
     def _waited_enough(self) -> bool:
-        return self.clock() - self.pending_since >= self.step_wait_seconds
+        now = self.clock()
+        if now - self.pending_since >= self.step_wait_seconds:
+            return True
+        # Freshness: with deltas on, what waits is trained just before each delta is due,
+        # so a row waits for one delta period at most, not a step wait and then a period.
+        # (An infinite step wait means "never step alone": a data-parallel member.)
+        return (
+            self.delta_every_seconds is not None
+            and self._base is not None
+            and math.isfinite(self.step_wait_seconds)
+            and now - self._last_delta >= self.delta_every_seconds
+        )
 
     def _record_position(self, position: tuple[str, int, int]) -> None:
         self.consumer_positions[f"{position[0]}:{position[1]}"] = int(position[2])

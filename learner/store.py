@@ -54,6 +54,7 @@ __all__ = [
     "apply_delta",
     "compute_delta",
     "manifest_kind",
+    "patch_model",
 ]
 
 _VERSION_RE = re.compile(r"^\d{6,}$")
@@ -293,6 +294,114 @@ def apply_delta(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
         else:
             out[name] = b
     return out
+
+
+def patch_model(model: torch.nn.Module, delta: dict[str, Any]) -> torch.nn.Module | None:
+    """A new model: ``model`` (a rebuilt base full checkpoint, never modified) with
+    ``delta`` applied, or ``None`` when only a rebuild can apply it.
+
+    What :func:`apply_delta` followed by :func:`rebuild_model` gives, without the
+    rebuild: the module tree is copied with every tensor and array shared, then only
+    what the delta changes is replaced — a table with changed rows is copied once and
+    patched (copy on write), a dense tensor is the delta's own. Packed embedding
+    tables take their new rows without regenerating the untouched ones. ``None``
+    (the caller rebuilds) for what patching does not cover: dropped packed rows
+    (their initial draw would have to be regenerated), non-tensor extra state, a
+    patched tensor shared by two modules, or a changed packed-table seed. Raises
+    ``ValueError`` when the delta does not fit the model, like :func:`apply_delta`.
+
+    >>> from learner.models import build_model
+    >>> base = build_model({"kind": "deepfm", "categorical": ["u"], "dense": ["x"],
+    ...                     "embedding": {"dim": 2, "buckets": 8}}).eval()
+    >>> new = copy.deepcopy(base)
+    >>> with torch.no_grad():
+    ...     _ = new.embedding.table.weight[3].fill_(1.0)
+    >>> new.embedding.mark_dirty([3])
+    >>> patched = patch_model(base, compute_delta(base.state_dict(), new.state_dict()))
+    >>> all(torch.equal(a, b) for a, b in zip(patched.state_dict().values(), new.state_dict().values()))
+    True
+    >>> patched.embedding.table.weight is base.embedding.table.weight
+    False
+    """
+    from learner.embeddings import FieldEmbedding
+
+    dense, rows, packed = delta.get("dense"), delta.get("rows"), delta.get("packed", {})
+    if not all(isinstance(x, dict) for x in (dense, rows, packed)):
+        raise ValueError("a delta holds 'dense', 'rows' and 'packed' dictionaries")
+    state = model.state_dict(keep_vars=True)
+    covered = [*dense, *rows, *(f"{t}.packed_{p}" for t in packed for p in ("rows", "values"))]
+    if len(covered) != len(set(covered)) or set(covered) != set(state):
+        raise ValueError(
+            f"the delta does not cover exactly the model's tensors: {sorted(set(covered) ^ set(state))[:5]}"
+        )
+    owners: dict[int, int] = {}
+    for _, t in [*model.named_parameters(remove_duplicate=False),
+                 *model.named_buffers(remove_duplicate=False)]:
+        owners[id(t)] = owners.get(id(t), 0) + 1
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    plan: dict[str, torch.Tensor] = {}  # parameter or buffer name -> its new tensor
+    tables: dict[str, tuple[FieldEmbedding, torch.Tensor]] = {}  # module name -> (module, ids)
+    for name, t in dense.items():
+        if name in tensors:
+            b = tensors[name]
+            if not torch.is_tensor(t) or t.shape != b.shape or t.dtype != b.dtype:
+                raise ValueError(f"delta tensor {name!r} does not fit the model's {tuple(b.shape)}")
+            if not torch.equal(t, b):
+                plan[name] = t
+        elif not (torch.is_tensor(t) and torch.equal(t, state[name])):
+            return None  # extra state, or a packed table's seed or size changed
+    for name, patch in rows.items():
+        b = tensors.get(name)
+        index, values = patch.get("index"), patch.get("values")
+        if b is None:
+            return None
+        if (
+            not torch.is_tensor(index) or not torch.is_tensor(values) or index.dim() != 1
+            or values.shape != (len(index), *b.shape[1:]) or values.dtype != b.dtype
+            or (len(index) and (int(index.min()) < 0 or int(index.max()) >= b.shape[0]))
+        ):
+            raise ValueError(f"delta rows of {name!r} do not fit the model's {tuple(b.shape)}")
+        if len(index):
+            plan[name] = b.detach().clone()
+            plan[name][index] = values
+    for table, patch in packed.items():
+        owner = model.get_submodule(table.removesuffix(".table"))
+        ids, values, dropped = patch.get("ids"), patch.get("values"), patch.get("dropped")
+        if not isinstance(owner, FieldEmbedding) or not table.endswith(".table"):
+            return None
+        weight = owner.table.weight
+        if not all(torch.is_tensor(x) for x in (ids, values, dropped)) or (
+            ids.dim() != 1 or values.shape != (len(ids), weight.shape[1]) or values.dtype != weight.dtype
+            or (len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]))
+        ):
+            raise ValueError(f"packed rows of {table!r} do not fit the model's table")
+        if len(dropped):
+            return None
+        if len(ids):
+            plan[f"{table}.weight"] = weight.detach().clone()
+            plan[f"{table}.weight"][ids] = values
+            tables[table.removesuffix(".table")] = (owner, ids)
+    if any(owners.get(id(tensors[name]), 0) > 1 for name in plan):
+        return None
+    # Copy the module tree, sharing every tensor and array (the memo maps each to itself).
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for v in [*m.parameters(recurse=False), *m.buffers(recurse=False), *vars(m).values()]:
+            if torch.is_tensor(v) or type(v).__module__ == "numpy":
+                memo[id(v)] = v
+    out = copy.deepcopy(model, memo)
+    for name, t in plan.items():
+        prefix, _, leaf = name.rpartition(".")
+        mod = out.get_submodule(prefix)
+        old = getattr(mod, leaf)
+        setattr(mod, leaf, torch.nn.Parameter(t, requires_grad=old.requires_grad)
+                if isinstance(old, torch.nn.Parameter) else t)
+    for name, (owner, ids) in tables.items():
+        emb = out.get_submodule(name)
+        emb.dirty = owner.dirty.copy()
+        emb.mark_dirty(ids.numpy())
+    return out.eval()
 
 
 def rebuild_model(config: dict[str, Any], weights: dict[str, Any]) -> torch.nn.Module:

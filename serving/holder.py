@@ -421,6 +421,8 @@ class ModelHolder:
                 f"refused {self.store.model} version {version}: unexpected error {exc!r}"
             )
             return None
+        if served.base is not None:
+            self.metrics.deltas_applied.labels("patched" if served.patched else "rebuilt").inc()
         self._set(
             VersionInfo(
                 version,

@@ -10,6 +10,7 @@ metrics. Every refusal is a :class:`~serving.models.LoadFailure` with a reason l
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ from learner.store import (
     ModelStore,
     checkpoint_weights,
     manifest_kind,
+    patch_model,
     rebuild_model,
 )
 from serving.models import LoadFailure, ServedModel
@@ -65,8 +67,9 @@ class ModelLoader:
         """Verify, load, rebuild and check one version; raise :class:`LoadFailure`.
 
         ``serving`` is the model it would replace (the quality gate's reference).
-        A delta is applied (copy on write) to its base full checkpoint, which
-        ``base_of(base_version)`` returns loaded (``None``: not loadable); the base's
+        A delta is applied to its base full checkpoint, which
+        ``base_of(base_version)`` returns loaded, by patching a copy of the base's model
+        that shares every tensor the delta leaves alone (copy on write) (``None``: not loadable); the base's
         sha256 must be the delta's ``base_sha256``, else the delta is refused
         (reason ``base``): it was computed against another model.
         """
@@ -90,21 +93,26 @@ class ModelLoader:
             raise LoadFailure(
                 "checksum" if ("sha256" in msg or "bytes" in msg) else "load", msg
             ) from None
-        base = None
+        base = model = None
+        patched = False
         try:
             if manifest_kind(ck.manifest) == "delta":
                 base = self._base(ck.manifest, base_of)
-                weights = store.assemble(base.weights, ck)
+                model = self._patch(base, ck)
+                patched = model is not None
+                if model is None:  # what patching does not cover: rebuild base + delta
+                    weights = store.assemble(base.model.state_dict(), ck)
             else:
                 weights = checkpoint_weights(ck.state)
         except CheckpointError as exc:
             raise LoadFailure("base", str(exc)) from None
         except KeyError as exc:
             raise LoadFailure("load", f"no model weights in the checkpoint: {exc}") from None
-        try:
-            model = rebuild_model(ck.manifest["config"], weights)
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            raise LoadFailure("load", f"weights do not fit the manifest config: {exc}") from None
+        if model is None:
+            try:
+                model = rebuild_model(ck.manifest["config"], weights)
+            except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+                raise LoadFailure("load", f"weights do not fit the manifest config: {exc}") from None
         em3 = getattr(model, "em3", None)
         if em3 is not None:  # items' multimodal fields: computed once for this version
             if self.item_content is None:
@@ -120,7 +128,7 @@ class ModelLoader:
             raise LoadFailure("schema", "the model's input fields differ from the feature schema")
         served = ServedModel(
             version, model, ck.manifest, len(self.schema.categorical), len(self.schema.dense),
-            weights=None if base is not None else weights, base=base,
+            base=base, patched=patched,
         )
         self.sanity(served)
         self.quality_gate(served, serving)
@@ -132,7 +140,7 @@ class ModelLoader:
         """The loaded base full checkpoint of a delta, checked against ``base_sha256``."""
         base_version = str(manifest.get("base"))
         base = base_of(base_version) if base_of is not None else None
-        if base is None or base.weights is None:
+        if base is None or manifest_kind(base.manifest) != "full":
             raise CheckpointError(
                 f"{self.store.model} version {manifest['version']}: delta on base "
                 f"{base_version}, which is not loadable here"
@@ -140,9 +148,33 @@ class ModelLoader:
         self.store.check_base(manifest, base.manifest)
         return base
 
+    def _patch(self, base: ServedModel, ck: Any) -> torch.nn.Module | None:
+        """The delta ``ck`` patched onto ``base``'s loaded model (no rebuild), or ``None``
+        when only a rebuild applies it (:func:`learner.store.patch_model`; EM3 models,
+        whose item content is attached per version, are always rebuilt)."""
+        if getattr(base.model, "em3", None) is not None:
+            return None
+        try:
+            return patch_model(base.model, ck.state["delta"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{self.store.model} version {ck.manifest['version']}: delta does not apply to "
+                f"base {base.version}: {exc!r}"
+            ) from None
+
     def sanity(self, served: ServedModel) -> None:
-        """Finite parameters, and a warm-up batch of finite probabilities of the right shape."""
-        for name, p in served.model.state_dict().items():
+        """Finite parameters, and a warm-up batch of finite probabilities of the right shape.
+
+        A patched delta's tensors shared with its base were checked when the base
+        loaded: only the ones the delta replaced are checked again."""
+        tensors = served.model.state_dict().items()
+        if served.patched and served.base is not None:
+            base = served.base.model
+            shared = {id(t) for t in itertools.chain(base.parameters(), base.buffers())}
+            tensors = [(n, t) for n, t in itertools.chain(served.model.named_parameters(),
+                                                          served.model.named_buffers())
+                       if id(t) not in shared]
+        for name, p in tensors:
             if torch.is_tensor(p) and p.is_floating_point() and not bool(torch.isfinite(p).all()):
                 raise LoadFailure("sanity", f"parameter {name!r} holds NaN or infinite values")
         rng = np.random.default_rng(int(served.version))

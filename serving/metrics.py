@@ -70,6 +70,13 @@ class ServingMetrics:
             registry=r,
             buckets=_SWAP_BUCKETS,
         )
+        self.deltas_applied = Counter(
+            "headwater_model_deltas_applied",
+            "Delta versions loaded, by how: patched (a copy of the base's loaded model with "
+            "only what changed replaced) or rebuilt (base + delta rebuilt like a full load).",
+            ["how"],
+            registry=r,
+        )
         self._created_at: float | None = None
         self.freshness = Gauge(
             "headwater_model_freshness_seconds",

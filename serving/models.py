@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from learner.store import json_safe
+from learner.store import json_safe, manifest_kind
 
 __all__ = ["HolderError", "LoadFailure", "ServedModel", "VersionInfo", "VersionState"]
 
@@ -49,10 +49,11 @@ class ServedModel:
     manifest: dict[str, Any]
     n_categorical: int
     n_dense: int
-    #: a full checkpoint's weights as loaded (what its deltas are applied to)
-    weights: dict[str, Any] | None = field(default=None, repr=False)
-    #: a delta's base full checkpoint (kept alive for the deltas that follow)
+    #: a delta's base full checkpoint (kept alive for the deltas that follow; a delta's
+    #: model shares every tensor it leaves alone with this base's model)
     base: ServedModel | None = field(default=None, repr=False)
+    #: a delta applied by patching a copy of its base's model (``False``: rebuilt)
+    patched: bool = False
 
     @property
     def created_at(self) -> float | None:
@@ -60,7 +61,7 @@ class ServedModel:
 
     def base_for(self, version: str) -> ServedModel | None:
         """The loaded full checkpoint ``version`` if this model is it or is a delta on it."""
-        if self.version == version and self.weights is not None:
+        if self.version == version and manifest_kind(self.manifest) == "full":
             return self
         return self.base if self.base is not None and self.base.version == version else None
 

@@ -14,8 +14,15 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from learner.models import build_model
 from learner.service import LearnerService
-from learner.store import LocalModelStore, apply_delta, checkpoint_weights, compute_delta
+from learner.store import (
+    LocalModelStore,
+    apply_delta,
+    checkpoint_weights,
+    compute_delta,
+    patch_model,
+)
 from learner.trainer import TrainerSettings
 from tests.learner.synth import TINY_HEAD, make_payload
 
@@ -65,6 +72,7 @@ def test_base_plus_deltas_equals_a_full_checkpoint_of_the_same_state(tmp_path):
     assembled, manifest = store.load_weights(d2["version"])
     assert manifest["kind"] == "delta"
     m_delta, _ = store.load_model(d2["version"])
+    delta2 = store.load(d2["version"]).state["delta"]
     full = svc.publish()  # a full checkpoint of the very state d2 carries
     assert full.get("kind", "full") == "full"
     # retention: the deltas of an older base go once a newer full checkpoint exists
@@ -81,6 +89,17 @@ def test_base_plus_deltas_equals_a_full_checkpoint_of_the_same_state(tmp_path):
     m_base, _ = store.load_model(base["version"])
     with torch.inference_mode():
         assert not torch.equal(m_base.logits(tokens, dense), b)  # training moved the model
+    # Serving's way: patch the loaded base model (no rebuild); the base stays as it was.
+    base_state = m_base.state_dict()
+    patched = patch_model(m_base, delta2)
+    same_weights(patched.state_dict(), checkpoint_weights(store.load(full["version"]).state))
+    same_weights(m_base.state_dict(), base_state)
+    with torch.inference_mode():
+        assert torch.equal(patched.logits(tokens, dense), b)
+    for n, t in [*patched.named_parameters(), *patched.named_buffers()]:  # copy on write only
+        old = m_base.get_parameter(n) if n in dict(m_base.named_parameters()) else m_base.get_buffer(n)
+        assert (t is old) == torch.equal(t, old), n
+    assert any(b is m_base.get_buffer(n) for n, b in patched.named_buffers())
 
     # A restart resumes from the newest full checkpoint, never from a delta.
     svc.process(PAYLOADS[3])
@@ -159,3 +178,52 @@ def test_a_delta_that_does_not_fit_its_base_is_refused():
     bad["rows"]["wide"] = {"index": torch.tensor([99]), "values": torch.zeros(1, 2)}
     with pytest.raises(ValueError, match="do not fit"):
         apply_delta(base, bad)
+
+
+def test_patch_model_leaves_to_a_rebuild_what_it_does_not_cover():
+    spec = {"kind": "deepfm", "categorical": ["u"], "embedding": {"dim": 2, "buckets": 8}}
+    base = build_model(spec).eval()
+    base.embedding.mark_dirty([1, 3])
+    new = build_model(spec).eval()
+    new.load_state_dict(base.state_dict())
+    new.embedding.dirty[3] = False  # row 3 back to its initial draw: "dropped"
+    with torch.no_grad():
+        new.embedding.table.weight[5] += 1.0
+    new.embedding.mark_dirty([5])
+    d = compute_delta(base.state_dict(), new.state_dict())
+    assert d["packed"]["embedding.table"]["dropped"].tolist() == [3]
+    assert patch_model(base, d) is None  # the caller rebuilds
+    d["packed"]["embedding.table"]["dropped"] = torch.zeros(0, dtype=torch.int64)
+    patched = patch_model(base, d)
+    assert torch.equal(patched.embedding.table.weight[5], new.embedding.table.weight[5])
+    assert patched.embedding.dirty.nonzero()[0].tolist() == [1, 3, 5]
+    d["packed"]["embedding.table"]["ids"] = torch.tensor([99])
+    with pytest.raises(ValueError, match="do not fit"):
+        patch_model(base, d)
+    d.pop("dense")
+    with pytest.raises(ValueError, match="dense"):
+        patch_model(base, d)
+
+
+def test_with_deltas_on_what_waits_is_trained_before_each_delta(tmp_path):
+    clock = Clock()
+    svc = service(LocalModelStore(tmp_path, "ranker"), clock, step_rows=10_000,
+                  step_wait_seconds=2.0, delta_every_seconds=0.5)
+    off = service(LocalModelStore(tmp_path / "off", "ranker"), clock, step_rows=10_000,
+                  step_wait_seconds=2.0)
+    for s in (svc, off):
+        s.process(PAYLOADS[0])
+    assert svc.tick() is None and off.tick() is None
+    clock.now += 2.0  # no full checkpoint yet: the step wait decides
+    assert svc.tick() is not None and off.tick() is not None
+    for s in (svc, off):
+        s.publish()
+        s.process(PAYLOADS[1])
+        assert s.pending_rows == N and s.tick() is None  # the step is not full yet
+    clock.now += 0.5
+    assert svc.tick() is not None and svc.pending_rows == 0  # trained as the delta is due
+    d = svc.maybe_publish()
+    assert d["kind"] == "delta" and d["rows_trained"] == 2 * N  # the delta carries the rows
+    assert off.tick() is None and off.pending_rows == N  # deltas off: the 2 s wait holds
+    clock.now += 1.5
+    assert off.tick() is not None

@@ -118,6 +118,11 @@ async def test_base_plus_deltas_serves_exactly_like_a_full_checkpoint(
         assert await serving(full) == d2_scores  # exact: same weights, same floats
         full_model = ctx.holder.current
         assert d2_model.version == d2 and full_model.version == full
+        # both deltas patched the loaded base model (no rebuild), which they left as it was
+        assert d2_model.patched and d2_model.base.version == base
+        assert ctx.holder.metrics.registry.get_sample_value(
+            "headwater_model_deltas_applied_total", {"how": "patched"}) == 2
+        assert base_unchanged(d2_model.base, store)
         a, b = d2_model.model.state_dict(), full_model.model.state_dict()
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
         rng = np.random.default_rng(0)  # rows no request above touched
@@ -182,3 +187,10 @@ def rewrite_manifest(store, version: str, manifest: dict) -> None:
     else:
         store.client.put_object(Bucket=store.bucket, Key=f"{store.base}/{version}/manifest.json",
                                 Body=data)
+
+
+def base_unchanged(base, store) -> bool:
+    """Whether a loaded full checkpoint still holds exactly its published weights."""
+    published = store.load(base.version).state["model"]
+    mine = base.model.state_dict()
+    return set(mine) == set(published) and all(torch.equal(mine[k], published[k]) for k in mine)

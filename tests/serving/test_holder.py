@@ -287,3 +287,41 @@ def test_a_backlog_of_publications_loads_only_the_newest(store, publish, builder
         assert holder.swaps == 1
     finally:
         holder.close()
+
+
+def test_a_patched_delta_with_a_nan_row_is_refused_and_its_base_is_untouched(store, builder):
+    """Serving patches a delta onto its base's model; the sanity check still sees every
+    tensor the delta replaced (the shared ones were checked with the base)."""
+    import torch
+
+    from learner.models import build_model
+    from learner.store import compute_delta
+    from serving.loader import ModelLoader
+    from serving.models import LoadFailure
+    from tests.serving.conftest import _spec
+
+    schema = builder.schema
+    torch.manual_seed(0)
+    model = build_model(_spec(schema, "deepfm"))
+    model.embedding.mark_dirty([1, 2])
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    full = store.publish({"model": base_state}, config={"model": model.spec.to_dict()},
+                         feature_schema_json=schema.to_json(), feature_schema_hash=schema.hash,
+                         rows_trained=1, watermarks={}, metrics={})["version"]
+    loader = ModelLoader(store, schema)
+    base = loader.load(full)
+
+    def delta(row: int, value: float) -> str:
+        with torch.no_grad():
+            model.embedding.table.weight[row] = value
+        model.embedding.mark_dirty([row])
+        return store.publish_delta(compute_delta(base_state, model.state_dict()), base=full,
+                                   rows_trained=2, watermarks={}, metrics={})["version"]
+
+    good = loader.load(delta(7, 0.5), base_of=lambda _: base)
+    assert good.patched and torch.equal(good.model.embedding.table.weight[7], torch.full((5,), 0.5))
+    with pytest.raises(LoadFailure, match="NaN") as exc:
+        loader.load(delta(9, float("nan")), base_of=lambda _: base)
+    assert exc.value.reason == "sanity"
+    after = base.model.state_dict()
+    assert all(torch.equal(after[k], base_state[k]) for k in base_state)
