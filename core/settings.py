@@ -133,7 +133,7 @@ class Settings(BaseSettings):
         "the batches between go to a journal replayed on load (1: a snapshot every batch).",
     )
     audit_journal_max_bytes: int = Field(
-        4_000_000, ge=1,
+        1_000_000, ge=1,
         description="Bytes of a host's detection journal (compressed lines) that force a snapshot "
         "before audit_snapshot_every batches.",
     )

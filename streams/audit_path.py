@@ -115,7 +115,7 @@ class AuditHandler:
                  config=None, executor: Executor | None = None, baseline_store=None,
                  state_store=None, read_range: Callable | None = None,
                  log_end: Callable[[str, int], int] | None = None, snapshot_every: int = 16,
-                 journal_max_bytes: int = 4_000_000) -> None:
+                 journal_max_bytes: int = 1_000_000) -> None:
         self.topics = topics
         self.metrics = metrics
         self.alert_sink = alert_sink
