@@ -52,9 +52,14 @@ _TS = re.compile(rb"msg=audit\((\d+\.\d+):")
 _COUNTER = re.compile(r'headwater_events_in_total\{topic="([^"]+)"\} ([0-9.e+]+)')
 
 
-def corpus() -> list[tuple[str, list[bytes]]]:
-    d = default_data_dir() / "audit"
-    return [(p.stem[:5], p.read_bytes().splitlines()) for p in sorted(d.glob("*.log"))]
+def corpus(benign: int) -> list[tuple[str, list[bytes]]]:
+    """The dev corpus logs, and the first ``benign`` lines of each recorded benign day
+    (``bench/benign_audit/data``: hosts with realistic graph sizes)."""
+    from bench.detection_agent import load_logs
+
+    os.environ.setdefault("HEADWATER_DATA_DIR", str(default_data_dir()))
+    logs = load_logs(benign)
+    return [(name, lines) for name, lines in logs if lines]
 
 
 def messages(logs, copies: int, lines_per_msg: int, tag: str):
@@ -188,8 +193,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--burst", type=int, default=200_000)
     ap.add_argument("--lines", type=int, default=100, help="audit lines per message")
+    ap.add_argument("--benign", type=int, default=60_000,
+                    help="lines of each recorded benign day added to the dev corpus (0: none)")
     args = ap.parse_args(argv)
-    logs = corpus()
+    logs = corpus(args.benign)
     per_copy = sum(len(ls) for _, ls in logs)
     work = Path(tempfile.mkdtemp(prefix="hw-detect-e2e-"))
     broker = start_broker(log_path=work / "broker.log")
@@ -213,7 +220,7 @@ def main(argv=None) -> int:
         burst = messages(logs, max(1, args.burst // per_copy), args.lines, "tp")
         tp = throughput(kafka, topic, settings.worker_port, burst, worker.pid)
         print(f"throughput through the worker's audit agent: {tp['records']:,} records "
-              f"(dev corpus x{max(1, args.burst // per_copy)}, one host per copy), produced in "
+              f"(dev corpus + {args.benign:,} lines of each benign day, x{max(1, args.burst // per_copy)}, one host per copy), produced in "
               f"{tp['produce_s']:.1f} s; worker counted {tp.get('counted', 0):,.0f} at "
               f"{tp['records_per_s']:,.0f} records/s wall, {tp['records_per_cpu_s']:,.0f} "
               f"records per worker CPU-second ({tp['cpu_s']:.1f} CPU-s)")

@@ -127,6 +127,16 @@ class Settings(BaseSettings):
         30 * 86400, gt=0,
         description="Seconds a host's learned baseline stays in Redis after its last audit batch.",
     )
+    audit_snapshot_every: int = Field(
+        16, ge=1,
+        description="Audit batches of a host between snapshots of its whole detection state; "
+        "the batches between go to a journal replayed on load (1: a snapshot every batch).",
+    )
+    audit_journal_max_bytes: int = Field(
+        1_000_000, ge=1,
+        description="Bytes of a host's detection journal (compressed lines) that force a snapshot "
+        "before audit_snapshot_every batches.",
+    )
     # --- end detection baseline ---
     train_message_rows: int = Field(
         256, ge=1, description="Most rows per Arrow message the worker writes on train-batches.",

@@ -339,6 +339,60 @@ class DetectionEngine:
         eng.__dict__.update(state)
         return eng
 
+    # ------------------------------------------------------------------ journal
+    def dump_alerts(self) -> bytes:
+        """The alert chains alone as bytes (what a journal replay cannot recompute:
+        they depend on the learned baseline as it was when the batch ran)."""
+        return zlib.compress(pickle.dumps(self.aggregator, protocol=5), 1)
+
+    @staticmethod
+    def journal_entry(messages: list) -> bytes:
+        """One batch's input for a host's journal: its messages' line lists, in order
+        (:meth:`resume` feeds each to :meth:`process_lines` again).
+
+        >>> eng = DetectionEngine.resume("vm", None, [DetectionEngine.journal_entry([["type=garbage"]])],
+        ...                              DetectionEngine(host="vm").dump_alerts())
+        >>> eng.stats()["errors"], eng.alerts()
+        (1, [])
+        """
+        return zlib.compress(pickle.dumps(messages, protocol=5), 1)
+
+    @classmethod
+    def resume(cls, host: str, snapshot: bytes | None, journal: list[bytes],
+               alerts: bytes | None, config: EngineConfig | None = None,
+               rules: RuleSet | None = None) -> DetectionEngine:
+        """An engine at the end of ``journal``: the ``snapshot`` (:meth:`dump_state`, or
+        ``None`` for a fresh engine), the journal's batches (:meth:`journal_entry`)
+        replayed in order, then the alert chains as the last batch left them
+        (:meth:`dump_alerts`). The replay rebuilds the graph, the coalescing window and
+        the counters exactly (they depend on the input and the rules only); it runs
+        without the learned model and into a discarded aggregator, because the alerts'
+        familiarity verdicts came from the baseline as it was then, which is stored
+        with them instead."""
+        eng = (cls.from_state(host, snapshot, config, rules) if snapshot is not None
+               else cls(host, config, rules))
+        if not journal:
+            return eng
+        if alerts is None:
+            raise ValueError(f"host {host!r}: a detection journal without its alert chains")
+        stored = _StateUnpickler(io.BytesIO(zlib.decompress(alerts))).load()
+        if not isinstance(stored, AlertAggregator) or stored.host != host:
+            raise ValueError(f"stored alert chains are not host {host!r}'s")
+        model = eng.model
+        eng.model = None
+        eng.aggregator = AlertAggregator(host)  # discarded: the stored chains replace it
+        try:
+            for entry in journal:
+                messages = _StateUnpickler(io.BytesIO(zlib.decompress(entry))).load()
+                if not isinstance(messages, list):
+                    raise ValueError(f"host {host!r}: a detection journal entry is not a list")
+                for lines in messages:
+                    eng.process_lines(lines)
+        finally:
+            eng.model = model
+        eng.aggregator = stored
+        return eng
+
     # ------------------------------------------------------------------ views
     def _batch_stats(self, nrec: int, nev: int, nerr: int) -> dict:
         # O(1): this runs for every message the worker hands over. The memory estimate

@@ -4,10 +4,13 @@ Messages on ``audit`` are keyed by host, so one host's provenance graph lives in
 partition and one worker. A message value is raw auditd text (one or many lines) or a
 JSON envelope ``{"host": ..., "lines": [...]}``.
 
-Detection state is durable (:mod:`detection.state_store`): after every batch the
-engines of the hosts it touched (graph, open coalescing window, alert chains) are
-written to Redis with the partition's next offset and the batch's outputs, fenced on
-the offset the batch started from. A worker that takes a partition (a restart, a kill
+Detection state is durable (:mod:`detection.state_store`): after every batch, for
+each host it touched, either the batch's lines go to the host's journal (with its
+alert chains) or, every ``audit_snapshot_every`` batches of the host or once its
+journal holds ``audit_journal_max_bytes``, its whole engine (graph, open coalescing
+window, alert chains) is written as a new snapshot that replaces the journal; all in
+one write to Redis with the partition's next offset and the batch's outputs, fenced on
+the offset the batch started from. Loading replays a host's journal on its snapshot. A worker that takes a partition (a restart, a kill
 -9, a rebalance) loads that state, skips messages already applied (re-sending the
 last batch's outputs, which a crash may have kept from going out) and re-reads from
 Kafka what Redis lost (a Redis restored from an older AOF), so chains keep growing in
@@ -25,7 +28,9 @@ import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass, field
 
+from detection.state_store import journal_field
 from streams.deadletter import dead_letter, reason_kind
 from streams.events import Message, Output
 from streams.metrics import WorkerMetrics
@@ -88,6 +93,16 @@ def _unpack_outputs(raw: bytes | None) -> list[Output]:
             for t, k, v, p in json.loads(raw)]
 
 
+@dataclass
+class _Writes:
+    """One batch's detection state writes (see :meth:`AuditHandler._state_writes`)."""
+
+    snapshots: dict[str, bytes] = field(default_factory=dict)  # host -> whole engine
+    fields: dict[str, bytes] = field(default_factory=dict)  # journal entries, alert chains
+    delete: list[str] = field(default_factory=list)  # the snapshotted hosts' journals
+    journals: dict[str, tuple[list[str], int]] = field(default_factory=dict)  # after the write
+
+
 class AuditHandler:
     """Feeds each host's engine and produces alert updates and dead letters.
 
@@ -99,7 +114,8 @@ class AuditHandler:
                  alert_sink: Callable[[list[dict]], object] | None = None,
                  config=None, executor: Executor | None = None, baseline_store=None,
                  state_store=None, read_range: Callable | None = None,
-                 log_end: Callable[[str, int], int] | None = None) -> None:
+                 log_end: Callable[[str, int], int] | None = None, snapshot_every: int = 16,
+                 journal_max_bytes: int = 1_000_000) -> None:
         self.topics = topics
         self.metrics = metrics
         self.alert_sink = alert_sink
@@ -111,7 +127,12 @@ class AuditHandler:
         #: reads messages [start, stop) of a partition back from Kafka (a gap re-read)
         self.read_range = read_range
         self._restored: dict[str, dict] = {}  # host -> stored baseline, until its engine exists
-        self._blobs: dict[str, bytes] = {}  # host -> stored engine state, until its engine exists
+        #: host -> (snapshot, journal entries, alert chains) from Redis, until its engine exists
+        self._blobs: dict[str, tuple] = {}
+        #: host -> (its journal's fields in Redis, their bytes): what the next snapshot deletes
+        self._journal: dict[str, tuple[list[str], int]] = {}
+        self.snapshot_every = snapshot_every
+        self.journal_max_bytes = journal_max_bytes
         self._hosts: dict[int, set[str]] = {}  # partition -> hosts whose state it holds
         self._next: dict[int, int | None] = {}  # partition -> next offset (loaded partitions)
         #: a partition's log end offset (the REWIND check when its state is loaded)
@@ -128,11 +149,13 @@ class AuditHandler:
             from detection.engine import DetectionEngine, EngineConfig
 
             self.config = self.config or EngineConfig()
-            blob = self._blobs.pop(host, None)
-            if blob is not None:
-                eng = DetectionEngine.from_state(host, blob, config=self.config)
-                log.info("audit host %s: resumed its detection state (%d alerts, %d nodes)",
-                         host, len(eng.aggregator.alerts), eng.graph.counts()["nodes"])
+            stored_state = self._blobs.pop(host, None)
+            if stored_state is not None:
+                snapshot, journal, alerts = stored_state
+                eng = DetectionEngine.resume(host, snapshot, journal, alerts, config=self.config)
+                log.info("audit host %s: resumed its detection state (%d alerts, %d nodes, "
+                         "%d journal batches replayed)", host, len(eng.aggregator.alerts),
+                         len(eng.graph), len(journal))
             else:
                 eng = DetectionEngine(host=host, config=self.config)
             self.engines[host] = eng
@@ -161,6 +184,7 @@ class AuditHandler:
             for host in self._hosts.pop(p, set()):
                 self.engines.pop(host, None)
                 self._blobs.pop(host, None)
+                self._journal.pop(host, None)
                 self._restored.pop(host, None)
             self._next.pop(p, None)
 
@@ -178,10 +202,13 @@ class AuditHandler:
                     f"the model store and the broker's log) and replay."))
                 return None
         self._next[partition] = state.next_offset
-        self._hosts[partition] = set(state.hosts)
-        for host, blob in state.hosts.items():
+        self._hosts[partition] = state.host_names()
+        for host in self._hosts[partition]:
             if host not in self.engines:
-                self._blobs[host] = blob
+                journal = state.journals.get(host, [])
+                self._blobs[host] = (state.hosts.get(host), [e for _, e in journal],
+                                     state.alerts.get(host))
+                self._journal[host] = ([f for f, _ in journal], sum(len(e) for _, e in journal))
         if state.next_offset is not None:
             log.info("audit %s[%d]: resuming %d hosts' detection state at offset %d",
                      topic, partition, len(self._hosts[partition]), state.next_offset)
@@ -191,9 +218,11 @@ class AuditHandler:
         outputs: list[Output] = []
         alerts: dict[str, dict] = {}
         seen: dict = {}  # host -> its engine (held here: a revocation may drop it meanwhile)
+        batch: dict[str, list] = {}  # host -> its messages' lines (its journal entry)
         for offset, key, value in messages:
             host, lines = split_audit_message(key, value or b"")
             eng = seen.get(host) or seen.setdefault(host, self.engine(host))
+            batch.setdefault(host, []).append(lines)
             res = eng.process_lines(lines)
             for alert in res.alerts:
                 alerts[alert["id"]] = alert  # one update per alert per batch: the newest
@@ -213,14 +242,33 @@ class AuditHandler:
             for technique in alert.get("techniques", []):
                 self.metrics.alerts.labels(technique).inc()
         self._hosts.setdefault(partition, set()).update(seen)
-        for host, eng in seen.items():  # only hosts whose graph changed (the estimate walks every node)
-            self.metrics.audit_memory.labels(host).set(eng.graph.counts()["memory_bytes"])
         # taken in this (executor) thread: the engines are only touched here
         deltas = ({h: eng.baseline_delta() for h, eng in seen.items()}
                   if self.baseline_store is not None else {})
-        states = ({h: eng.dump_state() for h, eng in seen.items()}
-                  if self.state_store is not None else {})
-        return outputs, list(alerts.values()), deltas, states
+        writes = (self._state_writes(seen, batch, messages[0][0]) if self.state_store is not None
+                  else None)
+        return outputs, list(alerts.values()), deltas, writes
+
+    def _state_writes(self, seen: dict, batch: dict[str, list], first: int) -> _Writes:
+        """What the batch writes to Redis per host: a journal entry and the alert chains,
+        or a new snapshot that deletes the journal (every ``snapshot_every`` batches of
+        the host, or once its journal holds ``journal_max_bytes``)."""
+        w = _Writes()
+        for host, eng in seen.items():
+            fields, size = self._journal.get(host, ([], 0))
+            entry = eng.journal_entry(batch[host])
+            if len(fields) + 1 >= self.snapshot_every or size + len(entry) >= self.journal_max_bytes:
+                w.snapshots[host] = eng.dump_state()
+                w.delete += [*fields, f"a:{host}"]
+                w.journals[host] = ([], 0)
+                # the memory estimate walks every node: with the snapshot, not every batch
+                self.metrics.audit_memory.labels(host).set(eng.graph.counts()["memory_bytes"])
+            else:
+                name = journal_field(host, first)
+                w.fields[name] = entry
+                w.fields[f"a:{host}"] = eng.dump_alerts()
+                w.journals[host] = ([*fields, name], size + len(entry))
+        return w
 
     async def __call__(self, topic: str, partition: int, messages: list[Message]) -> list[Output]:
         if self.state_store is None:
@@ -284,9 +332,10 @@ class AuditHandler:
             loop = asyncio.get_running_loop()
             fresh = await loop.run_in_executor(None, self.read_range, topic, partition,
                                                start, first) + fresh
-        produced, alerts, deltas, states = await self._run(topic, partition, fresh, first)
+        produced, alerts, deltas, w = await self._run(topic, partition, fresh, first)
         await self._finish(alerts, deltas)
-        await self.state_store.save(topic, partition, start, fresh[-1][0] + 1, states,
-                                    _pack_outputs(produced))
+        await self.state_store.save(topic, partition, start, fresh[-1][0] + 1, w.snapshots,
+                                    _pack_outputs(produced), w.fields, w.delete)
+        self._journal.update(w.journals)
         self._next[partition] = fresh[-1][0] + 1
         return outputs + produced

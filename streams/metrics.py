@@ -35,7 +35,8 @@ class WorkerMetrics:
                               ["topic"], registry=r)
         self.alerts = Counter("headwater_alerts_total", "Alert updates emitted", ["technique"],
                               registry=r)
-        self.audit_memory = Gauge("headwater_audit_graph_bytes", "Approximate provenance-graph memory",
+        self.audit_memory = Gauge("headwater_audit_graph_bytes",
+                                  "Approximate provenance-graph memory at the host's last state snapshot",
                                   ["host"], registry=r)
         self.audit_replayed = Counter(
             "headwater_audit_replayed_messages_total",

@@ -120,7 +120,9 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
                          executor=audit_pool, config=audit_engine_config(settings),
                          baseline_store=BaselineStore(client, settings.audit_baseline_ttl),
                          state_store=DetectionStateStore(client),
-                         read_range=events.read_range, log_end=events.log_end)
+                         read_range=events.read_range, log_end=events.log_end,
+                         snapshot_every=settings.audit_snapshot_every,
+                         journal_max_bytes=settings.audit_journal_max_bytes)
     n = settings.partitions
     dlq = topics["dead-letter"]
     batched_agent(app, topics["clicks"], n, clicks, settings.click_batch_size,

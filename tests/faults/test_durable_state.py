@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -184,6 +185,36 @@ def test_detection_state_survives_kill_9_mid_attack(stack, data_dir, tmp_path):
     _ship_applied(stack, tmp_path, host, lines[split:], "the rest applied")
     _assert_alerts_as_one_run(expected, stack["url"], stack["kafka"], stack["prefix"], host)
     assert "resumed its detection state" in worker.log()
+
+
+def test_detection_state_survives_kill_9_between_snapshots(stack, data_dir, tmp_path):
+    """A worker snapshots the host, the next one (snapshots every 1000 batches) keeps two
+    parts of the log as journal entries only and is killed with -9: the third replays
+    the journal on the snapshot, and the alerts at the end are exactly those of one
+    uninterrupted run."""
+    settings = Settings(topic_prefix=stack["prefix"], partitions=PARTITIONS)
+    host = f"vm-jrn-{stack['prefix'][:-1]}"
+    lines, expected = _attack(data_dir, settings, host)
+    a, b, c = (int(len(lines) * f) for f in (0.3, 0.45, 0.6))
+    worker = stack["start_worker"](HEADWATER_AUDIT_SNAPSHOT_EVERY=1)
+    _ship_applied(stack, tmp_path, host, lines[:a], "the snapshotted part applied")
+    worker.kill9()
+    worker = stack["start_worker"](HEADWATER_AUDIT_SNAPSHOT_EVERY=1000)
+    _ship_applied(stack, tmp_path, host, lines[a:b], "the first journalled part applied")
+    _ship_applied(stack, tmp_path, host, lines[b:c], "the second journalled part applied")
+    assert re.search(r"\b0 journal batches replayed", worker.log())  # the snapshot alone
+    client = redis.Redis.from_url(stack["url"])
+    fields = {k.decode() for p in range(PARTITIONS)
+              for k in client.hkeys(state_key(settings.topics["audit"], p))}
+    client.close()
+    assert {f"h:{host}", f"a:{host}"} <= fields, fields
+    assert sum(f.startswith(f"j:{host}:") for f in fields) >= 2, fields
+    worker.kill9()
+    worker = stack["start_worker"]()
+    _ship_applied(stack, tmp_path, host, lines[c:], "the rest applied")
+    _assert_alerts_as_one_run(expected, stack["url"], stack["kafka"], stack["prefix"], host)
+    replayed = re.search(r"(\d+) journal batches replayed", worker.log())
+    assert replayed and int(replayed[1]) >= 2, worker.log()
 
 
 def test_detection_state_redis_lost_is_rebuilt_from_the_log(stack, data_dir, tmp_path):
