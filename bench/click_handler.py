@@ -23,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_once(redis_url: str, events: int, envelope: int, partitions: int) -> dict:
+def run_once(redis_url: str, events: int, envelope: int, partitions: int,
+             batch_messages: int = 10) -> dict:
     """Process ``events`` MovieLens clicks in envelopes through the handler (this tree's code)."""
     sys.path.insert(0, str(Path.cwd()))
     import redis
@@ -48,7 +49,11 @@ def run_once(redis_url: str, events: int, envelope: int, partitions: int) -> dic
         batches[int(p)].append(ev)
 
     async def go() -> dict:
-        client = aioredis.Redis.from_url(redis_url)
+        try:  # the client the worker builds (core.redis_client), where the checkout has it
+            from core.redis_client import connect_async
+            client = connect_async(redis_url)
+        except ImportError:
+            client = aioredis.Redis.from_url(redis_url)
         metrics = WorkerMetrics()
         state = WorkerState(metrics)
         if hasattr(click_path, "click_handler"):
@@ -60,8 +65,8 @@ def run_once(redis_url: str, events: int, envelope: int, partitions: int) -> dic
         rows = 0
         for p, evs_p in batches.items():
             offset = 0
-            for start in range(0, len(evs_p), envelope * 10):
-                chunk = evs_p[start:start + envelope * 10]
+            for start in range(0, len(evs_p), envelope * batch_messages):
+                chunk = evs_p[start:start + envelope * batch_messages]
                 messages = []
                 for k in range(0, len(chunk), envelope):
                     messages.append((offset, None, json.dumps(chunk[k:k + envelope]).encode()))
@@ -81,13 +86,15 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=20000)
     ap.add_argument("--envelope", type=int, default=200)
     ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--batch-messages", type=int, default=10, help="messages per handler call")
     ap.add_argument("--redis", help="a Redis URL (default: start one)")
     ap.add_argument("--ab", help="another checkout to compare with, alternately")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.once:
-        print(json.dumps(run_once(args.redis, args.events, args.envelope, args.partitions)))
+        print(json.dumps(run_once(args.redis, args.events, args.envelope, args.partitions,
+                                  args.batch_messages)))
         return
     sys.path.insert(0, str(REPO))
     from headwater.servers import start_redis
@@ -106,7 +113,7 @@ def main() -> None:
                 out = subprocess.run(
                     [sys.executable, str(REPO / "bench" / "click_handler.py"), "--once", "--redis", url,
                      "--events", str(args.events), "--envelope", str(args.envelope),
-                     "--partitions", str(args.partitions)],
+                     "--partitions", str(args.partitions), "--batch-messages", str(args.batch_messages)],
                     cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True,
                     text=True, check=True, timeout=900)
                 res = json.loads(out.stdout.strip().splitlines()[-1])

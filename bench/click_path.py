@@ -419,9 +419,14 @@ def main() -> None:
 
     def make_events(n: int) -> list[dict]:
         base = click_events(ml, 0, min(n, len(ml)))
-        # More events than the dataset holds: repeat it with fresh event ids.
-        return [dict(e, event_id=f"{e['event_id']}#{k}") for k in range(-(-n // len(base)))
-                for e in base][:n]
+        # More events than the dataset holds: repeat it with fresh event ids, each copy
+        # later in time than the one before (as live traffic goes on), not the same
+        # times again: a second copy at the first one's times would make every event of it
+        # a late event, older than everything its entities already counted.
+        times = [e["ts"] for e in base]
+        span = max(times) - min(times) + 1
+        return [dict(e, event_id=f"{e['event_id']}#{k}", ts=e["ts"] + k * span)
+                for k in range(-(-n // len(base))) for e in base][:n]
 
     per_mode = {1: make_events(args.events)}
     if args.envelope > 1 and args.envelope in modes:
