@@ -11,6 +11,12 @@ Measures, in one run and on the same pre-produced MovieLens events:
   (runnable, no free core) from the first output on, to tell the machine from the product;
 * produce → row-on-``train-batches`` latency at a steady rate (p50/p99).
 
+Envelopes run on ``--envelope-events`` (default 200,000: enough takes for the bare
+agent too); events beyond MovieLens's own repeat it with fresh ids, each copy later in
+time. ``--kinds`` picks the consumers: ``bare``, ``worker`` (one ``headwater worker`` on a
+pre-produced backlog), ``workers2`` (two of them, produced once the group has settled).
+``BENCH_PYSPY=<dir>`` records each worker with py-spy.
+
 Run: ``.venv/bin/python bench/click_path.py`` (``--events``, ``--envelope``, ``--rate``).
 """
 
