@@ -11,6 +11,12 @@ Measures, in one run and on the same pre-produced MovieLens events:
   (runnable, no free core) from the first output on, to tell the machine from the product;
 * produce → row-on-``train-batches`` latency at a steady rate (p50/p99).
 
+Envelopes run on ``--envelope-events`` (default 200,000: enough takes for the bare
+agent too); events beyond MovieLens's own repeat it with fresh ids, each copy later in
+time. ``--kinds`` picks the consumers: ``bare``, ``worker`` (one ``headwater worker`` on a
+pre-produced backlog), ``workers2`` (two of them, produced once the group has settled).
+``BENCH_PYSPY=<dir>`` records each worker with py-spy.
+
 Run: ``.venv/bin/python bench/click_path.py`` (``--events``, ``--envelope``, ``--rate``).
 """
 
@@ -75,35 +81,53 @@ def bare_worker_main(kafka: str, redis_url: str, prefix: str) -> None:
     worker.execute_from_commandline()
 
 
-def produce_all(kafka: str, topic: str, events: list[dict], envelope: int) -> int:
+def payloads(events: list[dict], envelope: int) -> list[tuple[int, bytes]]:
+    """(partition, message) for every message: events partitioned by user, single or in
+    envelopes of ``envelope`` (serialised before any timing starts)."""
+    parts = partition_of([e["user_id"] for e in events], PARTITIONS)
+    if envelope <= 1:
+        return [(int(p), json.dumps(ev).encode()) for ev, p in zip(events, parts, strict=True)]
+    out: list[tuple[int, bytes]] = []
+    buffers: dict[int, list] = {p: [] for p in range(PARTITIONS)}
+    for ev, p in zip(events, parts, strict=True):
+        buffers[int(p)].append(ev)
+        if len(buffers[int(p)]) >= envelope:
+            out.append((int(p), json.dumps(buffers[int(p)]).encode()))
+            buffers[int(p)] = []
+    out += [(p, json.dumps(buf).encode()) for p, buf in buffers.items() if buf]
+    return out
+
+
+def produce_all(kafka: str, topic: str, messages: list[tuple[int, bytes]]) -> int:
     producer = KafkaProducer(bootstrap_servers=kafka, linger_ms=20, batch_size=1 << 20,
                              max_request_size=8 << 20)
-    parts = partition_of([e["user_id"] for e in events], PARTITIONS)
-    messages = 0
-    if envelope <= 1:
-        for ev, p in zip(events, parts, strict=True):
-            producer.send(topic, json.dumps(ev).encode(), partition=int(p))
-            messages += 1
-    else:
-        buffers: dict[int, list] = {p: [] for p in range(PARTITIONS)}
-        for ev, p in zip(events, parts, strict=True):
-            buffers[int(p)].append(ev)
-            if len(buffers[int(p)]) >= envelope:
-                producer.send(topic, json.dumps(buffers[int(p)]).encode(), partition=int(p))
-                buffers[int(p)] = []
-                messages += 1
-        for p, buf in buffers.items():
-            if buf:
-                producer.send(topic, json.dumps(buf).encode(), partition=p)
-                messages += 1
+    for p, value in messages:
+        producer.send(topic, value, partition=p)
     producer.flush()
     producer.close()
-    return messages
+    return len(messages)
+
+
+def settled(client: redis.Redis, workers: int) -> bool:
+    """Every worker's heartbeat is in and each holds some clicks partition, all of them held."""
+    from core.health import read_all_sync
+
+    docs = [d for d in read_all_sync(client) if d.get("service") == "worker"]
+    held = [sum(len(v) for k, v in (d.get("assigned") or {}).items() if k.endswith("clicks"))
+            for d in docs]
+    return len(held) == workers and all(held) and sum(held) == PARTITIONS
 
 
 def redis_calls(client: redis.Redis) -> int:
     stats = client.info("commandstats")
     return sum(v["calls"] for k, v in stats.items() if not k.endswith(("info", "config")))
+
+
+def redis_top(client: redis.Redis, n: int = 6) -> dict[str, int]:
+    """The ``n`` commands Redis ran most often (those scripts run included)."""
+    stats = client.info("commandstats")
+    top = sorted(((v["calls"], k.removeprefix("cmdstat_")) for k, v in stats.items()), reverse=True)
+    return {k: c for c, k in top[:n]}
 
 
 def worker_batches(port: int) -> dict:
@@ -189,8 +213,19 @@ class RowWatcher:
         self._thread.join(5)
 
 
+def worker_count(kind: str) -> int:
+    """``worker``: one ``headwater worker``; ``workers2``: two of them on the partitions."""
+    return int(kind.removeprefix("workers") or 1) if kind.startswith("workers") else 1
+
+
 def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dict:
-    """Pre-produce, start the consumer, time first→last event processed."""
+    """Time first → last event processed by ``kind`` (``bare``, ``worker``, ``workersN``).
+
+    ``bare`` and ``worker`` consume a pre-produced backlog. ``workersN`` starts N worker
+    processes first and produces once the group has settled (every worker holding some
+    partition), so that no rebalance falls inside the timing; the messages are
+    serialised before, so producing costs the bench only the sends.
+    """
     broker = start_broker(log_path=workdir / f"broker-{kind}-{envelope}.log")
     rserver = start_redis(log_path=workdir / f"redis-{kind}-{envelope}.log")
     kafka, url = f"127.0.0.1:{broker.port}", rserver.extra["url"]
@@ -198,17 +233,21 @@ def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dic
     settings = Settings(topic_prefix=prefix, partitions=PARTITIONS)
     ensure_topics(settings, kafka)
     client = redis.Redis.from_url(url)
+    msgs = payloads(events, envelope)
+    n_workers = worker_count(kind) if kind != "bare" else 0
+    settle = kind.startswith("workers")
+    procs: list[subprocess.Popen] = []
+    ports: list[int] = []
     try:
-        messages = produce_all(kafka, settings.topics["clicks"], events, envelope)
-        port = free_port()
+        if not settle:
+            produce_all(kafka, settings.topics["clicks"], msgs)
         env = dict(os.environ, HEADWATER_KAFKA=kafka, HEADWATER_REDIS=url, HEADWATER_TOPIC_PREFIX=prefix,
-                   HEADWATER_PARTITIONS=str(PARTITIONS), HEADWATER_WORKER_PORT=str(port),
+                   HEADWATER_PARTITIONS=str(PARTITIONS),
                    HEADWATER_CONTENT_ENCODER="hashing", HEADWATER_LOG_LEVEL="WARNING",
                    HEADWATER_STATE_DIR=str(workdir / "state"))
-        calls0 = redis_calls(client)
         if kind == "bare":
-            proc = start_service([sys.executable, __file__, "--role", "bare", kafka, url, prefix],
-                                 env, workdir / f"bare-{envelope}.log")
+            procs.append(start_service([sys.executable, __file__, "--role", "bare", kafka, url, prefix],
+                                       env, workdir / f"bare-{envelope}.log"))
 
             def progress():
                 first = client.get("bench:bare:first")
@@ -217,20 +256,41 @@ def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dic
                 t_first, n_first = json.loads(first)
                 return int(client.get("bench:bare:count") or 0), t_first, float(client.get("bench:bare:last")), n_first
         else:
-            proc = start_service([sys.executable, "-m", "headwater", "worker"], env,
-                                 workdir / f"worker-{envelope}.log")
+            for i in range(n_workers):
+                ports.append(free_port())
+                procs.append(start_service([sys.executable, "-m", "headwater", "worker"],
+                                           dict(env, HEADWATER_WORKER_PORT=str(ports[-1])),
+                                           workdir / f"{kind}-{i}-{envelope}.log"))
             rows = RowWatcher(kafka, settings.topics["train-batches"])
 
             def progress():
                 return rows.count, rows.first_t, rows.last_t, rows.first_n
+        if settle:
+            deadline = time.monotonic() + 180
+            while not settled(client, n_workers):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{n_workers} workers did not settle on {PARTITIONS} partitions")
+                time.sleep(0.2)
+        calls0 = redis_calls(client)
+        cmds0 = client.info("stats")["total_commands_processed"]
+        if settle:
+            produce_all(kafka, settings.topics["clicks"], msgs)
+        spies = []
+        if kind != "bare" and os.environ.get("BENCH_PYSPY"):  # a profile of each worker
+            for proc in procs:
+                out = Path(os.environ["BENCH_PYSPY"]) / f"{kind}-{envelope}-{proc.pid}.txt"
+                spies.append(subprocess.Popen(
+                    ["py-spy", "record", "-p", str(proc.pid), "-r", "100", "-f", "raw",
+                     "-o", str(out), "--threads"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 600
         cpu0 = n0 = None
-        pids = {"consumer": proc.pid, "redis": rserver.pid, "broker": broker.pid}
+        pids = {**{f"consumer{i}": p.pid for i, p in enumerate(procs)},
+                "redis": rserver.pid, "broker": broker.pid}
         while time.monotonic() < deadline:
             n, t_first, t_last, n_first = progress()
             if cpu0 is None and t_first is not None:
                 # CPU from the first output on: start-up and the group join left out
-                cpu0, n0 = cpu_seconds(proc.pid), n
+                cpu0, n0 = sum(cpu_seconds(p.pid) for p in procs), n
                 sched0 = {k: sched(v) for k, v in pids.items()}
             if n >= len(events):
                 break
@@ -241,21 +301,37 @@ def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dic
             rows.stop()
         seconds = t_last - t_first
         rate = (len(events) - n_first) / seconds if seconds > 0 else float("nan")
-        cpu_us = 1e6 * (cpu_seconds(proc.pid) - cpu0) / max(1, len(events) - n0)
+        counted = max(1, len(events) - n0)
+        cpu_us = 1e6 * (sum(cpu_seconds(p.pid) for p in procs) - cpu0) / counted
         # Per process, from the first output on: CPU seconds and run-queue wait seconds
         # (runnable, no free core: other processes, ours or other engineers').
         sched1 = {k: sched(v) for k, v in pids.items()}
         share = {f"{k}_{w}_s": round(sched1[k][i] - sched0[k][i], 3)
                  for k in pids for i, w in enumerate(("cpu", "wait"))}
+        per_event = {f"{k}_cpu_us_per_event": 1e6 * (sched1[k][0] - sched0[k][0]) / counted
+                     for k in ("redis", "broker")}
         calls = redis_calls(client) - calls0
-        extra = worker_batches(port) if kind != "bare" else {}
-        stop_pid(proc.pid)
-        return {"kind": kind, "envelope": envelope, "events": len(events), "messages": messages,
+        extra: dict = {}
+        for port in ports:
+            for k, v in worker_batches(port).items():
+                extra[k] = extra.get(k, 0.0) + v
+        if ports:  # per batch: means over every worker's batches
+            b = extra.get("batches") or float("nan")
+            extra = {"batches": b,
+                     "events_per_batch": len(events) / b,
+                     "handler_ms_per_batch": extra.get("handler_ms_per_batch", 0.0) / len(ports)}
+        for spy in spies:
+            spy.send_signal(2)
+            spy.wait(30)
+        return {"kind": kind, "envelope": envelope, "events": len(events), "messages": len(msgs),
                 "events_per_s": rate, "cpu_us_per_event": cpu_us, "load": os.getloadavg()[0],
                 "redis_calls_per_event": calls / len(events),
-                "redis_round_trips_per_event": client.info("stats")["total_commands_processed"] / len(events),
-                "seconds": seconds, **share, **extra}
+                "redis_commands_per_event": (client.info("stats")["total_commands_processed"] - cmds0)
+                / len(events),
+                "seconds": seconds, **share, **per_event, "redis_top": redis_top(client), **extra}
     finally:
+        for proc in procs:
+            stop_pid(proc.pid)
         client.close()
         rserver.stop()
         broker.stop()
@@ -333,7 +409,9 @@ def main() -> None:
         bare_worker_main(*sys.argv[3:6])
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, default=20000)
+    ap.add_argument("--events", type=int, default=20000, help="events with single-event messages")
+    ap.add_argument("--envelope-events", type=int, default=200000,
+                    help="events in envelopes (enough that the bare agent takes many batches)")
     ap.add_argument("--envelope", type=int, default=200)
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--latency-seconds", type=float, default=15.0)
@@ -344,44 +422,60 @@ def main() -> None:
     kinds = args.kinds.split(",")
     modes = [m for m in (1, args.envelope) if ("single" if m == 1 else "envelope") in args.modes]
     ml = load_movielens()
-    base = click_events(ml, 0, min(args.events, len(ml)))
-    # More events than the dataset holds: repeat it with fresh event ids.
-    events = [dict(e, event_id=f"{e['event_id']}#{k}") for k in range(-(-args.events // len(base)))
-              for e in base][: args.events]
+
+    def make_events(n: int) -> list[dict]:
+        base = click_events(ml, 0, min(n, len(ml)))
+        # More events than the dataset holds: repeat it with fresh event ids, each copy
+        # later in time than the one before (as live traffic goes on), not the same
+        # times again: a second copy at the first one's times would make every event of it
+        # a late event, older than everything its entities already counted.
+        times = [e["ts"] for e in base]
+        span = max(times) - min(times) + 1
+        return [dict(e, event_id=f"{e['event_id']}#{k}", ts=e["ts"] + k * span)
+                for k in range(-(-n // len(base))) for e in base][:n]
+
+    per_mode = {1: make_events(args.events)}
+    if args.envelope > 1 and args.envelope in modes:
+        per_mode[args.envelope] = make_events(args.envelope_events)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for rep in range(args.repeat):
             for envelope in modes:
                 for kind in (kinds if rep % 2 == 0 else kinds[::-1]):  # alternate the order
-                    r = run_mode(kind, events, envelope, work)
+                    r = run_mode(kind, per_mode[envelope], envelope, work)
                     rows.append(r)
                     print(json.dumps(r), flush=True)
-        lat = latency(events, args.rate, work, args.latency_seconds) if args.latency_seconds > 0 else None
+        lat = latency(per_mode[1], args.rate, work, args.latency_seconds) if args.latency_seconds > 0 else None
         print(json.dumps(lat), flush=True)
 
     def med(kind, env):
         got = [r["events_per_s"] for r in rows if r["kind"] == kind and r["envelope"] == env]
         return statistics.median(got) if got else float("nan")
 
-    def med_cpu(kind, env):
-        got = [r["cpu_us_per_event"] for r in rows if r["kind"] == kind and r["envelope"] == env]
+    def med_cpu(kind, env, key="cpu_us_per_event"):
+        got = [r[key] for r in rows if r["kind"] == kind and r["envelope"] == env]
         return statistics.median(got) if got else float("nan")
 
     loads = [r["load"] for r in rows]
     print(f"\nmedians of {args.repeat}; load average {min(loads):.1f}–{max(loads):.1f} "
-          "(consumer CPU per event: its process's user+system time from its first output on)")
-    print("\n| messages | bare agent events/s | Headwater click path events/s | ratio | "
-          "bare CPU µs/event | Headwater CPU µs/event | ratio per CPU-second | Redis calls/event |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "(consumer CPU per event: its processes' user+system time from the first output on)")
+    print("\n| messages | Headwater | bare agent events/s | Headwater events/s | ratio | "
+          "bare CPU µs/event | Headwater CPU µs/event | ratio per CPU-second | Redis calls/event | "
+          "Headwater: broker + redis-server CPU µs/event |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for env in modes:
-        bare, real = med("bare", env), med("worker", env)
-        calls = statistics.median([r["redis_calls_per_event"] for r in rows
-                                   if r["kind"] == "worker" and r["envelope"] == env] or [float("nan")])
-        label = "single events" if env == 1 else f"envelopes of {env}"
-        cb, cr = med_cpu("bare", env), med_cpu("worker", env)
-        print(f"| {label} | {bare:,.0f} | {real:,.0f} | {real / bare:.2f} | {cb:,.0f} | {cr:,.0f} | "
-              f"{cb / cr:.2f} | {calls:.3f} |")
+        for kind in (k for k in kinds if k != "bare"):
+            bare, real = med("bare", env), med(kind, env)
+            calls = med_cpu(kind, env, "redis_calls_per_event")
+            label = "single events" if env == 1 else f"envelopes of {env}"
+            procs = worker_count(kind)
+            who = "1 worker" if procs == 1 else f"{procs} workers"
+            cb, cr = med_cpu("bare", env), med_cpu(kind, env)
+            print(f"| {label} | {who} | {bare:,.0f} | {real:,.0f} | {real / bare:.2f} | {cb:,.0f} | "
+                  f"{cr:,.0f} | {cb / cr:.2f} | {calls:.3f} | "
+                  f"{med_cpu(kind, env, 'broker_cpu_us_per_event'):,.0f} + "
+                  f"{med_cpu(kind, env, 'redis_cpu_us_per_event'):,.0f} |")
     if lat is None:
         return
     print(f"\nproduce → row on train-batches at {lat['rate']:.0f} events/s (single-event messages): "

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["aidentity", "amget", "cluster_seeds", "connect", "connect_async", "identity",
-           "is_cluster", "is_cluster_url", "mget", "slot_chunks"]
+__all__ = ["aidentity", "amget", "cluster_seeds", "connect", "connect_async", "hiredis_packing",
+           "identity", "is_cluster", "is_cluster_url", "mget", "slot_chunks"]
 
 #: URL scheme of a cluster -> the scheme of one of its nodes
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -79,12 +79,65 @@ def connect(url: str, **kwargs: Any):
                                  **kwargs)
 
 
+_PACKING: dict[type, type] = {}
+
+
+def hiredis_packing(connection_class: type) -> type:
+    """``connection_class`` (a ``redis.asyncio`` connection) packing commands with hiredis.
+
+    redis-py's blocking client packs commands with ``hiredis.pack_command`` (C) when
+    hiredis is installed; its asyncio connection always packs in Python, argument by
+    argument, re-joining the buffer each time. For the store's scripts, which take a key
+    per entity, that was the worker's largest single cost (~1.7 ms for a 400-key command;
+    hiredis: ~0.1 ms). The bytes sent are the same; arguments hiredis does not take
+    (``memoryview``, or a client with another encoding than strict UTF-8) go the Python way,
+    as does every error (so redis-py's ``DataError`` for a bad argument is unchanged).
+
+    >>> from redis.asyncio.connection import Connection
+    >>> fast = hiredis_packing(Connection)()
+    >>> fast.pack_command("CONFIG GET", "maxmemory") == Connection().pack_command(
+    ...     "CONFIG GET", "maxmemory")
+    True
+    """
+    try:
+        import hiredis
+    except ImportError:  # pragma: no cover - hiredis is a dependency
+        return connection_class
+    if connection_class in _PACKING:
+        return _PACKING[connection_class]
+
+    class HiredisPacking(connection_class):  # type: ignore[misc, valid-type]
+        def pack_command(self, *args: Any) -> list[bytes]:
+            enc = self.encoder
+            if enc.encoding.lower().replace("-", "") == "utf8" and enc.encoding_errors == "strict":
+                head = args[0]
+                if isinstance(head, str):
+                    parts = tuple(head.encode().split()) + args[1:]
+                elif isinstance(head, bytes) and b" " in head:
+                    parts = tuple(head.split()) + args[1:]
+                else:
+                    parts = args
+                try:
+                    return [hiredis.pack_command(parts)]
+                except TypeError:
+                    pass  # memoryview or a bad argument: redis-py's own packing and error
+            return super().pack_command(*args)
+
+    HiredisPacking.__name__ = HiredisPacking.__qualname__ = f"HiredisPacking{connection_class.__name__}"
+    _PACKING[connection_class] = HiredisPacking
+    return HiredisPacking
+
+
 def connect_async(url: str, **kwargs: Any):
-    """An asyncio client for ``url``: ``redis.asyncio.Redis``, or its ``RedisCluster``."""
+    """An asyncio client for ``url``: ``redis.asyncio.Redis`` (packing commands with
+    hiredis, :func:`hiredis_packing`), or its ``RedisCluster``."""
     import redis.asyncio
 
     if not is_cluster_url(url):
-        return redis.asyncio.Redis.from_url(url, **kwargs)
+        client = redis.asyncio.Redis.from_url(url, **kwargs)
+        pool = client.connection_pool
+        pool.connection_class = hiredis_packing(pool.connection_class)
+        return client
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
     kwargs = {**CLUSTER_TIMEOUTS, **kwargs}
