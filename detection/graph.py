@@ -67,6 +67,12 @@ _FOLLOWS = {
     "write": frozenset({"create", "truncate"}),
     "read": frozenset({"exec_load", "load"}),
 }
+#: how many of a process's last edges a burst or repeat merge looks back at
+_BURST_LOOKBACK = 16
+#: file ops merged when the same process repeats them on the same file (CPR) or on
+#: files of one directory (a burst)
+_REPEAT_OPS = frozenset({"create", "write", "truncate", "rename", "chmod", "chown", "utime",
+                         "link", "unlink"})
 _SYSTEM_PROGRAMS = ("/usr/bin/", "/bin/", "/usr/sbin/", "/sbin/", "/usr/local/bin/")
 _MISC = {
     "ptrace": "ptrace",
@@ -371,7 +377,10 @@ class ProvenanceGraph:
         :mod:`detection.reduction`.
         """
         edges = proc.edges
-        if not edges or proc.labels:
+        if not edges:
+            return
+        if proc.labels or (proc.parent is not None and proc.parent.labels):
+            self._fold_spawn_exec(proc, op)
             return
         pts, prev, pnid = edges[-1]
         f = None
@@ -395,7 +404,11 @@ class ProvenanceGraph:
                 return
             if prev != "denied":  # a follow-up of the edge before it on the same file
                 if len(edges) < 2 or edges[-2][2] != pnid or edges[-2][1] not in _FOLLOWS[prev]:
+                    self._merge_burst(proc)
                     return
+        elif prev in _REPEAT_OPS:
+            self._merge_burst(proc)
+            return
         else:
             return
         edges.pop()
@@ -413,6 +426,108 @@ class ProvenanceGraph:
                     t[1] -= outside
         self.stats["edges_collected"] += 1
         self.stats["edges_merged"] += 1
+
+    def _fold_spawn_exec(self, proc: ProcNode, op: str | None) -> None:
+        """Spawn of a labelled process (or of a labelled parent's child): one edge, not two.
+
+        The edges are the child's ``fork`` edge (parent -> child, the path labels flowed
+        along) and its first ``exec`` with nothing else in between (in either order: the
+        clone may be logged after the child's exec). The ``fork`` edge stays; the ``exec``
+        folds into it. The stored exec edge names no object: what it adds (image and
+        argv) is on the node while this is the process's only exec, so a process that
+        execs again (*op* ``exec``) keeps both. The rules and the learned baseline saw
+        the exec edge already; a non-system image is a separate ``exec_load`` edge (an
+        edge after the exec: no fold).
+        """
+        edges = proc.edges
+        parent = proc.parent
+        if op == "exec" or parent is None or len(edges) != 2 or proc.n != 2:
+            return
+        (t0, op0, n0), (t1, op1, n1) = edges
+        if op0 == "fork" and op1 == "exec" and n0 == parent.nid:
+            entry = edges[1]
+        elif op0 == "exec" and op1 == "fork" and n1 == parent.nid:
+            entry = edges[0]
+        else:
+            return
+        edges.remove(entry)
+        proc.n -= 1
+        self.stats["edges_collected"] += 1
+        self.stats["edges_merged"] += 1
+
+    def _merge_burst(self, proc: ProcNode) -> None:
+        """A burst of files one process created or wrote in one directory: one edge kept.
+
+        NodeMerge-style: ``git init`` writing its hook samples, ``tar x``, a build's
+        outputs, ``pip install``. The process's last edge (created, written or truncated
+        file *f*) goes when the same process has a retained edge of the same kind on
+        another file of the same directory, among its last ``_BURST_LOOKBACK`` edges. *f*
+        must have no other edge (nobody read or changed it since), carry no label and
+        no rule match; the process is unlabelled. *f* keeps its writer
+        (``FileNode.writer``), so a later reader of *f* still leads back to the process.
+        The dropped edge passed the rules and the baseline in an earlier event.
+        """
+        edges = proc.edges
+        pts, prev, pnid = edges[-1]
+        if prev not in _REPEAT_OPS or not pnid or not pnid.startswith("file:"):
+            return
+        f = self.files.get(pnid[5:])
+        if f is None or f.keep or f.labels or not f.edges or f.edges[-1] != (pts, prev, proc.nid):
+            return
+        n = len(edges)
+        lookback = range(n - 2, max(-1, n - 2 - _BURST_LOOKBACK), -1)
+        if not self._repeats(proc, f, pts, prev, lookback):
+            nid = proc.nid
+            if any(entry[2] != nid for entry in f.edges):
+                return
+            folder = pnid[: pnid.rfind("/") + 1]
+            for i in lookback:
+                ts, eop, enid = edges[i]
+                if (eop != prev or not enid or not enid.startswith(folder)
+                        or "/" in enid[len(folder):]):
+                    continue
+                rep = self.files.get(enid[5:])
+                if rep is not None and (ts, eop, proc.nid) in rep.edges:
+                    break  # the representative edge is still retained
+            else:
+                return
+        edges.pop()
+        proc.n -= 1
+        proc.touched -= 1
+        f.n -= 1
+        f.edges.pop()
+        if f.touchers is not None:
+            t = f.touchers.get(proc)
+            if t is not None:
+                t[0] -= 1
+                t[1] -= 1
+        self.stats["edges_collected"] += 1
+        self.stats["edges_merged"] += 1
+
+    def _repeats(self, proc: ProcNode, f: FileNode, pts: float, op: str, lookback) -> bool:
+        """True when *proc*'s retained edge *op* on *f* at *pts* repeats an earlier one.
+
+        CPR: the same process did the same to the same file before (``git`` renaming a
+        fresh ``config.lock`` onto ``config`` again, a second ``chmod``), that earlier
+        edge is still retained, and every edge of *f* since is this process's own: no
+        one else read or changed the file in between, so the later edge adds no new
+        source or reader of information.
+        """
+        edges = proc.edges
+        for i in lookback:
+            ts, eop, enid = edges[i]
+            if eop == op and enid == f.nid:
+                break
+        else:
+            return False
+        nid = proc.nid
+        since = False
+        for entry in f.edges:
+            if entry == (ts, op, nid):
+                since = True
+            elif since and entry[2] != nid:
+                return False
+        return since
 
     def _collect_file(self, f: FileNode | None) -> None:
         """Drop the edges of a temporary file that lived and died inside one chain.
@@ -438,7 +553,9 @@ class ProvenanceGraph:
     def collect(self, idle: float = 60.0, now: float | None = None) -> int:
         """Drop the edges of idle processes that never changed anything outside themselves.
 
-        A process is garbage when it has been idle for *idle* seconds (log time), it
+        A process is garbage when it has been idle for *idle* seconds (log time) or
+        all it has retained is its spawn (its ``exec`` edges: no input to keep for a
+        later output, and its node keeps image, argv, parent and start time), it
         wrote, created, deleted, renamed, linked, chmod-ed nothing that is still
         retained (collected temp files do not count) and talked to no socket, it
         carries no label, no rule matched on it, and all its children are collected
@@ -457,7 +574,7 @@ class ProvenanceGraph:
             changed = False
             for p in self.procs.values():
                 if (p.collected or p.touched or p.keep or p.labels or p.kids > 0 or p.login
-                        or p.service or p.last_ts > horizon):
+                        or p.service or (p.last_ts > horizon and not _spawn_only(p))):
                     continue
                 total += p.n
                 p.n = 0
@@ -844,6 +961,23 @@ class ProvenanceGraph:
             "edges_live": nedges,
             "memory_bytes": mem,
         }
+
+
+def _spawn_only(p: ProcNode) -> bool:
+    """True when every edge *p* still owns is one of its own ``exec`` edges.
+
+    The idle window of garbage collection keeps what a live process read in case a
+    later output of it makes those inputs part of an attack's path; a process whose
+    retained edges are only its spawn has no such input (a pristine system image is
+    not an edge, a non-system image is an ``exec_load`` edge and keeps it).
+    """
+    n = p.n
+    if not n:
+        return False
+    for _, op, _ in p.edges:
+        if op == "exec":
+            n -= 1
+    return n == 0
 
 
 def _handlers() -> dict[str, Callable[..., None]]:
