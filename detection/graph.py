@@ -560,7 +560,10 @@ class ProvenanceGraph:
         retained (collected temp files do not count) and talked to no socket, it
         carries no label, no rule matched on it, and all its children are collected
         already (leaves first). Its node stays (ancestry,
-        chain roots); its edges and the fork edge that created it are gone. Returns
+        chain roots); its edges and the fork edge that created it are gone. A process
+        with children still retained loses only its ``exec`` edges, and only when they
+        are all it has (``sh -c`` or ``run-parts`` between a service and the program
+        it runs): its node, which its children point to, stays the path. Returns
         the number of edges collected.
         """
         if not self.reduce:
@@ -573,8 +576,16 @@ class ProvenanceGraph:
         while changed:
             changed = False
             for p in self.procs.values():
-                if (p.collected or p.touched or p.keep or p.labels or p.kids > 0 or p.login
-                        or p.service or (p.last_ts > horizon and not _spawn_only(p))):
+                if p.collected or p.touched or p.keep or p.labels or p.login or p.service:
+                    continue
+                if p.kids > 0:
+                    if _spawn_only(p):  # an ancestor down to its spawn: the node is the path
+                        total += p.n
+                        p.n = 0
+                        for entry in [e for e in p.edges if e[1] == "exec"]:
+                            p.edges.remove(entry)
+                    continue
+                if p.last_ts > horizon and not _spawn_only(p):
                     continue
                 total += p.n
                 p.n = 0

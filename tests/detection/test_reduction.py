@@ -352,3 +352,24 @@ def test_a_labelled_process_that_execs_again_keeps_both_execs():
     L.execve(13, 12, "/usr/bin/make", ["make"])
     eng = _same_detection(L.lines)
     assert _retained(eng.graph.procs[13]) == ["fork", "exec", "exec"]
+
+
+def test_an_ancestor_down_to_its_spawn_loses_its_exec_edge_but_stays_the_path():
+    """``sh -c`` between a shell and the program it runs: only the node is needed."""
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/dash", ["sh", "-c", "mytool"])
+    L.fork(12, 11, 13)
+    L.execve(13, 12, "/usr/bin/mytool", ["mytool"])
+    L.open(13, 12, "/usr/bin/mytool", "/home/u/out", create=True)  # an effect: 13 stays
+    L.fork(11, 10, 14)
+    L.execve(14, 11, "/usr/bin/dash", ["sh", "-c", "id"])
+    L.fork(14, 11, 15)
+    L.execve(15, 14, "/usr/bin/id", ["id"])  # discovery: a rule matched on 15
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    sh = g.procs[12]
+    assert not sh.collected and sh.n == 0 and "exec" not in _retained(sh)
+    assert g.procs[13].parent is sh and sh.parent is g.procs[11] and sh.argv[:2] == ["sh", "-c"]
+    assert _retained(g.procs[13]) == ["exec", "create"]
+    assert g.procs[15].keep and _retained(g.procs[15]) == ["exec"]  # matched: kept
