@@ -67,6 +67,9 @@ _FOLLOWS = {
     "write": frozenset({"create", "truncate"}),
     "read": frozenset({"exec_load", "load"}),
 }
+#: a child's first edge after its fork that makes the fork edge redundant (spawn): a new
+#: image (``exec``) or new credentials (``setuid``: nothing ran under the parent's ids)
+_SPAWN_INTO = frozenset({"exec", "setuid"})
 #: how many of a process's last edges a burst or repeat merge looks back at
 _BURST_LOOKBACK = 16
 #: file ops merged when the same process repeats them on the same file (CPR) or on
@@ -386,7 +389,8 @@ class ProvenanceGraph:
         f = None
         if prev == "fork":  # spawn: the child's fork edge, merged into its exec
             parent = proc.parent
-            if op != "exec" or parent is None or pnid != parent.nid or proc.n != 1 or parent.labels:
+            if (op not in _SPAWN_INTO or parent is None or pnid != parent.nid or proc.n != 1
+                    or parent.labels):
                 return
         elif prev == "setuid":  # credential burst: nothing ran under the earlier ids
             if op != "setuid":
@@ -401,7 +405,9 @@ class ProvenanceGraph:
             if f is None or f.keep or f.labels or not f.edges:
                 return
             if f.edges[-1] != (pts, prev, proc.nid):
-                return
+                # a failed open moved nothing: others may have used the file since
+                if prev != "denied" or (pts, prev, proc.nid) not in f.edges:
+                    return
             if prev != "denied":  # a follow-up of the edge before it on the same file
                 if len(edges) < 2 or edges[-2][2] != pnid or edges[-2][1] not in _FOLLOWS[prev]:
                     self._merge_burst(proc)
@@ -418,7 +424,10 @@ class ProvenanceGraph:
             proc.touched -= 1
         if f is not None:
             f.n -= 1
-            f.edges.pop()
+            if f.edges[-1] == (pts, prev, proc.nid):
+                f.edges.pop()
+            else:
+                f.edges.remove((pts, prev, proc.nid))
             if f.touchers is not None:
                 t = f.touchers.get(proc)
                 if t is not None:

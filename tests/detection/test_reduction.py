@@ -172,7 +172,30 @@ def test_fork_logged_after_the_childs_exec_is_merged_at_the_next_collection():
     eng = _same_detection(L.lines)  # flush() collects
     g = eng.graph
     assert _retained(g.procs[12]) == ["exec", "read"] and g.procs[12].n == 2
-    assert _retained(g.procs[13])[:2] == ["fork", "setuid"]
+    # sudo's child: nothing ran under the parent's ids, its fork goes into the setuid
+    assert _retained(g.procs[13]) == ["setuid", "exec"] and g.procs[13].parent is g.procs[11]
+
+
+def test_fork_edge_stays_when_the_child_acts_before_an_exec_or_a_credential_change():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.open(12, 11, "/usr/bin/bash", "/home/u/out.txt", create=True)  # cat > out.txt
+    L.execve(12, 11, "/usr/bin/cat", ["cat"])
+    eng = _same_detection(L.lines)
+    assert _retained(eng.graph.procs[12]) == ["fork", "create", "exec"]
+
+
+def test_a_failed_open_goes_even_when_another_process_used_the_file_since():
+    L = _login_shell()
+    for pid in (12, 13):  # two clear_console runs in a row
+        L.fork(11, 10, pid)
+        L.execve(pid, 11, "/usr/bin/clear_console", ["clear_console"])
+        L.open(pid, 11, "/usr/bin/clear_console", "/dev/console", success="no")
+    L.open(12, 11, "/usr/bin/clear_console", "/home/u/x", write=False)  # 12 moves on
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    assert _retained(g.procs[12]) == ["exec", "read"]
+    assert g.files["/dev/console"].n == 0 and not g.files["/dev/console"].edges
 
 
 def test_failed_open_that_is_a_process_last_edge_goes_at_collection():
