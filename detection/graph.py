@@ -465,15 +465,20 @@ class ProvenanceGraph:
         self.stats["edges_merged"] += 1
 
     def _merge_burst(self, proc: ProcNode) -> None:
-        """A burst of files one process created or wrote in one directory: one edge kept.
+        """Collect *proc*'s last edge when it repeats a change it made before (CPR, bursts).
 
-        NodeMerge-style: ``git init`` writing its hook samples, ``tar x``, a build's
-        outputs, ``pip install``. The process's last edge (created, written or truncated
-        file *f*) goes when the same process has a retained edge of the same kind on
-        another file of the same directory, among its last ``_BURST_LOOKBACK`` edges. *f*
-        must have no other edge (nobody read or changed it since), carry no label and
-        no rule match; the process is unlabelled. *f* keeps its writer
-        (``FileNode.writer``), so a later reader of *f* still leads back to the process.
+        The last edge is a change (``_REPEAT_OPS``) of file *f*; among the process's last
+        ``_BURST_LOOKBACK`` edges the nearest retained one of the same kind decides:
+
+        * on *f* itself (a **repeat**: ``git`` renaming a fresh ``config.lock`` onto
+          ``config`` again, a second ``chmod``): every edge of *f* since that one is the
+          process's own, so nobody read the version in between;
+        * on another file of *f*'s directory (a **burst**, NodeMerge-style: ``git init``
+          writing its hook samples, ``tar x``, a build's outputs): *f* has no edge of
+          anyone else. The earlier edge stands for the burst, and *f* keeps its writer
+          (``FileNode.writer``), so a later reader of *f* still leads back to the process.
+
+        *f* carries no label and no rule match; the process is unlabelled (the caller).
         The dropped edge passed the rules and the baseline in an earlier event.
         """
         edges = proc.edges
@@ -481,25 +486,36 @@ class ProvenanceGraph:
         if prev not in _REPEAT_OPS or not pnid or not pnid.startswith("file:"):
             return
         f = self.files.get(pnid[5:])
-        if f is None or f.keep or f.labels or not f.edges or f.edges[-1] != (pts, prev, proc.nid):
+        nid = proc.nid
+        if f is None or f.keep or f.labels or not f.edges or f.edges[-1] != (pts, prev, nid):
             return
+        cut = pnid.rfind("/") + 1
+        folder = pnid[:cut]
         n = len(edges)
-        lookback = range(n - 2, max(-1, n - 2 - _BURST_LOOKBACK), -1)
-        if not self._repeats(proc, f, pts, prev, lookback):
-            nid = proc.nid
-            if any(entry[2] != nid for entry in f.edges):
-                return
-            folder = pnid[: pnid.rfind("/") + 1]
-            for i in lookback:
-                ts, eop, enid = edges[i]
-                if (eop != prev or not enid or not enid.startswith(folder)
-                        or "/" in enid[len(folder):]):
-                    continue
+        for i in range(n - 2, max(-1, n - 2 - _BURST_LOOKBACK), -1):
+            ts, eop, enid = edges[i]
+            if eop != prev or not enid:
+                continue
+            if enid == pnid:  # a repeat: the process's own edges on f since
+                since = False
+                for entry in f.edges:
+                    if entry == (ts, eop, nid):
+                        since = True
+                    elif since and entry[2] != nid:
+                        return
+                if since:
+                    break
+                return  # that edge went with the file (a temp file gone)
+            if enid.startswith(folder) and "/" not in enid[cut:]:  # a burst
                 rep = self.files.get(enid[5:])
-                if rep is not None and (ts, eop, proc.nid) in rep.edges:
-                    break  # the representative edge is still retained
-            else:
-                return
+                if rep is None or (ts, eop, nid) not in rep.edges:
+                    continue  # not retained: look further back
+                for entry in f.edges:
+                    if entry[2] != nid:
+                        return
+                break
+        else:
+            return
         edges.pop()
         proc.n -= 1
         proc.touched -= 1
@@ -512,31 +528,6 @@ class ProvenanceGraph:
                 t[1] -= 1
         self.stats["edges_collected"] += 1
         self.stats["edges_merged"] += 1
-
-    def _repeats(self, proc: ProcNode, f: FileNode, pts: float, op: str, lookback) -> bool:
-        """True when *proc*'s retained edge *op* on *f* at *pts* repeats an earlier one.
-
-        CPR: the same process did the same to the same file before (``git`` renaming a
-        fresh ``config.lock`` onto ``config`` again, a second ``chmod``), that earlier
-        edge is still retained, and every edge of *f* since is this process's own: no
-        one else read or changed the file in between, so the later edge adds no new
-        source or reader of information.
-        """
-        edges = proc.edges
-        for i in lookback:
-            ts, eop, enid = edges[i]
-            if eop == op and enid == f.nid:
-                break
-        else:
-            return False
-        nid = proc.nid
-        since = False
-        for entry in f.edges:
-            if entry == (ts, op, nid):
-                since = True
-            elif since and entry[2] != nid:
-                return False
-        return since
 
     def _collect_file(self, f: FileNode | None) -> None:
         """Drop the edges of a temporary file that lived and died inside one chain.
