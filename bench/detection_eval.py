@@ -56,10 +56,14 @@ def attack_edges_lost(lines: list[str], attacker: set) -> int:
     unmodified system programs/libraries and failed opens of /proc or /sys pseudo files
     are not counted: nothing flows over them (the exec edge keeps the image path).
     """
+    images: dict = {}  # id(exec edge) -> (image, argv) when it was emitted
+
     def run(reduce):
         got: dict = {}
 
         def sink(e):
+            if e.op == "exec":
+                images[id(e)] = (e.proc.exe, e.proc.argv)
             if e.proc.pid in attacker and (e.proc.labels or (e.obj is not None and e.obj.labels)):
                 got.setdefault((e.proc.pid, e.op, e.obj.nid if e.obj is not None else None),
                                []).append(e)
@@ -77,14 +81,24 @@ def attack_edges_lost(lines: list[str], attacker: set) -> int:
         if e.op == "fork":  # a fork edge belongs to the child
             return not e.obj.collected and (e.ts, "fork", e.proc.nid) in e.obj.edges
         obj = e.obj.nid if e.obj is not None else None
-        return not e.proc.collected and (e.ts, e.op, obj) in e.proc.edges
+        if e.proc.collected:
+            return False
+        if (e.ts, e.op, obj) in e.proc.edges:
+            return True
+        # a spawn's exec folded into the fork edge (labelled processes): the fork edge
+        # is retained and the node still shows this exec's image and argv
+        parent = e.proc.parent
+        return (e.op == "exec" and parent is not None
+                and images.get(id(e)) == (e.proc.exe, e.proc.argv)
+                and any(op == "fork" and nid == parent.nid for _, op, nid in e.proc.edges))
 
     full, _ = run(False)
     reduced, eng = run(True)
     system = ("file:/lib", "file:/usr/lib", "file:/usr/bin/", "file:/bin/", "file:/usr/sbin/")
     gone = set(full) - {k for k, es in reduced.items() if any(map(retained, es))}
     lost = [e for e in gone
-            if e[2] and not (e[1] in ("exec_load", "load", "read") and e[2].startswith(system))
+            if (e[2] or e[1] == "exec")
+            and not (e[1] in ("exec_load", "load", "read") and (e[2] or "").startswith(system))
             and not (e[1] == "denied" and e[2].startswith(("file:/proc/", "file:/sys/")))]
     collected = [p for p in eng.graph.procs.values()
                  if p.pid in attacker and (p.labels or p.keep) and p.collected]

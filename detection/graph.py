@@ -67,6 +67,15 @@ _FOLLOWS = {
     "write": frozenset({"create", "truncate"}),
     "read": frozenset({"exec_load", "load"}),
 }
+#: a child's first edge after its fork that makes the fork edge redundant (spawn): a new
+#: image (``exec``) or new credentials (``setuid``: nothing ran under the parent's ids)
+_SPAWN_INTO = frozenset({"exec", "setuid"})
+#: how many of a process's last edges a burst or repeat merge looks back at
+_BURST_LOOKBACK = 16
+#: file ops merged when the same process repeats them on the same file (CPR) or on
+#: files of one directory (a burst)
+_REPEAT_OPS = frozenset({"create", "write", "truncate", "rename", "chmod", "chown", "utime",
+                         "link", "unlink"})
 _SYSTEM_PROGRAMS = ("/usr/bin/", "/bin/", "/usr/sbin/", "/sbin/", "/usr/local/bin/")
 _MISC = {
     "ptrace": "ptrace",
@@ -371,13 +380,17 @@ class ProvenanceGraph:
         :mod:`detection.reduction`.
         """
         edges = proc.edges
-        if not edges or proc.labels:
+        if not edges:
+            return
+        if proc.labels or (proc.parent is not None and proc.parent.labels):
+            self._fold_spawn_exec(proc, op)
             return
         pts, prev, pnid = edges[-1]
         f = None
         if prev == "fork":  # spawn: the child's fork edge, merged into its exec
             parent = proc.parent
-            if op != "exec" or parent is None or pnid != parent.nid or proc.n != 1 or parent.labels:
+            if (op not in _SPAWN_INTO or parent is None or pnid != parent.nid or proc.n != 1
+                    or parent.labels):
                 return
         elif prev == "setuid":  # credential burst: nothing ran under the earlier ids
             if op != "setuid":
@@ -392,10 +405,16 @@ class ProvenanceGraph:
             if f is None or f.keep or f.labels or not f.edges:
                 return
             if f.edges[-1] != (pts, prev, proc.nid):
-                return
+                # a failed open moved nothing: others may have used the file since
+                if prev != "denied" or (pts, prev, proc.nid) not in f.edges:
+                    return
             if prev != "denied":  # a follow-up of the edge before it on the same file
                 if len(edges) < 2 or edges[-2][2] != pnid or edges[-2][1] not in _FOLLOWS[prev]:
+                    self._merge_burst(proc)
                     return
+        elif prev in _REPEAT_OPS:
+            self._merge_burst(proc)
+            return
         else:
             return
         edges.pop()
@@ -405,12 +424,108 @@ class ProvenanceGraph:
             proc.touched -= 1
         if f is not None:
             f.n -= 1
-            f.edges.pop()
+            if f.edges[-1] == (pts, prev, proc.nid):
+                f.edges.pop()
+            else:
+                f.edges.remove((pts, prev, proc.nid))
             if f.touchers is not None:
                 t = f.touchers.get(proc)
                 if t is not None:
                     t[0] -= 1
                     t[1] -= outside
+        self.stats["edges_collected"] += 1
+        self.stats["edges_merged"] += 1
+
+    def _fold_spawn_exec(self, proc: ProcNode, op: str | None) -> None:
+        """Spawn of a labelled process (or of a labelled parent's child): one edge, not two.
+
+        The edges are the child's ``fork`` edge (parent -> child, the path labels flowed
+        along) and its first ``exec`` with nothing else in between (in either order: the
+        clone may be logged after the child's exec). The ``fork`` edge stays; the ``exec``
+        folds into it. The stored exec edge names no object: what it adds (image and
+        argv) is on the node while this is the process's only exec, so a process that
+        execs again (*op* ``exec``) keeps both. The rules and the learned baseline saw
+        the exec edge already; a non-system image is a separate ``exec_load`` edge (an
+        edge after the exec: no fold).
+        """
+        edges = proc.edges
+        parent = proc.parent
+        if op == "exec" or parent is None or len(edges) != 2 or proc.n != 2:
+            return
+        (t0, op0, n0), (t1, op1, n1) = edges
+        if op0 == "fork" and op1 == "exec" and n0 == parent.nid:
+            entry = edges[1]
+        elif op0 == "exec" and op1 == "fork" and n1 == parent.nid:
+            entry = edges[0]
+        else:
+            return
+        edges.remove(entry)
+        proc.n -= 1
+        self.stats["edges_collected"] += 1
+        self.stats["edges_merged"] += 1
+
+    def _merge_burst(self, proc: ProcNode) -> None:
+        """Collect *proc*'s last edge when it repeats a change it made before (CPR, bursts).
+
+        The last edge is a change (``_REPEAT_OPS``) of file *f*; among the process's last
+        ``_BURST_LOOKBACK`` edges the nearest retained one of the same kind decides:
+
+        * on *f* itself (a **repeat**: ``git`` renaming a fresh ``config.lock`` onto
+          ``config`` again, a second ``chmod``): every edge of *f* since that one is the
+          process's own, so nobody read the version in between;
+        * on another file of *f*'s directory (a **burst**, NodeMerge-style: ``git init``
+          writing its hook samples, ``tar x``, a build's outputs): *f* has no edge of
+          anyone else. The earlier edge stands for the burst, and *f* keeps its writer
+          (``FileNode.writer``), so a later reader of *f* still leads back to the process.
+
+        *f* carries no label and no rule match; the process is unlabelled (the caller).
+        The dropped edge passed the rules and the baseline in an earlier event.
+        """
+        edges = proc.edges
+        pts, prev, pnid = edges[-1]
+        if prev not in _REPEAT_OPS or not pnid or not pnid.startswith("file:"):
+            return
+        f = self.files.get(pnid[5:])
+        nid = proc.nid
+        if f is None or f.keep or f.labels or not f.edges or f.edges[-1] != (pts, prev, nid):
+            return
+        cut = pnid.rfind("/") + 1
+        folder = pnid[:cut]
+        n = len(edges)
+        for i in range(n - 2, max(-1, n - 2 - _BURST_LOOKBACK), -1):
+            ts, eop, enid = edges[i]
+            if eop != prev or not enid:
+                continue
+            if enid == pnid:  # a repeat: the process's own edges on f since
+                since = False
+                for entry in f.edges:
+                    if entry == (ts, eop, nid):
+                        since = True
+                    elif since and entry[2] != nid:
+                        return
+                if since:
+                    break
+                return  # that edge went with the file (a temp file gone)
+            if enid.startswith(folder) and "/" not in enid[cut:]:  # a burst
+                rep = self.files.get(enid[5:])
+                if rep is None or (ts, eop, nid) not in rep.edges:
+                    continue  # not retained: look further back
+                for entry in f.edges:
+                    if entry[2] != nid:
+                        return
+                break
+        else:
+            return
+        edges.pop()
+        proc.n -= 1
+        proc.touched -= 1
+        f.n -= 1
+        f.edges.pop()
+        if f.touchers is not None:
+            t = f.touchers.get(proc)
+            if t is not None:
+                t[0] -= 1
+                t[1] -= 1
         self.stats["edges_collected"] += 1
         self.stats["edges_merged"] += 1
 
@@ -438,12 +553,17 @@ class ProvenanceGraph:
     def collect(self, idle: float = 60.0, now: float | None = None) -> int:
         """Drop the edges of idle processes that never changed anything outside themselves.
 
-        A process is garbage when it has been idle for *idle* seconds (log time), it
+        A process is garbage when it has been idle for *idle* seconds (log time) or
+        all it has retained is its spawn (its ``exec`` edges: no input to keep for a
+        later output, and its node keeps image, argv, parent and start time), it
         wrote, created, deleted, renamed, linked, chmod-ed nothing that is still
         retained (collected temp files do not count) and talked to no socket, it
         carries no label, no rule matched on it, and all its children are collected
         already (leaves first). Its node stays (ancestry,
-        chain roots); its edges and the fork edge that created it are gone. Returns
+        chain roots); its edges and the fork edge that created it are gone. A process
+        with children still retained loses only its ``exec`` edges, and only when they
+        are all it has (``sh -c`` or ``run-parts`` between a service and the program
+        it runs): its node, which its children point to, stays the path. Returns
         the number of edges collected.
         """
         if not self.reduce:
@@ -456,8 +576,16 @@ class ProvenanceGraph:
         while changed:
             changed = False
             for p in self.procs.values():
-                if (p.collected or p.touched or p.keep or p.labels or p.kids > 0 or p.login
-                        or p.service or p.last_ts > horizon):
+                if p.collected or p.touched or p.keep or p.labels or p.login or p.service:
+                    continue
+                if p.kids > 0:
+                    if _spawn_only(p):  # an ancestor down to its spawn: the node is the path
+                        total += p.n
+                        p.n = 0
+                        for entry in [e for e in p.edges if e[1] == "exec"]:
+                            p.edges.remove(entry)
+                    continue
+                if p.last_ts > horizon and not _spawn_only(p):
                     continue
                 total += p.n
                 p.n = 0
@@ -844,6 +972,23 @@ class ProvenanceGraph:
             "edges_live": nedges,
             "memory_bytes": mem,
         }
+
+
+def _spawn_only(p: ProcNode) -> bool:
+    """True when every edge *p* still owns is one of its own ``exec`` edges.
+
+    The idle window of garbage collection keeps what a live process read in case a
+    later output of it makes those inputs part of an attack's path; a process whose
+    retained edges are only its spawn has no such input (a pristine system image is
+    not an edge, a non-system image is an ``exec_load`` edge and keeps it).
+    """
+    n = p.n
+    if not n:
+        return False
+    for _, op, _ in p.edges:
+        if op == "exec":
+            n -= 1
+    return n == 0
 
 
 def _handlers() -> dict[str, Callable[..., None]]:

@@ -27,20 +27,45 @@ temporary files created and deleted (or renamed away) unread by anyone else (git
 objects and lock files, ``crontab``'s and ``ln``'s temp files). They can no longer
 be on an attack's causal path: nothing flowed out of them.
 
+Collection also takes, without waiting for the idle window, a process whose only
+retained edges are its ``exec`` edges (``date``, ``dircolors``, a ``clear_console``
+whose failed open went): the window keeps a live process's *inputs* in case a later
+output makes them part of an attack's path, and such a process has none; its node
+keeps image, argv, parent and start time, and it is active again at its next edge.
+A process with retained children loses only those ``exec`` edges (``sh -c`` and
+``run-parts`` between a service and what it runs): the children point to its node.
+
 A fourth pass merges edges that a later edge of the same process makes redundant
 (CPR-style: same entities, no information flow in between), also after detection:
 the dropped edge came in an earlier event and went through the rules and the learned
 baseline already, so no alert, technique or label can change
 (:meth:`detection.graph.ProvenanceGraph._merge_previous`). It never touches an edge
 of a labelled process, parent included for a fork (those edges are the information-flow
-path an investigation follows), nor an edge whose file carries a label or was matched
-by a rule. ``bench/detection_eval.py`` checks that no labelled attack edge goes:
+path an investigation follows), except the spawn fold below, nor an edge whose file
+carries a label or was matched by a rule. ``bench/detection_eval.py`` checks that no
+labelled attack edge goes (an attacker's folded ``exec`` counts as lost unless its
+fork edge stays and the node still shows that exec's image and argv):
 
-* **Spawn**: a child's ``fork`` edge when the child's first action is ``exec``
-  (also when the audit log records the clone after the child's exec). The fork
-  carries no data; the parent and start time stay on the child node and the exec
-  edge keeps image and argv. A child that does anything else first (``cat > f``
-  opening its redirection, ``sudo``'s child changing credentials) keeps it.
+* **Spawn**: a child's ``fork`` edge when the child's first action is ``exec`` or a
+  credential change (also when the audit log records the clone after the child's
+  exec). The fork carries no data; the parent and start time stay on the child node,
+  the exec edge keeps image and argv, and nothing ran in the child under the parent's
+  ids before a ``setuid`` (``sshd``'s privilege-separated child, ``sudo``'s child). A
+  child that does anything else first (``cat > f`` opening its redirection) keeps it.
+* **Spawn of a labelled process** (or of a labelled parent's child): the other way
+  round, the ``fork`` edge (parent -> child, the path the label flowed along) stays
+  and the child's first ``exec`` folds into it, when the two are all the child has.
+  The stored exec edge names no object; image and argv are on the node while it is
+  the only exec (a second exec keeps both).
+* **Repeats**: the same change (create, write, truncate, rename, chmod, chown, utime,
+  link, unlink) by the same process on the same file again, every edge of the file
+  since the first being the process's own (``git`` renaming a new ``config.lock``
+  onto ``config`` several times): nobody read the version in between.
+* **Bursts** (NodeMerge-style): the same change by one process on another file of a
+  directory where it made that change before, the file having no edge of anyone else
+  (``git init``'s hook samples, ``tar x``, a build's outputs). One edge stands for the
+  burst; each file keeps its writer (``FileNode.writer``), so a later reader of one of
+  them still leads back to the process.
 * **Credential bursts**: a ``setuid``-family edge followed by another one with no
   edge of the process in between. No recorded action ran under the earlier ids;
   the last change and every change an action ran under stay. (No rule matches
@@ -49,8 +74,8 @@ by a rule. ``bench/detection_eval.py`` checks that no labelled attack edge goes:
   with nothing in between (``env``, ``nice``, ``sh -c cmd``), when no rule matched
   the process. Its image ran no recorded action.
 * **Failed opens**: a ``denied`` open of an unlabelled, unmatched file, once the
-  process has moved on (or at the next collection). Nothing flows either way; a
-  failed open of a credential store is labelled and stays.
+  process has moved on (or at the next collection), whoever used the file since.
+  Nothing flows either way; a failed open of a credential store is labelled and stays.
 * **Follow-ups of a write**: ``utime``, ``chmod``, ``chown`` or ``write`` right after
   the same process created, wrote or truncated the same file (and a ``read`` right
   after it loaded it as an image), with no other edge on the file in between: the

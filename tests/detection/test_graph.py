@@ -252,8 +252,10 @@ def test_garbage_collection_of_self_contained_processes_and_temp_files():
     assert g.files["/home/u/out.txt"].n == 1
     true_edges = g.procs[12].n
     assert true_edges == 1  # its exec edge (its fork edge was merged into it)
-    assert g.collect(idle=0.0, now=10**10) == true_edges
+    # and the shell's exec edge: all it has, its retained child 13 points to its node
+    assert g.collect(idle=0.0, now=10**10) == true_edges + 1
     assert g.procs[12].collected and not g.procs[13].collected
+    assert g.procs[11].n == 0 and not g.procs[11].collected
     assert g.procs[13].touched and g.procs[11].kids == 1  # a retained child keeps its parent
     assert not g.procs[10].collected
     # active again: no longer collected, and its parent waits for it

@@ -7,6 +7,8 @@ with and without reduction.
 
 from __future__ import annotations
 
+import os.path
+
 from detection.engine import DetectionEngine, EngineConfig
 from tests.detection.test_graph import Log, _login_shell
 
@@ -50,11 +52,12 @@ def test_fork_edge_is_merged_into_the_childs_exec_but_not_into_other_edges():
     L = _login_shell()
     L.fork(11, 10, 12)
     L.execve(12, 11, "/usr/bin/make", ["make"])
+    L.open(12, 11, "/usr/bin/make", "/home/u/Makefile", write=False)
     L.fork(11, 10, 13)  # a subshell that connects out without exec
     L.connect(13, 11, "/usr/bin/bash", 4444)
     eng = _same_detection(L.lines)
     g = eng.graph
-    assert _retained(g.procs[12]) == ["exec"] and g.procs[12].n == 1
+    assert _retained(g.procs[12]) == ["exec", "read"] and g.procs[12].n == 2
     assert g.procs[12].parent is g.procs[11]  # the fork lives on in the child node
     assert _retained(g.procs[13]) == ["fork", "connect"] and g.procs[13].n == 2
     assert g.stats["edges_merged"] >= 2  # the shell's and make's fork edges
@@ -82,12 +85,13 @@ def test_exec_chain_drops_the_replaced_wrapper_unless_a_rule_matched_it():
     L.fork(11, 10, 12)
     L.execve(12, 11, "/usr/bin/env", ["env", "-i", "make"])
     L.execve(12, 11, "/usr/bin/make", ["make"])
+    L.open(12, 11, "/usr/bin/make", "/home/u/Makefile", write=False)
     L.fork(11, 10, 13)
     L.execve(13, 11, "/usr/bin/id", ["id"])  # discovery: explained by an alert
     L.execve(13, 11, "/usr/bin/make", ["make"])
     eng = _same_detection(L.lines)
     g = eng.graph
-    assert _retained(g.procs[12]) == ["exec"] and g.procs[12].argv == ["make"]
+    assert _retained(g.procs[12]) == ["exec", "read"] and g.procs[12].argv == ["make"]
     assert g.procs[13].keep and _retained(g.procs[13]) == ["exec", "exec"]
     assert any("T1033" in a["techniques"] for a in eng.alerts("low"))
 
@@ -116,7 +120,7 @@ def test_metadata_set_by_the_writer_is_merged_into_the_write_unless_a_rule_match
     L.execve(12, 11, "/usr/bin/mytool", ["mytool"])
     L.open(12, 11, "/usr/bin/mytool", "/home/u/build/a.out", create=True)
     _chmod(L, 12, 11, "/usr/bin/mytool", "/home/u/build/a.out")
-    L.open(12, 11, "/usr/bin/mytool", "/home/u/build/b.out", create=True)
+    L.open(12, 11, "/usr/bin/mytool", "/home/u/dist/b.out", create=True)
     # the same shape in a hidden temp dir: +x there is an ATT&CK match, so it stays
     L.fork(11, 10, 13)
     L.execve(13, 11, "/usr/bin/mytool", ["mytool"])
@@ -161,13 +165,37 @@ def test_fork_logged_after_the_childs_exec_is_merged_at_the_next_collection():
     L = _login_shell()
     L.execve(12, 11, "/usr/bin/make", ["make"])  # the clone's record comes after the child's
     L.fork(11, 10, 12)
+    L.open(12, 11, "/usr/bin/make", "/home/u/Makefile", write=False)
     L.fork(11, 10, 13)
     _setid(L, 13, 11, 0)  # sudo's child: credentials first, then the program
     L.execve(13, 11, "/usr/bin/tail", ["tail", "/var/log/syslog"])
     eng = _same_detection(L.lines)  # flush() collects
     g = eng.graph
-    assert _retained(g.procs[12]) == ["exec"] and g.procs[12].n == 1
-    assert _retained(g.procs[13])[:2] == ["fork", "setuid"]
+    assert _retained(g.procs[12]) == ["exec", "read"] and g.procs[12].n == 2
+    # sudo's child: nothing ran under the parent's ids, its fork goes into the setuid
+    assert _retained(g.procs[13]) == ["setuid", "exec"] and g.procs[13].parent is g.procs[11]
+
+
+def test_fork_edge_stays_when_the_child_acts_before_an_exec_or_a_credential_change():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.open(12, 11, "/usr/bin/bash", "/home/u/out.txt", create=True)  # cat > out.txt
+    L.execve(12, 11, "/usr/bin/cat", ["cat"])
+    eng = _same_detection(L.lines)
+    assert _retained(eng.graph.procs[12]) == ["fork", "create", "exec"]
+
+
+def test_a_failed_open_goes_even_when_another_process_used_the_file_since():
+    L = _login_shell()
+    for pid in (12, 13):  # two clear_console runs in a row
+        L.fork(11, 10, pid)
+        L.execve(pid, 11, "/usr/bin/clear_console", ["clear_console"])
+        L.open(pid, 11, "/usr/bin/clear_console", "/dev/console", success="no")
+    L.open(12, 11, "/usr/bin/clear_console", "/home/u/x", write=False)  # 12 moves on
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    assert _retained(g.procs[12]) == ["exec", "read"]
+    assert g.files["/dev/console"].n == 0 and not g.files["/dev/console"].edges
 
 
 def test_failed_open_that_is_a_process_last_edge_goes_at_collection():
@@ -180,12 +208,14 @@ def test_failed_open_that_is_a_process_last_edge_goes_at_collection():
     L.open(13, 11, "/usr/bin/cat", "/etc/gshadow", write=False, success="no")
     eng, _ = _run(L.lines)
     g = eng.graph
-    assert _retained(g.procs[12]) == ["exec"]
+    # the failed open went, and with it clear_console is down to its spawn: collected
+    assert g.procs[12].collected and g.procs[12].n == 0
     assert _retained(g.procs[13]) == ["exec", "denied"]  # labelled sensitive: stays
 
 
-def test_edges_of_labelled_processes_are_never_merged():
-    """A webshell's children: on the untrusted information-flow path, kept whole."""
+def test_edges_of_labelled_processes_are_kept_but_the_spawns_exec_folds_into_its_fork():
+    """A webshell's children: on the untrusted information-flow path, kept whole, except
+    that the child's first exec folds into its fork edge (the node has image and argv)."""
     L = _login_shell()
     L.fork(11, 10, 12)
     L.execve(12, 11, "/usr/bin/curl", ["curl", "http://x/a"])
@@ -196,8 +226,9 @@ def test_edges_of_labelled_processes_are_never_merged():
     L.open(13, 12, "/usr/bin/make", "/home/u/r/y", write=True)
     eng = _same_detection(L.lines)
     g = eng.graph
-    assert g.procs[13].labels
-    assert _retained(g.procs[13]) == ["fork", "exec", "denied", "write"]
+    assert g.procs[13].labels and g.procs[13].argv == ["make"]
+    assert g.procs[13].exe == "/usr/bin/make"
+    assert _retained(g.procs[13]) == ["fork", "denied", "write"]
 
 
 def test_no_merge_inside_one_event_before_its_edges_are_matched():
@@ -254,3 +285,114 @@ def test_repeated_ptrace_requests_on_one_tracee_are_skipped_but_not_new_ones():
     assert _retained(off.graph.procs[12]).count("ptrace") == 64  # bounded by max_edges
     assert off.graph.stats["edge_candidates"] - eng.graph.stats["edge_candidates"] == 0
     assert eng.graph.stats["edges_skipped"] - off.graph.stats["edges_skipped"] >= 98
+
+
+def _rename(L: Log, pid, ppid, exe, src, dst):
+    s, t = L._sys(82, pid, ppid, exe, items=4)
+    L._path(s, t, 0, os.path.dirname(src), "PARENT")
+    L._path(s, t, 1, os.path.dirname(dst), "PARENT")
+    L._path(s, t, 2, src, "DELETE")
+    L._path(s, t, 3, dst, "CREATE")
+    L._end(s, t)
+
+
+def test_a_burst_of_files_in_one_directory_keeps_one_edge_unless_someone_else_used_one():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/git", ["git", "init"])
+    for name in ("a", "b", "c", "d"):  # hook samples
+        L.open(12, 11, "/usr/bin/git", f"/home/u/r/.git/hooks/{name}.sample", create=True)
+    L.fork(11, 10, 13)
+    L.execve(13, 11, "/usr/bin/cat", ["cat", "/home/u/r/.git/hooks/d.sample"])
+    L.open(13, 11, "/usr/bin/cat", "/home/u/r/.git/hooks/d.sample", write=False)
+    L.open(12, 11, "/usr/bin/git", "/home/u/r/.git/description", create=True)  # other dir
+    L.open(12, 11, "/usr/bin/git", "/home/u/r/.git/hooks/e.sample", create=True)
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    kept = [nid for _, op, nid in g.procs[12].edges if op == "create"
+            and (_, op, g.procs[12].nid) in g.files[nid[5:]].edges]
+    # a.sample stands for the burst; d.sample was read by cat before the next event
+    # of git, so its create stays; description is in another directory
+    assert kept == ["file:/home/u/r/.git/hooks/a.sample", "file:/home/u/r/.git/hooks/d.sample",
+                    "file:/home/u/r/.git/description"]
+    assert g.files["/home/u/r/.git/hooks/b.sample"].n == 0
+    assert g.files["/home/u/r/.git/hooks/b.sample"].writer == g.procs[12].nid
+    assert g.procs[12].n == 4 and g.procs[12].touched == 3  # exec + 3 creates
+    assert g.stats["edges_merged"] >= 3  # b, c, e
+
+
+def test_the_same_change_repeated_on_one_file_keeps_one_edge_unless_read_in_between():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/git", ["git", "config", "x", "y"])
+    for _ in range(3):  # config.lock -> config, three times
+        L.open(12, 11, "/usr/bin/git", "/home/u/r/.git/config.lock", create=True)
+        _rename(L, 12, 11, "/usr/bin/git", "/home/u/r/.git/config.lock", "/home/u/r/.git/config")
+    L.open(12, 11, "/usr/bin/git", "/home/u/r/.git/HEAD", write=False)  # git moves on
+    L.fork(11, 10, 13)
+    L.execve(13, 11, "/usr/bin/git", ["git", "config", "z", "w"])
+    L.open(13, 11, "/usr/bin/git", "/home/u/r/.git/config.lock", create=True)
+    _rename(L, 13, 11, "/usr/bin/git", "/home/u/r/.git/config.lock", "/home/u/r/.git/config")
+    L.fork(11, 10, 14)
+    L.execve(14, 11, "/usr/bin/cat", ["cat", "/home/u/r/.git/config"])
+    L.open(14, 11, "/usr/bin/cat", "/home/u/r/.git/config", write=False)
+    L.open(13, 11, "/usr/bin/git", "/home/u/r/.git/config.lock", create=True)
+    _rename(L, 13, 11, "/usr/bin/git", "/home/u/r/.git/config.lock", "/home/u/r/.git/config")
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    cfg = g.files["/home/u/r/.git/config"]
+    by = [(op, nid) for _, op, nid in cfg.edges]
+    assert by.count(("rename", g.procs[12].nid)) == 1  # three renames: one edge
+    # 13's second rename came after cat read the file: a new version someone used
+    assert by.count(("rename", g.procs[13].nid)) == 2
+
+
+def test_a_process_down_to_its_spawn_is_collected_without_waiting_for_idleness():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/date", ["date", "+%F"])
+    L.fork(11, 10, 13)
+    L.execve(13, 11, "/usr/bin/mytool", ["mytool"])
+    L.open(13, 11, "/usr/bin/mytool", "/home/u/notes.txt", write=False)  # an input: waits
+    eng = _same_detection(L.lines)  # the log ends a moment later: inside the idle window
+    g = eng.graph
+    date = g.procs[12]
+    assert date.collected and date.n == 0 and not date.edges
+    assert date.parent is g.procs[11] and date.argv == ["date", "+%F"]
+    assert not g.procs[13].collected and _retained(g.procs[13]) == ["exec", "read"]
+    L.open(12, 11, "/usr/bin/date", "/home/u/out", create=True)  # active again
+    eng.process_lines(L.lines[-4:])
+    assert not date.collected and _retained(date) == ["create"]
+
+
+def test_a_labelled_process_that_execs_again_keeps_both_execs():
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/curl", ["curl", "http://x/a"])
+    L.connect(12, 11, "/usr/bin/curl", 9999)  # untrusted: curl is labelled from here on
+    L.fork(12, 11, 13)
+    L.execve(13, 12, "/usr/bin/env", ["env", "make"])
+    L.execve(13, 12, "/usr/bin/make", ["make"])
+    eng = _same_detection(L.lines)
+    assert _retained(eng.graph.procs[13]) == ["fork", "exec", "exec"]
+
+
+def test_an_ancestor_down_to_its_spawn_loses_its_exec_edge_but_stays_the_path():
+    """``sh -c`` between a shell and the program it runs: only the node is needed."""
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/dash", ["sh", "-c", "mytool"])
+    L.fork(12, 11, 13)
+    L.execve(13, 12, "/usr/bin/mytool", ["mytool"])
+    L.open(13, 12, "/usr/bin/mytool", "/home/u/out", create=True)  # an effect: 13 stays
+    L.fork(11, 10, 14)
+    L.execve(14, 11, "/usr/bin/dash", ["sh", "-c", "id"])
+    L.fork(14, 11, 15)
+    L.execve(15, 14, "/usr/bin/id", ["id"])  # discovery: a rule matched on 15
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    sh = g.procs[12]
+    assert not sh.collected and sh.n == 0 and "exec" not in _retained(sh)
+    assert g.procs[13].parent is sh and sh.parent is g.procs[11] and sh.argv[:2] == ["sh", "-c"]
+    assert _retained(g.procs[13]) == ["exec", "create"]
+    assert g.procs[15].keep and _retained(g.procs[15]) == ["exec"]  # matched: kept
