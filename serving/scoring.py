@@ -225,6 +225,7 @@ class Scorer:
         #: inline scoring coalesces the rows of requests ready in the same event-loop turn
         #: into one forward pass of at most this many rows (0: one forward per request)
         self.batcher = ForwardBatcher(batch_rows) if batch_rows > 0 else None
+        self._reading = 0  # requests of this scorer waiting for their features
         self.redis_retry_seconds = redis_retry_seconds
         #: feature reads retried after a transient Redis error (status and tests read it)
         self.redis_retries = 0
@@ -289,12 +290,17 @@ class Scorer:
             return Scored(np.zeros(0), np.zeros((0, len(self._cat_cols)), np.int64),
                           np.zeros((0, len(self._dense_cols)), np.float32), self.clock())
         now = self.clock()
-        feats = await self.features(req, now)
+        self._reading += 1
+        try:
+            feats = await self.features(req, now)
+        finally:
+            self._reading -= 1
         if self.executor is None:  # inline: no thread hand-off, no GIL ping-pong
             if self.batcher is None:
                 return self._encode_and_predict(served, req, feats, now)
             cat, dense = self.encode(req, feats, now)
-            return Scored(await self.batcher.predict(served, cat, dense), cat, dense, now)
+            scores = await self.batcher.predict(served, cat, dense, last=self._reading == 0)
+            return Scored(scores, cat, dense, now)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self.executor, self._encode_and_predict, served, req, feats, now
@@ -307,6 +313,9 @@ class ForwardBatcher:
     A request whose rows are built hands them to :meth:`predict` and waits; the first
     one of an event-loop turn schedules a flush with ``call_soon``, so every request
     whose Redis answer arrived in the same turn adds its rows before the flush runs.
+    A request that is the ``last`` one (no other is still waiting for its features)
+    flushes at once: nothing else can join, and yielding to the loop would let the
+    process's other threads take the GIL (up to ``sys.getswitchinterval()``).
     The flush concatenates the rows per model (a request keeps the model it started
     with), runs one forward pass per ``max_rows`` rows and hands each request its
     slice. A lone request waits one loop turn, nothing more: no timer, no added delay.
@@ -337,17 +346,23 @@ class ForwardBatcher:
         self.forwards = 0
         self.requests = 0
 
-    def predict(self, served: Ranker, cat: np.ndarray, dense: np.ndarray) -> asyncio.Future:
-        """A future for ``served``'s scores of these rows, set by the turn's flush."""
+    def predict(self, served: Ranker, cat: np.ndarray, dense: np.ndarray,
+                last: bool = False) -> asyncio.Future:
+        """A future for ``served``'s scores of these rows, set by the turn's flush (or at
+        once when ``last``)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        if not self._pending:
+        if not self._pending and not last:
             loop.call_soon(self._flush)
         self._pending.append((served, cat, dense, fut))
+        if last:
+            self._flush()
         return fut
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
+        if not pending:  # flushed early by a ``last`` request
+            return
         by_model: dict[int, list[tuple[Ranker, np.ndarray, np.ndarray, asyncio.Future]]] = {}
         for item in pending:
             by_model.setdefault(id(item[0]), []).append(item)
