@@ -5,8 +5,11 @@ through the online store (``--events`` click events over ``--users`` users and
 ``--items`` items, item attributes and codes), publishes one checkpoint per model kind
 with the learner's ModelStore (built like the learner builds it: the settings' preset,
 hashed embeddings of the settings' size), then runs ``python -m headwater serve
---workers W`` as its own processes and drives ``POST /v1/score`` from aiohttp clients
-for ``--seconds`` per window, ``--reps`` windows per configuration (medians reported).
+--workers W`` as its own processes, once per ``--batch-rows`` setting (dynamic batching
+on, and off as the baseline; each its own port, all up at once), and drives ``POST
+/v1/score`` from a minimal keep-alive HTTP client (its CPU and the serving processes' CPU
+per request are reported) for ``--seconds`` per window, ``--reps`` alternating windows
+per configuration (medians reported).
 Candidates are drawn from known items plus 10 % never-seen ones; a tenth of the users
 are unknown.
 
@@ -22,6 +25,7 @@ Targets (issue 15): one client, p50 <= 2 x bare forward + 1 ms; 16 clients, req/
 70 % of the ceiling.
 
     .venv/bin/python bench/serving_load.py [--kinds fgcnn deepfm] [--workers 2] [--seconds 5] [--reps 3]
+        [--batch-rows 1024 0]
 """
 
 from __future__ import annotations
@@ -281,6 +285,9 @@ class LoadResult:
     seconds: float
     latencies: np.ndarray
     versions: list[str]
+    #: CPU seconds of the bench's client and of the serving processes in the window
+    cpu: float = float("nan")
+    server_cpu: float = float("nan")
 
     @property
     def rps(self) -> float:
@@ -328,6 +335,96 @@ async def run_load(base: str, bodies: list[bytes], concurrency: int, seconds: fl
         await asyncio.gather(*(client(k) for k in range(concurrency)))
         elapsed = time.perf_counter() - t0
     return LoadResult(len(lat) + errors, errors, elapsed, np.asarray(lat), versions)
+
+
+async def run_raw_load(base: str, bodies: list[bytes], concurrency: int,
+                       seconds: float) -> LoadResult:
+    """The load of :func:`run_load` from a minimal HTTP/1.1 keep-alive client (one
+    connection per client, request bytes built once, responses read by Content-Length),
+    so the bench's own CPU stays small next to the server's; ``cpu`` records it."""
+    host, port = base.rsplit("//", 1)[1].split(":")
+    heads = [
+        b"POST /v1/score HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Type: "
+        b"application/json\r\nContent-Length: " + str(len(b)).encode() + b"\r\n\r\n" + b
+        for b in bodies
+    ]
+    lat: list[float] = []
+    versions: list[str] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(k: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, int(port))
+        i = k
+        try:
+            while time.perf_counter() < deadline:
+                msg = heads[i % len(heads)]
+                i += concurrency
+                t0 = time.perf_counter()
+                try:
+                    writer.write(msg)
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length, close = 0, False
+                    for line in head.split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        name = name.strip().lower()
+                        if name == b"content-length":
+                            length = int(value)
+                        elif name == b"connection" and value.strip().lower() == b"close":
+                            close = True
+                    payload = await reader.readexactly(length)
+                    ok = head.startswith(b"HTTP/1.1 200")
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    ok, close = False, True
+                dt = time.perf_counter() - t0
+                if ok:
+                    lat.append(dt)
+                    start = payload.find(b'"model_version": "') + 18
+                    versions.append(payload[start:payload.find(b'"', start)].decode())
+                else:
+                    errors += 1
+                if close:
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, int(port))
+        finally:
+            writer.close()
+
+    c0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    out = LoadResult(len(lat) + errors, errors, elapsed, np.asarray(lat), versions)
+    out.cpu = time.process_time() - c0
+    return out
+
+
+def serving_cpu(proc: subprocess.Popen | None) -> float:
+    """CPU seconds (user + system) of the serving processes so far (supervisor and workers)."""
+    import psutil
+
+    if proc is None:
+        return 0.0
+    try:
+        root = psutil.Process(proc.pid)
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            t = p.cpu_times()
+            total += t.user + t.system
+        return total
+    except psutil.Error:
+        return float("nan")
+
+
+def measured_load(stack: Stack, bodies: list[bytes], concurrency: int, seconds: float,
+                  reps: int) -> list[LoadResult]:
+    """``reps`` windows of the raw client; each with the server's and the client's CPU."""
+    out = []
+    for _ in range(reps):
+        s0 = serving_cpu(stack.serving)
+        r = asyncio.run(run_raw_load(stack.base, bodies, concurrency, seconds))
+        r.server_cpu = serving_cpu(stack.serving) - s0
+        out.append(r)
+    return out
 
 
 def forward_baseline(
@@ -411,6 +508,10 @@ def median_result(results: list[LoadResult]) -> dict[str, float]:
         "p99": statistics.median(r.pct(99) for r in results),
         "errors": sum(r.errors for r in results),
         "requests": sum(r.requests for r in results),
+        # CPU milliseconds per answered request: the client's and the server's
+        "client_ms": statistics.median(r.cpu / max(r.requests, 1) * 1000 for r in results),
+        "server_ms": statistics.median(r.server_cpu / max(r.requests, 1) * 1000
+                                       for r in results),
     }
 
 
@@ -423,7 +524,11 @@ def environment() -> str:
 
 
 def measure_model(stack: Stack, args, kind: str, workers: int) -> dict:
-    """Publish ``kind`` under its own model name, serve it, measure; one result row."""
+    """Publish ``kind`` under its own model name, serve it once per ``--batch-rows``
+    setting (each its own processes and port, all up at once), measure them in
+    alternating windows; one result row per setting."""
+    import dataclasses
+
     settings = stack.settings
     name = f"bench-{kind}"
     store = LocalModelStore(settings.model_store, name, keep=settings.keep_versions)
@@ -438,35 +543,55 @@ def measure_model(stack: Stack, args, kind: str, workers: int) -> dict:
     print(f"{kind}: published {version} ({manifest['bytes'] / 1e6:.1f} MB, preset "
           f"{settings.model_preset}, {len(schema.categorical)} fields, {len(schema.dense)} dense)",
           flush=True)
-    out: dict = {"kind": kind, "bytes": manifest["bytes"]}
-    start_serving(stack, workers=workers, HEADWATER_MODEL_NAME=name)
+    out: dict = {"kind": kind, "bytes": manifest["bytes"], "by": {}}
+    stacks = {
+        b: dataclasses.replace(stack, serving=None,
+                               settings=settings.model_copy(update={"http_port": free_port()}))
+        for b in args.batch_rows
+    }
     try:
+        for b, st in stacks.items():
+            start_serving(st, workers=workers, HEADWATER_MODEL_NAME=name,
+                          HEADWATER_SERVE_BATCH_ROWS=b)
+            out["by"][b] = {}
         for cands in args.candidates:
             bodies = make_bodies(500, cands, args.users, args.items)
-            asyncio.run(run_load(stack.base, bodies, 4, 2.0))  # warm-up (every worker)
+            for st in stacks.values():
+                asyncio.run(run_raw_load(st.base, bodies, 4, 2.0))  # warm-up (every worker)
             fwd = forward_baseline(stack, version, cands, store=store)
-            res = [asyncio.run(run_load(stack.base, bodies, 1, args.seconds))
-                   for _ in range(args.reps)]
-            m = median_result(res)
-            out[cands] = {"fwd": fwd, **m}
-            print(f"{kind} candidates={cands:4d} 1 client: p50 {m['p50']:.2f} ms p99 "
-                  f"{m['p99']:.2f} ms ({m['rps']:.0f} req/s, errors {m['errors']}) | bare forward "
-                  f"{fwd * 1000:.3f} ms | target p50 <= {2 * fwd * 1000 + 1:.2f} ms | "
-                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+            res: dict = {b: [] for b in stacks}
+            for _ in range(args.reps):  # alternating windows
+                for b, st in stacks.items():
+                    res[b] += measured_load(st, bodies, 1, args.seconds, 1)
+            for b in stacks:
+                m = median_result(res[b])
+                out["by"][b][cands] = {"fwd": fwd, **m}
+                print(f"{kind} batch_rows={b} candidates={cands:4d} 1 client: p50 {m['p50']:.2f} "
+                      f"ms p99 {m['p99']:.2f} ms ({m['rps']:.0f} req/s, errors {m['errors']}, "
+                      f"server CPU {m['server_ms']:.2f} ms/req, client {m['client_ms']:.2f}) | "
+                      f"bare forward {fwd * 1000:.3f} ms | target p50 <= {2 * fwd * 1000 + 1:.2f} "
+                      f"ms | load {os.getloadavg()[0]:.1f}", flush=True)
         bodies = make_bodies(500, args.load_candidates, args.users, args.items)
-        res = [asyncio.run(run_load(stack.base, bodies, args.clients, args.seconds))
-               for _ in range(args.reps)]
-        out["load"] = median_result(res)
+        res = {b: [] for b in stacks}
+        for _ in range(args.reps):
+            for b, st in stacks.items():
+                res[b] += measured_load(st, bodies, args.clients, args.seconds, 1)
+        for b in stacks:
+            out["by"][b]["load"] = median_result(res[b])
     finally:
-        stop_pid(stack.serving.pid, proc=stack.serving, timeout=30)
-        stack.serving = None
+        for st in stacks.values():
+            if st.serving is not None:
+                stop_pid(st.serving.pid, proc=st.serving, timeout=30)
+                st.serving = None
     out["ceiling"] = forward_ceiling(store, schema, version, args.load_candidates, workers,
                                      args.seconds)
-    m = out["load"]
-    print(f"{kind} {args.clients} clients x {args.load_candidates} candidates: {m['rps']:.1f} "
-          f"req/s p50 {m['p50']:.1f} ms p99 {m['p99']:.1f} ms errors {m['errors']} | ceiling "
-          f"{out['ceiling']:.1f} batches/s ({workers} processes) | "
-          f"{m['rps'] / out['ceiling']:.0%} | load {os.getloadavg()[0]:.1f}", flush=True)
+    for b in stacks:
+        m = out["by"][b]["load"]
+        print(f"{kind} batch_rows={b} {args.clients} clients x {args.load_candidates} candidates: "
+              f"{m['rps']:.1f} req/s p50 {m['p50']:.1f} ms p99 {m['p99']:.1f} ms errors "
+              f"{m['errors']} server CPU {m['server_ms']:.2f} ms/req client {m['client_ms']:.2f} | "
+              f"ceiling {out['ceiling']:.1f} batches/s ({workers} processes) | "
+              f"{m['rps'] / out['ceiling']:.0%} | load {os.getloadavg()[0]:.1f}", flush=True)
     return out
 
 
@@ -484,6 +609,9 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--items", type=int, default=1600)
     ap.add_argument("--events", type=int, default=40_000)
+    ap.add_argument("--batch-rows", type=int, nargs="+", default=[1024, 0],
+                    help="HEADWATER_SERVE_BATCH_ROWS settings compared in the same run "
+                         "(0: one forward per request, the baseline)")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -505,26 +633,30 @@ def main() -> None:
           f"{s.embedding_buckets} rows/field x {s.embedding_dim}; {args.reps} windows of "
           f"{args.seconds:g}s, medians; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end")
     print()
-    print("| model | candidates | bare forward ms | target p50 ms | endpoint p50 ms | "
-          "endpoint p99 ms | p50 / forward | met |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| model | batch rows | candidates | bare forward ms | target p50 ms | endpoint p50 ms | "
+          "endpoint p99 ms | p50 / forward | server CPU ms/req | client CPU ms/req | met |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
-        for c in args.candidates:
-            m = r[c]
-            target = 2 * m["fwd"] * 1000 + 1
-            print(f"| {r['kind']} | {c} | {m['fwd'] * 1000:.3f} | {target:.2f} | {m['p50']:.2f} | "
-                  f"{m['p99']:.2f} | {m['p50'] / (m['fwd'] * 1000):.1f}x | "
-                  f"{'yes' if m['p50'] <= target else 'no'} |")
+        for b, by in r["by"].items():
+            for c in args.candidates:
+                m = by[c]
+                target = 2 * m["fwd"] * 1000 + 1
+                print(f"| {r['kind']} | {b} | {c} | {m['fwd'] * 1000:.3f} | {target:.2f} | "
+                      f"{m['p50']:.2f} | {m['p99']:.2f} | {m['p50'] / (m['fwd'] * 1000):.1f}x | "
+                      f"{m['server_ms']:.2f} | {m['client_ms']:.2f} | "
+                      f"{'yes' if m['p50'] <= target else 'no'} |")
     print()
-    print(f"| model | {args.clients} clients x {args.load_candidates} candidates req/s | p50 ms | "
-          f"p99 ms | errors | bare-forward ceiling ({args.workers} processes) batches/s | ratio | "
-          "met (>= 70 %) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print(f"| model | batch rows | {args.clients} clients x {args.load_candidates} candidates req/s "
+          f"| p50 ms | p99 ms | errors | server CPU ms/req | client CPU ms/req | bare-forward "
+          f"ceiling ({args.workers} processes) batches/s | ratio | met (>= 70 %) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
-        m = r["load"]
-        ratio = m["rps"] / r["ceiling"]
-        print(f"| {r['kind']} | {m['rps']:.1f} | {m['p50']:.1f} | {m['p99']:.1f} | {m['errors']} | "
-              f"{r['ceiling']:.1f} | {ratio:.0%} | {'yes' if ratio >= 0.7 else 'no'} |")
+        for b, by in r["by"].items():
+            m = by["load"]
+            ratio = m["rps"] / r["ceiling"]
+            print(f"| {r['kind']} | {b} | {m['rps']:.1f} | {m['p50']:.1f} | {m['p99']:.1f} | "
+                  f"{m['errors']} | {m['server_ms']:.2f} | {m['client_ms']:.2f} | "
+                  f"{r['ceiling']:.1f} | {ratio:.0%} | {'yes' if ratio >= 0.7 else 'no'} |")
 
 
 if __name__ == "__main__":

@@ -304,6 +304,12 @@ class Settings(BaseSettings):
         description="Threads that encode rows and run the forward pass; 0 runs them on the "
                     "event loop (no thread hand-off: fastest per request; scale with --workers).",
     )
+    serve_batch_rows: int = Field(
+        1024, ge=0,
+        description="Dynamic batching: scoring on the event loop runs one forward pass for "
+                    "the rows of all requests ready in the same loop turn, at most this many "
+                    "rows per pass; 0 runs one forward per request.",
+    )
     serve_feature_cache_seconds: float = Field(
         0.5, ge=0,
         description="Serving keeps counter states of user-independent entities (items, "

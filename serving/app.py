@@ -432,7 +432,8 @@ def build_context(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="inference") if threads else None
     )
     scorer = Scorer(online, builder, executor,
-                    redis_retry_seconds=settings.score_redis_retry_seconds)
+                    redis_retry_seconds=settings.score_redis_retry_seconds,
+                    batch_rows=settings.serve_batch_rows)
     baseline = BaselineModel.for_schema(builder.schema.dense) if settings.serve_baseline else None
     return AppContext(
         settings, holder, scorer, redis_client, metrics_, registry, kafka=kafka,

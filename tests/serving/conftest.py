@@ -24,7 +24,7 @@ from core.settings import Settings
 from features.rows import RowBuilder
 from features.schema import FeatureSchema
 from features.store import SyncOnlineStore
-from learner.models import ModelSpec, build_model
+from learner.models import ModelSpec, build_model, preset_head
 from learner.store import LocalModelStore, ModelStore
 from serving.app import build_context, create_app, default_row_builder
 
@@ -63,6 +63,10 @@ def _spec(schema: FeatureSchema, kind: str) -> ModelSpec:
         return ModelSpec(
             "lr", schema.categorical, schema.dense, {}, {"kind": "hashed", "dim": 1, "buckets": 997}
         )
+    if kind == "fgcnn":  # the default ranker at its default (lean) size, small tables
+        head = preset_head("fgcnn", "lean")
+        return ModelSpec("fgcnn", schema.categorical, schema.dense, head,
+                         {"kind": "hashed", "dim": head["embedding_dim"], "buckets": 997})
     return ModelSpec(
         "deepfm",
         schema.categorical,

@@ -369,3 +369,45 @@ async def test_scoring_fails_once_redis_stays_down_past_the_bound(settings, publ
     resp = await client.post("/v1/score", data=h.score_body("u1", ["i1"]))
     assert resp.status >= 500
     assert ctx.scorer.redis_retries >= 1
+
+
+@pytest.mark.parametrize("kind", ["fgcnn", "deepfm"])
+async def test_concurrent_requests_share_forwards_and_score_as_alone(
+    settings, seeded_redis, publish, make_app, h, kind
+):
+    """Dynamic batching: rows of requests ready in one loop turn go through one forward
+    pass, and every request's scores equal its scores when sent alone: the same rows,
+    the same model; a bigger matrix may round a float32 product differently (FGCNN's
+    convolutions: a last-bit difference), never more."""
+    import asyncio
+
+    publish(0, kind=kind)
+    client, ctx = await make_app(settings, seeded_redis)
+    batcher = ctx.scorer.batcher
+    assert batcher is not None and batcher.max_rows == settings.serve_batch_rows
+    asks = [("u1", ["i1", "i2", "i3"]), ("u2", ["i3"]), ("u9", ["i2", "new", "i1", "i1"]),
+            ("u1", ["new"]), ("u2", ["i1", "i2"])]
+    alone = []
+    for user, cands in asks:
+        resp = await client.post("/v1/score", data=h.score_body(user, cands))
+        alone.append((await resp.json())["scores"])
+    before = (batcher.forwards, batcher.requests)
+    for _ in range(5):  # whether Redis answers land in one turn is up to the scheduler
+        resps = await asyncio.gather(*(client.post("/v1/score", data=h.score_body(u, c))
+                                       for u, c in asks))
+        together = [(await r.json())["scores"] for r in resps]
+        for got, want in zip(together, alone, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    assert batcher.requests - before[1] == 5 * len(asks)
+
+    # The batcher itself, on the served model: one forward for all, each slice exact.
+    served = ctx.holder.current
+    rng = np.random.default_rng(0)
+    rows = [(rng.integers(1, 2**62, size=(n, served.n_categorical), dtype=np.int64),
+             rng.uniform(0, 3, size=(n, served.n_dense)).astype(np.float32))
+            for n in (1, 7, 100, 3)]
+    forwards = batcher.forwards
+    got = await asyncio.gather(*(batcher.predict(served, c, d) for c, d in rows))
+    assert batcher.forwards == forwards + 1
+    for (c, d), scores in zip(rows, got, strict=True):
+        np.testing.assert_allclose(scores, served.predict(c, d), rtol=1e-6, atol=0)
