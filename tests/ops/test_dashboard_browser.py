@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from core.health import PERIOD_S
 from core.settings import Settings
 from detection.alert_store import save_alerts
 from headwater.servers import free_port
@@ -39,6 +40,14 @@ async def serving(kafka_bootstrap, redis_db, topic_prefix, tmp_path):
     client = aioredis.Redis.from_url(redis_db)
     t0 = time.time() - 42.0
     await publish_heartbeats(client, t0, events=1000, rows=500, auc=0.71)
+
+    async def keep_alive():
+        # the stand-ins heartbeat like live services do: their documents expire after
+        # TTL_S, which a loaded machine can spend before the page has read them
+        while True:
+            await publish_heartbeats(client, t0, events=1000, rows=500, auc=0.71)
+            await asyncio.sleep(PERIOD_S)
+
     topic, group = make_lagging_group(kafka_bootstrap, topic_prefix)
     settings = Settings(kafka=kafka_bootstrap, redis=redis_db, topic_prefix=topic_prefix,
                         http_port=free_port(), model_store=tmp_path / "models",
@@ -50,10 +59,12 @@ async def serving(kafka_bootstrap, redis_db, topic_prefix, tmp_path):
     if task in done:
         task.result()  # serving failed to start: raise its error
     assert ready.is_set(), "serving did not get ready within 30 s"
+    beats = asyncio.create_task(keep_alive())
     try:
         yield {"base": f"http://127.0.0.1:{settings.http_port}", "client": client, "group": group,
                "topic": topic}
     finally:
+        beats.cancel()
         stop.set()
         await asyncio.wait_for(task, 30)
         await client.aclose()
