@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Token for admin endpoints; unset disables them (never open)."
     )
-    click_batch_size: int = Field(2000, ge=1, description="Max click events per agent batch.")
+    click_batch_size: int = Field(2000, ge=1, description="Max click messages per agent batch (a message is one event or an envelope of events).")
     click_batch_within: float = Field(
         0.02, gt=0, description="Seconds the click agent waits to fill a batch."
     )
