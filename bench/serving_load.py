@@ -9,7 +9,9 @@ hashed embeddings of the settings' size), then runs ``python -m headwater serve
 on, and off as the baseline; each its own port, all up at once), and drives ``POST
 /v1/score`` from a minimal keep-alive HTTP client (its CPU and the serving processes' CPU
 per request are reported) for ``--seconds`` per window, ``--reps`` alternating windows
-per configuration (medians reported).
+per configuration (medians reported). With ``--baseline-repo`` the same settings are
+also served by another checkout's code (``git worktree add /tmp/main main``): before and
+after in the same run, alternating windows.
 Candidates are drawn from known items plus 10 % never-seen ones; a tenth of the users
 are unknown.
 
@@ -25,7 +27,7 @@ Targets (issue 15): one client, p50 <= 2 x bare forward + 1 ms; 16 clients, req/
 70 % of the ceiling.
 
     .venv/bin/python bench/serving_load.py [--kinds fgcnn deepfm] [--workers 2] [--seconds 5] [--reps 3]
-        [--batch-rows 1024 0]
+        [--batch-rows 1024 0] [--baseline-repo /path/to/main-checkout]
 """
 
 from __future__ import annotations
@@ -212,9 +214,11 @@ def publish(stack: Stack, model: torch.nn.Module, seed: int, auc: float = 0.7) -
     )
 
 
-def start_serving(stack: Stack, timeout: float = 180.0, workers: int = 1, **extra_env) -> None:
-    """``python -m headwater serve`` as its own process; wait until /readyz says ready
-    (and, with ``workers`` > 1, until every worker has answered)."""
+def start_serving(stack: Stack, timeout: float = 180.0, workers: int = 1, repo: Path = REPO,
+                  **extra_env) -> None:
+    """``python -m headwater serve`` as its own process (the code of checkout ``repo``);
+    wait until /readyz says ready (and, with ``workers`` > 1, until every worker has
+    answered)."""
     import urllib.request
 
     s = stack.settings
@@ -229,12 +233,12 @@ def start_serving(stack: Stack, timeout: float = 180.0, workers: int = 1, **extr
         HEADWATER_HTTP_PORT=str(s.http_port),
         HEADWATER_PARTITIONS=str(s.partitions),
         HEADWATER_LOG_LEVEL="WARNING",
-        PYTHONPATH=str(REPO),
+        PYTHONPATH=str(repo),
     )
     log = open(stack.tmp / "serving.log", "ab")  # noqa: SIM115 - owned by the child
     stack.serving = subprocess.Popen(
         [sys.executable, "-m", "headwater", "serve"],
-        cwd=REPO,
+        cwd=repo,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -544,16 +548,21 @@ def measure_model(stack: Stack, args, kind: str, workers: int) -> dict:
           f"{settings.model_preset}, {len(schema.categorical)} fields, {len(schema.dense)} dense)",
           flush=True)
     out: dict = {"kind": kind, "bytes": manifest["bytes"], "by": {}}
+    variants = {str(b): (REPO, b) for b in args.batch_rows}
+    if args.baseline_repo:  # the same settings served by another checkout's code
+        variants.update({f"{args.baseline_label} {b}": (Path(args.baseline_repo), b)
+                         for b in args.batch_rows})
     stacks = {
-        b: dataclasses.replace(stack, serving=None,
+        v: dataclasses.replace(stack, serving=None,
                                settings=settings.model_copy(update={"http_port": free_port()}))
-        for b in args.batch_rows
+        for v in variants
     }
     try:
-        for b, st in stacks.items():
-            start_serving(st, workers=workers, HEADWATER_MODEL_NAME=name,
+        for v, st in stacks.items():
+            repo, b = variants[v]
+            start_serving(st, workers=workers, repo=repo, HEADWATER_MODEL_NAME=name,
                           HEADWATER_SERVE_BATCH_ROWS=b)
-            out["by"][b] = {}
+            out["by"][v] = {}
         for cands in args.candidates:
             bodies = make_bodies(500, cands, args.users, args.items)
             for st in stacks.values():
@@ -566,7 +575,7 @@ def measure_model(stack: Stack, args, kind: str, workers: int) -> dict:
             for b in stacks:
                 m = median_result(res[b])
                 out["by"][b][cands] = {"fwd": fwd, **m}
-                print(f"{kind} batch_rows={b} candidates={cands:4d} 1 client: p50 {m['p50']:.2f} "
+                print(f"{kind} serving {b} candidates={cands:4d} 1 client: p50 {m['p50']:.2f} "
                       f"ms p99 {m['p99']:.2f} ms ({m['rps']:.0f} req/s, errors {m['errors']}, "
                       f"server CPU {m['server_ms']:.2f} ms/req, client {m['client_ms']:.2f}) | "
                       f"bare forward {fwd * 1000:.3f} ms | target p50 <= {2 * fwd * 1000 + 1:.2f} "
@@ -587,11 +596,11 @@ def measure_model(stack: Stack, args, kind: str, workers: int) -> dict:
                                      args.seconds)
     for b in stacks:
         m = out["by"][b]["load"]
-        print(f"{kind} batch_rows={b} {args.clients} clients x {args.load_candidates} candidates: "
+        print(f"{kind} serving {b} {args.clients} clients x {args.load_candidates} candidates: "
               f"{m['rps']:.1f} req/s p50 {m['p50']:.1f} ms p99 {m['p99']:.1f} ms errors "
               f"{m['errors']} server CPU {m['server_ms']:.2f} ms/req client {m['client_ms']:.2f} | "
               f"ceiling {out['ceiling']:.1f} batches/s ({workers} processes) | "
-              f"{m['rps'] / out['ceiling']:.0%} | load {os.getloadavg()[0]:.1f}", flush=True)
+              f"{m['rps'] / out['ceiling'] if out['ceiling'] else float('nan'):.0%} | load {os.getloadavg()[0]:.1f}", flush=True)
     return out
 
 
@@ -612,6 +621,11 @@ def main() -> None:
     ap.add_argument("--batch-rows", type=int, nargs="+", default=[1024, 0],
                     help="HEADWATER_SERVE_BATCH_ROWS settings compared in the same run "
                          "(0: one forward per request, the baseline)")
+    ap.add_argument("--baseline-repo", default=None,
+                    help="another checkout (e.g. main's, from git worktree) served with the same "
+                         "settings in the same run, its windows alternating with this one's")
+    ap.add_argument("--baseline-label", default="main",
+                    help="how the table names the --baseline-repo rows")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -633,7 +647,7 @@ def main() -> None:
           f"{s.embedding_buckets} rows/field x {s.embedding_dim}; {args.reps} windows of "
           f"{args.seconds:g}s, medians; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end")
     print()
-    print("| model | batch rows | candidates | bare forward ms | target p50 ms | endpoint p50 ms | "
+    print("| model | serving (code, batch rows) | candidates | bare forward ms | target p50 ms | endpoint p50 ms | "
           "endpoint p99 ms | p50 / forward | server CPU ms/req | client CPU ms/req | met |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
@@ -646,14 +660,15 @@ def main() -> None:
                       f"{m['server_ms']:.2f} | {m['client_ms']:.2f} | "
                       f"{'yes' if m['p50'] <= target else 'no'} |")
     print()
-    print(f"| model | batch rows | {args.clients} clients x {args.load_candidates} candidates req/s "
+    print(f"| model | serving (code, batch rows) | {args.clients} clients x {args.load_candidates} candidates req/s "
           f"| p50 ms | p99 ms | errors | server CPU ms/req | client CPU ms/req | bare-forward "
           f"ceiling ({args.workers} processes) batches/s | ratio | met (>= 70 %) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         for b, by in r["by"].items():
             m = by["load"]
-            ratio = m["rps"] / r["ceiling"]
+            # no forward finished in the ceiling's window (an overloaded machine): no ratio
+            ratio = m["rps"] / r["ceiling"] if r["ceiling"] else float("nan")
             print(f"| {r['kind']} | {b} | {m['rps']:.1f} | {m['p50']:.1f} | {m['p99']:.1f} | "
                   f"{m['errors']} | {m['server_ms']:.2f} | {m['client_ms']:.2f} | "
                   f"{r['ceiling']:.1f} | {ratio:.0%} | {'yes' if ratio >= 0.7 else 'no'} |")

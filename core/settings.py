@@ -347,6 +347,12 @@ class Settings(BaseSettings):
                     "are dropped and counted (headwater_serving_impressions_dropped_total), "
                     "never waited for.",
     )
+    impression_linger_ms: int = Field(
+        50, ge=0,
+        description="Serving's impressions producer gathers records this long before it "
+                    "sends them (one produce request per interval instead of one per "
+                    "answer: the producer's thread takes the GIL from request handling).",
+    )
     join: bool = Field(
         False,
         description="The worker runs the online joiner (impressions + actions -> one labelled "

@@ -111,6 +111,11 @@ class RowBuilder:
         self.schema = FeatureSchema(categorical, [d for d, _, _ in self._dense], c.version,
                                     c.definition)
         self._tables: dict[str, np.ndarray] = {}  # token per small int, per bucket field
+        # scoring: per canonical item id, the (attributes, codes) objects its tokens were
+        # computed from and its tokens [item_id, item fields..., code fields...]
+        self._item_blocks: dict[str, tuple[Any, Any, np.ndarray]] = {}
+        self._item_fields = [(f, None) for f in c.item_fields]
+        self._item_fields += [(name, (kind, idx)) for name, kind, idx in self._codes]
 
     # -- public -----------------------------------------------------------------------
     def build(
@@ -178,8 +183,48 @@ class RowBuilder:
         )
         row_attrs = list(features.get("item_attrs") or [None] * n)
         row_codes = list(features.get("codes") or [None] * n)
-        out = self._feature_columns(cols, features, row_attrs, row_codes, np.arange(n))
+        blocks = self.item_blocks(cols["item_id"], row_attrs, row_codes)
+        out = self._feature_columns(cols, features, row_attrs, row_codes, np.arange(n),
+                                    item_blocks=blocks)
         out.update(self._sequence_columns(features.get("user_seq"), n))
+        return out
+
+    def item_blocks(self, item_ids: Sequence[str], attrs: Sequence[Mapping[str, Any] | None],
+                    codes: Sequence[Mapping[str, Sequence[int]] | None]) -> np.ndarray:
+        """Per row, the item's tokens ``[n, 1 + item fields + code fields]`` (``item_id``
+        first), each computed once per item and kept while the item's attributes and
+        codes are the same objects (the online store's cache hands out the objects it
+        read; a re-read makes new ones, and the tokens are recomputed).
+
+        ``item_ids`` are canonical. The tokens are those of the shared path (a function
+        of one field and one value each), so cached and fresh blocks are equal.
+        """
+        cache = self._item_blocks
+        width = 1 + len(self._item_fields)
+        out = np.empty((len(item_ids), width), np.int64)
+        todo: dict[str, int] = {}
+        rows: list[int] = []
+        for r, (i, a, cd) in enumerate(zip(item_ids, attrs, codes, strict=True)):
+            got = cache.get(i)
+            if got is not None and got[0] is a and got[1] is cd:
+                out[r] = got[2]
+            else:
+                todo.setdefault(i, r)
+                rows.append(r)
+        if todo:
+            firsts = list(todo.values())
+            fresh = np.empty((len(firsts), width), np.int64)
+            fresh[:, 0] = digests("item_id", list(todo))
+            if self._item_fields:
+                tokens = _item_columns(self._item_fields, [attrs[r] for r in firsts],
+                                       [codes[r] for r in firsts])
+                fresh[:, 1:] = np.stack(tokens, axis=1)
+            if len(cache) + len(firsts) > 200_000:
+                cache.clear()
+            for k, (i, r) in enumerate(todo.items()):
+                cache[i] = (attrs[r], codes[r], fresh[k])
+            pos = {i: k for k, i in enumerate(todo)}
+            out[rows] = fresh[[pos[item_ids[r]] for r in rows]]
         return out
 
     def _sequence_columns(self, sequences: Sequence[Sequence[str]] | None,
@@ -206,6 +251,7 @@ class RowBuilder:
         item_codes: list[Mapping[str, Sequence[int]] | None],
         item_index: np.ndarray,
         item_texts: list[str] | None = None,
+        item_blocks: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """``item_attrs``/``item_codes`` are per distinct item; ``item_index`` maps rows to them.
 
@@ -213,22 +259,28 @@ class RowBuilder:
         factorised by item) saves hashing ``item_id`` per row. Every token is a function
         of one (field, canonical text), so columns are computed per distinct value (per
         distinct item for item attributes and codes) and indexed back to rows.
+        ``item_blocks`` (:meth:`item_blocks`, per row) replaces computing the item's tokens.
         """
         c = self.config
         n = len(cols["ts"])
         out: dict[str, np.ndarray] = {}
         out["c:user_id"] = hash_tokens("user_id", cols["user_id"])
-        if item_texts is not None:
+        if item_blocks is not None:
+            out["c:item_id"] = item_blocks[:, 0]
+        elif item_texts is not None:
             out["c:item_id"] = digests("item_id", item_texts)[item_index]
         else:
             out["c:item_id"] = hash_tokens("item_id", cols["item_id"])
         users = cols["user"]
         for f in c.user_fields:
             out[f"c:{f}"] = _user_tokens(f, users)
-        item_fields = [(f, None) for f in c.item_fields]
-        item_fields += [(name, (kind, idx)) for name, kind, idx in self._codes]
-        tokens = _item_columns(item_fields, item_attrs, item_codes)
-        per_item = dict(zip(item_fields, tokens, strict=True))
+        item_fields = self._item_fields
+        if item_blocks is not None:
+            per_item = {key: item_blocks[:, 1 + k] for k, key in enumerate(item_fields)}
+            item_index = np.arange(n)
+        else:
+            tokens = _item_columns(item_fields, item_attrs, item_codes)
+            per_item = dict(zip(item_fields, tokens, strict=True))
         for f in c.item_fields:
             out[f"c:{f}"] = per_item[f, None][item_index]
         for f in c.context_fields:

@@ -138,9 +138,10 @@ def _log_impression(ctx: AppContext, req, scored, version: str) -> str:
     """A new request id; the answer goes to the impressions log (never waited for)."""
     rid = uuid.uuid4().hex
     if ctx.impressions is not None and req.candidates:
-        ctx.impressions.offer(impression_record(
-            rid, req.user_id, req.candidates, scored.scores, scored.categorical, scored.dense,
-            scored.ts, version, ctx.scorer.schema.hash))
+        # built on the logging thread: the arrays are the scored ones, never changed after
+        ctx.impressions.offer(functools.partial(
+            impression_record, rid, req.user_id, req.candidates, scored.scores,
+            scored.categorical, scored.dense, scored.ts, version, ctx.scorer.schema.hash))
     return rid
 
 
@@ -484,7 +485,8 @@ async def serve(
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
     if kafka and settings.impression_log:
-        ctx.impressions = ImpressionLog(kafka_sender(kafka, settings.topics["impressions"]),
+        ctx.impressions = ImpressionLog(kafka_sender(kafka, settings.topics["impressions"],
+                                                     settings.impression_linger_ms),
                                         settings.partitions, settings.impression_buffer,
                                         ctx.registry)
         ctx.impressions.start()

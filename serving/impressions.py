@@ -2,7 +2,8 @@
 
 The request path only puts a reference to what it already computed (scores, the feature
 rows, the model version) into a bounded in-memory queue (:meth:`ImpressionLog.offer`,
-never blocking); one background thread encodes each record as an
+never blocking; a callable that builds the record, so even the conversion to JSON types
+runs off the request path); one background thread encodes each record as an
 :class:`streams.schemas.ImpressionEvent` and produces it, keyed and partitioned by user
 (the partitioning of ``clicks`` and ``actions``, so the joiner finds a user's
 impressions and actions in the same partition). When the queue is full the record is
@@ -84,8 +85,12 @@ class ImpressionLog:
                            "Impressions waiting in serving's buffer.", registry=r)
         self.depth.set_function(self._queue.qsize)
 
-    def offer(self, record: dict[str, Any]) -> bool:
-        """Queue one impression without waiting; False (and counted) when the buffer is full."""
+    def offer(self, record: dict[str, Any] | Callable[[], dict[str, Any]]) -> bool:
+        """Queue one impression without waiting; False (and counted) when the buffer is full.
+
+        ``record`` is the record, or a function without arguments that builds it (called
+        on the logging thread).
+        """
         try:
             self._queue.put_nowait(record)
             return True
@@ -118,6 +123,8 @@ class ImpressionLog:
             if record is _STOP:
                 break
             try:
+                if callable(record):
+                    record = record()
                 key = str(record["user_id"])
                 part = int(partition_of([key], self.partitions)[0])
                 future = send(key.encode(), self._encoder.encode(record), part)
@@ -132,12 +139,13 @@ class ImpressionLog:
             log.exception("flushing impressions failed")
 
 
-def kafka_sender(bootstrap: str, topic: str):
-    """``make_sender`` for :class:`ImpressionLog` over a real broker."""
+def kafka_sender(bootstrap: str, topic: str, linger_ms: int = 5):
+    """``make_sender`` for :class:`ImpressionLog` over a real broker; the producer sends
+    what it gathered every ``linger_ms`` (``HEADWATER_IMPRESSION_LINGER_MS`` in serving)."""
     def make():
         from streams.producer import make_producer
 
-        producer = make_producer(bootstrap, connect_timeout=3600.0, linger_ms=5)
+        producer = make_producer(bootstrap, connect_timeout=3600.0, linger_ms=linger_ms)
 
         def send(key: bytes, value: bytes, partition: int):
             return producer.send(topic, key=key, value=value, partition=partition)

@@ -239,9 +239,9 @@ class Scorer:
     async def features(self, req: ScoreRequest, now: float) -> Mapping[str, Any]:
         """One read for every candidate; through a Redis restart it retries with backoff for
         at most ``redis_retry_seconds`` (then the error is the request's answer)."""
-        rows = [
-            {"user_id": req.user_id, "item_id": c, "context": req.context} for c in req.candidates
-        ]
+        n = len(req.candidates)  # as columns: no dict per candidate
+        rows = {"user_id": [req.user_id] * n, "item_id": req.candidates,
+                "context": [req.context] * n}
         deadline = time.monotonic() + self.redis_retry_seconds
         delay = 0.05
         while True:

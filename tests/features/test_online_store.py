@@ -442,3 +442,42 @@ def test_read_cache_serves_shared_entities_and_always_reads_the_users(make_store
     assert got["item_impressions_total"][3] == 1.0 and want["item_impressions_total"][3] == 2.0
     got = cached.get_online_features(rows, now=111.0)  # TTL over: read again
     assert got["item_impressions_total"][3] == 2.0
+
+
+def test_item_answers_expire_together_and_are_reread_in_one_call_never_later(make_store):
+    """Cached item attributes (and absences) are re-read at most ``attr_cache_seconds``
+    (``miss_cache_seconds``) after they were read, as before; the first request that
+    must ask Redis re-reads every entry due within a quarter of that, so the requests
+    after it need no second round trip (real Redis)."""
+    clock = [1000.0]
+    store = make_store(partitions=2, counters=CFG, attr_cache_seconds=8.0, miss_cache_seconds=2.0,
+                       clock=lambda: clock[0])
+    writer = make_store(partitions=2, counters=CFG)
+    writer.put_item_attributes({i: {"genres": ["Drama"]} for i in range(50)}, ts=0)
+    known = [{"user_id": 1, "item_id": i} for i in range(50)]
+    unknown = [{"user_id": 1, "item_id": f"new{i}"} for i in range(10)]
+    store.get_online_features(known[:25] + unknown[:5], now=clock[0])
+    clock[0] += 0.5
+    store.get_online_features(known[25:] + unknown[5:], now=clock[0])
+
+    def trips(rows) -> int:
+        before = store.round_trips
+        store.get_online_features(rows, now=clock[0])
+        return store.round_trips - before
+
+    clock[0] += 1.0  # still within every entry's lifetime: no item reads
+    assert trips(known[:3] + unknown[:3]) == 1
+    # an absence is re-read within miss_cache_seconds: the item has arrived meanwhile
+    writer.put_item_attributes({"new7": {"genres": ["Comedy"]}}, ts=0)
+    clock[0] += 1.0
+    assert trips(unknown[:1]) == 2  # the due absences (all ten) in one extra call
+    assert trips(unknown) == 1  # ... so no other request pays for them
+    got = store.get_online_features([{"user_id": 1, "item_id": "new7"}], now=clock[0])
+    assert got["item_attrs"][0]["genres"] == ["Comedy"]
+    # an attribute change is seen at most attr_cache_seconds after the cached read
+    writer.put_item_attributes({7: {"genres": ["Horror"]}}, ts=1)
+    clock[0] = 1000.0 + 8.0 + 0.01
+    assert trips(known[:1]) == 2  # every entry read in the first quarter-step, at once
+    assert trips(known) == 1
+    got = store.get_online_features([{"user_id": 1, "item_id": 7}], now=clock[0])
+    assert got["item_attrs"][0]["genres"] == ["Horror"]

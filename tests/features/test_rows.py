@@ -136,3 +136,42 @@ def test_config_errors_name_the_problem():
         RowBuilder(RowConfig(counters=CFG, bucket_counters=("nope",)))
     with pytest.raises(KeyError, match="pre-event features lack"):
         RowBuilder(ROWS).build(_events(), {}, ITEMS)
+
+
+def test_scoring_item_blocks_are_cached_per_item_and_follow_new_attributes():
+    """Item tokens computed once per item are the shared path's tokens; a new attributes
+    object (the store re-read the item) recomputes them, the same object never does."""
+    from features.counters import CounterConfig, CounterSpec
+
+    cfg = RowConfig(counters=CounterConfig(specs=(CounterSpec("item", key=("item_id",)),),
+                                           half_lives=()), code_fields=("rq0", "rq1", "vq"))
+    items = ["a", "b", "a", "zz"]
+    attrs = {"a": {"genres": ["Drama"], "year": 1999}, "b": {"tags": ["Comedy"]}}
+    codes = {"a": {"rq": [3, 4], "vq": [9]}, "b": {"rq": [5, 6]}}
+    feats = {"item_impressions_total": np.zeros(4), "item_clicks_total": np.zeros(4),
+             "item_ctr_total": np.full(4, 0.1),
+             "item_attrs": [attrs.get(i) for i in items], "codes": [codes.get(i) for i in items]}
+
+    def score(rb):
+        return rb.build_for_scoring(1, {"age": 30}, None, items, feats, now=7200.0)
+
+    rb = RowBuilder(cfg)
+    first = score(rb)
+    again = score(rb)  # from the cache
+    fresh = score(RowBuilder(cfg))
+    train = rb.build({"event_id": ["e"] * 4, "ts": [7200.0] * 4, "user_id": [1] * 4,
+                      "item_id": items, "label": [0] * 4, "offset": [0, 1, 2, 3],
+                      "user": [{"age": 30}] * 4},
+                     {k: v for k, v in feats.items() if k.startswith("item_")}, attrs, codes)
+    for col in first:
+        assert np.array_equal(first[col], again[col]), col
+        assert np.array_equal(first[col], fresh[col]), col
+        assert np.array_equal(first[col], train[col]), col
+    assert first["c:item_id"][0] == first["c:item_id"][2] != first["c:item_id"][1]
+    assert first["c:genre"][3] == first["c:rq0"][3] == 0  # unknown item: missing tokens
+    attrs["a"] = {"genres": ["Horror"], "year": 1999}  # a re-read: a new object
+    feats["item_attrs"] = [attrs.get(i) for i in items]
+    changed = score(rb)
+    assert changed["c:genre"][0] == changed["c:genre"][2] == score(RowBuilder(cfg))["c:genre"][0]
+    assert changed["c:genre"][0] != first["c:genre"][0]
+    assert changed["c:year"][0] == first["c:year"][0]
