@@ -154,6 +154,7 @@ class StoreCore:
         # item ids by the (grid-aligned) time their cached answer expires: a request that
         # must ask Redis anyway re-asks every item due by then (see items_miss)
         self._due: dict[float, set[str]] = {}
+        self._used: set[str] = set()  # items wanted since their answer was last read
         #: items asked for per Redis call at most (a refresh of the whole cache is split)
         self.items_per_call = 4096
         self.items_found = 0.0  # see items_take
@@ -218,12 +219,24 @@ class StoreCore:
         return ("EVALSHA", script[1], len(keys), *keys, *args)
 
     def read_cmds(self, entities: Sequence[str], fields: list[str]) -> list[Command]:
+        """The read of ``entities`` in every shard: one script call for all shards on one
+        server, one per shard on a cluster (a script's keys must share a slot there).
+        :meth:`shard_states` splits the replies per shard either way."""
         if not entities:
             return []
+        if not self.cluster:
+            keys = [self.shard_key(p, e) for p in range(self.partitions) for e in entities]
+            return [self.evalsha(READ, keys, fields)]
         return [
             self.evalsha(READ, [self.shard_key(p, e) for e in entities], fields)
             for p in range(self.partitions)
         ]
+
+    def shard_states(self, blobs: Sequence[bytes], width: int) -> list[np.ndarray]:
+        """The replies of :meth:`read_cmds` as one ``[entities, width + 1]`` array per shard."""
+        if len(blobs) == 1 and self.partitions > 1:
+            return list(self.states(blobs[0], width).reshape(self.partitions, -1, width + 1))
+        return [self.states(b, width) for b in blobs]
 
     def states(self, blob: bytes, width: int) -> np.ndarray:
         return np.frombuffer(blob, dtype="<f8").reshape(-1, width + 1)
@@ -241,7 +254,8 @@ class StoreCore:
     def items_miss(self, want: set[str], now: float) -> list[str]:
         """Items to ask Redis about: the wanted ones not cached (or expired) and not
         recently absent, and, when there are any, every other cached item due within
-        one expiry step (:meth:`_expiry`).
+        one expiry step (:meth:`_expiry`) that was wanted since it was last read (an item
+        nobody asks for any more is left to expire, not re-read forever).
 
         Answers are cached at most ``attr_cache_seconds`` (absent items
         ``miss_cache_seconds``), as before; what changes is *when* they are re-read.
@@ -252,6 +266,7 @@ class StoreCore:
         step at most, and never keep an answer longer.
         """
         items, absent = self._items, self._absent
+        self._used |= want
         miss = [
             i for i in want if (i not in items or items[i][0] < now) and absent.get(i, 0) < now
         ]
@@ -264,6 +279,7 @@ class StoreCore:
             if t > now + step or len(extra) >= room:
                 break
             extra |= self._due.pop(t)
+        extra &= self._used
         extra.difference_update(miss)
         return miss + sorted(extra)[: max(room, 0)]
 
@@ -294,6 +310,8 @@ class StoreCore:
             self._items.clear()
             self._absent.clear()
             self._due.clear()
+            self._used.clear()
+        self._used.difference_update(miss)  # read again now
         found = 0
         keep = self._expiry(now, self.attr_cache_seconds)
         gone = self._expiry(now, self.miss_cache_seconds)

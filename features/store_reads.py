@@ -106,12 +106,12 @@ def plan_read(
     if want_users:
         cmds += [("HGETALL", core.attrs_key("user", u)) for u in users]
     res = yield cmds
+    shards = core.shard_states(res[:n_read], cfg.width)
     if cache is None:
         total = np.zeros((len(refs.entities), cfg.width))
-        for blob in res[:n_read]:
-            total += decay_state(cfg, core.states(blob, cfg.width), now)
+        for states in shards:
+            total += decay_state(cfg, states, now)
     else:
-        shards = [core.states(blob, cfg.width) for blob in res[:n_read]]
         total = cache.merge(refs.entities, hit, miss, shards, now)
     feats = derive_features(cfg, aggregate(refs, total[refs.entity]))
     out: dict[str, Any] = {k: v for k, v in feats.items() if wanted is None or k in wanted}
