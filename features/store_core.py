@@ -155,6 +155,9 @@ class StoreCore:
         # must ask Redis anyway re-asks every item due by then (see items_miss)
         self._due: dict[float, set[str]] = {}
         self._used: set[str] = set()  # items wanted since their answer was last read
+        self._idle: dict[str, int] = {}  # item -> re-reads in a row nobody wanted
+        #: re-reads in a row of an item nobody wanted meanwhile, before it is left to expire
+        self.prefetch_idle = 2
         #: items asked for per Redis call at most (a refresh of the whole cache is split)
         self.items_per_call = 4096
         self.items_found = 0.0  # see items_take
@@ -254,8 +257,9 @@ class StoreCore:
     def items_miss(self, want: set[str], now: float) -> list[str]:
         """Items to ask Redis about: the wanted ones not cached (or expired) and not
         recently absent, and, when there are any, every other cached item due within
-        one expiry step (:meth:`_expiry`) that was wanted since it was last read (an item
-        nobody asks for any more is left to expire, not re-read forever).
+        one expiry step (:meth:`_expiry`), unless nobody wanted it in its last
+        ``prefetch_idle`` lifetimes (an item nobody asks for any more is left to expire,
+        not re-read forever).
 
         Answers are cached at most ``attr_cache_seconds`` (absent items
         ``miss_cache_seconds``), as before; what changes is *when* they are re-read.
@@ -279,9 +283,19 @@ class StoreCore:
             if t > now + step or len(extra) >= room:
                 break
             extra |= self._due.pop(t)
-        extra &= self._used
         extra.difference_update(miss)
-        return miss + sorted(extra)[: max(room, 0)]
+        used, idle = self._used, self._idle
+        keep = []
+        for i in sorted(extra):
+            k = 0 if i in used else idle.get(i, 0) + 1
+            if k > self.prefetch_idle:
+                idle.pop(i, None)
+                continue
+            idle[i] = k
+            keep.append(i)
+        for i in miss:
+            idle.pop(i, None)
+        return miss + keep[: max(room, 0)]
 
     def _expiry(self, now: float, ttl: float) -> float:
         """``now + ttl`` rounded down to a quarter of ``ttl``: answers read close together
@@ -311,6 +325,7 @@ class StoreCore:
             self._absent.clear()
             self._due.clear()
             self._used.clear()
+            self._idle.clear()
         self._used.difference_update(miss)  # read again now
         found = 0
         keep = self._expiry(now, self.attr_cache_seconds)
