@@ -154,10 +154,7 @@ class StoreCore:
         # item ids by the (grid-aligned) time their cached answer expires: a request that
         # must ask Redis anyway re-asks every item due by then (see items_miss)
         self._due: dict[float, set[str]] = {}
-        self._used: set[str] = set()  # items wanted since their answer was last read
-        self._idle: dict[str, int] = {}  # item -> re-reads in a row nobody wanted
-        #: re-reads in a row of an item nobody wanted meanwhile, before it is left to expire
-        self.prefetch_idle = 2
+        self._wanted: dict[str, float] = {}  # item -> when a read last wanted it
         #: items asked for per Redis call at most (a refresh of the whole cache is split)
         self.items_per_call = 4096
         self.items_found = 0.0  # see items_take
@@ -257,9 +254,9 @@ class StoreCore:
     def items_miss(self, want: set[str], now: float) -> list[str]:
         """Items to ask Redis about: the wanted ones not cached (or expired) and not
         recently absent, and, when there are any, every other cached item due within
-        one expiry step (:meth:`_expiry`), unless nobody wanted it in its last
-        ``prefetch_idle`` lifetimes (an item nobody asks for any more is left to expire,
-        not re-read forever).
+        one expiry step (:meth:`_expiry`) that a read wanted within twice
+        ``attr_cache_seconds`` (an item nobody asks for any more is left to expire, not
+        re-read forever).
 
         Answers are cached at most ``attr_cache_seconds`` (absent items
         ``miss_cache_seconds``), as before; what changes is *when* they are re-read.
@@ -270,7 +267,7 @@ class StoreCore:
         step at most, and never keep an answer longer.
         """
         items, absent = self._items, self._absent
-        self._used |= want
+        self._wanted.update(dict.fromkeys(want, now))
         miss = [
             i for i in want if (i not in items or items[i][0] < now) and absent.get(i, 0) < now
         ]
@@ -284,17 +281,13 @@ class StoreCore:
                 break
             extra |= self._due.pop(t)
         extra.difference_update(miss)
-        used, idle = self._used, self._idle
+        wanted, since = self._wanted, now - 2 * self.attr_cache_seconds
         keep = []
         for i in sorted(extra):
-            k = 0 if i in used else idle.get(i, 0) + 1
-            if k > self.prefetch_idle:
-                idle.pop(i, None)
-                continue
-            idle[i] = k
-            keep.append(i)
-        for i in miss:
-            idle.pop(i, None)
+            if wanted.get(i, -math.inf) >= since:
+                keep.append(i)
+            else:
+                wanted.pop(i, None)
         return miss + keep[: max(room, 0)]
 
     def _expiry(self, now: float, ttl: float) -> float:
@@ -324,9 +317,7 @@ class StoreCore:
             self._items.clear()
             self._absent.clear()
             self._due.clear()
-            self._used.clear()
-            self._idle.clear()
-        self._used.difference_update(miss)  # read again now
+            self._wanted.clear()
         found = 0
         keep = self._expiry(now, self.attr_cache_seconds)
         gone = self._expiry(now, self.miss_cache_seconds)

@@ -481,13 +481,13 @@ def test_item_answers_expire_together_and_are_reread_in_one_call_never_later(mak
     assert trips(known) == 1
     got = store.get_online_features([{"user_id": 1, "item_id": 7}], now=clock[0])
     assert got["item_attrs"][0]["genres"] == ["Horror"]
-    # an item nobody asked for in its last two lifetimes is left to expire, not re-read
+    # an item nobody asked for within 2 x attr_cache_seconds is left to expire, not re-read
     clock[0] += 8.0 + 0.01
-    assert trips(known) == 2  # every known item read again, none asked for since
-    for _ in range(store.prefetch_idle):
-        clock[0] += 8.0 + 0.01
-        assert trips(known[:2]) == 2  # the others re-read with them, unwanted
+    assert trips(known) == 2  # every known item read again
+    clock[0] += 8.0 + 0.01
+    assert trips(known[:2]) == 2  # the others re-read with them: wanted 8 s ago
     assert trips(known[2:4]) == 1
     clock[0] += 8.0 + 0.01
-    assert trips(known[:2]) == 2
-    assert trips(known[4:6]) == 2  # not re-read with the first two: unwanted too long
+    assert trips(known[:2]) == 2  # known[2:4] re-read with them, the rest not
+    assert trips(known[2:4]) == 1
+    assert trips(known[4:6]) == 2  # not re-read with the first two: unwanted for 16 s
