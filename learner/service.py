@@ -447,7 +447,11 @@ class LearnerService:
             self.version = manifest["version"]
             self.metrics.version.labels(self.store.model).set(int(self.version))
             self.rows_since_delta = 0
-            self._last_delta = self.clock()
+            # On a fixed cadence: the next delta is due one period after this one was,
+            # not after its step and write (which would stretch every period by their
+            # time); one that came more than a period late restarts the cadence.
+            now, due = self.clock(), self._last_delta + self.delta_every_seconds
+            self._last_delta = due if now - due < self.delta_every_seconds else now
         self._notify(manifest)
         return manifest
 

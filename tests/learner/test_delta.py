@@ -258,3 +258,28 @@ def test_a_delta_never_names_a_base_it_was_not_computed_from(tmp_path):
     clock.now += 1.0
     d = svc.maybe_publish()  # deltas resume on the learner's own new full checkpoint
     assert (d["kind"], d["base"], d["base_sha256"]) == ("delta", out["version"], out["sha256"])
+
+
+def test_deltas_keep_their_cadence_when_a_step_makes_one_late(tmp_path):
+    """A delta published late (its step and write took time) does not push the next one
+    back: they stay one period apart on average; more than a period late restarts."""
+    clock = Clock()
+    svc = service(LocalModelStore(tmp_path, "ranker"), clock, delta_every_seconds=1.0)
+    svc.process(PAYLOADS[0])
+    svc.publish()  # at 0.0
+    svc.process(PAYLOADS[1])
+    clock.now = 1.3  # due at 1.0, published at 1.3
+    assert svc.maybe_publish()["kind"] == "delta"
+    svc.process(PAYLOADS[2])
+    clock.now = 1.99
+    assert svc.maybe_publish() is None
+    clock.now = 2.0  # due at 2.0, not 2.3
+    assert svc.maybe_publish()["kind"] == "delta"
+    svc.process(PAYLOADS[3])
+    clock.now = 4.5  # 1.5 s late: the cadence restarts from here
+    assert svc.maybe_publish()["kind"] == "delta"
+    svc.process(make_payload(N, offset=4 * N, seed=4))
+    clock.now = 5.4
+    assert svc.maybe_publish() is None
+    clock.now = 5.5
+    assert svc.maybe_publish()["kind"] == "delta"
