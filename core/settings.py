@@ -108,14 +108,15 @@ class Settings(BaseSettings):
         "(it closes sooner when full or when no message came for click_batch_gap).",
     )
     click_batch_events: int = Field(
-        5000, ge=1,
+        20000, ge=1,
         description="Max click events per take, envelopes counted by their events (a bigger "
         "single message is a take of its own); click_batch_size still bounds messages.",
     )
     click_batch_gap: float = Field(
         0.002, ge=0,
         description="A click take keeps collecting only while messages arrive at most this "
-        "many seconds apart: an idle stream's lone message waits this long, not click_batch_within.",
+        "many seconds apart or the consumer has not fetched up to the log end (a backlog): an "
+        "idle stream's lone message waits this long, not click_batch_within.",
     )
     click_pipeline_depth: int = Field(
         1, ge=0,

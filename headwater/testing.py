@@ -92,6 +92,10 @@ class _Record:
     key: bytes | None
     value: bytes | None
 
+    @property
+    def tp(self) -> tuple[str, int]:
+        return self.topic, self.partition
+
 
 @dataclass
 class _Event:

@@ -219,7 +219,7 @@ def batched_agent(app: faust.App, topic_name: str | tuple[str, ...], partitions:
 
     async def agent(stream):
         if take is not None:
-            await pipelined_takes(stream, take, handle_take, sink)
+            await pipelined_takes(stream, take, handle_take, sink, consumer_highwater(app))
             return
         async for events in stream.take_events(max_batch, within=within):
             sends = await handle_take(events)
@@ -232,7 +232,8 @@ def batched_agent(app: faust.App, topic_name: str | tuple[str, ...], partitions:
 
 async def pipelined_takes(stream, policy: TakePolicy,
                           handle_take: Callable[[list], Awaitable[list[Output]]],
-                          sink: EventSink) -> None:
+                          sink: EventSink,
+                          highwater: Callable[[Any], int | None] | None = None) -> None:
     """Consume ``stream`` in adaptive takes, handling one while earlier ones are produced.
 
     The stream feeds a :class:`streams.batching.Batcher` (Faust's own acks off); one
@@ -242,9 +243,22 @@ async def pipelined_takes(stream, policy: TakePolicy,
     the take's messages: an offset is committed only after its batch's writes and its
     outputs are durable, so a crash replays at most the takes in flight, which the
     handler makes harmless. At most ``policy.depth`` takes are finishing while the next
-    is handled.
+    is handled. ``highwater(tp)`` (the consumer's log end of a partition, None: unknown)
+    tells a take whether more messages are waiting, so it keeps collecting under a backlog.
     """
-    batcher = Batcher(policy.max_events, policy.max_messages, policy.within, policy.gap)
+    last: dict[Any, int] = {}  # partition -> offset of the last message buffered
+
+    def backlog() -> bool:
+        if highwater is None:
+            return False
+        for tp, offset in last.items():
+            end = highwater(tp)
+            if end is not None and end > offset + 1:
+                return True
+        return False
+
+    batcher = Batcher(policy.max_events, policy.max_messages, policy.within, policy.gap,
+                      backlog=backlog)
     weigh = policy.weigh
     stream.enable_acks = False
 
@@ -276,7 +290,9 @@ async def pipelined_takes(stream, policy: TakePolicy,
     runner = asyncio.ensure_future(run())
     try:
         async for event in stream.events():
-            await batcher.put(event, weigh(event.message.value))
+            message = event.message
+            last[message.tp] = message.offset
+            await batcher.put(event, weigh(message.value))
         batcher.close()
         await runner
     finally:
@@ -318,6 +334,21 @@ class FaustSink:
 
     async def send(self, outputs: list[Output]) -> None:
         await send_all(self.app, outputs, self.on_error)
+
+
+def consumer_highwater(app) -> Callable[[Any], int | None] | None:
+    """The log end offset of an assigned partition as the app's consumer last fetched it
+    (None when not known); None for an app without a consumer (a test harness)."""
+    if not isinstance(app, faust.App):
+        return None
+
+    def highwater_of(tp) -> int | None:
+        try:
+            return app.consumer.highwater(tp)
+        except Exception:  # noqa: BLE001 - not assigned, or the consumer is (re)starting
+            return None
+
+    return highwater_of
 
 
 def pause_partition(app: faust.App, topic: str, partition: int) -> None:

@@ -12,9 +12,11 @@ stream and its handler instead:
   ``weigh``) and ``max_messages`` messages; a message heavier than the bound is a take
   of its own;
 * a take starts as soon as one message is buffered and keeps collecting only while
-  messages keep arriving: it closes when no message came for ``gap`` seconds, when
-  ``within`` seconds passed since it started, or when it is full. An idle stream's lone
-  message waits at most ``gap``, never ``within``.
+  messages keep arriving: it closes when no message came for ``gap`` seconds and
+  ``backlog()`` says none is known to be waiting (the consumer has fetched up to the
+  log end), when ``within`` seconds passed since it started, or when it is full. An idle
+  stream's lone message waits at most ``gap``, never ``within``; under a backlog a take
+  grows to ``within`` or its bounds however bursty the delivery.
 
 Pure asyncio, no Faust: :func:`streams.app.batched_agent` feeds it from the stream.
 """
@@ -72,7 +74,7 @@ class Batcher:
     """
 
     def __init__(self, max_events: int, max_messages: int, within: float, gap: float,
-                 capacity: int | None = None) -> None:
+                 capacity: int | None = None, backlog: Callable[[], bool] | None = None) -> None:
         if max_events < 1 or max_messages < 1:
             raise ValueError("a take must allow at least one event and one message")
         self.max_events = max_events
@@ -81,6 +83,8 @@ class Batcher:
         self.gap = gap
         #: events buffered before :meth:`put` waits (default: two takes' worth)
         self.capacity = capacity if capacity is not None else 2 * max_events
+        #: whether more messages are known to be on their way (default: never known)
+        self.backlog = backlog or (lambda: False)
         self._items: deque[tuple[Any, int]] = deque()
         self._weight = 0
         self._arrivals = 0
@@ -146,7 +150,7 @@ class Batcher:
                 break
             seen = self._arrivals
             await asyncio.sleep(min(self.gap, remaining))
-            if self._arrivals == seen:  # nothing arrived for ``gap``: the burst is over
+            if self._arrivals == seen and not self.backlog():  # nothing came, none waiting
                 break
         out: list[Any] = []
         events = 0

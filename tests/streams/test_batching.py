@@ -72,6 +72,24 @@ def test_take_keeps_collecting_while_messages_arrive():
     assert run(go()) == [0, 1, 2, 3, 4, 5]
 
 
+def test_take_keeps_collecting_under_a_backlog_even_when_delivery_pauses():
+    async def go():
+        # A pause far longer than the gap: without a backlog the take would close on [0].
+        b = Batcher(max_events=1000, max_messages=2, within=60.0, gap=0.001, backlog=lambda: True)
+
+        async def late():
+            await asyncio.sleep(0.05)
+            await b.put(1, 1)
+
+        await b.put(0, 1)
+        feeder = asyncio.ensure_future(late())
+        batch = await b.take()
+        await feeder
+        return batch
+
+    assert run(go()) == [0, 1]
+
+
 def test_put_waits_for_room_and_raises_what_the_consumer_failed_with():
     async def go():
         b = Batcher(max_events=2, max_messages=10, within=1.0, gap=0.0, capacity=2)
