@@ -118,6 +118,12 @@ class Settings(BaseSettings):
         "many seconds apart or the consumer has not fetched up to the log end (a backlog): an "
         "idle stream's lone message waits this long, not click_batch_within.",
     )
+    click_batch_backlog_within: float = Field(
+        0.25, ge=0,
+        description="Seconds at most a click take keeps collecting while the consumer has a "
+        "backlog (fetched less than the log end): bigger takes cost less per event, and those "
+        "messages wait anyway. Below click_batch_within it has no effect.",
+    )
     click_pipeline_depth: int = Field(
         1, ge=0,
         description="Click takes whose rows are being produced and offsets acknowledged while "

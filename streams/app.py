@@ -258,7 +258,7 @@ async def pipelined_takes(stream, policy: TakePolicy,
         return False
 
     batcher = Batcher(policy.max_events, policy.max_messages, policy.within, policy.gap,
-                      backlog=backlog)
+                      backlog=backlog, within_backlog=policy.within_backlog)
     weigh = policy.weigh
     stream.enable_acks = False
 

@@ -98,7 +98,8 @@ def click_take(settings: Settings) -> TakePolicy:
     """
     return TakePolicy(max_events=settings.click_batch_events, max_messages=settings.click_batch_size,
                       within=settings.click_batch_within, gap=settings.click_batch_gap,
-                      depth=settings.click_pipeline_depth)
+                      depth=settings.click_pipeline_depth,
+                      within_backlog=settings.click_batch_backlog_within)
 
 
 def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = True):

@@ -75,7 +75,8 @@ def test_take_keeps_collecting_while_messages_arrive():
 def test_take_keeps_collecting_under_a_backlog_even_when_delivery_pauses():
     async def go():
         # A pause far longer than the gap: without a backlog the take would close on [0].
-        b = Batcher(max_events=1000, max_messages=2, within=60.0, gap=0.001, backlog=lambda: True)
+        b = Batcher(max_events=1000, max_messages=2, within=0.001, gap=0.001, backlog=lambda: True,
+                    within_backlog=60.0)
 
         async def late():
             await asyncio.sleep(0.05)
