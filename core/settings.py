@@ -108,7 +108,7 @@ class Settings(BaseSettings):
         "(it closes sooner when full or when no message came for click_batch_gap).",
     )
     click_batch_events: int = Field(
-        20000, ge=1,
+        50000, ge=1,
         description="Max click events per take, envelopes counted by their events (a bigger "
         "single message is a take of its own); click_batch_size still bounds messages.",
     )
