@@ -226,6 +226,10 @@ def main() -> None:
                    HEADWATER_LEARNER_PORT=str(free_port()), HEADWATER_KEEP_VERSIONS="100000")
         env.pop("HEADWATER_KAFKA", None)
         env.pop("HEADWATER_REDIS", None)
+        # the learner-side scores re-load every version that answered a request, and retention
+        # deletes a superseded checkpoint's deltas whatever KEEP_VERSIONS says: full
+        # checkpoints only, unless --set delta_every_seconds=… asks otherwise
+        env.setdefault("HEADWATER_DELTA_EVERY_SECONDS", "0")
         print(cli(env, "up", timeout=300), flush=True)
     try:
         status = json.loads(cli(env, "status", "--json", check=False))

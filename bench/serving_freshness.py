@@ -4,7 +4,8 @@ Runs against the real stack: for each mode of ``--deltas`` (``off``: full checkp
 only, every ``HEADWATER_PUBLISH_EVERY_SECONDS``; ``on``: plus a delta publication every
 ``--delta-every`` seconds, ``HEADWATER_DELTA_EVERY_SECONDS``), in the same run and
 alternating ``--rounds`` times, it starts its own stack with ``headwater up`` (throwaway
-state dir and model store, free ports) and stops it with ``headwater down``;
+state dir and model store in a ``hw-freshness-*`` temporary directory, free ports), stops it
+with ``headwater down`` and deletes that directory (``--keep``: keeps it);
 ``--existing`` measures the stack the current ``HEADWATER_*`` settings point at instead
 (one mode: whatever it runs). Under load: ``headwater replay movielens --rate R --live``
 runs in the background the whole time (``--rate 0``: no background replay, a warm-up
@@ -27,6 +28,8 @@ import argparse
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -319,7 +322,12 @@ def measure(args: argparse.Namespace, env: dict, own_stack: bool) -> dict:
             try:
                 cli(env, "down", timeout=120)
             except Exception as exc:  # noqa: BLE001 - report, the stack may already be gone
-                print(f"headwater down failed: {exc}", file=sys.stderr)
+                print(f"headwater down failed: {exc}; kept {tmp}", file=sys.stderr)
+            else:
+                if args.keep:
+                    print(f"kept {tmp}")
+                else:  # the stack's state dir, logs and model store were this run's only
+                    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def loadavg() -> str:
@@ -342,11 +350,16 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=5.0, help="wait after ready (s)")
     ap.add_argument("--timeout", type=float, default=120.0, help="per click")
     ap.add_argument("--existing", action="store_true", help="use the running stack (HEADWATER_*)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep each own stack's temporary directory (state, logs, model store); "
+                         "by default it is deleted once the stack is down")
     args = ap.parse_args()
 
     modes = [m.strip() for m in args.deltas.split(",") if m.strip()]
     if any(m not in MODES for m in modes):
         ap.error(f"--deltas: modes are {sorted(MODES)}")
+    # a SIGTERM unwinds like Ctrl-C, so each stack still goes down and its directory away
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     runs: dict[str, list[dict]] = {}
     plan = ["existing"] if args.existing else modes * args.rounds
     for mode in plan:

@@ -211,11 +211,11 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Learner full-checkpoint period (s); also on demand and at stop."
     )
     delta_every_seconds: float = Field(
-        0.0,
+        1.0,
         ge=0,
         description="Learner delta period (s): between full checkpoints, publish only the "
-        "weights changed since the last one (0: off, the default; e.g. 1). BENCHMARKS.md "
-        "says when it pays.",
+        "weights changed since the last one, so serving is fresh within about 2 s (0: off, "
+        "full checkpoints only). docs/decisions.md says why 1 s.",
     )
     publish_every_rows: int = Field(
         50_000, ge=1, description="Learner also publishes after this many new rows."

@@ -29,6 +29,7 @@ Examples
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from .events import UNSET
 from .nodes import Edge, FileNode, ProcNode, SockNode, basename
@@ -66,6 +67,13 @@ def generalise_path(path: str) -> str:
     >>> generalise_path("/home/erik/work/proj/.git/objects/3f/8a9c0d1e2f3a4b5c6d7e8f9a0b")
     '~/work/proj/.git/objects/#f/<hex>'
     """
+    return _generalise(path)
+
+
+@lru_cache(maxsize=1 << 16)
+def _generalise(path: str) -> str:
+    """:func:`generalise_path` itself, memoised: a pure function of the path, and the same
+    paths (libraries, configuration, caches) come back in almost every process."""
     p = _HOME.sub("~", path, count=1)
     if p.startswith("/root/"):
         p = "~" + p[5:]
@@ -166,13 +174,19 @@ class BehaviourModel:
 
     def observe(self, pattern: tuple, auid, ts: float) -> float:
         """Familiarity of *pattern* before this sighting, then count the sighting."""
-        before = self.familiarity(pattern, auid, ts)
-        keys = [self.host_key(pattern)]
+        # familiarity() and the counting below, with each key built and decayed once
+        counts = self.counts
+        dirty = self.dirty
+        key = self.host_key(pattern)
+        before = self._decayed(key, ts)
+        counts[key] = (before + 1.0, max(ts, counts.get(key, (0, ts))[1]))
+        dirty.add(key)
         if auid is not None:
-            keys.append(self.user_key(pattern, auid))
-        for k in keys:
-            self.counts[k] = (self._decayed(k, ts) + 1.0, max(ts, self.counts.get(k, (0, ts))[1]))
-            self.dirty.add(k)
+            key = self.user_key(pattern, auid)
+            user = self._decayed(key, ts)
+            counts[key] = (user + 1.0, max(ts, counts.get(key, (0, ts))[1]))
+            dirty.add(key)
+            before = max(before, user)
         if ts > self.observed_ts:
             self.observed *= 0.5 ** ((ts - self.observed_ts) / self.half_life)
             self.observed_ts = ts

@@ -194,9 +194,13 @@ _split_kv = methodcaller("split", "=", 1)
 def _parse_fields(body: str, fields: dict, execve: bool = False) -> str | None:
     """Fill *fields* from ``k=v`` tokens; return an error reason or ``None``.
 
-    The fast path splits on whitespace and builds the dict in C
-    (``dict(map(split))``); only bodies with single quotes or a token without
-    ``=`` (a quoted value holding spaces) take the quote-aware tokenizer.
+    The reference parser: one Python step per field. :func:`_fields` gives the same
+    result with the per-field work done in C and falls back here for every body it
+    does not handle (single quotes, EXECVE arguments) and for every error, so the
+    reason and which error comes first are this function's. Bodies without single
+    quotes split on whitespace into a dict in C (``dict(map(split))``); only bodies
+    with single quotes or a token without ``=`` (a quoted value holding spaces) take
+    the quote-aware tokenizer.
     """
     if "'" in body:
         toks = _tokenize_slow(body)
@@ -216,6 +220,12 @@ def _parse_fields(body: str, fields: dict, execve: bool = False) -> str | None:
         raw = dict(map(_split_kv, toks))
     if "" in raw:
         return "field without a name (a token starting with '=')"
+    return _decode_values(raw, fields, execve)
+
+
+def _decode_values(raw: dict, fields: dict, execve: bool) -> str | None:
+    """Unquote and hex-decode the values of *raw* into *fields*, one field at a time;
+    return the first error reason or ``None``."""
     for key, val in raw.items():
         first = val[:1]
         if first == '"':
@@ -237,6 +247,53 @@ def _parse_fields(body: str, fields: dict, execve: bool = False) -> str | None:
                     return f"field {key!r}: value is neither quoted nor valid hex ({val[:40]!r})"
         fields[key] = val
     return None
+
+
+def _fields(body: str, execve: bool) -> dict | str:
+    """The fields of *body* as :func:`_parse_fields` gives them, or its error reason.
+
+    Common bodies (no single quote, not EXECVE) are split into a dict in C; the values
+    that need work are found without a per-field Python step: the hex-encoded fields by
+    intersecting the keys with :data:`ENCODED_FIELDS`, the quoted ones by splitting the
+    body at each ``="``. Short bodies and those with a repeated key take the reference
+    per-field step on the same dict; any anomaly (a token without ``=``, a bad quote, bad
+    hex) hands the body to :func:`_parse_fields`, which then reports exactly the error it
+    always did.
+    """
+    if execve or "'" in body:
+        return _exact_fields(body, execve)
+    toks = body.split()
+    try:
+        raw = dict(map(_split_kv, toks))
+    except ValueError:
+        return _exact_fields(body, execve)
+    if "" in raw:
+        return "field without a name (a token starting with '=')"
+    if len(toks) < 8 or len(raw) != len(toks):  # short, or a repeated key
+        fields: dict = {}
+        return _decode_values(raw, fields, execve) or fields
+    for key in ENCODED_FIELDS.intersection(raw):
+        val = raw[key]
+        if val and val[0] != '"' and val not in _SPECIAL:
+            if len(val) % 2 == 0 and _HEX.issuperset(val):
+                raw[key] = bytes.fromhex(val).decode("utf-8", "replace")
+            elif key in _STRICT_HEX:
+                return _exact_fields(body, execve)
+    if '"' in body:
+        # A quoted value's key runs from the space before a '="' to it: each such key
+        # starts a token, and keys are unique here, so each value is unquoted once.
+        for piece in (" " + body).split('="')[:-1]:
+            _, space, key = piece.rpartition(" ")
+            val = raw.get(key) if space else None
+            if val is None or val[:1] != '"' or len(val) < 2 or val[-1] != '"':
+                return _exact_fields(body, execve)
+            raw[key] = val[1:-1]
+    return raw
+
+
+def _exact_fields(body: str, execve: bool) -> dict | str:
+    fields: dict = {}
+    return _parse_fields(body, fields, execve) or fields
 
 
 def parse_line(line: str | bytes) -> Record | ParseError:
@@ -289,10 +346,9 @@ def parse_line(line: str | bytes) -> Record | ParseError:
             k, eq, v = tok.partition("=")
             if eq:
                 enriched[k] = v[1:-1] if v[:1] == '"' and v[-1:] == '"' and len(v) > 1 else v
-    fields: dict = {}
-    err = _parse_fields(body, fields, rtype == "EXECVE")
-    if err:
-        return ParseError(orig, f"record {rtype}: {err}")
+    fields = _fields(body, rtype == "EXECVE")
+    if fields.__class__ is str:
+        return ParseError(orig, f"record {rtype}: {fields}")
     if rtype == "SYSCALL":
         pid = fields.get("pid")
         if pid is None or "syscall" not in fields:

@@ -18,6 +18,10 @@ and trains only their rows; each optimizer step is a collective:
    prequential metrics;
 3. a *publication* (rank 0 decides when): every member sends rank 0 its consumer
    positions and watermarks; rank 0 writes one checkpoint that covers every partition.
+   With deltas on (``delta_every_seconds``), each time rank 0's delta period runs out the
+   group steps on what waits and gathers the same way, and rank 0 publishes a delta
+   against its last full checkpoint (the group's rows and watermarks, as the single
+   learner's delta).
 
 Restart contract (as the single learner's): all members resume from the latest good
 checkpoint and seek every partition to its positions, so after a member dies (kill -9)
@@ -61,8 +65,9 @@ __all__ = ["DataParallelStep", "DistributedLearnerLoop", "GroupConfig", "init_gr
 log = logging.getLogger(__name__)
 
 # control table columns
-_PENDING, _FULL, _DRY, _WAIT_MS, _STOP, _PUBLISH, _BACKLOG, _HAS_TRAINER, _UNPUBLISHED = range(9)
-_NCTRL = 9
+(_PENDING, _FULL, _DRY, _WAIT_MS, _STOP, _PUBLISH, _BACKLOG, _HAS_TRAINER, _UNPUBLISHED,
+ _DELTA) = range(10)
+_NCTRL = 10
 
 
 @dataclass(frozen=True)
@@ -332,6 +337,7 @@ class DistributedLearnerLoop(LearnerLoop):
         r[_BACKLOG] = self._backlog_rows() if self._assigned else 0
         r[_HAS_TRAINER] = int(svc.trainer is not None)
         r[_UNPUBLISHED] = int(self.group.rank == 0 and svc.rows_since_publish > 0)
+        r[_DELTA] = int(self.group.rank == 0 and svc.delta_period_over())
         dist.all_reduce(row)
         return row
 
@@ -372,9 +378,10 @@ class DistributedLearnerLoop(LearnerLoop):
         self._stale_msgs.clear()
         self.steps += 1
 
-    def _publish(self) -> None:
+    def _publish(self, delta: bool = False) -> None:
         """Collective: gather every member's positions, watermarks and drop counts; rank 0
-        writes the checkpoint covering all partitions."""
+        writes the checkpoint covering all partitions (``delta``: a delta publication, if
+        the group trained rows since the last one)."""
         t = self.service.trainer
         assert t is not None
         # Only what this member advanced since it resumed: every member resumed the whole
@@ -399,7 +406,10 @@ class DistributedLearnerLoop(LearnerLoop):
                 total[k] = total.get(k, 0) + v
         t.rows_dropped = total
         try:
-            self.service.publish()
+            if not delta:
+                self.service.publish()
+            elif self.service.delta_due():
+                self.service.publish_delta()
         finally:
             t.rows_dropped = own
 
@@ -474,6 +484,8 @@ class DistributedLearnerLoop(LearnerLoop):
                 or (stop and (stepped or bool(ctrl[0, _UNPUBLISHED])))
             ):
                 self._publish()
+            elif self._stepper is not None and bool(ctrl[0, _DELTA]):
+                self._publish(delta=True)  # rank 0's delta period ran out
             self._commit_trained()
             if stop:
                 log.info("learner member %d: last round done %.1f s after the stop request "
@@ -490,6 +502,8 @@ class DistributedLearnerLoop(LearnerLoop):
             return True
         ready = full | ctrl[:, _DRY].bool()
         if bool(full.any()) and bool(ready.all()):
+            return True
+        if bool(ctrl[0, _DELTA]):  # what waits goes into rank 0's next delta (freshness)
             return True
         return int(ctrl[:, _WAIT_MS].max()) >= 1000 * self.step_wait_seconds
 

@@ -139,8 +139,10 @@ class LearnerService:
     ) -> None:
         self.store = store
         self.delta_every_seconds = delta_every_seconds or None
-        # (version, weights) of the last full checkpoint, which deltas are computed against
-        self._base: tuple[str, dict[str, Any]] | None = None
+        # (version, sha256, weights) of the last full checkpoint, which deltas are computed
+        # against (the sha256 pins it: the store's version of that number must be this one)
+        self._base: tuple[str, str, dict[str, Any]] | None = None
+        self.deltas_refused = 0
         self.rows_since_delta = 0
         self.deltas = 0
         self.trainer_factory = trainer_factory
@@ -202,7 +204,7 @@ class LearnerService:
         self.trainer = trainer
         self.version = version
         if self.delta_every_seconds:
-            self._base = (version, state["model"])
+            self._base = (version, ck.manifest["sha256"], state["model"])
         self.consumer_positions = {
             str(k): int(v) for k, v in state.get("consumer_positions", {}).items()
         }
@@ -317,12 +319,17 @@ class LearnerService:
             return True
         # Freshness: with deltas on, what waits is trained just before each delta is due,
         # so a row waits for one delta period at most, not a step wait and then a period.
-        # (An infinite step wait means "never step alone": a data-parallel member.)
+        # (An infinite step wait means "never step alone": a data-parallel member, whose
+        # group steps on rank 0's delta_period_over instead.)
+        return math.isfinite(self.step_wait_seconds) and self.delta_period_over()
+
+    def delta_period_over(self) -> bool:
+        """True when deltas are on, there is a base, and the delta period ran out (a delta
+        is due as soon as rows are trained: :meth:`delta_due`)."""
         return (
             self.delta_every_seconds is not None
             and self._base is not None
-            and math.isfinite(self.step_wait_seconds)
-            and now - self._last_delta >= self.delta_every_seconds
+            and self.clock() - self._last_delta >= self.delta_every_seconds
         )
 
     def _record_position(self, position: tuple[str, int, int]) -> None:
@@ -392,12 +399,7 @@ class LearnerService:
 
     def delta_due(self) -> bool:
         """True when deltas are on, there is a base, new rows, and the delta period ran out."""
-        return (
-            self.delta_every_seconds is not None
-            and self._base is not None
-            and self.rows_since_delta > 0
-            and self.clock() - self._last_delta >= self.delta_every_seconds
-        )
+        return self.rows_since_delta > 0 and self.delta_period_over()
 
     def maybe_publish(self, force: bool = False) -> dict[str, Any] | None:
         """Publish a full checkpoint if :meth:`due` (or ``force`` and there is a model),
@@ -418,15 +420,24 @@ class LearnerService:
             if trainer is None or self._base is None:
                 raise RuntimeError("no full checkpoint to compute a delta against")
             t0 = time.perf_counter()
-            base_version, base_weights = self._base
+            base_version, base_sha256, base_weights = self._base
             weights = trainer.learner.state_dict(optimizer=False)["model"]
-            manifest = self.store.publish_delta(
-                compute_delta(base_weights, weights),
-                base=base_version,
-                rows_trained=trainer.rows_trained,
-                watermarks=trainer.watermarks_json(),
-                metrics=trainer.snapshot(),
-            )
+            try:
+                manifest = self.store.publish_delta(
+                    compute_delta(base_weights, weights),
+                    base=base_version,
+                    base_sha256=base_sha256,
+                    rows_trained=trainer.rows_trained,
+                    watermarks=trainer.watermarks_json(),
+                    metrics=trainer.snapshot(),
+                )
+            except CheckpointError as exc:
+                # our base is gone from the store or is another checkpoint now: a full
+                # checkpoint instead, which the next deltas are computed against
+                self.deltas_refused += 1
+                self.last_error = f"delta not published, a full checkpoint instead: {exc}"
+                log.warning(self.last_error)
+                return self.publish()
             if trainer.served is not None:
                 trainer.served.publish(trainer.learner.serving_model(), self.clock())
             self.metrics.delta_seconds.observe(time.perf_counter() - t0)
@@ -436,7 +447,11 @@ class LearnerService:
             self.version = manifest["version"]
             self.metrics.version.labels(self.store.model).set(int(self.version))
             self.rows_since_delta = 0
-            self._last_delta = self.clock()
+            # On a fixed cadence: the next delta is due one period after this one was,
+            # not after its step and write (which would stretch every period by their
+            # time); one that came more than a period late restarts the cadence.
+            now, due = self.clock(), self._last_delta + self.delta_every_seconds
+            self._last_delta = due if now - due < self.delta_every_seconds else now
         self._notify(manifest)
         return manifest
 
@@ -482,6 +497,7 @@ class LearnerService:
             if self.delta_every_seconds is not None:
                 self._base = (
                     manifest["version"],
+                    manifest["sha256"],
                     {k: v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)
                      for k, v in learner_state["model"].items()},
                 )

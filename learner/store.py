@@ -493,6 +493,7 @@ class ModelStore(Protocol):
         rows_trained: int,
         watermarks: dict[str, Any],
         metrics: dict[str, Any],
+        base_sha256: str | None = None,
     ) -> dict[str, Any]: ...
     def kind(self, version: str) -> tuple[str, str | None]: ...
     def load_weights(
@@ -826,18 +827,27 @@ class VersionedStore:
         rows_trained: int,
         watermarks: dict[str, Any],
         metrics: dict[str, Any],
+        base_sha256: str | None = None,
     ) -> dict[str, Any]:
         """Publish ``delta`` (:func:`compute_delta` against full checkpoint ``base``).
 
         Config and feature schema are the base's; the manifest says ``"kind": "delta"``,
         ``"base"`` and ``"base_sha256"``. Raises :class:`CheckpointError` if ``base`` is
-        not a full checkpoint in the store.
+        not a full checkpoint in the store, or (``base_sha256``: the sha256 of the
+        checkpoint the delta was computed against, as its publisher knows it) if the
+        store's ``base`` is another checkpoint under that number (the store was wiped or
+        another learner published there): a delta never names a base it was not computed from.
         """
         if not self.exists(base):
             raise CheckpointError(f"{self.model}: cannot publish a delta on unknown base {base!r}")
         bm = self.manifest(base)
         if manifest_kind(bm) != "full":
             raise CheckpointError(f"{self.model}: base {base} of a delta must be a full checkpoint")
+        if base_sha256 is not None and bm["sha256"] != base_sha256:
+            raise CheckpointError(
+                f"{self.model}: base {base} in the store (sha256 {str(bm['sha256'])[:12]}…) is not "
+                f"the checkpoint the delta was computed against ({base_sha256[:12]}…)"
+            )
         schema = bm["feature_schema"]
         return self._publish(
             {"delta": delta},

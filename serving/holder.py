@@ -370,6 +370,11 @@ class ModelHolder:
                 )
             )
         except CheckpointError as exc:
+            if not self.store.exists(version):
+                # Retention deleted it after it was announced (with deltas on, a newer
+                # full checkpoint supersedes the deltas before it): gone, not bad.
+                log.debug("version %s was pruned from the store before it was listed", version)
+                return
             self._set(VersionInfo(version, VersionState.FAILED, error=str(exc)))
 
     def _load_and_register(self, version: str) -> ServedModel | None:

@@ -44,8 +44,11 @@ TEST_ROWS = 1_000
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("served")
-    # every version that answered a request stays loadable for the learner-side scores
-    env = embedded_stack_env(tmp, HEADWATER_KEEP_VERSIONS=100000)
+    # every version that answered a request stays loadable for the learner-side scores:
+    # full checkpoints only, since retention deletes the deltas of a superseded full
+    # checkpoint whatever HEADWATER_KEEP_VERSIONS says (docs/decisions.md); deltas serving
+    # exactly like full checkpoints is tests/serving/test_delta_serving.py's
+    env = embedded_stack_env(tmp, HEADWATER_KEEP_VERSIONS=100000, HEADWATER_DELTA_EVERY_SECONDS=0)
     hw(env, "up")
     try:
         status = json.loads(hw(env, "status", "--json", check=False).stdout)

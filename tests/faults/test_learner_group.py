@@ -156,7 +156,18 @@ def test_learner_group_member_kill9_resumes_from_checkpoint(kafka_bootstrap, red
         producer.send(15)  # 3,000 rows trained, not published
         wait_until(lambda: _rank0_status(client).get("rows_trained") == 7000, 60, interval=0.2,
                    what="the group to train the unpublished rows", on_fail=group.log)
-        assert len(store.versions()) == 1
+        # one full checkpoint, and (deltas are on by default) rank 0 publishes the group's
+        # rows since then as a delta on it: every member's rows and watermarks
+        assert [v for v in store.versions() if store.kind(v)[0] == "full"] == ["000001"]
+        delta = wait_until(lambda: _latest(store) if _latest(store).get("rows_trained") == 7000
+                           else None, 30, interval=0.2, what="a delta covering the group's rows",
+                           on_fail=lambda: group.log() + json.dumps(_latest(store)))
+        assert (delta["kind"], delta["base"]) == ("delta", "000001")
+        assert delta["base_sha256"] == store.manifest("000001")["sha256"]
+        assert delta["watermarks"] == {
+            f"clicks:{p}": {"offset": producer.next_offset[p] - 1, "sub": 1}
+            for p in range(PARTITIONS)
+        }
         members = _members(group)
         assert len(members) == 2
         victim = max(members, key=lambda m: m.pid)

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from learner.models import build_model
 from learner.service import LearnerService
 from learner.store import (
+    CheckpointError,
     LocalModelStore,
     apply_delta,
     checkpoint_weights,
@@ -227,3 +228,58 @@ def test_with_deltas_on_what_waits_is_trained_before_each_delta(tmp_path):
     assert off.tick() is None and off.pending_rows == N  # deltas off: the 2 s wait holds
     clock.now += 1.5
     assert off.tick() is not None
+
+
+def test_a_delta_never_names_a_base_it_was_not_computed_from(tmp_path):
+    """The store's base version was replaced under a learner (store wiped, another learner
+    published under the same number): its next delta is not published on that base (a
+    full checkpoint goes out instead, the next deltas' base); the store refuses a delta
+    whose publisher's base sha256 is not the store's."""
+    store = LocalModelStore(tmp_path, "ranker")
+    clock = Clock()
+    svc = service(store, clock, delta_every_seconds=1.0)
+    svc.process(PAYLOADS[0])
+    mine = svc.publish()
+    store.clear()  # wiped; another learner trains on other rows and publishes 000001
+    other = service(store, clock, resume=False)
+    other.process(PAYLOADS[2])
+    theirs = other.publish()
+    assert theirs["version"] == mine["version"] and theirs["sha256"] != mine["sha256"]
+    with pytest.raises(CheckpointError, match="not the checkpoint the delta was computed against"):
+        store.publish_delta({}, base=theirs["version"], base_sha256=mine["sha256"],
+                            rows_trained=0, watermarks={}, metrics={})
+    svc.process(PAYLOADS[1])
+    clock.now += 1.0
+    out = svc.maybe_publish()
+    assert out.get("kind", "full") == "full" and out["version"] == "000002"
+    assert svc.deltas == 0 and svc.deltas_refused == 1 and "full checkpoint instead" in svc.last_error
+    assert store.versions() == ["000001", "000002"]
+    svc.process(PAYLOADS[3])
+    clock.now += 1.0
+    d = svc.maybe_publish()  # deltas resume on the learner's own new full checkpoint
+    assert (d["kind"], d["base"], d["base_sha256"]) == ("delta", out["version"], out["sha256"])
+
+
+def test_deltas_keep_their_cadence_when_a_step_makes_one_late(tmp_path):
+    """A delta published late (its step and write took time) does not push the next one
+    back: they stay one period apart on average; more than a period late restarts."""
+    clock = Clock()
+    svc = service(LocalModelStore(tmp_path, "ranker"), clock, delta_every_seconds=1.0)
+    svc.process(PAYLOADS[0])
+    svc.publish()  # at 0.0
+    svc.process(PAYLOADS[1])
+    clock.now = 1.3  # due at 1.0, published at 1.3
+    assert svc.maybe_publish()["kind"] == "delta"
+    svc.process(PAYLOADS[2])
+    clock.now = 1.99
+    assert svc.maybe_publish() is None
+    clock.now = 2.0  # due at 2.0, not 2.3
+    assert svc.maybe_publish()["kind"] == "delta"
+    svc.process(PAYLOADS[3])
+    clock.now = 4.5  # 1.5 s late: the cadence restarts from here
+    assert svc.maybe_publish()["kind"] == "delta"
+    svc.process(make_payload(N, offset=4 * N, seed=4))
+    clock.now = 5.4
+    assert svc.maybe_publish() is None
+    clock.now = 5.5
+    assert svc.maybe_publish()["kind"] == "delta"

@@ -274,6 +274,38 @@ def test_announcements_of_pruned_or_old_versions_are_ignored(store, publish, bui
         holder.close()
 
 
+def test_a_version_pruned_right_after_its_announcement_is_not_failed(store, publish, builder,
+                                                                    monkeypatch):
+    """Retention may delete a version between the holder's existence check and its manifest
+    read (with deltas on, a new full checkpoint supersedes the deltas before it): gone, not
+    a bad checkpoint, so nothing is FAILED and no error is recorded."""
+    import shutil
+
+    publish(0)
+    holder = ModelHolder(store, builder.schema)
+    try:
+        holder.start()
+        publish(1)
+        publish(2)
+        shutil.rmtree(store.dir / "000002")  # pruned...
+        exists = holder.store.exists
+        seen = []
+
+        def exists_once_more(version: str) -> bool:  # ...just after the holder checked
+            if version == "000002" and not seen:
+                seen.append(version)
+                return True
+            return exists(version)
+
+        monkeypatch.setattr(holder.store, "exists", exists_once_more)
+        assert holder.offer("000002") is True  # skips to the newest, 000003
+        assert seen and holder.info("000002") is None
+        assert holder.last_error is None and holder.metrics.load_failures._metrics == {}
+        assert holder.current.version == "000003"
+    finally:
+        holder.close()
+
+
 def test_a_backlog_of_publications_loads_only_the_newest(store, publish, builder):
     holder = ModelHolder(store, builder.schema)
     try:
