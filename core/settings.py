@@ -103,7 +103,31 @@ class Settings(BaseSettings):
     )
     click_batch_size: int = Field(2000, ge=1, description="Max click messages per agent batch (a message is one event or an envelope of events).")
     click_batch_within: float = Field(
-        0.02, gt=0, description="Seconds the click agent waits to fill a batch."
+        0.02, gt=0,
+        description="Seconds at most a click take keeps collecting after its first message "
+        "(it closes sooner when full or when no message came for click_batch_gap).",
+    )
+    click_batch_events: int = Field(
+        50000, ge=1,
+        description="Max click events per take, envelopes counted by their events (a bigger "
+        "single message is a take of its own); click_batch_size still bounds messages.",
+    )
+    click_batch_gap: float = Field(
+        0.002, ge=0,
+        description="A click take keeps collecting only while messages arrive at most this "
+        "many seconds apart or the consumer has not fetched up to the log end (a backlog): an "
+        "idle stream's lone message waits this long, not click_batch_within.",
+    )
+    click_batch_backlog_within: float = Field(
+        0.25, ge=0,
+        description="Seconds at most a click take keeps collecting while the consumer has a "
+        "backlog (fetched less than the log end): bigger takes cost less per event, and those "
+        "messages wait anyway. Below click_batch_within it has no effect.",
+    )
+    click_pipeline_depth: int = Field(
+        1, ge=0,
+        description="Click takes whose rows are being produced and offsets acknowledged while "
+        "the next take is handled (0: one take at a time). Each is replayed after a crash.",
     )
     audit_batch_size: int = Field(2000, ge=1, description="Max audit messages per agent batch.")
     pit_ties: bool = Field(

@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import tempfile
@@ -91,6 +92,10 @@ class _Record:
     key: bytes | None
     value: bytes | None
 
+    @property
+    def tp(self) -> tuple[str, int]:
+        return self.topic, self.partition
+
 
 @dataclass
 class _Event:
@@ -118,6 +123,8 @@ class AgentHarness:
         self.agents: dict[str, Any] = {}
         #: agent name -> the topic names it consumes
         self.topics: dict[str, tuple[str, ...]] = {}
+        #: (topic, partition, offset) of every message a pipelined agent acknowledged, in order
+        self.acked: list[tuple[str, int, int]] = []
 
     def topic(self, *names: str, **_options: Any) -> tuple[str, ...]:
         return names
@@ -135,7 +142,11 @@ class AgentHarness:
         agent's first topic) or ``(topic, partition, offset, key, value)``."""
         first = self.topics[name][0]
 
+        acked = self.acked
+
         class Stream:
+            enable_acks = True
+
             def take_events(self, n: int, within: float):
                 async def events():
                     for batch in batches:
@@ -143,6 +154,18 @@ class AgentHarness:
                                for m in batch]
 
                 return events()
+
+            async def events(self):
+                """Every message of every batch, one at a time (a pipelined agent)."""
+                for batch in batches:
+                    for m in batch:
+                        yield _Event(_Record(*(m if len(m) == 5 else (first, *m))))
+                    await asyncio.sleep(0)
+
+            async def ack(self, event: _Event) -> bool:
+                m = event.message
+                acked.append((m.topic, m.partition, m.offset))
+                return True
 
         await self.agents[name](Stream())
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,6 +26,7 @@ from core import kafka as kafka_clients
 from core.settings import Settings
 from detection.state_store import StateFenced
 from features.store_apply import FencedError, GapError
+from streams.batching import Batcher, TakePolicy
 from streams.deadletter import dead_letter
 from streams.events import EventSink, Message, Output
 
@@ -136,7 +137,8 @@ def batched_agent(app: faust.App, topic_name: str | tuple[str, ...], partitions:
                   max_batch: int, within: float, name: str,
                   on_error: Callable[[BaseException], None] | None = None,
                   dead_letter_topic: str | None = None, *, sink: EventSink | None = None,
-                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                  take: TakePolicy | None = None) -> None:
     """Register an agent that feeds ``handler`` one partition's batch at a time.
 
     Outputs are produced before the batch is acknowledged, so a crash between the two
@@ -146,6 +148,12 @@ def batched_agent(app: faust.App, topic_name: str | tuple[str, ...], partitions:
     topic's partition. ``sink`` takes the outputs (default: the app's producer,
     :class:`FaustSink`); ``sleep`` waits between retries (a test passes
     :meth:`headwater.testing.ManualClock.sleep`).
+
+    ``take`` makes the agent pipelined (:func:`pipelined_takes`): adaptive takes bounded
+    in events (:class:`streams.batching.Batcher`), and while one take is handled, the
+    outputs of up to ``take.depth`` earlier ones are produced and their messages
+    acknowledged, in order, each only after its outputs are on the broker. Without it,
+    Faust's ``take_events(max_batch, within)``, one take at a time.
     """
     sink = sink if sink is not None else FaustSink(app, on_error)
     names = (topic_name,) if isinstance(topic_name, str) else tuple(topic_name)
@@ -198,22 +206,98 @@ def batched_agent(app: faust.App, topic_name: str | tuple[str, ...], partitions:
                     break
         return outputs
 
+    async def handle_take(events) -> list[Output]:
+        groups: dict[tuple[str, int], list[Message]] = defaultdict(list)
+        for event in events:
+            msg = event.message
+            groups[msg.topic, msg.partition].append((msg.offset, msg.key, msg.value))
+        if concurrent and len(groups) > 1:
+            results = await asyncio.gather(*(handle(t, p, m) for (t, p), m in groups.items()))
+        else:
+            results = [await handle(t, p, m) for (t, p), m in groups.items()]
+        return [out for outputs in results for out in outputs]
+
     async def agent(stream):
+        if take is not None:
+            await pipelined_takes(stream, take, handle_take, sink, consumer_highwater(app))
+            return
         async for events in stream.take_events(max_batch, within=within):
-            groups: dict[tuple[str, int], list[Message]] = defaultdict(list)
-            for event in events:
-                msg = event.message
-                groups[msg.topic, msg.partition].append((msg.offset, msg.key, msg.value))
-            if concurrent and len(groups) > 1:
-                results = await asyncio.gather(*(handle(t, p, m) for (t, p), m in groups.items()))
-            else:
-                results = [await handle(t, p, m) for (t, p), m in groups.items()]
-            sends = [out for outputs in results for out in outputs]
+            sends = await handle_take(events)
             if sends:
                 await sink.send(sends)
 
     agent.__name__ = name
     app.agent(topic, name=name)(agent)
+
+
+async def pipelined_takes(stream, policy: TakePolicy,
+                          handle_take: Callable[[list], Awaitable[list[Output]]],
+                          sink: EventSink,
+                          highwater: Callable[[Any], int | None] | None = None) -> None:
+    """Consume ``stream`` in adaptive takes, handling one while earlier ones are produced.
+
+    The stream feeds a :class:`streams.batching.Batcher` (Faust's own acks off); one
+    task handles takes one after another (so a partition's batches are applied in offset
+    order, as before). A handled take's outputs go to ``sink`` in a finishing task that
+    first waits for the previous take's (outputs stay in take order), then acknowledges
+    the take's messages: an offset is committed only after its batch's writes and its
+    outputs are durable, so a crash replays at most the takes in flight, which the
+    handler makes harmless. At most ``policy.depth`` takes are finishing while the next
+    is handled. ``highwater(tp)`` (the consumer's log end of a partition, None: unknown)
+    tells a take whether more messages are waiting, so it keeps collecting under a backlog.
+    """
+    last: dict[Any, int] = {}  # partition -> offset of the last message buffered
+
+    def backlog() -> bool:
+        if highwater is None:
+            return False
+        for tp, offset in last.items():
+            end = highwater(tp)
+            if end is not None and end > offset + 1:
+                return True
+        return False
+
+    batcher = Batcher(policy.max_events, policy.max_messages, policy.within, policy.gap,
+                      backlog=backlog, within_backlog=policy.within_backlog)
+    weigh = policy.weigh
+    stream.enable_acks = False
+
+    async def finish(previous: asyncio.Future | None, events: list, sends: list[Output]) -> None:
+        if previous is not None:
+            await previous
+        if sends:
+            await sink.send(sends)
+        for event in events:
+            await stream.ack(event)
+
+    async def run() -> None:
+        inflight: deque[asyncio.Future] = deque()
+        try:
+            async for events in batcher.takes():
+                sends = await handle_take(events)
+                last = inflight[-1] if inflight else None
+                inflight.append(asyncio.ensure_future(finish(last, events, sends)))
+                while len(inflight) > policy.depth:
+                    await inflight.popleft()
+            while inflight:
+                await inflight.popleft()
+        except BaseException as exc:
+            for task in inflight:
+                task.cancel()
+            batcher.fail(exc if isinstance(exc, Exception) else RuntimeError("take handler stopped"))
+            raise
+
+    runner = asyncio.ensure_future(run())
+    try:
+        async for event in stream.events():
+            message = event.message
+            last[message.tp] = message.offset
+            await batcher.put(event, weigh(message.value))
+        batcher.close()
+        await runner
+    finally:
+        if not runner.done():
+            runner.cancel()
 
 
 async def send_all(app: faust.App, sends: list[Output],
@@ -250,6 +334,21 @@ class FaustSink:
 
     async def send(self, outputs: list[Output]) -> None:
         await send_all(self.app, outputs, self.on_error)
+
+
+def consumer_highwater(app) -> Callable[[Any], int | None] | None:
+    """The log end offset of an assigned partition as the app's consumer last fetched it
+    (None when not known); None for an app without a consumer (a test harness)."""
+    if not isinstance(app, faust.App):
+        return None
+
+    def highwater_of(tp) -> int | None:
+        try:
+            return app.consumer.highwater(tp)
+        except Exception:  # noqa: BLE001 - not assigned, or the consumer is (re)starting
+            return None
+
+    return highwater_of
 
 
 def pause_partition(app: faust.App, topic: str, partition: int) -> None:

@@ -23,6 +23,7 @@ from streams.app import (
     pause_partition,
 )
 from streams.audit_path import AuditHandler, audit_engine_config
+from streams.batching import TakePolicy
 from streams.click_path import click_handler
 from streams.events import KafkaLog
 from streams.item_path import ItemHandler
@@ -88,6 +89,19 @@ class WorkerState:
         }
 
 
+def click_take(settings: Settings) -> TakePolicy:
+    """The click agent's takes: bounded in events, lingering only while clicks arrive,
+    pipelined ``click_pipeline_depth`` deep (:func:`streams.app.pipelined_takes`).
+
+    >>> click_take(Settings(click_batch_events=300)).max_events
+    300
+    """
+    return TakePolicy(max_events=settings.click_batch_events, max_messages=settings.click_batch_size,
+                      within=settings.click_batch_within, gap=settings.click_batch_gap,
+                      depth=settings.click_pipeline_depth,
+                      within_backlog=settings.click_batch_backlog_within)
+
+
 def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = True):
     """The worker's Faust app with its three agents and heartbeat timer."""
     metrics = WorkerMetrics()
@@ -126,7 +140,8 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
     n = settings.partitions
     dlq = topics["dead-letter"]
     batched_agent(app, topics["clicks"], n, clicks, settings.click_batch_size,
-                  settings.click_batch_within, "clicks", state.on_error, dlq)
+                  settings.click_batch_within, "clicks", state.on_error, dlq,
+                  take=click_take(settings))
     batched_agent(app, topics["items"], n, items, 2000, 0.05, "items", state.on_error, dlq)
     batched_agent(app, topics["audit"], n, audit, settings.audit_batch_size, 0.05, "audit",
                   state.on_error, dlq)
