@@ -106,6 +106,11 @@ class OpsState:
         # thread (a cancelled to_thread keeps running): sample and close take turns.
         self._monitor_lock = threading.Lock()
         self.started_at = time.time()
+        # Set by the app's cleanup before it cancels the samplers: asyncio.wait_for on
+        # Python 3.11 can swallow a cancellation that lands as its inner call completes
+        # (a status sample reads Redis under wait_for), and a sampler loop that only
+        # relied on CancelledError then ran on and held shutdown until its own timeout.
+        self.stopping = False
 
     # ---- lag ------------------------------------------------------------------------
     async def sample_lag(self) -> dict[str, Any] | None:
@@ -171,7 +176,7 @@ class OpsState:
 
     async def run(self, what: str) -> None:
         sample = self.sample_lag if what == "lag" else self.sample_status
-        while True:
+        while not self.stopping:
             t0 = time.monotonic()
             try:
                 await sample()
@@ -428,6 +433,7 @@ def add_ops_routes(app: web.Application, *, settings: Settings, redis: aioredis.
             tasks = [asyncio.create_task(state.run("lag"), name="ops-lag"),
                      asyncio.create_task(state.run("status"), name="ops-status")]
         yield
+        state.stopping = True
         for t in tasks:
             t.cancel()
         for t in tasks:
