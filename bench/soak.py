@@ -13,7 +13,8 @@ the memory (RSS) of every process over time; and the learner's backlog (rows wai
 and freshness: click -> first scoring response from a model trained on it, probed one
 click at a time all along (p50 / p99 / max, and the same over probes no fault overlapped).
 
-Run: ``.venv/bin/python bench/soak.py --minutes 10`` (``--rate``, ``--qps``).
+Run: ``.venv/bin/python bench/soak.py --minutes 10`` (``--rate``, ``--qps``). The run's
+directory under the system temp dir is deleted at the end (``--keep`` keeps it, logs included).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -224,6 +226,9 @@ def main() -> None:
     ap.add_argument("--serve-workers", type=int, default=2,
                     help="serving processes on one port; > 1 restarts serving by a rolling "
                          "restart (SIGHUP), 1 by stopping and starting the only one")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the run's directory (logs, Redis data, model store); "
+                         "by default it is deleted after the summary")
     args = ap.parse_args()
     os.environ["HEADWATER_SERVE_WORKERS"] = str(args.serve_workers)
     work = Path(tempfile.mkdtemp(prefix="hw-soak-"))
@@ -381,7 +386,10 @@ def main() -> None:
         stop_pid(p.pid)
     redis_server.stop()
     broker.stop()
-    print(f"logs: {settings.log_dir}")
+    if args.keep:
+        print(f"logs: {settings.log_dir}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
