@@ -931,21 +931,21 @@ class VersionedStore:
         self._save_pins([v for v in self.pins() if v != version])
 
     def prune(self) -> list[str]:
-        """Delete all but the newest ``keep`` full checkpoints, the deltas of the newest
-        one, pinned versions (and a pinned delta's base) and the newest; return the deleted.
+        """Delete all but the newest ``keep`` full checkpoints, the newest ``keep`` versions
+        of any kind, the deltas of the newest full checkpoint, pinned versions and the newest
+        (each kept delta with its base); return the deleted.
         """
         versions = self.versions()
         fulls = [v for v in versions if not self._is_delta(v)]
         pins = set(self.pins())
-        protected = set(fulls[-self.keep :]) | pins
+        protected = set(fulls[-self.keep :]) | set(versions[-self.keep :]) | pins
         newest_full = fulls[-1] if fulls else None
         for v in versions:
-            if self._is_delta(v):
-                base = self.kind(v)[1]
-                if base == newest_full or v in pins:
-                    protected.add(v)
-                    if v in pins and base is not None:
-                        protected.add(base)
+            if self._is_delta(v) and self.kind(v)[1] == newest_full:
+                protected.add(v)
+        for v in list(protected):
+            if self._is_delta(v) and (base := self.kind(v)[1]) is not None:
+                protected.add(base)
         deleted = []
         for v in versions[:-1]:
             if v not in protected:

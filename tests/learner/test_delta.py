@@ -52,7 +52,7 @@ def same_weights(a: dict, b: dict) -> None:
 
 
 def test_base_plus_deltas_equals_a_full_checkpoint_of_the_same_state(tmp_path):
-    store = LocalModelStore(tmp_path, "ranker", keep=3)
+    store = LocalModelStore(tmp_path, "ranker", keep=2)
     clock = Clock()
     svc = service(store, clock, delta_every_seconds=1.0)
     svc.process(PAYLOADS[0])
@@ -76,8 +76,9 @@ def test_base_plus_deltas_equals_a_full_checkpoint_of_the_same_state(tmp_path):
     delta2 = store.load(d2["version"]).state["delta"]
     full = svc.publish()  # a full checkpoint of the very state d2 carries
     assert full.get("kind", "full") == "full"
-    # retention: the deltas of an older base go once a newer full checkpoint exists
-    assert store.versions() == [base["version"], full["version"]]
+    # retention (keep 2): the older base's first delta goes once a newer full checkpoint
+    # exists; its second is one of the newest two versions and stays, with its base
+    assert store.versions() == [base["version"], d2["version"], full["version"]]
 
     same_weights(assembled, checkpoint_weights(store.load(full["version"]).state))
     m_full, _ = store.load_model(full["version"])

@@ -280,24 +280,27 @@ def test_a_delta_on_another_base_is_refused(store):
         store.load_weights(d)
 
 
-def test_retention_keeps_the_deltas_of_the_newest_full_checkpoint(make_store):
+def test_retention_keeps_the_newest_versions_of_any_kind_with_their_bases(make_store):
     store = make_store(keep=2)
     publish(store)
     publish_delta(store, "000001", 2.0)
-    publish(store)  # 000003: the delta of 000001 goes
-    assert store.versions() == ["000001", "000003"]
-    publish_delta(store, "000003", 2.0)
+    publish(store)  # 000003: the delta of 000001 is one of the newest two, so it stays
+    assert store.versions() == ["000001", "000002", "000003"]
+    publish_delta(store, "000003", 2.0)  # 000004: 000002 is neither newest nor on the newest full
+    assert store.versions() == ["000001", "000003", "000004"]
     store.pin("000004")
     publish_delta(store, "000003", 3.0)
     publish(store)  # 000006
     publish_delta(store, "000006", 2.0)
-    # full: newest 2; deltas of the newest full; a pinned delta and its base
+    # full: newest 2; newest 2 of any kind; deltas of the newest full; a pinned delta and its base
     assert store.versions() == ["000003", "000004", "000006", "000007"]
-    publish(store)  # 000008: 000003 stays as the pinned delta's base
-    assert store.versions() == ["000003", "000004", "000006", "000008"]
+    publish(store)  # 000008: 000007 is one of the newest two (with its base 000006)
+    assert store.versions() == ["000003", "000004", "000006", "000007", "000008"]
     store.unpin("000004")
     assert store.prune() == ["000003", "000004"]
-    assert store.load_weights("000006")[0]["w"].tolist() == [1.0] * 3
+    assert store.load_weights("000007")[0]["w"].tolist() == [2.0] * 3
+    publish(store)  # 000009: 000007 is superseded twice over and goes
+    assert store.versions() == ["000008", "000009"]
 
 
 def test_unreadable_pins_are_named(store):
