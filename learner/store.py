@@ -504,6 +504,7 @@ class ModelStore(Protocol):
     def unpin(self, version: str) -> None: ...
     def prune(self) -> list[str]: ...
     def clear(self) -> None: ...
+    def forget_cached(self) -> None: ...
 
 
 class VersionedStore:
@@ -565,6 +566,11 @@ class VersionedStore:
     def clear(self) -> None:
         """Delete every version and pin of this model (``headwater reset``)."""
         raise NotImplementedError
+
+    def forget_cached(self) -> None:
+        """Drop what this object cached about versions (their kinds): another process
+        cleared the store, and its version numbers may now name other checkpoints."""
+        self._kinds.clear()
 
     # ---- reading -------------------------------------------------------------------
     def versions(self) -> list[str]:

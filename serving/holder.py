@@ -234,7 +234,10 @@ class ModelHolder:
         """
         version = normalize_version(version)
         if self.info(version) is not None:
-            return False
+            # Known by number; after a store wipe the number may name another model.
+            self._forget_if_replaced(self.store.versions())
+            if self.info(version) is not None:
+                return False
         if not self.store.exists(version):
             # Pruned by retention (an old message replayed from the topic) or not visible
             # on this filesystem yet: the store rescan will offer it again if it appears.
@@ -262,8 +265,13 @@ class ModelHolder:
         return swapped
 
     def rescan(self) -> None:
-        """Fallback for a missed update message: offer every store version newer than known."""
+        """Fallback for a missed update message: offer every store version newer than known.
+
+        Also notices a wiped or replaced store (:meth:`replaced_because`) and forgets the
+        old store's versions first, so its model stops serving the new run's requests.
+        """
         versions = self.store.versions()
+        self._forget_if_replaced(versions)
         newest_known = max((int(v) for v in self._versions), default=0)
         for v in versions:
             if int(v) > newest_known and self.info(v) is None:
@@ -274,6 +282,48 @@ class ModelHolder:
                 # Retention deleted it; a loaded copy stays usable until evicted.
                 if v not in present and i.served is None and i.state is VersionState.RETIRED:
                     del self._versions[v]
+
+    def replaced_because(self, versions: list[str]) -> str | None:
+        """Why the store no longer holds the versions this holder knows, or ``None``.
+
+        ``versions`` is the store's listing. Retention never deletes the newest version,
+        so the newest known version missing while the store's newest is older means the
+        store was wiped or replaced; so does the serving version's number naming a
+        checkpoint with another sha256 (a new run's numbering caught up).
+        """
+        with self._lock:
+            newest = max(self._versions, key=int, default=None)
+        if newest is not None and newest not in versions and (
+            not versions or int(versions[-1]) < int(newest)
+        ):
+            return (f"its newest version is {versions[-1] if versions else 'none'}, older than "
+                    f"{newest}, which is gone")
+        cur = self._current
+        if cur is not None and cur.version in versions:
+            try:
+                sha = self.store.manifest(cur.version).get("sha256")
+            except CheckpointError:
+                return None  # pruned or unreadable now: not evidence of another store
+            if sha != cur.manifest.get("sha256"):
+                return f"its version {cur.version} is another checkpoint (sha256 differs)"
+        return None
+
+    def _forget_if_replaced(self, versions: list[str]) -> None:
+        why = self.replaced_because(versions)
+        if why is None:
+            return
+        self._record_error(
+            f"model store of {self.store.model} was replaced ({why}): forgot its old "
+            "versions and started over on this store (the baseline ranker serves until one "
+            "of its versions loads)"
+        )
+        self.store.forget_cached()
+        with self._lock:
+            self._versions.clear()
+        self._current = None  # requests read it once: in-flight ones finish on the old model
+        self._pinned = None
+        self.metrics.serving_changed(None, None)
+        self.start()  # the pin and the newest good version of this store, as at a restart
 
     def pin(self, version: str) -> str:
         """Serve ``version`` and ignore newer ones until :meth:`unpin`; persist the pin."""

@@ -357,3 +357,39 @@ def test_a_patched_delta_with_a_nan_row_is_refused_and_its_base_is_untouched(sto
     assert exc.value.reason == "sanity"
     after = base.model.state_dict()
     assert all(torch.equal(after[k], base_state[k]) for k in base_state)
+
+
+async def test_a_wiped_store_is_noticed_and_its_new_versions_serve(
+    settings, seeded_redis, publish, store, make_app, h
+):
+    """``headwater reset`` clears the model store while serving runs: the old run's model
+    must stop answering, and the new run's versions serve although their numbers are
+    lower than (or equal to) the ones serving knew."""
+    for seed in range(3):
+        publish(seed)
+    client, ctx = await make_app(settings, seeded_redis)
+    old = ctx.holder.current
+    assert old.version == "000003"
+    store.clear()  # what `headwater reset` does, from another process
+    await ctx.holder.submit(ctx.holder.rescan)
+    assert ctx.holder.current is None and ctx.holder.listing()["models"] == []
+    assert "was replaced" in ctx.holder.last_error
+    resp = await client.post("/v1/score", data=h.score_body())
+    assert (await resp.json())["model_version"] == "baseline"
+    # The new run publishes; an announcement of its first version swaps it in.
+    first = publish(7)
+    assert first == "000001"
+    assert await ctx.holder.submit(ctx.holder.offer, first) is True
+    assert ctx.holder.current.manifest["sha256"] == store.manifest(first)["sha256"]
+    # Wiped again and the new numbering catches up with the known one before any rescan:
+    # the announcement of a known number is checked against the store's checkpoint.
+    store.clear()
+    assert publish(8) == "000001"
+    assert await ctx.holder.submit(ctx.holder.offer, "000001") is False  # started over instead
+    served = ctx.holder.current
+    assert served.version == "000001" and served.manifest["sha256"] == store.manifest("000001")["sha256"]
+    resp = await client.post("/v1/score", data=h.score_body())
+    assert (await resp.json())["model_version"] == "000001"
+    # An ordinary rescan afterwards changes nothing.
+    await ctx.holder.submit(ctx.holder.rescan)
+    assert ctx.holder.current is served
