@@ -258,21 +258,9 @@ class Scorer:
         self, req: ScoreRequest, feats: Mapping[str, Any], now: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """Tokens ``[n, F]`` int64 and dense ``[n, D]`` float32, in schema order."""
-        cols = self.builder.build_for_scoring(
+        return self.builder.score_matrices(
             req.user_id, req.user, req.context, req.candidates, feats, now=now
         )
-        n = len(req.candidates)
-        cat = (
-            np.stack([np.asarray(cols[c], dtype=np.int64) for c in self._cat_cols], axis=1)
-            if self._cat_cols
-            else np.zeros((n, 0), np.int64)
-        )
-        dense = (
-            np.stack([np.asarray(cols[c], dtype=np.float32) for c in self._dense_cols], axis=1)
-            if self._dense_cols
-            else np.zeros((n, 0), np.float32)
-        )
-        return cat, dense
 
     def _encode_and_predict(
         self, served: Ranker, req: ScoreRequest, feats: Mapping[str, Any], now: float
