@@ -48,6 +48,7 @@ __all__ = [
     "Refs",
     "aggregate",
     "as_columns",
+    "decay_shards",
     "decay_state",
     "derive_features",
     "half_life_label",
@@ -611,12 +612,31 @@ def decay_state(config: CounterConfig, state: np.ndarray, at: np.ndarray | float
     """
     out = np.array(state[:, : config.width], dtype=np.float64, copy=True)
     t = state[:, config.width]
-    dt = np.nan_to_num(np.maximum(np.asarray(at, dtype=np.float64) - t, 0.0), nan=0.0)
+    dt = np.asarray(at, dtype=np.float64) - t
+    dt = np.where(dt > 0.0, dt, 0.0)  # never backwards; NaN (never written): not decayed
     for j, h in enumerate(config.half_lives):
         f = np.exp2(-dt / h)
         out[:, 2 + 2 * j] *= f
         out[:, 3 + 2 * j] *= f
     return out
+
+
+def decay_shards(config: CounterConfig, shards: Sequence[np.ndarray], at: float) -> np.ndarray:
+    """Per-shard states (each ``[K, width + 1]``) decayed to ``at`` and summed over shards,
+    shard by shard in order (the sum of :func:`decay_state` per shard), decayed in one call.
+
+    >>> cfg = CounterConfig(specs=(CounterSpec("x"),), half_lives=(10.0,))
+    >>> s = [np.array([[2.0, 1.0, 2.0, 1.0, 0.0]]), np.array([[1.0, 0.0, 1.0, 0.0, 10.0]])]
+    >>> decay_shards(cfg, s, 10.0).tolist()
+    [[3.0, 1.0, 2.0, 0.5]]
+    """
+    total = np.zeros((len(shards[0]) if len(shards) else 0, config.width))
+    if not len(shards) or not total.size:
+        return total
+    decayed = decay_state(config, np.concatenate(shards), at).reshape(len(shards), -1, config.width)
+    for part in decayed:
+        total += part
+    return total
 
 
 def aggregate(refs: Refs, per_ref: np.ndarray) -> np.ndarray:

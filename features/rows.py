@@ -219,11 +219,11 @@ class RowBuilder:
             user_attrs = features["user_attrs"][0]
         pos = self._positions
         cat = np.empty((n, len(pos)), np.int64)
-        one = as_columns({"ts": np.full(1, ts), "user_id": [user_id], "user": [user_attrs],
-                          "context": [context]})
+        one = {"ts": np.full(1, ts), "user_id": np.asarray([canonical(user_id)], dtype=object),
+               "user": [user_attrs or None], "context": [context or None]}  # as as_columns
         for name, col in self._shared_columns(one).items():
             cat[:, pos[name]] = col[0]
-        items = as_columns({"ts": np.zeros(n), "item_id": list(candidate_item_ids)})["item_id"]
+        items = [canonical(i) for i in candidate_item_ids]
         row_attrs = list(features.get("item_attrs") or [None] * n)
         row_codes = list(features.get("codes") or [None] * n)
         cat[:, self._block_positions] = self.item_blocks(items, row_attrs, row_codes)

@@ -15,6 +15,7 @@ from features.counters import (
     CounterConfig,
     aggregate,
     as_columns,
+    decay_shards,
     decay_state,
     derive_features,
     half_life_label,
@@ -108,9 +109,7 @@ def plan_read(
     res = yield cmds
     shards = core.shard_states(res[:n_read], cfg.width)
     if cache is None:
-        total = np.zeros((len(refs.entities), cfg.width))
-        for states in shards:
-            total += decay_state(cfg, states, now)
+        total = decay_shards(cfg, shards, now) if shards else np.zeros((0, cfg.width))
     else:
         total = cache.merge(refs.entities, hit, miss, shards, now)
     feats = derive_features(cfg, aggregate(refs, total[refs.entity]))
