@@ -280,6 +280,21 @@ def _present(codes: np.ndarray, texts: list[str]) -> _FieldValues:
     return _FieldValues(ok.astype(np.int64), codes[ok], texts)
 
 
+def _item_attr(f: str) -> str:
+    """The item attribute a key field reads: ``genre`` → ``genres``, ``item.studio`` → ``studio``."""
+    return {"genre": "genres", "tag": "tags", "year": "year"}.get(f, f[len("item."):])
+
+
+def _item_field_texts(attr: str, attrs: Mapping[str, Any] | None) -> list[str]:
+    """One item's non-missing texts of attribute ``attr`` (``genres`` falls back to
+    ``tags``, which item events carry); both resolvers take an item's values from here."""
+    attrs = attrs or {}
+    v = attrs.get(attr)
+    if v is None and attr == "genres":
+        v = attrs.get("tags")
+    return [t for t in (canonical(x) for x in (v if isinstance(v, (list, tuple)) else [v])) if t]
+
+
 def _item_values(
     attr: str, items: tuple[np.ndarray, list[str]], item_attrs: Mapping[str, Mapping]
 ) -> _FieldValues:
@@ -289,11 +304,7 @@ def _item_values(
     per_item_counts = np.zeros(len(items), np.int64)
     flat: list[int] = []
     for j, item in enumerate(items):
-        attrs = item_attrs.get(item) or {}
-        v = attrs.get(attr)
-        if v is None and attr == "genres":
-            v = attrs.get("tags")  # item events carry genres as tags
-        vals = [t for t in (canonical(x) for x in (v if isinstance(v, (list, tuple)) else [v])) if t]
+        vals = _item_field_texts(attr, item_attrs.get(item))
         per_item_counts[j] = len(vals)
         flat += [vocab.setdefault(t, len(vocab)) for t in vals]
     flat_arr = np.asarray(flat, dtype=np.int64)
@@ -326,8 +337,7 @@ def _field_values(
         vals = (np.floor(cols["ts"] / 3600.0) % 24) if f == "hour" else ((days + 3) % 7)
         return _FieldValues(np.ones(n, np.int64), vals.astype(np.int64), _HOURS)
     if f in ("genre", "tag", "year") or f.startswith("item."):
-        attr = {"genre": "genres", "tag": "tags", "year": "year"}.get(f, f[len("item.") :])
-        return _item_values(attr, ids["item_id"], item_attrs)
+        return _item_values(_item_attr(f), ids["item_id"], item_attrs)
     obj, name = f.split(".", 1)
     dicts = cols.get(obj) or [None] * n
     return _present(*factorize([d.get(name) if d else None for d in dicts]))
@@ -449,15 +459,6 @@ def resolve_refs(
     )
 
 
-def _item_field_texts(attr: str, attrs: Mapping[str, Any] | None) -> list[str]:
-    """One item's non-missing texts of attribute ``attr`` (as :func:`_item_values`)."""
-    attrs = attrs or {}
-    v = attrs.get(attr)
-    if v is None and attr == "genres":
-        v = attrs.get("tags")  # item events carry genres as tags
-    return [t for t in (canonical(x) for x in (v if isinstance(v, (list, tuple)) else [v])) if t]
-
-
 #: entries kept by :func:`resolve_request_refs`'s ``memo`` before it is emptied
 MEMO_ITEMS = 200_000
 
@@ -466,7 +467,7 @@ def _item_texts(f: str, items: list[str], item_attrs: Mapping[str, Mapping],
                 memo: dict[tuple[str, str], tuple[Any, list[str]]] | None) -> list[list[str]]:
     """Texts of item-side key field ``f`` for each item, from ``memo`` while the item's
     attributes are the same object."""
-    attr = {"genre": "genres", "tag": "tags", "year": "year"}.get(f, f[len("item."):])
+    attr = _item_attr(f)
     if memo is None:
         return [_item_field_texts(attr, item_attrs.get(it)) for it in items]
     if len(memo) > MEMO_ITEMS:
