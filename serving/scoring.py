@@ -3,8 +3,9 @@
 The row path is the training one (docs/design.md principle 4): counters, attributes and item
 codes come from :meth:`features.store.OnlineStore.get_online_features` for all
 candidates at once (one pipelined round trip, plus one for item attributes missing from
-the store's short cache), and :meth:`features.rows.RowBuilder.build_for_scoring`
-encodes them exactly as the worker encodes training rows. Unknown users and items are
+the store's short cache), and :meth:`features.rows.RowBuilder.score_matrices` encodes
+them exactly as the worker encodes training rows (the columns of ``build_for_scoring``,
+written straight into the model's two arrays). Unknown users and items are
 not errors: their counters read as zero and their tokens take the model's cold-start
 rows.
 
