@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from features.counters import CounterConfig, decay_state
+from features.counters import CounterConfig, decay_shards, decay_state
 
 __all__ = ["ReadCache"]
 
@@ -86,9 +86,7 @@ class ReadCache:
             idx = np.fromiter(hit.keys(), dtype=np.int64, count=len(hit))
             out[idx] = decay_state(cfg, np.vstack(list(hit.values())), now)
         if miss:
-            fresh = np.zeros((len(miss), cfg.width))
-            for states in shards:
-                fresh += decay_state(cfg, states, now)
+            fresh = decay_shards(cfg, shards, now)
             pos = {e: k for k, e in enumerate(entities)} if hit else None
             miss_idx = (
                 np.arange(len(entities)) if pos is None

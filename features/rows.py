@@ -116,6 +116,10 @@ class RowBuilder:
         self._item_blocks: dict[str, tuple[Any, Any, np.ndarray]] = {}
         self._item_fields = [(f, None) for f in c.item_fields]
         self._item_fields += [(name, (kind, idx)) for name, kind, idx in self._codes]
+        # scoring matrices: each categorical column's position; where item blocks go
+        self._positions = {f"c:{f}": j for j, f in enumerate(categorical)}
+        self._block_positions = [self._positions[f"c:{f}"]
+                                 for f in ["item_id", *(name for name, _ in self._item_fields)]]
 
     # -- public -----------------------------------------------------------------------
     def build(
@@ -185,9 +189,70 @@ class RowBuilder:
         row_codes = list(features.get("codes") or [None] * n)
         blocks = self.item_blocks(cols["item_id"], row_attrs, row_codes)
         out = self._feature_columns(cols, features, row_attrs, row_codes, np.arange(n),
-                                    item_blocks=blocks)
+                                    item_blocks=blocks, shared=n > 0)
         out.update(self._sequence_columns(features.get("user_seq"), n))
         return out
+
+    def score_matrices(
+        self,
+        user_id: Any,
+        user_attrs: Mapping[str, Any] | None,
+        context: Mapping[str, Any] | None,
+        candidate_item_ids: Sequence[Any],
+        features: Mapping[str, Any],
+        now: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens ``[n, F]`` int64 and dense ``[n, D]`` float32 in schema order: the
+        columns of :meth:`build_for_scoring` stacked, written straight into two arrays.
+
+        The user's, context and time tokens are computed once and broadcast, the item
+        tokens come from :meth:`item_blocks` in one assignment, the bucket and dense
+        columns are computed per column as the shared path computes them (same values).
+        """
+        n = len(candidate_item_ids)
+        if not n or self.config.seq_len:
+            cols = self.build_for_scoring(user_id, user_attrs, context, candidate_item_ids,
+                                          features, now=now)
+            return self._stack(cols, n)
+        ts = time.time() if now is None else float(now)
+        if user_attrs is None and features.get("user_attrs"):
+            user_attrs = features["user_attrs"][0]
+        pos = self._positions
+        cat = np.empty((n, len(pos)), np.int64)
+        one = {"ts": np.full(1, ts), "user_id": np.asarray([canonical(user_id)], dtype=object),
+               "user": [user_attrs or None], "context": [context or None]}  # as as_columns
+        for name, col in self._shared_columns(one).items():
+            cat[:, pos[name]] = col[0]
+        items = [canonical(i) for i in candidate_item_ids]
+        row_attrs = list(features.get("item_attrs") or [None] * n)
+        row_codes = list(features.get("codes") or [None] * n)
+        cat[:, self._block_positions] = self.item_blocks(items, row_attrs, row_codes)
+        c = self.config
+        edges = np.asarray(c.ctr_edges)
+        for b in self._buckets:
+            n_tot = _feature(features, f"{b}_impressions_total", n)
+            ctr = _feature(features, f"{b}_ctr_total", n)
+            imp_b = np.minimum(np.floor(np.log2(1.0 + n_tot)), c.max_imp_bucket).astype(np.int64)
+            ctr_b = np.where(n_tot > 0, np.searchsorted(edges, ctr), -1)
+            cat[:, pos[f"c:{b}_imp_bucket"]] = self._small_ints(
+                f"{b}_imp_bucket", imp_b, 0, c.max_imp_bucket)
+            cat[:, pos[f"c:{b}_ctr_bucket"]] = self._small_ints(
+                f"{b}_ctr_bucket", ctr_b.astype(np.int64), -1, len(c.ctr_edges))
+        dense = np.empty((n, len(self._dense)), np.float32)
+        for j, (_, src, log) in enumerate(self._dense):
+            v = _feature(features, src, n)
+            dense[:, j] = np.log1p(v) if log else v  # float64 -> float32 as astype casts
+        return cat, dense
+
+    def _stack(self, cols: Mapping[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Columns as tokens ``[n, F]`` and dense ``[n, D]`` in schema order."""
+        cat = np.zeros((n, len(self.schema.categorical)), np.int64)
+        dense = np.zeros((n, len(self.schema.dense)), np.float32)
+        for j, f in enumerate(self.schema.categorical):
+            cat[:, j] = cols[f"c:{f}"]
+        for j, d in enumerate(self.schema.dense):
+            dense[:, j] = cols[f"d:{d}"]
+        return cat, dense
 
     def item_blocks(self, item_ids: Sequence[str], attrs: Sequence[Mapping[str, Any] | None],
                     codes: Sequence[Mapping[str, Sequence[int]] | None]) -> np.ndarray:
@@ -252,6 +317,7 @@ class RowBuilder:
         item_index: np.ndarray,
         item_texts: list[str] | None = None,
         item_blocks: np.ndarray | None = None,
+        shared: bool = False,
     ) -> dict[str, np.ndarray]:
         """``item_attrs``/``item_codes`` are per distinct item; ``item_index`` maps rows to them.
 
@@ -260,20 +326,26 @@ class RowBuilder:
         of one (field, canonical text), so columns are computed per distinct value (per
         distinct item for item attributes and codes) and indexed back to rows.
         ``item_blocks`` (:meth:`item_blocks`, per row) replaces computing the item's tokens.
+        ``shared``: every row has the same user, user attributes, context and time (one
+        scoring request), so their tokens are computed on the first row and repeated.
         """
         c = self.config
         n = len(cols["ts"])
+        if shared:  # one row's user, context and time columns, repeated for every row
+            one = {k: cols[k][:1] for k in ("ts", "user_id", "user", "context")}
+            same = {name: np.repeat(col, n) for name, col in self._shared_columns(one).items()}
+        else:
+            same = self._shared_columns(cols)
         out: dict[str, np.ndarray] = {}
-        out["c:user_id"] = hash_tokens("user_id", cols["user_id"])
+        out["c:user_id"] = same["c:user_id"]
         if item_blocks is not None:
             out["c:item_id"] = item_blocks[:, 0]
         elif item_texts is not None:
             out["c:item_id"] = digests("item_id", item_texts)[item_index]
         else:
             out["c:item_id"] = hash_tokens("item_id", cols["item_id"])
-        users = cols["user"]
         for f in c.user_fields:
-            out[f"c:{f}"] = _user_tokens(f, users)
+            out[f"c:{f}"] = same[f"c:{f}"]
         item_fields = self._item_fields
         if item_blocks is not None:
             per_item = {key: item_blocks[:, 1 + k] for k, key in enumerate(item_fields)}
@@ -284,15 +356,7 @@ class RowBuilder:
         for f in c.item_fields:
             out[f"c:{f}"] = per_item[f, None][item_index]
         for f in c.context_fields:
-            if f == "hour":
-                hours = (np.floor(cols["ts"] / 3600) % 24).astype(np.int64)
-                out[f"c:{f}"] = self._small_ints(f, hours, 0, 23)
-            elif f == "weekday":
-                days = ((np.floor(cols["ts"] / 86400) + 3) % 7).astype(np.int64)
-                out[f"c:{f}"] = self._small_ints(f, days, 0, 6)
-            else:
-                ctx = cols["context"]
-                out[f"c:{f}"] = hash_tokens(f, [d.get(f) if d else None for d in ctx])
+            out[f"c:{f}"] = same[f"c:{f}"]
         n_edges = len(c.ctr_edges)
         for b in self._buckets:
             n_tot = _feature(feats, f"{b}_impressions_total", n)
@@ -310,6 +374,25 @@ class RowBuilder:
         for dname, src, log in self._dense:
             v = _feature(feats, src, n)
             out[f"d:{dname}"] = (np.log1p(v) if log else v).astype(np.float32)
+        return out
+
+    def _shared_columns(self, cols: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The user's, user attributes', context and time columns (``c:user_id`` and the
+        user and context fields) of rows ``cols``."""
+        out = {"c:user_id": hash_tokens("user_id", cols["user_id"])}
+        users = cols["user"]
+        for f in self.config.user_fields:
+            out[f"c:{f}"] = _user_tokens(f, users)
+        for f in self.config.context_fields:
+            if f == "hour":
+                hours = (np.floor(cols["ts"] / 3600) % 24).astype(np.int64)
+                out[f"c:{f}"] = self._small_ints(f, hours, 0, 23)
+            elif f == "weekday":
+                days = ((np.floor(cols["ts"] / 86400) + 3) % 7).astype(np.int64)
+                out[f"c:{f}"] = self._small_ints(f, days, 0, 6)
+            else:
+                ctx = cols["context"]
+                out[f"c:{f}"] = hash_tokens(f, [d.get(f) if d else None for d in ctx])
         return out
 
     def _small_ints(self, field: str, values: np.ndarray, lo: int, hi: int) -> np.ndarray:

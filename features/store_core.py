@@ -140,6 +140,9 @@ class StoreCore:
         self.clock = clock
         self.round_trips = 0
         self.commands = 0
+        #: item attribute texts of key fields for scoring reads (``resolve_request_refs``),
+        #: kept while the item cache hands out the same attributes; this process only
+        self.refs_memo: dict[tuple[str, str], tuple[Any, list[str]]] = {}
         self.miss_cache_seconds = miss_cache_seconds
         #: the client is a Redis Cluster's (set by the store): multi-key scripts only per slot
         self.cluster = False

@@ -15,10 +15,11 @@ from features.counters import (
     CounterConfig,
     aggregate,
     as_columns,
+    decay_shards,
     decay_state,
     derive_features,
     half_life_label,
-    resolve_refs,
+    resolve_request_refs,
     smoothed_ctr,
 )
 from features.hashing import canonical
@@ -94,7 +95,7 @@ def plan_read(
     need_items = features is None or "item_attrs" in features or "codes" in features
     need_items = need_items or any(s.needs_item_attrs for s in cfg.specs)
     attrs, codes = (yield from core.plan_items(set(cols["item_id"]))) if need_items else ({}, {})
-    refs = resolve_refs(cfg, cols, attrs)
+    refs = resolve_request_refs(cfg, cols, attrs, core.refs_memo)  # one request; else general
     # Entities shared across users (items, genres, devices...) may come from the read
     # cache (``read_cache_seconds``, serving only); the rest are read from every shard.
     cache = core.read_cache if wanted is None and core.read_cache_seconds > 0 else None
@@ -108,9 +109,7 @@ def plan_read(
     res = yield cmds
     shards = core.shard_states(res[:n_read], cfg.width)
     if cache is None:
-        total = np.zeros((len(refs.entities), cfg.width))
-        for states in shards:
-            total += decay_state(cfg, states, now)
+        total = decay_shards(cfg, shards, now) if shards else np.zeros((0, cfg.width))
     else:
         total = cache.merge(refs.entities, hit, miss, shards, now)
     feats = derive_features(cfg, aggregate(refs, total[refs.entity]))

@@ -3,8 +3,9 @@
 The row path is the training one (docs/design.md principle 4): counters, attributes and item
 codes come from :meth:`features.store.OnlineStore.get_online_features` for all
 candidates at once (one pipelined round trip, plus one for item attributes missing from
-the store's short cache), and :meth:`features.rows.RowBuilder.build_for_scoring`
-encodes them exactly as the worker encodes training rows. Unknown users and items are
+the store's short cache), and :meth:`features.rows.RowBuilder.score_matrices` encodes
+them exactly as the worker encodes training rows (the columns of ``build_for_scoring``,
+written straight into the model's two arrays). Unknown users and items are
 not errors: their counters read as zero and their tokens take the model's cold-start
 rows.
 
@@ -258,21 +259,9 @@ class Scorer:
         self, req: ScoreRequest, feats: Mapping[str, Any], now: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """Tokens ``[n, F]`` int64 and dense ``[n, D]`` float32, in schema order."""
-        cols = self.builder.build_for_scoring(
+        return self.builder.score_matrices(
             req.user_id, req.user, req.context, req.candidates, feats, now=now
         )
-        n = len(req.candidates)
-        cat = (
-            np.stack([np.asarray(cols[c], dtype=np.int64) for c in self._cat_cols], axis=1)
-            if self._cat_cols
-            else np.zeros((n, 0), np.int64)
-        )
-        dense = (
-            np.stack([np.asarray(cols[c], dtype=np.float32) for c in self._dense_cols], axis=1)
-            if self._dense_cols
-            else np.zeros((n, 0), np.float32)
-        )
-        return cat, dense
 
     def _encode_and_predict(
         self, served: Ranker, req: ScoreRequest, feats: Mapping[str, Any], now: float

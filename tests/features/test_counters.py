@@ -15,6 +15,7 @@ from features.counters import (
     decay_state,
     derive_features,
     resolve_refs,
+    resolve_request_refs,
 )
 
 
@@ -110,3 +111,55 @@ def test_as_columns_accepts_rows_arrow_and_flattened_context():
     assert c["offset"].tolist() == [3, 3] and c["sub"].dtype == np.int32
     with pytest.raises(ValueError, match="'ts'"):
         as_columns({"user_id": [1]})
+
+
+def _same_refs(a, b) -> None:
+    assert a.entities == b.entities and a.index == b.index
+    assert (a.n_events, a.n_specs) == (b.n_events, b.n_specs)
+    for name in ("event", "spec", "entity"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.tolist() == y.tolist(), name
+
+
+def test_request_refs_equal_the_general_path_on_random_requests():
+    """One scoring request (one user, context and time; many items): the per-candidate
+    resolver gives exactly the general path's Refs, for every kind of key field."""
+    rng = np.random.default_rng(5)
+    cfg = CounterConfig(specs=(
+        CounterSpec("user", key=("user_id",)), CounterSpec("item", key=("item_id",)),
+        CounterSpec("genre", key=("genre",)), CounterSpec("user_genre", key=("user_id", "genre")),
+        CounterSpec("hour", key=("hour",)), CounterSpec("device", key_from_context="device"),
+        CounterSpec("all"), CounterSpec("tag_year", key=("tag", "year", "weekday")),
+        CounterSpec("studio", key=("item.studio", "context.device", "user_id")),
+        CounterSpec("seg", key=("user.segment", "item_id")),
+    ))
+    values = ["A", "B", "C", 7, 7.0, 2.5, "", None, True]
+    attrs = {}
+    for i in range(30):
+        a = {}
+        for key in ("genres", "tags", "year", "studio"):
+            if rng.random() < 0.7:
+                pick = [values[k] for k in rng.integers(0, len(values), rng.integers(0, 4))]
+                a[key] = pick if rng.random() < 0.6 else pick[0] if pick else None
+        attrs[str(i)] = a or None
+    memo: dict = {}
+    for case in range(60):
+        n = int(rng.integers(1, 40))
+        items = [int(i) if rng.random() < 0.5 else str(i) for i in rng.integers(0, 40, n)]
+        user = [7, "u3", "", None][case % 4]
+        ctx = [{"device": "tv"}, {"device": 3}, None, {"other": "x"}][case // 4 % 4]
+        cols = as_columns({"ts": np.full(n, 1_700_000_000.0 + case * 3607.5), "user_id": [user] * n,
+                           "item_id": items, "context": [ctx] * n,
+                           "user": [[{"segment": "s1"}, None, {"segment": 4}][case % 3]] * n})
+        want = resolve_refs(cfg, cols, attrs)
+        _same_refs(resolve_request_refs(cfg, cols, attrs), want)
+        _same_refs(resolve_request_refs(cfg, cols, attrs, memo), want)  # memo across requests
+        if case % 10 == 9:  # a re-read item (a new attributes object) is recomputed
+            key = str(items[0])
+            attrs[key] = {"genres": ["Z", 9]}
+            _same_refs(resolve_request_refs(cfg, cols, attrs, memo), resolve_refs(cfg, cols, attrs))
+    # events that do not share user, context or time: the general path itself
+    cols = as_columns({"ts": [0.0, 1.0], "user_id": [1, 1], "item_id": [2, 3]})
+    _same_refs(resolve_request_refs(cfg, cols, attrs), resolve_refs(cfg, cols, attrs))
+    cols = as_columns({"ts": [0.0, 0.0], "user_id": [1, 2], "item_id": [2, 3]})
+    _same_refs(resolve_request_refs(cfg, cols, attrs), resolve_refs(cfg, cols, attrs))

@@ -175,3 +175,26 @@ def test_scoring_item_blocks_are_cached_per_item_and_follow_new_attributes():
     assert changed["c:genre"][0] == changed["c:genre"][2] == score(RowBuilder(cfg))["c:genre"][0]
     assert changed["c:genre"][0] != first["c:genre"][0]
     assert changed["c:year"][0] == first["c:year"][0]
+
+
+def test_score_matrices_are_the_scoring_columns_stacked():
+    """The matrices the scorer feeds the model equal build_for_scoring's columns in schema
+    order (user, context and time broadcast; items from their blocks; buckets, dense)."""
+    rb = RowBuilder(ROWS)
+    items = [10, 11, 12, 10, "new"]
+    feats = {**_features(5, seed=3), "item_attrs": [ITEMS.get(str(i)) for i in items],
+             "codes": [{"rq": [1, 2], "vq": [4]}, None, None, {"rq": [1, 2], "vq": [4]}, None],
+             "user_attrs": [{"age": 41, "zip_code": "10001", "gender": "F"}] * 5}
+    feats["user_impressions_total"][1] = 0.0  # no history: ctr bucket -1
+    for user, ctx in ((1, {"device": "web"}), ("u2", None)):
+        for now in (7200.0, 1_700_003_333.0):
+            cols = rb.build_for_scoring(user, None, ctx, items, feats, now=now)
+            cat, dense = rb.score_matrices(user, None, ctx, items, feats, now=now)
+            assert cat.dtype == np.int64 and dense.dtype == np.float32
+            for j, f in enumerate(rb.schema.categorical):
+                np.testing.assert_array_equal(cat[:, j], cols[f"c:{f}"], err_msg=f)
+            for j, d in enumerate(rb.schema.dense):
+                np.testing.assert_array_equal(dense[:, j], cols[f"d:{d}"], err_msg=d)
+    empty = {k: np.zeros(0) for k in CFG.feature_names()}
+    cat, dense = rb.score_matrices(1, None, None, [], empty, now=1.0)
+    assert cat.shape == (0, len(rb.schema.categorical)) and dense.shape == (0, len(rb.schema.dense))

@@ -104,3 +104,46 @@ def test_a_full_buffer_drops_and_counts_instead_of_waiting():
     release.set()
     log.close()
     assert sent == [f"r{i}" for i, ok in enumerate(accepted) if ok]
+
+
+def test_records_offered_at_any_moment_are_sent_in_order_without_a_lost_wake_up():
+    """The request path wakes the logging thread only when it sleeps: records offered
+    while it sends, while it waits its period, or after it went back to sleep are all
+    sent, in order (a lost wake-up would leave one in the buffer until close)."""
+    sent: list[str] = []
+    got = threading.Condition()
+
+    class Future:
+        def add_callback(self, f):
+            f(None)
+
+        def add_errback(self, f):
+            pass
+
+    def make():
+        def send(key, value, partition):
+            with got:
+                sent.append(json.loads(value)["request_id"])
+                got.notify_all()
+            return Future()
+        return send, lambda: None
+
+    def wait_for(k: int) -> None:
+        with got:
+            assert got.wait_for(lambda: len(sent) >= k, timeout=10), (k, sent)
+
+    log = ImpressionLog(make, 4, capacity=1000, registry=CollectorRegistry(), period=0.005)
+    log.start()
+    want: list[str] = []
+    for round_ in range(30):
+        burst = [f"r{round_}-{i}" for i in range(round_ % 4 + 1)]
+        for rid in burst:
+            assert log.offer(lambda rid=rid: {"request_id": rid, "user_id": "u"})
+        want += burst
+        if round_ % 3:  # sometimes wait until sent (the thread goes back to sleep)
+            wait_for(len(want))
+        elif round_ % 2:
+            time.sleep(0.003)  # sometimes offer again within the thread's period
+    wait_for(len(want))
+    log.close()
+    assert sent == want
