@@ -237,8 +237,6 @@ KNOWN_DOTDIRS = frozenset(
         ".pdm",
     }
 )
-#: paths remembered per rule path pattern before its memo is emptied (``RuleSet._path_hit``)
-_PATH_MEMO = 1 << 14
 _HIDDEN_ROOTS = ("/home/", "/root/", "/var/www/", "/srv/", "/opt/", "/usr/", "/etc/", "/var/")
 
 
@@ -335,7 +333,6 @@ class RuleSet:
     def __init__(self, doc: dict):
         self.lists = {k: tuple(str(x) for x in v) for k, v in (doc.get("lists") or {}).items()}
         self.patterns = {k: re.compile(v) for k, v in (doc.get("patterns") or {}).items()}
-        self._memos: dict = {}  # compiled path pattern -> memoised search (_path_hit)
         self.rules: list[Rule] = [self._compile(r) for r in doc.get("rules") or ()]
         self.by_op: dict[str, list[Rule]] = {}
         for r in self.rules:
@@ -377,31 +374,6 @@ class RuleSet:
             return self.patterns[v[1:]]
         return re.compile(v)
 
-    def _path_hit(self, rx):
-        """``path -> rx.search(path) is not None``, memoised per pattern.
-
-        The rules test the same paths again and again (every edge on a file, the same
-        configuration files in every session); the answer depends on the path alone.
-        One memo per compiled pattern (patterns shared by name share it), bounded:
-        emptied when it holds ``_PATH_MEMO`` paths.
-        """
-        memo = self._memos.get(rx)
-        if memo is not None:
-            return memo
-        seen: dict = {}
-        search = rx.search
-
-        def hit(path: str) -> bool:
-            got = seen.get(path)
-            if got is None:
-                if len(seen) >= _PATH_MEMO:
-                    seen.clear()
-                got = seen[path] = search(path) is not None
-            return got
-
-        self._memos[rx] = hit
-        return hit
-
     def _compile(self, d: dict) -> Rule:
         rid = d.get("id", "?")
         for req in ("technique", "tactic", "op"):
@@ -433,11 +405,15 @@ class RuleSet:
                 lambda e, w=want: (e.proc.parent is not None and e.proc.parent.service) == w
             )
         if "path" in d:
-            hit = self._path_hit(self._rx(d["path"]))
-            preds.append(lambda e, hit=hit: isinstance(e.obj, FileNode) and hit(e.obj.path))
+            rx = self._rx(d["path"])
+            preds.append(
+                lambda e, rx=rx: isinstance(e.obj, FileNode) and rx.search(e.obj.path) is not None
+            )
         if "path_not" in d:
-            hit = self._path_hit(self._rx(d["path_not"]))
-            preds.append(lambda e, hit=hit: not (isinstance(e.obj, FileNode) and hit(e.obj.path)))
+            rx = self._rx(d["path_not"])
+            preds.append(
+                lambda e, rx=rx: not (isinstance(e.obj, FileNode) and rx.search(e.obj.path))
+            )
         if "argv" in d:
             rx = self._rx(d["argv"])
             preds.append(lambda e, rx=rx: rx.search(" ".join(e.proc.argv[1:])) is not None)
