@@ -87,6 +87,12 @@ class Coalescer:
     [7]
     """
 
+    #: the horizon of the last age scan of the open serials, and whether a serial opened
+    #: since then already lies beyond it (class defaults: a state pickled before these
+    #: existed scans at its next record)
+    _scanned = float("-inf")
+    _stale = True
+
     def __init__(self, max_pending: int = 64, max_age: float = 2.0, remember: int = 4096):
         self.max_pending = max_pending
         self.max_age = max_age
@@ -134,6 +140,8 @@ class Coalescer:
                 self._expire(out)
                 return out
             p = self._pending[serial] = _Pending()
+            if rec.ts < self._newest - self.max_age:
+                self._stale = True  # a late serial: the next age scan must see it
         t = rec.rtype
         if t == "EOE":
             self._finish(serial, out)
@@ -160,6 +168,13 @@ class Coalescer:
             self._finish(next(iter(pend)), out, complete=False)
         if pend:
             horizon = self._newest - self.max_age
+            # An open serial's first record never changes, so one that passed a scan
+            # can only fall behind a later horizon; skip the scan unless the horizon
+            # moved or a serial opened behind it since.
+            if horizon == self._scanned and not self._stale:
+                return
+            self._scanned = horizon
+            self._stale = False
             for serial in list(pend):
                 recs = pend[serial].records
                 if recs and recs[0].ts < horizon:

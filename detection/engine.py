@@ -205,7 +205,14 @@ class DetectionEngine:
         events: list[AuditEvent] = []
         co = self.coalescer
         for item in lines:
-            if isinstance(item, (bytes, bytearray)):
+            cls = item.__class__
+            if ((cls is bytes and b"\n" not in item and item[:1] != b"{")
+                    or (cls is str and "\n" not in item and item[:1] != "{")):
+                # one raw auditd line (what the worker's messages hold): what the
+                # general case below finds for it, without copying it
+                multi = is_json = False
+                parts = (item,)
+            elif isinstance(item, (bytes, bytearray)):
                 head = bytes(item[:1])
                 multi = b"\n" in item.rstrip(b"\n")
                 parts = bytes(item).split(b"\n") if multi else (item,)

@@ -67,6 +67,11 @@ _FOLLOWS = {
     "write": frozenset({"create", "truncate"}),
     "read": frozenset({"exec_load", "load"}),
 }
+#: edges that bring a new name into being: a temp file's lifetime starts here (LogGC)
+_CREATES = frozenset({"create", "link"})
+#: a process's edges that give it an image or credentials and carry no data: what is left
+#: of a spawn (garbage collection keeps the node, which shows image, argv and ids)
+_SPAWN_OPS = frozenset({"exec", "setuid"})
 #: a child's first edge after its fork that makes the fork edge redundant (spawn): a new
 #: image (``exec``) or new credentials (``setuid``: nothing ran under the parent's ids)
 _SPAWN_INTO = frozenset({"exec", "setuid"})
@@ -352,7 +357,7 @@ class ProvenanceGraph:
             obj.edges.append((ts, op, proc.nid))
             if obj.kind == "file":
                 obj.n += 1
-                if op == "create" and obj.creator is None:
+                if op in _CREATES and obj.creator is None:
                     obj.creator = proc.root.nid
                     obj.touchers = {}
                 if obj.creator is not None:
@@ -490,7 +495,6 @@ class ProvenanceGraph:
         if f is None or f.keep or f.labels or not f.edges or f.edges[-1] != (pts, prev, nid):
             return
         cut = pnid.rfind("/") + 1
-        folder = pnid[:cut]
         n = len(edges)
         for i in range(n - 2, max(-1, n - 2 - _BURST_LOOKBACK), -1):
             ts, eop, enid = edges[i]
@@ -506,7 +510,10 @@ class ProvenanceGraph:
                 if since:
                     break
                 return  # that edge went with the file (a temp file gone)
-            if enid.startswith(folder) and "/" not in enid[cut:]:  # a burst
+            ecut = enid.rfind("/") + 1
+            # a burst: the earlier file's directory holds f, or is above f's directory
+            # and is not a top-level one (``/tmp``, ``/etc``, ``/home``)
+            if pnid.startswith(enid[:ecut]) and (ecut == cut or enid.count("/", 0, ecut) > 2):
                 rep = self.files.get(enid[5:])
                 if rep is None or (ts, eop, nid) not in rep.edges:
                     continue  # not retained: look further back
@@ -582,7 +589,7 @@ class ProvenanceGraph:
                     if _spawn_only(p):  # an ancestor down to its spawn: the node is the path
                         total += p.n
                         p.n = 0
-                        for entry in [e for e in p.edges if e[1] == "exec"]:
+                        for entry in [e for e in p.edges if e[1] in _SPAWN_OPS]:
                             p.edges.remove(entry)
                     continue
                 if p.last_ts > horizon and not _spawn_only(p):
@@ -986,7 +993,7 @@ def _spawn_only(p: ProcNode) -> bool:
     if not n:
         return False
     for _, op, _ in p.edges:
-        if op == "exec":
+        if op in _SPAWN_OPS:
             n -= 1
     return n == 0
 

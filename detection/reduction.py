@@ -25,15 +25,23 @@ label-free processes on which no rule matched and that never changed anything
 outside themselves (``id``, ``ps``, ``cat`` in a clean session), and edges of
 temporary files created and deleted (or renamed away) unread by anyone else (git
 objects and lock files, ``crontab``'s and ``ln``'s temp files). They can no longer
-be on an attack's causal path: nothing flowed out of them.
+be on an attack's causal path: nothing flowed out of them. A name made by ``link`` or
+``symlink`` starts such a lifetime as a ``create`` does (``git init`` probing symlink
+support: ``symlink``, then ``unlink``): a link nobody outside the chain used before it
+went led nowhere, and one that anyone else opened stays (``FileNode.read_other``).
 
 Collection also takes, without waiting for the idle window, a process whose only
-retained edges are its ``exec`` edges (``date``, ``dircolors``, a ``clear_console``
-whose failed open went): the window keeps a live process's *inputs* in case a later
-output makes them part of an attack's path, and such a process has none; its node
-keeps image, argv, parent and start time, and it is active again at its next edge.
-A process with retained children loses only those ``exec`` edges (``sh -c`` and
-``run-parts`` between a service and what it runs): the children point to its node.
+retained edges are its ``exec`` and credential-change (``setuid`` family) edges
+(``date``, ``dircolors``, a ``clear_console`` whose failed open went): the window keeps
+a live process's *inputs* in case a later output makes them part of an attack's path,
+and such a process has none (neither edge has an object: no data moves over it); its
+node keeps image, argv, ids, parent and start time, and it is active again at its next
+edge. A process with retained children loses only those edges (``sh -c`` and
+``run-parts`` between a service and what it runs, ``sshd``'s privilege-separated child
+that changes to the user's ids and forks the shell): the children point to its node.
+A credential change that anything ran under is an edge before that action, so the
+process is not down to its spawn; no rule matches ``setuid`` edges (a rule-matched
+process is never collected), and every edge was matched before it could go.
 
 A fourth pass merges edges that a later edge of the same process makes redundant
 (CPR-style: same entities, no information flow in between), also after detection:
@@ -62,10 +70,16 @@ fork edge stays and the node still shows that exec's image and argv):
   since the first being the process's own (``git`` renaming a new ``config.lock``
   onto ``config`` several times): nobody read the version in between.
 * **Bursts** (NodeMerge-style): the same change by one process on another file of a
-  directory where it made that change before, the file having no edge of anyone else
-  (``git init``'s hook samples, ``tar x``, a build's outputs). One edge stands for the
-  burst; each file keeps its writer (``FileNode.writer``), so a later reader of one of
-  them still leads back to the process.
+  directory where it made that change before, or of a directory below it (unless that
+  directory is a top-level one such as ``/tmp`` or ``/home``), the file having no edge of
+  anyone else (``git init``'s hook samples and ``info/exclude`` beside ``description``,
+  ``git commit``'s ``logs/HEAD`` beside ``index``, ``tar x``, a build's outputs). One
+  edge stands for the burst; each file keeps its writer (``FileNode.writer``), so a later
+  reader of one of them still leads back to the process. Why a subtree is as sound as
+  one directory: what makes the dropped edge redundant is that the file has no edge of
+  anyone else and keeps its writer, not where it lies; the directory only bounds which
+  edge stands for the burst. A file a rule matched (``.ssh/authorized_keys``, a shell
+  startup file, a unit file) or that carries a label is never merged, wherever it is.
 * **Credential bursts**: a ``setuid``-family edge followed by another one with no
   edge of the process in between. No recorded action ran under the earlier ids;
   the last change and every change an action ran under stay. (No rule matches

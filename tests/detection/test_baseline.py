@@ -89,3 +89,31 @@ def test_engine_learns_and_the_model_survives_a_restart(audit_dir):
         assert fresh.model.familiarity(pat, auid, ts) == eng.model.familiarity(pat, auid, ts)
     off = DetectionEngine(host="vm", config=EngineConfig(learn=False))
     assert off.model is None and off.baseline_delta() == ({}, [])
+
+
+def _fold_random_by_character(tok: str) -> str:
+    """The definition :func:`detection.baseline._fold_random` computes with str methods."""
+    lower = any(c.islower() for c in tok)
+    upper = any(c.isupper() for c in tok)
+    digit = any(c.isdigit() for c in tok)
+    if (lower and upper) or (digit and (lower or upper) and not tok.rstrip("0123456789").isalpha()):
+        return "<rand>"
+    return tok
+
+
+def test_random_name_folding_agrees_with_its_per_character_definition(audit_dir):
+    import random
+    import re
+
+    from detection.baseline import _TOKEN, _fold_random
+
+    rng = random.Random(7)
+    alphabets = ("abc", "ABC", "0123456789", "aB1", "abcdefghijklmnopqrstuvwxyz0", "Z9")
+    toks = ["".join(rng.choice(a) for _ in range(rng.randint(6, 12)))
+            for a in alphabets for _ in range(400)]
+    toks += ["abc123", "123abc", "ABC123", "x86abc", "tmp123", "Mozilla", "py3abc"]
+    toks += _TOKEN.findall(" ".join(re.findall(r'name="([^"]+)"', "".join(
+        p.read_text() for p in sorted(audit_dir.glob("*.log"))))))
+    for tok in toks:
+        m = _TOKEN.fullmatch(tok)
+        assert m is not None and _fold_random(m) == _fold_random_by_character(tok), tok

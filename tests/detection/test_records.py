@@ -185,10 +185,18 @@ def _outcome(r):
     return (r.rtype, r.ts, r.serial, list(r.fields.items()), list(r.enriched.items()))
 
 
+class _NoMemo(dict):
+    """A body memo that never remembers: every body goes through the parser."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
 def _reference(lines, monkeypatch):
     """parse_line with every body on the per-field reference parser."""
     with monkeypatch.context() as m:
         m.setattr(records, "_fields", records._exact_fields)
+        m.setattr(records, "_FIELDS_MEMO", _NoMemo())
         return [_outcome(parse_line(line)) for line in lines]
 
 
@@ -228,7 +236,23 @@ def test_fast_field_parser_matches_reference_on_real_and_mutated_logs(audit_dir,
         path + 'name="/x" rdev=00:00\tcwd="/"',
     ]
     want = _reference(lines, monkeypatch)
+    monkeypatch.setattr(records, "_FIELDS_MEMO", _NoMemo())
     got = [_outcome(parse_line(line)) for line in lines]
     for line, g, w in zip(lines, got, want, strict=True):
         assert g == w, line
     assert sum(g[0] == "error" for g in got) > 5_000  # the mutants reach the error paths
+    # the body memo (bounded, emptied when full) gives the same outcomes, in any order
+    # and with repeats; each record gets its own fields dict
+    monkeypatch.setattr(records, "_FIELDS_MEMO", {})
+    monkeypatch.setattr(records, "FIELDS_MEMO_SIZE", 512)
+    order = lines[:20_000] + lines[::-1][:20_000]
+    memo = [parse_line(line) for line in order]
+    assert [_outcome(r) for r in memo] == want[:20_000] + want[::-1][:20_000]
+    assert 0 < len(records._FIELDS_MEMO) <= 512
+    firsts = {}
+    for r in memo:
+        if not isinstance(r, ParseError):
+            assert firsts.setdefault(id(r.fields), r) is r  # never shared
+    cwd = 'type=CWD msg=audit(1.0:1): cwd="/x"'
+    parse_line(cwd).fields["cwd"] = "changed"
+    assert parse_line(cwd).fields == {"cwd": "/x"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os.path
 
 from detection.engine import DetectionEngine, EngineConfig
-from tests.detection.test_graph import Log, _login_shell
+from tests.detection.test_graph import Log, _login_shell, _unlink
 
 
 def _run(lines, reduce=True):
@@ -169,11 +169,13 @@ def test_fork_logged_after_the_childs_exec_is_merged_at_the_next_collection():
     L.fork(11, 10, 13)
     _setid(L, 13, 11, 0)  # sudo's child: credentials first, then the program
     L.execve(13, 11, "/usr/bin/tail", ["tail", "/var/log/syslog"])
+    L.open(13, 11, "/usr/bin/tail", "/home/u/notes", write=False)  # an input: not spawn-only
     eng = _same_detection(L.lines)  # flush() collects
     g = eng.graph
     assert _retained(g.procs[12]) == ["exec", "read"] and g.procs[12].n == 2
     # sudo's child: nothing ran under the parent's ids, its fork goes into the setuid
-    assert _retained(g.procs[13]) == ["setuid", "exec"] and g.procs[13].parent is g.procs[11]
+    assert _retained(g.procs[13]) == ["setuid", "exec", "read"]
+    assert g.procs[13].parent is g.procs[11]
 
 
 def test_fork_edge_stays_when_the_child_acts_before_an_exec_or_a_credential_change():
@@ -396,3 +398,100 @@ def test_an_ancestor_down_to_its_spawn_loses_its_exec_edge_but_stays_the_path():
     assert g.procs[13].parent is sh and sh.parent is g.procs[11] and sh.argv[:2] == ["sh", "-c"]
     assert _retained(g.procs[13]) == ["exec", "create"]
     assert g.procs[15].keep and _retained(g.procs[15]) == ["exec"]  # matched: kept
+
+
+def test_a_burst_reaches_below_its_directory_but_not_above_it_nor_from_a_top_level_one():
+    """``git commit`` writing ``.git/index``, ``.git/logs/HEAD``, ``.git/logs/refs/heads/main``."""
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/git", ["git", "commit"])
+    for name in ("index", "logs/HEAD", "logs/refs/heads/main", "refs/heads/x"):
+        L.open(12, 11, "/usr/bin/git", f"/home/u/r/.git/{name}", create=True)
+    L.fork(11, 10, 13)
+    L.execve(13, 11, "/usr/bin/cat", ["cat", "/home/u/r/.git/refs/heads/x"])
+    L.open(13, 11, "/usr/bin/cat", "/home/u/r/.git/refs/heads/x", write=False)
+    L.open(12, 11, "/usr/bin/git", "/home/u/r/.git/refs/heads/y", create=True)
+    L.fork(11, 10, 14)
+    L.execve(14, 11, "/usr/bin/mytool", ["mytool"])
+    L.open(14, 11, "/usr/bin/mytool", "/home/u/r/sub/out.txt", create=True)
+    L.open(14, 11, "/usr/bin/mytool", "/home/u/r/notes.txt", create=True)  # above: kept
+    L.open(14, 11, "/usr/bin/mytool", "/tmp/a", create=True)
+    L.open(14, 11, "/usr/bin/mytool", "/tmp/sub/b", create=True)  # below /tmp: kept
+    L.open(14, 11, "/usr/bin/mytool", "/home/u/r/x/y/z.txt", create=True)
+    eng = _same_detection(L.lines)
+    g = eng.graph
+
+    def kept(pid):
+        p = g.procs[pid]
+        return [nid[len("file:/home/u/r/"):] if nid.startswith("file:/home/u/r/") else nid
+                for _, op, nid in p.edges
+                if op == "create" and (_, op, p.nid) in g.files[nid[5:]].edges]
+
+    # index stands for the burst; refs/heads/x was read by cat before git's next event
+    assert kept(12) == [".git/index", ".git/refs/heads/x"]
+    assert g.files["/home/u/r/.git/logs/refs/heads/main"].writer == g.procs[12].nid
+    assert g.files["/home/u/r/.git/logs/refs/heads/main"].n == 0
+    # z.txt is below sub/'s parent /home/u/r/, where notes.txt was the last retained create
+    assert kept(14) == ["sub/out.txt", "notes.txt", "file:/tmp/a", "file:/tmp/sub/b"]
+    off, _ = _run(L.lines, reduce=False)
+    assert off.graph.stats["edges_merged"] == 0
+
+
+def _symlink(L: Log, pid, ppid, exe, target, path):
+    s, t = L._sys(88, pid, ppid, exe, items=3)
+    L._path(s, t, 0, path.rsplit("/", 1)[0], "PARENT")
+    L.lines.append(f'type=PATH msg=audit({t:.3f}:{s}): item=1 name="{target}" nametype=UNKNOWN')
+    L._path(s, t, 2, path, "CREATE")
+    L._end(s, t)
+
+
+def test_a_name_made_by_a_link_and_removed_unused_is_a_temp_file():
+    """``git init`` probing symlink support: ``symlink``, then ``unlink``, read by nobody."""
+    L = _login_shell()
+    L.fork(11, 10, 12)
+    L.execve(12, 11, "/usr/bin/git", ["git", "init"])
+    _symlink(L, 12, 11, "/usr/bin/git", "testing", "/home/u/r/.git/tXYZ")
+    _unlink(L, 12, 11, "/usr/bin/git", "/home/u/r/.git/tXYZ")
+    _symlink(L, 12, 11, "/usr/bin/git", "/home/u/a", "/home/u/r/.git/kept")  # stays
+    L.fork(11, 10, 13)
+    L.execve(13, 11, "/usr/bin/ln", ["ln", "-s", "/home/u/x", "/home/u/bin/tool"])
+    _symlink(L, 13, 11, "/usr/bin/ln", "/home/u/x", "/home/u/bin/tool")
+    L.login(50, ses=6)  # another session reads the link: it was used outside ln's chain
+    L.fork(50, 1, 51, exe="/usr/sbin/sshd")
+    L.execve(51, 50, "/usr/bin/cat", ["cat", "/home/u/bin/tool"])
+    L.open(51, 50, "/usr/bin/cat", "/home/u/bin/tool", write=False)
+    _unlink(L, 13, 11, "/usr/bin/ln", "/home/u/bin/tool")
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    assert g.files["/home/u/r/.git/tXYZ"].n == 0  # link + unlink collected with the name
+    assert g.files["/home/u/r/.git/kept"].n == 1
+    assert g.files["/home/u/bin/tool"].n == 3  # link, cat's read, unlink: someone used it
+    assert [op for _, op, _ in g.procs[12].edges if op in ("link", "unlink")] == \
+        ["link", "unlink", "link"]  # the node's history, though only one edge is counted
+    assert g.procs[12].n == 2 and g.procs[12].touched == 1  # exec + the kept link
+
+
+def test_a_privilege_separated_child_down_to_its_credential_change_stays_only_as_the_path():
+    """``sshd``'s child: ``setuid`` to the user, then forks the shell; no data moved."""
+    L = Log()
+    L.login(10)
+    L.fork(10, 1, 20, exe="/usr/sbin/sshd")
+    _setid(L, 20, 10, 1000)
+    L.fork(20, 10, 21, exe="/usr/sbin/sshd")
+    L.execve(21, 20, "/usr/bin/bash", ["-bash"])
+    L.open(21, 20, "/usr/bin/bash", "/home/u/out", create=True)  # an effect: the shell stays
+    L.fork(10, 1, 30, exe="/usr/sbin/sshd")
+    _setid(L, 30, 10, 1000)
+    L.open(30, 10, "/usr/sbin/sshd", "/home/u/.cache/motd", create=True)  # acted under 1000
+    L.fork(10, 1, 40, exe="/usr/sbin/sshd")
+    _setid(L, 40, 10, 1000)
+    L.execve(40, 10, "/usr/bin/true", ["true"])  # a leaf down to its spawn: collected
+    eng = _same_detection(L.lines)
+    g = eng.graph
+    child = g.procs[20]
+    assert child.n == 0 and not child.collected and "setuid" not in _retained(child)
+    assert child.uid == 1000 and g.procs[21].parent is child and child.parent is g.procs[10]
+    assert _retained(g.procs[21])[-1] == "create" and not g.procs[21].collected
+    assert "setuid" in _retained(g.procs[30]) and not g.procs[30].collected
+    assert g.procs[40].collected and g.procs[40].n == 0
+    assert not g.procs[10].collected and _retained(g.procs[10])[0] == "login"

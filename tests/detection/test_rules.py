@@ -76,3 +76,4 @@ def test_bad_rules_are_rejected_with_reason(bad, msg):
 def test_doctests(mod):
     res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert res.failed == 0
+
