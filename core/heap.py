@@ -19,8 +19,8 @@ __all__ = ["settle"]
 
 
 def settle(young: int) -> tuple[int, int, int]:
-    """Freeze the objects alive now; collect the young generation every ``young``
-    allocations (0 keeps Python's threshold). Returns the thresholds in force.
+    """Freeze the objects alive now and collect the young generation every ``young``
+    allocations; 0 leaves the collector as Python set it. Returns the thresholds in force.
 
     >>> before = gc.get_threshold()
     >>> settle(0) == before
@@ -29,9 +29,9 @@ def settle(young: int) -> tuple[int, int, int]:
     50000
     >>> gc.set_threshold(*before); gc.unfreeze()
     """
-    gc.collect()
-    gc.freeze()
     if young:
+        gc.collect()
+        gc.freeze()
         _, mid, old = gc.get_threshold()
         gc.set_threshold(young, mid, old)
     return gc.get_threshold()

@@ -133,8 +133,8 @@ class Settings(BaseSettings):
     worker_gc_young: int = Field(
         20000, ge=0,
         description="The worker collects its youngest garbage generation every this many "
-        "allocations (0: Python's 700), and freezes its start-up heap out of the collector's "
-        "walks (core/heap.py): big click takes then trigger few collections.",
+        "allocations and freezes its start-up heap out of the collector's walks "
+        "(core/heap.py): big click takes then trigger few collections. 0: Python's defaults.",
     )
     pit_ties: bool = Field(
         False,
