@@ -7,6 +7,7 @@ time per event. ``--ab BASE_CHECKOUT`` runs it alternately on another checkout (
 own code, in a child process) and on this one, ``--rounds`` times each, on one Redis.
 
 Run: ``.venv/bin/python bench/click_handler.py --ab ../main --rounds 3``
+(``--gc-young 20000``: the worker's heap and garbage-collector settings, as in ``headwater worker``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,22 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_once(redis_url: str, events: int, envelope: int, partitions: int,
-             batch_messages: int = 10) -> dict:
-    """Process ``events`` MovieLens clicks in envelopes through the handler (this tree's code)."""
+             batch_messages: int = 10, gc_young: int | None = None) -> dict:
+    """Process ``events`` MovieLens clicks in envelopes through the handler (this tree's code).
+
+    With ``gc_young`` the process first imports the worker (``streams.worker``: its heap)
+    and, where the tree has it, settles the garbage collector as ``headwater worker``
+    does (``core.heap.settle(gc_young)``).
+    """
     sys.path.insert(0, str(Path.cwd()))
+    if gc_young is not None:
+        import streams.worker  # noqa: F401 - the worker's heap
+        try:
+            from core.heap import settle
+        except ImportError:  # a checkout from before session 8: the collector as shipped
+            pass
+        else:
+            settle(gc_young)
     import redis
     import redis.asyncio as aioredis
 
@@ -105,11 +119,13 @@ def main() -> None:
     ap.add_argument("--redis", help="a Redis URL (default: start one)")
     ap.add_argument("--ab", help="another checkout to compare with, alternately")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--gc-young", type=int, help="import the worker and settle its garbage "
+                    "collector as headwater worker does (HEADWATER_WORKER_GC_YOUNG)")
     ap.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.once:
         print(json.dumps(run_once(args.redis, args.events, args.envelope, args.partitions,
-                                  args.batch_messages)))
+                                  args.batch_messages, args.gc_young)))
         return
     sys.path.insert(0, str(REPO))
     from headwater.servers import start_redis
@@ -128,7 +144,8 @@ def main() -> None:
                 out = subprocess.run(
                     [sys.executable, str(REPO / "bench" / "click_handler.py"), "--once", "--redis", url,
                      "--events", str(args.events), "--envelope", str(args.envelope),
-                     "--partitions", str(args.partitions), "--batch-messages", str(args.batch_messages)],
+                     "--partitions", str(args.partitions), "--batch-messages", str(args.batch_messages),
+                     *(["--gc-young", str(args.gc_young)] if args.gc_young is not None else [])],
                     cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True,
                     text=True, check=True, timeout=900)
                 res = json.loads(out.stdout.strip().splitlines()[-1])

@@ -130,6 +130,12 @@ class Settings(BaseSettings):
         "the next take is handled (0: one take at a time). Each is replayed after a crash.",
     )
     audit_batch_size: int = Field(2000, ge=1, description="Max audit messages per agent batch.")
+    worker_gc_young: int = Field(
+        20000, ge=0,
+        description="The worker collects its youngest garbage generation every this many "
+        "allocations and freezes its start-up heap out of the collector's walks "
+        "(core/heap.py): big click takes then trigger few collections. 0: Python's defaults.",
+    )
     pit_ties: bool = Field(
         False,
         description="Pre-event counters also count contributions at exactly the event's time "

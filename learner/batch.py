@@ -7,6 +7,7 @@ Arrow schema metadata so a learner can build (or refuse) a model from the batch 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ __all__ = [
     "TrainBatch",
     "decode_batch",
     "encode_batch",
+    "encode_batches",
     "schema_fields",
 ]
 
@@ -78,6 +80,13 @@ def schema_fields(schema_json: str) -> tuple[list[str], list[str]]:
     return out[0], out[1]
 
 
+@functools.lru_cache(maxsize=16)
+def _arrow_schema(schema_json: str) -> pa.Schema:
+    """The contract's columns for a feature schema, without metadata."""
+    return pa.schema([pa.field(n, t, nullable=False) for n, t in _column_plan(schema_json)])
+
+
+@functools.lru_cache(maxsize=16)
 def _column_plan(schema_json: str) -> list[tuple[str, pa.DataType]]:
     cat, dense = schema_fields(schema_json)
     plan = list(_FIXED)
@@ -86,6 +95,7 @@ def _column_plan(schema_json: str) -> list[tuple[str, pa.DataType]]:
     return plan
 
 
+@functools.lru_cache(maxsize=16)
 def _sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -119,6 +129,60 @@ def encode_batch(
     >>> decode_batch(payload).categorical.tolist()
     [[11], [0]]
     """
+    if int(offset_end) < int(offset_start):
+        raise ValueError(f"offset_end {offset_end} < offset_start {offset_start}")
+    table = _table(columns, schema_json, schema_hash, source_partition)
+    return _stream(table, schema_json, schema_hash, source_topic, source_partition,
+                   offset_start, offset_end)
+
+
+def encode_batches(
+    columns: Mapping[str, Any],
+    schema_json: str,
+    schema_hash: str,
+    source_topic: str,
+    source_partition: int,
+    rows_per_message: int,
+) -> list[tuple[bytes, int]]:
+    """Rows in offset order as train batches of at most ``rows_per_message`` rows each:
+    ``(payload, rows)`` per batch, each exactly what :func:`encode_batch` writes for its
+    rows and their offset range (first offset, last + 1): the same table and metadata
+    (the bytes may differ: a slice's buffers are written as they lie).
+
+    The columns are checked and converted to Arrow once for all the batches, which
+    then write slices of one table (a take's rows cost one conversion per column, not
+    one per column and message).
+
+    >>> import numpy as np
+    >>> schema = '{"categorical":["item"],"dense":[],"version":1}'
+    >>> import hashlib; h = hashlib.sha256(schema.encode()).hexdigest()
+    >>> cols = {"event_id": np.array(["a", "b", "c"]), "ts": np.array([1.0, 2.0, 3.0]),
+    ...         "label": np.array([1, 0, 1]), "offset": np.array([7, 7, 9]),
+    ...         "sub": np.array([0, 1, 0]), "c:item": np.array([11, 0, 5])}
+    >>> out = encode_batches(cols, schema, h, "clicks", 0, 2)
+    >>> [(b.offset_start, b.offset_end, b.categorical.ravel().tolist(), n)
+    ...  for b, n in ((decode_batch(p), n) for p, n in out)]
+    [(7, 8, [11, 0], 2), (9, 10, [5], 1)]
+    >>> alone = encode_batch({k: v[2:] for k, v in cols.items()}, schema, h, "clicks", 0, 9, 10)
+    >>> decode_batch(out[1][0]).table.equals(decode_batch(alone).table, check_metadata=True)
+    True
+    """
+    if rows_per_message < 1:
+        raise ValueError(f"rows_per_message must be >= 1, got {rows_per_message}")
+    table = _table(columns, schema_json, schema_hash, source_partition)
+    offsets = np.asarray(columns["offset"])
+    out: list[tuple[bytes, int]] = []
+    for start in range(0, table.num_rows, rows_per_message):
+        part = offsets[start:start + rows_per_message]
+        out.append((_stream(table.slice(start, rows_per_message), schema_json, schema_hash,
+                            source_topic, source_partition, int(part.min()), int(part.max()) + 1),
+                    len(part)))
+    return out
+
+
+def _table(columns: Mapping[str, Any], schema_json: str, schema_hash: str,
+           source_partition: int) -> pa.Table:
+    """The columns checked and converted to the contract's Arrow types, in its order."""
     plan = _column_plan(schema_json)
     if schema_hash != _sha256_hex(schema_json):
         raise ValueError("schema_hash is not the sha256 hex of schema_json")
@@ -127,8 +191,6 @@ def encode_batch(
     extra = [n for n in columns if n not in set(expected)]
     if missing or extra:
         raise ValueError(f"train batch columns: missing {missing}, unexpected {extra}")
-    if int(offset_end) < int(offset_start):
-        raise ValueError(f"offset_end {offset_end} < offset_start {offset_start}")
     if int(source_partition) < 0:
         raise ValueError(f"source_partition must be >= 0, got {source_partition}")
 
@@ -152,7 +214,12 @@ def encode_batch(
             raise ValueError(f"train batch column {name!r} has {len(arr)} rows, expected {n_rows}")
         arrays.append(arr)
     _check_labels(arrays[2].to_numpy(zero_copy_only=False))
+    return pa.Table.from_arrays(arrays, schema=_arrow_schema(schema_json))
 
+
+def _stream(table: pa.Table, schema_json: str, schema_hash: str, source_topic: str,
+            source_partition: int, offset_start: int, offset_end: int) -> bytes:
+    """One Arrow IPC stream of ``table``, its provenance in the schema metadata."""
     metadata = {
         _META_CONTRACT: CONTRACT,
         _META_SCHEMA: schema_json,
@@ -162,10 +229,9 @@ def encode_batch(
         _META_START: str(int(offset_start)),
         _META_END: str(int(offset_end)),
     }
-    schema = pa.schema([pa.field(n, t, nullable=False) for n, t in plan], metadata=metadata)
-    table = pa.Table.from_arrays(arrays, schema=schema)
+    table = table.replace_schema_metadata(metadata)
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, schema) as writer:
+    with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from features.rows import RowBuilder
 from features.store_core import BatchResult
-from learner.batch import encode_batch
+from learner.batch import encode_batches
 from streams.events import Output
 
 __all__ = ["RowEncoder"]
@@ -37,14 +37,8 @@ class RowEncoder:
         return self.encode(rows, source_topic, partition), int(keep.sum())
 
     def encode(self, rows: dict, source_topic: str, partition: int) -> list[Output]:
-        n = len(rows["event_id"])
-        step = self.rows_per_message
         schema_json, schema_hash = self.builder.schema.to_json(), self.builder.schema.hash
-        out: list[Output] = []
-        for start in range(0, n, step):
-            chunk = {name: col[start:start + step] for name, col in rows.items()}
-            offsets = chunk["offset"]
-            payload = encode_batch(chunk, schema_json, schema_hash, source_topic, partition,
-                                   int(offsets.min()), int(offsets.max()) + 1)
-            out.append((self.topic, str(partition).encode(), payload, None))
-        return out
+        key = str(partition).encode()
+        return [(self.topic, key, payload, None) for payload, _ in
+                encode_batches(rows, schema_json, schema_hash, source_topic, partition,
+                               self.rows_per_message)]

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from core.health import PERIOD_S, make_status, publish_async
+from core.heap import settle
 from core.redis_client import connect_async
 from core.settings import Settings
 from detection.alert_store import save_alerts
@@ -245,5 +246,6 @@ def run_worker(settings: Settings, bootstrap: str, redis_url: str) -> int:
     app = build_app(settings, bootstrap, redis_url)
     worker = Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     asyncio.set_event_loop(worker.loop)
+    settle(settings.worker_gc_young)  # the start-up heap, out of the collector's walks
     worker.execute_from_commandline()
     return 0

@@ -81,3 +81,20 @@ def test_large_offsets_and_any_id_bytes_keep_their_exact_position(windows):
     dup, first = dups(windows, recent, "clicks", 0, ids, [off + 1] * 4)
     assert dup.tolist() == [True] * 4
     assert first == [f"{off}:{s}" for s in range(4)]
+
+
+def test_a_big_batch_is_checked_as_if_one_id_at_a_time(windows):
+    # Thousands of ids in one call, with repeats inside the batch (near and far apart)
+    # and an id a first batch already holds.
+    recent = windows(20_000)
+    dups(windows, recent, "clicks", 0, [f"old{i}" for i in range(3)], [1, 1, 1], [0, 1, 2])
+    ids = [f"e{i}" for i in range(9000)]
+    ids[4500], ids[8999], ids[10] = "e5", "old1", "e4000"  # e4000 comes again at 4000
+    offs = np.arange(9000) // 100 + 10
+    subs = np.arange(9000) % 100
+    dup, first = dups(windows, recent, "clicks", 0, ids, offs, subs)
+    assert np.flatnonzero(dup).tolist() == [4000, 4500, 8999]
+    assert [first[i] for i in (4000, 4500, 8999)] == ["10:10", "10:5", "1:1"]
+    # Replayed whole, nothing is a duplicate of itself; the later copies still are.
+    dup, _ = dups(windows, recent, "clicks", 0, ids, offs, subs)
+    assert np.flatnonzero(dup).tolist() == [4000, 4500, 8999]

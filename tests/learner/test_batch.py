@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from learner.batch import decode_batch, encode_batch
+from learner.batch import decode_batch, encode_batch, encode_batches
 from tests.learner.synth import SCHEMA_HASH, SCHEMA_JSON, make_payload, synthetic_columns
 
 
@@ -39,6 +39,27 @@ def test_round_trip_keeps_values_order_and_provenance():
     np.testing.assert_array_equal(tb.offsets, cols["offset"])
     assert tb.event_ids.tolist() == cols["event_id"].tolist()
     assert len(tb) == 10
+
+
+def test_a_take_in_many_batches_is_each_batch_encoded_alone():
+    cols = synthetic_columns(1000, offset=50, seed=2)
+    cols["offset"] = 50 + np.arange(1000) // 7  # several events per source message
+    out = encode_batches(cols, SCHEMA_JSON, SCHEMA_HASH, "clicks", 2, 256)
+    assert [n for _, n in out] == [256, 256, 256, 232]
+    for k, (payload, n) in enumerate(out):
+        part = {name: col[256 * k:256 * k + n] for name, col in cols.items()}
+        alone = decode_batch(encode_batch(part, SCHEMA_JSON, SCHEMA_HASH, "clicks", 2,
+                                          int(part["offset"][0]), int(part["offset"][-1]) + 1))
+        got = decode_batch(payload)
+        assert got.table.equals(alone.table, check_metadata=True)
+        assert (got.offset_start, got.offset_end) == (alone.offset_start, alone.offset_end)
+    assert encode_batches({k: v[:0] for k, v in cols.items()}, SCHEMA_JSON, SCHEMA_HASH,
+                          "clicks", 2, 256) == []
+    bad = dict(cols, label=np.full(1000, 2))
+    with pytest.raises(ValueError, match="label"):
+        encode_batches(bad, SCHEMA_JSON, SCHEMA_HASH, "clicks", 2, 256)
+    with pytest.raises(ValueError, match="rows_per_message"):
+        encode_batches(cols, SCHEMA_JSON, SCHEMA_HASH, "clicks", 2, 0)
 
 
 def test_encode_refuses_missing_extra_and_ragged_columns():
