@@ -62,6 +62,11 @@ class TakePolicy:
     weigh: Callable[[bytes | None], int] = envelope_weight
 
 
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class Batcher:
     """A bounded buffer of ``(item, weight)`` that hands out adaptive takes.
 
@@ -97,6 +102,7 @@ class Batcher:
         self._failed: BaseException | None = None
         self._waiting: asyncio.Future | None = None
         self._room: asyncio.Future | None = None
+        self._filling: asyncio.Future | None = None  # a take collecting: set when it fills
 
     def __len__(self) -> int:
         return len(self._items)
@@ -118,11 +124,15 @@ class Batcher:
         self._weight += weight
         self._arrivals += 1
         self._wake()
+        if self._filling is not None and self._full():
+            _resolve(self._filling)
 
     def close(self) -> None:
         """No more messages: :meth:`take` hands out what is buffered, then None."""
         self._closed = True
         self._wake()
+        if self._filling is not None:
+            _resolve(self._filling)
 
     def fail(self, exc: BaseException) -> None:
         """The consumer side failed: the next :meth:`put` raises ``exc``."""
@@ -158,7 +168,7 @@ class Batcher:
                     continue
                 break
             seen = self._arrivals
-            await asyncio.sleep(min(self.gap, remaining))
+            await self._fill_or_wait(loop, min(self.gap, remaining))
             if self._arrivals == seen and not self.backlog():  # nothing came, none waiting
                 break
         out: list[Any] = []
@@ -174,6 +184,16 @@ class Batcher:
         if self._room is not None and not self._room.done() and self._weight < self.capacity:
             self._room.set_result(None)
         return out
+
+    async def _fill_or_wait(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        """Wait ``seconds``, or less if the take fills (or the buffer closes) meanwhile."""
+        self._filling = fut = loop.create_future()
+        timer = loop.call_later(seconds, _resolve, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._filling = None
 
     async def takes(self):
         """Every take until closed and empty."""

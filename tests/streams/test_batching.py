@@ -55,8 +55,10 @@ def test_lone_message_waits_the_gap_not_within():
 def test_take_keeps_collecting_while_messages_arrive():
     async def go():
         # Closes when full (six messages): it lingered while they kept coming, however
-        # slowly this machine runs the feeder (the gap is far longer than its pauses).
-        b = Batcher(max_events=1000, max_messages=6, within=60.0, gap=30.0)
+        # slowly this machine runs the feeder (the gap is far longer than its pauses), and
+        # closes the moment the sixth arrives, not a gap later (the bound below is a hang
+        # guard: without the wake-up on full the take waits the whole hour).
+        b = Batcher(max_events=1000, max_messages=6, within=3600.0, gap=3600.0)
 
         async def trickle():
             for i in range(1, 6):
@@ -65,7 +67,7 @@ def test_take_keeps_collecting_while_messages_arrive():
 
         await b.put(0, 1)
         feeder = asyncio.ensure_future(trickle())
-        batch = await b.take()
+        batch = await asyncio.wait_for(b.take(), 120)
         await feeder
         return batch
 
