@@ -227,17 +227,10 @@ class RowBuilder:
         row_attrs = list(features.get("item_attrs") or [None] * n)
         row_codes = list(features.get("codes") or [None] * n)
         cat[:, self._block_positions] = self.item_blocks(items, row_attrs, row_codes)
-        c = self.config
-        edges = np.asarray(c.ctr_edges)
         for b in self._buckets:
-            n_tot = _feature(features, f"{b}_impressions_total", n)
-            ctr = _feature(features, f"{b}_ctr_total", n)
-            imp_b = np.minimum(np.floor(np.log2(1.0 + n_tot)), c.max_imp_bucket).astype(np.int64)
-            ctr_b = np.where(n_tot > 0, np.searchsorted(edges, ctr), -1)
-            cat[:, pos[f"c:{b}_imp_bucket"]] = self._small_ints(
-                f"{b}_imp_bucket", imp_b, 0, c.max_imp_bucket)
-            cat[:, pos[f"c:{b}_ctr_bucket"]] = self._small_ints(
-                f"{b}_ctr_bucket", ctr_b.astype(np.int64), -1, len(c.ctr_edges))
+            imp_b, ctr_b = self._bucket_tokens(features, b, n)
+            cat[:, pos[f"c:{b}_imp_bucket"]] = imp_b
+            cat[:, pos[f"c:{b}_ctr_bucket"]] = ctr_b
         dense = np.empty((n, len(self._dense)), np.float32)
         for j, (_, src, log) in enumerate(self._dense):
             v = _feature(features, src, n)
@@ -357,24 +350,27 @@ class RowBuilder:
             out[f"c:{f}"] = per_item[f, None][item_index]
         for f in c.context_fields:
             out[f"c:{f}"] = same[f"c:{f}"]
-        n_edges = len(c.ctr_edges)
         for b in self._buckets:
-            n_tot = _feature(feats, f"{b}_impressions_total", n)
-            ctr = _feature(feats, f"{b}_ctr_total", n)
-            imp_b = np.minimum(np.floor(np.log2(1.0 + n_tot)), c.max_imp_bucket).astype(np.int64)
-            ctr_b = np.where(n_tot > 0, np.searchsorted(np.asarray(c.ctr_edges), ctr), -1)
-            out[f"c:{b}_imp_bucket"] = self._small_ints(
-                f"{b}_imp_bucket", imp_b, 0, c.max_imp_bucket
-            )
-            out[f"c:{b}_ctr_bucket"] = self._small_ints(
-                f"{b}_ctr_bucket", ctr_b.astype(np.int64), -1, n_edges
-            )
+            out[f"c:{b}_imp_bucket"], out[f"c:{b}_ctr_bucket"] = self._bucket_tokens(feats, b, n)
         for name, kind, idx in self._codes:
             out[f"c:{name}"] = per_item[name, (kind, idx)][item_index]
         for dname, src, log in self._dense:
             v = _feature(feats, src, n)
             out[f"d:{dname}"] = (np.log1p(v) if log else v).astype(np.float32)
         return out
+
+    def _bucket_tokens(self, feats: Mapping[str, Any], b: str,
+                       n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of counter ``b``'s impression bucket (log2 of all-time impressions) and
+        CTR bucket (all-time CTR in the fixed edges; -1 before any impression)."""
+        c = self.config
+        n_tot = _feature(feats, f"{b}_impressions_total", n)
+        ctr = _feature(feats, f"{b}_ctr_total", n)
+        imp_b = np.minimum(np.floor(np.log2(1.0 + n_tot)), c.max_imp_bucket).astype(np.int64)
+        ctr_b = np.where(n_tot > 0, np.searchsorted(np.asarray(c.ctr_edges), ctr), -1)
+        return (self._small_ints(f"{b}_imp_bucket", imp_b, 0, c.max_imp_bucket),
+                self._small_ints(f"{b}_ctr_bucket", ctr_b.astype(np.int64), -1,
+                                 len(c.ctr_edges)))
 
     def _shared_columns(self, cols: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The user's, user attributes', context and time columns (``c:user_id`` and the
