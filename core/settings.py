@@ -359,7 +359,8 @@ class Settings(BaseSettings):
     duplicate_window: int = Field(
         200_000, ge=1,
         description="Event ids per click partition kept in Redis to refuse duplicates "
-                    "(across worker restarts and gap re-reads; oldest positions evicted first).",
+                    "(across worker restarts and gap re-reads): at least this many of the most "
+                    "recently recorded ids, evicted a generation of this many at a time.",
     )
     score_redis_retry_seconds: float = Field(
         3.0, ge=0,

@@ -1,9 +1,13 @@
 """The duplicate event-id window, kept in Redis so it survives worker restarts.
 
-Per source (topic, partition) Redis holds the position ``offset:sub`` where each of the
-newest ``capacity`` event ids was first seen: ``{hw:p<P>}:ids:<topic>`` (hash) and
-``{hw:p<P>}:idq:<topic>`` (the same ids scored by position; the oldest positions are
-evicted first). Both keys sit in the partition's Cluster slot, beside its counters.
+Per source (topic, partition) Redis holds the position ``offset:sub`` where each recent
+event id was first seen, in two generations: ``{hw:p<P>}:ids:<topic>`` (the current one,
+where new ids go) and ``{hw:p<P>}:idp:<topic>`` (the previous one). Once the current
+generation holds ``capacity`` ids it becomes the previous one and the former previous one
+is dropped whole: the window holds at least the ``capacity`` most recently recorded ids
+(at most twice as many, plus a batch), with no per-id eviction index to keep. Both keys
+sit in the partition's Cluster slot, beside its counters (docs/decisions.md, "Duplicate
+event ids").
 
 An id seen again at the *same* position is a replay of the same message (a retry, a
 worker restart, a gap re-read): not a duplicate. At another position it is a duplicate
@@ -18,18 +22,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["SUB_SLOTS", "EventIdWindow"]
+__all__ = ["EventIdWindow"]
 
 _SCRIPT = (importlib.resources.files("features") / "lua" / "event_ids.lua").read_text(encoding="utf-8")
-#: Sub-positions per offset in the eviction score (positions order by offset, then sub).
-SUB_SLOTS = 1 << 20
 
 
 class EventIdWindow:
     """Redis-backed window of recent event ids per (topic, partition).
 
-    ``client`` is a ``redis.asyncio.Redis``; ``capacity`` the ids kept per partition
-    (``HEADWATER_DUPLICATE_WINDOW``).
+    ``client`` is a ``redis.asyncio.Redis``; ``capacity`` the ids per generation, the
+    fewest recent ids kept per partition (``HEADWATER_DUPLICATE_WINDOW``).
     """
 
     def __init__(self, client, capacity: int = 200_000, prefix: str = "hw") -> None:
@@ -41,9 +43,10 @@ class EventIdWindow:
         self._script = client.register_script(_SCRIPT)
 
     def keys(self, topic: str, partition: int) -> list[str]:
-        """The window's two keys for one source partition."""
+        """The window's keys for one source partition: the current generation, the
+        previous one, and the former layout's eviction index (dropped at a rotation)."""
         slot = f"{{{self.prefix}:p{partition}}}"
-        return [f"{slot}:ids:{topic}", f"{slot}:idq:{topic}"]
+        return [f"{slot}:ids:{topic}", f"{slot}:idp:{topic}", f"{slot}:idq:{topic}"]
 
     async def check(self, topic: str, partition: int, event_ids: Sequence[str],
                     offsets: np.ndarray, subs: np.ndarray) -> list[str | None]:

@@ -40,7 +40,6 @@ from features.counters import (
     derive_features,
     resolve_refs,
 )
-from features.event_ids import SUB_SLOTS
 from features.hashing import canonical
 from features.sequence import member, newest, pre_event_sequences
 from features.store_apply import (
@@ -329,28 +328,25 @@ class MemoryOnlineStore:
 
 
 class MemoryIdWindow:
-    """The duplicate-id window (:class:`features.store_protocol.DuplicateWindow`) in memory."""
+    """The duplicate-id window (:class:`features.store_protocol.DuplicateWindow`) in memory,
+    in two generations as in Redis (:mod:`features.event_ids`)."""
 
     def __init__(self, capacity: int = 200_000) -> None:
         if capacity < 1:
             raise ValueError(f"the duplicate window must hold at least 1 id, got {capacity}")
         self.capacity = capacity
-        #: (topic, partition) -> id -> (position "offset:sub", eviction score)
-        self.windows: dict[tuple[str, int], dict[str, tuple[str, int]]] = {}
+        #: (topic, partition) -> (current generation, previous one), each id -> "offset:sub"
+        self.windows: dict[tuple[str, int], tuple[dict[str, str], dict[str, str]]] = {}
 
     async def duplicates(self, topic: str, partition: int, event_ids: Sequence[str],
                          offsets: np.ndarray, subs: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
-        window = self.windows.setdefault((topic, partition), {})
+        current, previous = self.windows.setdefault((topic, partition), ({}, {}))
         first: list[str | None] = []
         for eid, off, sub in zip(event_ids, np.asarray(offsets).tolist(), np.asarray(subs).tolist(),
                                  strict=True):
             pos = f"{off}:{sub}"
-            seen = window.get(eid)
-            if seen is None:
-                window[eid] = (pos, off * SUB_SLOTS + min(sub, SUB_SLOTS - 1))
-            first.append(None if seen is None or seen[0] == pos else seen[0])
-        if len(window) > self.capacity:
-            oldest = sorted(window, key=lambda e: (window[e][1], e))[: len(window) - self.capacity]
-            for eid in oldest:
-                del window[eid]
+            seen = previous.get(eid) or current.setdefault(eid, pos)
+            first.append(None if seen == pos else seen)
+        if len(current) >= self.capacity:
+            self.windows[topic, partition] = ({}, current)
         return np.array([f is not None for f in first], bool), first

@@ -74,8 +74,9 @@ class DuplicateWindow(Protocol):
     :class:`features.memory_store.MemoryIdWindow`
     (``tests/features/test_id_window_contract.py`` holds both to it).
 
-    The same id at the same position is a replay, not a duplicate; the oldest positions
-    leave the window first once it holds more than its capacity.
+    The same id at the same position is a replay, not a duplicate. The window holds at
+    least the ``capacity`` most recently recorded ids; older ones leave it a generation
+    (``capacity`` ids, in recording order) at a time.
     """
 
     async def duplicates(self, topic: str, partition: int, event_ids: Sequence[str],

@@ -62,15 +62,43 @@ def test_partitions_and_topics_are_independent(windows):
     assert dups(windows, recent, "x-clicks", 0, ["a"], [5])[0].tolist() == [False]
 
 
-def test_the_oldest_positions_leave_first(windows):
+def test_older_ids_leave_a_generation_at_a_time(windows):
     recent = windows(3)
-    dups(windows, recent, "clicks", 0, ["a", "b"], [10, 10], [0, 1])
-    # A gap re-read records older positions late: they are still the oldest.
-    dups(windows, recent, "clicks", 0, ["d", "c"], [13, 12])
-    assert dups(windows, recent, "clicks", 0, ["a"], [99])[0].tolist() == [False], "a was evicted"
-    assert dups(windows, recent, "clicks", 0, ["c"], [98])[0].tolist() == [True]
+    dups(windows, recent, "clicks", 0, ["a", "b", "c"], [10, 10, 10], [0, 1, 2])
+    dups(windows, recent, "clicks", 0, ["d", "e"], [11, 12])
+    # a, b, c form a full generation; it is still in the window beside the next one
+    assert dups(windows, recent, "clicks", 0, ["a", "e"], [90, 91])[0].tolist() == [True, True]
+    dups(windows, recent, "clicks", 0, ["f"], [13])  # d, e, f fill the next generation
+    dups(windows, recent, "clicks", 0, ["g"], [14])  # ... and a, b, c leave, all at once
+    dup, first = dups(windows, recent, "clicks", 0, ["a", "d", "c"], [92, 93, 94])
+    assert dup.tolist() == [False, True, False] and first[1] == "11:0"
     with pytest.raises(ValueError):
         windows(0)
+
+
+def test_the_newest_recorded_ids_are_always_refused_again(windows):
+    # Against a brute force: an id recorded among the newest `capacity` records is refused
+    # at any other position, and a refusal names the id's last recorded position.
+    capacity = 50
+    recent = windows(capacity)
+    rng = np.random.default_rng(3)
+    records: list[tuple[str, str]] = []  # (id, "offset:sub") in recording order
+    offset = 0
+    for _ in range(60):
+        n = int(rng.integers(1, 40))
+        ids = [f"e{int(x)}" for x in rng.integers(0, 150, n)]
+        offset += 1
+        subs = np.arange(n)
+        dup, first = dups(windows, recent, "clicks", 0, ids, [offset] * n, subs)
+        for i, eid in enumerate(ids):
+            newest = {e: p for e, p in records[-capacity:]}
+            last = next((p for e, p in reversed(records) if e == eid), None)
+            if eid in newest:
+                assert dup[i] and first[i] == newest[eid], (eid, offset, i)
+            if dup[i]:
+                assert first[i] == last
+            else:
+                records.append((eid, f"{offset}:{i}"))
 
 
 def test_large_offsets_and_any_id_bytes_keep_their_exact_position(windows):
