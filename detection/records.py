@@ -305,6 +305,58 @@ FIELDS_MEMO_SIZE = 2048
 _FIELDS_MEMO: dict[str, dict] = {}
 
 
+#: record type -> where its body splits into a part that changes from record to record
+#: and a tail that repeats (a ``SYSCALL``'s process identity from ``ppid=`` on, a
+#: ``PATH``'s file attributes from ``dev=`` on): :func:`_split_fields` remembers the
+#: tails' fields, as many as :data:`FIELDS_MEMO_SIZE` (emptied when full).
+_BODY_CUTS = {"SYSCALL": " ppid=", "PATH": " dev="}
+_TAIL_MEMO: dict[str, dict] = {}
+#: the last ``msg=audit(...)`` header that parsed, with its time stamp and serial
+_LAST_STAMP: tuple[str | None, float, int] = (None, 0.0, 0)
+
+
+def _split_fields(body: str, cut: int) -> dict | None:
+    """The fields of *body* as :func:`_fields` gives them, from its part before *cut*
+    (a space) and the remembered fields of the tail after it; ``None`` when that is not
+    certain to be the same, and for every body that does not parse.
+
+    Without a single quote in the body and with an ``=`` in every whitespace-separated
+    token, :func:`_fields` maps each token to its field on its own (unquoting, hex
+    decoding, the errors), so the head's fields updated with the tail's are the body's,
+    in the body's order (a key in both keeps its first place and takes the last value,
+    as a repeated key does in one body). Anything else is left to :func:`_fields`.
+
+    >>> body = ' arch=c000003e syscall=2 ppid=1 pid=2 comm="sh" exe="/bin/sh"'
+    >>> _split_fields(body, body.find(" ppid=")) == _fields(body, False)
+    True
+    >>> _split_fields(' a=1 name="x ppid=2" pid=3', 13) is None  # a quoted space at the cut
+    True
+    """
+    if cut <= 0 or "'" in body:
+        return None
+    tail = body[cut + 1:]
+    tf = _TAIL_MEMO.get(tail)
+    if tf is None:
+        for tok in tail.split():
+            if "=" not in tok:
+                return None
+        tf = _fields(tail, False)
+        if tf.__class__ is not dict:
+            return None
+        if len(_TAIL_MEMO) >= FIELDS_MEMO_SIZE:
+            _TAIL_MEMO.clear()
+        _TAIL_MEMO[tail] = tf
+    head = body[:cut]
+    for tok in head.split():
+        if "=" not in tok:
+            return None
+    fields = _fields(head, False)
+    if fields.__class__ is not dict:
+        return None
+    fields.update(tf)
+    return fields
+
+
 def parse_line(line: str | bytes) -> Record | ParseError:
     """Parse one audit line into a :class:`Record`, or a :class:`ParseError`.
 
@@ -337,14 +389,21 @@ def parse_line(line: str | bytes) -> Record | ParseError:
     close = line.find("):", sp + 11)
     if close == -1:
         return ParseError(orig, "unterminated header: no '):' after msg=audit(")
-    stamp, colon, serial_s = line[sp + 11 : close].partition(":")
-    try:
-        ts = float(stamp)
-        serial = int(serial_s)
-    except ValueError:
-        return ParseError(orig, f"bad timestamp/serial {line[sp + 11 : close]!r} in msg=audit(...)")
-    if not colon or serial < 0 or ts != ts:
-        return ParseError(orig, f"bad timestamp/serial {line[sp + 11 : close]!r} in msg=audit(...)")
+    global _LAST_STAMP
+    stamp = line[sp + 11 : close]
+    last = _LAST_STAMP
+    if stamp == last[0]:  # the records of one event share their header
+        ts, serial = last[1], last[2]
+    else:
+        when, colon, serial_s = stamp.partition(":")
+        try:
+            ts = float(when)
+            serial = int(serial_s)
+        except ValueError:
+            return ParseError(orig, f"bad timestamp/serial {stamp!r} in msg=audit(...)")
+        if not colon or serial < 0 or ts != ts:
+            return ParseError(orig, f"bad timestamp/serial {stamp!r} in msg=audit(...)")
+        _LAST_STAMP = (stamp, ts, serial)
     body = line[close + 2 :]
     enriched: dict = {}
     gs = body.find(GS)
@@ -362,7 +421,10 @@ def parse_line(line: str | bytes) -> Record | ParseError:
         if fields is not None:
             fields = fields.copy()  # each record its own dict, as if parsed
         else:
-            fields = _fields(body, False)
+            cut = _BODY_CUTS.get(rtype)
+            fields = _split_fields(body, body.find(cut)) if cut is not None else None
+            if fields is None:
+                fields = _fields(body, False)
             if fields.__class__ is dict:
                 if len(_FIELDS_MEMO) >= FIELDS_MEMO_SIZE:
                     _FIELDS_MEMO.clear()

@@ -279,10 +279,14 @@ def masquerade(e: Edge):
     path = obj.path if isinstance(obj, FileNode) else None
     if not path or path.startswith(_SYSTEM_DIRS):
         return False
-    parts = path.split("/")
-    if _MASQ_NAMES.match(parts[-1]):
+    last = path.rfind("/")
+    if _MASQ_NAMES.match(path[last + 1:]):
         return True
     # masquerading location: a dot-dir named after a system component holding the file
+    hidden = path.find("/.")
+    if hidden == -1 or hidden >= last:  # no directory of the path starts with a dot
+        return False
+    parts = path.split("/")
     return any(
         c.startswith(".") and _MASQ_NAMES.match(c) and c.lower() not in (".dbus-keyrings",)
         for c in parts[1:-1]

@@ -197,6 +197,7 @@ def _reference(lines, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(records, "_fields", records._exact_fields)
         m.setattr(records, "_FIELDS_MEMO", _NoMemo())
+        m.setattr(records, "_BODY_CUTS", {})  # every body whole, no remembered tails
         return [_outcome(parse_line(line)) for line in lines]
 
 
@@ -235,8 +236,24 @@ def test_fast_field_parser_matches_reference_on_real_and_mutated_logs(audit_dir,
         path + 'name="a\tb" rdev=00:00',
         path + 'name="/x" rdev=00:00\tcwd="/"',
     ]
+    sys_ = "type=SYSCALL msg=audit(1.0:2): arch=c000003e syscall=2 success=yes exit=3 a0=1 "
+    tail = 'ppid=1 pid=2 auid=0 uid=0 gid=0 comm="sh" exe="/bin/sh" key=(null)'
+    item = 'type=PATH msg=audit(1.0:3): item=0 name="/x" inode=7 '
+    lines += [  # where the body is cut into a head and a remembered tail (_split_fields)
+        sys_ + tail, sys_ + tail,  # the second from the tail memo
+        sys_ + 'comm="a ppid=9" ' + tail, sys_ + "a1 " + tail, sys_ + "a1=x " + tail + " junk",
+        sys_ + tail.replace("ppid=1", "ppid=1 a0=5"), sys_ + "a1=2 ppid=1 comm='x' pid=2",
+        sys_.replace("a0=1 ", "") + tail.replace('"sh"', '"s h"'),
+        "type=SYSCALL msg=audit(1.0:2): ppid=1 " + tail, sys_ + "\tppid=1 pid=2",
+        item + "dev=00:06 mode=0100644 ouid=0 ogid=0 rdev=00:00 nametype=NORMAL",
+        item + "dev=00:06 mode=0100644 ouid=0 ogid=0 rdev=00:00 nametype=NORMAL",
+        item.replace('"/x"', '"/a dev=0"') + "dev=1 mode=1",
+        item + 'dev=00:06 name="/y"', item + "dev=00:06 mode", item + "dev=00:06 mode=01'7",
+        'type=PATH msg=audit(1.0:3): item=0 name=2F78 dev=00:06 inode=7 dev=00:07',
+    ]
     want = _reference(lines, monkeypatch)
     monkeypatch.setattr(records, "_FIELDS_MEMO", _NoMemo())
+    monkeypatch.setattr(records, "_TAIL_MEMO", {})
     got = [_outcome(parse_line(line)) for line in lines]
     for line, g, w in zip(lines, got, want, strict=True):
         assert g == w, line

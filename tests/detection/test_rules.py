@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -77,3 +78,26 @@ def test_doctests(mod):
     res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert res.failed == 0
 
+
+
+def _masquerade_reference(path):
+    """The check as first written: every component of the path looked at."""
+    if not path or path.startswith(detection.rules._SYSTEM_DIRS):
+        return False
+    parts = path.split("/")
+    if detection.rules._MASQ_NAMES.match(parts[-1]):
+        return True
+    return any(c.startswith(".") and detection.rules._MASQ_NAMES.match(c)
+               and c.lower() not in (".dbus-keyrings",) for c in parts[1:-1])
+
+
+def test_masquerade_skips_paths_without_a_hidden_directory_exactly():
+    from detection.nodes import FileNode
+
+    paths = ["/home/u/.sshd/x", "/home/u/.sshd", "/tmp/.systemd-x/a/b", "/tmp/a/.b", "x",
+             "/tmp/sshd", "/tmp/.X/.dbus/f", "/var/tmp/.dbus-keyrings/f", ".sshd/a", "/.crond/",
+             "/home/u//.atd/x", "/home/u/./x", "/tmp/.cupsd./f", "/srv/.libfoo.so.1/z", ""]
+    for path in paths:
+        edge = SimpleNamespace(op="create", obj=FileNode(path, 1.0, 8))
+        assert bool(detection.rules.masquerade(edge)) == bool(_masquerade_reference(path)), path
+    assert sum(map(_masquerade_reference, paths)) >= 5
