@@ -488,7 +488,10 @@ async def serve(
         ctx.impressions = ImpressionLog(kafka_sender(kafka, settings.topics["impressions"],
                                                      settings.impression_linger_ms),
                                         settings.partitions, settings.impression_buffer,
-                                        ctx.registry)
+                                        ctx.registry,
+                                        # the thread wakes once per linger: each wake sends
+                                        # what the producer would have held back anyway
+                                        period=max(settings.impression_linger_ms, 10) / 1000)
         ctx.impressions.start()
     app = create_app(settings, ctx)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
