@@ -666,15 +666,14 @@ def derive_features(config: CounterConfig, agg: np.ndarray) -> dict[str, np.ndar
     (0.5, 2.0)
     """
     out: dict[str, np.ndarray] = {}
+    # impressions (total, then per half-life) are the even state columns, clicks the odd
+    # ones: every CTR in one call, then each feature is a view
+    imps, clicks = agg[:, :, 0::2], agg[:, :, 1::2]
+    ctrs = smoothed_ctr(config, clicks, imps)
+    labels = ["total", *(half_life_label(h) for h in config.half_lives)]
     for s, spec in enumerate(config.specs):
-        n, c = agg[:, s, 0], agg[:, s, 1]
-        out[f"{spec.name}_impressions_total"] = n
-        out[f"{spec.name}_clicks_total"] = c
-        out[f"{spec.name}_ctr_total"] = smoothed_ctr(config, c, n)
-        for j, h in enumerate(config.half_lives):
-            lab = half_life_label(h)
-            nh, ch = agg[:, s, 2 + 2 * j], agg[:, s, 3 + 2 * j]
-            out[f"{spec.name}_impressions_{lab}"] = nh
-            out[f"{spec.name}_clicks_{lab}"] = ch
-            out[f"{spec.name}_ctr_{lab}"] = smoothed_ctr(config, ch, nh)
+        for j, lab in enumerate(labels):
+            out[f"{spec.name}_impressions_{lab}"] = imps[:, s, j]
+            out[f"{spec.name}_clicks_{lab}"] = clicks[:, s, j]
+            out[f"{spec.name}_ctr_{lab}"] = ctrs[:, s, j]
     return out
