@@ -141,7 +141,7 @@ def _log_impression(ctx: AppContext, req, scored, version: str) -> str:
         # built on the logging thread: the arrays are the scored ones, never changed after
         ctx.impressions.offer(functools.partial(
             impression_record, rid, req.user_id, req.candidates, scored.scores,
-            scored.categorical, scored.dense, scored.ts, version, ctx.scorer.schema.hash))
+            scored.categorical, scored.dense, scored.ts, version, ctx.scorer.schema_hash))
     return rid
 
 
