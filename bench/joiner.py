@@ -88,7 +88,7 @@ async def joined(redis_url: str, ml, events: list[dict], seed: int = 0,
     import redis.asyncio as aioredis
 
     from serving.app import build_context
-    from serving.impressions import impression_record
+    from serving.impressions import encode_impression, impression_record
     from serving.scoring import ScoreRequest
     from streams.join_path import JoinHandler
     from streams.metrics import WorkerMetrics
@@ -123,9 +123,9 @@ async def joined(redis_url: str, ml, events: list[dict], seed: int = 0,
             scored = await ctx.scorer.score_rows(served, req)
             rid = uuid.uuid5(uuid.NAMESPACE_URL, str(e["event_id"])).hex
             rid_of[f"{rid}:0"] = str(e["event_id"])
-            imps[int(p)].append((e["ts"], json.dumps(impression_record(
+            imps[int(p)].append((e["ts"], encode_impression(impression_record(
                 rid, req.user_id, req.candidates, scored.scores, scored.categorical, scored.dense,
-                e["ts"], served.version, ctx.scorer.schema.hash)).encode()))
+                e["ts"], served.version, ctx.scorer.schema_hash))))
             if e["label"] == 1:
                 pending.append((e["ts"] + float(rng.uniform(1, 5)), int(p), {
                     "event_id": f"click-{e['event_id']}", "ts": 0.0, "user_id": e["user_id"],

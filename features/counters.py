@@ -482,6 +482,20 @@ def _item_texts(f: str, items: list[str], item_attrs: Mapping[str, Mapping],
     return out
 
 
+def _item_names(prefix: str, f: str, items: list[str], item_attrs: Mapping[str, Mapping],
+                texts: list[list[str]], memo: dict) -> list[list[str]]:
+    """Entity names ``prefix + text`` of each item's texts of field ``f``, from ``memo``
+    while the item's attributes are the same object (the names repeat across requests)."""
+    out = []
+    for it, t in zip(items, texts, strict=True):
+        a = item_attrs.get(it)
+        got = memo.get((prefix, f, it))
+        if got is None or got[0] is not a:
+            got = memo[(prefix, f, it)] = (a, [prefix + x for x in t])
+        out.append(got[1])
+    return out
+
+
 def _shared_texts(f: str, user_id: str, ts: float, context: Any, user: Any) -> list[str] | None:
     """The texts of key field ``f`` shared by every event of a request (one user, one
     context, one time); ``None`` for a field that varies with the item."""
@@ -582,7 +596,10 @@ def resolve_request_refs(
             j = next(i for i, c in enumerate(fixed) if c is None)
             pre = prefix + "".join(c[0] + "|" for c in fixed[:j])
             post = "".join("|" + c[0] for c in fixed[j + 1:])
-            names_of = [[pre + t + post for t in texts] for texts in item_texts[side[0]]]
+            if memo is not None and len(fixed) == 1:  # an item-side counter (item, genre)
+                names_of = _item_names(pre, side[0], distinct, item_attrs, item_texts[side[0]], memo)
+            else:
+                names_of = [[pre + t + post for t in texts] for texts in item_texts[side[0]]]
         else:
             cols_of = [item_texts[f] if c is None else None for f, c in zip(spec.key, fixed, strict=True)]
             names_of = [
@@ -666,15 +683,14 @@ def derive_features(config: CounterConfig, agg: np.ndarray) -> dict[str, np.ndar
     (0.5, 2.0)
     """
     out: dict[str, np.ndarray] = {}
+    # impressions (total, then per half-life) are the even state columns, clicks the odd
+    # ones: every CTR in one call, then each feature is a view
+    imps, clicks = agg[:, :, 0::2], agg[:, :, 1::2]
+    ctrs = smoothed_ctr(config, clicks, imps)
+    labels = ["total", *(half_life_label(h) for h in config.half_lives)]
     for s, spec in enumerate(config.specs):
-        n, c = agg[:, s, 0], agg[:, s, 1]
-        out[f"{spec.name}_impressions_total"] = n
-        out[f"{spec.name}_clicks_total"] = c
-        out[f"{spec.name}_ctr_total"] = smoothed_ctr(config, c, n)
-        for j, h in enumerate(config.half_lives):
-            lab = half_life_label(h)
-            nh, ch = agg[:, s, 2 + 2 * j], agg[:, s, 3 + 2 * j]
-            out[f"{spec.name}_impressions_{lab}"] = nh
-            out[f"{spec.name}_clicks_{lab}"] = ch
-            out[f"{spec.name}_ctr_{lab}"] = smoothed_ctr(config, ch, nh)
+        for j, lab in enumerate(labels):
+            out[f"{spec.name}_impressions_{lab}"] = imps[:, s, j]
+            out[f"{spec.name}_clicks_{lab}"] = clicks[:, s, j]
+            out[f"{spec.name}_ctr_{lab}"] = ctrs[:, s, j]
     return out

@@ -30,6 +30,7 @@ Dense features: ``log1p`` of impressions (all-time and per half-life) and smooth
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -120,6 +121,15 @@ class RowBuilder:
         self._positions = {f"c:{f}": j for j, f in enumerate(categorical)}
         self._block_positions = [self._positions[f"c:{f}"]
                                  for f in ["item_id", *(name for name, _ in self._item_fields)]]
+        # scoring matrices: the dense sources in one array, the bucket counters' rows in it
+        src_row = {src: k for k, (_, src, _) in enumerate(self._dense)}
+        self._dense_log_rows = [k for k, (_, _, log) in enumerate(self._dense) if log]
+        self._bucket_imp_rows = [src_row[f"{b}_impressions_total"] for b in self._buckets]
+        self._bucket_ctr_rows = [src_row[f"{b}_ctr_total"] for b in self._buckets]
+        self._bucket_imp_pos = [self._positions[f"c:{b}_imp_bucket"] for b in self._buckets]
+        self._bucket_ctr_pos = [self._positions[f"c:{b}_ctr_bucket"] for b in self._buckets]
+        self._bucket_rows = np.arange(len(self._buckets))[:, None]
+        self._shared_rows: dict[tuple, tuple[list[int], np.ndarray]] = {}
 
     # -- public -----------------------------------------------------------------------
     def build(
@@ -217,25 +227,74 @@ class RowBuilder:
         ts = time.time() if now is None else float(now)
         if user_attrs is None and features.get("user_attrs"):
             user_attrs = features["user_attrs"][0]
-        pos = self._positions
-        cat = np.empty((n, len(pos)), np.int64)
-        one = {"ts": np.full(1, ts), "user_id": np.asarray([canonical(user_id)], dtype=object),
-               "user": [user_attrs or None], "context": [context or None]}  # as as_columns
-        for name, col in self._shared_columns(one).items():
-            cat[:, pos[name]] = col[0]
+        cat = np.empty((n, len(self._positions)), np.int64)
+        shared_pos, shared_row = self._shared_row(user_id, user_attrs, context, ts)
+        cat[:, shared_pos] = shared_row
         items = [canonical(i) for i in candidate_item_ids]
         row_attrs = list(features.get("item_attrs") or [None] * n)
         row_codes = list(features.get("codes") or [None] * n)
         cat[:, self._block_positions] = self.item_blocks(items, row_attrs, row_codes)
-        for b in self._buckets:
-            imp_b, ctr_b = self._bucket_tokens(features, b, n)
-            cat[:, pos[f"c:{b}_imp_bucket"]] = imp_b
-            cat[:, pos[f"c:{b}_ctr_bucket"]] = ctr_b
-        dense = np.empty((n, len(self._dense)), np.float32)
-        for j, (_, src, log) in enumerate(self._dense):
-            v = _feature(features, src, n)
-            dense[:, j] = np.log1p(v) if log else v  # float64 -> float32 as astype casts
-        return cat, dense
+        # every dense source in one array [D, n] (the bucket counters' totals are among them)
+        raw = np.array([_feature(features, src, n) for _, src, _ in self._dense], np.float64)
+        if self._buckets:
+            imp_b, ctr_b = self._bucket_matrix(raw[self._bucket_imp_rows], raw[self._bucket_ctr_rows])
+            cat[:, self._bucket_imp_pos] = imp_b.T
+            cat[:, self._bucket_ctr_pos] = ctr_b.T
+        logs = self._dense_log_rows
+        raw[logs] = np.log1p(raw[logs])
+        return cat, raw.T.astype(np.float32, order="C")  # float64 -> float32 as astype casts
+
+    def _shared_row(self, user_id: Any, user_attrs: Mapping[str, Any] | None,
+                    context: Mapping[str, Any] | None, ts: float) -> tuple[list[int], np.ndarray]:
+        """Positions and tokens of the user's, user attributes', context and time columns
+        of one scoring request, kept per (user, attributes, context, hour): a user scored
+        again within the hour with the same attributes and context reuses them."""
+        uid = canonical(user_id)
+        try:
+            key = (uid, _frozen(user_attrs), _frozen(context), math.floor(ts / 3600.0))
+            got = self._shared_rows.get(key)
+        except TypeError:  # an unhashable attribute value: computed, not kept
+            key, got = None, None
+        if got is None:
+            one = {"ts": np.full(1, ts), "user_id": np.asarray([uid], dtype=object),
+                   "user": [user_attrs or None], "context": [context or None]}  # as as_columns
+            cols = self._shared_columns(one)
+            pos = self._positions
+            got = ([pos[name] for name in cols], np.array([col[0] for col in cols.values()], np.int64))
+            if key is not None:
+                if len(self._shared_rows) >= 100_000:
+                    self._shared_rows.clear()
+                self._shared_rows[key] = got
+        return got
+
+    def _bucket_matrix(self, n_tot: np.ndarray, ctr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_bucket_tokens` of every bucket counter at once: ``n_tot`` and ``ctr`` are
+        ``[buckets, n]``; returns the impression and CTR bucket tokens, each ``[buckets, n]``."""
+        c = self.config
+        imp_b = np.minimum(np.floor(np.log2(1.0 + n_tot)), c.max_imp_bucket).astype(np.int64)
+        ctr_b = np.where(n_tot > 0, np.searchsorted(np.asarray(c.ctr_edges), ctr), -1)
+        if (imp_b.size and (imp_b.min() < 0 or imp_b.max() > c.max_imp_bucket)):
+            # outside the tables (e.g. NaN counts): the general path, field by field
+            imp = np.stack([self._small_ints(f"{b}_imp_bucket", imp_b[k], 0, c.max_imp_bucket)
+                            for k, b in enumerate(self._buckets)])
+        else:
+            imp = self._bucket_tables("imp")[self._bucket_rows, imp_b]
+        return imp, self._bucket_tables("ctr")[self._bucket_rows, ctr_b + 1]
+
+    def _bucket_tables(self, kind: str) -> np.ndarray:
+        """``[buckets, values]``: row k is :meth:`_small_ints`'s table of bucket counter k's
+        ``imp`` (0 .. max_imp_bucket) or ``ctr`` (-1 .. len(ctr_edges)) field."""
+        got = self._tables.get(f" {kind}")
+        if got is None:
+            c = self.config
+            lo, hi = (0, c.max_imp_bucket) if kind == "imp" else (-1, len(c.ctr_edges))
+            rows = []
+            for b in self._buckets:
+                f = f"{b}_{kind}_bucket"
+                self._small_ints(f, np.array([lo]), lo, hi)  # builds the field's table
+                rows.append(self._tables[f])
+            got = self._tables[f" {kind}"] = np.stack(rows)
+        return got
 
     def _stack(self, cols: Mapping[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
         """Columns as tokens ``[n, F]`` and dense ``[n, D]`` in schema order."""
@@ -405,6 +464,11 @@ class RowBuilder:
         if values.min() < lo or values.max() > hi:
             return hash_tokens(field, values)
         return table[values - lo]
+
+
+def _frozen(d: Mapping[str, Any] | None) -> tuple | None:
+    """A mapping as a key that tells ``1``, ``1.0`` and ``True`` apart (their tokens differ)."""
+    return tuple((k, v.__class__, v) for k, v in d.items()) if d else None
 
 
 def _feature(feats: Mapping[str, Any], name: str, n: int) -> np.ndarray:

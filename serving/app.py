@@ -141,7 +141,7 @@ def _log_impression(ctx: AppContext, req, scored, version: str) -> str:
         # built on the logging thread: the arrays are the scored ones, never changed after
         ctx.impressions.offer(functools.partial(
             impression_record, rid, req.user_id, req.candidates, scored.scores,
-            scored.categorical, scored.dense, scored.ts, version, ctx.scorer.schema.hash))
+            scored.categorical, scored.dense, scored.ts, version, ctx.scorer.schema_hash))
     return rid
 
 
@@ -488,7 +488,10 @@ async def serve(
         ctx.impressions = ImpressionLog(kafka_sender(kafka, settings.topics["impressions"],
                                                      settings.impression_linger_ms),
                                         settings.partitions, settings.impression_buffer,
-                                        ctx.registry)
+                                        ctx.registry,
+                                        # the thread wakes once per linger: each wake sends
+                                        # what the producer would have held back anyway
+                                        period=max(settings.impression_linger_ms, 10) / 1000)
         ctx.impressions.start()
     app = create_app(settings, ctx)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -232,6 +232,7 @@ class Scorer:
         self.redis_retries = 0
         self.builder = builder
         self.schema = builder.schema
+        self.schema_hash = self.schema.hash  # every impression carries it: hashed once
         self.executor = executor
         self.clock = clock
         self._cat_cols = [f"c:{f}" for f in self.schema.categorical]

@@ -195,6 +195,14 @@ def test_score_matrices_are_the_scoring_columns_stacked():
                 np.testing.assert_array_equal(cat[:, j], cols[f"c:{f}"], err_msg=f)
             for j, d in enumerate(rb.schema.dense):
                 np.testing.assert_array_equal(dense[:, j], cols[f"d:{d}"], err_msg=d)
+    # the user's columns are kept per (user, attributes, context, hour): a second request
+    # reuses them, and attributes that only compare equal (1, 1.0, True) are kept apart
+    for attrs in ({"age": 1}, {"age": 1.0}, {"age": True}, {"age": 1}):
+        for builder in (rb, RowBuilder(ROWS)):  # warm and fresh
+            cols = builder.build_for_scoring("u3", attrs, None, items, feats, now=7200.0)
+            cat, _ = rb.score_matrices("u3", attrs, None, items, feats, now=7200.0)
+            for j, f in enumerate(rb.schema.categorical):
+                np.testing.assert_array_equal(cat[:, j], cols[f"c:{f}"], err_msg=f)
     empty = {k: np.zeros(0) for k in CFG.feature_names()}
     cat, dense = rb.score_matrices(1, None, None, [], empty, now=1.0)
     assert cat.shape == (0, len(rb.schema.categorical)) and dense.shape == (0, len(rb.schema.dense))

@@ -98,12 +98,14 @@ def test_action_events_schema_and_decoder_agree():
 def test_what_serving_logs_validates_as_an_impression():
     import numpy as np
 
-    from serving.impressions import impression_record
+    from serving.impressions import encode_impression, impression_record
     from streams.schemas import ImpressionEvent
 
-    record = impression_record("0" * 32, "u1", ["a", 2], np.array([0.5, 0.25]),
-                               np.array([[1, 2], [3, 4]]), np.array([[0.5], [1.5]], np.float32),
-                               time.time(), "000003", "h" * 64)
+    # what goes on the wire: the record as serving encodes it
+    record = json.loads(encode_impression(impression_record(
+        "0" * 32, "u1", ["a", 2], np.array([0.5, 0.25]), np.array([[1, 2], [3, 4]]),
+        np.array([[0.5], [1.5]], np.float32), time.time(), "000003", "h" * 64)))
+    assert record["categorical"] == [[1, 2], [3, 4]] and record["dense"] == [[0.5], [1.5]]
     validator("impression-event").validate(record)
     assert not decode_message(json.dumps(record).encode(), ImpressionEvent).errors
     record["candidates"] = []
