@@ -337,24 +337,27 @@ def _split_fields(body: str, cut: int) -> dict | None:
     tail = body[cut + 1:]
     tf = _TAIL_MEMO.get(tail)
     if tf is None:
-        for tok in tail.split():
-            if "=" not in tok:
-                return None
-        tf = _fields(tail, False)
-        if tf.__class__ is not dict:
+        tf = _token_fields(tail)
+        if tf is None:
             return None
         if len(_TAIL_MEMO) >= FIELDS_MEMO_SIZE:
             _TAIL_MEMO.clear()
         _TAIL_MEMO[tail] = tf
-    head = body[:cut]
-    for tok in head.split():
-        if "=" not in tok:
-            return None
-    fields = _fields(head, False)
-    if fields.__class__ is not dict:
+    fields = _token_fields(body[:cut])
+    if fields is None:
         return None
     fields.update(tf)
     return fields
+
+
+def _token_fields(text: str) -> dict | None:
+    """:func:`_fields` of a part of a body whose every token has an ``=`` (each token is
+    then a field on its own); ``None`` for any other part, and for one that does not parse."""
+    for tok in text.split():
+        if "=" not in tok:
+            return None
+    fields = _fields(text, False)
+    return fields if fields.__class__ is dict else None
 
 
 def parse_line(line: str | bytes) -> Record | ParseError:

@@ -130,6 +130,7 @@ class RowBuilder:
         self._bucket_ctr_pos = [self._positions[f"c:{b}_ctr_bucket"] for b in self._buckets]
         self._bucket_rows = np.arange(len(self._buckets))[:, None]
         self._shared_rows: dict[tuple, tuple[list[int], np.ndarray]] = {}
+        self._bucket_table: dict[str, np.ndarray] = {}  # "imp"/"ctr" -> [buckets, values]
 
     # -- public -----------------------------------------------------------------------
     def build(
@@ -271,9 +272,8 @@ class RowBuilder:
         """:meth:`_bucket_tokens` of every bucket counter at once: ``n_tot`` and ``ctr`` are
         ``[buckets, n]``; returns the impression and CTR bucket tokens, each ``[buckets, n]``."""
         c = self.config
-        imp_b = np.minimum(np.floor(np.log2(1.0 + n_tot)), c.max_imp_bucket).astype(np.int64)
-        ctr_b = np.where(n_tot > 0, np.searchsorted(np.asarray(c.ctr_edges), ctr), -1)
-        if (imp_b.size and (imp_b.min() < 0 or imp_b.max() > c.max_imp_bucket)):
+        imp_b, ctr_b = self._bucket_indices(n_tot, ctr)
+        if imp_b.size and (imp_b.min() < 0 or imp_b.max() > c.max_imp_bucket):
             # outside the tables (e.g. NaN counts): the general path, field by field
             imp = np.stack([self._small_ints(f"{b}_imp_bucket", imp_b[k], 0, c.max_imp_bucket)
                             for k, b in enumerate(self._buckets)])
@@ -284,7 +284,7 @@ class RowBuilder:
     def _bucket_tables(self, kind: str) -> np.ndarray:
         """``[buckets, values]``: row k is :meth:`_small_ints`'s table of bucket counter k's
         ``imp`` (0 .. max_imp_bucket) or ``ctr`` (-1 .. len(ctr_edges)) field."""
-        got = self._tables.get(f" {kind}")
+        got = self._bucket_table.get(kind)
         if got is None:
             c = self.config
             lo, hi = (0, c.max_imp_bucket) if kind == "imp" else (-1, len(c.ctr_edges))
@@ -293,7 +293,7 @@ class RowBuilder:
                 f = f"{b}_{kind}_bucket"
                 self._small_ints(f, np.array([lo]), lo, hi)  # builds the field's table
                 rows.append(self._tables[f])
-            got = self._tables[f" {kind}"] = np.stack(rows)
+            got = self._bucket_table[kind] = np.stack(rows)
         return got
 
     def _stack(self, cols: Mapping[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -423,13 +423,18 @@ class RowBuilder:
         """Tokens of counter ``b``'s impression bucket (log2 of all-time impressions) and
         CTR bucket (all-time CTR in the fixed edges; -1 before any impression)."""
         c = self.config
-        n_tot = _feature(feats, f"{b}_impressions_total", n)
-        ctr = _feature(feats, f"{b}_ctr_total", n)
+        imp_b, ctr_b = self._bucket_indices(_feature(feats, f"{b}_impressions_total", n),
+                                            _feature(feats, f"{b}_ctr_total", n))
+        return (self._small_ints(f"{b}_imp_bucket", imp_b, 0, c.max_imp_bucket),
+                self._small_ints(f"{b}_ctr_bucket", ctr_b, -1, len(c.ctr_edges)))
+
+    def _bucket_indices(self, n_tot: np.ndarray, ctr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Impression bucket (log2 of all-time impressions, capped) and CTR bucket (index in
+        the fixed edges; -1 before any impression) as int64, elementwise."""
+        c = self.config
         imp_b = np.minimum(np.floor(np.log2(1.0 + n_tot)), c.max_imp_bucket).astype(np.int64)
         ctr_b = np.where(n_tot > 0, np.searchsorted(np.asarray(c.ctr_edges), ctr), -1)
-        return (self._small_ints(f"{b}_imp_bucket", imp_b, 0, c.max_imp_bucket),
-                self._small_ints(f"{b}_ctr_bucket", ctr_b.astype(np.int64), -1,
-                                 len(c.ctr_edges)))
+        return imp_b, ctr_b.astype(np.int64)
 
     def _shared_columns(self, cols: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The user's, user attributes', context and time columns (``c:user_id`` and the
