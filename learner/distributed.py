@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from core.signals import on_signals
 from learner.batch import TrainBatch
 from learner.embeddings import HashedEmbedding
 from learner.kafka_loop import LearnerLoop, train_batches_consumer
@@ -530,14 +531,13 @@ def supervise(procs: int, env: dict[str, str] | None = None, restart_delay: floa
     stopping = threading.Event()
     children: list[subprocess.Popen] = []
 
-    def _on_signal(signum: int, _frame: Any) -> None:
+    def _on_signal(_signum: int) -> None:
         stopping.set()
-        for child in children:
+        for child in list(children):
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    on_signals({signal.SIGTERM: _on_signal, signal.SIGINT: _on_signal})
     base = dict(os.environ if env is None else env)
     generation = 0
     while True:
@@ -560,6 +560,9 @@ def supervise(procs: int, env: dict[str, str] | None = None, restart_delay: floa
             time.sleep(0.1)
         if stopping.is_set():
             t0 = time.monotonic()
+            for child in children:  # also members started after the signal was handled
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
             _wait_all(children, 60.0)
             log.info("learner group stopped: members exited %s in %.1f s",
                      [c.returncode for c in children], time.monotonic() - t0)

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from core.settings import Settings
+from core.signals import on_signals
 
 __all__ = ["LISTEN_FD_ENV", "READY_FD_ENV", "Supervisor", "run_workers"]
 
@@ -196,13 +197,12 @@ def run_workers(settings: Settings) -> int:
     stop = threading.Event()
     restart = threading.Event()
 
-    def _stop(*_):
+    def _stop(_signum: int) -> None:
         sup.begin_stop()  # a rolling restart in progress ends after its current worker
         stop.set()
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGHUP, lambda *_: restart.set())
+    on_signals({signal.SIGTERM: _stop, signal.SIGINT: _stop,
+                signal.SIGHUP: lambda _signum: restart.set()})
     try:
         sup.start()
         while not stop.wait(0.5):

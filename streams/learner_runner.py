@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from core.health import PERIOD_S, make_status, publish_sync
 from core.redis_client import connect
 from core.settings import Settings
+from core.signals import on_signals
 from learner.kafka_loop import LearnerLoop
 from learner.model_stores import open_model_store
 from learner.trainer import TrainerSettings
@@ -131,12 +132,11 @@ def run_learner(settings: Settings, bootstrap: str, redis_url: str) -> int:
                                      rows_trained=0))
     threading.Thread(target=_heartbeat, args=(client, loop, started, stop), daemon=True).start()
 
-    def _on_signal(signum, frame):
+    def _on_signal(signum: int) -> None:
         log.info("learner: signal %d, publishing and stopping", signum)
         loop.stop()
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    on_signals({signal.SIGTERM: _on_signal, signal.SIGINT: _on_signal})
     try:
         loop.run()
     finally:
