@@ -54,10 +54,12 @@ __all__ = [
     "RQKMeans",
     "RefreshReport",
     "VQIndex",
+    "exact_affine",
     "kmeans",
     "kmeans_plus_plus",
     "match_centroids",
     "nearest_centroid",
+    "rowwise_dot",
 ]
 
 _CHUNK = 32_768  # rows per distance block: bounds memory at ~CHUNK*K floats
@@ -65,22 +67,82 @@ _CHUNK = 32_768  # rows per distance block: bounds memory at ~CHUNK*K floats
 RefreshMode = Literal["hungarian", "warm", "none"]
 
 
-def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+#: candidates a BLAS ranking hands to the exact one (see :func:`rowwise_dot`)
+_RERANK = 4
+
+
+def rowwise_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(a * b).sum(-1)`` in float64, the same value for a row whatever batch it is in.
+
+    A matrix product (BLAS) sums in an order that follows the shapes (blocking, kernels
+    for edge rows), so one item's similarity to another could differ in the last bits
+    between a batch of 1 and a batch of 2,000, and two near-equal neighbours swap places:
+    an item's codes would depend on which batch quantized it, and two processes holding
+    the same codebooks would disagree. Here the float32 products are exact in float64 and
+    numpy sums each row's products over the contiguous last axis by one fixed scheme.
+
+    >>> a = np.random.default_rng(0).normal(size=(5, 1, 64)).astype(np.float32)
+    >>> b = np.random.default_rng(1).normal(size=(5, 3, 64)).astype(np.float32)
+    >>> bool((rowwise_dot(a, b)[2:3] == rowwise_dot(a[2:3], b[2:3])).all())
+    True
+    """
+    return (np.asarray(a, np.float64) * np.asarray(b, np.float64)).sum(axis=-1)
+
+
+def exact_affine(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``x @ weight.T + bias`` as float32, each row independent of the batch
+    (:func:`rowwise_dot`).
+
+    >>> x = np.random.default_rng(0).normal(size=(7, 16)).astype(np.float32)
+    >>> w = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
+    >>> y = exact_affine(x, w, np.zeros(8, np.float32))
+    >>> bool(np.allclose(y, x @ w.T, atol=1e-5)), bool((y[3] == exact_affine(x[3:4], w, np.zeros(8))[0]).all())
+    (True, True)
+    """
+    x = np.asarray(x, dtype=np.float32)
+    w = np.asarray(weight, dtype=np.float32)
+    out = np.empty((len(x), len(w)), dtype=np.float32)
+    step = max(1, (2 << 20) // max(1, w.size))  # ~16 MB of float64 products per block
+    for s in range(0, len(x), step):
+        out[s : s + step] = rowwise_dot(x[s : s + step, None, :], w[None, :, :]) + bias
+    return out
+
+
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray,
+                     exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Index of the nearest centroid of each row and the squared distance to it.
+
+    ``exact``: the few nearest by the matrix product are re-ranked by exact distances
+    (:func:`rowwise_dot`'s reason; ties: the lower index), so a row's label does not
+    depend on the rows beside it. Encoding uses it; fitting, which runs in one process
+    on one batch, does not need it.
 
     >>> lab, d2 = nearest_centroid(np.array([[0.0], [0.9]]), np.array([[0.0], [1.0]]))
     >>> lab.tolist(), [round(float(v), 3) for v in d2]
     ([0, 1], [0.0, 0.01])
+    >>> nearest_centroid(np.array([[0.5]]), np.array([[0.0], [1.0]]), exact=True)[0].tolist()
+    [0]
     """
     x = np.asarray(x, dtype=np.float32)
     c = np.asarray(centroids, dtype=np.float32)
     c_sq = np.einsum("kd,kd->k", c, c)
     labels = np.empty(len(x), dtype=np.int64)
     d2 = np.empty(len(x), dtype=np.float32)
+    rerank = min(_RERANK, len(c)) if exact else 1
     for s in range(0, len(x), _CHUNK):
         xb = x[s : s + _CHUNK]
         # |x|^2 is constant per row, so the argmin needs only -2x.c + |c|^2.
         scores = c_sq[None, :] - 2.0 * (xb @ c.T)
+        if rerank > 1:
+            cand = np.argpartition(scores, rerank - 1, axis=1)[:, :rerank]
+            cand.sort(axis=1)  # index order first: argmin takes the first of equals
+            diff = np.asarray(xb, np.float64)[:, None, :] - np.asarray(c, np.float64)[cand]
+            dist = rowwise_dot(diff, diff)
+            pick = np.argmin(dist, axis=1)
+            rows = np.arange(len(xb))
+            labels[s : s + _CHUNK] = cand[rows, pick]
+            d2[s : s + _CHUNK] = dist[rows, pick]
+            continue
         lab = np.argmin(scores, axis=1)
         labels[s : s + _CHUNK] = lab
         best = scores[np.arange(len(xb)), lab] + np.einsum("nd,nd->n", xb, xb)
@@ -366,7 +428,7 @@ class RQKMeans:
         residual = np.asarray(x, dtype=np.float32).copy()
         codes = np.empty((len(residual), self.levels), dtype=np.int64)
         for level, cb in enumerate(self.codebooks):
-            lab, _ = nearest_centroid(residual, cb)
+            lab, _ = nearest_centroid(residual, cb, exact=True)
             codes[:, level] = lab
             residual -= cb[lab]
         return codes
@@ -529,7 +591,11 @@ class VQIndex:
         return self
 
     def topk_positions(self, x: np.ndarray, ids: Sequence[Any] | None = None) -> np.ndarray:
-        """``(n, k)`` pool positions, most similar first (ties: lower position first)."""
+        """``(n, k)`` pool positions, most similar first (ties: lower position first).
+
+        The matrix product picks a few more candidates than ``k``; their exact
+        similarities (:func:`rowwise_dot`) rank them, so an item's codes do not depend on
+        the batch it was encoded in."""
         if len(self.pool) == 0:
             raise RuntimeError("VQIndex has no pool: call build(ids, vectors) first")
         x = np.asarray(x, dtype=np.float32)
@@ -542,9 +608,12 @@ class VQIndex:
                     pos = self._pos.get(item)
                     if pos is not None:
                         sim[row, pos] = -np.inf
-            cand = np.argpartition(-sim, self.k - 1, axis=1)[:, : self.k]
+            kk = min(self.k + _RERANK, sim.shape[1])
+            cand = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
             cand.sort(axis=1)  # position order first, so the stable sort breaks ties by it
-            order = np.argsort(-np.take_along_axis(sim, cand, axis=1), axis=1, kind="stable")
+            exact = rowwise_dot(x[s : s + _CHUNK, None, :], self.pool[cand])
+            exact[np.isneginf(np.take_along_axis(sim, cand, axis=1))] = -np.inf  # itself
+            order = np.argsort(-exact, axis=1, kind="stable")[:, : self.k]
             out[s : s + _CHUNK] = np.take_along_axis(cand, order, axis=1)
         return out
 

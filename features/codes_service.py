@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from features.alignment import PairMiner
-from features.codebooks import RefreshMode, RefreshReport, RQKMeans, VQIndex
+from features.codebooks import RefreshMode, RefreshReport, RQKMeans, VQIndex, exact_affine
 from features.content import ContentEncoder, l2_normalize
 from features.hashing import hash_tokens
 
@@ -216,7 +216,8 @@ class CodeAssigner:
         """Aligned, L2-normalised embeddings of fused content vectors."""
         if self._weight is None:
             return l2_normalize(content)
-        return l2_normalize(content @ self._weight.T + self._bias)
+        # row by row as in any batch: an item's codes must not depend on its batch
+        return l2_normalize(exact_affine(content, self._weight, self._bias))
 
     # -- state ------------------------------------------------------------------------
 
