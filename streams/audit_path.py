@@ -45,15 +45,19 @@ def split_audit_message(key: bytes | None, value: bytes) -> tuple[str, list[byte
     ('vm', [b'type=EOE msg=audit(1.0:2): '])
     """
     host = key.decode("utf-8", "replace") if key else "unknown"
-    text = value.lstrip()
-    if text.startswith(b"{") and b'"lines"' in text[:4096]:
-        try:
-            doc = json.loads(text)
-            host = str(doc.get("host") or host)
-            return host, [ln.encode() if isinstance(ln, str) else ln for ln in doc["lines"]]
-        except (ValueError, KeyError, TypeError):
-            pass  # not an envelope after all: fall through to raw lines
-    return host, [ln for ln in value.splitlines() if ln.strip()]
+    # Raw lines (what `headwater ship-audit` sends) are told by their first byte, without
+    # copying the message; each line is kept unless it is empty or all whitespace, as
+    # ``ln.strip()`` would tell, without copying it either.
+    if value[:1] == b"{" or value[:1].isspace():
+        text = value.lstrip()
+        if text.startswith(b"{") and b'"lines"' in text[:4096]:
+            try:
+                doc = json.loads(text)
+                host = str(doc.get("host") or host)
+                return host, [ln.encode() if isinstance(ln, str) else ln for ln in doc["lines"]]
+            except (ValueError, KeyError, TypeError):
+                pass  # not an envelope after all: fall through to raw lines
+    return host, [ln for ln in value.splitlines() if ln and not ln.isspace()]
 
 
 def message_host(key: bytes | None, value: bytes) -> str:
@@ -62,9 +66,10 @@ def message_host(key: bytes | None, value: bytes) -> str:
     >>> message_host(b"vm", b'{"host": "db1", "lines": []}'), message_host(None, b"type=X")
     ('db1', 'unknown')
     """
-    text = value.lstrip()
-    if text.startswith(b"{") and b'"lines"' in text[:4096]:
-        return split_audit_message(key, value)[0]
+    if value[:1] == b"{" or value[:1].isspace():  # else raw lines: no copy to strip
+        text = value.lstrip()
+        if text.startswith(b"{") and b'"lines"' in text[:4096]:
+            return split_audit_message(key, value)[0]
     return key.decode("utf-8", "replace") if key else "unknown"
 
 
