@@ -15,6 +15,7 @@ import yaml
 
 from . import tags as T
 from .nodes import Edge, FileNode, ProcNode, SockNode
+from .prefilter import gated_search
 
 RULES_DIR = Path(__file__).parent / "rules"
 
@@ -408,15 +409,14 @@ class RuleSet:
             preds.append(
                 lambda e, w=want: (e.proc.parent is not None and e.proc.parent.service) == w
             )
+        # the path patterns run on most file edges: each behind its literal prefilter
         if "path" in d:
-            rx = self._rx(d["path"])
-            preds.append(
-                lambda e, rx=rx: isinstance(e.obj, FileNode) and rx.search(e.obj.path) is not None
-            )
+            found = gated_search(self._rx(d["path"]))
+            preds.append(lambda e, found=found: isinstance(e.obj, FileNode) and found(e.obj.path))
         if "path_not" in d:
-            rx = self._rx(d["path_not"])
+            found = gated_search(self._rx(d["path_not"]))
             preds.append(
-                lambda e, rx=rx: not (isinstance(e.obj, FileNode) and rx.search(e.obj.path))
+                lambda e, found=found: not (isinstance(e.obj, FileNode) and found(e.obj.path))
             )
         if "argv" in d:
             rx = self._rx(d["argv"])

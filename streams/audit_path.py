@@ -45,15 +45,19 @@ def split_audit_message(key: bytes | None, value: bytes) -> tuple[str, list[byte
     ('vm', [b'type=EOE msg=audit(1.0:2): '])
     """
     host = key.decode("utf-8", "replace") if key else "unknown"
-    text = value.lstrip()
-    if text.startswith(b"{") and b'"lines"' in text[:4096]:
-        try:
-            doc = json.loads(text)
-            host = str(doc.get("host") or host)
-            return host, [ln.encode() if isinstance(ln, str) else ln for ln in doc["lines"]]
-        except (ValueError, KeyError, TypeError):
-            pass  # not an envelope after all: fall through to raw lines
-    return host, [ln for ln in value.splitlines() if ln.strip()]
+    # Raw lines (what `headwater ship-audit` sends) are told by their first byte, without
+    # copying the message; each line is kept unless it is empty or all whitespace, as
+    # ``ln.strip()`` would tell, without copying it either.
+    if value[:1] == b"{" or value[:1].isspace():
+        text = value.lstrip()
+        if text.startswith(b"{") and b'"lines"' in text[:4096]:
+            try:
+                doc = json.loads(text)
+                host = str(doc.get("host") or host)
+                return host, [ln.encode() if isinstance(ln, str) else ln for ln in doc["lines"]]
+            except (ValueError, KeyError, TypeError):
+                pass  # not an envelope after all: fall through to raw lines
+    return host, [ln for ln in value.splitlines() if ln and not ln.isspace()]
 
 
 def message_host(key: bytes | None, value: bytes) -> str:
@@ -62,9 +66,10 @@ def message_host(key: bytes | None, value: bytes) -> str:
     >>> message_host(b"vm", b'{"host": "db1", "lines": []}'), message_host(None, b"type=X")
     ('db1', 'unknown')
     """
-    text = value.lstrip()
-    if text.startswith(b"{") and b'"lines"' in text[:4096]:
-        return split_audit_message(key, value)[0]
+    if value[:1] == b"{" or value[:1].isspace():  # else raw lines: no copy to strip
+        text = value.lstrip()
+        if text.startswith(b"{") and b'"lines"' in text[:4096]:
+            return split_audit_message(key, value)[0]
     return key.decode("utf-8", "replace") if key else "unknown"
 
 
@@ -219,6 +224,9 @@ class AuditHandler:
         alerts: dict[str, dict] = {}
         seen: dict = {}  # host -> its engine (held here: a revocation may drop it meanwhile)
         batch: dict[str, list] = {}  # host -> its messages' lines (its journal entry)
+        m = self.metrics  # each counter's child looked up once per batch, not per message
+        messages_in, events_in = m.messages_in.labels(topic), m.events_in.labels(topic)
+        events_valid = m.events_valid.labels(topic)
         for offset, key, value in messages:
             host, lines = split_audit_message(key, value or b"")
             eng = seen.get(host) or seen.setdefault(host, self.engine(host))
@@ -228,14 +236,14 @@ class AuditHandler:
                 alerts[alert["id"]] = alert  # one update per alert per batch: the newest
             if offset < emit_from:  # a gap re-read: its dead letters went out the first time
                 continue
-            self.metrics.messages_in.labels(topic).inc()
-            self.metrics.events_in.labels(topic).inc(len(lines))
+            messages_in.inc()
+            events_in.inc(len(lines))
             for line, reason in res.errors:
                 reason = f"audit line from host {host}: {reason}"
                 outputs.append((self.topics["dead-letter"], key,
                                 dead_letter(reason, topic, partition, offset, line), None))
                 self.metrics.dead_letters.labels(topic, reason_kind(reason)).inc()
-            self.metrics.events_valid.labels(topic).inc(len(lines) - len(res.errors))
+            events_valid.inc(len(lines) - len(res.errors))
         for alert in alerts.values():
             outputs.append((self.topics["alerts"], alert["host"].encode(),
                             json.dumps(alert, default=str).encode(), None))
