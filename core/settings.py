@@ -238,6 +238,12 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         4 * 1024 * 1024, description="Largest accepted event message (bigger: dead-letter)."
     )
+    producer_batch_bytes: int = Field(
+        1024 * 1024, ge=16384,
+        description="Bytes the worker's producer packs into one batch per partition: a "
+        "train-batches message of 256 rows is ~120 KB, so Faust's 16 KB default sent each in "
+        "a request of its own.",
+    )
     max_candidates: int = Field(1000, ge=1, description="Largest candidate list /v1/score takes.")
     serve_baseline: bool = Field(
         True, description="Before a first model, /v1/score ranks by item smoothed CTR ('baseline').",
