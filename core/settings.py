@@ -119,10 +119,11 @@ class Settings(BaseSettings):
         "idle stream's lone message waits this long, not click_batch_within.",
     )
     click_batch_backlog_within: float = Field(
-        0.25, ge=0,
+        1.0, ge=0,
         description="Seconds at most a click take keeps collecting while the consumer has a "
         "backlog (fetched less than the log end): bigger takes cost less per event, and those "
-        "messages wait anyway. Below click_batch_within it has no effect.",
+        "messages wait anyway (single-event messages reach click_batch_size in ~1 s). Below "
+        "click_batch_within it has no effect.",
     )
     click_pipeline_depth: int = Field(
         1, ge=0,
