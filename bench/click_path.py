@@ -168,6 +168,24 @@ def sched(pid: int) -> tuple[float, float]:
     return run / 1e9, wait / 1e9
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's main thread (``main``) and of all its other threads
+    (``threads``: Faust's consumer thread, executors, the Kafka clients' I/O threads)."""
+    main = rest = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        if task.name == str(pid):
+            main += cpu
+        else:
+            rest += cpu
+    return {"main": main, "threads": rest}
+
+
 def start_service(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     with open(log, "wb") as fh:
         return subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT,
@@ -292,6 +310,7 @@ def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dic
                 # CPU from the first output on: start-up and the group join left out
                 cpu0, n0 = sum(cpu_seconds(p.pid) for p in procs), n
                 sched0 = {k: sched(v) for k, v in pids.items()}
+                threads0 = [thread_cpu(p.pid) for p in procs]
             if n >= len(events):
                 break
             time.sleep(0.05)
@@ -306,6 +325,10 @@ def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dic
         # Per process, from the first output on: CPU seconds and run-queue wait seconds
         # (runnable, no free core: other processes, ours or other engineers').
         sched1 = {k: sched(v) for k, v in pids.items()}
+        threads1 = [thread_cpu(p.pid) for p in procs]
+        per_thread = {f"consumer_{w}_cpu_us_per_event":
+                      1e6 * sum(t1[w] - t0[w] for t0, t1 in zip(threads0, threads1, strict=True)) / counted
+                      for w in ("main", "threads")}
         share = {f"{k}_{w}_s": round(sched1[k][i] - sched0[k][i], 3)
                  for k in pids for i, w in enumerate(("cpu", "wait"))}
         per_event = {f"{k}_cpu_us_per_event": 1e6 * (sched1[k][0] - sched0[k][0]) / counted
@@ -328,7 +351,7 @@ def run_mode(kind: str, events: list[dict], envelope: int, workdir: Path) -> dic
                 "redis_calls_per_event": calls / len(events),
                 "redis_commands_per_event": (client.info("stats")["total_commands_processed"] - cmds0)
                 / len(events),
-                "seconds": seconds, **share, **per_event, "redis_top": redis_top(client), **extra}
+                "seconds": seconds, **share, **per_event, **per_thread, "redis_top": redis_top(client), **extra}
     finally:
         for proc in procs:
             stop_pid(proc.pid)

@@ -119,10 +119,11 @@ class Settings(BaseSettings):
         "idle stream's lone message waits this long, not click_batch_within.",
     )
     click_batch_backlog_within: float = Field(
-        0.25, ge=0,
+        1.0, ge=0,
         description="Seconds at most a click take keeps collecting while the consumer has a "
         "backlog (fetched less than the log end): bigger takes cost less per event, and those "
-        "messages wait anyway. Below click_batch_within it has no effect.",
+        "messages wait anyway (single-event messages reach click_batch_size in ~1 s). Below "
+        "click_batch_within it has no effect.",
     )
     click_pipeline_depth: int = Field(
         1, ge=0,
@@ -237,6 +238,12 @@ class Settings(BaseSettings):
     )
     max_message_bytes: int = Field(
         4 * 1024 * 1024, description="Largest accepted event message (bigger: dead-letter)."
+    )
+    producer_batch_bytes: int = Field(
+        1024 * 1024, ge=16384,
+        description="Bytes the worker's producer packs into one batch per partition: a "
+        "train-batches message of 256 rows is ~120 KB, so Faust's 16 KB default sent each in "
+        "a request of its own.",
     )
     max_candidates: int = Field(1000, ge=1, description="Largest candidate list /v1/score takes.")
     serve_baseline: bool = Field(

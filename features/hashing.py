@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -84,17 +85,55 @@ _STR_OR_NONE = {str, type(None)}
 _INT_OR_NONE = {int, type(None)}
 
 
+#: Results for read-only arrays that own their data (their values cannot change), by
+#: ``id``, each with a weak reference that tells the array from a later one at the same
+#: address: one batch's id columns are factorised by the store and again by the row
+#: builder. Small: only the columns of the batches in hand.
+_MEMO: dict[int, tuple[weakref.ref, np.ndarray, list[str]]] = {}
+_MEMO_SIZE = 32
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0] is ref:
+        del _MEMO[key]
+
+
 def factorize(values: Iterable[Any] | np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Codes into distinct canonical texts: ``texts[codes[i]] == canonical(values[i])``.
 
     ``canonical`` runs once per distinct value, not once per value, and the per-value
     pass is C-level (``dict.fromkeys`` then ``map`` over the index), so a column of
-    20,000 ids from 300 users costs 300 conversions plus two C passes.
+    20,000 ids from 300 users costs 300 conversions plus two C passes. A read-only array
+    that owns its data (``flags.writeable`` off, no ``base``: the decoder's id columns)
+    is factorised once while it lives; its codes are then returned read-only.
 
     >>> codes, texts = factorize([242, None, 242.0, "7", 242])
     >>> codes.tolist(), texts
     ([0, 1, 0, 2, 0], ['242', '', '7'])
+    >>> ids = np.array(["u1", "u2", "u1"], dtype=object); ids.flags.writeable = False
+    >>> factorize(ids)[0] is factorize(ids)[0]
+    True
     """
+    if isinstance(values, np.ndarray) and not values.flags.writeable and values.base is None:
+        key = id(values)
+        hit = _MEMO.get(key)
+        if hit is not None and hit[0]() is values:
+            return hit[1], list(hit[2])
+        codes, texts = _factorize(values)
+        codes.flags.writeable = False
+        if len(_MEMO) >= _MEMO_SIZE:
+            _MEMO.clear()
+        _MEMO[key] = (weakref.ref(values, lambda ref, key=key: _forget(key, ref)), codes, texts)
+        return codes, list(texts)
+    return _factorize(values)
+
+
+def _factorize(values: Iterable[Any] | np.ndarray) -> tuple[np.ndarray, list[str]]:
+    if isinstance(values, list) and values:
+        kinds = set(map(type, values))
+        if kinds <= _STR_OR_NONE or kinds <= _INT_OR_NONE:  # flat already: no array copy
+            return _from_items(values, kinds)
     arr = values if isinstance(values, np.ndarray) else np.asarray(list(values), dtype=object)
     if arr.ndim != 1:
         raise ValueError(f"factorize: values must be 1-D, got shape {arr.shape}")
@@ -103,29 +142,37 @@ def factorize(values: Iterable[Any] | np.ndarray) -> tuple[np.ndarray, list[str]
     if arr.dtype.kind in "iufUS":
         uniq, inverse = np.unique(arr, return_inverse=True)
         texts = [canonical(u.item() if hasattr(u, "item") else u) for u in uniq]
-    else:
-        items = arr.tolist()
-        kinds = set(map(type, items))
-        if kinds <= _STR_OR_NONE:
-            # The common case (ids and attributes from JSON): str is its own canonical text.
-            index = dict(zip(dict.fromkeys(items), itertools.count()))
-            inverse = np.fromiter(map(index.__getitem__, items), np.int64, len(items))
-            texts = ["" if u is None else u for u in index]
-        elif any(kinds <= safe for safe in _RAW_SAFE):
-            index = dict(zip(dict.fromkeys(items), itertools.count()))
-            inverse = np.fromiter(map(index.__getitem__, items), np.int64, len(items))
-            if kinds <= _INT_OR_NONE:  # canonical(int) is str(int)
-                texts = ["" if u is None else str(u) for u in index]
-            else:
-                texts = [canonical(u) for u in index]
+        return _merged(inverse, texts)
+    items = arr.tolist()
+    return _from_items(items, set(map(type, items)))
+
+
+def _from_items(items: list, kinds: set[type]) -> tuple[np.ndarray, list[str]]:
+    """:func:`factorize` of a non-empty list of scalars whose types are ``kinds``."""
+    if kinds <= _STR_OR_NONE:
+        # The common case (ids and attributes from JSON): str is its own canonical text.
+        index = dict(zip(dict.fromkeys(items), itertools.count()))
+        inverse = np.fromiter(map(index.__getitem__, items), np.int64, len(items))
+        texts = ["" if u is None else u for u in index]
+    elif any(kinds <= safe for safe in _RAW_SAFE):
+        index = dict(zip(dict.fromkeys(items), itertools.count()))
+        inverse = np.fromiter(map(index.__getitem__, items), np.int64, len(items))
+        if kinds <= _INT_OR_NONE:  # canonical(int) is str(int)
+            texts = ["" if u is None else str(u) for u in index]
         else:
-            index = {}
-            inverse = np.fromiter(
-                (index.setdefault(canonical(v), len(index)) for v in items), np.int64, len(items)
-            )
-            texts = list(index)
+            texts = [canonical(u) for u in index]
+    else:
+        index = {}
+        inverse = np.fromiter(
+            (index.setdefault(canonical(v), len(index)) for v in items), np.int64, len(items)
+        )
+        texts = list(index)
+    return _merged(inverse, texts)
+
+
+def _merged(inverse: np.ndarray, texts: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Distinct raw values can share a text (242 and 242.0, or b"x" and "x"): merge them."""
     inverse = inverse.reshape(-1).astype(np.int64, copy=False)
-    # Distinct raw values can share a text (242 and 242.0, or b"x" and "x"): merge them.
     merged: dict[str, int] = dict(zip(dict.fromkeys(texts), itertools.count()))
     if len(merged) == len(texts):
         return inverse, texts

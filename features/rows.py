@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -440,9 +441,7 @@ class RowBuilder:
         """The user's, user attributes', context and time columns (``c:user_id`` and the
         user and context fields) of rows ``cols``."""
         out = {"c:user_id": hash_tokens("user_id", cols["user_id"])}
-        users = cols["user"]
-        for f in self.config.user_fields:
-            out[f"c:{f}"] = _user_tokens(f, users)
+        out.update(_users_tokens(self.config.user_fields, cols["user"], cols["user_id"]))
         for f in self.config.context_fields:
             if f == "hour":
                 hours = (np.floor(cols["ts"] / 3600) % 24).astype(np.int64)
@@ -485,6 +484,55 @@ def _feature(feats: Mapping[str, Any], name: str, n: int) -> np.ndarray:
     if v.shape != (n,):
         raise ValueError(f"feature {name!r} has shape {v.shape}, expected ({n},)")
     return v
+
+
+def _ambiguous(v: Any) -> bool:
+    """Whether ``==`` may call ``v`` equal to a value with another canonical text: ``True``
+    and ``1`` (``"true"``, ``"1"``) are equal, as are ``False`` and ``0``."""
+    if v is None or isinstance(v, str):
+        return False
+    try:
+        return bool(v == 0 or v == 1)
+    except Exception:  # noqa: BLE001 - no plain answer: treat it as ambiguous
+        return True
+
+
+def _users_tokens(fields: Sequence[str], users: list[Mapping[str, Any] | None],
+                  user_ids: Any) -> dict[str, np.ndarray]:
+    """``c:<field>`` tokens of the user fields, as :func:`_user_tokens` gives them.
+
+    A user's events usually carry the same attributes, so the tokens are computed once per
+    distinct user id, on the user's first event, and given to every event whose ``user``
+    equals that one (``==``, checked in one C-level pass); an event whose ``user`` differs,
+    or a user whose first values include one ``==`` cannot tell apart from another text
+    (:func:`_ambiguous`), gets its own as before.
+    """
+    n = len(users)
+    if not fields:
+        return {}
+    if n < 2 or not set(map(type, users)) <= {dict, type(None)}:
+        return {f"c:{f}": _user_tokens(f, users) for f in fields}
+    codes, _ = factorize(user_ids)
+    _, first = np.unique(codes, return_index=True)
+    reps = [users[i] for i in first.tolist()]
+    bad_rep = np.fromiter((d is not None and any(_ambiguous(_user_value(f, d)) for f in fields)
+                           for d in reps), bool, len(reps))
+    same = np.fromiter(map(operator.eq, users, map(reps.__getitem__, codes.tolist())), bool, n)
+    same &= ~bad_rep[codes]
+    other = np.flatnonzero(~same)
+    rest = [users[i] for i in other.tolist()]
+    out = {}
+    for f in fields:
+        tokens = _user_tokens(f, reps)[codes]
+        if len(other):
+            tokens[other] = _user_tokens(f, rest)
+        out[f"c:{f}"] = tokens
+    return out
+
+
+def _user_value(f: str, u: Mapping[str, Any]) -> Any:
+    """The raw value user field ``f`` reads from a user's attributes."""
+    return u.get("zip_code", u.get("zip")) if f == "zip3" else u.get(f)
 
 
 def _user_tokens(f: str, users: list[Mapping[str, Any] | None]) -> np.ndarray:

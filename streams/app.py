@@ -90,6 +90,7 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "headwater-work
         broker_commit_interval=1.0,
         producer_linger=0.005,
         producer_max_request_size=settings.max_message_bytes * 2,
+        producer_max_batch_size=settings.producer_batch_bytes,
         web_enabled=web_port is not None,
         web_port=web_port or 6066,
         web_bind=settings.bind_host,

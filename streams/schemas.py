@@ -276,8 +276,13 @@ def click_columns(events: list[ClickEvent]) -> dict[str, Any]:
     n = len(events)
 
     def ids(name: str) -> Any:
-        # msgspec gives str or int (never bool); str(int) is its canonical text.
-        return np.asarray([str(getattr(e, name)) for e in events], dtype=object).reshape(n)
+        # msgspec gives str or int (never bool); str(int) is its canonical text. Read-only:
+        # the store and the row builder then factorise the column once between them
+        # (features.hashing.factorize).
+        col = np.empty(n, dtype=object)
+        col[:] = [str(getattr(e, name)) for e in events]
+        col.flags.writeable = False
+        return col
 
     return {
         "event_id": ids("event_id"),

@@ -68,3 +68,32 @@ def test_stable_across_processes():
         cwd=str(__import__("pathlib").Path(__file__).parents[2]),
     )
     assert out.stdout.strip() == str(hash_tokens("user_id", ["a", 7]).tolist())
+
+
+def test_read_only_columns_are_factorised_once_and_alike():
+    from features.hashing import factorize
+
+    values = ["u7", None, "u2", "u7", "", "u2"]
+    ids = np.array(values, dtype=object)
+    ids.flags.writeable = False
+    codes, texts = factorize(ids)
+    again, texts2 = factorize(ids)
+    assert again is codes and not codes.flags.writeable  # the memo, read-only
+    texts2.append("x")  # callers get their own list
+    plain = factorize(list(values))
+    assert codes.tolist() == plain[0].tolist() == [0, 1, 2, 0, 1, 2]
+    assert texts == plain[1] == ["u7", "", "u2"]
+    writable = np.array(values, dtype=object)
+    assert factorize(writable)[0] is not factorize(writable)[0]  # a writable array: never memoised
+    view = ids[:4]  # a view: its base could change, so not memoised either
+    assert factorize(view)[0] is not factorize(view)[0]
+
+
+def test_a_new_array_at_a_reused_address_is_not_taken_for_the_old_one():
+    from features.hashing import factorize
+
+    for k in range(50):
+        ids = np.array([f"a{k}", f"b{k}", f"a{k}"], dtype=object)
+        ids.flags.writeable = False
+        assert factorize(ids)[1] == [f"a{k}", f"b{k}"]
+        del ids  # the next array may get the same id()

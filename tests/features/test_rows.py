@@ -206,3 +206,38 @@ def test_score_matrices_are_the_scoring_columns_stacked():
     empty = {k: np.zeros(0) for k in CFG.feature_names()}
     cat, dense = rb.score_matrices(1, None, None, [], empty, now=1.0)
     assert cat.shape == (0, len(rb.schema.categorical)) and dense.shape == (0, len(rb.schema.dense))
+
+
+def test_user_tokens_per_distinct_user_equal_the_per_event_ones():
+    """Tokens given per user id (its first event's attributes) must be the per-event ones,
+    whatever the other events of that user carry."""
+    from features.rows import _user_tokens, _users_tokens
+
+    users = [
+        {"age": 25, "gender": "M", "zip_code": "55105"},
+        {"age": 25, "gender": "M", "zip_code": "55105"},   # same as its user's first
+        {"age": 25.0, "gender": "M", "zip_code": "55105"},  # == the first, same texts
+        {"age": 33, "gender": "F", "zip": "1234"},           # differs from its user's first
+        None,
+        {},
+        {"age": True, "gender": "M"},                        # True == 1: must not take 1's token
+        {"age": 1, "gender": "M"},
+        {"age": 1, "gender": True},
+        {"age": 1.0, "gender": 1},
+        {"age": float("nan"), "gender": "M"},
+        {"age": float("nan"), "gender": "M"},
+        {"occupation": "writer", "zip_code": None, "zip": "999"},
+        {"occupation": "writer", "zip": "999"},
+    ]
+    user_ids = ["1", "1", "1", "1", "2", "2", "3", "3", "4", "4", "5", "5", "6", "6"]
+    fields = ("age", "gender", "occupation", "zip3")
+    for ids in (user_ids, user_ids[::-1]):
+        us = users if ids is user_ids else users[::-1]
+        col = np.array(ids, dtype=object)
+        col.flags.writeable = False
+        got = _users_tokens(fields, us, col)
+        for f in fields:
+            assert got[f"c:{f}"].tolist() == _user_tokens(f, us).tolist(), f
+    assert _users_tokens(fields, users[:1], np.array(["1"], dtype=object))["c:age"].tolist() \
+        == _user_tokens("age", users[:1]).tolist()
+    assert _users_tokens((), users, np.array(user_ids, dtype=object)) == {}
