@@ -491,8 +491,7 @@ async def serve(
                                         ctx.registry,
                                         # the thread wakes once per linger: each wake sends
                                         # what the producer would have held back anyway
-                                        period=max(settings.impression_linger_ms, 10) / 1000,
-                                        max_bytes=settings.max_message_bytes)
+                                        period=max(settings.impression_linger_ms, 10) / 1000)
         ctx.impressions.start()
     app = create_app(settings, ctx)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)

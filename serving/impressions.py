@@ -6,12 +6,9 @@ never blocking, no lock and no thread wake-up per request: a ``deque`` append; a
 callable that builds the record, so even the conversion to JSON types runs off the
 request path); one background thread, woken at most once per ``period`` while records
 arrive (not once per record), encodes each record as an
-:class:`streams.schemas.ImpressionEvent` and produces what it took as **envelopes**: one
-JSON array per partition per pass (at most ``max_bytes`` each), partitioned by user (the
-partitioning of ``clicks`` and ``actions``, so the joiner finds a user's impressions and
-actions in the same partition). A Kafka record costs the producer far more than its
-bytes (kafka-python: ~0.5 ms of serving CPU each, a lock, a future, a sender wake-up);
-an envelope pays it once for every answer of a partition in the pass. When the buffer is full the record is
+:class:`streams.schemas.ImpressionEvent` and produces it, keyed and partitioned by user
+(the partitioning of ``clicks`` and ``actions``, so the joiner finds a user's
+impressions and actions in the same partition). When the buffer is full the record is
 dropped and counted (``headwater_serving_impressions_dropped_total{reason="buffer_full"}``);
 a record the broker refuses is counted under ``reason="send"``. Logging can therefore
 lose impressions under overload or a broker outage, but never slows or fails a request.
@@ -26,7 +23,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from streams.replay import partition_of
 
-__all__ = ["ImpressionLog", "encode_impression", "envelopes", "impression_record"]
+__all__ = ["ImpressionLog", "encode_impression", "impression_record"]
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +84,7 @@ class ImpressionLog:
     """A bounded buffer in front of a producer thread (see the module doc).
 
     ``send(key, value, partition)`` produces one record (a Kafka producer's ``send``
-    bound to the topic, returning a future; ``key`` is ``None``: an envelope holds many
-    users' answers); ``max_bytes`` bounds an envelope (``HEADWATER_MAX_MESSAGE_BYTES``,
-    what the joiner accepts); ``make_sender`` builds it in the thread, so
+    bound to the topic, returning a future); ``make_sender`` builds it in the thread, so
     an unreachable broker delays logging, never the server's start. The thread takes
     what arrived every ``period`` seconds while records keep coming (the producer
     lingers anyway), so the request path never wakes a thread: at 200 answers/s, 1 wake
@@ -98,11 +93,8 @@ class ImpressionLog:
 
     def __init__(self, make_sender: Callable[[], tuple[Callable[..., Any], Callable[[], None]]],
                  partitions: int, capacity: int, registry: CollectorRegistry | None = None,
-                 period: float = 0.01, max_bytes: int = 4 << 20) -> None:
-        if max_bytes < 2:
-            raise ValueError(f"max_bytes must hold an envelope, got {max_bytes}")
+                 period: float = 0.01) -> None:
         self.partitions = partitions
-        self.max_bytes = max_bytes
         self.capacity = capacity
         self.period = period
         self._buffer: collections.deque = collections.deque()
@@ -185,43 +177,16 @@ class ImpressionLog:
                 self.dropped.labels("send").inc()
         if not records:
             return
-        by_part: dict[int, list[bytes]] = {}
-        for record, part in zip(records, partition_of(keys, self.partitions).tolist(), strict=True):
-            try:
-                by_part.setdefault(part, []).append(encode_impression(record))
-            except Exception:  # noqa: BLE001
-                log.exception("encoding an impression failed")
-                self.dropped.labels("send").inc()
+        parts = partition_of(keys, self.partitions).tolist()
         logged, dropped = self.logged, self.dropped
-        for part, values in by_part.items():
-            for value, n in envelopes(values, self.max_bytes):
-                try:
-                    future = send(None, value, part)
-                    future.add_callback(lambda _m, n=n: logged.inc(n))
-                    future.add_errback(lambda _e, n=n: dropped.labels("send").inc(n))
-                except Exception:  # noqa: BLE001
-                    log.exception("logging %d impressions failed", n)
-                    dropped.labels("send").inc(n)
-
-
-def envelopes(values: list[bytes], max_bytes: int) -> Iterator[tuple[bytes, int]]:
-    """Encoded events as JSON arrays of at most ``max_bytes`` (an event larger than that
-    alone goes out alone, and the joiner dead-letters it as too large), in order, with
-    the number of events each holds.
-
-    >>> [(v, n) for v, n in envelopes([b'{"a":1}', b'{"b":2}', b'{"c":3}'], 17)]
-    [(b'[{"a":1},{"b":2}]', 2), (b'[{"c":3}]', 1)]
-    """
-    chunk: list[bytes] = []
-    size = 1  # the opening bracket; each event adds its length and one comma or bracket
-    for v in values:
-        if chunk and size + len(v) + 1 > max_bytes:
-            yield b"[" + b",".join(chunk) + b"]", len(chunk)
-            chunk, size = [], 1
-        chunk.append(v)
-        size += len(v) + 1
-    if chunk:
-        yield b"[" + b",".join(chunk) + b"]", len(chunk)
+        for record, key, part in zip(records, keys, parts, strict=True):
+            try:
+                future = send(key.encode(), encode_impression(record), part)
+                future.add_callback(lambda _m: logged.inc())
+                future.add_errback(lambda _e: dropped.labels("send").inc())
+            except Exception:  # noqa: BLE001
+                log.exception("logging an impression failed")
+                dropped.labels("send").inc()
 
 
 def kafka_sender(bootstrap: str, topic: str, linger_ms: int = 5):
@@ -232,7 +197,7 @@ def kafka_sender(bootstrap: str, topic: str, linger_ms: int = 5):
 
         producer = make_producer(bootstrap, connect_timeout=3600.0, linger_ms=linger_ms)
 
-        def send(key: bytes | None, value: bytes, partition: int):
+        def send(key: bytes, value: bytes, partition: int):
             return producer.send(topic, key=key, value=value, partition=partition)
 
         def flush() -> None:

@@ -1,7 +1,7 @@
 """The online joiner: impressions + actions → one labelled training row per impression.
 
-Serving logs what it showed (``impressions``: one event per answer, sent in envelopes
-per partition, one impression per candidate, with the feature row the model scored); producers log what users did
+Serving logs what it showed (``impressions``: one message per answer, one impression
+per candidate, with the feature row the model scored); producers log what users did
 (``actions``). Both topics are partitioned by user, so one join partition ``p`` holds a
 user's impressions and actions, and Faust assigns ``impressions[p]`` and ``actions[p]``
 to the same worker (co-subscribed topics with the same partition count).
