@@ -283,4 +283,7 @@ def test_a_broker_log_reset_under_kept_redis_state_stops_the_partitions(stack, e
         time.sleep(3)  # the new events were consumed by now, were they applied they'd show
         assert actual_totals(stack["url"], expected) == expected
     finally:
+        # the workers first: a Faust worker whose broker is gone waits on it while stopping
+        for service in stack["services"]:
+            service.stop()
         broker.stop()
