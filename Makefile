@@ -22,15 +22,16 @@ system:
 demo: setup
 	bash scripts/demo.sh
 
-# Unit tests (no processes started by the test itself) run on two xdist workers, each with
-# its own session broker and Redis; the tests that start stacks, kill processes, record
-# kernel audit or drive a browser run one at a time after them. Exit code 5 (nothing
-# selected, e.g. PYTEST_ARGS="-k ..." matching only one kind) is not a failure.
+# The whole suite runs on two pytest-xdist workers, a test file at a time (--dist loadfile:
+# a module's fixtures, e.g. a stack it starts once, are set up on one worker only). Each
+# worker has its own session broker and Redis; every stack a test starts has its own ports,
+# topics and state directory, and the audit tests' recorder is scoped to its own audit uid,
+# so two files never see each other's processes or data. Exit code 5 (nothing selected,
+# e.g. PYTEST_ARGS="-k ..." matching no test) is not a failure.
 UNIT := not integration and not faults and not audit and not browser
 
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 -m "$(UNIT)" $(PYTEST_ARGS) || [ $$? -eq 5 ]
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not ($(UNIT))" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "$(UNIT)" $(PYTEST_ARGS)

@@ -20,6 +20,22 @@ from headwater.servers import start_broker, start_redis
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Markers of tests that start, kill or record real processes (stacks, audit, a browser).
+PROCESS_MARKS = ("integration", "faults", "audit", "browser")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Run the files with process-starting tests first, in collection order, then the rest.
+
+    ``make test`` hands whole files to two xdist workers (``--dist loadfile``); the long
+    files starting first lets the short unit files fill in at the end instead of one
+    worker running a long stack test alone. A stable sort: every file keeps its order.
+    """
+    heavy = {item.path for item in items
+             if any(item.get_closest_marker(m) for m in PROCESS_MARKS)}
+    items.sort(key=lambda item: item.path not in heavy)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = default_data_dir()

@@ -40,6 +40,17 @@ class Watch:
                     return g
         return None
 
+    def group_after(self, name: str, t: float, timeout: float = 30.0) -> dict | None:
+        """``name`` in the first report whose broker reads all began after wall time ``t``:
+        the second report stamped after ``t`` (a report is stamped when its reads are done,
+        and the watch takes one after the other)."""
+        def second() -> dict | None:
+            later = [r for r in self.reports if r["ts"] > t]
+            return later[1] if len(later) > 1 else None
+
+        report = wait_until(second, timeout, what=f"two lag reports after {t:.3f}")
+        return next((g for g in report.get("groups", []) if g["group"] == name), None)
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
@@ -78,8 +89,7 @@ def test_lag_rises_while_the_worker_is_stopped_and_falls_after(kafka_bootstrap, 
         lags = []
         for k in range(8):
             produce(20, 1000 + 20 * k)
-            time.sleep(0.8)
-            lags.append(_clicks_lag(watch.group(group), topic))
+            lags.append(_clicks_lag(watch.group_after(group, time.time()), topic))
         assert lags[-1] > lags[0] > 0, lags
         # Frozen commits with lag: STOP on Apache Kafka. Tansu 0.6 keeps listing the departed
         # member in DescribeGroups, so the monitor sees "members but no progress": STALL.

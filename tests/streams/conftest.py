@@ -15,7 +15,11 @@ def instance_of(svc: Service) -> str:
     return f"{socket.gethostname()}-{svc.proc.pid}"
 
 
-@pytest.fixture(scope="package")
+# Module scope: this directory is not a Python package (a ``tests/streams/__init__.py``
+# would shadow the product's ``streams``), and pytest scopes a "package" fixture outside a
+# package to the whole session: the worker would outlive these files and beat into the
+# session's Redis under other files' tests (e.g. the ops tests' worker totals).
+@pytest.fixture(scope="module")
 def worker(kafka_bootstrap, redis_url, tmp_path_factory):
     prefix = f"w{int(time.time() * 1000) % 10**8}-"
     tmp = tmp_path_factory.mktemp("worker")
