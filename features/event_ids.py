@@ -66,12 +66,21 @@ class EventIdWindow:
         dup = np.zeros(n, bool)
         if not n:
             return dup, first
-        raw = [e.encode() if isinstance(e, str) else str(e).encode() for e in event_ids]
-        lengths = np.fromiter(map(len, raw), np.int32, n).astype("<i4").tobytes()
+        try:
+            text = "".join(event_ids)
+        except TypeError:  # not all str
+            text = None
+        blob = text.encode() if text is not None else b""
+        if text is not None and len(blob) == len(text):  # ASCII: byte lengths are str lengths
+            lengths = np.fromiter(map(len, event_ids), np.int32, n).astype("<i4").tobytes()
+        else:
+            raw = [e.encode() if isinstance(e, str) else str(e).encode() for e in event_ids]
+            blob = b"".join(raw)
+            lengths = np.fromiter(map(len, raw), np.int32, n).astype("<i4").tobytes()
         pos = np.empty((n, 2), "<f8")
         pos[:, 0], pos[:, 1] = offsets, subs
         res = await self._script(keys=self.keys(topic, partition),
-                                 args=[self.capacity, b"".join(raw), lengths, pos.tobytes()])
+                                 args=[self.capacity, blob, lengths, pos.tobytes()])
         for i, at in zip(res[0::2], res[1::2], strict=True):
             first[int(i) - 1] = at.decode() if isinstance(at, bytes) else str(at)
             dup[int(i) - 1] = True

@@ -126,3 +126,48 @@ def test_a_big_batch_is_checked_as_if_one_id_at_a_time(windows):
     # Replayed whole, nothing is a duplicate of itself; the later copies still are.
     dup, _ = dups(windows, recent, "clicks", 0, ids, offs, subs)
     assert np.flatnonzero(dup).tolist() == [4000, 4500, 8999]
+
+
+def test_redis_agrees_with_one_id_at_a_time_across_chunks_and_rotations(redis_db):
+    # The script looks ids up and records them per chunk of thousands, not per id: against
+    # the in-memory window (one id at a time, in stream order) on batches that cross chunk
+    # boundaries, repeat ids inside a batch and across batches, replay earlier batches at
+    # their own positions and rotate generations mid-run — the same answers, and Redis
+    # holds the same two generations afterwards.
+    import redis
+    import redis.asyncio as aioredis
+
+    loop = asyncio.new_event_loop()
+    client = aioredis.Redis.from_url(redis_db)
+    capacity = 7_000
+    in_redis, in_memory = EventIdWindow(client, capacity), MemoryIdWindow(capacity)
+    rng = np.random.default_rng(11)
+    sent: list[tuple[list[str], np.ndarray, np.ndarray]] = []
+    offset = 0
+    try:
+        for step in range(24):
+            if sent and step % 5 == 4:
+                ids, offs, subs = sent[int(rng.integers(0, len(sent)))]  # a replay
+            else:
+                n = int(rng.choice([1, 17, 2_999, 3_000, 3_001, 6_500]))
+                ids = [f"u{int(x)}:i{int(x) % 97}" for x in rng.integers(0, 12_000, n)]
+                offs = offset + np.arange(n) // 200
+                subs = np.arange(n) % 200
+                offset = int(offs[-1]) + 1
+                sent.append((ids, offs, subs))
+            for partition in (0, 1):
+                got = loop.run_until_complete(in_redis.duplicates("clicks", partition, ids, offs, subs))
+                want = loop.run_until_complete(in_memory.duplicates("clicks", partition, ids, offs, subs))
+                assert got[0].tolist() == want[0].tolist(), step
+                assert got[1] == want[1], step
+        sync = redis.Redis.from_url(redis_db)
+        for partition in (0, 1):
+            current, previous = in_memory.windows["clicks", partition]
+            cur_key, prev_key, _ = in_redis.keys("clicks", partition)
+            assert {k.decode(): v.decode() for k, v in sync.hgetall(cur_key).items()} == current
+            assert {k.decode(): v.decode() for k, v in sync.hgetall(prev_key).items()} == previous
+        assert in_memory.windows["clicks", 0][1]  # the run did rotate
+        sync.close()
+    finally:
+        loop.run_until_complete(client.aclose())
+        loop.close()
