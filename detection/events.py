@@ -114,6 +114,11 @@ def _int(v, default=None):
 
 
 def _hexint(v) -> int:
+    if v.__class__ is str:  # a parsed field (a0..a3): what the general case gives it
+        try:
+            return int(v, 16)
+        except ValueError:
+            return 0
     if isinstance(v, int):
         return v
     try:

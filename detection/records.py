@@ -267,6 +267,12 @@ def _fields(body: str, execve: bool) -> dict | str:
         raw = dict(map(_split_kv, toks))
     except ValueError:
         return _exact_fields(body, execve)
+    return _split_values(body, toks, raw, execve)
+
+
+def _split_values(body: str, toks: list[str], raw: dict, execve: bool) -> dict | str:
+    """The rest of :func:`_fields` once *body* (no single quote) is split into its
+    whitespace-separated tokens *toks*, each with an ``=``, and *raw* maps them."""
     if "" in raw:
         return "field without a name (a token starting with '=')"
     if len(toks) < 8 or len(raw) != len(toks):  # short, or a repeated key
@@ -353,10 +359,13 @@ def _split_fields(body: str, cut: int) -> dict | None:
 def _token_fields(text: str) -> dict | None:
     """:func:`_fields` of a part of a body whose every token has an ``=`` (each token is
     then a field on its own); ``None`` for any other part, and for one that does not parse."""
-    for tok in text.split():
-        if "=" not in tok:
-            return None
-    fields = _fields(text, False)
+    toks = text.split()
+    try:
+        raw = dict(map(_split_kv, toks))  # one token without '=' raises: the check and the split
+    except ValueError:
+        return None
+    fields = (_exact_fields(text, False) if "'" in text
+              else _split_values(text, toks, raw, False))
     return fields if fields.__class__ is dict else None
 
 

@@ -273,3 +273,25 @@ def test_fast_field_parser_matches_reference_on_real_and_mutated_logs(audit_dir,
     cwd = 'type=CWD msg=audit(1.0:1): cwd="/x"'
     parse_line(cwd).fields["cwd"] = "changed"
     assert parse_line(cwd).fields == {"cwd": "/x"}
+
+
+def test_token_fields_is_fields_of_a_part_with_an_equals_in_every_token():
+    """_token_fields: None when a token has no '=' (or the part does not parse), else
+    exactly what _fields gives the part."""
+    parts = [' arch=c000003e syscall=2 success=yes exit=3 a0=1 a1=2 a2=3 a3=4 items=1',
+             ' item=0 name="/etc/x" inode=7', " item=0 name=2F6574632F78 inode=7",
+             "ppid=1 pid=2 comm=\"sh\" exe=\"/bin/sh\" key=(null)", "a=1 b=2 a=3",
+             ' name="x', " =1 b=2", " name=zz cwd=2F", "a=1\tb=2"]
+    for part in parts:
+        want = records._fields(part, False)
+        assert records._token_fields(part) == (want if isinstance(want, dict) else None), part
+    for part in (" a=1 b", "a1 b=2", " syscall=2 items", "x", ' name="x y" inode=7',
+                 "a=1\tb=\x0b2"):
+        assert records._token_fields(part) is None, part
+
+
+def test_hexint_of_syscall_arguments():
+    from detection.events import _hexint
+
+    assert [_hexint(v) for v in ("7ffd1f61e4e8", "0", "ffffff9c", "0x10", "zz", "", 5, None,
+                                 b"ff")] == [0x7ffd1f61e4e8, 0, 0xffffff9c, 16, 0, 0, 5, 0, 0]
