@@ -70,13 +70,12 @@ class EventIdWindow:
             text = "".join(event_ids)
         except TypeError:  # not all str
             text = None
-        blob = text.encode() if text is not None else b""
-        if text is not None and len(blob) == len(text):  # ASCII: byte lengths are str lengths
-            lengths = np.fromiter(map(len, event_ids), np.int32, n).astype("<i4").tobytes()
+        if text is not None and text.isascii():  # one encode; byte lengths are str lengths
+            blob, sized = text.encode(), event_ids
         else:
-            raw = [e.encode() if isinstance(e, str) else str(e).encode() for e in event_ids]
-            blob = b"".join(raw)
-            lengths = np.fromiter(map(len, raw), np.int32, n).astype("<i4").tobytes()
+            sized = [e.encode() if isinstance(e, str) else str(e).encode() for e in event_ids]
+            blob = b"".join(sized)
+        lengths = np.fromiter(map(len, sized), np.int32, n).astype("<i4").tobytes()
         pos = np.empty((n, 2), "<f8")
         pos[:, 0], pos[:, 1] = offsets, subs
         res = await self._script(keys=self.keys(topic, partition),
