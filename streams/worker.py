@@ -14,6 +14,7 @@ from core.settings import Settings
 from detection.alert_store import save_alerts
 from detection.baseline_store import BaselineStore
 from detection.state_store import DetectionStateStore
+from features.pointintime import warm as warm_replay
 from streams.alignment_path import ClickPairs
 from streams.app import (
     FaustSink,
@@ -244,6 +245,7 @@ def run_worker(settings: Settings, bootstrap: str, redis_url: str) -> int:
 
     ensure_topics(settings, bootstrap, timeout=120)
     app = build_app(settings, bootstrap, redis_url)
+    warm_replay()  # the compiled point-in-time replay, before the first batch needs it
     worker = Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     asyncio.set_event_loop(worker.loop)
     settle(settings.worker_gc_young)  # the start-up heap, out of the collector's walks
