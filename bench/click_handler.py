@@ -34,7 +34,7 @@ def run_once(redis_url: str, events: int, envelope: int, partitions: int,
     """
     sys.path.insert(0, str(Path.cwd()))
     try:  # the compiled replay, loaded before the timing (and the heap's freeze) as the
-        from features.pointintime import warm  # worker does at start
+        from features.asof import warm  # worker does at start
     except ImportError:  # a checkout from before session 12
         pass
     else:

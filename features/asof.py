@@ -39,9 +39,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from features.jit import compiled
 from features.pointintime import replay_states
 
-__all__ = ["decode_history", "encode_history", "pre_other", "pre_own"]
+__all__ = ["add_others", "decode_history", "encode_history", "pre_other", "pre_others", "pre_own",
+           "warm"]
 
 
 #: doubles per history entry: (ts, impressions, clicks)
@@ -313,6 +315,37 @@ def _earlier_refs(half_lives, W: int, seg, ts, label, ties: bool, weight=None) -
     return out
 
 
+@compiled
+def _decayed_others(hl, states, ent, ts, ties, pre, slow):
+    """Per shard ``q`` and reference ``r``: the shard's state of ``ent[r]`` decayed to
+    ``ts[r]`` (``t`` NaN or not older: no decay), and whether the state is too new to use
+    (``slow``: ``t >= ts``, or ``t > ts`` with ``ties``). ``states`` ``[Q, K, W + 1]``."""
+    W = pre.shape[2]
+    for q in range(states.shape[0]):
+        for r in range(len(ent)):
+            e = ent[r]
+            t = states[q, e, W]
+            x = ts[r]
+            slow[q, r] = (t > x) if ties else (t >= x)
+            d = x - t
+            if d != d or d < 0.0:
+                d = 0.0
+            pre[q, r, 0] = states[q, e, 0]
+            pre[q, r, 1] = states[q, e, 1]
+            for j in range(2, W):
+                pre[q, r, j] = states[q, e, j] * np.exp2(-d / hl[j - 2])
+
+
+@compiled
+def _add_in_order(acc, rows, parts):
+    """``acc[rows] += parts[q]`` for each ``q`` in order (the same sums, element by
+    element, as one ``+=`` per shard)."""
+    for q in range(parts.shape[0]):
+        for r in range(len(rows)):
+            for j in range(parts.shape[2]):
+                acc[rows[r], j] += parts[q, r, j]
+
+
 def pre_other(
     half_lives, states: np.ndarray, hists: Mapping[int, bytes], ent, ts, ties: bool
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -321,17 +354,46 @@ def pre_other(
     ``states`` per entity index (``t`` last), ``hists`` the histories of entities whose
     ``t`` is not older than the batch's first event. Returns ``(pre [R, W], truncated [R])``.
     """
-    ent = np.asarray(ent, np.int64)
-    ts = np.asarray(ts, np.float64)
-    W = states.shape[1] - 1
-    st = states[ent]
-    t = st[:, W]
-    with np.errstate(invalid="ignore"):
-        slow = (t > ts) if ties else (t >= ts)
-    pre = _decay(half_lives, st[:, :W], np.nan_to_num(np.maximum(ts - t, 0.0), nan=0.0))
-    trunc = np.zeros(len(ent), bool)
-    if not slow.any():
+    pre, trunc = pre_others(half_lives, [states], [hists], ent, ts, ties)
+    return pre[0], trunc[0]
+
+
+def pre_others(
+    half_lives, states: list[np.ndarray], hists: list[Mapping[int, bytes]], ent, ts, ties: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pre_other` for several shards at once: ``(pre [Q, R, W], truncated [Q, R])``.
+
+    References whose shard state is older than them (the common case) take it decayed,
+    in one compiled pass over every shard; the others are answered from the histories.
+    """
+    ent = np.ascontiguousarray(ent, np.int64)
+    ts = np.ascontiguousarray(ts, np.float64)
+    Q, R = len(states), len(ent)
+    W = (states[0].shape[1] if Q else 1) - 1
+    pre = np.empty((Q, R, W))
+    slow = np.zeros((Q, R), bool)
+    trunc = np.zeros((Q, R), bool)
+    if not Q or not R:
         return pre, trunc
+    stacked = np.ascontiguousarray(np.stack([np.asarray(s, np.float64) for s in states]))
+    hl = np.repeat(np.asarray(half_lives, np.float64), 2)
+    _decayed_others(hl, stacked, ent, ts, bool(ties), pre, slow)
+    for k in np.flatnonzero(slow.any(axis=1)).tolist():
+        _from_histories(half_lives, stacked[k], hists[k], ent, ts, ties, slow[k], pre[k],
+                        trunc[k])
+    return pre, trunc
+
+
+def add_others(acc: np.ndarray, rows: np.ndarray, parts: np.ndarray) -> None:
+    """``acc[rows] += parts[q]`` for each shard ``q`` of :func:`pre_others`, in order."""
+    if parts.size:
+        _add_in_order(acc, np.ascontiguousarray(rows, np.int64), parts)
+
+
+def _from_histories(half_lives, states, hists, ent, ts, ties, slow, pre, trunc) -> None:
+    """The references of one shard whose state is too new (``slow``): their states as of
+    their times from the entities' histories, into ``pre`` / ``trunc`` (in place)."""
+    W = states.shape[1] - 1
     q = np.flatnonzero(slow)
     uniq, seg_of = np.unique(ent[q], return_inverse=True)
     seg_of = seg_of.reshape(-1)
@@ -349,4 +411,12 @@ def pre_other(
         pre[q] = _states_at(half_lives, seg, sts, post, seg_of, ts[q], p)
     with np.errstate(invalid="ignore"):
         trunc[q] = (head_t[seg_of] > ts[q]) if ties else (head_t[seg_of] >= ts[q])
-    return pre, trunc
+
+
+def warm() -> None:
+    """Compile the point-in-time loops, or load them from numba's cache, now: the worker
+    calls this as it starts, so its first batch does not wait for them (~0.5 s)."""
+    replay_states((1.0,), np.zeros((1, 5)), np.zeros(1, np.int64), np.zeros(1), np.zeros(1))
+    pre, _ = pre_others((1.0,), [np.zeros((1, 5))], [{}], np.zeros(1, np.int64), np.zeros(1),
+                        ties=False)
+    add_others(np.zeros((1, 4)), np.zeros(1, np.int64), pre)

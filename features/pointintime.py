@@ -14,7 +14,7 @@ compiled loop"): one pass over the references, a few multiply-adds each. It repl
 vectorised closed form (running maxima, blocked decay bases and log-step segmented scans)
 that took ~60 numpy passes over ``[R, width]`` arrays per call, 6–7 µs per click event.
 The compiled code is cached beside this file (``__pycache__``), so a process compiles it
-once per machine and checkout, not per start.
+once per machine and checkout, not per start; :func:`features.asof.warm` loads it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Replayed", "replay_states", "warm"]
+from features.jit import compiled
+
+__all__ = ["Replayed", "replay_states"]
 
 
 @dataclass
@@ -36,11 +38,12 @@ class Replayed:
     final: np.ndarray  # [U, width + 1] their states after the batch, ``t`` last
 
 
-def _replay_loop(hl, state, t, entity, ts, x, pre, late, touched):
+@compiled
+def _replay(hl, state, t, entity, ts, x, pre, late, touched):
     """Apply references ``r`` in order to ``state`` / ``t`` (per entity, in place).
 
-    Compiled by :func:`_compiled`; every array argument is C-contiguous (one
-    specialisation), float64 but for ``entity`` (int64) and ``late`` / ``touched`` (bool).
+    Every array argument is C-contiguous, float64 but for ``entity`` (int64) and
+    ``late`` / ``touched`` (bool).
     """
     W = state.shape[1]
     for r in range(len(entity)):
@@ -66,26 +69,6 @@ def _replay_loop(hl, state, t, entity, ts, x, pre, late, touched):
                 pre[r, j] = state[e, j]
                 state[e, j] += x[r, j] * 2.0 ** (-(te - tr) / hl[j - 2])
             t[e] = te
-
-
-_COMPILED = None
-
-
-def _compiled():
-    """The compiled loop; numba is imported on first use, so only processes that replay
-    (the worker, the joiner, tools) pay its import (~0.4 s) and the cache load (~0.5 s)."""
-    global _COMPILED
-    if _COMPILED is None:
-        import numba
-
-        _COMPILED = numba.njit(cache=True, nogil=True)(_replay_loop)
-    return _COMPILED
-
-
-def warm() -> None:
-    """Compile the loop, or load it from the cache, now: a service calls this as it starts,
-    so its first batch does not wait for it."""
-    replay_states((1.0,), np.zeros((1, 5)), np.zeros(1, np.int64), np.zeros(1), np.zeros(1))
 
 
 def replay_states(
@@ -132,7 +115,7 @@ def replay_states(
     pre = np.empty((R, W))
     late = np.zeros(R, bool)
     seen = np.zeros(len(init), bool)
-    _compiled()(hl, state, t, entity, ts, x, pre, late, seen)
+    _replay(hl, state, t, entity, ts, x, pre, late, seen)
     touched = np.flatnonzero(seen)
     final = np.empty((len(touched), W + 1))
     final[:, :W] = state[touched]

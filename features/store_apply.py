@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from features.asof import pre_other, pre_own
+from features.asof import add_others, pre_others, pre_own
 from features.counters import aggregate, as_columns, derive_features, resolve_refs
 from features.pointintime import replay_states
 from features.sequence import plan_sequences
@@ -437,10 +437,11 @@ def _pre_states(cfg, srt, refs, partition, others, nxt, states, hists, ts_ref, t
                          lab_new, ties, replayed=rep.pre, weight=imp_new)
     per_ref[ref_new] = pre
     truncated = int(trunc.sum())
-    for q in others:
-        pre, trunc = pre_other(cfg.half_lives, states[q], hists.get(q, {}), refs.entity[ref_new],
-                               ts_ref[ref_new], ties)
-        per_ref[ref_new] += pre
+    if others:
+        pre, trunc = pre_others(cfg.half_lives, [states[q] for q in others],
+                                [hists.get(q, {}) for q in others], refs.entity[ref_new],
+                                ts_ref[ref_new], ties)
+        add_others(per_ref, np.flatnonzero(ref_new), pre)
         truncated += int(trunc.sum())
     return own, per_ref, rep, ref_new, ev_new, truncated
 

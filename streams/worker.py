@@ -14,7 +14,7 @@ from core.settings import Settings
 from detection.alert_store import save_alerts
 from detection.baseline_store import BaselineStore
 from detection.state_store import DetectionStateStore
-from features.pointintime import warm as warm_replay
+from features.asof import warm as warm_replay
 from streams.alignment_path import ClickPairs
 from streams.app import (
     FaustSink,
