@@ -172,7 +172,11 @@ def batch_in_offset_order(events: Any) -> tuple[np.ndarray, dict[str, Any]]:
     if "offset" not in cols or "label" not in cols:
         raise ValueError("apply_batch needs 'offset' (and 'sub') and 'label' columns")
     order = np.lexsort((cols["sub"], cols["offset"]))
-    return order, {k: (v[order] if isinstance(v, np.ndarray) else [v[i] for i in order])
+    if (order == np.arange(len(order))).all():  # in order already (a take usually is)
+        return order, {k: (v.copy() if isinstance(v, np.ndarray) else list(v))
+                       for k, v in cols.items()}
+    idx = order.tolist()
+    return order, {k: (v[order] if isinstance(v, np.ndarray) else [v[i] for i in idx])
                    for k, v in cols.items()}
 
 
