@@ -52,7 +52,43 @@ local hls = {}
 for h in string.gmatch(ARGV[11], '[^,]+') do hls[#hls + 1] = tonumber(h) end
 local keep_hist = tonumber(ARGV[12])
 local nan = 0 / 0
+-- fold2 is fold for two half-lives (the default counters) on locals instead of a
+-- table: the same operations in the same order, so the same bits, in about half the
+-- time (every history entry is folded once, and folding was most of this script).
+local function fold2(hist, m)
+  local n, c, i1, c1, i2, c2, t, hp = struct.unpack(fmt, hist)
+  local h1, h2 = hls[1], hls[2]
+  local unpack = struct.unpack
+  for _ = 1, m do
+    local ts, imp, lab
+    ts, imp, lab, hp = unpack('<ddd', hist, hp)
+    if t ~= t then
+      n, c, i1, c1, i2, c2 = 0, 0, 0, 0, 0, 0
+      t = ts
+    end
+    if ts >= t then
+      local f1 = 2 ^ (-(ts - t) / h1)
+      local f2 = 2 ^ (-(ts - t) / h2)
+      i1 = i1 * f1 + imp
+      c1 = c1 * f1 + lab
+      i2 = i2 * f2 + imp
+      c2 = c2 * f2 + lab
+      t = ts
+    else
+      local w1 = 2 ^ (-(t - ts) / h1)
+      local w2 = 2 ^ (-(t - ts) / h2)
+      i1 = i1 + imp * w1
+      c1 = c1 + lab * w1
+      i2 = i2 + imp * w2
+      c2 = c2 + lab * w2
+    end
+    n = n + imp
+    c = c + lab
+  end
+  return struct.pack(fmt, n, c, i1, c1, i2, c2, t) .. string.sub(hist, hp)
+end
 local function fold(hist, m)
+  if nf == 7 and #hls == 2 then return fold2(hist, m) end
   local h = {struct.unpack(fmt, hist)}
   local hp = h[nf + 1]
   local t = h[nf]
