@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     bind_host: str = Field("127.0.0.1", description="Interface every service binds to.")
     http_port: int = Field(8000, description="Serving HTTP port (scoring, ops API, dashboard).")
     worker_port: int = Field(8010, description="Worker HTTP port (/metrics, /healthz).")
+    worker_procs: int = Field(
+        1, ge=1, le=32,
+        description="Worker processes `headwater up` starts; they share the partitions as one "
+        "consumer group, the i-th (from 0) on worker_port + i (docs/scale-out.md).",
+    )
     learner_port: int = Field(8020, description="Learner HTTP port (/metrics, /healthz).")
     kafka_port: int = Field(19092, description="Embedded broker port (0: pick a free one).")
     redis_port: int = Field(16379, description="Embedded Redis port (0: pick a free one).")

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -114,37 +115,60 @@ def _service_env(settings: Settings, kafka: str, redis_url: str) -> dict[str, st
     return env
 
 
-def spawn_service(name: str, settings: Settings, kafka: str, redis_url: str) -> subprocess.Popen:
-    """Start ``python -m headwater <name>`` detached, logging to ``logs/<name>.log``."""
+def spawn_service(name: str, settings: Settings, kafka: str, redis_url: str,
+                  copy: int = 0) -> subprocess.Popen:
+    """Start ``python -m headwater <name>`` detached, logging to ``logs/<label>.log``
+    (:func:`service_label`); worker copy ``i`` serves ``/metrics`` on ``worker_port + i``."""
     settings.log_dir.mkdir(parents=True, exist_ok=True)
-    log = open(settings.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+    env = _service_env(settings, kafka, redis_url)
+    if copy and settings.worker_port:
+        env["HEADWATER_WORKER_PORT"] = str(settings.worker_port + copy)
+    log = open(settings.log_dir / f"{service_label(name, copy)}.log", "ab")  # noqa: SIM115 - the child owns it
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "headwater", name],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=_service_env(settings, kafka, redis_url),
+            start_new_session=True, env=env,
         )
     finally:
         log.close()
 
 
+def service_label(name: str, copy: int = 0) -> str:
+    """A started process's name in ``stack.json`` and its log's: ``worker``, ``worker-2``, …
+
+    >>> service_label("worker"), service_label("worker", 1)
+    ('worker', 'worker-2')
+    """
+    return name if copy == 0 else f"{name}-{copy + 1}"
+
+
+def copies(settings: Settings, name: str) -> int:
+    """How many processes ``up`` starts for service ``name`` (``worker_procs`` workers)."""
+    return settings.worker_procs if name == "worker" else 1
+
+
 def wait_healthy(redis_url: str, services: list[str], timeout: float) -> dict[str, dict]:
-    """Wait until each named service has published a status document."""
+    """Wait until each named service has published a status document (a name listed
+    ``k`` times: ``k`` instances of it)."""
     from core.health import read_all_sync
     from core.redis_client import connect
 
+    want = Counter(services)
     client = connect(redis_url)
     deadline = time.monotonic() + timeout
-    seen: dict[str, dict] = {}
+    docs: list[dict] = []
     try:
         while time.monotonic() < deadline:
-            seen = {d["service"]: d for d in read_all_sync(client)}
-            if all(s in seen for s in services):
-                return seen
+            docs = read_all_sync(client)
+            have = Counter(d["service"] for d in docs)
+            if all(have[s] >= k for s, k in want.items()):
+                return {d["service"]: d for d in docs}
             time.sleep(0.2)
     finally:
         client.close()
-    missing = [s for s in services if s not in seen]
+    have = Counter(d["service"] for d in docs)
+    missing = [f"{s} ({have[s]} of {k})" if k > 1 else s for s, k in want.items() if have[s] < k]
     raise StackError(f"services {missing} did not report healthy within {timeout:.0f}s; see the logs")
 
 
@@ -156,6 +180,12 @@ def up(settings: Settings, services: tuple[str, ...] = SERVICES, timeout: float 
         echo(f"note: {notice}")
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
+    if "worker" in services and settings.worker_port and settings.worker_procs > 1:
+        used = range(settings.worker_port, settings.worker_port + settings.worker_procs)
+        clash = sorted({settings.http_port, settings.learner_port} & set(used))
+        if clash:
+            raise StackError(f"worker_procs={settings.worker_procs} workers on ports {used.start}–"
+                             f"{used.stop - 1} would take port {clash[0]}: move HEADWATER_WORKER_PORT")
     if port_open(settings.bind_host, settings.http_port) and "serve" in services:
         raise StackError(f"port {settings.http_port} is in use: set HEADWATER_HTTP_PORT or stop its owner")
     t0 = time.monotonic()
@@ -192,11 +222,13 @@ def up(settings: Settings, services: tuple[str, ...] = SERVICES, timeout: float 
         if lines:
             raise StackError(refusal(settings, lines, "broker" in state.embedded))
         for name in services:
-            proc = spawn_service(name, settings, state.kafka, state.redis)
-            started.append(proc.pid)
-            state.pids[name] = proc.pid
+            for copy in range(copies(settings, name)):
+                proc = spawn_service(name, settings, state.kafka, state.redis, copy)
+                started.append(proc.pid)
+                state.pids[service_label(name, copy)] = proc.pid
         state.save(state_path(settings))
-        wait_healthy(state.redis, [SERVICE_NAMES[s] for s in services], timeout)
+        wait_healthy(state.redis, [SERVICE_NAMES[s] for s in services for _ in range(copies(settings, s))],
+                     timeout)
         if "serve" in services:
             wait_for_port(settings.bind_host, settings.http_port, timeout)
     except BaseException:

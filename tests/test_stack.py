@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from headwater.servers import pid_alive
-from tests.stackutil import REPO, embedded_stack_env, hw, wait_until
+from tests.stackutil import REPO, embedded_stack_env, free_port, hw, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -133,3 +133,57 @@ def test_stale_state_file_is_reported_and_replaced(stack_env, tmp_path):
                                                 "pids": {"worker": 2**22 + 12345}}))
     up = hw(stack_env, "up", "--only", "worker")
     assert "stale" in up.stdout
+
+
+def _free_pair() -> int:
+    """A port ``p`` with ``p + 1`` free too (two workers' ``/metrics``)."""
+    import socket
+
+    for _ in range(50):
+        p = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+        return p
+    raise RuntimeError("no two adjacent free ports")
+
+
+def test_up_starts_worker_procs_workers_that_share_the_partitions(tmp_path):
+    env = embedded_stack_env(tmp_path, HEADWATER_WORKER_PROCS=2, HEADWATER_PARTITIONS=4,
+                             HEADWATER_WORKER_PORT=_free_pair())
+    try:
+        hw(env, "up", "--only", "worker")
+        state = json.loads((tmp_path / "state" / "run" / "stack.json").read_text())
+        assert set(state["pids"]) == {"broker", "redis", "worker", "worker-2"}
+        assert all(pid_alive(state["pids"][n]) for n in ("worker", "worker-2"))
+        logs = tmp_path / "state" / "logs"
+        assert (logs / "worker.log").exists() and (logs / "worker-2.log").exists()
+        port = int(env["HEADWATER_WORKER_PORT"])
+        for p in (port, port + 1):  # each its own /metrics
+            with urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=10) as resp:
+                assert b"headwater_" in resp.read()
+        hw(env, "replay", "movielens", "--limit", "2000", "--no-progress", "--wait-items", "0")
+
+        def split():
+            doc = json.loads(hw(env, "status", "--json", check=False).stdout)
+            workers = doc["services"].get("worker", [])
+            counts = sorted(w.get("events_valid_total", 0) for w in workers)
+            # both counted some of the clicks (the group split the partitions), together all
+            return len(workers) == 2 and counts[0] > 0 and sum(counts) >= 2000 + 1682 and counts
+        wait_until(split, 120, what="two workers to share the replay")
+    finally:
+        hw(env, "down", check=False)
+    assert not any(pid_alive(state["pids"][n]) for n in ("worker", "worker-2"))
+
+
+def test_worker_procs_that_would_take_another_services_port_are_refused(tmp_path):
+    from core.settings import Settings
+    from headwater.stack import StackError, up
+
+    settings = Settings(state_dir=tmp_path / "state", worker_port=8010, learner_port=8012,
+                        worker_procs=3)
+    with pytest.raises(StackError, match="would take port 8012"):
+        up(settings, ("worker",))
+    assert not (tmp_path / "state" / "run" / "stack.json").exists()
