@@ -135,7 +135,8 @@ def spawn_service(name: str, settings: Settings, kafka: str, redis_url: str,
 
 
 def service_label(name: str, copy: int = 0) -> str:
-    """A started process's name in ``stack.json`` and its log's: ``worker``, ``worker-2``, …
+    """A started process's name in the stack's state file and its log's name: ``worker``,
+    ``worker-2``, …
 
     >>> service_label("worker"), service_label("worker", 1)
     ('worker', 'worker-2')

@@ -127,7 +127,9 @@ def start(command: list[str], env: dict[str, str], uid: int, log: Path) -> subpr
     boot = (f"import site, sys; site.addsitedir({str(SITE)!r}); sys.path.insert(0, {str(REPO)!r}); "
             "from headwater.cli import main; sys.exit(main(sys.argv[1:]))")
     with open(log, "wb") as out:
-        return subprocess.Popen([str(PYTHON), "-c", boot, *command], env=env, cwd=env["HOME"],
+        # -S: no Debian dist-packages (the image's Python has only its own site-packages;
+        # Debian's _cffi_backend 1.15 ahead of the venv's cffi 2.x broke numba's import).
+        return subprocess.Popen([str(PYTHON), "-S", "-c", boot, *command], env=env, cwd=env["HOME"],
                                 stdout=out, stderr=subprocess.STDOUT, user=uid, group=uid,
                                 extra_groups=[], start_new_session=True)
 
