@@ -9,10 +9,13 @@ never call one (serving, the CLI) never import numba.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 __all__ = ["compiled"]
+
+log = logging.getLogger(__name__)
 
 
 class compiled:  # noqa: N801 - used like a decorator
@@ -30,8 +33,16 @@ class compiled:  # noqa: N801 - used like a decorator
 
     def __call__(self, *args: Any) -> Any:
         if self._fast is None:
-            import numba
-
-            self._fast = numba.njit(cache=True, nogil=True)(self.py)
+            self._fast = self._compile()
         return self._fast(*args)
+
+    def _compile(self) -> Callable[..., Any]:
+        import numba
+
+        try:
+            return numba.njit(cache=True, nogil=True)(self.py)
+        except RuntimeError as exc:  # nowhere writable to cache (read-only tree and home)
+            log.warning("%s: compiled without a disk cache (%s); set NUMBA_CACHE_DIR to a "
+                        "writable directory to keep it between starts", self.__name__, exc)
+            return numba.njit(cache=False, nogil=True)(self.py)
 
