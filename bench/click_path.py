@@ -222,25 +222,21 @@ class RowWatcher:
         while not self._stop.is_set():
             for records in self._consumer.poll(timeout_ms=100).values():
                 for r in records:
-                    if not self.keep_ids:
+                    if self.keep_ids:
+                        ids = decode_batch(r.value).event_ids
+                        n = len(ids)
+                    else:
                         n = pa.ipc.open_stream(pa.py_buffer(r.value)).read_all().num_rows
-                        now = time.time()
-                        if self.first_t is None:
-                            self.first_t, self.first_n = now, n
-                        self.last_t = now
-                        self.count += n
-                        continue
-                    ids = decode_batch(r.value).event_ids
-                    n = len(ids)
                     now = time.time()
                     if self.first_t is None:
                         self.first_t, self.first_n = now, n
                     self.last_t = now
                     self.count += n
-                    before = len(self.ids)
-                    self.ids.update(map(str, ids))
-                    if len(self.ids) > before:
-                        self.last_new_t = now
+                    if self.keep_ids:
+                        before = len(self.ids)
+                        self.ids.update(map(str, ids))
+                        if len(self.ids) > before:
+                            self.last_new_t = now
         self._consumer.close()
 
     def stop(self) -> None:

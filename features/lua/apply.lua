@@ -54,7 +54,7 @@ local keep_hist = tonumber(ARGV[12])
 local nan = 0 / 0
 -- fold2 is fold for two half-lives (the default counters) on locals instead of a
 -- table: the same operations in the same order, so the same bits, in about half the
--- time (every history entry is folded once, and folding was most of this script).
+-- time (every history entry is folded once: ~3 per click event with the default counters).
 local function fold2(hist, m)
   local n, c, i1, c1, i2, c2, t, hp = struct.unpack(fmt, hist)
   local h1, h2 = hls[1], hls[2]
