@@ -239,7 +239,9 @@ class Settings(BaseSettings):
         description="Consumer-group session timeout (s). Tansu holds a join for half of it.",
     )
     fetch_max_wait_ms: int = Field(
-        20, ge=1, description="Fetch long-poll wait; Tansu does not wake early on new data."
+        100, ge=1,
+        description="The stream worker's fetch long-poll wait; Tansu does not wake early on "
+        "new data. Serving's model watcher keeps its own 20 ms.",
     )
     max_message_bytes: int = Field(
         4 * 1024 * 1024, description="Largest accepted event message (bigger: dead-letter)."

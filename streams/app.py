@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str, int, list[Message]], Awaitable[list[Output]]]
 
-_FETCH_WAIT_MS = 20
+_FETCH_WAIT_MS = 100
 
 
 def _patch_fetch_wait(fetch_max_wait_ms: int) -> None:
