@@ -136,6 +136,12 @@ class Settings(BaseSettings):
         "the next take is handled (0: one take at a time). Each is replayed after a crash.",
     )
     audit_batch_size: int = Field(2000, ge=1, description="Max audit messages per agent batch.")
+    audit_batch_within: float = Field(
+        0.05, gt=0,
+        description="Seconds an audit take collects messages before it is handled (or "
+        "audit_batch_size messages): a longer take spreads the per-batch costs (state "
+        "writes, alert chains) over more records, and adds up to this much latency.",
+    )
     worker_gc_young: int = Field(
         20000, ge=0,
         description="The worker collects its youngest garbage generation every this many "

@@ -145,8 +145,8 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
                   settings.click_batch_within, "clicks", state.on_error, dlq,
                   take=click_take(settings))
     batched_agent(app, topics["items"], n, items, 2000, 0.05, "items", state.on_error, dlq)
-    batched_agent(app, topics["audit"], n, audit, settings.audit_batch_size, 0.05, "audit",
-                  state.on_error, dlq)
+    batched_agent(app, topics["audit"], n, audit, settings.audit_batch_size,
+                  settings.audit_batch_within, "audit", state.on_error, dlq)
     joiner = None
     state.join = settings.join
     if settings.join:  # HEADWATER_JOIN: labels from impressions + actions (docs/contracts.md)
