@@ -246,8 +246,8 @@ class Settings(BaseSettings):
     )
     fetch_max_wait_ms: int = Field(
         100, ge=1,
-        description="The stream worker's fetch long-poll wait; Tansu does not wake early on "
-        "new data. Serving's model watcher keeps its own 20 ms.",
+        description="Fetch long-poll wait of the stream worker and of serving's model "
+        "watcher (at most 100 ms there); Tansu does not wake early on new data.",
     )
     max_message_bytes: int = Field(
         4 * 1024 * 1024, description="Largest accepted event message (bigger: dead-letter)."

@@ -482,6 +482,7 @@ async def serve(
         functools.partial(ctx.holder.submit, ctx.holder.offer),
         functools.partial(ctx.holder.submit, ctx.holder.rescan),
         rescan_seconds=rescan_seconds,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
     if kafka and settings.impression_log:
         ctx.impressions = ImpressionLog(kafka_sender(kafka, settings.topics["impressions"],

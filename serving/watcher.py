@@ -74,7 +74,8 @@ class ModelWatcher:
         self.on_version = on_version
         self.rescan = rescan
         self.rescan_seconds = rescan_seconds
-        self.fetch_max_wait_ms = min(fetch_max_wait_ms, 50)  # Tansu never wakes a long poll early
+        # Tansu never wakes a long poll early: a publication can wait this long to be seen
+        self.fetch_max_wait_ms = min(fetch_max_wait_ms, 100)
         self.poll_timeout_ms = poll_timeout_ms
         self.messages = 0
         self.last_error: str | None = None
