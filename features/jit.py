@@ -45,4 +45,3 @@ class compiled:  # noqa: N801 - used like a decorator
             log.warning("%s: compiled without a disk cache (%s); set NUMBA_CACHE_DIR to a "
                         "writable directory to keep it between starts", self.__name__, exc)
             return numba.njit(cache=False, nogil=True)(self.py)
-

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str, int, list[Message]], Awaitable[list[Output]]]
 
-_FETCH_WAIT_MS = 100
+_FETCH_WAIT_MS: int = Settings.model_fields["fetch_max_wait_ms"].default
 
 
 def _patch_fetch_wait(fetch_max_wait_ms: int) -> None:

@@ -91,16 +91,6 @@ class WorkerState:
         }
 
 
-def audit_take(settings: Settings) -> tuple[int, float]:
-    """The audit agent's takes: at most ``audit_batch_size`` messages, collected for at
-    most ``audit_batch_within`` seconds (Faust's ``take_events``).
-
-    >>> audit_take(Settings(audit_batch_within=0.2))
-    (2000, 0.2)
-    """
-    return settings.audit_batch_size, settings.audit_batch_within
-
-
 def click_take(settings: Settings) -> TakePolicy:
     """The click agent's takes: bounded in events, lingering only while clicks arrive,
     pipelined ``click_pipeline_depth`` deep (:func:`streams.app.pipelined_takes`).
@@ -155,8 +145,8 @@ def build_app(settings: Settings, bootstrap: str, redis_url: str, web: bool = Tr
                   settings.click_batch_within, "clicks", state.on_error, dlq,
                   take=click_take(settings))
     batched_agent(app, topics["items"], n, items, 2000, 0.05, "items", state.on_error, dlq)
-    batched_agent(app, topics["audit"], n, audit, *audit_take(settings), "audit",
-                  state.on_error, dlq)
+    batched_agent(app, topics["audit"], n, audit, settings.audit_batch_size,
+                  settings.audit_batch_within, "audit", state.on_error, dlq)
     joiner = None
     state.join = settings.join
     if settings.join:  # HEADWATER_JOIN: labels from impressions + actions (docs/contracts.md)
