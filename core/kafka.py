@@ -1,7 +1,9 @@
-"""The one place Kafka clients are built: kafka-python producers, consumers and admins.
+"""The one place Kafka clients are built: kafka-python producers, consumers and admins,
+and the librdkafka producer of serving's impression log.
 
-Every client of the product goes through :func:`producer`, :func:`consumer` or
-:func:`admin` (a test fails on a client built anywhere else), so the security settings
+Every client of the product goes through :func:`producer`, :func:`consumer`,
+:func:`admin` or :func:`native_producer` (a test fails on a client built anywhere else),
+so the security settings
 (``HEADWATER_KAFKA_SECURITY_PROTOCOL``, ``_SASL_*``, ``_SSL_*``) reach all of them; the
 Faust worker gets the same settings through :func:`security`. The settings are read from
 the environment when a client is built (``headwater --set`` exports its overrides), so a
@@ -109,6 +111,29 @@ def client_config(settings: Settings | None = None) -> dict[str, Any]:
     return config
 
 
+def librdkafka_config(settings: Settings | None = None) -> dict[str, str]:
+    """librdkafka (``confluent_kafka``) properties for the security settings.
+
+    >>> sorted(librdkafka_config(Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_username="svc",
+    ...     kafka_sasl_password="pw", kafka_ssl_cafile="/etc/ca.pem")).items())  # doctest: +NORMALIZE_WHITESPACE
+    [('sasl.mechanism', 'PLAIN'), ('sasl.password', 'pw'), ('sasl.username', 'svc'),
+     ('security.protocol', 'sasl_ssl'), ('ssl.ca.location', '/etc/ca.pem')]
+    >>> librdkafka_config(Settings())
+    {'security.protocol': 'plaintext'}
+    """
+    sec = security(settings)
+    config = {"security.protocol": sec.protocol.lower()}
+    if sec.sasl:
+        config.update({"sasl.mechanism": sec.mechanism, "sasl.username": sec.username,
+                       "sasl.password": sec.password})
+    if sec.tls:
+        for key, value in (("ssl.ca.location", sec.cafile), ("ssl.certificate.location", sec.certfile),
+                           ("ssl.key.location", sec.keyfile)):
+            if value:
+                config[key] = value
+    return config
+
+
 def _servers(bootstrap: str | list[str]) -> list[str]:
     return bootstrap if isinstance(bootstrap, list) else [b.strip() for b in bootstrap.split(",") if b.strip()]
 
@@ -133,3 +158,16 @@ def admin(bootstrap: str | list[str], admin_class: type | None = None, **options
 
     cls = admin_class or KafkaAdminClient
     return cls(bootstrap_servers=_servers(bootstrap), **{**client_config(), **options})
+
+
+def native_producer(bootstrap: str | list[str], **properties: Any):
+    """A ``confluent_kafka.Producer`` (librdkafka) with the security settings;
+    ``properties`` are librdkafka's (``linger.ms``, ...). Its batching, compression and
+    network I/O run in librdkafka's own threads, off the interpreter lock: serving's
+    impression log uses it so that logging an answer does not take the GIL from requests
+    (docs/decisions.md, "Impressions through librdkafka")."""
+    from confluent_kafka import Producer
+
+    config = {"bootstrap.servers": ",".join(_servers(bootstrap)), "client.id": "headwater",
+              **librdkafka_config(), **properties}
+    return Producer(config)

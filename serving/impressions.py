@@ -20,11 +20,12 @@ training row the joiner builds from them is the served row (no training-serving 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -32,7 +33,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from streams.replay import partition_of
 
-__all__ = ["ImpressionLog", "encode_impression", "impression_record"]
+__all__ = ["ImpressionLog", "KafkaSender", "Sender", "encode_impression", "impression_record",
+           "kafka_sender"]
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +82,35 @@ def encode_impression(record: dict[str, Any]) -> bytes:
     return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+class Sender(Protocol):
+    """What :class:`ImpressionLog`'s thread sends through (``make_sender`` builds one)."""
+
+    def send(self, key: bytes, value: bytes, partition: int,
+             done: Callable[[Exception | None], None]) -> None:
+        """Hand one record to the producer; ``done(None)`` once the broker has it,
+        ``done(error)`` if it never will (called from :meth:`poll` or :meth:`close`)."""
+
+    def poll(self) -> int:
+        """Serve the delivery reports that arrived, without waiting; the records still
+        in flight."""
+
+    def close(self) -> None:
+        """Deliver what is in flight (bounded), then release the producer."""
+
+
 class ImpressionLog:
     """A bounded buffer in front of a producer thread (see the module doc).
 
-    ``send(key, value, partition)`` produces one record (a Kafka producer's ``send``
-    bound to the topic, returning a future); ``make_sender`` builds it in the thread, so
-    an unreachable broker delays logging, never the server's start. The thread takes
-    what arrived every ``period`` seconds while records keep coming (the producer
-    lingers anyway), so the request path never wakes a thread: at 200 answers/s, 1 wake
-    per period instead of 200 GIL hand-offs.
+    ``make_sender`` builds the :class:`Sender` in the thread, so an unreachable broker
+    delays logging, never the server's start. The thread takes what arrived every
+    ``period`` seconds while records keep coming (the producer lingers anyway), so the
+    request path never wakes a thread: at 200 answers/s, 1 wake per period instead of
+    200 GIL hand-offs. While records are in flight it looks at their delivery reports
+    every ``period`` too, so the counters settle without a next request.
     """
 
-    def __init__(self, make_sender: Callable[[], tuple[Callable[..., Any], Callable[[], None]]],
-                 partitions: int, capacity: int, registry: CollectorRegistry | None = None,
-                 period: float = 0.01) -> None:
+    def __init__(self, make_sender: Callable[[], Sender], partitions: int, capacity: int,
+                 registry: CollectorRegistry | None = None, period: float = 0.01) -> None:
         self.partitions = partitions
         self.capacity = capacity
         self.period = period
@@ -107,6 +124,7 @@ class ImpressionLog:
         self.dropped = Counter("headwater_serving_impressions_dropped",
                                "Impressions not logged: buffer_full (the request never waits) "
                                "or send (the broker refused).", ["reason"], registry=r)
+        self._dropped_send = self.dropped.labels("send")
         self.depth = Gauge("headwater_serving_impressions_buffered",
                            "Impressions waiting in serving's buffer.", registry=r)
         self.depth.set_function(lambda: len(self._buffer))
@@ -137,9 +155,15 @@ class ImpressionLog:
         self._wake.set()
         self._thread.join(timeout)
 
+    def _delivered(self, error: Exception | None) -> None:
+        if error is None:
+            self.logged.inc()
+        else:
+            self._dropped_send.inc()
+
     def _run(self) -> None:
         try:
-            send, flush = self._make_sender()
+            sender = self._make_sender()
         except Exception:  # noqa: BLE001 - logging must never take serving down
             log.exception("impression logging disabled: no producer")
             return
@@ -147,9 +171,11 @@ class ImpressionLog:
         stop = False
         while not stop:
             if not buffer:
-                wake.wait()
-                wake.clear()  # an offer after this sets it again: nothing is left waiting
-                time.sleep(self.period)  # let the period's records gather
+                # asleep until a record arrives; while records are in flight, also
+                # every period to count their delivery reports
+                if wake.wait(self.period if sender.poll() else None):
+                    wake.clear()  # an offer after this sets it again: nothing is left waiting
+                    time.sleep(self.period)  # let the period's records gather
                 continue
             # everything gathered goes out in one pass: the per-wake costs (partitioning,
             # the producer's locks and wake-ups) are paid once per period, not per record
@@ -158,13 +184,13 @@ class ImpressionLog:
                 if record is _STOP:
                     stop, taken = True, taken[:k]
                     break
-            self._send_all(send, taken)
+            self._send_all(sender, taken)
         try:
-            flush()
+            sender.close()
         except Exception:  # noqa: BLE001
             log.exception("flushing impressions failed")
 
-    def _send_all(self, send: Callable[..., Any], taken: list) -> None:
+    def _send_all(self, sender: Sender, taken: list) -> None:
         records, keys = [], []
         for record in taken:
             try:
@@ -174,35 +200,58 @@ class ImpressionLog:
                 records.append(record)
             except Exception:  # noqa: BLE001 - one bad record never stops the others
                 log.exception("building an impression failed")
-                self.dropped.labels("send").inc()
+                self._dropped_send.inc()
         if not records:
             return
         parts = partition_of(keys, self.partitions).tolist()
-        logged, dropped = self.logged, self.dropped
         for record, key, part in zip(records, keys, parts, strict=True):
             try:
-                future = send(key.encode(), encode_impression(record), part)
-                future.add_callback(lambda _m: logged.inc())
-                future.add_errback(lambda _e: dropped.labels("send").inc())
+                sender.send(key.encode(), encode_impression(record), part, self._delivered)
             except Exception:  # noqa: BLE001
                 log.exception("logging an impression failed")
-                dropped.labels("send").inc()
+                self._dropped_send.inc()
+        sender.poll()
 
 
-def kafka_sender(bootstrap: str, topic: str, linger_ms: int = 5):
+class KafkaSender:
+    """A :class:`Sender` over librdkafka (``confluent_kafka``, built by
+    :func:`core.kafka.native_producer`): ``send`` copies the record into librdkafka's
+    queue and returns; batching, the wire and the acknowledgements are librdkafka's
+    threads' work, off the interpreter lock. Idempotent (``acks=all``), like the
+    product's other producers: a retried batch is never logged twice."""
+
+    def __init__(self, bootstrap: str, topic: str, linger_ms: int = 5,
+                 close_timeout: float = 5.0) -> None:
+        from core.kafka import native_producer
+
+        self.topic = topic
+        self.close_timeout = close_timeout
+        self._producer = native_producer(bootstrap, **{
+            "linger.ms": linger_ms, "enable.idempotence": True, "acks": "all",
+            "message.timeout.ms": 300_000})
+
+    def send(self, key: bytes, value: bytes, partition: int,
+             done: Callable[[Exception | None], None]) -> None:
+        def report(error: Any, _message: Any) -> None:
+            done(None if error is None else RuntimeError(str(error)))
+
+        try:
+            self._producer.produce(self.topic, value, key, partition, on_delivery=report)
+        except BufferError:  # librdkafka's queue is full: let it drain a little, once
+            self._producer.poll(0.05)
+            self._producer.produce(self.topic, value, key, partition, on_delivery=report)
+
+    def poll(self) -> int:
+        self._producer.poll(0)
+        return len(self._producer)
+
+    def close(self) -> None:
+        left = self._producer.flush(self.close_timeout)
+        if left:
+            log.warning("%d impressions not delivered at close", left)
+
+
+def kafka_sender(bootstrap: str, topic: str, linger_ms: int = 5) -> Callable[[], Sender]:
     """``make_sender`` for :class:`ImpressionLog` over a real broker; the producer sends
     what it gathered every ``linger_ms`` (``HEADWATER_IMPRESSION_LINGER_MS`` in serving)."""
-    def make():
-        from streams.producer import make_producer
-
-        producer = make_producer(bootstrap, connect_timeout=3600.0, linger_ms=linger_ms)
-
-        def send(key: bytes, value: bytes, partition: int):
-            return producer.send(topic, key=key, value=value, partition=partition)
-
-        def flush() -> None:
-            producer.flush(timeout=5)
-            producer.close(timeout=5)
-
-        return send, flush
-    return make
+    return functools.partial(KafkaSender, bootstrap, topic, linger_ms)

@@ -14,7 +14,7 @@ from streams.app import faust_credentials
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("core", "headwater", "streams", "features", "learner", "detection", "serving")
 CLIENT_CLASSES = {"KafkaProducer", "KafkaConsumer", "KafkaAdminClient", "AIOKafkaProducer",
-                  "AIOKafkaConsumer"}
+                  "AIOKafkaConsumer", "Producer", "Consumer"}
 
 
 def _built_clients(path: Path) -> list[str]:
@@ -55,6 +55,16 @@ def test_the_security_settings_reach_kafka_python_clients(sasl_env):
     finally:
         consumer.close()
         producer.close(timeout=1)
+
+
+def test_and_the_librdkafka_producer(sasl_env):
+    config = kafka_clients.librdkafka_config()
+    assert config["security.protocol"] == "sasl_ssl" and config["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert config["sasl.username"] == "svc" and config["sasl.password"] == "s3cret"
+    # librdkafka checks its properties when the client is built: a bad one raises here
+    kafka_clients.native_producer("127.0.0.1:1", **{"socket.timeout.ms": 10_000})
+    with pytest.raises(Exception, match="Unsupported SASL mechanism"):
+        kafka_clients.native_producer("127.0.0.1:1", **{"sasl.mechanism": "NOT-A-MECHANISM"})
 
 
 def test_and_faust(sasl_env):

@@ -13,7 +13,7 @@ from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from core import kafka as kafka_clients
-from serving.impressions import ImpressionLog, kafka_sender
+from serving.impressions import ImpressionLog, KafkaSender, kafka_sender
 from streams.schemas import ImpressionEvent, decode_message
 from streams.topics import ensure_topics
 
@@ -72,23 +72,33 @@ async def test_each_answer_is_logged_with_its_request_id_scores_and_rows(
                         "headwater_serving_impressions_logged_total") == 3
 
 
+class _Sender:
+    """A :class:`serving.impressions.Sender` that acknowledges at once, through ``on_send``."""
+
+    def __init__(self, on_send) -> None:
+        self.on_send = on_send
+
+    def send(self, key, value, partition, done):
+        self.on_send(json.loads(value)["request_id"])
+        done(None)
+
+    def poll(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
 def test_a_full_buffer_drops_and_counts_instead_of_waiting():
     release = threading.Event()
     sent = []
 
-    class Future:
-        def add_callback(self, f):
-            f(None)
-
-        def add_errback(self, f):
-            pass
+    def on_send(request_id):
+        release.wait()  # a broker that does not answer
+        sent.append(request_id)
 
     def make():
-        def send(key, value, partition):
-            release.wait()  # a broker that does not answer
-            sent.append(json.loads(value)["request_id"])
-            return Future()
-        return send, lambda: None
+        return _Sender(on_send)
 
     registry = CollectorRegistry()
     log = ImpressionLog(make, 4, capacity=2, registry=registry)
@@ -113,20 +123,13 @@ def test_records_offered_at_any_moment_are_sent_in_order_without_a_lost_wake_up(
     sent: list[str] = []
     got = threading.Condition()
 
-    class Future:
-        def add_callback(self, f):
-            f(None)
-
-        def add_errback(self, f):
-            pass
+    def on_send(request_id):
+        with got:
+            sent.append(request_id)
+            got.notify_all()
 
     def make():
-        def send(key, value, partition):
-            with got:
-                sent.append(json.loads(value)["request_id"])
-                got.notify_all()
-            return Future()
-        return send, lambda: None
+        return _Sender(on_send)
 
     def wait_for(k: int) -> None:
         with got:
@@ -147,3 +150,17 @@ def test_records_offered_at_any_moment_are_sent_in_order_without_a_lost_wake_up(
     wait_for(len(want))
     log.close()
     assert sent == want
+
+
+def test_a_record_the_broker_refuses_is_reported_as_an_error(kafka_bootstrap, settings):
+    """librdkafka's delivery report reaches ``done``: a partition the topic does not have."""
+    settings = settings.model_copy(update={"topic_prefix": f"imp-{uuid.uuid4().hex[:6]}-"})
+    ensure_topics(settings, kafka_bootstrap)
+    sender = KafkaSender(kafka_bootstrap, settings.topics["impressions"], close_timeout=10)
+    reports: list = []
+    sender.send(b"u", b"{}", settings.partitions + 5, reports.append)
+    sender.send(b"u", b"{}", 0, reports.append)
+    sender.close()  # delivers (or fails) what is in flight, serving the reports
+    assert len(reports) == 2
+    assert sum(r is None for r in reports) == 1
+    assert [str(r) for r in reports if r is not None][0]
