@@ -94,8 +94,9 @@ class Sender(Protocol):
         """Serve the delivery reports that arrived, without waiting; the records still
         in flight."""
 
-    def close(self) -> None:
-        """Deliver what is in flight (bounded), then release the producer."""
+    def close(self) -> int:
+        """Deliver what is in flight (bounded), then release the producer; the records
+        that were still not delivered (their ``done`` never runs: the caller counts them)."""
 
 
 class ImpressionLog:
@@ -186,9 +187,12 @@ class ImpressionLog:
                     break
             self._send_all(sender, taken)
         try:
-            sender.close()
+            undelivered = sender.close()
         except Exception:  # noqa: BLE001
             log.exception("flushing impressions failed")
+        else:
+            if undelivered:  # still in the producer's queue: never logged
+                self._dropped_send.inc(undelivered)
 
     def _send_all(self, sender: Sender, taken: list) -> None:
         records, keys = [], []
@@ -218,17 +222,19 @@ class KafkaSender:
     :func:`core.kafka.native_producer`): ``send`` copies the record into librdkafka's
     queue and returns; batching, the wire and the acknowledgements are librdkafka's
     threads' work, off the interpreter lock. Idempotent (``acks=all``), like the
-    product's other producers: a retried batch is never logged twice."""
+    product's other producers: a retried batch is never logged twice. Its queue holds at
+    most ``queue_kbytes`` (kafka-python's default buffer, 32 MB): through a broker outage
+    serving's memory stays bounded, and what does not fit is dropped and counted."""
 
     def __init__(self, bootstrap: str, topic: str, linger_ms: int = 5,
-                 close_timeout: float = 5.0) -> None:
+                 close_timeout: float = 5.0, queue_kbytes: int = 32 * 1024) -> None:
         from core.kafka import native_producer
 
         self.topic = topic
         self.close_timeout = close_timeout
         self._producer = native_producer(bootstrap, **{
             "linger.ms": linger_ms, "enable.idempotence": True, "acks": "all",
-            "message.timeout.ms": 300_000})
+            "message.timeout.ms": 300_000, "queue.buffering.max.kbytes": queue_kbytes})
 
     def send(self, key: bytes, value: bytes, partition: int,
              done: Callable[[Exception | None], None]) -> None:
@@ -245,10 +251,11 @@ class KafkaSender:
         self._producer.poll(0)
         return len(self._producer)
 
-    def close(self) -> None:
+    def close(self) -> int:
         left = self._producer.flush(self.close_timeout)
         if left:
             log.warning("%d impressions not delivered at close", left)
+        return left
 
 
 def kafka_sender(bootstrap: str, topic: str, linger_ms: int = 5) -> Callable[[], Sender]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 import time
@@ -85,8 +86,8 @@ class _Sender:
     def poll(self) -> int:
         return 0
 
-    def close(self) -> None:
-        pass
+    def close(self) -> int:
+        return 0
 
 
 def test_a_full_buffer_drops_and_counts_instead_of_waiting():
@@ -164,3 +165,18 @@ def test_a_record_the_broker_refuses_is_reported_as_an_error(kafka_bootstrap, se
     assert len(reports) == 2
     assert sum(r is None for r in reports) == 1
     assert [str(r) for r in reports if r is not None][0]
+
+
+def test_without_a_broker_every_record_is_counted_dropped_and_memory_stays_bounded():
+    """No broker, a librdkafka queue of 4 KB: records that do not fit are refused at once,
+    the ones queued are still undelivered at close; all are counted, none as logged."""
+    make = functools.partial(KafkaSender, "127.0.0.1:1", "nowhere", 5, 0.2, 4)
+    registry = CollectorRegistry()
+    log = ImpressionLog(make, 4, capacity=100, registry=registry, period=0.005)
+    log.start()
+    for i in range(10):
+        assert log.offer({"request_id": f"r{i}", "user_id": "u", "pad": "x" * 1500})
+    log.close(timeout=30)
+    dropped = registry.get_sample_value("headwater_serving_impressions_dropped_total", {"reason": "send"})
+    logged = registry.get_sample_value("headwater_serving_impressions_logged_total")
+    assert (logged, dropped) == (0, 10)
