@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["aidentity", "amget", "cluster_seeds", "connect", "connect_async", "hiredis_packing",
+__all__ = ["RoundTrips", "aidentity", "amget", "cluster_seeds", "connect", "connect_async", "hiredis_packing",
            "identity", "is_cluster", "is_cluster_url", "mget", "slot_chunks"]
 
 #: URL scheme of a cluster -> the scheme of one of its nodes
@@ -201,3 +201,143 @@ def slot_chunks(client: Any, items: Sequence[Any], key: Any, size: int) -> list[
     for item in items:
         by_slot.setdefault(key_slot(str(key(item)).encode()), []).append(item)
     return [group[i:i + size] for group in by_slot.values() for i in range(0, len(group), size)]
+
+
+class RoundTrips:
+    """Round trips of raw commands over a few plain connections to one Redis server,
+    parsed by hiredis: what a store's read plan needs from a pipeline and nothing else.
+
+    redis-py's asyncio pipeline pays, per round trip, a pool lock, a connect and
+    ``can_read`` health check of the pooled connection, a retry wrapper and its
+    observability hooks: ~470–520 µs of client CPU for a two-command read where writing
+    the packed commands and parsing the replies with hiredis costs ~170–250 µs (session
+    14, docs/decisions.md "Serving's feature reads on their own connections"). Serving
+    spends one such round trip per request.
+
+    :meth:`execute` answers like ``pipeline(transaction=False).execute(raise_on_error=False)``:
+    one reply per command, an error reply as its redis-py exception (``NoScriptError``,
+    ``ResponseError``...) in its place. A broken connection raises redis-py's
+    ``ConnectionError`` (no answer within ``timeout``: ``TimeoutError``) and is dropped
+    (callers retry those, as with redis-py); a
+    connection is reused only after a complete answer, so a cancelled request never
+    leaves half a reply for the next one. Only ``redis://`` and ``unix://`` servers
+    (TLS and clusters keep redis-py's pipeline: :meth:`for_url` returns None).
+    """
+
+    def __init__(self, host: str | None = None, port: int = 6379, *, path: str | None = None,
+                 db: int = 0, username: str | None = None, password: str | None = None,
+                 connect_timeout: float = 5.0, timeout: float | None = 5.0, max_idle: int = 16,
+                 callbacks: dict[str, Any] | None = None) -> None:
+        self.host, self.port, self.path = host, port, path
+        #: redis-py's response callbacks by command name (``client.response_callbacks``):
+        #: applied as its pipeline applies them (``HGETALL`` answers a dict, ...)
+        self.callbacks = callbacks or {}
+        self.db, self.username, self.password = db, username, password
+        self.connect_timeout = connect_timeout
+        #: seconds a round trip may wait for its answer (redis-py 8's socket timeout)
+        self.timeout = timeout
+        self.max_idle = max_idle
+        self._idle: list[tuple[Any, Any, Any]] = []
+        #: connections opened so far (tests and status read it)
+        self.opened = 0
+
+    @classmethod
+    def for_url(cls, url: str, callbacks: dict[str, Any] | None = None) -> RoundTrips | None:
+        """For a ``redis://`` or ``unix://`` URL; None for any other (TLS, cluster).
+
+        >>> rt = RoundTrips.for_url("redis://:pw@10.0.0.5:6380/2")
+        >>> (rt.host, rt.port, rt.db, rt.password)
+        ('10.0.0.5', 6380, 2, 'pw')
+        >>> RoundTrips.for_url("rediss://10.0.0.5:6380/0") is None
+        True
+        """
+        from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
+
+        if urlsplit(url).scheme.lower() not in ("redis", "unix"):
+            return None
+        kw = parse_url(url)
+        if set(kw) - {"host", "port", "db", "username", "password", "path", "connection_class"}:
+            return None  # options this client does not implement: keep redis-py's
+        unix = kw.get("connection_class") is UnixDomainSocketConnection
+        return cls(kw.get("host", "localhost") if not unix else None, int(kw.get("port", 6379)),
+                   path=kw.get("path") if unix else None, db=int(kw.get("db", 0) or 0),
+                   username=kw.get("username"), password=kw.get("password"), callbacks=callbacks)
+
+    async def _open(self) -> tuple[Any, Any, Any]:
+        import asyncio
+
+        import hiredis
+        from redis._parsers.base import BaseParser
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import InvalidResponse
+
+        try:
+            opening = (asyncio.open_unix_connection(self.path) if self.path
+                       else asyncio.open_connection(self.host, self.port))
+            reader, writer = await asyncio.wait_for(opening, self.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            where = self.path or f"{self.host}:{self.port}"
+            raise RedisConnectionError(f"Error connecting to Redis at {where}: {exc!r}") from exc
+        conn = (reader, writer, hiredis.Reader(protocolError=InvalidResponse,
+                                               replyError=BaseParser.parse_error))
+        self.opened += 1
+        # RESP3, as redis-py 8 speaks it: the same reply types (HGETALL a map, ...)
+        hello: list[tuple[Any, ...]] = [
+            ("HELLO", 3) if self.password is None
+            else ("HELLO", 3, "AUTH", self.username or "default", self.password)]
+        if self.db:
+            hello.append(("SELECT", self.db))
+        for reply in await self._round_trip(conn, hello):
+            if isinstance(reply, Exception):
+                writer.close()
+                raise reply
+        return conn
+
+    async def execute(self, cmds: Sequence[tuple[Any, ...]]) -> list[Any]:
+        conn = self._idle.pop() if self._idle else await self._open()
+        out = await self._round_trip(conn, cmds)
+        if len(self._idle) < self.max_idle:
+            self._idle.append(conn)
+        else:
+            conn[1].close()
+        callbacks = self.callbacks
+        for i, (cmd, reply) in enumerate(zip(cmds, out, strict=True)):
+            name = cmd[0].decode() if isinstance(cmd[0], bytes) else cmd[0]
+            cb = callbacks.get(name.upper())
+            if cb is not None and not isinstance(reply, Exception):
+                out[i] = cb(reply)
+        return out
+
+    async def _round_trip(self, conn: tuple[Any, Any, Any], cmds: Sequence[tuple[Any, ...]]) -> list[Any]:
+        import asyncio
+
+        import hiredis
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        reader, writer, parser = conn
+        out: list[Any] = []
+        try:
+            writer.write(b"".join([hiredis.pack_command(c) for c in cmds]))
+            async with asyncio.timeout(self.timeout):
+                while len(out) < len(cmds):
+                    reply = parser.gets()
+                    if reply is False:
+                        data = await reader.read(65536)
+                        if not data:
+                            raise RedisConnectionError("Connection closed by server.")
+                        parser.feed(data)
+                        continue
+                    out.append(reply)
+            return out
+        except BaseException as exc:  # half an answer (or none): this connection is done
+            writer.close()
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError(f"no answer from Redis in {self.timeout} s") from exc
+            if isinstance(exc, OSError):
+                raise RedisConnectionError(f"Error talking to Redis: {exc!r}") from exc
+            raise
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop()[1].close()

@@ -149,24 +149,32 @@ class OnlineStore(_Planner):
     The client must return bytes (``decode_responses=False``): scripts return packed doubles.
     """
 
-    def __init__(self, client: Any, **kwargs: Any) -> None:
+    def __init__(self, client: Any, transport: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.client = client
         self.cluster = is_cluster(client)
+        #: ``transport``: a :class:`core.redis_client.RoundTrips` for the plans' round trips (serving's
+        #: reads), else redis-py's pipeline; scripts are (re)loaded through ``client``
+        self.transport = transport
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> OnlineStore:
         return cls(connect_async(url, decode_responses=False), **kwargs)
 
     async def aclose(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
         await self.client.aclose()
 
     async def _execute(self, cmds: list[Command]) -> list[Any]:
         for _ in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for c in cmds:
-                pipe.execute_command(*c)
-            res = await pipe.execute(raise_on_error=False)
+            if self.transport is not None:
+                res = await self.transport.execute(cmds)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for c in cmds:
+                    pipe.execute_command(*c)
+                res = await pipe.execute(raise_on_error=False)
             self.round_trips += 1
             self.commands += len(cmds)
             if not self._check(res):

@@ -33,7 +33,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from core.redis_client import connect_async
+from core.redis_client import RoundTrips, connect_async
 from core.settings import Settings
 from learner.store import CheckpointError, manifest_kind
 from serving.holder import HolderError, ModelHolder
@@ -424,7 +424,10 @@ def build_context(
         quality_margin=quality_margin,
         item_content=_item_content(settings, redis_url),
     )
-    online = OnlineStore(redis_client, partitions=settings.partitions,
+    transport = None
+    if redis_url and settings.serve_redis_round_trips:
+        transport = RoundTrips.for_url(redis_url, callbacks=redis_client.response_callbacks)
+    online = OnlineStore(redis_client, transport, partitions=settings.partitions,
                          counters=builder.config.counters, registry=registry,
                          read_cache_seconds=settings.serve_feature_cache_seconds,
                          seq_len=settings.seq_len)
@@ -520,6 +523,8 @@ async def serve(
         ctx.holder.close()
         if ctx.scorer.executor is not None:
             ctx.scorer.executor.shutdown(wait=False, cancel_futures=True)
+        if ctx.scorer.store.transport is not None:
+            ctx.scorer.store.transport.close()
         await client.aclose()
 
 

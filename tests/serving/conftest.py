@@ -144,6 +144,7 @@ def seeded_redis(redis_db, settings) -> str:
 
 async def _make_client(settings, redis_url, builder, **kw) -> tuple[TestClient, object]:
     client = aioredis.Redis.from_url(redis_url, decode_responses=False)
+    kw.setdefault("redis_url", redis_url)  # feature reads over core.redis_client.RoundTrips, as served
     ctx = build_context(settings, client, builder=builder, registry=CollectorRegistry(), **kw)
     ctx.scorer.clock = lambda: NOW
     app = create_app(settings, ctx)
