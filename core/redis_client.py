@@ -24,9 +24,16 @@ False
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+import hiredis
+from redis._parsers.base import BaseParser
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = ["RoundTrips", "aidentity", "amget", "cluster_seeds", "connect", "connect_async", "hiredis_packing",
            "identity", "is_cluster", "is_cluster_url", "mget", "slot_chunks"]
@@ -217,10 +224,9 @@ class RoundTrips:
     :meth:`execute` answers like ``pipeline(transaction=False).execute(raise_on_error=False)``:
     one reply per command, an error reply as its redis-py exception (``NoScriptError``,
     ``ResponseError``...) in its place. A broken connection raises redis-py's
-    ``ConnectionError`` (no answer within ``timeout``: ``TimeoutError``) and is dropped
-    (callers retry those, as with redis-py); a
-    connection is reused only after a complete answer, so a cancelled request never
-    leaves half a reply for the next one. Only ``redis://`` and ``unix://`` servers
+    ``ConnectionError`` (no answer within ``timeout``: ``TimeoutError``) and is dropped;
+    callers retry those, as with redis-py. A connection is reused only after a complete
+    answer, so a cancelled request never leaves half a reply for the next one. Only ``redis://`` and ``unix://`` servers
     (TLS and clusters keep redis-py's pipeline: :meth:`for_url` returns None).
     """
 
@@ -264,13 +270,6 @@ class RoundTrips:
                    username=kw.get("username"), password=kw.get("password"), callbacks=callbacks)
 
     async def _open(self) -> tuple[Any, Any, Any]:
-        import asyncio
-
-        import hiredis
-        from redis._parsers.base import BaseParser
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import InvalidResponse
-
         try:
             opening = (asyncio.open_unix_connection(self.path) if self.path
                        else asyncio.open_connection(self.host, self.port))
@@ -309,12 +308,6 @@ class RoundTrips:
         return out
 
     async def _round_trip(self, conn: tuple[Any, Any, Any], cmds: Sequence[tuple[Any, ...]]) -> list[Any]:
-        import asyncio
-
-        import hiredis
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-
         reader, writer, parser = conn
         out: list[Any] = []
         try:
