@@ -144,7 +144,8 @@ class _Planner(StoreCore):
 
 
 class OnlineStore(_Planner):
-    """Async online store over ``redis.asyncio`` (one pipeline per round trip).
+    """Async online store over ``redis.asyncio`` (one pipeline per round trip, or one
+    :class:`core.redis_client.RoundTrips` round trip when given a ``transport``).
 
     The client must return bytes (``decode_responses=False``): scripts return packed doubles.
     """
@@ -153,8 +154,9 @@ class OnlineStore(_Planner):
         super().__init__(**kwargs)
         self.client = client
         self.cluster = is_cluster(client)
-        #: ``transport``: a :class:`core.redis_client.RoundTrips` for the plans' round trips (serving's
-        #: reads), else redis-py's pipeline; scripts are (re)loaded through ``client``
+        #: what runs the plans' round trips: a :class:`core.redis_client.RoundTrips`
+        #: (serving's reads), or None for redis-py's pipeline; scripts always load through
+        #: ``client``
         self.transport = transport
 
     @classmethod

@@ -33,7 +33,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from core.redis_client import RoundTrips, connect_async
+from core.redis_client import RoundTrips, connect_async, is_cluster
 from core.settings import Settings
 from learner.store import CheckpointError, manifest_kind
 from serving.holder import HolderError, ModelHolder
@@ -425,7 +425,7 @@ def build_context(
         item_content=_item_content(settings, redis_url),
     )
     transport = None
-    if redis_url and settings.serve_redis_round_trips:
+    if redis_url and settings.serve_redis_round_trips and not is_cluster(redis_client):
         transport = RoundTrips.for_url(redis_url, callbacks=redis_client.response_callbacks)
     online = OnlineStore(redis_client, transport, partitions=settings.partitions,
                          counters=builder.config.counters, registry=registry,
