@@ -102,12 +102,20 @@ class Load(threading.Thread):
         self.url = f"http://127.0.0.1:{port}/v1/score"
         self.qps = qps
         self.ok = self.failed = self.refused = self.refused_unexpected = 0
+        #: (seconds since the load started, what went wrong) of the first failures
+        self.failures: list[tuple[float, str]] = []
         self.versions: set[str] = set()
         self.stop = threading.Event()
         self.serving_down = threading.Event()
 
+    def _failed(self, start: float, what: str) -> None:
+        self.failed += 1
+        if len(self.failures) < 20:
+            self.failures.append((round(time.monotonic() - start, 1), what))
+
     def run(self) -> None:
         body = json.dumps({"user_id": LOAD_USER, "candidates": LOAD_ITEMS}).encode()
+        start = time.monotonic()
         while not self.stop.is_set():
             t0 = time.monotonic()
             req = urllib.request.Request(self.url, data=body, method="POST")
@@ -119,7 +127,8 @@ class Load(threading.Thread):
                 if exc.code == 503 and not self.versions:
                     pass  # no model published yet: not a failure
                 else:
-                    self.failed += 1
+                    detail = exc.read()[:300].decode("utf-8", "replace")
+                    self._failed(start, f"HTTP {exc.code}: {detail}")
             except OSError as exc:
                 refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
                 if refused and self.serving_down.is_set():
@@ -127,7 +136,7 @@ class Load(threading.Thread):
                 elif refused:
                     self.refused_unexpected += 1
                 else:
-                    self.failed += 1
+                    self._failed(start, repr(exc))
             time.sleep(max(0.0, 1.0 / self.qps - (time.monotonic() - t0)))
 
 
@@ -371,7 +380,7 @@ def main() -> None:
                                  if p.name.isdigit()), default=0),
         "publications_last_learner": status.get("learner", {}).get("publications"),
         "swaps": status.get("serving", {}).get("swaps"),
-        "requests_ok": load.ok, "requests_failed": load.failed,
+        "requests_ok": load.ok, "requests_failed": load.failed, "failures": load.failures,
         "requests_refused_while_serving_restarted": load.refused,
         "requests_refused_otherwise": load.refused_unexpected,
         "serve_workers": args.serve_workers,

@@ -223,7 +223,9 @@ class RoundTrips:
 
     :meth:`execute` answers like ``pipeline(transaction=False).execute(raise_on_error=False)``:
     one reply per command, an error reply as its redis-py exception (``NoScriptError``,
-    ``ResponseError``...) in its place. A broken connection raises redis-py's
+    ``ResponseError``...) in its place; except the replies redis-py raises instead,
+    its ``ConnectionError`` kinds (``LOADING`` while Redis reads its AOF after a
+    restart: ``BusyLoadingError``), which are raised here too. A broken connection raises redis-py's
     ``ConnectionError`` (no answer within ``timeout``: ``TimeoutError``) and is dropped;
     callers retry those, as with redis-py. A connection is reused only after a complete
     answer, so a cancelled request never leaves half a reply for the next one. Only ``redis://`` and ``unix://`` servers
@@ -299,6 +301,10 @@ class RoundTrips:
             self._idle.append(conn)
         else:
             conn[1].close()
+        for reply in out:  # as redis-py's parser: these are raised, and callers retry them
+            if isinstance(reply, RedisConnectionError) or (
+                    isinstance(reply, list) and reply and isinstance(reply[0], RedisConnectionError)):
+                raise reply if isinstance(reply, RedisConnectionError) else reply[0]
         callbacks = self.callbacks
         for i, (cmd, reply) in enumerate(zip(cmds, out, strict=True)):
             name = cmd[0].decode() if isinstance(cmd[0], bytes) else cmd[0]

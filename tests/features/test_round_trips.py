@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.redis_client import RoundTrips, connect_async
@@ -153,3 +153,29 @@ async def test_the_url_s_database_and_an_unreachable_server(redis_url):
     nowhere = RoundTrips("127.0.0.1", 1, connect_timeout=2.0)
     with pytest.raises(RedisConnectionError, match="127.0.0.1:1"):
         await nowhere.execute([("PING",)])
+
+
+async def test_a_server_still_loading_its_data_raises_what_callers_retry():
+    """After a restart Redis answers ``-LOADING`` until its AOF is read: redis-py raises
+    that (``BusyLoadingError``, a ``ConnectionError``), so must this. A scripted peer
+    plays the loading server (a real one loads a small AOF faster than a test can ask)."""
+    async def loading(reader, writer):
+        first = True
+        while data := await reader.read(65536):
+            for _ in range(data.count(b"*")):  # one answer per command
+                writer.write(b"+OK\r\n" if first else
+                             b"-LOADING Redis is loading the dataset in memory\r\n")
+                first = False
+            await writer.drain()
+
+    server = await asyncio.start_server(loading, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = RoundTrips("127.0.0.1", port)
+    try:
+        with pytest.raises(BusyLoadingError) as err:
+            await transport.execute([("EVALSHA", "0" * 40, 0), ("HGETALL", "u")])
+        assert isinstance(err.value, RedisConnectionError)  # what Scorer retries
+    finally:
+        transport.close()
+        server.close()
+        await server.wait_closed()
