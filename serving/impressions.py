@@ -234,7 +234,10 @@ class KafkaSender:
         self.close_timeout = close_timeout
         self._producer = native_producer(bootstrap, **{
             "linger.ms": linger_ms, "enable.idempotence": True, "acks": "all",
-            "message.timeout.ms": 300_000, "queue.buffering.max.kbytes": queue_kbytes})
+            "message.timeout.ms": 300_000, "queue.buffering.max.kbytes": queue_kbytes,
+            # the 8 MB of the product's kafka-python producers (streams.producer): an
+            # answer to HEADWATER_MAX_CANDIDATES candidates can pass librdkafka's 1 MB
+            "message.max.bytes": 8 << 20})
 
     def send(self, key: bytes, value: bytes, partition: int,
              done: Callable[[Exception | None], None]) -> None:
