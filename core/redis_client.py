@@ -246,7 +246,7 @@ class RoundTrips:
         self.timeout = timeout
         self.max_idle = max_idle
         self._idle: list[tuple[Any, Any, Any]] = []
-        #: connections opened so far (tests and status read it)
+        #: connections opened so far (the tests read it)
         self.opened = 0
 
     @classmethod
