@@ -23,6 +23,11 @@ from operator import methodcaller
 
 from .slots import Slotted
 
+try:  # built by the install from _fastparse.c (setup.py); absent without a C compiler
+    from ._fastparse import parse as _native_parse
+except ImportError:  # pragma: no cover - every line then takes the Python parser below
+    _native_parse = None
+
 GS = "\x1d"
 
 #: fields whose unquoted value is hex-encoded by auditd (``audit_log_untrustedstring``)
@@ -377,7 +382,15 @@ def parse_line(line: str | bytes) -> Record | ParseError:
     ('CWD', 42, '/tmp')
     >>> parse_line("type=SYSCALL msg=audit(17000").reason
     "unterminated header: no '):' after msg=audit("
+
+    The common line (printable ASCII, no single quote, not ``EXECVE``, well formed) is
+    parsed in C (``detection/_fastparse.c``), which hands every other line to the Python
+    steps below; both give the same records.
     """
+    if line.__class__ is str and _native_parse is not None:
+        rec = _native_parse(line, Record)
+        if rec is not None:
+            return rec
     orig = line
     if isinstance(line, (bytes, bytearray)):
         try:

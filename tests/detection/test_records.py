@@ -195,6 +195,7 @@ class _NoMemo(dict):
 def _reference(lines, monkeypatch):
     """parse_line with every body on the per-field reference parser."""
     with monkeypatch.context() as m:
+        m.setattr(records, "_native_parse", None)
         m.setattr(records, "_fields", records._exact_fields)
         m.setattr(records, "_FIELDS_MEMO", _NoMemo())
         m.setattr(records, "_BODY_CUTS", {})  # every body whole, no remembered tails
@@ -258,6 +259,12 @@ def test_fast_field_parser_matches_reference_on_real_and_mutated_logs(audit_dir,
     for line, g, w in zip(lines, got, want, strict=True):
         assert g == w, line
     assert sum(g[0] == "error" for g in got) > 5_000  # the mutants reach the error paths
+    # the C parser (parse_line's first step) took the real lines and handed the odd ones on
+    native = [records._native_parse(line, Record) for line in lines]
+    assert sum(r is not None for r in native[:15_000]) > 14_000
+    assert sum(r is None for r in native[-25_000:]) > 10_000
+    for r, w in zip(native, want, strict=True):
+        assert r is None or _outcome(r) == w
     # the body memo (bounded, emptied when full) gives the same outcomes, in any order
     # and with repeats; each record gets its own fields dict
     monkeypatch.setattr(records, "_FIELDS_MEMO", {})
@@ -295,3 +302,59 @@ def test_hexint_of_syscall_arguments():
 
     assert [_hexint(v) for v in ("7ffd1f61e4e8", "0", "ffffff9c", "0x10", "zz", "", 5, None,
                                  b"ff")] == [0x7ffd1f61e4e8, 0, 0xffffff9c, 16, 0, 0, 5, 0, 0]
+
+
+_KEYS = st.sampled_from(["pid", "syscall", "name", "proctitle", "comm", "cwd", "key", "a0",
+                         "item", "uid", "", "x\"", "k"])
+_CLEAN = st.lists(st.sampled_from(["a", "0", "F", "2F", "C3", "A9", "FF", "(null)", "(none)",
+                                   "?", "/bin", ")", ":", "="]), max_size=5).map("".join)
+_ODD = st.sampled_from(['"', "'", " ", "\t", "\x1d", "é", '""', '="'])
+_VALUES = st.one_of(_CLEAN, _CLEAN.map(lambda v: f'"{v}"'),
+                    st.tuples(_CLEAN, _ODD, _CLEAN).map("".join))
+_GOOD_KEYS = st.sampled_from(["pid", "syscall", "name", "proctitle", "comm", "cwd", "key",
+                              "a0", "item", "uid"])
+
+
+def _body(keys, eqs, values):
+    return st.lists(st.tuples(keys, eqs, values), max_size=12).map(
+        lambda ts: "".join(f" {k}{e}{v}" for k, e, v in ts))
+
+
+#: bodies of key=value tokens: well formed ones (the C parser's lines: hex or not, quoted
+#: or not, repeated keys) and ones with the characters both parsers branch on mixed in
+_BODIES = st.one_of(
+    _body(_GOOD_KEYS, st.just("="), st.one_of(_CLEAN, _CLEAN.map(lambda v: f'"{v}"'))),
+    _body(_KEYS, st.sampled_from(["=", "=", "=", "=", "=", ""]), _VALUES),
+)
+
+
+@settings(max_examples=3_000, deadline=None)
+@given(st.sampled_from(["SYSCALL", "PATH", "CWD", "PROCTITLE", "EXECVE", "USER_CMD", ""]),
+       st.sampled_from(["1.5:7", "1:0", "1e3:2", "nan:1", "1.0:-3", "1.0:1_0", " 2.0: 3", "1.0:",
+                        "x:1", "inf:4"]),
+       _BODIES)
+def test_native_parser_is_the_python_parser_or_hands_the_line_over(rtype, stamp, body):
+    """On generated lines the C parser returns exactly the Python parser's record, or None
+    (the line is then parsed in Python); it never returns an error of its own."""
+    line = f"type={rtype} msg=audit({stamp}):{body}"
+    native = records._native_parse(line, Record)
+    with_python = _outcome_python(line)
+    assert native is None or _outcome(native) == with_python, line
+
+
+def _outcome_python(line):
+    saved = records._native_parse
+    records._native_parse = None
+    try:
+        return _outcome(parse_line(line))
+    finally:
+        records._native_parse = saved
+
+
+def test_native_parser_is_built():
+    """The install builds detection/_fastparse.c (setup.py); without it every line takes
+    the Python parser, correct but ~3x slower, so a build that lost it fails here."""
+    assert records._native_parse is not None
+    r = parse_line('type=CWD msg=audit(1.0:7): cwd="/tmp"')
+    assert r.fields == {"cwd": "/tmp"} and r.enriched == {} and r.serial == 7
+    assert records._native_parse("type=CWD msg=audit(1.0:7): cwd='/tmp'", Record) is None

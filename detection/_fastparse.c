@@ -1,0 +1,365 @@
+/* The common audit line, parsed in C: detection.records.parse_line's first step.
+ *
+ * parse(line, record_type) returns record_type(rtype, ts, serial, fields, {}) for a line
+ * it is certain to parse exactly as the Python parser does, and None for every other
+ * line, which parse_line then parses in Python (so every error and its reason stay the
+ * Python parser's). "Certain" means: printable ASCII only (no tab, no 0x1d enrichment,
+ * no newline), no single quote, not EXECVE, a well-formed msg=audit(TS:SERIAL): header,
+ * every body token key=value with a non-empty key, a double quote only as the first and
+ * last character of a value, a hex value of an always-encoded field valid hex, and a
+ * SYSCALL with a numeric pid and a syscall. Then the body splits on spaces, values lose
+ * their quotes, the unquoted values of the encoded fields are hex-decoded (UTF-8, bad
+ * bytes replaced), and a repeated key keeps its first place and takes its last value:
+ * exactly what the Python parser gives (tests/detection/test_records.py compares the two
+ * on the corpora and on mutants of them).
+ *
+ * The timestamp and serial go through float() and int() themselves (PyFloat_FromString,
+ * PyLong_FromUnicodeObject), so they accept and reject what the Python parser does.
+ * Keys are interned: the engine's lookups by literal name then compare pointers.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+static PyObject *ZERO;  /* the int 0 */
+
+/* the last msg=audit(...) stamp that parsed, with its time and serial */
+#define STAMP_MAX 48
+static struct {
+    PyObject *ts, *serial;
+    Py_ssize_t len;
+    unsigned char bytes[STAMP_MAX];
+} LAST;
+
+/* field kinds: an always-encoded field's unquoted value is hex (ENCODED_FIELDS in
+ * detection/records.py); of those, a strict one must be valid hex (_STRICT_HEX) */
+enum { PLAIN = 0, ENCODED = 1, STRICT = 3 };
+static const char *const ENCODED_NAMES[] = {
+    "proctitle", "name", "cwd", "comm", "exe", "cmd", "path", "key", "data", "acct",
+    "new", "old", "ocomm", "watch", "dir", "root_dir", "cgroup", "vm", NULL};
+static const char *const STRICT_NAMES[] = {"proctitle", "name", "cwd", "exe", NULL};
+
+static int
+in_list(const char *const *list, const unsigned char *s, Py_ssize_t n)
+{
+    for (; *list; list++) {
+        if ((Py_ssize_t)strlen(*list) == n && memcmp(*list, s, n) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* Field names seen so far, as interned str objects with their kind: a name is looked up
+ * here (a hash of its few bytes) instead of being created, hashed and interned for every
+ * record. Direct-mapped; a collision replaces the entry. Lives as long as the process. */
+#define KEY_SLOTS 1024
+#define KEY_MAX 24
+typedef struct {
+    PyObject *obj;
+    int kind;
+    Py_ssize_t len;
+    unsigned char bytes[KEY_MAX];
+} key_slot;
+static key_slot KEYS[KEY_SLOTS];
+
+/* A new reference to the field name s[k0:k1] of line (and its kind), or NULL on error. */
+static PyObject *
+key_of(PyObject *line, const unsigned char *s, Py_ssize_t k0, Py_ssize_t k1, int *kind)
+{
+    Py_ssize_t n = k1 - k0;
+    const unsigned char *k = s + k0;
+    key_slot *slot = NULL;
+    if (n <= KEY_MAX) {
+        uint32_t h = 2166136261u;
+        for (Py_ssize_t i = 0; i < n; i++)
+            h = (h ^ k[i]) * 16777619u;
+        slot = &KEYS[h & (KEY_SLOTS - 1)];
+        if (slot->obj != NULL && slot->len == n && memcmp(slot->bytes, k, n) == 0) {
+            *kind = slot->kind;
+            return Py_NewRef(slot->obj);
+        }
+    }
+    PyObject *key = PyUnicode_Substring(line, k0, k1);
+    if (key == NULL)
+        return NULL;
+    PyUnicode_InternInPlace(&key);
+    *kind = in_list(STRICT_NAMES, k, n) ? STRICT : in_list(ENCODED_NAMES, k, n) ? ENCODED : PLAIN;
+    if (slot != NULL) {
+        Py_XSETREF(slot->obj, Py_NewRef(key));
+        slot->kind = *kind;
+        slot->len = n;
+        memcpy(slot->bytes, k, n);
+    }
+    return key;
+}
+
+/* Short unquoted values seen so far (``0``, ``yes``, ``c000003e``, ``(null)``, a uid), the
+ * same way: one str object each, shared by the records that carry it (str is immutable,
+ * and the Python parser's memo shares values between records too). */
+#define VAL_SLOTS 4096
+#define VAL_MAX 16
+typedef struct {
+    PyObject *obj;
+    Py_ssize_t len;
+    unsigned char bytes[VAL_MAX];
+} val_slot;
+static val_slot VALS[VAL_SLOTS];
+
+static PyObject *
+short_value(PyObject *line, const unsigned char *s, Py_ssize_t v0, Py_ssize_t v1)
+{
+    Py_ssize_t n = v1 - v0;
+    const unsigned char *v = s + v0;
+    if (n > VAL_MAX || n < 2)  /* one-character strings are cached by Python itself */
+        return PyUnicode_Substring(line, v0, v1);
+    uint32_t h = 2166136261u;
+    for (Py_ssize_t i = 0; i < n; i++)
+        h = (h ^ v[i]) * 16777619u;
+    val_slot *slot = &VALS[h & (VAL_SLOTS - 1)];
+    if (slot->obj != NULL && slot->len == n && memcmp(slot->bytes, v, n) == 0)
+        return Py_NewRef(slot->obj);
+    PyObject *val = PyUnicode_Substring(line, v0, v1);
+    if (val != NULL) {
+        Py_XSETREF(slot->obj, Py_NewRef(val));
+        slot->len = n;
+        memcpy(slot->bytes, v, n);
+    }
+    return val;
+}
+
+/* per byte: 1 a space, 0 a character the C parser takes, REJECT one that sends the line
+ * to Python (control characters, 0x1d enrichment, non-ASCII, a single quote) */
+#define REJECT 2
+static unsigned char CHAR_CLASS[256];
+
+static void
+init_char_class(void)
+{
+    for (int c = 0; c < 256; c++)
+        CHAR_CLASS[c] = (c < 0x20 || c > 0x7e || c == '\'') ? REJECT : (c == ' ');
+}
+
+static int
+hexval(unsigned char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* The value object of one token's value text; NULL with no exception set: hand the line
+ * to Python; NULL with an exception: a real error. */
+static PyObject *
+value_of(PyObject *line, const unsigned char *s, int kind, Py_ssize_t v0, Py_ssize_t v1)
+{
+    Py_ssize_t n = v1 - v0;
+    const unsigned char *v = s + v0;
+    if (n > 0 && v[0] == '"') {
+        if (n < 2 || v[n - 1] != '"')
+            return NULL;
+        if (n > 2 && memchr(v + 1, '"', n - 2) != NULL)
+            return NULL;
+        return PyUnicode_Substring(line, v0 + 1, v1 - 1);
+    }
+    if (n > 0 && memchr(v, '"', n) != NULL)
+        return NULL;
+    if (n == 0 || kind == PLAIN)
+        return short_value(line, s, v0, v1);
+    if ((n == 6 && (memcmp(v, "(null)", 6) == 0 || memcmp(v, "(none)", 6) == 0)) ||
+        (n == 1 && v[0] == '?'))
+        return short_value(line, s, v0, v1);
+    int ok = (n % 2) == 0;
+    for (Py_ssize_t i = 0; ok && i < n; i++)
+        ok = hexval(v[i]) >= 0;
+    if (!ok) {
+        if (kind == STRICT)
+            return NULL;  /* Python reports it */
+        return PyUnicode_Substring(line, v0, v1);
+    }
+    char stack[256];
+    char *buf = n / 2 <= (Py_ssize_t)sizeof(stack) ? stack : PyMem_Malloc(n / 2);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n / 2; i++)
+        buf[i] = (char)((hexval(v[2 * i]) << 4) | hexval(v[2 * i + 1]));
+    PyObject *out = PyUnicode_DecodeUTF8(buf, n / 2, "replace");
+    if (buf != stack)
+        PyMem_Free(buf);
+    return out;
+}
+
+static PyObject *
+fast_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "parse(line, record_type) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *line = args[0];
+    if (!PyUnicode_Check(line) || !PyUnicode_IS_ASCII(line))
+        Py_RETURN_NONE;
+    const unsigned char *s = PyUnicode_1BYTE_DATA(line);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(line);
+    Py_ssize_t spaces = 0;  /* at most one field per space: the dict is sized once */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char cls = CHAR_CLASS[s[i]];
+        if (cls == REJECT)
+            Py_RETURN_NONE;
+        spaces += cls;
+    }
+    if (n < 5 || memcmp(s, "type=", 5) != 0)
+        Py_RETURN_NONE;
+    const unsigned char *p = memchr(s + 5, ' ', n - 5);
+    if (p == NULL)
+        Py_RETURN_NONE;
+    Py_ssize_t sp = p - s;
+    if (sp - 5 == 6 && memcmp(s + 5, "EXECVE", 6) == 0)
+        Py_RETURN_NONE;
+    if (n - sp < 11 || memcmp(s + sp, " msg=audit(", 11) != 0)
+        Py_RETURN_NONE;
+    Py_ssize_t close = -1;
+    for (Py_ssize_t i = sp + 11; i + 1 < n; i++) {
+        if (s[i] == ')' && s[i + 1] == ':') {
+            close = i;
+            break;
+        }
+    }
+    if (close < 0)
+        Py_RETURN_NONE;
+    const unsigned char *c = memchr(s + sp + 11, ':', close - (sp + 11));
+    if (c == NULL)
+        Py_RETURN_NONE;
+    Py_ssize_t colon = c - s;
+    int is_syscall = (sp - 5 == 7 && memcmp(s + 5, "SYSCALL", 7) == 0);
+
+    PyObject *rtype = NULL, *ts = NULL, *serial = NULL, *fields = NULL, *tmp = NULL;
+    PyObject *enriched = NULL, *result = NULL;
+    Py_ssize_t stamp_len = close - (sp + 11);
+    if (LAST.ts != NULL && LAST.len == stamp_len &&
+        memcmp(LAST.bytes, s + sp + 11, stamp_len) == 0) {
+        /* the records of one event share their header */
+        ts = Py_NewRef(LAST.ts);
+        serial = Py_NewRef(LAST.serial);
+    } else {
+        tmp = PyUnicode_Substring(line, sp + 11, colon);
+        if (tmp == NULL)
+            goto done;
+        ts = PyFloat_FromString(tmp);
+        Py_CLEAR(tmp);
+        if (ts == NULL || Py_IS_NAN(PyFloat_AS_DOUBLE(ts)))
+            goto fallback;
+        tmp = PyUnicode_Substring(line, colon + 1, close);
+        if (tmp == NULL)
+            goto done;
+        serial = PyLong_FromUnicodeObject(tmp, 10);
+        Py_CLEAR(tmp);
+        if (serial == NULL)
+            goto fallback;
+        if (PyObject_RichCompareBool(serial, ZERO, Py_LT) != 0)  /* serial < 0, or an error */
+            goto fallback;
+        if (stamp_len <= STAMP_MAX) {
+            Py_XSETREF(LAST.ts, Py_NewRef(ts));
+            Py_XSETREF(LAST.serial, Py_NewRef(serial));
+            LAST.len = stamp_len;
+            memcpy(LAST.bytes, s + sp + 11, stamp_len);
+        }
+    }
+
+    fields = _PyDict_NewPresized(spaces);
+    if (fields == NULL)
+        goto done;
+    int have_pid = 0, have_syscall = 0;
+    Py_ssize_t i = close + 2;
+    while (i < n) {
+        while (i < n && s[i] == ' ')
+            i++;
+        if (i >= n)
+            break;
+        Py_ssize_t t0 = i;
+        while (i < n && s[i] != ' ')
+            i++;
+        const unsigned char *e = memchr(s + t0, '=', i - t0);
+        if (e == NULL || e == s + t0)
+            goto fallback;
+        Py_ssize_t eq = e - s;
+        if (memchr(s + t0, '"', eq - t0) != NULL)
+            goto fallback;
+        int kind;
+        PyObject *key = key_of(line, s, t0, eq, &kind);
+        if (key == NULL)
+            goto done;
+        PyObject *val = value_of(line, s, kind, eq + 1, i);
+        if (val == NULL) {
+            Py_DECREF(key);
+            if (PyErr_Occurred())
+                goto done;
+            goto fallback;
+        }
+        if (is_syscall) {
+            Py_ssize_t kn = eq - t0;
+            if (kn == 3 && memcmp(s + t0, "pid", 3) == 0) {
+                /* the last pid counts (a repeated key takes its last value) */
+                Py_ssize_t vn = PyUnicode_GET_LENGTH(val);
+                have_pid = vn > 0 && PyUnicode_IS_ASCII(val);
+                const unsigned char *d = PyUnicode_1BYTE_DATA(val);
+                for (Py_ssize_t j = 0; have_pid && j < vn; j++)
+                    have_pid = d[j] >= '0' && d[j] <= '9';
+            } else if (kn == 7 && memcmp(s + t0, "syscall", 7) == 0) {
+                have_syscall = 1;
+            }
+        }
+        int rc = PyDict_SetItem(fields, key, val);
+        Py_DECREF(key);
+        Py_DECREF(val);
+        if (rc < 0)
+            goto done;
+    }
+    if (is_syscall && !(have_pid && have_syscall))
+        goto fallback;
+    int rkind;
+    rtype = key_of(line, s, 5, sp, &rkind);
+    if (rtype == NULL)
+        goto done;
+    enriched = PyDict_New();
+    if (enriched == NULL)
+        goto done;
+    PyObject *rargs[5] = {rtype, ts, serial, fields, enriched};
+    result = PyObject_Vectorcall(args[1], rargs, 5, NULL);
+    goto done;
+
+fallback:
+    PyErr_Clear();
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(tmp);
+    Py_XDECREF(rtype);
+    Py_XDECREF(ts);
+    Py_XDECREF(serial);
+    Py_XDECREF(fields);
+    Py_XDECREF(enriched);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"parse", (PyCFunction)(void (*)(void))fast_parse, METH_FASTCALL,
+     "parse(line, record_type) -> record_type(rtype, ts, serial, fields, {}), or None for "
+     "a line the Python parser must handle."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "detection._fastparse",
+    "The common audit line parsed in C (see detection.records.parse_line).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__fastparse(void)
+{
+    init_char_class();
+    ZERO = PyLong_FromLong(0);
+    if (ZERO == NULL)
+        return NULL;
+    return PyModule_Create(&module);
+}
