@@ -1,8 +1,8 @@
 /* The common audit line, parsed in C: detection.records.parse_line's first step.
  *
- * parse(line, record_type) returns record_type(rtype, ts, serial, fields, {}) for a line
- * it is certain to parse exactly as the Python parser does, and None for every other
- * line, which parse_line then parses in Python (so every error and its reason stay the
+ * parse(line, record_type), line a str or bytes, returns record_type(rtype, ts, serial,
+ * fields, {}) for a line it is certain to parse exactly as the Python parser does, and
+ * None for every other line, which parse_line then parses in Python (so every error and its reason stay the
  * Python parser's). "Certain" means: printable ASCII only (no tab, no 0x1d enrichment,
  * no newline), no single quote, not EXECVE, a well-formed msg=audit(TS:SERIAL): header,
  * every body token key=value with a non-empty key, a double quote only as the first and
@@ -31,6 +31,22 @@ static struct {
     Py_ssize_t len;
     unsigned char bytes[STAMP_MAX];
 } LAST;
+
+/* The line being parsed: a str or a bytes object, printable ASCII either way (checked
+ * first), so a slice of it is a str of the same characters. */
+typedef struct {
+    PyObject *obj;
+    const unsigned char *s;
+    int is_bytes;
+} src_t;
+
+static PyObject *
+text(const src_t *src, Py_ssize_t a, Py_ssize_t b)
+{
+    if (src->is_bytes)
+        return PyUnicode_DecodeASCII((const char *)src->s + a, b - a, NULL);
+    return PyUnicode_Substring(src->obj, a, b);
+}
 
 /* field kinds: an always-encoded field's unquoted value is hex (ENCODED_FIELDS in
  * detection/records.py); of those, a strict one must be valid hex (_STRICT_HEX) */
@@ -65,8 +81,9 @@ static key_slot KEYS[KEY_SLOTS];
 
 /* A new reference to the field name s[k0:k1] of line (and its kind), or NULL on error. */
 static PyObject *
-key_of(PyObject *line, const unsigned char *s, Py_ssize_t k0, Py_ssize_t k1, int *kind)
+key_of(const src_t *src, Py_ssize_t k0, Py_ssize_t k1, int *kind)
 {
+    const unsigned char *s = src->s;
     Py_ssize_t n = k1 - k0;
     const unsigned char *k = s + k0;
     key_slot *slot = NULL;
@@ -80,7 +97,7 @@ key_of(PyObject *line, const unsigned char *s, Py_ssize_t k0, Py_ssize_t k1, int
             return Py_NewRef(slot->obj);
         }
     }
-    PyObject *key = PyUnicode_Substring(line, k0, k1);
+    PyObject *key = text(src, k0, k1);
     if (key == NULL)
         return NULL;
     PyUnicode_InternInPlace(&key);
@@ -107,19 +124,20 @@ typedef struct {
 static val_slot VALS[VAL_SLOTS];
 
 static PyObject *
-short_value(PyObject *line, const unsigned char *s, Py_ssize_t v0, Py_ssize_t v1)
+short_value(const src_t *src, Py_ssize_t v0, Py_ssize_t v1)
 {
+    const unsigned char *s = src->s;
     Py_ssize_t n = v1 - v0;
     const unsigned char *v = s + v0;
     if (n > VAL_MAX || n < 2)  /* one-character strings are cached by Python itself */
-        return PyUnicode_Substring(line, v0, v1);
+        return text(src, v0, v1);
     uint32_t h = 2166136261u;
     for (Py_ssize_t i = 0; i < n; i++)
         h = (h ^ v[i]) * 16777619u;
     val_slot *slot = &VALS[h & (VAL_SLOTS - 1)];
     if (slot->obj != NULL && slot->len == n && memcmp(slot->bytes, v, n) == 0)
         return Py_NewRef(slot->obj);
-    PyObject *val = PyUnicode_Substring(line, v0, v1);
+    PyObject *val = text(src, v0, v1);
     if (val != NULL) {
         Py_XSETREF(slot->obj, Py_NewRef(val));
         slot->len = n;
@@ -152,8 +170,9 @@ hexval(unsigned char c)
 /* The value object of one token's value text; NULL with no exception set: hand the line
  * to Python; NULL with an exception: a real error. */
 static PyObject *
-value_of(PyObject *line, const unsigned char *s, int kind, Py_ssize_t v0, Py_ssize_t v1)
+value_of(const src_t *src, int kind, Py_ssize_t v0, Py_ssize_t v1)
 {
+    const unsigned char *s = src->s;
     Py_ssize_t n = v1 - v0;
     const unsigned char *v = s + v0;
     if (n > 0 && v[0] == '"') {
@@ -161,22 +180,22 @@ value_of(PyObject *line, const unsigned char *s, int kind, Py_ssize_t v0, Py_ssi
             return NULL;
         if (n > 2 && memchr(v + 1, '"', n - 2) != NULL)
             return NULL;
-        return PyUnicode_Substring(line, v0 + 1, v1 - 1);
+        return text(src, v0 + 1, v1 - 1);
     }
     if (n > 0 && memchr(v, '"', n) != NULL)
         return NULL;
     if (n == 0 || kind == PLAIN)
-        return short_value(line, s, v0, v1);
+        return short_value(src, v0, v1);
     if ((n == 6 && (memcmp(v, "(null)", 6) == 0 || memcmp(v, "(none)", 6) == 0)) ||
         (n == 1 && v[0] == '?'))
-        return short_value(line, s, v0, v1);
+        return short_value(src, v0, v1);
     int ok = (n % 2) == 0;
     for (Py_ssize_t i = 0; ok && i < n; i++)
         ok = hexval(v[i]) >= 0;
     if (!ok) {
         if (kind == STRICT)
             return NULL;  /* Python reports it */
-        return PyUnicode_Substring(line, v0, v1);
+        return text(src, v0, v1);
     }
     char stack[256];
     char *buf = n / 2 <= (Py_ssize_t)sizeof(stack) ? stack : PyMem_Malloc(n / 2);
@@ -197,11 +216,21 @@ fast_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "parse(line, record_type) takes 2 arguments");
         return NULL;
     }
-    PyObject *line = args[0];
-    if (!PyUnicode_Check(line) || !PyUnicode_IS_ASCII(line))
+    src_t src;
+    Py_ssize_t n;
+    src.obj = args[0];
+    if (PyUnicode_CheckExact(src.obj) && PyUnicode_IS_ASCII(src.obj)) {
+        src.s = PyUnicode_1BYTE_DATA(src.obj);
+        src.is_bytes = 0;
+        n = PyUnicode_GET_LENGTH(src.obj);
+    } else if (PyBytes_CheckExact(src.obj)) {
+        src.s = (const unsigned char *)PyBytes_AS_STRING(src.obj);
+        src.is_bytes = 1;
+        n = PyBytes_GET_SIZE(src.obj);
+    } else {
         Py_RETURN_NONE;
-    const unsigned char *s = PyUnicode_1BYTE_DATA(line);
-    Py_ssize_t n = PyUnicode_GET_LENGTH(line);
+    }
+    const unsigned char *s = src.s;
     Py_ssize_t spaces = 0;  /* at most one field per space: the dict is sized once */
     for (Py_ssize_t i = 0; i < n; i++) {
         unsigned char cls = CHAR_CLASS[s[i]];
@@ -243,14 +272,14 @@ fast_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         ts = Py_NewRef(LAST.ts);
         serial = Py_NewRef(LAST.serial);
     } else {
-        tmp = PyUnicode_Substring(line, sp + 11, colon);
+        tmp = text(&src, sp + 11, colon);
         if (tmp == NULL)
             goto done;
         ts = PyFloat_FromString(tmp);
         Py_CLEAR(tmp);
         if (ts == NULL || Py_IS_NAN(PyFloat_AS_DOUBLE(ts)))
             goto fallback;
-        tmp = PyUnicode_Substring(line, colon + 1, close);
+        tmp = text(&src, colon + 1, close);
         if (tmp == NULL)
             goto done;
         serial = PyLong_FromUnicodeObject(tmp, 10);
@@ -287,10 +316,10 @@ fast_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (memchr(s + t0, '"', eq - t0) != NULL)
             goto fallback;
         int kind;
-        PyObject *key = key_of(line, s, t0, eq, &kind);
+        PyObject *key = key_of(&src, t0, eq, &kind);
         if (key == NULL)
             goto done;
-        PyObject *val = value_of(line, s, kind, eq + 1, i);
+        PyObject *val = value_of(&src, kind, eq + 1, i);
         if (val == NULL) {
             Py_DECREF(key);
             if (PyErr_Occurred())
@@ -319,7 +348,7 @@ fast_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (is_syscall && !(have_pid && have_syscall))
         goto fallback;
     int rkind;
-    rtype = key_of(line, s, 5, sp, &rkind);
+    rtype = key_of(&src, 5, sp, &rkind);
     if (rtype == NULL)
         goto done;
     enriched = PyDict_New();

@@ -387,8 +387,8 @@ def parse_line(line: str | bytes) -> Record | ParseError:
     parsed in C (``detection/_fastparse.c``), which hands every other line to the Python
     steps below; both give the same records.
     """
-    if line.__class__ is str and _native_parse is not None:
-        rec = _native_parse(line, Record)
+    if _native_parse is not None:
+        rec = _native_parse(line, Record)  # None for anything but a common str or bytes line
         if rec is not None:
             return rec
     orig = line

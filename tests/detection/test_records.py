@@ -265,6 +265,11 @@ def test_fast_field_parser_matches_reference_on_real_and_mutated_logs(audit_dir,
     assert sum(r is None for r in native[-25_000:]) > 10_000
     for r, w in zip(native, want, strict=True):
         assert r is None or _outcome(r) == w
+    # the worker's lines are bytes: the same records from them
+    for line, r, w in zip(lines, native, want, strict=True):
+        if line.isascii():
+            b = records._native_parse(line.encode(), Record)
+            assert (b is None) == (r is None) and (b is None or _outcome(b) == w), line
     # the body memo (bounded, emptied when full) gives the same outcomes, in any order
     # and with repeats; each record gets its own fields dict
     monkeypatch.setattr(records, "_FIELDS_MEMO", {})
@@ -337,9 +342,10 @@ def test_native_parser_is_the_python_parser_or_hands_the_line_over(rtype, stamp,
     """On generated lines the C parser returns exactly the Python parser's record, or None
     (the line is then parsed in Python); it never returns an error of its own."""
     line = f"type={rtype} msg=audit({stamp}):{body}"
-    native = records._native_parse(line, Record)
     with_python = _outcome_python(line)
-    assert native is None or _outcome(native) == with_python, line
+    for given_as in (line, line.encode()):
+        native = records._native_parse(given_as, Record)
+        assert native is None or _outcome(native) == with_python, line
 
 
 def _outcome_python(line):
@@ -358,3 +364,5 @@ def test_native_parser_is_built():
     r = parse_line('type=CWD msg=audit(1.0:7): cwd="/tmp"')
     assert r.fields == {"cwd": "/tmp"} and r.enriched == {} and r.serial == 7
     assert records._native_parse("type=CWD msg=audit(1.0:7): cwd='/tmp'", Record) is None
+    r = parse_line(b'type=CWD msg=audit(1.0:7): cwd="/tmp"')  # the worker's lines are bytes
+    assert r.fields == {"cwd": "/tmp"} and r.fields["cwd"].__class__ is str
