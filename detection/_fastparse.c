@@ -4,11 +4,12 @@
  * fields, {}) for a line it is certain to parse exactly as the Python parser does, and
  * None for every other line, which parse_line then parses in Python (so every error and its reason stay the
  * Python parser's). "Certain" means: printable ASCII only (no tab, no 0x1d enrichment,
- * no newline), no single quote, not EXECVE, a well-formed msg=audit(TS:SERIAL): header,
+ * no newline), no single quote, a well-formed msg=audit(TS:SERIAL): header,
  * every body token key=value with a non-empty key, a double quote only as the first and
  * last character of a value, a hex value of an always-encoded field valid hex, and a
  * SYSCALL with a numeric pid and a syscall. Then the body splits on spaces, values lose
- * their quotes, the unquoted values of the encoded fields are hex-decoded (UTF-8, bad
+ * their quotes, the unquoted values of the encoded fields (and of an EXECVE's arguments
+ * a0, a1, a2[0], ...) are hex-decoded (UTF-8, bad
  * bytes replaced), and a repeated key keeps its first place and takes its last value:
  * exactly what the Python parser gives (tests/detection/test_records.py compares the two
  * on the corpora and on mutants of them).
@@ -244,8 +245,7 @@ fast_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (p == NULL)
         Py_RETURN_NONE;
     Py_ssize_t sp = p - s;
-    if (sp - 5 == 6 && memcmp(s + 5, "EXECVE", 6) == 0)
-        Py_RETURN_NONE;
+    int is_execve = (sp - 5 == 6 && memcmp(s + 5, "EXECVE", 6) == 0);
     if (n - sp < 11 || memcmp(s + sp, " msg=audit(", 11) != 0)
         Py_RETURN_NONE;
     Py_ssize_t close = -1;
@@ -319,6 +319,9 @@ fast_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyObject *key = key_of(&src, t0, eq, &kind);
         if (key == NULL)
             goto done;
+        if (is_execve && kind == PLAIN && eq - t0 >= 2 && s[t0] == 'a' && s[t0 + 1] >= '0' &&
+            s[t0 + 1] <= '9' && memchr(s + t0, '_', eq - t0) == NULL)
+            kind = ENCODED;  /* an argument (a0, a1[2]): hex when it holds odd characters */
         PyObject *val = value_of(&src, kind, eq + 1, i);
         if (val == NULL) {
             Py_DECREF(key);
@@ -371,10 +374,128 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------------------------------
+ * syscall_values(fields, syscalls): what detection.events.event_from_records takes from
+ * a SYSCALL record's fields, in C: (syscall name, success, exit, pid, ppid, uid, euid,
+ * auid, ses, comm, exe, key, (a0, a1, a2, a3)), or None when a field it reads is not a
+ * str (the Python fold then handles the record). The numbers are int(v), else
+ * int(v, 16), else the default (events._int), the arguments int(v, 16) or 0
+ * (events._hexint); syscalls maps an x86_64 syscall number to its name.
+ */
+enum { F_SYSCALL, F_ARCH, F_SUCCESS, F_EXIT, F_PID, F_PPID, F_UID, F_EUID, F_AUID, F_SES,
+       F_COMM, F_EXE, F_KEY, F_A0, F_A1, F_A2, F_A3, F_COUNT };
+static const char *const FIELD_NAMES[F_COUNT] = {
+    "syscall", "arch", "success", "exit", "pid", "ppid", "uid", "euid", "auid", "ses",
+    "comm", "exe", "key", "a0", "a1", "a2", "a3"};
+static PyObject *FIELD_KEYS[F_COUNT];
+static PyObject *S_YES, *S_NULL, *S_X86_64, *MINUS_ONE;
+
+/* events._int of a str (a new reference): int(v), int(v, 16), else dflt */
+static PyObject *
+int_of(PyObject *v, PyObject *dflt)
+{
+    if (v == NULL)
+        return Py_NewRef(dflt);
+    PyObject *r = PyLong_FromUnicodeObject(v, 10);
+    if (r != NULL || !PyErr_ExceptionMatches(PyExc_ValueError))
+        return r;
+    PyErr_Clear();
+    r = PyLong_FromUnicodeObject(v, 16);
+    if (r != NULL || !PyErr_ExceptionMatches(PyExc_ValueError))
+        return r;
+    PyErr_Clear();
+    return Py_NewRef(dflt);
+}
+
+/* events._hexint of a str, or 0 when absent */
+static PyObject *
+hexint_of(PyObject *v)
+{
+    if (v == NULL)
+        return Py_NewRef(ZERO);
+    PyObject *r = PyLong_FromUnicodeObject(v, 16);
+    if (r != NULL || !PyErr_ExceptionMatches(PyExc_ValueError))
+        return r;
+    PyErr_Clear();
+    return Py_NewRef(ZERO);
+}
+
+static PyObject *
+syscall_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyDict_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "syscall_values(fields: dict, syscalls: dict)");
+        return NULL;
+    }
+    PyObject *f[F_COUNT];  /* borrowed; NULL when absent */
+    for (int i = 0; i < F_COUNT; i++) {
+        f[i] = PyDict_GetItemWithError(args[0], FIELD_KEYS[i]);
+        if (f[i] == NULL && PyErr_Occurred())
+            return NULL;
+        if (f[i] != NULL && !PyUnicode_CheckExact(f[i]))
+            Py_RETURN_NONE;
+    }
+    PyObject *out = PyTuple_New(13);
+    if (out == NULL)
+        return NULL;
+    PyObject *nr = int_of(f[F_SYSCALL], MINUS_ONE);
+    if (nr == NULL)
+        goto fail;
+    PyObject *name = NULL;
+    int x86 = f[F_ARCH] == NULL ? 1 : PyUnicode_Compare(f[F_ARCH], S_X86_64) == 0;
+    if (x86) {
+        name = PyDict_GetItemWithError(args[1], nr);
+        if (name != NULL)
+            Py_INCREF(name);
+        else if (PyErr_Occurred()) {
+            Py_DECREF(nr);
+            goto fail;
+        }
+    }
+    if (name == NULL)
+        name = PyUnicode_FromFormat("syscall_%S", nr);
+    Py_DECREF(nr);
+    if (name == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(out, 0, name);
+    int ok = f[F_SUCCESS] == NULL || PyUnicode_Compare(f[F_SUCCESS], S_YES) == 0;
+    PyTuple_SET_ITEM(out, 1, Py_NewRef(ok ? Py_True : Py_False));
+    static const int ints[] = {F_EXIT, F_PID, F_PPID, F_UID, F_EUID, F_AUID, F_SES};
+    for (int i = 0; i < 7; i++) {
+        PyObject *v = int_of(f[ints[i]], Py_None);
+        if (v == NULL)
+            goto fail;
+        PyTuple_SET_ITEM(out, 2 + i, v);
+    }
+    PyTuple_SET_ITEM(out, 9, Py_NewRef(f[F_COMM] ? f[F_COMM] : Py_None));
+    PyTuple_SET_ITEM(out, 10, Py_NewRef(f[F_EXE] ? f[F_EXE] : Py_None));
+    PyObject *key = f[F_KEY];
+    if (key != NULL && PyUnicode_Compare(key, S_NULL) == 0)
+        key = NULL;
+    PyTuple_SET_ITEM(out, 11, Py_NewRef(key ? key : Py_None));
+    PyObject *a = PyTuple_New(4);
+    if (a == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(out, 12, a);
+    for (int i = 0; i < 4; i++) {
+        PyObject *v = hexint_of(f[F_A0 + i]);
+        if (v == NULL)
+            goto fail;
+        PyTuple_SET_ITEM(a, i, v);
+    }
+    return out;
+fail:
+    Py_DECREF(out);  /* unset items are NULL: tuple dealloc skips them */
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"parse", (PyCFunction)(void (*)(void))fast_parse, METH_FASTCALL,
      "parse(line, record_type) -> record_type(rtype, ts, serial, fields, {}), or None for "
      "a line the Python parser must handle."},
+    {"syscall_values", (PyCFunction)(void (*)(void))syscall_values, METH_FASTCALL,
+     "syscall_values(fields, syscalls) -> what events.event_from_records takes from a "
+     "SYSCALL record, or None when a field it reads is not a str."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -388,7 +509,16 @@ PyInit__fastparse(void)
 {
     init_char_class();
     ZERO = PyLong_FromLong(0);
-    if (ZERO == NULL)
+    MINUS_ONE = PyLong_FromLong(-1);
+    S_YES = PyUnicode_InternFromString("yes");
+    S_NULL = PyUnicode_InternFromString("(null)");
+    S_X86_64 = PyUnicode_InternFromString("c000003e");
+    if (!ZERO || !MINUS_ONE || !S_YES || !S_NULL || !S_X86_64)
         return NULL;
+    for (int i = 0; i < F_COUNT; i++) {
+        FIELD_KEYS[i] = PyUnicode_InternFromString(FIELD_NAMES[i]);
+        if (FIELD_KEYS[i] == NULL)
+            return NULL;
+    }
     return PyModule_Create(&module);
 }

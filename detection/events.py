@@ -10,6 +10,11 @@ from __future__ import annotations
 from .records import Record, decode_sockaddr
 from .slots import Slotted
 
+try:  # built with the audit parser's C part (setup.py)
+    from ._fastparse import syscall_values as _syscall_values
+except ImportError:  # pragma: no cover - the Python fold below then takes every record
+    _syscall_values = None
+
 #: x86_64 syscall numbers of the calls the graph understands (the ENRICHED
 #: ``SYSCALL=`` field or LAUREL's name wins when present)
 SYSCALLS_X86_64 = {
@@ -212,6 +217,38 @@ def _execve_argv(fields: dict) -> list[str]:
     return out
 
 
+def _fold_syscall(ev: AuditEvent, rec: Record, f: dict) -> None:
+    """A SYSCALL record's fields into *ev* (``syscall_values`` does it in C for str fields)."""
+    name = rec.enriched.get("SYSCALL")
+    nr = _int(f.get("syscall"), -1)
+    if not name:
+        arch = f.get("arch", _ARCH_X86_64)
+        name = (
+            SYSCALLS_X86_64.get(nr, f"syscall_{nr}")
+            if arch == _ARCH_X86_64
+            else f"syscall_{nr}"
+        )
+    ev.syscall = name
+    ev.success = f.get("success", "yes") == "yes"
+    ev.exit = _int(f.get("exit"))
+    ev.pid = _int(f.get("pid"))
+    ev.ppid = _int(f.get("ppid"))
+    ev.uid = _int(f.get("uid"))
+    ev.euid = _int(f.get("euid"))
+    ev.auid = _int(f.get("auid"))
+    ev.ses = _int(f.get("ses"))
+    ev.comm = f.get("comm")
+    ev.exe = f.get("exe")
+    key = f.get("key")
+    ev.key = None if key in (None, "(null)") else key
+    ev.args = (
+        _hexint(f.get("a0", 0)),
+        _hexint(f.get("a1", 0)),
+        _hexint(f.get("a2", 0)),
+        _hexint(f.get("a3", 0)),
+    )
+
+
 def event_from_records(records: list[Record]) -> AuditEvent:
     """Fold the records of one serial into an :class:`AuditEvent`."""
     r0 = records[0]
@@ -224,34 +261,13 @@ def event_from_records(records: list[Record]) -> AuditEvent:
         f = rec.fields
         ev.types.append(t)
         if t == "SYSCALL":
-            name = rec.enriched.get("SYSCALL")
-            nr = _int(f.get("syscall"), -1)
-            if not name:
-                arch = f.get("arch", _ARCH_X86_64)
-                name = (
-                    SYSCALLS_X86_64.get(nr, f"syscall_{nr}")
-                    if arch == _ARCH_X86_64
-                    else f"syscall_{nr}"
-                )
-            ev.syscall = name
-            ev.success = f.get("success", "yes") == "yes"
-            ev.exit = _int(f.get("exit"))
-            ev.pid = _int(f.get("pid"))
-            ev.ppid = _int(f.get("ppid"))
-            ev.uid = _int(f.get("uid"))
-            ev.euid = _int(f.get("euid"))
-            ev.auid = _int(f.get("auid"))
-            ev.ses = _int(f.get("ses"))
-            ev.comm = f.get("comm")
-            ev.exe = f.get("exe")
-            key = f.get("key")
-            ev.key = None if key in (None, "(null)") else key
-            ev.args = (
-                _hexint(f.get("a0", 0)),
-                _hexint(f.get("a1", 0)),
-                _hexint(f.get("a2", 0)),
-                _hexint(f.get("a3", 0)),
-            )
+            got = None if rec.enriched or _syscall_values is None else _syscall_values(
+                f, SYSCALLS_X86_64)
+            if got is None:
+                _fold_syscall(ev, rec, f)
+            else:  # the same values, taken in C (detection/_fastparse.c)
+                (ev.syscall, ev.success, ev.exit, ev.pid, ev.ppid, ev.uid, ev.euid, ev.auid,
+                 ev.ses, ev.comm, ev.exe, ev.key, ev.args) = got
         elif t == "EXECVE":
             ev.execve = True
             execve_fields.update(f)

@@ -228,6 +228,16 @@ def _parse_fields(body: str, fields: dict, execve: bool = False) -> str | None:
     return _decode_values(raw, fields, execve)
 
 
+def _is_argument(key: str) -> bool:
+    """An ``EXECVE`` argument field (``a0``, ``a1[2]``; not ``argc`` nor ``a1_len``): its
+    unquoted value is hex.
+
+    >>> [k for k in ("a0", "a12[3]", "argc", "a1_len", "acct") if _is_argument(k)]
+    ['a0', 'a12[3]']
+    """
+    return key[1:2].isdigit() and key[0] == "a" and "_" not in key
+
+
 def _decode_values(raw: dict, fields: dict, execve: bool) -> str | None:
     """Unquote and hex-decode the values of *raw* into *fields*, one field at a time;
     return the first error reason or ``None``."""
@@ -244,7 +254,7 @@ def _decode_values(raw: dict, fields: dict, execve: bool) -> str | None:
             if err:
                 return f"in msg='...': {err}"
             continue
-        elif key in ENCODED_FIELDS or (execve and key[0] == "a" and "_" not in key):
+        elif key in ENCODED_FIELDS or (execve and _is_argument(key)):
             if val and val not in _SPECIAL:
                 if len(val) % 2 == 0 and _HEX.issuperset(val):
                     val = bytes.fromhex(val).decode("utf-8", "replace")

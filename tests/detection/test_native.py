@@ -1,0 +1,64 @@
+"""The C parts of the audit path (detection/_fastparse.c) against the Python they replace.
+
+The parser's differential tests over the corpora and their mutants are in test_records.py;
+here: the SYSCALL fold (``syscall_values``) and an EXECVE with ten or more arguments.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detection import events
+from detection.coalesce import Coalescer
+from detection.events import SYSCALLS_X86_64, AuditEvent, _fold_syscall, event_from_records
+from detection.records import Record, parse_line
+
+_NUMBERS = st.sampled_from(["0", "59", "-2", "4294967295", "ff", "0x1f", "1_0", " 7 ", "x",
+                            "", "c000003e", "40000003", "99999999999999999999", "١٢"])
+_TEXT = st.sampled_from(["yes", "no", "(null)", "sh", "/bin/sh", "", "exec"])
+_FIELDS = st.dictionaries(
+    st.sampled_from(["syscall", "arch", "success", "exit", "pid", "ppid", "uid", "euid",
+                     "auid", "ses", "comm", "exe", "key", "a0", "a1", "a2", "a3", "items"]),
+    st.one_of(_NUMBERS, _TEXT), max_size=18)
+
+
+def _slots(ev):
+    return [(s, getattr(ev, s)) for s in AuditEvent.__slots__]
+
+
+@settings(max_examples=2_000, deadline=None)
+@given(_FIELDS)
+def test_syscall_values_is_the_python_fold(fields):
+    """Every value the C fold takes from a SYSCALL record is what the Python fold takes."""
+    rec = Record("SYSCALL", 1.0, 1, fields, {})
+    want = AuditEvent(1, 1.0)
+    _fold_syscall(want, rec, fields)
+    got = AuditEvent(1, 1.0)
+    (got.syscall, got.success, got.exit, got.pid, got.ppid, got.uid, got.euid, got.auid,
+     got.ses, got.comm, got.exe, got.key, got.args) = events._syscall_values(
+        fields, SYSCALLS_X86_64)
+    assert _slots(got) == _slots(want)
+
+
+def test_syscall_values_hands_non_text_fields_to_python():
+    assert events._syscall_values({"pid": 7, "syscall": "59"}, SYSCALLS_X86_64) is None
+    ev = event_from_records([Record("SYSCALL", 1.0, 1, {"pid": 7, "syscall": "59"}, {})])
+    assert (ev.pid, ev.syscall) == (7, "execve")
+    enriched = Record("SYSCALL", 1.0, 1, {"syscall": "59"}, {"SYSCALL": "execve_enriched"})
+    assert event_from_records([enriched]).syscall == "execve_enriched"
+
+
+def test_execve_with_ten_or_more_arguments_keeps_its_argv():
+    """``argc=10`` is a count, not a hex-encoded argument: it used to be decoded to
+    ``'\\x10'``, which lost the argv of every command with 10-99 arguments."""
+    args = " ".join(f'a{i}="x{i}"' for i in range(10))
+    lines = ["type=SYSCALL msg=audit(1.0:5): arch=c000003e syscall=59 success=yes exit=0 "
+             'items=0 ppid=1 pid=2 uid=0 comm="echo" exe="/bin/echo" key=(null)',
+             f"type=EXECVE msg=audit(1.0:5): argc=10 {args}",
+             "type=PROCTITLE msg=audit(1.0:5): proctitle=6563686F",
+             "type=EOE msg=audit(1.0:5): "]
+    co = Coalescer()
+    out = [ev for line in lines for ev in co.add(parse_line(line))]
+    assert [ev.argv for ev in out] == [[f"x{i}" for i in range(10)]]
+    assert parse_line(lines[1]).fields["argc"] == "10"
