@@ -390,13 +390,40 @@ static const char *const FIELD_NAMES[F_COUNT] = {
 static PyObject *FIELD_KEYS[F_COUNT];
 static PyObject *S_YES, *S_NULL, *S_X86_64, *MINUS_ONE;
 
+/* int(v, base) of a short ASCII str of plain digits ("-" first for base 10): the common
+ * field, without int()'s general parser; NULL (no exception) for anything else, which
+ * then takes int() itself */
+static PyObject *
+plain_int(PyObject *v, int base)
+{
+    if (!PyUnicode_IS_ASCII(v))
+        return NULL;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(v);
+    const unsigned char *d = PyUnicode_1BYTE_DATA(v);
+    int neg = base == 10 && n > 1 && d[0] == '-';
+    Py_ssize_t i = neg;
+    if (n - i < 1 || n - i > 15)
+        return NULL;
+    long long x = 0;
+    for (; i < n; i++) {
+        int h = hexval(d[i]);
+        if (h < 0 || h >= base)
+            return NULL;
+        x = x * base + h;
+    }
+    return PyLong_FromLongLong(neg ? -x : x);
+}
+
 /* events._int of a str (a new reference): int(v), int(v, 16), else dflt */
 static PyObject *
 int_of(PyObject *v, PyObject *dflt)
 {
     if (v == NULL)
         return Py_NewRef(dflt);
-    PyObject *r = PyLong_FromUnicodeObject(v, 10);
+    PyObject *r = plain_int(v, 10);
+    if (r != NULL)
+        return r;
+    r = PyLong_FromUnicodeObject(v, 10);
     if (r != NULL || !PyErr_ExceptionMatches(PyExc_ValueError))
         return r;
     PyErr_Clear();
@@ -413,7 +440,10 @@ hexint_of(PyObject *v)
 {
     if (v == NULL)
         return Py_NewRef(ZERO);
-    PyObject *r = PyLong_FromUnicodeObject(v, 16);
+    PyObject *r = plain_int(v, 16);
+    if (r != NULL)
+        return r;
+    r = PyLong_FromUnicodeObject(v, 16);
     if (r != NULL || !PyErr_ExceptionMatches(PyExc_ValueError))
         return r;
     PyErr_Clear();

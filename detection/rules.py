@@ -61,6 +61,15 @@ class Rule:
     check: object = None
     mark_proc: int = 0
     mark_obj: int = 0
+    #: the program names (``exe`` basename) the rule fires for / never fires for (``None``:
+    #: no such condition); :meth:`RuleSet.match` applies them through its index
+    exe_in: frozenset | None = None
+    exe_not: frozenset | None = None
+
+    def admits(self, program: str) -> bool:
+        """Whether the rule's program conditions let it fire for *program*."""
+        return ((self.exe_in is None or program in self.exe_in)
+                and (self.exe_not is None or program not in self.exe_not))
 
 
 def _base(path) -> str:
@@ -343,6 +352,13 @@ class RuleSet:
         for r in self.rules:
             for op in r.ops:
                 self.by_op.setdefault(op, []).append(r)
+        #: ops with a rule conditioned on the program, and the rules of such an op that
+        #: admit a program, in rule order, by (op, program): one lookup per edge instead
+        #: of testing each rule's program condition (bounded; a miss recomputes)
+        self._by_program_ops = {op for op, rules in self.by_op.items()
+                                if any(r.exe_in is not None or r.exe_not is not None
+                                       for r in rules)}
+        self._admitted: dict[tuple[str, str], tuple[Rule, ...]] = {}
 
     @classmethod
     def load(cls, paths=None) -> RuleSet:
@@ -389,12 +405,8 @@ class RuleSet:
                 f"rule {rid!r}: unknown tactic {d['tactic']!r}; use one of {TACTIC_ORDER}"
             )
         preds = []
-        if "exe" in d:
-            s = self._names(d["exe"])
-            preds.append(lambda e, s=s: _base(e.proc.exe) in s)
-        if "exe_not" in d:
-            s = self._names(d["exe_not"])
-            preds.append(lambda e, s=s: _base(e.proc.exe) not in s)
+        exe_in = self._names(d["exe"]) if "exe" in d else None
+        exe_not = self._names(d["exe_not"]) if "exe_not" in d else None
         if "proc_labels" in d:
             m = _mask(d["proc_labels"])
             preds.append(lambda e, m=m: bool(e.proc.labels & m))
@@ -460,13 +472,22 @@ class RuleSet:
             check,
             _mask(d.get("mark_proc", [])),
             _mask(d.get("mark_obj", [])),
+            exe_in,
+            exe_not,
         )
 
     def match(self, edge: Edge) -> list[Match]:
         """Rules that fire on *edge*; applies their ``mark_*`` labels."""
-        rules = self.by_op.get(edge.op)
+        op = edge.op
+        rules = self.by_op.get(op)
         if not rules:
             return []
+        if op in self._by_program_ops:
+            key = (op, _base(edge.proc.exe))
+            admitted = self._admitted.get(key)
+            if admitted is None:
+                admitted = self._admit(key)
+            rules = admitted
         out = []
         for r in rules:
             for pred in r.preds:
@@ -487,6 +508,16 @@ class RuleSet:
                     edge.obj.labels |= r.mark_obj
                 out.append(Match(r.id, tid, name, r.tactic, r.weight, edge))
         return out
+
+    #: (op, program) pairs kept by :meth:`match`'s index at most (then it starts over)
+    ADMITTED_MAX = 4096
+
+    def _admit(self, key: tuple[str, str]) -> tuple[Rule, ...]:
+        op, program = key
+        if len(self._admitted) >= self.ADMITTED_MAX:
+            self._admitted.clear()
+        admitted = self._admitted[key] = tuple(r for r in self.by_op[op] if r.admits(program))
+        return admitted
 
 
 def _mask(names) -> int:

@@ -14,8 +14,11 @@ from detection.coalesce import Coalescer
 from detection.events import SYSCALLS_X86_64, AuditEvent, _fold_syscall, event_from_records
 from detection.records import Record, parse_line
 
-_NUMBERS = st.sampled_from(["0", "59", "-2", "4294967295", "ff", "0x1f", "1_0", " 7 ", "x",
-                            "", "c000003e", "40000003", "99999999999999999999", "١٢"])
+_NUMBERS = st.one_of(
+    st.sampled_from(["0", "59", "-2", "-0", "-", "4294967295", "ff", "00FF", "0x1f", "1_0",
+                     " 7 ", "+7", "x", "", "c000003e", "40000003", "99999999999999999999",
+                     "123456789012345", "1234567890123456", "fffffffffffffff", "١٢"]),
+    st.integers(-2**70, 2**70).map(str), st.integers(0, 2**70).map("{:x}".format))
 _TEXT = st.sampled_from(["yes", "no", "(null)", "sh", "/bin/sh", "", "exec"])
 _FIELDS = st.dictionaries(
     st.sampled_from(["syscall", "arch", "success", "exit", "pid", "ppid", "uid", "euid",
