@@ -1,15 +1,15 @@
 /* The common audit line, parsed in C: detection.records.parse_line's first step.
  *
- * parse(line, record_type), line a str or bytes, returns record_type(rtype, ts, serial,
- * fields, {}) for a line it is certain to parse exactly as the Python parser does, and
- * None for every other line, which parse_line then parses in Python (so every error and its reason stay the
- * Python parser's). "Certain" means: printable ASCII only (no tab, no 0x1d enrichment,
- * no newline), no single quote, a well-formed msg=audit(TS:SERIAL): header,
- * every body token key=value with a non-empty key, a double quote only as the first and
- * last character of a value, a hex value of an always-encoded field valid hex, and a
- * SYSCALL with a numeric pid and a syscall. Then the body splits on spaces, values lose
- * their quotes, the unquoted values of the encoded fields (and of an EXECVE's arguments
- * a0, a1, a2[0], ...) are hex-decoded (UTF-8, bad
+ * parse(line, record_type), line a str or bytes, returns
+ * record_type(rtype, ts, serial, fields, {}) for a line it is certain to parse exactly as
+ * the Python parser does, and None for every other line, which parse_line then parses in
+ * Python (so every error and its reason stay the Python parser's). "Certain" means:
+ * printable ASCII only (no tab, no 0x1d enrichment, no newline), no single quote, a
+ * well-formed msg=audit(TS:SERIAL): header, every body token key=value with a non-empty
+ * key, a double quote only as the first and last character of a value, a hex value of a
+ * strictly encoded field valid hex, and a SYSCALL with a numeric pid and a syscall. Then
+ * the body splits on spaces, values lose their quotes, the unquoted values of the encoded
+ * fields (and of an EXECVE's arguments a0, a1, a2[0], ...) are hex-decoded (UTF-8, bad
  * bytes replaced), and a repeated key keeps its first place and takes its last value:
  * exactly what the Python parser gives (tests/detection/test_records.py compares the two
  * on the corpora and on mutants of them).
@@ -17,6 +17,8 @@
  * The timestamp and serial go through float() and int() themselves (PyFloat_FromString,
  * PyLong_FromUnicodeObject), so they accept and reject what the Python parser does.
  * Keys are interned: the engine's lookups by literal name then compare pointers.
+ *
+ * syscall_values(fields, syscalls) is the SYSCALL part of detection.events' fold, below.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

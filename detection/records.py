@@ -393,7 +393,7 @@ def parse_line(line: str | bytes) -> Record | ParseError:
     >>> parse_line("type=SYSCALL msg=audit(17000").reason
     "unterminated header: no '):' after msg=audit("
 
-    The common line (printable ASCII, no single quote, not ``EXECVE``, well formed) is
+    The common line (printable ASCII, no single quote, no enrichment, well formed) is
     parsed in C (``detection/_fastparse.c``), which hands every other line to the Python
     steps below; both give the same records.
     """

@@ -101,3 +101,32 @@ def test_masquerade_skips_paths_without_a_hidden_directory_exactly():
         edge = SimpleNamespace(op="create", obj=FileNode(path, 1.0, 8))
         assert bool(detection.rules.masquerade(edge)) == bool(_masquerade_reference(path)), path
     assert sum(map(_masquerade_reference, paths)) >= 5
+
+
+def test_rules_are_looked_up_by_program_in_rule_order():
+    """``exe`` / ``exe_not`` are applied through the (op, program) index: the rules that
+    fire, and their order, are what testing each rule's condition gives; the index is
+    bounded and a program it dropped is looked up again."""
+    from detection.nodes import Edge, ProcNode
+
+    rs = RuleSet({"rules": [
+        {"id": "cron", "technique": "T1053.003", "tactic": "persistence", "op": "exec",
+         "exe": ["crontab"]},
+        {"id": "not-ls", "technique": "T1059", "tactic": "execution", "op": "exec",
+         "exe_not": ["ls"]},
+        {"id": "any", "technique": "T1082", "tactic": "discovery", "op": ["exec", "read"]},
+    ]})
+    rs.ADMITTED_MAX = 3
+
+    def fired(exe, op="exec"):
+        proc = ProcNode(7, 1.0, 16)
+        proc.exe = exe
+        return [m.rule for m in rs.match(Edge(1.0, op, proc, None))]
+
+    want = {"/usr/bin/crontab": ["cron", "not-ls", "any"], "/bin/ls": ["any"],
+            "/bin/sh": ["not-ls", "any"], None: ["not-ls", "any"]}
+    for _ in range(3):  # first lookups, then from the index, then after it started over
+        for exe, ids in want.items():
+            assert fired(exe) == ids, exe
+        assert len(rs._admitted) <= rs.ADMITTED_MAX
+    assert fired("/bin/ls", op="read") == ["any"]  # an op without program conditions
