@@ -30,7 +30,7 @@ def _slots(ev):
     return [(s, getattr(ev, s)) for s in AuditEvent.__slots__]
 
 
-@settings(max_examples=2_000, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(_FIELDS)
 def test_syscall_values_is_the_python_fold(fields):
     """Every value the C fold takes from a SYSCALL record is what the Python fold takes."""
