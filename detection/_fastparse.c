@@ -51,16 +51,14 @@ text(const src_t *src, Py_ssize_t a, Py_ssize_t b)
     return PyUnicode_Substring(src->obj, a, b);
 }
 
-/* field kinds: an always-encoded field's unquoted value is hex (ENCODED_FIELDS in
- * detection/records.py); of those, a strict one must be valid hex (_STRICT_HEX) */
+/* field kinds: an always-encoded field's unquoted value is hex; of those, a strict one
+ * must be valid hex. The names, and the values never decoded, are detection.records'
+ * ENCODED_FIELDS, _STRICT_HEX and _SPECIAL, handed over by configure(). */
 enum { PLAIN = 0, ENCODED = 1, STRICT = 3 };
-static const char *const ENCODED_NAMES[] = {
-    "proctitle", "name", "cwd", "comm", "exe", "cmd", "path", "key", "data", "acct",
-    "new", "old", "ocomm", "watch", "dir", "root_dir", "cgroup", "vm", NULL};
-static const char *const STRICT_NAMES[] = {"proctitle", "name", "cwd", "exe", NULL};
+static char **ENCODED_NAMES, **STRICT_NAMES, **SPECIAL_VALUES;  /* NULL-terminated */
 
 static int
-in_list(const char *const *list, const unsigned char *s, Py_ssize_t n)
+in_list(char *const *list, const unsigned char *s, Py_ssize_t n)
 {
     for (; *list; list++) {
         if ((Py_ssize_t)strlen(*list) == n && memcmp(*list, s, n) == 0)
@@ -69,84 +67,146 @@ in_list(const char *const *list, const unsigned char *s, Py_ssize_t n)
     return 0;
 }
 
-/* Field names seen so far, as interned str objects with their kind: a name is looked up
- * here (a hash of its few bytes) instead of being created, hashed and interned for every
- * record. Direct-mapped; a collision replaces the entry. Lives as long as the process. */
-#define KEY_SLOTS 1024
-#define KEY_MAX 24
+static void
+free_list(char **list)
+{
+    for (char **p = list; p && *p; p++)
+        PyMem_Free(*p);
+    PyMem_Free(list);
+}
+
+/* The str items of an iterable as a NULL-terminated array of C strings, or NULL. */
+static char **
+list_of(PyObject *names)
+{
+    PyObject *seq = PySequence_Fast(names, "configure() takes collections of str");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    char **out = PyMem_Calloc(n + 1, sizeof(char *));
+    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        Py_ssize_t len;
+        const char *c = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(seq, i), &len);
+        if (c == NULL || (out[i] = PyMem_Malloc(len + 1)) == NULL) {
+            free_list(out);
+            out = NULL;
+            break;
+        }
+        memcpy(out[i], c, len + 1);
+    }
+    Py_DECREF(seq);
+    if (out == NULL && !PyErr_Occurred())
+        PyErr_NoMemory();
+    return out;
+}
+
+/* A direct-mapped cache of str objects by their bytes: field names (interned, with their
+ * kind) and short values (``0``, ``yes``, ``c000003e``, a uid), each created once and
+ * shared by the records that carry it (str is immutable, and the Python parser's memo
+ * shares values between records too). A collision replaces the entry. Lives as long as
+ * the process. */
+#define CACHED_MAX 24
 typedef struct {
     PyObject *obj;
     int kind;
     Py_ssize_t len;
-    unsigned char bytes[KEY_MAX];
-} key_slot;
-static key_slot KEYS[KEY_SLOTS];
+    unsigned char bytes[CACHED_MAX];
+} cached_t;
+#define KEY_SLOTS 1024
+#define VAL_SLOTS 4096
+static cached_t KEYS[KEY_SLOTS], VALS[VAL_SLOTS];
+
+/* The entry of table (slots a power of two) for s[0:n], or NULL when n is too long. */
+static cached_t *
+entry_for(cached_t *table, size_t slots, const unsigned char *s, Py_ssize_t n)
+{
+    if (n > CACHED_MAX)
+        return NULL;
+    uint32_t h = 2166136261u;
+    for (Py_ssize_t i = 0; i < n; i++)
+        h = (h ^ s[i]) * 16777619u;
+    return &table[h & (slots - 1)];
+}
+
+static int
+holds(const cached_t *e, const unsigned char *s, Py_ssize_t n)
+{
+    return e != NULL && e->obj != NULL && e->len == n && memcmp(e->bytes, s, n) == 0;
+}
+
+static void
+keep(cached_t *e, PyObject *obj, int kind, const unsigned char *s, Py_ssize_t n)
+{
+    if (e == NULL)
+        return;
+    Py_XSETREF(e->obj, Py_NewRef(obj));
+    e->kind = kind;
+    e->len = n;
+    memcpy(e->bytes, s, n);
+}
 
 /* A new reference to the field name s[k0:k1] of line (and its kind), or NULL on error. */
 static PyObject *
 key_of(const src_t *src, Py_ssize_t k0, Py_ssize_t k1, int *kind)
 {
-    const unsigned char *s = src->s;
     Py_ssize_t n = k1 - k0;
-    const unsigned char *k = s + k0;
-    key_slot *slot = NULL;
-    if (n <= KEY_MAX) {
-        uint32_t h = 2166136261u;
-        for (Py_ssize_t i = 0; i < n; i++)
-            h = (h ^ k[i]) * 16777619u;
-        slot = &KEYS[h & (KEY_SLOTS - 1)];
-        if (slot->obj != NULL && slot->len == n && memcmp(slot->bytes, k, n) == 0) {
-            *kind = slot->kind;
-            return Py_NewRef(slot->obj);
-        }
+    const unsigned char *k = src->s + k0;
+    cached_t *e = entry_for(KEYS, KEY_SLOTS, k, n);
+    if (holds(e, k, n)) {
+        *kind = e->kind;
+        return Py_NewRef(e->obj);
     }
     PyObject *key = text(src, k0, k1);
     if (key == NULL)
         return NULL;
     PyUnicode_InternInPlace(&key);
     *kind = in_list(STRICT_NAMES, k, n) ? STRICT : in_list(ENCODED_NAMES, k, n) ? ENCODED : PLAIN;
-    if (slot != NULL) {
-        Py_XSETREF(slot->obj, Py_NewRef(key));
-        slot->kind = *kind;
-        slot->len = n;
-        memcpy(slot->bytes, k, n);
-    }
+    keep(e, key, *kind, k, n);
     return key;
 }
 
-/* Short unquoted values seen so far (``0``, ``yes``, ``c000003e``, ``(null)``, a uid), the
- * same way: one str object each, shared by the records that carry it (str is immutable,
- * and the Python parser's memo shares values between records too). */
-#define VAL_SLOTS 4096
-#define VAL_MAX 16
-typedef struct {
-    PyObject *obj;
-    Py_ssize_t len;
-    unsigned char bytes[VAL_MAX];
-} val_slot;
-static val_slot VALS[VAL_SLOTS];
-
+/* A new reference to the value s[v0:v1] of line, from the cache when it is short. */
 static PyObject *
 short_value(const src_t *src, Py_ssize_t v0, Py_ssize_t v1)
 {
-    const unsigned char *s = src->s;
     Py_ssize_t n = v1 - v0;
-    const unsigned char *v = s + v0;
-    if (n > VAL_MAX || n < 2)  /* one-character strings are cached by Python itself */
+    const unsigned char *v = src->s + v0;
+    if (n < 2)  /* one-character strings are cached by Python itself */
         return text(src, v0, v1);
-    uint32_t h = 2166136261u;
-    for (Py_ssize_t i = 0; i < n; i++)
-        h = (h ^ v[i]) * 16777619u;
-    val_slot *slot = &VALS[h & (VAL_SLOTS - 1)];
-    if (slot->obj != NULL && slot->len == n && memcmp(slot->bytes, v, n) == 0)
-        return Py_NewRef(slot->obj);
+    cached_t *e = entry_for(VALS, VAL_SLOTS, v, n);
+    if (holds(e, v, n))
+        return Py_NewRef(e->obj);
     PyObject *val = text(src, v0, v1);
-    if (val != NULL) {
-        Py_XSETREF(slot->obj, Py_NewRef(val));
-        slot->len = n;
-        memcpy(slot->bytes, v, n);
-    }
+    if (val != NULL)
+        keep(e, val, PLAIN, v, n);
     return val;
+}
+
+static PyObject *
+configure(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "configure(encoded, strict, special) takes 3 arguments");
+        return NULL;
+    }
+    char **lists[3];
+    for (int i = 0; i < 3; i++) {
+        lists[i] = list_of(args[i]);
+        if (lists[i] == NULL) {
+            while (i--)
+                free_list(lists[i]);
+            return NULL;
+        }
+    }
+    free_list(ENCODED_NAMES);
+    free_list(STRICT_NAMES);
+    free_list(SPECIAL_VALUES);
+    ENCODED_NAMES = lists[0];
+    STRICT_NAMES = lists[1];
+    SPECIAL_VALUES = lists[2];
+    for (int i = 0; i < KEY_SLOTS; i++)  /* the names' kinds may have changed */
+        Py_CLEAR(KEYS[i].obj);
+    Py_RETURN_NONE;
 }
 
 /* per byte: 1 a space, 0 a character the C parser takes, REJECT one that sends the line
@@ -189,8 +249,7 @@ value_of(const src_t *src, int kind, Py_ssize_t v0, Py_ssize_t v1)
         return NULL;
     if (n == 0 || kind == PLAIN)
         return short_value(src, v0, v1);
-    if ((n == 6 && (memcmp(v, "(null)", 6) == 0 || memcmp(v, "(none)", 6) == 0)) ||
-        (n == 1 && v[0] == '?'))
+    if (in_list(SPECIAL_VALUES, v, n))
         return short_value(src, v0, v1);
     int ok = (n % 2) == 0;
     for (Py_ssize_t i = 0; ok && i < n; i++)
@@ -217,6 +276,10 @@ fast_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "parse(line, record_type) takes 2 arguments");
+        return NULL;
+    }
+    if (ENCODED_NAMES == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "detection._fastparse.configure() was not called");
         return NULL;
     }
     src_t src;
@@ -416,40 +479,32 @@ plain_int(PyObject *v, int base)
     return PyLong_FromLongLong(neg ? -x : x);
 }
 
-/* events._int of a str (a new reference): int(v), int(v, 16), else dflt */
+/* int(v, base) of a str (a new reference); NULL with no exception set when int() raises
+ * ValueError, NULL with one for any other error */
 static PyObject *
-int_of(PyObject *v, PyObject *dflt)
+int_or_null(PyObject *v, int base)
 {
-    if (v == NULL)
-        return Py_NewRef(dflt);
-    PyObject *r = plain_int(v, 10);
+    PyObject *r = plain_int(v, base);
     if (r != NULL)
         return r;
-    r = PyLong_FromUnicodeObject(v, 10);
-    if (r != NULL || !PyErr_ExceptionMatches(PyExc_ValueError))
-        return r;
-    PyErr_Clear();
-    r = PyLong_FromUnicodeObject(v, 16);
-    if (r != NULL || !PyErr_ExceptionMatches(PyExc_ValueError))
-        return r;
-    PyErr_Clear();
-    return Py_NewRef(dflt);
+    r = PyLong_FromUnicodeObject(v, base);
+    if (r == NULL && PyErr_ExceptionMatches(PyExc_ValueError))
+        PyErr_Clear();
+    return r;
 }
 
-/* events._hexint of a str, or 0 when absent */
+/* A field's number (a new reference; v NULL when the field is absent): int(v), then
+ * int(v, 16) (events._int, base 10), or int(v, 16) alone (events._hexint, base 16);
+ * dflt when absent or when neither parses */
 static PyObject *
-hexint_of(PyObject *v)
+int_of(PyObject *v, int base, PyObject *dflt)
 {
-    if (v == NULL)
-        return Py_NewRef(ZERO);
-    PyObject *r = plain_int(v, 16);
-    if (r != NULL)
-        return r;
-    r = PyLong_FromUnicodeObject(v, 16);
-    if (r != NULL || !PyErr_ExceptionMatches(PyExc_ValueError))
-        return r;
-    PyErr_Clear();
-    return Py_NewRef(ZERO);
+    PyObject *r = v == NULL ? NULL : int_or_null(v, base);
+    if (r == NULL && v != NULL && base == 10 && !PyErr_Occurred())
+        r = int_or_null(v, 16);
+    if (r == NULL && !PyErr_Occurred())
+        r = Py_NewRef(dflt);
+    return r;
 }
 
 static PyObject *
@@ -470,7 +525,7 @@ syscall_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *out = PyTuple_New(13);
     if (out == NULL)
         return NULL;
-    PyObject *nr = int_of(f[F_SYSCALL], MINUS_ONE);
+    PyObject *nr = int_of(f[F_SYSCALL], 10, MINUS_ONE);
     if (nr == NULL)
         goto fail;
     PyObject *name = NULL;
@@ -494,7 +549,7 @@ syscall_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyTuple_SET_ITEM(out, 1, Py_NewRef(ok ? Py_True : Py_False));
     static const int ints[] = {F_EXIT, F_PID, F_PPID, F_UID, F_EUID, F_AUID, F_SES};
     for (int i = 0; i < 7; i++) {
-        PyObject *v = int_of(f[ints[i]], Py_None);
+        PyObject *v = int_of(f[ints[i]], 10, Py_None);
         if (v == NULL)
             goto fail;
         PyTuple_SET_ITEM(out, 2 + i, v);
@@ -510,7 +565,7 @@ syscall_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     PyTuple_SET_ITEM(out, 12, a);
     for (int i = 0; i < 4; i++) {
-        PyObject *v = hexint_of(f[F_A0 + i]);
+        PyObject *v = int_of(f[F_A0 + i], 16, ZERO);
         if (v == NULL)
             goto fail;
         PyTuple_SET_ITEM(a, i, v);
@@ -522,6 +577,9 @@ fail:
 }
 
 static PyMethodDef methods[] = {
+    {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
+     "configure(encoded, strict, special): the field names whose unquoted values are hex, "
+     "those that must be valid hex, and the values never decoded (detection.records)."},
     {"parse", (PyCFunction)(void (*)(void))fast_parse, METH_FASTCALL,
      "parse(line, record_type) -> record_type(rtype, ts, serial, fields, {}), or None for "
      "a line the Python parser must handle."},

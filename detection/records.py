@@ -23,11 +23,6 @@ from operator import methodcaller
 
 from .slots import Slotted
 
-try:  # built by the install from _fastparse.c (setup.py); absent without a C compiler
-    from ._fastparse import parse as _native_parse
-except ImportError:  # pragma: no cover - every line then takes the Python parser below
-    _native_parse = None
-
 GS = "\x1d"
 
 #: fields whose unquoted value is hex-encoded by auditd (``audit_log_untrustedstring``)
@@ -56,6 +51,14 @@ ENCODED_FIELDS = frozenset(
 _HEX = frozenset("0123456789ABCDEFabcdef")
 _SPECIAL = frozenset({"(null)", "(none)", "?"})
 _STRICT_HEX = frozenset({"proctitle", "name", "cwd", "exe"})
+
+try:  # built by the install from _fastparse.c (setup.py); absent without a C compiler
+    from . import _fastparse
+except ImportError:  # pragma: no cover - every line then takes the Python parser below
+    _native_parse = None
+else:  # the C parser decodes the fields these sets name, as _decode_values does
+    _fastparse.configure(ENCODED_FIELDS, _STRICT_HEX, _SPECIAL)
+    _native_parse = _fastparse.parse
 
 
 class Record(Slotted):

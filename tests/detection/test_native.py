@@ -65,3 +65,19 @@ def test_execve_with_ten_or_more_arguments_keeps_its_argv():
     out = [ev for line in lines for ev in co.add(parse_line(line))]
     assert [ev.argv for ev in out] == [[f"x{i}" for i in range(10)]]
     assert parse_line(lines[1]).fields["argc"] == "10"
+
+
+def test_the_c_parser_decodes_the_fields_records_names():
+    """Which fields are hex-encoded is ``records.ENCODED_FIELDS`` (handed to the C parser by
+    ``configure``), not a second list in C."""
+    from detection import _fastparse, records
+
+    line = "type=SYSCALL msg=audit(1.0:2): syscall=2 pid=3 comm=6C73"
+    assert records._native_parse(line, Record).fields["comm"] == "ls"
+    try:
+        _fastparse.configure(records.ENCODED_FIELDS - {"comm"}, records._STRICT_HEX,
+                             records._SPECIAL)
+        assert records._native_parse(line, Record).fields["comm"] == "6C73"
+    finally:
+        _fastparse.configure(records.ENCODED_FIELDS, records._STRICT_HEX, records._SPECIAL)
+    assert records._native_parse(line, Record).fields["comm"] == "ls"
