@@ -21,6 +21,9 @@ from core.settings import Settings
 
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+#: the largest record the product's producers send (kafka-python's and librdkafka's
+#: defaults, 1 MB, are within reach of an impression answering many candidates)
+MAX_MESSAGE_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)

@@ -301,12 +301,13 @@ class RoundTrips:
             self._idle.append(conn)
         else:
             conn[1].close()
-        for reply in out:  # as redis-py's parser: these are raised, and callers retry them
-            if isinstance(reply, RedisConnectionError) or (
-                    isinstance(reply, list) and reply and isinstance(reply[0], RedisConnectionError)):
-                raise reply if isinstance(reply, RedisConnectionError) else reply[0]
         callbacks = self.callbacks
         for i, (cmd, reply) in enumerate(zip(cmds, out, strict=True)):
+            # as redis-py's parser: a ConnectionError reply (alone or first of an array) is
+            # raised, and callers retry it
+            first = reply[0] if isinstance(reply, list) and reply else reply
+            if isinstance(first, RedisConnectionError):
+                raise first
             name = cmd[0].decode() if isinstance(cmd[0], bytes) else cmd[0]
             cb = callbacks.get(name.upper())
             if cb is not None and not isinstance(reply, Exception):

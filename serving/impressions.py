@@ -228,16 +228,14 @@ class KafkaSender:
 
     def __init__(self, bootstrap: str, topic: str, linger_ms: int = 5,
                  close_timeout: float = 5.0, queue_kbytes: int = 32 * 1024) -> None:
-        from core.kafka import native_producer
+        from core.kafka import MAX_MESSAGE_BYTES, native_producer
 
         self.topic = topic
         self.close_timeout = close_timeout
         self._producer = native_producer(bootstrap, **{
             "linger.ms": linger_ms, "enable.idempotence": True, "acks": "all",
             "message.timeout.ms": 300_000, "queue.buffering.max.kbytes": queue_kbytes,
-            # the 8 MB of the product's kafka-python producers (streams.producer): an
-            # answer to HEADWATER_MAX_CANDIDATES candidates can pass librdkafka's 1 MB
-            "message.max.bytes": 8 << 20})
+            "message.max.bytes": MAX_MESSAGE_BYTES})
 
     def send(self, key: bytes, value: bytes, partition: int,
              done: Callable[[Exception | None], None]) -> None:

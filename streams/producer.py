@@ -21,8 +21,8 @@ def make_producer(bootstrap: str, connect_timeout: float = 30.0, **overrides) ->
     kafka-python 3 defaults to idempotence (acks=all); we keep it: duplicates from
     producer retries would be counted twice downstream otherwise.
     """
-    config = dict(linger_ms=20, batch_size=1 << 20,
-                  max_request_size=8 << 20, acks="all", retries=10, client_id="headwater")
+    config = dict(linger_ms=20, batch_size=1 << 20, max_request_size=kafka_clients.MAX_MESSAGE_BYTES,
+                  acks="all", retries=10, client_id="headwater")
     config.update(overrides)
     deadline = time.monotonic() + connect_timeout
     delay = 0.2
