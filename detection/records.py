@@ -53,12 +53,12 @@ _SPECIAL = frozenset({"(null)", "(none)", "?"})
 _STRICT_HEX = frozenset({"proctitle", "name", "cwd", "exe"})
 
 try:  # built by the install from _fastparse.c (setup.py); absent without a C compiler
-    from . import _fastparse
+    from ._fastparse import configure as _configure_native
+    from ._fastparse import parse as _native_parse
 except ImportError:  # pragma: no cover - every line then takes the Python parser below
     _native_parse = None
 else:  # the C parser decodes the fields these sets name, as _decode_values does
-    _fastparse.configure(ENCODED_FIELDS, _STRICT_HEX, _SPECIAL)
-    _native_parse = _fastparse.parse
+    _configure_native(ENCODED_FIELDS, _STRICT_HEX, _SPECIAL)
 
 
 class Record(Slotted):
