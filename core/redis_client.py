@@ -35,8 +35,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from core.redis_tracking import Invalidations
+
 __all__ = ["RoundTrips", "aidentity", "amget", "cluster_seeds", "connect", "connect_async", "hiredis_packing",
            "identity", "is_cluster", "is_cluster_url", "mget", "slot_chunks"]
+
+#: hiredis's type of a RESP3 push (``tracking-redir-broken``...), never a command's reply
+_PUSH = hiredis.PushNotification
 
 #: URL scheme of a cluster -> the scheme of one of its nodes
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -235,7 +240,7 @@ class RoundTrips:
     def __init__(self, host: str | None = None, port: int = 6379, *, path: str | None = None,
                  db: int = 0, username: str | None = None, password: str | None = None,
                  connect_timeout: float = 5.0, timeout: float | None = 5.0, max_idle: int = 16,
-                 callbacks: dict[str, Any] | None = None) -> None:
+                 callbacks: dict[str, Any] | None = None, tracking: bool = False) -> None:
         self.host, self.port, self.path = host, port, path
         #: redis-py's response callbacks by command name (``client.response_callbacks``):
         #: applied as its pipeline applies them (``HGETALL`` answers a dict, ...)
@@ -245,12 +250,18 @@ class RoundTrips:
         #: seconds a round trip may wait for its answer (redis-py 8's socket timeout)
         self.timeout = timeout
         self.max_idle = max_idle
-        self._idle: list[tuple[Any, Any, Any]] = []
+        self._idle: list[tuple[Any, Any, Any, int]] = []
         #: connections opened so far (the tests read it)
         self.opened = 0
+        #: with ``tracking``, Redis tells :attr:`invalidations` which keys read over these
+        #: connections changed (core/redis_tracking.py); caches subscribe to it
+        self.invalidations = Invalidations(
+            host, port, path=path, username=username, password=password,
+            connect_timeout=connect_timeout) if tracking else None
 
     @classmethod
-    def for_url(cls, url: str, callbacks: dict[str, Any] | None = None) -> RoundTrips | None:
+    def for_url(cls, url: str, callbacks: dict[str, Any] | None = None,
+                tracking: bool = False) -> RoundTrips | None:
         """For a ``redis://`` or ``unix://`` URL; None for any other (TLS, cluster).
 
         >>> rt = RoundTrips.for_url("redis://:pw@10.0.0.5:6380/2")
@@ -269,9 +280,10 @@ class RoundTrips:
         unix = kw.get("connection_class") is UnixDomainSocketConnection
         return cls(kw.get("host", "localhost") if not unix else None, int(kw.get("port", 6379)),
                    path=kw.get("path") if unix else None, db=int(kw.get("db", 0) or 0),
-                   username=kw.get("username"), password=kw.get("password"), callbacks=callbacks)
+                   username=kw.get("username"), password=kw.get("password"), callbacks=callbacks,
+                   tracking=tracking)
 
-    async def _open(self) -> tuple[Any, Any, Any]:
+    async def _open(self) -> tuple[Any, Any, Any, int]:
         try:
             opening = (asyncio.open_unix_connection(self.path) if self.path
                        else asyncio.open_connection(self.host, self.port))
@@ -279,8 +291,7 @@ class RoundTrips:
         except (OSError, TimeoutError) as exc:
             where = self.path or f"{self.host}:{self.port}"
             raise RedisConnectionError(f"Error connecting to Redis at {where}: {exc!r}") from exc
-        conn = (reader, writer, hiredis.Reader(protocolError=InvalidResponse,
-                                               replyError=BaseParser.parse_error))
+        parser = hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
         self.opened += 1
         # RESP3, as redis-py 8 speaks it: the same reply types (HGETALL a map, ...)
         hello: list[tuple[Any, ...]] = [
@@ -288,14 +299,32 @@ class RoundTrips:
             else ("HELLO", 3, "AUTH", self.username or "default", self.password)]
         if self.db:
             hello.append(("SELECT", self.db))
-        for reply in await self._round_trip(conn, hello):
+        inv = self.invalidations
+        generation = -1  # tracks for no listener
+        if inv is not None and inv.live:
+            generation = inv.generation
+            hello.append(("CLIENT", "TRACKING", "ON", "REDIRECT", inv.client_id))
+        replies = await self._round_trip((reader, writer, parser), hello)
+        for reply in replies[:len(hello) - (generation >= 0)]:
             if isinstance(reply, Exception):
                 writer.close()
                 raise reply
-        return conn
+        if generation >= 0 and isinstance(replies[-1], Exception):
+            assert inv is not None
+            inv.refuse(str(replies[-1]))
+            generation = -1
+        return reader, writer, parser, generation
 
     async def execute(self, cmds: Sequence[tuple[Any, ...]]) -> list[Any]:
-        conn = self._idle.pop() if self._idle else await self._open()
+        conn = self._idle.pop() if self._idle else None
+        inv = self.invalidations
+        if inv is not None:
+            inv.start()
+            if conn is not None and conn[3] != (inv.generation if inv.live else -1):
+                conn[1].close()  # tracks for a listener that is gone (or for none)
+                conn = None
+        if conn is None:
+            conn = await self._open()
         out = await self._round_trip(conn, cmds)
         if len(self._idle) < self.max_idle:
             self._idle.append(conn)
@@ -314,8 +343,8 @@ class RoundTrips:
                 out[i] = cb(reply)
         return out
 
-    async def _round_trip(self, conn: tuple[Any, Any, Any], cmds: Sequence[tuple[Any, ...]]) -> list[Any]:
-        reader, writer, parser = conn
+    async def _round_trip(self, conn: tuple[Any, ...], cmds: Sequence[tuple[Any, ...]]) -> list[Any]:
+        reader, writer, parser = conn[:3]
         out: list[Any] = []
         try:
             writer.write(b"".join([hiredis.pack_command(c) for c in cmds]))
@@ -328,7 +357,8 @@ class RoundTrips:
                             raise RedisConnectionError("Connection closed by server.")
                         parser.feed(data)
                         continue
-                    out.append(reply)
+                    if reply.__class__ is not _PUSH:  # RESP3 pushes: not replies
+                        out.append(reply)
             return out
         except BaseException as exc:  # half an answer (or none): this connection is done
             writer.close()
@@ -339,5 +369,7 @@ class RoundTrips:
             raise
 
     def close(self) -> None:
+        if self.invalidations is not None:
+            self.invalidations.close()
         while self._idle:
             self._idle.pop()[1].close()

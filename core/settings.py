@@ -367,11 +367,19 @@ class Settings(BaseSettings):
                     "pipeline: ~0.3 ms less CPU per request. redis:// and unix:// servers "
                     "only; TLS and clusters always use redis-py.",
     )
+    serve_feature_tracking: bool = Field(
+        True,
+        description="Serving keeps every counter state and user's attributes it read in "
+                    "memory, and Redis tells it which keys changed (client tracking, "
+                    "core/redis_tracking.py): a request reads only what changed since. "
+                    "Needs HEADWATER_SERVE_REDIS_ROUND_TRIPS; off (or while the "
+                    "invalidation channel is down): the TTL cache below.",
+    )
     serve_feature_cache_seconds: float = Field(
         0.5, ge=0,
-        description="Serving keeps counter states of user-independent entities (items, "
-                    "genres, hour, device) this long between Redis reads; 0 reads every "
-                    "request. A user's own counters are always read.",
+        description="Without tracking, serving keeps counter states of user-independent "
+                    "entities (items, genres, hour, device) this long between Redis "
+                    "reads; 0 reads every request. A user's own counters are always read.",
     )
     serve_drain_seconds: float = Field(
         2.0, ge=0,

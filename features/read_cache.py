@@ -1,15 +1,29 @@
-"""A short-lived cache of entity states for the serving read path.
+"""Serving's cache of entity states and user attributes for the read path.
 
 Scoring 100 candidates reads ~110 entities from every shard (items, their genres, the
-hour, the device, and a handful of the user's own): the Lua read of the item-side ones
-is most of Redis' time per request. Those entities are shared by every user, so
-serving keeps their summed shard states for ``ttl`` seconds and reads only what is
-missing. States are cached *raw* (with their decay reference ``t``) and decayed to each
-request's time, so a cached state differs from a fresh read only by the clicks of the
-last ``ttl`` seconds. Entities keyed by the user (``user``, ``user_genre``) are never
-cached: a user's own last click always shows in their next request.
+hour, the device, and a handful of the user's own), and the user's attributes. The cache
+keeps each entity's state summed over the shards, *raw* (with its decay reference ``t``),
+and decays it to each request's time. Exponential decay composes, so a cached state
+gives what a fresh read gives, to rounding.
 
-Lifetime: the serving process's memory; nothing survives a restart.
+Two modes:
+
+- **Tracked** (serving's default, ``HEADWATER_SERVE_FEATURE_TRACKING``). Redis tells the
+  process which keys changed (:mod:`core.redis_tracking`). Every entity and every user's
+  attributes stay cached until they change, for at most ``max_age`` seconds.
+  - A user's own click shows in their next request: Redis sends the invalidation before
+    it answers the worker's write.
+  - An entity whose keys were invalidated while its read was in flight serves that
+    request and is not kept.
+  - A state with a shard newer than the request's time (an event stamped ahead of
+    serving's clock) is not kept: it must not be decayed from the read time.
+- **TTL** (tracking off or not connected; clusters and TLS). User-independent entities
+  only (items, genres, hour, device), for ``ttl`` seconds. A cached state differs from a
+  fresh read by at most the clicks of the last ``ttl`` seconds. A user's own counters
+  and attributes are always read.
+
+Lifetime: the serving process's memory; nothing survives a restart. A lost invalidation
+channel (a Redis restart) or ``FLUSHALL`` empties the cache.
 """
 
 from __future__ import annotations
@@ -21,11 +35,16 @@ import numpy as np
 
 from features.counters import CounterConfig, decay_shards, decay_state
 
-__all__ = ["ReadCache"]
+__all__ = ["ReadCache", "Token"]
+
+#: a tracked read: (the invalidation listener's generation, the cache's change count)
+Token = tuple[int, int]
 
 
 class ReadCache:
-    """Summed (over shards) raw states of user-independent entities, for ``ttl`` seconds.
+    """Summed (over shards) raw entity states, and user attributes, for serving's reads.
+
+    TTL mode (no tracker): user-independent entities only.
 
     >>> from features.counters import CounterConfig, CounterSpec
     >>> cfg = CounterConfig(specs=(CounterSpec("user", key=("user_id",)),
@@ -41,21 +60,111 @@ class ReadCache:
     ['user:1']
     >>> c.split(["item:9"], now=101.5)[1]  # expired
     ['item:9']
+
+    Tracked mode: everything, until Redis says a key changed.
+
+    >>> class Live:  # stands for core.redis_tracking.Invalidations
+    ...     live, generation = True, 1
+    ...     def subscribe(self, callback): self.callback = callback
+    >>> c = ReadCache(cfg, ttl=0.0, prefix="hw")
+    >>> c.track(Live())
+    >>> token = c.begin()
+    >>> hit, miss = c.split(["user:1", "item:9"], now=100.0)
+    >>> _ = c.merge(["user:1", "item:9"], hit, miss, [shard], now=100.0, token=token)
+    >>> c.end(token)
+    >>> c.split(["user:1", "item:9"], now=130.0)[1]
+    []
+    >>> c.tracker.callback([b"{hw:p0}:user:1"])  # the worker wrote user 1's shard 0
+    >>> c.split(["user:1", "item:9"], now=130.0)[1]
+    ['user:1']
+    >>> c.split(["item:9"], now=161.0)[1]  # max_age: read again
+    ['item:9']
     """
 
-    def __init__(self, config: CounterConfig, ttl: float, max_entities: int = 200_000) -> None:
+    def __init__(self, config: CounterConfig, ttl: float, max_entities: int = 200_000,
+                 prefix: str = "hw", max_age: float = 60.0) -> None:
         self.config = config
         self.ttl = float(ttl)
         self.max_entities = max_entities
+        #: tracked entries are read again after this long even if Redis said nothing
+        self.max_age = float(max_age)
         self._shared = {s.name for s in config.specs if "user_id" not in s.key}
         self._states: dict[str, tuple[float, np.ndarray]] = {}
+        #: tracked user attributes by their Redis key: (expiry, reply)
+        self._users: dict[str, tuple[float, Any]] = {}
+        self._user_prefix = f"{prefix}:attrs:user:"
+        #: :class:`core.redis_tracking.Invalidations` once :meth:`track` is called
+        self.tracker: Any = None
+        self._changes = 0  # invalidations seen (a read's token compares it)
+        self._inflight = 0  # tracked reads between begin() and end()
+        self._dropped: dict[str, int] = {}  # key -> change count, while reads are in flight
         #: entity reads answered from the cache / from Redis (for tests and metrics)
         self.hits = 0
         self.misses = 0
+        #: user attribute reads answered from the cache
+        self.user_hits = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl > 0 or self.tracker is not None
+
+    def track(self, tracker: Any) -> None:
+        """Keep everything until ``tracker`` (an :class:`~core.redis_tracking.Invalidations`)
+        says it changed."""
+        self.tracker = tracker
+        tracker.subscribe(self.invalidate)
 
     def cacheable(self, entity: str) -> bool:
         return entity.partition(":")[0] in self._shared
 
+    # -- invalidation ---------------------------------------------------------------
+    def invalidate(self, keys: list[bytes] | None) -> None:
+        """Redis changed ``keys`` (``None``: anything): forget what they hold."""
+        self._changes += 1
+        if keys is None:
+            self._states.clear()
+            self._users.clear()
+            if self._inflight:
+                self._dropped["*"] = self._changes
+            return
+        for raw in keys:
+            key = raw.decode("utf-8", "replace")
+            if key[:1] == "{":  # {hw:p<P>}:<entity>: a counter shard
+                name = key.partition("}:")[2]
+                self._states.pop(name, None)
+            else:
+                name = key
+                self._users.pop(name, None)
+            if self._inflight:
+                self._dropped[name] = self._changes
+
+    def begin(self) -> Token | None:
+        """Before a read's round trip: its token, or None when nothing read now may be
+        kept past the TTL (no tracker, or its listener is not subscribed)."""
+        tr = self.tracker
+        if tr is None or not tr.live:
+            return None
+        self._inflight += 1
+        return tr.generation, self._changes
+
+    def end(self, token: Token | None) -> None:
+        """After the round trip of :meth:`begin` (answered or failed)."""
+        if token is not None:
+            self._inflight -= 1
+            if not self._inflight:
+                self._dropped.clear()
+
+    def _kept(self, token: Token | None) -> set[str] | None:
+        """The names changed while the read of ``token`` was in flight (keep the rest), or
+        None when nothing of it may be kept (not tracked, or the listener changed)."""
+        tr = self.tracker
+        if token is None or tr is None or not tr.live or tr.generation != token[0]:
+            return None
+        since = token[1]
+        changed = {k for k, n in self._dropped.items() if n > since}
+        return None if "*" in changed else changed
+
+    # -- entity states --------------------------------------------------------------
     def split(self, entities: Sequence[str], now: float) -> tuple[dict[int, np.ndarray], list[str]]:
         """``({index: raw state}, entities to read)`` for the entities of one request."""
         hit: dict[int, np.ndarray] = {}
@@ -78,8 +187,11 @@ class ReadCache:
         miss: Sequence[str],
         shards: Sequence[np.ndarray],
         now: float,
+        token: Token | None = None,
     ) -> np.ndarray:
-        """Decayed states ``[len(entities), width]`` summed over shards; caches the misses."""
+        """Decayed states ``[len(entities), width]`` summed over shards; keeps the misses
+        (all of them if ``token`` is a tracked read that may be kept, else the shared ones
+        for ``ttl``)."""
         cfg = self.config
         out = np.zeros((len(entities), cfg.width))
         if hit:
@@ -93,20 +205,57 @@ class ReadCache:
                 else np.fromiter((pos[e] for e in miss), dtype=np.int64, count=len(miss))
             )
             out[miss_idx] = fresh
-            self._remember(miss, fresh, now)
+            # a shard stamped after ``now`` is not decayed to ``now``: such a sum must
+            # not be decayed again from ``now`` later
+            t = np.stack([s[:, cfg.width] for s in shards]) if len(shards) else None
+            ahead = (t > now).any(axis=0) if t is not None else np.zeros(len(miss), bool)
+            self._remember(miss, fresh, now, ahead, self._kept(token))
         return out
 
-    def _remember(self, miss: Sequence[str], decayed: np.ndarray, now: float) -> None:
+    def _remember(self, miss: Sequence[str], decayed: np.ndarray, now: float,
+                  ahead: np.ndarray, dropped: set[str] | None) -> None:
         if len(self._states) > self.max_entities:
             self._states.clear()
-        expires = now + self.ttl
         # stored decayed to ``now`` with reference ``t = now``: decaying it again to a
         # later time gives the same as decaying the raw shard states (exponential decay)
-        t = np.full((len(miss), 1), now)
-        rows = np.hstack([decayed, t])
-        for k, e in enumerate(miss):
-            if self.cacheable(e):
-                self._states[e] = (expires, rows[k])
+        rows = np.hstack([decayed, np.full((len(miss), 1), now)])
+        states = self._states
+        if dropped is not None:  # tracked: every entity not changed meanwhile
+            expires = now + self.max_age
+            for k, e in enumerate(miss):
+                if not ahead[k] and e not in dropped:
+                    states[e] = (expires, rows[k])
+        elif self.ttl > 0:
+            expires = now + self.ttl
+            for k, e in enumerate(miss):
+                if not ahead[k] and self.cacheable(e):
+                    states[e] = (expires, rows[k])
+
+    # -- user attributes ------------------------------------------------------------
+    def user(self, key: str, now: float) -> tuple[bool, Any]:
+        """``(True, reply)`` for a tracked user attributes hash still valid, else ``(False, None)``."""
+        got = self._users.get(key)
+        if got is not None and got[0] > now:
+            self.user_hits += 1
+            return True, got[1]
+        return False, None
+
+    def remember_users(self, replies: dict[str, Any], now: float, token: Token | None) -> None:
+        """Keep the user attribute replies of a tracked read (by key)."""
+        dropped = self._kept(token)
+        if dropped is None:
+            return
+        if len(self._users) > self.max_entities:
+            self._users.clear()
+        expires = now + self.max_age
+        for key, reply in replies.items():
+            if key not in dropped:
+                self._users[key] = (expires, reply)
 
     def stats(self) -> dict[str, Any]:
-        return {"entities": len(self._states), "hits": self.hits, "misses": self.misses}
+        tr = self.tracker
+        return {"entities": len(self._states), "hits": self.hits, "misses": self.misses,
+                "users": len(self._users), "user_hits": self.user_hits,
+                "tracking": None if tr is None else (
+                    "refused" if getattr(tr, "error", None) else "live" if tr.live else "connecting"),
+                "invalidations": self._changes}

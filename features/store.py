@@ -158,6 +158,9 @@ class OnlineStore(_Planner):
         #: (serving's reads), or None for redis-py's pipeline; scripts always load through
         #: ``client``
         self.transport = transport
+        invalidations = getattr(transport, "invalidations", None)
+        if invalidations is not None:  # Redis says what changed: cache every read
+            self.read_cache.track(invalidations)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> OnlineStore:
@@ -196,6 +199,8 @@ class OnlineStore(_Planner):
         except StopIteration as stop:
             self._seconds.labels(operation).observe(time.perf_counter() - start)
             return stop.value
+        finally:
+            plan.close()  # a failed round trip ends the plan now (its ``finally`` runs)
 
     async def instance_id(self) -> str:
         """The Redis server's ``run_id``: a new one means it restarted (and may have lost

@@ -149,9 +149,10 @@ class StoreCore:
         # Entity states as last read or written, per shard and shard version: a batch
         # reads only the entities not cached (features/shard_cache.py).
         self.shard_cache = ShardCache(self.counters.width + 1, shard_cache_entities)
-        # Serving's reads of user-independent entities, kept this long (0: off).
+        # Serving's reads of user-independent entities, kept this long (0: off), or of
+        # everything while Redis tracks them (OnlineStore with a tracking transport).
         self.read_cache_seconds = read_cache_seconds
-        self.read_cache = ReadCache(self.counters, read_cache_seconds)
+        self.read_cache = ReadCache(self.counters, read_cache_seconds, prefix=prefix)
         self._items: dict[str, tuple[float, dict, dict]] = {}
         self._absent: dict[str, float] = {}  # item id -> when to ask Redis again
         # item ids by the (grid-aligned) time their cached answer expires: a request that

@@ -96,26 +96,45 @@ def plan_read(
     need_items = need_items or any(s.needs_item_attrs for s in cfg.specs)
     attrs, codes = (yield from core.plan_items(set(cols["item_id"]))) if need_items else ({}, {})
     refs = resolve_request_refs(cfg, cols, attrs, core.refs_memo)  # one request; else general
-    # Entities shared across users (items, genres, devices...) may come from the read
-    # cache (``read_cache_seconds``, serving only); the rest are read from every shard.
-    cache = core.read_cache if wanted is None and core.read_cache_seconds > 0 else None
+    # Serving's reads go through its cache (features/read_cache.py): tracked by Redis,
+    # every entity and user's attributes; else shared entities for a TTL. The rest are
+    # read from every shard.
+    cache = core.read_cache if wanted is None and core.read_cache.enabled else None
     hit, miss = ({}, refs.entities) if cache is None else cache.split(refs.entities, now)
     cmds = core.read_cmds(miss, cfg.state_fields)
     n_read = len(cmds)
     users = sorted({u for u in cols["user_id"] if u})
     want_users = features is None or "user_attrs" in features
+    user_replies: dict[str, Any] = {}
+    read_users: list[tuple[str, str]] = []  # (user, key) to read
     if want_users:
-        cmds += [("HGETALL", core.attrs_key("user", u)) for u in users]
-    res = yield cmds
-    shards = core.shard_states(res[:n_read], cfg.width)
-    if cache is None:
-        total = decay_shards(cfg, shards, now) if shards else np.zeros((0, cfg.width))
-    else:
-        total = cache.merge(refs.entities, hit, miss, shards, now)
+        for u in users:
+            key = core.attrs_key("user", u)
+            found, reply = (False, None) if cache is None else cache.user(key, now)
+            if found:
+                user_replies[u] = reply
+            else:
+                read_users.append((u, key))
+        cmds += [("HGETALL", key) for _, key in read_users]
+    token = cache.begin() if cache is not None and cmds else None
+    try:
+        res = yield cmds
+        shards = core.shard_states(res[:n_read], cfg.width)
+        if cache is None:
+            total = decay_shards(cfg, shards, now) if shards else np.zeros((0, cfg.width))
+        else:
+            total = cache.merge(refs.entities, hit, miss, shards, now, token)
+            if read_users:
+                cache.remember_users({key: r for (_, key), r in zip(read_users, res[n_read:],
+                                                                    strict=True)}, now, token)
+    finally:
+        if cache is not None:
+            cache.end(token)
     feats = derive_features(cfg, aggregate(refs, total[refs.entity]))
     out: dict[str, Any] = {k: v for k, v in feats.items() if wanted is None or k in wanted}
     if want_users:
-        user_map = dict(zip(users, map(decode_hash, res[n_read:]), strict=True))
+        user_replies.update(zip((u for u, _ in read_users), res[n_read:], strict=True))
+        user_map = {u: decode_hash(user_replies[u]) for u in users}
         out["user_attrs"] = [user_map.get(u) or None for u in cols["user_id"]]
     if features is None or "item_attrs" in features:
         out["item_attrs"] = [attrs.get(i) for i in cols["item_id"]]

@@ -426,7 +426,8 @@ def build_context(
     )
     transport = None
     if redis_url and settings.serve_redis_round_trips and not is_cluster(redis_client):
-        transport = RoundTrips.for_url(redis_url, callbacks=redis_client.response_callbacks)
+        transport = RoundTrips.for_url(redis_url, callbacks=redis_client.response_callbacks,
+                                       tracking=settings.serve_feature_tracking)
     online = OnlineStore(redis_client, transport, partitions=settings.partitions,
                          counters=builder.config.counters, registry=registry,
                          read_cache_seconds=settings.serve_feature_cache_seconds,
