@@ -27,7 +27,7 @@ Targets (issue 15): one client, p50 <= 2 x bare forward + 1 ms; 16 clients, req/
 70 % of the ceiling.
 
     .venv/bin/python bench/serving_load.py [--kinds fgcnn deepfm] [--workers 2] [--seconds 5] [--reps 3]
-        [--batch-rows 1024 0] [--baseline-repo /path/to/main-checkout]
+        [--batch-rows 1024 0] [--baseline-repo /path/to/main-checkout] [--writes 200]
 """
 
 from __future__ import annotations
@@ -163,6 +163,51 @@ def seed_redis(stack: Stack, users: int, items: int, events: int, seed: int = 0)
                 )
             online.apply_batch("clicks", p, batch)
     client.close()
+
+
+def _write_clicks(redis_url: str, partitions: int, users: int, items: int, rate: float,
+                  first_offset: int, stop) -> None:
+    """Apply ``rate`` click events/s to the online store, as the worker does, until
+    ``stop`` is set (a separate process: its CPU is neither the client's nor serving's)."""
+    import redis as redis_lib
+
+    rng = np.random.default_rng(7)
+    client = redis_lib.Redis.from_url(redis_url)
+    online = SyncOnlineStore(client, partitions=partitions)
+    offsets = [first_offset] * partitions
+    tick, p = 0.05, 0
+    next_at = time.monotonic()
+    while not stop.is_set():
+        batch = []
+        for _ in range(max(1, int(rate * tick))):
+            u = int(rng.integers(0, users)) * partitions + p
+            batch.append({"event_id": f"w{p}-{offsets[p]}", "ts": time.time(), "user_id": f"u{u}",
+                          "item_id": f"m{int(rng.zipf(1.3)) % items}",
+                          "label": int(rng.random() < 0.2), "offset": offsets[p], "sub": 0,
+                          "context": {"device": "tv" if offsets[p] % 3 else "phone"},
+                          "user": {"age": 18 + u % 50, "gender": "MF"[u % 2]}})
+            offsets[p] += 1
+        online.apply_batch("clicks", p, batch)
+        p = (p + 1) % partitions
+        next_at += tick
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    client.close()
+
+
+def start_writes(stack: Stack, args):
+    """``--writes`` events/s into Redis during every window (None: no writer)."""
+    if not args.writes:
+        return None
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    first = args.events // stack.settings.partitions  # the seeded offsets end there
+    proc = ctx.Process(target=_write_clicks, daemon=True, args=(
+        stack.redis_url, stack.settings.partitions, args.users, args.items, args.writes,
+        first, stop))
+    proc.start()
+    return stop, proc
 
 
 def make_model(
@@ -653,6 +698,9 @@ def main() -> None:
     ap.add_argument("--baseline-repo", default=None,
                     help="another checkout (e.g. main's, from git worktree) served with the same "
                          "settings in the same run, its windows alternating with this one's")
+    ap.add_argument("--writes", type=float, default=0.0,
+                    help="click events/s written to Redis during the windows (as the worker "
+                         "writes them; a separate process): the features change under load")
     ap.add_argument("--baseline-label", default="main",
                     help="how the table names the --baseline-repo rows")
     args = ap.parse_args()
@@ -665,14 +713,22 @@ def main() -> None:
         seed_redis(stack, args.users, args.items, args.events)
         print(f"seeded Redis with {args.events} clicks in {time.perf_counter() - t0:.1f}s",
               flush=True)
-        results = [measure_model(stack, args, kind, args.workers) for kind in args.kinds]
+        writer = start_writes(stack, args)
+        try:
+            results = [measure_model(stack, args, kind, args.workers) for kind in args.kinds]
+        finally:
+            if writer is not None:
+                writer[0].set()
+                writer[1].join(10)
     finally:
         stack.stop()
     load1 = os.getloadavg()
     s = stack.settings
     print()
-    print(f"{environment()}; serving: --workers {args.workers}, inference inline, feature cache "
-          f"{s.serve_feature_cache_seconds:g}s; models: preset {s.model_preset}, hashed "
+    print(f"{environment()}; serving: --workers {args.workers}, inference inline, feature "
+          f"tracking {'on' if s.serve_feature_tracking else 'off'} (TTL cache "
+          f"{s.serve_feature_cache_seconds:g}s), {args.writes:g} click events/s written "
+          f"meanwhile; models: preset {s.model_preset}, hashed "
           f"{s.embedding_buckets} rows/field x {s.embedding_dim}; {args.reps} windows of "
           f"{args.seconds:g}s, medians; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end")
     print()

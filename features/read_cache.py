@@ -11,8 +11,13 @@ Two modes:
 - **Tracked** (serving's default, ``HEADWATER_SERVE_FEATURE_TRACKING``). Redis tells the
   process which keys changed (:mod:`core.redis_tracking`). Every entity and every user's
   attributes stay cached until they change, for at most ``max_age`` seconds.
-  - A user's own click shows in their next request: Redis sends the invalidation before
-    it answers the worker's write.
+  - A user's own counters and attributes are read again after every change: their click
+    shows in their next request (Redis sends the invalidation before it answers the
+    worker's write).
+  - A user-independent entity that changed is served for at most ``ttl`` seconds more
+    (the TTL mode's bound), then read again. The hot ones (the hour, the device) change
+    with nearly every click; reading them after each would cost a round trip per
+    request.
   - An entity whose keys were invalidated while its read was in flight serves that
     request and is not kept.
   - A state with a shard newer than the request's time (an event stamped ahead of
@@ -28,6 +33,7 @@ channel (a Redis restart) or ``FLUSHALL`` empties the cache.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,8 +88,9 @@ class ReadCache:
     """
 
     def __init__(self, config: CounterConfig, ttl: float, max_entities: int = 200_000,
-                 prefix: str = "hw", max_age: float = 60.0) -> None:
+                 prefix: str = "hw", max_age: float = 60.0, clock=time.time) -> None:
         self.config = config
+        self.clock = clock  # the time requests are read at (an invalidation's TTL)
         self.ttl = float(ttl)
         self.max_entities = max_entities
         #: tracked entries are read again after this long even if Redis said nothing
@@ -96,8 +103,11 @@ class ReadCache:
         #: :class:`core.redis_tracking.Invalidations` once :meth:`track` is called
         self.tracker: Any = None
         self._changes = 0  # invalidations seen (a read's token compares it)
-        self._inflight = 0  # tracked reads between begin() and end()
-        self._dropped: dict[str, int] = {}  # key -> change count, while reads are in flight
+        # tracked reads between begin() and end(): their tokens' change counts, in order
+        self._open: dict[int, int] = {}  # change count -> reads begun at it
+        # names invalidated since the oldest open read began -> the change count then,
+        # in change order (a name invalidated again moves to the end)
+        self._dropped: dict[str, int] = {}
         #: entity reads answered from the cache / from Redis (for tests and metrics)
         self.hits = 0
         self.misses = 0
@@ -124,18 +134,31 @@ class ReadCache:
         if keys is None:
             self._states.clear()
             self._users.clear()
-            if self._inflight:
+            if self._open:
+                self._dropped.pop("*", None)
                 self._dropped["*"] = self._changes
             return
+        states = self._states
         for raw in keys:
             key = raw.decode("utf-8", "replace")
             if key[:1] == "{":  # {hw:p<P>}:<entity>: a counter shard
                 name = key.partition("}:")[2]
-                self._states.pop(name, None)
+                got = states.get(name)
+                if got is None:
+                    pass
+                elif self.ttl > 0 and self.cacheable(name):
+                    # a shared entity may lag a change by the TTL, as without tracking:
+                    # the hot ones (the hour, the device) change with every click
+                    limit = self.clock() + self.ttl
+                    if got[0] > limit:
+                        states[name] = (limit, got[1])
+                else:
+                    del states[name]
             else:
                 name = key
                 self._users.pop(name, None)
-            if self._inflight:
+            if self._open:
+                self._dropped.pop(name, None)
                 self._dropped[name] = self._changes
 
     def begin(self) -> Token | None:
@@ -144,15 +167,30 @@ class ReadCache:
         tr = self.tracker
         if tr is None or not tr.live:
             return None
-        self._inflight += 1
-        return tr.generation, self._changes
+        n = self._changes
+        self._open[n] = self._open.get(n, 0) + 1
+        return tr.generation, n
 
     def end(self, token: Token | None) -> None:
         """After the round trip of :meth:`begin` (answered or failed)."""
-        if token is not None:
-            self._inflight -= 1
-            if not self._inflight:
-                self._dropped.clear()
+        if token is None:
+            return
+        n = token[1]
+        left = self._open[n] - 1
+        if left:
+            self._open[n] = left
+            return
+        del self._open[n]
+        if not self._open:
+            self._dropped.clear()
+            return
+        oldest = next(iter(self._open))  # begun in change order: the first is the oldest
+        dropped = self._dropped
+        while dropped:  # forget what no open read can be older than
+            name = next(iter(dropped))
+            if dropped[name] > oldest:
+                break
+            del dropped[name]
 
     def _kept(self, token: Token | None) -> set[str] | None:
         """The names changed while the read of ``token`` was in flight (keep the rest), or
@@ -161,7 +199,11 @@ class ReadCache:
         if token is None or tr is None or not tr.live or tr.generation != token[0]:
             return None
         since = token[1]
-        changed = {k for k, n in self._dropped.items() if n > since}
+        changed = set()
+        for name, n in reversed(self._dropped.items()):  # newest first
+            if n <= since:
+                break
+            changed.add(name)
         return None if "*" in changed else changed
 
     # -- entity states --------------------------------------------------------------
@@ -223,8 +265,12 @@ class ReadCache:
         if dropped is not None:  # tracked: every entity not changed meanwhile
             expires = now + self.max_age
             for k, e in enumerate(miss):
-                if not ahead[k] and e not in dropped:
+                if ahead[k]:
+                    continue
+                if e not in dropped:
                     states[e] = (expires, rows[k])
+                elif self.ttl > 0 and self.cacheable(e):  # changed: shared ones for the TTL
+                    states[e] = (now + self.ttl, rows[k])
         elif self.ttl > 0:
             expires = now + self.ttl
             for k, e in enumerate(miss):

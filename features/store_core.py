@@ -152,7 +152,8 @@ class StoreCore:
         # Serving's reads of user-independent entities, kept this long (0: off), or of
         # everything while Redis tracks them (OnlineStore with a tracking transport).
         self.read_cache_seconds = read_cache_seconds
-        self.read_cache = ReadCache(self.counters, read_cache_seconds, prefix=prefix)
+        self.read_cache = ReadCache(self.counters, read_cache_seconds, prefix=prefix,
+                                    clock=clock)
         self._items: dict[str, tuple[float, dict, dict]] = {}
         self._absent: dict[str, float] = {}  # item id -> when to ask Redis again
         # item ids by the (grid-aligned) time their cached answer expires: a request that

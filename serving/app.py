@@ -78,6 +78,7 @@ class AppContext:
     def status_fields(self) -> dict[str, Any]:
         """The serving heartbeat's own fields (see :mod:`core.health`)."""
         cur = self.holder.current
+        cache = getattr(self.scorer.store, "read_cache", None)
         errors = [
             e
             for e in (
@@ -96,6 +97,8 @@ class AppContext:
             "swaps": self.holder.swaps,
             "http": f"http://{self.settings.bind_host}:{self.settings.http_port}",
             "last_error": errors[0] if errors else None,
+            # hits, misses, tracking state (live / connecting / refused), invalidations
+            "feature_cache": cache.stats() if cache is not None else None,
         }
 
 

@@ -301,3 +301,47 @@ def test_a_state_stamped_after_the_read_time_is_not_kept():
     c.merge(["item:1", "item:2"], hit, miss, [shard], now=100.0, token=token)
     c.end(token)
     assert c.split(["item:1", "item:2"], now=110.0)[1] == ["item:2"]
+
+
+def test_a_changed_shared_entity_lags_by_the_ttl_at_most_and_a_users_not_at_all():
+    clock = [100.0]
+    c = ReadCache(CFG, ttl=0.5, prefix="hw", clock=lambda: clock[0])
+    c.track(_Live())
+    token = c.begin()
+    names = ["user:1", "item:2", "user_genre:1|Drama"]
+    hit, miss = c.split(names, now=100.0)
+    shard = np.zeros((3, CFG.width + 1))
+    c.merge(names, hit, miss, [shard], now=100.0, token=token)
+    c.end(token)
+    c.tracker.callback([b"{hw:p1}:item:2", b"{hw:p0}:user:1", b"{hw:p0}:user_genre:1|Drama"])
+    assert c.split(names, now=100.4)[1] == ["user:1", "user_genre:1|Drama"]
+    assert c.split(names, now=100.6)[1] == names  # the item: read again after the TTL
+    # an unchanged shared entity stays past the TTL
+    token = c.begin()
+    hit, miss = c.split(["item:3"], now=101.0)
+    c.merge(["item:3"], hit, miss, [np.zeros((1, CFG.width + 1))], now=101.0, token=token)
+    c.end(token)
+    assert c.split(["item:3"], now=130.0)[1] == []
+
+
+def test_overlapping_reads_each_drop_only_what_changed_during_their_own_flight():
+    """Under steady load some read is always in flight: what is remembered for them is
+    pruned as the oldest ones end, and each read drops only its own flight's changes."""
+    c = _cache()
+    shard = np.zeros((2, CFG.width + 1))
+    a = c.begin()
+    c.tracker.callback([b"{hw:p0}:item:1"])
+    b = c.begin()  # begins after item 1 changed: its answer has the new item 1
+    c.tracker.callback([b"{hw:p0}:item:2"])
+    c.end(a)
+    hit, miss = c.split(["item:1", "item:2"], now=10.0)
+    c.merge(["item:1", "item:2"], hit, miss, [shard], now=10.0, token=b)
+    assert c.split(["item:1", "item:2"], now=11.0)[1] == ["item:2"]
+    for k in range(1000):  # always one read open
+        nxt = c.begin()
+        c.tracker.callback([f"{{hw:p0}}:item:{k % 50}".encode()])
+        c.end(b)
+        b = nxt
+    assert len(c._dropped) <= 2 and len(c._open) == 1
+    c.end(b)
+    assert not c._dropped and not c._open
