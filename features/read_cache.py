@@ -33,6 +33,7 @@ channel (a Redis restart) or ``FLUSHALL`` empties the cache.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -257,7 +258,7 @@ class ReadCache:
     def _remember(self, miss: Sequence[str], decayed: np.ndarray, now: float,
                   ahead: np.ndarray, dropped: set[str] | None) -> None:
         if len(self._states) > self.max_entities:
-            self._states.clear()
+            _forget_oldest_half(self._states)
         # stored decayed to ``now`` with reference ``t = now``: decaying it again to a
         # later time gives the same as decaying the raw shard states (exponential decay)
         rows = np.hstack([decayed, np.full((len(miss), 1), now)])
@@ -292,7 +293,7 @@ class ReadCache:
         if dropped is None:
             return
         if len(self._users) > self.max_entities:
-            self._users.clear()
+            _forget_oldest_half(self._users)
         expires = now + self.max_age
         for key, reply in replies.items():
             if key not in dropped:
@@ -305,3 +306,16 @@ class ReadCache:
                 "tracking": None if tr is None else (
                     "refused" if getattr(tr, "error", None) else "live" if tr.live else "connecting"),
                 "invalidations": self._changes}
+
+
+def _forget_oldest_half(entries: dict) -> None:
+    """Make room: drop the half stored longest ago (a dict keeps insertion order), so the
+    entities every request needs are read again once, not all at once.
+
+    >>> d = {k: None for k in "abcde"}
+    >>> _forget_oldest_half(d)
+    >>> list(d)
+    ['c', 'd', 'e']
+    """
+    for key in list(itertools.islice(entries, len(entries) // 2)):
+        del entries[key]

@@ -345,3 +345,16 @@ def test_overlapping_reads_each_drop_only_what_changed_during_their_own_flight()
     assert len(c._dropped) <= 2 and len(c._open) == 1
     c.end(b)
     assert not c._dropped and not c._open
+
+
+def test_a_full_cache_forgets_its_oldest_half_not_everything():
+    c = ReadCache(CFG, ttl=0.0, prefix="hw", max_entities=10)
+    c.track(_Live())
+    for k in range(30):
+        token = c.begin()
+        hit, miss = c.split([f"item:{k}"], now=1.0)
+        c.merge([f"item:{k}"], hit, miss, [np.zeros((1, CFG.width + 1))], now=1.0, token=token)
+        c.end(token)
+        assert len(c._states) <= 11
+    kept = set(c._states)
+    assert "item:29" in kept and "item:0" not in kept and len(kept) >= 5
