@@ -20,11 +20,13 @@ once per read: a key is tracked again only when it is read again. Redis 6.0 and 
 - A server that refuses tracking (an ACL without ``CLIENT``, an old server) sets
   ``error``; the listener stops for good and callers read Redis as before.
 
-**Ordering.** The listener is an asyncio :class:`~asyncio.Protocol`: invalidations are
-applied in the event-loop callback that reads them, before any task woken in the same
-loop turn runs. On one host, Redis writes a key's invalidation before it answers the
-writer. So a request that reaches serving after the write was acknowledged never reads
-the old value.
+**Ordering.** Redis queues a key's invalidation while it runs the write, and sends it in
+the same pass of its event loop in which it answers the writer: on one host the two are
+microseconds apart, either way round. The listener is an asyncio
+:class:`~asyncio.Protocol`, so an invalidation is applied in the event-loop callback that
+reads it, before any request task woken in the same loop turn runs. A request that reaches
+serving after the invalidation reached its socket never reads the old value; one that
+arrives in the microseconds between can.
 """
 
 from __future__ import annotations

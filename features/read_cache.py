@@ -12,8 +12,8 @@ Two modes:
   process which keys changed (:mod:`core.redis_tracking`). Every entity and every user's
   attributes stay cached until they change, for at most ``max_age`` seconds.
   - A user's own counters and attributes are read again after every change: their click
-    shows in their next request (Redis sends the invalidation before it answers the
-    worker's write).
+    shows in their next request (Redis sends the invalidation beside its answer to the
+    worker's write, microseconds apart on one host; :mod:`core.redis_tracking`).
   - A user-independent entity that changed is served for at most ``ttl`` seconds more
     (the TTL mode's bound), then read again. The hot ones (the hour, the device) change
     with nearly every click; reading them after each would cost a round trip per

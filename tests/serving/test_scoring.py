@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
@@ -42,18 +43,37 @@ async def test_scores_are_finite_in_candidate_order_and_match_offline_rows(
 async def test_counters_reach_the_model(settings, seeded_redis, publish, make_app, h):
     """A popular item and a never-seen one get different dense features, hence scores."""
     publish(3)
-    client, _ = await make_app(settings, seeded_redis)
+    client, ctx = await make_app(settings, seeded_redis)
+    body = h.score_body("u1", ["i1", "i1"], context={"device": "tv"})
+    assert (await client.post("/v1/score", data=body)).status == 200  # starts the tracking
+    tracker = ctx.scorer.store.transport.invalidations
+    await _until(lambda: tracker.live, "Redis tracks serving's reads")
     resp = await client.post(
         "/v1/score", data=h.score_body("u1", ["i1", "i1"], context={"device": "tv"})
     )
     a = (await resp.json())["scores"]
-    # Redis flushed of counters: the same ids now read as cold.
+    # Redis flushed of counters: the same ids now read as cold, once Redis's invalidation
+    # (which it sends beside its answer to the flush) has reached serving's cache
+    cache = ctx.scorer.store.read_cache
+    seen = cache.stats()["invalidations"]
     await _flush(seeded_redis)
+    await _until(lambda: cache.stats()["invalidations"] > seen, "the flush's invalidation")
     resp = await client.post(
         "/v1/score", data=h.score_body("u1", ["i1", "i1"], context={"device": "tv"})
     )
     b = (await resp.json())["scores"]
     assert a[0] != pytest.approx(b[0])
+
+
+async def _until(predicate, what: str, timeout: float = 10.0) -> None:
+    """Wait for a condition another party makes true (here: Redis's invalidation)."""
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+    try:
+        await asyncio.wait_for(poll(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"never happened: {what}") from None
 
 
 async def _flush(url: str) -> None:
