@@ -311,7 +311,10 @@ class RoundTrips:
                 raise reply
         if generation >= 0 and isinstance(replies[-1], Exception):
             assert inv is not None
-            inv.refuse(str(replies[-1]))
+            if "redirect" in str(replies[-1]).lower():  # the listener's id is not this server's
+                inv.redirect_failed()
+            else:
+                inv.refuse(str(replies[-1]))
             generation = -1
         return reader, writer, parser, generation
 

@@ -17,6 +17,8 @@ once per read: a key is tracked again only when it is read again. Redis 6.0 and 
   ``retry_seconds`` with a new generation.
 - A data connection opened under an older generation is closed before its next use:
   its tracking redirects to a client that is gone.
+- A server that does not know the listener's id (it restarted, and the listener has not
+  seen its connection drop yet) is no refusal: the listener is replaced.
 - A server that refuses tracking (an ACL without ``CLIENT``, an old server) sets
   ``error``; the listener stops for good and callers read Redis as before.
 
@@ -150,6 +152,12 @@ class Invalidations:
         self.error = reason
         self.close()
 
+    def redirect_failed(self) -> None:
+        """A data connection could not redirect to this listener: the server does not know
+        its id (Redis restarted and the listener has not seen its connection drop yet).
+        Not a refusal: forget everything and connect a new listener."""
+        self._drop()
+
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -178,14 +186,18 @@ class Invalidations:
             callback(keys)
 
     async def _run(self) -> None:
+        failing = False  # logged once per outage, not at every retry
         while True:
             try:
                 await self._listen()
+                failing = False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reconnect; readers go to Redis meanwhile
-                log.info("Redis invalidation channel down (%r); retrying in %.1f s",
-                         exc, self.retry_seconds)
+                if not failing:
+                    log.info("Redis invalidation channel down (%r); retrying every %.1f s, "
+                             "features are read from Redis meanwhile", exc, self.retry_seconds)
+                failing = True
             self._drop()
             await asyncio.sleep(self.retry_seconds)
 

@@ -358,3 +358,25 @@ def test_a_full_cache_forgets_its_oldest_half_not_everything():
         assert len(c._states) <= 11
     kept = set(c._states)
     assert "item:29" in kept and "item:0" not in kept and len(kept) >= 5
+
+
+async def test_a_listener_id_the_server_does_not_know_replaces_the_listener_not_tracking(stores):
+    """After a Redis restart a data connection may reach the new server before the
+    listener has seen its own connection drop: its redirect names an id the server does
+    not know. That is no refusal: a new listener subscribes and reads are tracked again."""
+    await _apply(stores.fresh, _events(np.random.default_rng(6), 30, 0.0, 0))
+    await stores.live()
+    inv, generation, resets = stores.inv, stores.inv.generation, stores.inv.resets
+    inv.client_id = 987_654_321  # what the listener believes; the server has no such client
+    idle = stores.tracked_rt._idle  # the next read opens a connection, which redirects to it
+    while idle:
+        idle.pop()[1].close()
+    rows = [{"user_id": 1, "item_id": 2}]
+    _close(await stores.tracked.get_online_features(rows, now=600.0),
+           await stores.fresh.get_online_features(rows, now=600.0))
+    assert inv.error is None and inv.resets > resets  # replaced, not refused
+    await _until(lambda: inv.live and inv.generation > generation, "a new listener")
+    await stores.tracked.get_online_features(rows, now=600.0)  # tracked again: cached
+    hits = stores.tracked.read_cache.hits
+    await stores.tracked.get_online_features(rows, now=600.0)
+    assert stores.tracked.read_cache.hits > hits
