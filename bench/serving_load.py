@@ -147,22 +147,21 @@ def seed_redis(stack: Stack, users: int, items: int, events: int, seed: int = 0)
         for start in range(0, per_part, 1000):
             batch = []
             for off in range(start, min(start + 1000, per_part)):
-                u = int(rng.integers(0, users)) * stack.settings.partitions + p
-                batch.append(
-                    {
-                        "event_id": f"e{p}-{off}",
-                        "ts": now - 3600 + off * 0.01,
-                        "user_id": f"u{u}",
-                        "item_id": f"m{int(rng.zipf(1.3)) % items}",
-                        "label": int(rng.random() < 0.2),
-                        "offset": off,
-                        "sub": 0,
-                        "context": {"device": "tv" if off % 3 else "phone"},
-                        "user": {"age": 18 + u % 50, "gender": "MF"[u % 2]},
-                    }
-                )
+                batch.append(_click(rng, f"e{p}-{off}", now - 3600 + off * 0.01, p, off, users,
+                                    items, stack.settings.partitions))
             online.apply_batch("clicks", p, batch)
     client.close()
+
+
+def _click(rng, event_id: str, ts: float, p: int, off: int, users: int, items: int,
+           partitions: int) -> dict:
+    """One click event of partition ``p`` at offset ``off``: a user of that partition, a
+    Zipf-popular item, 20 % clicked."""
+    u = int(rng.integers(0, users)) * partitions + p
+    return {"event_id": event_id, "ts": ts, "user_id": f"u{u}",
+            "item_id": f"m{int(rng.zipf(1.3)) % items}", "label": int(rng.random() < 0.2),
+            "offset": off, "sub": 0, "context": {"device": "tv" if off % 3 else "phone"},
+            "user": {"age": 18 + u % 50, "gender": "MF"[u % 2]}}
 
 
 def _write_clicks(redis_url: str, partitions: int, users: int, items: int, rate: float,
@@ -180,12 +179,8 @@ def _write_clicks(redis_url: str, partitions: int, users: int, items: int, rate:
     while not stop.is_set():
         batch = []
         for _ in range(max(1, int(rate * tick))):
-            u = int(rng.integers(0, users)) * partitions + p
-            batch.append({"event_id": f"w{p}-{offsets[p]}", "ts": time.time(), "user_id": f"u{u}",
-                          "item_id": f"m{int(rng.zipf(1.3)) % items}",
-                          "label": int(rng.random() < 0.2), "offset": offsets[p], "sub": 0,
-                          "context": {"device": "tv" if offsets[p] % 3 else "phone"},
-                          "user": {"age": 18 + u % 50, "gender": "MF"[u % 2]}})
+            off = offsets[p]
+            batch.append(_click(rng, f"w{p}-{off}", time.time(), p, off, users, items, partitions))
             offsets[p] += 1
         online.apply_batch("clicks", p, batch)
         p = (p + 1) % partitions

@@ -127,13 +127,13 @@ def plan_read(
             if read_users:
                 cache.remember_users({key: r for (_, key), r in zip(read_users, res[n_read:],
                                                                     strict=True)}, now, token)
+        user_replies.update((u, r) for (u, _), r in zip(read_users, res[n_read:], strict=True))
     finally:
         if cache is not None:
             cache.end(token)
     feats = derive_features(cfg, aggregate(refs, total[refs.entity]))
     out: dict[str, Any] = {k: v for k, v in feats.items() if wanted is None or k in wanted}
     if want_users:
-        user_replies.update(zip((u for u, _ in read_users), res[n_read:], strict=True))
         user_map = {u: decode_hash(user_replies[u]) for u in users}
         out["user_attrs"] = [user_map.get(u) or None for u in cols["user_id"]]
     if features is None or "item_attrs" in features:

@@ -82,6 +82,21 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last={last!r})\n{detail[-4000:]}")
 
 
+async def wait_until_async(predicate: Callable[[], object], timeout: float = 10.0,
+                           interval: float = 0.005, what: str = "condition"):
+    """:func:`wait_until` for a condition another task or connection of the running event
+    loop makes true (the loop keeps running while it waits)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def read_topic(bootstrap: str, topic: str, timeout: float = 2.0) -> list:
     """Every record currently in ``topic`` (all partitions), without a consumer group."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,

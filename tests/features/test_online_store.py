@@ -16,16 +16,7 @@ from features.counters import (
     resolve_refs,
 )
 from features.store import OnlineStore
-
-CFG = CounterConfig(
-    specs=(
-        CounterSpec("user", key=("user_id",)),
-        CounterSpec("item", key=("item_id",)),
-        CounterSpec("genre", key=("genre",)),
-        CounterSpec("user_genre", key=("user_id", "genre")),
-    ),
-    half_lives=(3600.0, 86400.0),
-)
+from tests.features.counter_cfg import CFG
 
 
 def _events(ml, start, stop, per_message=1):

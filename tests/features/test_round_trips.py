@@ -15,18 +15,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.redis_client import RoundTrips, connect_async
-from features.counters import CounterConfig, CounterSpec
 from features.store import OnlineStore
-
-CFG = CounterConfig(
-    specs=(
-        CounterSpec("user", key=("user_id",)),
-        CounterSpec("item", key=("item_id",)),
-        CounterSpec("genre", key=("genre",)),
-        CounterSpec("user_genre", key=("user_id", "genre")),
-    ),
-    half_lives=(3600.0, 86400.0),
-)
+from tests.features.counter_cfg import CFG
 
 
 @pytest.fixture

@@ -12,31 +12,11 @@ import redis
 
 from core.redis_client import RoundTrips, connect_async
 from core.redis_tracking import CHANNEL
-from features.counters import CounterConfig, CounterSpec
 from features.read_cache import ReadCache
 from features.store import OnlineStore
 from headwater.servers import start_redis
-
-CFG = CounterConfig(
-    specs=(
-        CounterSpec("user", key=("user_id",)),
-        CounterSpec("item", key=("item_id",)),
-        CounterSpec("genre", key=("genre",)),
-        CounterSpec("user_genre", key=("user_id", "genre")),
-    ),
-    half_lives=(3600.0, 86400.0),
-)
-
-
-async def _until(predicate, what: str, timeout: float = 10.0) -> None:
-    """Wait for a condition another party makes true (the listener, Redis)."""
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.01)
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"never happened: {what}") from None
+from tests.features.counter_cfg import CFG
+from tests.stackutil import wait_until_async
 
 
 async def _settle(inv, url: str) -> None:
@@ -48,7 +28,7 @@ async def _settle(inv, url: str) -> None:
         client.publish(CHANNEL, b"barrier")
     finally:
         client.close()
-    await _until(lambda: inv.other > seen, "the barrier message arrived")
+    await wait_until_async(lambda: inv.other > seen, what="the barrier message arrived")
 
 
 class _Stores:
@@ -67,7 +47,7 @@ class _Stores:
 
     async def live(self) -> None:
         await self.tracked.get_online_features([{"user_id": 0, "item_id": 0}], now=0.0)
-        await _until(lambda: self.inv.live, "the invalidation listener subscribed")
+        await wait_until_async(lambda: self.inv.live, what="the invalidation listener subscribed")
 
     async def close(self) -> None:
         self.plain.close()
@@ -171,16 +151,16 @@ async def test_a_lost_invalidation_channel_empties_the_cache_and_tracking_comes_
         assert killer.client_kill_filter(_id=stores.inv.client_id) == 1
     finally:
         killer.close()
-    await _until(lambda: not stores.inv.live or stores.inv.generation > generation,
-                 "the listener noticed it was killed")
+    await wait_until_async(lambda: not stores.inv.live or stores.inv.generation > generation,
+                           what="the listener noticed it was killed")
     assert stores.tracked.read_cache.stats()["entities"] == 0 or stores.inv.generation > generation
     # a write while nothing tracks: it must show, cached or not
     await stores.fresh.apply_batch("clicks", 1, {"ts": [650.0], "user_id": [1], "item_id": [3],
                                                  "label": [1], "offset": [40]})
     _close(await stores.tracked.get_online_features(rows, now=700.0),
            await stores.fresh.get_online_features(rows, now=700.0))
-    await _until(lambda: stores.inv.generation > generation and stores.inv.live,
-                 "a new listener subscribed")
+    await wait_until_async(lambda: stores.inv.generation > generation and stores.inv.live,
+                           what="a new listener subscribed")
     await stores.tracked.get_online_features(rows, now=700.0)
     assert stores.tracked_rt.opened > opened  # the old connection redirected to a gone client
     await stores.fresh.apply_batch("clicks", 1, {"ts": [710.0], "user_id": [1], "item_id": [3],
@@ -201,7 +181,7 @@ async def test_a_redis_restart_never_serves_the_old_servers_states(tmp_path):
         before = await s.tracked.get_online_features(rows, now=600.0)
         assert before["user_impressions_total"].sum() > 0
         server.stop()
-        await _until(lambda: not s.inv.live, "the listener lost Redis")
+        await wait_until_async(lambda: not s.inv.live, what="the listener lost Redis")
         server = start_redis(port=port, log_path=tmp_path / "redis2.log")  # empty
         w = _Stores(url)  # a writer and reference reader on the new server
         try:
@@ -237,7 +217,7 @@ async def test_a_server_that_refuses_tracking_is_read_as_before(redis_db):
             rows = [{"user_id": 1, "item_id": 2}]
             for now in (600.0, 601.0):
                 await s.tracked.get_online_features(rows, now=now)
-            await _until(lambda: s.inv.error is not None, "the refusal was noticed")
+            await wait_until_async(lambda: s.inv.error is not None, what="the refusal was noticed")
             assert not s.inv.live
             _close(await s.tracked.get_online_features(rows, now=602.0),
                    await s.fresh.get_online_features(rows, now=602.0))
@@ -375,7 +355,7 @@ async def test_a_listener_id_the_server_does_not_know_replaces_the_listener_not_
     _close(await stores.tracked.get_online_features(rows, now=600.0),
            await stores.fresh.get_online_features(rows, now=600.0))
     assert inv.error is None and inv.resets > resets  # replaced, not refused
-    await _until(lambda: inv.live and inv.generation > generation, "a new listener")
+    await wait_until_async(lambda: inv.live and inv.generation > generation, what="a new listener")
     await stores.tracked.get_online_features(rows, now=600.0)  # tracked again: cached
     hits = stores.tracked.read_cache.hits
     await stores.tracked.get_online_features(rows, now=600.0)

@@ -13,6 +13,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from features.store import SyncOnlineStore
+from tests.stackutil import wait_until_async
 
 
 async def test_scores_are_finite_in_candidate_order_and_match_offline_rows(
@@ -47,7 +48,7 @@ async def test_counters_reach_the_model(settings, seeded_redis, publish, make_ap
     body = h.score_body("u1", ["i1", "i1"], context={"device": "tv"})
     assert (await client.post("/v1/score", data=body)).status == 200  # starts the tracking
     tracker = ctx.scorer.store.transport.invalidations
-    await _until(lambda: tracker.live, "Redis tracks serving's reads")
+    await wait_until_async(lambda: tracker.live, what="Redis tracks serving's reads")
     resp = await client.post(
         "/v1/score", data=h.score_body("u1", ["i1", "i1"], context={"device": "tv"})
     )
@@ -57,7 +58,7 @@ async def test_counters_reach_the_model(settings, seeded_redis, publish, make_ap
     cache = ctx.scorer.store.read_cache
     seen = cache.stats()["invalidations"]
     await _flush(seeded_redis)
-    await _until(lambda: cache.stats()["invalidations"] > seen, "the flush's invalidation")
+    await wait_until_async(lambda: cache.stats()["invalidations"] > seen, what="the flush's invalidation")
     resp = await client.post(
         "/v1/score", data=h.score_body("u1", ["i1", "i1"], context={"device": "tv"})
     )
@@ -65,15 +66,6 @@ async def test_counters_reach_the_model(settings, seeded_redis, publish, make_ap
     assert a[0] != pytest.approx(b[0])
 
 
-async def _until(predicate, what: str, timeout: float = 10.0) -> None:
-    """Wait for a condition another party makes true (here: Redis's invalidation)."""
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.005)
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"never happened: {what}") from None
 
 
 async def _flush(url: str) -> None:
@@ -347,7 +339,6 @@ async def test_one_version_metadata(settings, seeded_redis, publish, make_app):
 
 async def test_scoring_answers_through_a_redis_restart(settings, publish, make_app, tmp_path, h):
     """Redis is down when the request arrives and back within the retry bound: 200, not 5xx."""
-    import asyncio
 
     from headwater.servers import start_redis
 
@@ -399,7 +390,6 @@ async def test_concurrent_requests_share_forwards_and_score_as_alone(
     pass, and every request's scores equal its scores when sent alone: the same rows,
     the same model; a bigger matrix may round a float32 product differently (FGCNN's
     convolutions: a last-bit difference), never more."""
-    import asyncio
 
     publish(0, kind=kind)
     client, ctx = await make_app(settings, seeded_redis)
