@@ -29,6 +29,7 @@ to a value kept at ``t_ref``, it gives what in-order arrival would have given.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -256,6 +257,8 @@ def _canonical_column(col: Any) -> np.ndarray:
         items = col.tolist()
         if set(map(type, items)) == {str}:
             return col  # already canonical: skip the per-value work
+    elif isinstance(col, list) and 0 < len(col) <= 8 and all(type(v) is str for v in col):
+        return np.array(col, dtype=object)  # a scoring request's few ids: texts already
     codes, texts = factorize(col)
     return np.asarray(texts, dtype=object)[codes] if texts else np.zeros(0, dtype=object)
 
@@ -515,6 +518,8 @@ def _shared_texts(f: str, user_id: str, ts: float, context: Any, user: Any) -> l
 def _shared_event(cols: Mapping[str, Any]) -> tuple[str, float, Any, Any] | None:
     """``(user_id, ts, context, user)`` when every event has the same ones, else ``None``."""
     ts, users = cols["ts"], cols["user_id"]
+    if len(ts) == 1:  # one event (a one-candidate request): shared by definition
+        return users[0], float(ts[0]), _first(cols.get("context")), _first(cols.get("user"))
     if not len(ts) or ts.min() != ts.max() or len(set(users.tolist())) != 1:
         return None
     shared = []
@@ -525,6 +530,10 @@ def _shared_event(cols: Mapping[str, Any]) -> tuple[str, float, Any, Any] | None
             return None
         shared.append(first)
     return users[0], float(ts[0]), shared[0], shared[1]
+
+
+def _first(col: Any) -> Any:
+    return col[0] if col is not None else None
 
 
 def resolve_request_refs(
@@ -611,6 +620,11 @@ def resolve_request_refs(
             if names:
                 per_ent[u] += [add(name, len(index)) for name in names]
                 per_spc[u] += [s] * len(names)
+    if n == 1:  # one event: its references in order, nothing to repeat or chain
+        k = len(per_ent[0])
+        return Refs(entities=list(index), event=np.zeros(k, np.int64),
+                    spec=np.array(per_spc[0], np.int32), entity=np.array(per_ent[0], np.int32),
+                    n_events=1, n_specs=len(config.specs), index=index)
     counts = np.fromiter(map(len, per_ent), np.int64, m)
     chain = itertools.chain.from_iterable
     return Refs(
@@ -622,20 +636,30 @@ def resolve_request_refs(
     )
 
 
+_LONGEST = float(np.finfo(np.float64).max)
+
+
 def decay_state(config: CounterConfig, state: np.ndarray, at: np.ndarray | float) -> np.ndarray:
     """Decay stored states ``[K, width + 1]`` (last column ``t``) to times ``at``.
 
     Never decays backwards: a state newer than ``at`` is returned as stored. ``t`` NaN
     (an entity never written, whose fields read as 0) is not decayed.
     """
-    out = np.array(state[:, : config.width], dtype=np.float64, copy=True)
     t = state[:, config.width]
     dt = np.asarray(at, dtype=np.float64) - t
-    dt = np.where(dt > 0.0, dt, 0.0)  # never backwards; NaN (never written): not decayed
-    for j, h in enumerate(config.half_lives):
-        f = np.exp2(-dt / h)
-        out[:, 2 + 2 * j] *= f
-        out[:, 3 + 2 * j] *= f
+    # never backwards; NaN (never written): not decayed; an infinite gap decays to 0 as
+    # any huge one does (and keeps the totals' factor 1: inf / inf would be NaN)
+    dt = np.where(dt > 0.0, np.minimum(dt, _LONGEST), 0.0)
+    # every column's factor at once: exp2(-dt / h) for the decayed (n, c) pairs, and the
+    # totals' half-life inf gives exp2(-0.0) == 1.0, so they are multiplied by exactly 1
+    return state[:, : config.width] * np.exp2(-dt[:, None] / _column_half_lives(config))
+
+
+@functools.lru_cache(maxsize=64)
+def _column_half_lives(config: CounterConfig) -> np.ndarray:
+    """Per state column, the half-life that decays it (``inf``: the totals, never)."""
+    out = np.repeat([np.inf, *config.half_lives], 2)
+    out.flags.writeable = False
     return out
 
 
@@ -682,15 +706,23 @@ def derive_features(config: CounterConfig, agg: np.ndarray) -> dict[str, np.ndar
     >>> float(f["item_ctr_total"][0]), float(f["item_impressions_1h"][0])
     (0.5, 2.0)
     """
-    out: dict[str, np.ndarray] = {}
     # impressions (total, then per half-life) are the even state columns, clicks the odd
     # ones: every CTR in one call, then each feature is a view
     imps, clicks = agg[:, :, 0::2], agg[:, :, 1::2]
     ctrs = smoothed_ctr(config, clicks, imps)
+    parts = (imps, clicks, ctrs)
+    return {name: parts[p][:, s, j] for name, p, s, j in _feature_layout(config)}
+
+
+@functools.lru_cache(maxsize=64)
+def _feature_layout(config: CounterConfig) -> tuple[tuple[str, int, int, int], ...]:
+    """``(name, part, spec, column)`` of every derived feature, in
+    :meth:`CounterConfig.feature_names` order; part 0 impressions, 1 clicks, 2 CTR (named
+    once per config, not per read)."""
     labels = ["total", *(half_life_label(h) for h in config.half_lives)]
-    for s, spec in enumerate(config.specs):
-        for j, lab in enumerate(labels):
-            out[f"{spec.name}_impressions_{lab}"] = imps[:, s, j]
-            out[f"{spec.name}_clicks_{lab}"] = clicks[:, s, j]
-            out[f"{spec.name}_ctr_{lab}"] = ctrs[:, s, j]
-    return out
+    return tuple(
+        (f"{spec.name}_{kind}_{lab}", p, s, j)
+        for s, spec in enumerate(config.specs)
+        for j, lab in enumerate(labels)
+        for p, kind in enumerate(("impressions", "clicks", "ctr"))
+    )

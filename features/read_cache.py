@@ -98,7 +98,7 @@ class ReadCache:
         self.max_age = float(max_age)
         self._shared = {s.name for s in config.specs if "user_id" not in s.key}
         self._states: dict[str, tuple[float, np.ndarray]] = {}
-        #: tracked user attributes by their Redis key: (expiry, reply)
+        #: tracked user attributes by their Redis key: (expiry, decoded attributes)
         self._users: dict[str, tuple[float, Any]] = {}
         self._user_prefix = f"{prefix}:attrs:user:"
         #: :class:`core.redis_tracking.Invalidations` once :meth:`track` is called
@@ -236,10 +236,13 @@ class ReadCache:
         (all of them if ``token`` is a tracked read that may be kept, else the shared ones
         for ``ttl``)."""
         cfg = self.config
+        if not miss:  # all in memory (the common case): ``hit`` holds 0 .. n - 1 in order
+            return (decay_state(cfg, np.array(list(hit.values())), now) if hit
+                    else np.zeros((0, cfg.width)))
         out = np.zeros((len(entities), cfg.width))
         if hit:
             idx = np.fromiter(hit.keys(), dtype=np.int64, count=len(hit))
-            out[idx] = decay_state(cfg, np.vstack(list(hit.values())), now)
+            out[idx] = decay_state(cfg, np.array(list(hit.values())), now)
         if miss:
             fresh = decay_shards(cfg, shards, now)
             pos = {e: k for k, e in enumerate(entities)} if hit else None
@@ -280,7 +283,8 @@ class ReadCache:
 
     # -- user attributes ------------------------------------------------------------
     def user(self, key: str, now: float) -> tuple[bool, Any]:
-        """``(True, reply)`` for a tracked user attributes hash still valid, else ``(False, None)``."""
+        """``(True, attributes)`` for a tracked user's attributes still valid (decoded; shared:
+        the caller copies before handing them out), else ``(False, None)``."""
         got = self._users.get(key)
         if got is not None and got[0] > now:
             self.user_hits += 1
@@ -288,7 +292,7 @@ class ReadCache:
         return False, None
 
     def remember_users(self, replies: dict[str, Any], now: float, token: Token | None) -> None:
-        """Keep the user attribute replies of a tracked read (by key)."""
+        """Keep the users' attributes of a tracked read (by key, decoded)."""
         dropped = self._kept(token)
         if dropped is None:
             return

@@ -105,14 +105,14 @@ def plan_read(
     n_read = len(cmds)
     users = sorted({u for u in cols["user_id"] if u})
     want_users = features is None or "user_attrs" in features
-    user_replies: dict[str, Any] = {}
+    user_map: dict[str, dict[str, Any]] = {}  # decoded attributes per user
     read_users: list[tuple[str, str]] = []  # (user, key) to read
     if want_users:
         for u in users:
             key = core.attrs_key("user", u)
-            found, reply = (False, None) if cache is None else cache.user(key, now)
+            found, kept = (False, None) if cache is None else cache.user(key, now)
             if found:
-                user_replies[u] = reply
+                user_map[u] = dict(kept)  # the caller's own copy: the cache's is shared
             else:
                 read_users.append((u, key))
         cmds += [("HGETALL", key) for _, key in read_users]
@@ -124,17 +124,18 @@ def plan_read(
             total = decay_shards(cfg, shards, now) if shards else np.zeros((0, cfg.width))
         else:
             total = cache.merge(refs.entities, hit, miss, shards, now, token)
-            if read_users:
-                cache.remember_users({key: r for (_, key), r in zip(read_users, res[n_read:],
-                                                                    strict=True)}, now, token)
-        user_replies.update((u, r) for (u, _), r in zip(read_users, res[n_read:], strict=True))
+        read_map = {u: decode_hash(r) for (u, _), r in zip(read_users, res[n_read:], strict=True)}
+        if cache is not None and read_users:
+            cache.remember_users({key: read_map[u] for u, key in read_users}, now, token)
+            read_map = {u: dict(a) for u, a in read_map.items()}  # the cache keeps the originals
+        user_map.update(read_map)
     finally:
         if cache is not None:
             cache.end(token)
     feats = derive_features(cfg, aggregate(refs, total[refs.entity]))
-    out: dict[str, Any] = {k: v for k, v in feats.items() if wanted is None or k in wanted}
+    out: dict[str, Any] = (feats if wanted is None
+                           else {k: v for k, v in feats.items() if k in wanted})
     if want_users:
-        user_map = {u: decode_hash(user_replies[u]) for u in users}
         out["user_attrs"] = [user_map.get(u) or None for u in cols["user_id"]]
     if features is None or "item_attrs" in features:
         out["item_attrs"] = [attrs.get(i) for i in cols["item_id"]]
