@@ -367,6 +367,13 @@ class Settings(BaseSettings):
                     "pipeline: ~0.3 ms less CPU per request. redis:// and unix:// servers "
                     "only; TLS and clusters always use redis-py.",
     )
+    serve_traced_forward: bool = Field(
+        True,
+        description="Serving runs each model version's forward through a TorchScript graph "
+                    "traced once per architecture, weights as inputs (serving/traced.py), "
+                    "when it scores the warm-up batch bit for bit as the eager forward; "
+                    "off: every forward is eager.",
+    )
     serve_feature_tracking: bool = Field(
         True,
         description="Serving keeps every counter state and user's attributes it read in "

@@ -79,6 +79,7 @@ class AppContext:
         """The serving heartbeat's own fields (see :mod:`core.health`)."""
         cur = self.holder.current
         cache = getattr(self.scorer.store, "read_cache", None)
+        traced = self.holder.loader.traced
         errors = [
             e
             for e in (
@@ -99,6 +100,9 @@ class AppContext:
             "last_error": errors[0] if errors else None,
             # hits, misses, tracking state (live / connecting / refused), invalidations
             "feature_cache": cache.stats() if cache is not None else None,
+            # whether the serving version runs the traced forward; graphs traced, failed
+            # traces, versions refused it for a differing warm-up score
+            "traced_forward": traced.stats(cur) if traced is not None else None,
         }
 
 
@@ -426,6 +430,7 @@ def build_context(
         keep_loaded=keep_loaded,
         quality_margin=quality_margin,
         item_content=_item_content(settings, redis_url),
+        traced_forward=settings.serve_traced_forward,
     )
     transport = None
     if redis_url and settings.serve_redis_round_trips and not is_cluster(redis_client):

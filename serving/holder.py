@@ -45,6 +45,7 @@ from serving.models import (
     normalize_version,
 )
 from serving.pins import ServingPin
+from serving.traced import TracedForwards
 
 __all__ = [
     "HolderError",
@@ -101,6 +102,9 @@ class ModelHolder:
     loader_nice
         ``nice`` increment of the loader thread (Linux: per thread), so verifying and
         loading a new version takes CPU from scoring only when scoring leaves some.
+    traced_forward
+        Serve each version with its architecture's traced forward when it scores the
+        warm-up batch bit for bit as the eager one (serving/traced.py).
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class ModelHolder:
         loader_nice: int = 10,
         clock: Callable[[], float] = time.time,
         item_content: Any = None,
+        traced_forward: bool = True,
     ) -> None:
         if keep_loaded < 1:
             raise ValueError(f"keep_loaded must be >= 1, got {keep_loaded}")
@@ -126,7 +131,8 @@ class ModelHolder:
         self.keep_loaded = keep_loaded
         self.loader = ModelLoader(store, schema, quality_metric=quality_metric,
                                   quality_margin=quality_margin, warmup_rows=warmup_rows,
-                                  item_content=item_content)
+                                  item_content=item_content,
+                                  traced=TracedForwards(enabled=traced_forward))
         self.serving_pin = ServingPin(store)
         self.max_failed_listed = max_failed_listed
         self.clock = clock

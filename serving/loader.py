@@ -10,7 +10,9 @@ metrics. Every refusal is a :class:`~serving.models.LoadFailure` with a reason l
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +30,11 @@ from learner.store import (
     rebuild_model,
 )
 from serving.models import LoadFailure, ServedModel
+from serving.traced import TracedForwards
 
 __all__ = ["ModelLoader"]
+
+log = logging.getLogger(__name__)
 
 
 class ModelLoader:
@@ -49,7 +54,10 @@ class ModelLoader:
         quality_margin: float | None = None,
         warmup_rows: int = 16,
         item_content: Any = None,
+        traced: TracedForwards | None = None,
     ) -> None:
+        #: traced forwards shared by every version (serving/traced.py; ``None``: all eager)
+        self.traced = traced
         #: ``learner.em3.ItemContentTable`` for models with EM3 fields (``None``: none served)
         self.item_content = item_content
         self.store = store
@@ -130,9 +138,34 @@ class ModelLoader:
             version, model, ck.manifest, len(self.schema.categorical), len(self.schema.dense),
             base=base, patched=patched,
         )
-        self.sanity(served)
+        warmup = self.sanity(served)
+        served = self._with_traced(served, *warmup)
         self.quality_gate(served, serving)
         return served
+
+    def _with_traced(self, served: ServedModel, cat: np.ndarray, dense: np.ndarray,
+                     probs: np.ndarray) -> ServedModel:
+        """``served`` with its traced forward, if there is one and it gives every warm-up
+        score bit for bit as the eager forward did; else ``served`` as it is (eager)."""
+        if self.traced is None:
+            return served
+        model = served.model
+        forward = self.traced.forward_for(model, *model.inputs(cat, dense))
+        if forward is None:
+            return served
+        traced = dataclasses.replace(served, forward=forward)
+        try:
+            same = np.array_equal(traced.predict(cat, dense), probs)
+        except Exception as exc:  # noqa: BLE001 - the eager forward serves instead
+            log.warning("version %s: the traced forward failed on the warm-up batch (%r); "
+                        "it runs eagerly", served.version, exc)
+            return served
+        if not same:
+            self.traced.mismatches += 1
+            log.warning("version %s: the traced forward differs from the eager one on the "
+                        "warm-up batch; it runs eagerly", served.version)
+            return served
+        return traced
 
     def _base(
         self, manifest: dict[str, Any], base_of: Callable[[str], ServedModel | None] | None
@@ -162,8 +195,9 @@ class ModelLoader:
                 f"base {base.version}: {exc!r}"
             ) from None
 
-    def sanity(self, served: ServedModel) -> None:
-        """Finite parameters, and a warm-up batch of finite probabilities of the right shape.
+    def sanity(self, served: ServedModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Finite parameters, and a warm-up batch of finite probabilities of the right shape;
+        returns the batch (tokens, dense) and its probabilities.
 
         A patched delta's tensors shared with its base were checked when the base
         loaded: only the ones the delta replaced are checked again."""
@@ -193,6 +227,7 @@ class ModelLoader:
             raise LoadFailure("sanity", "warm-up batch produced NaN or infinite scores")
         if (probs < 0).any() or (probs > 1).any():
             raise LoadFailure("sanity", "warm-up batch produced scores outside [0, 1]")
+        return cat, dense, probs
 
     def quality_gate(self, served: ServedModel, serving: ServedModel | None) -> None:
         """Refuse ``served`` if its metric is below ``serving``'s by more than the margin."""

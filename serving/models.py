@@ -5,6 +5,7 @@ Split from :mod:`serving.holder` (which keeps the state machine and the loader t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -54,6 +55,10 @@ class ServedModel:
     base: ServedModel | None = field(default=None, repr=False)
     #: a delta applied by patching a copy of its base's model (``False``: rebuilt)
     patched: bool = False
+    #: the forward traced for this model's architecture, bound to its tensors
+    #: (serving/traced.py); ``None``: the eager forward
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = field(
+        default=None, repr=False)
 
     @property
     def created_at(self) -> float | None:
@@ -68,7 +73,10 @@ class ServedModel:
     def predict(self, categorical: np.ndarray, dense: np.ndarray) -> np.ndarray:
         """P(click) per row for tokens ``[n, F]`` and dense ``[n, D]``, one forward pass."""
         with torch.inference_mode():
-            logits = self.model.logits(categorical, dense)
+            if self.forward is None:
+                logits = self.model.logits(categorical, dense)
+            else:
+                logits = self.forward(*self.model.inputs(categorical, dense))
             return torch.sigmoid(logits).reshape(-1).to(torch.float64).numpy()
 
 

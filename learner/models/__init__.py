@@ -265,9 +265,14 @@ class Ranker(nn.Module):
 
     def logits(self, tokens: np.ndarray, dense: np.ndarray) -> torch.Tensor:
         """Logits for raw tokens ``[n, F]`` and dense ``[n, D]`` (read-only mapping)."""
-        rows = self.embedding.lookup(tokens)
-        return self(rows, torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
-                    tokens if self.em3 is not None else None)
+        rows, dense_t = self.inputs(tokens, dense)
+        return self(rows, dense_t, tokens if self.em3 is not None else None)
+
+    def inputs(self, tokens: np.ndarray, dense: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward's tensors for raw tokens and dense features: embedding rows (the
+        read-only mapping) and dense as float32."""
+        return (self.embedding.lookup(tokens),
+                torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)))
 
 
 def build_model(spec: ModelSpec | dict[str, Any]) -> Ranker:
