@@ -46,6 +46,7 @@ __all__ = [
     "KEY_FIELDS",
     "CounterConfig",
     "CounterSpec",
+    "DerivedFeatures",
     "Refs",
     "aggregate",
     "as_columns",
@@ -156,13 +157,25 @@ class CounterConfig:
         """Values per entity state: totals (n, c) then (n, c) per half-life."""
         return 2 + 2 * len(self.half_lives)
 
-    @property
-    def state_fields(self) -> list[str]:
+    @functools.cached_property
+    def state_fields(self) -> tuple[str, ...]:
         """Redis hash fields of an entity, in state order, then ``t`` (the decay reference)."""
         out = ["n", "c"]
         for h in self.half_lives:
             out += [f"n@{h:g}", f"c@{h:g}"]
-        return out + ["t"]
+        return (*out, "t")
+
+    @functools.cached_property
+    def column_half_lives(self) -> np.ndarray:
+        """Per state column, the half-life that decays it (``inf``: the totals, never)."""
+        out = np.repeat([np.inf, *self.half_lives], 2)
+        out.flags.writeable = False
+        return out
+
+    @functools.cached_property
+    def feature_names_in_layout(self) -> tuple[str, ...]:
+        """:meth:`feature_names` as a tuple, named once per config (not per read)."""
+        return tuple(self.feature_names())
 
     def select(self, names: Sequence[str]) -> CounterConfig:
         """The same config restricted to the named counters."""
@@ -652,15 +665,7 @@ def decay_state(config: CounterConfig, state: np.ndarray, at: np.ndarray | float
     dt = np.where(dt > 0.0, np.minimum(dt, _LONGEST), 0.0)
     # every column's factor at once: exp2(-dt / h) for the decayed (n, c) pairs, and the
     # totals' half-life inf gives exp2(-0.0) == 1.0, so they are multiplied by exactly 1
-    return state[:, : config.width] * np.exp2(-dt[:, None] / _column_half_lives(config))
-
-
-@functools.lru_cache(maxsize=64)
-def _column_half_lives(config: CounterConfig) -> np.ndarray:
-    """Per state column, the half-life that decays it (``inf``: the totals, never)."""
-    out = np.repeat([np.inf, *config.half_lives], 2)
-    out.flags.writeable = False
-    return out
+    return state[:, : config.width] * np.exp2(-dt[:, None] / config.column_half_lives)
 
 
 def decay_shards(config: CounterConfig, shards: Sequence[np.ndarray], at: float) -> np.ndarray:
@@ -698,31 +703,31 @@ def smoothed_ctr(config: CounterConfig, clicks, impressions):
     return (clicks + config.alpha * config.prior) / (impressions + config.alpha)
 
 
-def derive_features(config: CounterConfig, agg: np.ndarray) -> dict[str, np.ndarray]:
+class DerivedFeatures(dict):
+    """:func:`derive_features`'s answer: a dict of named feature columns, each a row of
+    :attr:`block` (``[features, n]``, rows in :attr:`names` order), so a reader that wants
+    many of them takes them in one indexing (:meth:`features.rows.RowBuilder.score_matrices`)."""
+
+    block: np.ndarray
+    names: tuple[str, ...]
+
+
+def derive_features(config: CounterConfig, agg: np.ndarray) -> DerivedFeatures:
     """Named features from aggregated states ``[n, n_specs, width]``.
 
     >>> cfg = CounterConfig(specs=(CounterSpec("item", key=("item_id",)),), half_lives=(3600,))
     >>> f = derive_features(cfg, np.array([[[10.0, 5.0, 2.0, 1.0]]]))
     >>> float(f["item_ctr_total"][0]), float(f["item_impressions_1h"][0])
     (0.5, 2.0)
+    >>> f.block.shape, f.names[:3]
+    ((6, 1), ('item_impressions_total', 'item_clicks_total', 'item_ctr_total'))
     """
     # impressions (total, then per half-life) are the even state columns, clicks the odd
-    # ones: every CTR in one call, then each feature is a view
+    # ones: every CTR in one call; [part, n, spec, column] -> rows (spec, column, part)
     imps, clicks = agg[:, :, 0::2], agg[:, :, 1::2]
     ctrs = smoothed_ctr(config, clicks, imps)
-    parts = (imps, clicks, ctrs)
-    return {name: parts[p][:, s, j] for name, p, s, j in _feature_layout(config)}
-
-
-@functools.lru_cache(maxsize=64)
-def _feature_layout(config: CounterConfig) -> tuple[tuple[str, int, int, int], ...]:
-    """``(name, part, spec, column)`` of every derived feature, in
-    :meth:`CounterConfig.feature_names` order; part 0 impressions, 1 clicks, 2 CTR (named
-    once per config, not per read)."""
-    labels = ["total", *(half_life_label(h) for h in config.half_lives)]
-    return tuple(
-        (f"{spec.name}_{kind}_{lab}", p, s, j)
-        for s, spec in enumerate(config.specs)
-        for j, lab in enumerate(labels)
-        for p, kind in enumerate(("impressions", "clicks", "ctr"))
-    )
+    names = config.feature_names_in_layout
+    block = np.stack((imps, clicks, ctrs)).transpose(2, 3, 0, 1).reshape(len(names), len(agg))
+    out = DerivedFeatures(zip(names, block, strict=True))
+    out.block, out.names = block, names
+    return out

@@ -131,6 +131,10 @@ class RowBuilder:
         self._bucket_ctr_pos = [self._positions[f"c:{b}_ctr_bucket"] for b in self._buckets]
         self._bucket_rows = np.arange(len(self._buckets))[:, None]
         self._shared_rows: dict[tuple, tuple[list[int], np.ndarray]] = {}
+        # scoring matrices: the dense sources' rows in the derived features' block, for
+        # the block names last seen (None: a source is missing there, read by name)
+        self._block_names: tuple[str, ...] | None = None
+        self._block_rows: np.ndarray | None = None
         self._bucket_table: dict[str, np.ndarray] = {}  # "imp"/"ctr" -> [buckets, values]
 
     # -- public -----------------------------------------------------------------------
@@ -237,7 +241,7 @@ class RowBuilder:
         row_codes = list(features.get("codes") or [None] * n)
         cat[:, self._block_positions] = self.item_blocks(items, row_attrs, row_codes)
         # every dense source in one array [D, n] (the bucket counters' totals are among them)
-        raw = np.array([_feature(features, src, n) for _, src, _ in self._dense], np.float64)
+        raw = self._dense_sources(features, n)
         if self._buckets:
             imp_b, ctr_b = self._bucket_matrix(raw[self._bucket_imp_rows], raw[self._bucket_ctr_rows])
             cat[:, self._bucket_imp_pos] = imp_b.T
@@ -245,6 +249,20 @@ class RowBuilder:
         logs = self._dense_log_rows
         raw[logs] = np.log1p(raw[logs])
         return cat, raw.T.astype(np.float32, order="C")  # float64 -> float32 as astype casts
+
+    def _dense_sources(self, features: Mapping[str, Any], n: int) -> np.ndarray:
+        """The dense sources ``[D, n]`` float64: one indexing of the derived features' block
+        (:class:`features.counters.DerivedFeatures`), else column by column."""
+        block, names = getattr(features, "block", None), getattr(features, "names", None)
+        if block is not None and block.shape[1:] == (n,) and block.dtype == np.float64:
+            if names is not self._block_names:  # once per store config, not per request
+                at = {name: k for k, name in enumerate(names)}
+                rows = [at.get(src) for _, src, _ in self._dense]
+                self._block_rows = None if None in rows else np.array(rows, np.int64)
+                self._block_names = names
+            if self._block_rows is not None:
+                return block[self._block_rows]
+        return np.array([_feature(features, src, n) for _, src, _ in self._dense], np.float64)
 
     def _shared_row(self, user_id: Any, user_attrs: Mapping[str, Any] | None,
                     context: Mapping[str, Any] | None, ts: float) -> tuple[list[int], np.ndarray]:

@@ -29,7 +29,7 @@ def test_spec_validation_and_context_shorthand():
 
 def test_state_fields_and_feature_names_follow_half_lives():
     cfg = CounterConfig(specs=(CounterSpec("user", key=("user_id",)),), half_lives=(60, 7200))
-    assert cfg.state_fields == ["n", "c", "n@60", "c@60", "n@7200", "c@7200", "t"]
+    assert cfg.state_fields == ("n", "c", "n@60", "c@60", "n@7200", "c@7200", "t")
     assert "user_ctr_2h" in cfg.feature_names() and "user_impressions_1m" in cfg.feature_names()
 
 

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
-from features.counters import CounterConfig, CounterSpec
+from features.counters import CounterConfig, CounterSpec, derive_features
 from features.hashing import hash_token
 from features.rows import RowBuilder, RowConfig
 
@@ -182,19 +184,26 @@ def test_score_matrices_are_the_scoring_columns_stacked():
     order (user, context and time broadcast; items from their blocks; buckets, dense)."""
     rb = RowBuilder(ROWS)
     items = [10, 11, 12, 10, "new"]
-    feats = {**_features(5, seed=3), "item_attrs": [ITEMS.get(str(i)) for i in items],
+    extra = {"item_attrs": [ITEMS.get(str(i)) for i in items],
              "codes": [{"rq": [1, 2], "vq": [4]}, None, None, {"rq": [1, 2], "vq": [4]}, None],
              "user_attrs": [{"age": 41, "zip_code": "10001", "gender": "F"}] * 5}
+    feats = {**_features(5, seed=3), **extra}
     feats["user_impressions_total"][1] = 0.0  # no history: ctr bucket -1
-    for user, ctx in ((1, {"device": "web"}), ("u2", None)):
-        for now in (7200.0, 1_700_003_333.0):
-            cols = rb.build_for_scoring(user, None, ctx, items, feats, now=now)
-            cat, dense = rb.score_matrices(user, None, ctx, items, feats, now=now)
-            assert cat.dtype == np.int64 and dense.dtype == np.float32
-            for j, f in enumerate(rb.schema.categorical):
-                np.testing.assert_array_equal(cat[:, j], cols[f"c:{f}"], err_msg=f)
-            for j, d in enumerate(rb.schema.dense):
-                np.testing.assert_array_equal(dense[:, j], cols[f"d:{d}"], err_msg=d)
+    # as the online store answers: derive_features's block, the other answers added to it
+    agg = np.random.default_rng(4).uniform(0, 50, (5, len(CFG.specs), CFG.width))
+    agg[1, 0, 0] = 0.0  # no history: ctr bucket -1
+    derived = derive_features(CFG, agg)
+    derived.update(extra)
+    users = ((1, {"device": "web"}), ("u2", None))
+    for (user, ctx), now, got in itertools.product(users, (7200.0, 1_700_003_333.0),
+                                                   (feats, derived)):
+        cols = rb.build_for_scoring(user, None, ctx, items, got, now=now)
+        cat, dense = rb.score_matrices(user, None, ctx, items, got, now=now)
+        assert cat.dtype == np.int64 and dense.dtype == np.float32
+        for j, f in enumerate(rb.schema.categorical):
+            np.testing.assert_array_equal(cat[:, j], cols[f"c:{f}"], err_msg=f)
+        for j, d in enumerate(rb.schema.dense):
+            np.testing.assert_array_equal(dense[:, j], cols[f"d:{d}"], err_msg=d)
     # the user's columns are kept per (user, attributes, context, hour): a second request
     # reuses them, and attributes that only compare equal (1, 1.0, True) are kept apart
     for attrs in ({"age": 1}, {"age": 1.0}, {"age": True}, {"age": 1}):
