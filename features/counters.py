@@ -590,8 +590,11 @@ def resolve_request_refs(
     const: dict[str, list[str] | None] = {}
     index: dict[str, int] = {}
     add = index.setdefault
-    per_ent: list[list[int]] = [[] for _ in range(m)]  # per distinct item: its references
-    per_spc: list[list[int]] = [[] for _ in range(m)]
+    # per spec with references: its number per distinct item, and their entities in item
+    # order (interleaved item by item at the end)
+    spec_ids: list[int] = []
+    spec_counts: list[list[int]] = []
+    spec_flat: list[list[int]] = []
     for s, spec in enumerate(config.specs):
         fixed = []
         for f in spec.key:
@@ -608,11 +611,11 @@ def resolve_request_refs(
                 else:
                     item_texts[f] = _item_texts(f, distinct, item_attrs, memo)
         prefix = f"{spec.name}:" if spec.key else spec.name
+        spec_ids.append(s)
         if not side:  # one entity for every event
             k = add(prefix + "|".join(c[0] for c in fixed), len(index))
-            for u in range(m):
-                per_ent[u].append(k)
-                per_spc[u].append(s)
+            spec_counts.append([1] * m)
+            spec_flat.append([k] * m)
             continue
         if len(side) == 1:
             j = next(i for i, c in enumerate(fixed) if c is None)
@@ -629,24 +632,53 @@ def resolve_request_refs(
                     *(c if c is not None else t[u] for c, t in zip(fixed, cols_of, strict=True)))]
                 for u in range(m)
             ]
-        for u, names in enumerate(names_of):
-            if names:
-                per_ent[u] += [add(name, len(index)) for name in names]
-                per_spc[u] += [s] * len(names)
-    if n == 1:  # one event: its references in order, nothing to repeat or chain
-        k = len(per_ent[0])
-        return Refs(entities=list(index), event=np.zeros(k, np.int64),
-                    spec=np.array(per_spc[0], np.int32), entity=np.array(per_ent[0], np.int32),
+        spec_counts.append([len(names) for names in names_of])
+        spec_flat.append([add(name, len(index)) for names in names_of for name in names])
+    if n == 1:  # one event: its references spec by spec, nothing to interleave
+        ent = [k for flat in spec_flat for k in flat]
+        spc = [s for s, flat in zip(spec_ids, spec_flat, strict=True) for _ in flat]
+        return Refs(entities=list(index), event=np.zeros(len(ent), np.int64),
+                    spec=np.array(spc, np.int32), entity=np.array(ent, np.int32),
                     n_events=1, n_specs=len(config.specs), index=index)
-    counts = np.fromiter(map(len, per_ent), np.int64, m)
-    chain = itertools.chain.from_iterable
-    return Refs(
-        entities=list(index),
-        event=np.repeat(np.arange(n, dtype=np.int64), counts[np.asarray(codes, dtype=np.int64)]),
-        spec=np.fromiter(chain(per_spc[u] for u in codes), np.int32),
-        entity=np.fromiter(chain(per_ent[u] for u in codes), np.int32),
-        n_events=n, n_specs=len(config.specs), index=index,
-    )
+    entity, spec, per_item = _item_major(spec_ids, spec_counts, spec_flat, m)
+    codes_a = np.asarray(codes, dtype=np.int64)
+    if m == n and (codes_a == np.arange(n)).all():  # distinct candidates: rows are items
+        return Refs(entities=list(index), event=np.repeat(np.arange(n, dtype=np.int64), per_item),
+                    spec=spec, entity=entity, n_events=n, n_specs=len(config.specs), index=index)
+    # repeated candidates: each event takes its item's slice
+    starts = np.cumsum(per_item) - per_item
+    lens = per_item[codes_a]
+    at = np.repeat(starts[codes_a] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+    return Refs(entities=list(index), event=np.repeat(np.arange(n, dtype=np.int64), lens),
+                spec=spec[at], entity=entity[at], n_events=n, n_specs=len(config.specs),
+                index=index)
+
+
+def _item_major(spec_ids: list[int], spec_counts: list[list[int]], spec_flat: list[list[int]],
+                m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-spec references (``spec_counts[k][u]`` entities of distinct item ``u`` for spec
+    ``spec_ids[k]``, listed item by item in ``spec_flat[k]``) reordered item by item, spec
+    by spec within an item: ``(entity int32, spec int32, references per item int64)``.
+
+    >>> ent, spc, per = _item_major([0, 2], [[1, 2], [0, 1]], [[5, 6, 7], [9]], 2)
+    >>> ent.tolist(), spc.tolist(), per.tolist()
+    ([5, 6, 7, 9], [0, 0, 0, 2], [1, 3])
+    """
+    counts = np.array(spec_counts, dtype=np.int64).reshape(len(spec_ids), m)  # [specs, items]
+    per_item = counts.sum(axis=0)
+    # where spec k's first entity of item u goes: item u's start, plus the earlier specs'
+    base = (np.cumsum(per_item) - per_item) + (np.cumsum(counts, axis=0) - counts)
+    total = int(per_item.sum())
+    entity, spec = np.empty(total, np.int32), np.empty(total, np.int32)
+    for k, flat in enumerate(spec_flat):
+        if not flat:
+            continue
+        c = counts[k]
+        first = np.cumsum(c) - c  # spec k's entries of item u start there in ``flat``
+        dest = np.repeat(base[k] - first, c) + np.arange(len(flat))
+        entity[dest] = flat
+        spec[dest] = spec_ids[k]
+    return entity, spec, per_item
 
 
 _LONGEST = float(np.finfo(np.float64).max)
