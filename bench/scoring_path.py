@@ -48,7 +48,8 @@ def child(repo: str, redis_url: str, store_dir: str, name: str, cands: int, n: i
 
     async def main() -> dict:
         client = connect_async(redis_url, decode_responses=False)
-        ctx = build_context(settings, client)
+        # with the URL, as serving builds it: feature reads on RoundTrips, tracked in memory
+        ctx = build_context(settings, client, redis_url=redis_url)
         ctx.holder.start()
         served = ctx.holder.current
         reqs = [parse_score_request(b, 1000) for b in sl.make_bodies(500, cands, 2000, 1600)]

@@ -116,15 +116,20 @@ class TracedForwards:
         # the module tree copied, every tensor shared (never copied); the copy's slots then
         # hold the trace's inputs, so the graph reads them as inputs, not as constants
         template = copy.deepcopy(model, memo={id(t): t for _, t, _ in slots})
-        owners = [(template.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2], p)
-                  for n, _, p in slots]
+        # held in a dict emptied after the trace: the traced function keeps ``forward``
+        # alive, and with it whatever the copy's slots were last given (the example's
+        # tensors, maybe a large embedding table)
+        held = {"template": template,
+                "owners": [(template.get_submodule(n.rpartition(".")[0]),
+                            n.rpartition(".")[2], p) for n, _, p in slots]}
+        del template
 
         def forward(*args: torch.Tensor) -> torch.Tensor:
-            for (owner, name, is_param), t in zip(owners, args[:-2], strict=True):
+            for (owner, name, is_param), t in zip(held["owners"], args[:-2], strict=True):
                 if is_param:
                     delattr(owner, name)  # a parameter slot takes only Parameters
                 setattr(owner, name, t)
-            return template(args[-2], args[-1])
+            return held["template"](args[-2], args[-1])
 
         try:
             with torch.inference_mode(), warnings.catch_warnings():
@@ -136,5 +141,7 @@ class TracedForwards:
             log.warning("serving: the forward of %s could not be traced (%r); it runs eagerly",
                         type(model).__qualname__, exc)
             return None
+        finally:
+            held.clear()
         self.traced += 1
         return graph

@@ -119,3 +119,19 @@ def test_a_traced_forward_that_differs_on_the_warm_up_batch_is_not_served(store,
     got = ModelLoader(store, schema, traced=traced).load(version)
     assert got.forward is None and traced.mismatches == 1
     assert traced.stats(got)["serving_traced"] is False
+
+
+def test_the_graph_does_not_keep_the_traced_version_alive():
+    """The cache keeps graphs, not the weights of the version each was traced with (a
+    large embedding table would otherwise stay in memory for the process's life)."""
+    import gc
+    import weakref
+
+    model = served("deepfm").model
+    traced = TracedForwards()
+    forward = traced.forward_for(model, *model.inputs(*batch(4, 0)))
+    assert forward is not None
+    table = weakref.ref(model.embedding.table.weight)
+    del model, forward
+    gc.collect()
+    assert table() is None and traced.stats()["graphs"] == 1
