@@ -88,7 +88,9 @@ class Sender(Protocol):
     def send(self, key: bytes, value: bytes, partition: int,
              done: Callable[[Exception | None], None]) -> None:
         """Hand one record to the producer; ``done(None)`` once the broker has it,
-        ``done(error)`` if it never will (called from :meth:`poll` or :meth:`close`)."""
+        ``done(error)`` if it never will (called from :meth:`poll` or :meth:`close`, or
+        from ``send`` itself when the producer refuses the record at once). A full queue
+        raises ``BufferError``."""
 
     def poll(self) -> int:
         """Serve the delivery reports that arrived, without waiting; the records still
@@ -228,8 +230,11 @@ class KafkaSender:
 
     def __init__(self, bootstrap: str, topic: str, linger_ms: int = 5,
                  close_timeout: float = 5.0, queue_kbytes: int = 32 * 1024) -> None:
+        from confluent_kafka import KafkaException
+
         from core.kafka import MAX_MESSAGE_BYTES, native_producer
 
+        self._refused = KafkaException  # what produce raises for a record it refuses at once
         self.topic = topic
         self.close_timeout = close_timeout
         self._producer = native_producer(bootstrap, **{
@@ -243,10 +248,16 @@ class KafkaSender:
             done(None if error is None else RuntimeError(str(error)))
 
         try:
-            self._producer.produce(self.topic, value, key, partition, on_delivery=report)
-        except BufferError:  # librdkafka's queue is full: let it drain a little, once
-            self._producer.poll(0.05)
-            self._producer.produce(self.topic, value, key, partition, on_delivery=report)
+            try:
+                self._producer.produce(self.topic, value, key, partition, on_delivery=report)
+            except BufferError:  # librdkafka's queue is full: let it drain a little, once
+                self._producer.poll(0.05)
+                self._producer.produce(self.topic, value, key, partition, on_delivery=report)
+        except self._refused as exc:
+            # refused before it was queued: with the topic's metadata already known,
+            # librdkafka refuses a partition the topic lacks at once; without it, the
+            # same record fails in its delivery report. Either way ``done`` hears it once.
+            done(RuntimeError(str(exc.args[0] if exc.args else exc)))
 
     def poll(self) -> int:
         self._producer.poll(0)

@@ -17,6 +17,7 @@ from core import kafka as kafka_clients
 from serving.impressions import ImpressionLog, KafkaSender, kafka_sender
 from streams.schemas import ImpressionEvent, decode_message
 from streams.topics import ensure_topics
+from tests.stackutil import wait_until
 
 from .conftest import NOW, metric_value
 
@@ -154,7 +155,9 @@ def test_records_offered_at_any_moment_are_sent_in_order_without_a_lost_wake_up(
 
 
 def test_a_record_the_broker_refuses_is_reported_as_an_error(kafka_bootstrap, settings):
-    """librdkafka's delivery report reaches ``done``: a partition the topic does not have."""
+    """A partition the topic does not have reaches ``done`` as an error, whether
+    librdkafka refuses it in its delivery report (the topic's metadata not yet known) or at
+    once in ``produce`` (known): the first send races the metadata, the last one not."""
     settings = settings.model_copy(update={"topic_prefix": f"imp-{uuid.uuid4().hex[:6]}-"})
     ensure_topics(settings, kafka_bootstrap)
     sender = KafkaSender(kafka_bootstrap, settings.topics["impressions"], close_timeout=10)
@@ -163,10 +166,14 @@ def test_a_record_the_broker_refuses_is_reported_as_an_error(kafka_bootstrap, se
     sender.send(b"u", b"{}", 0, reports.append)
     # an answer to many candidates can pass librdkafka's default 1 MB message: delivered
     sender.send(b"u", b'{"pad": "' + b"x" * (3 << 20) + b'"}', 1, reports.append)
-    sender.close()  # delivers (or fails) what is in flight, serving the reports
+    wait_until(lambda: sender.poll() == 0, 10, 0.05, "the first records' reports")
     assert len(reports) == 3  # reports come in delivery order, not send order
     assert sum(r is None for r in reports) == 2  # both records for real partitions
     assert [str(r) for r in reports if r is not None][0]
+    # delivered records: the topic's metadata is known now, so produce refuses at once
+    sender.send(b"u", b"{}", settings.partitions + 5, reports.append)
+    assert len(reports) == 4 and "partition" in str(reports[3]).lower()
+    sender.close()
 
 
 def test_without_a_broker_every_record_is_counted_dropped_and_memory_stays_bounded():
