@@ -10,9 +10,10 @@ own tensors: no trace per version.
 
 Tracing records the ops of one call, so a forward whose ops depend on the data would be
 wrong for other inputs. The rankers' forwards branch only on their configuration and
-on shapes. Even so, :meth:`serving.loader.ModelLoader.sanity` scores every version's
-warm-up batch both ways and serves the graph only if every logit is bit-identical;
-otherwise that version runs eagerly. Models with EM3 fields (numpy inside the forward)
+on shapes. Even so, :class:`serving.loader.ModelLoader` scores every version's
+warm-up batch (the one its sanity check ran eagerly) through the graph too, and serves
+the graph only if every probability is bit-identical; otherwise that version runs
+eagerly. Models with EM3 fields (numpy inside the forward)
 and models in training mode are never traced.
 
 ``torch.jit.trace`` is deprecated in favour of ``torch.export`` and ``torch.compile``
