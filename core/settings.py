@@ -360,6 +360,13 @@ class Settings(BaseSettings):
                     "the rows of all requests ready in the same loop turn, at most this many "
                     "rows per pass; 0 runs one forward per request.",
     )
+    serve_read_rows: int = Field(
+        2048, ge=0,
+        description="Coalesced feature reads: the reads of all requests that ask in the same "
+                    "event-loop turn go to Redis and serving's cache as one read of at most "
+                    "this many rows (each request is answered at that read's time); 0 reads "
+                    "per request.",
+    )
     serve_redis_round_trips: bool = Field(
         True,
         description="Serving's feature reads go over its own plain connections, written and "

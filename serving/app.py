@@ -104,6 +104,8 @@ class AppContext:
             # whether the serving version runs the traced forward; graphs traced, failed
             # traces, versions refused it for a differing warm-up score
             "traced_forward": traced.stats(cur) if traced is not None else None,
+            # requests per coalesced feature read and per forward pass since the start
+            "batching": self.scorer.batching_stats(),
         }
 
 
@@ -454,7 +456,7 @@ def build_context(
     )
     scorer = Scorer(online, builder, executor,
                     redis_retry_seconds=settings.score_redis_retry_seconds,
-                    batch_rows=settings.serve_batch_rows)
+                    batch_rows=settings.serve_batch_rows, read_rows=settings.serve_read_rows)
     baseline = BaselineModel.for_schema(builder.schema.dense) if settings.serve_baseline else None
     return AppContext(
         settings, holder, scorer, redis_client, metrics_, registry, kafka=kafka,

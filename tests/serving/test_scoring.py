@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import numpy as np
 import pytest
@@ -226,7 +227,7 @@ async def test_unexpected_exception_is_logged_500_with_error_id(
     async def broken(*a, **k):
         raise RuntimeError("boom")
 
-    ctx.scorer.features = broken
+    ctx.scorer.store.get_online_features = broken  # through the coalesced read
     resp = await client.post("/v1/score", data=h.score_body())
     assert resp.status == 500
     doc = await resp.json()
@@ -421,3 +422,73 @@ async def test_concurrent_requests_share_forwards_and_score_as_alone(
     assert batcher.forwards == forwards + 1
     for (c, d), scores in zip(rows, got, strict=True):
         np.testing.assert_allclose(scores, served.predict(c, d), rtol=1e-6, atol=0)
+
+
+async def test_coalesced_reads_answer_each_request_as_its_own_read(
+    settings, seeded_redis, publish, make_app
+):
+    """Requests that ask in one loop turn share one feature read (users, contexts and
+    items mixed, an unknown item, a repeated one), and each gets exactly what a read of
+    its own rows alone gives at the same time: features, rows, and the time itself."""
+    from serving.scoring import ScoreRequest
+
+    publish(0, kind="deepfm")
+    _, ctx = await make_app(settings, seeded_redis)
+    scorer = ctx.scorer
+    assert scorer.reads is not None and scorer.reads.max_rows == settings.serve_read_rows
+    asks = [ScoreRequest("u1", ["i1", "i2", "i3"]), ScoreRequest("u2", ["i3"], {"device": "tv"}),
+            ScoreRequest("u9", ["i2", "new", "i1", "i1"]), ScoreRequest("u1", ["new"])]
+    t0 = time.time()
+    reads = scorer.reads.reads
+    together = await asyncio.gather(*(scorer.features(r, t0 + k) for k, r in enumerate(asks)))
+    assert scorer.reads.reads == reads + 1
+    at = t0 + len(asks) - 1  # the latest request's time: every slice is read at it
+    assert [t for _, t in together] == [at] * len(asks)
+    for req, (feats, _) in zip(asks, together, strict=True):
+        n = len(req.candidates)
+        alone = await scorer.store.get_online_features(
+            {"user_id": [req.user_id] * n, "item_id": req.candidates, "context": [req.context] * n},
+            now=at)
+        assert feats.keys() == alone.keys()
+        for k, v in alone.items():
+            if isinstance(v, np.ndarray):
+                np.testing.assert_array_equal(feats[k], v, err_msg=k)
+            else:
+                assert list(feats[k]) == list(v), k
+        for mine, theirs in zip(scorer.encode(req, feats, at), scorer.encode(req, alone, at),
+                                strict=True):
+            np.testing.assert_array_equal(mine, theirs)
+
+
+async def test_read_coalescer_bounds_rows_and_fails_every_joined_request():
+    """Reads of at most ``max_rows`` rows (a request is never split); a failed read is
+    every joined request's error, and the next turn reads again."""
+    from serving.scoring import ReadCoalescer
+
+    class Store:
+        sizes: list[int] = []
+        fail = False
+
+        async def get_online_features(self, rows, now):
+            if Store.fail:
+                raise redis.exceptions.ConnectionError("down")
+            Store.sizes.append(len(rows["item_id"]))
+            return {"item": list(rows["item_id"])}
+
+    def rows(*items):
+        return {"user_id": ["u"] * len(items), "item_id": list(items), "context": [None] * len(items)}
+
+    c = ReadCoalescer(Store(), max_rows=5)
+    got = await asyncio.gather(c.read(rows("a", "b", "c"), 1.0), c.read(rows("d", "e"), 2.0),
+                               c.read(rows("f", "g", "h", "i"), 3.0), c.read(rows(*"jklmnop"), 4.0))
+    assert Store.sizes == [5, 4, 7]  # 3 + 2; 4 (+ 7 would pass 5); 7 alone
+    assert [g[0]["item"] for g in got] == [["a", "b", "c"], ["d", "e"], ["f", "g", "h", "i"],
+                                           list("jklmnop")]
+    assert [g[1] for g in got] == [2.0, 2.0, 3.0, 4.0]  # each read at its latest request's time
+    assert (c.reads, c.requests) == (3, 4)
+    Store.fail = True
+    failed = await asyncio.gather(c.read(rows("a"), 5.0), c.read(rows("b"), 5.0),
+                                  return_exceptions=True)
+    assert [type(e) for e in failed] == [redis.exceptions.ConnectionError] * 2
+    Store.fail = False
+    assert (await c.read(rows("z"), 6.0))[0] == {"item": ["z"]}

@@ -74,10 +74,10 @@ async def test_request_finishes_on_the_model_it_started_with(
     entered = asyncio.Event()
 
     async def slow_features(req, now):
-        feats = await real_features(req, now)
+        got = await real_features(req, now)
         entered.set()
         await gate.wait()
-        return feats
+        return got
 
     ctx.scorer.features = slow_features
     pending = asyncio.create_task(client.post("/v1/score", data=h.score_body()))
