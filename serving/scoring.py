@@ -326,9 +326,13 @@ class ReadCoalescer:
     process). Read together, the store resolves every row in one vectorised pass, and an
     item or genre several requests share is looked up and decayed once.
 
-    The first request of a turn schedules the read with ``call_soon``; every request
-    that asks before it runs joins it (at most ``max_rows`` rows per read; more make
-    several reads). A lone request waits that one loop turn, nothing more. The rows are
+    A request that asks while other callbacks (other requests' handlers) wait to run in
+    the same event-loop turn schedules the read with ``call_soon``; every request that
+    asks before it runs joins it (at most ``max_rows`` rows per read; more make several
+    reads). A request with nothing else queued in its turn reads at once, as without
+    coalescing: nothing could join it, and yielding to the loop would let the process's
+    other threads take the interpreter lock (the reason :class:`ForwardBatcher` flushes
+    a lone request at once too). The rows are
     read at the latest ``now`` among the joined requests (microseconds to the turn's
     length apart), and each request gets that time back with its slice: its rows, its
     impression and its scores all say the time its features were read at. A row's
@@ -361,14 +365,20 @@ class ReadCoalescer:
         self.reads = 0
         self.requests = 0
 
-    def read(self, rows: Mapping[str, list], now: float) -> asyncio.Future:
-        """A future for ``(features of rows, the time they were read at)``."""
+    async def read(self, rows: Mapping[str, list], now: float) -> tuple[Mapping[str, Any], float]:
+        """``(features of rows, the time they were read at)``."""
         loop = asyncio.get_running_loop()
+        if not self._pending and not _turn_has_more(loop):
+            # nothing else is queued to run in this turn: no request can join, so read at
+            # once (yielding would let the process's other threads take the GIL)
+            self.reads += 1
+            self.requests += 1
+            return await self.store.get_online_features(rows, now=now), now
         fut = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)
         self._pending.append((rows, now, fut))
-        return fut
+        return await fut
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -411,6 +421,14 @@ class ReadCoalescer:
             if not fut.done():  # a client that went away cancelled its wait
                 fut.set_result((_rows_slice(feats, start, end), now))
             start = end
+
+
+def _turn_has_more(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether callbacks (e.g. other requests' handlers) wait to run in the loop's current
+    turn. asyncio keeps them in ``loop._ready`` (CPython's event loops since 3.4, not a
+    public API); on a loop without it, assume there may be."""
+    ready = getattr(loop, "_ready", None)
+    return ready is None or len(ready) > 0
 
 
 def _rows_slice(feats: Mapping[str, Any], start: int, end: int) -> Mapping[str, Any]:

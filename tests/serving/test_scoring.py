@@ -492,3 +492,28 @@ async def test_read_coalescer_bounds_rows_and_fails_every_joined_request():
     assert [type(e) for e in failed] == [redis.exceptions.ConnectionError] * 2
     Store.fail = False
     assert (await c.read(rows("z"), 6.0))[0] == {"item": ["z"]}
+
+
+async def test_a_lone_read_goes_at_once_and_a_busy_turn_waits_for_it():
+    """A request with nothing else queued in its loop turn reads at once (as without
+    coalescing); one asking while other callbacks wait lets them run first, so the
+    requests among them join its read."""
+    from serving.scoring import ReadCoalescer
+
+    order = []
+
+    class Store:
+        async def get_online_features(self, rows, now):
+            order.append(f"read {rows['item_id']}")
+            return {"item": rows["item_id"]}
+
+    c = ReadCoalescer(Store(), max_rows=100)
+    one = {"user_id": ["u"], "item_id": ["a"], "context": [None]}
+    await asyncio.sleep(0)  # let whatever the test runner queued run first
+    lone = c.read(one, 1.0)
+    with pytest.raises(StopIteration) as done:  # finished without yielding to the loop once
+        lone.send(None)
+    assert done.value.value == ({"item": ["a"]}, 1.0)
+    asyncio.get_running_loop().call_soon(order.append, "other")
+    assert (await c.read({**one, "item_id": ["b"]}, 2.0))[0] == {"item": ["b"]}
+    assert order == ["read ['a']", "other", "read ['b']"]
