@@ -266,11 +266,12 @@ class Scorer:
                 delay = min(delay * 2, 0.5)
 
     def batching_stats(self) -> dict[str, Any]:
-        """Coalesced reads and batched forwards so far: ``{"reads": {"calls", "requests"},
-        "forwards": {...}}``, ``None`` for one that is off."""
+        """Coalesced reads and batched forwards so far: ``{"reads": {"calls", "requests",
+        "at_once"}, "forwards": {"calls", "requests"}}``, ``None`` for one that is off."""
         return {
             "reads": None if self.reads is None
-            else {"calls": self.reads.reads, "requests": self.reads.requests},
+            else {"calls": self.reads.reads, "requests": self.reads.requests,
+                  "at_once": self.reads.at_once},
             "forwards": None if self.batcher is None
             else {"calls": self.batcher.forwards, "requests": self.batcher.requests},
         }
@@ -361,9 +362,11 @@ class ReadCoalescer:
         self.store = store
         self.max_rows = max_rows
         self._pending: list[tuple[Mapping[str, list], float, asyncio.Future]] = []
-        #: store reads made and requests they served (status and tests read them)
+        #: store reads made, requests they served, and reads of a lone request made at
+        #: once (status and tests read them)
         self.reads = 0
         self.requests = 0
+        self.at_once = 0
 
     async def read(self, rows: Mapping[str, list], now: float) -> tuple[Mapping[str, Any], float]:
         """``(features of rows, the time they were read at)``."""
@@ -373,6 +376,7 @@ class ReadCoalescer:
             # once (yielding would let the process's other threads take the GIL)
             self.reads += 1
             self.requests += 1
+            self.at_once += 1
             return await self.store.get_online_features(rows, now=now), now
         fut = loop.create_future()
         if not self._pending:
