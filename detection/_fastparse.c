@@ -18,7 +18,10 @@
  * PyLong_FromUnicodeObject), so they accept and reject what the Python parser does.
  * Keys are interned: the engine's lookups by literal name then compare pointers.
  *
- * syscall_values(fields, syscalls) is the SYSCALL part of detection.events' fold, below.
+ * feed(lines, start, record_type, add, events) is DetectionEngine.process_lines' loop over
+ * the lines parse() takes (each record straight to the coalescer's add). syscall_values(
+ * fields, syscalls) is the SYSCALL part of detection.events' fold, and generalise(path)
+ * detection.baseline's generalised path, both below.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -271,20 +274,13 @@ value_of(const src_t *src, int kind, Py_ssize_t v0, Py_ssize_t v1)
     return out;
 }
 
+/* parse() of one line: a new reference to the record, to None, or NULL on an error */
 static PyObject *
-fast_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+parse_one(PyObject *line, PyObject *record_type)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "parse(line, record_type) takes 2 arguments");
-        return NULL;
-    }
-    if (ENCODED_NAMES == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "detection._fastparse.configure() was not called");
-        return NULL;
-    }
     src_t src;
     Py_ssize_t n;
-    src.obj = args[0];
+    src.obj = line;
     if (PyUnicode_CheckExact(src.obj) && PyUnicode_IS_ASCII(src.obj)) {
         src.s = PyUnicode_1BYTE_DATA(src.obj);
         src.is_bytes = 0;
@@ -423,7 +419,7 @@ fast_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (enriched == NULL)
         goto done;
     PyObject *rargs[5] = {rtype, ts, serial, fields, enriched};
-    result = PyObject_Vectorcall(args[1], rargs, 5, NULL);
+    result = PyObject_Vectorcall(record_type, rargs, 5, NULL);
     goto done;
 
 fallback:
@@ -437,6 +433,74 @@ done:
     Py_XDECREF(fields);
     Py_XDECREF(enriched);
     return result;
+}
+
+static int
+configured(void)
+{
+    if (ENCODED_NAMES == NULL)
+        PyErr_SetString(PyExc_RuntimeError, "detection._fastparse.configure() was not called");
+    return ENCODED_NAMES != NULL;
+}
+
+static PyObject *
+fast_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "parse(line, record_type) takes 2 arguments");
+        return NULL;
+    }
+    if (!configured())
+        return NULL;
+    return parse_one(args[0], args[1]);
+}
+
+/* feed(lines, start, record_type, add, events): DetectionEngine.process_lines' loop over
+ * its lines from index start, for as long as each line is one parse() takes: the record
+ * goes to add (the coalescer's add method) and the events add returns are appended to
+ * the list events. Returns (index of the first line parse() hands to Python, or
+ * len(lines); records fed). A line parse() takes is a single audit line, which
+ * process_lines would have handed to parse_line and then to add as well. */
+static PyObject *
+feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !(PyList_CheckExact(args[0]) || PyTuple_CheckExact(args[0])) ||
+        !PyLong_Check(args[1]) || !PyList_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "feed(lines: list | tuple, start: int, record_type, add, events: list)");
+        return NULL;
+    }
+    if (!configured())
+        return NULL;
+    PyObject *lines = args[0], *events = args[4];
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t fed = 0;
+    for (; i >= 0 && i < PySequence_Fast_GET_SIZE(lines); i++) {
+        PyObject *line = Py_NewRef(PySequence_Fast_GET_ITEM(lines, i));  /* Record() is Python */
+        PyObject *rec = parse_one(line, args[2]);
+        Py_DECREF(line);
+        if (rec == NULL)
+            return NULL;
+        if (rec == Py_None) {
+            Py_DECREF(rec);
+            break;
+        }
+        fed++;
+        PyObject *done = PyObject_CallOneArg(args[3], rec);
+        Py_DECREF(rec);
+        if (done == NULL)
+            return NULL;
+        Py_ssize_t end = PyList_GET_SIZE(events);
+        int rc = PyObject_IsTrue(done);  /* process_lines: if done: events.extend(done) */
+        if (rc > 0)
+            rc = PyList_SetSlice(events, end, end, done);
+        Py_DECREF(done);
+        if (rc < 0)
+            return NULL;
+    }
+    return Py_BuildValue("(nn)", i, fed);
 }
 
 /* ------------------------------------------------------------------------------------
@@ -576,6 +640,145 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------------------------------
+ * generalise(path): detection.baseline's generalised path (_generalise_py, four regular
+ * expression passes) for a path of ASCII characters, or None for any other argument (the
+ * Python passes then run). The passes, in order, each on the previous one's output:
+ *   ^/home/[^/]+ -> "~" (once), then a leading "/root/" -> "~/";
+ *   \b[0-9a-f]{12,}\b -> "<hex>": a maximal run of lower-case hex digits of at least 12
+ *     that starts and ends at a word boundary (word characters: ASCII letters, digits and
+ *     "_"; a shorter end would put the boundary between two hex digits, so only the
+ *     maximal run can match);
+ *   [A-Za-z0-9]{6,} -> _fold_random's answer: "<rand>" for a run with both cases, or with
+ *     one case and a digit before its trailing digits, else the run itself;
+ *   \d+ -> "#".
+ * No pass makes its text longer, so one buffer of the path's length holds every step.
+ */
+static int
+is_word(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+}
+
+static int
+is_lower_hex(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+}
+
+static int
+is_alnum(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
+/* _fold_random of the run t[0:n] (ASCII letters and digits): 1 when it becomes "<rand>" */
+static int
+random_token(const unsigned char *t, Py_ssize_t n)
+{
+    int lower = 0, upper = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        lower |= t[i] >= 'a' && t[i] <= 'z';
+        upper |= t[i] >= 'A' && t[i] <= 'Z';
+    }
+    if (lower && upper)
+        return 1;
+    if (!(lower || upper))
+        return 0;
+    Py_ssize_t end = n;
+    while (end > 0 && t[end - 1] >= '0' && t[end - 1] <= '9')
+        end--;
+    for (Py_ssize_t i = 0; i < end; i++) {
+        if (t[i] >= '0' && t[i] <= '9')
+            return 1;  /* a digit before the trailing ones: rstrip(digits) is not alpha */
+    }
+    return 0;
+}
+
+static PyObject *
+generalise(PyObject *module, PyObject *path)
+{
+    if (!PyUnicode_CheckExact(path) || !PyUnicode_IS_ASCII(path))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(path);
+    const unsigned char *s = PyUnicode_1BYTE_DATA(path);
+    unsigned char stack[512];
+    unsigned char *a = n <= (Py_ssize_t)sizeof(stack) / 2 ? stack : PyMem_Malloc(2 * (n + 1));
+    if (a == NULL)
+        return PyErr_NoMemory();
+    unsigned char *b = a == stack ? stack + sizeof(stack) / 2 : a + n + 1;
+    Py_ssize_t m = 0, k, i;
+
+    /* the home directory (a path that took "~" for one no longer starts with "/root/") */
+    if (n > 6 && memcmp(s, "/home/", 6) == 0 && s[6] != '/') {
+        i = 6;
+        while (i < n && s[i] != '/')
+            i++;
+        a[m++] = '~';
+        memcpy(a + m, s + i, n - i);
+        m += n - i;
+    } else if (n >= 6 && memcmp(s, "/root/", 6) == 0) {
+        a[m++] = '~';
+        memcpy(a + m, s + 5, n - 5);
+        m += n - 5;
+    } else {
+        memcpy(a, s, n);
+        m = n;
+    }
+    /* hex ids: a -> b */
+    k = 0;
+    for (i = 0; i < m;) {
+        if (is_lower_hex(a[i]) && (i == 0 || !is_word(a[i - 1]))) {
+            Py_ssize_t j = i;
+            while (j < m && is_lower_hex(a[j]))
+                j++;
+            if (j - i >= 12 && (j == m || !is_word(a[j]))) {
+                memcpy(b + k, "<hex>", 5);
+                k += 5;
+                i = j;
+                continue;
+            }
+        }
+        b[k++] = a[i++];
+    }
+    m = k;
+    /* random tokens: b -> a */
+    k = 0;
+    for (i = 0; i < m;) {
+        if (is_alnum(b[i])) {
+            Py_ssize_t j = i;
+            while (j < m && is_alnum(b[j]))
+                j++;
+            if (j - i >= 6 && random_token(b + i, j - i)) {
+                memcpy(a + k, "<rand>", 6);
+                k += 6;
+            } else {
+                memcpy(a + k, b + i, j - i);
+                k += j - i;
+            }
+            i = j;
+            continue;
+        }
+        a[k++] = b[i++];
+    }
+    m = k;
+    /* digit runs: a -> b */
+    k = 0;
+    for (i = 0; i < m;) {
+        if (a[i] >= '0' && a[i] <= '9') {
+            while (i < m && a[i] >= '0' && a[i] <= '9')
+                i++;
+            b[k++] = '#';
+            continue;
+        }
+        b[k++] = a[i++];
+    }
+    PyObject *out = PyUnicode_FromStringAndSize((const char *)b, k);
+    if (a != stack)
+        PyMem_Free(a);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
      "configure(encoded, strict, special): the field names whose unquoted values are hex, "
@@ -583,9 +786,16 @@ static PyMethodDef methods[] = {
     {"parse", (PyCFunction)(void (*)(void))fast_parse, METH_FASTCALL,
      "parse(line, record_type) -> record_type(rtype, ts, serial, fields, {}), or None for "
      "a line the Python parser must handle."},
+    {"feed", (PyCFunction)(void (*)(void))feed, METH_FASTCALL,
+     "feed(lines, start, record_type, add, events) -> (index of the first line parse() "
+     "hands to Python, records fed): DetectionEngine.process_lines' loop over its common "
+     "lines."},
     {"syscall_values", (PyCFunction)(void (*)(void))syscall_values, METH_FASTCALL,
      "syscall_values(fields, syscalls) -> what events.event_from_records takes from a "
      "SYSCALL record, or None when a field it reads is not a str."},
+    {"generalise", (PyCFunction)generalise, METH_O,
+     "generalise(path) -> detection.baseline's generalised path for an ASCII str, or None "
+     "for any other argument."},
     {NULL, NULL, 0, NULL},
 };
 

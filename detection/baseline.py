@@ -34,6 +34,11 @@ from functools import lru_cache
 from .events import UNSET
 from .nodes import Edge, FileNode, ProcNode, SockNode, basename
 
+try:  # built with the audit parser's C part (setup.py)
+    from ._fastparse import generalise as _native_generalise
+except ImportError:  # pragma: no cover - every path then takes _generalise_py
+    _native_generalise = None
+
 _DIGITS = re.compile(r"\d+")
 _HEX = re.compile(r"\b[0-9a-f]{12,}\b")
 _HOME = re.compile(r"^/home/[^/]+")
@@ -77,7 +82,19 @@ def generalise_path(path: str) -> str:
 @lru_cache(maxsize=1 << 16)
 def _generalise(path: str) -> str:
     """:func:`generalise_path` itself, memoised: a pure function of the path, and the same
-    paths (libraries, configuration, caches) come back in almost every process."""
+    paths (libraries, configuration, caches) come back in almost every process. Most do
+    not (a build's outputs, git's objects and temp files), and four regular expression
+    passes per new path were a large part of the engine's time, so an ASCII path takes
+    the same passes in C (``detection/_fastparse.c``), any other :func:`_generalise_py`."""
+    if _native_generalise is not None:
+        out = _native_generalise(path)
+        if out is not None:
+            return out
+    return _generalise_py(path)
+
+
+def _generalise_py(path: str) -> str:
+    """The reference passes: what the C ``generalise`` gives for an ASCII path."""
     p = _HOME.sub("~", path, count=1)
     if p.startswith("/root/"):
         p = "~" + p[5:]

@@ -1,7 +1,8 @@
 """The C parts of the audit path (detection/_fastparse.c) against the Python they replace.
 
 The parser's differential tests over the corpora and their mutants are in test_records.py;
-here: the SYSCALL fold (``syscall_values``) and an EXECVE with ten or more arguments.
+here: the SYSCALL fold (``syscall_values``), an EXECVE with ten or more arguments and the
+baseline's generalised path (``generalise``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from detection import events
+from detection import _fastparse, baseline, events
 from detection.coalesce import Coalescer
 from detection.events import SYSCALLS_X86_64, AuditEvent, _fold_syscall, event_from_records
 from detection.records import Record, parse_line
@@ -81,3 +82,28 @@ def test_the_c_parser_decodes_the_fields_records_names():
     finally:
         _fastparse.configure(records.ENCODED_FIELDS, records._STRICT_HEX, records._SPECIAL)
     assert records._native_parse(line, Record).fields["comm"] == "ls"
+
+
+#: pieces of paths that exercise each pass: home and root prefixes, hex ids at and off
+#: word boundaries, mkstemp-style tokens, digit runs, word characters that end no word
+_PATH_PIECES = st.one_of(
+    st.sampled_from(["/home/", "/root/", "/home", "/", "//", ".", "_", "-", "~", " ", "\n",
+                     "tmp.", "obj_", "A", "z", "g"]),
+    st.text("0123456789abcdef", min_size=10, max_size=16),
+    st.text("0123456789abcdefABCXYZgz_", min_size=1, max_size=9),
+    st.text(st.characters(min_codepoint=1, max_codepoint=127), max_size=6))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(_PATH_PIECES, max_size=10).map("".join))
+def test_generalise_is_the_python_passes(path):
+    """The C generalised path of an ASCII path is the regular expressions' one."""
+    assert _fastparse.generalise(path) == baseline._generalise_py(path)
+
+
+def test_generalise_hands_other_paths_to_python():
+    assert _fastparse.generalise("/home/zoë/x1234567") is None
+    assert _fastparse.generalise(b"/tmp/x") is None
+    assert baseline.generalise_path("/home/zoë/tmp.AbC1x9/٣") == "~/tmp.<rand>/#"
+    long = "/home/a/" + "x" * 300 + "/0123456789abcdef"  # longer than the stack buffer
+    assert _fastparse.generalise(long) == baseline._generalise_py(long) == "~/" + "x" * 300 + "/<hex>"
