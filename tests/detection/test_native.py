@@ -107,3 +107,57 @@ def test_generalise_hands_other_paths_to_python():
     assert baseline.generalise_path("/home/zoë/tmp.AbC1x9/٣") == "~/tmp.<rand>/#"
     long = "/home/a/" + "x" * 300 + "/0123456789abcdef"  # longer than the stack buffer
     assert _fastparse.generalise(long) == baseline._generalise_py(long) == "~/" + "x" * 300 + "/<hex>"
+
+
+def _batches(audit_dir):
+    """Every dev log, as str lines and as bytes lines, cut into batches with what the C loop
+    must hand to Python mixed in: bad lines, LAUREL JSON, several lines in one item, a
+    bytearray, a line with a newline, non-ASCII."""
+    odd = ["type=garbage", "", b"\xff\xfe", "type=CWD msg=audit(5.0:9): cwd=\"/t\"\n",
+           bytearray(b'type=CWD msg=audit(6.0:10): cwd="/u"'), 'type=CWD msg=audit(7.0:11): cwd="/é"',
+           '{"ID":"1.0:12","SYSCALL":{"syscall":"openat","pid":7}}',
+           "type=EOE msg=audit(5.0:9): \ntype=EOE msg=audit(6.0:10): "]
+    for log in sorted(audit_dir.glob("*.log")):
+        lines = log.read_text(encoding="utf-8").splitlines()
+        for form in (lines, [s.encode() for s in lines]):
+            batches = [list(form[i:i + 97]) for i in range(0, len(form), 97)]
+            for k, b in enumerate(batches):
+                b.insert(k % len(b), odd[k % len(odd)])
+            yield log.stem, batches
+
+
+def test_feed_is_the_python_loop(audit_dir, monkeypatch):
+    """``process_lines`` with its common lines fed by C gives the batches' results, the
+    counters and the state that the Python loop gives."""
+    import pickle
+    import zlib
+
+    from detection import engine as engine_mod
+
+    def run(batches):
+        eng = engine_mod.DetectionEngine(host="vm")
+        out = []
+        for b in batches:
+            r = eng.process_lines(tuple(b) if len(out) % 2 else b)
+            out.append((r.alerts, r.errors, r.stats))
+        state = pickle.loads(zlib.decompress(eng.dump_state()))
+        return out, eng.stats(), pickle.dumps(state["coalescer"]), pickle.dumps(state["graph"])
+
+    assert engine_mod._feed is not None
+    for _, batches in _batches(audit_dir):
+        got = run(batches)
+        with monkeypatch.context() as m:
+            m.setattr(engine_mod, "_feed", None)
+            want = run(batches)
+        assert got == want
+
+
+def test_feed_stops_at_what_python_takes():
+    events: list = []
+    added: list = []
+    line = 'type=CWD msg=audit(1.0:2): cwd="/"'
+    lines = [line, line.encode(), "type=garbage", line]
+    assert _fastparse.feed(lines, 0, Record, lambda r: added.append(r) or [r.serial], events) == (2, 2)
+    assert events == [2, 2] and [r.fields for r in added] == [{"cwd": "/"}] * 2
+    assert _fastparse.feed(lines, 3, Record, lambda r: [], events) == (4, 1)
+    assert _fastparse.feed(lines, 4, Record, lambda r: [], events) == (4, 0)
