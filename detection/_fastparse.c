@@ -20,11 +20,13 @@
  *
  * feed(lines, start, record_type, add, events) is DetectionEngine.process_lines' loop over
  * the lines parse() takes (each record straight to the coalescer's add). syscall_values(
- * fields, syscalls) is the SYSCALL part of detection.events' fold, and generalise(path)
- * detection.baseline's generalised path, both below.
+ * fields, syscalls) is the SYSCALL part of detection.events' fold; generalise(path) and
+ * count_pattern(...) are detection.baseline's generalised path and pattern count. All below.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -779,6 +781,118 @@ generalise(PyObject *module, PyObject *path)
     return out;
 }
 
+/* ------------------------------------------------------------------------------------
+ * count_pattern(counts, dirty, pattern, auid, ts, half_life): detection.baseline's
+ * BehaviourModel._count in C. The pattern's host key ("h\x1f" + the items joined by
+ * "\x1f") and, when auid is not None, its user key ("u<auid>\x1f" + the same) each get
+ * their decayed count plus one and the later of ts and their last time in counts, and
+ * go into dirty; returns the higher of the two counts before (a float). Returns None,
+ * having changed nothing, for anything but the common types (a tuple of str, an int or
+ * None auid, float times and counts, all finite) and when a decay factor is subnormal
+ * (where float.__pow__ may raise): _count then does it in Python.
+ */
+static PyObject *S_SEP, *S_HOST;
+
+/* The stored (count, last) of key, checked: 1 found (*count, *last set; *last borrowed),
+ * 0 absent, -1 not the common types, -2 an error */
+static int
+stored(PyObject *counts, PyObject *key, double *count, PyObject **last)
+{
+    PyObject *cur = PyDict_GetItemWithError(counts, key);
+    if (cur == NULL)
+        return PyErr_Occurred() ? -2 : 0;
+    if (!PyTuple_CheckExact(cur) || PyTuple_GET_SIZE(cur) != 2 ||
+        !PyFloat_CheckExact(PyTuple_GET_ITEM(cur, 0)) || !PyFloat_CheckExact(PyTuple_GET_ITEM(cur, 1)))
+        return -1;
+    *count = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(cur, 0));
+    *last = PyTuple_GET_ITEM(cur, 1);
+    return isfinite(*count) && isfinite(PyFloat_AS_DOUBLE(*last)) ? 1 : -1;
+}
+
+/* BehaviourModel._decayed: 0 with *out set, -1 not computed here */
+static int
+decayed(int found, double count, PyObject *last, double ts, double half_life, double *out)
+{
+    if (!found) {
+        *out = 0.0;
+        return 0;
+    }
+    double l = PyFloat_AS_DOUBLE(last);
+    if (ts <= l) {
+        *out = count;
+        return 0;
+    }
+    double f = pow(0.5, (ts - l) / half_life);
+    if (f != 0.0 && f < DBL_MIN)
+        return -1;
+    *out = count * f;
+    return 0;
+}
+
+static PyObject *
+count_pattern(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyDict_Check(args[0]) || !PySet_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "count_pattern(counts: dict, dirty: set, pattern, auid, ts, half_life)");
+        return NULL;
+    }
+    PyObject *counts = args[0], *dirty = args[1], *pattern = args[2], *auid = args[3];
+    PyObject *ts_obj = args[4];
+    if (!PyTuple_CheckExact(pattern) || !PyFloat_CheckExact(ts_obj) ||
+        !PyFloat_CheckExact(args[5]) || !(auid == Py_None || PyLong_CheckExact(auid)))
+        Py_RETURN_NONE;
+    double ts = PyFloat_AS_DOUBLE(ts_obj), half_life = PyFloat_AS_DOUBLE(args[5]);
+    if (!isfinite(ts) || !(half_life > 0.0) || !isfinite(half_life))
+        Py_RETURN_NONE;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pattern); i++) {
+        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(pattern, i)))
+            Py_RETURN_NONE;  /* str(item) is Python's to call */
+    }
+    PyObject *keys[2] = {NULL, NULL}, *values[2] = {NULL, NULL}, *result = NULL;
+    PyObject *joined = PyUnicode_Join(S_SEP, pattern);
+    if (joined == NULL)
+        return NULL;
+    keys[0] = PyUnicode_Concat(S_HOST, joined);
+    if (keys[0] != NULL && auid != Py_None)
+        keys[1] = PyUnicode_FromFormat("u%S\x1f%U", auid, joined);
+    Py_DECREF(joined);
+    int nkeys = auid == Py_None ? 1 : 2;
+    if (keys[nkeys - 1] == NULL)
+        goto done;
+    double before = 0.0;
+    /* every check before the first change: None leaves counts and dirty as they were */
+    for (int k = 0; k < nkeys; k++) {
+        double count = 0.0, now;
+        PyObject *last = NULL;
+        int found = stored(counts, keys[k], &count, &last);
+        if (found == -2)
+            goto done;
+        if (found == -1 || decayed(found, count, last, ts, half_life, &now) < 0) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        /* (before + 1.0, max(ts, last)): max keeps ts unless last is greater */
+        PyObject *later = found && PyFloat_AS_DOUBLE(last) > ts ? last : ts_obj;
+        values[k] = Py_BuildValue("(dO)", now + 1.0, later);
+        if (values[k] == NULL)
+            goto done;
+        if (k == 0 || now > before)  /* max(before, user) */
+            before = now;
+    }
+    for (int k = 0; k < nkeys; k++) {
+        if (PyDict_SetItem(counts, keys[k], values[k]) < 0 || PySet_Add(dirty, keys[k]) < 0)
+            goto done;
+    }
+    result = PyFloat_FromDouble(before);
+done:
+    for (int k = 0; k < 2; k++) {
+        Py_XDECREF(keys[k]);
+        Py_XDECREF(values[k]);
+    }
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
      "configure(encoded, strict, special): the field names whose unquoted values are hex, "
@@ -793,6 +907,10 @@ static PyMethodDef methods[] = {
     {"syscall_values", (PyCFunction)(void (*)(void))syscall_values, METH_FASTCALL,
      "syscall_values(fields, syscalls) -> what events.event_from_records takes from a "
      "SYSCALL record, or None when a field it reads is not a str."},
+    {"count_pattern", (PyCFunction)(void (*)(void))count_pattern, METH_FASTCALL,
+     "count_pattern(counts, dirty, pattern, auid, ts, half_life) -> the pattern's "
+     "familiarity before, counted (BehaviourModel._count), or None, having changed "
+     "nothing, for what Python must do."},
     {"generalise", (PyCFunction)generalise, METH_O,
      "generalise(path) -> detection.baseline's generalised path for an ASCII str, or None "
      "for any other argument."},
@@ -813,6 +931,10 @@ PyInit__fastparse(void)
     S_YES = PyUnicode_InternFromString("yes");
     S_NULL = PyUnicode_InternFromString("(null)");
     S_X86_64 = PyUnicode_InternFromString("c000003e");
+    S_SEP = PyUnicode_InternFromString("\x1f");
+    S_HOST = PyUnicode_InternFromString("h\x1f");
+    if (!S_SEP || !S_HOST)
+        return NULL;
     if (!ZERO || !MINUS_ONE || !S_YES || !S_NULL || !S_X86_64)
         return NULL;
     for (int i = 0; i < F_COUNT; i++) {

@@ -35,9 +35,10 @@ from .events import UNSET
 from .nodes import Edge, FileNode, ProcNode, SockNode, basename
 
 try:  # built with the audit parser's C part (setup.py)
+    from ._fastparse import count_pattern as _native_count
     from ._fastparse import generalise as _native_generalise
-except ImportError:  # pragma: no cover - every path then takes _generalise_py
-    _native_generalise = None
+except ImportError:  # pragma: no cover - every path then takes _generalise_py, every count _count
+    _native_count = _native_generalise = None
 
 _DIGITS = re.compile(r"\d+")
 _HEX = re.compile(r"\b[0-9a-f]{12,}\b")
@@ -195,8 +196,24 @@ class BehaviourModel:
 
     def observe(self, pattern: tuple, auid, ts: float) -> float:
         """Familiarity of *pattern* before this sighting, then count the sighting."""
-        # familiarity() and the counting below, with each key built and decayed once
-        # (host_key and user_key share the joined pattern)
+        # every kept edge comes here: the counting is done in C for the common types
+        # (detection/_fastparse.c), which hands anything else to _count
+        before = (None if _native_count is None
+                  else _native_count(self.counts, self.dirty, pattern, auid, ts, self.half_life))
+        if before is None:
+            before = self._count(pattern, auid, ts)
+        if ts > self.observed_ts:
+            self.observed *= 0.5 ** ((ts - self.observed_ts) / self.half_life)
+            self.observed_ts = ts
+        self.observed += 1.0
+        if len(self.counts) > self.max_patterns:
+            self._forget(ts)
+        return before
+
+    def _count(self, pattern: tuple, auid, ts: float) -> float:
+        """:meth:`familiarity` of *pattern*, then its host and user counts plus one
+        (marked dirty); the reference of the C ``count_pattern``."""
+        # each key built and decayed once (host_key and user_key share the joined pattern)
         counts = self.counts
         dirty = self.dirty
         joined = "\x1f".join(map(str, pattern))
@@ -210,12 +227,6 @@ class BehaviourModel:
             counts[key] = (user + 1.0, max(ts, counts.get(key, (0, ts))[1]))
             dirty.add(key)
             before = max(before, user)
-        if ts > self.observed_ts:
-            self.observed *= 0.5 ** ((ts - self.observed_ts) / self.half_life)
-            self.observed_ts = ts
-        self.observed += 1.0
-        if len(self.counts) > self.max_patterns:
-            self._forget(ts)
         return before
 
     def observe_edge(self, e: Edge) -> float:

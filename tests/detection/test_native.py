@@ -161,3 +161,51 @@ def test_feed_stops_at_what_python_takes():
     assert events == [2, 2] and [r.fields for r in added] == [{"cwd": "/"}] * 2
     assert _fastparse.feed(lines, 3, Record, lambda r: [], events) == (4, 1)
     assert _fastparse.feed(lines, 4, Record, lambda r: [], events) == (4, 0)
+
+
+_SIGHTINGS = st.lists(st.tuples(
+    st.one_of(st.tuples(st.sampled_from(["git", "sh", ""]), st.sampled_from(["write", "exec"]),
+                        st.sampled_from(["~/.gitconfig", "remote:443", "\x1f"])),
+              st.tuples(st.sampled_from(["nc"]), st.sampled_from([7, None]))),
+    st.sampled_from([None, 0, 1000, 4294967295, "1000", True]),
+    st.one_of(st.floats(0.0, 1e6), st.floats(allow_nan=False), st.sampled_from([0, 5, 1e300]))),
+    max_size=40)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_SIGHTINGS, st.sampled_from([3600.0, 1e-300, 7 * 86400.0, 3600]),
+       st.lists(st.tuples(st.sampled_from(["h\x1fgit\x1fwrite\x1f~/.gitconfig",
+                                           "u1000\x1fsh\x1fexec\x1fremote:443"]),
+                          st.sampled_from(["1.0,5.0", "2.5,inf", "3,7", "nan,1.0"])),
+                max_size=2))
+def test_count_pattern_is_the_python_count(sightings, half_life, stored):
+    """The C count of a sighting gives what BehaviourModel._count gives: the familiarity,
+    the counts (values and order) and the dirty marks, or an error where Python raises."""
+    from detection.baseline import BehaviourModel
+
+    def run(native):
+        m = BehaviourModel(half_life=half_life, max_patterns=10**6)
+        m.load(dict(stored))
+        out = []
+        for pattern, auid, ts in sightings:
+            before = native(m.counts, m.dirty, pattern, auid, ts, m.half_life) if native else None
+            try:
+                out.append(m._count(pattern, auid, ts) if before is None else before)
+            except OverflowError:
+                out.append("overflow")
+                break
+        return out, list(m.counts.items()), sorted(m.dirty)
+
+    assert repr(run(_fastparse.count_pattern)) == repr(run(None))
+
+
+def test_count_pattern_hands_other_types_to_python():
+    counts, dirty = {"h\x1fa": (1, 2.0)}, set()
+    for args in [(("a",), None, 1.0, 3600), ((1,), None, 1.0, 3600.0), (("a",), "7", 1.0, 3600.0),
+                 (("a",), None, 3, 3600.0), (("a",), None, 5.0, 3600.0)]:
+        assert _fastparse.count_pattern(counts, dirty, *args) is None
+    assert counts == {"h\x1fa": (1, 2.0)} and not dirty
+    # a subnormal decay factor (where float.__pow__ may raise) is Python's to compute
+    assert _fastparse.count_pattern({"h\x1fa": (1.0, 0.0)}, dirty, ("a",), None, 1030.5, 1.0) is None
+    assert _fastparse.count_pattern({}, dirty, ("a", "b"), 7, 2.0, 3600.0) == 0.0
+    assert sorted(dirty) == ["h\x1fa\x1fb", "u7\x1fa\x1fb"]
