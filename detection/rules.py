@@ -15,7 +15,7 @@ import yaml
 
 from . import tags as T
 from .nodes import Edge, FileNode, ProcNode, SockNode
-from .prefilter import gated_search
+from .prefilter import gated_search, required_literals
 
 RULES_DIR = Path(__file__).parent / "rules"
 
@@ -65,6 +65,11 @@ class Rule:
     #: no such condition); :meth:`RuleSet.match` applies them through its index
     exe_in: frozenset | None = None
     exe_not: frozenset | None = None
+    #: strings one of which the object's path must hold for the rule's ``path`` condition
+    #: to pass (its pattern's :func:`~detection.prefilter.required_literals`; ``None``: no
+    #: such condition, or none can be told); :meth:`RuleSet.match` tests them for many
+    #: rules at once
+    path_literals: tuple | None = None
 
     def admits(self, program: str) -> bool:
         """Whether the rule's program conditions let it fire for *program*."""
@@ -358,7 +363,8 @@ class RuleSet:
         self._by_program_ops = {op for op, rules in self.by_op.items()
                                 if any(r.exe_in is not None or r.exe_not is not None
                                        for r in rules)}
-        self._admitted: dict[tuple[str, str], tuple[Rule, ...]] = {}
+        self._admitted: dict[tuple[str, str], _Candidates] = {}
+        self._candidates = {op: _Candidates(rules) for op, rules in self.by_op.items()}
 
     @classmethod
     def load(cls, paths=None) -> RuleSet:
@@ -422,8 +428,10 @@ class RuleSet:
                 lambda e, w=want: (e.proc.parent is not None and e.proc.parent.service) == w
             )
         # the path patterns run on most file edges: each behind its literal prefilter
+        path_literals = None
         if "path" in d:
             found = gated_search(self._rx(d["path"]))
+            path_literals = required_literals(self._rx(d["path"]))
             preds.append(lambda e, found=found: isinstance(e.obj, FileNode) and found(e.obj.path))
         if "path_not" in d:
             found = gated_search(self._rx(d["path_not"]))
@@ -474,20 +482,27 @@ class RuleSet:
             _mask(d.get("mark_obj", [])),
             exe_in,
             exe_not,
+            path_literals,
         )
 
     def match(self, edge: Edge) -> list[Match]:
         """Rules that fire on *edge*; applies their ``mark_*`` labels."""
         op = edge.op
-        rules = self.by_op.get(op)
-        if not rules:
+        cand = self._candidates.get(op)
+        if cand is None:
             return []
         if op in self._by_program_ops:
             key = (op, _base(edge.proc.exe))
-            admitted = self._admitted.get(key)
-            if admitted is None:
-                admitted = self._admit(key)
-            rules = admitted
+            cand = self._admitted.get(key)
+            if cand is None:
+                cand = self._admit(key)
+        rules = cand.rules
+        if cand.literals:
+            # most edges are on paths that no path condition can match (a build's outputs,
+            # git's objects): one test of every literal instead of a call per rule
+            obj = edge.obj
+            if not isinstance(obj, FileNode) or not _holds_any(obj.path, cand.literals):
+                rules = cand.unlit
         out = []
         for r in rules:
             for pred in r.preds:
@@ -512,12 +527,41 @@ class RuleSet:
     #: (op, program) pairs kept by :meth:`match`'s index at most (then it starts over)
     ADMITTED_MAX = 4096
 
-    def _admit(self, key: tuple[str, str]) -> tuple[Rule, ...]:
+    def _admit(self, key: tuple[str, str]) -> _Candidates:
         op, program = key
         if len(self._admitted) >= self.ADMITTED_MAX:
             self._admitted.clear()
-        admitted = self._admitted[key] = tuple(r for r in self.by_op[op] if r.admits(program))
+        admitted = self._admitted[key] = _Candidates(
+            [r for r in self.by_op[op] if r.admits(program)])
         return admitted
+
+
+class _Candidates:
+    """The rules :meth:`RuleSet.match` runs for an op (or an (op, program) pair), in rule
+    order, and the same without those whose ``path`` condition needs a literal.
+
+    A rule's path condition is ``isinstance(obj, FileNode) and found(obj.path)``, and its
+    search finds nothing in a path that holds none of the pattern's required literals
+    (:mod:`detection.prefilter`). Conditions have no side effects and a rule fires only
+    when all hold, so on an edge whose object is no file, or whose path holds none of
+    ``literals`` (every such rule's literals), ``unlit`` fires exactly what ``rules`` does.
+    """
+
+    __slots__ = ("rules", "literals", "unlit")
+
+    def __init__(self, rules: list[Rule]):
+        self.rules = tuple(rules)
+        self.unlit = tuple(r for r in rules if not r.path_literals)
+        lits = {lit for r in rules if r.path_literals for lit in r.path_literals}
+        # a literal that holds another is implied by it: test only the other
+        self.literals = tuple(sorted(s for s in lits if not any(t != s and t in s for t in lits)))
+
+
+def _holds_any(text: str, literals: tuple[str, ...]) -> bool:
+    for lit in literals:
+        if lit in text:
+            return True
+    return False
 
 
 def _mask(names) -> int:

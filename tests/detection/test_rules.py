@@ -130,3 +130,41 @@ def test_rules_are_looked_up_by_program_in_rule_order():
             assert fired(exe) == ids, exe
         assert len(rs._admitted) <= rs.ADMITTED_MAX
     assert fired("/bin/ls", op="read") == ["any"]  # an op without program conditions
+
+
+def test_path_literal_gate_fires_what_every_rule_fires(audit_dir, monkeypatch):
+    """``RuleSet.match`` skips the rules whose path condition needs a literal the edge's
+    path lacks: on the dev logs and a benign day, every match (rule, edge, order), every
+    label and every alert is what running every rule gives."""
+    import detection.rules as rules_mod
+    from detection.engine import DetectionEngine
+
+    from .conftest import benign_lines
+
+    logs = [p.read_text(encoding="utf-8").splitlines() for p in sorted(audit_dir.glob("*.log"))]
+    logs.append(benign_lines("test")[:40_000])
+
+    def run():
+        out = []
+        rs = RuleSet.load()
+        match = rs.match
+
+        def traced(edge):
+            ms = match(edge)
+            out.append([(m.rule, m.technique, edge.key(), edge.proc.labels,
+                         edge.obj.labels if edge.obj is not None else None) for m in ms])
+            return ms
+
+        rs.match = traced
+        for lines in logs:
+            eng = DetectionEngine(host="vm", rules=rs)
+            for i in range(0, len(lines), 100):
+                out.append(eng.process_lines(lines[i:i + 100]).alerts)
+            out.append(eng.flush().alerts)
+        return out
+
+    gated = run()
+    with monkeypatch.context() as m:
+        m.setattr(rules_mod, "_holds_any", lambda text, literals: True)  # every rule runs
+        assert run() == gated
+    assert sum(1 for x in gated if x) > 50
