@@ -893,6 +893,161 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------------------------------
+ * burst_redundant(edges, f_edges, files, prev, pnid, nid, lookback): detection.graph's
+ * ProvenanceGraph._burst_redundant in C: whether a process's last edge (prev on the file
+ * node pnid, "file:" + path) repeats a retained change among its previous lookback edges,
+ * f_edges being that file's edges and files the graph's path -> FileNode. Reads only.
+ * Returns True or False, or None for anything but the common types (edges as
+ * (ts, op, node id) tuples with str ops and str or None ids, str arguments), which the
+ * Python method then decides.
+ */
+static PyObject *S_EDGES;
+
+/* s[0:n] of a str, as code points: 1 when b starts with a[0:n] */
+static int
+starts_with(PyObject *b, PyObject *a, Py_ssize_t n)
+{
+    if (PyUnicode_GET_LENGTH(b) < n)
+        return 0;
+    int ka = PyUnicode_KIND(a), kb = PyUnicode_KIND(b);
+    const void *da = PyUnicode_DATA(a), *db = PyUnicode_DATA(b);
+    for (Py_ssize_t j = 0; j < n; j++) {
+        if (PyUnicode_READ(ka, da, j) != PyUnicode_READ(kb, db, j))
+            return 0;
+    }
+    return 1;
+}
+
+/* 1 when every entry of f_edges is by nid (entry[2] == nid); with since (the repeat
+ * case) only those after the entry equal to key count, and *found tells whether there
+ * was one. -1 on an error, -2 on an entry of another shape. */
+static int
+all_by(PyObject *f_edges, PyObject *nid, PyObject *key, int *found)
+{
+    PyObject *it = PyObject_GetIter(f_edges), *entry;
+    if (it == NULL)
+        return -1;
+    int rc = 1, since = 0;
+    while (rc == 1 && (entry = PyIter_Next(it)) != NULL) {
+        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3) {
+            rc = -2;
+        } else if (key != NULL && !since) {
+            int eq = PyObject_RichCompareBool(entry, key, Py_EQ);
+            if (eq < 0)
+                rc = -1;
+            since = eq > 0;
+        } else if (key != NULL && PyObject_RichCompareBool(entry, key, Py_EQ) != 0) {
+            since = 1;  /* entry == key again (or an error: caught below) */
+            if (PyErr_Occurred())
+                rc = -1;
+        } else {
+            int ne = PyObject_RichCompareBool(PyTuple_GET_ITEM(entry, 2), nid, Py_NE);
+            rc = ne < 0 ? -1 : !ne;
+        }
+        Py_DECREF(entry);
+    }
+    Py_DECREF(it);
+    if (rc == 1 && PyErr_Occurred())
+        rc = -1;
+    if (found != NULL)
+        *found = since;
+    return rc;
+}
+
+static PyObject *
+burst_redundant(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7 || !PyDict_Check(args[2]) || !PyLong_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "burst_redundant(edges, f_edges, files: dict, prev, pnid, nid, lookback: int)");
+        return NULL;
+    }
+    PyObject *edges = args[0], *f_edges = args[1], *files = args[2], *prev = args[3];
+    PyObject *pnid = args[4], *nid = args[5];
+    if (!PyUnicode_CheckExact(prev) || !PyUnicode_CheckExact(pnid) || !PyUnicode_CheckExact(nid))
+        Py_RETURN_NONE;
+    Py_ssize_t lookback = PyLong_AsSsize_t(args[6]);
+    Py_ssize_t n = PySequence_Size(edges);
+    if ((lookback == -1 || n < 0) && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t plen = PyUnicode_GET_LENGTH(pnid);
+    Py_ssize_t cut = PyUnicode_FindChar(pnid, '/', 0, plen, -1) + 1;
+    if (cut == -1)  /* FindChar's -2: an error */
+        return NULL;
+    Py_ssize_t stop = n - 2 - lookback > -1 ? n - 2 - lookback : -1;
+    PyObject *answer = Py_False;  /* borrowed; NULL on an error */
+    for (Py_ssize_t i = n - 2; i > stop; i--) {
+        PyObject *e = PySequence_GetItem(edges, i), *key = NULL;
+        if (e == NULL)
+            return NULL;
+        int decided = 0;  /* 1: answer is set (the loop ends) */
+        if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 3 ||
+            !PyUnicode_CheckExact(PyTuple_GET_ITEM(e, 1)) ||
+            (PyTuple_GET_ITEM(e, 2) != Py_None && !PyUnicode_CheckExact(PyTuple_GET_ITEM(e, 2)))) {
+            answer = Py_None;
+            decided = 1;
+            goto next;
+        }
+        PyObject *ts = PyTuple_GET_ITEM(e, 0), *eop = PyTuple_GET_ITEM(e, 1);
+        PyObject *enid = PyTuple_GET_ITEM(e, 2);
+        /* eop != prev or not enid: look further back */
+        if (PyUnicode_Compare(eop, prev) != 0 || enid == Py_None || PyUnicode_GET_LENGTH(enid) == 0)
+            goto next;
+        key = PyTuple_Pack(3, ts, eop, nid);  /* (ts, eop, nid) */
+        decided = 1;
+        answer = NULL;
+        if (key == NULL)
+            goto next;
+        int rc, since = 0;
+        if (PyUnicode_Compare(enid, pnid) == 0) {  /* a repeat */
+            rc = all_by(f_edges, nid, key, &since);
+            answer = rc == -1 ? NULL : rc == -2 ? Py_None : rc && since ? Py_True : Py_False;
+            goto next;
+        }
+        Py_ssize_t elen = PyUnicode_GET_LENGTH(enid);
+        Py_ssize_t ecut = PyUnicode_FindChar(enid, '/', 0, elen, -1) + 1, slashes = 0;
+        if (ecut == -1)
+            goto next;
+        for (Py_ssize_t j = 0; j < ecut; j++)
+            slashes += PyUnicode_READ_CHAR(enid, j) == '/';
+        if (!starts_with(pnid, enid, ecut) || !(ecut == cut || slashes > 2)) {
+            decided = 0;
+            goto next;
+        }
+        PyObject *path = PyUnicode_Substring(enid, 5, elen);
+        if (path == NULL)
+            goto next;
+        PyObject *rep = PyDict_GetItemWithError(files, path);
+        Py_XINCREF(rep);
+        Py_DECREF(path);
+        if (rep == NULL) {
+            decided = PyErr_Occurred() != NULL;  /* else not retained: look further back */
+            goto next;
+        }
+        PyObject *rep_edges = PyObject_GetAttr(rep, S_EDGES);
+        Py_DECREF(rep);
+        rc = rep_edges ? PySequence_Contains(rep_edges, key) : -1;
+        Py_XDECREF(rep_edges);
+        if (rc <= 0) {
+            decided = rc < 0;  /* not retained: look further back */
+            goto next;
+        }
+        rc = all_by(f_edges, nid, NULL, NULL);
+        answer = rc == -1 ? NULL : rc == -2 ? Py_None : rc ? Py_True : Py_False;
+    next:
+        Py_XDECREF(key);
+        Py_DECREF(e);
+        if (decided) {
+            if (answer == NULL)
+                return NULL;
+            return Py_NewRef(answer);
+        }
+        answer = Py_False;
+    }
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
      "configure(encoded, strict, special): the field names whose unquoted values are hex, "
@@ -911,6 +1066,9 @@ static PyMethodDef methods[] = {
      "count_pattern(counts, dirty, pattern, auid, ts, half_life) -> the pattern's "
      "familiarity before, counted (BehaviourModel._count), or None, having changed "
      "nothing, for what Python must do."},
+    {"burst_redundant", (PyCFunction)(void (*)(void))burst_redundant, METH_FASTCALL,
+     "burst_redundant(edges, f_edges, files, prev, pnid, nid, lookback) -> "
+     "ProvenanceGraph._burst_redundant's answer, or None for Python to decide."},
     {"generalise", (PyCFunction)generalise, METH_O,
      "generalise(path) -> detection.baseline's generalised path for an ASCII str, or None "
      "for any other argument."},
@@ -931,9 +1089,10 @@ PyInit__fastparse(void)
     S_YES = PyUnicode_InternFromString("yes");
     S_NULL = PyUnicode_InternFromString("(null)");
     S_X86_64 = PyUnicode_InternFromString("c000003e");
+    S_EDGES = PyUnicode_InternFromString("edges");
     S_SEP = PyUnicode_InternFromString("\x1f");
     S_HOST = PyUnicode_InternFromString("h\x1f");
-    if (!S_SEP || !S_HOST)
+    if (!S_SEP || !S_HOST || !S_EDGES)
         return NULL;
     if (!ZERO || !MINUS_ONE || !S_YES || !S_NULL || !S_X86_64)
         return NULL;

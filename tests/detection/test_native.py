@@ -209,3 +209,78 @@ def test_count_pattern_hands_other_types_to_python():
     assert _fastparse.count_pattern({"h\x1fa": (1.0, 0.0)}, dirty, ("a",), None, 1030.5, 1.0) is None
     assert _fastparse.count_pattern({}, dirty, ("a", "b"), 7, 2.0, 3600.0) == 0.0
     assert sorted(dirty) == ["h\x1fa\x1fb", "u7\x1fa\x1fb"]
+
+
+_NIDS = st.sampled_from(["file:/a/b/x", "file:/a/b/y", "file:/a/b/c/z", "file:/a/w", "file:/t",
+                         "file:/a/b/c/d/e", "proc:1:0.000", "proc:2:0.000", "", None, "fil"])
+_ENTRIES = st.tuples(st.sampled_from([1.0, 2.0, 3.0]), st.sampled_from(["create", "write", "read"]),
+                     _NIDS)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(_ENTRIES, min_size=1, max_size=24), st.lists(_ENTRIES, max_size=6),
+       st.dictionaries(st.sampled_from(["/a/b/x", "/a/b/y", "/a/b/c/z", "/a/w", "/t", "/a/b/c/d/e"]),
+                       st.lists(_ENTRIES, max_size=6), max_size=6),
+       st.sampled_from(["create", "write"]), _NIDS.filter(lambda s: bool(s)),
+       st.sampled_from(["proc:1:0.000", "proc:2:0.000"]), st.sampled_from([0, 3, 16]))
+def test_burst_redundant_is_the_python_look_back(edges, f_edges, files, prev, pnid, nid, lookback):
+    """The C look back of a burst or repeat merge answers what the Python one does."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from detection import graph as graph_mod
+
+    g = graph_mod.ProvenanceGraph(SimpleNamespace())
+    g.files = {path: SimpleNamespace(edges=deque(es)) for path, es in files.items()}
+    f = SimpleNamespace(edges=deque(f_edges))
+    saved, graph_mod._BURST_LOOKBACK = graph_mod._BURST_LOOKBACK, lookback
+    try:
+        want = g._burst_redundant(deque(edges), f, prev, pnid, nid)
+    finally:
+        graph_mod._BURST_LOOKBACK = saved
+    got = _fastparse.burst_redundant(deque(edges), f.edges, g.files, prev, pnid, nid, lookback)
+    assert got is None or got == want
+    if all(e[2] is None or isinstance(e[2], str) for e in edges + f_edges):
+        assert got is not None
+
+
+def test_burst_redundant_hands_other_types_to_python():
+    from collections import deque
+
+    assert _fastparse.burst_redundant(deque([(1.0, "create", 7), (1.0, "create", "file:/a")]),
+                                      deque(), {}, "create", "file:/a", "proc:1", 16) is None
+    assert _fastparse.burst_redundant(deque([[1.0, "create", "file:/b"], (1.0, "create", "file:/a")]),
+                                      deque(), {}, "create", "file:/a", "proc:1", 16) is None
+
+
+def test_graph_merges_with_the_c_look_back_as_with_python(audit_dir, monkeypatch):
+    """The dev logs and a benign day (git and builds: many bursts) give the same counters,
+    alerts and graph with the look back in C as in Python."""
+    import pickle
+    import zlib
+
+    from detection import graph as graph_mod
+    from detection.engine import DetectionEngine
+
+    from .conftest import benign_lines
+
+    logs = [p.read_text(encoding="utf-8").splitlines() for p in sorted(audit_dir.glob("*.log"))]
+    logs.append(benign_lines("test")[:40_000])
+
+    def run():
+        out = []
+        for lines in logs:
+            eng = DetectionEngine(host="vm")
+            for i in range(0, len(lines), 100):
+                out.append(eng.process_lines(lines[i:i + 100]).alerts)
+            out.append(eng.flush().alerts)
+            state = pickle.loads(zlib.decompress(eng.dump_state()))
+            out.append((eng.stats(), pickle.dumps(state["graph"])))
+        return out
+
+    assert graph_mod._native_burst is not None
+    got = run()
+    with monkeypatch.context() as m:
+        m.setattr(graph_mod, "_native_burst", None)
+        assert run() == got
+    assert sum(s["edges_merged"] for s, _ in (x for x in got if isinstance(x, tuple))) > 1000
