@@ -829,6 +829,26 @@ decayed(int found, double count, PyObject *last, double ts, double half_life, do
     return 0;
 }
 
+/* "u<auid>\x1f" (borrowed, NULL on an error), remembered per auid: a host has few login
+ * users, and formatting the number was a large part of a count (emptied when full) */
+static PyObject *USER_PREFIXES;
+
+static PyObject *
+user_prefix(PyObject *auid)
+{
+    PyObject *prefix = PyDict_GetItemWithError(USER_PREFIXES, auid);
+    if (prefix != NULL || PyErr_Occurred())
+        return prefix;
+    if (PyDict_GET_SIZE(USER_PREFIXES) >= 1024)
+        PyDict_Clear(USER_PREFIXES);
+    prefix = PyUnicode_FromFormat("u%S\x1f", auid);
+    if (prefix == NULL)
+        return NULL;
+    int rc = PyDict_SetItem(USER_PREFIXES, auid, prefix);
+    Py_DECREF(prefix);  /* the dict holds it */
+    return rc < 0 ? NULL : prefix;
+}
+
 static PyObject *
 count_pattern(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -854,8 +874,10 @@ count_pattern(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (joined == NULL)
         return NULL;
     keys[0] = PyUnicode_Concat(S_HOST, joined);
-    if (keys[0] != NULL && auid != Py_None)
-        keys[1] = PyUnicode_FromFormat("u%S\x1f%U", auid, joined);
+    if (keys[0] != NULL && auid != Py_None) {
+        PyObject *prefix = user_prefix(auid);
+        keys[1] = prefix ? PyUnicode_Concat(prefix, joined) : NULL;
+    }
     Py_DECREF(joined);
     int nkeys = auid == Py_None ? 1 : 2;
     if (keys[nkeys - 1] == NULL)
@@ -1092,7 +1114,8 @@ PyInit__fastparse(void)
     S_EDGES = PyUnicode_InternFromString("edges");
     S_SEP = PyUnicode_InternFromString("\x1f");
     S_HOST = PyUnicode_InternFromString("h\x1f");
-    if (!S_SEP || !S_HOST || !S_EDGES)
+    USER_PREFIXES = PyDict_New();
+    if (!S_SEP || !S_HOST || !S_EDGES || !USER_PREFIXES)
         return NULL;
     if (!ZERO || !MINUS_ONE || !S_YES || !S_NULL || !S_X86_64)
         return NULL;
