@@ -15,7 +15,7 @@ import yaml
 
 from . import tags as T
 from .nodes import Edge, FileNode, ProcNode, SockNode
-from .prefilter import gated_search, required_literals
+from .prefilter import gated_search, leading_strings, required_literals
 
 RULES_DIR = Path(__file__).parent / "rules"
 
@@ -286,6 +286,19 @@ _MASQ_NAMES = re.compile(
     re.IGNORECASE,
 )
 _SYSTEM_DIRS = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/", "/snap/", "/etc/")
+#: the first three characters (lower case) of every name _MASQ_NAMES matches: it runs on the
+#: name of most new files, and few of them begin like a system component
+_MASQ_STARTS = leading_strings(_MASQ_NAMES, 3)
+
+
+def _masq_name(name: str) -> bool:
+    """``_MASQ_NAMES.match(name)``, tried only on a name that begins like one of its
+    matches (ASCII letters compare case-insensitively as the pattern does; a name with
+    other characters there always takes the match)."""
+    start = name[:3]
+    if _MASQ_STARTS is not None and start.isascii() and start.lower() not in _MASQ_STARTS:
+        return False
+    return _MASQ_NAMES.match(name) is not None
 
 
 def masquerade(e: Edge):
@@ -295,7 +308,7 @@ def masquerade(e: Edge):
     if not path or path.startswith(_SYSTEM_DIRS):
         return False
     last = path.rfind("/")
-    if _MASQ_NAMES.match(path[last + 1:]):
+    if _masq_name(path[last + 1:]):
         return True
     # masquerading location: a dot-dir named after a system component holding the file
     hidden = path.find("/.")
@@ -303,7 +316,7 @@ def masquerade(e: Edge):
         return False
     parts = path.split("/")
     return any(
-        c.startswith(".") and _MASQ_NAMES.match(c) and c.lower() not in (".dbus-keyrings",)
+        c.startswith(".") and _masq_name(c) and c.lower() not in (".dbus-keyrings",)
         for c in parts[1:-1]
     )
 

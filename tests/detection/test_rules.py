@@ -7,6 +7,8 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import detection.alerts
 import detection.coalesce
@@ -168,3 +170,17 @@ def test_path_literal_gate_fires_what_every_rule_fires(audit_dir, monkeypatch):
         m.setattr(rules_mod, "_holds_any", lambda text, literals: True)  # every rule runs
         assert run() == gated
     assert sum(1 for x in gated if x) > 50
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(["", ".", "..", "ssh", "SSHd", "d", "sy", "Stemd", "x11", "X1",
+                                 "lib", "LIBc", "-", ".so", ".so.6", "1", "ſ", "K", "ı", "İ",
+                                 "cron", "CrOnD", "kworker/0:1", "atd", "\n", "é", "ld-linux"]),
+                max_size=5).map("".join))
+def test_masquerade_name_gate_is_the_match(name):
+    """The name gate of the masquerade check answers what the pattern's match does."""
+    assert detection.rules._masq_name(name) == (detection.rules._MASQ_NAMES.match(name) is not None)
+
+
+def test_masquerade_name_gate_is_on():
+    assert detection.rules._MASQ_STARTS is not None and "ssh" in detection.rules._MASQ_STARTS
