@@ -34,9 +34,9 @@ from functools import lru_cache
 from .events import UNSET
 from .nodes import Edge, FileNode, ProcNode, SockNode, basename
 
-try:  # built with the audit parser's C part (setup.py)
-    from ._fastparse import count_pattern as _native_count
-    from ._fastparse import generalise as _native_generalise
+try:  # built with the engine's C parts (setup.py)
+    from ._fastedges import count_pattern as _native_count
+    from ._fastedges import generalise as _native_generalise
 except ImportError:  # pragma: no cover - every path then takes _generalise_py, every count _count
     _native_count = _native_generalise = None
 
@@ -86,7 +86,7 @@ def _generalise(path: str) -> str:
     paths (libraries, configuration, caches) come back in almost every process. Most do
     not (a build's outputs, git's objects and temp files), and four regular expression
     passes per new path were a large part of the engine's time, so an ASCII path takes
-    the same passes in C (``detection/_fastparse.c``), any other :func:`_generalise_py`."""
+    the same passes in C (``detection/_fastedges.c``), any other :func:`_generalise_py`."""
     if _native_generalise is not None:
         out = _native_generalise(path)
         if out is not None:
@@ -197,7 +197,7 @@ class BehaviourModel:
     def observe(self, pattern: tuple, auid, ts: float) -> float:
         """Familiarity of *pattern* before this sighting, then count the sighting."""
         # every kept edge comes here: the counting is done in C for the common types
-        # (detection/_fastparse.c), which hands anything else to _count
+        # (detection/_fastedges.c), which hands anything else to _count
         before = (None if _native_count is None
                   else _native_count(self.counts, self.dirty, pattern, auid, ts, self.half_life))
         if before is None:

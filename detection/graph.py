@@ -24,8 +24,8 @@ from .events import UNSET, AuditEvent
 from .nodes import Edge, FileNode, Node, ProcNode, SockNode, basename
 from .reduction import READ_OPS, SKIPPABLE, RedundancyFilter, is_non_viable
 
-try:  # built with the audit parser's C part (setup.py)
-    from ._fastparse import burst_redundant as _native_burst
+try:  # built with the engine's C parts (setup.py)
+    from ._fastedges import burst_redundant as _native_burst
 except ImportError:  # pragma: no cover - ProvenanceGraph._burst_redundant then decides
     _native_burst = None
 
@@ -501,7 +501,7 @@ class ProvenanceGraph:
             return
         # the look back, a loop of string tests over up to 16 edges, was the engine's
         # costliest Python function on build and git days: C takes the common types
-        # (detection/_fastparse.c), _burst_redundant is the reference
+        # (detection/_fastedges.c), _burst_redundant is the reference
         found = None if _native_burst is None else _native_burst(
             edges, f.edges, self.files, prev, pnid, nid, _BURST_LOOKBACK)
         if not (self._burst_redundant(edges, f, prev, pnid, nid) if found is None else found):

@@ -1,4 +1,5 @@
-"""The C parts of the audit path (detection/_fastparse.c) against the Python they replace.
+"""The C parts of the engine (detection/_fastparse.c, detection/_fastedges.c) against the
+Python they replace.
 
 The parser's differential tests over the corpora and their mutants are in test_records.py;
 here: the SYSCALL fold (``syscall_values``), an EXECVE with ten or more arguments and the
@@ -10,7 +11,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from detection import _fastparse, baseline, events
+from detection import _fastedges, _fastparse, baseline, events
 from detection.coalesce import Coalescer
 from detection.events import SYSCALLS_X86_64, AuditEvent, _fold_syscall, event_from_records
 from detection.records import Record, parse_line
@@ -98,15 +99,15 @@ _PATH_PIECES = st.one_of(
 @given(st.lists(_PATH_PIECES, max_size=10).map("".join))
 def test_generalise_is_the_python_passes(path):
     """The C generalised path of an ASCII path is the regular expressions' one."""
-    assert _fastparse.generalise(path) == baseline._generalise_py(path)
+    assert _fastedges.generalise(path) == baseline._generalise_py(path)
 
 
 def test_generalise_hands_other_paths_to_python():
-    assert _fastparse.generalise("/home/zoë/x1234567") is None
-    assert _fastparse.generalise(b"/tmp/x") is None
+    assert _fastedges.generalise("/home/zoë/x1234567") is None
+    assert _fastedges.generalise(b"/tmp/x") is None
     assert baseline.generalise_path("/home/zoë/tmp.AbC1x9/٣") == "~/tmp.<rand>/#"
     long = "/home/a/" + "x" * 300 + "/0123456789abcdef"  # longer than the stack buffer
-    assert _fastparse.generalise(long) == baseline._generalise_py(long) == "~/" + "x" * 300 + "/<hex>"
+    assert _fastedges.generalise(long) == baseline._generalise_py(long) == "~/" + "x" * 300 + "/<hex>"
 
 
 def _batches(audit_dir):
@@ -196,18 +197,18 @@ def test_count_pattern_is_the_python_count(sightings, half_life, stored):
                 break
         return out, list(m.counts.items()), sorted(m.dirty)
 
-    assert repr(run(_fastparse.count_pattern)) == repr(run(None))
+    assert repr(run(_fastedges.count_pattern)) == repr(run(None))
 
 
 def test_count_pattern_hands_other_types_to_python():
     counts, dirty = {"h\x1fa": (1, 2.0)}, set()
     for args in [(("a",), None, 1.0, 3600), ((1,), None, 1.0, 3600.0), (("a",), "7", 1.0, 3600.0),
                  (("a",), None, 3, 3600.0), (("a",), None, 5.0, 3600.0)]:
-        assert _fastparse.count_pattern(counts, dirty, *args) is None
+        assert _fastedges.count_pattern(counts, dirty, *args) is None
     assert counts == {"h\x1fa": (1, 2.0)} and not dirty
     # a subnormal decay factor (where float.__pow__ may raise) is Python's to compute
-    assert _fastparse.count_pattern({"h\x1fa": (1.0, 0.0)}, dirty, ("a",), None, 1030.5, 1.0) is None
-    assert _fastparse.count_pattern({}, dirty, ("a", "b"), 7, 2.0, 3600.0) == 0.0
+    assert _fastedges.count_pattern({"h\x1fa": (1.0, 0.0)}, dirty, ("a",), None, 1030.5, 1.0) is None
+    assert _fastedges.count_pattern({}, dirty, ("a", "b"), 7, 2.0, 3600.0) == 0.0
     assert sorted(dirty) == ["h\x1fa\x1fb", "u7\x1fa\x1fb"]
 
 
@@ -238,7 +239,7 @@ def test_burst_redundant_is_the_python_look_back(edges, f_edges, files, prev, pn
         want = g._burst_redundant(deque(edges), f, prev, pnid, nid)
     finally:
         graph_mod._BURST_LOOKBACK = saved
-    got = _fastparse.burst_redundant(deque(edges), f.edges, g.files, prev, pnid, nid, lookback)
+    got = _fastedges.burst_redundant(deque(edges), f.edges, g.files, prev, pnid, nid, lookback)
     assert got is None or got == want
     if all(e[2] is None or isinstance(e[2], str) for e in edges + f_edges):
         assert got is not None
@@ -247,9 +248,9 @@ def test_burst_redundant_is_the_python_look_back(edges, f_edges, files, prev, pn
 def test_burst_redundant_hands_other_types_to_python():
     from collections import deque
 
-    assert _fastparse.burst_redundant(deque([(1.0, "create", 7), (1.0, "create", "file:/a")]),
+    assert _fastedges.burst_redundant(deque([(1.0, "create", 7), (1.0, "create", "file:/a")]),
                                       deque(), {}, "create", "file:/a", "proc:1", 16) is None
-    assert _fastparse.burst_redundant(deque([[1.0, "create", "file:/b"], (1.0, "create", "file:/a")]),
+    assert _fastedges.burst_redundant(deque([[1.0, "create", "file:/b"], (1.0, "create", "file:/a")]),
                                       deque(), {}, "create", "file:/a", "proc:1", 16) is None
 
 
