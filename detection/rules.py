@@ -261,20 +261,36 @@ def hidden_unusual(e: Edge):
     path = obj.path if isinstance(obj, FileNode) else None
     if not path or "/." not in path or not path.startswith(_HIDDEN_ROOTS):
         return False
-    parts = path.split("/")
-    start = 3 if path.startswith("/home/") else 2
-    comps = parts[start:-1] if path.startswith(("/home/", "/root/")) else parts[1:-1]
-    leaf = parts[-1]
-    for c in comps:
-        if c.startswith(".") and c not in KNOWN_DOTDIRS and c not in (".", ".."):
-            return True
+    cut = path.rfind("/") + 1
+    unusual, deep = _hidden_dir(path[:cut])
+    if unusual:
+        return True
     # a hidden file deep inside a tree (a top-level dotfile in $HOME is normal)
-    return (
-        leaf.startswith(".")
-        and len(comps) >= 1
-        and e.op == "exec_load"
-        and all(c not in KNOWN_DOTDIRS for c in comps)
-    )
+    return deep and path.startswith(".", cut) and e.op == "exec_load"
+
+
+#: _hidden_dir's answers by directory (with its trailing "/"): a process writes many files
+#: into one directory (git's objects, a build's outputs), bounded, emptied when full
+_HIDDEN_DIRS: dict[str, tuple[bool, bool]] = {}
+
+
+def _hidden_dir(head: str) -> tuple[bool, bool]:
+    """Of a path's directory part *head* (up to and with its last "/"): whether a component
+    (below the home directory) is hidden and not a known dot-directory, and whether there is
+    a component and none of them is a known dot-directory. The path's own beginning (``/home/``,
+    ``/root/``) lies in *head*, so both depend on *head* alone."""
+    got = _HIDDEN_DIRS.get(head)
+    if got is None:
+        parts = head.split("/")  # the last part is "": where the file's name goes
+        start = 3 if head.startswith("/home/") else 2
+        comps = parts[start:-1] if head.startswith(("/home/", "/root/")) else parts[1:-1]
+        unusual = any(c.startswith(".") and c not in KNOWN_DOTDIRS and c not in (".", "..")
+                      for c in comps)
+        deep = len(comps) >= 1 and all(c not in KNOWN_DOTDIRS for c in comps)
+        if len(_HIDDEN_DIRS) >= 4096:
+            _HIDDEN_DIRS.clear()
+        got = _HIDDEN_DIRS[head] = (unusual, deep)
+    return got
 
 
 _MASQ_NAMES = re.compile(

@@ -184,3 +184,33 @@ def test_masquerade_name_gate_is_the_match(name):
 
 def test_masquerade_name_gate_is_on():
     assert detection.rules._MASQ_STARTS is not None and "ssh" in detection.rules._MASQ_STARTS
+
+
+def _hidden_unusual_reference(path, op):
+    """``hidden_unusual`` as it was before its directory memo."""
+    if not path or "/." not in path or not path.startswith(detection.rules._HIDDEN_ROOTS):
+        return False
+    parts = path.split("/")
+    start = 3 if path.startswith("/home/") else 2
+    comps = parts[start:-1] if path.startswith(("/home/", "/root/")) else parts[1:-1]
+    leaf = parts[-1]
+    known = detection.rules.KNOWN_DOTDIRS
+    for c in comps:
+        if c.startswith(".") and c not in known and c not in (".", ".."):
+            return True
+    return leaf.startswith(".") and len(comps) >= 1 and op == "exec_load" and all(
+        c not in known for c in comps)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(["/", "home", "root", "/home/", "/root/", "/var/", "/tmp/",
+                                 ".git", ".x", ".", "..", "a", ".cache", "", "/usr/",
+                                 "/home", ".ssh/"]), max_size=8).map("".join),
+       st.sampled_from(["create", "exec_load"]))
+def test_hidden_unusual_is_the_path_check(path, op):
+    """The hidden-component check with its directory memo answers what the per-path
+    check did."""
+    from detection.nodes import FileNode
+
+    edge = SimpleNamespace(op=op, obj=FileNode(path, 1.0, 8))
+    assert bool(detection.rules.hidden_unusual(edge)) == _hidden_unusual_reference(path, op)
