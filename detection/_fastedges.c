@@ -297,7 +297,7 @@ done:
  */
 static PyObject *S_EDGES;
 
-/* s[0:n] of a str, as code points: 1 when b starts with a[0:n] */
+/* 1 when the str b starts with the first n code points of the str a (b.startswith(a[:n])) */
 static int
 starts_with(PyObject *b, PyObject *a, Py_ssize_t n)
 {
