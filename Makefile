@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP) system
 
-$(STAMP): pyproject.toml setup.py detection/_fastparse.c
+$(STAMP): pyproject.toml setup.py detection/_fastparse.c detection/_fastedges.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,content,s3]'

@@ -18,7 +18,10 @@
  * PyLong_FromUnicodeObject), so they accept and reject what the Python parser does.
  * Keys are interned: the engine's lookups by literal name then compare pointers.
  *
- * syscall_values(fields, syscalls) is the SYSCALL part of detection.events' fold, below.
+ * feed(lines, start, record_type, add, events) is DetectionEngine.process_lines' loop over
+ * the lines parse() takes (each record straight to the coalescer's add), and
+ * syscall_values(fields, syscalls) the SYSCALL part of detection.events' fold, both below.
+ * The per-edge steps in C are in _fastedges.c.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -271,20 +274,13 @@ value_of(const src_t *src, int kind, Py_ssize_t v0, Py_ssize_t v1)
     return out;
 }
 
+/* parse() of one line: a new reference to the record, to None, or NULL on an error */
 static PyObject *
-fast_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+parse_one(PyObject *line, PyObject *record_type)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "parse(line, record_type) takes 2 arguments");
-        return NULL;
-    }
-    if (ENCODED_NAMES == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "detection._fastparse.configure() was not called");
-        return NULL;
-    }
     src_t src;
     Py_ssize_t n;
-    src.obj = args[0];
+    src.obj = line;
     if (PyUnicode_CheckExact(src.obj) && PyUnicode_IS_ASCII(src.obj)) {
         src.s = PyUnicode_1BYTE_DATA(src.obj);
         src.is_bytes = 0;
@@ -423,7 +419,7 @@ fast_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (enriched == NULL)
         goto done;
     PyObject *rargs[5] = {rtype, ts, serial, fields, enriched};
-    result = PyObject_Vectorcall(args[1], rargs, 5, NULL);
+    result = PyObject_Vectorcall(record_type, rargs, 5, NULL);
     goto done;
 
 fallback:
@@ -437,6 +433,74 @@ done:
     Py_XDECREF(fields);
     Py_XDECREF(enriched);
     return result;
+}
+
+static int
+configured(void)
+{
+    if (ENCODED_NAMES == NULL)
+        PyErr_SetString(PyExc_RuntimeError, "detection._fastparse.configure() was not called");
+    return ENCODED_NAMES != NULL;
+}
+
+static PyObject *
+fast_parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "parse(line, record_type) takes 2 arguments");
+        return NULL;
+    }
+    if (!configured())
+        return NULL;
+    return parse_one(args[0], args[1]);
+}
+
+/* feed(lines, start, record_type, add, events): DetectionEngine.process_lines' loop over
+ * its lines from index start, for as long as each line is one parse() takes: the record
+ * goes to add (the coalescer's add method) and the events add returns are appended to
+ * the list events. Returns (index of the first line parse() hands to Python, or
+ * len(lines); records fed). A line parse() takes is a single audit line, which
+ * process_lines would have handed to parse_line and then to add as well. */
+static PyObject *
+feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !(PyList_CheckExact(args[0]) || PyTuple_CheckExact(args[0])) ||
+        !PyLong_Check(args[1]) || !PyList_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "feed(lines: list | tuple, start: int, record_type, add, events: list)");
+        return NULL;
+    }
+    if (!configured())
+        return NULL;
+    PyObject *lines = args[0], *events = args[4];
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t fed = 0;
+    for (; i >= 0 && i < PySequence_Fast_GET_SIZE(lines); i++) {
+        PyObject *line = Py_NewRef(PySequence_Fast_GET_ITEM(lines, i));  /* Record() is Python */
+        PyObject *rec = parse_one(line, args[2]);
+        Py_DECREF(line);
+        if (rec == NULL)
+            return NULL;
+        if (rec == Py_None) {
+            Py_DECREF(rec);
+            break;
+        }
+        fed++;
+        PyObject *done = PyObject_CallOneArg(args[3], rec);
+        Py_DECREF(rec);
+        if (done == NULL)
+            return NULL;
+        Py_ssize_t end = PyList_GET_SIZE(events);
+        int rc = PyObject_IsTrue(done);  /* process_lines: if done: events.extend(done) */
+        if (rc > 0)
+            rc = PyList_SetSlice(events, end, end, done);
+        Py_DECREF(done);
+        if (rc < 0)
+            return NULL;
+    }
+    return Py_BuildValue("(nn)", i, fed);
 }
 
 /* ------------------------------------------------------------------------------------
@@ -583,6 +647,10 @@ static PyMethodDef methods[] = {
     {"parse", (PyCFunction)(void (*)(void))fast_parse, METH_FASTCALL,
      "parse(line, record_type) -> record_type(rtype, ts, serial, fields, {}), or None for "
      "a line the Python parser must handle."},
+    {"feed", (PyCFunction)(void (*)(void))feed, METH_FASTCALL,
+     "feed(lines, start, record_type, add, events) -> (index of the first line parse() "
+     "hands to Python, records fed): DetectionEngine.process_lines' loop over its common "
+     "lines."},
     {"syscall_values", (PyCFunction)(void (*)(void))syscall_values, METH_FASTCALL,
      "syscall_values(fields, syscalls) -> what events.event_from_records takes from a "
      "SYSCALL record, or None when a field it reads is not a str."},

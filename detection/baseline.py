@@ -34,6 +34,12 @@ from functools import lru_cache
 from .events import UNSET
 from .nodes import Edge, FileNode, ProcNode, SockNode, basename
 
+try:  # built with the engine's C parts (setup.py)
+    from ._fastedges import count_pattern as _native_count
+    from ._fastedges import generalise as _native_generalise
+except ImportError:  # pragma: no cover - every path then takes _generalise_py, every count _count
+    _native_count = _native_generalise = None
+
 _DIGITS = re.compile(r"\d+")
 _HEX = re.compile(r"\b[0-9a-f]{12,}\b")
 _HOME = re.compile(r"^/home/[^/]+")
@@ -77,7 +83,19 @@ def generalise_path(path: str) -> str:
 @lru_cache(maxsize=1 << 16)
 def _generalise(path: str) -> str:
     """:func:`generalise_path` itself, memoised: a pure function of the path, and the same
-    paths (libraries, configuration, caches) come back in almost every process."""
+    paths (libraries, configuration, caches) come back in almost every process. Most do
+    not (a build's outputs, git's objects and temp files), and four regular expression
+    passes per new path were a large part of the engine's time, so an ASCII path takes
+    the same passes in C (``detection/_fastedges.c``), any other :func:`_generalise_py`."""
+    if _native_generalise is not None:
+        out = _native_generalise(path)
+        if out is not None:
+            return out
+    return _generalise_py(path)
+
+
+def _generalise_py(path: str) -> str:
+    """The reference passes: what the C ``generalise`` gives for an ASCII path."""
     p = _HOME.sub("~", path, count=1)
     if p.startswith("/root/"):
         p = "~" + p[5:]
@@ -178,8 +196,24 @@ class BehaviourModel:
 
     def observe(self, pattern: tuple, auid, ts: float) -> float:
         """Familiarity of *pattern* before this sighting, then count the sighting."""
-        # familiarity() and the counting below, with each key built and decayed once
-        # (host_key and user_key share the joined pattern)
+        # every kept edge comes here: the counting is done in C for the common types
+        # (detection/_fastedges.c), which hands anything else to _count
+        before = (None if _native_count is None
+                  else _native_count(self.counts, self.dirty, pattern, auid, ts, self.half_life))
+        if before is None:
+            before = self._count(pattern, auid, ts)
+        if ts > self.observed_ts:
+            self.observed *= 0.5 ** ((ts - self.observed_ts) / self.half_life)
+            self.observed_ts = ts
+        self.observed += 1.0
+        if len(self.counts) > self.max_patterns:
+            self._forget(ts)
+        return before
+
+    def _count(self, pattern: tuple, auid, ts: float) -> float:
+        """:meth:`familiarity` of *pattern*, then its host and user counts plus one
+        (marked dirty); the reference of the C ``count_pattern``."""
+        # each key built and decayed once (host_key and user_key share the joined pattern)
         counts = self.counts
         dirty = self.dirty
         joined = "\x1f".join(map(str, pattern))
@@ -193,12 +227,6 @@ class BehaviourModel:
             counts[key] = (user + 1.0, max(ts, counts.get(key, (0, ts))[1]))
             dirty.add(key)
             before = max(before, user)
-        if ts > self.observed_ts:
-            self.observed *= 0.5 ** ((ts - self.observed_ts) / self.half_life)
-            self.observed_ts = ts
-        self.observed += 1.0
-        if len(self.counts) > self.max_patterns:
-            self._forget(ts)
         return before
 
     def observe_edge(self, e: Edge) -> float:

@@ -31,8 +31,13 @@ from .coalesce import Coalescer
 from .events import AuditEvent
 from .graph import ProvenanceGraph
 from .laurel import parse_laurel
-from .records import ParseError, parse_line
+from .records import ParseError, Record, parse_line
 from .rules import RuleSet
+
+try:  # built with the audit parser's C part (setup.py)
+    from ._fastparse import feed as _feed
+except ImportError:  # pragma: no cover - every line then takes DetectionEngine._item
+    _feed = None
 
 
 @dataclass
@@ -201,49 +206,22 @@ class DetectionEngine:
         """Parse and detect on a batch of raw auditd / LAUREL lines (mixed is fine)."""
         res = Result()
         changed: dict = {}
-        nrec = nerr = 0
+        nrec = 0
         events: list[AuditEvent] = []
-        co = self.coalescer
-        for item in lines:
-            cls = item.__class__
-            if ((cls is bytes and b"\n" not in item and item[:1] != b"{")
-                    or (cls is str and "\n" not in item and item[:1] != "{")):
-                # one raw auditd line (what the worker's messages hold): what the
-                # general case below finds for it, without copying it
-                multi = is_json = False
-                parts = (item,)
-            elif isinstance(item, (bytes, bytearray)):
-                head = bytes(item[:1])
-                multi = b"\n" in item.rstrip(b"\n")
-                parts = bytes(item).split(b"\n") if multi else (item,)
-                is_json = head == b"{"
-            else:
-                head = item[:1]
-                multi = "\n" in item.rstrip("\n")
-                parts = item.split("\n") if multi else (item,)
-                is_json = head == "{"
-            for line in parts:
-                if multi and not line.strip():
-                    continue
-                if is_json or (multi and line[:1] in ("{", b"{")):
-                    ev = parse_laurel(line)
-                    if isinstance(ev, ParseError):
-                        res.errors.append((line, ev.reason))
-                        nerr += 1
-                    else:
-                        self._totals["laurel_events"] += 1
-                        nrec += ev.nrecords
-                        events.append(ev)
-                    continue
-                rec = parse_line(line)
-                if rec.__class__ is ParseError:
-                    res.errors.append((line, rec.reason))
-                    nerr += 1
-                    continue
-                nrec += 1
-                done = co.add(rec)
-                if done:
-                    events.extend(done)
+        add = self.coalescer.add
+        seq = lines if lines.__class__ in (list, tuple) else list(lines)
+        i, n = 0, len(seq)
+        while i < n:
+            if _feed is not None:
+                # the common line (one raw auditd record) parsed and handed to the
+                # coalescer in C, as _item would: no Python step per line
+                i, fed = _feed(seq, i, Record, add, events)
+                nrec += fed
+                if i == n:
+                    break
+            nrec += self._item(seq[i], res, events)
+            i += 1
+        nerr = len(res.errors)
         self._totals["lines"] += len(lines)
         self._totals["records"] += nrec
         self._totals["errors"] += nerr
@@ -251,6 +229,49 @@ class DetectionEngine:
         res.alerts = [a.to_dict() for a in changed.values()]
         res.stats = self._batch_stats(nrec, len(events), nerr)
         return res
+
+    def _item(self, item, res: Result, events: list[AuditEvent]) -> int:
+        """One item of :meth:`process_lines`' batch (a line, or several joined by newlines):
+        its events into *events*, its errors into ``res.errors``; returns its records."""
+        nrec = 0
+        cls = item.__class__
+        if ((cls is bytes and b"\n" not in item and item[:1] != b"{")
+                or (cls is str and "\n" not in item and item[:1] != "{")):
+            # one raw auditd line (what the worker's messages hold): what the
+            # general case below finds for it, without copying it
+            multi = is_json = False
+            parts = (item,)
+        elif isinstance(item, (bytes, bytearray)):
+            head = bytes(item[:1])
+            multi = b"\n" in item.rstrip(b"\n")
+            parts = bytes(item).split(b"\n") if multi else (item,)
+            is_json = head == b"{"
+        else:
+            head = item[:1]
+            multi = "\n" in item.rstrip("\n")
+            parts = item.split("\n") if multi else (item,)
+            is_json = head == "{"
+        for line in parts:
+            if multi and not line.strip():
+                continue
+            if is_json or (multi and line[:1] in ("{", b"{")):
+                ev = parse_laurel(line)
+                if isinstance(ev, ParseError):
+                    res.errors.append((line, ev.reason))
+                else:
+                    self._totals["laurel_events"] += 1
+                    nrec += ev.nrecords
+                    events.append(ev)
+                continue
+            rec = parse_line(line)
+            if rec.__class__ is ParseError:
+                res.errors.append((line, rec.reason))
+                continue
+            nrec += 1
+            done = self.coalescer.add(rec)
+            if done:
+                events.extend(done)
+        return nrec
 
     def process_events(self, events: list[AuditEvent]) -> Result:
         """Detect on already-coalesced events (e.g. from another reader)."""

@@ -24,6 +24,11 @@ from .events import UNSET, AuditEvent
 from .nodes import Edge, FileNode, Node, ProcNode, SockNode, basename
 from .reduction import READ_OPS, SKIPPABLE, RedundancyFilter, is_non_viable
 
+try:  # built with the engine's C parts (setup.py)
+    from ._fastedges import burst_redundant as _native_burst
+except ImportError:  # pragma: no cover - ProvenanceGraph._burst_redundant then decides
+    _native_burst = None
+
 _EDGES = attrgetter("edges")
 
 #: approximate bytes per object, calibrated against tracemalloc over the dev corpus
@@ -494,34 +499,12 @@ class ProvenanceGraph:
         nid = proc.nid
         if f is None or f.keep or f.labels or not f.edges or f.edges[-1] != (pts, prev, nid):
             return
-        cut = pnid.rfind("/") + 1
-        n = len(edges)
-        for i in range(n - 2, max(-1, n - 2 - _BURST_LOOKBACK), -1):
-            ts, eop, enid = edges[i]
-            if eop != prev or not enid:
-                continue
-            if enid == pnid:  # a repeat: the process's own edges on f since
-                since = False
-                for entry in f.edges:
-                    if entry == (ts, eop, nid):
-                        since = True
-                    elif since and entry[2] != nid:
-                        return
-                if since:
-                    break
-                return  # that edge went with the file (a temp file gone)
-            ecut = enid.rfind("/") + 1
-            # a burst: the earlier file's directory holds f, or is above f's directory
-            # and is not a top-level one (``/tmp``, ``/etc``, ``/home``)
-            if pnid.startswith(enid[:ecut]) and (ecut == cut or enid.count("/", 0, ecut) > 2):
-                rep = self.files.get(enid[5:])
-                if rep is None or (ts, eop, nid) not in rep.edges:
-                    continue  # not retained: look further back
-                for entry in f.edges:
-                    if entry[2] != nid:
-                        return
-                break
-        else:
+        # the look back, a loop of string tests over up to 16 edges, was the engine's
+        # costliest Python function on build and git days: C takes the common types
+        # (detection/_fastedges.c), _burst_redundant is the reference
+        found = None if _native_burst is None else _native_burst(
+            edges, f.edges, self.files, prev, pnid, nid, _BURST_LOOKBACK)
+        if not (self._burst_redundant(edges, f, prev, pnid, nid) if found is None else found):
             return
         edges.pop()
         proc.n -= 1
@@ -535,6 +518,37 @@ class ProvenanceGraph:
                 t[1] -= 1
         self.stats["edges_collected"] += 1
         self.stats["edges_merged"] += 1
+
+    def _burst_redundant(self, edges, f: FileNode, prev: str, pnid: str, nid: str) -> bool:
+        """Whether the last edge (*prev* on *pnid*, by the process *nid*) repeats a
+        retained change among the process's previous :data:`_BURST_LOOKBACK` *edges*
+        (:meth:`_merge_burst`)."""
+        cut = pnid.rfind("/") + 1
+        n = len(edges)
+        for i in range(n - 2, max(-1, n - 2 - _BURST_LOOKBACK), -1):
+            ts, eop, enid = edges[i]
+            if eop != prev or not enid:
+                continue
+            if enid == pnid:  # a repeat: the process's own edges on f since
+                since = False
+                for entry in f.edges:
+                    if entry == (ts, eop, nid):
+                        since = True
+                    elif since and entry[2] != nid:
+                        return False
+                return since  # not since: that edge went with the file (a temp file gone)
+            ecut = enid.rfind("/") + 1
+            # a burst: the earlier file's directory holds f, or is above f's directory
+            # and is not a top-level one (``/tmp``, ``/etc``, ``/home``)
+            if pnid.startswith(enid[:ecut]) and (ecut == cut or enid.count("/", 0, ecut) > 2):
+                rep = self.files.get(enid[5:])
+                if rep is None or (ts, eop, nid) not in rep.edges:
+                    continue  # not retained: look further back
+                for entry in f.edges:
+                    if entry[2] != nid:
+                        return False
+                return True
+        return False
 
     def _collect_file(self, f: FileNode | None) -> None:
         """Drop the edges of a temporary file that lived and died inside one chain.

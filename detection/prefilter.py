@@ -115,3 +115,51 @@ def gated_search(rx: re.Pattern):
         return False
 
     return found
+
+
+def leading_strings(rx: re.Pattern, n: int) -> frozenset[str] | None:
+    r"""Every string of *n* characters that a match of *rx* at the start of a text can
+    begin with, lower-cased, or ``None`` when they cannot be told from the pattern's
+    leading literals, optional literals, groups and branches (or one may be shorter).
+
+    >>> sorted(leading_strings(re.compile(r"^\.?(sshd|cron)$", re.IGNORECASE), 3))
+    ['.cr', '.ss', 'cro', 'ssh']
+    >>> leading_strings(re.compile(r"^a[bc]d"), 3) is None
+    True
+    """
+    if not isinstance(rx.pattern, str):
+        return None
+    found = _leading(list(sre_parse.parse(rx.pattern, rx.flags)), n)
+    return None if found is None else frozenset(s.lower() for s in found)
+
+
+def _leading(items: list, n: int) -> set[str] | None:
+    """The *n*-character beginnings of a match of the sequence of parse-tree *items*."""
+    if n == 0:
+        return {""}
+    if not items:
+        return None  # a match may end before n characters
+    (op, av), rest = items[0], items[1:]
+    if op is sre_parse.AT and av is sre_parse.AT_BEGINNING:
+        return _leading(rest, n)
+    if op is sre_parse.LITERAL:
+        tail = _leading(rest, n - 1)
+        return None if tail is None else {chr(av) + t for t in tail}
+    if op is sre_parse.SUBPATTERN:
+        _group, add_flags, del_flags, sub = av
+        if add_flags or del_flags:
+            return None
+        return _leading(list(sub) + rest, n)
+    if op is sre_parse.BRANCH:
+        out: set[str] = set()
+        for alt in av[1]:
+            got = _leading(list(alt) + rest, n)
+            if got is None:
+                return None
+            out |= got
+        return out
+    if op in _REPEATS and av[0] == 0 and av[1] == 1:  # an optional part: with or without
+        without = _leading(rest, n)
+        with_ = _leading(list(av[2]) + rest, n)
+        return None if without is None or with_ is None else without | with_
+    return None

@@ -15,7 +15,7 @@ import yaml
 
 from . import tags as T
 from .nodes import Edge, FileNode, ProcNode, SockNode
-from .prefilter import gated_search
+from .prefilter import gated_search, leading_strings, required_literals
 
 RULES_DIR = Path(__file__).parent / "rules"
 
@@ -65,6 +65,11 @@ class Rule:
     #: no such condition); :meth:`RuleSet.match` applies them through its index
     exe_in: frozenset | None = None
     exe_not: frozenset | None = None
+    #: strings one of which the object's path must hold for the rule's ``path`` condition
+    #: to pass (its pattern's :func:`~detection.prefilter.required_literals`; ``None``: no
+    #: such condition, or none can be told); :meth:`RuleSet.match` tests them for many
+    #: rules at once
+    path_literals: tuple | None = None
 
     def admits(self, program: str) -> bool:
         """Whether the rule's program conditions let it fire for *program*."""
@@ -256,20 +261,36 @@ def hidden_unusual(e: Edge):
     path = obj.path if isinstance(obj, FileNode) else None
     if not path or "/." not in path or not path.startswith(_HIDDEN_ROOTS):
         return False
-    parts = path.split("/")
-    start = 3 if path.startswith("/home/") else 2
-    comps = parts[start:-1] if path.startswith(("/home/", "/root/")) else parts[1:-1]
-    leaf = parts[-1]
-    for c in comps:
-        if c.startswith(".") and c not in KNOWN_DOTDIRS and c not in (".", ".."):
-            return True
+    cut = path.rfind("/") + 1
+    unusual, deep = _hidden_dir(path[:cut])
+    if unusual:
+        return True
     # a hidden file deep inside a tree (a top-level dotfile in $HOME is normal)
-    return (
-        leaf.startswith(".")
-        and len(comps) >= 1
-        and e.op == "exec_load"
-        and all(c not in KNOWN_DOTDIRS for c in comps)
-    )
+    return deep and path.startswith(".", cut) and e.op == "exec_load"
+
+
+#: _hidden_dir's answers by directory (with its trailing "/"): a process writes many files
+#: into one directory (git's objects, a build's outputs), bounded, emptied when full
+_HIDDEN_DIRS: dict[str, tuple[bool, bool]] = {}
+
+
+def _hidden_dir(head: str) -> tuple[bool, bool]:
+    """Of a path's directory part *head* (up to and with its last "/"): whether a component
+    (below the home directory) is hidden and not a known dot-directory, and whether there is
+    a component and none of them is a known dot-directory. The path's own beginning (``/home/``,
+    ``/root/``) lies in *head*, so both depend on *head* alone."""
+    got = _HIDDEN_DIRS.get(head)
+    if got is None:
+        parts = head.split("/")  # the last part is "": where the file's name goes
+        start = 3 if head.startswith("/home/") else 2
+        comps = parts[start:-1] if head.startswith(("/home/", "/root/")) else parts[1:-1]
+        unusual = any(c.startswith(".") and c not in KNOWN_DOTDIRS and c not in (".", "..")
+                      for c in comps)
+        deep = len(comps) >= 1 and all(c not in KNOWN_DOTDIRS for c in comps)
+        if len(_HIDDEN_DIRS) >= 4096:
+            _HIDDEN_DIRS.clear()
+        got = _HIDDEN_DIRS[head] = (unusual, deep)
+    return got
 
 
 _MASQ_NAMES = re.compile(
@@ -281,6 +302,19 @@ _MASQ_NAMES = re.compile(
     re.IGNORECASE,
 )
 _SYSTEM_DIRS = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/", "/snap/", "/etc/")
+#: the first three characters (lower case) of every name _MASQ_NAMES matches: it runs on the
+#: name of most new files, and few of them begin like a system component
+_MASQ_STARTS = leading_strings(_MASQ_NAMES, 3)
+
+
+def _masq_name(name: str) -> bool:
+    """``_MASQ_NAMES.match(name)``, tried only on a name that begins like one of its
+    matches (ASCII letters compare case-insensitively as the pattern does; a name with
+    other characters there always takes the match)."""
+    start = name[:3]
+    if _MASQ_STARTS is not None and start.isascii() and start.lower() not in _MASQ_STARTS:
+        return False
+    return _MASQ_NAMES.match(name) is not None
 
 
 def masquerade(e: Edge):
@@ -290,7 +324,7 @@ def masquerade(e: Edge):
     if not path or path.startswith(_SYSTEM_DIRS):
         return False
     last = path.rfind("/")
-    if _MASQ_NAMES.match(path[last + 1:]):
+    if _masq_name(path[last + 1:]):
         return True
     # masquerading location: a dot-dir named after a system component holding the file
     hidden = path.find("/.")
@@ -298,7 +332,7 @@ def masquerade(e: Edge):
         return False
     parts = path.split("/")
     return any(
-        c.startswith(".") and _MASQ_NAMES.match(c) and c.lower() not in (".dbus-keyrings",)
+        c.startswith(".") and _masq_name(c) and c.lower() not in (".dbus-keyrings",)
         for c in parts[1:-1]
     )
 
@@ -358,7 +392,8 @@ class RuleSet:
         self._by_program_ops = {op for op, rules in self.by_op.items()
                                 if any(r.exe_in is not None or r.exe_not is not None
                                        for r in rules)}
-        self._admitted: dict[tuple[str, str], tuple[Rule, ...]] = {}
+        self._admitted: dict[tuple[str, str], _Candidates] = {}
+        self._candidates = {op: _Candidates(rules) for op, rules in self.by_op.items()}
 
     @classmethod
     def load(cls, paths=None) -> RuleSet:
@@ -422,8 +457,10 @@ class RuleSet:
                 lambda e, w=want: (e.proc.parent is not None and e.proc.parent.service) == w
             )
         # the path patterns run on most file edges: each behind its literal prefilter
+        path_literals = None
         if "path" in d:
             found = gated_search(self._rx(d["path"]))
+            path_literals = required_literals(self._rx(d["path"]))
             preds.append(lambda e, found=found: isinstance(e.obj, FileNode) and found(e.obj.path))
         if "path_not" in d:
             found = gated_search(self._rx(d["path_not"]))
@@ -474,20 +511,27 @@ class RuleSet:
             _mask(d.get("mark_obj", [])),
             exe_in,
             exe_not,
+            path_literals,
         )
 
     def match(self, edge: Edge) -> list[Match]:
         """Rules that fire on *edge*; applies their ``mark_*`` labels."""
         op = edge.op
-        rules = self.by_op.get(op)
-        if not rules:
+        cand = self._candidates.get(op)
+        if cand is None:
             return []
         if op in self._by_program_ops:
             key = (op, _base(edge.proc.exe))
-            admitted = self._admitted.get(key)
-            if admitted is None:
-                admitted = self._admit(key)
-            rules = admitted
+            cand = self._admitted.get(key)
+            if cand is None:
+                cand = self._admit(key)
+        rules = cand.rules
+        if cand.literals:
+            # most edges are on paths that no path condition can match (a build's outputs,
+            # git's objects): one test of every literal instead of a call per rule
+            obj = edge.obj
+            if not isinstance(obj, FileNode) or not _holds_any(obj.path, cand.literals):
+                rules = cand.unlit
         out = []
         for r in rules:
             for pred in r.preds:
@@ -512,12 +556,41 @@ class RuleSet:
     #: (op, program) pairs kept by :meth:`match`'s index at most (then it starts over)
     ADMITTED_MAX = 4096
 
-    def _admit(self, key: tuple[str, str]) -> tuple[Rule, ...]:
+    def _admit(self, key: tuple[str, str]) -> _Candidates:
         op, program = key
         if len(self._admitted) >= self.ADMITTED_MAX:
             self._admitted.clear()
-        admitted = self._admitted[key] = tuple(r for r in self.by_op[op] if r.admits(program))
+        admitted = self._admitted[key] = _Candidates(
+            [r for r in self.by_op[op] if r.admits(program)])
         return admitted
+
+
+class _Candidates:
+    """The rules :meth:`RuleSet.match` runs for an op (or an (op, program) pair), in rule
+    order, and the same without those whose ``path`` condition needs a literal.
+
+    A rule's path condition is ``isinstance(obj, FileNode) and found(obj.path)``, and its
+    search finds nothing in a path that holds none of the pattern's required literals
+    (:mod:`detection.prefilter`). Conditions have no side effects and a rule fires only
+    when all hold, so on an edge whose object is no file, or whose path holds none of
+    ``literals`` (every such rule's literals), ``unlit`` fires exactly what ``rules`` does.
+    """
+
+    __slots__ = ("rules", "literals", "unlit")
+
+    def __init__(self, rules: list[Rule]):
+        self.rules = tuple(rules)
+        self.unlit = tuple(r for r in rules if not r.path_literals)
+        lits = {lit for r in rules if r.path_literals for lit in r.path_literals}
+        # a literal that holds another is implied by it: test only the other
+        self.literals = tuple(sorted(s for s in lits if not any(t != s and t in s for t in lits)))
+
+
+def _holds_any(text: str, literals: tuple[str, ...]) -> bool:
+    for lit in literals:
+        if lit in text:
+            return True
+    return False
 
 
 def _mask(names) -> int:

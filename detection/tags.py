@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 
+from .prefilter import gated_search
+
 UNTRUSTED = 1
 SENSITIVE = 2
 DOWNLOADED = 4
@@ -82,6 +84,12 @@ _SENSITIVE_RE = re.compile(
 )
 
 
+#: the search of :data:`_SENSITIVE_RE`, tried only on a path that holds one of the literals
+#: every match needs (:mod:`detection.prefilter`): it runs for every new file node, and
+#: almost no path holds one
+_sensitive = gated_search(_SENSITIVE_RE)
+
+
 def initial_file_labels(path: str) -> int:
     """Initial labels of a file from its path (credential stores are SENSITIVE).
 
@@ -90,4 +98,4 @@ def initial_file_labels(path: str) -> int:
     >>> initial_file_labels("/home/a/notes.md")
     0
     """
-    return SENSITIVE if _SENSITIVE_RE.search(path) else 0
+    return SENSITIVE if _sensitive(path) else 0

@@ -7,6 +7,8 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import detection.alerts
 import detection.coalesce
@@ -130,3 +132,85 @@ def test_rules_are_looked_up_by_program_in_rule_order():
             assert fired(exe) == ids, exe
         assert len(rs._admitted) <= rs.ADMITTED_MAX
     assert fired("/bin/ls", op="read") == ["any"]  # an op without program conditions
+
+
+def test_path_literal_gate_fires_what_every_rule_fires(audit_dir, monkeypatch):
+    """``RuleSet.match`` skips the rules whose path condition needs a literal the edge's
+    path lacks: on the dev logs and a benign day, every match (rule, edge, order), every
+    label and every alert is what running every rule gives."""
+    import detection.rules as rules_mod
+    from detection.engine import DetectionEngine
+
+    from .conftest import benign_lines
+
+    logs = [p.read_text(encoding="utf-8").splitlines() for p in sorted(audit_dir.glob("*.log"))]
+    logs.append(benign_lines("test")[:40_000])
+
+    def run():
+        out = []
+        rs = RuleSet.load()
+        match = rs.match
+
+        def traced(edge):
+            ms = match(edge)
+            out.append([(m.rule, m.technique, edge.key(), edge.proc.labels,
+                         edge.obj.labels if edge.obj is not None else None) for m in ms])
+            return ms
+
+        rs.match = traced
+        for lines in logs:
+            eng = DetectionEngine(host="vm", rules=rs)
+            for i in range(0, len(lines), 100):
+                out.append(eng.process_lines(lines[i:i + 100]).alerts)
+            out.append(eng.flush().alerts)
+        return out
+
+    gated = run()
+    with monkeypatch.context() as m:
+        m.setattr(rules_mod, "_holds_any", lambda text, literals: True)  # every rule runs
+        assert run() == gated
+    assert sum(1 for x in gated if x) > 50
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(["", ".", "..", "ssh", "SSHd", "d", "sy", "Stemd", "x11", "X1",
+                                 "lib", "LIBc", "-", ".so", ".so.6", "1", "ſ", "K", "ı", "İ",
+                                 "cron", "CrOnD", "kworker/0:1", "atd", "\n", "é", "ld-linux"]),
+                max_size=5).map("".join))
+def test_masquerade_name_gate_is_the_match(name):
+    """The name gate of the masquerade check answers what the pattern's match does."""
+    assert detection.rules._masq_name(name) == (detection.rules._MASQ_NAMES.match(name) is not None)
+
+
+def test_masquerade_name_gate_is_on():
+    assert detection.rules._MASQ_STARTS is not None and "ssh" in detection.rules._MASQ_STARTS
+
+
+def _hidden_unusual_reference(path, op):
+    """``hidden_unusual`` as it was before its directory memo."""
+    if not path or "/." not in path or not path.startswith(detection.rules._HIDDEN_ROOTS):
+        return False
+    parts = path.split("/")
+    start = 3 if path.startswith("/home/") else 2
+    comps = parts[start:-1] if path.startswith(("/home/", "/root/")) else parts[1:-1]
+    leaf = parts[-1]
+    known = detection.rules.KNOWN_DOTDIRS
+    for c in comps:
+        if c.startswith(".") and c not in known and c not in (".", ".."):
+            return True
+    return leaf.startswith(".") and len(comps) >= 1 and op == "exec_load" and all(
+        c not in known for c in comps)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(["/", "home", "root", "/home/", "/root/", "/var/", "/tmp/",
+                                 ".git", ".x", ".", "..", "a", ".cache", "", "/usr/",
+                                 "/home", ".ssh/"]), max_size=8).map("".join),
+       st.sampled_from(["create", "exec_load"]))
+def test_hidden_unusual_is_the_path_check(path, op):
+    """The hidden-component check with its directory memo answers what the per-path
+    check did."""
+    from detection.nodes import FileNode
+
+    edge = SimpleNamespace(op=op, obj=FileNode(path, 1.0, 8))
+    assert bool(detection.rules.hidden_unusual(edge)) == _hidden_unusual_reference(path, op)
