@@ -333,10 +333,10 @@ class ReadCoalescer:
     reads). A request with nothing else queued in its turn reads at once, as without
     coalescing: nothing could join it, and yielding to the loop would let the process's
     other threads take the interpreter lock (the reason :class:`ForwardBatcher` flushes
-    a lone request at once too). The rows are
-    read at the latest ``now`` among the joined requests (microseconds to the turn's
-    length apart), and each request gets that time back with its slice: its rows, its
-    impression and its scores all say the time its features were read at. A row's
+    a lone request at once too). The rows are read at the latest ``now`` among the
+    joined requests (microseconds to the turn's length apart), and each request gets
+    that time back with its slice: its rows, its impression and its scores all say the
+    time its features were read at. A row's
     features depend on its own user, item, context and time only, so a request's slice
     is what a read of its rows alone at that time gives. A failed read fails every
     request in it (each then retries on its own deadline).
@@ -367,6 +367,7 @@ class ReadCoalescer:
         self.reads = 0
         self.requests = 0
         self.at_once = 0
+        self._running: set[asyncio.Task] = set()  # the loop keeps only weak references
 
     async def read(self, rows: Mapping[str, list], now: float) -> tuple[Mapping[str, Any], float]:
         """``(features of rows, the time they were read at)``."""
@@ -391,12 +392,17 @@ class ReadCoalescer:
         for item in pending:
             n = len(item[0]["item_id"])
             if chunk and size + n > self.max_rows:
-                asyncio.ensure_future(self._run(chunk))
+                self._start(chunk)
                 chunk, size = [], 0
             chunk.append(item)
             size += n
         if chunk:
-            asyncio.ensure_future(self._run(chunk))
+            self._start(chunk)
+
+    def _start(self, chunk: list[tuple[Mapping[str, list], float, asyncio.Future]]) -> None:
+        task = asyncio.ensure_future(self._run(chunk))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _run(self, chunk: list[tuple[Mapping[str, list], float, asyncio.Future]]) -> None:
         now = max(item[1] for item in chunk)
@@ -408,7 +414,11 @@ class ReadCoalescer:
             feats = await self.store.get_online_features(rows, now=now)
         except BaseException as exc:  # every joined request answers with the error
             for *_, fut in chunk:
-                if not fut.done():
+                if fut.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):  # the server is stopping
+                    fut.cancel()
+                else:
                     fut.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise

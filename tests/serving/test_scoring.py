@@ -517,3 +517,24 @@ async def test_a_lone_read_goes_at_once_and_a_busy_turn_waits_for_it():
     asyncio.get_running_loop().call_soon(order.append, "other")
     assert (await c.read({**one, "item_id": ["b"]}, 2.0))[0] == {"item": ["b"]}
     assert order == ["read ['a']", "other", "read ['b']"]
+
+
+async def test_a_cancelled_coalesced_read_cancels_its_requests():
+    """A read cancelled under the requests (the server stopping) cancels each of them; it
+    does not hand them the cancellation as an error."""
+    from serving.scoring import ReadCoalescer
+
+    class Store:
+        async def get_online_features(self, rows, now):
+            await asyncio.sleep(3600)
+
+    c = ReadCoalescer(Store(), max_rows=100)
+    one = {"user_id": ["u"], "item_id": ["a"], "context": [None]}
+    reads = [asyncio.ensure_future(c.read(one, 1.0)), asyncio.ensure_future(c.read(one, 2.0))]
+    await asyncio.sleep(0.01)
+    (running,) = c._running  # noqa: SLF001 - the read in flight, held by the coalescer
+    running.cancel()
+    done = await asyncio.gather(*reads, return_exceptions=True)
+    assert [type(d) for d in done] == [asyncio.CancelledError] * 2
+    await asyncio.sleep(0)
+    assert not c._running  # noqa: SLF001
