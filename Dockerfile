@@ -11,7 +11,7 @@ COPY learner learner
 COPY detection detection
 COPY serving serving
 # The CPU build of torch: the default index would pull several GB of CUDA wheels. A C
-# compiler builds the audit parser's C part (setup.py) and leaves in the same layer.
+# compiler builds the detection engine's C parts (setup.py) and leaves in the same layer.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
  && pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
  && pip install '.[content,s3]' \
