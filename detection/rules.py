@@ -459,8 +459,9 @@ class RuleSet:
         # the path patterns run on most file edges: each behind its literal prefilter
         path_literals = None
         if "path" in d:
-            found = gated_search(self._rx(d["path"]))
-            path_literals = required_literals(self._rx(d["path"]))
+            rx = self._rx(d["path"])
+            found = gated_search(rx)
+            path_literals = required_literals(rx)
             preds.append(lambda e, found=found: isinstance(e.obj, FileNode) and found(e.obj.path))
         if "path_not" in d:
             found = gated_search(self._rx(d["path_not"]))
