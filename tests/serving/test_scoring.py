@@ -520,8 +520,8 @@ async def test_a_lone_read_goes_at_once_and_a_busy_turn_waits_for_it():
 
 
 async def test_a_cancelled_coalesced_read_cancels_its_requests():
-    """A read cancelled under the requests (the server stopping) cancels each of them; it
-    does not hand them the cancellation as an error."""
+    """A read cancelled under the requests (the server stopping) ends each joined request
+    cancelled, and the coalescer lets go of the finished read."""
     from serving.scoring import ReadCoalescer
 
     class Store:
