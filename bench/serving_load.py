@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -467,6 +468,10 @@ def measured_load(stack: Stack, bodies: list[bytes], concurrency: int, seconds: 
     (``idle_rate``: the serving processes' CPU-s/s with no requests, see :func:`idle_rates`)."""
     out = []
     for _ in range(reps):
+        # the client's own full collections (this process holds torch, the models and
+        # the stacks: ~0.5M objects, ~0.25 s a pass) would stall every client at once
+        gc.collect()
+        gc.freeze()
         s0 = serving_cpu(stack.serving)
         r = asyncio.run(run_raw_load(stack.base, bodies, concurrency, seconds))
         r.server_cpu = serving_cpu(stack.serving) - s0
@@ -649,6 +654,8 @@ def measure_model(stack: Stack, args, kind: str, workers: int) -> dict:
                       f"bare forward {fwd * 1000:.3f} ms | target p50 <= {2 * fwd * 1000 + 1:.2f} "
                       f"ms | load {os.getloadavg()[0]:.1f}", flush=True)
         bodies = make_bodies(500, args.load_candidates, args.users, args.items)
+        for st in stacks.values():  # warm-up at the measured concurrency (every worker)
+            asyncio.run(run_raw_load(st.base, bodies, args.clients, 2.0))
         res = {b: [] for b in stacks}
         for _ in range(args.reps):
             for b, st in stacks.items():

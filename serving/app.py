@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import hmac
 import importlib.util
 import logging
@@ -523,6 +524,11 @@ async def serve(
         site: web.BaseSite = web.SockSite(runner, socket.socket(fileno=int(listen_fd)))
     else:
         site = web.TCPSite(runner, settings.bind_host, settings.http_port, reuse_address=True)
+    # What startup made (modules, the first model, the caches' tables) lives as long as
+    # the process: frozen out of the collector's reach, a full collection walks only what
+    # requests made since (docs/decisions.md, "Startup objects frozen out of the GC")
+    gc.collect()
+    gc.freeze()
     await site.start()
     ctx.watcher.start()
     beat = asyncio.create_task(_heartbeat(ctx, stop))
