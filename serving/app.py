@@ -524,11 +524,6 @@ async def serve(
         site: web.BaseSite = web.SockSite(runner, socket.socket(fileno=int(listen_fd)))
     else:
         site = web.TCPSite(runner, settings.bind_host, settings.http_port, reuse_address=True)
-    # What startup made (modules, the first model, the caches' tables) lives as long as
-    # the process: frozen out of the collector's reach, a full collection walks only what
-    # requests made since (docs/decisions.md, "Startup objects frozen out of the GC")
-    gc.collect()
-    gc.freeze()
     await site.start()
     ctx.watcher.start()
     beat = asyncio.create_task(_heartbeat(ctx, stop))
@@ -601,6 +596,11 @@ def run_serving(settings: Settings, kafka: str | None, redis_url: str) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     )
+    # What the imports made (torch, numpy, aiohttp, the product: ~224k objects) lives as
+    # long as the process: frozen out of the collector's reach, a full collection walks
+    # only what came after (docs/decisions.md, "Startup objects frozen out of the GC")
+    gc.collect()
+    gc.freeze()
 
     async def main() -> None:
         stop = asyncio.Event()
