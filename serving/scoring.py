@@ -336,10 +336,10 @@ class ReadCoalescer:
     a lone request at once too). The rows are read at the latest ``now`` among the
     joined requests (microseconds to the turn's length apart), and each request gets
     that time back with its slice: its rows, its impression and its scores all say the
-    time its features were read at. A row's
-    features depend on its own user, item, context and time only, so a request's slice
-    is what a read of its rows alone at that time gives. A failed read fails every
-    request in it (each then retries on its own deadline).
+    time its features were read at. A row's features depend on its own user, item,
+    context and time only, so a request's slice is what a read of its rows alone at that
+    time gives. A failed read fails every request in it (each then retries on its own
+    deadline).
 
     >>> class Store:
     ...     reads = 0
