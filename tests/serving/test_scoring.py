@@ -524,14 +524,17 @@ async def test_a_cancelled_coalesced_read_cancels_its_requests():
     cancelled, and the coalescer lets go of the finished read."""
     from serving.scoring import ReadCoalescer
 
+    started = asyncio.Event()
+
     class Store:
         async def get_online_features(self, rows, now):
+            started.set()
             await asyncio.sleep(3600)
 
     c = ReadCoalescer(Store(), max_rows=100)
     one = {"user_id": ["u"], "item_id": ["a"], "context": [None]}
     reads = [asyncio.ensure_future(c.read(one, 1.0)), asyncio.ensure_future(c.read(one, 2.0))]
-    await asyncio.sleep(0.01)
+    await started.wait()  # the joined read is in flight (no fixed sleep to race)
     (running,) = c._running  # noqa: SLF001 - the read in flight, held by the coalescer
     running.cancel()
     done = await asyncio.gather(*reads, return_exceptions=True)
