@@ -404,6 +404,12 @@ class Settings(BaseSettings):
         1, ge=1,
         description="Serving processes sharing the HTTP port (headwater serve --workers N).",
     )
+    serve_accept_defer_seconds: float = Field(
+        0.02, ge=0,
+        description="With --workers N, a worker holding more open connections than another "
+                    "leaves a new connection queued for that one at most this long, then "
+                    "accepts it anyway (serving/balance.py); 0 accepts at once.",
+    )
     # -- state across restarts (issue 13) --
     duplicate_window: int = Field(
         200_000, ge=1,

@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry
 from core.redis_client import RoundTrips, connect_async, is_cluster
 from core.settings import Settings
 from learner.store import CheckpointError, manifest_kind
+from serving.balance import BalancedAcceptor, board_from_env
 from serving.holder import HolderError, ModelHolder
 from serving.impressions import ImpressionLog, impression_record, kafka_sender
 from serving.metrics import CONTENT_TYPE_LATEST, ServingMetrics
@@ -76,6 +77,8 @@ class AppContext:
     draining: bool = False
     #: where every scoring answer is logged (``serving.impressions``); None: not logged
     impressions: Any = None
+    #: a ``--workers`` worker's accept side (``serving.balance``); None: a site of its own
+    acceptor: Any = None
 
     def status_fields(self) -> dict[str, Any]:
         """The serving heartbeat's own fields (see :mod:`core.health`)."""
@@ -107,6 +110,9 @@ class AppContext:
             "traced_forward": traced.stats(cur) if traced is not None else None,
             # requests per coalesced feature read and per forward pass since the start
             "batching": self.scorer.batching_stats(),
+            # a --workers worker: connections accepted, left to a less loaded worker, and
+            # accepted only when the wait for it ran out; every worker's open connections
+            "accept": self.acceptor.stats() if self.acceptor is not None else None,
         }
 
 
@@ -520,11 +526,21 @@ async def serve(
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     listen_fd = os.environ.get(LISTEN_FD_ENV)
-    if listen_fd:  # a worker of `headwater serve --workers N`: the supervisor's socket
-        site: web.BaseSite = web.SockSite(runner, socket.socket(fileno=int(listen_fd)))
+    board = board_from_env()
+    site: web.BaseSite | None = None
+    if listen_fd and board is not None:  # a worker of `headwater serve --workers N`
+        server = runner.server
+        assert server is not None
+        ctx.acceptor = BalancedAcceptor(
+            socket.socket(fileno=int(listen_fd)), server, lambda: len(server.connections),
+            *board, max_defer=settings.serve_accept_defer_seconds)
+        ctx.acceptor.start()
+    elif listen_fd:  # an inherited socket without a supervisor's board
+        site = web.SockSite(runner, socket.socket(fileno=int(listen_fd)))
     else:
         site = web.TCPSite(runner, settings.bind_host, settings.http_port, reuse_address=True)
-    await site.start()
+    if site is not None:
+        await site.start()
     ctx.watcher.start()
     beat = asyncio.create_task(_heartbeat(ctx, stop))
     log.info("serving listens on http://%s:%s", settings.bind_host, settings.http_port)
@@ -535,6 +551,8 @@ async def serve(
         await stop.wait()
     finally:
         await _drain(ctx, runner, site, settings.serve_drain_seconds)
+        if board is not None:
+            board[0].close()
         await ctx.watcher.stop()
         await beat
         await runner.cleanup()
@@ -557,7 +575,8 @@ def _say_ready() -> None:
             os.close(int(fd))
 
 
-async def _drain(ctx: AppContext, runner: web.AppRunner, site: web.BaseSite, seconds: float) -> None:
+async def _drain(ctx: AppContext, runner: web.AppRunner, site: web.BaseSite | None,
+                 seconds: float) -> None:
     """Stop accepting, then answer open connections with ``Connection: close`` for at
     most ``seconds`` (until the clients have gone): a client in a request loop is never
     cut off mid-request, and queued connections wait for the other workers."""
@@ -567,13 +586,16 @@ async def _drain(ctx: AppContext, runner: web.AppRunner, site: web.BaseSite, sec
     # (asyncio attaches each in a task of its own, on the next loop iteration), and only
     # then close the server: a connection accepted just before close() would otherwise
     # fail to attach and be dropped with a reset (a closed asyncio.Server refuses it).
-    loop = asyncio.get_running_loop()
-    srv = getattr(site, "_server", None)  # the site's asyncio.Server
-    for sock in srv.sockets if srv is not None else ():
-        loop.remove_reader(sock.fileno())
-    for _ in range(3):
-        await asyncio.sleep(0)
-    await site.stop()
+    if ctx.acceptor is not None:
+        await ctx.acceptor.stop()  # waits for the accepted connections to attach
+    if site is not None:
+        loop = asyncio.get_running_loop()
+        srv = getattr(site, "_server", None)  # the site's asyncio.Server
+        for sock in srv.sockets if srv is not None else ():
+            loop.remove_reader(sock.fileno())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        await site.stop()
     server = runner.server
     deadline = time.monotonic() + seconds
     while server is not None and server.connections and time.monotonic() < deadline:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from core.settings import Settings
 from core.signals import on_signals
+from serving.balance import BOARD_ENV, CLOSED, LoadBoard
 
 __all__ = ["LISTEN_FD_ENV", "READY_FD_ENV", "Supervisor", "run_workers"]
 
@@ -73,14 +74,32 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         self.argv = argv or [sys.executable, "-m", "headwater", "serve"]
         self.sock = bind_socket(settings.bind_host, settings.http_port)
+        # each worker's open connections, so a burst of connections is spread evenly
+        # (serving.balance); two slots per index: a replacement starts beside the old one
+        self.board = LoadBoard.create(2 * n)
         self.workers: list[subprocess.Popen | None] = [None] * n
+        self._slots: dict[int, int] = {}  # worker pid -> its board slot
         self.restarts = 0
         self._lock = threading.Lock()
         self._stopping = False
 
     # -- one worker -----------------------------------------------------------------
+    def _free_slot(self, index: int) -> int:
+        """The board slot for a new worker at ``index``: the one its predecessor (if any,
+        still running during a rolling restart) does not use."""
+        taken = set(self._slots.values())
+        return index if index not in taken else index + self.n
+
+    def _release(self, proc: subprocess.Popen) -> None:
+        """A stopped worker's slot: closed (it may have died without saying so)."""
+        slot = self._slots.pop(proc.pid, None)
+        if slot is not None:
+            self.board.set(slot, CLOSED)
+
     def _spawn(self, index: int) -> subprocess.Popen:
         """Start worker ``index``; return once it reported ready (or raise)."""
+        slot = self._free_slot(index)
+        self.board.set(slot, CLOSED)
         r, w = os.pipe()
         env = dict(
             os.environ,
@@ -89,15 +108,18 @@ class Supervisor:
                 READY_FD_ENV: str(w),
                 "HEADWATER_SERVE_WORKERS": "1",  # a worker is never a supervisor itself
                 "HEADWATER_SERVE_WORKER_INDEX": str(index),
+                BOARD_ENV: f"{self.board.fileno()}:{self.board.slots}:{slot}",
             },
         )
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         try:
             proc = subprocess.Popen(
-                self.argv, env=env, pass_fds=(self.sock.fileno(), w), cwd=REPO
+                self.argv, env=env, pass_fds=(self.sock.fileno(), self.board.fileno(), w),
+                cwd=REPO,
             )
         finally:
             os.close(w)
+        self._slots[proc.pid] = slot
         try:
             deadline = time.monotonic() + self.ready_timeout
             while True:
@@ -105,6 +127,7 @@ class Supervisor:
                 if left <= 0:
                     proc.kill()
                     proc.wait()
+                    self._release(proc)
                     raise RuntimeError(
                         f"serving worker {index} not ready within {self.ready_timeout:g}s"
                     )
@@ -114,6 +137,7 @@ class Supervisor:
                         return proc
                     # EOF: the worker closed the pipe without saying ready, so it died
                     proc.wait()
+                    self._release(proc)
                     raise RuntimeError(
                         f"serving worker {index} exited with {proc.returncode} before ready"
                     )
@@ -129,6 +153,8 @@ class Supervisor:
             log.warning("serving worker %s did not stop in %ss: killed", proc.pid, self.stop_timeout)
             proc.kill()
             return proc.wait()
+        finally:
+            self._release(proc)
 
     # -- all of them ------------------------------------------------------------------
     def start(self) -> None:
@@ -165,6 +191,7 @@ class Supervisor:
                 if p is not None:
                     log.warning("serving worker %d (pid %s) exited with %s: restarting",
                                 i, p.pid, p.returncode)
+                    self._release(p)
                 self.workers[i] = None
                 try:
                     self.workers[i] = self._spawn(i)
@@ -186,6 +213,7 @@ class Supervisor:
             for p in procs:
                 self._stop(p)
             self.sock.close()
+            self.board.close()
 
 
 def run_workers(settings: Settings) -> int:
