@@ -129,7 +129,7 @@ def frozen_counter_rows(rows: Rows, cut: int) -> Rows:
         cfg = store.counters
         cols = as_columns(test)
         refs = resolve_refs(cfg, cols, attrs)
-        (blob,) = store._execute(store.read_cmds(refs.entities, cfg.state_fields))
+        blob = b"".join(store._execute(store.read_cmds(refs.entities, cfg.state_fields)))
         states = store.states(blob, cfg.width)
         pre = decay_state(cfg, states[refs.entity], cols["ts"][refs.event])
         feats = derive_features(cfg, aggregate(refs, pre))

@@ -43,7 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -335,6 +336,14 @@ class LoadResult:
     server_cpu: float = float("nan")
     #: the serving processes' idle CPU over the window (their idle rate x its length)
     server_idle: float = 0.0
+    #: answered requests per serving worker (its ``X-Headwater-Worker`` header)
+    by_worker: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def busiest(self) -> float:
+        """The busiest worker's share of the answered requests (1/W when spread evenly)."""
+        total = sum(self.by_worker.values())
+        return max(self.by_worker.values()) / total if total else float("nan")
 
     @property
     def rps(self) -> float:
@@ -397,6 +406,7 @@ async def run_raw_load(base: str, bodies: list[bytes], concurrency: int,
     ]
     lat: list[float] = []
     versions: list[str] = []
+    by_worker: Counter = Counter()
     errors = 0
     deadline = time.perf_counter() + seconds
 
@@ -412,7 +422,7 @@ async def run_raw_load(base: str, bodies: list[bytes], concurrency: int,
                 try:
                     writer.write(msg)
                     head = await reader.readuntil(b"\r\n\r\n")
-                    length, close = 0, False
+                    length, close, worker = 0, False, ""
                     for line in head.split(b"\r\n")[1:]:
                         name, _, value = line.partition(b":")
                         name = name.strip().lower()
@@ -420,6 +430,8 @@ async def run_raw_load(base: str, bodies: list[bytes], concurrency: int,
                             length = int(value)
                         elif name == b"connection" and value.strip().lower() == b"close":
                             close = True
+                        elif name == b"x-headwater-worker":
+                            worker = value.strip().decode()
                     payload = await reader.readexactly(length)
                     ok = head.startswith(b"HTTP/1.1 200")
                 except (OSError, asyncio.IncompleteReadError, ValueError):
@@ -429,6 +441,7 @@ async def run_raw_load(base: str, bodies: list[bytes], concurrency: int,
                     lat.append(dt)
                     start = payload.find(b'"model_version": "') + 18
                     versions.append(payload[start:payload.find(b'"', start)].decode())
+                    by_worker[worker] += 1
                 else:
                     errors += 1
                 if close:
@@ -440,7 +453,8 @@ async def run_raw_load(base: str, bodies: list[bytes], concurrency: int,
     c0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(concurrency)))
     elapsed = time.perf_counter() - t0
-    out = LoadResult(len(lat) + errors, errors, elapsed, np.asarray(lat), versions)
+    out = LoadResult(len(lat) + errors, errors, elapsed, np.asarray(lat), versions,
+                     by_worker=dict(by_worker))
     out.cpu = time.process_time() - c0
     return out
 
@@ -582,6 +596,8 @@ def median_result(results: list[LoadResult]) -> dict[str, float]:
         # the same without the serving processes' idle CPU over the window
         "server_net_ms": statistics.median((r.server_cpu - r.server_idle) / max(r.requests, 1)
                                            * 1000 for r in results),
+        # the busiest serving worker's share of the requests (0.5 = even over 2 workers)
+        "busiest": statistics.median(r.busiest for r in results),
     }
 
 
@@ -672,7 +688,10 @@ def measure_model(stack: Stack, args, kind: str, workers: int) -> dict:
         res = {b: [] for b in stacks}
         for rep in range(args.reps):
             for b, st in _turn(stacks, rep):
-                res[b] += measured_load(st, bodies, args.clients, args.seconds, 1, idle[b])
+                (r,) = measured_load(st, bodies, args.clients, args.seconds, 1, idle[b])
+                res[b].append(r)
+                print(f"  window {rep + 1} {b}: {r.rps:.1f} req/s p99 {r.pct(99):.0f} ms, "
+                      f"busiest worker {r.busiest:.0%} of requests", flush=True)
         for b in stacks:
             out["by"][b]["load"] = median_result(res[b])
     finally:
@@ -687,8 +706,8 @@ def measure_model(stack: Stack, args, kind: str, workers: int) -> dict:
         print(f"{kind} serving {b} {args.clients} clients x {args.load_candidates} candidates: "
               f"{m['rps']:.1f} req/s p50 {m['p50']:.1f} ms p99 {m['p99']:.1f} ms errors "
               f"{m['errors']} server CPU {m['server_ms']:.2f} ms/req (net of idle "
-              f"{m['server_net_ms']:.2f}) client {m['client_ms']:.2f} | "
-              f"ceiling {out['ceiling']:.1f} batches/s ({workers} processes) | "
+              f"{m['server_net_ms']:.2f}) client {m['client_ms']:.2f} busiest worker "
+              f"{m['busiest']:.0%} | ceiling {out['ceiling']:.1f} batches/s ({workers} processes) | "
               f"{m['rps'] / out['ceiling'] if out['ceiling'] else float('nan'):.0%} | load {os.getloadavg()[0]:.1f}", flush=True)
     return out
 
@@ -763,9 +782,9 @@ def main() -> None:
     print()
     print(f"| model | serving (code, batch rows) | {args.clients} clients x {args.load_candidates} candidates req/s "
           f"| p50 ms | p99 ms | errors | server CPU ms/req | server CPU net of idle | client CPU "
-          f"ms/req | bare-forward ceiling ({args.workers} processes) batches/s | ratio | "
-          f"met (>= 70 %) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          f"ms/req | busiest worker's share | bare-forward ceiling ({args.workers} processes) "
+          f"batches/s | ratio | met (>= 70 %) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         for b, by in r["by"].items():
             m = by["load"]
@@ -773,7 +792,7 @@ def main() -> None:
             ratio = m["rps"] / r["ceiling"] if r["ceiling"] else float("nan")
             print(f"| {r['kind']} | {b} | {m['rps']:.1f} | {m['p50']:.1f} | {m['p99']:.1f} | "
                   f"{m['errors']} | {m['server_ms']:.2f} | {m['server_net_ms']:.2f} | "
-                  f"{m['client_ms']:.2f} | "
+                  f"{m['client_ms']:.2f} | {m['busiest']:.0%} | "
                   f"{r['ceiling']:.1f} | {ratio:.0%} | {'yes' if ratio >= 0.7 else 'no'} |")
 
 

@@ -25,8 +25,8 @@ from features.hashing import canonical
 from features.read_cache import ReadCache
 from features.shard_cache import ShardCache
 
-__all__ = ["APPLY", "PUT", "READ", "READ_OWN", "READ_SHARD", "SCRIPTS", "BatchResult", "Command",
-           "Plan", "StoreCore", "decode_hash", "latest_user_attrs"]
+__all__ = ["APPLY", "PUT", "READ", "READ_OWN", "READ_SHARD", "SCRIPTS", "SCRIPT_KEYS",
+           "BatchResult", "Command", "Plan", "StoreCore", "decode_hash", "latest_user_attrs"]
 
 Command = tuple[Any, ...]
 Plan = Generator[list[Command], list[Any], Any]
@@ -41,6 +41,16 @@ APPLY, READ, PUT = script("apply.lua"), script("read.lua"), script("put_attrs.lu
 READ_OWN, READ_SHARD = script("read_own.lua"), script("read_shard.lua")
 HGETALL_MANY = script("hgetall_many.lua")
 SCRIPTS = (APPLY, READ, PUT, READ_OWN, READ_SHARD, HGETALL_MANY)
+
+#: Keys per call of a read script (read.lua, hgetall_many.lua); a longer read is several
+#: calls, pipelined, whose replies join into the one call's. Redis before 7.2 (Debian 12
+#: ships 7.0) remembers, for a connection with CLIENT TRACKING on (serving's), *every*
+#: key a script declares again for each read command the script runs: a read of n keys
+#: costs n^2 (redis/redis#11770 moved it to the command's own keys). Measured on 7.0.15:
+#: 3,520 item keys in one call 753 ms of Redis's core, in calls of 32 keys 15 ms; without
+#: tracking (what 7.2 does) 9.1 against 10.0 ms (docs/decisions.md, "Read scripts of at
+#: most 32 keys").
+SCRIPT_KEYS = 32
 
 
 @dataclass
@@ -224,14 +234,16 @@ class StoreCore:
         return ("EVALSHA", script[1], len(keys), *keys, *args)
 
     def read_cmds(self, entities: Sequence[str], fields: list[str]) -> list[Command]:
-        """The read of ``entities`` in every shard: one script call for all shards on one
-        server, one per shard on a cluster (a script's keys must share a slot there).
-        :meth:`shard_states` splits the replies per shard either way."""
+        """The read of ``entities`` in every shard: script calls of at most
+        :data:`SCRIPT_KEYS` keys over all shards on one server, one call per shard on a
+        cluster (a script's keys must share a slot there). :meth:`shard_states` splits
+        the replies per shard either way."""
         if not entities:
             return []
         if not self.cluster:
             keys = [self.shard_key(p, e) for p in range(self.partitions) for e in entities]
-            return [self.evalsha(READ, keys, fields)]
+            return [self.evalsha(READ, keys[i:i + SCRIPT_KEYS], fields)
+                    for i in range(0, len(keys), SCRIPT_KEYS)]
         return [
             self.evalsha(READ, [self.shard_key(p, e) for e in entities], fields)
             for p in range(self.partitions)
@@ -239,9 +251,10 @@ class StoreCore:
 
     def shard_states(self, blobs: Sequence[bytes], width: int) -> list[np.ndarray]:
         """The replies of :meth:`read_cmds` as one ``[entities, width + 1]`` array per shard."""
-        if len(blobs) == 1 and self.partitions > 1:
-            return list(self.states(blobs[0], width).reshape(self.partitions, -1, width + 1))
-        return [self.states(b, width) for b in blobs]
+        if self.cluster or not blobs:
+            return [self.states(b, width) for b in blobs]
+        blob = blobs[0] if len(blobs) == 1 else b"".join(blobs)
+        return list(self.states(blob, width).reshape(self.partitions, -1, width + 1))
 
     def states(self, blob: bytes, width: int) -> np.ndarray:
         return np.frombuffer(blob, dtype="<f8").reshape(-1, width + 1)
@@ -304,20 +317,22 @@ class StoreCore:
         return math.floor((now + ttl) / step) * step
 
     def items_cmds(self, miss: list[str]) -> list[Command]:
-        """Each item's attributes and codes: one script call on one server (per command
-        a client packs and parses costs more than the HGETALL), HGETALLs on a cluster
-        (the keys lie in many slots)."""
+        """Each item's attributes and codes: script calls of at most :data:`SCRIPT_KEYS`
+        keys on one server (per command a client packs and parses costs more than the
+        HGETALL), HGETALLs on a cluster (the keys lie in many slots)."""
         keys: list[str] = []
         for i in miss:
             keys += [self.attrs_key("item", i), self.codes_key(i)]
         if self.cluster or not keys:
             return [("HGETALL", k) for k in keys]
-        return [self.evalsha(HGETALL_MANY, keys, [])]
+        return [self.evalsha(HGETALL_MANY, keys[i:i + SCRIPT_KEYS], [])
+                for i in range(0, len(keys), SCRIPT_KEYS)]
 
     def items_take(self, miss: list[str], res: list[Any], now: float) -> None:
-        """Cache the replies of :meth:`items_cmds` (one, or two per item)."""
-        if miss and len(res) == 1:  # the script's flat lists
-            res = [dict(zip(r[0::2], r[1::2], strict=True)) for r in res[0]]
+        """Cache the replies of :meth:`items_cmds` (two per item: its HGETALLs, or the
+        scripts' flat lists)."""
+        if miss and not self.cluster:  # the scripts' flat lists, call after call
+            res = [dict(zip(r[0::2], r[1::2], strict=True)) for part in res for r in part]
         if len(self._items) > 200_000 or len(self._absent) > 200_000:
             self._items.clear()
             self._absent.clear()

@@ -16,6 +16,7 @@ from features.counters import (
     resolve_refs,
 )
 from features.store import OnlineStore
+from features.store_core import READ, SCRIPT_KEYS
 from tests.features.counter_cfg import CFG
 
 
@@ -243,7 +244,9 @@ def test_get_online_features_is_one_round_trip_and_decays_to_now(make_store, red
     got = store.get_online_features(rows, now=3600.0)
     assert store.round_trips - before == 1
     stats = client.info("commandstats")
-    assert stats["cmdstat_evalsha"]["calls"] == 1  # one read script for every partition shard
+    # the read script for every partition shard, in calls of at most SCRIPT_KEYS keys:
+    # 4 shards x 103 entities (100 items, the user, the genre, the user x genre) = 412 keys
+    assert stats["cmdstat_evalsha"]["calls"] == -(-4 * 103 // SCRIPT_KEYS)
     assert got["user_impressions_total"][0] == 2.0
     assert got["user_impressions_1h"][0] == pytest.approx(1.0)  # 2 impressions, one half-life
     assert got["user_clicks_1d"][0] == pytest.approx(2 ** (-1 / 24))
@@ -482,3 +485,37 @@ def test_item_answers_expire_together_and_are_reread_in_one_call_never_later(mak
     assert trips(known[:2]) == 2  # known[2:4] re-read with them, the rest not
     assert trips(known[2:4]) == 1
     assert trips(known[4:6]) == 2  # not re-read with the first two: unwanted for 16 s
+
+
+def test_long_reads_go_in_short_script_calls_that_join_into_one_calls_answer(make_store):
+    """Read scripts carry at most SCRIPT_KEYS keys (Redis < 7.2 with CLIENT TRACKING pays
+    n^2 for a script of n keys); the joined answers are exactly one long call's."""
+    store = make_store(partitions=4, counters=CFG)
+    items = list(range(150))
+    store.put_item_attributes({i: {"genres": ["Drama" if i % 2 else "Comedy"]} for i in items},
+                              ts=0)
+    store.set_item_codes(7, {"rq": [1, 2]}, version="cb-1")
+    store.apply_batch("clicks", 2, {"ts": [float(t) for t in range(60)],
+                                    "user_id": [t % 5 for t in range(60)],
+                                    "item_id": [t * 2 for t in range(60)],
+                                    "label": [t % 2 for t in range(60)],
+                                    "offset": list(range(60))})
+    entities = [f"item:{i}" for i in items] + [f"user:{u}" for u in range(5)]
+    fields = store.counters.state_fields
+    cmds = store.read_cmds(entities, fields)
+    assert [c[2] for c in cmds[:-1]] == [SCRIPT_KEYS] * (len(cmds) - 1)
+    assert len(cmds) == -(-4 * len(entities) // SCRIPT_KEYS)
+    chunked = store.shard_states(store._execute(cmds), store.counters.width)
+
+    keys = [store.shard_key(p, e) for p in range(4) for e in entities]
+    (one,) = store._execute([store.evalsha(READ, keys, fields)])
+    whole = store.states(one, store.counters.width).reshape(4, len(entities), -1)
+    np.testing.assert_array_equal(np.stack(chunked), whole)  # NaN where never written
+    assert np.isfinite(whole).any()  # the clicks were read, not only absent keys
+
+    item_cmds = store.items_cmds([str(i) for i in items])
+    assert len(item_cmds) == -(-2 * len(items) // SCRIPT_KEYS)
+    store.items_take([str(i) for i in items], store._execute(item_cmds), now=0.0)
+    attrs, codes = store.items_out({"7", "8"})
+    assert attrs["7"] == {"genres": ["Drama"]} and attrs["8"] == {"genres": ["Comedy"]}
+    assert codes["7"] == {"rq": [1, 2]}
