@@ -110,6 +110,9 @@ class AppContext:
             "traced_forward": traced.stats(cur) if traced is not None else None,
             # requests per coalesced feature read and per forward pass since the start
             "batching": self.scorer.batching_stats(),
+            # feature reads tried again after a lost Redis connection (a restart), since
+            # the start: each within the request's own deadline
+            "redis_retries": self.scorer.redis_retries,
             # a --workers worker: connections accepted, left to a less loaded worker, and
             # accepted only when the wait for it ran out; every worker's open connections
             "accept": self.acceptor.stats() if self.acceptor is not None else None,

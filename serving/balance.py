@@ -115,8 +115,8 @@ class BalancedAcceptor:
     worker that holds fewer connections (see the module docstring).
 
     ``protocol_factory`` is what ``loop.create_server`` would take (an aiohttp
-    ``web.Server``); ``open_connections`` says how many connections this worker holds
-    now (accepted ones still attaching are counted here).
+    ``web.Server``); ``open_connections`` says how many connections that server holds
+    now (the acceptor adds the ones it accepted that are still attaching).
     """
 
     def __init__(

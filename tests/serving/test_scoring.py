@@ -365,6 +365,8 @@ async def test_scoring_answers_through_a_redis_restart(settings, publish, make_a
         assert resp.status == 200, await resp.text()
         assert (await resp.json())["scores"] == pytest.approx(before)
         assert ctx.scorer.redis_retries >= 1  # it did meet the outage
+        # and the serving heartbeat (`headwater status`, /v1/status) says so
+        assert ctx.status_fields()["redis_retries"] == ctx.scorer.redis_retries
     finally:
         server.stop()
 
