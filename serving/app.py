@@ -554,11 +554,11 @@ async def serve(
         await stop.wait()
     finally:
         await _drain(ctx, runner, site, settings.serve_drain_seconds)
-        if board is not None:
-            board[0].close()
         await ctx.watcher.stop()
         await beat
         await runner.cleanup()
+        if board is not None:  # after the last request that could show it (/v1/status)
+            board[0].close()
         if ctx.impressions is not None:
             await asyncio.to_thread(ctx.impressions.close)
         ctx.holder.close()

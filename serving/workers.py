@@ -5,7 +5,9 @@ starts N serving processes (``python -m headwater serve``) that inherit the list
 socket (``pass_fds``) and accept from the same kernel queue. A connection the kernel
 has accepted waits in that queue until some worker takes it, so a worker that stops
 never takes queued connections with it (unlike separate ``SO_REUSEPORT`` sockets, whose
-queues die with their owner).
+queues die with their owner). The workers spread connections evenly through a shared
+board of how many each holds (:mod:`serving.balance`), which the supervisor creates and
+hands down like the socket.
 
 Rolling restart (``SIGHUP`` to the supervisor, or :meth:`Supervisor.rolling_restart`):
 for each worker in turn, start its replacement, wait until the replacement says it is
@@ -16,8 +18,10 @@ others keep accepting throughout. A worker that dies is restarted.
 
 ``SIGTERM``/``SIGINT`` to the supervisor stops every worker the same graceful way.
 
-Lifetime: the supervisor holds no state beyond its children; each worker keeps its own
-model and caches (nothing survives a worker's restart but the model store and Redis).
+Lifetime: the supervisor holds no state beyond its children and the board (advisory
+counts the workers rewrite as they run; it dies with the supervisor); each worker keeps
+its own model and caches (nothing survives a worker's restart but the model store and
+Redis).
 """
 
 from __future__ import annotations
