@@ -47,35 +47,18 @@ WORKER = textwrap.dedent('''
 
 # as WORKER, but accepting like serving does (serving/balance.py), with a wait long
 # enough that the split comes from the board and never from who wakes first
-BALANCED_WORKER = textwrap.dedent('''
-    import asyncio, os, signal, socket
-    from aiohttp import web
-    from serving.app import _say_ready
-    from serving.balance import BalancedAcceptor, board_from_env
-
-    async def hello(request):
-        return web.Response(text=str(os.getpid()))
-
-    async def main():
-        app = web.Application()
-        app.router.add_get("/", hello)
-        runner = web.AppRunner(app, handle_signals=False)
-        await runner.setup()
-        sock = socket.socket(fileno=int(os.environ["HEADWATER_SERVE_LISTEN_FD"]))
-        board, slot = board_from_env()
-        server = runner.server
-        acceptor = BalancedAcceptor(sock, server, lambda: len(server.connections), board, slot,
-                                    max_defer=10.0)
-        acceptor.start()
-        _say_ready()
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        await acceptor.stop()
-        await runner.cleanup()
-
-    asyncio.run(main())
-''')
+BALANCED_WORKER = WORKER.replace(
+    "from serving.app import _say_ready\n",
+    "from serving.app import _say_ready\n"
+    "from serving.balance import BalancedAcceptor, board_from_env\n",
+).replace(
+    "await web.SockSite(runner, sock).start()\n",
+    "board, slot = board_from_env()\n"
+    "    acceptor = BalancedAcceptor(sock, runner.server, lambda: len(runner.server.connections),\n"
+    "                                board, slot, max_defer=10.0)\n"
+    "    acceptor.start()\n",
+).replace("await runner.cleanup()\n", "await acceptor.stop()\n    await runner.cleanup()\n")
+assert "BalancedAcceptor(" in BALANCED_WORKER and "acceptor.stop()" in BALANCED_WORKER
 
 
 def _holders(port: int, n: int) -> collections.Counter:
