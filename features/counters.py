@@ -479,35 +479,60 @@ def resolve_refs(
 MEMO_ITEMS = 200_000
 
 
-def _item_texts(f: str, items: list[str], item_attrs: Mapping[str, Mapping],
-                memo: dict[tuple[str, str], tuple[Any, list[str]]] | None) -> list[list[str]]:
-    """Texts of item-side key field ``f`` for each item, from ``memo`` while the item's
-    attributes are the same object."""
-    attr = _item_attr(f)
+def _item_side(f: str) -> bool:
+    """Whether key field ``f`` comes from the item (its id or attributes)."""
+    return f in ("item_id", "genre", "tag", "year") or f.startswith("item.")
+
+
+@functools.lru_cache(maxsize=64)
+def _item_layout(specs: tuple[CounterSpec, ...]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """``(item-only specs, item-side fields of the others)`` of a spec list: the specs
+    whose every key field comes from the item, and the item fields the mixed specs need."""
+    only = tuple(s for s, spec in enumerate(specs) if spec.key and all(map(_item_side, spec.key)))
+    fields = dict.fromkeys(f for s, spec in enumerate(specs) if s not in only
+                           for f in spec.key if _item_side(f))
+    return only, tuple(fields)
+
+
+def _item_plan(specs: tuple[CounterSpec, ...], only: tuple[int, ...], fields: tuple[str, ...],
+               item: str, attrs: Mapping[str, Any] | None) -> tuple[tuple[list[str], ...],
+                                                                   tuple[list[str], ...]]:
+    """One item's entity names for each item-only spec, and its texts of each field."""
+    texts: dict[str, list[str]] = {}
+    for f in itertools.chain(fields, (f for s in only for f in specs[s].key)):
+        if f not in texts:
+            texts[f] = ([item] if item else []) if f == "item_id" else _item_field_texts(_item_attr(f), attrs)
+    names = []
+    for s in only:
+        spec = specs[s]
+        prefix = f"{spec.name}:"
+        if len(spec.key) == 1:
+            names.append([prefix + t for t in texts[spec.key[0]]])
+        else:
+            names.append([prefix + "|".join(p) for p in itertools.product(*(texts[f] for f in spec.key))])
+    return tuple(names), tuple(texts[f] for f in fields)
+
+
+def _item_plans(specs: tuple[CounterSpec, ...], items: list[str],
+                item_attrs: Mapping[str, Mapping], memo: dict | None) -> list[tuple]:
+    """:func:`_item_plan` of each item, from ``memo`` while the item's attributes are the
+    same object (the names repeat across requests; a re-read item is recomputed)."""
+    only, fields = _item_layout(specs)
+    attrs_of = item_attrs.get
     if memo is None:
-        return [_item_field_texts(attr, item_attrs.get(it)) for it in items]
-    if len(memo) > MEMO_ITEMS:
-        memo.clear()
+        return [_item_plan(specs, only, fields, it, attrs_of(it)) for it in items]
+    part = memo.get(specs)
+    if part is None or len(part) > MEMO_ITEMS:
+        if len(memo) > 64:  # specs lists come from few configurations
+            memo.clear()
+        part = memo[specs] = {}
+    get = part.get
     out = []
     for it in items:
-        a = item_attrs.get(it)
-        got = memo.get((f, it))
+        a = attrs_of(it)
+        got = get(it)
         if got is None or got[0] is not a:
-            got = memo[(f, it)] = (a, _item_field_texts(attr, a))
-        out.append(got[1])
-    return out
-
-
-def _item_names(prefix: str, f: str, items: list[str], item_attrs: Mapping[str, Mapping],
-                texts: list[list[str]], memo: dict) -> list[list[str]]:
-    """Entity names ``prefix + text`` of each item's texts of field ``f``, from ``memo``
-    while the item's attributes are the same object (the names repeat across requests)."""
-    out = []
-    for it, t in zip(items, texts, strict=True):
-        a = item_attrs.get(it)
-        got = memo.get((prefix, f, it))
-        if got is None or got[0] is not a:
-            got = memo[(prefix, f, it)] = (a, [prefix + x for x in t])
+            got = part[it] = (a, _item_plan(specs, only, fields, it, a))
         out.append(got[1])
     return out
 
@@ -520,7 +545,7 @@ def _shared_texts(f: str, user_id: str, ts: float, context: Any, user: Any) -> l
     if f in ("hour", "weekday"):
         v = (math.floor(ts / 3600.0) % 24) if f == "hour" else ((math.floor(ts / 86400.0) + 3) % 7)
         return [_HOURS[int(v)]]
-    if f == "item_id" or f in ("genre", "tag", "year") or f.startswith("item."):
+    if _item_side(f):
         return None
     obj, name = f.split(".", 1)
     d = context if obj == "context" else user if obj == "user" else None
@@ -539,7 +564,7 @@ def _shared_event(cols: Mapping[str, Any]) -> tuple[str, float, Any, Any] | None
     for obj in ("context", "user"):
         col = cols.get(obj)
         first = col[0] if col is not None else None
-        if col is not None and any(d is not first and d != first for d in col):
+        if col is not None and col.count(first) != len(col):  # each `is` or `==` the first
             return None
         shared.append(first)
     return users[0], float(ts[0]), shared[0], shared[1]
@@ -553,7 +578,7 @@ def resolve_request_refs(
     config: CounterConfig,
     cols: Mapping[str, Any],
     item_attrs: Mapping[str, Mapping] | None = None,
-    memo: dict[tuple[str, str], tuple[Any, list[str]]] | None = None,
+    memo: dict[tuple[CounterSpec, ...], dict[str, tuple[Any, tuple]]] | None = None,
 ) -> Refs:
     """:func:`resolve_refs` for the events of one scoring request: one user, one context and
     one time, many items. The same :class:`Refs` (same entities in the same order, same
@@ -562,9 +587,11 @@ def resolve_request_refs(
     where the general path pays ~10 numpy calls per key field whatever the batch size.
     Events that do not share user, context and time take :func:`resolve_refs`.
 
-    ``memo`` (the caller's, e.g. the online store's) keeps each item's attribute texts
-    per key field while ``item_attrs`` hands out the same attributes object for it; a
-    new object (a re-read) recomputes them. It is emptied past ``MEMO_ITEMS`` entries.
+    ``memo`` (the caller's, e.g. the online store's) keeps, per list of specs, each item's
+    entity names of the item-only specs (``item``, ``genre``) and its texts of the item
+    fields the other specs need, while ``item_attrs`` hands out the same attributes
+    object for it; a new object (a re-read) recomputes them. A list's part is emptied
+    past ``MEMO_ITEMS`` items.
 
     >>> cfg = CounterConfig(specs=(CounterSpec("user", key=("user_id",)),
     ...                            CounterSpec("user_genre", key=("user_id", "genre"))))
@@ -586,16 +613,24 @@ def resolve_request_refs(
     distinct = list(first)
     codes = [*map({it: u for u, it in enumerate(distinct)}.__getitem__, cols["item_id"].tolist())]
     n, m = len(codes), len(distinct)
-    item_texts: dict[str, list[list[str]]] = {}  # item-side field -> texts per distinct item
+    specs = config.specs
+    only, fields = _item_layout(specs)
+    plans = _item_plans(specs, distinct, item_attrs, memo)
+    item_texts = {f: [p[1][k] for p in plans] for k, f in enumerate(fields)}  # per distinct item
     const: dict[str, list[str] | None] = {}
-    index: dict[str, int] = {}
-    add = index.setdefault
-    # per spec with references: its number per distinct item, and their entities in item
-    # order (interleaved item by item at the end)
+    # per spec with references: its number per distinct item, and its entity names item by
+    # item (one name for a spec every event shares)
     spec_ids: list[int] = []
-    spec_counts: list[list[int]] = []
-    spec_flat: list[list[int]] = []
-    for s, spec in enumerate(config.specs):
+    spec_counts: list[list[int] | None] = []  # None: one shared entity per item
+    spec_names: list[list[str]] = []
+    for s, spec in enumerate(specs):
+        if s in only:  # every key field from the item: the item's own names
+            j = only.index(s)
+            names_of = [p[0][j] for p in plans]
+            spec_ids.append(s)
+            spec_counts.append([*map(len, names_of)])
+            spec_names.append([*itertools.chain.from_iterable(names_of)])
+            continue
         fixed = []
         for f in spec.key:
             if f not in const:
@@ -604,36 +639,35 @@ def resolve_request_refs(
         if any(c == [] for c in fixed):  # a shared key field is missing: no reference
             continue
         side = [f for f, c in zip(spec.key, fixed, strict=True) if c is None]
-        for f in side:
-            if f not in item_texts:
-                if f == "item_id":
-                    item_texts[f] = [[it] if it else [] for it in distinct]
-                else:
-                    item_texts[f] = _item_texts(f, distinct, item_attrs, memo)
         prefix = f"{spec.name}:" if spec.key else spec.name
         spec_ids.append(s)
         if not side:  # one entity for every event
-            k = add(prefix + "|".join(c[0] for c in fixed), len(index))
-            spec_counts.append([1] * m)
-            spec_flat.append([k] * m)
+            spec_counts.append(None)
+            spec_names.append([prefix + "|".join(c[0] for c in fixed)])
             continue
         if len(side) == 1:
             j = next(i for i, c in enumerate(fixed) if c is None)
             pre = prefix + "".join(c[0] + "|" for c in fixed[:j])
             post = "".join("|" + c[0] for c in fixed[j + 1:])
-            if memo is not None and len(fixed) == 1:  # an item-side counter (item, genre)
-                names_of = _item_names(pre, side[0], distinct, item_attrs, item_texts[side[0]], memo)
-            else:
-                names_of = [[pre + t + post for t in texts] for texts in item_texts[side[0]]]
-        else:
-            cols_of = [item_texts[f] if c is None else None for f, c in zip(spec.key, fixed, strict=True)]
-            names_of = [
-                [prefix + "|".join(p) for p in itertools.product(
-                    *(c if c is not None else t[u] for c, t in zip(fixed, cols_of, strict=True)))]
-                for u in range(m)
-            ]
-        spec_counts.append([len(names) for names in names_of])
-        spec_flat.append([add(name, len(index)) for names in names_of for name in names])
+            texts_of = item_texts[side[0]]
+            spec_counts.append([*map(len, texts_of)])
+            spec_names.append([pre + t + post for t in itertools.chain.from_iterable(texts_of)])
+            continue
+        cols_of = [item_texts[f] if c is None else None for f, c in zip(spec.key, fixed, strict=True)]
+        names_of = [
+            [prefix + "|".join(p) for p in itertools.product(
+                *(c if c is not None else t[u] for c, t in zip(fixed, cols_of, strict=True)))]
+            for u in range(m)
+        ]
+        spec_counts.append([*map(len, names_of)])
+        spec_names.append([*itertools.chain.from_iterable(names_of)])
+    # entities in order of first reference, spec by spec and item by item (the general
+    # path's order), then each reference's entity number
+    index = {e: k for k, e in enumerate(dict.fromkeys(itertools.chain.from_iterable(spec_names)))}
+    at = index.__getitem__
+    spec_flat = [[at(names[0])] * m if counts is None else [*map(at, names)]
+                 for counts, names in zip(spec_counts, spec_names, strict=True)]
+    spec_counts = [[1] * m if c is None else c for c in spec_counts]
     if n == 1:  # one event: its references spec by spec, nothing to interleave
         ent = [k for flat in spec_flat for k in flat]
         spc = [s for s, flat in zip(spec_ids, spec_flat, strict=True) for _ in flat]
@@ -665,20 +699,14 @@ def _item_major(spec_ids: list[int], spec_counts: list[list[int]], spec_flat: li
     ([5, 6, 7, 9], [0, 0, 0, 2], [1, 3])
     """
     counts = np.array(spec_counts, dtype=np.int64).reshape(len(spec_ids), m)  # [specs, items]
-    per_item = counts.sum(axis=0)
-    # where spec k's first entity of item u goes: item u's start, plus the earlier specs'
-    base = (np.cumsum(per_item) - per_item) + (np.cumsum(counts, axis=0) - counts)
-    total = int(per_item.sum())
-    entity, spec = np.empty(total, np.int32), np.empty(total, np.int32)
-    for k, flat in enumerate(spec_flat):
-        if not flat:
-            continue
-        c = counts[k]
-        first = np.cumsum(c) - c  # spec k's entries of item u start there in ``flat``
-        dest = np.repeat(base[k] - first, c) + np.arange(len(flat))
-        entity[dest] = flat
-        spec[dest] = spec_ids[k]
-    return entity, spec, per_item
+    flat = counts.ravel()
+    # each reference's item, in ``spec_flat``'s order (spec by spec, item by item); a stable
+    # sort on it lists the references item by item, spec by spec within an item
+    item = np.repeat(np.tile(np.arange(m), len(spec_ids)), flat)
+    order = np.argsort(item, kind="stable")
+    entity = np.fromiter(itertools.chain.from_iterable(spec_flat), np.int32, int(flat.sum()))
+    spec = np.repeat(np.repeat(np.asarray(spec_ids, np.int32), m), flat)
+    return entity[order], spec[order], counts.sum(axis=0)
 
 
 _LONGEST = float(np.finfo(np.float64).max)

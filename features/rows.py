@@ -236,7 +236,7 @@ class RowBuilder:
         cat = np.empty((n, len(self._positions)), np.int64)
         shared_pos, shared_row = self._shared_row(user_id, user_attrs, context, ts)
         cat[:, shared_pos] = shared_row
-        items = [canonical(i) for i in candidate_item_ids]
+        items = [i if type(i) is str else canonical(i) for i in candidate_item_ids]
         row_attrs = list(features.get("item_attrs") or [None] * n)
         row_codes = list(features.get("codes") or [None] * n)
         cat[:, self._block_positions] = self.item_blocks(items, row_attrs, row_codes)

@@ -150,9 +150,10 @@ class StoreCore:
         self.clock = clock
         self.round_trips = 0
         self.commands = 0
-        #: item attribute texts of key fields for scoring reads (``resolve_request_refs``),
-        #: kept while the item cache hands out the same attributes; this process only
-        self.refs_memo: dict[tuple[str, str], tuple[Any, list[str]]] = {}
+        #: each item's entity names and key texts for scoring reads
+        #: (``resolve_request_refs``), kept while the item cache hands out the same
+        #: attributes; this process only
+        self.refs_memo: dict[tuple, dict[str, tuple[Any, tuple]]] = {}
         self.miss_cache_seconds = miss_cache_seconds
         #: the client is a Redis Cluster's (set by the store): multi-key scripts only per slot
         self.cluster = False
@@ -358,9 +359,15 @@ class StoreCore:
             self.items_found += 0.3 * (found / len(miss) - self.items_found)
 
     def items_out(self, want: set[str]) -> tuple[dict[str, dict], dict[str, dict]]:
-        items = self._items
-        attrs_out = {i: items[i][1] for i in want if i in items}
-        codes_out = {i: items[i][2] for i in want if i in items and items[i][2]}
+        attrs_out: dict[str, dict] = {}
+        codes_out: dict[str, dict] = {}
+        get = self._items.get
+        for i in want:  # one look-up per item
+            got = get(i)
+            if got is not None:
+                attrs_out[i] = got[1]
+                if got[2]:
+                    codes_out[i] = got[2]
         return attrs_out, codes_out
 
     def user_attr_cmds(self, cols: Mapping[str, Any]) -> list[Command]:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import redis.exceptions
 
+from features.hashing import canonical
 from serving.ranker import Ranker
 
 __all__ = ["ForwardBatcher", "ReadCoalescer", "RequestError", "ScoreRequest", "Scored", "Scorer",
@@ -55,6 +56,15 @@ class ScoreRequest:
     candidates: list[str | int]
     context: dict[str, Any] | None = None
     user: dict[str, Any] | None = None
+
+
+def _texts(ids: list[str | int]) -> list[str]:
+    """Checked ids (strings, integers) as their canonical texts (:func:`features.hashing.canonical`).
+
+    >>> _texts(["a", 7, -2])
+    ['a', '7', '-2']
+    """
+    return [i if type(i) is str else str(i) for i in ids]
 
 
 def _reject_constant(name: str) -> float:
@@ -181,7 +191,10 @@ def _parse_one(doc: dict[str, Any], max_candidates: int) -> ScoreRequest:
             "candidates",
             status=413,
         )
-    candidates = [_check_id(c, f"candidates[{i}]") for i, c in enumerate(cands)]
+    if all(type(c) is str and 0 < len(c) <= MAX_ID_CHARS for c in cands):
+        candidates = cands  # the common case, checked in one pass
+    else:  # the first bad one named
+        candidates = [_check_id(c, f"candidates[{i}]") for i, c in enumerate(cands)]
     context = _check_object(doc.get("context"), "context")
     user = _check_object(doc.get("user"), "user")
     return ScoreRequest(user_id, candidates, context, user)
@@ -248,8 +261,9 @@ class Scorer:
         read coalesced with others of the same loop turn (:class:`ReadCoalescer`), the
         latest ``now`` among them. Through a Redis restart it retries with backoff for at
         most ``redis_retry_seconds`` (then the error is the request's answer)."""
-        n = len(req.candidates)  # as columns: no dict per candidate
-        rows = {"user_id": [req.user_id] * n, "item_id": req.candidates,
+        n = len(req.candidates)  # as columns of canonical ids: no dict per candidate
+        rows = {"user_id": np.full(n, canonical(req.user_id), dtype=object),
+                "item_id": np.array(_texts(req.candidates), dtype=object),
                 "context": [req.context] * n}
         deadline = time.monotonic() + self.redis_retry_seconds
         delay = 0.05
@@ -281,7 +295,7 @@ class Scorer:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Tokens ``[n, F]`` int64 and dense ``[n, D]`` float32, in schema order."""
         return self.builder.score_matrices(
-            req.user_id, req.user, req.context, req.candidates, feats, now=now
+            req.user_id, req.user, req.context, _texts(req.candidates), feats, now=now
         )
 
     def _encode_and_predict(
@@ -399,17 +413,19 @@ class ReadCoalescer:
         if chunk:
             self._start(chunk)
 
-    def _start(self, chunk: list[tuple[Mapping[str, list], float, asyncio.Future]]) -> None:
+    def _start(self, chunk: list[tuple[Mapping[str, Any], float, asyncio.Future]]) -> None:
         task = asyncio.ensure_future(self._run(chunk))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _run(self, chunk: list[tuple[Mapping[str, list], float, asyncio.Future]]) -> None:
+    async def _run(self, chunk: list[tuple[Mapping[str, Any], float, asyncio.Future]]) -> None:
         now = max(item[1] for item in chunk)
         if len(chunk) == 1:
             rows = chunk[0][0]
         else:
-            rows = {k: [v for item in chunk for v in item[0][k]] for k in chunk[0][0]}
+            rows = {k: np.concatenate([item[0][k] for item in chunk])
+                    if isinstance(col, np.ndarray) else [v for item in chunk for v in item[0][k]]
+                    for k, col in chunk[0][0].items()}
         try:
             feats = await self.store.get_online_features(rows, now=now)
         except BaseException as exc:  # every joined request answers with the error
