@@ -103,7 +103,7 @@ class CounterSpec:
 
     @property
     def needs_item_attrs(self) -> bool:
-        return any(f in ("genre", "tag", "year") or f.startswith("item.") for f in self.key)
+        return any(map(_item_attr_field, self.key))
 
 
 DEFAULT_COUNTERS: tuple[CounterSpec, ...] = (
@@ -296,6 +296,16 @@ def _present(codes: np.ndarray, texts: list[str]) -> _FieldValues:
     return _FieldValues(ok.astype(np.int64), codes[ok], texts)
 
 
+def _item_attr_field(f: str) -> bool:
+    """Whether key field ``f`` is read from the item's attributes (``genre``, ``item.studio``)."""
+    return f in ("genre", "tag", "year") or f.startswith("item.")
+
+
+def _item_side(f: str) -> bool:
+    """Whether key field ``f`` comes from the item (its id or attributes)."""
+    return f == "item_id" or _item_attr_field(f)
+
+
 def _item_attr(f: str) -> str:
     """The item attribute a key field reads: ``genre`` → ``genres``, ``item.studio`` → ``studio``."""
     return {"genre": "genres", "tag": "tags", "year": "year"}.get(f, f[len("item."):])
@@ -340,9 +350,7 @@ def _field_values(
     """``ids`` caches the factorised ``user_id``/``item_id`` columns across fields."""
     n = len(cols["ts"])
     for name in ("user_id", "item_id"):
-        if f == name or (name == "item_id" and f in ("genre", "tag", "year")) or (
-            name == "item_id" and f.startswith("item.")
-        ):
+        if f == name or (name == "item_id" and _item_attr_field(f)):
             if name not in ids:
                 ids[name] = factorize(cols[name])
     if f in ("user_id", "item_id"):
@@ -352,7 +360,7 @@ def _field_values(
         # 1970-01-01 was a Thursday: weekday 0 = Monday as in datetime.weekday().
         vals = (np.floor(cols["ts"] / 3600.0) % 24) if f == "hour" else ((days + 3) % 7)
         return _FieldValues(np.ones(n, np.int64), vals.astype(np.int64), _HOURS)
-    if f in ("genre", "tag", "year") or f.startswith("item."):
+    if _item_attr_field(f):
         return _item_values(_item_attr(f), ids["item_id"], item_attrs)
     obj, name = f.split(".", 1)
     dicts = cols.get(obj) or [None] * n
@@ -477,11 +485,6 @@ def resolve_refs(
 
 #: entries kept by :func:`resolve_request_refs`'s ``memo`` before it is emptied
 MEMO_ITEMS = 200_000
-
-
-def _item_side(f: str) -> bool:
-    """Whether key field ``f`` comes from the item (its id or attributes)."""
-    return f in ("item_id", "genre", "tag", "year") or f.startswith("item.")
 
 
 @functools.lru_cache(maxsize=64)

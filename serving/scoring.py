@@ -59,12 +59,13 @@ class ScoreRequest:
 
 
 def _texts(ids: list[str | int]) -> list[str]:
-    """Checked ids (strings, integers) as their canonical texts (:func:`features.hashing.canonical`).
+    """Checked ids (strings, integers) as their canonical texts: a string is its own,
+    anything else goes through :func:`features.hashing.canonical`.
 
     >>> _texts(["a", 7, -2])
     ['a', '7', '-2']
     """
-    return [i if type(i) is str else str(i) for i in ids]
+    return [i if type(i) is str else canonical(i) for i in ids]
 
 
 def _reject_constant(name: str) -> float:
@@ -295,7 +296,7 @@ class Scorer:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Tokens ``[n, F]`` int64 and dense ``[n, D]`` float32, in schema order."""
         return self.builder.score_matrices(
-            req.user_id, req.user, req.context, _texts(req.candidates), feats, now=now
+            req.user_id, req.user, req.context, req.candidates, feats, now=now
         )
 
     def _encode_and_predict(
