@@ -48,6 +48,7 @@ __all__ = [
     "CounterSpec",
     "DerivedFeatures",
     "Refs",
+    "RequestSlots",
     "aggregate",
     "as_columns",
     "decay_shards",
@@ -710,6 +711,129 @@ def _item_major(spec_ids: list[int], spec_counts: list[list[int]], spec_flat: li
     entity = np.fromiter(itertools.chain.from_iterable(spec_flat), np.int32, int(flat.sum()))
     spec = np.repeat(np.repeat(np.asarray(spec_ids, np.int32), m), flat)
     return entity[order], spec[order], counts.sum(axis=0)
+
+
+class RequestSlots:
+    """:func:`resolve_request_refs` with numbered entities, for a read cache that keeps
+    states by number (:class:`features.read_cache.ReadCache`): one request's references
+    as ``Refs`` whose ``entity`` are the entities' slots (``entities`` is empty).
+
+    Each item keeps a template: its references spec by spec, an item-only spec's
+    entities (``item:9``, ``genre:Comedy``) as slots, and for the specs that need the
+    user, the context or the time, a placeholder per combination of the item's own key
+    texts (``user_genre`` and ``Comedy``). A request puts its candidates' templates side by
+    side and turns each distinct placeholder into a slot once (``user_genre:7|Comedy``).
+    The references are those of :func:`resolve_refs` in the same order (each
+    event's, spec by spec, each spec's in key order), so sums over them are the same.
+
+    A template is kept while the item's attributes are the same object and the slots'
+    ``generation`` has not changed. Events that do not share user, context and time get
+    ``None``.
+
+    >>> cfg = CounterConfig(specs=(CounterSpec("user", key=("user_id",)),
+    ...                            CounterSpec("genre", key=("genre",)),
+    ...                            CounterSpec("user_genre", key=("user_id", "genre"))))
+    >>> names = {}
+    >>> slot = lambda e: names.setdefault(e, len(names))
+    >>> cols = as_columns({"ts": [0.0, 0.0], "user_id": [7, 7], "item_id": [9, 8]})
+    >>> r = RequestSlots(cfg).refs(cols, {"9": {"genres": ["Comedy", "Drama"]}}, slot, 0)
+    >>> by_slot = list(names)
+    >>> [(int(e), by_slot[k]) for e, k in zip(r.event, r.entity)]  # doctest: +NORMALIZE_WHITESPACE
+    [(0, 'user:7'), (0, 'genre:Comedy'), (0, 'genre:Drama'), (0, 'user_genre:7|Comedy'),
+     (0, 'user_genre:7|Drama'), (1, 'user:7')]
+    """
+
+    def __init__(self, config: CounterConfig) -> None:
+        self.config = config
+        self._items: dict[str, tuple[Any, int, np.ndarray, np.ndarray]] = {}
+        self._holders: dict[tuple[int, tuple[str, ...]], int] = {}  # placeholder -> number
+        self._holder_keys: list[tuple[int, tuple[str, ...]]] = []
+
+    def refs(self, cols: Mapping[str, Any], item_attrs: Mapping[str, Mapping] | None,
+             slot: Any, generation: int) -> Refs | None:
+        """References of the events ``cols`` with entity slots ``slot(name)``, ``None``
+        unless they share user, context and time."""
+        shared = _shared_event(cols)
+        if shared is None:
+            return None
+        attrs_of = (item_attrs or {}).get
+        items = self._items
+        if len(items) > MEMO_ITEMS:
+            items.clear()
+        tpls = []
+        for it in cols["item_id"].tolist():
+            a = attrs_of(it)
+            got = items.get(it)
+            if got is None or got[0] is not a or got[1] != generation:
+                got = items[it] = (a, generation, *self._template(it, a, slot))
+            tpls.append(got)
+        n = len(tpls)
+        if n == 1:
+            spec, code = tpls[0][2], tpls[0][3].copy()
+            event = np.zeros(len(code), np.int64)
+        else:
+            spec = np.concatenate([t[2] for t in tpls])
+            code = np.concatenate([t[3] for t in tpls])
+            event = np.repeat(np.arange(n, dtype=np.int64), [len(t[3]) for t in tpls])
+        held = code < 0
+        if held.any():  # placeholders: each distinct one made an entity once
+            ids, inverse = np.unique(-1 - code[held], return_inverse=True)
+            texts: dict[str, list[str] | None] = {}
+            lut = np.array([self._entity(p, shared, texts, slot) for p in ids.tolist()],
+                           np.int64)
+            code[held] = lut[inverse.reshape(-1)]
+            if (lut < 0).any():  # a shared key field is missing: no reference
+                keep = code >= 0
+                event, spec, code = event[keep], spec[keep], code[keep]
+        return Refs(entities=[], event=event, spec=spec, entity=code, n_events=n,
+                    n_specs=len(self.config.specs))
+
+    def _holder(self, s: int, combo: tuple[str, ...]) -> int:
+        got = self._holders.get((s, combo))
+        if got is None:
+            got = self._holders[s, combo] = len(self._holder_keys)
+            self._holder_keys.append((s, combo))
+        return -1 - got
+
+    def _template(self, item: str, attrs: Mapping[str, Any] | None,
+                  slot: Any) -> tuple[np.ndarray, np.ndarray]:
+        """One item's references spec by spec: ``(spec int32, code int64)``, a code a slot
+        (>= 0) or a placeholder (< 0)."""
+        texts: dict[str, list[str]] = {}
+        specs, codes = [], []
+        for s, spec in enumerate(self.config.specs):
+            side = [f for f in spec.key if _item_side(f)]
+            for f in side:
+                if f not in texts:
+                    texts[f] = (([item] if item else []) if f == "item_id"
+                                else _item_field_texts(_item_attr(f), attrs))
+            combos = list(itertools.product(*(texts[f] for f in side)))
+            if side and len(side) == len(spec.key):  # item-only: the entities themselves
+                got = [slot(f"{spec.name}:" + "|".join(c)) for c in combos]
+            else:
+                got = [self._holder(s, c) for c in combos]
+            specs += [s] * len(got)
+            codes += got
+        return np.array(specs, np.int32), np.array(codes, np.int64)
+
+    def _entity(self, p: int, shared: tuple[str, float, Any, Any],
+                texts: dict[str, list[str] | None], slot: Any) -> int:
+        """Placeholder ``p``'s slot for this request's user, context and time (-1: a
+        shared key field is missing)."""
+        s, combo = self._holder_keys[p]
+        spec = self.config.specs[s]
+        parts, side = [], iter(combo)
+        for f in spec.key:
+            if _item_side(f):
+                parts.append(next(side))
+                continue
+            if f not in texts:
+                texts[f] = _shared_texts(f, *shared)
+            got = texts[f]
+            if not got:
+                return -1
+            parts.append(got[0])
+        return slot(f"{spec.name}:" + "|".join(parts) if spec.key else spec.name)
 
 
 _LONGEST = float(np.finfo(np.float64).max)

@@ -36,16 +36,33 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from features.counters import CounterConfig, decay_shards, decay_state
 
-__all__ = ["ReadCache", "Token"]
+__all__ = ["Lookup", "ReadCache", "Token"]
 
 #: a tracked read: (the invalidation listener's generation, the cache's change count)
 Token = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """One read's entities in the cache (:meth:`ReadCache.lookup`): the distinct slots
+    ``ids`` (``inverse`` maps each reference to its position there), which were ``found``
+    kept, their raw states ``rows`` (taken at the look-up: a change meanwhile does not
+    alter this read), the names to read from Redis, in ``ids`` order, and the cache's
+    slot generation then."""
+
+    ids: np.ndarray
+    inverse: np.ndarray
+    found: np.ndarray
+    rows: np.ndarray
+    miss: list[str]
+    generation: int
 
 
 class ReadCache:
@@ -58,8 +75,8 @@ class ReadCache:
     ...                            CounterSpec("item", key=("item_id",))), half_lives=())
     >>> c = ReadCache(cfg, ttl=1.0)
     >>> hit, miss = c.split(["user:1", "item:9"], now=100.0)
-    >>> hit, miss
-    ({}, ['user:1', 'item:9'])
+    >>> hit.found.tolist(), miss
+    ([False, False], ['user:1', 'item:9'])
     >>> shard = np.array([[1.0, 0.0, 99.0], [4.0, 1.0, 99.0]])  # one shard, 2 entities
     >>> c.merge(["user:1", "item:9"], hit, miss, [shard], now=100.0).tolist()
     [[1.0, 0.0], [4.0, 1.0]]
@@ -97,7 +114,20 @@ class ReadCache:
         #: tracked entries are read again after this long even if Redis said nothing
         self.max_age = float(max_age)
         self._shared = {s.name for s in config.specs if "user_id" not in s.key}
-        self._states: dict[str, tuple[float, np.ndarray]] = {}
+        # Entity names are numbered (slots) once: a slot's state is row ``slot`` of
+        # ``_rows`` (raw, ``t`` last), kept until ``_exp[slot]`` (-inf: not kept), so a
+        # request looks its states up with numpy, not per name. ``_order`` lists the kept
+        # slots, stored longest ago first.
+        self._ids: dict[str, int] = {}
+        self._names: list[str] = []
+        self._exp = np.full(1024, -np.inf)
+        self._rows = np.zeros((1024, config.width + 1))
+        self._order: dict[int, None] = {}
+        #: bumped when slots are numbered anew (:meth:`prepare`): a slot taken before
+        #: names another entity after
+        self.generation = 0
+        #: names numbered at most, beyond the kept ones, before :meth:`prepare` renumbers
+        self.max_names = 2 * max_entities + 4096
         #: tracked user attributes by their Redis key: (expiry, decoded attributes)
         self._users: dict[str, tuple[float, Any]] = {}
         self._user_prefix = f"{prefix}:attrs:user:"
@@ -133,28 +163,28 @@ class ReadCache:
         """Redis changed ``keys`` (``None``: anything): forget what they hold."""
         self._changes += 1
         if keys is None:
-            self._states.clear()
+            self._exp[:] = -np.inf
+            self._order.clear()
             self._users.clear()
             if self._open:
                 self._dropped.pop("*", None)
                 self._dropped["*"] = self._changes
             return
-        states = self._states
+        ids, exp, order = self._ids, self._exp, self._order
         for raw in keys:
             key = raw.decode("utf-8", "replace")
             if key[:1] == "{":  # {hw:p<P>}:<entity>: a counter shard
                 name = key.partition("}:")[2]
-                got = states.get(name)
-                if got is None:
+                slot = ids.get(name)
+                if slot is None or slot not in order:
                     pass
                 elif self.ttl > 0 and self.cacheable(name):
                     # a shared entity may lag a change by the TTL, as without tracking:
                     # the hot ones (the hour, the device) change with every click
-                    limit = self.clock() + self.ttl
-                    if got[0] > limit:
-                        states[name] = (limit, got[1])
+                    exp[slot] = min(exp[slot], self.clock() + self.ttl)
                 else:
-                    del states[name]
+                    exp[slot] = -np.inf
+                    del order[slot]
             else:
                 name = key
                 self._users.pop(name, None)
@@ -208,78 +238,120 @@ class ReadCache:
         return None if "*" in changed else changed
 
     # -- entity states --------------------------------------------------------------
-    def split(self, entities: Sequence[str], now: float) -> tuple[dict[int, np.ndarray], list[str]]:
-        """``({index: raw state}, entities to read)`` for the entities of one request."""
-        hit: dict[int, np.ndarray] = {}
-        miss: list[str] = []
-        states = self._states
-        for k, e in enumerate(entities):
-            got = states.get(e)
-            if got is not None and got[0] > now:
-                hit[k] = got[1]
-            else:
-                miss.append(e)
-        self.hits += len(hit)
-        self.misses += len(miss)
-        return hit, miss
+    def prepare(self) -> None:
+        """Before a read takes slots: when more than :attr:`max_names` names are numbered,
+        number the kept ones anew (the others are forgotten) and bump :attr:`generation`."""
+        if len(self._names) <= self.max_names:
+            return
+        kept = list(self._order)
+        names = [self._names[k] for k in kept]
+        self._ids = {e: k for k, e in enumerate(names)}
+        self._names = names
+        self._rows[: len(kept)] = self._rows[kept]
+        self._exp[: len(kept)] = self._exp[kept]
+        self._exp[len(kept):] = -np.inf
+        self._order = dict.fromkeys(range(len(kept)))
+        self.generation += 1
+
+    def slot(self, name: str) -> int:
+        """Entity ``name``'s slot (numbered on first sight)."""
+        got = self._ids.get(name)
+        if got is None:
+            got = self._ids[name] = len(self._names)
+            self._names.append(name)
+            if got >= len(self._exp):
+                self._exp = np.concatenate([self._exp, np.full(len(self._exp), -np.inf)])
+                self._rows = np.vstack([self._rows, np.zeros_like(self._rows)])
+        return got
+
+    def lookup(self, slots: np.ndarray, now: float) -> Lookup:
+        """The distinct entities of ``slots`` (one request's references), which of them are
+        kept and valid at ``now`` (their raw states taken now), and the names to read."""
+        ids, inverse = np.unique(slots, return_inverse=True)
+        found = self._exp[ids] > now
+        n_found = int(found.sum())
+        self.hits += n_found
+        self.misses += len(ids) - n_found
+        names = self._names
+        miss = [] if n_found == len(ids) else [*map(names.__getitem__, ids[~found].tolist())]
+        return Lookup(ids, inverse.reshape(-1), found, self._rows[ids[found]], miss,
+                      self.generation)
+
+    def decayed(self, look: Lookup, shards: Sequence[np.ndarray], now: float,
+                token: Token | None = None) -> np.ndarray:
+        """Decayed states ``[len(look.ids), width]`` summed over shards: the kept ones from
+        ``look``, the missed ones from ``shards`` (:meth:`lookup`'s ``miss`` read from
+        every shard), which are kept (all of them if ``token`` is a tracked read that may
+        be kept, else the shared ones for ``ttl``)."""
+        cfg = self.config
+        if not look.miss:  # all in memory (the common case)
+            return decay_state(cfg, look.rows, now)
+        out = np.empty((len(look.ids), cfg.width))
+        out[look.found] = decay_state(cfg, look.rows, now)
+        fresh = decay_shards(cfg, shards, now)
+        out[~look.found] = fresh
+        if look.generation == self.generation:  # else the slots were numbered anew meanwhile
+            # a shard stamped after ``now`` is not decayed to ``now``: such a sum must
+            # not be decayed again from ``now`` later
+            t = np.stack([s[:, cfg.width] for s in shards]) if len(shards) else None
+            ahead = (t > now).any(axis=0) if t is not None else np.zeros(len(look.miss), bool)
+            self._remember(look.ids[~look.found], fresh, now, ahead, self._kept(token))
+        return out
+
+    def split(self, entities: Sequence[str], now: float) -> tuple[Lookup, list[str]]:
+        """``(lookup, entities to read)`` for distinct entity names: :meth:`lookup` by name."""
+        self.prepare()
+        look = self.lookup(np.fromiter(map(self.slot, entities), np.int64, len(entities)), now)
+        return look, look.miss
 
     def merge(
         self,
         entities: Sequence[str],
-        hit: dict[int, np.ndarray],
+        look: Lookup,
         miss: Sequence[str],
         shards: Sequence[np.ndarray],
         now: float,
         token: Token | None = None,
     ) -> np.ndarray:
-        """Decayed states ``[len(entities), width]`` summed over shards; keeps the misses
-        (all of them if ``token`` is a tracked read that may be kept, else the shared ones
-        for ``ttl``)."""
-        cfg = self.config
-        if not miss:  # all in memory (the common case): ``hit`` holds 0 .. n - 1 in order
-            return (decay_state(cfg, np.array(list(hit.values())), now) if hit
-                    else np.zeros((0, cfg.width)))
-        out = np.zeros((len(entities), cfg.width))
-        if hit:
-            idx = np.fromiter(hit.keys(), dtype=np.int64, count=len(hit))
-            out[idx] = decay_state(cfg, np.array(list(hit.values())), now)
-        if miss:
-            fresh = decay_shards(cfg, shards, now)
-            pos = {e: k for k, e in enumerate(entities)} if hit else None
-            miss_idx = (
-                np.arange(len(entities)) if pos is None
-                else np.fromiter((pos[e] for e in miss), dtype=np.int64, count=len(miss))
-            )
-            out[miss_idx] = fresh
-            # a shard stamped after ``now`` is not decayed to ``now``: such a sum must
-            # not be decayed again from ``now`` later
-            t = np.stack([s[:, cfg.width] for s in shards]) if len(shards) else None
-            ahead = (t > now).any(axis=0) if t is not None else np.zeros(len(miss), bool)
-            self._remember(miss, fresh, now, ahead, self._kept(token))
-        return out
+        """:meth:`decayed` in the order of :meth:`split`'s ``entities``."""
+        return self.decayed(look, shards, now, token)[look.inverse]
 
-    def _remember(self, miss: Sequence[str], decayed: np.ndarray, now: float,
+    def cached(self) -> list[str]:
+        """The entities kept now, stored longest ago first (tests and the CLI read it)."""
+        return [self._names[k] for k in self._order]
+
+    def _store(self, slot: int, expires: float, row: np.ndarray) -> None:
+        self._exp[slot] = expires
+        self._rows[slot] = row
+        self._order.pop(slot, None)
+        self._order[slot] = None
+
+    def _remember(self, slots: np.ndarray, decayed: np.ndarray, now: float,
                   ahead: np.ndarray, dropped: set[str] | None) -> None:
-        if len(self._states) > self.max_entities:
-            _forget_oldest_half(self._states)
+        if len(self._order) > self.max_entities:  # drop the half stored longest ago
+            old = list(itertools.islice(self._order, len(self._order) // 2))
+            self._exp[old] = -np.inf
+            for k in old:
+                del self._order[k]
         # stored decayed to ``now`` with reference ``t = now``: decaying it again to a
         # later time gives the same as decaying the raw shard states (exponential decay)
-        rows = np.hstack([decayed, np.full((len(miss), 1), now)])
-        states = self._states
+        rows = np.hstack([decayed, np.full((len(slots), 1), now)])
+        names = self._names
         if dropped is not None:  # tracked: every entity not changed meanwhile
             expires = now + self.max_age
-            for k, e in enumerate(miss):
+            for k, s in enumerate(slots.tolist()):
                 if ahead[k]:
                     continue
+                e = names[s]
                 if e not in dropped:
-                    states[e] = (expires, rows[k])
+                    self._store(s, expires, rows[k])
                 elif self.ttl > 0 and self.cacheable(e):  # changed: shared ones for the TTL
-                    states[e] = (now + self.ttl, rows[k])
+                    self._store(s, now + self.ttl, rows[k])
         elif self.ttl > 0:
             expires = now + self.ttl
-            for k, e in enumerate(miss):
-                if not ahead[k] and self.cacheable(e):
-                    states[e] = (expires, rows[k])
+            for k, s in enumerate(slots.tolist()):
+                if not ahead[k] and self.cacheable(names[s]):
+                    self._store(s, expires, rows[k])
 
     # -- user attributes ------------------------------------------------------------
     def user(self, key: str, now: float) -> tuple[bool, Any]:
@@ -305,7 +377,7 @@ class ReadCache:
 
     def stats(self) -> dict[str, Any]:
         tr = self.tracker
-        return {"entities": len(self._states), "hits": self.hits, "misses": self.misses,
+        return {"entities": len(self._order), "hits": self.hits, "misses": self.misses,
                 "users": len(self._users), "user_hits": self.user_hits,
                 "tracking": None if tr is None else (
                     "refused" if getattr(tr, "error", None) else "live" if tr.live else "connecting"),

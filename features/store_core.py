@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from features.counters import CounterConfig
+from features.counters import CounterConfig, RequestSlots
 from features.hashing import canonical
 from features.read_cache import ReadCache
 from features.shard_cache import ShardCache
@@ -154,6 +154,9 @@ class StoreCore:
         #: (``resolve_request_refs``), kept while the item cache hands out the same
         #: attributes; this process only
         self.refs_memo: dict[tuple, dict[str, tuple[Any, tuple]]] = {}
+        #: each item's references with the read cache's entity slots, for scoring reads
+        #: through the cache; this process only
+        self.request_slots = RequestSlots(self.counters)
         self.miss_cache_seconds = miss_cache_seconds
         #: the client is a Redis Cluster's (set by the store): multi-key scripts only per slot
         self.cluster = False

@@ -95,12 +95,21 @@ def plan_read(
     need_items = features is None or "item_attrs" in features or "codes" in features
     need_items = need_items or any(s.needs_item_attrs for s in cfg.specs)
     attrs, codes = (yield from core.plan_items(set(cols["item_id"]))) if need_items else ({}, {})
-    refs = resolve_request_refs(cfg, cols, attrs, core.refs_memo)  # one request; else general
     # Serving's reads go through its cache (features/read_cache.py): tracked by Redis,
     # every entity and user's attributes; else shared entities for a TTL. The rest are
-    # read from every shard.
+    # read from every shard. A request's entities are looked up by slot (RequestSlots);
+    # other reads (events of several users) by name.
     cache = core.read_cache if wanted is None and core.read_cache.enabled else None
-    hit, miss = ({}, refs.entities) if cache is None else cache.split(refs.entities, now)
+    refs = None  # by slot (entities empty, ``entity`` slots) or by name
+    if cache is not None:
+        cache.prepare()
+        refs = core.request_slots.refs(cols, attrs, cache.slot, cache.generation)
+    if refs is not None:
+        look = cache.lookup(refs.entity, now)
+        miss = look.miss
+    else:
+        refs = resolve_request_refs(cfg, cols, attrs, core.refs_memo)  # one request; else general
+        look, miss = (None, refs.entities) if cache is None else cache.split(refs.entities, now)
     cmds = core.read_cmds(miss, cfg.state_fields)
     n_read = len(cmds)
     users = sorted({u for u in cols["user_id"] if u})
@@ -121,9 +130,11 @@ def plan_read(
         res = yield cmds
         shards = core.shard_states(res[:n_read], cfg.width)
         if cache is None:
-            total = decay_shards(cfg, shards, now) if shards else np.zeros((0, cfg.width))
-        else:
-            total = cache.merge(refs.entities, hit, miss, shards, now, token)
+            per_ref = (decay_shards(cfg, shards, now) if shards
+                       else np.zeros((0, cfg.width)))[refs.entity]
+        else:  # by slot: positions in ``look.ids``; by name: in ``refs.entities``
+            total = cache.decayed(look, shards, now, token)
+            per_ref = total[look.inverse][refs.entity] if refs.entities else total[look.inverse]
         read_map = {u: decode_hash(r) for (u, _), r in zip(read_users, res[n_read:], strict=True)}
         if cache is not None and read_users:
             cache.remember_users({key: read_map[u] for u, key in read_users}, now, token)
@@ -132,7 +143,7 @@ def plan_read(
     finally:
         if cache is not None:
             cache.end(token)
-    feats = derive_features(cfg, aggregate(refs, total[refs.entity]))
+    feats = derive_features(cfg, aggregate(refs, per_ref))
     out: dict[str, Any] = (feats if wanted is None
                            else {k: v for k, v in feats.items() if k in wanted})
     if want_users:

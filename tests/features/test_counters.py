@@ -10,6 +10,7 @@ import pytest
 from features.counters import (
     CounterConfig,
     CounterSpec,
+    RequestSlots,
     aggregate,
     as_columns,
     decay_state,
@@ -121,6 +122,27 @@ def _same_refs(a, b) -> None:
         assert x.tolist() == y.tolist() and x.dtype == y.dtype, name
 
 
+class _Slots:
+    """Entity slots as a read cache numbers them; ``renumber`` starts a new generation."""
+
+    def __init__(self) -> None:
+        self.generation, self.ids = 0, {}
+
+    def slot(self, name: str) -> int:
+        return self.ids.setdefault(name, len(self.ids))
+
+    def renumber(self) -> None:
+        self.generation, self.ids = self.generation + 1, {}
+
+
+def _same_slot_refs(got, want, slots: _Slots) -> None:
+    """Slot references name the general path's entities, reference by reference."""
+    names = {k: e for e, k in slots.ids.items()}
+    assert got.entities == [] and (got.n_events, got.n_specs) == (want.n_events, want.n_specs)
+    assert got.event.tolist() == want.event.tolist() and got.spec.tolist() == want.spec.tolist()
+    assert [names[k] for k in got.entity.tolist()] == [want.entities[k] for k in want.entity.tolist()]
+
+
 def test_request_refs_equal_the_general_path_on_random_requests():
     """One scoring request (one user, context and time; many items): the per-candidate
     resolver gives exactly the general path's Refs, for every kind of key field."""
@@ -143,6 +165,7 @@ def test_request_refs_equal_the_general_path_on_random_requests():
                 a[key] = pick if rng.random() < 0.6 else pick[0] if pick else None
         attrs[str(i)] = a or None
     memo: dict = {}
+    planner, slots = RequestSlots(cfg), _Slots()
     for case in range(60):
         n = 1 if case % 3 == 0 else int(rng.integers(2, 40))  # one candidate: its own path
         items = [int(i) if rng.random() < 0.5 else str(i) for i in rng.integers(0, 40, n)]
@@ -154,12 +177,20 @@ def test_request_refs_equal_the_general_path_on_random_requests():
         want = resolve_refs(cfg, cols, attrs)
         _same_refs(resolve_request_refs(cfg, cols, attrs), want)
         _same_refs(resolve_request_refs(cfg, cols, attrs, memo), want)  # memo across requests
+        _same_slot_refs(planner.refs(cols, attrs, slots.slot, slots.generation), want, slots)
+        if case % 7 == 6:  # slots numbered anew: every item's template is rebuilt
+            slots.renumber()
+            _same_slot_refs(planner.refs(cols, attrs, slots.slot, slots.generation), want, slots)
         if case % 10 == 9:  # a re-read item (a new attributes object) is recomputed
             key = str(items[0])
             attrs[key] = {"genres": ["Z", 9]}
-            _same_refs(resolve_request_refs(cfg, cols, attrs, memo), resolve_refs(cfg, cols, attrs))
+            want = resolve_refs(cfg, cols, attrs)
+            _same_refs(resolve_request_refs(cfg, cols, attrs, memo), want)
+            _same_slot_refs(planner.refs(cols, attrs, slots.slot, slots.generation), want, slots)
     # events that do not share user, context or time: the general path itself
     cols = as_columns({"ts": [0.0, 1.0], "user_id": [1, 1], "item_id": [2, 3]})
     _same_refs(resolve_request_refs(cfg, cols, attrs), resolve_refs(cfg, cols, attrs))
+    assert planner.refs(cols, attrs, slots.slot, slots.generation) is None
     cols = as_columns({"ts": [0.0, 0.0], "user_id": [1, 2], "item_id": [2, 3]})
     _same_refs(resolve_request_refs(cfg, cols, attrs), resolve_refs(cfg, cols, attrs))
+    assert planner.refs(cols, attrs, slots.slot, slots.generation) is None

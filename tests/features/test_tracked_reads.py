@@ -335,8 +335,8 @@ def test_a_full_cache_forgets_its_oldest_half_not_everything():
         hit, miss = c.split([f"item:{k}"], now=1.0)
         c.merge([f"item:{k}"], hit, miss, [np.zeros((1, CFG.width + 1))], now=1.0, token=token)
         c.end(token)
-        assert len(c._states) <= 11
-    kept = set(c._states)
+        assert len(c.cached()) <= 11
+    kept = set(c.cached())
     assert "item:29" in kept and "item:0" not in kept and len(kept) >= 5
 
 
