@@ -745,9 +745,22 @@ class RequestSlots:
 
     def __init__(self, config: CounterConfig) -> None:
         self.config = config
-        self._items: dict[str, tuple[Any, int, np.ndarray, np.ndarray]] = {}
         self._holders: dict[tuple[int, tuple[str, ...]], int] = {}  # placeholder -> number
         self._holder_keys: list[tuple[int, tuple[str, ...]]] = []
+        self._reset(0)
+
+    def _reset(self, generation: int) -> None:
+        """Forget every template (slots numbered anew, or too many kept)."""
+        self._generation = generation
+        self._number: dict[str, int] = {}  # item -> its number in the arrays below
+        self._attrs: list[Any] = []  # the attributes object each template was built from
+        self._attrs_id = np.zeros(1024, np.int64)  # ... and its id() (kept alive above)
+        self._start = np.zeros(1024, np.int64)  # where its template starts in the flat arrays
+        self._len = np.zeros(1024, np.int64)
+        self._spec = np.zeros(16_384, np.int32)  # templates back to back
+        self._code = np.zeros(16_384, np.int64)
+        self._used = 0
+        self._live = 0  # references of the templates in use (the rest was replaced)
 
     def refs(self, cols: Mapping[str, Any], item_attrs: Mapping[str, Mapping] | None,
              slot: Any, generation: int) -> Refs | None:
@@ -756,25 +769,34 @@ class RequestSlots:
         shared = _shared_event(cols)
         if shared is None:
             return None
+        if (generation != self._generation or len(self._number) > MEMO_ITEMS
+                or self._used > 4 * self._live + 65_536):
+            self._reset(generation)
         attrs_of = (item_attrs or {}).get
-        items = self._items
-        if len(items) > MEMO_ITEMS:
-            items.clear()
-        tpls = []
-        for it in cols["item_id"].tolist():
-            a = attrs_of(it)
-            got = items.get(it)
-            if got is None or got[0] is not a or got[1] != generation:
-                got = items[it] = (a, generation, *self._template(it, a, slot))
-            tpls.append(got)
-        n = len(tpls)
-        if n == 1:
-            spec, code = tpls[0][2], tpls[0][3].copy()
-            event = np.zeros(len(code), np.int64)
-        else:
-            spec = np.concatenate([t[2] for t in tpls])
-            code = np.concatenate([t[3] for t in tpls])
-            event = np.repeat(np.arange(n, dtype=np.int64), [len(t[3]) for t in tpls])
+        items = cols["item_id"].tolist()
+        n = len(items)
+        number = self._number
+        try:
+            ids = np.fromiter(map(number.__getitem__, items), np.int64, n)
+        except KeyError:
+            for it in items:
+                if it not in number:
+                    self._build(it, attrs_of(it), slot)
+            ids = np.fromiter(map(number.__getitem__, items), np.int64, n)
+        # the item's attributes are the same object as its template's (a re-read makes a
+        # new one): compared by id, the objects kept alive by ``_attrs``
+        stale = self._attrs_id[ids] != np.fromiter(map(id, map(attrs_of, items)), np.int64, n)
+        if stale.any():
+            for k in np.flatnonzero(stale).tolist():
+                it = items[k]
+                if self._attrs_id[number[it]] != id(attrs_of(it)):  # once per item
+                    self._build(it, attrs_of(it), slot)
+            ids = np.fromiter(map(number.__getitem__, items), np.int64, n)
+        lens = self._len[ids]
+        total = int(lens.sum())
+        at = np.repeat(self._start[ids] - (np.cumsum(lens) - lens), lens) + np.arange(total)
+        spec, code = self._spec[at], self._code[at]
+        event = np.repeat(np.arange(n, dtype=np.int64), lens)
         held = code < 0
         if held.any():  # placeholders: each distinct one made an entity once
             ids, inverse = np.unique(-1 - code[held], return_inverse=True)
@@ -787,6 +809,29 @@ class RequestSlots:
                 event, spec, code = event[keep], spec[keep], code[keep]
         return Refs(entities=[], event=event, spec=spec, entity=code, n_events=n,
                     n_specs=len(self.config.specs))
+
+    def _build(self, item: str, attrs: Mapping[str, Any] | None, slot: Any) -> None:
+        """Item ``item``'s template from ``attrs``, appended to the flat arrays."""
+        spec, code = self._template(item, attrs, slot)
+        k = self._number.get(item)
+        if k is None:
+            k = self._number[item] = len(self._attrs)
+            self._attrs.append(None)
+            if k >= len(self._len):
+                self._attrs_id, self._start, self._len = (
+                    np.concatenate([a, np.zeros_like(a)])
+                    for a in (self._attrs_id, self._start, self._len))
+        else:
+            self._live -= int(self._len[k])
+        end = self._used + len(code)
+        while end > len(self._code):
+            self._spec = np.concatenate([self._spec, np.zeros_like(self._spec)])
+            self._code = np.concatenate([self._code, np.zeros_like(self._code)])
+        self._spec[self._used:end], self._code[self._used:end] = spec, code
+        self._attrs[k], self._attrs_id[k] = attrs, id(attrs)
+        self._start[k], self._len[k] = self._used, len(code)
+        self._used = end
+        self._live += len(code)
 
     def _holder(self, s: int, combo: tuple[str, ...]) -> int:
         got = self._holders.get((s, combo))
@@ -876,8 +921,12 @@ def decay_shards(config: CounterConfig, shards: Sequence[np.ndarray], at: float)
 def aggregate(refs: Refs, per_ref: np.ndarray) -> np.ndarray:
     """Sum per-reference states into ``[n_events, n_specs, width]`` (pools multi-valued keys)."""
     width = per_ref.shape[1]
-    out = np.zeros((refs.n_events * refs.n_specs, width), dtype=np.float64)
-    np.add.at(out, refs.event * refs.n_specs + refs.spec, per_ref)
+    key = refs.event * refs.n_specs + refs.spec
+    size = refs.n_events * refs.n_specs
+    # a column at a time: bincount adds the references in order, as ``np.add.at`` would
+    # (the same sums to the bit), and costs less than half of it
+    cols = [np.bincount(key, weights=col, minlength=size) for col in per_ref.T]
+    out = np.stack(cols, axis=1) if cols else np.zeros((size, 0))
     return out.reshape(refs.n_events, refs.n_specs, width)
 
 

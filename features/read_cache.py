@@ -48,20 +48,21 @@ __all__ = ["Lookup", "ReadCache", "Token"]
 #: a tracked read: (the invalidation listener's generation, the cache's change count)
 Token = tuple[int, int]
 
+_NONE = np.zeros(0, np.int64)
+
 
 @dataclass(frozen=True)
 class Lookup:
-    """One read's entities in the cache (:meth:`ReadCache.lookup`): the distinct slots
-    ``ids`` (``inverse`` maps each reference to its position there), which were ``found``
-    kept, their raw states ``rows`` (taken at the look-up: a change meanwhile does not
-    alter this read), the names to read from Redis, in ``ids`` order, and the cache's
-    slot generation then."""
+    """One read's references in the cache (:meth:`ReadCache.lookup`): their ``slots``,
+    which were ``found`` kept, the raw states of those (``rows``, taken at the look-up:
+    a change meanwhile does not alter this read), the distinct slots to read from Redis
+    (``miss_slots``, ascending) and their names, and the cache's slot generation then."""
 
-    ids: np.ndarray
-    inverse: np.ndarray
+    slots: np.ndarray
     found: np.ndarray
     rows: np.ndarray
     miss: list[str]
+    miss_slots: np.ndarray
     generation: int
 
 
@@ -265,37 +266,39 @@ class ReadCache:
         return got
 
     def lookup(self, slots: np.ndarray, now: float) -> Lookup:
-        """The distinct entities of ``slots`` (one request's references), which of them are
-        kept and valid at ``now`` (their raw states taken now), and the names to read."""
-        ids, inverse = np.unique(slots, return_inverse=True)
-        found = self._exp[ids] > now
+        """Which references ``slots`` (one read's) are kept and valid at ``now``, their raw
+        states (taken now), and the distinct entities to read."""
+        found = self._exp[slots] > now
         n_found = int(found.sum())
         self.hits += n_found
-        self.misses += len(ids) - n_found
+        self.misses += len(slots) - n_found
+        if n_found == len(slots):  # all in memory (the common case)
+            return Lookup(slots, found, self._rows[slots], [], _NONE, self.generation)
+        miss_slots = np.unique(slots[~found])
         names = self._names
-        miss = [] if n_found == len(ids) else [*map(names.__getitem__, ids[~found].tolist())]
-        return Lookup(ids, inverse.reshape(-1), found, self._rows[ids[found]], miss,
-                      self.generation)
+        return Lookup(slots, found, self._rows[slots[found]],
+                      [*map(names.__getitem__, miss_slots.tolist())], miss_slots, self.generation)
 
     def decayed(self, look: Lookup, shards: Sequence[np.ndarray], now: float,
                 token: Token | None = None) -> np.ndarray:
-        """Decayed states ``[len(look.ids), width]`` summed over shards: the kept ones from
+        """Decayed states ``[len(look.slots), width]`` summed over shards: the kept ones from
         ``look``, the missed ones from ``shards`` (:meth:`lookup`'s ``miss`` read from
         every shard), which are kept (all of them if ``token`` is a tracked read that may
         be kept, else the shared ones for ``ttl``)."""
         cfg = self.config
-        if not look.miss:  # all in memory (the common case)
+        if not look.miss:
             return decay_state(cfg, look.rows, now)
-        out = np.empty((len(look.ids), cfg.width))
+        out = np.empty((len(look.slots), cfg.width))
         out[look.found] = decay_state(cfg, look.rows, now)
         fresh = decay_shards(cfg, shards, now)
-        out[~look.found] = fresh
+        missed = ~look.found
+        out[missed] = fresh[np.searchsorted(look.miss_slots, look.slots[missed])]
         if look.generation == self.generation:  # else the slots were numbered anew meanwhile
             # a shard stamped after ``now`` is not decayed to ``now``: such a sum must
             # not be decayed again from ``now`` later
             t = np.stack([s[:, cfg.width] for s in shards]) if len(shards) else None
             ahead = (t > now).any(axis=0) if t is not None else np.zeros(len(look.miss), bool)
-            self._remember(look.ids[~look.found], fresh, now, ahead, self._kept(token))
+            self._remember(look.miss_slots, fresh, now, ahead, self._kept(token))
         return out
 
     def split(self, entities: Sequence[str], now: float) -> tuple[Lookup, list[str]]:
@@ -313,8 +316,8 @@ class ReadCache:
         now: float,
         token: Token | None = None,
     ) -> np.ndarray:
-        """:meth:`decayed` in the order of :meth:`split`'s ``entities``."""
-        return self.decayed(look, shards, now, token)[look.inverse]
+        """:meth:`decayed` of :meth:`split`'s ``entities``, in their order."""
+        return self.decayed(look, shards, now, token)
 
     def cached(self) -> list[str]:
         """The entities kept now, stored longest ago first (tests and the CLI read it)."""

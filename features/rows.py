@@ -113,11 +113,11 @@ class RowBuilder:
         self.schema = FeatureSchema(categorical, [d for d, _, _ in self._dense], c.version,
                                     c.definition)
         self._tables: dict[str, np.ndarray] = {}  # token per small int, per bucket field
-        # scoring: per canonical item id, the (attributes, codes) objects its tokens were
-        # computed from and its tokens [item_id, item fields..., code fields...]
-        self._item_blocks: dict[str, tuple[Any, Any, np.ndarray]] = {}
+        # scoring: per canonical item id, its tokens [item_id, item fields..., code
+        # fields...] and the (attributes, codes) objects they were computed from
         self._item_fields = [(f, None) for f in c.item_fields]
         self._item_fields += [(name, (kind, idx)) for name, kind, idx in self._codes]
+        self._item_reset()
         # scoring matrices: each categorical column's position; where item blocks go
         self._positions = {f"c:{f}": j for j, f in enumerate(categorical)}
         self._block_positions = [self._positions[f"c:{f}"]
@@ -335,33 +335,50 @@ class RowBuilder:
         ``item_ids`` are canonical. The tokens are those of the shared path (a function
         of one field and one value each), so cached and fresh blocks are equal.
         """
-        cache = self._item_blocks
-        width = 1 + len(self._item_fields)
-        out = np.empty((len(item_ids), width), np.int64)
-        todo: dict[str, int] = {}
-        rows: list[int] = []
-        for r, (i, a, cd) in enumerate(zip(item_ids, attrs, codes, strict=True)):
-            got = cache.get(i)
-            if got is not None and got[0] is a and got[1] is cd:
-                out[r] = got[2]
-            else:
-                todo.setdefault(i, r)
-                rows.append(r)
-        if todo:
-            firsts = list(todo.values())
-            fresh = np.empty((len(firsts), width), np.int64)
+        n = len(item_ids)
+        number = self._item_number
+        try:
+            ks = np.fromiter(map(number.__getitem__, item_ids), np.int64, n)
+        except KeyError:
+            if len(number) + n > 200_000:  # many items seen: start again
+                self._item_reset()
+                number = self._item_number
+            for i in item_ids:
+                if i not in number:
+                    number[i] = len(self._item_objs)
+                    self._item_objs.append(None)
+            if len(self._item_objs) > len(self._item_tok):  # a new row's ids are -1: stale
+                more = max(len(self._item_objs), 2 * len(self._item_tok)) - len(self._item_tok)
+                self._item_tok = np.vstack([self._item_tok, np.zeros((more, self._item_tok.shape[1]), np.int64)])
+                self._item_obj_ids = np.vstack([self._item_obj_ids, np.full((more, 2), -1, np.int64)])
+            ks = np.fromiter(map(number.__getitem__, item_ids), np.int64, n)
+        # the attributes and codes are the objects the tokens were computed from (ids
+        # compared; the objects are kept alive by ``_item_objs``)
+        ids = self._item_obj_ids[ks]
+        stale = ids[:, 0] != np.fromiter(map(id, attrs), np.int64, n)
+        stale |= ids[:, 1] != np.fromiter(map(id, codes), np.int64, n)
+        if stale.any():
+            todo = {item_ids[r]: r for r in np.flatnonzero(stale).tolist()}  # a row per item
+            rows = list(todo.values())
+            fresh = np.empty((len(rows), self._item_tok.shape[1]), np.int64)
             fresh[:, 0] = digests("item_id", list(todo))
             if self._item_fields:
-                tokens = _item_columns(self._item_fields, [attrs[r] for r in firsts],
-                                       [codes[r] for r in firsts])
+                tokens = _item_columns(self._item_fields, [attrs[r] for r in rows],
+                                       [codes[r] for r in rows])
                 fresh[:, 1:] = np.stack(tokens, axis=1)
-            if len(cache) + len(firsts) > 200_000:
-                cache.clear()
-            for k, (i, r) in enumerate(todo.items()):
-                cache[i] = (attrs[r], codes[r], fresh[k])
-            pos = {i: k for k, i in enumerate(todo)}
-            out[rows] = fresh[[pos[item_ids[r]] for r in rows]]
-        return out
+            at = ks[rows]
+            self._item_tok[at] = fresh
+            for k, r in zip(at.tolist(), rows, strict=True):
+                self._item_objs[k] = (attrs[r], codes[r])
+                self._item_obj_ids[k] = (id(attrs[r]), id(codes[r]))
+        return self._item_tok[ks]
+
+    def _item_reset(self) -> None:
+        """Forget every item's tokens (see :meth:`item_blocks`)."""
+        self._item_number: dict[str, int] = {}  # canonical item id -> its row below
+        self._item_objs: list[tuple[Any, Any] | None] = []  # (attributes, codes) objects
+        self._item_obj_ids = np.full((1024, 2), -1, np.int64)  # ... their id()s
+        self._item_tok = np.zeros((1024, 1 + len(self._item_fields)), np.int64)
 
     def _sequence_columns(self, sequences: Sequence[Sequence[str]] | None,
                           n: int) -> dict[str, np.ndarray]:

@@ -132,9 +132,10 @@ def plan_read(
         if cache is None:
             per_ref = (decay_shards(cfg, shards, now) if shards
                        else np.zeros((0, cfg.width)))[refs.entity]
-        else:  # by slot: positions in ``look.ids``; by name: in ``refs.entities``
-            total = cache.decayed(look, shards, now, token)
-            per_ref = total[look.inverse][refs.entity] if refs.entities else total[look.inverse]
+        else:  # by slot: a state per reference; by name: per entity of ``refs.entities``
+            per_ref = cache.decayed(look, shards, now, token)
+            if refs.entities:
+                per_ref = per_ref[refs.entity]
         read_map = {u: decode_hash(r) for (u, _), r in zip(read_users, res[n_read:], strict=True)}
         if cache is not None and read_users:
             cache.remember_users({key: read_map[u] for u, key in read_users}, now, token)
@@ -146,12 +147,13 @@ def plan_read(
     feats = derive_features(cfg, aggregate(refs, per_ref))
     out: dict[str, Any] = (feats if wanted is None
                            else {k: v for k, v in feats.items() if k in wanted})
+    items = cols["item_id"].tolist()
     if want_users:
-        out["user_attrs"] = [user_map.get(u) or None for u in cols["user_id"]]
+        out["user_attrs"] = [user_map.get(u) or None for u in cols["user_id"].tolist()]
     if features is None or "item_attrs" in features:
-        out["item_attrs"] = [attrs.get(i) for i in cols["item_id"]]
+        out["item_attrs"] = [*map(attrs.get, items)]
     if features is None or "codes" in features:
-        out["codes"] = [codes.get(i) for i in cols["item_id"]]
+        out["codes"] = [*map(codes.get, items)]
     if core.seq_len and (features is None or "user_seq" in features):
         seqs = yield from plan_user_sequences(core, cols["user_id"], now)
         out["user_seq"] = [seqs.get(canonical(u), ()) if u else () for u in cols["user_id"]]

@@ -10,6 +10,7 @@ import pytest
 from features.counters import (
     CounterConfig,
     CounterSpec,
+    Refs,
     RequestSlots,
     aggregate,
     as_columns,
@@ -194,3 +195,20 @@ def test_request_refs_equal_the_general_path_on_random_requests():
     cols = as_columns({"ts": [0.0, 0.0], "user_id": [1, 2], "item_id": [2, 3]})
     _same_refs(resolve_request_refs(cfg, cols, attrs), resolve_refs(cfg, cols, attrs))
     assert planner.refs(cols, attrs, slots.slot, slots.generation) is None
+
+
+def test_aggregate_sums_references_in_order_to_the_bit():
+    """``aggregate`` adds each (event, spec)'s references in their order, as ``np.add.at``
+    does: the same float64 sums, not merely close ones."""
+    rng = np.random.default_rng(11)
+    n, specs = 50, 4
+    event = np.sort(rng.integers(0, n, 400))
+    refs = Refs(entities=[], event=event, spec=rng.integers(0, specs, 400).astype(np.int32),
+                entity=np.zeros(400, np.int32), n_events=n, n_specs=specs)
+    per_ref = rng.uniform(0, 1e6, (400, 6)) ** rng.uniform(0.1, 2.0, (400, 6))
+    want = np.zeros((n * specs, 6))
+    np.add.at(want, refs.event * specs + refs.spec, per_ref)
+    got = aggregate(refs, per_ref)
+    assert got.shape == (n, specs, 6) and np.array_equal(got.reshape(-1, 6), want)
+    assert aggregate(Refs([], event[:0], refs.spec[:0], refs.entity[:0], 3, specs),
+                     per_ref[:0]).shape == (3, specs, 6)

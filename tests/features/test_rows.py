@@ -250,3 +250,25 @@ def test_user_tokens_per_distinct_user_equal_the_per_event_ones():
     assert _users_tokens(fields, users[:1], np.array(["1"], dtype=object))["c:age"].tolist() \
         == _user_tokens("age", users[:1]).tolist()
     assert _users_tokens((), users, np.array(user_ids, dtype=object)) == {}
+
+
+def test_scoring_item_blocks_stay_right_as_the_item_table_grows():
+    """Thousands of items (the table grows past its first size, rows are reused per
+    item): every block is the one a fresh builder computes, also for items without
+    attributes or codes, which share the ``None`` objects."""
+    cfg = RowConfig(code_fields=("rq0", "vq"))
+    rng = np.random.default_rng(3)
+    items = [f"i{k}" for k in range(3000)]
+    attrs = [None if k % 3 else {"genres": [f"g{k % 7}"], "year": 1990 + k % 20} for k in range(3000)]
+    codes = [None if k % 2 else {"rq": [k % 11, 1], "vq": [k % 5]} for k in range(3000)]
+    rb = RowBuilder(cfg)
+    for _ in range(2):
+        order = rng.permutation(3000)[:2500]
+        got = rb.item_blocks([items[k] for k in order], [attrs[k] for k in order],
+                             [codes[k] for k in order])
+        want = RowBuilder(cfg).item_blocks([items[k] for k in order], [attrs[k] for k in order],
+                                           [codes[k] for k in order])
+        assert np.array_equal(got, want)
+    attrs[0] = {"genres": ["other"]}  # a re-read: recomputed
+    got = rb.item_blocks(items[:1], attrs[:1], codes[:1])
+    assert np.array_equal(got, RowBuilder(cfg).item_blocks(items[:1], attrs[:1], codes[:1]))
