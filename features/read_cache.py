@@ -75,15 +75,15 @@ class ReadCache:
     >>> cfg = CounterConfig(specs=(CounterSpec("user", key=("user_id",)),
     ...                            CounterSpec("item", key=("item_id",))), half_lives=())
     >>> c = ReadCache(cfg, ttl=1.0)
-    >>> hit, miss = c.split(["user:1", "item:9"], now=100.0)
-    >>> hit.found.tolist(), miss
+    >>> hit = c.split(["user:1", "item:9"], now=100.0)
+    >>> hit.found.tolist(), hit.miss
     ([False, False], ['user:1', 'item:9'])
     >>> shard = np.array([[1.0, 0.0, 99.0], [4.0, 1.0, 99.0]])  # one shard, 2 entities
-    >>> c.merge(["user:1", "item:9"], hit, miss, [shard], now=100.0).tolist()
+    >>> c.decayed(hit, [shard], now=100.0).tolist()
     [[1.0, 0.0], [4.0, 1.0]]
-    >>> c.split(["user:1", "item:9"], now=100.5)[1]  # the item is cached, the user is not
+    >>> c.split(["user:1", "item:9"], now=100.5).miss  # the item is cached, the user is not
     ['user:1']
-    >>> c.split(["item:9"], now=101.5)[1]  # expired
+    >>> c.split(["item:9"], now=101.5).miss  # expired
     ['item:9']
 
     Tracked mode: everything, until Redis says a key changed.
@@ -94,15 +94,15 @@ class ReadCache:
     >>> c = ReadCache(cfg, ttl=0.0, prefix="hw")
     >>> c.track(Live())
     >>> token = c.begin()
-    >>> hit, miss = c.split(["user:1", "item:9"], now=100.0)
-    >>> _ = c.merge(["user:1", "item:9"], hit, miss, [shard], now=100.0, token=token)
+    >>> hit = c.split(["user:1", "item:9"], now=100.0)
+    >>> _ = c.decayed(hit, [shard], now=100.0, token=token)
     >>> c.end(token)
-    >>> c.split(["user:1", "item:9"], now=130.0)[1]
+    >>> c.split(["user:1", "item:9"], now=130.0).miss
     []
     >>> c.tracker.callback([b"{hw:p0}:user:1"])  # the worker wrote user 1's shard 0
-    >>> c.split(["user:1", "item:9"], now=130.0)[1]
+    >>> c.split(["user:1", "item:9"], now=130.0).miss
     ['user:1']
-    >>> c.split(["item:9"], now=161.0)[1]  # max_age: read again
+    >>> c.split(["item:9"], now=161.0).miss  # max_age: read again
     ['item:9']
     """
 
@@ -140,7 +140,7 @@ class ReadCache:
         # names invalidated since the oldest open read began -> the change count then,
         # in change order (a name invalidated again moves to the end)
         self._dropped: dict[str, int] = {}
-        #: entity reads answered from the cache / from Redis (for tests and metrics)
+        #: entity references answered from the cache / read from Redis (tests, metrics)
         self.hits = 0
         self.misses = 0
         #: user attribute reads answered from the cache
@@ -301,23 +301,10 @@ class ReadCache:
             self._remember(look.miss_slots, fresh, now, ahead, self._kept(token))
         return out
 
-    def split(self, entities: Sequence[str], now: float) -> tuple[Lookup, list[str]]:
-        """``(lookup, entities to read)`` for distinct entity names: :meth:`lookup` by name."""
+    def split(self, entities: Sequence[str], now: float) -> Lookup:
+        """:meth:`lookup` of entity names (a read that is not one request's)."""
         self.prepare()
-        look = self.lookup(np.fromiter(map(self.slot, entities), np.int64, len(entities)), now)
-        return look, look.miss
-
-    def merge(
-        self,
-        entities: Sequence[str],
-        look: Lookup,
-        miss: Sequence[str],
-        shards: Sequence[np.ndarray],
-        now: float,
-        token: Token | None = None,
-    ) -> np.ndarray:
-        """:meth:`decayed` of :meth:`split`'s ``entities``, in their order."""
-        return self.decayed(look, shards, now, token)
+        return self.lookup(np.fromiter(map(self.slot, entities), np.int64, len(entities)), now)
 
     def cached(self) -> list[str]:
         """The entities kept now, stored longest ago first (tests and the CLI read it)."""
@@ -331,11 +318,8 @@ class ReadCache:
 
     def _remember(self, slots: np.ndarray, decayed: np.ndarray, now: float,
                   ahead: np.ndarray, dropped: set[str] | None) -> None:
-        if len(self._order) > self.max_entities:  # drop the half stored longest ago
-            old = list(itertools.islice(self._order, len(self._order) // 2))
-            self._exp[old] = -np.inf
-            for k in old:
-                del self._order[k]
+        if len(self._order) > self.max_entities:
+            self._exp[_forget_oldest_half(self._order)] = -np.inf
         # stored decayed to ``now`` with reference ``t = now``: decaying it again to a
         # later time gives the same as decaying the raw shard states (exponential decay)
         rows = np.hstack([decayed, np.full((len(slots), 1), now)])
@@ -387,14 +371,18 @@ class ReadCache:
                 "invalidations": self._changes}
 
 
-def _forget_oldest_half(entries: dict) -> None:
+def _forget_oldest_half(entries: dict) -> list:
     """Make room: drop the half stored longest ago (a dict keeps insertion order), so the
-    entities every request needs are read again once, not all at once.
+    entities every request needs are read again once, not all at once. Returns the keys
+    dropped.
 
     >>> d = {k: None for k in "abcde"}
     >>> _forget_oldest_half(d)
+    ['a', 'b']
     >>> list(d)
     ['c', 'd', 'e']
     """
-    for key in list(itertools.islice(entries, len(entries) // 2)):
+    dropped = list(itertools.islice(entries, len(entries) // 2))
+    for key in dropped:
         del entries[key]
+    return dropped

@@ -109,7 +109,8 @@ def plan_read(
         miss = look.miss
     else:
         refs = resolve_request_refs(cfg, cols, attrs, core.refs_memo)  # one request; else general
-        look, miss = (None, refs.entities) if cache is None else cache.split(refs.entities, now)
+        look = None if cache is None else cache.split(refs.entities, now)
+        miss = refs.entities if look is None else look.miss
     cmds = core.read_cmds(miss, cfg.state_fields)
     n_read = len(cmds)
     users = sorted({u for u in cols["user_id"] if u})

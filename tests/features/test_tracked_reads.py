@@ -247,13 +247,13 @@ def _cache() -> ReadCache:
 def test_an_entity_invalidated_while_its_read_is_in_flight_is_used_once_not_kept():
     c = _cache()
     token = c.begin()
-    hit, miss = c.split(["user:1", "item:2"], now=100.0)
+    hit = c.split(["user:1", "item:2"], now=100.0)
     shard = np.zeros((2, CFG.width + 1))
     shard[:, CFG.width] = 90.0
     c.tracker.callback([b"{hw:p0}:item:2"])  # changed after Redis answered
-    c.merge(["user:1", "item:2"], hit, miss, [shard], now=100.0, token=token)
+    c.decayed(hit, [shard], now=100.0, token=token)
     c.end(token)
-    assert c.split(["user:1", "item:2"], now=101.0)[1] == ["item:2"]
+    assert c.split(["user:1", "item:2"], now=101.0).miss == ["item:2"]
     assert c._dropped == {}  # nothing in flight: nothing remembered
 
 
@@ -261,26 +261,26 @@ def test_a_listener_lost_or_replaced_during_a_read_keeps_nothing_of_it():
     for change in ("reset", "generation"):
         c = _cache()
         token = c.begin()
-        hit, miss = c.split(["user:1"], now=100.0)
+        hit = c.split(["user:1"], now=100.0)
         if change == "reset":
             c.tracker.callback(None)
         else:
             c.tracker.generation = 2
         shard = np.zeros((1, CFG.width + 1))
-        c.merge(["user:1"], hit, miss, [shard], now=100.0, token=token)
+        c.decayed(hit, [shard], now=100.0, token=token)
         c.end(token)
-        assert c.split(["user:1"], now=100.5)[1] == ["user:1"], change
+        assert c.split(["user:1"], now=100.5).miss == ["user:1"], change
 
 
 def test_a_state_stamped_after_the_read_time_is_not_kept():
     c = _cache()
     token = c.begin()
-    hit, miss = c.split(["item:1", "item:2"], now=100.0)
+    hit = c.split(["item:1", "item:2"], now=100.0)
     shard = np.ones((2, CFG.width + 1))
     shard[:, CFG.width] = [99.0, 105.0]  # item 2's last event is ahead of serving's clock
-    c.merge(["item:1", "item:2"], hit, miss, [shard], now=100.0, token=token)
+    c.decayed(hit, [shard], now=100.0, token=token)
     c.end(token)
-    assert c.split(["item:1", "item:2"], now=110.0)[1] == ["item:2"]
+    assert c.split(["item:1", "item:2"], now=110.0).miss == ["item:2"]
 
 
 def test_a_changed_shared_entity_lags_by_the_ttl_at_most_and_a_users_not_at_all():
@@ -289,19 +289,19 @@ def test_a_changed_shared_entity_lags_by_the_ttl_at_most_and_a_users_not_at_all(
     c.track(_Live())
     token = c.begin()
     names = ["user:1", "item:2", "user_genre:1|Drama"]
-    hit, miss = c.split(names, now=100.0)
+    hit = c.split(names, now=100.0)
     shard = np.zeros((3, CFG.width + 1))
-    c.merge(names, hit, miss, [shard], now=100.0, token=token)
+    c.decayed(hit, [shard], now=100.0, token=token)
     c.end(token)
     c.tracker.callback([b"{hw:p1}:item:2", b"{hw:p0}:user:1", b"{hw:p0}:user_genre:1|Drama"])
-    assert c.split(names, now=100.4)[1] == ["user:1", "user_genre:1|Drama"]
-    assert c.split(names, now=100.6)[1] == names  # the item: read again after the TTL
+    assert c.split(names, now=100.4).miss == ["user:1", "user_genre:1|Drama"]
+    assert c.split(names, now=100.6).miss == names  # the item: read again after the TTL
     # an unchanged shared entity stays past the TTL
     token = c.begin()
-    hit, miss = c.split(["item:3"], now=101.0)
-    c.merge(["item:3"], hit, miss, [np.zeros((1, CFG.width + 1))], now=101.0, token=token)
+    hit = c.split(["item:3"], now=101.0)
+    c.decayed(hit, [np.zeros((1, CFG.width + 1))], now=101.0, token=token)
     c.end(token)
-    assert c.split(["item:3"], now=130.0)[1] == []
+    assert c.split(["item:3"], now=130.0).miss == []
 
 
 def test_overlapping_reads_each_drop_only_what_changed_during_their_own_flight():
@@ -314,9 +314,9 @@ def test_overlapping_reads_each_drop_only_what_changed_during_their_own_flight()
     b = c.begin()  # begins after item 1 changed: its answer has the new item 1
     c.tracker.callback([b"{hw:p0}:item:2"])
     c.end(a)
-    hit, miss = c.split(["item:1", "item:2"], now=10.0)
-    c.merge(["item:1", "item:2"], hit, miss, [shard], now=10.0, token=b)
-    assert c.split(["item:1", "item:2"], now=11.0)[1] == ["item:2"]
+    hit = c.split(["item:1", "item:2"], now=10.0)
+    c.decayed(hit, [shard], now=10.0, token=b)
+    assert c.split(["item:1", "item:2"], now=11.0).miss == ["item:2"]
     for k in range(1000):  # always one read open
         nxt = c.begin()
         c.tracker.callback([f"{{hw:p0}}:item:{k % 50}".encode()])
@@ -332,8 +332,8 @@ def test_a_full_cache_forgets_its_oldest_half_not_everything():
     c.track(_Live())
     for k in range(30):
         token = c.begin()
-        hit, miss = c.split([f"item:{k}"], now=1.0)
-        c.merge([f"item:{k}"], hit, miss, [np.zeros((1, CFG.width + 1))], now=1.0, token=token)
+        hit = c.split([f"item:{k}"], now=1.0)
+        c.decayed(hit, [np.zeros((1, CFG.width + 1))], now=1.0, token=token)
         c.end(token)
         assert len(c.cached()) <= 11
     kept = set(c.cached())
