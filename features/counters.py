@@ -57,7 +57,6 @@ __all__ = [
     "half_life_label",
     "smoothed_ctr",
     "resolve_refs",
-    "resolve_request_refs",
 ]
 
 KEY_FIELDS = ("user_id", "item_id", "genre", "tag", "year", "hour", "weekday")
@@ -484,61 +483,8 @@ def resolve_refs(
     )
 
 
-#: entries kept by :func:`resolve_request_refs`'s ``memo`` before it is emptied
+#: items :class:`RequestSlots` keeps templates of before it starts again
 MEMO_ITEMS = 200_000
-
-
-@functools.lru_cache(maxsize=64)
-def _item_layout(specs: tuple[CounterSpec, ...]) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """``(item-only specs, item-side fields of the others)`` of a spec list: the specs
-    whose every key field comes from the item, and the item fields the mixed specs need."""
-    only = tuple(s for s, spec in enumerate(specs) if spec.key and all(map(_item_side, spec.key)))
-    fields = dict.fromkeys(f for s, spec in enumerate(specs) if s not in only
-                           for f in spec.key if _item_side(f))
-    return only, tuple(fields)
-
-
-def _item_plan(specs: tuple[CounterSpec, ...], only: tuple[int, ...], fields: tuple[str, ...],
-               item: str, attrs: Mapping[str, Any] | None) -> tuple[tuple[list[str], ...],
-                                                                   tuple[list[str], ...]]:
-    """One item's entity names for each item-only spec, and its texts of each field."""
-    texts: dict[str, list[str]] = {}
-    for f in itertools.chain(fields, (f for s in only for f in specs[s].key)):
-        if f not in texts:
-            texts[f] = ([item] if item else []) if f == "item_id" else _item_field_texts(_item_attr(f), attrs)
-    names = []
-    for s in only:
-        spec = specs[s]
-        prefix = f"{spec.name}:"
-        if len(spec.key) == 1:
-            names.append([prefix + t for t in texts[spec.key[0]]])
-        else:
-            names.append([prefix + "|".join(p) for p in itertools.product(*(texts[f] for f in spec.key))])
-    return tuple(names), tuple(texts[f] for f in fields)
-
-
-def _item_plans(specs: tuple[CounterSpec, ...], items: list[str],
-                item_attrs: Mapping[str, Mapping], memo: dict | None) -> list[tuple]:
-    """:func:`_item_plan` of each item, from ``memo`` while the item's attributes are the
-    same object (the names repeat across requests; a re-read item is recomputed)."""
-    only, fields = _item_layout(specs)
-    attrs_of = item_attrs.get
-    if memo is None:
-        return [_item_plan(specs, only, fields, it, attrs_of(it)) for it in items]
-    part = memo.get(specs)
-    if part is None or len(part) > MEMO_ITEMS:
-        if len(memo) > 64:  # specs lists come from few configurations
-            memo.clear()
-        part = memo[specs] = {}
-    get = part.get
-    out = []
-    for it in items:
-        a = attrs_of(it)
-        got = get(it)
-        if got is None or got[0] is not a:
-            got = part[it] = (a, _item_plan(specs, only, fields, it, a))
-        out.append(got[1])
-    return out
 
 
 def _shared_texts(f: str, user_id: str, ts: float, context: Any, user: Any) -> list[str] | None:
@@ -578,145 +524,11 @@ def _first(col: Any) -> Any:
     return col[0] if col is not None else None
 
 
-def resolve_request_refs(
-    config: CounterConfig,
-    cols: Mapping[str, Any],
-    item_attrs: Mapping[str, Mapping] | None = None,
-    memo: dict[tuple[CounterSpec, ...], dict[str, tuple[Any, tuple]]] | None = None,
-) -> Refs:
-    """:func:`resolve_refs` for the events of one scoring request: one user, one context and
-    one time, many items. The same :class:`Refs` (same entities in the same order, same
-    references), built per candidate in Python: the user-, context- and time-side texts
-    once, each distinct item's attribute texts once, and entity names joined directly,
-    where the general path pays ~10 numpy calls per key field whatever the batch size.
-    Events that do not share user, context and time take :func:`resolve_refs`.
-
-    ``memo`` (the caller's, e.g. the online store's) keeps, per list of specs, each item's
-    entity names of the item-only specs (``item``, ``genre``) and its texts of the item
-    fields the other specs need, while ``item_attrs`` hands out the same attributes
-    object for it; a new object (a re-read) recomputes them. A list's part is emptied
-    past ``MEMO_ITEMS`` items.
-
-    >>> cfg = CounterConfig(specs=(CounterSpec("user", key=("user_id",)),
-    ...                            CounterSpec("user_genre", key=("user_id", "genre"))))
-    >>> cols = as_columns({"ts": [0.0, 0.0], "user_id": [7, 7], "item_id": [9, 8]})
-    >>> attrs = {"9": {"genres": ["Comedy", "Drama"]}}
-    >>> r = resolve_request_refs(cfg, cols, attrs)
-    >>> [r.entities[i] for i in r.entity]
-    ['user:7', 'user_genre:7|Comedy', 'user_genre:7|Drama', 'user:7']
-    >>> r.entities == resolve_refs(cfg, cols, attrs).entities
-    True
-    """
-    shared = _shared_event(cols)
-    if shared is None:
-        return resolve_refs(config, cols, item_attrs)
-    item_attrs = item_attrs or {}
-    # distinct items in order of first appearance: an entity's first reference is at the
-    # first event of some item, so walking distinct items keeps the general path's order
-    first = dict.fromkeys(cols["item_id"].tolist())
-    distinct = list(first)
-    codes = [*map({it: u for u, it in enumerate(distinct)}.__getitem__, cols["item_id"].tolist())]
-    n, m = len(codes), len(distinct)
-    specs = config.specs
-    only, fields = _item_layout(specs)
-    plans = _item_plans(specs, distinct, item_attrs, memo)
-    item_texts = {f: [p[1][k] for p in plans] for k, f in enumerate(fields)}  # per distinct item
-    const: dict[str, list[str] | None] = {}
-    # per spec with references: its number per distinct item, and its entity names item by
-    # item (one name for a spec every event shares)
-    spec_ids: list[int] = []
-    spec_counts: list[list[int] | None] = []  # None: one shared entity per item
-    spec_names: list[list[str]] = []
-    for s, spec in enumerate(specs):
-        if s in only:  # every key field from the item: the item's own names
-            j = only.index(s)
-            names_of = [p[0][j] for p in plans]
-            spec_ids.append(s)
-            spec_counts.append([*map(len, names_of)])
-            spec_names.append([*itertools.chain.from_iterable(names_of)])
-            continue
-        fixed = []
-        for f in spec.key:
-            if f not in const:
-                const[f] = _shared_texts(f, *shared)
-            fixed.append(const[f])
-        if any(c == [] for c in fixed):  # a shared key field is missing: no reference
-            continue
-        side = [f for f, c in zip(spec.key, fixed, strict=True) if c is None]
-        prefix = f"{spec.name}:" if spec.key else spec.name
-        spec_ids.append(s)
-        if not side:  # one entity for every event
-            spec_counts.append(None)
-            spec_names.append([prefix + "|".join(c[0] for c in fixed)])
-            continue
-        if len(side) == 1:
-            j = next(i for i, c in enumerate(fixed) if c is None)
-            pre = prefix + "".join(c[0] + "|" for c in fixed[:j])
-            post = "".join("|" + c[0] for c in fixed[j + 1:])
-            texts_of = item_texts[side[0]]
-            spec_counts.append([*map(len, texts_of)])
-            spec_names.append([pre + t + post for t in itertools.chain.from_iterable(texts_of)])
-            continue
-        cols_of = [item_texts[f] if c is None else None for f, c in zip(spec.key, fixed, strict=True)]
-        names_of = [
-            [prefix + "|".join(p) for p in itertools.product(
-                *(c if c is not None else t[u] for c, t in zip(fixed, cols_of, strict=True)))]
-            for u in range(m)
-        ]
-        spec_counts.append([*map(len, names_of)])
-        spec_names.append([*itertools.chain.from_iterable(names_of)])
-    # entities in order of first reference, spec by spec and item by item (the general
-    # path's order), then each reference's entity number
-    index = {e: k for k, e in enumerate(dict.fromkeys(itertools.chain.from_iterable(spec_names)))}
-    at = index.__getitem__
-    spec_flat = [[at(names[0])] * m if counts is None else [*map(at, names)]
-                 for counts, names in zip(spec_counts, spec_names, strict=True)]
-    spec_counts = [[1] * m if c is None else c for c in spec_counts]
-    if n == 1:  # one event: its references spec by spec, nothing to interleave
-        ent = [k for flat in spec_flat for k in flat]
-        spc = [s for s, flat in zip(spec_ids, spec_flat, strict=True) for _ in flat]
-        return Refs(entities=list(index), event=np.zeros(len(ent), np.int64),
-                    spec=np.array(spc, np.int32), entity=np.array(ent, np.int32),
-                    n_events=1, n_specs=len(config.specs), index=index)
-    entity, spec, per_item = _item_major(spec_ids, spec_counts, spec_flat, m)
-    codes_a = np.asarray(codes, dtype=np.int64)
-    if m == n and (codes_a == np.arange(n)).all():  # distinct candidates: rows are items
-        return Refs(entities=list(index), event=np.repeat(np.arange(n, dtype=np.int64), per_item),
-                    spec=spec, entity=entity, n_events=n, n_specs=len(config.specs), index=index)
-    # repeated candidates: each event takes its item's slice
-    starts = np.cumsum(per_item) - per_item
-    lens = per_item[codes_a]
-    at = np.repeat(starts[codes_a] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
-    return Refs(entities=list(index), event=np.repeat(np.arange(n, dtype=np.int64), lens),
-                spec=spec[at], entity=entity[at], n_events=n, n_specs=len(config.specs),
-                index=index)
-
-
-def _item_major(spec_ids: list[int], spec_counts: list[list[int]], spec_flat: list[list[int]],
-                m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-spec references (``spec_counts[k][u]`` entities of distinct item ``u`` for spec
-    ``spec_ids[k]``, listed item by item in ``spec_flat[k]``) reordered item by item, spec
-    by spec within an item: ``(entity int32, spec int32, references per item int64)``.
-
-    >>> ent, spc, per = _item_major([0, 2], [[1, 2], [0, 1]], [[5, 6, 7], [9]], 2)
-    >>> ent.tolist(), spc.tolist(), per.tolist()
-    ([5, 6, 7, 9], [0, 0, 0, 2], [1, 3])
-    """
-    counts = np.array(spec_counts, dtype=np.int64).reshape(len(spec_ids), m)  # [specs, items]
-    flat = counts.ravel()
-    # each reference's item, in ``spec_flat``'s order (spec by spec, item by item); a stable
-    # sort on it lists the references item by item, spec by spec within an item
-    item = np.repeat(np.tile(np.arange(m), len(spec_ids)), flat)
-    order = np.argsort(item, kind="stable")
-    entity = np.fromiter(itertools.chain.from_iterable(spec_flat), np.int32, int(flat.sum()))
-    spec = np.repeat(np.repeat(np.asarray(spec_ids, np.int32), m), flat)
-    return entity[order], spec[order], counts.sum(axis=0)
-
-
 class RequestSlots:
-    """:func:`resolve_request_refs` with numbered entities, for a read cache that keeps
-    states by number (:class:`features.read_cache.ReadCache`): one request's references
-    as ``Refs`` whose ``entity`` are the entities' slots (``entities`` is empty).
+    """:func:`resolve_refs` for the events of one scoring request (one user, one context
+    and one time, many items) with numbered entities (the slots of
+    :class:`features.read_cache.ReadCache`): its references as ``Refs`` whose ``entity``
+    are the entities' slots (``entities`` is empty).
 
     Each item keeps a template: its references spec by spec, an item-only spec's
     entities (``item:9``, ``genre:Comedy``) as slots, and for the specs that need the

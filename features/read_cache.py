@@ -265,6 +265,10 @@ class ReadCache:
                 self._rows = np.vstack([self._rows, np.zeros_like(self._rows)])
         return got
 
+    def names_of(self, slots: np.ndarray) -> list[str]:
+        """The entity names of ``slots`` (taken since the last :meth:`prepare`)."""
+        return [*map(self._names.__getitem__, slots.tolist())]
+
     def lookup(self, slots: np.ndarray, now: float) -> Lookup:
         """Which references ``slots`` (one read's) are kept and valid at ``now``, their raw
         states (taken now), and the distinct entities to read."""
@@ -275,9 +279,8 @@ class ReadCache:
         if n_found == len(slots):  # all in memory (the common case)
             return Lookup(slots, found, self._rows[slots], [], _NONE, self.generation)
         miss_slots = np.unique(slots[~found])
-        names = self._names
-        return Lookup(slots, found, self._rows[slots[found]],
-                      [*map(names.__getitem__, miss_slots.tolist())], miss_slots, self.generation)
+        return Lookup(slots, found, self._rows[slots[found]], self.names_of(miss_slots),
+                      miss_slots, self.generation)
 
     def decayed(self, look: Lookup, shards: Sequence[np.ndarray], now: float,
                 token: Token | None = None) -> np.ndarray:

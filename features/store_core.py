@@ -150,13 +150,10 @@ class StoreCore:
         self.clock = clock
         self.round_trips = 0
         self.commands = 0
-        #: each item's entity names and key texts for scoring reads
-        #: (``resolve_request_refs``), kept while the item cache hands out the same
-        #: attributes; this process only
-        self.refs_memo: dict[tuple, dict[str, tuple[Any, tuple]]] = {}
-        #: each item's references with the read cache's entity slots, for scoring reads
-        #: through the cache; this process only
+        #: each item's references with the read cache's entity slots, for one request's
+        #: reads (through the cache or not), per list of counters read; this process only
         self.request_slots = RequestSlots(self.counters)
+        self._slots_by_specs: dict[tuple, RequestSlots] = {self.counters.specs: self.request_slots}
         self.miss_cache_seconds = miss_cache_seconds
         #: the client is a Redis Cluster's (set by the store): multi-key scripts only per slot
         self.cluster = False
@@ -262,6 +259,16 @@ class StoreCore:
 
     def states(self, blob: bytes, width: int) -> np.ndarray:
         return np.frombuffer(blob, dtype="<f8").reshape(-1, width + 1)
+
+    def slots_for(self, config: CounterConfig) -> RequestSlots:
+        """The :class:`RequestSlots` of a list of counters (all of them, or those a read
+        names), made on first use; a handful of lists is kept."""
+        got = self._slots_by_specs.get(config.specs)
+        if got is None:
+            if len(self._slots_by_specs) > 64:  # lists come from few callers' feature lists
+                self._slots_by_specs = {self.counters.specs: self.request_slots}
+            got = self._slots_by_specs[config.specs] = RequestSlots(config)
+        return got
 
     # -- item attributes and codes, with a short-lived cache ---------------------------
     def plan_items(self, item_ids: Iterable[str]) -> Plan:

@@ -19,7 +19,7 @@ from features.counters import (
     decay_state,
     derive_features,
     half_life_label,
-    resolve_request_refs,
+    resolve_refs,
     smoothed_ctr,
 )
 from features.hashing import canonical
@@ -97,20 +97,26 @@ def plan_read(
     attrs, codes = (yield from core.plan_items(set(cols["item_id"]))) if need_items else ({}, {})
     # Serving's reads go through its cache (features/read_cache.py): tracked by Redis,
     # every entity and user's attributes; else shared entities for a TTL. The rest are
-    # read from every shard. A request's entities are looked up by slot (RequestSlots);
-    # other reads (events of several users) by name.
+    # read from every shard. One request's entities are numbered by the cache's slots
+    # (RequestSlots; also when the cache is off or the read names its features);
+    # other reads (events of several users) go by name.
     cache = core.read_cache if wanted is None and core.read_cache.enabled else None
-    refs = None  # by slot (entities empty, ``entity`` slots) or by name
-    if cache is not None:
-        cache.prepare()
-        refs = core.request_slots.refs(cols, attrs, cache.slot, cache.generation)
-    if refs is not None:
+    slots = core.read_cache  # numbers entity names, whether it keeps states or not
+    slots.prepare()
+    refs = core.slots_for(cfg).refs(cols, attrs, slots.slot, slots.generation)
+    look, pick = None, None  # the cache's lookup; else which read state each reference takes
+    if refs is None:  # by name
+        refs = resolve_refs(cfg, cols, attrs)
+        if cache is not None:
+            look = cache.split(refs.entities, now)
+        pick = refs.entity
+        miss = refs.entities if look is None else look.miss
+    elif cache is not None:
         look = cache.lookup(refs.entity, now)
         miss = look.miss
-    else:
-        refs = resolve_request_refs(cfg, cols, attrs, core.refs_memo)  # one request; else general
-        look = None if cache is None else cache.split(refs.entities, now)
-        miss = refs.entities if look is None else look.miss
+    else:  # by slot, not kept: each distinct entity read once
+        read_slots, pick = np.unique(refs.entity, return_inverse=True)
+        miss = slots.names_of(read_slots)
     cmds = core.read_cmds(miss, cfg.state_fields)
     n_read = len(cmds)
     users = sorted({u for u in cols["user_id"] if u})
@@ -132,7 +138,7 @@ def plan_read(
         shards = core.shard_states(res[:n_read], cfg.width)
         if cache is None:
             per_ref = (decay_shards(cfg, shards, now) if shards
-                       else np.zeros((0, cfg.width)))[refs.entity]
+                       else np.zeros((0, cfg.width)))[pick.reshape(-1)]
         else:  # by slot: a state per reference; by name: per entity of ``refs.entities``
             per_ref = cache.decayed(look, shards, now, token)
             if refs.entities:

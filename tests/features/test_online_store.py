@@ -256,6 +256,28 @@ def test_get_online_features_is_one_round_trip_and_decays_to_now(make_store, red
     client.close()
 
 
+def test_one_request_read_by_slot_equals_the_general_path(make_store):
+    """A request's read without the cache (its entities numbered by slot, each read once)
+    gives the same features, to the bit, as the general path by name (a read of several
+    users' rows), also when the read names some of the features (their own templates)."""
+    store = make_store(partitions=3, counters=CFG)
+    store.put_item_attributes({i: {"genres": [["Drama", "Comedy"], ["Drama"], []][i % 3]}
+                               for i in range(20)}, ts=0)
+    store.apply_batch("clicks", 0, {"ts": [0.0, 5.0, 7.0], "user_id": [1, 2, 1],
+                                    "item_id": [3, 4, 5], "label": [1, 0, 1], "offset": [0, 1, 2]})
+    rows = [{"user_id": 1, "item_id": i} for i in [*range(20), 3, 4]]  # repeats too
+    mixed = [*rows, {"user_id": 2, "item_id": 4}]  # two users: by name
+    want = store.get_online_features(mixed, now=100.0)
+    got = store.get_online_features(rows, now=100.0)
+    for name in CFG.feature_names():
+        assert got[name].tolist() == want[name][:len(rows)].tolist(), name
+    names = [n for n in CFG.feature_names() if n.startswith(("user_genre", "genre"))]
+    got = store.get_online_features(rows, names, now=100.0)
+    assert sorted(got) == sorted(names)
+    for name in names:
+        assert got[name].tolist() == want[name][:len(rows)].tolist(), name
+
+
 def test_attributes_codes_and_entity_view(make_store):
     store = make_store(counters=CFG)
     assert store.put_item_attributes({242: {"genres": ["Comedy"], "year": 1996, "ts": 50}}) == 1
