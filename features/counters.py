@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from features.hashing import canonical, factorize
+from features.item_table import ItemTable
 
 __all__ = [
     "DEFAULT_COUNTERS",
@@ -564,11 +565,10 @@ class RequestSlots:
     def _reset(self, generation: int) -> None:
         """Forget every template (slots numbered anew, or too many kept)."""
         self._generation = generation
-        self._number: dict[str, int] = {}  # item -> its number in the arrays below
-        self._attrs: list[Any] = []  # the attributes object each template was built from
-        self._attrs_id = np.zeros(1024, np.int64)  # ... and its id() (kept alive above)
-        self._start = np.zeros(1024, np.int64)  # where its template starts in the flat arrays
-        self._len = np.zeros(1024, np.int64)
+        # item -> its template's number (forgotten here, before the table would)
+        self._items = ItemTable(objects=1, limit=2 * MEMO_ITEMS)
+        self._start = np.zeros(self._items.capacity, np.int64)  # where it starts in the flat arrays
+        self._len = np.zeros(self._items.capacity, np.int64)
         self._spec = np.zeros(16_384, np.int32)  # templates back to back
         self._code = np.zeros(16_384, np.int64)
         self._used = 0
@@ -581,29 +581,19 @@ class RequestSlots:
         shared = _shared_event(cols)
         if shared is None:
             return None
-        if (generation != self._generation or len(self._number) > MEMO_ITEMS
+        items = cols["item_id"].tolist()
+        n = len(items)
+        if (generation != self._generation or len(self._items) + n > MEMO_ITEMS
                 or self._used > 4 * self._live + 65_536):
             self._reset(generation)
         attrs_of = (item_attrs or {}).get
-        items = cols["item_id"].tolist()
-        n = len(items)
-        number = self._number
-        try:
-            ids = np.fromiter(map(number.__getitem__, items), np.int64, n)
-        except KeyError:
-            for it in items:
-                if it not in number:
-                    self._build(it, attrs_of(it), slot)
-            ids = np.fromiter(map(number.__getitem__, items), np.int64, n)
-        # the item's attributes are the same object as its template's (a re-read makes a
-        # new one): compared by id, the objects kept alive by ``_attrs``
-        stale = self._attrs_id[ids] != np.fromiter(map(id, map(attrs_of, items)), np.int64, n)
-        if stale.any():
-            for k in np.flatnonzero(stale).tolist():
-                it = items[k]
-                if self._attrs_id[number[it]] != id(attrs_of(it)):  # once per item
-                    self._build(it, attrs_of(it), slot)
-            ids = np.fromiter(map(number.__getitem__, items), np.int64, n)
+        table = self._items
+        attrs = [*map(attrs_of, items)]
+        ids, stale = table.rows(items, attrs)
+        if len(stale):
+            for r in stale.tolist():
+                if not table.built(int(ids[r]), (attrs[r],)):  # once per item
+                    self._build(int(ids[r]), items[r], attrs[r], slot)
         lens = self._len[ids]
         total = int(lens.sum())
         at = np.repeat(self._start[ids] - (np.cumsum(lens) - lens), lens) + np.arange(total)
@@ -622,25 +612,21 @@ class RequestSlots:
         return Refs(entities=[], event=event, spec=spec, entity=code, n_events=n,
                     n_specs=len(self.config.specs))
 
-    def _build(self, item: str, attrs: Mapping[str, Any] | None, slot: Any) -> None:
-        """Item ``item``'s template from ``attrs``, appended to the flat arrays."""
+    def _build(self, k: int, item: str, attrs: Mapping[str, Any] | None, slot: Any) -> None:
+        """Item ``item``'s template (number ``k``) from ``attrs``, appended to the flat
+        arrays."""
         spec, code = self._template(item, attrs, slot)
-        k = self._number.get(item)
-        if k is None:
-            k = self._number[item] = len(self._attrs)
-            self._attrs.append(None)
-            if k >= len(self._len):
-                self._attrs_id, self._start, self._len = (
-                    np.concatenate([a, np.zeros_like(a)])
-                    for a in (self._attrs_id, self._start, self._len))
-        else:
-            self._live -= int(self._len[k])
+        if k >= len(self._len):
+            more = self._items.capacity - len(self._len)
+            self._start = np.concatenate([self._start, np.zeros(more, np.int64)])
+            self._len = np.concatenate([self._len, np.zeros(more, np.int64)])
+        self._live -= int(self._len[k])  # 0 for a new item's
         end = self._used + len(code)
         while end > len(self._code):
             self._spec = np.concatenate([self._spec, np.zeros_like(self._spec)])
             self._code = np.concatenate([self._code, np.zeros_like(self._code)])
         self._spec[self._used:end], self._code[self._used:end] = spec, code
-        self._attrs[k], self._attrs_id[k] = attrs, id(attrs)
+        self._items.keep(k, (attrs,))
         self._start[k], self._len[k] = self._used, len(code)
         self._used = end
         self._live += len(code)

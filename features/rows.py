@@ -42,6 +42,7 @@ import numpy as np
 
 from features.counters import CounterConfig, as_columns, half_life_label
 from features.hashing import canonical, digests, factorize, hash_tokens
+from features.item_table import ItemTable
 from features.schema import FeatureSchema
 
 __all__ = ["RowBuilder", "RowConfig"]
@@ -117,7 +118,9 @@ class RowBuilder:
         # fields...] and the (attributes, codes) objects they were computed from
         self._item_fields = [(f, None) for f in c.item_fields]
         self._item_fields += [(name, (kind, idx)) for name, kind, idx in self._codes]
-        self._item_reset()
+        #: each item's tokens, by its number in ``_items`` (see :meth:`item_blocks`)
+        self._items = ItemTable(objects=2, limit=200_000)
+        self._item_tok = np.zeros((self._items.capacity, 1 + len(self._item_fields)), np.int64)
         # scoring matrices: each categorical column's position; where item blocks go
         self._positions = {f"c:{f}": j for j, f in enumerate(categorical)}
         self._block_positions = [self._positions[f"c:{f}"]
@@ -335,30 +338,13 @@ class RowBuilder:
         ``item_ids`` are canonical. The tokens are those of the shared path (a function
         of one field and one value each), so cached and fresh blocks are equal.
         """
-        n = len(item_ids)
-        number = self._item_number
-        try:
-            ks = np.fromiter(map(number.__getitem__, item_ids), np.int64, n)
-        except KeyError:
-            if len(number) + n > 200_000:  # many items seen: start again
-                self._item_reset()
-                number = self._item_number
-            for i in item_ids:
-                if i not in number:
-                    number[i] = len(self._item_objs)
-                    self._item_objs.append(None)
-            if len(self._item_objs) > len(self._item_tok):  # a new row's ids are -1: stale
-                more = max(len(self._item_objs), 2 * len(self._item_tok)) - len(self._item_tok)
-                self._item_tok = np.vstack([self._item_tok, np.zeros((more, self._item_tok.shape[1]), np.int64)])
-                self._item_obj_ids = np.vstack([self._item_obj_ids, np.full((more, 2), -1, np.int64)])
-            ks = np.fromiter(map(number.__getitem__, item_ids), np.int64, n)
-        # the attributes and codes are the objects the tokens were computed from (ids
-        # compared; the objects are kept alive by ``_item_objs``)
-        ids = self._item_obj_ids[ks]
-        stale = ids[:, 0] != np.fromiter(map(id, attrs), np.int64, n)
-        stale |= ids[:, 1] != np.fromiter(map(id, codes), np.int64, n)
-        if stale.any():
-            todo = {item_ids[r]: r for r in np.flatnonzero(stale).tolist()}  # a row per item
+        table = self._items
+        ks, stale = table.rows(item_ids, attrs, codes)
+        if len(self._item_tok) < table.capacity:
+            more = table.capacity - len(self._item_tok)
+            self._item_tok = np.vstack([self._item_tok, np.zeros((more, self._item_tok.shape[1]), np.int64)])
+        if len(stale):
+            todo = {item_ids[r]: r for r in stale.tolist()}  # a row per item
             rows = list(todo.values())
             fresh = np.empty((len(rows), self._item_tok.shape[1]), np.int64)
             fresh[:, 0] = digests("item_id", list(todo))
@@ -369,16 +355,8 @@ class RowBuilder:
             at = ks[rows]
             self._item_tok[at] = fresh
             for k, r in zip(at.tolist(), rows, strict=True):
-                self._item_objs[k] = (attrs[r], codes[r])
-                self._item_obj_ids[k] = (id(attrs[r]), id(codes[r]))
+                table.keep(k, (attrs[r], codes[r]))
         return self._item_tok[ks]
-
-    def _item_reset(self) -> None:
-        """Forget every item's tokens (see :meth:`item_blocks`)."""
-        self._item_number: dict[str, int] = {}  # canonical item id -> its row below
-        self._item_objs: list[tuple[Any, Any] | None] = []  # (attributes, codes) objects
-        self._item_obj_ids = np.full((1024, 2), -1, np.int64)  # ... their id()s
-        self._item_tok = np.zeros((1024, 1 + len(self._item_fields)), np.int64)
 
     def _sequence_columns(self, sequences: Sequence[Sequence[str]] | None,
                           n: int) -> dict[str, np.ndarray]:
