@@ -6,7 +6,9 @@ techniques found vs labelled, recall, attacker process in the chain, alert laten
 reduction ratios, labelled attack edges lost to reduction, records, and graph
 memory (estimate and tracemalloc peak).
 
-Then the benign recordings of ``bench/benign_audit/data`` (made on this machine
+Then the same for Headwater's own attack recordings (``bench/attack_audit/data``,
+recorded with ``bench/attack_audit/record.sh``: other tools, paths and ports than the
+dev corpus), and the benign recordings of ``bench/benign_audit/data`` (made on this machine
 with ``bench/benign_audit/record.py``): medium+ alerts and false positives per
 host-hour (log time), edge reduction, each on a cold engine; and every recording
 but ``train`` (all held out) again on an engine whose learned baseline was trained
@@ -43,6 +45,8 @@ def data_dir(arg: str | None) -> Path:
 
 
 BENIGN = REPO / "bench" / "benign_audit" / "data"
+#: Headwater's own attack recordings (bench/attack_audit/record.sh)
+OWN_ATTACKS = REPO / "bench" / "attack_audit" / "data"
 _TS = re.compile(r"msg=audit\((\d+\.\d+):")
 
 
@@ -158,8 +162,17 @@ def evaluate_benign(name: str, lines: list[str], trained_on: list[str] | None = 
 
 
 def evaluate(log: Path) -> dict:
+    """One dev-corpus log (its labels beside it, same name)."""
     labels = json.loads((log.parent / f"{log.stem}.labels.json").read_text())
-    lines = log.read_text(encoding="utf-8").splitlines()
+    return evaluate_lines(log.read_text(encoding="utf-8").splitlines(), labels)
+
+
+def attack_lines(path: Path) -> list[str]:
+    with lzma.open(path, "rt", encoding="utf-8") as fh:
+        return fh.read().splitlines()
+
+
+def evaluate_lines(lines: list[str], labels: dict) -> dict:
     tracemalloc.start()
     eng = DetectionEngine(host="vm")
     eng.process_lines(lines)
@@ -241,6 +254,9 @@ def main(argv=None) -> int:
         print(f"no audit logs under {data_dir(args.data) / 'audit'}", file=sys.stderr)
         return 2
     rows = [evaluate(p) for p in logs]
+    own = sorted(OWN_ATTACKS.glob("*.log.xz"))
+    rows += [evaluate_lines(attack_lines(p), json.loads(
+        (OWN_ATTACKS / (p.name[: -len(".log.xz")] + ".labels.json")).read_text())) for p in own]
     print(
         "| scenario | detected | severity | techniques found/labelled | recall | attacker in chain "
         "| latency s | benign medium+ | node red. | edge red. | attack edges lost | records "
@@ -263,12 +279,17 @@ def main(argv=None) -> int:
             f"| {r['lost']} | {r['records']} | {r['mem_est'] / 1024:.0f} "
             f"| {r['mem_peak'] / 1024:.0f} |"
         )
-    attacks = [r for r in rows if r["detected"] is not None]
-    if attacks:
+    for label, part in (("dev corpus", [r for r in rows if not r["scenario"].startswith("own")]),
+                        ("own recordings", [r for r in rows if r["scenario"].startswith("own")])):
+        attacks = [r for r in part if r["detected"] is not None]
+        if not attacks:
+            continue
         mean = sum(r["recall"] for r in attacks) / len(attacks)
         print(
-            f"\nmean technique recall {mean:.3f}; detected {sum(r['detected'] for r in attacks)}"
-            f"/{len(attacks)}; extra techniques per scenario: "
+            f"\n{label}: mean technique recall {mean:.3f}; detected "
+            f"{sum(r['detected'] for r in attacks)}/{len(attacks)}; missing per scenario: "
+            + "; ".join(f"{r['scenario'][:5]} {','.join(r['missing']) or '-'}" for r in attacks)
+            + "; extra per scenario: "
             + "; ".join(f"{r['scenario'][:5]} {','.join(r['extra']) or '-'}" for r in attacks)
         )
     if (BENIGN / "train.log.xz").exists():

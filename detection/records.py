@@ -199,7 +199,8 @@ def _tokenize_slow(body: str) -> list[str] | str:
 _split_kv = methodcaller("split", "=", 1)
 
 
-def _parse_fields(body: str, fields: dict, execve: bool = False) -> str | None:
+def _parse_fields(body: str, fields: dict, execve: bool = False,
+                  nested: bool = False) -> str | None:
     """Fill *fields* from ``k=v`` tokens; return an error reason or ``None``.
 
     The reference parser: one Python step per field. :func:`_fields` gives the same
@@ -222,6 +223,8 @@ def _parse_fields(body: str, fields: dict, execve: bool = False) -> str | None:
         toks = _tokenize_slow(body)
         if isinstance(toks, str):
             return toks
+        if nested:  # user-space payloads: ``op=adding group acct=...`` (useradd)
+            toks = _join_bare_words(toks)
         for tok in toks:
             if "=" not in tok:
                 return f"truncated or garbled field {tok[:40]!r} (expected key=value)"
@@ -229,6 +232,25 @@ def _parse_fields(body: str, fields: dict, execve: bool = False) -> str | None:
     if "" in raw:
         return "field without a name (a token starting with '=')"
     return _decode_values(raw, fields, execve)
+
+
+def _join_bare_words(toks: list[str]) -> list[str]:
+    """Words without ``=`` after a ``key=value`` token, joined to its value: user-space
+    programs write some values unquoted with spaces inside ``msg='...'`` (shadow-utils'
+    ``op=adding group``, ``op=adding home directory``), and auditd keeps them as written.
+
+    >>> _join_bare_words(["op=adding", "group", "acct=x", "res=success"])
+    ['op=adding group', 'acct=x', 'res=success']
+    >>> _join_bare_words(["garbled", "a=1"])  # nothing before it: left as it is
+    ['garbled', 'a=1']
+    """
+    out: list[str] = []
+    for tok in toks:
+        if "=" not in tok and out and "=" in out[-1] and out[-1][-1:] not in "\"'":
+            out[-1] = f"{out[-1]} {tok}"
+        else:
+            out.append(tok)
+    return out
 
 
 def _is_argument(key: str) -> bool:
@@ -253,7 +275,7 @@ def _decode_values(raw: dict, fields: dict, execve: bool) -> str | None:
         elif first == "'":
             # user-space records nest their payload in msg='...': flatten it like ausearch
             inner = val[1:-1] if val.endswith("'") and len(val) > 1 else val[1:]
-            err = _parse_fields(inner, fields)
+            err = _parse_fields(inner, fields, nested=True)
             if err:
                 return f"in msg='...': {err}"
             continue

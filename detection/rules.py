@@ -342,6 +342,26 @@ def mode_exec(e: Edge):
     return isinstance(mode, int) and bool(mode & 0o111)
 
 
+def mode_setid(e: Edge):
+    """A chmod that sets the setuid or setgid bit of a file (a directory's setgid bit,
+    which shares a group's new files, is ordinary administration)."""
+    mode = e.detail.get("mode")
+    if not isinstance(mode, int) or not mode & 0o6000:
+        return False
+    kind = getattr(e.obj, "mode", None)  # the PATH record's inode mode (octal text)
+    if isinstance(kind, str):
+        return not kind.startswith("04")  # 040755: a directory; 0100755: a file
+    return not (isinstance(kind, int) and kind & 0o170000 == 0o040000)
+
+
+def setuid_exec(e: Edge):
+    """A program outside the system directories that ran as root for a user who is not
+    (its setuid bit did it: effective uid 0, real uid a user's)."""
+    p = e.proc
+    exe = p.exe or ""
+    return p.euid == 0 and p.uid not in (None, 0) and not exe.startswith(_SYSTEM_DIRS)
+
+
 def port_scan(e: Edge, threshold: int = 5):
     """One process touching ``threshold`` or more ports of the same host."""
     s = e.obj
@@ -363,7 +383,9 @@ CHECKS = {
     "hidden_unusual": hidden_unusual,
     "masquerade": masquerade,
     "mode_exec": mode_exec,
+    "mode_setid": mode_setid,
     "port_scan": port_scan,
+    "setuid_exec": setuid_exec,
 }
 
 

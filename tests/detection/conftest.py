@@ -69,3 +69,22 @@ def corpus_runs(audit_dir):
         labels = json.loads((log.parent / (log.stem + ".labels.json")).read_text())
         out[labels["scenario"]] = (labels, run_log(log))
     return out
+
+
+OWN_ATTACKS_DIR = REPO / "bench" / "attack_audit" / "data"
+
+
+@pytest.fixture(scope="session")
+def own_attack_runs():
+    """{scenario: (labels, engine)} for Headwater's own attack recordings (in the repo)."""
+    out = {}
+    for path in sorted(OWN_ATTACKS_DIR.glob("*.log.xz")):
+        name = path.name[: -len(".log.xz")]
+        labels = json.loads((OWN_ATTACKS_DIR / f"{name}.labels.json").read_text())
+        with lzma.open(path, "rt", encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+        eng = DetectionEngine(host="vm")
+        eng.process_lines(lines)
+        eng.flush()
+        out[name] = (labels, eng)
+    return out

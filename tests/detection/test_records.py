@@ -366,3 +366,17 @@ def test_native_parser_is_built():
     assert records._native_parse("type=CWD msg=audit(1.0:7): cwd='/tmp'", Record) is None
     r = parse_line(b'type=CWD msg=audit(1.0:7): cwd="/tmp"')  # the worker's lines are bytes
     assert r.fields == {"cwd": "/tmp"} and r.fields["cwd"].__class__ is str
+
+
+def test_user_space_values_with_spaces_parse_and_garbled_ones_still_fail():
+    """shadow-utils writes ``op=adding group`` unquoted inside ``msg='...'`` (recorded by
+    ``useradd`` in bench/attack_audit's own01): one field, not a parse error. A payload
+    that starts with a bare word is still refused with its reason."""
+    line = ("type=ADD_GROUP msg=audit(1796282513.295:4514): pid=4712 uid=0 auid=1502 ses=39 "
+            "msg='op=adding group acct=\"sysbackup\" exe=\"/usr/sbin/useradd\" hostname=vm "
+            "addr=? terminal=pts/0 res=success'")
+    rec = parse_line(line)
+    assert rec.fields["op"] == "adding group" and rec.fields["acct"] == "sysbackup"
+    assert rec.fields["res"] == "success"
+    bad = parse_line("type=USER_CMD msg=audit(1.0:5): pid=1 uid=0 msg='garbled a=1'")
+    assert "truncated or garbled field 'garbled'" in bad.reason

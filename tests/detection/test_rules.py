@@ -214,3 +214,63 @@ def test_hidden_unusual_is_the_path_check(path, op):
 
     edge = SimpleNamespace(op=op, obj=FileNode(path, 1.0, 8))
     assert bool(detection.rules.hidden_unusual(edge)) == _hidden_unusual_reference(path, op)
+
+
+def _fired(edge) -> set[str]:
+    return {m.rule for m in RuleSet.load().match(edge)}
+
+
+def test_setuid_rules_fire_on_files_and_foreign_roots_only():
+    """A setuid/setgid bit on a file and a user's process running as root from a program
+    outside the system directories are T1548.001; a directory's setgid bit (shared group
+    directories), a plain chmod and root's own or sudo's processes are not."""
+    from detection.nodes import Edge, FileNode, ProcNode
+
+    proc = ProcNode(9, 1.0, 16)
+    proc.exe, proc.uid, proc.euid = "/usr/bin/chmod", 0, 0
+
+    def chmod(mode, inode_mode):
+        f = FileNode("/var/tmp/.sysd", 1.0, 8)
+        f.mode = inode_mode
+        return Edge(1.0, "chmod", proc, f, {"mode": mode})
+
+    assert "setid-bit" in _fired(chmod(0o4755, "0100755"))
+    assert "setid-bit" in _fired(chmod(0o2755, "0100755"))
+    assert "setid-bit" not in _fired(chmod(0o2775, "040775"))  # a directory
+    assert "setid-bit" not in _fired(chmod(0o755, "0100755"))
+    shell = ProcNode(10, 1.0, 16)
+    for exe, uid, euid, want in [("/var/tmp/.sysd", 1502, 0, True), ("/usr/bin/passwd", 1502, 0, False),
+                                 ("/var/tmp/.sysd", 0, 0, False), ("/var/tmp/.sysd", 1502, 1502, False)]:
+        shell.exe, shell.uid, shell.euid = exe, uid, euid
+        assert ("setuid-exec" in _fired(Edge(1.0, "exec", shell, None))) is want, (exe, uid, euid)
+
+
+def test_an_untrusted_http_client_is_web_c2_on_any_port_and_a_socket_turned_shell_is_t1095():
+    from detection import tags as T
+    from detection.nodes import Edge, ProcNode, SockNode
+
+    curl = ProcNode(11, 1.0, 16)
+    curl.exe, curl.labels = "/usr/bin/curl", T.UNTRUSTED | T.NET_IN
+    sock = SockNode("inet", "10.1.2.3", 8123, 1.0, 8, trusted=False)
+    assert "c2-web-client" in _fired(Edge(1.0, "connect", curl, sock, {"ok": True}))
+    curl.labels = 0  # not dependent on anything untrusted: a probe or a download
+    assert "c2-web-client" not in _fired(Edge(1.0, "connect", curl, sock, {"ok": True}))
+    sh = ProcNode(12, 1.0, 16)
+    sh.exe, sh.labels = "/usr/bin/dash", T.UNTRUSTED | T.NET_IN  # perl connected, then exec sh
+    assert "shell-on-socket" in _fired(Edge(1.0, "exec", sh, None))
+    sh.labels = T.UNTRUSTED  # a shell forked by such a process: not this rule
+    assert "shell-on-socket" not in _fired(Edge(1.0, "exec", sh, None))
+
+
+@pytest.mark.parametrize("exe, argv, want", [
+    ("/usr/bin/tail", ["tail", "-5", "/home/a/.bash_history"], True),
+    ("/usr/bin/cp", ["cp", "/home/a/.zsh_history", "/tmp/x"], True),
+    ("/usr/bin/shred", ["shred", "-u", "/home/a/.bash_history"], False),  # tampering
+    ("/usr/bin/tail", ["tail", "/home/a/.bash_history_old.txt"], False),
+])
+def test_history_read_by_name(exe, argv, want):
+    from detection.nodes import Edge, ProcNode
+
+    p = ProcNode(13, 1.0, 16)
+    p.exe, p.argv = exe, argv
+    assert ("history-read" in _fired(Edge(1.0, "exec", p, None, {"argv": argv}))) is want
