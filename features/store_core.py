@@ -263,6 +263,8 @@ class StoreCore:
     def slots_for(self, config: CounterConfig) -> RequestSlots:
         """The :class:`RequestSlots` of a list of counters (all of them, or those a read
         names), made on first use; a handful of lists is kept."""
+        if config is self.counters:  # every read that does not name its features
+            return self.request_slots
         got = self._slots_by_specs.get(config.specs)
         if got is None:
             if len(self._slots_by_specs) > 64:  # lists come from few callers' feature lists
