@@ -30,7 +30,8 @@ cleanup() {
   audit_stop; bg_stop; sshd_stop
   for u in alice devops; do kill_user_procs "$u"; crontab -r -u "$u" 2>/dev/null; done
   rm -rf /etc/cron.d/kworker-sync /var/tmp/.sysd /var/tmp/.cache /dev/shm/.kworker \
-         /dev/shm/.b.tgz /dev/shm/.s /etc/systemd/system/netlog.service /tmp/.d.zip
+         /dev/shm/.b.tgz /dev/shm/.s /etc/systemd/system/netlog.service /tmp/.d.zip /tmp/.x \
+         /etc/cron.d/0anacron-sync /etc/ssh/sshd_config.d/99-local.conf
   id sysbackup >/dev/null 2>&1 && userdel sysbackup
   rm -f "$SUDOERS"
   for u in alice devops; do id "$u" >/dev/null 2>&1 && userdel -r "$u" 2>/dev/null; done
@@ -84,4 +85,16 @@ if selected own03; then
   listener_on 6001 "$HERE/own03_listener.cmds"
   record bg_devops_c.cmds 2305
   rm -f /etc/systemd/system/netlog.service
+fi
+if selected own04; then
+  CUR=own04_miner_ransom; begin
+  http_on 8666
+  spawn "$PY" "$TOOLS/c2.py" sink --port 3333 --count 2 --log "$WORK/transcripts/$CUR-sink.txt"; wait_port 3333
+  record bg_devops_a.cmds 2307
+  rm -rf /tmp/.x
+fi
+if selected own05; then
+  CUR=own05_admin_secrets_cron; begin
+  record bg_devops_b.cmds 2309
+  rm -f /etc/cron.d/0anacron-sync /etc/ssh/sshd_config.d/99-local.conf
 fi

@@ -38,24 +38,36 @@ def test_attack_scenario_detected(corpus_runs, scenario):
     assert a["root"]["pid"] in roots | exploited
 
 
-def test_own_attack_recordings_are_detected_and_their_benign_sessions_stay_low(own_attack_runs):
+OWN = ["own01_pyshm_setuid_exfil", "own02_perl_revshell_autostart",
+       "own03_pyagent_sysunit_upload", "own04_miner_ransom",
+       pytest.param("own05_admin_secrets_cron", marks=pytest.mark.xfail(strict=True, reason=(
+           "stolen credentials, no download: nothing depends on untrusted or credential "
+           "data, so the chain never enters the kill chain and stays low (docs/decisions.md, "
+           "'Detection severity')")))]
+
+
+@pytest.mark.parametrize("name", OWN)
+def test_own_attack_recording_is_detected_and_its_benign_session_stays_low(own_attack_runs, name):
     """Headwater's own recordings (other tools, paths and ports than the dev corpus;
-    bench/attack_audit): each attack is one medium+ alert, at least ``high``, rooted at the
-    attacker's login, with most labelled techniques, and read without a parse error."""
-    assert len(own_attack_runs) == 3
-    for name, (labels, eng) in own_attack_runs.items():
-        attacker = set(labels["attacker_pids"])
-        alerts = [a for a in eng.alerts("medium") if _chain_pids(a) & attacker]
-        assert len(alerts) == 1, name
-        a = alerts[0]
-        assert SEVERITY_RANK[a["severity"]] >= SEVERITY_RANK["high"], name
-        assert a["root"]["pid"] in {r["pid"] for r in labels["attacker_process_tree_roots"]}
-        want = {t["id"] for t in labels["attack_techniques"]}
-        assert len(want & set(a["techniques"])) / len(want) >= 0.8, (name, sorted(want - set(a["techniques"])))
-        benign = set(labels.get("benign_pids") or ())
-        assert not [b for b in eng.alerts("medium") if _chain_pids(b) & benign], name
-        assert eng.stats()["errors"] == 0
-        assert eng.stats()["records"] == labels["stats"]["records"]
+    bench/attack_audit): the attack is one medium+ alert, at least ``high``, rooted at
+    the attacker's login, with most labelled techniques, read without a parse error."""
+    labels, eng = own_attack_runs[name]
+    assert eng.stats()["errors"] == 0
+    assert eng.stats()["records"] == labels["stats"]["records"]
+    benign = set(labels.get("benign_pids") or ())
+    assert not [b for b in eng.alerts("medium") if _chain_pids(b) & benign]
+    attacker = set(labels["attacker_pids"])
+    alerts = [a for a in eng.alerts("medium") if _chain_pids(a) & attacker]
+    assert len(alerts) == 1
+    a = alerts[0]
+    assert SEVERITY_RANK[a["severity"]] >= SEVERITY_RANK["high"]
+    assert a["root"]["pid"] in {r["pid"] for r in labels["attacker_process_tree_roots"]}
+    want = {t["id"] for t in labels["attack_techniques"]}
+    assert len(want & set(a["techniques"])) / len(want) >= 0.8, sorted(want - set(a["techniques"]))
+
+
+def test_own_recordings_are_all_there(own_attack_runs):
+    assert sorted(own_attack_runs) == sorted(getattr(p, "values", (p,))[0] for p in OWN)
 
 
 def test_benign_log_raises_nothing_at_medium(corpus_runs):

@@ -274,3 +274,25 @@ def test_history_read_by_name(exe, argv, want):
     p = ProcNode(13, 1.0, 16)
     p.exe, p.argv = exe, argv
     assert ("history-read" in _fired(Edge(1.0, "exec", p, None, {"argv": argv}))) is want
+
+
+@pytest.mark.parametrize("exe, argv, want", [
+    ("/usr/bin/python3.11", ["python3", "/tmp/.x/xmrig", "--url", "stratum+tcp://10.0.0.1:3333"], "miner"),
+    ("/opt/m/xmrig", ["xmrig", "-o", "pool:443", "--donate-level", "1"], "miner"),
+    ("/usr/bin/openssl", ["openssl", "enc", "-aes-256-cbc", "-in", "a.py", "-out", "a.enc"],
+     "encrypt-files-openssl"),
+    ("/usr/bin/openssl", ["openssl", "enc", "-d", "-aes-256-cbc", "-in", "a.enc"], None),
+    ("/usr/bin/openssl", ["openssl", "rand", "-hex", "8"], None),
+    ("/usr/bin/gpg", ["gpg", "--symmetric", "backup.tar"], "encrypt-files-gpg"),
+    ("/usr/bin/gpg", ["gpg", "--decrypt", "backup.tar.gpg"], None),
+])
+def test_impact_rules(exe, argv, want):
+    """A coin miner (pool URL or name) and files encrypted with openssl or gpg (context:
+    encrypted backups are ordinary work); decryption matches nothing."""
+    from detection.nodes import Edge, ProcNode
+
+    p = ProcNode(14, 1.0, 16)
+    p.exe, p.argv = exe, argv
+    fired = {r for r in _fired(Edge(1.0, "exec", p, None, {"argv": argv}))
+             if r in ("miner", "encrypt-files-openssl", "encrypt-files-gpg")}
+    assert fired == ({want} if want else set())
