@@ -253,10 +253,10 @@ def main(argv=None) -> int:
     if not logs:
         print(f"no audit logs under {data_dir(args.data) / 'audit'}", file=sys.stderr)
         return 2
-    rows = [evaluate(p) for p in logs]
-    own = sorted(OWN_ATTACKS.glob("*.log.xz"))
-    rows += [evaluate_lines(attack_lines(p), json.loads(
-        (OWN_ATTACKS / (p.name[: -len(".log.xz")] + ".labels.json")).read_text())) for p in own]
+    rows = [dict(evaluate(p), source="dev corpus") for p in logs]
+    for p in sorted(OWN_ATTACKS.glob("*.log.xz")):
+        labels = json.loads((OWN_ATTACKS / (p.name[: -len(".log.xz")] + ".labels.json")).read_text())
+        rows.append(dict(evaluate_lines(attack_lines(p), labels), source="own recordings"))
     print(
         "| scenario | detected | severity | techniques found/labelled | recall | attacker in chain "
         "| latency s | benign medium+ | node red. | edge red. | attack edges lost | records "
@@ -279,9 +279,8 @@ def main(argv=None) -> int:
             f"| {r['lost']} | {r['records']} | {r['mem_est'] / 1024:.0f} "
             f"| {r['mem_peak'] / 1024:.0f} |"
         )
-    for label, part in (("dev corpus", [r for r in rows if not r["scenario"].startswith("own")]),
-                        ("own recordings", [r for r in rows if r["scenario"].startswith("own")])):
-        attacks = [r for r in part if r["detected"] is not None]
+    for label in ("dev corpus", "own recordings"):
+        attacks = [r for r in rows if r["source"] == label and r["detected"] is not None]
         if not attacks:
             continue
         mean = sum(r["recall"] for r in attacks) / len(attacks)

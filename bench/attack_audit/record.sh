@@ -25,14 +25,17 @@ source "$TOOLS/corpuslib.sh"
 source "$SCEN/fixtures.sh"
 require_root; ensure_packages
 
+remove_artefacts() {  # what the scenarios install: gone after each one and on exit
+  rm -rf /etc/cron.d/kworker-sync /var/tmp/.sysd /var/tmp/.cache /dev/shm/.kworker \
+         /dev/shm/.b.tgz /dev/shm/.s /etc/systemd/system/netlog.service /tmp/.d.zip /tmp/.x \
+         /etc/cron.d/0anacron-sync /etc/ssh/sshd_config.d/99-local.conf
+  if id sysbackup >/dev/null 2>&1; then userdel sysbackup; fi
+}
 cleanup() {
   set +e
   audit_stop; bg_stop; sshd_stop
   for u in alice devops; do kill_user_procs "$u"; crontab -r -u "$u" 2>/dev/null; done
-  rm -rf /etc/cron.d/kworker-sync /var/tmp/.sysd /var/tmp/.cache /dev/shm/.kworker \
-         /dev/shm/.b.tgz /dev/shm/.s /etc/systemd/system/netlog.service /tmp/.d.zip /tmp/.x \
-         /etc/cron.d/0anacron-sync /etc/ssh/sshd_config.d/99-local.conf
-  id sysbackup >/dev/null 2>&1 && userdel sysbackup
+  remove_artefacts
   rm -f "$SUDOERS"
   for u in alice devops; do id "$u" >/dev/null 2>&1 && userdel -r "$u" 2>/dev/null; done
   log "cleanup done (auditing is off: $(auditctl -s | awk '$1=="enabled"{print $2}'))"
@@ -55,6 +58,7 @@ record() {  # record BACKGROUND_CMDS SEED: devops's benign session beside alice'
   LISTENER=""
   wait $d1 || true
   sleep 3; audit_stop; bg_stop
+  remove_artefacts
   cp "$HERE/$CUR.meta.json" "$WORK/meta/$CUR.json"
   finish_scenario "$CUR" "$USERS" "$WORK/meta/$CUR.json"
 }
@@ -70,7 +74,6 @@ if selected own01; then
   CUR=own01_pyshm_setuid_exfil; begin
   http_on 8123
   record bg_devops_b.cmds 2301
-  rm -rf /etc/cron.d/kworker-sync /var/tmp/.sysd; id sysbackup >/dev/null 2>&1 && userdel sysbackup
 fi
 if selected own02; then
   CUR=own02_perl_revshell_autostart; begin
@@ -84,17 +87,14 @@ if selected own03; then
   http_on 8555
   listener_on 6001 "$HERE/own03_listener.cmds"
   record bg_devops_c.cmds 2305
-  rm -f /etc/systemd/system/netlog.service
 fi
 if selected own04; then
   CUR=own04_miner_ransom; begin
   http_on 8666
   spawn "$PY" "$TOOLS/c2.py" sink --port 3333 --count 2 --log "$WORK/transcripts/$CUR-sink.txt"; wait_port 3333
   record bg_devops_a.cmds 2307
-  rm -rf /tmp/.x
 fi
 if selected own05; then
   CUR=own05_admin_secrets_cron; begin
   record bg_devops_b.cmds 2309
-  rm -f /etc/cron.d/0anacron-sync /etc/ssh/sshd_config.d/99-local.conf
 fi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import functools
 import re
 from types import SimpleNamespace
 
@@ -216,8 +217,13 @@ def test_hidden_unusual_is_the_path_check(path, op):
     assert bool(detection.rules.hidden_unusual(edge)) == _hidden_unusual_reference(path, op)
 
 
+@functools.cache
+def _rules() -> RuleSet:
+    return RuleSet.load()
+
+
 def _fired(edge) -> set[str]:
-    return {m.rule for m in RuleSet.load().match(edge)}
+    return {m.rule for m in _rules().match(edge)}
 
 
 def test_setuid_rules_fire_on_files_and_foreign_roots_only():
