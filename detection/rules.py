@@ -348,10 +348,8 @@ def mode_setid(e: Edge):
     mode = e.detail.get("mode")
     if not isinstance(mode, int) or not mode & 0o6000:
         return False
-    kind = getattr(e.obj, "mode", None)  # the PATH record's inode mode (octal text)
-    if isinstance(kind, str):
-        return not kind.startswith("04")  # 040755: a directory; 0100755: a file
-    return not (isinstance(kind, int) and kind & 0o170000 == 0o040000)
+    kind = getattr(e.obj, "mode", None)  # the PATH record's inode mode (octal text), if any
+    return not (isinstance(kind, str) and kind.startswith("04"))  # 040755: a directory
 
 
 def setuid_exec(e: Edge):

@@ -565,8 +565,8 @@ class RequestSlots:
     def _reset(self, generation: int) -> None:
         """Forget every template (slots numbered anew, or too many kept)."""
         self._generation = generation
-        # item -> its template's number (forgotten here, before the table would)
-        self._items = ItemTable(objects=1, limit=2 * MEMO_ITEMS)
+        # item -> its template's number; forgotten only here, with the flat arrays
+        self._items = ItemTable(objects=1, limit=None)
         self._start = np.zeros(self._items.capacity, np.int64)  # where it starts in the flat arrays
         self._len = np.zeros(self._items.capacity, np.int64)
         self._spec = np.zeros(16_384, np.int32)  # templates back to back
@@ -591,9 +591,8 @@ class RequestSlots:
         attrs = [*map(attrs_of, items)]
         ids, stale = table.rows(items, attrs)
         if len(stale):
-            for r in stale.tolist():
-                if not table.built(int(ids[r]), (attrs[r],)):  # once per item
-                    self._build(int(ids[r]), items[r], attrs[r], slot)
+            for r in {items[r]: r for r in stale.tolist()}.values():  # a row per item
+                self._build(int(ids[r]), items[r], attrs[r], slot)
         lens = self._len[ids]
         total = int(lens.sum())
         at = np.repeat(self._start[ids] - (np.cumsum(lens) - lens), lens) + np.arange(total)

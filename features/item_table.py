@@ -13,7 +13,6 @@ own, indexed by the item's number and at least :attr:`ItemTable.capacity` long.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,9 +36,10 @@ class ItemTable:
     [1]
     """
 
-    def __init__(self, objects: int, limit: int) -> None:
+    def __init__(self, objects: int, limit: int | None) -> None:
         self.objects = objects
-        #: more items than this: every number is forgotten (rows rebuilt as needed)
+        #: more items than this: every number is forgotten (rows rebuilt as needed);
+        #: ``None``: never here, the caller clears the table (with rows of its own)
         self.limit = limit
         self.clear()
 
@@ -63,7 +63,7 @@ class ItemTable:
         try:
             ks = np.fromiter(map(number.__getitem__, items), np.int64, n)
         except KeyError:
-            if len(number) + n > self.limit:
+            if self.limit is not None and len(number) + n > self.limit:
                 self.clear()
                 number = self.number
             for it in items:
@@ -79,11 +79,6 @@ class ItemTable:
         for j in range(1, self.objects):
             stale |= ids[:, j] != np.fromiter(map(id, objects[j]), np.int64, n)
         return ks, np.flatnonzero(stale)
-
-    def built(self, k: int, objects: tuple) -> bool:
-        """Whether number ``k``'s row was built from ``objects`` (by identity)."""
-        kept = self._kept[k]
-        return kept is not None and all(map(operator.is_, kept, objects))
 
     def keep(self, k: int, objects: tuple) -> None:
         """Number ``k``'s row is now built from ``objects`` (kept alive here)."""

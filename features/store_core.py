@@ -153,7 +153,7 @@ class StoreCore:
         #: each item's references with the read cache's entity slots, for one request's
         #: reads (through the cache or not), per list of counters read; this process only
         self.request_slots = RequestSlots(self.counters)
-        self._slots_by_specs: dict[tuple, RequestSlots] = {self.counters.specs: self.request_slots}
+        self._slots_by_specs: dict[tuple, RequestSlots] = {}  # lists a read names
         self.miss_cache_seconds = miss_cache_seconds
         #: the client is a Redis Cluster's (set by the store): multi-key scripts only per slot
         self.cluster = False
@@ -268,7 +268,7 @@ class StoreCore:
         got = self._slots_by_specs.get(config.specs)
         if got is None:
             if len(self._slots_by_specs) > 64:  # lists come from few callers' feature lists
-                self._slots_by_specs = {self.counters.specs: self.request_slots}
+                self._slots_by_specs = {}
             got = self._slots_by_specs[config.specs] = RequestSlots(config)
         return got
 

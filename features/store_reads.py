@@ -138,7 +138,7 @@ def plan_read(
         shards = core.shard_states(res[:n_read], cfg.width)
         if cache is None:
             per_ref = (decay_shards(cfg, shards, now) if shards
-                       else np.zeros((0, cfg.width)))[pick.reshape(-1)]
+                       else np.zeros((0, cfg.width)))[pick]
         else:  # by slot: a state per reference; by name: per entity of ``refs.entities``
             per_ref = cache.decayed(look, shards, now, token)
             if refs.entities:

@@ -17,7 +17,6 @@ def test_numbers_grow_past_the_first_block_and_stale_rows_follow_the_objects():
         t.keep(k, (attrs[k], codes[k]))
     _, stale = t.rows(items, attrs, codes)
     assert stale.tolist() == list(range(1, 3000, 2))  # the rows not kept yet
-    assert t.built(0, (attrs[0], None)) and not t.built(1, (attrs[1], None))
     codes2 = list(codes)
     codes2[4] = {"codes": [1]}  # one item's codes re-read: only its row is stale
     assert t.rows(items[:6:2], attrs[:6:2], codes2[:6:2])[1].tolist() == [2]
@@ -32,3 +31,12 @@ def test_more_items_than_the_limit_start_numbering_again():
     rows, stale = t.rows([f"b{k}" for k in range(30)], [{}] * 30)  # 110 > 100
     assert len(t) == 30 and rows.tolist() == list(range(30)) and len(stale) == 30
     assert t.rows(["a0"], [a[0]])[1].tolist() == [0]  # forgotten: its row is rebuilt
+
+
+def test_without_a_limit_only_the_caller_clears():
+    t = ItemTable(objects=1, limit=None)
+    t.rows([f"a{k}" for k in range(3000)], [None] * 3000)
+    t.rows([f"b{k}" for k in range(3000)], [None] * 3000)
+    assert len(t) == 6000
+    t.clear()
+    assert len(t) == 0 and t.rows(["b0"], [None])[0].tolist() == [0]
