@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import operator
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -504,21 +505,30 @@ def _shared_texts(f: str, user_id: str, ts: float, context: Any, user: Any) -> l
     return [t] if t else []
 
 
-def _shared_event(cols: Mapping[str, Any]) -> tuple[str, float, Any, Any] | None:
-    """``(user_id, ts, context, user)`` when every event has the same ones, else ``None``."""
+def _shared_runs(cols: Mapping[str, Any]) -> tuple[np.ndarray, list[tuple]]:
+    """The events as runs sharing user, context and time (one scoring request's, or
+    several requests' read together): ``(where each run starts, its (user_id, ts,
+    context, user))``."""
     ts, users = cols["ts"], cols["user_id"]
-    if len(ts) == 1:  # one event (a one-candidate request): shared by definition
-        return users[0], float(ts[0]), _first(cols.get("context")), _first(cols.get("user"))
-    if not len(ts) or ts.min() != ts.max() or len(set(users.tolist())) != 1:
-        return None
-    shared = []
+    n = len(ts)
+    if n == 1:  # one event (a one-candidate request): shared by definition
+        return np.zeros(1, np.int64), [(users[0], float(ts[0]), _first(cols.get("context")),
+                                        _first(cols.get("user")))]
+    if not n:
+        return np.zeros(0, np.int64), []
+    new = (ts[1:] != ts[:-1]) | (users[1:] != users[:-1])
     for obj in ("context", "user"):
         col = cols.get(obj)
-        first = col[0] if col is not None else None
-        if col is not None and col.count(first) != len(col):  # each `is` or `==` the first
-            return None
-        shared.append(first)
-    return users[0], float(ts[0]), shared[0], shared[1]
+        if col is None:
+            continue
+        # each `is` the one before (one request's rows share the object), else `==`
+        differ = ~np.fromiter(map(operator.is_, col[1:], col[:-1]), bool, n - 1)
+        for k in np.flatnonzero(differ & ~new).tolist():
+            new[k] = col[k + 1] != col[k]
+    starts = np.concatenate([[0], np.flatnonzero(new) + 1])
+    ctx, usr = cols.get("context"), cols.get("user")
+    return starts, [(users[k], float(ts[k]), ctx[k] if ctx is not None else None,
+                     usr[k] if usr is not None else None) for k in starts.tolist()]
 
 
 def _first(col: Any) -> Any:
@@ -526,22 +536,23 @@ def _first(col: Any) -> Any:
 
 
 class RequestSlots:
-    """:func:`resolve_refs` for the events of one scoring request (one user, one context
-    and one time, many items) with numbered entities (the slots of
-    :class:`features.read_cache.ReadCache`): its references as ``Refs`` whose ``entity``
-    are the entities' slots (``entities`` is empty).
+    """:func:`resolve_refs` for the events of scoring requests (each one user, one
+    context and one time, many items; one request, or several read together, each in a
+    run of its own) with numbered entities (the slots of
+    :class:`features.read_cache.ReadCache`): their references as ``Refs`` whose
+    ``entity`` are the entities' slots (``entities`` is empty).
 
     Each item keeps a template: its references spec by spec, an item-only spec's
     entities (``item:9``, ``genre:Comedy``) as slots, and for the specs that need the
     user, the context or the time, a placeholder per combination of the item's own key
     texts (``user_genre`` and ``Comedy``). A request puts its candidates' templates side by
-    side and turns each distinct placeholder into a slot once (``user_genre:7|Comedy``).
-    The references are those of :func:`resolve_refs` in the same order (each
-    event's, spec by spec, each spec's in key order), so sums over them are the same.
+    side and turns each distinct placeholder of a run into a slot once
+    (``user_genre:7|Comedy``). The references are those of :func:`resolve_refs` in the
+    same order (each event's, spec by spec, each spec's in key order), so sums over them
+    are the same.
 
     A template is kept while the item's attributes are the same object and the slots'
-    ``generation`` has not changed. Events that do not share user, context and time get
-    ``None``.
+    ``generation`` has not changed.
 
     >>> cfg = CounterConfig(specs=(CounterSpec("user", key=("user_id",)),
     ...                            CounterSpec("genre", key=("genre",)),
@@ -554,6 +565,15 @@ class RequestSlots:
     >>> [(int(e), by_slot[k]) for e, k in zip(r.event, r.entity)]  # doctest: +NORMALIZE_WHITESPACE
     [(0, 'user:7'), (0, 'genre:Comedy'), (0, 'genre:Drama'), (0, 'user_genre:7|Comedy'),
      (0, 'user_genre:7|Drama'), (1, 'user:7')]
+
+    Two requests read together (users 7 and 5, four candidates each):
+
+    >>> cols = as_columns({"ts": [0.0] * 8, "user_id": [7] * 4 + [5] * 4,
+    ...                    "item_id": [9, 8, 8, 8, 9, 8, 8, 8]})
+    >>> r = RequestSlots(cfg).refs(cols, {"9": {"genres": ["Comedy"]}}, slot, 0)
+    >>> by_slot = list(names)
+    >>> [by_slot[k] for e, k in zip(r.event, r.entity) if e in (0, 4)]
+    ['user:7', 'genre:Comedy', 'user_genre:7|Comedy', 'user:5', 'genre:Comedy', 'user_genre:5|Comedy']
     """
 
     def __init__(self, config: CounterConfig) -> None:
@@ -575,12 +595,9 @@ class RequestSlots:
         self._live = 0  # references of the templates in use (the rest was replaced)
 
     def refs(self, cols: Mapping[str, Any], item_attrs: Mapping[str, Mapping] | None,
-             slot: Any, generation: int) -> Refs | None:
-        """References of the events ``cols`` with entity slots ``slot(name)``, ``None``
-        unless they share user, context and time."""
-        shared = _shared_event(cols)
-        if shared is None:
-            return None
+             slot: Any, generation: int) -> Refs:
+        """References of the events ``cols`` with entity slots ``slot(name)``."""
+        starts, shared = _shared_runs(cols)
         items = cols["item_id"].tolist()
         n = len(items)
         if (generation != self._generation or len(self._items) + n > MEMO_ITEMS
@@ -599,12 +616,17 @@ class RequestSlots:
         spec, code = self._spec[at], self._code[at]
         event = np.repeat(np.arange(n, dtype=np.int64), lens)
         held = code < 0
-        if held.any():  # placeholders: each distinct one made an entity once
-            ids, inverse = np.unique(-1 - code[held], return_inverse=True)
-            texts: dict[str, list[str] | None] = {}
-            lut = np.array([self._entity(p, shared, texts, slot) for p in ids.tolist()],
-                           np.int64)
-            code[held] = lut[inverse.reshape(-1)]
+        if held.any():  # placeholders: each distinct one of a run made an entity once
+            key = -1 - code[held]
+            if len(starts) > 1:  # (run, placeholder) pairs
+                run = np.searchsorted(starts, event[held], side="right") - 1
+                key = run * len(self._holder_keys) + key
+            ids, inverse = np.unique(key, return_inverse=True)
+            texts: list[dict[str, list[str] | None]] = [{} for _ in shared]
+            lut = np.array([self._entity(p % len(self._holder_keys), shared[r], texts[r], slot)
+                            for r, p in zip((ids // len(self._holder_keys)).tolist(),
+                                            ids.tolist(), strict=True)], np.int64)
+            code[held] = lut[inverse]
             if (lut < 0).any():  # a shared key field is missing: no reference
                 keep = code >= 0
                 event, spec, code = event[keep], spec[keep], code[keep]

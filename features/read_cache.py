@@ -305,7 +305,8 @@ class ReadCache:
         return out
 
     def split(self, entities: Sequence[str], now: float) -> Lookup:
-        """:meth:`lookup` of entity names (a read that is not one request's)."""
+        """:meth:`lookup` of entity names (the store reads by slot; tools and tests name
+        entities)."""
         self.prepare()
         return self.lookup(np.fromiter(map(self.slot, entities), np.int64, len(entities)), now)
 

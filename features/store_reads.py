@@ -19,7 +19,6 @@ from features.counters import (
     decay_state,
     derive_features,
     half_life_label,
-    resolve_refs,
     smoothed_ctr,
 )
 from features.hashing import canonical
@@ -97,21 +96,15 @@ def plan_read(
     attrs, codes = (yield from core.plan_items(set(cols["item_id"]))) if need_items else ({}, {})
     # Serving's reads go through its cache (features/read_cache.py): tracked by Redis,
     # every entity and user's attributes; else shared entities for a TTL. The rest are
-    # read from every shard. One request's entities are numbered by the cache's slots
-    # (RequestSlots; also when the cache is off or the read names its features);
-    # other reads (events of several users) go by name.
+    # read from every shard. Entities are numbered by the cache's slots (RequestSlots,
+    # a run of rows of one user at a time; also when the cache is off or the read names
+    # its features).
     cache = core.read_cache if wanted is None and core.read_cache.enabled else None
     slots = core.read_cache  # numbers entity names, whether it keeps states or not
     slots.prepare()
     refs = core.slots_for(cfg).refs(cols, attrs, slots.slot, slots.generation)
     look, pick = None, None  # the cache's lookup; else which read state each reference takes
-    if refs is None:  # by name
-        refs = resolve_refs(cfg, cols, attrs)
-        if cache is not None:
-            look = cache.split(refs.entities, now)
-        pick = refs.entity
-        miss = refs.entities if look is None else look.miss
-    elif cache is not None:
+    if cache is not None:
         look = cache.lookup(refs.entity, now)
         miss = look.miss
     else:  # by slot, not kept: each distinct entity read once
@@ -139,10 +132,8 @@ def plan_read(
         if cache is None:
             per_ref = (decay_shards(cfg, shards, now) if shards
                        else np.zeros((0, cfg.width)))[pick]
-        else:  # by slot: a state per reference; by name: per entity of ``refs.entities``
+        else:  # a state per reference
             per_ref = cache.decayed(look, shards, now, token)
-            if refs.entities:
-                per_ref = per_ref[refs.entity]
         read_map = {u: decode_hash(r) for (u, _), r in zip(read_users, res[n_read:], strict=True)}
         if cache is not None and read_users:
             cache.remember_users({key: read_map[u] for u, key in read_users}, now, token)

@@ -136,8 +136,9 @@ def _same_slot_refs(got, want, slots: _Slots) -> None:
 
 
 def test_request_refs_equal_the_general_path_on_random_requests():
-    """One scoring request (one user, context and time; many items): the per-item
-    templates give exactly the general path's references, for every kind of key field."""
+    """Scoring requests (each one user, context and time; many items), alone or read
+    together: the per-item templates give exactly the general path's references, for
+    every kind of key field."""
     rng = np.random.default_rng(5)
     cfg = CounterConfig(specs=(
         CounterSpec("user", key=("user_id",)), CounterSpec("item", key=("item_id",)),
@@ -157,14 +158,17 @@ def test_request_refs_equal_the_general_path_on_random_requests():
                 a[key] = pick if rng.random() < 0.6 else pick[0] if pick else None
         attrs[str(i)] = a or None
     planner, slots = RequestSlots(cfg), _Slots()
+    requests = []
     for case in range(60):
         n = 1 if case % 3 == 0 else int(rng.integers(2, 40))  # one candidate: its own path
         items = [int(i) if rng.random() < 0.5 else str(i) for i in rng.integers(0, 40, n)]
         user = [7, "u3", "", None][case % 4]
         ctx = [{"device": "tv"}, {"device": 3}, None, {"other": "x"}][case // 4 % 4]
-        cols = as_columns({"ts": np.full(n, 1_700_000_000.0 + case * 3607.5), "user_id": [user] * n,
-                           "item_id": items, "context": [ctx] * n,
-                           "user": [[{"segment": "s1"}, None, {"segment": 4}][case % 3]] * n})
+        raw = {"ts": np.full(n, 1_700_000_000.0 + case * 3607.5), "user_id": [user] * n,
+               "item_id": items, "context": [ctx] * n,
+               "user": [[{"segment": "s1"}, None, {"segment": 4}][case % 3]] * n}
+        requests.append(raw)
+        cols = as_columns(raw)
         want = resolve_refs(cfg, cols, attrs)
         _same_slot_refs(planner.refs(cols, attrs, slots.slot, slots.generation), want, slots)
         if case % 7 == 6:  # slots numbered anew: every item's template is rebuilt
@@ -175,11 +179,21 @@ def test_request_refs_equal_the_general_path_on_random_requests():
             attrs[key] = {"genres": ["Z", 9]}
             want = resolve_refs(cfg, cols, attrs)
             _same_slot_refs(planner.refs(cols, attrs, slots.slot, slots.generation), want, slots)
-    # events that do not share user, context or time: the general path itself
-    cols = as_columns({"ts": [0.0, 1.0], "user_id": [1, 1], "item_id": [2, 3]})
-    assert planner.refs(cols, attrs, slots.slot, slots.generation) is None
-    cols = as_columns({"ts": [0.0, 0.0], "user_id": [1, 2], "item_id": [2, 3]})
-    assert planner.refs(cols, attrs, slots.slot, slots.generation) is None
+    # requests read together (each a run), and events that share nothing (runs of one)
+    for k in range(0, 60, 6):
+        group = requests[k:k + 1 + k % 5]  # 1 to 5 requests
+        cols = as_columns({f: np.concatenate([r[f] for r in group]) if f == "ts"
+                           else [v for r in group for v in r[f]] for f in group[0]})
+        _same_slot_refs(planner.refs(cols, attrs, slots.slot, slots.generation),
+                        resolve_refs(cfg, cols, attrs), slots)
+    for raw in ({"ts": [0.0, 1.0], "user_id": [1, 1], "item_id": [2, 3]},
+                {"ts": [0.0, 0.0], "user_id": [1, 2], "item_id": [2, 3]},
+                {"ts": [0.0, 0.0, 0.0], "user_id": [1, 1, 1], "item_id": [2, 3, 2],
+                 "context": [{"device": "tv"}, {"device": "tv"}, {"device": 3}]},
+                {"ts": [], "user_id": [], "item_id": []}):
+        cols = as_columns(raw)
+        _same_slot_refs(planner.refs(cols, attrs, slots.slot, slots.generation),
+                        resolve_refs(cfg, cols, attrs), slots)
 
 
 def test_aggregate_sums_references_in_order_to_the_bit():

@@ -256,26 +256,81 @@ def test_get_online_features_is_one_round_trip_and_decays_to_now(make_store, red
     client.close()
 
 
+def _general_path(cfg, attrs, batch, rows, features=None, partitions=3):
+    """The same read through the in-memory store: the general, vectorised resolver by
+    name (``resolve_refs``), with the same batch and item attributes written."""
+    import asyncio
+
+    from features.memory_store import MemoryOnlineStore
+
+    async def read():
+        mem = MemoryOnlineStore(partitions=partitions, counters=cfg)
+        await mem.put_item_attributes(attrs, ts=0)
+        await mem.apply_batch("clicks", 0, batch)
+        return await mem.get_online_features(rows, features, now=100.0)
+
+    return asyncio.run(read())
+
+
+GENRES = {i: {"genres": [["Drama", "Comedy"], ["Drama"], []][i % 3]} for i in range(20)}
+
+
 def test_one_request_read_by_slot_equals_the_general_path(make_store):
-    """A request's read without the cache (its entities numbered by slot, each read once)
-    gives the same features, to the bit, as the general path by name (a read of several
-    users' rows), also when the read names some of the features (their own templates)."""
+    """A request's read (its entities numbered by slot, each read once; the store has
+    no other path) gives the general resolver's features, also when the read names some
+    of the features (their own templates)."""
     store = make_store(partitions=3, counters=CFG)
-    store.put_item_attributes({i: {"genres": [["Drama", "Comedy"], ["Drama"], []][i % 3]}
-                               for i in range(20)}, ts=0)
-    store.apply_batch("clicks", 0, {"ts": [0.0, 5.0, 7.0], "user_id": [1, 2, 1],
-                                    "item_id": [3, 4, 5], "label": [1, 0, 1], "offset": [0, 1, 2]})
+    batch = {"ts": [0.0, 5.0, 7.0], "user_id": [1, 2, 1], "item_id": [3, 4, 5],
+             "label": [1, 0, 1], "offset": [0, 1, 2]}
+    store.put_item_attributes(GENRES, ts=0)
+    store.apply_batch("clicks", 0, batch)
     rows = [{"user_id": 1, "item_id": i} for i in [*range(20), 3, 4]]  # repeats too
-    mixed = [*rows, {"user_id": 2, "item_id": 4}]  # two users: by name
-    want = store.get_online_features(mixed, now=100.0)
+    want = _general_path(CFG, GENRES, batch, rows)
     got = store.get_online_features(rows, now=100.0)
     for name in CFG.feature_names():
-        assert got[name].tolist() == want[name][:len(rows)].tolist(), name
+        assert got[name] == pytest.approx(want[name], rel=1e-12, abs=1e-12), name
+    assert got["user_genre_impressions_total"].any()
     names = [n for n in CFG.feature_names() if n.startswith(("user_genre", "genre"))]
     got = store.get_online_features(rows, names, now=100.0)
     assert sorted(got) == sorted(names)
     for name in names:
-        assert got[name].tolist() == want[name][:len(rows)].tolist(), name
+        assert got[name] == pytest.approx(want[name], rel=1e-12, abs=1e-12), name
+
+
+def test_requests_read_together_equal_their_reads_alone_and_the_general_path(make_store):
+    """Several requests' rows read together (serving's coalesced reads: each request a
+    run of one user and one context) give each request, to the bit, what its read alone
+    gives, and the general resolver's features. A run ends where the user or the context
+    changes; an equal context in another object continues it."""
+    from features.counters import CounterConfig, CounterSpec
+
+    cfg = CounterConfig(specs=(*CFG.specs, CounterSpec("device_genre", key=("context.device", "genre"))),
+                        half_lives=CFG.half_lives)
+    store = make_store(partitions=3, counters=cfg)
+    batch = {"ts": [0.0, 5.0, 7.0, 8.0], "user_id": [1, 2, 1, 3], "item_id": [3, 4, 4, 0],
+             "label": [1, 0, 1, 1], "offset": [0, 1, 2, 3],
+             "context": [{"device": "tv"}, {"device": "tv"}, {"device": "phone"}, None]}
+    store.put_item_attributes(GENRES, ts=0)
+    store.apply_batch("clicks", 0, batch)
+    tv = {"device": "tv"}
+    requests = [(1, tv), (1, {"device": "phone"}), (2, tv), (2, dict(tv)), (3, None), (1, tv)]
+    alone, users, items, contexts = [], [], [], []
+    for k, (user, ctx) in enumerate(requests):
+        cands = [str(i) for i in [*range(k, 20), 3, 4]]
+        alone.append(store.get_online_features(
+            {"user_id": np.array([str(user)] * len(cands), dtype=object),
+             "item_id": np.array(cands, dtype=object), "context": [ctx] * len(cands)}, now=100.0))
+        users += [str(user)] * len(cands)
+        items += cands
+        contexts += [ctx] * len(cands)
+    together = {"user_id": np.array(users, dtype=object), "item_id": np.array(items, dtype=object),
+                "context": contexts}
+    got = store.get_online_features(together, now=100.0)
+    want = _general_path(cfg, GENRES, batch, together)
+    for name in cfg.feature_names():
+        assert got[name].tolist() == [v for a in alone for v in a[name].tolist()], name
+        assert got[name] == pytest.approx(want[name], rel=1e-12, abs=1e-12), name
+    assert got["device_genre_impressions_total"].any()  # the context's counters were read
 
 
 def test_attributes_codes_and_entity_view(make_store):
