@@ -169,6 +169,13 @@ class HashedEmbedding(FieldEmbedding):
     >>> emb = HashedEmbedding(["user", "item"], EmbeddingConfig(dim=4, buckets=10))
     >>> emb.lookup(np.array([[0, 23], [10, 7]])).tolist()
     [[0, 15], [1, 19]]
+
+    With a power of two buckets per field, the row is the token's low bits (the same
+    as ``%`` for every int64, negative ones too; several times faster):
+
+    >>> emb = HashedEmbedding(["user", "item"], EmbeddingConfig(dim=4, buckets=8))
+    >>> emb.lookup(np.array([[0, 23], [-1, -8]])).tolist()
+    [[0, 17], [8, 10]]
     """
 
     def __init__(self, fields: list[str], config: EmbeddingConfig) -> None:
@@ -180,11 +187,20 @@ class HashedEmbedding(FieldEmbedding):
             raise ValueError(f"hashed embedding buckets must be >= 1, got {sizes}")
         self._buckets = np.array(sizes, dtype=np.int64)
         self._base = np.concatenate([[0], np.cumsum(self._buckets + 1)[:-1]]).astype(np.int64)
+        #: buckets - 1 when every field has a power of two: ``token & mask == token % buckets``
+        self._mask = (self._buckets - 1 if not (self._buckets & (self._buckets - 1)).any()
+                      else None)
         self._setup_table(int((self._buckets + 1).sum()), config)
 
     def lookup(self, tokens: np.ndarray) -> torch.Tensor:
         tokens = np.asarray(tokens, dtype=np.int64)
-        rows = np.where(tokens == 0, 0, 1 + tokens % self._buckets) + self._base
+        if self._mask is None:
+            rows = np.where(tokens == 0, 0, 1 + tokens % self._buckets) + self._base
+            return torch.from_numpy(rows)
+        rows = tokens & self._mask  # a new array: filled in place from here
+        rows += 1
+        rows[tokens == 0] = 0
+        rows += self._base
         return torch.from_numpy(rows)
 
 

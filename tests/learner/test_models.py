@@ -110,6 +110,20 @@ def test_hashed_embedding_padding_and_collisions():
     assert emb.table.num_embeddings == 6 + 4
 
 
+@pytest.mark.parametrize("buckets, per_field", [(8192, {}), (1, {}), (16, {"b": 4}), (16, {"b": 12})])
+def test_hashed_embedding_rows_are_the_tokens_modulo_buckets(buckets, per_field):
+    """Powers of two take the tokens' low bits, anything else ``%``: the same rows for
+    every int64, the extremes and negative tokens too."""
+    emb = HashedEmbedding(["a", "b", "c"], EmbeddingConfig(dim=2, buckets=buckets, per_field=per_field))
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(-2**63, 2**63 - 1, (400, 3), dtype=np.int64, endpoint=True)
+    tokens[:4] = [[0, -1, 1], [-2**63, 2**63 - 1, 0], [7, -7, 8], [0, 0, 0]]
+    sizes = np.array([buckets, per_field.get("b", buckets), buckets])
+    base = np.concatenate([[0], np.cumsum(sizes + 1)[:-1]])
+    want = np.where(tokens == 0, 0, 1 + tokens % sizes) + base
+    assert emb.lookup(tokens).numpy().tolist() == want.tolist()
+
+
 def test_dynamic_admission_expiry_and_capacity():
     cfg = EmbeddingConfig(kind="dynamic", dim=2, capacity=2, min_count=2, idle_rows=3)
     emb = DynamicEmbedding(["f"], cfg)
