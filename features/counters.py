@@ -517,16 +517,17 @@ def _shared_runs(cols: Mapping[str, Any]) -> tuple[np.ndarray, list[tuple]]:
     if not n:
         return np.zeros(0, np.int64), []
     new = (ts[1:] != ts[:-1]) | (users[1:] != users[:-1])
-    for obj in ("context", "user"):
-        col = cols.get(obj)
-        if col is None:
+    ctx, usr = cols.get("context"), cols.get("user")
+    for col in (ctx, usr):
+        if col is None or col.count(col[0]) == n:  # each `is` or `==` the first: no end
             continue
         # each `is` the one before (one request's rows share the object), else `==`
         differ = ~np.fromiter(map(operator.is_, col[1:], col[:-1]), bool, n - 1)
         for k in np.flatnonzero(differ & ~new).tolist():
             new[k] = col[k + 1] != col[k]
+    if not new.any():  # one run (one request)
+        return np.zeros(1, np.int64), [(users[0], float(ts[0]), _first(ctx), _first(usr))]
     starts = np.concatenate([[0], np.flatnonzero(new) + 1])
-    ctx, usr = cols.get("context"), cols.get("user")
     return starts, [(users[k], float(ts[k]), ctx[k] if ctx is not None else None,
                      usr[k] if usr is not None else None) for k in starts.tolist()]
 
