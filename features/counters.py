@@ -619,14 +619,14 @@ class RequestSlots:
         held = code < 0
         if held.any():  # placeholders: each distinct one of a run made an entity once
             key = -1 - code[held]
-            if len(starts) > 1:  # (run, placeholder) pairs
-                run = np.searchsorted(starts, event[held], side="right") - 1
-                key = run * len(self._holder_keys) + key
+            h = len(self._holder_keys)
+            if len(starts) > 1:  # (run, placeholder) pairs, as run * h + placeholder
+                key += h * (np.searchsorted(starts, event[held], side="right") - 1)
             ids, inverse = np.unique(key, return_inverse=True)
             texts: list[dict[str, list[str] | None]] = [{} for _ in shared]
-            lut = np.array([self._entity(p % len(self._holder_keys), shared[r], texts[r], slot)
-                            for r, p in zip((ids // len(self._holder_keys)).tolist(),
-                                            ids.tolist(), strict=True)], np.int64)
+            lut = np.array([self._entity(p, shared[r], texts[r], slot)
+                            for r, p in zip(*map(np.ndarray.tolist, np.divmod(ids, h)),
+                                            strict=True)], np.int64)
             code[held] = lut[inverse]
             if (lut < 0).any():  # a shared key field is missing: no reference
                 keep = code >= 0

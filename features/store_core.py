@@ -150,8 +150,8 @@ class StoreCore:
         self.clock = clock
         self.round_trips = 0
         self.commands = 0
-        #: each item's references with the read cache's entity slots, for one request's
-        #: reads (through the cache or not), per list of counters read; this process only
+        #: each item's references with the read cache's entity slots, for every read
+        #: (through the cache or not), per list of counters read; this process only
         self.request_slots = RequestSlots(self.counters)
         self._slots_by_specs: dict[tuple, RequestSlots] = {}  # lists a read names
         self.miss_cache_seconds = miss_cache_seconds
