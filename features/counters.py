@@ -511,25 +511,23 @@ def _shared_runs(cols: Mapping[str, Any]) -> tuple[np.ndarray, list[tuple]]:
     context, user))``."""
     ts, users = cols["ts"], cols["user_id"]
     n = len(ts)
-    if n == 1:  # one event (a one-candidate request): shared by definition
-        return np.zeros(1, np.int64), [(users[0], float(ts[0]), _first(cols.get("context")),
-                                        _first(cols.get("user")))]
     if not n:
         return np.zeros(0, np.int64), []
-    new = (ts[1:] != ts[:-1]) | (users[1:] != users[:-1])
     ctx, usr = cols.get("context"), cols.get("user")
-    for col in (ctx, usr):
-        if col is None or col.count(col[0]) == n:  # each `is` or `==` the first: no end
-            continue
-        # each `is` the one before (one request's rows share the object), else `==`
-        differ = ~np.fromiter(map(operator.is_, col[1:], col[:-1]), bool, n - 1)
-        for k in np.flatnonzero(differ & ~new).tolist():
-            new[k] = col[k + 1] != col[k]
-    if not new.any():  # one run (one request)
-        return np.zeros(1, np.int64), [(users[0], float(ts[0]), _first(ctx), _first(usr))]
-    starts = np.concatenate([[0], np.flatnonzero(new) + 1])
-    return starts, [(users[k], float(ts[k]), ctx[k] if ctx is not None else None,
-                     usr[k] if usr is not None else None) for k in starts.tolist()]
+    if n > 1:  # one event (a one-candidate request) is one run by definition
+        new = (ts[1:] != ts[:-1]) | (users[1:] != users[:-1])
+        for col in (ctx, usr):
+            if col is None or col.count(col[0]) == n:  # each `is` or `==` the first: no end
+                continue
+            # each `is` the one before (one request's rows share the object), else `==`
+            differ = ~np.fromiter(map(operator.is_, col[1:], col[:-1]), bool, n - 1)
+            for k in np.flatnonzero(differ & ~new).tolist():
+                new[k] = col[k + 1] != col[k]
+        if new.any():  # several runs (requests read together)
+            starts = np.concatenate([[0], np.flatnonzero(new) + 1])
+            return starts, [(users[k], float(ts[k]), ctx[k] if ctx is not None else None,
+                             usr[k] if usr is not None else None) for k in starts.tolist()]
+    return np.zeros(1, np.int64), [(users[0], float(ts[0]), _first(ctx), _first(usr))]
 
 
 def _first(col: Any) -> Any:
