@@ -64,7 +64,7 @@ from streams.app import Message, Output
 from streams.click_path import counter_store
 from streams.deadletter import dead_letter, reason_kind
 from streams.metrics import WorkerMetrics
-from streams.schemas import ActionEvent, ImpressionEvent, decode_message
+from streams.schemas import ActionEvent, ImpressionEvent, decode_message, impression_rows
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +386,13 @@ class JoinHandler:
                           f"the worker's is {self.schema.hash[:12]}: rows would not match the model",
                        self.imp_topic, p, offset, _enc.encode(ev), sub, key)
             return
+        cat, dense = impression_rows(ev, f"impressions[{sub}]")  # validated when decoded
+        if cat.shape[1] != len(self.schema.categorical) or dense.shape[1] != len(self.schema.dense):
+            self._dead(b, f"impressions[{sub}]: rows of {cat.shape[1]} categorical and "
+                          f"{dense.shape[1]} dense fields, the feature schema has "
+                          f"{len(self.schema.categorical)} and {len(self.schema.dense)}",
+                       self.imp_topic, p, offset, _enc.encode(ev), sub, key)
+            return
         user = str(ev.user_id)
         seen: set[str] = set()
         keys = []
@@ -404,7 +411,8 @@ class JoinHandler:
                 self.m.impressions.labels("duplicate").inc()
                 continue
             imp = {"k": k, "rid": ev.request_id, "ts": ev.ts, "u": user, "i": str(c.item_id),
-                   "pos": c.position, "c": ev.categorical[c.position], "d": ev.dense[c.position]}
+                   "pos": c.position, "c": cat[c.position].tolist(),
+                   "d": dense[c.position].tolist()}
             self._count(b, imp, ev.ts, click=False)  # shown: counted now, at its own time
             action = None
             for hk in (k, a_key):

@@ -10,12 +10,15 @@ msgspec was chosen over pydantic after measuring both on MovieLens click events
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+import numpy as np
 
 Scalar = str | int | float | bool | None
 
@@ -59,8 +62,10 @@ class Shown(msgspec.Struct, frozen=True):
 class ImpressionEvent(msgspec.Struct, frozen=True):
     """One ``/v1/score`` answer as serving logged it: what was shown to whom, when, by
     which model, with the feature row each candidate was scored on (``categorical`` and
-    ``dense``: one list per candidate, in the order of the feature schema whose sha256
-    is ``schema_hash``)."""
+    ``dense``: one row per candidate, in the order of the feature schema whose sha256
+    is ``schema_hash``). Each is either a list of rows, or the matrix's bytes in
+    base64: little-endian int64 (``categorical``) or float32 (``dense``), row after
+    row. Serving writes the bytes (:func:`impression_rows` reads both)."""
 
     request_id: str
     ts: float
@@ -68,8 +73,12 @@ class ImpressionEvent(msgspec.Struct, frozen=True):
     model_version: str
     schema_hash: str
     candidates: list[Shown]
-    categorical: list[list[int]]
-    dense: list[list[float]]
+    categorical: list[list[int]] | Annotated[str, msgspec.Meta(extra_json_schema={
+        "contentEncoding": "base64",
+        "description": "the rows' int64 tokens, little-endian, row after row"})]
+    dense: list[list[float]] | Annotated[str, msgspec.Meta(extra_json_schema={
+        "contentEncoding": "base64",
+        "description": "the rows' float32 values, little-endian, row after row"})]
 
 
 #: The action types that label an impression 1 (any other is refused).
@@ -159,18 +168,62 @@ def validate_item(ev: ItemEvent, where: str = "$", now: float | None = None) -> 
     return ev
 
 
+def _rows(value: list[list[Any]] | str, dtype: str, n: int, what: str) -> np.ndarray:
+    """One impression matrix ``[n, k]`` from its rows or its base64 bytes."""
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidEvent(f"{what} is not base64 ({exc})") from None
+        size = np.dtype(dtype).itemsize
+        if len(raw) % (n * size):
+            raise InvalidEvent(f"{what} holds {len(raw)} bytes: not {n} rows of "
+                               f"{np.dtype(dtype).name} ({size} bytes each)")
+        return np.frombuffer(raw, dtype).reshape(n, -1).copy()  # writable, as torch wants
+    if len(value) != n:
+        raise InvalidEvent(f"{what} needs one row per candidate ({n}), has {len(value)}")
+    if len({len(row) for row in value}) > 1:
+        raise InvalidEvent(f"{what}: rows of unequal length")
+    try:
+        return np.asarray(value, dtype).reshape(n, -1)
+    except OverflowError:
+        raise InvalidEvent(f"{what} holds a token outside int64") from None
+
+
+def impression_rows(ev: ImpressionEvent, where: str = "$") -> tuple[np.ndarray, np.ndarray]:
+    """``(categorical int64 [n, F], dense float32 [n, D])`` of an impression, whichever
+    form it was written in; :class:`InvalidEvent` names the field that is wrong.
+
+    >>> rows = np.array([[1, -2], [3, 4]], np.int64)
+    >>> ev = ImpressionEvent("r", 1.7e9, "u", "1", "h", [Shown("a", 0, 0.5), Shown("b", 1, 0.5)],
+    ...                      base64.b64encode(rows.astype("<i8").tobytes()).decode(), [[0.5], [1.5]])
+    >>> cat, dense = impression_rows(ev)
+    >>> cat.tolist(), dense.dtype.name, dense.tolist()
+    ([[1, -2], [3, 4]], 'float32', [[0.5], [1.5]])
+    >>> impression_rows(msgspec.structs.replace(ev, dense="AAAA"))
+    Traceback (most recent call last):
+    ...
+    streams.schemas.InvalidEvent: $.dense holds 3 bytes: not 2 rows of float32 (4 bytes each)
+    """
+    n = len(ev.candidates)
+    return (_rows(ev.categorical, "<i8", n, f"{where}.categorical"),
+            _rows(ev.dense, "<f4", n, f"{where}.dense"))
+
+
 def validate_impression(ev: ImpressionEvent, where: str = "$", now: float | None = None) -> ImpressionEvent:
     _check_event(ev, where, now, ("request_id", "user_id"))
     if not ev.candidates:
         raise InvalidEvent(f"{where}.candidates must not be empty")
-    n = len(ev.candidates)
-    if len(ev.categorical) != n or len(ev.dense) != n:
-        raise InvalidEvent(f"{where}: categorical and dense need one row per candidate ({n})")
     for i, c in enumerate(ev.candidates):
         _check_id(c.item_id, "item_id", f"{where}.candidates[{i}]")
         _check_finite((c.score,), f"{where}.candidates[{i}].score")
-    for i, row in enumerate(ev.dense):
-        _check_finite(row, f"{where}.dense[{i}]")
+        if not 0 <= c.position < len(ev.candidates):
+            raise InvalidEvent(f"{where}.candidates[{i}].position={c.position} names no row "
+                               f"(0 to {len(ev.candidates) - 1})")
+    _, dense = impression_rows(ev, where)
+    if not np.isfinite(dense).all():
+        raise InvalidEvent(f"{where}.dense[{int(np.flatnonzero(~np.isfinite(dense).all(axis=1))[0])}] "
+                           "holds a non-finite number")
     return ev
 
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from core import kafka as kafka_clients
 from serving.impressions import ImpressionLog, KafkaSender, kafka_sender
-from streams.schemas import ImpressionEvent, decode_message
+from streams.schemas import ImpressionEvent, decode_message, impression_rows
 from streams.topics import ensure_topics
 from tests.stackutil import wait_until
 
@@ -67,7 +67,8 @@ async def test_each_answer_is_logged_with_its_request_id_scores_and_rows(
     assert [c.score for c in ev.candidates] == one["scores"]
     assert ev.model_version == one["model_version"] and ev.schema_hash == ctx.scorer.schema.hash
     # the logged rows are the rows the model scored: scoring them again gives the scores
-    cat, dense = np.asarray(ev.categorical), np.asarray(ev.dense, np.float32)
+    assert isinstance(ev.categorical, str) and isinstance(ev.dense, str)  # written as bytes
+    cat, dense = impression_rows(ev)
     again = ctx.holder.current.predict(cat, dense)
     np.testing.assert_allclose(again, one["scores"], rtol=1e-6)
     assert metric_value((await (await client.get("/metrics")).text()),

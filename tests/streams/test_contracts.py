@@ -99,15 +99,65 @@ def test_what_serving_logs_validates_as_an_impression():
     import numpy as np
 
     from serving.impressions import encode_impression, impression_record
-    from streams.schemas import ImpressionEvent
+    from streams.schemas import ImpressionEvent, impression_rows
 
     # what goes on the wire: the record as serving encodes it
     record = json.loads(encode_impression(impression_record(
         "0" * 32, "u1", ["a", 2], np.array([0.5, 0.25]), np.array([[1, 2], [3, 4]]),
         np.array([[0.5], [1.5]], np.float32), time.time(), "000003", "h" * 64)))
-    assert record["categorical"] == [[1, 2], [3, 4]] and record["dense"] == [[0.5], [1.5]]
     validator("impression-event").validate(record)
-    assert not decode_message(json.dumps(record).encode(), ImpressionEvent).errors
+    decoded = decode_message(json.dumps(record).encode(), ImpressionEvent)
+    assert not decoded.errors
+    cat, dense = impression_rows(decoded.events[0])
+    assert cat.tolist() == [[1, 2], [3, 4]] and dense.tolist() == [[0.5], [1.5]]
     record["candidates"] = []
     assert not validator("impression-event").is_valid(record)
     assert decode_message(json.dumps(record).encode(), ImpressionEvent).errors
+
+
+def _impression(categorical, dense, positions=(0, 1)) -> dict:
+    return {"request_id": "r1", "ts": time.time(), "user_id": "u1", "model_version": "000003",
+            "schema_hash": "h" * 64, "categorical": categorical, "dense": dense,
+            "candidates": [{"item_id": f"i{p}", "position": p, "score": 0.5} for p in positions]}
+
+
+def _b64(matrix, dtype) -> str:
+    import base64
+
+    import numpy as np
+
+    return base64.b64encode(np.asarray(matrix, dtype).tobytes()).decode()
+
+
+def test_impression_rows_as_lists_and_as_bytes_are_the_same_rows():
+    from streams.schemas import ImpressionEvent, impression_rows
+
+    cat, dense = [[1, -(2**63)], [2**63 - 1, 0]], [[0.5, -1.25], [3.0, 1e-3]]
+    as_lists = _impression(cat, dense)
+    as_bytes = _impression(_b64(cat, "<i8"), _b64(dense, "<f4"))
+    rows = []
+    for record in (as_lists, as_bytes):
+        validator("impression-event").validate(record)
+        decoded = decode_message(json.dumps(record).encode(), ImpressionEvent)
+        assert not decoded.errors, decoded.errors
+        rows.append(impression_rows(decoded.events[0]))
+    assert rows[0][0].tolist() == rows[1][0].tolist() == cat
+    assert rows[0][1].tolist() == rows[1][1].tolist()
+    assert rows[1][1].dtype.name == "float32" and rows[1][0].dtype.name == "int64"
+
+
+@pytest.mark.parametrize(("categorical", "dense", "positions", "reason"), [
+    ("not base64!", [[0.5], [1.5]], (0, 1), "$.categorical is not base64"),
+    (_b64([[1, 2], [3, 4]], "<i8")[:-4], [[0.5], [1.5]], (0, 1), "$.categorical holds 30 bytes: not 2 rows of int64"),
+    ([[1, 2], [3, 4]], _b64([[0.5], [float("nan")]], "<f4"), (0, 1), "$.dense[1] holds a non-finite"),
+    ([[1, 2], [3]], [[0.5], [1.5]], (0, 1), "$.categorical: rows of unequal length"),
+    ([[1, 2]], [[0.5], [1.5]], (0, 1), "$.categorical needs one row per candidate (2), has 1"),
+    ([[1, 2], [3, 4]], [[0.5], [1.5]], (0, 2), "$.candidates[1].position=2 names no row"),
+])
+def test_bad_impression_rows_are_refused_naming_the_field(categorical, dense, positions, reason):
+    from streams.schemas import ImpressionEvent
+
+    decoded = decode_message(json.dumps(_impression(categorical, dense, positions)).encode(),
+                             ImpressionEvent)
+    assert not decoded.events
+    assert len(decoded.errors) == 1 and reason in decoded.errors[0][2], decoded.errors

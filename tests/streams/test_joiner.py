@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
@@ -47,14 +49,21 @@ async def joiner(redis_db):
         await c.aclose()
 
 
-def impression(h: JoinHandler, rid: str, ts: float, items, user="u1") -> bytes:
-    f, d = len(h.schema.categorical), len(h.schema.dense)
+def impression(h: JoinHandler, rid: str, ts: float, items, user="u1", as_bytes=False,
+               fields=None) -> bytes:
+    """An impression as serving logs it (``as_bytes``: rows as base64 bytes, else as
+    lists; ``fields``: categorical fields per row, default the schema's)."""
+    f, d = fields or len(h.schema.categorical), len(h.schema.dense)
+    cat = [[100 * k + j + 1 for j in range(f)] for k in range(len(items))]
+    dense = [[0.25 * k + 0.1 * j for j in range(d)] for k in range(len(items))]
+    if as_bytes:
+        cat = base64.b64encode(np.asarray(cat, "<i8").tobytes()).decode()
+        dense = base64.b64encode(np.asarray(dense, "<f4").tobytes()).decode()
     return json.dumps({
         "request_id": rid, "ts": ts, "user_id": user, "model_version": "baseline",
         "schema_hash": h.schema.hash,
         "candidates": [{"item_id": i, "position": k, "score": 0.5} for k, i in enumerate(items)],
-        "categorical": [[100 * k + j + 1 for j in range(f)] for k in range(len(items))],
-        "dense": [[0.25 * k] * d for k in range(len(items))],
+        "categorical": cat, "dense": dense,
     }).encode()
 
 
@@ -181,6 +190,37 @@ async def test_an_impression_logged_under_another_schema_is_dead_lettered(joiner
     bad["schema_hash"] = "0" * 64
     await h(h.imp_topic, 0, [(0, b"u1", json.dumps(bad).encode())])
     assert rows(h) == {} and "feature schema" in dead(h)[0]
+
+
+async def test_rows_logged_as_bytes_join_as_the_same_rows_as_lists(joiner):
+    h = await joiner()
+    await h(h.imp_topic, 0, [(0, b"u1", impression(h, "r1", T0, ["a", "b"])),
+                             (1, b"u1", impression(h, "r2", T0, ["a", "b"], as_bytes=True))])
+    await h(h.imp_topic, 0, [(2, b"u1", impression(h, "r3", T0 + 63, ["c"]))])
+    await h(h.act_topic, 0, [(0, b"u1", action("c2", T0 + 64, "zz", "other"))])
+    by_event = {}
+    for topic, _k, value, _p in h.sent:
+        if topic == h.topics["train-batches"]:
+            b = decode_batch(value)
+            for eid, cat, dense in zip(b.table.column("event_id").to_pylist(), b.categorical.tolist(),
+                                       b.dense.tolist(), strict=True):
+                by_event[eid] = (cat, dense)
+    assert sorted(by_event) == ["r1:0", "r1:1", "r2:0", "r2:1"]
+    assert by_event["r1:0"] == by_event["r2:0"] and by_event["r1:1"] == by_event["r2:1"]
+    assert by_event["r2:1"][0][:2] == [101, 102] and by_event["r2:1"][1][:2] == [
+        float(np.float32(0.25)), float(np.float32(0.35))]
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+async def test_an_impression_whose_rows_miss_a_field_is_dead_lettered(joiner, as_bytes):
+    h = await joiner()
+    short = impression(h, "r1", T0, ["a"], as_bytes=as_bytes, fields=len(h.schema.categorical) - 1)
+    await h(h.imp_topic, 0, [(0, b"u1", short), (1, b"u1", impression(h, "r2", T0, ["b"]))])
+    await h(h.imp_topic, 0, [(2, b"u1", impression(h, "r3", T0 + 63, ["c"]))])
+    await h(h.act_topic, 0, [(0, b"u1", action("c2", T0 + 64, "zz", "other"))])
+    assert rows(h) == {"r2:0": (0, 0)}  # the good impression beside it still joins
+    (reason,) = dead(h)
+    assert f"rows of {len(h.schema.categorical) - 1} categorical" in reason, reason
 
 
 async def test_joined_rows_move_the_counters_once(joiner):
