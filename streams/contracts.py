@@ -86,6 +86,10 @@ def event_schema(name: str) -> dict[str, Any]:
         props["candidates"]["minItems"] = 1
         shown = schema["$defs"]["Shown"]["properties"]
         shown["item_id"] = copy.deepcopy(_ID)
+        for rows in ("categorical", "dense"):  # the bytes form: base64's alphabet
+            for form in props[rows]["anyOf"]:
+                if form.get("type") == "string":
+                    form["pattern"] = "^[A-Za-z0-9+/]*={0,2}$"
     return {
         "$schema": DIALECT,
         "$id": f"{name}.schema.json",

@@ -144,6 +144,7 @@ def test_impression_rows_as_lists_and_as_bytes_are_the_same_rows():
     assert rows[0][0].tolist() == rows[1][0].tolist() == cat
     assert rows[0][1].tolist() == rows[1][1].tolist()
     assert rows[1][1].dtype.name == "float32" and rows[1][0].dtype.name == "int64"
+    assert not validator("impression-event").is_valid(_impression("not base64!", dense))
 
 
 @pytest.mark.parametrize(("categorical", "dense", "positions", "reason"), [
