@@ -211,18 +211,17 @@ def _parse_fields(body: str, fields: dict, execve: bool = False,
     with single quotes or a token without ``=`` (a quoted value holding spaces) take
     the quote-aware tokenizer.
     """
-    if "'" in body:
-        toks = _tokenize_slow(body)
-        if isinstance(toks, str):
-            return toks
-    else:
-        toks = body.split()
+    quoted = "'" in body
+    toks = _tokenize_slow(body) if quoted else body.split()
+    if isinstance(toks, str):
+        return toks
     try:
         raw = dict(map(_split_kv, toks))
     except ValueError:
-        toks = _tokenize_slow(body)
-        if isinstance(toks, str):
-            return toks
+        if not quoted:  # a token without '=': split again, quote-aware
+            toks = _tokenize_slow(body)
+            if isinstance(toks, str):
+                return toks
         if nested:  # user-space payloads: ``op=adding group acct=...`` (useradd)
             toks = _join_bare_words(toks)
         for tok in toks:
