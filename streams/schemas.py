@@ -206,6 +206,8 @@ def impression_rows(ev: ImpressionEvent, where: str = "$") -> tuple[np.ndarray, 
     streams.schemas.InvalidEvent: $.dense holds 3 bytes: not 2 rows of float32 (4 bytes each)
     """
     n = len(ev.candidates)
+    if not n:
+        raise InvalidEvent(f"{where}.candidates must not be empty")
     return (_rows(ev.categorical, "<i8", n, f"{where}.categorical"),
             _rows(ev.dense, "<f4", n, f"{where}.dense"))
 
