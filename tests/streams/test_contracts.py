@@ -153,6 +153,7 @@ def test_impression_rows_as_lists_and_as_bytes_are_the_same_rows():
     ([[1, 2], [3, 4]], _b64([[0.5], [float("nan")]], "<f4"), (0, 1), "$.dense[1] holds a non-finite"),
     ([[1, 2], [3]], [[0.5], [1.5]], (0, 1), "$.categorical: rows of unequal length"),
     ([[1, 2]], [[0.5], [1.5]], (0, 1), "$.categorical needs one row per candidate (2), has 1"),
+    ([[2**63, 2], [3, 4]], [[0.5], [1.5]], (0, 1), "$.categorical holds a token outside int64"),
     ([[1, 2], [3, 4]], [[0.5], [1.5]], (0, 2), "$.candidates[1].position=2 names no row"),
 ])
 def test_bad_impression_rows_are_refused_naming_the_field(categorical, dense, positions, reason):
