@@ -214,18 +214,16 @@ def impression_rows(ev: ImpressionEvent, where: str = "$") -> tuple[np.ndarray, 
 
 def validate_impression(ev: ImpressionEvent, where: str = "$", now: float | None = None) -> ImpressionEvent:
     _check_event(ev, where, now, ("request_id", "user_id"))
-    if not ev.candidates:
-        raise InvalidEvent(f"{where}.candidates must not be empty")
     for i, c in enumerate(ev.candidates):
         _check_id(c.item_id, "item_id", f"{where}.candidates[{i}]")
         _check_finite((c.score,), f"{where}.candidates[{i}].score")
         if not 0 <= c.position < len(ev.candidates):
             raise InvalidEvent(f"{where}.candidates[{i}].position={c.position} names no row "
                                f"(0 to {len(ev.candidates) - 1})")
-    _, dense = impression_rows(ev, where)
-    if not np.isfinite(dense).all():
-        raise InvalidEvent(f"{where}.dense[{int(np.flatnonzero(~np.isfinite(dense).all(axis=1))[0])}] "
-                           "holds a non-finite number")
+    _, dense = impression_rows(ev, where)  # refuses an empty candidate list too
+    bad = np.flatnonzero(~np.isfinite(dense).all(axis=1))
+    if len(bad):
+        raise InvalidEvent(f"{where}.dense[{int(bad[0])}] holds a non-finite number")
     return ev
 
 
