@@ -170,30 +170,86 @@ class _GenerationLayer(nn.Module):
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size=(kernel, 1), padding="same")
         self.bn = nn.BatchNorm2d(out_ch) if batchnorm else nn.Identity()
         self.pooling = pooling
+        self.height = height
         self.pooled_height = math.ceil(height / pooling)
         self.new_fields = self.pooled_height * rc
         self.dim = dim
         self.recombine = nn.Linear(out_ch * self.pooled_height * dim, self.new_fields * dim)
+        self.register_buffer("taps", _conv_taps(in_ch, out_ch, height, kernel, pooling),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [B * k, C, N]`` (one row per example and embedding dimension: an ``h x 1``
-        kernel never mixes dimensions, so this is the paper's 2-D convolution as a 1-D
-        one, several times faster on CPU) -> pooled ``[B * k, C', N']`` and new
-        features ``[B, N' * rc, k]``. Weights keep the ``Conv2d`` layout."""
-        y = F.conv1d(x, self.conv.weight.squeeze(-1), self.conv.bias, padding="same")
-        if not isinstance(self.bn, nn.Identity):
-            y = self.bn(y.unsqueeze(-1)).squeeze(-1)
-        y = torch.tanh(y)
-        if y.shape[-1] % self.pooling:
-            y = F.pad(y, (0, self.pooling - y.shape[-1] % self.pooling), value=float("-inf"))
-        # explicit sizes (no -1): an empty batch has no size to infer
-        pooled = y.view(y.shape[0], y.shape[1], y.shape[-1] // self.pooling, self.pooling).amax(-1)
+        """``x [B * k, C * N]`` (one row per example and embedding dimension, channels
+        then fields: an ``h x 1`` kernel never mixes dimensions) -> pooled
+        ``[B * k, C' * N']`` and new features ``[B, N' * rc, k]``. Weights keep the
+        ``Conv2d`` layout.
+
+        The convolution is one matrix product with the kernel spread over a
+        ``[C * N, p * C' * N']`` matrix (:func:`_conv_taps`), whose columns come in
+        ``p`` blocks, one per offset in a pooling window, so the max pooling is an
+        elementwise maximum of the blocks. tanh is monotonic, so it is applied after the
+        pooling, to ``p`` times fewer values. On CPU, at these short field axes, this
+        costs less than the convolution and pooling ops (docs/decisions.md, "FGCNN's
+        generation as one matrix product"). With BatchNorm, whose scale may be negative, the
+        convolution runs as written (:meth:`_pooled_with_batchnorm`).
+        """
+        w = self.conv.weight
+        width = w.shape[0] * self.pooled_height
+        if isinstance(self.bn, nn.Identity):
+            spread = torch.cat([w.flatten(), w.new_zeros(1)])[self.taps]
+            bias = self.conv.bias.repeat_interleave(self.pooled_height).repeat(self.pooling)
+            y = torch.addmm(bias, x, spread)
+            pooled = y[:, :width]
+            for r in range(1, self.pooling):
+                pooled = torch.maximum(pooled, y[:, r * width:(r + 1) * width])
+            pooled = torch.tanh(pooled)
+        else:
+            pooled = self._pooled_with_batchnorm(x)
         b = x.shape[0] // self.dim
         # the recombination reads (channel, height, dimension), as the 2-D layout flattens
-        flat = pooled.view(b, self.dim, pooled.shape[1], pooled.shape[2])
-        flat = flat.permute(0, 2, 3, 1).reshape(b, pooled.shape[1] * pooled.shape[2] * self.dim)
+        flat = pooled.view(b, self.dim, width).transpose(1, 2).reshape(b, width * self.dim)
         new = torch.tanh(self.recombine(flat))
         return pooled, new.view(b, self.new_fields, self.dim)
+
+    def _pooled_with_batchnorm(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv -> BN -> tanh -> pool as written: BN's batch statistics count every
+        field once, and its scale may be negative."""
+        y = F.conv1d(x.view(x.shape[0], -1, self.height),
+                     self.conv.weight.squeeze(-1), self.conv.bias, padding="same")
+        y = torch.tanh(self.bn(y.unsqueeze(-1)).squeeze(-1))
+        pooled = F.max_pool1d(y, self.pooling, self.pooling, ceil_mode=True)
+        return pooled.reshape(x.shape[0], -1)
+
+
+def _conv_taps(in_ch: int, out_ch: int, height: int, kernel: int, pooling: int) -> torch.Tensor:
+    """Where each entry of the convolution-as-a-matrix comes from: an index into the
+    flattened ``Conv2d`` weight ``[C', C, h, 1]``, or its length for a zero.
+
+    Row ``(c, m)`` is input channel ``c`` at field ``m``; column ``(r, c', i)`` is output
+    channel ``c'`` at field ``p * i + r``, the ``r``-th field of pooling window ``i``
+    (the window's first field again where the field axis ends mid-window: the maximum
+    is then over the fields there are, as ``ceil_mode`` pooling takes it). The padding is
+    PyTorch's ``"same"``: ``(h - 1) // 2`` zeros before the first field.
+
+    >>> _conv_taps(1, 1, 3, 3, 1).tolist()   # 3 fields, a 3-tap kernel, no pooling
+    [[1, 0, 3], [2, 1, 0], [3, 2, 1]]
+    >>> _conv_taps(1, 1, 3, 1, 2).tolist()   # the identity kernel, windows {0, 1} and {2}
+    [[0, 1, 1, 1], [1, 1, 0, 1], [1, 0, 1, 0]]
+    """
+    pooled = math.ceil(height / pooling)
+    left = (kernel - 1) // 2
+    r = torch.arange(pooling).view(pooling, 1, 1)
+    i = torch.arange(pooled).view(1, 1, pooled)
+    out_field = pooling * i + r
+    out_field = torch.where(out_field < height, out_field, pooling * i)  # [p, 1, N']
+    out_ch_ = torch.arange(out_ch).view(1, out_ch, 1)
+    tap = torch.arange(height).view(height, 1, 1, 1) - out_field.unsqueeze(0) + left  # [N,p,1,N']
+    c = torch.arange(in_ch).view(in_ch, 1, 1, 1, 1)
+    flat = ((out_ch_.unsqueeze(0) * in_ch + c) * kernel + tap.unsqueeze(0))  # [C,N,p,C',N']
+    valid = (tap >= 0) & (tap < kernel)
+    zero = out_ch * in_ch * kernel
+    flat = torch.where(valid.unsqueeze(0), flat, torch.full_like(flat, zero))
+    return flat.reshape(in_ch * height, pooling * out_ch * pooled)
 
 
 class FGCNN(nn.Module):
@@ -233,7 +289,7 @@ class FGCNN(nn.Module):
 
     def forward(self, emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         b, n, k = emb.shape
-        x = emb.transpose(1, 2).reshape(b * k, 1, n)  # fields are the convolved axis
+        x = emb.transpose(1, 2).reshape(b * k, n)  # fields are the convolved axis
         feats = [emb]
         for layer in self.generators:
             x, new = layer(x)

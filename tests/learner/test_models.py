@@ -186,20 +186,28 @@ def test_packed_state_holds_only_touched_rows_and_restores_the_rest():
         torch.testing.assert_close(v, learner.sparse_optimizer.state_dict()["state"][0][k])
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("batchnorm", [False, True])
-def test_fgcnn_generation_equals_the_papers_2d_layout(batchnorm):
-    """The 1-D formulation (one row per example and dimension) computes exactly the
-    paper's (h x 1) Conv2d -> tanh -> (p x 1) MaxPool2d (ceil) -> recombination."""
+@pytest.mark.parametrize(("fields", "kernels", "pooling"), [
+    (7, [3, 3], 2),     # odd field counts: the last pooling window is short
+    (33, [7, 7], 2),    # the default "lean" preset's shape on the product's 33 fields
+    (10, [4, 2], 3),    # even kernels pad one more zero after than before
+    (5, [5, 1], 1),     # no pooling; a kernel longer than the pooled field axis
+])
+def test_fgcnn_generation_equals_the_papers_2d_layout(batchnorm, fields, kernels, pooling):
+    """The generation as one matrix product (one row per example and dimension)
+    computes the paper's (h x 1) Conv2d -> tanh -> (p x 1) MaxPool2d (ceil) ->
+    recombination, and gives its gradients."""
     import torch.nn.functional as F
 
     from learner.models.fgcnn import FGCNN, FGCNNConfig
 
-    cfg = FGCNNConfig(embedding_dim=4, kernels=[3, 3], channels=[2, 3], recombination=[2, 1],
-                      conv_batchnorm=batchnorm, mlp=[8])
+    cfg = FGCNNConfig(embedding_dim=4, kernels=kernels, channels=[2, 3], recombination=[2, 1],
+                      pooling=pooling, conv_batchnorm=batchnorm, mlp=[8])
     torch.manual_seed(0)
-    m = FGCNN(cfg, n_fields=7, n_dense=0)
+    m = FGCNN(cfg, n_fields=fields, n_dense=0)
     m.train()
-    emb = torch.randn(5, 7, 4)
+    emb = torch.randn(5, fields, 4)
     x, want = emb.unsqueeze(1), [emb]
     for layer in m.generators:
         y = F.conv2d(x, layer.conv.weight, layer.conv.bias, padding="same")
@@ -211,7 +219,13 @@ def test_fgcnn_generation_equals_the_papers_2d_layout(batchnorm):
     i, j = torch.triu_indices(all_emb.shape[1], all_emb.shape[1], offset=1)
     gram = all_emb @ all_emb.transpose(1, 2)
     z = torch.cat([gram[:, i, j], all_emb.flatten(1)], dim=1)
-    torch.testing.assert_close(m(emb, torch.zeros(5, 0)), m.mlp(z).squeeze(-1))
+    expected = m.mlp(z).squeeze(-1)
+    got = m(emb, torch.zeros(5, 0))
+    torch.testing.assert_close(got, expected)
+    weights = [p for layer in m.generators for p in (layer.conv.weight, layer.conv.bias)]
+    for g_got, g_want in zip(torch.autograd.grad(got.sum(), weights),
+                             torch.autograd.grad(expected.sum(), weights), strict=True):
+        torch.testing.assert_close(g_got, g_want)
 
 
 @pytest.mark.parametrize("kind", ["fgcnn", "deepfm"])
