@@ -196,8 +196,10 @@ class _GenerationLayer(nn.Module):
         w = self.conv.weight
         width = w.shape[0] * self.pooled_height
         if isinstance(self.bn, nn.Identity):
-            spread = torch.cat([w.flatten(), w.new_zeros(1)])[self.taps]
-            bias = self.conv.bias.repeat_interleave(self.pooled_height).repeat(self.pooling)
+            spread = torch.cat([w.flatten(), w.new_zeros(1)]).index_select(
+                0, self.taps.flatten()).view(self.taps.shape)
+            bias = self.conv.bias.view(1, -1, 1).expand(
+                self.pooling, w.shape[0], self.pooled_height).reshape(-1)
             y = torch.addmm(bias, x, spread)
             pooled = y[:, :width]
             for r in range(1, self.pooling):
