@@ -216,11 +216,13 @@ class _GenerationLayer(nn.Module):
     def _pooled_with_batchnorm(self, x: torch.Tensor) -> torch.Tensor:
         """Conv -> BN -> tanh -> pool as written: BN's batch statistics count every
         field once, and its scale may be negative."""
-        y = F.conv1d(x.view(x.shape[0], -1, self.height),
-                     self.conv.weight.squeeze(-1), self.conv.bias, padding="same")
+        w = self.conv.weight
+        # explicit sizes (no -1): an empty batch has no size to infer
+        y = F.conv1d(x.view(x.shape[0], w.shape[1], self.height), w.squeeze(-1),
+                     self.conv.bias, padding="same")
         y = torch.tanh(self.bn(y.unsqueeze(-1)).squeeze(-1))
         pooled = F.max_pool1d(y, self.pooling, self.pooling, ceil_mode=True)
-        return pooled.reshape(x.shape[0], -1)
+        return pooled.reshape(x.shape[0], w.shape[0] * self.pooled_height)
 
 
 def _conv_taps(in_ch: int, out_ch: int, height: int, kernel: int, pooling: int) -> torch.Tensor:
@@ -244,10 +246,10 @@ def _conv_taps(in_ch: int, out_ch: int, height: int, kernel: int, pooling: int) 
     i = torch.arange(pooled).view(1, 1, pooled)
     out_field = pooling * i + r
     out_field = torch.where(out_field < height, out_field, pooling * i)  # [p, 1, N']
-    out_ch_ = torch.arange(out_ch).view(1, out_ch, 1)
-    tap = torch.arange(height).view(height, 1, 1, 1) - out_field.unsqueeze(0) + left  # [N,p,1,N']
+    oc = torch.arange(out_ch).view(1, out_ch, 1)
+    tap = torch.arange(height).view(height, 1, 1, 1) - out_field.unsqueeze(0) + left  # [N, p, 1, N']
     c = torch.arange(in_ch).view(in_ch, 1, 1, 1, 1)
-    flat = ((out_ch_.unsqueeze(0) * in_ch + c) * kernel + tap.unsqueeze(0))  # [C,N,p,C',N']
+    flat = (oc.unsqueeze(0) * in_ch + c) * kernel + tap.unsqueeze(0)  # [C, N, p, C', N']
     valid = (tap >= 0) & (tap < kernel)
     zero = out_ch * in_ch * kernel
     flat = torch.where(valid.unsqueeze(0), flat, torch.full_like(flat, zero))

@@ -228,6 +228,15 @@ def test_fgcnn_generation_equals_the_papers_2d_layout(batchnorm, fields, kernels
         torch.testing.assert_close(g_got, g_want)
 
 
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_fgcnn_scores_an_empty_batch(batchnorm):
+    """A request whose candidates all fell out scores zero rows, on either path."""
+    cfg = FGCNNConfig(embedding_dim=4, kernels=[3, 3], channels=[2, 3], recombination=[2, 1],
+                      conv_batchnorm=batchnorm, mlp=[8])
+    m = FGCNN(cfg, n_fields=7, n_dense=2).eval()
+    assert m(torch.zeros(0, 7, 4), torch.zeros(0, 2)).shape == (0,)
+
+
 @pytest.mark.parametrize("kind", ["fgcnn", "deepfm"])
 def test_wide_ids_is_a_linear_term_over_the_ids_that_starts_at_zero(kind):
     spec = fgcnn_spec(["u", "i", "c"], preset="compact", embedding=EmbeddingConfig(buckets=64),
