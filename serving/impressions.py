@@ -19,7 +19,6 @@ training row the joiner builds from them is the served row (no training-serving 
 
 from __future__ import annotations
 
-import base64
 import collections
 import functools
 import logging
@@ -30,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import orjson
+import pybase64
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from streams.replay import partition_of
@@ -68,7 +68,7 @@ def impression_record(request_id: str, user_id: Any, candidates: list, scores: n
 
 
 def _b64(matrix: np.ndarray, dtype: str) -> str:
-    return base64.b64encode(np.ascontiguousarray(matrix, dtype).data).decode("ascii")
+    return pybase64.b64encode_as_string(np.ascontiguousarray(matrix, dtype).data)
 
 
 def encode_impression(record: dict[str, Any]) -> bytes:

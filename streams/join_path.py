@@ -64,7 +64,7 @@ from streams.app import Message, Output
 from streams.click_path import counter_store
 from streams.deadletter import dead_letter, reason_kind
 from streams.metrics import WorkerMetrics
-from streams.schemas import ActionEvent, ImpressionEvent, decode_message, impression_rows
+from streams.schemas import ActionEvent, ImpressionEvent, decode_message
 
 log = logging.getLogger(__name__)
 
@@ -351,18 +351,19 @@ class JoinHandler:
             d = decode_message(value, kind, self.settings.max_message_bytes)
             for i, raw, reason in d.errors:
                 self._dead(b, reason, topic, p, offset, raw, i, key)
-            events += [(offset, key, sub, ev) for ev, sub in zip(d.events, d.subs, strict=True)]
+            events += [(offset, key, sub, ev, derived)
+                       for ev, sub, derived in zip(d.events, d.subs, d.derived, strict=True)]
         self.metrics.messages_in.labels(topic).inc(len(messages))
         self.metrics.events_valid.labels(topic).inc(len(events))
         self._cache[p] = {}
         if kind is ImpressionEvent:
-            ks = [f"{ev.request_id}{_SEP}{c.item_id}" for *_, ev in events for c in ev.candidates]
-            anon = [f"~{ev.user_id}{_SEP}{c.item_id}" for *_, ev in events for c in ev.candidates]
+            ks = [f"{ev.request_id}{_SEP}{c.item_id}" for *_, ev, _r in events for c in ev.candidates]
+            anon = [f"~{ev.user_id}{_SEP}{c.item_id}" for *_, ev, _r in events for c in ev.candidates]
             await self._prefetch(p, {"open": ks, "closed": ks, "held": ks + anon})
         else:
-            uis = [f"{ev.user_id}{_SEP}{ev.item_id}" for *_, ev in events if ev.request_id is None]
+            uis = [f"{ev.user_id}{_SEP}{ev.item_id}" for *_, ev, _r in events if ev.request_id is None]
             await self._prefetch(p, {"ui": uis})
-            ks = [f"{ev.request_id}{_SEP}{ev.item_id}" for *_, ev in events if ev.request_id is not None]
+            ks = [f"{ev.request_id}{_SEP}{ev.item_id}" for *_, ev, _r in events if ev.request_id is not None]
             for f in uis:
                 k = self._cache[p]["ui"].get(f)
                 if k is not None:
@@ -371,22 +372,23 @@ class JoinHandler:
             await self._prefetch(p, {"open": ks, "closed": ks, "held": held})
         meta[f"off:{topic}"] = str(messages[-1][0] + 1)
         if events:
-            newest = max(ev.ts for *_, ev in events)
+            newest = max(ev.ts for *_, ev, _r in events)
             meta[f"max:{side}"] = repr(max(newest, float(meta.get(f"max:{side}", "-inf"))))
         wm = float(meta.get("wm", "-inf"))
-        for offset, key, sub, ev in events:
+        for offset, key, sub, ev, rows in events:
             if kind is ImpressionEvent:
-                await self._impression(pipe, p, ev, offset, key, sub, wm, b)
+                await self._impression(pipe, p, ev, rows, offset, key, sub, wm, b)
             else:
                 await self._action(pipe, p, ev, offset, key, sub, wm, b)
 
-    async def _impression(self, pipe, p, ev: ImpressionEvent, offset, key, sub, wm, b: _Batch) -> None:
+    async def _impression(self, pipe, p, ev: ImpressionEvent, rows: tuple[np.ndarray, np.ndarray],
+                          offset, key, sub, wm, b: _Batch) -> None:
         if ev.schema_hash != self.schema.hash:
             self._dead(b, f"impressions[{sub}]: logged under feature schema {ev.schema_hash[:12]}, "
                           f"the worker's is {self.schema.hash[:12]}: rows would not match the model",
                        self.imp_topic, p, offset, _enc.encode(ev), sub, key)
             return
-        cat, dense = impression_rows(ev, f"impressions[{sub}]")  # validated when decoded
+        cat, dense = rows  # decoded and checked by decode_message
         if cat.shape[1] != len(self.schema.categorical) or dense.shape[1] != len(self.schema.dense):
             self._dead(b, f"impressions[{sub}]: rows of {cat.shape[1]} categorical and "
                           f"{dense.shape[1]} dense fields, the feature schema has "

@@ -10,7 +10,6 @@ msgspec was chosen over pydantic after measuring both on MovieLens click events
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 import time
@@ -19,6 +18,7 @@ from typing import Annotated, Any
 
 import msgspec
 import numpy as np
+import pybase64
 
 Scalar = str | int | float | bool | None
 
@@ -109,6 +109,10 @@ class Decoded:
     events: list[Any] = field(default_factory=list)
     subs: list[int] = field(default_factory=list)
     errors: list[tuple[int, bytes, str]] = field(default_factory=list)
+    #: per event, what validating it computed for its consumer: an impression's
+    #: ``(categorical, dense)`` matrices (decoded once, not again by the joiner);
+    #: ``None`` for the other kinds
+    derived: list[Any] = field(default_factory=list)
 
 
 def _check_ts(ts: float, where: str, now: float) -> None:
@@ -172,7 +176,7 @@ def _rows(value: list[list[Any]] | str, dtype: str, n: int, what: str) -> np.nda
     """One impression matrix ``[n, k]`` from its rows or its base64 bytes."""
     if isinstance(value, str):
         try:
-            raw = base64.b64decode(value, validate=True)
+            raw = pybase64.b64decode(value, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise InvalidEvent(f"{what} is not base64 ({exc})") from None
         size = np.dtype(dtype).itemsize
@@ -196,7 +200,7 @@ def impression_rows(ev: ImpressionEvent, where: str = "$") -> tuple[np.ndarray, 
 
     >>> rows = np.array([[1, -2], [3, 4]], np.int64)
     >>> ev = ImpressionEvent("r", 1.7e9, "u", "1", "h", [Shown("a", 0, 0.5), Shown("b", 1, 0.5)],
-    ...                      base64.b64encode(rows.astype("<i8").tobytes()).decode(), [[0.5], [1.5]])
+    ...                      pybase64.b64encode_as_string(rows.astype("<i8").tobytes()), [[0.5], [1.5]])
     >>> cat, dense = impression_rows(ev)
     >>> cat.tolist(), dense.dtype.name, dense.tolist()
     ([[1, -2], [3, 4]], 'float32', [[0.5], [1.5]])
@@ -213,6 +217,13 @@ def impression_rows(ev: ImpressionEvent, where: str = "$") -> tuple[np.ndarray, 
 
 
 def validate_impression(ev: ImpressionEvent, where: str = "$", now: float | None = None) -> ImpressionEvent:
+    _checked_impression_rows(ev, where, now)
+    return ev
+
+
+def _checked_impression_rows(ev: ImpressionEvent, where: str,
+                             now: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`validate_impression`, giving the rows it decoded."""
     _check_event(ev, where, now, ("request_id", "user_id"))
     for i, c in enumerate(ev.candidates):
         _check_id(c.item_id, "item_id", f"{where}.candidates[{i}]")
@@ -220,11 +231,11 @@ def validate_impression(ev: ImpressionEvent, where: str = "$", now: float | None
         if not 0 <= c.position < len(ev.candidates):
             raise InvalidEvent(f"{where}.candidates[{i}].position={c.position} names no row "
                                f"(0 to {len(ev.candidates) - 1})")
-    _, dense = impression_rows(ev, where)  # refuses an empty candidate list too
+    cat, dense = impression_rows(ev, where)  # refuses an empty candidate list too
     bad = np.flatnonzero(~np.isfinite(dense).all(axis=1))
     if len(bad):
         raise InvalidEvent(f"{where}.dense[{int(bad[0])}] holds a non-finite number")
-    return ev
+    return cat, dense
 
 
 def validate_action(ev: ActionEvent, where: str = "$", now: float | None = None) -> ActionEvent:
@@ -236,6 +247,8 @@ def validate_action(ev: ActionEvent, where: str = "$", now: float | None = None)
 
 _VALIDATORS = {ClickEvent: validate_click, ItemEvent: validate_item,
                ImpressionEvent: validate_impression, ActionEvent: validate_action}
+# kinds whose validation derives something the consumer needs (Decoded.derived)
+_DERIVING = {ImpressionEvent: _checked_impression_rows}
 _LABELS = {ClickEvent: "clicks", ItemEvent: "items", ImpressionEvent: "impressions",
            ActionEvent: "actions"}
 
@@ -277,13 +290,18 @@ def decode_message(payload: bytes, kind: type, max_bytes: int | None = None,
         out.errors.append((-1, payload, f"{label}: not valid JSON: {exc}"))
         return out
     validator = _VALIDATORS[kind]
+    derive = _DERIVING.get(kind)
     now = time.time() if now is None else now
     decoder = msgspec.json.Decoder(kind)
     for i, raw in enumerate(parts):
         where = f"{label}[{i}]"
         try:
             ev = decoder.decode(raw)
-            validator(ev, "$", now)
+            if derive is None:
+                validator(ev, "$", now)
+                derived = None
+            else:
+                derived = derive(ev, "$", now)
         except msgspec.ValidationError as exc:
             out.errors.append((i, raw, f"{where}: {exc}"))
             continue
@@ -295,6 +313,7 @@ def decode_message(payload: bytes, kind: type, max_bytes: int | None = None,
             continue
         out.events.append(ev)
         out.subs.append(i)
+        out.derived.append(derived)
     return out
 
 

@@ -147,6 +147,25 @@ def test_impression_rows_as_lists_and_as_bytes_are_the_same_rows():
     assert not validator("impression-event").is_valid(_impression("not base64!", dense))
 
 
+def test_decoding_impressions_hands_over_the_rows_it_checked():
+    """The joiner takes each impression's rows from the decode that validated them
+    (``Decoded.derived``), not from a second base64 decode."""
+    from streams.schemas import ActionEvent, ImpressionEvent, impression_rows
+
+    records = [_impression(_b64([[1, 2], [3, 4]], "<i8"), _b64([[0.5], [1.5]], "<f4")),
+               _impression("not base64!", [[0.5], [1.5]]),
+               _impression([[5, 6], [7, 8]], [[2.5], [3.5]])]
+    decoded = decode_message(json.dumps(records).encode(), ImpressionEvent)
+    assert decoded.subs == [0, 2] and len(decoded.derived) == 2
+    for ev, (cat, dense) in zip(decoded.events, decoded.derived, strict=True):
+        want_cat, want_dense = impression_rows(ev)
+        assert cat.tolist() == want_cat.tolist() and dense.tolist() == want_dense.tolist()
+        assert cat.dtype.name == "int64" and dense.dtype.name == "float32"
+    action = {"event_id": "a1", "ts": time.time(), "user_id": "u1", "item_id": "i1",
+              "action": "click"}
+    assert decode_message(json.dumps(action).encode(), ActionEvent).derived == [None]
+
+
 @pytest.mark.parametrize(("categorical", "dense", "positions", "reason"), [
     ("not base64!", [[0.5], [1.5]], (0, 1), "$.categorical is not base64"),
     (_b64([[1, 2], [3, 4]], "<i8")[:-4], [[0.5], [1.5]], (0, 1), "$.categorical holds 30 bytes: not 2 rows of int64"),
