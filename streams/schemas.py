@@ -225,17 +225,39 @@ def _checked_impression_rows(ev: ImpressionEvent, where: str,
                              now: float | None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`validate_impression`, giving the rows it decoded."""
     _check_event(ev, where, now, ("request_id", "user_id"))
-    for i, c in enumerate(ev.candidates):
-        _check_id(c.item_id, "item_id", f"{where}.candidates[{i}]")
-        _check_finite((c.score,), f"{where}.candidates[{i}].score")
-        if not 0 <= c.position < len(ev.candidates):
-            raise InvalidEvent(f"{where}.candidates[{i}].position={c.position} names no row "
-                               f"(0 to {len(ev.candidates) - 1})")
+    if not _candidates_ok(ev.candidates):  # then name the first wrong one
+        for i, c in enumerate(ev.candidates):
+            _check_id(c.item_id, "item_id", f"{where}.candidates[{i}]")
+            _check_finite((c.score,), f"{where}.candidates[{i}].score")
+            if not 0 <= c.position < len(ev.candidates):
+                raise InvalidEvent(f"{where}.candidates[{i}].position={c.position} names no "
+                                   f"row (0 to {len(ev.candidates) - 1})")
     cat, dense = impression_rows(ev, where)  # refuses an empty candidate list too
     bad = np.flatnonzero(~np.isfinite(dense).all(axis=1))
     if len(bad):
         raise InvalidEvent(f"{where}.dense[{int(bad[0])}] holds a non-finite number")
     return cat, dense
+
+
+def _candidates_ok(candidates: list[Shown]) -> bool:
+    """Whether every candidate passes the per-candidate checks of
+    :func:`validate_impression`, in a few passes over the list instead of a Python loop
+    of calls per candidate (a 100-candidate answer: 78 µs of checks before).
+
+    >>> _candidates_ok([Shown("a", 0, 0.5), Shown(7, 1, 0.25)])
+    True
+    >>> _candidates_ok([Shown("a", 0, 0.5), Shown("", 1, 0.25)])
+    False
+    """
+    if not candidates:
+        return True
+    ids = [c.item_id for c in candidates]
+    positions = [c.position for c in candidates]
+    lengths = [len(x) for x in ids if isinstance(x, str)]
+    return (bool not in set(map(type, ids))
+            and (not lengths or (min(lengths) > 0 and max(lengths) <= 256))
+            and all(map(math.isfinite, [c.score for c in candidates]))
+            and min(positions) >= 0 and max(positions) < len(candidates))
 
 
 def validate_action(ev: ActionEvent, where: str = "$", now: float | None = None) -> ActionEvent:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import jsonschema
+import msgspec
 import pytest
 
 from features.movielens import click_events, load_movielens
@@ -182,3 +184,25 @@ def test_bad_impression_rows_are_refused_naming_the_field(categorical, dense, po
                              ImpressionEvent)
     assert not decoded.events
     assert len(decoded.errors) == 1 and reason in decoded.errors[0][2], decoded.errors
+
+
+@pytest.mark.parametrize(("candidate", "reason"), [
+    (("", 1, 0.5), "$.candidates[1].item_id must be a non-empty string"),
+    (("x" * 257, 1, 0.5), "$.candidates[1].item_id must be a non-empty string"),
+    ((True, 1, 0.5), "$.candidates[1].item_id must be a string or integer, got bool"),
+    (("b", 1, float("nan")), "$.candidates[1].score holds a non-finite number"),
+    (("b", -1, 0.5), "$.candidates[1].position=-1 names no row"),
+    (("b", 3, 0.5), "$.candidates[1].position=3 names no row"),
+])
+def test_a_bad_candidate_is_refused_naming_it(candidate, reason):
+    from streams.schemas import ImpressionEvent, InvalidEvent, Shown, validate_impression
+
+    good = ImpressionEvent("r1", time.time(), "u1", "3", "h" * 64,
+                           [Shown("a", 0, 0.5), Shown(*candidate), Shown("c", 2, 0.25)],
+                           [[1], [2], [3]], [[0.5], [1.5], [2.5]])
+    with pytest.raises(InvalidEvent, match=re.escape(reason)):
+        validate_impression(good)
+    ok = msgspec.structs.replace(good, candidates=[Shown("a", 0, 0.5), Shown(7, 1, 0.5),
+                                                   Shown("c", 2, 0.25)])
+    assert validate_impression(ok) is ok
+
