@@ -47,6 +47,7 @@ row. A replay of old events closes windows by the events' own times, not the clo
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import struct
 import time
@@ -129,6 +130,9 @@ class _Batch:
     rows: list[tuple[dict, int, float]] = field(default_factory=list)  # (impression, label, decided at)
     dead: list[Output] = field(default_factory=list)
     counts: list[dict] = field(default_factory=list)  # counter events, in the order decided
+    #: metric increments, (counter, labels) -> n: applied once the transaction commits,
+    #: so a transaction retried after a WATCH conflict does not count twice
+    tally: collections.Counter = field(default_factory=collections.Counter)
 
 
 class JoinHandler:
@@ -353,8 +357,8 @@ class JoinHandler:
                 self._dead(b, reason, topic, p, offset, raw, i, key)
             events += [(offset, key, sub, ev, derived)
                        for ev, sub, derived in zip(d.events, d.subs, d.derived, strict=True)]
-        self.metrics.messages_in.labels(topic).inc(len(messages))
-        self.metrics.events_valid.labels(topic).inc(len(events))
+        b.tally[self.metrics.messages_in, topic] += len(messages)
+        b.tally[self.metrics.events_valid, topic] += len(events)
         self._cache[p] = {}
         if kind is ImpressionEvent:
             ks = [f"{ev.request_id}{_SEP}{c.item_id}" for *_, ev, _r in events for c in ev.candidates]
@@ -410,7 +414,7 @@ class JoinHandler:
         held = await self._get(pipe, p, "held", ks + anon, b.held)
         for (k, c), a_key in zip(keys, anon, strict=True):
             if opened.get(k) is not None or closed.get(k) is not None:
-                self.m.impressions.labels("duplicate").inc()
+                b.tally[self.m.impressions, "duplicate"] += 1
                 continue
             imp = {"k": k, "rid": ev.request_id, "ts": ev.ts, "u": user, "i": str(c.item_id),
                    "pos": c.position, "c": cat[c.position].tolist(),
@@ -430,16 +434,16 @@ class JoinHandler:
                 held[hk] = None
                 self._count(b, imp, a["ts"], click=True)
                 self._close(b, imp, 1, a["ts"])
-                self.m.impressions.labels("matched_held").inc()
+                b.tally[self.m.impressions, "matched_held"] += 1
                 continue
             if ev.ts + self.window <= wm:
                 self._close(b, imp, 0, wm)
-                self.m.impressions.labels("late").inc()
+                b.tally[self.m.impressions, "late"] += 1
                 continue
             b.open[k] = _enc.encode(imp)
             b.due[k] = ev.ts + self.window
             b.ui[f"{user}{_SEP}{c.item_id}"] = k
-            self.m.impressions.labels("opened").inc()
+            b.tally[self.m.impressions, "opened"] += 1
 
     async def _action(self, pipe, p, ev: ActionEvent, offset, key, sub, wm, b: _Batch) -> None:
         user, item = str(ev.user_id), str(ev.item_id)
@@ -457,7 +461,7 @@ class JoinHandler:
                     b.open[k], b.due[k] = None, None
                     self._count(b, imp, ev.ts, click=True)
                     self._close(b, imp, 1, ev.ts)
-                    self.m.actions.labels("matched").inc()
+                    b.tally[self.m.actions, "matched"] += 1
                     return
                 if ev.request_id is not None or ev.ts > imp["ts"]:
                     self._late(b, p, offset, key, sub, raw_event,
@@ -469,7 +473,7 @@ class JoinHandler:
             if closed is not None:
                 label = _dec.decode(closed)["label"]
                 if label == 1:
-                    self.m.actions.labels("duplicate").inc()
+                    b.tally[self.m.actions, "duplicate"] += 1
                     return
                 self._late(b, p, offset, key, sub, raw_event,
                            f"actions[{sub}]: late action: its impression's window closed "
@@ -482,11 +486,11 @@ class JoinHandler:
                        f"the action's time plus the window: late or never shown")
             return
         if (await self._get(pipe, p, "held", [hk], b.held)).get(hk) is not None:
-            self.m.actions.labels("duplicate").inc()
+            b.tally[self.m.actions, "duplicate"] += 1
             return
         b.held[hk] = _enc.encode({"ts": ev.ts, "event_id": str(ev.event_id), "o": offset, "s": sub})
         b.heldx[hk] = ev.ts
-        self.m.actions.labels("held").inc()
+        b.tally[self.m.actions, "held"] += 1
 
     async def _expire(self, pipe, p: int, wm: float, b: _Batch) -> None:
         due = [k.decode() for k in await pipe.zrangebyscore(self.key(p, "due"), "-inf", wm)]
@@ -544,12 +548,12 @@ class JoinHandler:
         b.rows.append((imp, label, at))
 
     def _late(self, b: _Batch, p, offset, key, sub, raw, reason) -> None:
-        self.m.actions.labels("late").inc()
+        b.tally[self.m.actions, "late"] += 1
         self._dead(b, reason, self.act_topic, p, offset, raw, sub, key)
 
     def _dead(self, b: _Batch, reason, topic, p, offset, raw, index, key) -> None:
         b.dead.append((self.topics["dead-letter"], key, dead_letter(reason, topic, p, offset, raw, index), None))
-        self.metrics.dead_letters.labels(topic, reason_kind(reason)).inc()
+        b.tally[self.metrics.dead_letters, topic, reason_kind(reason)] += 1
 
     def _outputs(self, p: int, meta: dict[str, str], b: _Batch) -> dict[int, bytes]:
         """The outbox entries of this transaction: counter events (numbered by their own
@@ -613,6 +617,8 @@ class JoinHandler:
         pipe.hlen(self.key(p, "open"))
 
     def _account(self, p: int, meta: dict[str, str], b: _Batch, n_open: int) -> None:
+        for (counter, *labels), n in b.tally.items():
+            counter.labels(*labels).inc(n)
         for imp, label, at in b.rows:
             self.m.rows.labels(str(label)).inc()
             self.m.delay.observe(max(0.0, at - imp["ts"]))

@@ -151,6 +151,33 @@ async def test_replayed_offsets_change_nothing_and_a_restart_resumes(joiner):
     assert reg.get_sample_value("headwater_join_impressions_total", {"outcome": "opened"}) == 2
 
 
+async def test_a_transaction_retried_after_a_watch_conflict_counts_once(joiner, redis_db):
+    """Another writer touches the fenced key mid-transaction: the transaction runs again,
+    and its metrics (outcomes, messages, dead letters) are counted once, when it commits."""
+    h = await joiner()
+    other = aioredis.Redis.from_url(redis_db)
+    apply, conflicts = h._apply, []
+
+    async def conflicting(pipe, p, topic, messages, meta, b):
+        await apply(pipe, p, topic, messages, meta, b)
+        if not conflicts:  # once: a real WATCH conflict on the real Redis
+            conflicts.append(topic)
+            await other.hset(h.key(p, "meta"), "touched", "1")
+    h._apply = conflicting
+    await h(h.imp_topic, 0, [(0, b"u1", impression(h, "r1", T0, ["a", "b"])),
+                             (1, b"u1", b'{"not": "an impression"}')])
+    await other.aclose()
+    assert conflicts == [h.imp_topic]
+    reg = h.metrics.registry
+    assert reg.get_sample_value("headwater_join_impressions_total", {"outcome": "opened"}) == 2
+    assert reg.get_sample_value("headwater_messages_in_total", {"topic": h.imp_topic}) == 2
+    assert reg.get_sample_value("headwater_events_valid_total", {"topic": h.imp_topic}) == 1
+    dead_counts = [smp.value for m in reg.collect() for smp in m.samples
+                   if smp.name == "headwater_dead_letter_total"]
+    assert sum(dead_counts) == 1
+    assert len(dead(h)) == 1
+
+
 async def test_rows_written_but_not_sent_before_a_crash_go_out_once_after_it(joiner):
     h = await joiner()
     await h(h.act_topic, 0, [(0, b"u2", action("c0", T0 + 999, "q", "none", user="u2"))])
