@@ -9,7 +9,10 @@ to the same worker (co-subscribed topics with the same partition count).
 Per partition the state lives in Redis under the hash tag ``{hw:join:<impressions topic>:p}``:
 
 - ``open``/``due``: impressions waiting for an action, with their expiry (event time of
-  the impression + the attribution window ``HEADWATER_JOIN_WINDOW_SECONDS``);
+  the impression + the attribution window ``HEADWATER_JOIN_WINDOW_SECONDS``); each
+  open impression keeps its feature row as the bytes of its int64 tokens and float32
+  values (``cb``/``db``, base64 in the JSON). Entries a joiner from before session 26
+  wrote keep them as JSON numbers (``c``/``d``) and are read as well;
 - ``held``/``heldx``: actions that arrived before their impression;
 - ``closed``/``closedx``: impressions already turned into a row (label kept), so a
   second action is a duplicate and an action after a label-0 row is late;
@@ -56,6 +59,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import pybase64
 from prometheus_client import Counter, Gauge, Histogram
 
 from core.settings import Settings
@@ -72,6 +76,25 @@ log = logging.getLogger(__name__)
 _SEP = "\x1f"
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
+
+
+def _row(imp: dict[str, Any], packed: str, listed: str, dtype: str) -> np.ndarray:
+    """One open impression's tokens or values: its bytes (``packed``: ``bytes`` as built,
+    base64 text once read back from Redis), or the JSON numbers (``listed``) a joiner
+    from before session 26 stored.
+
+    >>> tokens = np.array([7, -2], "<i8")
+    >>> _row({"cb": tokens.tobytes()}, "cb", "c", "<i8").tolist()
+    [7, -2]
+    >>> _row(_dec.decode(_enc.encode({"cb": tokens.tobytes()})), "cb", "c", "<i8").tolist()
+    [7, -2]
+    >>> _row({"c": [7, -2]}, "cb", "c", "<i8").tolist()
+    [7, -2]
+    """
+    raw = imp.get(packed)
+    if raw is None:
+        return np.asarray(imp[listed], dtype)
+    return np.frombuffer(pybase64.b64decode(raw) if isinstance(raw, str) else raw, dtype)
 _LEN = struct.Struct("<HH")
 #: Outbox entries applied to the online counters (not sent): each impression once when it
 #: arrives (at its time: 1 impression, 0 clicks), each matched click once when it is
@@ -399,6 +422,7 @@ class JoinHandler:
                           f"{len(self.schema.categorical)} and {len(self.schema.dense)}",
                        self.imp_topic, p, offset, _enc.encode(ev), sub, key)
             return
+        cat_le, dense_le = cat.astype("<i8", copy=False), dense.astype("<f4", copy=False)
         user = str(ev.user_id)
         seen: set[str] = set()
         keys = []
@@ -417,8 +441,8 @@ class JoinHandler:
                 b.tally[self.m.impressions, "duplicate"] += 1
                 continue
             imp = {"k": k, "rid": ev.request_id, "ts": ev.ts, "u": user, "i": str(c.item_id),
-                   "pos": c.position, "c": cat[c.position].tolist(),
-                   "d": dense[c.position].tolist()}
+                   "pos": c.position, "cb": cat_le[c.position].tobytes(),
+                   "db": dense_le[c.position].tobytes()}
             self._count(b, imp, ev.ts, click=False)  # shown: counted now, at its own time
             action = None
             for hk in (k, a_key):
@@ -581,8 +605,10 @@ class JoinHandler:
 
     def _encode(self, rows: list[tuple[dict, int, float]], p: int, seq: int) -> bytes:
         n = len(rows)
-        cat = np.asarray([r[0]["c"] for r in rows], np.int64).reshape(n, len(self.schema.categorical))
-        dense = np.asarray([r[0]["d"] for r in rows], np.float32).reshape(n, len(self.schema.dense))
+        cat = np.stack([_row(r[0], "cb", "c", "<i8") for r in rows]).astype(np.int64, copy=False).reshape(
+            n, len(self.schema.categorical))
+        dense = np.stack([_row(r[0], "db", "d", "<f4") for r in rows]).astype(np.float32, copy=False).reshape(
+            n, len(self.schema.dense))
         cols: dict[str, Any] = {
             "event_id": np.asarray([f"{r[0]['rid']}:{r[0]['pos']}" for r in rows], dtype=object),
             "ts": np.asarray([r[0]["ts"] for r in rows], np.float64),

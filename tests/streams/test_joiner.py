@@ -238,6 +238,37 @@ async def test_rows_logged_as_bytes_join_as_the_same_rows_as_lists(joiner):
         float(np.float32(0.25)), float(np.float32(0.35))]
 
 
+async def test_open_impressions_a_joiner_before_session_26_stored_join_as_before(joiner):
+    """Open impressions keep their rows as bytes; one stored as JSON numbers (the form
+    before session 26, in Redis across an upgrade) still becomes the same row."""
+    import msgspec
+
+    h = await joiner()
+    await h(h.imp_topic, 0, [(0, b"u1", impression(h, "r1", T0, ["a", "b"], as_bytes=True))])
+    key = h.key(0, "open")
+    stored = {k.decode(): msgspec.json.decode(v) for k, v in (await h.client.hgetall(key)).items()}
+    assert all("cb" in imp and "c" not in imp for imp in stored.values())
+    old = next(k for k in stored if k.endswith("\x1fa"))
+    imp = stored[old]
+    imp["c"] = np.frombuffer(base64.b64decode(imp.pop("cb")), "<i8").tolist()
+    imp["d"] = np.frombuffer(base64.b64decode(imp.pop("db")), "<f4").tolist()
+    await h.client.hset(key, old, json.dumps(imp))
+    await h(h.act_topic, 0, [(0, b"u1", action("c1", T0 + 1, "a", "r1")),
+                             (1, b"u1", action("c2", T0 + 1, "b", "r1"))])
+    by_event = {}
+    for topic, _k, value, _p in h.sent:
+        if topic == h.topics["train-batches"]:
+            b = decode_batch(value)
+            for eid, cat, dense in zip(b.table.column("event_id").to_pylist(), b.categorical.tolist(),
+                                       b.dense.tolist(), strict=True):
+                by_event[eid] = (cat, dense)
+    f, d = len(h.schema.categorical), len(h.schema.dense)
+    assert by_event["r1:0"] == ([j + 1 for j in range(f)],
+                                [float(np.float32(0.1 * j)) for j in range(d)])
+    assert by_event["r1:1"] == ([100 + j + 1 for j in range(f)],
+                                [float(np.float32(0.25 + 0.1 * j)) for j in range(d)])
+
+
 @pytest.mark.parametrize("as_bytes", [False, True])
 async def test_an_impression_whose_rows_miss_a_field_is_dead_lettered(joiner, as_bytes):
     h = await joiner()
