@@ -17,6 +17,9 @@ Figures: handler events/s (the two paths alternate, ``--rounds``), label delay p
 prequential AUC of the product's learner (``trainer_settings``) trained on each path's
 rows in the order they were produced, re-chunked to the learner's step size.
 
+Also (``--wide``, default 100) the handler's rate on answers of many candidates, the
+impression side alone, as serving logs them.
+
     .venv/bin/python bench/joiner.py --n 10000 --rounds 1 --ablate
 """
 
@@ -201,6 +204,45 @@ async def open_memory(redis_url: str, n: int = 5000) -> float:
     return used / n_open
 
 
+async def wide_answers(redis_url: str, candidates: int, answers: int = 1200,
+                       batch: int = 50) -> float:
+    """Handler answers/s for answers of ``candidates`` candidates each, logged as serving
+    logs them (rows as bytes), in batches of ``batch`` messages of one partition, on the
+    worker's Redis client. Every window stays open: this is the impression side's cost
+    (decode, counters, open state), the joined path's main cost when serving answers with
+    many candidates."""
+    from core.redis_client import connect_async
+    from features.defaults import row_builder
+    from serving.impressions import encode_impression, impression_record
+    from streams.join_path import JoinHandler
+    from streams.metrics import WorkerMetrics
+
+    settings = _settings(join_window_seconds=1e9)
+    client = connect_async(redis_url)
+    await client.flushdb()
+    h = JoinHandler(settings, client, WorkerMetrics(), builder=row_builder(settings))
+
+    async def send(outputs):
+        pass
+    h.send = send
+    schema = h.schema
+    rng = np.random.default_rng(0)
+    t0 = time.time() - 3600
+    msgs = [(i, None, encode_impression(impression_record(
+        uuid.uuid4().hex, f"u{i % 500}", [f"i{(i * 7 + j) % 1600}" for j in range(candidates)],
+        rng.random(candidates), rng.integers(1, 2**62, (candidates, len(schema.categorical))),
+        rng.random((candidates, len(schema.dense))).astype(np.float32), t0 + i * 0.01, "1",
+        schema.hash))) for i in range(answers)]
+    await h(h.imp_topic, 0, msgs[:batch])  # warm-up: compiled kernels, scripts loaded
+    spent = 0.0
+    for s in range(batch, answers, batch):
+        t = time.perf_counter()
+        await h(h.imp_topic, 0, msgs[s:s + batch])
+        spent += time.perf_counter() - t
+    await client.aclose()
+    return (answers - batch) / spent
+
+
 def rows_table(payloads: list[bytes]) -> tuple[pa.Table, str]:
     """All rows in production order, and their schema."""
     batches = [decode_batch(p) for p in payloads]
@@ -259,6 +301,9 @@ def main() -> None:
                     help="ratings scored before the joiner sees them (the agent batch)")
     ap.add_argument("--ablate", action="store_true",
                     help="also the AUC of each path's rows in the other path's order")
+    ap.add_argument("--wide", type=int, default=100,
+                    help="also the handler's answers/s for answers of this many candidates "
+                         "(0: not measured)")
     args = ap.parse_args()
     global CHUNK
     CHUNK = args.chunk
@@ -293,6 +338,7 @@ def main() -> None:
                       f"{n_events / spent:.0f} events/s; {sum(len(decode_batch(p)) for p in rows)} rows; "
                       f"load {os.getloadavg()[0]:.1f}", flush=True)
         mem = asyncio.run(open_memory(url))
+        wide = asyncio.run(wide_answers(url, args.wide)) if args.wide else None
     finally:
         sync.close()
         server.stop()
@@ -337,6 +383,9 @@ def main() -> None:
     print(f"label delay (event time) p50 {np.percentile(d, 50):.1f} s, p99 {np.percentile(d, 99):.1f} s; "
           f"label-1 rows p50 {np.percentile(pos, 50):.1f} s, p99 {np.percentile(pos, 99):.1f} s")
     print(f"Redis memory per open impression: {mem:.0f} bytes")
+    if wide is not None:
+        print(f"joiner handler, answers of {args.wide} candidates (rows as bytes, batches of 50): "
+              f"{wide:.0f} answers/s = {wide * args.wide:.0f} impressions/s")
     print(f"prequential AUC: labelled path {auc_l:.4f} over {n_l} rows; joined path {auc_j:.4f} "
           f"over {n_j} rows; difference {auc_j - auc_l:+.4f}")
     print(f"load average {os.getloadavg()}; machine shared with other engineers")
