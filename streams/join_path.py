@@ -76,6 +76,12 @@ log = logging.getLogger(__name__)
 _SEP = "\x1f"
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
+_LEN = struct.Struct("<HH")
+#: Outbox entries applied to the online counters (not sent): each impression once when it
+#: arrives (at its time: 1 impression, 0 clicks), each matched click once when it is
+#: matched (at the click's time: 0 impressions, 1 click).
+COUNTERS = "\x00counters"
+_DELAY_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600)
 
 
 def _row(imp: dict[str, Any], packed: str, listed: str, dtype: str) -> np.ndarray:
@@ -95,12 +101,6 @@ def _row(imp: dict[str, Any], packed: str, listed: str, dtype: str) -> np.ndarra
     if raw is None:
         return np.asarray(imp[listed], dtype)
     return np.frombuffer(pybase64.b64decode(raw) if isinstance(raw, str) else raw, dtype)
-_LEN = struct.Struct("<HH")
-#: Outbox entries applied to the online counters (not sent): each impression once when it
-#: arrives (at its time: 1 impression, 0 clicks), each matched click once when it is
-#: matched (at the click's time: 0 impressions, 1 click).
-COUNTERS = "\x00counters"
-_DELAY_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600)
 
 
 def pack_output(out: Output) -> bytes:
