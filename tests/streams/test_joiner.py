@@ -88,6 +88,18 @@ def rows(h: JoinHandler) -> dict[str, tuple[int, int]]:
     return out
 
 
+def features(h: JoinHandler) -> dict[str, tuple[list, list]]:
+    """event id -> (categorical row, dense row) over every train batch sent."""
+    out: dict[str, tuple[list, list]] = {}
+    for topic, _k, value, _p in h.sent:
+        if topic == h.topics["train-batches"]:
+            b = decode_batch(value)
+            for eid, cat, dense in zip(b.table.column("event_id").to_pylist(), b.categorical.tolist(),
+                                       b.dense.tolist(), strict=True):
+                out[eid] = (cat, dense)
+    return out
+
+
 def dead(h: JoinHandler) -> list[str]:
     return [json.loads(v)["reason"] for t, _k, v, _p in h.sent if t == h.topics["dead-letter"]]
 
@@ -225,13 +237,7 @@ async def test_rows_logged_as_bytes_join_as_the_same_rows_as_lists(joiner):
                              (1, b"u1", impression(h, "r2", T0, ["a", "b"], as_bytes=True))])
     await h(h.imp_topic, 0, [(2, b"u1", impression(h, "r3", T0 + 63, ["c"]))])
     await h(h.act_topic, 0, [(0, b"u1", action("c2", T0 + 64, "zz", "other"))])
-    by_event = {}
-    for topic, _k, value, _p in h.sent:
-        if topic == h.topics["train-batches"]:
-            b = decode_batch(value)
-            for eid, cat, dense in zip(b.table.column("event_id").to_pylist(), b.categorical.tolist(),
-                                       b.dense.tolist(), strict=True):
-                by_event[eid] = (cat, dense)
+    by_event = features(h)
     assert sorted(by_event) == ["r1:0", "r1:1", "r2:0", "r2:1"]
     assert by_event["r1:0"] == by_event["r2:0"] and by_event["r1:1"] == by_event["r2:1"]
     assert by_event["r2:1"][0][:2] == [101, 102] and by_event["r2:1"][1][:2] == [
@@ -255,13 +261,7 @@ async def test_open_impressions_a_joiner_before_session_26_stored_join_as_before
     await h.client.hset(key, old, json.dumps(imp))
     await h(h.act_topic, 0, [(0, b"u1", action("c1", T0 + 1, "a", "r1")),
                              (1, b"u1", action("c2", T0 + 1, "b", "r1"))])
-    by_event = {}
-    for topic, _k, value, _p in h.sent:
-        if topic == h.topics["train-batches"]:
-            b = decode_batch(value)
-            for eid, cat, dense in zip(b.table.column("event_id").to_pylist(), b.categorical.tolist(),
-                                       b.dense.tolist(), strict=True):
-                by_event[eid] = (cat, dense)
+    by_event = features(h)
     f, d = len(h.schema.categorical), len(h.schema.dense)
     assert by_event["r1:0"] == ([j + 1 for j in range(f)],
                                 [float(np.float32(0.1 * j)) for j in range(d)])
