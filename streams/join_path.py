@@ -422,7 +422,6 @@ class JoinHandler:
                           f"{len(self.schema.categorical)} and {len(self.schema.dense)}",
                        self.imp_topic, p, offset, _enc.encode(ev), sub, key)
             return
-        cat_le, dense_le = cat.astype("<i8", copy=False), dense.astype("<f4", copy=False)
         user = str(ev.user_id)
         seen: set[str] = set()
         keys = []
@@ -441,8 +440,8 @@ class JoinHandler:
                 b.tally[self.m.impressions, "duplicate"] += 1
                 continue
             imp = {"k": k, "rid": ev.request_id, "ts": ev.ts, "u": user, "i": str(c.item_id),
-                   "pos": c.position, "cb": cat_le[c.position].tobytes(),
-                   "db": dense_le[c.position].tobytes()}
+                   "pos": c.position, "cb": cat[c.position].tobytes(),  # "<i8", "<f4"
+                   "db": dense[c.position].tobytes()}
             self._count(b, imp, ev.ts, click=False)  # shown: counted now, at its own time
             action = None
             for hk in (k, a_key):

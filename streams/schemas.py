@@ -267,10 +267,17 @@ def validate_action(ev: ActionEvent, where: str = "$", now: float | None = None)
     return ev
 
 
-_VALIDATORS = {ClickEvent: validate_click, ItemEvent: validate_item,
-               ImpressionEvent: validate_impression, ActionEvent: validate_action}
-# kinds whose validation derives something the consumer needs (Decoded.derived)
-_DERIVING = {ImpressionEvent: _checked_impression_rows}
+def _deriving_nothing(validate: Any) -> Any:
+    def check(ev: Any, where: str, now: float | None) -> None:
+        validate(ev, where, now)
+    return check
+
+
+# per kind: validate an event, giving what the consumer needs from it (Decoded.derived)
+_CHECKS = {ClickEvent: _deriving_nothing(validate_click),
+           ItemEvent: _deriving_nothing(validate_item),
+           ImpressionEvent: _checked_impression_rows,
+           ActionEvent: _deriving_nothing(validate_action)}
 _LABELS = {ClickEvent: "clicks", ItemEvent: "items", ImpressionEvent: "impressions",
            ActionEvent: "actions"}
 
@@ -311,19 +318,14 @@ def decode_message(payload: bytes, kind: type, max_bytes: int | None = None,
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         out.errors.append((-1, payload, f"{label}: not valid JSON: {exc}"))
         return out
-    validator = _VALIDATORS[kind]
-    derive = _DERIVING.get(kind)
+    check = _CHECKS[kind]
     now = time.time() if now is None else now
     decoder = msgspec.json.Decoder(kind)
     for i, raw in enumerate(parts):
         where = f"{label}[{i}]"
         try:
             ev = decoder.decode(raw)
-            if derive is None:
-                validator(ev, "$", now)
-                derived = None
-            else:
-                derived = derive(ev, "$", now)
+            derived = check(ev, "$", now)
         except msgspec.ValidationError as exc:
             out.errors.append((i, raw, f"{where}: {exc}"))
             continue
