@@ -382,15 +382,16 @@ class JoinHandler:
                        for ev, sub, derived in zip(d.events, d.subs, d.derived, strict=True)]
         b.tally[self.metrics.messages_in, topic] += len(messages)
         b.tally[self.metrics.events_valid, topic] += len(events)
+        evs = [e[3] for e in events]
         self._cache[p] = {}
         if kind is ImpressionEvent:
-            ks = [f"{ev.request_id}{_SEP}{c.item_id}" for *_, ev, _r in events for c in ev.candidates]
-            anon = [f"~{ev.user_id}{_SEP}{c.item_id}" for *_, ev, _r in events for c in ev.candidates]
+            ks = [f"{ev.request_id}{_SEP}{c.item_id}" for ev in evs for c in ev.candidates]
+            anon = [f"~{ev.user_id}{_SEP}{c.item_id}" for ev in evs for c in ev.candidates]
             await self._prefetch(p, {"open": ks, "closed": ks, "held": ks + anon})
         else:
-            uis = [f"{ev.user_id}{_SEP}{ev.item_id}" for *_, ev, _r in events if ev.request_id is None]
+            uis = [f"{ev.user_id}{_SEP}{ev.item_id}" for ev in evs if ev.request_id is None]
             await self._prefetch(p, {"ui": uis})
-            ks = [f"{ev.request_id}{_SEP}{ev.item_id}" for *_, ev, _r in events if ev.request_id is not None]
+            ks = [f"{ev.request_id}{_SEP}{ev.item_id}" for ev in evs if ev.request_id is not None]
             for f in uis:
                 k = self._cache[p]["ui"].get(f)
                 if k is not None:
@@ -399,7 +400,7 @@ class JoinHandler:
             await self._prefetch(p, {"open": ks, "closed": ks, "held": held})
         meta[f"off:{topic}"] = str(messages[-1][0] + 1)
         if events:
-            newest = max(ev.ts for *_, ev, _r in events)
+            newest = max(ev.ts for ev in evs)
             meta[f"max:{side}"] = repr(max(newest, float(meta.get(f"max:{side}", "-inf"))))
         wm = float(meta.get("wm", "-inf"))
         for offset, key, sub, ev, rows in events:
